@@ -1,0 +1,23 @@
+/* The host-API table the core hands each plugin, and the device services behind it. */
+#ifndef M1C_HOST_H
+#define M1C_HOST_H
+
+#include "m1c/plugin.h"
+
+/* Fill h with the core's functions; `core` is the plugin's m1c_plugin (for its name and error slot). */
+void m1c_host_fill(m1c_host *h, void *core);
+
+/* Number of CPU threads the core uses (OpenMP/OpenBLAS); 0 means all cores. */
+void m1c_set_threads(int n);
+int m1c_get_threads(void);
+
+/* Device services (also used by the core directly). */
+void *m1c_dev_alloc(int device, size_t bytes);
+void m1c_dev_free(int device, void *p);
+void m1c_gemm(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc);
+void m1c_gemm_batched(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                      int lda, int64_t stride_a, const float *B, int ldb, int64_t stride_b, float beta, float *C,
+                      int ldc, int64_t stride_c, int batch);
+
+#endif
