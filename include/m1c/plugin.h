@@ -174,6 +174,8 @@ typedef struct m1c_layer_bufs {
     m1c_tensor *scratch; /* valid during one call only, shared between layers */
     int32_t training;    /* 1: keep what backward needs, apply train-time noise */
     int32_t reserved0;
+    uint64_t noise_seed; /* seed for this call's train-time noise (jitter, dropout): derived by the
+                          * core from the run seed, step and layer, so runs repeat and resume exactly */
     void *reserved[4];
 } m1c_layer_bufs;
 
