@@ -61,6 +61,7 @@ int m1c_cfg_string(m1c_settings *s, const char *key, int req, const char *def, c
 /* Element i of a list/array of strings (or of scalars: ints for m1c_cfg_list_int). */
 int m1c_cfg_list_string(m1c_settings *s, const char *key, int i, const char **out, m1c_err *e);
 int m1c_cfg_list_int(m1c_settings *s, const char *key, int i, int64_t *out, m1c_err *e);
+int m1c_cfg_list_float(m1c_settings *s, const char *key, int i, double *out, m1c_err *e); /* ints accepted */
 /* Mark a key as read without reading it (a group's `plugin` key is read by the core, the rest by
  * the plugin). */
 void m1c_cfg_touch(m1c_settings *s, const char *key);

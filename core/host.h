@@ -14,6 +14,11 @@ int m1c_get_threads(void);
 /* Device services (also used by the core directly). */
 void *m1c_dev_alloc(int device, size_t bytes);
 void m1c_dev_free(int device, void *p);
+void m1c_dev_memset0(int device, void *p, size_t bytes);
+/* Copies between any two devices (CPU <-> CUDA, CUDA <-> CUDA, CPU <-> CPU); synchronous. */
+void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes);
+/* Whether a device is usable in this build and on this machine. */
+int m1c_dev_available(int device);
 void m1c_gemm(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
 void m1c_gemm_batched(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,

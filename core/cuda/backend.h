@@ -1,0 +1,26 @@
+/* The CUDA side of the device services (core/cuda/backend.cu), called from host.c when the build has
+ * CUDA. Plain C declarations so the C core can call them. */
+#ifndef M1C_CUDA_BACKEND_H
+#define M1C_CUDA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int m1c_cuda_device_count(void);
+void *m1c_cuda_alloc(size_t bytes);
+void m1c_cuda_free(void *p);
+void m1c_cuda_memset0(void *p, size_t bytes);
+/* kind: 0 host->device, 1 device->host, 2 device->device */
+void m1c_cuda_copy(void *dst, const void *src, size_t bytes, int kind);
+void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+                   int64_t stride_a, const float *B, int ldb, int64_t stride_b, float beta, float *C, int ldc,
+                   int64_t stride_c, int batch);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

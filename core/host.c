@@ -1,0 +1,278 @@
+/* The host-API table handed to plugins, and the device services behind it: CPU (OpenBLAS + OpenMP)
+ * and, in CUDA builds, core/cuda/backend.cu. */
+#include "host.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "loader.h"
+#include "log.h"
+#include "rng.h"
+#include "timer.h"
+#ifdef M1C_HAVE_CUDA
+#include "cuda/backend.h"
+#endif
+
+/* OpenBLAS's own setter (not in cblas.h everywhere). */
+void openblas_set_num_threads(int num_threads);
+
+static int cpu_threads = 0; /* 0: all cores; part of the core's process-wide settings */
+
+void m1c_set_threads(int n) {
+    cpu_threads = n > 0 ? n : 0;
+    int t = m1c_get_threads();
+    omp_set_num_threads(t);
+    openblas_set_num_threads(t);
+}
+
+int m1c_get_threads(void) { return cpu_threads > 0 ? cpu_threads : omp_get_num_procs(); }
+
+/* ---- device services ---- */
+
+int m1c_dev_available(int device) {
+    if (device == M1C_DEVICE_CPU) return 1;
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) return m1c_cuda_device_count() > 0;
+#endif
+    return 0;
+}
+
+void *m1c_dev_alloc(int device, size_t bytes) {
+    if (device == M1C_DEVICE_CPU) {
+        void *p = NULL;
+        /* 64-byte alignment: whole cache lines, and AVX-512 loads if the BLAS uses them. */
+        if (posix_memalign(&p, 64, bytes ? (bytes + 63) / 64 * 64 : 64)) return NULL;
+        return p;
+    }
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) return m1c_cuda_alloc(bytes);
+#endif
+    return NULL;
+}
+
+void m1c_dev_free(int device, void *p) {
+    if (!p) return;
+    if (device == M1C_DEVICE_CPU) free(p);
+#ifdef M1C_HAVE_CUDA
+    else if (device == M1C_DEVICE_CUDA) m1c_cuda_free(p);
+#endif
+}
+
+void m1c_dev_memset0(int device, void *p, size_t bytes) {
+    if (device == M1C_DEVICE_CPU) memset(p, 0, bytes);
+#ifdef M1C_HAVE_CUDA
+    else if (device == M1C_DEVICE_CUDA) m1c_cuda_memset0(p, bytes);
+#endif
+}
+
+void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes) {
+    if (dst_device == M1C_DEVICE_CPU && src_device == M1C_DEVICE_CPU) {
+        memmove(dst, src, bytes);
+        return;
+    }
+#ifdef M1C_HAVE_CUDA
+    int kind = src_device == M1C_DEVICE_CPU ? 0 : dst_device == M1C_DEVICE_CPU ? 1 : 2;
+    m1c_cuda_copy(dst, src, bytes, kind);
+#else
+    (void)dst_device;
+    (void)src_device;
+#endif
+}
+
+void m1c_gemm(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) {
+        m1c_cuda_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+        return;
+    }
+#endif
+    (void)device;
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K,
+                alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void m1c_gemm_batched(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                      int lda, int64_t stride_a, const float *B, int ldb, int64_t stride_b, float beta, float *C,
+                      int ldc, int64_t stride_c, int batch) {
+    if (M <= 0 || N <= 0 || batch <= 0) return;
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) {
+        m1c_cuda_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c,
+                      batch);
+        return;
+    }
+#endif
+    /* Small products in a batch: one per OpenMP thread (OpenBLAS runs such sizes single-threaded);
+     * large ones: one at a time, each using all BLAS threads. */
+    double work = (double)M * N * K;
+    if (batch > 1 && work < 4e6 && !omp_in_parallel()) {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < batch; i++)
+            m1c_gemm(device, trans_a, trans_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta,
+                     C + i * stride_c, ldc);
+    } else {
+        for (int i = 0; i < batch; i++)
+            m1c_gemm(device, trans_a, trans_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta,
+                     C + i * stride_c, ldc);
+    }
+}
+
+/* ---- the host table ---- */
+
+static m1c_plugin *plugin_of(const m1c_host *h) { return (m1c_plugin *)h->core; }
+
+static const char *plugin_name(const m1c_host *h) {
+    m1c_plugin *p = plugin_of(h);
+    return p && p->desc && p->desc->name ? p->desc->name : "plugin";
+}
+
+static void h_log(const m1c_host *h, int level, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    m1c_logv(level, plugin_name(h), fmt, ap);
+    va_end(ap);
+}
+
+static int h_error(const m1c_host *h, const char *fmt, ...) {
+    m1c_plugin *p = plugin_of(h);
+    if (p) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(p->error, sizeof p->error, fmt, ap);
+        va_end(ap);
+    }
+    return M1C_ERR;
+}
+
+/* A settings error already names file:line and key: store it as the plugin's error verbatim. */
+static int settings_error(const m1c_host *h, const m1c_err *e) { return h_error(h, "%s", e->msg); }
+
+#define S(s) ((m1c_settings *)(s))
+
+static int h_get_int(const m1c_host *h, const m1c_settings *s, const char *key, int64_t def, int64_t lo, int64_t hi,
+                     int64_t *out) {
+    m1c_err e;
+    return m1c_cfg_int(S(s), key, M1C_OPTIONAL, def, lo, hi, out, &e) ? settings_error(h, &e) : M1C_OK;
+}
+
+static int h_get_float(const m1c_host *h, const m1c_settings *s, const char *key, double def, double lo, double hi,
+                       double *out) {
+    m1c_err e;
+    return m1c_cfg_float(S(s), key, M1C_OPTIONAL, def, lo, hi, out, &e) ? settings_error(h, &e) : M1C_OK;
+}
+
+static int h_get_bool(const m1c_host *h, const m1c_settings *s, const char *key, int def, int *out) {
+    m1c_err e;
+    return m1c_cfg_bool(S(s), key, M1C_OPTIONAL, def, out, &e) ? settings_error(h, &e) : M1C_OK;
+}
+
+static int h_get_string(const m1c_host *h, const m1c_settings *s, const char *key, const char *def,
+                        const char *const *choices, const char **out) {
+    m1c_err e;
+    int req = def ? M1C_OPTIONAL : M1C_REQUIRED;
+    return m1c_cfg_string(S(s), key, req, def, choices, out, &e) ? settings_error(h, &e) : M1C_OK;
+}
+
+static int h_get_list_len(const m1c_host *h, const m1c_settings *s, const char *key, int *out) {
+    (void)h;
+    int n = m1c_cfg_len(S(s), key);
+    m1c_cfg_touch(S(s), key);
+    *out = n < 0 ? 0 : n;
+    return M1C_OK;
+}
+
+static int h_get_list_string(const m1c_host *h, const m1c_settings *s, const char *key, int i, const char **out) {
+    m1c_err e;
+    return m1c_cfg_list_string(S(s), key, i, out, &e) ? settings_error(h, &e) : M1C_OK;
+}
+
+static int h_get_list_float(const m1c_host *h, const m1c_settings *s, const char *key, int i, double *out) {
+    m1c_err e;
+    return m1c_cfg_list_float(S(s), key, i, out, &e) ? settings_error(h, &e) : M1C_OK;
+}
+
+static int h_get_group(const m1c_host *h, const m1c_settings *s, const char *key, const m1c_settings **out) {
+    m1c_err e;
+    m1c_settings *g = m1c_cfg_group(S(s), key, M1C_OPTIONAL, &e);
+    if (!g) return settings_error(h, &e);
+    *out = g;
+    return M1C_OK;
+}
+
+static int h_get_list_group(const m1c_host *h, const m1c_settings *s, const char *key, int i,
+                            const m1c_settings **out) {
+    m1c_settings *g = m1c_cfg_elem(S(s), key, i);
+    if (!g) return h_error(h, "%s: %s.%s[%d]: expected a group", m1c_cfg_file(s), m1c_cfg_path(s), key, i);
+    *out = g;
+    return M1C_OK;
+}
+
+static int h_settings_done(const m1c_host *h, const m1c_settings *s) {
+    m1c_err e;
+    return m1c_cfg_done(S(s), &e) ? settings_error(h, &e) : M1C_OK;
+}
+
+static void *h_alloc(const m1c_host *h, int device, size_t bytes) {
+    (void)h;
+    return m1c_dev_alloc(device, bytes);
+}
+
+static void h_free(const m1c_host *h, int device, void *p) {
+    (void)h;
+    m1c_dev_free(device, p);
+}
+
+static void h_gemm(const m1c_host *h, int device, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+                   int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    (void)h;
+    m1c_gemm(device, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+static void h_gemm_batched(const m1c_host *h, int device, int ta, int tb, int M, int N, int K, float alpha,
+                           const float *A, int lda, int64_t sa, const float *B, int ldb, int64_t sb, float beta,
+                           float *C, int ldc, int64_t sc, int batch) {
+    (void)h;
+    m1c_gemm_batched(device, ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+}
+
+static int h_cpu_threads(const m1c_host *h) {
+    (void)h;
+    return m1c_get_threads();
+}
+
+void m1c_host_fill(m1c_host *h, void *core) {
+    memset(h, 0, sizeof *h);
+    h->abi_major = M1C_ABI_MAJOR;
+    h->abi_minor = M1C_ABI_MINOR;
+    h->size = sizeof *h;
+    h->core = core;
+    h->log = h_log;
+    h->error = h_error;
+    h->get_int = h_get_int;
+    h->get_float = h_get_float;
+    h->get_bool = h_get_bool;
+    h->get_string = h_get_string;
+    h->get_list_len = h_get_list_len;
+    h->get_list_string = h_get_list_string;
+    h->settings_done = h_settings_done;
+    h->get_list_float = h_get_list_float;
+    h->get_group = h_get_group;
+    h->get_list_group = h_get_list_group;
+    h->alloc = h_alloc;
+    h->free = h_free;
+    h->gemm = h_gemm;
+    h->gemm_batched = h_gemm_batched;
+    h->rng_seed = m1c_rng_seed;
+    h->rng_u64 = m1c_rng_u64;
+    h->rng_uniform = m1c_rng_uniform;
+    h->rng_normal = m1c_rng_normal;
+    h->now = m1c_now;
+    h->cpu_threads = h_cpu_threads;
+}

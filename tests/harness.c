@@ -1,0 +1,258 @@
+/* Test harness: plugin instances with separately allocated buffers (so ASan sees overruns of any
+ * one of them), random data, comparisons and finite-difference gradient checks. */
+#include "harness.h"
+
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/arena.h"
+#include "../core/rng.h"
+
+m1c_registry *th_registry(void) {
+    /* Criterion runs every test in its own process: one registry per test process. */
+    static m1c_registry reg;
+    static int ready;
+    if (!ready) {
+        m1c_registry_init(&reg);
+        m1c_registry_add_dir(&reg, M1C_TEST_PLUGIN_DIR);
+        ready = 1;
+    }
+    return &reg;
+}
+
+m1c_plugin *th_plugin(const char *name, int kind) {
+    m1c_err e = {{0}};
+    m1c_plugin *p = NULL;
+    if (m1c_registry_load(th_registry(), name, NULL, kind, &p, &e) != M1C_OK)
+        cr_assert_fail("loading plugin '%s': %s", name, e.msg);
+    return p;
+}
+
+m1c_settings *th_settings(const char *body, m1c_config **cfg) {
+    m1c_err e = {{0}};
+    if (m1c_config_parse(cfg, body, "test.cfg", NULL, NULL, 0, &e) != M1C_OK)
+        cr_assert_fail("parsing settings '%s': %s", body, e.msg);
+    return m1c_config_root(*cfg);
+}
+
+static m1c_tensor *alloc_tensors(const m1c_buf_spec *spec, int n) {
+    m1c_tensor *t = calloc((size_t)(n ? n : 1), sizeof *t);
+    for (int i = 0; i < n; i++) {
+        t[i].dtype = spec[i].dtype;
+        t[i].device = M1C_DEVICE_CPU;
+        t[i].ndim = spec[i].ndim;
+        memcpy(t[i].shape, spec[i].shape, sizeof t[i].shape);
+        t[i].name = spec[i].name;
+        t[i].data = calloc((size_t)(m1c_numel(&t[i]) ? m1c_numel(&t[i]) : 1), m1c_dtype_size(spec[i].dtype));
+        cr_assert_not_null(t[i].data);
+    }
+    return t;
+}
+
+static void free_tensors(m1c_tensor *t, int n) {
+    for (int i = 0; i < n; i++) free(t[i].data);
+    free(t);
+}
+
+typedef int (*declare_fn)(void *self, int B, int T, m1c_buf_spec *specs, int max);
+
+static m1c_buf_spec *declare(void *self, declare_fn fn, int B, int T, int *n) {
+    *n = fn(self, B, T, NULL, 0);
+    cr_assert_geq(*n, 0, "buffer declaration failed");
+    m1c_buf_spec *s = calloc((size_t)(*n ? *n : 1), sizeof *s);
+    cr_assert_eq(fn(self, B, T, s, *n), *n, "buffer declaration count changed between calls");
+    return s;
+}
+
+th_layer *th_layer_new(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
+                       int B, int T, uint64_t seed, float param_std) {
+    th_layer *l = calloc(1, sizeof *l);
+    l->plugin = th_plugin(plugin, 0);
+    int kind = l->plugin->desc->kind;
+    cr_assert(kind == M1C_KIND_ATTENTION || kind == M1C_KIND_MOE, "'%s' is not a layer plugin", plugin);
+    l->ops = kind == M1C_KIND_ATTENTION ? &M1C_ATTENTION(l->plugin)->ops : &M1C_MOE(l->plugin)->ops;
+    l->B = B, l->T = T, l->H = hidden;
+
+    m1c_settings *s = th_settings(settings, &l->cfg);
+    m1c_layer_info info = {sizeof info, layer_index, n_layers, hidden, M1C_DEVICE_CPU, 0, seed, {0}};
+    if (l->ops->create(&l->plugin->host, s, &info, &l->self) != M1C_OK)
+        cr_assert_fail("creating '%s': %s", plugin, l->plugin->error);
+
+    l->np = l->ops->params(l->self, NULL, 0);
+    cr_assert_geq(l->np, 0);
+    l->pspec = calloc((size_t)(l->np ? l->np : 1), sizeof *l->pspec);
+    cr_assert_eq(l->ops->params(l->self, l->pspec, l->np), l->np);
+    l->params = alloc_tensors(l->pspec, l->np);
+    l->grads = alloc_tensors(l->pspec, l->np);
+    m1c_rng rng;
+    m1c_rng_seed(&rng, seed, 1);
+    for (int i = 0; i < l->np; i++) {
+        float *p = l->params[i].data;
+        int64_t n = m1c_numel(&l->params[i]);
+        const m1c_buf_spec *sp = &l->pspec[i];
+        for (int64_t j = 0; j < n; j++) {
+            switch (sp->init) {
+            case M1C_INIT_ZEROS: p[j] = 0; break;
+            /* Norm gains are randomised around 1 so that tests see their effect. */
+            case M1C_INIT_ONES: p[j] = 1.0f + param_std * m1c_rng_normal(&rng); break;
+            case M1C_INIT_CONST: p[j] = sp->std; break;
+            default: p[j] = fmaxf(sp->std, param_std) * m1c_rng_normal(&rng); break;
+            }
+        }
+    }
+    l->aspec = declare(l->self, l->ops->acts, B, T, &l->na);
+    l->sspec = declare(l->self, l->ops->scratch, B, T, &l->ns);
+    l->acts = alloc_tensors(l->aspec, l->na);
+    l->scratch = alloc_tensors(l->sspec, l->ns);
+    l->bufs.params = l->params;
+    l->bufs.grads = l->grads;
+    l->bufs.acts = l->acts;
+    l->bufs.scratch = l->scratch;
+    l->bufs.training = 1;
+    l->bufs.noise_seed = seed ^ 0x5eedull;
+    return l;
+}
+
+void th_layer_free(th_layer *l) {
+    if (!l) return;
+    l->ops->destroy(l->self);
+    free_tensors(l->params, l->np);
+    free_tensors(l->grads, l->np);
+    free_tensors(l->acts, l->na);
+    free_tensors(l->scratch, l->ns);
+    free(l->pspec);
+    free(l->aspec);
+    free(l->sspec);
+    m1c_config_free(l->cfg);
+    free(l);
+}
+
+void th_layer_zero_grads(th_layer *l) {
+    for (int i = 0; i < l->np; i++) memset(l->grads[i].data, 0, (size_t)m1c_numel(&l->grads[i]) * 4);
+}
+
+void th_forward(th_layer *l, float *out, const float *in) {
+    if (l->ops->forward(l->self, &l->bufs, out, in, l->B, l->T) != M1C_OK)
+        cr_assert_fail("forward: %s", l->plugin->error);
+}
+
+void th_backward(th_layer *l, float *din, const float *dout, const float *in) {
+    if (l->ops->backward(l->self, &l->bufs, din, dout, in, l->B, l->T) != M1C_OK)
+        cr_assert_fail("backward: %s", l->plugin->error);
+}
+
+th_state *th_state_new(th_layer *l, int batch, int64_t max_len) {
+    cr_assert_eq(l->plugin->desc->kind, M1C_KIND_ATTENTION);
+    const m1c_attention_vtable *vt = M1C_ATTENTION(l->plugin);
+    th_state *s = calloc(1, sizeof *s);
+    s->n = vt->state(l->self, batch, max_len, NULL, 0);
+    cr_assert_geq(s->n, 0);
+    s->spec = calloc((size_t)(s->n ? s->n : 1), sizeof *s->spec);
+    cr_assert_eq(vt->state(l->self, batch, max_len, s->spec, s->n), s->n);
+    s->t = alloc_tensors(s->spec, s->n);
+    return s;
+}
+
+void th_state_free(th_state *s) {
+    if (!s) return;
+    free_tensors(s->t, s->n);
+    free(s->spec);
+    free(s);
+}
+
+float *th_randn(int64_t n, uint64_t seed, float std) {
+    float *x = malloc((size_t)(n ? n : 1) * sizeof *x);
+    m1c_rng r;
+    m1c_rng_seed(&r, seed, 0);
+    m1c_rng_fill_normal(&r, x, n, std);
+    return x;
+}
+
+float *th_zeros(int64_t n) { return calloc((size_t)(n ? n : 1), sizeof(float)); }
+
+double th_max_abs_diff(const float *a, const float *b, int64_t n) {
+    double m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (d > m || d != d) m = d != d ? INFINITY : d;
+    }
+    return m;
+}
+
+double th_max_abs(const float *a, int64_t n) {
+    double m = 0;
+    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i]));
+    return m;
+}
+
+double th_rel_err(const float *a, const float *b, int64_t n, double atol, double rtol) {
+    double worst = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double r = fabs((double)a[i] - (double)b[i]) / (atol + rtol * fabs((double)b[i]));
+        if (r != r) return INFINITY;
+        worst = fmax(worst, r);
+    }
+    return worst;
+}
+
+/* L = sum(out * w) in double, for one forward at the current parameters. */
+static double fd_loss(th_layer *l, float *out, const float *in, const float *w, int64_t n) {
+    th_forward(l, out, in);
+    double s = 0;
+    for (int64_t i = 0; i < n; i++) s += (double)out[i] * (double)w[i];
+    return s;
+}
+
+static double fd_compare(const char *what, int64_t idx, double a, double num, double worst) {
+    double r = fabs(a - num) / fmax(1e-3, fabs(a) + fabs(num));
+    if (r > worst) cr_log_info("fd: %s[%ld]: analytic %.6g numeric %.6g (rel %.3g)", what, (long)idx, a, num, r);
+    return fmax(worst, r);
+}
+
+double th_fd_check_layer(th_layer *l, const float *in_const, float eps, int samples, uint64_t seed) {
+    int64_t n = (int64_t)l->B * l->T * l->H;
+    float *in = malloc((size_t)n * sizeof *in);
+    memcpy(in, in_const, (size_t)n * sizeof *in);
+    float *out = th_zeros(n), *din = th_zeros(n);
+    float *w = th_randn(n, seed ^ 0xfdull, 1.0f);
+
+    th_layer_zero_grads(l);
+    th_forward(l, out, in);
+    th_backward(l, din, w, in);
+
+    m1c_rng rng;
+    m1c_rng_seed(&rng, seed, 7);
+    double worst = 0;
+    for (int s = 0; s < samples; s++) {
+        int64_t i = (int64_t)(m1c_rng_u64(&rng) % (uint64_t)n);
+        float x0 = in[i];
+        in[i] = x0 + eps;
+        double lp = fd_loss(l, out, in, w, n);
+        in[i] = x0 - eps;
+        double lm = fd_loss(l, out, in, w, n);
+        in[i] = x0;
+        worst = fd_compare("input", i, din[i], (lp - lm) / (2.0 * eps), worst);
+    }
+    for (int p = 0; p < l->np; p++) {
+        float *x = l->params[p].data, *g = l->grads[p].data;
+        int64_t np = m1c_numel(&l->params[p]);
+        for (int s = 0; s < samples; s++) {
+            int64_t i = (int64_t)(m1c_rng_u64(&rng) % (uint64_t)np);
+            float x0 = x[i];
+            x[i] = x0 + eps;
+            double lp = fd_loss(l, out, in, w, n);
+            x[i] = x0 - eps;
+            double lm = fd_loss(l, out, in, w, n);
+            x[i] = x0;
+            worst = fd_compare(l->pspec[p].name, i, g[i], (lp - lm) / (2.0 * eps), worst);
+        }
+    }
+    free(in);
+    free(out);
+    free(din);
+    free(w);
+    return worst;
+}
