@@ -43,6 +43,10 @@ m1c_settings *m1c_cfg_group(m1c_settings *s, const char *key, int required, m1c_
 int m1c_cfg_len(m1c_settings *s, const char *key);
 m1c_settings *m1c_cfg_elem(m1c_settings *s, const char *key, int i);
 int m1c_cfg_has(m1c_settings *s, const char *key);
+/* The keys of group s in file order (for groups whose keys are names, e.g. model.types): count and
+ * the i-th key. Listing does not mark them read. */
+int m1c_cfg_n_keys(const m1c_settings *s);
+const char *m1c_cfg_key(const m1c_settings *s, int i);
 const char *m1c_cfg_path(const m1c_settings *s); /* full key path, e.g. "run.stages.[0].optimizer" */
 const char *m1c_cfg_file(const m1c_settings *s); /* file the group was read from */
 int m1c_cfg_line(const m1c_settings *s);         /* its line, 0 if created */
@@ -62,6 +66,14 @@ int m1c_cfg_string(m1c_settings *s, const char *key, int req, const char *def, c
 int m1c_cfg_list_string(m1c_settings *s, const char *key, int i, const char **out, m1c_err *e);
 int m1c_cfg_list_int(m1c_settings *s, const char *key, int i, int64_t *out, m1c_err *e);
 int m1c_cfg_list_float(m1c_settings *s, const char *key, int i, double *out, m1c_err *e); /* ints accepted */
+/* Element i of a list of numbers (ints are fine). */
+int m1c_cfg_list_float(m1c_settings *s, const char *key, int i, double *out, m1c_err *e);
+/* Element i of a list of strings, checked against choices (NULL-terminated). */
+int m1c_cfg_list_string_choice(m1c_settings *s, const char *key, int i, const char *const *choices,
+                               const char **out, m1c_err *e);
+/* A value that is not a list counts as a list of one: m1c_cfg_len gives 1 and element 0 is the value
+ * itself (`files = "a.txt"` reads like `files = ["a.txt"]`). */
+
 /* Mark a key as read without reading it (a group's `plugin` key is read by the core, the rest by
  * the plugin). */
 void m1c_cfg_touch(m1c_settings *s, const char *key);
@@ -69,5 +81,21 @@ void m1c_cfg_touch(m1c_settings *s, const char *key);
 int m1c_cfg_done(m1c_settings *s, m1c_err *e);
 /* m1c_cfg_done for s and, recursively, every group under it. */
 int m1c_cfg_done_all(m1c_settings *s, m1c_err *e);
+/* Mark every key under s (recursively) as read: for tools that print a group without validating it
+ * (`m1c config show --no-plugins` leaves plugin groups as written). */
+void m1c_cfg_touch_all(m1c_settings *s);
+
+/* ---- errors and locations for code that validates beyond the getters ---- */
+/* Format "file:line: path.key: <message>" into e and return M1C_ERR. key NULL: about s itself;
+ * idx >= 0: about element idx of the list key ("path.key.[idx]", that element's line). The location
+ * is "override 'k=v'" where an override set the value. */
+int m1c_cfg_fail(m1c_settings *s, const char *key, int idx, m1c_err *e, const char *fmt, ...) M1C_PRINTF(5, 6);
+/* The location alone ("file:line" or "override '...'") of key in s (or of s, key NULL). */
+void m1c_cfg_where(const m1c_settings *s, const char *key, char *buf, size_t n);
+/* The last error a getter or m1c_cfg_fail reported (""  if none): lets a caller tell a plugin's
+ * settings error (already "file:line: key: ...") from the plugin's own messages. */
+const char *m1c_config_last_error(const m1c_config *c);
+/* The config a group belongs to. */
+m1c_config *m1c_cfg_config(const m1c_settings *s);
 
 #endif

@@ -14,15 +14,6 @@ static int pending(int argc, char **argv, const char *usage) {
     return m1c_cli_error("%s: not available in this build yet", argv[0]);
 }
 
-int m1c_cmd_plan(int argc, char **argv) {
-    return pending(argc, argv, "usage: m1c plan CONFIG [-s key=value ...] [--context N] [--json]\n");
-}
-int m1c_cmd_train(int argc, char **argv) {
-    return pending(argc, argv, "usage: m1c train CONFIG [-s key=value ...] [--resume DIR]\n");
-}
-int m1c_cmd_generate(int argc, char **argv) {
-    return pending(argc, argv, "usage: m1c generate --checkpoint DIR --prompt TEXT\n");
-}
 int m1c_cmd_logits(int argc, char **argv) {
     return pending(argc, argv, "usage: m1c logits (--checkpoint DIR | --hf DIR) --input IDS.npy --output OUT.npy\n");
 }

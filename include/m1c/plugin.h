@@ -123,6 +123,14 @@ struct m1c_host {
     int (*get_list_len)(const m1c_host *h, const m1c_settings *s, const char *key, int *out);
     int (*get_list_string)(const m1c_host *h, const m1c_settings *s, const char *key, int i, const char **out);
     int (*settings_done)(const m1c_host *h, const m1c_settings *s);
+    /* Numbers of a list setting (e.g. mixture weights). */
+    int (*get_list_float)(const m1c_host *h, const m1c_settings *s, const char *key, int i, double *out);
+    /* A subgroup `key` (absent: an empty group, so its defaults fill in), or element i of a list of
+     * groups (e.g. data sources). Subgroups are validated like the plugin's own group: the plugin
+     * calls settings_done on each. */
+    int (*get_group)(const m1c_host *h, const m1c_settings *s, const char *key, const m1c_settings **out);
+    int (*get_list_group)(const m1c_host *h, const m1c_settings *s, const char *key, int i,
+                          const m1c_settings **out);
 
     /* Memory on a device (for a plugin's small private tables; big buffers are declared instead). */
     void *(*alloc)(const m1c_host *h, int device, size_t bytes);
@@ -190,7 +198,8 @@ typedef struct m1c_layer_ops {
     /* Declare activations kept for backward (acts) and per-call scratch for a (B, T) batch. */
     int (*acts)(void *self, int B, int T, m1c_buf_spec *specs, int max);
     int (*scratch)(void *self, int B, int T, m1c_buf_spec *specs, int max);
-    /* out: (B, T, H), written. */
+    /* out: (B, T, H), written. B*T may be smaller than the shape acts/scratch were declared for
+     * (the last, shorter chunk of a prefill): index the buffers with the B and T of the call. */
     int (*forward)(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T);
     /* din (B, T, H) and parameter gradients accumulate (+=). */
     int (*backward)(void *self, const m1c_layer_bufs *b, float *din, const float *dout, const float *in,

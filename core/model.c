@@ -1,0 +1,451 @@
+/* Model assembly on the CPU: parameters, activations and the forward/backward of the whole stack. */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "host.h"
+#include "ops.h"
+#include "rng.h"
+
+/* ---- building ---------------------------------------------------------------------------- */
+
+static int add_param(m1c_model *m, const char *name, int ndim, const int64_t *shape, int init, int no_decay,
+                     float std) {
+    int k = m1c_arena_add(&m->params, name, M1C_F32, ndim, shape);
+    m->no_decay = m1c_xrealloc(m->no_decay, (size_t)(k + 1) * sizeof *m->no_decay);
+    m->init = m1c_xrealloc(m->init, (size_t)(k + 1) * sizeof *m->init);
+    m->init_std = m1c_xrealloc(m->init_std, (size_t)(k + 1) * sizeof *m->init_std);
+    m->no_decay[k] = no_decay, m->init[k] = init, m->init_std[k] = std;
+    return k;
+}
+
+static int create_slot(m1c_inst *s, m1c_plugin *p, const m1c_settings *set, const m1c_layer_info *info,
+                       m1c_model *m, int l, m1c_err *e) {
+    s->plugin = p;
+    s->ops = p->desc->kind == M1C_KIND_ATTENTION ? &M1C_ATTENTION(p)->ops : &M1C_MOE(p)->ops;
+    if (s->ops->create(&p->host, set, info, &s->self) != M1C_OK) return m1c_plugin_fail(p, e, "create");
+    int n = s->ops->params(s->self, NULL, 0);
+    m1c_buf_spec *spec = m1c_xcalloc((size_t)(n > 0 ? n : 1), sizeof *spec);
+    if (n < 0 || s->ops->params(s->self, spec, n) != n) {
+        free(spec);
+        return m1c_plugin_fail(p, e, "params");
+    }
+    s->p0 = m->params.n;
+    s->np = n;
+    for (int i = 0; i < n; i++) {
+        if (spec[i].dtype != M1C_F32) {
+            m1c_fail(e, "plugin '%s': parameter '%s': parameters must be f32 (master weights)", p->desc->name,
+                     spec[i].name);
+            free(spec);
+            return M1C_ERR;
+        }
+        char *name = m1c_xasprintf("model.layers.%d.%s", l, spec[i].name);
+        add_param(m, name, spec[i].ndim, spec[i].shape, spec[i].init, spec[i].no_decay, spec[i].std);
+        free(name);
+    }
+    free(spec);
+    return M1C_OK;
+}
+
+static int add_norm(m1c_model *m, int l, const char *what) {
+    int64_t H = m->H;
+    char *name = m1c_xasprintf("model.layers.%d.%s.weight", l, what);
+    int k = add_param(m, name, 1, &H, M1C_INIT_ONES, 1, 0);
+    free(name);
+    return k;
+}
+
+int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e) {
+    memset(m, 0, sizeof *m);
+    m->V = def->vocab, m->H = def->hidden, m->L = def->layers;
+    m->eps = def->norm_eps, m->tied = def->tie_embeddings, m->device = def->device;
+    m1c_arena_init(&m->params, def->device);
+    m->layer = m1c_xcalloc((size_t)m->L, sizeof *m->layer);
+    int64_t H = m->H, V = m->V;
+
+    m->embed = add_param(m, "model.embed_tokens.weight", 2, (int64_t[]){V, H}, M1C_INIT_NORMAL, 0, def->init_std);
+    for (int l = 0; l < m->L; l++) {
+        const m1c_layer_def *ld = &def->layer[l];
+        m1c_layer *ly = &m->layer[l];
+        m1c_layer_info info = {sizeof info, l, m->L, m->H, m->device, 0, 0, {0}};
+        ly->norm_in = add_norm(m, l, "input_layernorm");
+        if (create_slot(&ly->attn, ld->attn, ld->attn_settings, &info, m, l, e)) goto fail;
+        ly->norm_post = add_norm(m, l, "post_attention_layernorm");
+        if (create_slot(&ly->ffn, ld->ffn, ld->ffn_settings, &info, m, l, e)) goto fail;
+        ly->alpha_attn = ld->alpha_attn, ly->beta_attn = ld->beta_attn;
+        ly->alpha_ffn = ld->alpha_ffn, ly->beta_ffn = ld->beta_ffn;
+    }
+    m->norm = add_param(m, "model.norm.weight", 1, &H, M1C_INIT_ONES, 1, 0);
+    m->head = m->tied ? m->embed
+                      : add_param(m, "lm_head.weight", 2, (int64_t[]){V, H}, M1C_INIT_NORMAL, 0, def->init_std);
+    if (m1c_arena_alloc(&m->params, e)) goto fail;
+    m1c_model_init_params(m, 0);
+    return M1C_OK;
+fail:
+    m1c_model_free(m);
+    return M1C_ERR;
+}
+
+void m1c_model_init_params(m1c_model *m, uint64_t seed) {
+#pragma omp parallel for schedule(dynamic)
+    for (int i = 0; i < m->params.n; i++) {
+        m1c_tensor *t = &m->params.t[i];
+        float *x = t->data;
+        int64_t n = m1c_numel(t);
+        m1c_rng rng;
+        m1c_rng_seed(&rng, seed, (uint64_t)i);
+        for (int64_t j = 0; j < n; j++) {
+            switch (m->init[i]) {
+            case M1C_INIT_ZEROS: x[j] = 0; break;
+            case M1C_INIT_ONES: x[j] = 1; break;
+            case M1C_INIT_CONST: x[j] = m->init_std[i]; break;
+            default: x[j] = m->init_std[i] * m1c_rng_normal(&rng); break;
+            }
+        }
+    }
+}
+
+int m1c_model_alloc_grads(m1c_model *m, m1c_err *e) { return m1c_arena_like(&m->grads, &m->params, m->device, "", e); }
+
+int64_t m1c_model_param_count(const m1c_model *m) {
+    int64_t n = 0;
+    for (int i = 0; i < m->params.n; i++) n += m1c_numel(&m->params.t[i]);
+    return n;
+}
+
+static void destroy_slot(m1c_inst *s) {
+    if (s->self) s->ops->destroy(s->self);
+    s->self = NULL;
+}
+
+void m1c_model_free(m1c_model *m) {
+    for (int l = 0; m->layer && l < m->L; l++) {
+        destroy_slot(&m->layer[l].attn);
+        destroy_slot(&m->layer[l].ffn);
+    }
+    free(m->layer);
+    m1c_arena_free(&m->params);
+    m1c_arena_free(&m->grads);
+    free(m->no_decay);
+    free(m->init);
+    free(m->init_std);
+    memset(m, 0, sizeof *m);
+}
+
+/* ---- run buffers ------------------------------------------------------------------------- */
+
+typedef int (*declare_fn)(void *self, int B, int T, m1c_buf_spec *specs, int max);
+
+static m1c_buf_spec *declare(m1c_inst *s, declare_fn fn, int B, int T, int *n, m1c_err *e) {
+    *n = fn(s->self, B, T, NULL, 0);
+    m1c_buf_spec *spec = m1c_xcalloc((size_t)(*n > 0 ? *n : 1), sizeof *spec);
+    if (*n < 0 || fn(s->self, B, T, spec, *n) != *n) {
+        free(spec);
+        m1c_plugin_fail(s->plugin, e, "declaring buffers");
+        return NULL;
+    }
+    return spec;
+}
+
+/* Declare a slot's activations in the run arena (indices kept in sb->acts[i].reserved0 until the
+ * arena exists) and lay its scratch out from offset 0 of the shared scratch buffer. */
+static int plan_slot(m1c_run *r, m1c_inst *s, m1c_inst_bufs *sb, int l, size_t *scratch_max, m1c_err *e) {
+    m1c_buf_spec *a = declare(s, s->ops->acts, r->B, r->T, &sb->na, e);
+    if (!a) return M1C_ERR;
+    sb->acts = m1c_xcalloc((size_t)sb->na + 1, sizeof *sb->acts);
+    for (int i = 0; i < sb->na; i++) {
+        char *name = m1c_xasprintf("layers.%d.%s.%s", l, s->plugin->desc->name, a[i].name);
+        sb->acts[i].reserved0 = m1c_arena_add(&r->acts, name, a[i].dtype, a[i].ndim, a[i].shape);
+        free(name);
+    }
+    free(a);
+    m1c_buf_spec *sc = declare(s, s->ops->scratch, r->B, r->T, &sb->ns, e);
+    if (!sc) return M1C_ERR;
+    sb->scratch = m1c_xcalloc((size_t)sb->ns + 1, sizeof *sb->scratch);
+    size_t off = 0;
+    for (int i = 0; i < sb->ns; i++) {
+        m1c_tensor *t = &sb->scratch[i];
+        t->dtype = sc[i].dtype, t->device = r->acts.device, t->ndim = sc[i].ndim;
+        memcpy(t->shape, sc[i].shape, sizeof t->shape);
+        t->name = NULL;
+        t->data = (void *)off; /* an offset until the buffer exists */
+        off += ((size_t)m1c_numel(t) * m1c_dtype_size(t->dtype) + 255) / 256 * 256;
+    }
+    free(sc);
+    if (off > *scratch_max) *scratch_max = off;
+    return M1C_OK;
+}
+
+static void bind_slot(m1c_run *r, m1c_model *m, m1c_inst *s, m1c_inst_bufs *sb) {
+    for (int i = 0; i < sb->na; i++) {
+        m1c_tensor *t = &r->acts.t[sb->acts[i].reserved0];
+        sb->acts[i] = *t;
+    }
+    for (int i = 0; i < sb->ns; i++) sb->scratch[i].data = (char *)r->scratch + (size_t)sb->scratch[i].data;
+    sb->bufs.params = &m->params.t[s->p0];
+    sb->bufs.grads = m->grads.base ? &m->grads.t[s->p0] : NULL;
+    sb->bufs.acts = sb->acts;
+    sb->bufs.scratch = sb->scratch;
+    sb->bufs.training = r->training;
+}
+
+static float *act(m1c_run *r, int idx) { return r->acts.t[idx].data; }
+
+int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *e) {
+    memset(r, 0, sizeof *r);
+    r->B = B, r->T = T, r->training = training;
+    m1c_arena_init(&r->acts, m->device);
+    int64_t N = (int64_t)B * T, H = m->H, V = m->V, L = m->L;
+    int64_t nh[] = {N, H}, n1[] = {N}, nv[] = {N, V};
+    int ix[L + 1], ih1[L], ir1[L], ix1[L], ih2[L], ir2[L];
+    char name[64];
+    for (int l = 0; l <= L; l++) {
+        snprintf(name, sizeof name, "x.%d", l);
+        ix[l] = m1c_arena_add(&r->acts, name, M1C_F32, 2, nh);
+    }
+    for (int l = 0; l < L; l++) {
+        snprintf(name, sizeof name, "h1.%d", l);
+        ih1[l] = m1c_arena_add(&r->acts, name, M1C_F32, 2, nh);
+        snprintf(name, sizeof name, "rstd1.%d", l);
+        ir1[l] = m1c_arena_add(&r->acts, name, M1C_F32, 1, n1);
+        snprintf(name, sizeof name, "x1.%d", l);
+        ix1[l] = m1c_arena_add(&r->acts, name, M1C_F32, 2, nh);
+        snprintf(name, sizeof name, "h2.%d", l);
+        ih2[l] = m1c_arena_add(&r->acts, name, M1C_F32, 2, nh);
+        snprintf(name, sizeof name, "rstd2.%d", l);
+        ir2[l] = m1c_arena_add(&r->acts, name, M1C_F32, 1, n1);
+    }
+    int ihf = m1c_arena_add(&r->acts, "hf", M1C_F32, 2, nh), irf = m1c_arena_add(&r->acts, "rstdf", M1C_F32, 1, n1);
+    int ilg = m1c_arena_add(&r->acts, "logits", M1C_F32, 2, nv), ilse = m1c_arena_add(&r->acts, "lse", M1C_F32, 1, n1);
+    int ilp = m1c_arena_add(&r->acts, "logp", M1C_F32, 1, n1), idl = m1c_arena_add(&r->acts, "dlogp", M1C_F32, 1, n1);
+    int itmp = m1c_arena_add(&r->acts, "tmp", M1C_F32, 2, nh), idx = m1c_arena_add(&r->acts, "dx", M1C_F32, 2, nh);
+    int idh = m1c_arena_add(&r->acts, "dh", M1C_F32, 2, nh);
+    int iid = m1c_arena_add(&r->acts, "ids", M1C_I32, 1, n1), itg = m1c_arena_add(&r->acts, "targets", M1C_I32, 1, n1);
+
+    r->attn = m1c_xcalloc((size_t)L, sizeof *r->attn);
+    r->ffn = m1c_xcalloc((size_t)L, sizeof *r->ffn);
+    size_t scratch = 0;
+    for (int l = 0; l < L; l++) {
+        if (plan_slot(r, &m->layer[l].attn, &r->attn[l], l, &scratch, e)) return M1C_ERR;
+        if (plan_slot(r, &m->layer[l].ffn, &r->ffn[l], l, &scratch, e)) return M1C_ERR;
+    }
+    if (m1c_arena_alloc(&r->acts, e)) return M1C_ERR;
+    r->scratch = m1c_dev_alloc(m->device, scratch ? scratch : 256);
+    if (!r->scratch) return m1c_fail(e, "cannot allocate %.1f MiB of scratch", (double)scratch / 1048576.0);
+    for (int l = 0; l < L; l++) {
+        bind_slot(r, m, &m->layer[l].attn, &r->attn[l]);
+        bind_slot(r, m, &m->layer[l].ffn, &r->ffn[l]);
+    }
+    r->x = m1c_xcalloc((size_t)L + 1, sizeof *r->x);
+    r->h1 = m1c_xcalloc((size_t)L * 5, sizeof *r->h1);
+    r->rstd1 = r->h1 + L, r->x1 = r->h1 + 2 * L, r->h2 = r->h1 + 3 * L, r->rstd2 = r->h1 + 4 * L;
+    for (int l = 0; l <= L; l++) r->x[l] = act(r, ix[l]);
+    for (int l = 0; l < L; l++) {
+        r->h1[l] = act(r, ih1[l]), r->rstd1[l] = act(r, ir1[l]), r->x1[l] = act(r, ix1[l]);
+        r->h2[l] = act(r, ih2[l]), r->rstd2[l] = act(r, ir2[l]);
+    }
+    r->hf = act(r, ihf), r->rstdf = act(r, irf), r->logits = act(r, ilg), r->lse = act(r, ilse);
+    r->logp = act(r, ilp), r->dlogp = act(r, idl), r->tmp = act(r, itmp), r->dx = act(r, idx), r->dh = act(r, idh);
+    r->ids = r->acts.t[iid].data, r->targets = r->acts.t[itg].data;
+    return M1C_OK;
+}
+
+void m1c_run_free(m1c_run *r, m1c_model *m) {
+    for (int l = 0; r->attn && l < m->L; l++) {
+        free(r->attn[l].acts), free(r->attn[l].scratch);
+        free(r->ffn[l].acts), free(r->ffn[l].scratch);
+    }
+    free(r->attn);
+    free(r->ffn);
+    free(r->x);
+    free(r->h1);
+    m1c_dev_free(r->acts.device, r->scratch);
+    m1c_arena_free(&r->acts);
+    memset(r, 0, sizeof *r);
+}
+
+/* ---- forward / backward ------------------------------------------------------------------ */
+
+static float *P(m1c_model *m, int i) { return m->params.t[i].data; }
+static float *G(m1c_model *m, int i) { return m->grads.t[i].data; }
+
+static uint64_t mix(uint64_t a, uint64_t b) {
+    uint64_t z = a ^ (b + 0x9e3779b97f4a7c15ull + (a << 6) + (a >> 2));
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    return z ^ (z >> 31);
+}
+
+/* y = alpha * h + beta * f, in place into f's buffer y. */
+static void residual(float *y, const float *h, float alpha, float beta, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) y[i] = alpha * h[i] + beta * y[i];
+}
+
+static void axpby(float *y, const float *x, float a, float *z, float b, int64_t n) {
+    /* y = a x, z = b x */
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) y[i] = a * x[i], z[i] = b * x[i];
+}
+
+typedef int (*mix_fn)(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud);
+
+/* The layer loop shared by training forward and incremental decoding: `attn` runs the mixer. */
+static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, void *ud, m1c_err *e) {
+    int64_t N = (int64_t)B * T, H = m->H;
+    for (int l = 0; l < m->L; l++) {
+        m1c_layer *ly = &m->layer[l];
+        m1c_rmsnorm_forward(r->h1[l], r->rstd1[l], r->x[l], P(m, ly->norm_in), N, (int)H, m->eps);
+        r->attn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l);
+        if (attn(m, r, l, B, T, r->x1[l], r->h1[l], ud)) return m1c_plugin_fail(ly->attn.plugin, e, "forward");
+        residual(r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, N * H);
+        m1c_rmsnorm_forward(r->h2[l], r->rstd2[l], r->x1[l], P(m, ly->norm_post), N, (int)H, m->eps);
+        r->ffn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l + 1);
+        if (ly->ffn.ops->forward(ly->ffn.self, &r->ffn[l].bufs, r->x[l + 1], r->h2[l], B, T))
+            return m1c_plugin_fail(ly->ffn.plugin, e, "forward");
+        residual(r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn, N * H);
+    }
+    m1c_rmsnorm_forward(r->hf, r->rstdf, r->x[m->L], P(m, m->norm), N, (int)H, m->eps);
+    return M1C_OK;
+}
+
+static int attn_forward(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud) {
+    (void)ud;
+    m1c_inst *s = &m->layer[l].attn;
+    return s->ops->forward(s->self, &r->attn[l].bufs, out, in, B, T);
+}
+
+static double sum_aux(m1c_model *m, m1c_run *r) {
+    double aux = 0;
+    for (int l = 0; l < m->L; l++) {
+        m1c_moe_stats st = {0};
+        if (m1c_model_moe_stats(m, r, l, &st) == M1C_OK) aux += st.aux_loss;
+    }
+    return aux;
+}
+
+int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *e) {
+    int B = r->B, T = r->T;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int32_t id = tokens[(int64_t)b * (T + 1) + t], tg = tokens[(int64_t)b * (T + 1) + t + 1];
+            if (id < 0 || id >= m->V || tg >= m->V)
+                return m1c_fail(e, "token id %d out of range for vocabulary %d", id < 0 || id >= m->V ? id : tg, m->V);
+            r->ids[(int64_t)b * T + t] = id;
+            r->targets[(int64_t)b * T + t] = tg;
+        }
+    int64_t N = (int64_t)B * T;
+    m1c_embed_forward(r->x[0], r->ids, P(m, m->embed), N, m->H);
+    if (forward_layers(m, r, B, T, attn_forward, NULL, e)) return M1C_ERR;
+    m1c_head_forward(r->logits, r->lse, r->logp, r->hf, P(m, m->head), r->targets, N, m->H, m->V);
+    r->aux_loss = sum_aux(m, r);
+    return M1C_OK;
+}
+
+int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
+    int B = r->B, T = r->T, H = m->H;
+    int64_t N = (int64_t)B * T, NH = N * H;
+    if (!m->grads.base) return m1c_fail(e, "backward without gradient buffers");
+    float *dx = r->dx, *dh = r->dh, *tmp = r->tmp;
+    memset(dh, 0, (size_t)NH * 4);
+    m1c_head_backward(dh, G(m, m->head), r->logits, r->lse, r->dlogp, r->hf, P(m, m->head), r->targets, N, H, m->V);
+    memset(dx, 0, (size_t)NH * 4);
+    m1c_rmsnorm_backward(dx, G(m, m->norm), dh, r->x[m->L], P(m, m->norm), r->rstdf, N, H);
+    for (int l = m->L - 1; l >= 0; l--) {
+        m1c_layer *ly = &m->layer[l];
+        /* x2 = a h2 + b ffn(h2): dh2 = a dx2 + ffn'(b dx2) */
+        axpby(dh, dx, ly->alpha_ffn, tmp, ly->beta_ffn, NH);
+        if (ly->ffn.ops->backward(ly->ffn.self, &r->ffn[l].bufs, dh, tmp, r->h2[l], B, T))
+            return m1c_plugin_fail(ly->ffn.plugin, e, "backward");
+        memset(dx, 0, (size_t)NH * 4);
+        m1c_rmsnorm_backward(dx, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post), r->rstd2[l], N, H);
+        axpby(dh, dx, ly->alpha_attn, tmp, ly->beta_attn, NH);
+        if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, tmp, r->h1[l], B, T))
+            return m1c_plugin_fail(ly->attn.plugin, e, "backward");
+        memset(dx, 0, (size_t)NH * 4);
+        m1c_rmsnorm_backward(dx, G(m, ly->norm_in), dh, r->x[l], P(m, ly->norm_in), r->rstd1[l], N, H);
+    }
+    m1c_embed_backward(G(m, m->embed), dx, r->ids, N, H);
+    return M1C_OK;
+}
+
+int m1c_model_moe_stats(m1c_model *m, m1c_run *r, int l, m1c_moe_stats *out) {
+    m1c_inst *s = &m->layer[l].ffn;
+    const m1c_moe_vtable *vt = M1C_MOE(s->plugin);
+    if (!vt->stats) return M1C_ERR;
+    return vt->stats(s->self, &r->ffn[l].bufs, out);
+}
+
+/* ---- incremental decoding ------------------------------------------------------------------ */
+
+int m1c_decoder_init(m1c_decoder *d, m1c_model *m, int batch, int64_t max_len, int chunk, m1c_err *e) {
+    memset(d, 0, sizeof *d);
+    d->batch = batch, d->chunk = chunk, d->max_len = max_len;
+    m1c_arena_init(&d->state, m->device);
+    d->layer_state = m1c_xcalloc((size_t)m->L, sizeof *d->layer_state);
+    int *first = m1c_xcalloc((size_t)m->L + 1, sizeof *first);
+    for (int l = 0; l < m->L; l++) {
+        m1c_inst *s = &m->layer[l].attn;
+        const m1c_attention_vtable *vt = M1C_ATTENTION(s->plugin);
+        int n = vt->state(s->self, batch, max_len, NULL, 0);
+        m1c_buf_spec *spec = m1c_xcalloc((size_t)(n > 0 ? n : 1), sizeof *spec);
+        if (n < 0 || vt->state(s->self, batch, max_len, spec, n) != n) {
+            free(spec);
+            free(first);
+            return m1c_plugin_fail(s->plugin, e, "declaring decoding state");
+        }
+        first[l] = d->state.n;
+        for (int i = 0; i < n; i++) {
+            char *name = m1c_xasprintf("layers.%d.%s", l, spec[i].name);
+            m1c_arena_add(&d->state, name, spec[i].dtype, spec[i].ndim, spec[i].shape);
+            free(name);
+        }
+        free(spec);
+    }
+    first[m->L] = d->state.n;
+    int rc = m1c_arena_alloc(&d->state, e);
+    for (int l = 0; l < m->L && rc == M1C_OK; l++) d->layer_state[l] = &d->state.t[first[l]];
+    free(first);
+    if (rc) return rc;
+    return m1c_run_init(&d->run, m, batch, chunk, 0, e);
+}
+
+void m1c_decoder_free(m1c_decoder *d, m1c_model *m) {
+    m1c_run_free(&d->run, m);
+    m1c_arena_free(&d->state);
+    free(d->layer_state);
+    memset(d, 0, sizeof *d);
+}
+
+void m1c_decoder_reset(m1c_decoder *d) {
+    m1c_arena_zero(&d->state);
+    d->pos = 0;
+}
+
+static int attn_step(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud) {
+    m1c_decoder *d = ud;
+    m1c_inst *s = &m->layer[l].attn;
+    return M1C_ATTENTION(s->plugin)->step(s->self, &r->attn[l].bufs, d->layer_state[l], out, in, B, T, d->pos);
+}
+
+int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, float *out, m1c_err *e) {
+    if (T < 1 || T > d->chunk) return m1c_fail(e, "decoder: %d tokens at once, at most %d", T, d->chunk);
+    if (d->pos + T > d->max_len) return m1c_fail(e, "decoder: length %lld exceeds %lld", (long long)(d->pos + T), (long long)d->max_len);
+    m1c_run *r = &d->run;
+    int B = d->batch, H = m->H;
+    int64_t N = (int64_t)B * T;
+    for (int64_t i = 0; i < N; i++) {
+        if (ids[i] < 0 || ids[i] >= m->V) return m1c_fail(e, "token id %d out of range for vocabulary %d", ids[i], m->V);
+        r->ids[i] = ids[i];
+    }
+    m1c_embed_forward(r->x[0], r->ids, P(m, m->embed), N, H);
+    if (forward_layers(m, r, B, T, attn_step, d, e)) return M1C_ERR;
+    d->pos += T;
+    /* Logits of the last position of each sequence only. */
+    for (int b = 0; b < B; b++)
+        m1c_gemm(M1C_DEVICE_CPU, 0, 1, 1, m->V, H, 1.0f, r->hf + ((int64_t)b * T + T - 1) * H, H, P(m, m->head), H,
+                 0.0f, out + (int64_t)b * m->V, m->V);
+    return M1C_OK;
+}

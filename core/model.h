@@ -1,0 +1,115 @@
+/* Model assembly: embedding, the layer stack of attention and feed-forward plugins with DeepNorm
+ * post-norm residuals, final RMSNorm and the FP32 LM head; forward, backward and incremental
+ * decoding over arenas the core owns.
+ *
+ * Layer l (MODEL.md):  h1 = RMSNorm_in(x);  x1 = alpha_attn h1 + beta_attn attn(h1)
+ *                      h2 = RMSNorm_post(x1); x2 = alpha_ffn h2 + beta_ffn ffn(h2)
+ */
+#ifndef M1C_MODEL_H
+#define M1C_MODEL_H
+
+#include "arena.h"
+#include "loader.h"
+
+/* What to build: sizes and, per layer, the plugins with their settings groups. */
+typedef struct m1c_layer_def {
+    const char *type;              /* layer type name from the config, e.g. "lightning" */
+    m1c_plugin *attn, *ffn;        /* loaded plugins of kind attention and moe */
+    const m1c_settings *attn_settings, *ffn_settings;
+    float alpha_attn, beta_attn, alpha_ffn, beta_ffn;
+} m1c_layer_def;
+
+typedef struct m1c_model_def {
+    int vocab, hidden, layers;
+    float norm_eps, init_std;
+    int tie_embeddings;
+    int device;
+    m1c_layer_def *layer; /* [layers] */
+} m1c_model_def;
+
+/* One plugin instance in the model and where its parameters sit in the parameter arena. */
+typedef struct m1c_inst {
+    m1c_plugin *plugin;
+    const m1c_layer_ops *ops;
+    void *self;
+    int p0, np; /* params.t[p0 .. p0+np) */
+} m1c_inst;
+
+typedef struct m1c_layer {
+    m1c_inst attn, ffn;
+    float alpha_attn, beta_attn, alpha_ffn, beta_ffn;
+    int norm_in, norm_post; /* parameter indices */
+} m1c_layer;
+
+typedef struct m1c_model {
+    int V, H, L;
+    float eps;
+    int tied, device;
+    m1c_layer *layer;  /* [L] */
+    int embed, norm, head; /* parameter indices (head == embed when tied) */
+    m1c_arena params;  /* HF names: model.embed_tokens.weight, model.layers.N...., lm_head.weight */
+    m1c_arena grads;   /* same layout; allocated by m1c_model_alloc_grads */
+    int32_t *no_decay; /* [params.n] */
+    int32_t *init;     /* [params.n] m1c_init of each parameter */
+    float *init_std;   /* [params.n] */
+} m1c_model;
+
+/* Buffers of one plugin instance for one (B, T) shape. */
+typedef struct m1c_inst_bufs {
+    m1c_layer_bufs bufs;
+    m1c_tensor *acts, *scratch; /* owned arrays of views */
+    int na, ns;
+} m1c_inst_bufs;
+
+/* Everything a forward/backward of shape (B, T) needs. */
+typedef struct m1c_run {
+    int B, T, training;
+    uint64_t noise_seed; /* set per step by the trainer */
+    m1c_arena acts;      /* core and plugin activations */
+    void *scratch;       /* one buffer shared by all instances' scratch */
+    m1c_inst_bufs *attn, *ffn; /* [L] */
+    float **x;           /* [L+1] residual stream at each layer input (N, H); x[L] feeds the final norm */
+    float **h1, **rstd1, **x1, **h2, **rstd2; /* [L] */
+    float *hf, *rstdf;   /* final norm out (N, H), (N) */
+    float *logits, *lse, *logp, *dlogp; /* (N, V), (N), (N), (N) */
+    float *tmp, *dx, *dh; /* (N, H) work buffers */
+    int32_t *ids, *targets; /* (N) */
+    double aux_loss;     /* sum over layers of the last forward */
+} m1c_run;
+
+int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e);
+int m1c_model_alloc_grads(m1c_model *m, m1c_err *e);
+/* Draw every parameter from its declared initialisation; tensor i uses RNG stream i, so the result
+ * depends on the seed only. */
+void m1c_model_init_params(m1c_model *m, uint64_t seed);
+void m1c_model_free(m1c_model *m);
+int64_t m1c_model_param_count(const m1c_model *m);
+
+int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *e);
+void m1c_run_free(m1c_run *r, m1c_model *m);
+
+/* tokens: B*(T+1) ids per row as data plugins give them (T inputs, then the last target) or, with
+ * targets == NULL... see m1c_model_forward_ids. Computes run->logp (N) of each target. */
+int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *e);
+/* Back-propagate run->dlogp (N) into m->grads (accumulating). */
+int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e);
+/* Per-layer MoE statistics of the last forward (NULL-safe for dense FFNs). */
+int m1c_model_moe_stats(m1c_model *m, m1c_run *r, int layer, m1c_moe_stats *out);
+
+/* Incremental inference: per-layer attention state for `batch` sequences up to max_len. */
+typedef struct m1c_decoder {
+    int batch, chunk;
+    int64_t max_len, pos;
+    m1c_arena state;
+    m1c_tensor **layer_state; /* [L] views into state */
+    m1c_run run;              /* shape (batch, chunk), inference */
+} m1c_decoder;
+
+int m1c_decoder_init(m1c_decoder *d, m1c_model *m, int batch, int64_t max_len, int chunk, m1c_err *e);
+void m1c_decoder_free(m1c_decoder *d, m1c_model *m);
+void m1c_decoder_reset(m1c_decoder *d);
+/* Feed T <= chunk new tokens per sequence (ids: batch x T); logits of the last position of each
+ * sequence go to out (batch, V). */
+int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, float *out, m1c_err *e);
+
+#endif

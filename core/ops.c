@@ -1,0 +1,102 @@
+/* The core's own layers on the CPU: embedding, RMSNorm, FP32 LM head with log-softmax. */
+#include "ops.h"
+
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+#include "host.h"
+#include "m1c/plugin.h"
+
+void m1c_embed_forward(float *out, const int32_t *ids, const float *wte, int64_t N, int H) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) memcpy(out + i * H, wte + (int64_t)ids[i] * H, (size_t)H * sizeof(float));
+}
+
+void m1c_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
+    /* Rows of one token collide: split the work over columns instead of rows. */
+#pragma omp parallel
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int c0 = (int)((int64_t)H * t / nt), c1 = (int)((int64_t)H * (t + 1) / nt);
+        for (int64_t i = 0; i < N; i++) {
+            float *d = dwte + (int64_t)ids[i] * H;
+            const float *g = dout + i * H;
+            for (int c = c0; c < c1; c++) d[c] += g[c];
+        }
+    }
+}
+
+void m1c_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C, float eps) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const float *x = in + i * C;
+        float *y = out + i * C;
+        float ss = 0;
+        for (int c = 0; c < C; c++) ss += x[c] * x[c];
+        float r = 1.0f / sqrtf(ss / (float)C + eps);
+        rstd[i] = r;
+        for (int c = 0; c < C; c++) y[c] = x[c] * r * w[c];
+    }
+}
+
+void m1c_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
+                          const float *rstd, int64_t N, int C) {
+    /* y = x r w, r = (mean(x^2) + eps)^-1/2: dx = r (g w) - x r^3 mean(g w x), dw = sum g x r. */
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const float *x = in + i * C, *g = dout + i * C;
+        float *dx = din + i * C;
+        float r = rstd[i], dot = 0;
+        for (int c = 0; c < C; c++) dot += g[c] * w[c] * x[c];
+        float k = r * r * r * dot / (float)C;
+        for (int c = 0; c < C; c++) dx[c] += r * g[c] * w[c] - k * x[c];
+    }
+    /* dw over rows: per-thread over columns to avoid races. */
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < C; c++) {
+        float s = 0;
+        for (int64_t i = 0; i < N; i++) s += dout[i * C + c] * in[i * C + c] * rstd[i];
+        dw[c] += s;
+    }
+}
+
+void m1c_head_forward(float *logits, float *lse, float *logp, const float *h, const float *W,
+                      const int32_t *targets, int64_t N, int H, int V) {
+    m1c_gemm(M1C_DEVICE_CPU, 0, 1, (int)N, V, H, 1.0f, h, H, W, H, 0.0f, logits, V);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        const float *z = logits + i * V;
+        float m = -INFINITY;
+        for (int v = 0; v < V; v++) m = fmaxf(m, z[v]);
+        double s = 0;
+        for (int v = 0; v < V; v++) s += exp((double)(z[v] - m));
+        lse[i] = m + (float)log(s);
+        if (logp) logp[i] = targets[i] >= 0 ? z[targets[i]] - lse[i] : 0.0f;
+    }
+}
+
+void m1c_head_backward(float *dh, float *dW, float *logits, const float *lse, const float *dlogp, const float *h,
+                       const float *W, const int32_t *targets, int64_t N, int H, int V) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) {
+        float *z = logits + i * V, g = dlogp[i];
+        if (targets[i] < 0) g = 0;
+        for (int v = 0; v < V; v++) z[v] = -g * expf(z[v] - lse[i]);
+        if (targets[i] >= 0) z[targets[i]] += g;
+    }
+    m1c_gemm(M1C_DEVICE_CPU, 0, 0, (int)N, H, V, 1.0f, logits, V, W, H, 1.0f, dh, H);
+    m1c_gemm(M1C_DEVICE_CPU, 1, 0, V, H, (int)N, 1.0f, logits, V, h, H, 1.0f, dW, H);
+}
+
+double m1c_sumsq(const float *x, int64_t n) {
+    double s = 0;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+    for (int64_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
+void m1c_scale(float *x, int64_t n, float s) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) x[i] *= s;
+}

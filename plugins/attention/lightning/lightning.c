@@ -1,0 +1,625 @@
+/* lightning: MiniMax lightning attention on the CPU (MODEL.md "Lightning attention"): causal linear
+ * attention with a per-head exponential decay, computed block-wise with an fp32 KV state, plus its exact
+ * backward and constant-memory prefill/decoding. Parameters use the Hugging Face names and layouts. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "m1c/plugin.h"
+
+/* Decay-rate formulas (MODEL.md): m1c's s_h = base^(h+1) * (1 - l/(L-1) + 1e-5), HF's factor
+ * 1 - l/(L-1+1e-5) + 1e-5; base = 2^(-8/nh) in both. */
+enum { DECAY_M1C, DECAY_HF };
+static const char *const decay_choices[] = {"m1c", "hf", NULL};
+
+typedef struct lightning {
+    const m1c_host *h;
+    int H;       /* model width in and out */
+    int nh, hd;  /* heads, head dim */
+    int D;       /* nh * hd: attention width (need not equal H) */
+    int bs;      /* block size */
+    float eps;   /* RMSNorm eps */
+    int decay;   /* DECAY_* */
+    int nthreads;
+    double *slope; /* [nh] s_h */
+    float *pw;     /* [nh][bs + 1]: pw[h][k] = exp(-s_h k), every decay power a block needs */
+} lightning;
+
+enum { P_QKV, P_GATE, P_NORM, P_OUT, N_PARAMS };
+/* Activations kept for backward: qkv and gate pre-activations, attention output before the norm, the
+ * norm's 1/rms per token, and the KV state at the start of every block (so backward never replays the
+ * recurrence). */
+enum { A_QKV, A_GATE, A_O, A_RSTD, A_KV, N_ACTS };
+/* Scratch: SiLU(qkv) (forward) / d qkv pre-activation (backward); the out_proj input y (forward) /
+ * dy then d gate pre-activation (backward); d attention output; per-thread block work areas. */
+enum { S_QKV, S_Y, S_DO, S_WORK, N_SCRATCH };
+
+/* ---- small helpers ----------------------------------------------------------------------------- */
+
+static int n_threads(const lightning *L) {
+    int t = L->h->cpu_threads ? L->h->cpu_threads(L->h) : 0;
+#ifdef _OPENMP
+    if (t <= 0) t = omp_get_max_threads();
+#endif
+    return t > 0 ? t : 1;
+}
+
+static int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* exp for the element-wise passes (SiLU, gates): Cephes' expf (range reduction by ln 2 in two parts, a
+ * degree-7 polynomial, the power of two put into the exponent bits), about 1 ulp on the clamped range.
+ * Plain arithmetic, so the compiler vectorises the loops that call it; libm's expf is a call per
+ * element and made a fifth of the layer's time. */
+static inline float exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) * (1 << 23); /* 2^n, n in [-126, 127] */
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
+
+static void mm(const lightning *L, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+               const float *B, int ldb, float beta, float *C, int ldc) {
+    L->h->gemm(L->h, M1C_DEVICE_CPU, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+static int64_t numel(const m1c_tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+static m1c_buf_spec spec(const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
+    m1c_buf_spec s;
+    memset(&s, 0, sizeof(s));
+    s.name = name;
+    s.dtype = M1C_F32;
+    s.ndim = ndim;
+    s.shape[0] = d0;
+    s.shape[1] = d1;
+    s.shape[2] = d2;
+    s.shape[3] = d3;
+    s.init = M1C_INIT_NORMAL;
+    s.std = 0.02f;
+    return s;
+}
+
+static int put_specs(const lightning *L, const m1c_buf_spec *s, int n, m1c_buf_spec *out, int max) {
+    if (!out) return n;
+    if (max < n) return L->h->error(L->h, "lightning: room for %d buffer specs, %d needed", max, n);
+    memcpy(out, s, (size_t)n * sizeof(*s));
+    return n;
+}
+
+/* The effective block (blocks never exceed the sequence) and the per-thread work area for it:
+ * S and P (eb x eb); Q, K, V, their sigmoids, dQ, dK, dV and a temporary (eb x hd each); G and KV
+ * (hd x hd); at least 2*D for the norm backward's per-thread partial sums. Rounded to 64 bytes so
+ * that threads never share a cache line. */
+enum { W_S, W_P, N_WSQ };
+enum { W_Q, W_K, W_V, W_SQ, W_SK, W_SV, W_DQ, W_DK, W_DV, W_TMP, N_WBLK };
+static int eff_block(const lightning *L, int T) { return T < L->bs ? (T > 0 ? T : 1) : L->bs; }
+/* Whether a call has enough work to be worth waking the OpenMP team (tiny tests and single-head
+ * decoding run faster on one thread than through a fork/join). */
+static int parallel_worth(const lightning *L, int64_t N, int T) {
+    return (double)N * L->D * (eff_block(L, T) + L->hd) > 2e5;
+}
+
+static int64_t work_per_thread(const lightning *L, int T) {
+    int64_t eb = eff_block(L, T), hd = L->hd;
+    int64_t n = N_WSQ * eb * eb + N_WBLK * eb * hd + 2 * hd * hd;
+    if (n < 2 * (int64_t)L->D) n = 2 * (int64_t)L->D;
+    return (n + 15) / 16 * 16;
+}
+
+/* ---- create / destroy / declarations ------------------------------------------------------------ */
+
+static void lightning_destroy(void *self) {
+    lightning *L = self;
+    if (!L) return;
+    if (L->pw) L->h->free(L->h, M1C_DEVICE_CPU, L->pw);
+    if (L->slope) L->h->free(L->h, M1C_DEVICE_CPU, L->slope);
+    free(L);
+}
+
+static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_info *info, void **self) {
+    int64_t nh, hd, bs;
+    double eps;
+    const char *decay;
+    *self = NULL;
+    if (info->device != M1C_DEVICE_CPU)
+        return h->error(h, "lightning: only the CPU device is supported by this build (device %d)", info->device);
+    if (info->hidden <= 0) return h->error(h, "lightning: hidden size %d must be positive", info->hidden);
+    if (info->n_layers < 1 || info->layer_index < 0 || info->layer_index >= info->n_layers)
+        return h->error(h, "lightning: layer index %d outside [0, %d)", info->layer_index, info->n_layers);
+    /* Defaults: 128-wide heads (M1) covering the model width. */
+    int64_t def_hd = info->hidden < 128 ? info->hidden : 128;
+    if (h->get_int(h, s, "head_dim", def_hd, 1, 4096, &hd) != M1C_OK) return M1C_ERR;
+    int64_t def_nh = info->hidden / hd > 0 ? info->hidden / hd : 1;
+    if (h->get_int(h, s, "heads", def_nh, 1, 4096, &nh) != M1C_OK) return M1C_ERR;
+    if (h->get_int(h, s, "block_size", 256, 1, 4096, &bs) != M1C_OK) return M1C_ERR;
+    if (h->get_float(h, s, "norm_eps", 1e-6, 1e-12, 1.0, &eps) != M1C_OK) return M1C_ERR;
+    if (h->get_string(h, s, "decay", "m1c", decay_choices, &decay) != M1C_OK) return M1C_ERR;
+    if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
+    if (nh * hd > (1 << 20))
+        return h->error(h, "lightning: heads * head_dim = %lld exceeds %d", (long long)(nh * hd), 1 << 20);
+
+    lightning *L = calloc(1, sizeof(*L));
+    if (!L) return h->error(h, "lightning: out of memory");
+    L->h = h;
+    L->H = info->hidden;
+    L->nh = (int)nh;
+    L->hd = (int)hd;
+    L->D = (int)(nh * hd);
+    L->bs = (int)bs;
+    L->eps = (float)eps;
+    L->decay = strcmp(decay, "hf") == 0 ? DECAY_HF : DECAY_M1C;
+    L->nthreads = n_threads(L);
+    L->slope = h->alloc(h, M1C_DEVICE_CPU, (size_t)nh * sizeof(double));
+    L->pw = h->alloc(h, M1C_DEVICE_CPU, (size_t)nh * (size_t)(bs + 1) * sizeof(float));
+    if (!L->slope || !L->pw) {
+        lightning_destroy(L);
+        return h->error(h, "lightning: out of memory for the decay tables");
+    }
+    /* Decay rates, in double: s_h = base^(h+1) * factor(l, L). L == 1 has no depth term. */
+    const double l = info->layer_index, nl = info->n_layers;
+    double factor = L->decay == DECAY_HF ? 1.0 - l / (nl - 1.0 + 1e-5) + 1e-5
+                                         : 1.0 - (nl > 1 ? l / (nl - 1.0) : 0.0) + 1e-5;
+    for (int i = 0; i < L->nh; i++) {
+        /* base^(h+1) = 2^(-8 (h+1) / nh), exact for the powers of two of small cases. */
+        L->slope[i] = exp2(-8.0 * (i + 1) / L->nh) * factor;
+        for (int k = 0; k <= L->bs; k++) L->pw[(size_t)i * (L->bs + 1) + k] = (float)exp(-L->slope[i] * k);
+    }
+    *self = L;
+    return M1C_OK;
+}
+
+static int lightning_params(void *self, m1c_buf_spec *specs, int max) {
+    lightning *L = self;
+    m1c_buf_spec s[N_PARAMS] = {
+        spec("self_attn.qkv_proj.weight", 2, 3 * (int64_t)L->D, L->H, 0, 0), /* (3*nh*hd, H), per head [q|k|v] */
+        spec("self_attn.output_gate.weight", 2, L->D, L->H, 0, 0),         /* (nh*hd, H) */
+        spec("self_attn.norm.weight", 1, L->D, 0, 0, 0),                   /* (nh*hd) */
+        spec("self_attn.out_proj.weight", 2, L->H, L->D, 0, 0),            /* (H, nh*hd) */
+    };
+    s[P_NORM].init = M1C_INIT_ONES;
+    s[P_NORM].no_decay = 1;
+    s[P_NORM].std = 0.0f;
+    return put_specs(L, s, N_PARAMS, specs, max);
+}
+
+static int n_blocks(const lightning *L, int T) { return (T + L->bs - 1) / L->bs; }
+
+static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
+    lightning *L = self;
+    const int64_t N = (int64_t)B * T, hd = L->hd;
+    m1c_buf_spec s[N_ACTS] = {
+        spec("self_attn.qkv_pre", 2, N, 3 * (int64_t)L->D, 0, 0),                 /* (B*T, 3*nh*hd) */
+        spec("self_attn.gate_pre", 2, N, L->D, 0, 0),                             /* (B*T, nh*hd) */
+        spec("self_attn.attn_out", 2, N, L->D, 0, 0),                             /* (B*T, nh*hd) */
+        spec("self_attn.rstd", 1, N, 0, 0, 0),                                    /* (B*T) */
+        spec("self_attn.kv_blocks", 4, B, L->nh, n_blocks(L, T), hd * hd),        /* (B, nh, blocks, hd*hd) */
+    };
+    return put_specs(L, s, N_ACTS, specs, max);
+}
+
+static int lightning_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
+    lightning *L = self;
+    const int64_t N = (int64_t)B * T;
+    L->nthreads = n_threads(L);
+    m1c_buf_spec s[N_SCRATCH] = {
+        spec("self_attn.qkv", 2, N, 3 * (int64_t)L->D, 0, 0),                       /* (B*T, 3*nh*hd) */
+        spec("self_attn.y", 2, N, L->D, 0, 0),                                      /* (B*T, nh*hd) */
+        spec("self_attn.d_attn_out", 2, N, L->D, 0, 0),                             /* (B*T, nh*hd) */
+        spec("self_attn.work", 2, L->nthreads, work_per_thread(L, T), 0, 0),        /* (threads, per thread) */
+    };
+    return put_specs(L, s, N_SCRATCH, specs, max);
+}
+
+static int lightning_state(void *self, int batch, int64_t max_len, m1c_buf_spec *specs, int max) {
+    lightning *L = self;
+    (void)max_len; /* the state does not grow with the sequence */
+    m1c_buf_spec s[1] = {spec("self_attn.kv_state", 4, batch, L->nh, L->hd, L->hd)}; /* (B, nh, hd, hd) */
+    return put_specs(L, s, 1, specs, max);
+}
+
+/* ---- the block-wise attention ------------------------------------------------------------------- */
+
+/* x = SiLU(z) = z sigmoid(z), keeping sigmoid(z) in sg for the derivative. */
+static void silu_row(float *restrict x, float *restrict sg, const float *restrict z, int n) {
+    for (int c = 0; c < n; c++) {
+        const float s = sigmoidf(z[c]);
+        sg[c] = s;
+        x[c] = z[c] * s;
+    }
+}
+
+/* dz = dx * SiLU'(z) = dx sigmoid(z) (1 + z (1 - sigmoid(z))). */
+static void silu_backward_row(float *restrict dz, const float *restrict dx, const float *restrict sg,
+                              const float *restrict z, int n) {
+    for (int c = 0; c < n; c++) dz[c] = dx[c] * sg[c] * (1.0f + z[c] * (1.0f - sg[c]));
+}
+
+/* S[i][j] *= exp(-s (i-j)) for j <= i, 0 above the diagonal: the intra-block decay mask D. */
+static void decay_mask(float *S, int m, const float *pw) {
+    for (int i = 0; i < m; i++) {
+        float *r = S + (int64_t)i * m;
+        for (int j = 0; j <= i; j++) r[j] *= pw[i - j];
+        for (int j = i + 1; j < m; j++) r[j] = 0.0f;
+    }
+}
+
+/* dst[i][:] = src[i][:] * scale[i]: row scalings are how the decay factorises outside the mask. */
+static void scale_rows(float *dst, int ldd, const float *src, int lds, int m, int n, const float *scale, int step) {
+    for (int i = 0; i < m; i++) {
+        const float f = scale[(int64_t)i * step];
+        const float *a = src + (int64_t)i * lds;
+        float *d = dst + (int64_t)i * ldd;
+        for (int c = 0; c < n; c++) d[c] = a[c] * f;
+    }
+}
+
+/* One (sequence, head) over T tokens. q/k/v: rows of stride ldq; o: rows of stride ldo. kv: (hd, hd)
+ * state, read unless kv_zero, and left holding the final state when keep_final. kvs: if not NULL,
+ * receives the state at the start of each block. S, tmp: work areas (eb x eb, eb x hd). */
+static void head_forward(const lightning *L, const float *pw, const float *q, const float *k, const float *v,
+                         int ldq, float *o, int ldo, float *kv, int kv_zero, int keep_final, float *kvs, float *S,
+                         float *tmp, int T) {
+    const int hd = L->hd, bs = L->bs;
+    for (int t0 = 0, n = 0; t0 < T; t0 += bs, n++) {
+        const int m = T - t0 < bs ? T - t0 : bs, last = t0 + m >= T;
+        const float *qb = q + (int64_t)t0 * ldq, *kb = k + (int64_t)t0 * ldq, *vb = v + (int64_t)t0 * ldq;
+        float *ob = o + (int64_t)t0 * ldo;
+        if (kvs) {
+            float *dst = kvs + (int64_t)n * hd * hd;
+            if (kv_zero) memset(dst, 0, (size_t)hd * hd * sizeof(float));
+            else memcpy(dst, kv, (size_t)hd * hd * sizeof(float));
+        }
+        /* inter = (Q * exp(-s i)) KV, i = 1..m */
+        float beta = 0.0f;
+        if (!kv_zero) {
+            mm(L, 0, 0, m, hd, hd, 1.0f, qb, ldq, kv, hd, 0.0f, ob, ldo);
+            scale_rows(ob, ldo, ob, ldo, m, hd, pw + 1, 1);
+            beta = 1.0f;
+        }
+        /* intra = ((Q K^T) * D) V */
+        mm(L, 0, 1, m, m, hd, 1.0f, qb, ldq, kb, ldq, 0.0f, S, m);
+        decay_mask(S, m, pw);
+        mm(L, 0, 0, m, hd, m, 1.0f, S, m, vb, ldq, beta, ob, ldo);
+        /* KV = exp(-s m) KV + (K * exp(-s (m-i)))^T V */
+        if (!last || keep_final) {
+            scale_rows(tmp, hd, kb, ldq, m, hd, pw + m - 1, -1);
+            mm(L, 1, 0, hd, hd, m, 1.0f, tmp, hd, vb, ldq, kv_zero ? 0.0f : pw[m], kv, hd);
+            kv_zero = 0;
+        }
+    }
+}
+
+/* Every (sequence, head), shared among the threads of the enclosing parallel region (serially outside
+ * one). qkv = SiLU(pre) is applied to each head's own columns first (pre may alias qkv); o: (B, T, D).
+ * state: (B, nh, hd, hd) carried in and out (reset first when fresh), or NULL for a forward from an
+ * empty state. */
+static void attention_forward(const lightning *L, const float *pre, float *qkv, float *o, float *kvs, float *state,
+                              int fresh, float *w, int B, int T) {
+    const int nh = L->nh, hd = L->hd, D = L->D, eb = eff_block(L, T), nb = n_blocks(L, T);
+    float *S = w + (int64_t)W_S * eb * eb, *blk = w + (int64_t)N_WSQ * eb * eb;
+    float *tmp = blk + (int64_t)W_TMP * eb * hd, *kvw = blk + (int64_t)N_WBLK * eb * hd;
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < B * nh; bh++) {
+        const int b = bh / nh, hh = bh % nh;
+        const int64_t off = (int64_t)b * T * 3 * D + (int64_t)hh * 3 * hd;
+        for (int t = 0; t < T; t++) {
+            const float *z = pre + off + (int64_t)t * 3 * D;
+            float *x = qkv + off + (int64_t)t * 3 * D;
+            for (int c = 0; c < 3 * hd; c++) x[c] = z[c] * sigmoidf(z[c]);
+        }
+        float *kv = state ? state + (int64_t)bh * hd * hd : kvw;
+        if (state && fresh) memset(kv, 0, (size_t)hd * hd * sizeof(float));
+        const float *q = qkv + off;
+        head_forward(L, L->pw + (int64_t)hh * (L->bs + 1), q, q + hd, q + 2 * hd, 3 * D,
+                     o + (int64_t)b * T * D + (int64_t)hh * hd, D, kv, state ? fresh : 1, state != NULL,
+                     kvs ? kvs + (int64_t)bh * nb * hd * hd : NULL, S, tmp, T);
+    }
+}
+
+/* Backward of one (sequence, head), blocks in reverse. pre: the head's q pre-activation columns of
+ * qkv_pre (k at +hd, v at +2hd), rows of stride ld; dO: rows of stride ldo; kvs: states at block
+ * starts from forward; dpre: d qkv pre-activation, written (same layout as pre). G carries
+ * d loss / d KV at the end of the current block backwards in time. */
+static void head_backward(const lightning *L, const float *pw, const float *pre, int ld, const float *dO, int ldo,
+                          const float *kvs, float *dpre, float *w, int T) {
+    const int hd = L->hd, bs = L->bs, eb = eff_block(L, T), nb = n_blocks(L, T);
+    float *S = w + (int64_t)W_S * eb * eb, *P = w + (int64_t)W_P * eb * eb;
+    float *blk[N_WBLK];
+    for (int i = 0; i < N_WBLK; i++) blk[i] = w + (int64_t)N_WSQ * eb * eb + (int64_t)i * eb * hd;
+    float *G = w + (int64_t)N_WSQ * eb * eb + (int64_t)N_WBLK * eb * hd;
+    float *Q = blk[W_Q], *K = blk[W_K], *V = blk[W_V], *dQ = blk[W_DQ], *dK = blk[W_DK], *dV = blk[W_DV];
+    float *tmp = blk[W_TMP];
+    int g_zero = 1;
+    for (int n = nb - 1; n >= 0; n--) {
+        const int t0 = n * bs, m = T - t0 < bs ? T - t0 : bs;
+        const float *dOb = dO + (int64_t)t0 * ldo;
+        /* q, k, v = SiLU(pre), contiguous, keeping the sigmoids for SiLU's derivative */
+        for (int i = 0; i < m; i++) {
+            const float *z = pre + (int64_t)(t0 + i) * ld;
+            for (int p = 0; p < 3; p++) {
+                silu_row(blk[W_Q + p] + (int64_t)i * hd, blk[W_SQ + p] + (int64_t)i * hd, z + p * hd, hd);
+            }
+        }
+        /* S = (Q K^T) * D, P = (dO V^T) * D */
+        mm(L, 0, 1, m, m, hd, 1.0f, Q, hd, K, hd, 0.0f, S, m);
+        decay_mask(S, m, pw);
+        mm(L, 0, 1, m, m, hd, 1.0f, dOb, ldo, V, hd, 0.0f, P, m);
+        decay_mask(P, m, pw);
+        /* intra: dK = P^T Q, dV = S^T dO, dQ = P K */
+        mm(L, 1, 0, m, hd, m, 1.0f, P, m, Q, hd, 0.0f, dK, hd);
+        mm(L, 1, 0, m, hd, m, 1.0f, S, m, dOb, ldo, 0.0f, dV, hd);
+        mm(L, 0, 0, m, hd, m, 1.0f, P, m, K, hd, 0.0f, dQ, hd);
+        /* through the state at the block's end: dK += (V G^T) * exp(-s (m-i)), dV += (K G) * exp(-s (m-i)) */
+        if (!g_zero) {
+            scale_rows(tmp, hd, V, hd, m, hd, pw + m - 1, -1);
+            mm(L, 0, 1, m, hd, hd, 1.0f, tmp, hd, G, hd, 1.0f, dK, hd);
+            scale_rows(tmp, hd, K, hd, m, hd, pw + m - 1, -1);
+            mm(L, 0, 0, m, hd, hd, 1.0f, tmp, hd, G, hd, 1.0f, dV, hd);
+        }
+        /* through the state at the block's start (zero for block 0): dQ += (dO * exp(-s i)) KV^T, and
+         * G <- exp(-s m) G + Q^T (dO * exp(-s i)) for the previous block */
+        if (n > 0) {
+            const float *kv = kvs + (int64_t)n * hd * hd;
+            scale_rows(tmp, hd, dOb, ldo, m, hd, pw + 1, 1);
+            mm(L, 0, 1, m, hd, hd, 1.0f, tmp, hd, kv, hd, 1.0f, dQ, hd);
+            mm(L, 1, 0, hd, hd, m, 1.0f, Q, hd, tmp, hd, g_zero ? 0.0f : pw[m], G, hd);
+            g_zero = 0;
+        }
+        /* through SiLU: d pre = d x * sigmoid(z) (1 + z (1 - sigmoid(z))) */
+        for (int i = 0; i < m; i++) {
+            const float *z = pre + (int64_t)(t0 + i) * ld;
+            float *dz = dpre + (int64_t)(t0 + i) * ld;
+            for (int p = 0; p < 3; p++) {
+                silu_backward_row(dz + p * hd, blk[W_DQ + p] + (int64_t)i * hd, blk[W_SQ + p] + (int64_t)i * hd,
+                                  z + p * hd, hd);
+            }
+        }
+    }
+}
+
+/* ---- norm and gate ------------------------------------------------------------------------------ */
+
+/* One token of the norm/gate backward (see lightning_backward); restrict lets the loop vectorise. */
+static void norm_gate_backward_row(float *restrict dwp, float *restrict dot, float *restrict dyt,
+                                   const float *restrict ot, const float *restrict sgr, const float *restrict wn,
+                                   float rs, float mean, int D) {
+    for (int c = 0; c < D; c++) {
+        const float nc = ot[c] * rs, s = sgr[c], d = dyt[c];
+        dwp[c] += d * nc * s;
+        dot[c] = rs * (d * wn[c] * s - nc * mean);
+        dyt[c] = d * nc * wn[c] * s * (1.0f - s); /* d gate pre-activation, over dy */
+    }
+}
+
+/* y = RMSNorm(o) * weight * sigmoid(g) per token; rstd[t] = 1/rms: computed (rstd_out) or reused
+ * (rstd_in). Tokens shared among the threads of the enclosing parallel region. */
+static void norm_gate_forward(const lightning *L, float *y, const float *o, const float *g, const float *wn,
+                              float *rstd_out, const float *rstd_in, int N) {
+    const int D = L->D;
+    const float eps = L->eps;
+#pragma omp for schedule(static)
+    for (int t = 0; t < N; t++) {
+        const float *ot = o + (int64_t)t * D, *gt = g + (int64_t)t * D;
+        float *yt = y + (int64_t)t * D;
+        float rs;
+        if (rstd_in) {
+            rs = rstd_in[t];
+        } else {
+            float ss = 0.0f;
+            for (int c = 0; c < D; c++) ss += ot[c] * ot[c];
+            rs = 1.0f / sqrtf(ss / (float)D + eps);
+            if (rstd_out) rstd_out[t] = rs;
+        }
+        for (int c = 0; c < D; c++) yt[c] = ot[c] * rs * wn[c] * sigmoidf(gt[c]); /* o may alias y */
+    }
+}
+
+/* ---- forward, step, backward -------------------------------------------------------------------- */
+
+static int check_size(const lightning *L, const m1c_tensor *t, int64_t need, const char *what) {
+    if (!t->data || numel(t) < need)
+        return L->h->error(L->h, "lightning: buffer %s holds %lld values, %lld needed (declared for a smaller batch?)",
+                           t->name ? t->name : what, (long long)numel(t), (long long)need);
+    return M1C_OK;
+}
+
+/* Work area for T: threads to use and floats per thread, checked against the declared scratch. */
+static int work_area(const lightning *L, const m1c_tensor *w, int T, int64_t *per, int *nt) {
+    if (w->ndim != 2 || w->shape[0] < 1) return L->h->error(L->h, "lightning: scratch work buffer has a bad shape");
+    *per = w->shape[1];
+    *nt = (int)w->shape[0];
+    if (*per < work_per_thread(L, T))
+        return L->h->error(L->h, "lightning: scratch work buffer declared for a shorter sequence than T=%d", T);
+    return M1C_OK;
+}
+
+static int check_common(const lightning *L, const m1c_layer_bufs *b, int B, int T) {
+    if (!b || !b->params || !b->scratch)
+        return L->h->error(L->h, "lightning: parameter and scratch buffers are required");
+    if (B < 1 || T < 1) return L->h->error(L->h, "lightning: empty batch (B=%d, T=%d)", B, T);
+    const int64_t N = (int64_t)B * T;
+    if (check_size(L, &b->scratch[S_QKV], N * 3 * L->D, "qkv") || check_size(L, &b->scratch[S_Y], N * L->D, "y"))
+        return M1C_ERR;
+    return M1C_OK;
+}
+
+/* forward (state == NULL: from an empty state, keeping activations when training) or step. */
+static int run(lightning *L, const m1c_layer_bufs *b, float *out, const float *in, int B, int T, float *state,
+               int fresh) {
+    const int H = L->H, D = L->D, N = B * T;
+    const int train = !state && b->training && b->acts;
+    int64_t per;
+    int nt;
+    if (check_common(L, b, B, T) || work_area(L, &b->scratch[S_WORK], T, &per, &nt)) return M1C_ERR;
+    if (!train && check_size(L, &b->scratch[S_DO], (int64_t)N * D, "d_attn_out")) return M1C_ERR;
+    if (train) {
+        const m1c_tensor *a = b->acts;
+        if (check_size(L, &a[A_QKV], (int64_t)N * 3 * D, "qkv_pre") ||
+            check_size(L, &a[A_GATE], (int64_t)N * D, "gate_pre") || check_size(L, &a[A_O], (int64_t)N * D, "attn_out") ||
+            check_size(L, &a[A_RSTD], N, "rstd") ||
+            check_size(L, &a[A_KV], (int64_t)B * L->nh * n_blocks(L, T) * L->hd * L->hd, "kv_blocks"))
+            return M1C_ERR;
+    }
+    const float *Wqkv = b->params[P_QKV].data, *Wg = b->params[P_GATE].data, *wn = b->params[P_NORM].data;
+    const float *Wo = b->params[P_OUT].data;
+    float *qkv = b->scratch[S_QKV].data, *y = b->scratch[S_Y].data, *work = b->scratch[S_WORK].data;
+    /* Without activations to keep, pre-activations live in scratch and are overwritten in place. */
+    float *pre = train ? b->acts[A_QKV].data : qkv;
+    float *o = train ? b->acts[A_O].data : y;
+    float *g = train ? b->acts[A_GATE].data : b->scratch[S_DO].data;
+    float *rstd = train ? b->acts[A_RSTD].data : NULL;
+    float *kvs = train ? b->acts[A_KV].data : NULL;
+
+    /* The two input projections back to back, then one parallel region for everything between them
+     * and out_proj: BLAS's threads and OpenMP's take turns on the cores as rarely as possible. */
+    mm(L, 0, 1, N, 3 * D, H, 1.0f, in, H, Wqkv, H, 0.0f, pre, 3 * D); /* qkv pre-activation x Wqkv^T */
+    mm(L, 0, 1, N, D, H, 1.0f, in, H, Wg, H, 0.0f, g, D);             /* gate pre-activation x Wgate^T */
+#pragma omp parallel num_threads(nt) if (parallel_worth(L, N, T))
+    {
+        attention_forward(L, pre, qkv, o, kvs, state, fresh, work + (int64_t)thread_id() * per, B, T);
+        norm_gate_forward(L, y, o, g, wn, rstd, NULL, N); /* after the barrier ending the heads' loop */
+    }
+    mm(L, 0, 1, N, H, D, 1.0f, y, D, Wo, D, 0.0f, out, H);
+    return M1C_OK;
+}
+
+static int lightning_forward(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T) {
+    return run(self, b, out, in, B, T, NULL, 1);
+}
+
+/* pos == 0 starts a new sequence: the state is reset. The decay depends only on distances, so the
+ * absolute position is otherwise not needed. */
+static int lightning_step(void *self, const m1c_layer_bufs *b, m1c_tensor *state, float *out, const float *in, int B,
+                          int T, int64_t pos) {
+    lightning *L = self;
+    if (!state || !state[0].data) return L->h->error(L->h, "lightning: step needs the state buffer");
+    if (pos < 0) return L->h->error(L->h, "lightning: step at negative position %lld", (long long)pos);
+    const m1c_tensor *s = &state[0];
+    if (s->ndim != 4 || s->shape[0] < B || s->shape[1] != L->nh || s->shape[2] != L->hd || s->shape[3] != L->hd)
+        return L->h->error(L->h, "lightning: state buffer is not (>=%d, %d, %d, %d)", B, L->nh, L->hd, L->hd);
+    return run(L, b, out, in, B, T, s->data, pos == 0);
+}
+
+static int lightning_backward(void *self, const m1c_layer_bufs *b, float *din, const float *dout, const float *in,
+                              int B, int T) {
+    lightning *L = self;
+    const int H = L->H, D = L->D, nh = L->nh, hd = L->hd, N = B * T, nb = n_blocks(L, T);
+    int64_t per;
+    int nt;
+    if (check_common(L, b, B, T) || work_area(L, &b->scratch[S_WORK], T, &per, &nt)) return M1C_ERR;
+    if (!b->acts || !b->grads) return L->h->error(L->h, "lightning: backward needs activations and gradients");
+    if (check_size(L, &b->scratch[S_DO], (int64_t)N * D, "d_attn_out") ||
+        check_size(L, &b->acts[A_KV], (int64_t)B * nh * nb * hd * hd, "kv_blocks"))
+        return M1C_ERR;
+    const float *Wqkv = b->params[P_QKV].data, *Wg = b->params[P_GATE].data, *wn = b->params[P_NORM].data;
+    const float *Wo = b->params[P_OUT].data;
+    float *dWqkv = b->grads[P_QKV].data, *dWg = b->grads[P_GATE].data, *dwn = b->grads[P_NORM].data;
+    float *dWo = b->grads[P_OUT].data;
+    const float *pre = b->acts[A_QKV].data, *g = b->acts[A_GATE].data, *o = b->acts[A_O].data;
+    const float *rstd = b->acts[A_RSTD].data, *kvs = b->acts[A_KV].data;
+    float *dpre = b->scratch[S_QKV].data, *dy = b->scratch[S_Y].data, *dO = b->scratch[S_DO].data;
+    float *work = b->scratch[S_WORK].data;
+
+    const int par = parallel_worth(L, N, T);
+
+    /* out_proj: dWo += dout^T y (y recomputed), dy = dout Wo */
+#pragma omp parallel num_threads(nt) if (par)
+    norm_gate_forward(L, dy, o, g, wn, NULL, rstd, N);
+    mm(L, 1, 0, H, D, N, 1.0f, dout, H, dy, D, 1.0f, dWo, D);
+    mm(L, 0, 0, N, D, H, 1.0f, dout, H, Wo, D, 0.0f, dy, D);
+
+#pragma omp parallel num_threads(nt) if (par)
+    {
+        /* norm and gate, per token: n = o rstd, y = n w sig(g). dO = rstd (dn - n mean(dn n)) with
+         * dn = dy w sig(g); d gate pre = dy n w sig(g)(1 - sig(g)) (written over dy); dw = sum dy n sig(g),
+         * from per-thread partial sums added in thread order (so results repeat). */
+        float *dwp = work + (int64_t)thread_id() * per, *sgr = dwp + D;
+        const int team = team_size();
+        memset(dwp, 0, (size_t)D * sizeof(float));
+#pragma omp for schedule(static)
+        for (int t = 0; t < N; t++) {
+            const float *ot = o + (int64_t)t * D, *gt = g + (int64_t)t * D;
+            float *dyt = dy + (int64_t)t * D, *dot = dO + (int64_t)t * D;
+            const float rs = rstd[t];
+            for (int c = 0; c < D; c++) sgr[c] = sigmoidf(gt[c]);
+            float acc = 0.0f;
+            for (int c = 0; c < D; c++) acc += dyt[c] * wn[c] * sgr[c] * ot[c];
+            norm_gate_backward_row(dwp, dot, dyt, ot, sgr, wn, rs, acc * rs / (float)D, D);
+        }
+#pragma omp for schedule(static)
+        for (int c = 0; c < D; c++)
+            for (int i = 0; i < team; i++) dwn[c] += work[(int64_t)i * per + c];
+        /* attention, every (sequence, head); the work areas are free again after the barrier above */
+#pragma omp for schedule(static)
+        for (int bh = 0; bh < B * nh; bh++) {
+            const int bb = bh / nh, hh = bh % nh;
+            const int64_t off3 = (int64_t)bb * T * 3 * D + (int64_t)hh * 3 * hd;
+            head_backward(L, L->pw + (int64_t)hh * (L->bs + 1), pre + off3, 3 * D,
+                          dO + (int64_t)bb * T * D + (int64_t)hh * hd, D, kvs + (int64_t)bh * nb * hd * hd,
+                          dpre + off3, work + (int64_t)thread_id() * per, T);
+        }
+    }
+
+    /* projections: dW += d pre^T x, din += d pre W */
+    mm(L, 1, 0, 3 * D, H, N, 1.0f, dpre, 3 * D, in, H, 1.0f, dWqkv, H);
+    mm(L, 1, 0, D, H, N, 1.0f, dy, D, in, H, 1.0f, dWg, H);
+    if (din) {
+        mm(L, 0, 0, N, H, 3 * D, 1.0f, dpre, 3 * D, Wqkv, H, 1.0f, din, H);
+        mm(L, 0, 0, N, H, D, 1.0f, dy, D, Wg, H, 1.0f, din, H);
+    }
+    return M1C_OK;
+}
+
+/* Forward FLOPs per token: the four projections (2 per multiply-add), and per head the intra-block
+ * products Q K^T and S V over the block (full blocks, as computed) plus Q KV and the state update. */
+static double lightning_flops(void *self, int64_t ctx) {
+    lightning *L = self;
+    const double H = L->H, D = L->D, hd = L->hd;
+    const double blk = ctx > 0 && ctx < L->bs ? (double)ctx : (double)L->bs;
+    return 2.0 * H * (3.0 * D + D + D) + L->nh * (4.0 * blk * hd + 4.0 * hd * hd);
+}
+
+static const m1c_attention_vtable lightning_vtable = {
+    .size = sizeof(m1c_attention_vtable),
+    .ops = {lightning_create, lightning_destroy, lightning_params, lightning_acts, lightning_scratch,
+            lightning_forward, lightning_backward},
+    .state = lightning_state,
+    .step = lightning_step,
+    .flops = lightning_flops,
+};
+
+M1C_PLUGIN(ATTENTION, attention, lightning_vtable, "lightning", "0.1.0",
+           "MiniMax lightning attention: block-wise decayed linear attention with an fp32 KV state (CPU)", "MIT")

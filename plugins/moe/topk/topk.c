@@ -1,0 +1,481 @@
+/* topk: the top-k routed mixture-of-experts feed-forward of MiniMax-M1 (MODEL.md "MoE feed-forward"),
+ * CPU reference: FP32 softmax router, renormalised top-k, SwiGLU experts, Switch load-balancing loss.
+ *
+ * Forward for N = B*T tokens x (N, H):
+ *   xr = x * noise                    noise ~ U(1-j, 1+j) per element, training only (router input only)
+ *   p  = softmax(xr Wr^T)             FP32 over all E experts
+ *   top-k of p (ties: the lower expert index wins); w = p_sel / sum(p_sel) if normalize, else p_sel
+ *   capacity (capacity_factor cf > 0): each expert keeps at most ceil(cf * N * k / E) assignments, taken in
+ *     token order; an over-capacity assignment is dropped: the token gets nothing from that expert and its
+ *     remaining weights are NOT renormalised (the dropped weight is simply lost, as in Switch/GShard)
+ *   out[n] = sum_{kept j} w[n,j] * Down_e(silu(Gate_e x_n) * Up_e x_n),  e = expert of slot j
+ *   aux = aux_coef * E * sum_e f_e P_e,  f_e = share of the N*k routed assignments (before capacity
+ *     dropping) that went to e (a constant: no gradient), P_e = mean router probability of e
+ * Backward is exact (through the renormalisation, the softmax, the aux loss and the jitter), assuming the
+ * aux loss enters the objective with weight 1 (stats().aux_loss is what the core adds).
+ *
+ * Tokens are permuted by expert (a stable counting sort, so rows stay in token order inside an expert),
+ * gathered, and each expert runs two big GEMMs through h->gemm; elementwise work uses OpenMP. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "m1c/plugin.h"
+
+typedef struct topk {
+    const m1c_host *h;
+    int H, E, k, F;
+    double aux_coef, jitter, capacity_factor;
+    int normalize;
+} topk;
+
+/* Parameters, in declaration order (HF 5.x names and layouts). */
+enum { P_ROUTER, P_GATE_UP, P_DOWN, N_PARAMS };
+/* Activations kept for backward; A_NOISE only when jitter > 0. */
+enum { A_PROBS, A_IDX, A_W, A_POS, A_ROWTOK, A_OFF, A_COUNTS, A_STATS, A_GU, A_Y, A_NOISE };
+/* Per-call scratch; S_XR only when jitter > 0. */
+enum { S_XS, S_A, S_DGU, S_DY, S_DLOG, S_DW, S_XR };
+/* A_STATS layout (f32): aux loss as hi + lo (double precision in two floats, so that finite
+ * differences of the aux loss stay meaningful), N of the forward, jitter applied (0/1), f[E], P[E]. */
+enum { ST_AUX, ST_AUX_LO, ST_N, ST_JIT, ST_F };
+/* A_COUNTS layout (i32): dropped, assignments (N*k), routed per expert [E], cursor per expert [E]. */
+enum { C_DROPPED, C_ASSIGN, C_ROUTED };
+
+/* Threads for elementwise work over `work` floats: one below a size where waking a team costs more
+ * than it saves (tiny batches, finite-difference tests on a busy machine). */
+static int n_threads(const topk *m, int64_t work) {
+    if (work < (1 << 15)) return 1;
+    int t = m->h->cpu_threads ? m->h->cpu_threads(m->h) : 0;
+#ifdef _OPENMP
+    if (t <= 0) t = omp_get_max_threads();
+#endif
+    return t > 0 ? t : 1;
+}
+
+static float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* ---- creation and declarations ---------------------------------------------------------------- */
+
+static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_info *info, void **self) {
+    int64_t E, k, F;
+    double aux, jit, cf;
+    int norm;
+    if (info->device != M1C_DEVICE_CPU) return h->error(h, "topk: only the CPU device is supported by this build");
+    if (h->get_int(h, s, "experts", 8, 1, 4096, &E) != M1C_OK) return M1C_ERR;
+    if (h->get_int(h, s, "top_k", 2, 1, 4096, &k) != M1C_OK) return M1C_ERR;
+    if (h->get_int(h, s, "ffn_dim", 4 * (int64_t)info->hidden, 1, 1 << 20, &F) != M1C_OK) return M1C_ERR;
+    if (h->get_float(h, s, "aux_coef", 0.001, 0.0, 1e6, &aux) != M1C_OK) return M1C_ERR;
+    if (h->get_float(h, s, "jitter", 0.0, 0.0, 1.0, &jit) != M1C_OK) return M1C_ERR;
+    if (h->get_float(h, s, "capacity_factor", 0.0, 0.0, 1e6, &cf) != M1C_OK) return M1C_ERR;
+    if (h->get_bool(h, s, "normalize", 1, &norm) != M1C_OK) return M1C_ERR;
+    if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
+    if (k > E) return h->error(h, "top_k: %lld is larger than experts = %lld", (long long)k, (long long)E);
+    if (info->hidden <= 0) return h->error(h, "topk: hidden size %d must be positive", info->hidden);
+    topk *m = calloc(1, sizeof(*m));
+    if (!m) return h->error(h, "topk: out of memory");
+    m->h = h;
+    m->H = info->hidden;
+    m->E = (int)E;
+    m->k = (int)k;
+    m->F = (int)F;
+    m->aux_coef = aux;
+    m->jitter = jit;
+    m->capacity_factor = cf;
+    m->normalize = norm;
+    *self = m;
+    return M1C_OK;
+}
+
+static void topk_destroy(void *self) { free(self); }
+
+static m1c_buf_spec spec(const char *name, int dtype, int ndim, int64_t d0, int64_t d1, int64_t d2) {
+    m1c_buf_spec s;
+    memset(&s, 0, sizeof(s));
+    s.name = name;
+    s.dtype = dtype;
+    s.ndim = ndim;
+    s.shape[0] = d0;
+    s.shape[1] = d1;
+    s.shape[2] = d2;
+    s.init = M1C_INIT_NORMAL;
+    s.std = 0.02f;
+    return s;
+}
+
+/* Copy n specs into out[0..max) (or just count them when out is NULL). */
+static int put_specs(const topk *m, const m1c_buf_spec *s, int n, m1c_buf_spec *out, int max) {
+    if (!out) return n;
+    if (max < n) return m->h->error(m->h, "topk: room for %d buffer specs, %d needed", max, n);
+    memcpy(out, s, (size_t)n * sizeof(*s));
+    return n;
+}
+
+static int topk_params(void *self, m1c_buf_spec *specs, int max) {
+    topk *m = self;
+    m1c_buf_spec s[N_PARAMS] = {
+        spec("mlp.gate.weight", M1C_F32, 2, m->E, m->H, 0),                     /* (E, H) router */
+        spec("mlp.experts.gate_up_proj", M1C_F32, 3, m->E, 2 * (int64_t)m->F, m->H), /* (E, 2F, H) */
+        spec("mlp.experts.down_proj", M1C_F32, 3, m->E, m->H, m->F),            /* (E, H, F) */
+    };
+    return put_specs(m, s, N_PARAMS, specs, max);
+}
+
+static int topk_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
+    topk *m = self;
+    int64_t N = (int64_t)B * T, Nk = N * m->k;
+    m1c_buf_spec s[] = {
+        spec("moe.probs", M1C_F32, 2, N, m->E, 0),          /* (N, E) router softmax */
+        spec("moe.topk_idx", M1C_I32, 2, N, m->k, 0),       /* (N, k) chosen experts, best first */
+        spec("moe.topk_w", M1C_F32, 2, N, m->k, 0),         /* (N, k) combine weights */
+        spec("moe.pos", M1C_I32, 2, N, m->k, 0),            /* (N, k) permuted row, -1 if dropped */
+        spec("moe.row_token", M1C_I32, 1, Nk, 0, 0),        /* (N*k) token of each permuted row */
+        spec("moe.offsets", M1C_I32, 1, m->E + 1, 0, 0),    /* (E+1) first permuted row per expert */
+        spec("moe.counts", M1C_I32, 1, 2 + 2 * (int64_t)m->E, 0, 0), /* see C_* */
+        spec("moe.stats", M1C_F32, 1, ST_F + 2 * (int64_t)m->E, 0, 0),  /* see ST_* */
+        spec("moe.gate_up", M1C_F32, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F) expert pre-activations */
+        spec("moe.expert_out", M1C_F32, 2, Nk, m->H, 0),    /* (N*k, H) expert outputs, unweighted */
+        spec("moe.jitter", M1C_F32, 2, N, m->H, 0),         /* (N, H) router input noise */
+    };
+    return put_specs(m, s, m->jitter > 0 ? A_NOISE + 1 : A_NOISE, specs, max);
+}
+
+static int topk_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
+    topk *m = self;
+    int64_t N = (int64_t)B * T, Nk = N * m->k;
+    m1c_buf_spec s[] = {
+        spec("moe.x_perm", M1C_F32, 2, Nk, m->H, 0),           /* (N*k, H) gathered inputs */
+        spec("moe.act", M1C_F32, 2, Nk, m->F, 0),              /* (N*k, F) silu(g)*u, then its gradient */
+        spec("moe.d_gate_up", M1C_F32, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F) */
+        spec("moe.d_rows", M1C_F32, 2, Nk, m->H, 0),           /* (N*k, H) d expert out, then d x rows */
+        spec("moe.d_logits", M1C_F32, 2, N, m->E, 0),          /* (N, E) */
+        spec("moe.d_w", M1C_F32, 2, N, m->k, 0),               /* (N, k) d combine weights */
+        spec("moe.x_router", M1C_F32, 2, N, m->H, 0),          /* (N, H) jittered router input */
+    };
+    return put_specs(m, s, m->jitter > 0 ? S_XR + 1 : S_XR, specs, max);
+}
+
+/* The buffers are those declared for at least N tokens. */
+static int check_bufs(const topk *m, const m1c_layer_bufs *b, int64_t N, int need_grads) {
+    const m1c_host *h = m->h;
+    if (!b || !b->params || !b->acts || !b->scratch)
+        return h->error(h, "topk: parameters, activations and scratch buffers are all required");
+    if (need_grads && !b->grads) return h->error(h, "topk: backward needs gradient buffers");
+    if (b->acts[A_PROBS].shape[0] < N || b->scratch[S_XS].shape[0] < N * m->k)
+        return h->error(h, "topk: %lld tokens but the buffers were declared for %lld", (long long)N,
+                        (long long)b->acts[A_PROBS].shape[0]);
+    return M1C_OK;
+}
+
+/* ---- forward ---------------------------------------------------------------------------------- */
+
+static int topk_forward(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T) {
+    topk *m = self;
+    const m1c_host *h = m->h;
+    const int H = m->H, E = m->E, k = m->k, F = m->F, N = B * T, nt = n_threads(m, (int64_t)N * k * F);
+    if (check_bufs(m, b, N, 0) != M1C_OK) return M1C_ERR;
+    const float *Wr = b->params[P_ROUTER].data;   /* (E, H) */
+    const float *Wgu = b->params[P_GATE_UP].data; /* (E, 2F, H) */
+    const float *Wd = b->params[P_DOWN].data;     /* (E, H, F) */
+    float *probs = b->acts[A_PROBS].data;         /* (N, E) */
+    int32_t *idx = b->acts[A_IDX].data;           /* (N, k) */
+    float *w = b->acts[A_W].data;                 /* (N, k) */
+    int32_t *pos = b->acts[A_POS].data;           /* (N, k) */
+    int32_t *rowtok = b->acts[A_ROWTOK].data;     /* (N*k) */
+    int32_t *off = b->acts[A_OFF].data;           /* (E+1) */
+    int32_t *cnt = b->acts[A_COUNTS].data;        /* (2+2E) */
+    float *st = b->acts[A_STATS].data;            /* (ST_F+2E) */
+    float *GU = b->acts[A_GU].data;               /* (N*k, 2F) */
+    float *Y = b->acts[A_Y].data;                 /* (N*k, H) */
+    float *xs = b->scratch[S_XS].data;            /* (N*k, H) */
+    float *act = b->scratch[S_A].data;            /* (N*k, F) */
+
+    /* Jitter on the router input only; each token draws from its own stream of noise_seed so the
+     * noise is the same whatever the thread count. */
+    const float *xr = in;
+    const int jit = m->jitter > 0 && b->training;
+    if (jit) {
+        float *noise = b->acts[A_NOISE].data, *xj = b->scratch[S_XR].data;
+        const float j = (float)m->jitter;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int n = 0; n < N; n++) {
+            m1c_rng r;
+            h->rng_seed(&r, b->noise_seed, (uint64_t)n);
+            for (int i = 0; i < H; i++) {
+                float z = 1.0f + j * (2.0f * h->rng_uniform(&r) - 1.0f);
+                noise[(int64_t)n * H + i] = z;
+                xj[(int64_t)n * H + i] = in[(int64_t)n * H + i] * z;
+            }
+        }
+        xr = xj;
+    }
+
+    /* Router: logits into probs, then softmax and top-k per token in place. */
+    h->gemm(h, M1C_DEVICE_CPU, 0, 1, N, E, H, 1.0f, xr, H, Wr, H, 0.0f, probs, E);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *p = probs + (int64_t)n * E;
+        float mx = p[0];
+        for (int e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+        double sum = 0.0;
+        for (int e = 0; e < E; e++) {
+            p[e] = expf(p[e] - mx);
+            sum += p[e];
+        }
+        const float inv = (float)(1.0 / sum);
+        for (int e = 0; e < E; e++) p[e] *= inv;
+        int32_t *id = idx + (int64_t)n * k;
+        double ssel = 0.0;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= id[i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e; /* strict >: lower index wins ties */
+            }
+            id[j] = best;
+            ssel += p[best];
+        }
+        for (int j = 0; j < k; j++) w[(int64_t)n * k + j] = m->normalize ? (float)(p[id[j]] / ssel) : p[id[j]];
+    }
+
+    /* Capacity and the counting sort, in token order (sequential: O(N*k) integer work). */
+    int32_t *routed = cnt + C_ROUTED, *cursor = cnt + C_ROUTED + E;
+    const int64_t cap = m->capacity_factor > 0 ? (int64_t)ceil(m->capacity_factor * N * k / E) : INT64_MAX;
+    int32_t dropped = 0;
+    for (int e = 0; e <= E; e++) off[e] = 0;
+    for (int e = 0; e < E; e++) routed[e] = 0;
+    for (int64_t a = 0; a < (int64_t)N * k; a++) {
+        int e = idx[a];
+        routed[e]++;
+        if (off[e + 1] < cap) {
+            off[e + 1]++;
+            pos[a] = 0;
+        } else {
+            pos[a] = -1;
+            dropped++;
+        }
+    }
+    for (int e = 0; e < E; e++) off[e + 1] += off[e];
+    for (int e = 0; e < E; e++) cursor[e] = off[e];
+    for (int64_t a = 0; a < (int64_t)N * k; a++) {
+        if (pos[a] < 0) continue;
+        int r = cursor[idx[a]]++;
+        pos[a] = r;
+        rowtok[r] = (int32_t)(a / k);
+    }
+    cnt[C_DROPPED] = dropped;
+    cnt[C_ASSIGN] = N * k;
+
+    /* Aux loss: f_e from the routing decisions (before dropping), P_e the mean probability. */
+    double aux = 0.0;
+    for (int e = 0; e < E; e++) {
+        double P = 0.0;
+        for (int n = 0; n < N; n++) P += probs[(int64_t)n * E + e];
+        P /= N;
+        double f = (double)routed[e] / ((double)N * k);
+        st[ST_F + e] = (float)f;
+        st[ST_F + E + e] = (float)P;
+        aux += f * P;
+    }
+    aux *= m->aux_coef * E;
+    st[ST_AUX] = (float)aux;
+    st[ST_AUX_LO] = (float)(aux - (double)st[ST_AUX]);
+    st[ST_N] = (float)N;
+    st[ST_JIT] = (float)jit;
+
+    /* Experts: gather rows, gate/up GEMM, SwiGLU, down GEMM. */
+    const int R = off[E];
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int r = 0; r < R; r++) memcpy(xs + (int64_t)r * H, in + (int64_t)rowtok[r] * H, (size_t)H * sizeof(float));
+    for (int e = 0; e < E; e++) {
+        int o = off[e], ne = off[e + 1] - off[e];
+        if (ne == 0) continue;
+        h->gemm(h, M1C_DEVICE_CPU, 0, 1, ne, 2 * F, H, 1.0f, xs + (int64_t)o * H, H, Wgu + (int64_t)e * 2 * F * H, H,
+                0.0f, GU + (int64_t)o * 2 * F, 2 * F);
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int r = 0; r < R; r++) {
+        const float *g = GU + (int64_t)r * 2 * F, *u = g + F;
+        float *a = act + (int64_t)r * F;
+        for (int f = 0; f < F; f++) a[f] = silu(g[f]) * u[f];
+    }
+    for (int e = 0; e < E; e++) {
+        int o = off[e], ne = off[e + 1] - off[e];
+        if (ne == 0) continue;
+        h->gemm(h, M1C_DEVICE_CPU, 0, 1, ne, H, F, 1.0f, act + (int64_t)o * F, F, Wd + (int64_t)e * H * F, F, 0.0f,
+                Y + (int64_t)o * H, H);
+    }
+
+    /* Weighted combine, per token (no races, fixed summation order). */
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *o = out + (int64_t)n * H;
+        for (int i = 0; i < H; i++) o[i] = 0.0f;
+        for (int j = 0; j < k; j++) {
+            int r = pos[(int64_t)n * k + j];
+            if (r < 0) continue;
+            const float wj = w[(int64_t)n * k + j], *y = Y + (int64_t)r * H;
+            for (int i = 0; i < H; i++) o[i] += wj * y[i];
+        }
+    }
+    return M1C_OK;
+}
+
+/* ---- backward --------------------------------------------------------------------------------- */
+
+static int topk_backward(void *self, const m1c_layer_bufs *b, float *din, const float *dout, const float *in, int B,
+                         int T) {
+    topk *m = self;
+    const m1c_host *h = m->h;
+    const int H = m->H, E = m->E, k = m->k, F = m->F, N = B * T, nt = n_threads(m, (int64_t)N * k * F);
+    if (check_bufs(m, b, N, 1) != M1C_OK) return M1C_ERR;
+    const float *st = b->acts[A_STATS].data;
+    const int32_t *cnt = b->acts[A_COUNTS].data;
+    if (cnt[C_ASSIGN] != N * k)
+        return h->error(h, "topk: backward for %d tokens after a forward of %d", N, (int)(cnt[C_ASSIGN] / k));
+    const float *Wr = b->params[P_ROUTER].data, *Wgu = b->params[P_GATE_UP].data, *Wd = b->params[P_DOWN].data;
+    float *dWr = b->grads[P_ROUTER].data, *dWgu = b->grads[P_GATE_UP].data, *dWd = b->grads[P_DOWN].data;
+    const float *probs = b->acts[A_PROBS].data, *w = b->acts[A_W].data;
+    const int32_t *idx = b->acts[A_IDX].data, *pos = b->acts[A_POS].data, *rowtok = b->acts[A_ROWTOK].data;
+    const int32_t *off = b->acts[A_OFF].data;
+    const float *GU = b->acts[A_GU].data, *Y = b->acts[A_Y].data;
+    float *xs = b->scratch[S_XS].data, *act = b->scratch[S_A].data, *dgu = b->scratch[S_DGU].data;
+    float *drow = b->scratch[S_DY].data, *dlog = b->scratch[S_DLOG].data;
+    const int R = off[E];
+
+    /* Router side: d weights -> d probs (renormalisation and aux loss) -> d logits; also the weighted
+     * output gradient of every kept row. */
+    const double aux_g = m->aux_coef * E / N; /* d aux / d p[n,e] = aux_coef * E * f_e / N */
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *p = probs + (int64_t)n * E, *g = dout + (int64_t)n * H;
+        const int32_t *id = idx + (int64_t)n * k, *ps = pos + (int64_t)n * k;
+        const float *wn = w + (int64_t)n * k;
+        float *dp = dlog + (int64_t)n * E;
+        for (int e = 0; e < E; e++) dp[e] = (float)(aux_g * st[ST_F + e]);
+        double ssel = 0.0, sdw = 0.0;
+        for (int j = 0; j < k; j++) ssel += p[id[j]];
+        float *dw = b->scratch[S_DW].data;
+        dw += (int64_t)n * k;
+        for (int j = 0; j < k; j++) {
+            double d = 0.0;
+            if (ps[j] >= 0) {
+                const float *y = Y + (int64_t)ps[j] * H;
+                float *dr = drow + (int64_t)ps[j] * H;
+                for (int i = 0; i < H; i++) {
+                    d += (double)g[i] * y[i];
+                    dr[i] = wn[j] * g[i];
+                }
+            }
+            dw[j] = (float)d;
+            sdw += d * wn[j];
+        }
+        /* w_j = p_j / S: dL/dp_i = (dw_i - sum_j dw_j w_j) / S for each selected i. */
+        for (int j = 0; j < k; j++) dp[id[j]] += m->normalize ? (float)((dw[j] - sdw) / ssel) : dw[j];
+        double s = 0.0;
+        for (int e = 0; e < E; e++) s += (double)p[e] * dp[e];
+        for (int e = 0; e < E; e++) dp[e] = p[e] * (float)(dp[e] - s);
+    }
+
+    /* Experts: gather inputs, recompute the SwiGLU activation. */
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int r = 0; r < R; r++) {
+        memcpy(xs + (int64_t)r * H, in + (int64_t)rowtok[r] * H, (size_t)H * sizeof(float));
+        const float *g = GU + (int64_t)r * 2 * F, *u = g + F;
+        float *a = act + (int64_t)r * F;
+        for (int f = 0; f < F; f++) a[f] = silu(g[f]) * u[f];
+    }
+    /* dWd += dY^T A; then dA = dY Wd (overwrites A, no longer needed). */
+    for (int e = 0; e < E; e++) {
+        int o = off[e], ne = off[e + 1] - off[e];
+        if (ne == 0) continue;
+        h->gemm(h, M1C_DEVICE_CPU, 1, 0, H, F, ne, 1.0f, drow + (int64_t)o * H, H, act + (int64_t)o * F, F, 1.0f,
+                dWd + (int64_t)e * H * F, F);
+        h->gemm(h, M1C_DEVICE_CPU, 0, 0, ne, F, H, 1.0f, drow + (int64_t)o * H, H, Wd + (int64_t)e * H * F, F, 0.0f,
+                act + (int64_t)o * F, F);
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int r = 0; r < R; r++) {
+        const float *g = GU + (int64_t)r * 2 * F, *u = g + F, *da = act + (int64_t)r * F;
+        float *dg = dgu + (int64_t)r * 2 * F, *du = dg + F;
+        for (int f = 0; f < F; f++) {
+            float sg = 1.0f / (1.0f + expf(-g[f]));
+            du[f] = da[f] * g[f] * sg;
+            dg[f] = da[f] * u[f] * sg * (1.0f + g[f] * (1.0f - sg));
+        }
+    }
+    /* dWgu += dGU^T X; then d x rows = dGU Wgu (into drow, whose dY is no longer needed). */
+    for (int e = 0; e < E; e++) {
+        int o = off[e], ne = off[e + 1] - off[e];
+        if (ne == 0) continue;
+        h->gemm(h, M1C_DEVICE_CPU, 1, 0, 2 * F, H, ne, 1.0f, dgu + (int64_t)o * 2 * F, 2 * F, xs + (int64_t)o * H, H,
+                1.0f, dWgu + (int64_t)e * 2 * F * H, H);
+        h->gemm(h, M1C_DEVICE_CPU, 0, 0, ne, H, 2 * F, 1.0f, dgu + (int64_t)o * 2 * F, 2 * F,
+                Wgu + (int64_t)e * 2 * F * H, H, 0.0f, drow + (int64_t)o * H, H);
+    }
+    /* Un-permute: each token sums its own rows (no races). */
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *dx = din + (int64_t)n * H;
+        for (int j = 0; j < k; j++) {
+            int r = pos[(int64_t)n * k + j];
+            if (r < 0) continue;
+            const float *d = drow + (int64_t)r * H;
+            for (int i = 0; i < H; i++) dx[i] += d[i];
+        }
+    }
+
+    /* Router weights and the input through the router (and its jitter). */
+    if (st[ST_JIT] != 0.0f) {
+        const float *noise = b->acts[A_NOISE].data;
+        float *xj = b->scratch[S_XR].data;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t i = 0; i < (int64_t)N * H; i++) xj[i] = in[i] * noise[i];
+        h->gemm(h, M1C_DEVICE_CPU, 1, 0, E, H, N, 1.0f, dlog, E, xj, H, 1.0f, dWr, H);
+        h->gemm(h, M1C_DEVICE_CPU, 0, 0, N, H, E, 1.0f, dlog, E, Wr, H, 0.0f, xj, H);
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t i = 0; i < (int64_t)N * H; i++) din[i] += xj[i] * noise[i];
+    } else {
+        h->gemm(h, M1C_DEVICE_CPU, 1, 0, E, H, N, 1.0f, dlog, E, in, H, 1.0f, dWr, H);
+        h->gemm(h, M1C_DEVICE_CPU, 0, 0, N, H, E, 1.0f, dlog, E, Wr, H, 1.0f, din, H);
+    }
+    return M1C_OK;
+}
+
+/* ---- statistics and counts -------------------------------------------------------------------- */
+
+static int topk_stats(void *self, const m1c_layer_bufs *b, m1c_moe_stats *out) {
+    topk *m = self;
+    if (!b || !b->acts) return m->h->error(m->h, "topk: stats needs the activation buffers of the forward");
+    const int32_t *cnt = b->acts[A_COUNTS].data;
+    float *st = b->acts[A_STATS].data;
+    memset(out, 0, sizeof(*out));
+    out->aux_loss = (double)st[ST_AUX] + (double)st[ST_AUX_LO];
+    out->dropped = cnt[C_DROPPED];
+    out->assignments = cnt[C_ASSIGN];
+    out->expert_load = st + ST_F; /* lives in the activations: valid until the next forward */
+    out->n_experts = m->E;
+    return M1C_OK;
+}
+
+static int topk_count(void *self, int64_t *total_params, int64_t *active_params, double *flops_per_token) {
+    topk *m = self;
+    const int64_t H = m->H, E = m->E, k = m->k, F = m->F;
+    if (total_params) *total_params = E * H + E * 3 * F * H;
+    if (active_params) *active_params = E * H + k * 3 * F * H;
+    /* Router GEMM, then per chosen expert: gate/up (2*H*2F), down (2*F*H), SwiGLU and combine. */
+    if (flops_per_token) *flops_per_token = 2.0 * H * E + (double)k * (6.0 * H * F + 4.0 * F + 2.0 * H);
+    return M1C_OK;
+}
+
+static const m1c_moe_vtable topk_vtable = {
+    .size = sizeof(m1c_moe_vtable),
+    .ops = {topk_create, topk_destroy, topk_params, topk_acts, topk_scratch, topk_forward, topk_backward},
+    .stats = topk_stats,
+    .count = topk_count,
+};
+
+M1C_PLUGIN(MOE, moe, topk_vtable, "topk", "0.1.0", "top-k routed SwiGLU mixture of experts (CPU)", "MIT")
