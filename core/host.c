@@ -247,6 +247,17 @@ static int h_cpu_threads(const m1c_host *h) {
     return m1c_get_threads();
 }
 
+static int h_settings_error(const m1c_host *h, const m1c_settings *s, const char *key, const char *fmt, ...) {
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    m1c_err e;
+    m1c_cfg_fail(S(s), key, -1, &e, "%s", msg);
+    return settings_error(h, &e);
+}
+
 void m1c_host_fill(m1c_host *h, void *core) {
     memset(h, 0, sizeof *h);
     h->abi_major = M1C_ABI_MAJOR;
@@ -275,4 +286,5 @@ void m1c_host_fill(m1c_host *h, void *core) {
     h->rng_normal = m1c_rng_normal;
     h->now = m1c_now;
     h->cpu_threads = h_cpu_threads;
+    h->settings_error = h_settings_error;
 }

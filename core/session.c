@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "checkpoint.h"
 #include "host.h"
 
 static int finish_open(m1c_session *s, m1c_err *e) {
@@ -63,4 +64,18 @@ void m1c_session_close(m1c_session *s) {
     }
     if (s->cfg) m1c_config_free(s->cfg);
     memset(s, 0, sizeof *s);
+}
+
+int m1c_session_open_checkpoint(m1c_session *s, const char *dir, const char *const *overrides, int n_overrides,
+                                m1c_err *e) {
+    memset(s, 0, sizeof *s);
+    char *text = m1c_ckpt_config_text(dir, e);
+    if (!text) return M1C_ERR;
+    char *name = m1c_path_join(dir, "m1c.cfg");
+    int rc = m1c_session_open_text(s, text, name, dir, overrides, n_overrides, e);
+    free(name);
+    free(text);
+    if (!rc) rc = m1c_session_build_model(s, 0, e);
+    if (!rc) rc = m1c_ckpt_load_params(dir, &s->model, e);
+    return rc;
 }

@@ -24,6 +24,9 @@ int m1c_session_open(m1c_session *s, const char *config_path, const char *const 
 /* The same from a config given as text (checkpoints carry theirs); name stands for the file. */
 int m1c_session_open_text(m1c_session *s, const char *text, const char *name, const char *dir,
                           const char *const *overrides, int n_overrides, m1c_err *e);
+/* A checkpoint's configuration (DIR/m1c.cfg) and its model with the saved parameters. */
+int m1c_session_open_checkpoint(m1c_session *s, const char *dir, const char *const *overrides, int n_overrides,
+                                m1c_err *e);
 /* Build the model (parameters allocated and initialised from `seed`). */
 int m1c_session_build_model(m1c_session *s, uint64_t seed, m1c_err *e);
 void m1c_session_close(m1c_session *s);

@@ -168,7 +168,9 @@ static int read_stage(m1c_stage_spec *st, m1c_settings *s, const m1c_run_spec *r
     m1c_schedule_spec *sc = &st->schedule;
     TRY(m1c_cfg_float(g, "lr", M1C_OPTIONAL, 1e-3, 0.0, 10.0, &sc->lr, e));
     TRY(m1c_cfg_float(g, "min_lr", M1C_OPTIONAL, 0.1 * sc->lr, 0.0, sc->lr, &sc->min_lr, e));
-    TRY(m1c_cfg_int(g, "warmup", M1C_OPTIONAL, 0, 0, st->steps, &sc->warmup, e));
+    /* not capped at steps: `-s run.stages.0.steps=5` on a config with warmup = 50 stays valid (the
+     * rate then never reaches its peak) */
+    TRY(m1c_cfg_int(g, "warmup", M1C_OPTIONAL, 0, 0, INT64_C(1) << 40, &sc->warmup, e));
     TRY(get_choice(g, "decay", "cosine", decays, &sc->decay, e));
     TRY(m1c_cfg_float(g, "clip", M1C_OPTIONAL, 1.0, 0.0, 1e9, &sc->clip, e));
     TRY(m1c_cfg_done(g, e));

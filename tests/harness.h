@@ -14,8 +14,8 @@ m1c_registry *th_registry(void);
 /* Load a plugin by name from the build tree; asserts it loads. */
 m1c_plugin *th_plugin(const char *name, int kind);
 
-/* Settings from libconfig text of one group's body, e.g. "heads = 2; head_dim = 8;". The config
- * lives until th_settings_free. */
+/* Settings from libconfig text of one group's body, e.g. "heads = 2; head_dim = 8;". Free the
+ * config with m1c_config_free(*cfg) when done. */
 m1c_settings *th_settings(const char *body, m1c_config **cfg);
 
 /* A layer plugin instance (attention or MoE) with every buffer it declares for (B, T):

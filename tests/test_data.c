@@ -206,7 +206,8 @@ Test(data_tokenizer, byte_round_trip) {
         int64_t n = (int64_t)strlen(text);
         int32_t ids[64];
         cr_assert_eq(x.vt->encode(x.self, text, n, ids, 64), n, "byte-level: one id per byte");
-        for (int64_t i = 0; i < n; i++) cr_assert_eq(ids[i], (unsigned char)text[i], "id %lld is the byte", (long long)i);
+        for (int64_t i = 0; i < n; i++)
+            cr_assert_eq(ids[i], (unsigned char)text[i], "id %lld is the byte", (long long)i);
         cr_assert_eq(x.vt->encode(x.self, text, n, ids, 3), n, "a short buffer still reports the count needed");
 
         /* specials interleaved: decode drops them */
@@ -348,7 +349,8 @@ Test(data_text, errors_name_the_path) {
     cr_assert_eq(try_open(&x, "text", "valid_fraction = 0.1;", 1, 0, 1, DATA_DIR), M1C_ERR);
     cr_assert(strstr(x.p->error, "sources"), "%s", x.p->error);
     m1c_config_free(x.cfg);
-    cr_assert_eq(try_open(&x, "text", "sources = ( { path = \"plain\"; wieght = 2.0; } );", 1, 0, 1, DATA_DIR), M1C_ERR);
+    cr_assert_eq(try_open(&x, "text", "sources = ( { path = \"plain\"; wieght = 2.0; } );", 1, 0, 1, DATA_DIR),
+                 M1C_ERR);
     cr_assert(strstr(x.p->error, "wieght"), "%s", x.p->error);
     m1c_config_free(x.cfg);
     cr_assert_eq(try_open(&x, "text", "sources = ( { path = \"plain\"; } ); tokenizer = \"bpe\";", 1, 0, 1, DATA_DIR),
@@ -377,7 +379,8 @@ static int same_batches(inst *a, inst *b, int split, int B, int T, int n) {
     for (int i = 0; i < n; i++) {
         batch(a, split, B, T, ta, ma);
         batch(b, split, B, T, tb, mb);
-        same &= !memcmp(ta, tb, sizeof(int32_t) * (size_t)B * (T + 1)) && !memcmp(ma, mb, sizeof(float) * (size_t)B * T);
+        same &= !memcmp(ta, tb, sizeof(int32_t) * (size_t)B * (T + 1)) &&
+                !memcmp(ma, mb, sizeof(float) * (size_t)B * T);
     }
     free(ta), free(tb), free(ma), free(mb);
     return same;
@@ -564,8 +567,8 @@ Test(data_text, mixture_follows_weights) {
     const double p[3] = {1.0 / 8, 3.0 / 8, 4.0 / 8};
     for (int s = 0; s < 3; s++) {
         double sd = sqrt(n * p[s] * (1 - p[s]));
-        cr_assert(fabs(count[s] - n * p[s]) <= 5 * sd, "source %d: %d rows of %d, expected %.0f +- %.0f", s, count[s], n,
-                  n * p[s], 5 * sd);
+        cr_assert(fabs(count[s] - n * p[s]) <= 5 * sd, "source %d: %d rows of %d, expected %.0f +- %.0f", s,
+                  count[s], n, n * p[s], 5 * sd);
     }
     close_inst(&x);
     rm_tree(dir);
@@ -632,7 +635,8 @@ static long long check_problem(const char *text, int *ops, int *min_d, int *max_
         long long a, b, c;
         char op;
         int n = 0;
-        cr_assert_eq(sscanf(p, " %lld%c%lld=%lld.%n", &a, &op, &b, &c, &n), 4, "step %d does not parse: %s", steps, text);
+        cr_assert_eq(sscanf(p, " %lld%c%lld=%lld.%n", &a, &op, &b, &c, &n), 4, "step %d does not parse: %s", steps,
+                     text);
         cr_assert(n > 0);
         long long r = op == '+' ? a + b : op == '-' ? a - b : a * b;
         cr_assert(op == '+' || op == '-' || op == '*', "step operator '%c': %s", op, text);
@@ -680,7 +684,8 @@ Test(data_math, problems_are_correct) {
             cr_assert(lo >= cases[c].lo && hi <= cases[c].hi, "operand digits %d..%d: %s", lo, hi, l.d[i]);
             seen_ops[ops]++, seen_digits[lo]++, seen_digits[hi]++;
             const char *q = strchr(l.d[i], '=');
-            for (const char *t = l.d[i] + 3; t < q; t++) opchar[0] += *t == '+', opchar[1] += *t == '-', opchar[2] += *t == '*';
+            for (const char *t = l.d[i] + 3; t < q; t++)
+                opchar[0] += *t == '+', opchar[1] += *t == '-', opchar[2] += *t == '*';
         }
         /* >= 100 problems drawn uniformly: each operator count, each operator and both digit bounds
          * appear (the chance that one of them does not is < 1e-6 for every case here) */
@@ -732,7 +737,8 @@ Test(data_math, sft_mask_prompt_and_reward) {
         for (int t = e + 1; t <= T; t++) cr_assert_eq(row[t], PAD, "row %d: PAD after EOS", b);
         /* the mask covers exactly the targets row[a..e]: the solution and its EOS */
         for (int t = 0; t < T; t++)
-            cr_assert_eq(m[t], (t + 1 >= a && t + 1 <= e) ? 1.0f : 0.0f, "row %d: mask at %d (solution %d..%d)", b, t, a, e);
+            cr_assert_eq(m[t], (t + 1 >= a && t + 1 <= e) ? 1.0f : 0.0f, "row %d: mask at %d (solution %d..%d)", b, t,
+                         a, e);
 
         char *text = decode_alloc(&x, row, e + 1);
         int ops, lo, hi;

@@ -127,20 +127,11 @@ int m1c_cmd_generate(int argc, char **argv) {
         return m1c_cli_error("generate: --checkpoint and --prompt are required (see m1c generate --help)");
     }
     m1c_err e = {{0}};
-    char *text = m1c_ckpt_config_text(ckpt, &e);
-    int rc = text ? M1C_OK : M1C_ERR;
-    m1c_session s = {0};
-    if (!rc) {
-        char *name = m1c_path_join(ckpt, "m1c.cfg");
-        rc = m1c_session_open_text(&s, text, name, ckpt, ov.items, ov.n, &e);
-        free(name);
-    }
+    m1c_session s;
+    int rc = m1c_session_open_checkpoint(&s, ckpt, ov.items, ov.n, &e);
     if (!rc && s.spec.run.n_stages < 1) rc = m1c_fail(&e, "%s: the configuration has no stage (no tokenizer)", ckpt);
-    if (!rc) rc = m1c_session_build_model(&s, 0, &e);
-    if (!rc) rc = m1c_ckpt_load_params(ckpt, &s.model, &e);
     if (!rc) rc = generate(&s, prompt, (int)max_new, &sm, (uint64_t)seed, &e);
     m1c_session_close(&s);
-    free(text);
     m1c_overrides_free(&ov);
     return rc ? m1c_cli_error("%s", e.msg) : 0;
 }

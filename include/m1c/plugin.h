@@ -157,6 +157,11 @@ struct m1c_host {
     /* Threads the CPU backend may use (OpenMP-parallel plugins should use no more). */
     int (*cpu_threads)(const m1c_host *h);
 
+    /* Refuse a setting for a reason the getters cannot check (a relation between keys, say): records
+     * "file:line: path.key: <message>" as the plugin's error and returns M1C_ERR. */
+    int (*settings_error)(const m1c_host *h, const m1c_settings *s, const char *key, const char *fmt, ...)
+        M1C_PRINTF(4, 5);
+
     void *reserved[32];
 };
 
@@ -256,7 +261,8 @@ typedef struct m1c_optim_step {
     int32_t device;
     m1c_tensor *params;     /* [n] */
     const m1c_tensor *grads; /* [n], already clipped */
-    m1c_tensor *state;       /* [n * n_state], the per-parameter state the plugin declared, in order */
+    m1c_tensor *state;       /* [n * n_state]: state[i * n_state + k] is state k (in the order of the
+                              * plugin's state() names) of parameter i */
     const int32_t *no_decay; /* [n] */
     void *reserved[4];
 } m1c_optim_step;

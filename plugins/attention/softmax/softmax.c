@@ -14,6 +14,9 @@
 #define BK 256
 #define TILE_FLOATS (2 * BQ * BK + 2 * BQ) /* forward: S, m, l; backward: P, dP, D */
 #define MAX_HEAD_DIM 1024                  /* bounds the per-row cos/sin tables on the stack */
+/* Below about this many flops (or floats touched) a loop runs on one thread: waking the team costs
+ * more than it saves, and much more on a loaded machine. */
+#define PAR_MIN_WORK 65536
 
 enum { P_Q, P_K, P_V, P_O, N_PARAMS };
 enum { A_Q, A_K, A_V, A_ATT, A_LSE, N_ACTS };
@@ -82,31 +85,38 @@ static inline float exp_fast(float x) {
     return y;
 }
 
-/* RoPE on x: (rows, nheads * hd), row r at position pos0 + r % T. rotate_half pairing: dim i with
- * i + rd/2 for i < rd/2, angle pos * inv_freq[i]; dims >= rd pass through. inverse = 1 applies the
- * transpose rotation (the backward pass). Angles in double: pos * inv_freq reaches 1e6 rad at long
- * context, where float would lose the phase. */
-static void rope(const softmax *a, float *x, int64_t rows, int T, int64_t pos0, int nheads, int inverse,
-                 int nt) {
-    const int half = a->rd / 2, hd = a->hd, width = nheads * hd;
+/* rotate_half RoPE of one row of nheads head vectors: dim i pairs with i + rd/2 (i < rd/2); dims >= rd
+ * pass through. */
+static void rope_row(float *row, int nheads, int hd, int half, const float *c, const float *s) {
+    for (int hh = 0; hh < nheads; hh++) {
+        float *x1 = row + hh * hd, *x2 = x1 + half;
+        for (int i = 0; i < half; i++) {
+            float u = x1[i], w = x2[i];
+            x1[i] = u * c[i] - w * s[i];
+            x2[i] = w * c[i] + u * s[i];
+        }
+    }
+}
+
+/* RoPE on q (B, T, nh*hd) and k (B, T, kvh*hd), token t at position pos0 + t, angle pos * inv_freq[i].
+ * inverse = 1 applies the transpose rotation (the backward pass, on dq and dk). cos/sin are computed
+ * once per position for every sequence and head, in double: pos * inv_freq reaches 1e6 rad at long
+ * context, where a float angle would lose the phase. */
+static void rope(const softmax *a, float *q, float *k, int B, int T, int64_t pos0, int inverse, int nt) {
+    const int half = a->rd / 2, hd = a->hd, qd = a->nh * hd, kd = a->kvh * hd;
     if (half == 0) return;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t r = 0; r < rows; r++) {
+#pragma omp parallel for schedule(static) num_threads(nt) if ((int64_t)B * T * (qd + kd) > PAR_MIN_WORK)
+    for (int t = 0; t < T; t++) {
         float c[MAX_HEAD_DIM / 2], s[MAX_HEAD_DIM / 2];
-        const double pos = (double)(pos0 + r % T);
+        const double pos = (double)(pos0 + t);
         for (int i = 0; i < half; i++) {
             double ang = pos * a->inv_freq[i];
             c[i] = (float)cos(ang);
             s[i] = inverse ? -(float)sin(ang) : (float)sin(ang);
         }
-        float *row = x + r * width;
-        for (int hh = 0; hh < nheads; hh++) {
-            float *x1 = row + hh * hd, *x2 = x1 + half;
-            for (int i = 0; i < half; i++) {
-                float u = x1[i], w = x2[i];
-                x1[i] = u * c[i] - w * s[i];
-                x2[i] = w * c[i] + u * s[i];
-            }
+        for (int b = 0; b < B; b++) {
+            rope_row(q + ((int64_t)b * T + t) * qd, a->nh, hd, half, c, s);
+            rope_row(k + ((int64_t)b * T + t) * kd, a->kvh, hd, half, c, s);
         }
     }
 }
@@ -133,6 +143,7 @@ static void attend_rows(const softmax *a, const float *q, int qs, const float *k
             for (int j = lim; j < nk; j++) Si[j] = 0.0f;
             if (lim == 0) continue; /* only when BK < BQ: a later tile entirely in row i's future */
             float mx = Si[0];
+#pragma omp simd reduction(max : mx)
             for (int j = 1; j < lim; j++) mx = Si[j] > mx ? Si[j] : mx;
             float mnew = (k0 == 0 || mx > m[i]) ? mx : m[i];
             float sum = 0.0f;
@@ -172,7 +183,8 @@ static void attend_all(const softmax *a, const float *q, const float *kbase, con
     const int nh = a->nh, hd = a->hd, qs = nh * hd, nqb = (T + BQ - 1) / BQ;
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t ntask = (int64_t)B * nh * nqb;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    const double work = 4.0 * B * nh * T * ((double)pos + T) * hd;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (work > PAR_MIN_WORK)
     for (int64_t task = 0; task < ntask; task++) {
         float *tile = tiles + (int64_t)omp_get_thread_num() * TILE_FLOATS;
         const int qb = nqb - 1 - (int)(task % nqb);
@@ -347,8 +359,7 @@ static void project_qkv(const softmax *a, const m1c_layer_bufs *b, const float *
     h->gemm(h, M1C_DEVICE_CPU, 0, 1, M, qd, H, 1.0f, in, H, b->params[P_Q].data, H, 0.0f, q, qd);
     h->gemm(h, M1C_DEVICE_CPU, 0, 1, M, kd, H, 1.0f, in, H, b->params[P_K].data, H, 0.0f, k, kd);
     h->gemm(h, M1C_DEVICE_CPU, 0, 1, M, kd, H, 1.0f, in, H, b->params[P_V].data, H, 0.0f, v, kd);
-    rope(a, q, M, T, pos, a->nh, 0, nt);
-    rope(a, k, M, T, pos, a->kvh, 0, nt);
+    rope(a, q, k, B, T, pos, 0, nt);
 }
 
 static int sm_forward(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T) {
@@ -373,7 +384,7 @@ static int sm_forward(void *self, const m1c_layer_bufs *b, float *out, const flo
 /* Sum the per-query-head gradients (B*T rows of nh*hd) over each KV group into (B*T rows of kvh*hd). */
 static void reduce_groups(const softmax *a, const float *src, float *dst, int64_t rows, int nt) {
     const int hd = a->hd, rep = a->rep, qd = a->nh * hd, kd = a->kvh * hd;
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * qd > PAR_MIN_WORK)
     for (int64_t r = 0; r < rows; r++) {
         for (int g = 0; g < a->kvh; g++) {
             float *d = dst + r * kd + g * hd;
@@ -405,7 +416,8 @@ static int sm_backward(void *self, const m1c_layer_bufs *b, float *din, const fl
     if (b->grads)
         h->gemm(h, M1C_DEVICE_CPU, 1, 0, H, qd, M, 1.0f, dout, H, att, qd, 1.0f, b->grads[P_O].data, qd);
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    const double work = 8.0 * B * nh * (double)T * T * hd;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (work > PAR_MIN_WORK)
     for (int task = 0; task < B * nh; task++) {
         const int bb = task / nh, hh = task % nh, g = hh / a->rep;
         const int64_t off = (int64_t)bb * T * qd + hh * hd, koff = (int64_t)bb * T * kd + g * hd;
@@ -423,8 +435,7 @@ static int sm_backward(void *self, const m1c_layer_bufs *b, float *din, const fl
         reduce_groups(a, dvh, dv, M, nt);
     }
     /* back through RoPE: the transpose rotation */
-    rope(a, dq, M, T, 0, nh, 1, nt);
-    rope(a, dk, M, T, 0, a->kvh, 1, nt);
+    rope(a, dq, dk, B, T, 0, 1, nt);
 
     /* q = in Wq^T (and k, v): dW += d^T in, din += d W */
     if (b->grads) {
@@ -471,7 +482,7 @@ static int sm_step(void *self, const m1c_layer_bufs *b, m1c_tensor *state, float
     float *kcache = state[ST_K].data, *vcache = state[ST_V].data;
     project_qkv(a, b, in, q, k, v, B, T, pos, nt);
     const int64_t gstride = max_len * hd, bstride = (int64_t)a->kvh * gstride;
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads(nt) if ((int64_t)B * T * kd > PAR_MIN_WORK)
     for (int64_t r = 0; r < (int64_t)B * T; r++) {
         const int64_t bb = r / T, t = r % T;
         for (int g = 0; g < a->kvh; g++) {

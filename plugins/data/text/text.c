@@ -146,7 +146,8 @@ static int list_files(text_data *d, int i, const char *shown, const char *full, 
     struct stat st;
     if (stat(full, &st) == 0) {
         if (S_ISREG(st.st_mode)) return strlist_push(out, full) ? h->error(h, "out of memory") : M1C_OK;
-        if (!S_ISDIR(st.st_mode)) return h->error(h, "sources[%d].path: '%s' is neither a file nor a directory", i, shown);
+        if (!S_ISDIR(st.st_mode))
+            return h->error(h, "sources[%d].path: '%s' is neither a file nor a directory", i, shown);
         DIR *dir = opendir(full);
         if (!dir) return h->error(h, "sources[%d].path: cannot open directory '%s': %s", i, shown, strerror(errno));
         struct dirent *e;
@@ -326,7 +327,7 @@ static int load_source(text_data *d, int i, const char *base_dir) {
     return rc;
 }
 
-/* ---- settings ------------------------------------------------------------------------------ */
+/* ---- splits and settings ------------------------------------------------------------------- */
 
 static void text_destroy(void *self);
 
@@ -366,8 +367,11 @@ static int build_splits(text_data *d) {
             if (d->src[i].n_split[sp] && total > 0) c += d->src[i].weight / total;
             x->cum[i] = i >= last && last >= 0 ? 1.0 : c; /* no draw may fall past `last` by rounding */
             x->streams[i].doc_id = -1;
-            int64_t start, stride;
-            if (d->src[i].n_split[sp]) shard(d, d->src[i].n_split[sp], &start, &stride), x->streams[i].k = start;
+            if (d->src[i].n_split[sp]) { /* this rank's first place in epoch 0 */
+                int64_t start, stride;
+                shard(d, d->src[i].n_split[sp], &start, &stride);
+                x->streams[i].k = start;
+            }
         }
         x->total = total;
         h->rng_seed(&x->rng, d->seed, m1c_hash3(0x74657874 /* "text" */, (uint64_t)sp, (uint64_t)d->rank));
