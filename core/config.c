@@ -418,7 +418,9 @@ static int parse_override_value(config_t *tmp, const char *val, const char *ov, 
     config_init(tmp);
     char *end;
     errno = 0;
-    long long iv = strtoll(val, &end, 0);
+    const char *digits = val + (*val == '-' || *val == '+');
+    int hex = digits[0] == '0' && (digits[1] == 'x' || digits[1] == 'X');
+    long long iv = strtoll(val, &end, hex ? 16 : 10); /* base 10 even with a leading 0, as libconfig */
     if (*val && !*end && errno == 0 && strchr("+-0123456789", *val)) {
         config_setting_t *v = config_setting_add(config_root_setting(tmp), "v",
                                                  iv >= INT32_MIN && iv <= INT32_MAX ? CONFIG_TYPE_INT
@@ -897,15 +899,6 @@ int m1c_cfg_list_string_choice(m1c_settings *s, const char *key, int i, const ch
 void m1c_cfg_touch(m1c_settings *s, const char *key) {
     config_setting_t *x = member(s, key);
     if (x) mark_read(s->cfg, x);
-}
-
-void m1c_cfg_touch_all(m1c_settings *s) {
-    if (!config_setting_is_aggregate(s->cs)) return;
-    for (int i = 0; i < config_setting_length(s->cs); i++) {
-        config_setting_t *x = config_setting_get_elem(s->cs, (unsigned)i);
-        mark_read(s->cfg, x);
-        if (config_setting_is_aggregate(x)) m1c_cfg_touch_all(rec(s->cfg, x));
-    }
 }
 
 int m1c_cfg_done(m1c_settings *s, m1c_err *e) {

@@ -81,9 +81,6 @@ void m1c_cfg_touch(m1c_settings *s, const char *key);
 int m1c_cfg_done(m1c_settings *s, m1c_err *e);
 /* m1c_cfg_done for s and, recursively, every group under it. */
 int m1c_cfg_done_all(m1c_settings *s, m1c_err *e);
-/* Mark every key under s (recursively) as read: for tools that print a group without validating it
- * (`m1c config show --no-plugins` leaves plugin groups as written). */
-void m1c_cfg_touch_all(m1c_settings *s);
 
 /* ---- errors and locations for code that validates beyond the getters ---- */
 /* Format "file:line: path.key: <message>" into e and return M1C_ERR. key NULL: about s itself;

@@ -190,6 +190,7 @@ static void bind_slot(m1c_run *r, m1c_model *m, m1c_inst *s, m1c_inst_bufs *sb) 
     sb->bufs.acts = sb->acts;
     sb->bufs.scratch = sb->scratch;
     sb->bufs.training = r->training;
+    sb->bufs.aux_scale = 1.0f;
 }
 
 static float *act(m1c_run *r, int idx) { return r->acts.t[idx].data; }

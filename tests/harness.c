@@ -112,6 +112,7 @@ th_layer *th_layer_new(const char *plugin, const char *settings, int layer_index
     l->bufs.acts = l->acts;
     l->bufs.scratch = l->scratch;
     l->bufs.training = 1;
+    l->bufs.aux_scale = 1.0f;
     l->bufs.noise_seed = seed ^ 0x5eedull;
     return l;
 }

@@ -168,7 +168,7 @@ Test(config, overrides) {
     static const char *const ov[] = {
         "m.i=42",          "m.f = 0.5",     "m.s=\"quoted text\"", "m.w=bare",         "m.b=true",
         "m.f2=3",          "new.deep.k=7",  "l.[1].n=5",           "l.0.n=4",          "m.list=[1, 2, 3]",
-        "m.big=6000000000", "l[1].name=x",
+        "m.big=6000000000", "l[1].name=x",    "m.dec=010",        "m.hex=0x10",
     };
     m1c_config *c = parse("m = { i = 1; f = 1.5; s = \"a\"; w = \"b\"; b = false; f2 = 2.5; };\n"
                           "l = ( { n = 1; }, { n = 2; } );\n",
@@ -194,6 +194,10 @@ Test(config, overrides) {
     cr_assert_eq(b, 1);
     cr_assert_eq(m1c_cfg_int(m, "big", M1C_REQUIRED, 0, 0, INT64_MAX, &i, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(i, INT64_C(6000000000), "integers past 32 bits need no L suffix in overrides");
+    cr_assert_eq(m1c_cfg_int(m, "dec", M1C_REQUIRED, 0, 0, 100, &i, &e), M1C_OK, "%s", e.msg);
+    cr_assert_eq(i, 10, "a leading 0 is not octal (libconfig reads 010 as 10 too)");
+    cr_assert_eq(m1c_cfg_int(m, "hex", M1C_REQUIRED, 0, 0, 100, &i, &e), M1C_OK, "%s", e.msg);
+    cr_assert_eq(i, 16);
     cr_assert_eq(m1c_cfg_len(m, "list"), 3);
     cr_assert_eq(m1c_cfg_list_int(m, "list", 2, &i, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(i, 3);

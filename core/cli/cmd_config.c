@@ -17,7 +17,8 @@ static const char usage[] =
     "itself a valid config (docs/config.md describes the keys).\n"
     "\n"
     "  -s key.path=value  override a setting (repeatable): -s model.hidden=512,\n"
-    "                     -s run.stages.[0].steps=100 (or run.stages.0.steps), -s 'model.pattern=[\"softmax\"]'\n"
+    "                     -s run.stages.0.steps=100 (list element 0; also 'run.stages.[0].steps=100', quoted\n"
+    "                     since [] is a shell pattern), -s 'model.pattern=[\"softmax\"]'\n"
     "  --no-plugins       do not load plugins: plugin groups are printed as written, unchecked\n";
 
 int m1c_cmd_config(int argc, char **argv) {

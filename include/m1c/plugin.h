@@ -186,7 +186,8 @@ typedef struct m1c_layer_bufs {
     m1c_tensor *acts;  /* kept from forward to backward, declared for (B, T) */
     m1c_tensor *scratch; /* valid during one call only, shared between layers */
     int32_t training;    /* 1: keep what backward needs, apply train-time noise */
-    int32_t reserved0;
+    float aux_scale;     /* weight of the plugin's own loss terms (the MoE auxiliary loss) in the
+                          * objective being differentiated: backward scales their gradient by it */
     uint64_t noise_seed; /* seed for this call's train-time noise (jitter, dropout): derived by the
                           * core from the run seed, step and layer, so runs repeat and resume exactly */
     void *reserved[4];
@@ -235,7 +236,8 @@ typedef struct m1c_moe_stats {
     double aux_loss;        /* the auxiliary loss added to the objective (already times its coefficient) */
     int64_t dropped;        /* assignments dropped for capacity */
     int64_t assignments;    /* routed assignments (tokens x k) */
-    float *expert_load;     /* [n_experts], fraction of assignments per expert; may be NULL */
+    float *expert_load;     /* [n_experts], fraction of assignments per expert, in host memory, valid
+                             * until the next forward; may be NULL */
     int32_t n_experts;
     int32_t reserved0;
     void *reserved[4];
@@ -332,12 +334,14 @@ typedef struct m1c_data_vtable {
      * (called with buf NULL for the size); load restores it. */
     int64_t (*save_position)(void *self, void *buf, int64_t max);
     int (*load_position)(void *self, const void *buf, int64_t n);
-    /* Tokenizer. encode returns the count written (or needed, if > max). */
+    /* Tokenizer. encode returns the count written (or needed, if > max); decode returns the bytes
+     * written, or M1C_ERR for an id outside the vocabulary. */
     int64_t (*encode)(void *self, const char *text, int64_t len, int32_t *ids, int64_t max);
     int64_t (*decode)(void *self, const int32_t *ids, int64_t n, char *text, int64_t max);
-    /* (optional) RL prompts and their verifier: NULL where the source has none. */
+    /* (optional) RL prompts and their verifier, NULL where the source has none: prompt `index` of a
+     * split (0, 1, 2, ... within that split) and the reward of a response to it. */
     int (*prompt)(void *self, int split, int64_t index, int32_t *ids, int64_t max, int64_t *len);
-    int (*reward)(void *self, int64_t index, const int32_t *response, int64_t len, float *reward);
+    int (*reward)(void *self, int split, int64_t index, const int32_t *response, int64_t len, float *reward);
     void *reserved[8];
 } m1c_data_vtable;
 

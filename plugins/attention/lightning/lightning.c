@@ -23,9 +23,7 @@ typedef struct lightning {
     int bs;      /* block size */
     float eps;   /* RMSNorm eps */
     int decay;   /* DECAY_* */
-    int nthreads;
-    double *slope; /* [nh] s_h */
-    float *pw;     /* [nh][bs + 1]: pw[h][k] = exp(-s_h k), every decay power a block needs */
+    float *pw;   /* [nh][bs + 1]: pw[h][k] = exp(-s_h k), every decay power a block needs */
 } lightning;
 
 enum { P_QKV, P_GATE, P_NORM, P_OUT, N_PARAMS };
@@ -79,7 +77,7 @@ static inline float exp_neg(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = (int32_t)((uint32_t)((int32_t)n + 127) << 23); /* 2^n, n in [-116, 0] */
+    const int32_t bits = (int32_t)((uint32_t)((int32_t)n + 127) << 23); /* 2^n, n in [-115, 0] */
     float scale;
     memcpy(&scale, &bits, sizeof(scale));
     return p * scale;
@@ -126,15 +124,15 @@ static int put_specs(const lightning *L, const m1c_buf_spec *s, int n, m1c_buf_s
 
 /* The effective block (blocks never exceed the sequence) and the per-thread work area for it:
  * S and P (eb x eb); Q, K, V, their sigmoids, dQ, dK, dV and a temporary (eb x hd each); G and KV
- * (hd x hd); at least 2*D for the norm backward's per-thread partial sums. Rounded to 64 bytes so
- * that threads never share a cache line. */
+ * (hd x hd); at least 2*D for the norm backward's per-thread partial sums. A multiple of 64 bytes, so
+ * that threads' areas in an aligned buffer share no cache line. */
 enum { W_S, W_P, N_WSQ };
 enum { W_Q, W_K, W_V, W_SQ, W_SK, W_SV, W_DQ, W_DK, W_DV, W_TMP, N_WBLK };
 static int eff_block(const lightning *L, int T) { return T < L->bs ? (T > 0 ? T : 1) : L->bs; }
-/* Whether a call has enough work to be worth waking the OpenMP team (tiny tests and single-head
- * decoding run faster on one thread than through a fork/join). */
+/* Whether a call has enough work to be worth waking the OpenMP team: below a few microseconds of
+ * arithmetic (single-head decoding, tiny tests) a fork/join costs more than it saves. */
 static int parallel_worth(const lightning *L, int64_t N, int T) {
-    return (double)N * L->D * (eff_block(L, T) + L->hd) > 2e5;
+    return (double)N * L->D * (eff_block(L, T) + L->hd) > 2.5e4;
 }
 
 static int64_t work_per_thread(const lightning *L, int T) {
@@ -150,7 +148,6 @@ static void lightning_destroy(void *self) {
     lightning *L = self;
     if (!L) return;
     if (L->pw) L->h->free(L->h, M1C_DEVICE_CPU, L->pw);
-    if (L->slope) L->h->free(L->h, M1C_DEVICE_CPU, L->slope);
     free(L);
 }
 
@@ -186,10 +183,8 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
     L->bs = (int)bs;
     L->eps = (float)eps;
     L->decay = strcmp(decay, "hf") == 0 ? DECAY_HF : DECAY_M1C;
-    L->nthreads = n_threads(L);
-    L->slope = h->alloc(h, M1C_DEVICE_CPU, (size_t)nh * sizeof(double));
     L->pw = h->alloc(h, M1C_DEVICE_CPU, (size_t)nh * (size_t)(bs + 1) * sizeof(float));
-    if (!L->slope || !L->pw) {
+    if (!L->pw) {
         lightning_destroy(L);
         return h->error(h, "lightning: out of memory for the decay tables");
     }
@@ -198,9 +193,8 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
     double factor = L->decay == DECAY_HF ? 1.0 - l / (nl - 1.0 + 1e-5) + 1e-5
                                          : 1.0 - (nl > 1 ? l / (nl - 1.0) : 0.0) + 1e-5;
     for (int i = 0; i < L->nh; i++) {
-        /* base^(h+1) = 2^(-8 (h+1) / nh), exact for the powers of two of small cases. */
-        L->slope[i] = exp2(-8.0 * (i + 1) / L->nh) * factor;
-        for (int k = 0; k <= L->bs; k++) L->pw[(size_t)i * (L->bs + 1) + k] = (float)exp(-L->slope[i] * k);
+        const double slope = exp2(-8.0 * (i + 1) / L->nh) * factor; /* base^(h+1) = 2^(-8 (h+1) / nh) */
+        for (int k = 0; k <= L->bs; k++) L->pw[(size_t)i * (L->bs + 1) + k] = (float)exp(-slope * k);
     }
     *self = L;
     return M1C_OK;
@@ -238,12 +232,11 @@ static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max
 static int lightning_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     lightning *L = self;
     const int64_t N = (int64_t)B * T;
-    L->nthreads = n_threads(L);
     m1c_buf_spec s[N_SCRATCH] = {
         spec("self_attn.qkv", 2, N, 3 * (int64_t)L->D, 0, 0),                       /* (B*T, 3*nh*hd) */
         spec("self_attn.y", 2, N, L->D, 0, 0),                                      /* (B*T, nh*hd) */
         spec("self_attn.d_attn_out", 2, N, L->D, 0, 0),                             /* (B*T, nh*hd) */
-        spec("self_attn.work", 2, L->nthreads, work_per_thread(L, T), 0, 0),        /* (threads, per thread) */
+        spec("self_attn.work", 2, n_threads(L), work_per_thread(L, T), 0, 0),       /* (threads, per thread) */
     };
     return put_specs(L, s, N_SCRATCH, specs, max);
 }
@@ -291,6 +284,31 @@ static void scale_rows(float *dst, int ldd, const float *src, int lds, int m, in
     }
 }
 
+/* One token: o = lambda q KV + (q . k) v, then (if update) KV = lambda KV + k^T v, lambda = exp(-s).
+ * acc: hd floats of work. */
+static void token_step(int hd, float lambda, const float *restrict q, const float *restrict k,
+                       const float *restrict v, float *restrict o, float *restrict kv, int kv_zero, int update,
+                       float *restrict acc) {
+    float qk = 0.0f;
+    for (int c = 0; c < hd; c++) qk += q[c] * k[c];
+    for (int c = 0; c < hd; c++) acc[c] = qk * v[c];
+    if (!kv_zero)
+        for (int a = 0; a < hd; a++) {
+            const float qa = lambda * q[a], *r = kv + (int64_t)a * hd;
+            for (int c = 0; c < hd; c++) acc[c] += qa * r[c];
+        }
+    for (int c = 0; c < hd; c++) o[c] = acc[c];
+    if (!update) return;
+    for (int a = 0; a < hd; a++) {
+        float *r = kv + (int64_t)a * hd;
+        const float ka = k[a];
+        if (kv_zero)
+            for (int c = 0; c < hd; c++) r[c] = ka * v[c];
+        else
+            for (int c = 0; c < hd; c++) r[c] = lambda * r[c] + ka * v[c];
+    }
+}
+
 /* One (sequence, head) over T tokens. q/k/v: rows of stride ldq; o: rows of stride ldo. kv: (hd, hd)
  * state, read unless kv_zero, and left holding the final state when keep_final. kvs: if not NULL,
  * receives the state at the start of each block. S, tmp: work areas (eb x eb, eb x hd). */
@@ -306,6 +324,11 @@ static void head_forward(const lightning *L, const float *pw, const float *q, co
             float *dst = kvs + (int64_t)n * hd * hd;
             if (kv_zero) memset(dst, 0, (size_t)hd * hd * sizeof(float));
             else memcpy(dst, kv, (size_t)hd * hd * sizeof(float));
+        }
+        if (m == 1) { /* decoding (or blocks of one): a vector-matrix product, not worth BLAS calls */
+            token_step(hd, pw[1], qb, kb, vb, ob, kv, kv_zero, !last || keep_final, tmp);
+            kv_zero = kv_zero && last && !keep_final;
+            continue;
         }
         /* inter = (Q * exp(-s i)) KV, i = 1..m */
         float beta = 0.0f;

@@ -29,8 +29,10 @@ static int adamw_create(const m1c_host *h, const m1c_settings *s, void **self) {
     if (h->get_float(h, s, "weight_decay", 0.0, 0.0, 1.0, &wd) != M1C_OK) return M1C_ERR;
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     /* The getters' ranges are closed; beta = 1 would make the bias correction 1 - beta^t zero. */
-    if (b1 >= 1.0) return h->error(h, "setting beta1 = %g: must be < 1 (bias correction 1 - beta1^t)", b1);
-    if (b2 >= 1.0) return h->error(h, "setting beta2 = %g: must be < 1 (bias correction 1 - beta2^t)", b2);
+    if (b1 >= 1.0)
+        return h->settings_error(h, s, "beta1", "%g must be < 1 (bias correction 1 - beta1^t)", b1);
+    if (b2 >= 1.0)
+        return h->settings_error(h, s, "beta2", "%g must be < 1 (bias correction 1 - beta2^t)", b2);
 
     adamw *a = calloc(1, sizeof *a);
     if (!a) return h->error(h, "out of memory creating the optimizer");

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include "m1c/plugin.h"
+#include "../common/rl.h"
 
 typedef struct cispo {
     const m1c_host *h;
@@ -39,40 +40,16 @@ static int cispo_create(const m1c_host *h, const m1c_settings *s, void **self) {
 
 static void cispo_destroy(void *self) { free(self); }
 
-static int put_metric(const char **names, double *values, int max, int n, const char *name, double v) {
-    if (n >= max) return n;
-    names[n] = name;
-    values[n] = v;
-    return n + 1;
-}
-
-/* Group statistics of rewards[g*G .. g*G+G): population mean and std (G = 2, rewards {1, 0} gives
- * std 0.5 and A = +-1, as GRPO's group normalisation intends). */
-static void group_stats(const float *reward, int g, int G, double *mean, double *std) {
-    double s = 0.0, ss = 0.0;
-    for (int i = 0; i < G; i++) s += reward[g * G + i];
-    *mean = s / G;
-    for (int i = 0; i < G; i++) {
-        const double d = reward[g * G + i] - *mean;
-        ss += d * d;
-    }
-    *std = sqrt(ss / G);
-}
-
-static double advantage(double r, double mean, double std, int std_normalize, double adv_eps) {
-    if (std == 0.0) return 0.0; /* all rewards of the group equal: no signal (and no 0/0 if adv_eps = 0) */
-    return std_normalize ? (r - mean) / (std + adv_eps) : r - mean;
-}
-
 /* J = 1/sum(mask) * sum mask * M * sg(r^) * A * logp; loss = -J; dlogp = -mask * M * r^ * A / sum(mask). */
 static int cispo_loss(void *self, const m1c_objective_batch *b, double *loss, float *dlogp,
                       const char **names, double *values, int max_metrics) {
     const cispo *c = self;
     const m1c_host *h = c->h;
     const int B = b->B, T = b->T, G = b->group;
-    if (!b->reward) return h->error(h, "cispo needs per-sequence rewards (batch reward is NULL)");
-    if (G < 1 || B % G != 0)
-        return h->error(h, "cispo: batch of %d sequences is not a whole number of groups of %d", B, G);
+    if (rl_check_batch(h, b, "cispo") != M1C_OK) return M1C_ERR;
+    double *adv = malloc(sizeof(double) * (size_t)(B > 0 ? B : 1));
+    if (!adv) return h->error(h, "cispo: out of memory for %d advantages", B);
+    rl_advantages(b->reward, NULL, B, G, c->std_normalize, c->adv_eps, adv);
     const int64_t N = (int64_t)B * T;
     const double lo = 1.0 - c->eps_low, hi = 1.0 + c->eps_high;
 
@@ -81,41 +58,38 @@ static int cispo_loss(void *self, const m1c_objective_batch *b, double *loss, fl
     const double scale = msum > 0.0 ? 1.0 / msum : 0.0;
 
     double J = 0.0, clipped = 0.0, rsum = 0.0, masked = 0.0, asum = 0.0, aabs = 0.0, rew = 0.0;
-    for (int g = 0; g < B / G; g++) {
-        double mean, std;
-        group_stats(b->reward, g, G, &mean, &std);
-        for (int s = g * G; s < (g + 1) * G; s++) {
-            const double A = advantage(b->reward[s], mean, std, c->std_normalize, c->adv_eps);
-            asum += A;
-            aabs += fabs(A);
-            rew += b->reward[s];
-            for (int t = 0; t < T; t++) {
-                const int64_t i = (int64_t)s * T + t;
-                const double m = b->mask ? b->mask[i] : 1.0;
-                const double r = b->old_logp ? exp((double)b->logp[i] - b->old_logp[i]) : 1.0;
-                const double rc = r < lo ? lo : (r > hi ? hi : r);
-                /* The trust-region mask drops tokens whose ratio already moved past the bound in the
-                 * direction the advantage pushes. */
-                const double M = c->token_mask && ((A > 0 && r > hi) || (A < 0 && r < lo)) ? 0.0 : 1.0;
-                const double w = m * M * rc * A;
-                J += w * b->logp[i];
-                dlogp[i] = (float)(-w * scale);
-                if (r < lo || r > hi) clipped += m;
-                if (M == 0.0) masked += m;
-                rsum += m * r;
-            }
+    for (int s = 0; s < B; s++) {
+        const double A = adv[s];
+        asum += A;
+        aabs += fabs(A);
+        rew += b->reward[s];
+        for (int t = 0; t < T; t++) {
+            const int64_t i = (int64_t)s * T + t;
+            const double m = b->mask ? b->mask[i] : 1.0;
+            const double r = b->old_logp ? exp((double)b->logp[i] - b->old_logp[i]) : 1.0;
+            const double rc = r < lo ? lo : (r > hi ? hi : r);
+            /* The trust-region mask drops tokens whose ratio already moved past the bound in the
+             * direction the advantage pushes. */
+            const double M = c->token_mask && ((A > 0 && r > hi) || (A < 0 && r < lo)) ? 0.0 : 1.0;
+            const double w = m * M * rc * A;
+            J += w * b->logp[i];
+            dlogp[i] = (float)(-w * scale);
+            if (r < lo || r > hi) clipped += m;
+            if (M == 0.0) masked += m;
+            rsum += m * r;
         }
     }
+    free(adv);
     *loss = -J * scale;
 
     int n = 0;
-    n = put_metric(names, values, max_metrics, n, "clip_frac", clipped * scale);
-    n = put_metric(names, values, max_metrics, n, "ratio_mean", msum > 0.0 ? rsum * scale : 1.0);
-    n = put_metric(names, values, max_metrics, n, "adv_mean", B > 0 ? asum / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "adv_abs", B > 0 ? aabs / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "reward_mean", B > 0 ? rew / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "token_mask_frac", masked * scale);
-    n = put_metric(names, values, max_metrics, n, "tokens", msum);
+    n = rl_metric(names, values, max_metrics, n, "clip_frac", clipped * scale);
+    n = rl_metric(names, values, max_metrics, n, "ratio_mean", msum > 0.0 ? rsum * scale : 1.0);
+    n = rl_metric(names, values, max_metrics, n, "adv_mean", B > 0 ? asum / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "adv_abs", B > 0 ? aabs / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "reward_mean", B > 0 ? rew / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "token_mask_frac", masked * scale);
+    n = rl_metric(names, values, max_metrics, n, "tokens", msum);
     return n;
 }
 

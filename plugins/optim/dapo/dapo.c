@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include "m1c/plugin.h"
+#include "../common/rl.h"
 
 typedef struct dapo {
     const m1c_host *h;
@@ -28,9 +29,13 @@ static int dapo_create(const m1c_host *h, const m1c_settings *s, void **self) {
     if (h->get_int(h, s, "max_len", 0, 0, INT64_C(1) << 40, &ml) != M1C_OK) return M1C_ERR;
     if (h->get_int(h, s, "cache_len", 0, 0, INT64_C(1) << 40, &cl) != M1C_OK) return M1C_ERR;
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
-    if (cl > 0 && ml == 0) return h->error(h, "setting cache_len = %lld needs max_len > 0", (long long)cl);
+    /* Relations between keys, which the getters' ranges cannot express. */
+    if (cl > 0 && ml == 0)
+        return h->settings_error(h, s, "cache_len", "%lld needs max_len > 0 (the penalty is off without it)",
+                                 (long long)cl);
     if (cl > ml)
-        return h->error(h, "setting cache_len = %lld exceeds max_len = %lld", (long long)cl, (long long)ml);
+        return h->settings_error(h, s, "cache_len", "%lld exceeds max_len = %lld", (long long)cl,
+                                 (long long)ml);
     dapo *o = calloc(1, sizeof *o);
     if (!o) return h->error(h, "out of memory creating the objective");
     o->h = h;
@@ -47,13 +52,6 @@ static int dapo_create(const m1c_host *h, const m1c_settings *s, void **self) {
 
 static void dapo_destroy(void *self) { free(self); }
 
-static int put_metric(const char **names, double *values, int max, int n, const char *name, double v) {
-    if (n >= max) return n;
-    names[n] = name;
-    values[n] = v;
-    return n + 1;
-}
-
 static double seq_len(const m1c_objective_batch *b, int s) {
     double len = 0.0;
     for (int t = 0; t < b->T; t++) len += b->mask ? b->mask[(int64_t)s * b->T + t] : 1.0;
@@ -68,18 +66,6 @@ static double overlong_penalty(const dapo *o, double len) {
     if (len <= L - C) return 0.0;
     if (len <= L) return (L - C - len) / C; /* C > 0 here: len > L - C and len <= L */
     return -1.0;
-}
-
-/* Population mean and std of the shaped rewards of group g (G = 2, rewards {1, 0}: A = +-1). */
-static void group_stats(const double *reward, int g, int G, double *mean, double *std) {
-    double s = 0.0, ss = 0.0;
-    for (int i = 0; i < G; i++) s += reward[g * G + i];
-    *mean = s / G;
-    for (int i = 0; i < G; i++) {
-        const double d = reward[g * G + i] - *mean;
-        ss += d * d;
-    }
-    *std = sqrt(ss / G);
 }
 
 /* Dynamic sampling filters on the raw reward (the verifier's accuracy, as DAPO's recipe does), before
@@ -99,20 +85,20 @@ static int dapo_loss(void *self, const m1c_objective_batch *b, double *loss, flo
     const dapo *o = self;
     const m1c_host *h = o->h;
     const int B = b->B, T = b->T, G = b->group;
-    if (!b->reward) return h->error(h, "dapo needs per-sequence rewards (batch reward is NULL)");
-    if (G < 1 || B % G != 0)
-        return h->error(h, "dapo: batch of %d sequences is not a whole number of groups of %d", B, G);
+    if (rl_check_batch(h, b, "dapo") != M1C_OK) return M1C_ERR;
     const int n_groups = B / G;
     const double lo = 1.0 - o->eps_low, hi = 1.0 + o->eps_high;
-    double *shaped = malloc(sizeof(double) * (size_t)(B > 0 ? B : 1));
-    if (!shaped) return h->error(h, "dapo: out of memory for %d rewards", B);
+    /* penalty[s] shapes the reward the advantages see; adv[s] follows it in the same allocation. */
+    double *penalty = malloc(sizeof(double) * 2 * (size_t)(B > 0 ? B : 1));
+    if (!penalty) return h->error(h, "dapo: out of memory for %d rewards", B);
+    double *adv = penalty + (B > 0 ? B : 1);
 
     double K = 0.0, rew = 0.0, pen = 0.0, n_pen = 0.0;
     int kept = 0;
     for (int s = 0; s < B; s++) {
         const double len = seq_len(b, s);
         const double p = overlong_penalty(o, len);
-        shaped[s] = b->reward[s] + p;
+        penalty[s] = p;
         rew += b->reward[s];
         pen += p;
         n_pen += p != 0.0;
@@ -123,15 +109,13 @@ static int dapo_loss(void *self, const m1c_objective_batch *b, double *loss, flo
             for (int s = g * G; s < (g + 1) * G; s++) K += seq_len(b, s);
         }
     const double scale = K > 0.0 ? 1.0 / K : 0.0;
+    rl_advantages(b->reward, penalty, B, G, o->std_normalize, o->adv_eps, adv);
 
     double L = 0.0, clipped = 0.0, rsum = 0.0, asum = 0.0, aabs = 0.0;
     for (int g = 0; g < n_groups; g++) {
         const int keep = group_kept(o, b->reward, g, G);
-        double mean, std;
-        group_stats(shaped, g, G, &mean, &std);
         for (int s = g * G; s < (g + 1) * G; s++) {
-            double A = 0.0;
-            if (std > 0.0) A = o->std_normalize ? (shaped[s] - mean) / (std + o->adv_eps) : shaped[s] - mean;
+            const double A = adv[s];
             if (keep) {
                 asum += A;
                 aabs += fabs(A);
@@ -153,20 +137,20 @@ static int dapo_loss(void *self, const m1c_objective_batch *b, double *loss, flo
             }
         }
     }
-    free(shaped);
+    free(penalty);
     *loss = -L * scale;
 
     int n = 0;
-    n = put_metric(names, values, max_metrics, n, "groups_kept", kept);
-    n = put_metric(names, values, max_metrics, n, "groups", n_groups);
-    n = put_metric(names, values, max_metrics, n, "clip_frac", clipped * scale);
-    n = put_metric(names, values, max_metrics, n, "ratio_mean", K > 0.0 ? rsum * scale : 1.0);
-    n = put_metric(names, values, max_metrics, n, "adv_mean", kept ? asum / ((double)kept * G) : 0.0);
-    n = put_metric(names, values, max_metrics, n, "adv_abs", kept ? aabs / ((double)kept * G) : 0.0);
-    n = put_metric(names, values, max_metrics, n, "reward_mean", B > 0 ? rew / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "overlong_frac", B > 0 ? n_pen / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "overlong_penalty_mean", B > 0 ? pen / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "tokens", K);
+    n = rl_metric(names, values, max_metrics, n, "groups_kept", kept);
+    n = rl_metric(names, values, max_metrics, n, "groups", n_groups);
+    n = rl_metric(names, values, max_metrics, n, "clip_frac", clipped * scale);
+    n = rl_metric(names, values, max_metrics, n, "ratio_mean", K > 0.0 ? rsum * scale : 1.0);
+    n = rl_metric(names, values, max_metrics, n, "adv_mean", kept ? asum / ((double)kept * G) : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "adv_abs", kept ? aabs / ((double)kept * G) : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "reward_mean", B > 0 ? rew / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "overlong_frac", B > 0 ? n_pen / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "overlong_penalty_mean", B > 0 ? pen / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "tokens", K);
     return n;
 }
 

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include "m1c/plugin.h"
+#include "../common/rl.h"
 
 typedef struct grpo {
     const m1c_host *h;
@@ -34,30 +35,6 @@ static int grpo_create(const m1c_host *h, const m1c_settings *s, void **self) {
 
 static void grpo_destroy(void *self) { free(self); }
 
-static int put_metric(const char **names, double *values, int max, int n, const char *name, double v) {
-    if (n >= max) return n;
-    names[n] = name;
-    values[n] = v;
-    return n + 1;
-}
-
-/* Population mean and std of the rewards of group g (G = 2, rewards {1, 0}: A = +-1). */
-static void group_stats(const float *reward, int g, int G, double *mean, double *std) {
-    double s = 0.0, ss = 0.0;
-    for (int i = 0; i < G; i++) s += reward[g * G + i];
-    *mean = s / G;
-    for (int i = 0; i < G; i++) {
-        const double d = reward[g * G + i] - *mean;
-        ss += d * d;
-    }
-    *std = sqrt(ss / G);
-}
-
-static double advantage(double r, double mean, double std, int std_normalize, double adv_eps) {
-    if (std == 0.0) return 0.0; /* all rewards of the group equal: no signal (and no 0/0 if adv_eps = 0) */
-    return std_normalize ? (r - mean) / (std + adv_eps) : r - mean;
-}
-
 /* Per token: surr = min(r A, clip(r) A), kl = exp(ref - logp) - (ref - logp) - 1 (k3, >= 0).
  * loss = -1/n_seq * sum_i 1/|o_i| * sum_t mask * (surr - kl_coef * kl), over sequences with tokens.
  * d surr/d logp = A r on the unclipped branch, 0 where the clipped (constant) branch is the min;
@@ -67,12 +44,13 @@ static int grpo_loss(void *self, const m1c_objective_batch *b, double *loss, flo
     const grpo *o = self;
     const m1c_host *h = o->h;
     const int B = b->B, T = b->T, G = b->group;
-    if (!b->reward) return h->error(h, "grpo needs per-sequence rewards (batch reward is NULL)");
-    if (G < 1 || B % G != 0)
-        return h->error(h, "grpo: batch of %d sequences is not a whole number of groups of %d", B, G);
+    if (rl_check_batch(h, b, "grpo") != M1C_OK) return M1C_ERR;
     if (o->kl_coef > 0.0 && !b->ref_logp)
         return h->error(h, "grpo: setting kl_coef = %g needs reference log-probabilities (ref_logp is NULL)",
                         o->kl_coef);
+    double *adv = malloc(sizeof(double) * (size_t)(B > 0 ? B : 1));
+    if (!adv) return h->error(h, "grpo: out of memory for %d advantages", B);
+    rl_advantages(b->reward, NULL, B, G, o->std_normalize, o->adv_eps, adv);
     const double lo = 1.0 - o->eps, hi = 1.0 + o->eps;
 
     int n_seq = 0;
@@ -83,52 +61,49 @@ static int grpo_loss(void *self, const m1c_objective_batch *b, double *loss, flo
     }
 
     double L = 0.0, clipped = 0.0, rsum = 0.0, klsum = 0.0, msum = 0.0, asum = 0.0, aabs = 0.0, rew = 0.0;
-    for (int g = 0; g < B / G; g++) {
-        double mean, std;
-        group_stats(b->reward, g, G, &mean, &std);
-        for (int s = g * G; s < (g + 1) * G; s++) {
-            const double A = advantage(b->reward[s], mean, std, o->std_normalize, o->adv_eps);
-            asum += A;
-            aabs += fabs(A);
-            rew += b->reward[s];
-            double ms = 0.0;
-            for (int t = 0; t < T; t++) ms += b->mask ? b->mask[(int64_t)s * T + t] : 1.0;
-            /* Each sequence weighs 1/n_seq, shared by its tokens. */
-            const double wseq = ms > 0.0 ? 1.0 / (ms * n_seq) : 0.0;
-            for (int t = 0; t < T; t++) {
-                const int64_t i = (int64_t)s * T + t;
-                const double m = b->mask ? b->mask[i] : 1.0;
-                const double r = b->old_logp ? exp((double)b->logp[i] - b->old_logp[i]) : 1.0;
-                const double rc = r < lo ? lo : (r > hi ? hi : r);
-                const int take_clip = rc * A < r * A; /* the min picks the constant clipped branch */
-                const double surr = take_clip ? rc * A : r * A;
-                const double dsurr = take_clip ? 0.0 : r * A;
-                double kl = 0.0, dkl = 0.0;
-                if (b->ref_logp) {
-                    const double d = (double)b->ref_logp[i] - b->logp[i];
-                    kl = exp(d) - d - 1.0;
-                    dkl = 1.0 - exp(d);
-                }
-                L += wseq * m * (surr - o->kl_coef * kl);
-                dlogp[i] = (float)(-wseq * m * (dsurr - o->kl_coef * dkl));
-                clipped += m * take_clip;
-                rsum += m * r;
-                klsum += m * kl;
-                msum += m;
+    for (int s = 0; s < B; s++) {
+        const double A = adv[s];
+        asum += A;
+        aabs += fabs(A);
+        rew += b->reward[s];
+        double ms = 0.0;
+        for (int t = 0; t < T; t++) ms += b->mask ? b->mask[(int64_t)s * T + t] : 1.0;
+        /* Each sequence weighs 1/n_seq, shared by its tokens. */
+        const double wseq = ms > 0.0 ? 1.0 / (ms * n_seq) : 0.0;
+        for (int t = 0; t < T; t++) {
+            const int64_t i = (int64_t)s * T + t;
+            const double m = b->mask ? b->mask[i] : 1.0;
+            const double r = b->old_logp ? exp((double)b->logp[i] - b->old_logp[i]) : 1.0;
+            const double rc = r < lo ? lo : (r > hi ? hi : r);
+            const int take_clip = rc * A < r * A; /* the min picks the constant clipped branch */
+            const double surr = take_clip ? rc * A : r * A;
+            const double dsurr = take_clip ? 0.0 : r * A;
+            double kl = 0.0, dkl = 0.0;
+            if (b->ref_logp) {
+                const double d = (double)b->ref_logp[i] - b->logp[i];
+                kl = exp(d) - d - 1.0;
+                dkl = 1.0 - exp(d);
             }
+            L += wseq * m * (surr - o->kl_coef * kl);
+            dlogp[i] = (float)(-wseq * m * (dsurr - o->kl_coef * dkl));
+            clipped += m * take_clip;
+            rsum += m * r;
+            klsum += m * kl;
+            msum += m;
         }
     }
+    free(adv);
     *loss = -L;
 
     const double tok = msum > 0.0 ? 1.0 / msum : 0.0;
     int n = 0;
-    n = put_metric(names, values, max_metrics, n, "clip_frac", clipped * tok);
-    n = put_metric(names, values, max_metrics, n, "ratio_mean", msum > 0.0 ? rsum * tok : 1.0);
-    n = put_metric(names, values, max_metrics, n, "kl", klsum * tok);
-    n = put_metric(names, values, max_metrics, n, "adv_mean", B > 0 ? asum / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "adv_abs", B > 0 ? aabs / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "reward_mean", B > 0 ? rew / B : 0.0);
-    n = put_metric(names, values, max_metrics, n, "tokens", msum);
+    n = rl_metric(names, values, max_metrics, n, "clip_frac", clipped * tok);
+    n = rl_metric(names, values, max_metrics, n, "ratio_mean", msum > 0.0 ? rsum * tok : 1.0);
+    n = rl_metric(names, values, max_metrics, n, "kl", klsum * tok);
+    n = rl_metric(names, values, max_metrics, n, "adv_mean", B > 0 ? asum / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "adv_abs", B > 0 ? aabs / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "reward_mean", B > 0 ? rew / B : 0.0);
+    n = rl_metric(names, values, max_metrics, n, "tokens", msum);
     return n;
 }
 

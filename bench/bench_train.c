@@ -1,0 +1,146 @@
+/* CPU training-step benchmark: tokens/s of forward + backward + AdamW on random tokens, for the
+ * fixed reference shape of the issue tracker (byte vocabulary, H 256, 8 layers 7:1, MoE 4 experts
+ * top-2) and for any config given on the command line (its model and first stage's B x T).
+ *
+ *   m1c_bench_train [--steps N] [--threads N] [CONFIG ...]
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/host.h"
+#include "../core/plan.h"
+#include "../core/rng.h"
+#include "../core/session.h"
+#include "../core/timer.h"
+
+/* The fixed shape: vocabulary 256, H 256, 8 layers (7 lightning : 1 softmax), lightning 8 x 32 with
+ * block 64, softmax 8 query + 4 KV heads x 32, 4 experts top-2 with F 512, B 8, T 256. */
+static const char reference_cfg[] =
+    "model = { vocab_size = 256; hidden = 256; layers = 8;\n"
+    "  pattern = [\"lin\", \"lin\", \"lin\", \"lin\", \"lin\", \"lin\", \"lin\", \"sm\"];\n"
+    "  types = { lin = { attention = { plugin = \"lightning\"; heads = 8; head_dim = 32; block_size = 64; }; };\n"
+    "            sm = { attention = { plugin = \"softmax\"; heads = 8; kv_heads = 4; head_dim = 32; }; }; };\n"
+    "  ffn = { plugin = \"topk\"; experts = 4; top_k = 2; ffn_dim = 512; }; };\n"
+    "run = { stages = ( { name = \"bench\"; data = { plugin = \"synth-math\"; }; objective = { plugin = \"xent\"; };\n"
+    "  optimizer = { plugin = \"adamw\"; }; steps = 10; batch = 8; seq_len = 256; } ); };\n";
+
+typedef struct result {
+    const char *name;
+    int B, T;
+    int64_t params;
+    double tok_s, ms, gflops;
+} result;
+
+static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_err *e) {
+    m1c_session s;
+    memset(&s, 0, sizeof s);
+    s.cfg = cfg;
+    m1c_settings *root = m1c_config_root(cfg);
+    int rc = m1c_model_spec_read(&s.spec.model, m1c_cfg_group(root, "model", M1C_REQUIRED, e), e);
+    if (rc) return rc;
+    m1c_settings *stage = m1c_cfg_elem(m1c_cfg_group(root, "run", M1C_REQUIRED, e), "stages", 0);
+    int64_t B = 8, T = 256;
+    if (stage) {
+        m1c_cfg_int(stage, "batch", M1C_OPTIONAL, 8, 1, 1 << 20, &B, e);
+        m1c_cfg_int(stage, "seq_len", M1C_OPTIONAL, 256, 1, 1 << 24, &T, e);
+    }
+    if (s.spec.model.vocab_size <= 0) s.spec.model.vocab_size = 259; /* byte tokenizer + 3 specials */
+    m1c_registry_init(&s.reg);
+    s.have_spec = 1;
+    m1c_plugin *optp = NULL;
+    void *opt = NULL;
+    m1c_config *empty = NULL;
+    m1c_run r;
+    memset(&r, 0, sizeof r);
+    m1c_arena state;
+    m1c_arena_init(&state, M1C_DEVICE_CPU);
+    int32_t *tok = NULL;
+    float *mask = NULL;
+    rc = m1c_session_build_model(&s, 1, e);
+    if (!rc) rc = m1c_model_alloc_grads(&s.model, e);
+    if (!rc) rc = m1c_registry_load(&s.reg, "adamw", NULL, M1C_KIND_OPTIMIZER, &optp, e);
+    if (!rc) rc = m1c_config_parse(&empty, "", "adamw", NULL, NULL, 0, e);
+    if (!rc && M1C_OPTIMIZER(optp)->create(&optp->host, m1c_config_root(empty), &opt))
+        rc = m1c_plugin_fail(optp, e, "create");
+    m1c_model *m = &s.model;
+    if (!rc) {
+        const char *names[4];
+        int ns = M1C_OPTIMIZER(optp)->state(opt, names, 4);
+        for (int i = 0; i < m->params.n; i++)
+            for (int j = 0; j < ns; j++) m1c_arena_add(&state, names[j], M1C_F32, m->params.t[i].ndim, m->params.t[i].shape);
+        rc = m1c_arena_alloc(&state, e);
+    }
+    if (!rc) rc = m1c_run_init(&r, m, (int)B, (int)T, 1, e);
+    if (!rc) {
+        tok = malloc((size_t)(B * (T + 1)) * sizeof *tok);
+        mask = malloc((size_t)(B * T) * sizeof *mask);
+        m1c_rng g;
+        m1c_rng_seed(&g, 42, 0);
+        for (int64_t i = 0; i < B * (T + 1); i++) tok[i] = (int32_t)(m1c_rng_u64(&g) % (uint64_t)m->V);
+        double t0 = 0;
+        for (int it = 0; it < steps + 2 && !rc; it++) {
+            if (it == 2) t0 = m1c_now(); /* two warm-up steps */
+            m1c_arena_zero(&m->grads);
+            rc = m1c_model_forward(m, &r, tok, e);
+            for (int64_t i = 0; i < B * T; i++) r.dlogp[i] = -1.0f / (float)(B * T);
+            if (!rc) rc = m1c_model_backward(m, &r, e);
+            m1c_optim_step os = {it + 1, 1e-4f, m->params.n, M1C_DEVICE_CPU, m->params.t, m->grads.t, state.t,
+                                 m->no_decay, {0}};
+            if (!rc && M1C_OPTIMIZER(optp)->step(opt, &os)) rc = m1c_plugin_fail(optp, e, "step");
+        }
+        double dt = (m1c_now() - t0) / steps;
+        m1c_plan p;
+        double flops = 0;
+        if (!rc && m1c_plan_compute(&s, T / 2, &p, e) == M1C_OK) flops = p.flops_train, m1c_plan_free(&p);
+        *out = (result){name, (int)B, (int)T, m1c_model_param_count(m), (double)(B * T) / dt, dt * 1e3,
+                        flops * (double)(B * T) / dt * 1e-9};
+    }
+    free(tok);
+    free(mask);
+    if (r.attn) m1c_run_free(&r, m);
+    m1c_arena_free(&state);
+    if (opt) M1C_OPTIMIZER(optp)->destroy(opt);
+    if (empty) m1c_config_free(empty);
+    s.cfg = NULL; /* owned by the caller */
+    m1c_session_close(&s);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    int steps = 10, threads = 0, n = 0;
+    const char *configs[16];
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (argv[i][0] != '-' && n < 16) configs[n++] = argv[i];
+        else {
+            fprintf(stderr, "usage: m1c_bench_train [--steps N] [--threads N] [CONFIG ...]\n");
+            return 1;
+        }
+    }
+    if (steps < 1) steps = 1;
+    m1c_set_threads(threads);
+    result res[17];
+    int nr = 0;
+    m1c_err e = {{0}};
+    for (int c = -1; c < n; c++) {
+        m1c_config *cfg = NULL;
+        int rc = c < 0 ? m1c_config_parse(&cfg, reference_cfg, "reference-shape", NULL, NULL, 0, &e)
+                       : m1c_config_load(&cfg, configs[c], NULL, 0, &e);
+        if (!rc) rc = bench(c < 0 ? "reference shape (H256, 8L 7:1, 4E top-2)" : configs[c], cfg, steps, &res[nr], &e);
+        if (cfg) m1c_config_free(cfg);
+        if (rc) {
+            fprintf(stderr, "m1c_bench_train: %s\n", e.msg);
+            return 1;
+        }
+        nr++;
+    }
+    printf("\nCPU training step (forward + backward + AdamW), %d threads, %d timed steps\n", m1c_get_threads(), steps);
+    printf("%-44s %6s %6s %10s %10s %10s %9s\n", "model", "B", "T", "params", "ms/step", "tokens/s", "GFLOP/s");
+    for (int i = 0; i < nr; i++)
+        printf("%-44s %6d %6d %10lld %10.1f %10.0f %9.1f\n", res[i].name, res[i].B, res[i].T, (long long)res[i].params,
+               res[i].ms, res[i].tok_s, res[i].gflops);
+    return 0;
+}
