@@ -146,6 +146,33 @@ void m1c_model_spec_free(m1c_model_spec *m) {
 
 /* ---- run ------------------------------------------------------------------------------------ */
 
+/* `data`: one slot group, or a list of slot groups each with a `weight` (read here, by the core). */
+static int read_data(m1c_stage_spec *st, m1c_settings *s, m1c_err *e) {
+    int n = m1c_cfg_len(s, "data");
+    if (n <= 0) {
+        st->n_data = 1;
+        st->data = m1c_xcalloc(1, sizeof *st->data);
+        st->data_weight = m1c_xcalloc(1, sizeof *st->data_weight);
+        st->data_weight[0] = 1.0;
+        return read_slot(s, "data", NULL, &st->data[0], e);
+    }
+    st->n_data = n;
+    st->data = m1c_xcalloc((size_t)n, sizeof *st->data);
+    st->data_weight = m1c_xcalloc((size_t)n, sizeof *st->data_weight);
+    double total = 0;
+    for (int i = 0; i < n; i++) {
+        m1c_settings *g = m1c_cfg_elem(s, "data", i);
+        if (!g) return m1c_cfg_fail(s, "data", i, e, "expected a data source group { plugin = ...; weight = ...; }");
+        TRY(m1c_cfg_string(g, "plugin", M1C_REQUIRED, NULL, NULL, &st->data[i].plugin, e));
+        if (!st->data[i].plugin[0]) return m1c_cfg_fail(g, "plugin", -1, e, "empty plugin name");
+        TRY(m1c_cfg_float(g, "weight", M1C_OPTIONAL, 1.0, 0.0, 1e9, &st->data_weight[i], e));
+        st->data[i].settings = g;
+        total += st->data_weight[i];
+    }
+    if (total <= 0) return m1c_cfg_fail(s, "data", -1, e, "the weights of the data sources sum to 0");
+    return M1C_OK;
+}
+
 static int read_stage(m1c_stage_spec *st, m1c_settings *s, const m1c_run_spec *r, m1c_err *e) {
     st->settings = s;
     TRY(get_choice(s, "kind", "pretrain", stage_kinds, &st->kind, e));
@@ -159,7 +186,7 @@ static int read_stage(m1c_stage_spec *st, m1c_settings *s, const m1c_run_spec *r
     st->seed = (uint64_t)seed;
     TRY(get_choice(s, "device", devices[r->device], devices, &st->device, e));
 
-    TRY(read_slot(s, "data", NULL, &st->data, e));
+    TRY(read_data(st, s, e));
     TRY(read_slot(s, "objective", st->kind == M1C_STAGE_RL ? "cispo" : "xent", &st->objective, e));
     TRY(read_slot(s, "optimizer", "adamw", &st->optimizer, e));
 
@@ -244,6 +271,10 @@ int m1c_run_spec_read(m1c_run_spec *r, m1c_settings *s, m1c_err *e) {
 }
 
 void m1c_run_spec_free(m1c_run_spec *r) {
+    for (int i = 0; r->stages && i < r->n_stages; i++) {
+        free(r->stages[i].data);
+        free(r->stages[i].data_weight);
+    }
     free(r->stages);
     memset(r, 0, sizeof *r);
 }
@@ -331,9 +362,10 @@ static int check_simple(m1c_registry *reg, m1c_spec *spec, m1c_slot *slot, int k
     return slot_done(slot, e);
 }
 
-static int check_data(m1c_registry *reg, m1c_spec *spec, m1c_stage_spec *st, m1c_err *e) {
+static int check_data(m1c_registry *reg, m1c_spec *spec, m1c_stage_spec *st, m1c_slot *slot, int32_t specials[4],
+                      m1c_err *e) {
     m1c_plugin *p;
-    TRY(load_slot(reg, spec->config, &st->data, M1C_KIND_DATA, &p, e));
+    TRY(load_slot(reg, spec->config, slot, M1C_KIND_DATA, &p, e));
     m1c_data_info info = {0};
     info.size = sizeof info;
     info.rank = 0;
@@ -342,20 +374,30 @@ static int check_data(m1c_registry *reg, m1c_spec *spec, m1c_stage_spec *st, m1c
     info.base_dir = m1c_config_dir(spec->config);
     void *self = NULL;
     p->error[0] = 0;
-    if (M1C_DATA(p)->create(&p->host, st->data.settings, &info, &self)) return create_failed(p, &st->data, e);
+    if (M1C_DATA(p)->create(&p->host, slot->settings, &info, &self)) return create_failed(p, slot, e);
     int32_t V = 0, bos, eos, pad;
     int rc = M1C_DATA(p)->vocab(self, &V, &bos, &eos, &pad);
     M1C_DATA(p)->destroy(self);
-    if (rc) return create_failed(p, &st->data, e);
+    if (rc) return create_failed(p, slot, e);
+    /* The sources of a mixture share one tokenizer: same size and special tokens. */
+    int32_t mine[4] = {V, bos, eos, pad};
+    if (specials[0] < 0) {
+        memcpy(specials, mine, sizeof mine);
+    } else if (memcmp(specials, mine, sizeof mine)) {
+        return m1c_cfg_fail(slot->settings, NULL, -1, e,
+                            "plugin '%s': its tokenizer (%d tokens, bos %d, eos %d, pad %d) differs from the stage's "
+                            "first data source (%d tokens, bos %d, eos %d, pad %d)",
+                            slot->plugin, V, bos, eos, pad, specials[0], specials[1], specials[2], specials[3]);
+    }
     m1c_model_spec *m = &spec->model;
     if (m->vocab_size == 0) {
         m->vocab_size = V; /* the first stage's tokenizer sizes the model */
     } else if (V > m->vocab_size) {
-        return m1c_cfg_fail(st->data.settings, NULL, -1, e,
+        return m1c_cfg_fail(slot->settings, NULL, -1, e,
                             "the tokenizer of plugin '%s' has %d tokens, more than model.vocab_size %lld",
-                            st->data.plugin, (int)V, (long long)m->vocab_size);
+                            slot->plugin, (int)V, (long long)m->vocab_size);
     }
-    return slot_done(&st->data, e);
+    return slot_done(slot, e);
 }
 
 int m1c_spec_check_plugins(m1c_spec *spec, m1c_registry *reg, m1c_err *e) {
@@ -367,7 +409,8 @@ int m1c_spec_check_plugins(m1c_spec *spec, m1c_registry *reg, m1c_err *e) {
     TRY(check_layer(reg, spec, &m->ffn, M1C_KIND_MOE, 0, e));
     for (int i = 0; i < spec->run.n_stages; i++) {
         m1c_stage_spec *st = &spec->run.stages[i];
-        TRY(check_data(reg, spec, st, e));
+        int32_t specials[4] = {-1, -1, -1, -1};
+        for (int k = 0; k < st->n_data; k++) TRY(check_data(reg, spec, st, &st->data[k], specials, e));
         TRY(check_simple(reg, spec, &st->objective, M1C_KIND_OBJECTIVE, e));
         TRY(check_simple(reg, spec, &st->optimizer, M1C_KIND_OPTIMIZER, e));
     }

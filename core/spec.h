@@ -65,7 +65,12 @@ typedef struct m1c_schedule_spec {
 typedef struct m1c_stage_spec {
     const char *name; /* unique among stages; checkpoints and metrics carry it */
     int kind;         /* m1c_stage_kind */
-    m1c_slot data, objective, optimizer;
+    /* Data: one plugin slot, or a mixture of several (`data = ( { plugin = ...; weight = w; ... }, ... )`):
+     * each row of a batch is drawn from source i with probability weight_i / sum(weights). */
+    int n_data;
+    m1c_slot *data;      /* [n_data] */
+    double *data_weight; /* [n_data] */
+    m1c_slot objective, optimizer;
     m1c_schedule_spec schedule;
     int64_t steps;   /* optimizer steps in this stage */
     int batch;       /* B: sequences per step (RL: prompts x group) */

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "checkpoint.h"
+#include "datamix.h"
 #include "log.h"
 #include "metrics.h"
 #include "ops.h"
@@ -38,8 +39,9 @@ static void set_training(m1c_model *m, m1c_run *r, int training) {
 /* Everything a stage holds while it runs. */
 typedef struct stage_ctx {
     const m1c_stage_spec *st;
-    m1c_plugin *data_p, *obj_p, *opt_p;
-    void *data, *obj, *opt;
+    m1c_datamix data;
+    m1c_plugin *obj_p, *opt_p;
+    void *obj, *opt;
     m1c_arena opt_state;
     int n_state;
     m1c_run run;
@@ -52,13 +54,10 @@ static int stage_open(stage_ctx *c, m1c_session *s, const m1c_stage_spec *st, m1
     c->st = st;
     m1c_model *m = &s->model;
     const char *base = m1c_config_dir(s->cfg);
-    if (m1c_registry_load(&s->reg, st->data.plugin, base, M1C_KIND_DATA, &c->data_p, e) ||
+    if (m1c_datamix_open(&c->data, s, st, e) ||
         m1c_registry_load(&s->reg, st->objective.plugin, base, M1C_KIND_OBJECTIVE, &c->obj_p, e) ||
         m1c_registry_load(&s->reg, st->optimizer.plugin, base, M1C_KIND_OPTIMIZER, &c->opt_p, e))
         return M1C_ERR;
-    m1c_data_info di = {sizeof di, 0, 1, st->seed, base, {0}};
-    if (M1C_DATA(c->data_p)->create(&c->data_p->host, st->data.settings, &di, &c->data))
-        return m1c_plugin_fail(c->data_p, e, "create");
     if (M1C_OBJECTIVE(c->obj_p)->create(&c->obj_p->host, st->objective.settings, &c->obj))
         return m1c_plugin_fail(c->obj_p, e, "create");
     const m1c_optimizer_vtable *ov = M1C_OPTIMIZER(c->opt_p);
@@ -81,7 +80,7 @@ static int stage_open(stage_ctx *c, m1c_session *s, const m1c_stage_spec *st, m1
 }
 
 static void stage_close(stage_ctx *c, m1c_model *m) {
-    if (c->data) M1C_DATA(c->data_p)->destroy(c->data);
+    m1c_datamix_close(&c->data);
     if (c->obj) M1C_OBJECTIVE(c->obj_p)->destroy(c->obj);
     if (c->opt) M1C_OPTIMIZER(c->opt_p)->destroy(c->opt);
     m1c_arena_free(&c->opt_state);
@@ -92,9 +91,7 @@ static void stage_close(stage_ctx *c, m1c_model *m) {
 }
 
 static int next_batch(stage_ctx *c, int split, m1c_err *e) {
-    if (M1C_DATA(c->data_p)->next_batch(c->data, split, c->st->batch, c->st->seq_len, c->tokens, c->mask))
-        return m1c_plugin_fail(c->data_p, e, "next_batch");
-    return M1C_OK;
+    return m1c_datamix_next(&c->data, split, c->st->batch, c->st->seq_len, c->tokens, c->mask, e);
 }
 
 /* Mean negative log-likelihood over the masked tokens of `batches` validation batches. */
@@ -115,27 +112,28 @@ static int evaluate(stage_ctx *c, m1c_model *m, int batches, double *val_loss, m
 /* Unigram entropy (nats/token) of the training targets over a few batches of a fresh data instance:
  * the loss of a model that ignores context; training must go clearly below it. */
 static double unigram_entropy(stage_ctx *c, m1c_session *s, int batches) {
-    m1c_data_info di = {sizeof di, 0, 1, c->st->seed, m1c_config_dir(s->cfg), {0}};
-    void *d = NULL;
-    const m1c_data_vtable *vt = M1C_DATA(c->data_p);
-    if (vt->create(&c->data_p->host, c->st->data.settings, &di, &d)) return NAN;
-    int V = s->model.V;
-    double *cnt = m1c_xcalloc((size_t)V, sizeof *cnt), total = 0;
-    int64_t N = (int64_t)c->st->batch * c->st->seq_len;
-    int T = c->st->seq_len;
-    for (int i = 0; i < batches; i++) {
-        if (vt->next_batch(d, M1C_SPLIT_TRAIN, c->st->batch, T, c->tokens, c->mask)) break;
-        for (int64_t j = 0; j < N; j++) {
-            int32_t tg = c->tokens[(j / T) * (T + 1) + j % T + 1];
-            if (c->mask[j] > 0 && tg >= 0 && tg < V) cnt[tg] += 1, total += 1;
+    m1c_datamix d;
+    m1c_err e;
+    double h = NAN;
+    if (m1c_datamix_open(&d, s, c->st, &e) == M1C_OK) {
+        int V = s->model.V, T = c->st->seq_len;
+        double *cnt = m1c_xcalloc((size_t)V, sizeof *cnt), total = 0;
+        int64_t N = (int64_t)c->st->batch * T;
+        for (int i = 0; i < batches; i++) {
+            if (m1c_datamix_next(&d, M1C_SPLIT_TRAIN, c->st->batch, T, c->tokens, c->mask, &e)) break;
+            for (int64_t j = 0; j < N; j++) {
+                int32_t tg = c->tokens[(j / T) * (T + 1) + j % T + 1];
+                if (c->mask[j] > 0 && tg >= 0 && tg < V) cnt[tg] += 1, total += 1;
+            }
         }
+        h = 0;
+        for (int v = 0; v < V; v++)
+            if (cnt[v] > 0) h -= cnt[v] / total * log(cnt[v] / total);
+        if (total <= 0) h = NAN;
+        free(cnt);
     }
-    vt->destroy(d);
-    double h = 0;
-    for (int v = 0; v < V; v++)
-        if (cnt[v] > 0) h -= cnt[v] / total * log(cnt[v] / total);
-    free(cnt);
-    return total > 0 ? h : NAN;
+    m1c_datamix_close(&d);
+    return h;
 }
 
 static void fmt_duration(char *buf, size_t n, double s) {
@@ -146,14 +144,9 @@ static void fmt_duration(char *buf, size_t n, double s) {
 }
 
 static int save(stage_ctx *c, m1c_session *s, int stage_idx, int64_t step, double loss, char *out_path, m1c_err *e) {
-    const m1c_data_vtable *dv = M1C_DATA(c->data_p);
-    int64_t n = dv->save_position(c->data, NULL, 0);
-    if (n < 0) return m1c_plugin_fail(c->data_p, e, "save_position");
-    void *pos = m1c_xmalloc((size_t)n + 1);
-    if (dv->save_position(c->data, pos, n) != n) {
-        free(pos);
-        return m1c_plugin_fail(c->data_p, e, "save_position");
-    }
+    int64_t n = 0;
+    void *pos = m1c_datamix_save(&c->data, &n, e);
+    if (!pos) return M1C_ERR;
     char *dir = m1c_xasprintf("%s/%s/step-%06lld", s->spec.run.out_dir, c->st->name, (long long)step);
     m1c_ckpt_state cs = {stage_idx, c->st->name, step, s->spec.run.seed, pos, n, loss};
     int rc = m1c_ckpt_save(dir, &s->model, &c->opt_state, &cs, s->cfg, e);
@@ -203,8 +196,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
     if (!rc && resume) {
         start = resume->step;
         rc = m1c_ckpt_load_optimizer(resume_dir, &c.opt_state, e);
-        if (!rc && M1C_DATA(c.data_p)->load_position(c.data, resume->data_position, resume->data_position_len))
-            rc = m1c_plugin_fail(c.data_p, e, "load_position");
+        if (!rc) rc = m1c_datamix_load(&c.data, resume->data_position, resume->data_position_len, e);
         if (!rc) M1C_INFO("resuming stage '%s' after step %lld from %s", st->name, (long long)start, resume_dir);
     }
     if (rc) {

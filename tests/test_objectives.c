@@ -515,6 +515,40 @@ Test(dapo, finite_differences) {
     obj_free(&o);
 }
 
+/* ---- the shared group advantages ------------------------------------------------------------------ */
+
+/* The three RL objectives share one advantage helper. A group of 3 (the tiny batches above all use 2, where
+ * A = +-1 whatever the normalisation) with rewards {1, 0, 0.5}: mean 0.5, population std sqrt(1/6), so
+ * A = {+-0.5, 0} / (sqrt(1/6) + 1e-6) = {+-1.2247, 0}; a sample std (n - 1) would give +-1. One token per
+ * sequence, on-policy (r = 1): all three reduce to dlogp = -A / B (grpo: 1/B per sequence of one token;
+ * cispo and dapo: 1/B per token). With B = 6 a second group with equal rewards must get A = 0 (dapo:
+ * dynamic sampling off, so it stays in and the normaliser is 6). */
+Test(objectives, group_advantages_population_std) {
+    const char *rl[3] = {"cispo", "grpo", "dapo"};
+    const char *settings[3] = {"", "", "dynamic_sampling = false;"};
+    float logp[6] = {-1, -2, -0.5f, -1, -1, -1}, mask[6] = {1, 1, 1, 1, 1, 1};
+    float reward[6] = {1, 0, 0.5f, 2, 2, 2};
+    const double A = 0.5 / (sqrt(1.0 / 6.0) + 1e-6); /* adv_eps 1e-6 */
+    const double want[3] = {-A, A, 0.0};
+    for (int k = 0; k < 3; k++) {
+        obj o;
+        float d[6];
+        obj_new(&o, rl[k], settings[k]);
+        for (int B = 3; B <= 6; B += 3) {
+            m1c_objective_batch b = {.B = B, .T = 1, .group = 3, .logp = logp, .mask = mask, .reward = reward};
+            obj_loss(&o, &b, d);
+            for (int s = 0; s < 3; s++) /* f32 dlogp: 1e-7 relative covers its rounding */
+                EXPECT_NEAR(d[s], want[s] / B, 1e-9, 1e-7, "%s B=%d: dlogp[%d] = %.9g, want %.9g", rl[k], B, s,
+                            d[s], want[s] / B);
+            for (int s = 3; s < B; s++)
+                cr_expect_eq(d[s], 0.0f, "%s: equal rewards, dlogp[%d] = %g", rl[k], s, d[s]);
+            /* mean |A| over the sequences, in double throughout */
+            EXPECT_NEAR(metric(&o, "adv_abs"), 2.0 * A / B, 1e-12, 1e-12, "%s B=%d: adv_abs", rl[k], B);
+        }
+        obj_free(&o);
+    }
+}
+
 /* ---- refusals ------------------------------------------------------------------------------------- */
 
 static void expect_refused(const char *plugin, const char *settings, const char *key) {
@@ -534,6 +568,25 @@ Test(objectives, settings_validation) {
     expect_refused("grpo", "kl_coef = -1.0;", "kl_coef");
     expect_refused("dapo", "max_len = 4; cache_len = 5;", "cache_len");
     expect_refused("dapo", "cache_len = 5;", "cache_len");
+}
+
+/* DAPO's cache_len is refused for its relation to max_len, after the getters: the error must still
+ * carry the file, the line of cache_len (not max_len's, which sits on another line) and the key. */
+static void expect_refused_at(const char *plugin, const char *settings, const char *where) {
+    obj o;
+    cr_expect_eq(obj_create(&o, plugin, settings), M1C_ERR, "%s { %s } was accepted", plugin, settings);
+    cr_expect(strstr(o.p->error, where) != NULL, "%s { %s }: error does not start at %s: %s", plugin, settings,
+              where, o.p->error);
+    cr_log_info("refused: %s", o.p->error);
+    obj_free(&o);
+}
+
+Test(objectives, relation_errors_name_line_and_key) {
+    expect_refused_at("dapo", "max_len = 4;\ncache_len = 5;\n",
+                      "test.cfg:2: cache_len: 5 exceeds max_len = 4");
+    expect_refused_at("dapo", "cache_len = 5;\n\nmax_len = 4;\n", "test.cfg:1: cache_len: 5 exceeds");
+    expect_refused_at("dapo", "eps_low = 0.2;\n\ncache_len = 3;\n",
+                      "test.cfg:3: cache_len: 3 needs max_len");
 }
 
 Test(objectives, batch_refusals) {

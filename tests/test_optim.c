@@ -203,3 +203,23 @@ Test(adamw, settings_validation) {
                  o.p->error);
     opt_free(&o);
 }
+
+/* beta = 1 passes the getter's closed range [0, 1] and is refused afterwards through settings_error: the
+ * message must still point at the file, the line of the offending key and the key itself. The keys sit
+ * on different lines so that a wrong line number (the group's, or the other key's) shows. */
+static void expect_refused_at(const char *settings, const char *where, const char *key) {
+    opt o;
+    cr_expect_eq(opt_create(&o, settings), M1C_ERR, "'%s' was accepted", settings);
+    cr_expect(strstr(o.p->error, where) != NULL, "'%s': error does not start at %s: %s", settings, where,
+              o.p->error);
+    cr_expect(strstr(o.p->error, key) != NULL, "'%s': error does not name %s: %s", settings, key, o.p->error);
+    cr_log_info("refused: %s", o.p->error);
+    opt_free(&o);
+}
+
+Test(adamw, beta_one_error_names_line_and_key) {
+    expect_refused_at("beta1 = 0.9;\nbeta2 = 1.0;\n", "test.cfg:2: beta2: must be < 1, got 1",
+                      "1 - beta2^t");
+    expect_refused_at("eps = 1e-8;\n\nbeta1 = 1.0;\nbeta2 = 0.95;\n",
+                      "test.cfg:3: beta1: must be < 1, got 1", "1 - beta1^t");
+}

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "../checkpoint.h"
+#include "../datamix.h"
 #include "../rng.h"
 #include "../sample.h"
 #include "../session.h"
@@ -34,15 +35,14 @@ static int parse_num(const char *opt, const char *s, double lo, double hi, doubl
 static int generate(m1c_session *s, const char *prompt, int max_new, const m1c_sampler *sm, uint64_t seed,
                     m1c_err *e) {
     m1c_model *m = &s->model;
-    const m1c_stage_spec *st = &s->spec.run.stages[0];
-    m1c_plugin *dp = NULL;
-    if (m1c_registry_load(&s->reg, st->data.plugin, m1c_config_dir(s->cfg), M1C_KIND_DATA, &dp, e)) return M1C_ERR;
-    const m1c_data_vtable *dv = M1C_DATA(dp);
-    m1c_data_info di = {sizeof di, 0, 1, st->seed, m1c_config_dir(s->cfg), {0}};
-    void *data = NULL;
-    if (dv->create(&dp->host, st->data.settings, &di, &data)) return m1c_plugin_fail(dp, e, "create");
-    int32_t V, bos, eos, pad;
-    dv->vocab(data, &V, &bos, &eos, &pad);
+    m1c_datamix mix;
+    if (m1c_datamix_open(&mix, s, &s->spec.run.stages[0], e)) {
+        m1c_datamix_close(&mix);
+        return M1C_ERR;
+    }
+    const m1c_data_vtable *dv = M1C_DATAMIX_TOKENIZER(&mix);
+    void *data = mix.self[0];
+    int32_t bos = mix.bos, eos = mix.eos;
     int64_t len = (int64_t)strlen(prompt);
     int64_t n = dv->encode(data, prompt, len, NULL, 0);
     int32_t *ids = m1c_xmalloc((size_t)(n + 2) * sizeof *ids);
@@ -75,7 +75,7 @@ static int generate(m1c_session *s, const char *prompt, int max_new, const m1c_s
     free(logits);
     free(iwork);
     free(ids);
-    dv->destroy(data);
+    m1c_datamix_close(&mix);
     return rc;
 }
 

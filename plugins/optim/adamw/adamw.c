@@ -30,9 +30,11 @@ static int adamw_create(const m1c_host *h, const m1c_settings *s, void **self) {
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     /* The getters' ranges are closed; beta = 1 would make the bias correction 1 - beta^t zero. */
     if (b1 >= 1.0)
-        return h->settings_error(h, s, "beta1", "%g must be < 1 (bias correction 1 - beta1^t)", b1);
+        return h->settings_error(h, s, "beta1", "must be < 1, got %g (bias correction 1 - beta1^t = 0)",
+                                 b1);
     if (b2 >= 1.0)
-        return h->settings_error(h, s, "beta2", "%g must be < 1 (bias correction 1 - beta2^t)", b2);
+        return h->settings_error(h, s, "beta2", "must be < 1, got %g (bias correction 1 - beta2^t = 0)",
+                                 b2);
 
     adamw *a = calloc(1, sizeof *a);
     if (!a) return h->error(h, "out of memory creating the optimizer");

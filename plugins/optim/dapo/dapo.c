@@ -31,7 +31,7 @@ static int dapo_create(const m1c_host *h, const m1c_settings *s, void **self) {
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     /* Relations between keys, which the getters' ranges cannot express. */
     if (cl > 0 && ml == 0)
-        return h->settings_error(h, s, "cache_len", "%lld needs max_len > 0 (the penalty is off without it)",
+        return h->settings_error(h, s, "cache_len", "%lld needs max_len > 0 (the window ends at max_len)",
                                  (long long)cl);
     if (cl > ml)
         return h->settings_error(h, s, "cache_len", "%lld exceeds max_len = %lld", (long long)cl,
