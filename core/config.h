@@ -1,6 +1,7 @@
 /* Strict configuration on top of libconfig.
  *
- * A config file (libconfig syntax, `@include "x.cfg"` resolved relative to the including file) is
+ * A config file (libconfig syntax, `@include "x.cfg"` resolved relative to the main
+ * file's directory, for nested includes too: libconfig 1.5's rule) is
  * read whole, `-s key.path=value` overrides are applied, and then every part of the program reads
  * its keys through the typed getters below. Each getter checks type and range, fills in the default
  * where the key is absent (so `m1c config show` prints the resolved configuration) and marks the key

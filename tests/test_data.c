@@ -313,37 +313,32 @@ Test(data_text, skips_invalid_utf8_and_nul) {
     free(dir);
 }
 
+/* A create error that names file:line of the settings (th_settings parses them as test.cfg, one line)
+ * and the key path, as h->settings_error writes them, plus `what`. */
+static void assert_setting_error(const char *body, const char *key_path, const char *what, const char *base_dir) {
+    inst x;
+    cr_assert_eq(try_open(&x, "text", body, 1, 0, 1, base_dir), M1C_ERR, "'%s' is accepted", body);
+    cr_assert(strstr(x.p->error, "test.cfg:1") && strstr(x.p->error, key_path) && strstr(x.p->error, what),
+              "'%s': the message should name test.cfg:1, %s and '%s': %s", body, key_path, what, x.p->error);
+    cr_assert(strncmp(x.p->error, "text:", 5), "no plugin-name prefix of our own: %s", x.p->error);
+    m1c_config_free(x.cfg);
+}
+
 Test(data_text, errors_name_the_path) {
     inst x;
-    cr_assert_eq(try_open(&x, "text", "sources = ( { path = \"no/such/file.txt\"; } );", 1, 0, 1, DATA_DIR), M1C_ERR);
-    cr_assert(strstr(x.p->error, "no/such/file.txt"), "message names the path: %s", x.p->error);
-    m1c_config_free(x.cfg);
-
-    cr_assert_eq(try_open(&x, "text", "sources = ( { path = \"plain/*.none\"; } );", 1, 0, 1, DATA_DIR), M1C_ERR);
-    cr_assert(strstr(x.p->error, "plain/*.none"), "message names the glob: %s", x.p->error);
-    m1c_config_free(x.cfg);
-
+    assert_setting_error("sources = ( { path = \"no/such/file.txt\"; } );", "sources.[0].path", "no/such/file.txt",
+                         DATA_DIR);
+    assert_setting_error("sources = ( { path = \"plain/*.none\"; } );", "sources.[0].path", "plain/*.none", DATA_DIR);
     /* the second source is the bad one */
-    cr_assert_eq(try_open(&x, "text", "sources = ( { path = \"plain\"; }, { path = \"missing-dir\"; } );", 1, 0, 1,
-                          DATA_DIR),
-                 M1C_ERR);
-    cr_assert(strstr(x.p->error, "missing-dir") && strstr(x.p->error, "sources[1]"), "%s", x.p->error);
-    m1c_config_free(x.cfg);
-
-    cr_assert_eq(try_open(&x, "text", "sources = ( { path = \"plain\"; exclude = [\"*\"]; } );", 1, 0, 1, DATA_DIR),
-                 M1C_ERR);
-    cr_assert(strstr(x.p->error, "exclude"), "%s", x.p->error);
-    m1c_config_free(x.cfg);
-
-    /* an empty corpus: files exist but hold no document */
-    char *dir = tmp_dir();
-    write_file(dir, "empty.txt", "", 0);
-    write_file(dir, "seps.txt", "%\n%\n", 4);
-    cr_assert_eq(try_open(&x, "text", "sources = ( { path = \".\"; separator = \"%\"; } );", 1, 0, 1, dir), M1C_ERR);
-    cr_assert(strstr(x.p->error, "no documents"), "%s", x.p->error);
-    m1c_config_free(x.cfg);
-    rm_tree(dir);
-    free(dir);
+    assert_setting_error("sources = ( { path = \"plain\"; }, { path = \"missing-dir\"; } );", "sources.[1].path",
+                         "missing-dir", DATA_DIR);
+    assert_setting_error("sources = ( { path = \"plain\"; exclude = [\"*\"]; } );", "sources.[0].exclude",
+                         "every file", DATA_DIR);
+    assert_setting_error("sources = ( { path = \"\"; } );", "sources.[0].path", "empty", DATA_DIR);
+    assert_setting_error("sources = ( { path = \"plain\"; separator = \"a\\nb\"; } );", "sources.[0].separator",
+                         "one line", DATA_DIR);
+    assert_setting_error("sources = ( { path = \"plain\"; weight = 0.0; } );", "sources", "weight 0", DATA_DIR);
+    assert_setting_error("sources = ();", "sources", "at least one source", DATA_DIR);
 
     /* no sources, unknown keys, bad values: refused with the key */
     cr_assert_eq(try_open(&x, "text", "valid_fraction = 0.1;", 1, 0, 1, DATA_DIR), M1C_ERR);
@@ -357,6 +352,60 @@ Test(data_text, errors_name_the_path) {
                  M1C_ERR);
     cr_assert(strstr(x.p->error, "tokenizer"), "%s", x.p->error);
     m1c_config_free(x.cfg);
+}
+
+/* The corpus is read on first use: create looks at paths only, and reading errors come from the call
+ * that reads. */
+Test(data_text, reads_the_corpus_lazily) {
+    char *dir = tmp_dir();
+    write_file(dir, "a.txt", "written before create\n", strlen("written before create\n"));
+    const char *cfg = "sources = ( { path = \"a.txt\"; } ); valid_fraction = 0.0;";
+    inst x = open_ok("text", cfg, 1, 0, 1, dir);
+    write_file(dir, "a.txt", "written after create\n", strlen("written after create\n"));
+    const char *want[] = {"written after create\n"};
+    stream s = read_stream(&x, M1C_SPLIT_TRAIN, 1, 8, 2 * epoch_tokens(want, 1));
+    doclist l = parse_docs(s.t, s.n);
+    cr_assert_geq(l.n, 2);
+    for (int i = 0; i < l.n; i++) cr_assert_str_eq(l.d[i], want[0], "the batches hold the file as first read");
+    doclist_free(&l);
+    free(s.t);
+    close_inst(&x);
+
+    /* an empty corpus: files exist but hold no document. Create succeeds; every call that needs the
+     * documents fails, naming the source; once the file holds a document, reading works. */
+    write_file(dir, "a.txt", "%\n%\n", 4);
+    write_file(dir, "empty.txt", "", 0);
+    x = open_ok("text", "sources = ( { path = \".\"; separator = \"%\"; } ); valid_fraction = 0.0;", 1, 0, 1, dir);
+    int32_t tok[2 * 5];
+    float mask[2 * 4];
+    cr_assert_eq(x.vt->next_batch(x.self, M1C_SPLIT_TRAIN, 2, 4, tok, mask), M1C_ERR);
+    cr_assert(strstr(x.p->error, "no documents") && strstr(x.p->error, "sources[0]"), "%s", x.p->error);
+    int64_t n = x.vt->save_position(x.self, NULL, 0);
+    cr_assert_gt(n, 0, "the size of a position is known without the corpus");
+    unsigned char *pos = calloc(1, (size_t)n);
+    x.p->error[0] = '\0';
+    cr_assert_eq(x.vt->save_position(x.self, pos, n), M1C_ERR);
+    cr_assert(strstr(x.p->error, "no documents"), "%s", x.p->error);
+    x.p->error[0] = '\0';
+    cr_assert_eq(x.vt->load_position(x.self, pos, n), M1C_ERR);
+    cr_assert(strstr(x.p->error, "no documents"), "%s", x.p->error);
+    write_file(dir, "a.txt", "%\nnow a document\n%\n", strlen("%\nnow a document\n%\n"));
+    batch(&x, M1C_SPLIT_TRAIN, 2, 4, tok, mask);
+    const int32_t first[5] = {BOS, 'n', 'o', 'w', ' '};
+    cr_assert(!memcmp(tok, first, sizeof first), "a failed read leaves nothing behind: the next one starts afresh");
+    free(pos);
+    close_inst(&x);
+
+    /* a file that goes away between create and the first batch: the batch's error names it */
+    x = open_ok("text", cfg, 1, 0, 1, dir);
+    char path[600];
+    snprintf(path, sizeof path, "%s/a.txt", dir);
+    cr_assert_eq(unlink(path), 0);
+    cr_assert_eq(x.vt->next_batch(x.self, M1C_SPLIT_TRAIN, 2, 4, tok, mask), M1C_ERR);
+    cr_assert(strstr(x.p->error, "a.txt"), "%s", x.p->error);
+    close_inst(&x);
+    rm_tree(dir);
+    free(dir);
 }
 
 /* ---- text: determinism, positions, splits, mixing ----------------------------------------- */
@@ -698,21 +747,22 @@ Test(data_math, problems_are_correct) {
     }
 }
 
-/* The first problem index of a split (rank 0 of 1), found through prompt(): the one that accepts it. */
-static int64_t first_of_split(inst *x, int split, int64_t from) {
-    for (int64_t g = from;; g++) {
-        int64_t len;
-        if (x->vt->prompt(x->self, split, g, NULL, 0, &len) == M1C_OK) return g;
-    }
-}
-
-static float reward_of(inst *x, int64_t g, const char *text) {
+static float reward_of(inst *x, int split, int64_t k, const char *text) {
     int32_t ids[256];
     int64_t n = x->vt->encode(x->self, text, (int64_t)strlen(text), ids, 256);
     cr_assert_leq(n, 256);
     float r = -1;
-    cr_assert_eq(x->vt->reward(x->self, g, ids, n, &r), M1C_OK, "%s", x->p->error);
+    cr_assert_eq(x->vt->reward(x->self, split, k, ids, n, &r), M1C_OK, "%s", x->p->error);
     return r;
+}
+
+/* Prompt k of a split: its tokens into ids (room for 256), returning the count. */
+static int64_t prompt_of(inst *x, int split, int64_t k, int32_t *ids) {
+    int64_t len = -1;
+    cr_assert_eq(x->vt->prompt(x->self, split, k, ids, 256, &len), M1C_OK, "prompt %d/%lld: %s", split, (long long)k,
+                 x->p->error);
+    cr_assert(len > 1 && len <= 256);
+    return len;
 }
 
 Test(data_math, sft_mask_prompt_and_reward) {
@@ -721,11 +771,10 @@ Test(data_math, sft_mask_prompt_and_reward) {
     int32_t tok[B * (T + 1)];
     float mask[B * T];
     batch(&x, M1C_SPLIT_TRAIN, B, T, tok, mask);
-    int64_t g = -1;
     for (int b = 0; b < B; b++) {
         const int32_t *row = tok + b * (T + 1);
         const float *m = mask + b * T;
-        g = first_of_split(&x, M1C_SPLIT_TRAIN, g + 1); /* rows hold the split's problems in order */
+        int64_t g = b; /* rows hold the split's problems in order */
         cr_assert_eq(row[0], BOS);
         /* the solution starts after "\nA:" and ends with EOS; PAD follows */
         int a = -1, e = -1;
@@ -751,32 +800,39 @@ Test(data_math, sft_mask_prompt_and_reward) {
         cr_assert_eq(len, a, "prompt of problem %lld is the row up to the solution", (long long)g);
         cr_assert(!memcmp(prompt, row, sizeof(int32_t) * (size_t)a));
         cr_assert_eq(x.vt->prompt(x.self, M1C_SPLIT_TRAIN, g, prompt, a - 1, &len), M1C_ERR, "short buffer refused");
-        cr_assert_eq(x.vt->prompt(x.self, M1C_SPLIT_VALID, g, prompt, 256, &len), M1C_ERR, "training problem as valid");
 
         /* the verifier: the row's own solution (with EOS) scores 1 */
         float r = -1;
-        cr_assert_eq(x.vt->reward(x.self, g, row + a, e + 1 - a, &r), M1C_OK, "%s", x.p->error);
+        cr_assert_eq(x.vt->reward(x.self, M1C_SPLIT_TRAIN, g, row + a, e + 1 - a, &r), M1C_OK, "%s", x.p->error);
         cr_assert_eq(r, 1.0f, "row %d: its own solution scores %f", b, r);
         char buf[64];
         snprintf(buf, sizeof buf, "#### %lld", ans);
-        cr_assert_eq(reward_of(&x, g, buf), 1.0f, "the bare answer scores 1");
+        cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 1.0f, "the bare answer scores 1");
         snprintf(buf, sizeof buf, "some steps. ####   %lld\nmore", ans);
-        cr_assert_eq(reward_of(&x, g, buf), 1.0f, "spaces and text after the answer line are fine");
+        cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 1.0f, "spaces and text after the answer line are fine");
         snprintf(buf, sizeof buf, "#### %lld", ans + 1);
-        cr_assert_eq(reward_of(&x, g, buf), 0.0f, "a wrong answer scores 0");
+        cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 0.0f, "a wrong answer scores 0");
         snprintf(buf, sizeof buf, "#### %lld7", ans);
-        cr_assert_eq(reward_of(&x, g, buf), 0.0f, "a longer number scores 0");
+        cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 0.0f, "a longer number scores 0");
         snprintf(buf, sizeof buf, "#### %lld.5", ans);
-        cr_assert_eq(reward_of(&x, g, buf), 0.0f, "a non-integer scores 0");
+        cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 0.0f, "a non-integer scores 0");
         snprintf(buf, sizeof buf, "the answer is %lld", ans);
-        cr_assert_eq(reward_of(&x, g, buf), 0.0f, "no #### scores 0");
+        cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 0.0f, "no #### scores 0");
         if (ans != 0) {
             snprintf(buf, sizeof buf, "#### %lld", -ans);
-            cr_assert_eq(reward_of(&x, g, buf), 0.0f, "the wrong sign scores 0");
+            cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 0.0f, "the wrong sign scores 0");
         }
-        cr_assert_eq(reward_of(&x, g, ""), 0.0f, "an empty response scores 0");
+        cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, ""), 0.0f, "an empty response scores 0");
         free(text);
     }
+    /* indices outside a split and unknown splits are refused */
+    int64_t len;
+    int32_t ids[256];
+    float r = -1;
+    cr_assert_eq(x.vt->prompt(x.self, M1C_SPLIT_TRAIN, -1, ids, 256, &len), M1C_ERR);
+    cr_assert_eq(x.vt->prompt(x.self, 2, 0, ids, 256, &len), M1C_ERR);
+    cr_assert_eq(x.vt->reward(x.self, M1C_SPLIT_VALID, -1, ids, 0, &r), M1C_ERR);
+    cr_assert_eq(x.vt->reward(x.self, 2, 0, ids, 0, &r), M1C_ERR);
     /* too short a row for a problem is an error that says so */
     int32_t small[2 * 9];
     float smask[2 * 8];
@@ -792,10 +848,9 @@ Test(data_math, negative_answers_verify) {
     int32_t tok[B * (T + 1)];
     float mask[B * T];
     batch(&x, M1C_SPLIT_TRAIN, B, T, tok, mask);
-    int64_t g = -1;
     int found = 0;
     for (int b = 0; b < B; b++) {
-        g = first_of_split(&x, M1C_SPLIT_TRAIN, g + 1);
+        int64_t g = b;
         int e = 0;
         while (tok[b * (T + 1) + e] != EOS) e++;
         char *text = decode_alloc(&x, tok + b * (T + 1), e);
@@ -804,9 +859,9 @@ Test(data_math, negative_answers_verify) {
         if (ans < 0) {
             char buf[64];
             snprintf(buf, sizeof buf, "#### %lld", ans);
-            cr_assert_eq(reward_of(&x, g, buf), 1.0f, "%s", text);
+            cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 1.0f, "%s", text);
             snprintf(buf, sizeof buf, "#### %lld", -ans);
-            cr_assert_eq(reward_of(&x, g, buf), 0.0f, "%s", text);
+            cr_assert_eq(reward_of(&x, M1C_SPLIT_TRAIN, g, buf), 0.0f, "%s", text);
             found++;
         }
         free(text);
@@ -842,38 +897,122 @@ Test(data_math, splits_determinism_positions) {
         close_inst(&a), close_inst(&b), close_inst(&o), close_inst(&a2), close_inst(&r);
     }
 
-    /* the splits are disjoint problem sets: of indices 0..1999 each is in exactly one split, about
-     * 5% in validation (binomial sd sqrt(2000*0.05*0.95) = 9.7; 5 sd = 49) */
+    /* the validation rows are exactly the validation prompts 0, 1, 2, ... in order */
     inst x = open_ok("synth-math", cfgs[0], 3, 0, 1, NULL);
-    int n_valid = 0;
-    for (int64_t g = 0; g < 2000; g++) {
-        int64_t len;
-        int t = x.vt->prompt(x.self, M1C_SPLIT_TRAIN, g, NULL, 0, &len) == M1C_OK;
-        int v = x.vt->prompt(x.self, M1C_SPLIT_VALID, g, NULL, 0, &len) == M1C_OK;
-        cr_assert_eq(t + v, 1, "problem %lld is in %d splits", (long long)g, t + v);
-        n_valid += v;
-    }
-    cr_assert(abs(n_valid - 100) <= 49, "%d validation problems of 2000, expected 100 +- 49", n_valid);
-    /* the validation rows are exactly the validation problems, in order */
     enum { B = 5, T = 320 };
     int32_t tok[B * (T + 1)];
     float mask[B * T];
     batch(&x, M1C_SPLIT_VALID, B, T, tok, mask);
-    int64_t g = -1;
-    for (int b = 0; b < B; b++) {
-        g = first_of_split(&x, M1C_SPLIT_VALID, g + 1);
+    for (int k = 0; k < B; k++) {
         int32_t prompt[256];
-        int64_t len;
-        cr_assert_eq(x.vt->prompt(x.self, M1C_SPLIT_VALID, g, prompt, 256, &len), M1C_OK);
-        cr_assert(!memcmp(prompt, tok + b * (T + 1), sizeof(int32_t) * (size_t)len), "validation row %d", b);
+        int64_t len = prompt_of(&x, M1C_SPLIT_VALID, k, prompt);
+        cr_assert(!memcmp(prompt, tok + k * (T + 1), sizeof(int32_t) * (size_t)len), "validation row %d", k);
     }
     close_inst(&x);
+}
+
+/* The splits partition one sequence of problems: with valid_fraction = 0 the training split is that
+ * whole sequence, and with f > 0 its first N problems are the first problems of the training and
+ * validation splits, interleaved in order, floor(N f) of them in validation. */
+Test(data_math, splits_partition_the_problems) {
+    enum { N = 2000 };
+    inst all = open_ok("synth-math", "min_digits = 3; max_digits = 6; max_ops = 4; valid_fraction = 0.0;", 8, 0, 1,
+                       NULL);
+    static int32_t want[N][256];
+    static int64_t want_len[N];
+    for (int i = 0; i < N; i++) want_len[i] = prompt_of(&all, M1C_SPLIT_TRAIN, i, want[i]);
+    int64_t len;
+    int32_t ids[256];
+    cr_assert_eq(all.vt->prompt(all.self, M1C_SPLIT_VALID, 0, ids, 256, &len), M1C_ERR);
+    cr_assert(strstr(all.p->error, "empty"), "valid_fraction = 0: %s", all.p->error);
+    int32_t tok[2 * 9];
+    float mask[2 * 8];
+    cr_assert_eq(all.vt->next_batch(all.self, M1C_SPLIT_VALID, 2, 8, tok, mask), M1C_ERR);
+    close_inst(&all);
+
+    /* f = 0.125 is exact in binary: floor(2000 f) = 250. f = 0.05 is kept to 2^-24, which may move the
+     * count from floor(2000 f) = 100 by one. */
+    const char *cfgs[] = {"valid_fraction = 0.125;", "valid_fraction = 0.05;"};
+    const int expect[] = {250, 100}, slack[] = {0, 1};
+    for (int c = 0; c < 2; c++) {
+        char cfg[160];
+        snprintf(cfg, sizeof cfg, "min_digits = 3; max_digits = 6; max_ops = 4; %s", cfgs[c]);
+        inst x = open_ok("synth-math", cfg, 8, 0, 1, NULL);
+        int64_t t = 0, v = 0;
+        int32_t pt[256], pv[256];
+        int64_t nt = prompt_of(&x, M1C_SPLIT_TRAIN, t, pt), nv = prompt_of(&x, M1C_SPLIT_VALID, v, pv);
+        for (int i = 0; i < N; i++) {
+            size_t bytes = sizeof(int32_t) * (size_t)want_len[i];
+            /* operands of 3 to 6 digits: two distinct problems with the same text have probability
+             * < 1e-9 here, so a match names the problem */
+            if (nt == want_len[i] && !memcmp(pt, want[i], bytes)) nt = prompt_of(&x, M1C_SPLIT_TRAIN, ++t, pt);
+            else if (nv == want_len[i] && !memcmp(pv, want[i], bytes)) nv = prompt_of(&x, M1C_SPLIT_VALID, ++v, pv);
+            else cr_assert_fail("%s: problem %d of the sequence is not next in either split", cfgs[c], i);
+        }
+        cr_assert_eq(t + v, N);
+        cr_assert(llabs(v - expect[c]) <= slack[c], "%s: %lld of %d problems in validation, expected %d", cfgs[c],
+                  (long long)v, N, expect[c]);
+        close_inst(&x);
+    }
+
+    /* the last index of a split works at either end of the fraction's range (the id arithmetic stays
+     * inside int64: UBSan would report an overflow) and the next one is refused */
+    const char *ends[] = {"valid_fraction = 1e-7;", "valid_fraction = 0.5;"};
+    for (int c = 0; c < 2; c++) {
+        inst x = open_ok("synth-math", ends[c], 8, 0, 1, NULL);
+        int32_t p[256];
+        for (int sp = 0; sp < 2; sp++) {
+            prompt_of(&x, sp, (1LL << 38) - 1, p);
+            cr_assert_eq(x.vt->prompt(x.self, sp, 1LL << 38, p, 256, &len), M1C_ERR, "%s split %d", ends[c], sp);
+        }
+        close_inst(&x);
+    }
+}
+
+/* Data-parallel rank r of W reads problems r, r + W, ... of each split, in sft rows and pretraining
+ * streams alike. */
+Test(data_math, ranks_read_their_problems) {
+    for (int r = 0; r < 3; r++) {
+        inst x = open_ok("synth-math", "max_ops = 3; mode = \"sft\";", 6, r, 3, NULL);
+        enum { B = 4, T = 160 };
+        int32_t tok[B * (T + 1)];
+        float mask[B * T];
+        for (int sp = 0; sp < 2; sp++) {
+            batch(&x, sp, B, T, tok, mask);
+            for (int b = 0; b < B; b++) {
+                int32_t prompt[256];
+                int64_t len = prompt_of(&x, sp, r + 3 * b, prompt);
+                cr_assert(!memcmp(prompt, tok + b * (T + 1), sizeof(int32_t) * (size_t)len),
+                          "rank %d split %d row %d is not problem %d", r, sp, b, r + 3 * b);
+            }
+        }
+        close_inst(&x);
+
+        x = open_ok("synth-math", "max_ops = 3; mode = \"pretrain\";", 6, r, 3, NULL);
+        stream s = read_stream(&x, M1C_SPLIT_TRAIN, 2, 50, 2000);
+        doclist l = parse_docs(s.t, s.n);
+        cr_assert_geq(l.n, 5);
+        for (int j = 0; j < 5; j++) {
+            int32_t prompt[256];
+            int64_t len = prompt_of(&x, M1C_SPLIT_TRAIN, r + 3 * j, prompt);
+            char *text = decode_alloc(&x, prompt, len);
+            cr_assert(!strncmp(l.d[j], text, strlen(text)), "rank %d document %d: %s is not problem %d (%s)", r, j,
+                      l.d[j], r + 3 * j, text);
+            free(text);
+        }
+        doclist_free(&l);
+        free(s.t);
+        close_inst(&x);
+    }
 }
 
 Test(data_math, settings_are_checked) {
     inst x;
     cr_assert_eq(try_open(&x, "synth-math", "min_digits = 4; max_digits = 2;", 1, 0, 1, NULL), M1C_ERR);
-    cr_assert(strstr(x.p->error, "max_digits"), "%s", x.p->error);
+    /* a relation between keys: refused through settings_error, so it names test.cfg:1 and the key */
+    cr_assert(strstr(x.p->error, "test.cfg:1") && strstr(x.p->error, "max_digits") &&
+                  strstr(x.p->error, "min_digits"),
+              "%s", x.p->error);
     m1c_config_free(x.cfg);
     cr_assert_eq(try_open(&x, "synth-math", "max_ops = 5;", 1, 0, 1, NULL), M1C_ERR);
     cr_assert(strstr(x.p->error, "max_ops"), "%s", x.p->error);

@@ -122,6 +122,9 @@ static void check_forward(const cfg *c, int B, int T, float param_std, uint64_t 
 static const cfg gqa_partial = {16, 4, 2, 8, 4, 10000.0}; /* rotary_dim < head_dim, like MiniMax */
 static const cfg mha_full = {12, 2, 2, 6, 6, 1e6};         /* HF: full rotary, theta 1e6 */
 static const cfg mqa_odd = {10, 3, 1, 10, 8, 500.0};       /* one KV head, odd head count */
+/* MiniMax-like partial rotary (64 dims, theta 1e7) on a head so wide that the plugin's key tiles
+ * (sized to keep tile GEMMs small) are narrower than its query tiles. */
+static const cfg wide_head = {8, 2, 1, 320, 64, 1e7};
 
 Test(softmax, forward_matches_reference_gqa_partial_rotary) {
     check_forward(&gqa_partial, 2, 1, 0.3f, 10);
@@ -143,6 +146,8 @@ Test(softmax, forward_matches_reference_long_and_sharp) {
     check_forward(&gqa_partial, 1, 300, 0.3f, 40);
     check_forward(&gqa_partial, 1, 70, 1.0f, 41);
 }
+
+Test(softmax, forward_matches_reference_wide_head) { check_forward(&wide_head, 2, 70, 0.3f, 50); }
 
 /* ---- gradients ---- */
 
@@ -166,6 +171,7 @@ Test(softmax, gradients_mha_full_rotary) { check_gradients(&mha_full, 2, 5, 24, 
 Test(softmax, gradients_mqa) { check_gradients(&mqa_odd, 1, 7, 24, 120); }
 /* Several query tiles and two key tiles in backward's recomputation. */
 Test(softmax, gradients_long) { check_gradients(&gqa_partial, 1, 300, 12, 130); }
+Test(softmax, gradients_wide_head) { check_gradients(&wide_head, 1, 40, 12, 140); }
 
 /* Gradients accumulate (+=): two backward calls give twice one call, for din and every parameter. And
  * with grads NULL (input gradient only) din is the same. */

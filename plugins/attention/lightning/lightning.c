@@ -299,7 +299,8 @@ ROW_KERNEL static void decay_mask(float *S, int m, const float *pw) {
 }
 
 /* dst[i][:] = src[i][:] * scale[i]: row scalings are how the decay factorises outside the mask. */
-ROW_KERNEL static void scale_rows(float *dst, int ldd, const float *src, int lds, int m, int n, const float *scale, int step) {
+ROW_KERNEL static void scale_rows(float *dst, int ldd, const float *src, int lds, int m, int n, const float *scale,
+                                  int step) {
     for (int i = 0; i < m; i++) {
         const float f = scale[(int64_t)i * step];
         const float *a = src + (int64_t)i * lds;
@@ -528,6 +529,15 @@ static int check_common(const lightning *L, const m1c_layer_bufs *b, int B, int 
     return M1C_OK;
 }
 
+static int check_acts(const lightning *L, const m1c_tensor *a, int B, int T) {
+    const int64_t N = (int64_t)B * T, D = L->D;
+    if (check_size(L, &a[A_QKV], N * 3 * D, "qkv_pre") || check_size(L, &a[A_GATE], N * D, "gate_pre") ||
+        check_size(L, &a[A_O], N * D, "attn_out") || check_size(L, &a[A_RSTD], N, "rstd") ||
+        check_size(L, &a[A_KV], (int64_t)B * L->nh * n_blocks(L, T) * L->hd * L->hd, "kv_blocks"))
+        return M1C_ERR;
+    return M1C_OK;
+}
+
 /* forward (state == NULL: from an empty state, keeping activations when training) or step. */
 static int run(lightning *L, const m1c_layer_bufs *b, float *out, const float *in, int B, int T, float *state,
                int fresh) {
@@ -537,14 +547,7 @@ static int run(lightning *L, const m1c_layer_bufs *b, float *out, const float *i
     int nt;
     if (check_common(L, b, B, T) || work_area(L, &b->scratch[S_WORK], T, &per, &nt)) return M1C_ERR;
     if (!train && check_size(L, &b->scratch[S_DO], (int64_t)N * D, "d_attn_out")) return M1C_ERR;
-    if (train) {
-        const m1c_tensor *a = b->acts;
-        if (check_size(L, &a[A_QKV], (int64_t)N * 3 * D, "qkv_pre") ||
-            check_size(L, &a[A_GATE], (int64_t)N * D, "gate_pre") || check_size(L, &a[A_O], (int64_t)N * D, "attn_out") ||
-            check_size(L, &a[A_RSTD], N, "rstd") ||
-            check_size(L, &a[A_KV], (int64_t)B * L->nh * n_blocks(L, T) * L->hd * L->hd, "kv_blocks"))
-            return M1C_ERR;
-    }
+    if (train && check_acts(L, b->acts, B, T)) return M1C_ERR;
     const float *Wqkv = b->params[P_QKV].data, *Wg = b->params[P_GATE].data, *wn = b->params[P_NORM].data;
     const float *Wo = b->params[P_OUT].data;
     float *qkv = b->scratch[S_QKV].data, *y = b->scratch[S_Y].data, *work = b->scratch[S_WORK].data;
@@ -593,8 +596,7 @@ static int lightning_backward(void *self, const m1c_layer_bufs *b, float *din, c
     int nt;
     if (check_common(L, b, B, T) || work_area(L, &b->scratch[S_WORK], T, &per, &nt)) return M1C_ERR;
     if (!b->acts || !b->grads) return L->h->error(L->h, "lightning: backward needs activations and gradients");
-    if (check_size(L, &b->scratch[S_DO], (int64_t)N * D, "d_attn_out") ||
-        check_size(L, &b->acts[A_KV], (int64_t)B * nh * nb * hd * hd, "kv_blocks"))
+    if (check_size(L, &b->scratch[S_DO], (int64_t)N * D, "d_attn_out") || check_acts(L, b->acts, B, T))
         return M1C_ERR;
     const float *Wqkv = b->params[P_QKV].data, *Wg = b->params[P_GATE].data, *wn = b->params[P_NORM].data;
     const float *Wo = b->params[P_OUT].data;

@@ -8,11 +8,15 @@
 
 #include "m1c/plugin.h"
 
-/* Tile sizes of the blocked attention: a thread works on BQ query rows against BK keys at a time.
- * BQ x BK floats (64 KiB) keep the score tile in L2 while still giving BLAS-sized GEMMs. */
+/* Tiles of the blocked attention: a thread works on BQ query rows against bk keys at a time, bk chosen
+ * per instance so that a tile GEMM (BQ x bk x head_dim) does at most TILE_MACS multiply-adds (bk 128 at
+ * head_dim 32): the score tile stays in L2, and OpenBLAS (pthreads build) runs a GEMM that small on the
+ * calling thread; a larger one called from our OpenMP threads contends for OpenBLAS's own thread pool
+ * and measured 5-10x slower with OPENBLAS_NUM_THREADS=2. */
 #define BQ 64
-#define BK 256
-#define TILE_FLOATS (2 * BQ * BK + 2 * BQ) /* forward: S, m, l; backward: P, dP, D */
+#define TILE_MACS (1 << 18)
+#define BK_MIN 16
+#define BK_MAX 256
 #define MAX_HEAD_DIM 1024                  /* bounds the per-row cos/sin tables on the stack */
 /* Below about this many flops (or floats touched) a loop runs on one thread: waking the team costs
  * more than it saves, and much more on a loaded machine. */
@@ -29,6 +33,8 @@ typedef struct softmax {
     int nh, kvh;  /* query heads, key/value heads (kvh divides nh) */
     int hd, rd;   /* head dim, rotated dims (even, <= hd) */
     int rep;      /* nh / kvh: query heads per KV head */
+    int bk;       /* keys per tile */
+    int64_t tile; /* floats of one thread's tile: forward S, m, l; backward P, dP, D */
     double theta; /* RoPE base */
     double inv_freq[MAX_HEAD_DIM / 2]; /* theta^(-2i/rd), i < rd/2 */
 } softmax;
@@ -125,23 +131,23 @@ static void rope(const softmax *a, float *q, float *k, int B, int T, int64_t pos
 
 /* Causal attention of one (sequence, query head) for nq query rows at absolute positions p0 + i:
  * row i attends to keys 0..p0+i. q/o rows have stride qs/os, k/v rows stride ks. Online softmax over
- * key tiles of BK (flash attention): o accumulates unnormalised, rescaled when a row's maximum grows.
+ * key tiles of bk (flash attention): o accumulates unnormalised, rescaled when a row's maximum grows.
  * lse (may be NULL) receives each row's logsumexp of scaled scores, for the backward pass. */
 static void attend_rows(const softmax *a, const float *q, int qs, const float *k, const float *v, int ks,
                         float *o, int os, float *lse, int nq, int64_t p0, float scale, float *tile) {
     const m1c_host *h = a->h;
     const int hd = a->hd;
-    float *S = tile, *m = tile + BQ * BK, *l = m + BQ;
+    float *S = tile, *m = tile + BQ * a->bk, *l = m + BQ;
     const int64_t kend = p0 + nq;
-    for (int64_t k0 = 0; k0 < kend; k0 += BK) {
-        const int nk = (int)(kend - k0 < BK ? kend - k0 : BK);
-        h->gemm(h, M1C_DEVICE_CPU, 0, 1, nq, nk, hd, scale, q, qs, k + k0 * ks, ks, 0.0f, S, BK);
+    for (int64_t k0 = 0; k0 < kend; k0 += a->bk) {
+        const int nk = (int)(kend - k0 < a->bk ? kend - k0 : a->bk);
+        h->gemm(h, M1C_DEVICE_CPU, 0, 1, nq, nk, hd, scale, q, qs, k + k0 * ks, ks, 0.0f, S, a->bk);
         for (int i = 0; i < nq; i++) {
-            float *Si = S + i * BK;
+            float *Si = S + i * a->bk;
             int64_t lim64 = p0 + i - k0 + 1; /* keys of this tile row i may see */
             int lim = (int)(lim64 < 0 ? 0 : (lim64 > nk ? nk : lim64));
             for (int j = lim; j < nk; j++) Si[j] = 0.0f;
-            if (lim == 0) continue; /* only when BK < BQ: a later tile entirely in row i's future */
+            if (lim == 0) continue; /* only when bk < BQ: a later tile entirely in row i's future */
             float mx = Si[0];
 #pragma omp simd reduction(max : mx)
             for (int j = 1; j < lim; j++) mx = Si[j] > mx ? Si[j] : mx;
@@ -163,7 +169,7 @@ static void attend_rows(const softmax *a, const float *q, int qs, const float *k
             }
             m[i] = mnew;
         }
-        h->gemm(h, M1C_DEVICE_CPU, 0, 0, nq, hd, nk, 1.0f, S, BK, v + k0 * ks, ks, k0 == 0 ? 0.0f : 1.0f, o,
+        h->gemm(h, M1C_DEVICE_CPU, 0, 0, nq, hd, nk, 1.0f, S, a->bk, v + k0 * ks, ks, k0 == 0 ? 0.0f : 1.0f, o,
                 os);
     }
     for (int i = 0; i < nq; i++) {
@@ -186,7 +192,7 @@ static void attend_all(const softmax *a, const float *q, const float *kbase, con
     const double work = 4.0 * B * nh * T * ((double)pos + T) * hd;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (work > PAR_MIN_WORK)
     for (int64_t task = 0; task < ntask; task++) {
-        float *tile = tiles + (int64_t)omp_get_thread_num() * TILE_FLOATS;
+        float *tile = tiles + (int64_t)omp_get_thread_num() * a->tile;
         const int qb = nqb - 1 - (int)(task % nqb);
         const int hh = (int)((task / nqb) % nh), b = (int)(task / nqb / nh), g = hh / a->rep;
         const int i0 = qb * BQ, nq = T - i0 < BQ ? T - i0 : BQ;
@@ -206,7 +212,7 @@ static void attend_backward_head(const softmax *a, const float *q, const float *
     const m1c_host *h = a->h;
     const int hd = a->hd, qs = a->nh * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *P = tile, *dP = tile + BQ * BK, *D = dP + BQ * BK;
+    float *P = tile, *dP = tile + BQ * a->bk, *D = dP + BQ * a->bk;
     for (int t = 0; t < T; t++) {
         memset(dk + (int64_t)t * qs, 0, sizeof(float) * hd);
         memset(dv + (int64_t)t * qs, 0, sizeof(float) * hd);
@@ -221,13 +227,13 @@ static void attend_backward_head(const softmax *a, const float *q, const float *
             D[i] = s;
         }
         const int kend = i0 + nq;
-        for (int k0 = 0; k0 < kend; k0 += BK) {
-            const int nk = kend - k0 < BK ? kend - k0 : BK;
+        for (int k0 = 0; k0 < kend; k0 += a->bk) {
+            const int nk = kend - k0 < a->bk ? kend - k0 : a->bk;
             const float *kj = k + (int64_t)k0 * ks, *vj = v + (int64_t)k0 * ks;
-            h->gemm(h, M1C_DEVICE_CPU, 0, 1, nq, nk, hd, scale, qi, qs, kj, ks, 0.0f, P, BK);
-            h->gemm(h, M1C_DEVICE_CPU, 0, 1, nq, nk, hd, 1.0f, dOi, qs, vj, ks, 0.0f, dP, BK);
+            h->gemm(h, M1C_DEVICE_CPU, 0, 1, nq, nk, hd, scale, qi, qs, kj, ks, 0.0f, P, a->bk);
+            h->gemm(h, M1C_DEVICE_CPU, 0, 1, nq, nk, hd, 1.0f, dOi, qs, vj, ks, 0.0f, dP, a->bk);
             for (int i = 0; i < nq; i++) {
-                float *Pi = P + i * BK, *dPi = dP + i * BK;
+                float *Pi = P + i * a->bk, *dPi = dP + i * a->bk;
                 int lim = i0 + i - k0 + 1;
                 lim = lim < 0 ? 0 : (lim > nk ? nk : lim);
                 const float li = lse[i0 + i], Di = D[i];
@@ -238,9 +244,9 @@ static void attend_backward_head(const softmax *a, const float *q, const float *
                 for (int j = lim; j < nk; j++) Pi[j] = dPi[j] = 0.0f;
             }
             /* dq += scale dS k;  dk += scale dS^T q;  dv += P^T dO */
-            h->gemm(h, M1C_DEVICE_CPU, 0, 0, nq, hd, nk, scale, dP, BK, kj, ks, k0 == 0 ? 0.0f : 1.0f, dqi, qs);
-            h->gemm(h, M1C_DEVICE_CPU, 1, 0, nk, hd, nq, scale, dP, BK, qi, qs, 1.0f, dk + (int64_t)k0 * qs, qs);
-            h->gemm(h, M1C_DEVICE_CPU, 1, 0, nk, hd, nq, 1.0f, P, BK, dOi, qs, 1.0f, dv + (int64_t)k0 * qs, qs);
+            h->gemm(h, M1C_DEVICE_CPU, 0, 0, nq, hd, nk, scale, dP, a->bk, kj, ks, k0 == 0 ? 0.0f : 1.0f, dqi, qs);
+            h->gemm(h, M1C_DEVICE_CPU, 1, 0, nk, hd, nq, scale, dP, a->bk, qi, qs, 1.0f, dk + (int64_t)k0 * qs, qs);
+            h->gemm(h, M1C_DEVICE_CPU, 1, 0, nk, hd, nq, 1.0f, P, a->bk, dOi, qs, 1.0f, dv + (int64_t)k0 * qs, qs);
         }
     }
 }
@@ -276,6 +282,9 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_i
     a->rd = (int)rotary_dim;
     a->rep = a->nh / a->kvh;
     a->theta = theta;
+    a->bk = TILE_MACS / (BQ * a->hd) / BK_MIN * BK_MIN;
+    a->bk = a->bk < BK_MIN ? BK_MIN : (a->bk > BK_MAX ? BK_MAX : a->bk);
+    a->tile = 2 * (int64_t)BQ * a->bk + 2 * BQ;
     for (int i = 0; i < a->rd / 2; i++) a->inv_freq[i] = pow(theta, -2.0 * i / a->rd);
     *self = a;
     return M1C_OK;
@@ -328,7 +337,7 @@ static int sm_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     set_spec(&specs[S_DV], "self_attn.dv", 3, B, T, qd, 0);
     set_spec(&specs[S_DATT], "self_attn.datt", 3, B, T, qd, 0);
     set_spec(&specs[S_LSE], "self_attn.scratch_lse", 3, B, a->nh, T, 0);
-    set_spec(&specs[S_TILE], "self_attn.tiles", 2, threads(a), TILE_FLOATS, 0, 0);
+    set_spec(&specs[S_TILE], "self_attn.tiles", 2, threads(a), a->tile, 0, 0);
     return N_SCRATCH;
 }
 
@@ -346,7 +355,7 @@ static int check_scratch(const softmax *a, const m1c_layer_bufs *b, int B, int T
             return a->h->error(a->h, "scratch %s holds %lld floats, (B=%d, T=%d) needs %lld", b->scratch[i].name,
                                (long long)numel(&b->scratch[i]), B, T, (long long)need);
     if (numel(&b->scratch[S_LSE]) < (int64_t)B * a->nh * T || b->scratch[S_TILE].shape[0] < 1 ||
-        b->scratch[S_TILE].shape[1] < TILE_FLOATS)
+        b->scratch[S_TILE].shape[1] < a->tile)
         return a->h->error(a->h, "scratch too small for (B=%d, T=%d)", B, T);
     return M1C_OK;
 }
@@ -423,7 +432,7 @@ static int sm_backward(void *self, const m1c_layer_bufs *b, float *din, const fl
         const int64_t off = (int64_t)bb * T * qd + hh * hd, koff = (int64_t)bb * T * kd + g * hd;
         attend_backward_head(a, q + off, k + koff, v + koff, kd, att + off, datt + off,
                              lse + ((int64_t)bb * nh + hh) * T, dq + off, dkh + off, dvh + off, T,
-                             tiles + (int64_t)omp_get_thread_num() * TILE_FLOATS);
+                             tiles + (int64_t)omp_get_thread_num() * a->tile);
     }
 
     /* GQA: sum the per-query-head dk, dv over each group; datt is free now and (rep >= 2) holds both. */

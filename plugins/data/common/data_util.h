@@ -1,10 +1,15 @@
 /* Small helpers the data plugins share (static inline, compiled into each .so): hashing for
- * deterministic splits and a little-endian word format for saved reading positions. */
+ * deterministic splits, a little-endian word format for saved reading positions, settings errors. */
 #ifndef M1C_DATA_UTIL_H
 #define M1C_DATA_UTIL_H
 
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
+
+#include "m1c/plugin.h"
 
 /* splitmix64 finaliser: a good 64-bit mix, used to hash (seed, source, index) tuples. */
 static inline uint64_t m1c_mix64(uint64_t x) {
@@ -42,6 +47,21 @@ static inline uint64_t m1c_get_u64(const unsigned char *p) {
     uint64_t v = 0;
     for (int i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
     return v;
+}
+
+/* Refuse setting `key` of group s through h->settings_error (the message then carries file:line and
+ * the key path). A core older than that member (host tables only grow) gets h->error with the key. */
+static inline int m1c_setting_error(const m1c_host *h, const m1c_settings *s, const char *key, const char *fmt, ...)
+    M1C_PRINTF(4, 5);
+static inline int m1c_setting_error(const m1c_host *h, const m1c_settings *s, const char *key, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (h->size >= offsetof(m1c_host, settings_error) + sizeof h->settings_error && h->settings_error)
+        return h->settings_error(h, s, key, "%s", msg);
+    return h->error(h, "%s: %s", key, msg);
 }
 
 #endif

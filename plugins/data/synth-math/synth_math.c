@@ -8,12 +8,15 @@
  *   mode = "pretrain";               "pretrain": problems packed as BOS text EOS, every target counts;
  *                                    "sft": one problem per row, BOS prompt solution EOS PAD..., only the
  *                                    solution and its EOS count
- *   valid_fraction = 0.05;           problems g with hash(seed, g) below it form the validation split
+ *   valid_fraction = 0.05;           share of the problems that form the validation split
  *   tokenizer = "byte";
  *
- * Problem indices are global: prompt(split, g, ...) returns problem g, which must belong to `split`,
- * and reward(g, ...) scores a response to it (1 if the number after "####" is the answer, else 0).
- * Data-parallel rank r of W reads the problems g = r (mod W) of each split, in increasing order.
+ * Problems have global ids g = 0, 1, 2, ...; of the first g ids, floor(g * f) belong to the validation
+ * split (f = valid_fraction, in steps of 2^-24) and the rest to the training split, so a split's k-th
+ * problem has an id computed in O(1) and changing f moves problems between splits without changing
+ * any. prompt(split, k, ...) and reward(split, k, ...) take k, the index within the split: the prompt of
+ * that problem and the score of a response to it (1 if the number after "####" is the answer, else 0).
+ * Data-parallel rank r of W reads the problems k = r, r + W, r + 2W, ... of each split.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,9 +26,12 @@
 #include "../common/data_util.h"
 #include "../common/tokenizer.h"
 
-#define SM_MAGIC 0x3148544d4d43314dULL /* "M1CMMTH1" as little-endian bytes */
+#define SM_MAGIC 0x3248544d4d43314dULL /* "M1CMMTH2" as little-endian bytes */
 #define SM_MAX_TEXT 512                /* longest problem: 5 six-digit operands, 4 steps, < 300 bytes */
 #define SM_MAX_PRODUCT 1000000000000000LL /* 1e15: keeps every value far inside int64 */
+#define SM_FRAC_BITS 24                   /* valid_fraction is kept as P / 2^24 */
+#define SM_FRAC_ONE (1LL << SM_FRAC_BITS)
+#define SM_MAX_INDEX (1LL << 38)          /* index within a split: keeps id arithmetic inside int64 */
 
 enum { MODE_PRETRAIN = 0, MODE_SFT = 1 };
 static const char *const sm_modes[] = {"pretrain", "sft", NULL};
@@ -39,11 +45,11 @@ typedef struct sm_problem {
 
 /* The reading position of one split, plus the current problem's tokens (a cache, never saved). */
 typedef struct sm_stream {
-    int64_t g;   /* current problem: a member of the split with g = rank (mod world) */
+    int64_t k;   /* current problem: index within the split, k = rank (mod world) */
     int64_t off; /* pretrain: token offset into its BOS text EOS, always < the length */
     int32_t doc[SM_MAX_TEXT + 2];
     int64_t doc_len;
-    int64_t doc_g; /* which problem doc holds, -1 none */
+    int64_t doc_k; /* which problem doc holds, -1 none */
 } sm_stream;
 
 typedef struct sm_data {
@@ -54,16 +60,41 @@ typedef struct sm_data {
     int64_t min_digits, max_digits, max_ops;
     int mode;
     double valid_fraction;
+    int64_t valid_p; /* valid_fraction * 2^24, rounded (at least 1 when valid_fraction > 0) */
     sm_stream st[2];
     uint64_t fingerprint;
 } sm_data;
 
 /* ---- problems ------------------------------------------------------------------------------ */
 
-static int problem_split(const sm_data *d, int64_t g) {
-    return m1c_unit(m1c_hash3(d->seed, (uint64_t)g, 0x76616c6964 /* "valid" */)) < d->valid_fraction
-               ? M1C_SPLIT_VALID
-               : M1C_SPLIT_TRAIN;
+/* Validation problems among ids [0, x): floor(x * P / 2^24), split so that nothing overflows. */
+static int64_t valid_below(const sm_data *d, int64_t x) {
+    uint64_t u = (uint64_t)x, P = (uint64_t)d->valid_p;
+    return (int64_t)((u >> SM_FRAC_BITS) * P + (((u & (SM_FRAC_ONE - 1)) * P) >> SM_FRAC_BITS));
+}
+
+/* The global id of problem k of split sp, or M1C_ERR (with a message) for an index outside it. */
+static int problem_id(const sm_data *d, int sp, int64_t k, int64_t *g) {
+    const m1c_host *h = d->h;
+    if (sp != M1C_SPLIT_TRAIN && sp != M1C_SPLIT_VALID) return h->error(h, "unknown split %d", sp);
+    if (k < 0 || k >= SM_MAX_INDEX)
+        return h->error(h, "problem index %lld outside [0, 2^38)", (long long)k);
+    int64_t n = k + 1;
+    if (sp == M1C_SPLIT_VALID) {
+        if (d->valid_p == 0) return h->error(h, "the validation split is empty (valid_fraction = 0)");
+        /* the smallest x with valid_below(x) >= n is ceil(n * 2^24 / P); the id is x - 1 */
+        int64_t P = d->valid_p;
+        *g = (n / P) * SM_FRAC_ONE + ((n % P) * SM_FRAC_ONE + P - 1) / P - 1;
+        return M1C_OK;
+    }
+    /* the smallest x with x - valid_below(x) >= n: estimate n * 2^24 / (2^24 - P) (within a couple of
+     * ids, since the count deviates from x (1 - f) by less than 1), then step to it */
+    int64_t R = SM_FRAC_ONE - d->valid_p;
+    int64_t x = (n / R) * SM_FRAC_ONE + ((n % R) * SM_FRAC_ONE) / R;
+    while (x - valid_below(d, x) < n) x++;
+    while (x > 1 && (x - 1) - valid_below(d, x - 1) >= n) x--;
+    *g = x - 1;
+    return M1C_OK;
 }
 
 /* Problem g: operands and operators drawn from an RNG seeded by (seed, g); the solution multiplies
@@ -149,14 +180,6 @@ static void sm_destroy(void *self) {
     free(d);
 }
 
-/* The first problem at or after g that this rank reads in split sp. */
-static int64_t next_member(const sm_data *d, int sp, int64_t g) {
-    int64_t w = d->world;
-    g += ((d->rank - g % w) % w + w) % w; /* up to g = rank (mod world) */
-    while (problem_split(d, g) != sp) g += w;
-    return g;
-}
-
 static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_data_info *info, void **self) {
     *self = NULL;
     sm_data *d = calloc(1, sizeof *d);
@@ -172,8 +195,8 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_data_in
     if (rc == M1C_OK && h->get_int(h, s, "min_digits", 1, 1, 6, &d->min_digits)) rc = M1C_ERR;
     if (rc == M1C_OK && h->get_int(h, s, "max_digits", 3, 1, 6, &d->max_digits)) rc = M1C_ERR;
     if (rc == M1C_OK && d->max_digits < d->min_digits)
-        rc = h->error(h, "max_digits (%lld) is below min_digits (%lld)", (long long)d->max_digits,
-                      (long long)d->min_digits);
+        rc = m1c_setting_error(h, s, "max_digits", "%lld is below min_digits (%lld)", (long long)d->max_digits,
+                               (long long)d->min_digits);
     if (rc == M1C_OK && h->get_int(h, s, "max_ops", 2, 1, 4, &d->max_ops)) rc = M1C_ERR;
     if (rc == M1C_OK && h->get_string(h, s, "mode", "pretrain", sm_modes, &mode)) rc = M1C_ERR;
     if (rc == M1C_OK && h->get_float(h, s, "valid_fraction", 0.05, 0.0, 0.5, &d->valid_fraction)) rc = M1C_ERR;
@@ -185,10 +208,11 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_data_in
         return M1C_ERR;
     }
     d->mode = strcmp(mode, "sft") == 0 ? MODE_SFT : MODE_PRETRAIN;
+    d->valid_p = (int64_t)(d->valid_fraction * (double)SM_FRAC_ONE + 0.5);
+    if (d->valid_fraction > 0 && d->valid_p == 0) d->valid_p = 1;
     for (int sp = 0; sp < 2; sp++) {
-        d->st[sp].doc_g = -1;
-        /* an empty validation split (valid_fraction = 0) is refused when read, not searched forever */
-        d->st[sp].g = sp == M1C_SPLIT_VALID && d->valid_fraction <= 0 ? -1 : next_member(d, sp, 0);
+        d->st[sp].doc_k = -1;
+        d->st[sp].k = d->rank;
     }
     uint64_t fp = m1c_hash3(SM_MAGIC, d->seed, ((uint64_t)d->rank << 32) | (uint32_t)d->world);
     fp = m1c_hash3(fp, m1c_double_bits(d->valid_fraction), (uint64_t)d->mode);
@@ -199,11 +223,16 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_data_in
 
 /* ---- batches ------------------------------------------------------------------------------- */
 
-static void stream_load(sm_data *d, sm_stream *st) {
-    if (st->doc_g != st->g) {
-        st->doc_len = problem_tokens(d, st->g, st->doc, NULL, NULL);
-        st->doc_g = st->g;
+/* The current problem of stream sp as tokens in st->doc. */
+static int stream_load(sm_data *d, int sp) {
+    sm_stream *st = &d->st[sp];
+    if (st->doc_k != st->k) {
+        int64_t g;
+        if (problem_id(d, sp, st->k, &g)) return M1C_ERR;
+        st->doc_len = problem_tokens(d, g, st->doc, NULL, NULL);
+        st->doc_k = st->k;
     }
+    return M1C_OK;
 }
 
 static int sm_next_batch(void *self, int split, int B, int T, int32_t *tokens, float *mask) {
@@ -212,33 +241,33 @@ static int sm_next_batch(void *self, int split, int B, int T, int32_t *tokens, f
     if (split != M1C_SPLIT_TRAIN && split != M1C_SPLIT_VALID) return h->error(h, "unknown split %d", split);
     if (B <= 0 || T <= 0) return h->error(h, "batch shape B=%d T=%d must be positive", B, T);
     sm_stream *st = &d->st[split];
-    if (st->g < 0) return h->error(h, "the validation split is empty (valid_fraction = 0)");
     for (int b = 0; b < B; b++) {
         int32_t *row = tokens + (int64_t)b * (T + 1);
         float *m = mask + (int64_t)b * T;
         if (d->mode == MODE_PRETRAIN) {
             /* T tokens of the packed stream, then the next one (read again by the next row) */
             for (int t = 0; t <= T; t++) {
-                stream_load(d, st);
+                if (stream_load(d, split)) return M1C_ERR;
                 row[t] = st->doc[st->off];
                 if (t == T) break;
                 if (++st->off == st->doc_len) {
                     st->off = 0;
-                    st->g = next_member(d, split, st->g + d->world);
+                    st->k += d->world;
                 }
             }
             for (int t = 0; t < T; t++) m[t] = 1.0f;
         } else {
-            int64_t prompt_end;
+            int64_t prompt_end, g;
             int32_t doc[SM_MAX_TEXT + 2];
-            int64_t n = problem_tokens(d, st->g, doc, &prompt_end, NULL);
+            if (problem_id(d, split, st->k, &g)) return M1C_ERR;
+            int64_t n = problem_tokens(d, g, doc, &prompt_end, NULL);
             if (n > (int64_t)T + 1)
-                return h->error(h, "sft row of T+1 = %d tokens cannot hold problem %lld (%lld tokens); "
-                                   "raise T or lower max_digits/max_ops", T + 1, (long long)st->g, (long long)n);
+                return h->error(h, "sft row of T+1 = %d tokens cannot hold problem %lld of the split (%lld tokens); "
+                                   "raise T or lower max_digits/max_ops", T + 1, (long long)st->k, (long long)n);
             for (int t = 0; t <= T; t++) row[t] = t < n ? doc[t] : d->tok->pad;
             /* the target at t is row[t+1]: it counts iff it is a solution token or the closing EOS */
             for (int t = 0; t < T; t++) m[t] = (t + 1 >= prompt_end && t + 1 < n) ? 1.0f : 0.0f;
-            st->g = next_member(d, split, st->g + d->world);
+            st->k += d->world;
         }
     }
     return M1C_OK;
@@ -246,7 +275,7 @@ static int sm_next_batch(void *self, int split, int B, int T, int32_t *tokens, f
 
 /* ---- positions ----------------------------------------------------------------------------- */
 
-enum { SM_POS_BYTES = 8 * (2 + 2 * 2) }; /* magic, fingerprint, then per split: g, off */
+enum { SM_POS_BYTES = 8 * (2 + 2 * 2) }; /* magic, fingerprint, then per split: k, off */
 
 static int64_t sm_save_position(void *self, void *buf, int64_t max) {
     sm_data *d = self;
@@ -257,7 +286,7 @@ static int64_t sm_save_position(void *self, void *buf, int64_t max) {
     m1c_put_u64(p, SM_MAGIC);
     m1c_put_u64(p + 8, d->fingerprint);
     for (int sp = 0; sp < 2; sp++) {
-        m1c_put_u64(p + 16 + 16 * sp, (uint64_t)d->st[sp].g);
+        m1c_put_u64(p + 16 + 16 * sp, (uint64_t)d->st[sp].k);
         m1c_put_u64(p + 24 + 16 * sp, (uint64_t)d->st[sp].off);
     }
     return SM_POS_BYTES;
@@ -271,19 +300,22 @@ static int sm_load_position(void *self, const void *buf, int64_t n) {
         return h->error(h, "saved position is not one of this plugin (%lld bytes)", (long long)n);
     if (m1c_get_u64(p + 8) != d->fingerprint)
         return h->error(h, "saved position was made with another seed, mode, valid_fraction or rank");
-    int64_t g[2], off[2];
+    int64_t k[2], off[2];
     for (int sp = 0; sp < 2; sp++) {
-        g[sp] = (int64_t)m1c_get_u64(p + 16 + 16 * sp);
+        k[sp] = (int64_t)m1c_get_u64(p + 16 + 16 * sp);
         off[sp] = (int64_t)m1c_get_u64(p + 24 + 16 * sp);
-        int empty = sp == M1C_SPLIT_VALID && d->valid_fraction <= 0;
-        int32_t doc[SM_MAX_TEXT + 2];
-        if (empty ? (g[sp] != -1 || off[sp] != 0)
-                  : (g[sp] < 0 || g[sp] % d->world != d->rank || problem_split(d, g[sp]) != sp || off[sp] < 0 ||
-                     off[sp] >= problem_tokens(d, g[sp], doc, NULL, NULL) || (d->mode == MODE_SFT && off[sp])))
-            return h->error(h, "saved position is corrupt");
+        int bad = k[sp] < 0 || k[sp] >= SM_MAX_INDEX || k[sp] % d->world != d->rank || off[sp] < 0 ||
+                  (d->mode == MODE_SFT && off[sp]);
+        if (!bad && off[sp] > 0) { /* the offset lies inside the problem (an empty split has none) */
+            int64_t g;
+            int32_t doc[SM_MAX_TEXT + 2];
+            bad = (sp == M1C_SPLIT_VALID && d->valid_p == 0) || problem_id(d, sp, k[sp], &g) ||
+                  off[sp] >= problem_tokens(d, g, doc, NULL, NULL);
+        }
+        if (bad) return h->error(h, "saved position is corrupt");
     }
     for (int sp = 0; sp < 2; sp++) {
-        d->st[sp].g = g[sp];
+        d->st[sp].k = k[sp];
         d->st[sp].off = off[sp];
     }
     return M1C_OK;
@@ -312,20 +344,16 @@ static int64_t sm_decode(void *self, const int32_t *ids, int64_t n, char *text, 
     return r;
 }
 
-/* BOS "Q: <expr>=?\nA:" of problem `index` (which must be in `split`); *len = its length. With ids
- * NULL only *len is set. */
+/* BOS "Q: <expr>=?\nA:" of problem `index` of `split`; *len = its length. With ids NULL only *len
+ * is set. */
 static int sm_prompt(void *self, int split, int64_t index, int32_t *ids, int64_t max, int64_t *len) {
     sm_data *d = self;
     const m1c_host *h = d->h;
-    if (split != M1C_SPLIT_TRAIN && split != M1C_SPLIT_VALID) return h->error(h, "unknown split %d", split);
-    if (index < 0) return h->error(h, "prompt index %lld is negative", (long long)index);
-    if (problem_split(d, index) != split)
-        return h->error(h, "problem %lld belongs to the %s split, not the %s split", (long long)index,
-                        split == M1C_SPLIT_TRAIN ? "validation" : "training",
-                        split == M1C_SPLIT_TRAIN ? "training" : "validation");
+    int64_t g;
+    if (problem_id(d, split, index, &g)) return M1C_ERR;
     int32_t doc[SM_MAX_TEXT + 2];
     int64_t prompt_end;
-    problem_tokens(d, index, doc, &prompt_end, NULL);
+    problem_tokens(d, g, doc, &prompt_end, NULL);
     *len = prompt_end;
     if (!ids) return M1C_OK;
     if (max < prompt_end)
@@ -337,10 +365,11 @@ static int sm_prompt(void *self, int split, int64_t index, int32_t *ids, int64_t
 
 /* 1 if the first "####" of the response is followed (after spaces) by exactly the answer as a
  * decimal integer, ending the text or followed by whitespace; 0 otherwise. */
-static int sm_reward(void *self, int64_t index, const int32_t *response, int64_t len, float *reward) {
+static int sm_reward(void *self, int split, int64_t index, const int32_t *response, int64_t len, float *reward) {
     sm_data *d = self;
     const m1c_host *h = d->h;
-    if (index < 0) return h->error(h, "reward index %lld is negative", (long long)index);
+    int64_t g;
+    if (problem_id(d, split, index, &g)) return M1C_ERR;
     if (len < 0) return h->error(h, "reward: negative response length %lld", (long long)len);
     int64_t n = d->tok->decode(d->tok, response, len, NULL, 0);
     if (n < 0) return h->error(h, "reward: token id out of range [0, %d)", d->tok->vocab);
@@ -348,7 +377,7 @@ static int sm_reward(void *self, int64_t index, const int32_t *response, int64_t
     if (!text) return h->error(h, "out of memory");
     d->tok->decode(d->tok, response, len, text, n + 1);
     sm_problem p;
-    make_problem(d, index, &p);
+    make_problem(d, g, &p);
     *reward = 0.0f;
     const char *s = strstr(text, "####");
     if (s) {

@@ -12,6 +12,10 @@
  *   valid_fraction = 0.05;               documents (not bytes) that go to the validation split
  *   tokenizer = "byte";
  *
+ * Create checks the settings and that every source names at least one readable file; the files are
+ * read and split into documents on the first call that needs them (next_batch, save_position,
+ * load_position), so commands that only need the tokenizer (generate, logits) start at once.
+ *
  * Reading: each split keeps, per source, a stream (epoch, place in that epoch's document order, token
  * offset in the current document) and one mixing RNG. A batch row draws its source from the RNG by
  * weight and takes the next T+1 tokens of that source's stream; the stream then advances by T, so the
@@ -34,12 +38,17 @@
 
 #define TEXT_MAGIC 0x315458455443314DULL /* "M1CTEXT1" as little-endian bytes */
 
+typedef struct strlist {
+    char **s;
+    int n, cap;
+} strlist;
+
 typedef struct text_source {
     char *path;        /* as configured */
     double weight;
-    const char *sep;              /* separator (lives in the config; used during create only) */
-    const char **exclude;         /* [n_exclude] globs, idem */
-    int n_exclude;
+    char *sep;         /* separator line, "" for one document per file */
+    strlist files;     /* the files to read (exclusions applied), sorted */
+    /* the corpus, filled in by load_corpus */
     char *bytes;       /* every document's text, back to back */
     int64_t *doc_off;  /* [n_docs + 1]: document j is bytes[doc_off[j] .. doc_off[j+1]) */
     int64_t n_docs, cap_docs, n_bytes, cap_bytes;
@@ -79,14 +88,10 @@ typedef struct text_data {
     text_source *src;
     text_split split[2];
     uint64_t fingerprint; /* of everything a saved position depends on */
+    int loaded;           /* the corpus is read and split */
 } text_data;
 
 /* ---- corpus loading ------------------------------------------------------------------------ */
-
-typedef struct strlist {
-    char **s;
-    int n, cap;
-} strlist;
 
 static int strlist_push(strlist *l, const char *s) {
     if (l->n == l->cap) {
@@ -127,29 +132,20 @@ static const char *base_name(const char *path) {
     return s ? s + 1 : path;
 }
 
-static int is_excluded(const char *path, const char *const *exclude, int n_exclude) {
-    const char *b = base_name(path);
-    for (int i = 0; i < n_exclude; i++)
-        if (fnmatch(exclude[i], b, 0) == 0) return 1;
-    return 0;
-}
-
 static int is_regular(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
-/* The files a configured path names, sorted by byte order (so the corpus order never depends on the
- * locale). An empty result is the caller's error. */
-static int list_files(text_data *d, int i, const char *shown, const char *full, strlist *out) {
-    const m1c_host *h = d->h;
+/* The files a configured path names (source group grp), sorted by byte order (so the corpus order never
+ * depends on the locale). An empty result is the caller's error. */
+static int list_files(const m1c_host *h, const m1c_settings *grp, const char *shown, const char *full, strlist *out) {
     struct stat st;
     if (stat(full, &st) == 0) {
         if (S_ISREG(st.st_mode)) return strlist_push(out, full) ? h->error(h, "out of memory") : M1C_OK;
-        if (!S_ISDIR(st.st_mode))
-            return h->error(h, "sources[%d].path: '%s' is neither a file nor a directory", i, shown);
+        if (!S_ISDIR(st.st_mode)) return m1c_setting_error(h, grp, "path", "'%s' is neither a file nor a directory", shown);
         DIR *dir = opendir(full);
-        if (!dir) return h->error(h, "sources[%d].path: cannot open directory '%s': %s", i, shown, strerror(errno));
+        if (!dir) return m1c_setting_error(h, grp, "path", "cannot open directory '%s': %s", shown, strerror(errno));
         struct dirent *e;
         int rc = M1C_OK;
         while (rc == M1C_OK && (e = readdir(dir))) {
@@ -165,7 +161,7 @@ static int list_files(text_data *d, int i, const char *shown, const char *full, 
         int r = glob(full, 0, NULL, &g);
         if (r != 0 && r != GLOB_NOMATCH) {
             globfree(&g);
-            return h->error(h, "sources[%d].path: cannot expand '%s'", i, shown);
+            return m1c_setting_error(h, grp, "path", "cannot expand '%s'", shown);
         }
         int rc = M1C_OK;
         for (size_t k = 0; r == 0 && k < g.gl_pathc && rc == M1C_OK; k++)
@@ -173,7 +169,7 @@ static int list_files(text_data *d, int i, const char *shown, const char *full, 
         globfree(&g);
         if (rc != M1C_OK) return rc;
     } else {
-        return h->error(h, "sources[%d].path: '%s' (%s): %s", i, shown, full, strerror(errno));
+        return m1c_setting_error(h, grp, "path", "'%s' (%s): %s", shown, full, strerror(errno));
     }
     if (out->n > 1) qsort(out->s, (size_t)out->n, sizeof *out->s, cmp_str);
     return M1C_OK;
@@ -294,36 +290,25 @@ static int split_docs(text_data *d, text_source *s, const char *buf, int64_t n, 
     return add_doc(d, s, buf + start, n - start);
 }
 
-static int load_source(text_data *d, int i, const char *base_dir) {
+/* Read the files of source i and split them into documents. */
+static int load_source(text_data *d, int i) {
     const m1c_host *h = d->h;
     text_source *s = &d->src[i];
-    char *full = join_path(base_dir, s->path);
-    if (!full) return h->error(h, "out of memory");
-    strlist files = {0};
-    int rc = list_files(d, i, s->path, full, &files);
-    int matched = files.n, used = 0;
-    for (int f = 0; rc == M1C_OK && f < files.n; f++) {
-        if (is_excluded(files.s[f], s->exclude, s->n_exclude)) continue;
-        used++;
+    int rc = M1C_OK;
+    for (int f = 0; rc == M1C_OK && f < s->files.n; f++) {
         char *buf = NULL;
         int64_t len = 0;
-        if ((rc = read_file(d, files.s[f], &buf, &len))) break;
+        if ((rc = read_file(d, s->files.s[f], &buf, &len))) break;
         int64_t bad = bad_utf8((const unsigned char *)buf, len);
         if (bad >= 0)
-            h->log(h, M1C_LOG_WARN, "skipping '%s': %s at byte %lld", files.s[f],
+            h->log(h, M1C_LOG_WARN, "skipping '%s': %s at byte %lld", s->files.s[f],
                    buf[bad] ? "not valid UTF-8" : "NUL byte", (long long)bad);
         else
             rc = split_docs(d, s, buf, len, s->sep);
         free(buf);
     }
-    if (rc == M1C_OK && matched == 0)
-        rc = h->error(h, "sources[%d].path: no files match '%s' (%s)", i, s->path, full);
-    else if (rc == M1C_OK && used == 0)
-        rc = h->error(h, "sources[%d]: every file of '%s' is excluded by `exclude`", i, s->path);
-    else if (rc == M1C_OK && s->n_docs == 0)
+    if (rc == M1C_OK && s->n_docs == 0)
         rc = h->error(h, "sources[%d]: '%s' holds no documents (empty, blank or not UTF-8)", i, s->path);
-    strlist_free(&files);
-    free(full);
     return rc;
 }
 
@@ -398,6 +383,90 @@ static int build_splits(text_data *d) {
     return M1C_OK;
 }
 
+/* Free the corpus and everything derived from it, back to the state create left. */
+static void corpus_free(text_data *d) {
+    for (int sp = 0; sp < 2; sp++) {
+        for (int i = 0; d->split[sp].streams && i < d->n_sources; i++) {
+            free(d->split[sp].streams[i].order);
+            free(d->split[sp].streams[i].doc);
+        }
+        free(d->split[sp].streams);
+        free(d->split[sp].cum);
+        memset(&d->split[sp], 0, sizeof d->split[sp]);
+    }
+    for (int i = 0; d->src && i < d->n_sources; i++) {
+        text_source *s = &d->src[i];
+        free(s->bytes);
+        free(s->doc_off);
+        free(s->split_docs[0]);
+        free(s->split_docs[1]);
+        s->bytes = NULL;
+        s->doc_off = s->split_docs[0] = s->split_docs[1] = NULL;
+        s->n_docs = s->cap_docs = s->n_bytes = s->cap_bytes = 0;
+        s->n_split[0] = s->n_split[1] = 0;
+    }
+    d->fingerprint = 0;
+    d->loaded = 0;
+}
+
+/* Read and split the corpus, once (a failure leaves nothing behind, so a later call tries again). */
+static int load_corpus(text_data *d) {
+    if (d->loaded) return M1C_OK;
+    int rc = M1C_OK;
+    for (int i = 0; rc == M1C_OK && i < d->n_sources; i++) rc = load_source(d, i);
+    if (rc == M1C_OK) rc = build_splits(d);
+    if (rc != M1C_OK) {
+        corpus_free(d);
+        return M1C_ERR;
+    }
+    d->loaded = 1;
+    int64_t docs = 0, bytes = 0;
+    for (int i = 0; i < d->n_sources; i++) docs += d->src[i].n_docs, bytes += d->src[i].n_bytes;
+    d->h->log(d->h, M1C_LOG_INFO, "%d source%s, %lld documents (%lld train, %lld valid), %lld bytes", d->n_sources,
+              d->n_sources == 1 ? "" : "s", (long long)docs, (long long)d->split[0].n_docs,
+              (long long)d->split[1].n_docs, (long long)bytes);
+    return M1C_OK;
+}
+
+/* The files of source i (settings group g), exclusions applied; refuses a path that names no readable
+ * file. Reads no file. */
+static int find_source_files(text_data *d, int i, const m1c_settings *g, const char *base_dir) {
+    const m1c_host *h = d->h;
+    text_source *x = &d->src[i];
+    int n_exclude = 0;
+    if (h->get_list_len(h, g, "exclude", &n_exclude)) return M1C_ERR;
+    char *full = join_path(base_dir, x->path);
+    if (!full) return h->error(h, "out of memory");
+    strlist all = {0};
+    int rc = list_files(h, g, x->path, full, &all);
+    for (int f = 0; rc == M1C_OK && f < all.n; f++) {
+        const char *b = base_name(all.s[f]);
+        int skip = 0;
+        for (int k = 0; rc == M1C_OK && !skip && k < n_exclude; k++) {
+            const char *pat;
+            if (h->get_list_string(h, g, "exclude", k, &pat)) rc = M1C_ERR;
+            else skip = fnmatch(pat, b, 0) == 0;
+        }
+        if (rc == M1C_OK && !skip && strlist_push(&x->files, all.s[f])) rc = h->error(h, "out of memory");
+    }
+    int readable = 0, err = 0; /* one is enough here: any other that cannot be read is reported when loading */
+    for (int f = 0; rc == M1C_OK && !readable && f < x->files.n; f++) {
+        FILE *fp = fopen(x->files.s[f], "rb");
+        if (fp) readable = 1, fclose(fp);
+        else if (!err) err = errno;
+    }
+    if (rc == M1C_OK && all.n == 0)
+        rc = m1c_setting_error(h, g, "path", "no files match '%s' (%s)", x->path, full);
+    else if (rc == M1C_OK && x->files.n == 0)
+        rc = m1c_setting_error(h, g, "exclude", "excludes every file of '%s'", x->path);
+    else if (rc == M1C_OK && !readable)
+        rc = m1c_setting_error(h, g, "path", "none of the %d files of '%s' can be read (first: %s: %s)", x->files.n,
+                               x->path, x->files.s[0], strerror(err));
+    strlist_free(&all);
+    free(full);
+    return rc;
+}
+
 static int text_create(const m1c_host *h, const m1c_settings *s, const m1c_data_info *info, void **self) {
     *self = NULL;
     text_data *d = calloc(1, sizeof *d);
@@ -413,54 +482,52 @@ static int text_create(const m1c_host *h, const m1c_settings *s, const m1c_data_
 
     int n = 0;
     const char *tok_name = NULL;
+    const m1c_settings **groups = NULL;
     int rc = M1C_OK;
     if (h->get_list_len(h, s, "sources", &n)) rc = M1C_ERR;
-    else if (n <= 0) rc = h->error(h, "sources: give at least one source, e.g. sources = ( { path = \"a.txt\"; } )");
+    else if (n <= 0)
+        rc = m1c_setting_error(h, s, "sources", "give at least one source, e.g. sources = ( { path = \"a.txt\"; } )");
     if (rc == M1C_OK) {
         d->n_sources = n;
         d->src = calloc((size_t)n, sizeof *d->src);
-        if (!d->src) rc = h->error(h, "out of memory");
+        groups = calloc((size_t)n, sizeof *groups);
+        if (!d->src || !groups) rc = h->error(h, "out of memory");
     }
+    double total_weight = 0;
     for (int i = 0; rc == M1C_OK && i < n; i++) {
         text_source *x = &d->src[i];
         const m1c_settings *g;
-        const char *path;
+        const char *path, *sep;
+        int n_exclude;
         if (h->get_list_group(h, s, "sources", i, &g) || h->get_string(h, g, "path", NULL, NULL, &path) ||
             h->get_float(h, g, "weight", 1.0, 0.0, 1e9, &x->weight) ||
-            h->get_string(h, g, "separator", "", NULL, &x->sep) || h->get_list_len(h, g, "exclude", &x->n_exclude)) {
+            h->get_string(h, g, "separator", "", NULL, &sep) || h->get_list_len(h, g, "exclude", &n_exclude)) {
             rc = M1C_ERR;
             break;
         }
-        if (!path[0]) rc = h->error(h, "sources[%d].path: empty path", i);
-        else if (strchr(x->sep, '\n')) rc = h->error(h, "sources[%d].separator: must be one line", i);
-        else if (!(x->path = strdup(path))) rc = h->error(h, "out of memory");
-        else if (x->n_exclude > 0 && !(x->exclude = calloc((size_t)x->n_exclude, sizeof *x->exclude)))
-            rc = h->error(h, "out of memory");
-        for (int k = 0; rc == M1C_OK && k < x->n_exclude; k++)
-            if (h->get_list_string(h, g, "exclude", k, &x->exclude[k])) rc = M1C_ERR;
+        groups[i] = g;
+        total_weight += x->weight;
+        if (!path[0]) rc = m1c_setting_error(h, g, "path", "empty path");
+        else if (strchr(sep, '\n')) rc = m1c_setting_error(h, g, "separator", "must be one line");
+        else if (!(x->path = strdup(path)) || !(x->sep = strdup(sep))) rc = h->error(h, "out of memory");
+        for (int k = 0; rc == M1C_OK && k < n_exclude; k++) {
+            const char *pat;
+            if (h->get_list_string(h, g, "exclude", k, &pat)) rc = M1C_ERR;
+        }
         if (rc == M1C_OK && h->settings_done(h, g)) rc = M1C_ERR;
     }
+    if (rc == M1C_OK && total_weight <= 0) rc = m1c_setting_error(h, s, "sources", "every source has weight 0");
     if (rc == M1C_OK && h->get_float(h, s, "valid_fraction", 0.05, 0.0, 0.5, &d->valid_fraction)) rc = M1C_ERR;
     if (rc == M1C_OK && h->get_string(h, s, "tokenizer", "byte", m1c_tokenizer_names, &tok_name)) rc = M1C_ERR;
     if (rc == M1C_OK && h->settings_done(h, s)) rc = M1C_ERR;
     if (rc == M1C_OK) rc = m1c_tokenizer_create(h, tok_name, &d->tok);
-
-    /* files are read only once every setting has been checked */
-    for (int i = 0; rc == M1C_OK && i < d->n_sources; i++) rc = load_source(d, i, info->base_dir);
-    for (int i = 0; d->src && i < d->n_sources; i++) { /* the config's strings are not kept */
-        free(d->src[i].exclude);
-        d->src[i].exclude = NULL;
-        d->src[i].sep = NULL;
-    }
-    if (rc == M1C_OK) rc = build_splits(d);
+    /* paths are looked at only once every setting has been checked; files are read later */
+    for (int i = 0; rc == M1C_OK && i < d->n_sources; i++) rc = find_source_files(d, i, groups[i], info->base_dir);
+    free(groups);
     if (rc != M1C_OK) {
         text_destroy(d);
         return M1C_ERR;
     }
-    int64_t docs = 0, bytes = 0;
-    for (int i = 0; i < d->n_sources; i++) docs += d->src[i].n_docs, bytes += d->src[i].n_bytes;
-    h->log(h, M1C_LOG_INFO, "%d sources, %lld documents (%lld train, %lld valid), %lld bytes", d->n_sources,
-           (long long)docs, (long long)d->split[0].n_docs, (long long)d->split[1].n_docs, (long long)bytes);
     *self = d;
     return M1C_OK;
 }
@@ -468,21 +535,11 @@ static int text_create(const m1c_host *h, const m1c_settings *s, const m1c_data_
 static void text_destroy(void *self) {
     text_data *d = self;
     if (!d) return;
-    for (int sp = 0; sp < 2; sp++) {
-        for (int i = 0; d->split[sp].streams && i < d->n_sources; i++) {
-            free(d->split[sp].streams[i].order);
-            free(d->split[sp].streams[i].doc);
-        }
-        free(d->split[sp].streams);
-        free(d->split[sp].cum);
-    }
+    corpus_free(d);
     for (int i = 0; d->src && i < d->n_sources; i++) {
         free(d->src[i].path);
-        free(d->src[i].bytes);
-        free(d->src[i].doc_off);
-        free(d->src[i].exclude);
-        free(d->src[i].split_docs[0]);
-        free(d->src[i].split_docs[1]);
+        free(d->src[i].sep);
+        strlist_free(&d->src[i].files);
     }
     free(d->src);
     if (d->tok) d->tok->destroy(d->tok);
@@ -559,6 +616,7 @@ static int text_next_batch(void *self, int split, int B, int T, int32_t *tokens,
     const m1c_host *h = d->h;
     if (split != M1C_SPLIT_TRAIN && split != M1C_SPLIT_VALID) return h->error(h, "unknown split %d", split);
     if (B <= 0 || T <= 0) return h->error(h, "batch shape B=%d T=%d must be positive", B, T);
+    if (load_corpus(d)) return M1C_ERR;
     text_split *x = &d->split[split];
     if (x->total <= 0)
         return h->error(h, "the validation split has no documents of a source with weight > 0 "
@@ -588,8 +646,9 @@ static int64_t position_bytes(const text_data *d) { return 8 * (2 + 2 * (4 + 3 *
 static int64_t text_save_position(void *self, void *buf, int64_t max) {
     text_data *d = self;
     int64_t n = position_bytes(d);
-    if (!buf) return n;
+    if (!buf) return n; /* the size does not depend on the corpus: no need to read it */
     if (max < n) return d->h->error(d->h, "position needs %lld bytes, buffer holds %lld", (long long)n, (long long)max);
+    if (load_corpus(d)) return M1C_ERR;
     unsigned char *p = buf;
     m1c_put_u64(p, TEXT_MAGIC), p += 8;
     m1c_put_u64(p, d->fingerprint), p += 8;
@@ -609,6 +668,7 @@ static int text_load_position(void *self, const void *buf, int64_t n) {
     text_data *d = self;
     const m1c_host *h = d->h;
     const unsigned char *p = buf;
+    if (load_corpus(d)) return M1C_ERR;
     if (n != position_bytes(d) || m1c_get_u64(p) != TEXT_MAGIC)
         return h->error(h, "saved position is not one of this corpus (%lld bytes)", (long long)n);
     if (m1c_get_u64(p + 8) != d->fingerprint)

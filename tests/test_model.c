@@ -1,0 +1,573 @@
+/* Whole-model tests (core/model.c with the lightning, softmax, topk and dense plugins): finite-difference
+ * gradients of every parameter tensor, incremental decoding against the full forward, the DeepNorm
+ * residual by hand, determinism and the out-of-vocabulary error. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+#include "../core/model.h"
+#include "../core/rng.h"
+#include "../core/session.h"
+
+#define V 259 /* synth-math's vocabulary: the stage's data gives the model its vocab_size */
+
+/* ---- sessions and models ----------------------------------------------------------------------- */
+
+typedef struct cfg_opts {
+    int hidden;
+    const char *pattern; /* libconfig list body, e.g. "\"lin\", \"soft\"" */
+    int layers;
+    int block_size;      /* lightning */
+    double lin_alpha, lin_beta, soft_alpha, soft_beta, ffn_alpha, ffn_beta;
+    const char *ffn;     /* the ffn group's body */
+    int tied;
+    double norm_eps;
+    int T;
+} cfg_opts;
+
+static char *cfg_text(const cfg_opts *o) {
+    return m1c_xasprintf(
+        "model = {\n"
+        "  hidden = %d; layers = %d; tie_embeddings = %s; norm_eps = %.17g;\n"
+        "  pattern = [%s];\n"
+        "  types = {\n"
+        "    lin  = { alpha = %.17g; beta = %.17g;\n"
+        "             attention = { plugin = \"lightning\"; heads = 2; head_dim = 4; block_size = %d; }; };\n"
+        "    soft = { alpha = %.17g; beta = %.17g;\n"
+        "             attention = { plugin = \"softmax\"; heads = 4; kv_heads = 2; head_dim = 4; rotary_dim = 2;\n"
+        "                           rope_theta = 100.0; }; };\n"
+        "  };\n"
+        "  ffn = { %s };\n"
+        "  ffn_alpha = %.17g; ffn_beta = %.17g;\n"
+        "};\n"
+        "run = { stages = ( { data = { plugin = \"synth-math\"; }; steps = 1; batch = 2; seq_len = %d; } ); };\n",
+        o->hidden, o->layers, o->tied ? "true" : "false", o->norm_eps, o->pattern, o->lin_alpha, o->lin_beta,
+        o->block_size, o->soft_alpha, o->soft_beta, o->ffn, o->ffn_alpha, o->ffn_beta, o->T);
+}
+
+/* A session with its model built from `seed`; plugins from the build tree. */
+static void open_model(m1c_session *s, const cfg_opts *o, uint64_t seed) {
+    setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1);
+    char *text = cfg_text(o);
+    m1c_err e = {{0}};
+    int rc = m1c_session_open_text(s, text, "test_model.cfg", M1C_SOURCE_DIR "/tests/data/model", NULL, 0, &e);
+    free(text);
+    cr_assert_eq(rc, M1C_OK, "open: %s", e.msg);
+    cr_assert_eq(s->spec.model.vocab_size, V, "vocab_size from synth-math");
+    cr_assert_eq(m1c_session_build_model(s, seed, &e), M1C_OK, "build: %s", e.msg);
+}
+
+/* Replace the plugins' tiny default initialisation (std 0.02, norms at 1) with O(1) signals, so that
+ * every path of the network carries gradient well above float noise: N(0, 1/fan_in) for matrices
+ * (fan_in = last dim) and 1 + N(0, 0.2^2) for norm weights. */
+static void scramble(m1c_model *m, uint64_t seed) {
+    for (int i = 0; i < m->params.n; i++) {
+        m1c_tensor *t = &m->params.t[i];
+        float *x = t->data;
+        int64_t n = m1c_numel(t);
+        m1c_rng r;
+        m1c_rng_seed(&r, seed, (uint64_t)i);
+        float std = 1.0f / sqrtf((float)t->shape[t->ndim - 1]);
+        for (int64_t j = 0; j < n; j++)
+            x[j] = m->init[i] == M1C_INIT_ONES ? 1.0f + 0.2f * m1c_rng_normal(&r) : std * m1c_rng_normal(&r);
+    }
+}
+
+static int32_t *rand_tokens(int B, int T, uint64_t seed) {
+    int32_t *tok = malloc(sizeof *tok * (size_t)B * (T + 1));
+    m1c_rng r;
+    m1c_rng_seed(&r, seed, 0);
+    for (int i = 0; i < B * (T + 1); i++) tok[i] = (int32_t)(m1c_rng_u64(&r) % V);
+    return tok;
+}
+
+static void forward(m1c_model *m, m1c_run *r, const int32_t *tok) {
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_model_forward(m, r, tok, &e), M1C_OK, "forward: %s", e.msg);
+}
+
+/* ---- finite differences of the whole model ------------------------------------------------------ */
+
+/* The objective-like scalar L = -sum_i w_i logp_i + aux (the MoE load-balancing loss the plugins'
+ * backward includes with weight 1), accumulated in double. */
+static double loss(m1c_model *m, m1c_run *r, const int32_t *tok, const float *w) {
+    forward(m, r, tok);
+    double L = r->aux_loss;
+    for (int64_t i = 0; i < (int64_t)r->B * r->T; i++) L -= (double)w[i] * r->logp[i];
+    return L;
+}
+
+/* Every layer's chosen experts (the topk plugin's "moe.topk_idx" activation), to detect a routing flip
+ * under a perturbation: the loss is not differentiable across one. Returns the number of ints written. */
+static int routing(m1c_model *m, m1c_run *r, int32_t *out) {
+    int n = 0;
+    for (int l = 0; l < m->L; l++)
+        for (int j = 0; j < r->ffn[l].na; j++) {
+            const m1c_tensor *t = &r->ffn[l].acts[j];
+            if (!t->name || !strstr(t->name, "moe.topk_idx")) continue;
+            /* (N, k) rows, best first: the order inside a row does not change the output (a sum), so
+             * compare the sets (sorted rows). */
+            const int32_t *idx = t->data;
+            int64_t rows = t->shape[0], k = t->shape[1];
+            for (int64_t i = 0; i < rows; i++) {
+                int32_t *o = out + n + i * k;
+                memcpy(o, idx + i * k, (size_t)k * sizeof *o);
+                for (int64_t a = 1; a < k; a++) /* insertion sort of k ints */
+                    for (int64_t b = a; b > 0 && o[b - 1] > o[b]; b--) {
+                        int32_t tmp = o[b];
+                        o[b] = o[b - 1], o[b - 1] = tmp;
+                    }
+            }
+            n += (int)(rows * k);
+        }
+    return n;
+}
+
+typedef struct fd_result {
+    double worst;
+    char where[160];
+    int checked, flips, tensors;
+} fd_result;
+
+/* Compare d L / d param with central differences at `samples` coordinates of every parameter tensor.
+ * Embedding coordinates are drawn from the rows of tokens the batch uses (other rows must have an
+ * exactly zero gradient when the head is untied: checked too). */
+static fd_result fd_check(const cfg_opts *o, int B, int T, int samples, float eps, uint64_t seed) {
+    m1c_session s;
+    open_model(&s, o, 7);
+    m1c_model *m = &s.model;
+    scramble(m, seed);
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_model_alloc_grads(m, &e), M1C_OK, "%s", e.msg);
+    m1c_run r;
+    cr_assert_eq(m1c_run_init(&r, m, B, T, 1, &e), M1C_OK, "%s", e.msg);
+
+    int32_t *tok = rand_tokens(B, T, seed + 1);
+    int N = B * T;
+    float *w = malloc(sizeof *w * (size_t)N);
+    m1c_rng rng;
+    m1c_rng_seed(&rng, seed + 2, 0);
+    for (int i = 0; i < N; i++) w[i] = 2.0f * m1c_rng_uniform(&rng) - 1.0f; /* signed, like advantages */
+
+    /* analytic gradients */
+    loss(m, &r, tok, w);
+    int32_t *route0 = malloc(sizeof(int32_t) * (size_t)N * 64), *route1 = malloc(sizeof(int32_t) * (size_t)N * 64);
+    int nroute = routing(m, &r, route0);
+    m1c_arena_zero(&m->grads);
+    for (int i = 0; i < N; i++) r.dlogp[i] = -w[i];
+    cr_assert_eq(m1c_model_backward(m, &r, &e), M1C_OK, "backward: %s", e.msg);
+
+    fd_result res = {0};
+    if (!m->tied) { /* rows of tokens not in the input get nothing: exactly zero */
+        char used[V] = {0};
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) used[tok[b * (T + 1) + t]] = 1;
+        const float *g = m->grads.t[m->embed].data;
+        for (int v = 0; v < V; v++)
+            for (int c = 0; c < m->H && !used[v]; c++)
+                cr_assert_eq(g[(int64_t)v * m->H + c], 0.0f, "embedding row %d (unused) has gradient", v);
+    }
+    for (int i = 0; i < m->params.n; i++) {
+        m1c_tensor *t = &m->params.t[i];
+        float *x = t->data;
+        const float *g = m->grads.t[i].data;
+        int64_t n = m1c_numel(t);
+        res.tensors++;
+        for (int sdone = 0, tries = 0; sdone < samples && tries < 8 * samples; tries++) {
+            int64_t j = (int64_t)(m1c_rng_u64(&rng) % (uint64_t)n);
+            if (i == m->embed && !m->tied) { /* a row the batch uses */
+                int b = (int)(m1c_rng_u64(&rng) % (uint64_t)B), tt = (int)(m1c_rng_u64(&rng) % (uint64_t)T);
+                j = (int64_t)tok[b * (T + 1) + tt] * m->H + (int64_t)(m1c_rng_u64(&rng) % (uint64_t)m->H);
+            }
+            /* Five-point central difference, (-f(2h) + 8 f(h) - 8 f(-h) + f(-2h)) / 12h: truncation error
+             * O(h^4), so h can stay large enough for the float forward's rounding not to dominate. */
+            const float x0 = x[j];
+            const double c[4] = {-1.0, 8.0, -8.0, 1.0}, hs[4] = {2.0, 1.0, -1.0, -2.0};
+            double num = 0;
+            int flip = 0;
+            for (int q = 0; q < 4; q++) {
+                x[j] = x0 + (float)(hs[q] * eps);
+                num += c[q] * loss(m, &r, tok, w);
+                flip |= routing(m, &r, route1) != nroute || memcmp(route0, route1, sizeof(int32_t) * nroute);
+            }
+            x[j] = x0;
+            num /= 12.0 * eps;
+            if (flip && getenv("FDDBG")) { for (int q = 0; q < nroute; q++) if (route0[q] != route1[q]) { fprintf(stderr, "flip %s[%lld] at %d: %d -> %d\n", t->name, (long long)j, q, route0[q], route1[q]); break; } }
+            if (flip) { /* a kink of the top-k selection lies within eps: this coordinate says nothing */
+                res.flips++;
+                continue;
+            }
+            double ana = g[j];
+            if (getenv("FDDBG")) fprintf(stderr, "E %.3e %s[%lld] %.6g %.6g\n", fabs(ana - num) / fmax(fabs(ana) + fabs(num), 1e-3), t->name, (long long)j, ana, num);
+            /* Relative error with a floor: below |a|+|n| = 1e-3 the float noise of the two losses
+             * (about 1e-6 of |L| ~ 5, divided by 2 eps) dominates. */
+            double err = fabs(ana - num) / fmax(fabs(ana) + fabs(num), 1e-3);
+            if (err > res.worst) {
+                res.worst = err;
+                snprintf(res.where, sizeof res.where, "%s[%lld]: analytic %.6g, numeric %.6g", t->name,
+                         (long long)j, ana, num);
+            }
+            res.checked++;
+            sdone++;
+        }
+    }
+    cr_log_info("fd: %d coordinates in %d tensors, %d skipped for routing flips; worst relative error %.3g at %s",
+                res.checked, res.tensors, res.flips, res.worst, res.where);
+    free(route0), free(route1), free(w), free(tok);
+    m1c_run_free(&r, m);
+    m1c_session_close(&s);
+    return res;
+}
+
+static const cfg_opts hybrid_moe = {
+    .hidden = 12, .layers = 4, .pattern = "\"lin\", \"soft\", \"lin\", \"soft\"", .block_size = 3,
+    .lin_alpha = 1.7, .lin_beta = 0.6, .soft_alpha = 1.3, .soft_beta = 0.8, .ffn_alpha = 1.5, .ffn_beta = 0.7,
+    .ffn = "plugin = \"topk\"; experts = 3; top_k = 2; ffn_dim = 8; jitter = 0.0; aux_coef = 0.05;",
+    .tied = 0, .norm_eps = 1e-5, .T = 7,
+};
+
+/* The float forward at eps = 1e-2 on O(1) weights: central differences have a truncation error of
+ * O(eps^2 f''') ~ 1e-4 relative and a rounding error of ~1e-6 |L| / eps; 1e-2 leaves room for both and
+ * still catches any missing term or factor (those give errors of order 1). */
+#define FD_TOL 1e-2
+
+Test(model, fd_gradients_hybrid_topk, .timeout = 120) {
+    fd_result r = fd_check(&hybrid_moe, 2, 7, 5, getenv("FDEPS") ? (float)atof(getenv("FDEPS")) : 1e-2f, 11);
+    cr_expect_gt(r.checked, 5 * r.tensors * 3 / 4, "too many coordinates skipped (%d flips)", r.flips);
+    cr_expect_leq(r.worst, FD_TOL, "worst relative error %.3g at %s", r.worst, r.where);
+}
+
+Test(model, fd_gradients_dense_tied, .timeout = 120) {
+    cfg_opts o = hybrid_moe;
+    o.layers = 3;
+    o.pattern = "\"soft\", \"lin\", \"lin\"";
+    o.hidden = 16;
+    o.lin_alpha = 1.3, o.lin_beta = 0.8, o.soft_alpha = 1.7, o.soft_beta = 0.6, o.ffn_alpha = 0.9, o.ffn_beta = 1.4;
+    o.ffn = "plugin = \"dense\"; ffn_dim = 12;";
+    o.tied = 1;
+    o.T = 5;
+    fd_result r = fd_check(&o, 2, 5, 5, getenv("FDEPS") ? (float)atof(getenv("FDEPS")) : 1e-2f, 23);
+    cr_expect_eq(r.flips, 0, "a dense FFN has no routing");
+    cr_expect_leq(r.worst, FD_TOL, "worst relative error %.3g at %s", r.worst, r.where);
+}
+
+/* ---- incremental decoding == full forward ------------------------------------------------------- */
+
+/* Feed the prompt in pieces of `chunk` (the last piece may be shorter), then compare the logits each
+ * feed returns with the full forward's row of the same position. Returns the worst |difference|. */
+static double decode_vs_forward(m1c_model *m, const float *full, const int32_t *tok, int B, int T, int chunk) {
+    m1c_decoder d;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_decoder_init(&d, m, B, T, chunk, &e), M1C_OK, "decoder: %s", e.msg);
+    float *out = malloc(sizeof *out * (size_t)B * V);
+    int32_t *ids = malloc(sizeof *ids * (size_t)B * chunk);
+    double worst = 0;
+    for (int t0 = 0; t0 < T; t0 += chunk) {
+        int n = T - t0 < chunk ? T - t0 : chunk;
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < n; t++) ids[b * n + t] = tok[b * (T + 1) + t0 + t];
+        cr_assert_eq(m1c_decoder_feed(m, &d, ids, n, out, &e), M1C_OK, "feed: %s", e.msg);
+        int p = t0 + n - 1;
+        for (int b = 0; b < B; b++)
+            for (int v = 0; v < V; v++) {
+                double diff = fabs((double)out[b * V + v] - full[((int64_t)b * T + p) * V + v]);
+                if (diff > worst) worst = diff;
+            }
+    }
+    cr_assert_eq(d.pos, T);
+    free(ids), free(out);
+    m1c_decoder_free(&d, m);
+    return worst;
+}
+
+Test(model, decoding_matches_forward, .timeout = 60) {
+    cfg_opts o = hybrid_moe;
+    o.layers = 3;
+    o.pattern = "\"lin\", \"soft\", \"lin\"";
+    o.block_size = 4; /* T = 11: blocks of 4, 4, 3 */
+    o.T = 11;
+    const int B = 2, T = 11;
+    m1c_session s;
+    open_model(&s, &o, 3);
+    m1c_model *m = &s.model;
+    scramble(m, 5);
+    m1c_run r;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_run_init(&r, m, B, T, 0, &e), M1C_OK, "%s", e.msg);
+    int32_t *tok = rand_tokens(B, T, 9);
+    forward(m, &r, tok);
+    float *full = malloc(sizeof *full * (size_t)B * T * V);
+    memcpy(full, r.logits, sizeof *full * (size_t)B * T * V);
+    double scale = th_max_abs(full, (int64_t)B * T * V);
+    cr_assert_gt(scale, 0.5, "logits of O(1) expected, max |logit| %g", scale);
+    const int chunks[] = {1, 3, T};
+    for (int c = 0; c < 3; c++) {
+        double worst = decode_vs_forward(m, full, tok, B, T, chunks[c]);
+        cr_log_info("decoding in chunks of %d: worst |logit difference| %.3g (max |logit| %.3g)", chunks[c], worst,
+                    scale);
+        /* The same math summed in another order (recurrent state vs blocks, KV cache vs full scores, other
+         * GEMM shapes): float rounding of ~1e-6 relative through 3 layers and the head. */
+        cr_expect_leq(worst, 1e-4 * scale, "chunk %d: logits differ by %g", chunks[c], worst);
+    }
+    free(full), free(tok);
+    m1c_run_free(&r, m);
+    m1c_session_close(&s);
+}
+
+/* A prefill in chunks of 3 then tokens one at a time on the same decoder: the state carried across
+ * feeds of different lengths. */
+Test(model, decoding_prefill_then_steps, .timeout = 60) {
+    cfg_opts o = hybrid_moe;
+    o.layers = 3;
+    o.pattern = "\"soft\", \"lin\", \"lin\"";
+    o.block_size = 2;
+    o.T = 9;
+    const int B = 2, T = 9, P = 5;
+    m1c_session s;
+    open_model(&s, &o, 4);
+    m1c_model *m = &s.model;
+    scramble(m, 6);
+    m1c_run r;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_run_init(&r, m, B, T, 0, &e), M1C_OK, "%s", e.msg);
+    int32_t *tok = rand_tokens(B, T, 10);
+    forward(m, &r, tok);
+    m1c_decoder d;
+    cr_assert_eq(m1c_decoder_init(&d, m, B, T, 3, &e), M1C_OK, "%s", e.msg);
+    float out[2 * V];
+    int32_t ids[2 * 3];
+    double worst = 0, scale = th_max_abs(r.logits, (int64_t)B * T * V);
+    for (int t0 = 0; t0 < T;) {
+        int n = t0 < P ? (P - t0 < 3 ? P - t0 : 3) : 1; /* 3, 2, then 1s */
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < n; t++) ids[b * n + t] = tok[b * (T + 1) + t0 + t];
+        cr_assert_eq(m1c_decoder_feed(m, &d, ids, n, out, &e), M1C_OK, "feed: %s", e.msg);
+        t0 += n;
+        for (int b = 0; b < B; b++)
+            for (int v = 0; v < V; v++)
+                worst = fmax(worst, fabs((double)out[b * V + v] - r.logits[((int64_t)b * T + t0 - 1) * V + v]));
+    }
+    /* As in decoding_matches_forward: float rounding in another summation order. */
+    cr_expect_leq(worst, 1e-4 * scale, "logits differ by %g (max |logit| %g)", worst, scale);
+    /* Past max_len: refused. */
+    cr_expect_eq(m1c_decoder_feed(m, &d, ids, 1, out, &e), M1C_ERR);
+    cr_expect(strstr(e.msg, "exceeds") != NULL, "message: %s", e.msg);
+    /* After a reset the same prompt gives the same first logits (bitwise: same calls, same order). */
+    m1c_decoder_reset(&d);
+    float again[2 * V];
+    for (int b = 0; b < B; b++) ids[b] = tok[b * (T + 1)];
+    cr_assert_eq(m1c_decoder_feed(m, &d, ids, 1, again, &e), M1C_OK, "%s", e.msg);
+    for (int b = 0; b < B; b++)
+        for (int v = 0; v < V; v++) cr_expect_leq(fabs((double)again[b * V + v] - r.logits[(int64_t)b * T * V + v]), 1e-4 * scale);
+    m1c_decoder_free(&d, m);
+    free(tok);
+    m1c_run_free(&r, m);
+    m1c_session_close(&s);
+}
+
+/* ---- DeepNorm by hand --------------------------------------------------------------------------- */
+
+/* y = x / sqrt(mean(x^2) + eps) * w, in double. */
+static void rmsnorm_d(double *y, const double *x, const float *w, int H, double eps) {
+    double ss = 0;
+    for (int c = 0; c < H; c++) ss += x[c] * x[c];
+    double r = 1.0 / sqrt(ss / H + eps);
+    for (int c = 0; c < H; c++) y[c] = x[c] * r * w[c];
+}
+
+static const cfg_opts one_soft = {
+    .hidden = 8, .layers = 1, .pattern = "\"soft\"", .block_size = 4,
+    .lin_alpha = 1.0, .lin_beta = 1.0, .soft_alpha = 2.0, .soft_beta = 0.0, .ffn_alpha = 2.0, .ffn_beta = 0.0,
+    .ffn = "plugin = \"topk\"; experts = 3; top_k = 2; ffn_dim = 8;",
+    .tied = 0, .norm_eps = 0.05, .T = 4,
+};
+
+/* alpha = 2, beta = 0 removes both sublayers: x1 = 2 RMSNorm_in(x0), x2 = 2 RMSNorm_post(x1), then the
+ * final norm and the head. norm_eps = 0.05 (not the default) so that a wrong eps would show. */
+Test(model, deepnorm_closed_form) {
+    const int B = 2, T = 4, H = 8;
+    m1c_session s;
+    open_model(&s, &one_soft, 1);
+    m1c_model *m = &s.model;
+    scramble(m, 2);
+    m1c_run r;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_run_init(&r, m, B, T, 1, &e), M1C_OK, "%s", e.msg);
+    int32_t *tok = rand_tokens(B, T, 3);
+    forward(m, &r, tok);
+    const float *E = m->params.t[m->embed].data, *Wh = m->params.t[m->head].data;
+    const float *win = m->params.t[m->layer[0].norm_in].data, *wpost = m->params.t[m->layer[0].norm_post].data;
+    const float *wf = m->params.t[m->norm].data;
+    double x0[8], x1[8], x2[8], hf[8], logit[V], worst_logit = 0, worst_logp = 0, worst_x = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int id = tok[b * (T + 1) + t], tg = tok[b * (T + 1) + t + 1];
+            int64_t row = (int64_t)b * T + t;
+            for (int c = 0; c < H; c++) x0[c] = E[(int64_t)id * H + c];
+            rmsnorm_d(x1, x0, win, H, 0.05);
+            for (int c = 0; c < H; c++) x1[c] *= 2.0;
+            rmsnorm_d(x2, x1, wpost, H, 0.05);
+            for (int c = 0; c < H; c++) x2[c] *= 2.0;
+            rmsnorm_d(hf, x2, wf, H, 0.05);
+            double mx = -INFINITY, se = 0;
+            for (int v = 0; v < V; v++) {
+                logit[v] = 0;
+                for (int c = 0; c < H; c++) logit[v] += hf[c] * Wh[(int64_t)v * H + c];
+                mx = fmax(mx, logit[v]);
+            }
+            for (int v = 0; v < V; v++) se += exp(logit[v] - mx);
+            double logp = logit[tg] - mx - log(se);
+            for (int c = 0; c < H; c++) {
+                worst_x = fmax(worst_x, fabs(r.x1[0][row * H + c] - x1[c]));
+                worst_x = fmax(worst_x, fabs(r.x[1][row * H + c] - x2[c]));
+            }
+            for (int v = 0; v < V; v++) worst_logit = fmax(worst_logit, fabs(r.logits[row * V + v] - logit[v]));
+            worst_logp = fmax(worst_logp, fabs(r.logp[row] - logp));
+        }
+    cr_log_info("deepnorm closed form: worst |dx| %.3g, |dlogit| %.3g, |dlogp| %.3g", worst_x, worst_logit, worst_logp);
+    /* Float vs double of a few O(1) dot products of length 8: ~1e-6; 1e-5 absolute leaves room, while a
+     * wrong alpha (x 2), a skipped norm or another eps (0.05 vs 1e-5 moves values by ~1e-2) are far above. */
+    cr_expect_leq(worst_x, 1e-5);
+    cr_expect_leq(worst_logit, 1e-5);
+    cr_expect_leq(worst_logp, 2e-5); /* plus the logsumexp over 259 terms */
+    free(tok);
+    m1c_run_free(&r, m);
+    m1c_session_close(&s);
+}
+
+/* beta scales the sublayer: with the same parameters (same seed), x1 - alpha h1 = beta f(h1) is linear
+ * in beta (h1 does not depend on it), and likewise x2 - alpha_ffn h2 in ffn_beta. */
+Test(model, deepnorm_beta_linear) {
+    const int B = 2, T = 4, H = 8, N = B * T;
+    const double betas[3][2] = {{0.5, 0.5}, {1.0, 0.5}, {0.5, 1.0}}; /* (attention, ffn) */
+    float *x1[3], *x2[3], *h1[3], *h2[3];
+    int32_t *tok = rand_tokens(B, T, 3);
+    for (int k = 0; k < 3; k++) {
+        cfg_opts o = one_soft;
+        o.soft_alpha = 1.3, o.ffn_alpha = 0.7;
+        o.soft_beta = betas[k][0], o.ffn_beta = betas[k][1];
+        m1c_session s;
+        open_model(&s, &o, 1);
+        scramble(&s.model, 2);
+        m1c_run r;
+        m1c_err e = {{0}};
+        cr_assert_eq(m1c_run_init(&r, &s.model, B, T, 1, &e), M1C_OK, "%s", e.msg);
+        forward(&s.model, &r, tok);
+        size_t bytes = sizeof(float) * (size_t)N * H;
+        x1[k] = malloc(bytes), x2[k] = malloc(bytes), h1[k] = malloc(bytes), h2[k] = malloc(bytes);
+        memcpy(x1[k], r.x1[0], bytes), memcpy(x2[k], r.x[1], bytes);
+        memcpy(h1[k], r.h1[0], bytes), memcpy(h2[k], r.h2[0], bytes);
+        m1c_run_free(&r, &s.model);
+        m1c_session_close(&s);
+    }
+    double worst_a = 0, worst_f = 0, fa = 0, ff = 0;
+    for (int i = 0; i < N * H; i++) {
+        double f05 = (x1[0][i] - 1.3 * h1[0][i]) / 0.5, f10 = (x1[1][i] - 1.3 * h1[1][i]) / 1.0;
+        worst_a = fmax(worst_a, fabs(f05 - f10));
+        fa = fmax(fa, fabs(f10));
+        double g05 = (x2[0][i] - 0.7 * h2[0][i]) / 0.5, g10 = (x2[2][i] - 0.7 * h2[2][i]) / 1.0;
+        worst_f = fmax(worst_f, fabs(g05 - g10));
+        ff = fmax(ff, fabs(g10));
+        cr_assert_eq(h1[0][i], h1[1][i], "h1 does not depend on beta");
+        cr_assert_eq(h2[0][i], h2[2][i], "h2 does not depend on ffn_beta");
+    }
+    /* The sublayer outputs must be non-trivial for the check to mean anything. */
+    cr_assert_gt(fa, 1e-2, "attention output %g", fa);
+    cr_assert_gt(ff, 1e-2, "ffn output %g", ff);
+    /* One float rounding of alpha h + beta f (~1e-7 of |x| ~ 3), amplified by 1/beta = 2: 1e-5. */
+    cr_expect_leq(worst_a, 1e-5, "attention: beta not applied linearly (%g)", worst_a);
+    cr_expect_leq(worst_f, 1e-5, "ffn: beta not applied linearly (%g)", worst_f);
+    for (int k = 0; k < 3; k++) free(x1[k]), free(x2[k]), free(h1[k]), free(h2[k]);
+    free(tok);
+}
+
+/* ---- determinism -------------------------------------------------------------------------------- */
+
+Test(model, deterministic_forward_and_init) {
+    const int B = 2, T = 7;
+    m1c_session s;
+    open_model(&s, &hybrid_moe, 5);
+    m1c_model *m = &s.model;
+    m1c_run r;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_run_init(&r, m, B, T, 1, &e), M1C_OK, "%s", e.msg);
+    int32_t *tok = rand_tokens(B, T, 4);
+    float lp[14];
+    scramble(m, 8);
+    forward(m, &r, tok);
+    memcpy(lp, r.logp, sizeof lp);
+    forward(m, &r, tok);
+    cr_expect(memcmp(lp, r.logp, sizeof lp) == 0, "two forwards of one batch differ");
+
+    /* init_params: the same seed gives the same bytes, another seed other NORMAL tensors. */
+    size_t bytes = m->params.bytes;
+    void *a = malloc(bytes);
+    m1c_model_init_params(m, 42);
+    memcpy(a, m->params.base, bytes);
+    scramble(m, 9);
+    m1c_model_init_params(m, 42);
+    cr_expect(memcmp(a, m->params.base, bytes) == 0, "init with one seed twice differs");
+    m1c_model_init_params(m, 43);
+    for (int i = 0; i < m->params.n; i++) {
+        const m1c_tensor *t = &m->params.t[i];
+        size_t nb = (size_t)m1c_numel(t) * sizeof(float);
+        int same = memcmp((char *)a + m->params.offset[i], t->data, nb) == 0;
+        if (m->init[i] == M1C_INIT_NORMAL)
+            cr_expect(!same, "%s: seeds 42 and 43 give the same values", t->name);
+        else
+            cr_expect(same, "%s: a constant initialisation depends on the seed", t->name);
+    }
+    /* And the session's own seed: a model built with seed 5 equals init_params(5). */
+    m1c_model_init_params(m, 5);
+    memcpy(a, m->params.base, bytes);
+    m1c_session s2;
+    open_model(&s2, &hybrid_moe, 5);
+    cr_assert_eq(s2.model.params.bytes, bytes);
+    cr_expect(memcmp(a, s2.model.params.base, bytes) == 0, "build_model(seed 5) != init_params(5)");
+    m1c_session_close(&s2);
+    free(a), free(tok);
+    m1c_run_free(&r, m);
+    m1c_session_close(&s);
+}
+
+/* ---- errors ------------------------------------------------------------------------------------- */
+
+Test(model, token_out_of_vocabulary) {
+    const int B = 2, T = 4;
+    cfg_opts o = one_soft;
+    m1c_session s;
+    open_model(&s, &o, 1);
+    m1c_model *m = &s.model;
+    m1c_run r;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_run_init(&r, m, B, T, 1, &e), M1C_OK, "%s", e.msg);
+    int32_t *tok = rand_tokens(B, T, 3);
+    tok[T + 1 + 2] = V + 17; /* an input of row 1 */
+    cr_expect_eq(m1c_model_forward(m, &r, tok, &e), M1C_ERR);
+    cr_expect(strstr(e.msg, "276") != NULL, "message names the id: %s", e.msg);
+    tok[T + 1 + 2] = 5;
+    tok[T] = V; /* the last target of row 0 */
+    memset(e.msg, 0, sizeof e.msg);
+    cr_expect_eq(m1c_model_forward(m, &r, tok, &e), M1C_ERR);
+    cr_expect(strstr(e.msg, "259") != NULL, "message names the id: %s", e.msg);
+    tok[T] = -3; /* a negative input id too */
+    tok[0] = -3;
+    cr_expect_eq(m1c_model_forward(m, &r, tok, &e), M1C_ERR);
+    cr_expect(strstr(e.msg, "-3") != NULL, "message names the id: %s", e.msg);
+    tok[0] = 1, tok[T] = 2;
+    forward(m, &r, tok); /* and a valid batch still runs */
+
+    m1c_decoder d;
+    cr_assert_eq(m1c_decoder_init(&d, m, 1, 4, 2, &e), M1C_OK, "%s", e.msg);
+    int32_t ids[2] = {3, 300};
+    float out[V];
+    cr_expect_eq(m1c_decoder_feed(m, &d, ids, 2, out, &e), M1C_ERR);
+    cr_expect(strstr(e.msg, "300") != NULL, "message names the id: %s", e.msg);
+    m1c_decoder_free(&d, m);
+    free(tok);
+    m1c_run_free(&r, m);
+    m1c_session_close(&s);
+}
