@@ -56,14 +56,14 @@ static int64_t base64_decode(const char *s, unsigned char **out) {
     return k;
 }
 
-static int remove_tree(const char *path) {
+int m1c_remove_tree(const char *path) {
     DIR *d = opendir(path);
     if (!d) return unlink(path);
     struct dirent *de;
     while ((de = readdir(d))) {
         if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
         char *p = m1c_path_join(path, de->d_name);
-        remove_tree(p);
+        m1c_remove_tree(p);
         free(p);
     }
     closedir(d);
@@ -84,7 +84,7 @@ int m1c_ckpt_save(const char *dir, m1c_model *m, const m1c_arena *opt, const m1c
                   m1c_err *e) {
     char *tmp = m1c_xasprintf("%s.tmp.%ld", dir, (long)getpid());
     char *p = NULL;
-    remove_tree(tmp);
+    m1c_remove_tree(tmp);
     int rc = m1c_mkdirs(tmp, e);
     if (rc) goto out;
 
@@ -133,10 +133,10 @@ int m1c_ckpt_save(const char *dir, m1c_model *m, const m1c_arena *opt, const m1c
     if (rc) goto out;
 
     /* Replace an older checkpoint of the same name only once the new one is complete. */
-    remove_tree(dir);
+    m1c_remove_tree(dir);
     if (rename(tmp, dir)) rc = m1c_fail(e, "%s: cannot rename into place: %s", dir, strerror(errno));
 out:
-    if (rc) remove_tree(tmp);
+    if (rc) m1c_remove_tree(tmp);
     free(p);
     free(tmp);
     return rc;

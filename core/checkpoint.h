@@ -39,6 +39,8 @@ typedef struct m1c_ckpt_info {
 } m1c_ckpt_info;
 int m1c_ckpt_read_info(const char *dir, m1c_ckpt_info *info, m1c_err *e);
 void m1c_ckpt_info_free(m1c_ckpt_info *info);
+/* Remove a file or a directory with everything in it (rm -r); 0 on success. */
+int m1c_remove_tree(const char *path);
 /* dir/m1c.cfg as a string (malloc'd). */
 char *m1c_ckpt_config_text(const char *dir, m1c_err *e);
 

@@ -52,7 +52,7 @@ void m1c_metrics_write(m1c_metrics *m, const char *stage, int64_t step, const ch
     json_object_set_new(o, "step", json_integer(step));
     for (int i = 0; i < n; i++)
         json_object_set_new(o, keys[i], isfinite(values[i]) ? json_real(values[i]) : json_null());
-    char *s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(7));
+    char *s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17));
     fprintf(m->f, "%s\n", s);
     fflush(m->f);
     free(s);

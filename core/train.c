@@ -1,6 +1,7 @@
 /* The stage runner: data -> model -> objective -> backward -> clip -> optimizer, step after step. */
 #include "train.h"
 
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -143,6 +144,39 @@ static void fmt_duration(char *buf, size_t n, double s) {
     else snprintf(buf, n, "%dh%02dm", (int)s / 3600, (int)s % 3600 / 60);
 }
 
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Keep only the newest `keep` checkpoints of a stage: every "step-N" folder counts, also those off the
+ * `every` grid (the stage's last step, a --max-steps stop); "step-N.tmp.PID" folders are not ones. The
+ * one just written (`current`) stays even if an abandoned longer run left newer ones. */
+static void prune(const char *out_dir, const char *stage, int keep, int64_t current) {
+    char *sd = m1c_xasprintf("%s/%s", out_dir, stage);
+    DIR *d = opendir(sd);
+    int64_t *steps = NULL;
+    int n = 0, cap = 0;
+    struct dirent *de;
+    while (d && (de = readdir(d))) {
+        long long k;
+        int len = 0;
+        if (sscanf(de->d_name, "step-%lld%n", &k, &len) != 1 || de->d_name[len] || k == current) continue;
+        if (n == cap) steps = m1c_xrealloc(steps, (size_t)(cap = cap ? 2 * cap : 16) * sizeof *steps);
+        steps[n++] = k;
+    }
+    if (d) closedir(d);
+    keep--; /* `current` is one of them */
+    if (n > keep) qsort(steps, (size_t)n, sizeof *steps, cmp_i64);
+    for (int i = 0; i < n - keep; i++) {
+        char *od = m1c_xasprintf("%s/step-%06lld", sd, (long long)steps[i]);
+        m1c_remove_tree(od);
+        free(od);
+    }
+    free(steps);
+    free(sd);
+}
+
 static int save(stage_ctx *c, m1c_session *s, int stage_idx, int64_t step, double loss, char *out_path, m1c_err *e) {
     int64_t n = 0;
     void *pos = m1c_datamix_save(&c->data, &n, e);
@@ -153,27 +187,7 @@ static int save(stage_ctx *c, m1c_session *s, int stage_idx, int64_t step, doubl
     if (!rc) {
         snprintf(out_path, 1024, "%s", dir);
         M1C_INFO("checkpoint: %s", dir);
-        /* Keep only the newest `keep` checkpoints of this stage. */
-        int keep = c->st->checkpoint_keep;
-        int64_t every = c->st->checkpoint_every;
-        if (keep > 0 && every > 0)
-            for (int64_t old = step - (int64_t)keep * every; old > 0; old -= every) {
-                char *od = m1c_xasprintf("%s/%s/step-%06lld", s->spec.run.out_dir, c->st->name, (long long)old);
-                char *cmd_model = m1c_path_join(od, "model.safetensors");
-                if (!m1c_file_exists(cmd_model)) {
-                    free(cmd_model), free(od);
-                    break;
-                }
-                static const char *const files[] = {"model.safetensors", "optimizer.safetensors", "trainer.json",
-                                                    "m1c.cfg"};
-                for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
-                    char *f = m1c_path_join(od, files[i]);
-                    remove(f);
-                    free(f);
-                }
-                remove(od);
-                free(cmd_model), free(od);
-            }
+        if (c->st->checkpoint_keep > 0) prune(s->spec.run.out_dir, c->st->name, c->st->checkpoint_keep, step);
     }
     free(dir);
     free(pos);
@@ -181,7 +195,8 @@ static int save(stage_ctx *c, m1c_session *s, int stage_idx, int64_t step, doubl
 }
 
 static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const char *resume_dir,
-                     const m1c_train_opts *o, m1c_metrics *met, m1c_train_result *res, m1c_err *e) {
+                     const m1c_train_opts *o, int64_t *done_total, m1c_metrics *met, m1c_train_result *res,
+                     m1c_err *e) {
     const m1c_stage_spec *st = &s->spec.run.stages[idx];
     m1c_model *m = &s->model;
     if (st->kind == M1C_STAGE_RL)
@@ -196,7 +211,9 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
     if (!rc && resume) {
         start = resume->step;
         rc = m1c_ckpt_load_optimizer(resume_dir, &c.opt_state, e);
-        if (!rc) rc = m1c_datamix_load(&c.data, resume->data_position, resume->data_position_len, e);
+        m1c_err le;
+        if (!rc && m1c_datamix_load(&c.data, resume->data_position, resume->data_position_len, &le))
+            rc = m1c_fail(e, "%s/trainer.json: data_position: %s", resume_dir, le.msg);
         if (!rc) M1C_INFO("resuming stage '%s' after step %lld from %s", st->name, (long long)start, resume_dir);
     }
     if (rc) {
@@ -275,7 +292,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
             if (!o->quiet) fprintf(stderr, "%s step %lld | validation loss %.4f | perplexity %.3f\n", st->name,
                                    (long long)step, vl, exp(vl));
         }
-        int stop_now = o->max_steps > 0 && done_here >= o->max_steps;
+        int stop_now = o->max_steps > 0 && ++*done_total >= o->max_steps;
         if ((st->checkpoint_every > 0 && step % st->checkpoint_every == 0) || step == st->steps || stop_now) {
             if ((rc = save(&c, s, idx, step, loss, res->last_checkpoint, e))) break;
             last_saved = step;
@@ -303,7 +320,7 @@ int m1c_train(m1c_session *s, const m1c_train_opts *o, m1c_train_result *res, m1
     if (o->resume) {
         if (m1c_ckpt_read_info(o->resume, &info, e)) return M1C_ERR;
         if (info.stage >= s->spec.run.n_stages || strcmp(info.stage_name, s->spec.run.stages[info.stage].name)) {
-            m1c_fail(e, "%s: stage '%s' (index %d) is not in %s", o->resume, info.stage_name, info.stage,
+            m1c_fail(e, "%s/trainer.json: stage '%s' (index %d) is not in %s", o->resume, info.stage_name, info.stage,
                      m1c_config_file(s->cfg));
             m1c_ckpt_info_free(&info);
             return M1C_ERR;
@@ -324,8 +341,9 @@ int m1c_train(m1c_session *s, const m1c_train_opts *o, m1c_train_result *res, m1
     char *mpath = m1c_xasprintf("%s/metrics.jsonl", s->spec.run.out_dir);
     int rc = m1c_metrics_open(&met, mpath, e);
     free(mpath);
+    int64_t done_total = 0;
     for (int i = first; i < s->spec.run.n_stages && !rc; i++) {
-        int r = run_stage(s, i, o->resume && i == first ? &info : NULL, o->resume, o, &met, res, e);
+        int r = run_stage(s, i, o->resume && i == first ? &info : NULL, o->resume, o, &done_total, &met, res, e);
         if (r == 1) break; /* --max-steps reached */
         rc = r;
     }

@@ -18,7 +18,6 @@ static m1c_tensor *find_buf(m1c_tensor *t, const m1c_buf_spec *s, int n, const c
     cr_assert_fail("no buffer named '%s'", name);
     return NULL;
 }
-#define PARAM(l, name) ((float *)find_buf((l)->params, (l)->pspec, (l)->np, (name))->data)
 #define GRAD(l, name) ((float *)find_buf((l)->grads, (l)->pspec, (l)->np, (name))->data)
 
 static const char *const PARAM_NAMES[4] = {"self_attn.qkv_proj.weight", "self_attn.output_gate.weight",

@@ -444,22 +444,24 @@ Test(topk, fd_gradients) {
     th_layer_free(l);
 }
 
-/* L = sum(out * w) + aux (the aux loss as stats() reports it, which the core adds to the objective). */
+/* L = sum(out * w) + aux_scale * aux (the aux loss as stats() reports it, weighted as the core adds it to
+ * the objective). */
 static double loss_with_aux(th_layer *l, float *out, const float *x, const float *w, int64_t n) {
     th_forward(l, out, x);
-    double s = stats_of(l).aux_loss;
+    double s = (double)l->bufs.aux_scale * stats_of(l).aux_loss;
     for (int64_t i = 0; i < n; i++) s += (double)out[i] * w[i];
     return s;
 }
 
 /* Own FD loop including the aux loss, with capacity dropping and unnormalised or normalised weights.
- * wscale = 0 makes L = aux alone, isolating the aux gradient. Perturbations that change the routing
- * (selection or drops) are detected and skipped; most must be usable. */
-static void fd_with_aux(const char *settings, float wscale, uint64_t seed, int want_drops) {
+ * wscale = 0 makes L = aux_scale * aux alone, isolating the aux gradient. Perturbations that change the
+ * routing (selection or drops) are detected and skipped; most must be usable. */
+static void fd_with_aux(const char *settings, float wscale, float aux_scale, uint64_t seed, int want_drops) {
     const int B = 2, T = 4, H = 8, E = 4, k = 2, N = B * T;
     const int64_t n = (int64_t)N * H;
     const float eps = 1e-2f;
     th_layer *l = th_layer_new("topk", settings, 0, 1, H, B, T, seed, 0.3f);
+    l->bufs.aux_scale = aux_scale;
     float *x = th_randn(n, seed + 100, 1.0f), *out = th_zeros(n), *din = th_zeros(n);
     float *w = th_randn(n, seed + 200, 1.0f);
     for (int64_t i = 0; i < n; i++) w[i] *= wscale;
@@ -520,13 +522,74 @@ static void fd_with_aux(const char *settings, float wscale, uint64_t seed, int w
 }
 
 Test(topk, fd_with_aux_and_capacity) {
-    fd_with_aux("experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5; capacity_factor = 0.75;", 1.0f, 41, 1);
+    fd_with_aux("experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5; capacity_factor = 0.75;", 1.0f, 1.0f, 41, 1);
 }
 Test(topk, fd_unnormalized) {
-    fd_with_aux("experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5; normalize = false;", 1.0f, 42, 0);
+    fd_with_aux("experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5; normalize = false;", 1.0f, 1.0f, 42, 0);
 }
 Test(topk, fd_aux_only) {
-    fd_with_aux("experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5; jitter = 0.2;", 0.0f, 43, 0);
+    fd_with_aux("experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5; jitter = 0.2;", 0.0f, 1.0f, 43, 0);
+}
+/* aux_scale weights the aux gradient: twice the aux loss alone, and half of it beside the output term. */
+Test(topk, fd_aux_scaled) {
+    fd_with_aux("experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5; jitter = 0.2;", 0.0f, 2.0f, 43, 0);
+    fd_with_aux("experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5;", 1.0f, 0.5f, 44, 0);
+}
+
+/* Gradients (all parameters and din) of one forward + backward of a fresh layer at the given
+ * aux_scale, L = sum(out * dout) + aux_scale * aux; g[0..3] malloc'd, g[3] = din. */
+static void grads_at_scale(const char *settings, float aux_scale, float *g[4]) {
+    const int B = 2, T = 4, H = 8, N = B * T;
+    th_layer *l = th_layer_new("topk", settings, 0, 1, H, B, T, 45, 0.3f);
+    float *x = th_randn((int64_t)N * H, 145, 1.0f), *out = th_zeros((int64_t)N * H);
+    float *dout = th_randn((int64_t)N * H, 146, 1.0f);
+    g[3] = th_zeros((int64_t)N * H);
+    l->bufs.aux_scale = aux_scale;
+    th_layer_zero_grads(l);
+    th_forward(l, out, x);
+    th_backward(l, g[3], dout, x);
+    for (int p = 0; p < 3; p++) {
+        int64_t np = numel(&l->grads[p]);
+        g[p] = malloc(sizeof(float) * np);
+        memcpy(g[p], l->grads[p].data, sizeof(float) * np);
+    }
+    free(x), free(out), free(dout);
+    th_layer_free(l);
+}
+
+/* aux_scale = 0 removes exactly the aux gradient: the same gradients, bit for bit, as a layer without
+ * the aux loss (aux_coef = 0); and the aux part is linear in aux_scale: g(2) - g(0) = 2 (g(1) - g(0)). */
+Test(topk, aux_scale_zero_and_linear) {
+    const char *with = "experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.5;";
+    const char *without = "experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.0;";
+    const char *names[4] = {"router", "gate_up", "down", "din"};
+    const int64_t sizes[4] = {4 * 8, 4 * 16 * 8, 4 * 8 * 8, 2 * 4 * 8};
+    float *g0[4], *gn[4], *g1[4], *g2[4];
+    grads_at_scale(with, 0.0f, g0);
+    grads_at_scale(without, 1.0f, gn);
+    grads_at_scale(with, 1.0f, g1);
+    grads_at_scale(with, 2.0f, g2);
+    double aux_max = 0;
+    for (int p = 0; p < 4; p++) {
+        cr_expect(memcmp(g0[p], gn[p], sizeof(float) * sizes[p]) == 0, "%s: aux_scale 0 differs from no aux loss",
+                  names[p]);
+        double m = 0;
+        for (int64_t i = 0; i < sizes[p]; i++) {
+            m = fmax(m, fabs((double)g1[p][i]) + fabs((double)g0[p][i]));
+            aux_max = fmax(aux_max, fabs((double)g1[p][i] - g0[p][i]));
+        }
+        for (int64_t i = 0; i < sizes[p]; i++) {
+            double d2 = (double)g2[p][i] - g0[p][i], d1 = (double)g1[p][i] - g0[p][i];
+            /* 1e-6 of the largest gradient: each of g0, g1, g2 is a FP32 sum whose rounding (~1e-7
+             * relative) the differences expose; a wrong scaling is off by the whole aux part */
+            cr_expect(fabs(d2 - 2 * d1) <= 1e-6 * m, "%s[%ld]: g(2)-g(0) = %g, 2 (g(1)-g(0)) = %g", names[p], (long)i,
+                      d2, 2 * d1);
+        }
+    }
+    /* The aux part is not negligible, so the checks above can fail: aux_coef 0.5 gives router-side
+     * gradients of ~1e-2 (see fd_aux_only). */
+    cr_expect_gt(aux_max, 1e-3, "aux gradient part %g", aux_max);
+    for (int p = 0; p < 4; p++) free(g0[p]), free(gn[p]), free(g1[p]), free(g2[p]);
 }
 
 /* Gradients accumulate: a second backward adds the same amount again. */

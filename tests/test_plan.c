@@ -140,8 +140,17 @@ Test(plan, matches_built_model) {
         cr_assert_eq(m1c_session_build_model(&s, 1, &e), M1C_OK, "%s", e.msg);
         cr_expect_eq(m1c_model_param_count(&s.model), p.total_params, "tied %d: model %lld, plan %lld", tied,
                      (long long)m1c_model_param_count(&s.model), (long long)p.total_params);
-        cr_expect_eq((double)s.model.params.bytes >= p.mem_params, 1, "arena %zu bytes, plan %.0f",
-                     s.model.params.bytes, p.mem_params);
+        /* The parameter arena pads each tensor to 64 bytes: at most 63 bytes more per tensor. */
+        cr_expect(s.model.params.bytes >= p.mem_params &&
+                      s.model.params.bytes <= p.mem_params + 63.0 * s.model.params.n,
+                  "arena %zu bytes, plan %.0f", s.model.params.bytes, p.mem_params);
+        /* Activations: the plan adds the plugins' scratch to what the run's arena holds (the core's
+         * tensors and every plugin's declared activations, padded as above). */
+        m1c_run r;
+        cr_assert_eq(m1c_run_init(&r, &s.model, BATCH, SEQ, 1, &e), M1C_OK, "%s", e.msg);
+        cr_expect(p.mem_activations >= (double)r.acts.bytes - 63.0 * r.acts.n, "plan %.0f, run arena %zu",
+                  p.mem_activations, r.acts.bytes);
+        m1c_run_free(&r, &s.model);
         m1c_plan_free(&p);
         m1c_session_close(&s);
     }

@@ -4,7 +4,6 @@
  * Configs: tests/data/train/ (tiny hybrids, synth-math and text data, seconds per test). */
 #include <criterion/criterion.h>
 #include <dirent.h>
-#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,35 +20,30 @@
 
 #define DATA M1C_SOURCE_DIR "/tests/data/train/"
 
+#include <jansson.h>
+
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
+
+/* Each test's scratch folder: made by the suite's init, removed by its fini (also after a failure). */
+static char g_dir[64];
+
 static void init(void) {
+    strcpy(g_dir, "/tmp/m1c_test_train_XXXXXX");
+    cr_assert_not_null(mkdtemp(g_dir));
     setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1);
     m1c_log_set_level(M1C_LOG_WARN); /* no per-checkpoint info lines */
 }
-TestSuite(train, .init = init);
 
+static void fini(void) { m1c_remove_tree(g_dir); }
+
+TestSuite(train, .init = init, .fini = fini);
+
+/* A fresh folder under g_dir (malloc'd path). */
 static char *make_tmpdir(void) {
-    char *d = m1c_xstrdup("/tmp/m1c_test_train_XXXXXX");
+    char *d = m1c_xasprintf("%s/run_XXXXXX", g_dir);
     cr_assert_not_null(mkdtemp(d));
     return d;
-}
-
-static void remove_tree(const char *path) {
-    DIR *d = opendir(path);
-    if (!d) {
-        unlink(path);
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        char *p = m1c_path_join(path, de->d_name);
-        remove_tree(p);
-        free(p);
-    }
-    closedir(d);
-    rmdir(path);
 }
 
 /* Count entries under path (recursively) whose name contains `needle`. */
@@ -254,7 +248,7 @@ Test(train, resume_with_mixture_is_bitwise_exact) {
     assert_same_checkpoint(ck12a, ck12b);
 
     free(ck5), free(ck12a), free(ck12b);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(a), free(b), free(root);
 }
 
@@ -283,7 +277,7 @@ Test(train, resume_across_stage_boundary) {
     char *fa = m1c_xasprintf("%s/sft/step-000006", a), *fb = m1c_xasprintf("%s/sft/step-000006", b);
     assert_same_checkpoint(fa, fb);
     free(fa), free(fb), free(ck), free(sft_b);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(a), free(b), free(root);
 }
 
@@ -298,7 +292,7 @@ Test(train, max_steps_counts_across_stages) {
     cr_assert(dir_exists(ck2), "max_steps = 7 should stop with a checkpoint at sft step 2");
     cr_assert_str_eq(r.last_checkpoint, ck2);
     free(ck2), free(ck6);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -329,7 +323,7 @@ Test(train, loss_falls_below_unigram_entropy) {
               r.last_val_loss);
     cr_assert(val < h - 1.0, "validation loss %g not clearly below the unigram entropy %g", val, h);
     json_decref(m);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -411,7 +405,7 @@ Test(train, checkpoint_contents_and_keep) {
     m1c_session_close(&s);
 
     free(mp), free(op), free(d2), free(d4), free(dir);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -429,7 +423,7 @@ Test(train, checkpoint_tied_head_stored_once) {
     cr_assert_null(m1c_st_find(&f, "lm_head.weight"));
     m1c_st_close(&f);
     free(mp);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -444,7 +438,7 @@ Test(train, checkpoint_keep_with_final_off_grid) {
     int n = count_named(pre, "step-");
     cr_assert_eq(n, 2, "keep = 2 but %d checkpoints remain under %s", n, pre);
     free(pre);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -478,7 +472,7 @@ Test(train, resume_without_sidecar) {
     char *want = m1c_path_join(empty, "trainer.json");
     assert_has(msg, want);
     free(want), free(empty);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -493,7 +487,7 @@ Test(train, resume_truncated_model) {
     train_fails("math.cfg", root, ck, msg);
     assert_has(msg, mp);
     free(mp), free(ck);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -508,7 +502,7 @@ Test(train, resume_truncated_optimizer) {
     train_fails("math.cfg", root, ck, msg);
     assert_has(msg, op);
     free(op), free(ck);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -528,7 +522,7 @@ Test(train, resume_unknown_stage) {
     assert_has(msg, ck);
     assert_has(msg, "pretrain");
     free(ck);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -550,7 +544,7 @@ Test(train, resume_corrupt_sidecar) {
     train_fails("math.cfg", root, ck, msg);
     assert_has(msg, tj);
     free(tj), free(ck);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }
 
@@ -630,6 +624,6 @@ Test(train, metrics_lines) {
     cr_assert_eq(n_step, 4);
     cr_assert_eq(n_eval, 2);
     json_decref(m);
-    remove_tree(root);
+    m1c_remove_tree(root);
     free(root);
 }

@@ -13,8 +13,11 @@ static const char usage[] =
     "Trains CONFIG once for every combination of the --grid values (their cartesian product), each run in\n"
     "<DIR>/<run name>/ (default DIR: <run.out_dir>/ablate), and prints a table of the final training loss,\n"
     "validation loss and throughput; the same rows go to <DIR>/ablate.jsonl. Plugins are settings like any\n"
-    "other, so an ablation across plugin combinations is e.g.\n"
-    "  m1c ablate configs/tiny.cfg --grid model.ffn.plugin=topk,dense --grid model.types.softmax.attention.plugin=softmax,lightning\n";
+    "other, and a value may be a whole group (commas inside braces, brackets or quotes do not split), so\n"
+    "an ablation across plugin combinations is e.g.\n"
+    "  m1c ablate configs/tiny.cfg -s run.stages.[0].steps=100 \\\n"
+    "    --grid 'model.ffn={ plugin = \"topk\"; experts = 4; top_k = 2; ffn_dim = 256; },{ plugin = \"dense\"; ffn_dim = 512; }' \\\n"
+    "    --grid model.types.lightning.attention.block_size=32,64\n";
 
 typedef struct axis {
     char *key;
@@ -34,7 +37,16 @@ static int parse_axis(const char *spec, axis *a) {
     memset(a, 0, sizeof *a);
     a->key = m1c_xasprintf("%.*s", (int)(eq - spec), spec);
     for (const char *p = eq + 1;;) {
-        const char *c = strchr(p, ',');
+        /* Values are separated by commas outside brackets, braces and quotes, so a value can be a
+         * whole group or list: model.ffn={ plugin = "dense"; ffn_dim = 512; },{ plugin = "topk"; } */
+        const char *c = p;
+        int depth = 0, quoted = 0;
+        for (; *c && (depth || quoted || *c != ','); c++) {
+            if (*c == '"' && (c == p || c[-1] != '\\')) quoted = !quoted;
+            else if (!quoted && (*c == '[' || *c == '{' || *c == '(')) depth++;
+            else if (!quoted && (*c == ']' || *c == '}' || *c == ')')) depth--;
+        }
+        if (!*c) c = NULL;
         size_t n = c ? (size_t)(c - p) : strlen(p);
         a->vals = m1c_xrealloc(a->vals, (size_t)(a->n + 1) * sizeof *a->vals);
         a->vals[a->n++] = m1c_xasprintf("%.*s", (int)n, p);
@@ -49,12 +61,16 @@ static char *run_name(const axis *ax, int n_ax, const int *pick) {
     char *s = m1c_xstrdup("");
     for (int i = 0; i < n_ax; i++) {
         const char *k = strrchr(ax[i].key, '.');
-        char *t = m1c_xasprintf("%s%s%s=%s", s, i ? "," : "", k ? k + 1 : ax[i].key, ax[i].vals[pick[i]]);
+        const char *v = ax[i].vals[pick[i]];
+        /* A group or list value is named by its position in the axis: "ffn=#1". */
+        char idx[16];
+        if (strchr("{[(", v[0])) snprintf(idx, sizeof idx, "#%d", pick[i]), v = idx;
+        char *t = m1c_xasprintf("%s%s%s=%s", s, i ? "," : "", k ? k + 1 : ax[i].key, v);
         free(s);
         s = t;
     }
     for (char *p = s; *p; p++)
-        if (*p == '/' || *p == ' ' || *p == '"' || *p == '[' || *p == ']') *p = '_';
+        if (!strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._,=+-#", *p)) *p = '_';
     return s;
 }
 

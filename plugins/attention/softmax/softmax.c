@@ -95,7 +95,7 @@ static inline float exp_fast(float x) {
  * pass through. */
 static void rope_row(float *row, int nheads, int hd, int half, const float *c, const float *s) {
     for (int hh = 0; hh < nheads; hh++) {
-        float *x1 = row + hh * hd, *x2 = x1 + half;
+        float *x1 = row + hh * hd, *x2 = x1 + 1;
         for (int i = 0; i < half; i++) {
             float u = x1[i], w = x2[i];
             x1[i] = u * c[i] - w * s[i];
@@ -268,10 +268,11 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_i
     if (h->get_float(h, s, "rope_theta", 1e6, 1.0, 1e12, &theta) != M1C_OK) return M1C_ERR;
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     if (heads % kv_heads != 0)
-        return h->error(h, "kv_heads = %lld must divide heads = %lld", (long long)kv_heads, (long long)heads);
+        return h->settings_error(h, s, "kv_heads", "%lld must divide heads = %lld", (long long)kv_heads,
+                                 (long long)heads);
     if (rotary_dim % 2 != 0)
-        return h->error(h, "rotary_dim = %lld must be even (rotate_half pairs dim i with i + rotary_dim/2)",
-                        (long long)rotary_dim);
+        return h->settings_error(h, s, "rotary_dim", "%lld must be even (rotate_half pairs dim i with i + %lld)",
+                                 (long long)rotary_dim, (long long)rotary_dim / 2);
     softmax *a = calloc(1, sizeof(*a));
     if (!a) return h->error(h, "out of memory");
     a->h = h;
@@ -352,7 +353,7 @@ static int check_scratch(const softmax *a, const m1c_layer_bufs *b, int B, int T
     const int64_t need = (int64_t)B * T * a->nh * a->hd;
     for (int i = S_DQ; i <= S_DATT; i++)
         if (numel(&b->scratch[i]) < need)
-            return a->h->error(a->h, "scratch %s holds %lld floats, (B=%d, T=%d) needs %lld", b->scratch[i].name,
+            return a->h->error(a->h, "scratch buffer %d holds %lld floats, (B=%d, T=%d) needs %lld", i,
                                (long long)numel(&b->scratch[i]), B, T, (long long)need);
     if (numel(&b->scratch[S_LSE]) < (int64_t)B * a->nh * T || b->scratch[S_TILE].shape[0] < 1 ||
         b->scratch[S_TILE].shape[1] < a->tile)

@@ -1,6 +1,5 @@
 /* dense: a plain SwiGLU feed-forward in the MoE slot, out = Down(silu(Gate x) * (Up x)), for ablations
  * against the routed topk plugin (same parameter layout as one HF MLP: mlp.{gate,up,down}_proj). CPU. */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +7,7 @@
 #include <omp.h>
 #endif
 #include "m1c/plugin.h"
+#include "../swiglu.h"
 
 typedef struct dense {
     const m1c_host *h;
@@ -15,8 +15,10 @@ typedef struct dense {
 } dense;
 
 enum { P_GATE, P_UP, P_DOWN, N_PARAMS };
-enum { A_GU, N_ACTS };         /* (N, 2F): gate pre-activations in columns [0, F), up in [F, 2F) */
-enum { S_A, S_DGU, N_SCRATCH }; /* (N, F) activation then its gradient; (N, 2F) d gate/up */
+/* (N, 2F) gate pre-activations in columns [0, F), up in [F, 2F); (N, F) SwiGLU activation, kept so
+ * that backward does not recompute it. */
+enum { A_GU, A_ACT, N_ACTS };
+enum { S_DGU, N_SCRATCH }; /* (N, 2F) d gate/up; d act first goes in the up half */
 
 /* Threads for elementwise work over `work` floats: one below a size where waking a team costs more
  * than it saves (tiny batches, finite-difference tests on a busy machine). */
@@ -28,8 +30,6 @@ static int n_threads(const dense *m, int64_t work) {
 #endif
     return t > 0 ? t : 1;
 }
-
-static float silu(float g) { return g / (1.0f + expf(-g)); }
 
 static int dense_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_info *info, void **self) {
     int64_t F;
@@ -80,14 +80,14 @@ static int dense_params(void *self, m1c_buf_spec *specs, int max) {
 
 static int dense_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     dense *m = self;
-    m1c_buf_spec s[N_ACTS] = {spec("mlp.gate_up", (int64_t)B * T, 2 * (int64_t)m->F)};
+    m1c_buf_spec s[N_ACTS] = {spec("mlp.gate_up", (int64_t)B * T, 2 * (int64_t)m->F),
+                              spec("mlp.act", (int64_t)B * T, m->F)};
     return put_specs(m, s, N_ACTS, specs, max);
 }
 
 static int dense_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     dense *m = self;
-    m1c_buf_spec s[N_SCRATCH] = {spec("mlp.act", (int64_t)B * T, m->F),
-                                 spec("mlp.d_gate_up", (int64_t)B * T, 2 * (int64_t)m->F)};
+    m1c_buf_spec s[N_SCRATCH] = {spec("mlp.d_gate_up", (int64_t)B * T, 2 * (int64_t)m->F)};
     return put_specs(m, s, N_SCRATCH, specs, max);
 }
 
@@ -96,19 +96,10 @@ static int check_bufs(const dense *m, const m1c_layer_bufs *b, int64_t N, int ne
     if (!b || !b->params || !b->acts || !b->scratch)
         return h->error(h, "dense: parameters, activations and scratch buffers are all required");
     if (need_grads && !b->grads) return h->error(h, "dense: backward needs gradient buffers");
-    if (b->acts[A_GU].shape[0] < N || b->scratch[S_A].shape[0] < N)
+    if (b->acts[A_GU].shape[0] < N || b->scratch[S_DGU].shape[0] < N)
         return h->error(h, "dense: %lld tokens but the buffers were declared for %lld", (long long)N,
                         (long long)b->acts[A_GU].shape[0]);
     return M1C_OK;
-}
-
-static void swiglu(float *act, const float *GU, int N, int F, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *g = GU + (int64_t)n * 2 * F, *u = g + F;
-        float *a = act + (int64_t)n * F;
-        for (int f = 0; f < F; f++) a[f] = silu(g[f]) * u[f];
-    }
 }
 
 static int dense_forward(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T) {
@@ -117,10 +108,13 @@ static int dense_forward(void *self, const m1c_layer_bufs *b, float *out, const 
     const int H = m->H, F = m->F, N = B * T;
     if (check_bufs(m, b, N, 0) != M1C_OK) return M1C_ERR;
     const float *Wg = b->params[P_GATE].data, *Wu = b->params[P_UP].data, *Wd = b->params[P_DOWN].data;
-    float *GU = b->acts[A_GU].data, *act = b->scratch[S_A].data;
+    float *GU = b->acts[A_GU].data, *act = b->acts[A_ACT].data;
+    const int nt = n_threads(m, (int64_t)N * F);
     h->gemm(h, M1C_DEVICE_CPU, 0, 1, N, F, H, 1.0f, in, H, Wg, H, 0.0f, GU, 2 * F);
     h->gemm(h, M1C_DEVICE_CPU, 0, 1, N, F, H, 1.0f, in, H, Wu, H, 0.0f, GU + F, 2 * F);
-    swiglu(act, GU, N, F, n_threads(m, (int64_t)N * F));
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int n = 0; n < N; n++)
+        swiglu_row(act + (int64_t)n * F, GU + (int64_t)n * 2 * F, GU + (int64_t)n * 2 * F + F, F);
     h->gemm(h, M1C_DEVICE_CPU, 0, 1, N, H, F, 1.0f, act, F, Wd, F, 0.0f, out, H);
     return M1C_OK;
 }
@@ -133,20 +127,15 @@ static int dense_backward(void *self, const m1c_layer_bufs *b, float *din, const
     if (check_bufs(m, b, N, 1) != M1C_OK) return M1C_ERR;
     const float *Wg = b->params[P_GATE].data, *Wu = b->params[P_UP].data, *Wd = b->params[P_DOWN].data;
     float *dWg = b->grads[P_GATE].data, *dWu = b->grads[P_UP].data, *dWd = b->grads[P_DOWN].data;
-    const float *GU = b->acts[A_GU].data;
-    float *act = b->scratch[S_A].data, *dgu = b->scratch[S_DGU].data;
-    swiglu(act, GU, N, F, nt);
-    h->gemm(h, M1C_DEVICE_CPU, 1, 0, H, F, N, 1.0f, dout, H, act, F, 1.0f, dWd, F); /* dWd += dout^T A */
-    h->gemm(h, M1C_DEVICE_CPU, 0, 0, N, F, H, 1.0f, dout, H, Wd, F, 0.0f, act, F);  /* dA = dout Wd */
+    const float *GU = b->acts[A_GU].data, *act = b->acts[A_ACT].data;
+    float *dgu = b->scratch[S_DGU].data;
+    h->gemm(h, M1C_DEVICE_CPU, 1, 0, H, F, N, 1.0f, dout, H, act, F, 1.0f, dWd, F);         /* dWd += dout^T A */
+    h->gemm(h, M1C_DEVICE_CPU, 0, 0, N, F, H, 1.0f, dout, H, Wd, F, 0.0f, dgu + F, 2 * F); /* dA = dout Wd */
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int n = 0; n < N; n++) {
-        const float *g = GU + (int64_t)n * 2 * F, *u = g + F, *da = act + (int64_t)n * F;
-        float *dg = dgu + (int64_t)n * 2 * F, *du = dg + F;
-        for (int f = 0; f < F; f++) {
-            float sg = 1.0f / (1.0f + expf(-g[f]));
-            du[f] = da[f] * g[f] * sg;
-            dg[f] = da[f] * u[f] * sg * (1.0f + g[f] * (1.0f - sg));
-        }
+        const float *g = GU + (int64_t)n * 2 * F;
+        float *dg = dgu + (int64_t)n * 2 * F;
+        swiglu_back_row(dg, dg + F, g, g + F, F);
     }
     h->gemm(h, M1C_DEVICE_CPU, 1, 0, F, H, N, 1.0f, dgu, 2 * F, in, H, 1.0f, dWg, H);
     h->gemm(h, M1C_DEVICE_CPU, 1, 0, F, H, N, 1.0f, dgu + F, 2 * F, in, H, 1.0f, dWu, H);

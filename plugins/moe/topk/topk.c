@@ -11,11 +11,13 @@
  *   out[n] = sum_{kept j} w[n,j] * Down_e(silu(Gate_e x_n) * Up_e x_n),  e = expert of slot j
  *   aux = aux_coef * E * sum_e f_e P_e,  f_e = share of the N*k routed assignments (before capacity
  *     dropping) that went to e (a constant: no gradient), P_e = mean router probability of e
- * Backward is exact (through the renormalisation, the softmax, the aux loss and the jitter), assuming the
- * aux loss enters the objective with weight 1 (stats().aux_loss is what the core adds).
+ * Backward is exact (through the renormalisation, the softmax, the aux loss and the jitter); the aux loss
+ * enters the objective with weight bufs->aux_scale (stats().aux_loss is the unweighted value).
  *
  * Tokens are permuted by expert (a stable counting sort, so rows stay in token order inside an expert),
- * gathered, and each expert runs two big GEMMs through h->gemm; elementwise work uses OpenMP. */
+ * gathered, and each expert runs two big GEMMs through h->gemm; elementwise work uses OpenMP. Forward
+ * keeps the gathered rows and the SwiGLU activation, so backward neither gathers nor recomputes: the
+ * GEMMs are separated by three elementwise passes in backward and three in forward. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,6 +26,7 @@
 #include <omp.h>
 #endif
 #include "m1c/plugin.h"
+#include "../swiglu.h"
 
 typedef struct topk {
     const m1c_host *h;
@@ -35,9 +38,12 @@ typedef struct topk {
 /* Parameters, in declaration order (HF 5.x names and layouts). */
 enum { P_ROUTER, P_GATE_UP, P_DOWN, N_PARAMS };
 /* Activations kept for backward; A_NOISE only when jitter > 0. */
-enum { A_PROBS, A_IDX, A_W, A_POS, A_ROWTOK, A_OFF, A_COUNTS, A_STATS, A_GU, A_Y, A_NOISE };
+enum { A_PROBS, A_IDX, A_W, A_POS, A_ROWTOK, A_OFF, A_COUNTS, A_STATS, A_XS, A_GU, A_ACT, A_Y, A_NOISE };
 /* Per-call scratch; S_XR only when jitter > 0. */
-enum { S_XS, S_A, S_DGU, S_DY, S_DLOG, S_DW, S_XR };
+enum { S_DGU, S_DY, S_DLOG, S_DW, S_XR };
+/* Up to this many experts backward adds the router's input gradient (dlogits @ Wr, E terms per
+ * element) inside the un-permute pass; beyond it a GEMM does it better. */
+enum { FUSE_ROUTER_MAX_E = 32 };
 /* A_STATS layout (f32): aux loss as hi + lo (double precision in two floats, so that finite
  * differences of the aux loss stay meaningful), N of the forward, jitter applied (0/1), f[E], P[E]. */
 enum { ST_AUX, ST_AUX_LO, ST_N, ST_JIT, ST_F };
@@ -54,8 +60,6 @@ static int n_threads(const topk *m, int64_t work) {
 #endif
     return t > 0 ? t : 1;
 }
-
-static float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* ---- creation and declarations ---------------------------------------------------------------- */
 
@@ -135,7 +139,9 @@ static int topk_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
         spec("moe.offsets", M1C_I32, 1, m->E + 1, 0, 0),    /* (E+1) first permuted row per expert */
         spec("moe.counts", M1C_I32, 1, 2 + 2 * (int64_t)m->E, 0, 0), /* see C_* */
         spec("moe.stats", M1C_F32, 1, ST_F + 2 * (int64_t)m->E, 0, 0),  /* see ST_* */
+        spec("moe.x_perm", M1C_F32, 2, Nk, m->H, 0),        /* (N*k, H) inputs gathered by expert */
         spec("moe.gate_up", M1C_F32, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F) expert pre-activations */
+        spec("moe.act", M1C_F32, 2, Nk, m->F, 0),           /* (N*k, F) silu(gate) * up */
         spec("moe.expert_out", M1C_F32, 2, Nk, m->H, 0),    /* (N*k, H) expert outputs, unweighted */
         spec("moe.jitter", M1C_F32, 2, N, m->H, 0),         /* (N, H) router input noise */
     };
@@ -146,9 +152,7 @@ static int topk_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) 
     topk *m = self;
     int64_t N = (int64_t)B * T, Nk = N * m->k;
     m1c_buf_spec s[] = {
-        spec("moe.x_perm", M1C_F32, 2, Nk, m->H, 0),           /* (N*k, H) gathered inputs */
-        spec("moe.act", M1C_F32, 2, Nk, m->F, 0),              /* (N*k, F) silu(g)*u, then its gradient */
-        spec("moe.d_gate_up", M1C_F32, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F) */
+        spec("moe.d_gate_up", M1C_F32, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F); d act first goes in the up half */
         spec("moe.d_rows", M1C_F32, 2, Nk, m->H, 0),           /* (N*k, H) d expert out, then d x rows */
         spec("moe.d_logits", M1C_F32, 2, N, m->E, 0),          /* (N, E) */
         spec("moe.d_w", M1C_F32, 2, N, m->k, 0),               /* (N, k) d combine weights */
@@ -163,7 +167,7 @@ static int check_bufs(const topk *m, const m1c_layer_bufs *b, int64_t N, int nee
     if (!b || !b->params || !b->acts || !b->scratch)
         return h->error(h, "topk: parameters, activations and scratch buffers are all required");
     if (need_grads && !b->grads) return h->error(h, "topk: backward needs gradient buffers");
-    if (b->acts[A_PROBS].shape[0] < N || b->scratch[S_XS].shape[0] < N * m->k)
+    if (b->acts[A_PROBS].shape[0] < N || b->scratch[S_DY].shape[0] < N * m->k)
         return h->error(h, "topk: %lld tokens but the buffers were declared for %lld", (long long)N,
                         (long long)b->acts[A_PROBS].shape[0]);
     return M1C_OK;
@@ -189,8 +193,8 @@ static int topk_forward(void *self, const m1c_layer_bufs *b, float *out, const f
     float *st = b->acts[A_STATS].data;            /* (ST_F+2E) */
     float *GU = b->acts[A_GU].data;               /* (N*k, 2F) */
     float *Y = b->acts[A_Y].data;                 /* (N*k, H) */
-    float *xs = b->scratch[S_XS].data;            /* (N*k, H) */
-    float *act = b->scratch[S_A].data;            /* (N*k, F) */
+    float *xs = b->acts[A_XS].data;               /* (N*k, H) */
+    float *act = b->acts[A_ACT].data;             /* (N*k, F) */
 
     /* Jitter on the router input only; each token draws from its own stream of noise_seed so the
      * noise is the same whatever the thread count. */
@@ -297,11 +301,8 @@ static int topk_forward(void *self, const m1c_layer_bufs *b, float *out, const f
                 0.0f, GU + (int64_t)o * 2 * F, 2 * F);
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int r = 0; r < R; r++) {
-        const float *g = GU + (int64_t)r * 2 * F, *u = g + F;
-        float *a = act + (int64_t)r * F;
-        for (int f = 0; f < F; f++) a[f] = silu(g[f]) * u[f];
-    }
+    for (int r = 0; r < R; r++)
+        swiglu_row(act + (int64_t)r * F, GU + (int64_t)r * 2 * F, GU + (int64_t)r * 2 * F + F, F);
     for (int e = 0; e < E; e++) {
         int o = off[e], ne = off[e + 1] - off[e];
         if (ne == 0) continue;
@@ -336,39 +337,47 @@ static int topk_backward(void *self, const m1c_layer_bufs *b, float *din, const 
     const int32_t *cnt = b->acts[A_COUNTS].data;
     if (cnt[C_ASSIGN] != N * k)
         return h->error(h, "topk: backward for %d tokens after a forward of %d", N, (int)(cnt[C_ASSIGN] / k));
-    const float *Wr = b->params[P_ROUTER].data, *Wgu = b->params[P_GATE_UP].data, *Wd = b->params[P_DOWN].data;
+    const float *Wr = b->params[P_ROUTER].data;   /* (E, H) */
+    const float *Wgu = b->params[P_GATE_UP].data; /* (E, 2F, H) */
+    const float *Wd = b->params[P_DOWN].data;     /* (E, H, F) */
     float *dWr = b->grads[P_ROUTER].data, *dWgu = b->grads[P_GATE_UP].data, *dWd = b->grads[P_DOWN].data;
-    const float *probs = b->acts[A_PROBS].data, *w = b->acts[A_W].data;
-    const int32_t *idx = b->acts[A_IDX].data, *pos = b->acts[A_POS].data, *rowtok = b->acts[A_ROWTOK].data;
-    const int32_t *off = b->acts[A_OFF].data;
-    const float *GU = b->acts[A_GU].data, *Y = b->acts[A_Y].data;
-    float *xs = b->scratch[S_XS].data, *act = b->scratch[S_A].data, *dgu = b->scratch[S_DGU].data;
-    float *drow = b->scratch[S_DY].data, *dlog = b->scratch[S_DLOG].data;
-    const int R = off[E];
+    const float *probs = b->acts[A_PROBS].data;   /* (N, E) */
+    const float *w = b->acts[A_W].data;           /* (N, k) */
+    const int32_t *idx = b->acts[A_IDX].data;     /* (N, k) */
+    const int32_t *pos = b->acts[A_POS].data;     /* (N, k) */
+    const int32_t *off = b->acts[A_OFF].data;     /* (E+1) */
+    const float *xs = b->acts[A_XS].data;         /* (N*k, H) */
+    const float *GU = b->acts[A_GU].data;         /* (N*k, 2F) */
+    const float *act = b->acts[A_ACT].data;       /* (N*k, F) */
+    const float *Y = b->acts[A_Y].data;           /* (N*k, H) */
+    float *dgu = b->scratch[S_DGU].data;          /* (N*k, 2F) */
+    float *drow = b->scratch[S_DY].data;          /* (N*k, H) */
+    float *dlog = b->scratch[S_DLOG].data;        /* (N, E) */
+    float *dw_all = b->scratch[S_DW].data;        /* (N, k) */
+    const int jit = st[ST_JIT] != 0.0f, fuse_router = E <= FUSE_ROUTER_MAX_E;
+    const float *noise = jit ? b->acts[A_NOISE].data : NULL;
+    float *xj = jit ? b->scratch[S_XR].data : NULL;
 
     /* Router side: d weights -> d probs (renormalisation and aux loss) -> d logits; also the weighted
      * output gradient of every kept row. */
-    const double aux_g = m->aux_coef * E / N; /* d aux / d p[n,e] = aux_coef * E * f_e / N */
+    const double aux_g = b->aux_scale * m->aux_coef * E / N; /* d (scale aux) / d p[n,e] = that * f_e */
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int n = 0; n < N; n++) {
         const float *p = probs + (int64_t)n * E, *g = dout + (int64_t)n * H;
         const int32_t *id = idx + (int64_t)n * k, *ps = pos + (int64_t)n * k;
         const float *wn = w + (int64_t)n * k;
-        float *dp = dlog + (int64_t)n * E;
+        float *dp = dlog + (int64_t)n * E, *dw = dw_all + (int64_t)n * k;
         for (int e = 0; e < E; e++) dp[e] = (float)(aux_g * st[ST_F + e]);
         double ssel = 0.0, sdw = 0.0;
         for (int j = 0; j < k; j++) ssel += p[id[j]];
-        float *dw = b->scratch[S_DW].data;
-        dw += (int64_t)n * k;
         for (int j = 0; j < k; j++) {
             double d = 0.0;
             if (ps[j] >= 0) {
                 const float *y = Y + (int64_t)ps[j] * H;
                 float *dr = drow + (int64_t)ps[j] * H;
-                for (int i = 0; i < H; i++) {
-                    d += (double)g[i] * y[i];
-                    dr[i] = wn[j] * g[i];
-                }
+#pragma omp simd reduction(+ : d)
+                for (int i = 0; i < H; i++) d += (double)g[i] * y[i];
+                for (int i = 0; i < H; i++) dr[i] = wn[j] * g[i];
             }
             dw[j] = (float)d;
             sdw += d * wn[j];
@@ -380,32 +389,22 @@ static int topk_backward(void *self, const m1c_layer_bufs *b, float *din, const 
         for (int e = 0; e < E; e++) dp[e] = p[e] * (float)(dp[e] - s);
     }
 
-    /* Experts: gather inputs, recompute the SwiGLU activation. */
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int r = 0; r < R; r++) {
-        memcpy(xs + (int64_t)r * H, in + (int64_t)rowtok[r] * H, (size_t)H * sizeof(float));
-        const float *g = GU + (int64_t)r * 2 * F, *u = g + F;
-        float *a = act + (int64_t)r * F;
-        for (int f = 0; f < F; f++) a[f] = silu(g[f]) * u[f];
-    }
-    /* dWd += dY^T A; then dA = dY Wd (overwrites A, no longer needed). */
+    /* dWd += dY^T A; d act = dY Wd, into the up half of d gate_up (the SwiGLU backward then works in
+     * place, row by row). */
     for (int e = 0; e < E; e++) {
         int o = off[e], ne = off[e + 1] - off[e];
         if (ne == 0) continue;
         h->gemm(h, M1C_DEVICE_CPU, 1, 0, H, F, ne, 1.0f, drow + (int64_t)o * H, H, act + (int64_t)o * F, F, 1.0f,
                 dWd + (int64_t)e * H * F, F);
         h->gemm(h, M1C_DEVICE_CPU, 0, 0, ne, F, H, 1.0f, drow + (int64_t)o * H, H, Wd + (int64_t)e * H * F, F, 0.0f,
-                act + (int64_t)o * F, F);
+                dgu + (int64_t)o * 2 * F + F, 2 * F);
     }
+    const int R = off[E];
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int r = 0; r < R; r++) {
-        const float *g = GU + (int64_t)r * 2 * F, *u = g + F, *da = act + (int64_t)r * F;
-        float *dg = dgu + (int64_t)r * 2 * F, *du = dg + F;
-        for (int f = 0; f < F; f++) {
-            float sg = 1.0f / (1.0f + expf(-g[f]));
-            du[f] = da[f] * g[f] * sg;
-            dg[f] = da[f] * u[f] * sg * (1.0f + g[f] * (1.0f - sg));
-        }
+        const float *g = GU + (int64_t)r * 2 * F;
+        float *dg = dgu + (int64_t)r * 2 * F;
+        swiglu_back_row(dg, dg + F, g, g + F, F);
     }
     /* dWgu += dGU^T X; then d x rows = dGU Wgu (into drow, whose dY is no longer needed). */
     for (int e = 0; e < E; e++) {
@@ -416,7 +415,10 @@ static int topk_backward(void *self, const m1c_layer_bufs *b, float *din, const 
         h->gemm(h, M1C_DEVICE_CPU, 0, 0, ne, H, 2 * F, 1.0f, dgu + (int64_t)o * 2 * F, 2 * F,
                 Wgu + (int64_t)e * 2 * F * H, H, 0.0f, drow + (int64_t)o * H, H);
     }
-    /* Un-permute: each token sums its own rows (no races). */
+
+    /* Per token (no races): sum its expert rows back (un-permute); add the gradient through the router,
+     * (dlogits @ Wr) times the jitter noise when there was any (few experts: E terms per element here);
+     * with jitter, also form the router input x * noise for dWr. */
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int n = 0; n < N; n++) {
         float *dx = din + (int64_t)n * H;
@@ -426,21 +428,33 @@ static int topk_backward(void *self, const m1c_layer_bufs *b, float *din, const 
             const float *d = drow + (int64_t)r * H;
             for (int i = 0; i < H; i++) dx[i] += d[i];
         }
+        const float *dl = dlog + (int64_t)n * E;
+        if (jit) {
+            const float *z = noise + (int64_t)n * H, *x = in + (int64_t)n * H;
+            float *xr = xj + (int64_t)n * H;
+            for (int i = 0; i < H; i++) xr[i] = x[i] * z[i];
+            if (fuse_router)
+                for (int e = 0; e < E; e++) {
+                    const float *wr = Wr + (int64_t)e * H;
+                    for (int i = 0; i < H; i++) dx[i] += z[i] * (dl[e] * wr[i]);
+                }
+        } else if (fuse_router) {
+            for (int e = 0; e < E; e++) {
+                const float *wr = Wr + (int64_t)e * H;
+                for (int i = 0; i < H; i++) dx[i] += dl[e] * wr[i];
+            }
+        }
     }
-
-    /* Router weights and the input through the router (and its jitter). */
-    if (st[ST_JIT] != 0.0f) {
-        const float *noise = b->acts[A_NOISE].data;
-        float *xj = b->scratch[S_XR].data;
+    /* Router weights: dWr += dlogits^T (router input). */
+    h->gemm(h, M1C_DEVICE_CPU, 1, 0, E, H, N, 1.0f, dlog, E, jit ? xj : in, H, 1.0f, dWr, H);
+    if (!fuse_router) {
+        if (jit) { /* xj is free again: (dlogits @ Wr) there, then times the noise */
+            h->gemm(h, M1C_DEVICE_CPU, 0, 0, N, H, E, 1.0f, dlog, E, Wr, H, 0.0f, xj, H);
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t i = 0; i < (int64_t)N * H; i++) xj[i] = in[i] * noise[i];
-        h->gemm(h, M1C_DEVICE_CPU, 1, 0, E, H, N, 1.0f, dlog, E, xj, H, 1.0f, dWr, H);
-        h->gemm(h, M1C_DEVICE_CPU, 0, 0, N, H, E, 1.0f, dlog, E, Wr, H, 0.0f, xj, H);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t i = 0; i < (int64_t)N * H; i++) din[i] += xj[i] * noise[i];
-    } else {
-        h->gemm(h, M1C_DEVICE_CPU, 1, 0, E, H, N, 1.0f, dlog, E, in, H, 1.0f, dWr, H);
-        h->gemm(h, M1C_DEVICE_CPU, 0, 0, N, H, E, 1.0f, dlog, E, Wr, H, 1.0f, din, H);
+            for (int64_t i = 0; i < (int64_t)N * H; i++) din[i] += xj[i] * noise[i];
+        } else {
+            h->gemm(h, M1C_DEVICE_CPU, 0, 0, N, H, E, 1.0f, dlog, E, Wr, H, 1.0f, din, H);
+        }
     }
     return M1C_OK;
 }
