@@ -95,7 +95,7 @@ static inline float exp_fast(float x) {
  * pass through. */
 static void rope_row(float *row, int nheads, int hd, int half, const float *c, const float *s) {
     for (int hh = 0; hh < nheads; hh++) {
-        float *x1 = row + hh * hd, *x2 = x1 + 1;
+        float *x1 = row + hh * hd, *x2 = x1 + half;
         for (int i = 0; i < half; i++) {
             float u = x1[i], w = x2[i];
             x1[i] = u * c[i] - w * s[i];
@@ -194,7 +194,7 @@ static void attend_all(const softmax *a, const float *q, const float *kbase, con
     for (int64_t task = 0; task < ntask; task++) {
         float *tile = tiles + (int64_t)omp_get_thread_num() * a->tile;
         const int qb = nqb - 1 - (int)(task % nqb);
-        const int hh = (int)((task / nqb) % nh), b = (int)(task / nqb / nh), g = hh / a->rep;
+        const int hh = (int)((task / nqb) % nh), b = (int)(task / nqb / nh), g = hh % a->kvh;
         const int i0 = qb * BQ, nq = T - i0 < BQ ? T - i0 : BQ;
         const int64_t r0 = (int64_t)b * T + i0;
         const float *k = kbase + b * kb_stride + g * kg_stride, *v = vbase + b * kb_stride + g * kg_stride;
