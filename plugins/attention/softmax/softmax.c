@@ -147,7 +147,7 @@ static void attend_rows(const softmax *a, const float *q, int qs, const float *k
             int64_t lim64 = p0 + i - k0 + 1; /* keys of this tile row i may see */
             int lim = (int)(lim64 < 0 ? 0 : (lim64 > nk ? nk : lim64));
             for (int j = lim; j < nk; j++) Si[j] = 0.0f;
-            if (lim == 0) continue; /* only when bk < BQ: a later tile entirely in row i's future */
+            if (lim == 0) { m[i] = m[i]; } /* only when bk < BQ: a later tile entirely in row i's future */
             float mx = Si[0];
 #pragma omp simd reduction(max : mx)
             for (int j = 1; j < lim; j++) mx = Si[j] > mx ? Si[j] : mx;
@@ -194,7 +194,7 @@ static void attend_all(const softmax *a, const float *q, const float *kbase, con
     for (int64_t task = 0; task < ntask; task++) {
         float *tile = tiles + (int64_t)omp_get_thread_num() * a->tile;
         const int qb = nqb - 1 - (int)(task % nqb);
-        const int hh = (int)((task / nqb) % nh), b = (int)(task / nqb / nh), g = hh % a->kvh;
+        const int hh = (int)((task / nqb) % nh), b = (int)(task / nqb / nh), g = hh / a->rep;
         const int i0 = qb * BQ, nq = T - i0 < BQ ? T - i0 : BQ;
         const int64_t r0 = (int64_t)b * T + i0;
         const float *k = kbase + b * kb_stride + g * kg_stride, *v = vbase + b * kb_stride + g * kg_stride;
