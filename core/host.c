@@ -109,8 +109,9 @@ void m1c_gemm_batched(int device, int trans_a, int trans_b, int M, int N, int K,
         return;
     }
 #endif
-    /* Small products in a batch: one per OpenMP thread (OpenBLAS runs such sizes single-threaded);
-     * large ones: one at a time, each using all BLAS threads. */
+    /* Small products in a batch: one per OpenMP thread (OpenBLAS's OpenMP build runs a call made
+     * inside a parallel region on that thread alone; its pthreads build does so only up to
+     * M*N*K = 2^18 and contends beyond); large ones: one at a time, each using all BLAS threads. */
     double work = (double)M * N * K;
     if (batch > 1 && work < 4e6 && !omp_in_parallel()) {
 #pragma omp parallel for schedule(static)

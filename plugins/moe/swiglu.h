@@ -38,15 +38,23 @@ static inline float moe_sigmoid(float g) {
     return 1.0f / (1.0f + moe_exp(-g));
 }
 
+/* The row loops are built twice on x86-64 with GCC, for AVX2 + FMA and for the baseline, and the
+ * loader picks one per machine (ifunc): 8 lanes and fused multiply-adds halve their time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MOE_ROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MOE_ROW_CLONES
+#endif
+
 /* a = silu(g) * u over one row of F. */
-static inline void swiglu_row(float *restrict a, const float *restrict g, const float *restrict u, int F) {
+MOE_ROW_CLONES static void swiglu_row(float *restrict a, const float *restrict g, const float *restrict u, int F) {
 #pragma omp simd
     for (int f = 0; f < F; f++) a[f] = g[f] * moe_sigmoid(g[f]) * u[f];
 }
 
 /* Backward of one row, in place: du holds dA on entry and d u on return; dg gets d g.
  * a = g s u with s = sigmoid(g): da/du = g s, da/dg = u s (1 + g (1 - s)). */
-static inline void swiglu_back_row(float *restrict dg, float *du, const float *restrict g, const float *restrict u,
+MOE_ROW_CLONES static void swiglu_back_row(float *restrict dg, float *du, const float *restrict g, const float *restrict u,
                                    int F) {
 #pragma omp simd
     for (int f = 0; f < F; f++) {

@@ -10,9 +10,10 @@
 
 /* Tiles of the blocked attention: a thread works on BQ query rows against bk keys at a time, bk chosen
  * per instance so that a tile GEMM (BQ x bk x head_dim) does at most TILE_MACS multiply-adds (bk 128 at
- * head_dim 32): the score tile stays in L2, and OpenBLAS (pthreads build) runs a GEMM that small on the
- * calling thread; a larger one called from our OpenMP threads contends for OpenBLAS's own thread pool
- * and measured 5-10x slower with OPENBLAS_NUM_THREADS=2. */
+ * head_dim 32). The score tile stays in L2, and should the core fall back to OpenBLAS's pthreads build,
+ * that build runs a GEMM this small on the calling thread: a larger one called from our OpenMP threads
+ * contends for OpenBLAS's own pool (measured 5-10x slower with 2 threads). The OpenMP build runs
+ * every GEMM called inside a parallel region on the calling thread. */
 #define BQ 64
 #define TILE_MACS (1 << 18)
 #define BK_MIN 16
@@ -147,7 +148,7 @@ static void attend_rows(const softmax *a, const float *q, int qs, const float *k
             int64_t lim64 = p0 + i - k0 + 1; /* keys of this tile row i may see */
             int lim = (int)(lim64 < 0 ? 0 : (lim64 > nk ? nk : lim64));
             for (int j = lim; j < nk; j++) Si[j] = 0.0f;
-            if (lim == 0) { m[i] = m[i]; } /* only when bk < BQ: a later tile entirely in row i's future */
+            if (lim == 0) continue; /* only when bk < BQ: a later tile entirely in row i's future */
             float mx = Si[0];
 #pragma omp simd reduction(max : mx)
             for (int j = 1; j < lim; j++) mx = Si[j] > mx ? Si[j] : mx;
@@ -245,8 +246,10 @@ static void attend_backward_head(const softmax *a, const float *q, const float *
             }
             /* dq += scale dS k;  dk += scale dS^T q;  dv += P^T dO */
             h->gemm(h, M1C_DEVICE_CPU, 0, 0, nq, hd, nk, scale, dP, a->bk, kj, ks, k0 == 0 ? 0.0f : 1.0f, dqi, qs);
-            h->gemm(h, M1C_DEVICE_CPU, 1, 0, nk, hd, nq, scale, dP, a->bk, qi, qs, 1.0f, dk + (int64_t)k0 * qs, qs);
-            h->gemm(h, M1C_DEVICE_CPU, 1, 0, nk, hd, nq, 1.0f, P, a->bk, dOi, qs, 1.0f, dv + (int64_t)k0 * qs, qs);
+            h->gemm(h, M1C_DEVICE_CPU, 1, 0, nk, hd, nq, scale, dP, a->bk, qi, qs, 1.0f, dk + (int64_t)k0 * qs,
+                    qs);
+            h->gemm(h, M1C_DEVICE_CPU, 1, 0, nk, hd, nq, 1.0f, P, a->bk, dOi, qs, 1.0f, dv + (int64_t)k0 * qs,
+                    qs);
         }
     }
 }
@@ -481,7 +484,8 @@ static int sm_step(void *self, const m1c_layer_bufs *b, m1c_tensor *state, float
     const int hd = a->hd, qd = a->nh * hd, kd = a->kvh * hd;
     const m1c_tensor *kc = &state[ST_K];
     const int64_t max_len = kc->shape[2];
-    if (B > kc->shape[0]) return h->error(h, "step: B = %d sequences but the KV cache holds %lld", B, (long long)kc->shape[0]);
+    if (B > kc->shape[0])
+        return h->error(h, "step: B = %d sequences but the KV cache holds %lld", B, (long long)kc->shape[0]);
     if (pos < 0 || pos + T > max_len)
         return h->error(h, "step: positions %lld..%lld exceed the KV cache length %lld", (long long)pos,
                         (long long)(pos + T - 1), (long long)max_len);
