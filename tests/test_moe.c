@@ -1,5 +1,6 @@
 /* Tests of the MoE-slot plugins: topk (routing, renormalisation, capacity, jitter and the aux loss checked
- * by hand and against a naive double-precision reference; finite-difference gradients) and dense. */
+ * by hand and against a naive double-precision reference; finite-difference gradients; aux_scale), dense,
+ * and their shared SwiGLU rows. */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 #include <math.h>
@@ -7,6 +8,7 @@
 #include <string.h>
 
 #include "harness.h"
+#include "../plugins/moe/swiglu.h"
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
@@ -659,14 +661,11 @@ Test(topk, count) {
 
 /* ---- dense -------------------------------------------------------------------------------------- */
 
-Test(dense, reference_forward_and_stats) {
-    const int B = 2, T = 5, H = 16, F = 24, N = B * T;
-    th_layer *l = th_layer_new("dense", "ffn_dim = 24;", 0, 1, H, B, T, 61, 0.3f);
-    float *x = th_randn((int64_t)N * H, 161, 1.0f), *out = th_zeros((int64_t)N * H);
-    th_forward(l, out, x);
+/* The dense forward in double from the plugin's own weights. */
+static float *dense_ref(th_layer *l, const float *x, int N, int H, int F) {
     const float *Wg = PARAM(l, "mlp.gate_proj.weight"), *Wu = PARAM(l, "mlp.up_proj.weight");
     const float *Wd = PARAM(l, "mlp.down_proj.weight");
-    double *ref = calloc((size_t)N * H, sizeof(double)), a[24];
+    double *ref = calloc((size_t)N * H, sizeof(double)), *a = calloc((size_t)F, sizeof(double));
     for (int n = 0; n < N; n++) {
         for (int f = 0; f < F; f++) {
             double g = 0, u = 0;
@@ -676,7 +675,17 @@ Test(dense, reference_forward_and_stats) {
         for (int i = 0; i < H; i++)
             for (int f = 0; f < F; f++) ref[n * H + i] += Wd[i * F + f] * a[f];
     }
-    float *reff = to_float(ref, (int64_t)N * H);
+    float *r = to_float(ref, (int64_t)N * H);
+    free(ref), free(a);
+    return r;
+}
+
+Test(dense, reference_forward_and_stats) {
+    const int B = 2, T = 5, H = 16, F = 24, N = B * T;
+    th_layer *l = th_layer_new("dense", "ffn_dim = 24;", 0, 1, H, B, T, 61, 0.3f);
+    float *x = th_randn((int64_t)N * H, 161, 1.0f), *out = th_zeros((int64_t)N * H);
+    th_forward(l, out, x);
+    float *reff = dense_ref(l, x, N, H, F);
     /* atol 1e-5, rtol 1e-4: FP32 GEMMs over 16 and 24 terms (~1e-6 relative) */
     cr_expect(th_rel_err(out, reff, (int64_t)N * H, 1e-5, 1e-4) <= 1.0, "dense output differs from the reference");
     m1c_moe_stats st = stats_of(l);
@@ -690,8 +699,57 @@ Test(dense, reference_forward_and_stats) {
     cr_expect_eq(total, 3 * 24 * 16);
     cr_expect_eq(active, 3 * 24 * 16);
     cr_expect(flops >= 2.0 * 3 * 24 * 16 && flops < 1.1 * 2.0 * 3 * 24 * 16, "flops per token %g", flops);
-    free(x), free(out), free(ref), free(reff);
+    free(x), free(out), free(reff);
     th_layer_free(l);
+}
+
+/* Inputs 30x larger: gate pre-activations reach |g| ~ 100, far into the sigmoid's clamped range
+ * (|g| > 40), where the output must still be silu(g) * u: g for large g, 0 for very negative g. */
+Test(dense, extreme_gates) {
+    const int B = 2, T = 5, H = 16, F = 24, N = B * T;
+    th_layer *l = th_layer_new("dense", "ffn_dim = 24;", 0, 1, H, B, T, 62, 0.3f);
+    float *x = th_randn((int64_t)N * H, 162, 30.0f), *out = th_zeros((int64_t)N * H);
+    th_forward(l, out, x);
+    const float *gu = ACT(l, "mlp.gate_up");
+    double gmax = 0;
+    for (int n = 0; n < N; n++)
+        for (int f = 0; f < F; f++) gmax = fmax(gmax, fabs(gu[n * 2 * F + f]));
+    cr_assert_gt(gmax, 60, "largest |gate| %g: the clamped range is not reached", gmax);
+    float *reff = dense_ref(l, x, N, H, F);
+    /* rtol 1e-4 as above; atol 1e-3 on outputs of ~1e3 (sums of products of 30x inputs) */
+    cr_expect(th_rel_err(out, reff, (int64_t)N * H, 1e-3, 1e-4) <= 1.0, "dense output differs from the reference");
+    free(x), free(out), free(reff);
+    th_layer_free(l);
+}
+
+/* The shared SwiGLU rows against double precision over gates from -1e4 to 1e4 (both clamps, the
+ * polynomial exp in between). */
+Test(swiglu, rows_against_double) {
+    enum { F = 203 };
+    float g[F], u[F], a[F], dg[F], du[F];
+    for (int f = 0; f < F; f++) {
+        double t = (f - 101) / 101.0; /* -1 .. 1 */
+        g[f] = (float)(t * t * t * 1e4 + t * 3); /* dense near 0, reaching +-1e4 */
+        u[f] = (float)(0.5 + 0.25 * cos(f));
+        du[f] = (float)(1.0 - 0.3 * sin(f)); /* d act on entry */
+    }
+    g[0] = -88.5f, g[1] = -40.0f, g[2] = 0.0f, g[3] = 40.0f, g[4] = 88.5f;
+    float da[F];
+    memcpy(da, du, sizeof da);
+    swiglu_row(a, g, u, F);
+    swiglu_back_row(dg, du, g, u, F);
+    for (int f = 0; f < F; f++) {
+        double s = 1.0 / (1.0 + exp(-(double)g[f]));
+        double ra = (double)g[f] * s * u[f], rdu = (double)da[f] * g[f] * s,
+               rdg = (double)da[f] * u[f] * s * (1.0 + g[f] * (1.0 - s));
+        /* 1e-6 rel: an exp within 2 ulp and four more roundings; 1e-12 abs: below g = -40 the clamped
+         * sigmoid (4e-18 instead of e^g) leaves |g| * 4e-18 <= 4e-14 behind */
+        cr_expect(fabs(a[f] - ra) <= 1e-6 * fabs(ra) + 1e-12, "act: g %g: %g vs %g", g[f], a[f], ra);
+        cr_expect(fabs(du[f] - rdu) <= 1e-6 * fabs(rdu) + 1e-12, "d up: g %g: %g vs %g", g[f], du[f], rdu);
+        /* 1 + g (1 - s) cancels near g = -1.28: 1e-6 of the terms' size (1 + |g| s (1 - s)) instead */
+        double scale = fabs((double)da[f] * u[f] * s) * (1.0 + fabs(g[f]) * (1.0 - s));
+        cr_expect(fabs(dg[f] - rdg) <= 1e-6 * scale + 1e-12, "d gate: g %g: %g vs %g", g[f], dg[f], rdg);
+    }
 }
 
 Test(dense, fd_gradients) {
