@@ -20,7 +20,17 @@ ap.add_argument("--foreach", choices=("auto", "on", "off"), default="auto",
                 help="AdamW's multi-tensor path (auto: PyTorch's default)")
 ap.add_argument("--check", action="store_true",
                 help="compare block-wise lightning attention with the O(T^2) definition, then exit")
+ap.add_argument("--blas", choices=("openmp", "system"), default="openmp",
+                help="openmp: Debian's OpenMP build of OpenBLAS (the one m1c links), loaded ahead of the "
+                     "libblas.so.3 alternative; system: whatever the alternative points to (pthread OpenBLAS "
+                     "by default, whose spinning pool fights PyTorch's OpenMP pool for the cores)")
 args = ap.parse_args()
+OPENMP_BLAS = "/usr/lib/x86_64-linux-gnu/openblas-openmp"
+if args.blas == "openmp" and os.environ.get("M1C_TORCH_BLAS") != "openmp" and os.path.isdir(OPENMP_BLAS):
+    # The dynamic loader reads LD_LIBRARY_PATH only at start-up: re-run this script with it set.
+    os.environ["LD_LIBRARY_PATH"] = OPENMP_BLAS + ":" + os.environ.get("LD_LIBRARY_PATH", "")
+    os.environ["M1C_TORCH_BLAS"] = "openmp"
+    os.execv(sys.executable, [sys.executable] + sys.argv)
 # Thread pools read these when torch is imported, so set them first: OpenBLAS (Debian's default is the
 # pthread build, with its own pool) and OpenMP (PyTorch's intra-op pool) both get --threads.
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -235,6 +245,19 @@ def check():
             sys.exit("lightning block-wise result differs from the definition")
 
 
+def blas_loaded():
+    """The OpenBLAS shared object actually mapped into this process."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "blas" in line.split()[-1]}
+    except OSError:
+        return "?"
+    for lib in sorted(libs):
+        if "openblas-openmp" in lib or "openblas-pthread" in lib:
+            return os.path.basename(os.path.dirname(lib))
+    return ",".join(sorted(os.path.basename(x) for x in libs)) or "?"
+
+
 def main():
     torch.set_num_threads(args.threads)
     if args.check:
@@ -257,7 +280,7 @@ def main():
         opt.step()
     dt = (time.perf_counter() - t0) / args.steps
     print(f"torch {torch.__version__}: {B * T / dt:.0f} tokens/s, {dt * 1e3:.1f} ms/step, "
-          f"{torch.get_num_threads()} threads, {args.steps} steps, B {B} T {T}, {nparam} params, loss {loss.item():.4f}")
+          f"{torch.get_num_threads()} threads, BLAS {blas_loaded()}, {args.steps} steps, B {B} T {T}, {nparam} params, loss {loss.item():.4f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
  *   aux = aux_coef * E * sum_e f_e P_e,  f_e = share of the N*k routed assignments (before capacity
  *     dropping) that went to e (a constant: no gradient), P_e = mean router probability of e
  * Backward is exact (through the renormalisation, the softmax, the aux loss and the jitter); the aux loss
- * enters the objective with weight bufs->aux_scale (stats().aux_loss is the unweighted value).
+ * enters the objective with weight bufs->aux_scale (stats().aux_loss is aux itself, before that weight).
  *
  * Tokens are permuted by expert (a stable counting sort, so rows stay in token order inside an expert),
  * gathered, and each expert runs two big GEMMs through h->gemm; elementwise work uses OpenMP. Forward
