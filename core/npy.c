@@ -230,17 +230,6 @@ int m1c_npy_to_i32(m1c_npy *a, const char *path, m1c_err *e) {
 
 /* ---- writing ---- */
 
-static int write_all(int fd, const void *buf, size_t n) {
-    const uint8_t *p = buf;
-    while (n) {
-        ssize_t k = write(fd, p, n > ((size_t)1 << 30) ? ((size_t)1 << 30) : n);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return M1C_ERR;
-        p += k;
-        n -= (size_t)k;
-    }
-    return M1C_OK;
-}
 
 static int npy_write(const char *path, const void *data, const char *descr, size_t item, int ndim,
                      const int64_t *shape, m1c_err *e) {
@@ -275,23 +264,11 @@ static int npy_write(const char *path, const void *data, const char *descr, size
     head[10 + (size_t)dl + pad] = '\n';
     size_t total = 10 + (size_t)dl + pad + 1;
 
-    char *tmp = m1c_xasprintf("%s.tmp.%ld", path, (long)getpid());
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        m1c_fail(e, "%s: cannot create %s: %s", path, tmp, strerror(errno));
-        free(tmp);
-        return M1C_ERR;
-    }
-    int bad = write_all(fd, head, total) || write_all(fd, data, (size_t)numel * item) || fsync(fd) != 0;
-    bad = close(fd) != 0 || bad;
-    if (bad || rename(tmp, path) != 0) {
-        m1c_fail(e, "%s: cannot write %s: %s", path, tmp, strerror(errno));
-        unlink(tmp);
-        free(tmp);
-        return M1C_ERR;
-    }
-    free(tmp);
-    return M1C_OK;
+    m1c_afile f;
+    if (m1c_afile_open(&f, path, e)) return M1C_ERR;
+    m1c_afile_write(&f, head, total);
+    m1c_afile_write(&f, data, (size_t)numel * item);
+    return m1c_afile_commit(&f, e);
 }
 
 int m1c_npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, m1c_err *e) {

@@ -393,22 +393,14 @@ int m1c_st_load(const m1c_st_tensor *src, const char *path, m1c_tensor *dst, m1c
 
 /* ---- writing ---- */
 
-static int write_all(int fd, const void *buf, size_t n) {
-    const uint8_t *p = buf;
-    while (n) {
-        ssize_t k = write(fd, p, n > ((size_t)1 << 30) ? ((size_t)1 << 30) : n);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return M1C_ERR;
-        p += k;
-        n -= (size_t)k;
-    }
-    return M1C_OK;
-}
 
 /* Data of tensor t stored as st dtype `out`, in chunks through a small buffer when converting. */
-static int write_tensor_data(int fd, const m1c_tensor *t, int out, int64_t numel) {
+static void write_tensor_data(m1c_afile *f, const m1c_tensor *t, int out, int64_t numel) {
     int in = m1c_st_from_dtype(t->dtype);
-    if (in == out) return numel ? write_all(fd, t->data, (size_t)numel * st_dtypes[in].size) : M1C_OK;
+    if (in == out) {
+        m1c_afile_write(f, t->data, (size_t)numel * st_dtypes[in].size);
+        return;
+    }
     enum { CHUNK = 8192 };
     union {
         uint16_t h[CHUNK];
@@ -419,14 +411,13 @@ static int write_tensor_data(int fd, const m1c_tensor *t, int out, int64_t numel
         if (out == M1C_ST_BF16) { /* from F32 */
             const float *x = (const float *)t->data + i0;
             for (int64_t i = 0; i < m; i++) buf.h[i] = m1c_f32_to_bf16(x[i]);
-            if (write_all(fd, buf.h, (size_t)m * 2)) return M1C_ERR;
+            m1c_afile_write(f, buf.h, (size_t)m * 2);
         } else { /* F32 from BF16 */
             const uint16_t *x = (const uint16_t *)t->data + i0;
             for (int64_t i = 0; i < m; i++) buf.f[i] = m1c_bf16_to_f32(x[i]);
-            if (write_all(fd, buf.f, (size_t)m * 4)) return M1C_ERR;
+            m1c_afile_write(f, buf.f, (size_t)m * 4);
         }
     }
-    return M1C_OK;
 }
 
 /* The header JSON, or NULL after m1c_fail. Also fills out[] (st dtypes) and numel[]. */
@@ -511,24 +502,12 @@ done:
     return s;
 }
 
-/* Best effort: make the rename itself durable. Some file systems refuse fsync on folders; ignore. */
-static void sync_dir_of(const char *path) {
-    char *dir = m1c_dirname(path);
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        (void)fsync(fd);
-        close(fd);
-    }
-    free(dir);
-}
-
 int m1c_st_write_as(const char *path, const m1c_tensor *tensors, const int *out_dtypes, int n,
                     const char *const *meta_keys, const char *const *meta_values, int n_meta, m1c_err *e) {
     if (n < 0 || n_meta < 0) return m1c_fail(e, "%s: negative tensor or metadata count", path);
     int *out = m1c_xcalloc((size_t)n, sizeof *out);
     int64_t *numel = m1c_xcalloc((size_t)n, sizeof *numel);
-    char *tmp = NULL;
-    int fd = -1, rc = M1C_ERR;
+    int rc = M1C_ERR;
     char *hdr = build_header(path, tensors, out_dtypes, n, meta_keys, meta_values, n_meta, out, numel, e);
     if (!hdr) goto done;
     size_t hl = strlen(hdr), padded = (hl + 7) / 8 * 8;
@@ -537,34 +516,13 @@ int m1c_st_write_as(const char *path, const m1c_tensor *tensors, const int *out_
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)padded >> (8 * i));
 
-    tmp = m1c_xasprintf("%s.tmp.%ld", path, (long)getpid());
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        m1c_fail(e, "%s: cannot create %s: %s", path, tmp, strerror(errno));
-        goto done;
-    }
-    int bad = write_all(fd, len8, 8) || write_all(fd, hdr, padded);
-    for (int i = 0; i < n && !bad; i++) bad = write_tensor_data(fd, &tensors[i], out[i], numel[i]);
-    if (bad || fsync(fd) != 0) {
-        m1c_fail(e, "%s: cannot write %s: %s", path, tmp, strerror(errno));
-        goto done;
-    }
-    int cfd = fd;
-    fd = -1;
-    if (close(cfd) != 0) {
-        m1c_fail(e, "%s: cannot write %s: %s", path, tmp, strerror(errno));
-        goto done;
-    }
-    if (rename(tmp, path) != 0) {
-        m1c_fail(e, "%s: cannot rename %s to it: %s", path, tmp, strerror(errno));
-        goto done;
-    }
-    sync_dir_of(path);
-    rc = M1C_OK;
+    m1c_afile f;
+    if (m1c_afile_open(&f, path, e)) goto done;
+    m1c_afile_write(&f, len8, 8);
+    m1c_afile_write(&f, hdr, padded);
+    for (int i = 0; i < n; i++) write_tensor_data(&f, &tensors[i], out[i], numel[i]);
+    rc = m1c_afile_commit(&f, e);
 done:
-    if (fd >= 0) close(fd);
-    if (rc != M1C_OK && tmp) unlink(tmp);
-    free(tmp);
     free(hdr);
     free(out);
     free(numel);

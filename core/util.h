@@ -29,4 +29,17 @@ char *m1c_dirname(const char *path);
 char *m1c_path_join(const char *dir, const char *rel);
 int m1c_file_exists(const char *path);
 
+/* A file written atomically: bytes go to "<path>.tmp.<pid>", which commit fsyncs and renames over
+ * path (then syncs the folder), so a failure or crash never leaves a partial file at path. Writes
+ * after an error are ignored and reported by commit; abort (or a failed commit) removes the
+ * temporary file. */
+typedef struct m1c_afile {
+    char *path, *tmp;
+    int fd, err; /* err: errno of the first failed write, 0 if none */
+} m1c_afile;
+int m1c_afile_open(m1c_afile *f, const char *path, m1c_err *e);
+void m1c_afile_write(m1c_afile *f, const void *buf, size_t n);
+int m1c_afile_commit(m1c_afile *f, m1c_err *e);
+void m1c_afile_abort(m1c_afile *f);
+
 #endif
