@@ -255,9 +255,10 @@ int m1c_run_spec_read(m1c_run_spec *r, m1c_settings *s, m1c_err *e) {
 
     int n = m1c_cfg_len(s, "stages");
     if (n < 0) return m1c_cfg_fail(s, "stages", -1, e, "required key is missing (a list of stages: ( { ... }, ... ))");
-    if (n == 0) return m1c_cfg_fail(s, "stages", -1, e, "no stages");
+    /* stages = (): an inference-only configuration (import-hf writes one for a Hugging Face model);
+     * the commands that need a stage (train, ablate, generate --prompt) refuse it. */
     r->n_stages = n;
-    r->stages = m1c_xcalloc((size_t)n, sizeof *r->stages);
+    r->stages = m1c_xcalloc((size_t)(n > 0 ? n : 1), sizeof *r->stages);
     for (int i = 0; i < n; i++) {
         m1c_settings *g = m1c_cfg_elem(s, "stages", i);
         if (!g) return m1c_cfg_fail(s, "stages", i, e, "expected a stage group { ... }");

@@ -9,6 +9,8 @@ int m1c_cmd_train(int argc, char **argv);   /* core/cli/cmd_train.c */
 int m1c_cmd_generate(int argc, char **argv);
 int m1c_cmd_logits(int argc, char **argv);
 int m1c_cmd_ablate(int argc, char **argv);
+int m1c_cmd_import_hf(int argc, char **argv); /* core/cli/cmd_hf.c */
+int m1c_cmd_export_hf(int argc, char **argv);
 
 /* Shared option handling: `-s key=value` overrides collected into a list. */
 typedef struct m1c_overrides {

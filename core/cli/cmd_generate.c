@@ -1,20 +1,29 @@
-/* m1c generate --checkpoint DIR --prompt TEXT: sample a continuation, printing tokens as they come. */
+/* m1c generate: continue a text prompt (printing tokens as they come) or token ids from a .npy file
+ * (writing the ids), with the model of an m1c checkpoint or of a Hugging Face checkpoint. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../checkpoint.h"
 #include "../datamix.h"
+#include "../hf.h"
+#include "../npy.h"
 #include "../rng.h"
 #include "../sample.h"
 #include "../session.h"
 #include "cli.h"
 
 static const char usage[] =
-    "usage: m1c generate --checkpoint DIR --prompt TEXT [options]\n\n"
-    "Continues TEXT with the model of a checkpoint, printing tokens as they are sampled. The prompt is\n"
-    "prefilled in one pass (KV cache for softmax layers, the recurrent state for lightning layers), then\n"
-    "each new token costs one decoding step.\n\n"
+    "usage: m1c generate (--checkpoint DIR | --hf HF_DIR) (--prompt TEXT | --input IDS.npy --output OUT.npy)\n"
+    "                    [options]\n\n"
+    "Continues TEXT with the model, printing tokens as they are sampled (the tokenizer is the first stage's\n"
+    "data plugin), or continues each row of IDS.npy (int32 or int64 [B, T]) by exactly --max-new tokens and\n"
+    "writes the rows, prompt included, to OUT.npy (int32 [B, T + N]; no tokenizer needed, no stop at\n"
+    "end-of-text). The prompt is prefilled in one pass (KV cache for softmax layers, the recurrent state for\n"
+    "lightning layers), then each new token costs one decoding step.\n\n"
+    "  --checkpoint DIR   an m1c checkpoint\n"
+    "  --hf HF_DIR        a Hugging Face MiniMax checkpoint, translated as import-hf does (docs/hf.md);\n"
+    "                     with --greedy the tokens are transformers' generate(do_sample=False)\n"
     "  --max-new N        tokens to generate (default 200); stops early at end-of-text\n"
     "  --greedy           always the most likely token\n"
     "  --temperature T    sampling temperature (default 1.0)\n"
@@ -79,8 +88,62 @@ static int generate(m1c_session *s, const char *prompt, int max_new, const m1c_s
     return rc;
 }
 
+/* Continue every row of the ids in `in` by max_new tokens; write prompt + continuation to `out`. */
+static int generate_ids(m1c_session *s, const char *in, const char *out, int max_new, const m1c_sampler *sm,
+                        uint64_t seed, m1c_err *e) {
+    m1c_model *m = &s->model;
+    m1c_npy a = {0};
+    if (m1c_npy_read(in, &a, e) || m1c_npy_to_i32(&a, in, e)) {
+        m1c_npy_free(&a);
+        return M1C_ERR;
+    }
+    if (a.ndim != 2 || a.shape[0] < 1 || a.shape[1] < 1) {
+        m1c_npy_free(&a);
+        return m1c_fail(e, "%s: expected token ids of shape [B, T] with B, T >= 1", in);
+    }
+    const int B = (int)a.shape[0], T = (int)a.shape[1], V = m->V, W = T + max_new;
+    const int32_t *ids = a.data;
+    for (int64_t i = 0; i < (int64_t)B * T; i++)
+        if (ids[i] < 0 || ids[i] >= V) {
+            m1c_npy_free(&a);
+            return m1c_fail(e, "%s: token id %d at flat index %lld is outside the vocabulary [0, %d)", in, ids[i],
+                            (long long)i, V);
+        }
+    int32_t *seq = m1c_xmalloc((size_t)B * W * sizeof *seq), *chunk_ids = m1c_xmalloc((size_t)B * 512 * sizeof *seq);
+    for (int b = 0; b < B; b++) memcpy(seq + (int64_t)b * W, ids + (int64_t)b * T, (size_t)T * sizeof *seq);
+    const int chunk = T < 512 ? T : 512;
+    m1c_decoder d;
+    int rc = m1c_decoder_init(&d, m, B, W, chunk, e);
+    float *logits = m1c_xmalloc((size_t)V * (B + 2) * sizeof *logits);
+    int32_t *iwork = m1c_xmalloc((size_t)V * sizeof *iwork), *next = m1c_xmalloc((size_t)B * sizeof *next);
+    m1c_rng rng;
+    m1c_rng_seed(&rng, seed, 0);
+    for (int t0 = 0; t0 < T && !rc; t0 += chunk) { /* prefill, chunk by chunk */
+        const int n = T - t0 < chunk ? T - t0 : chunk;
+        for (int b = 0; b < B; b++) memcpy(chunk_ids + (int64_t)b * n, ids + (int64_t)b * T + t0, (size_t)n * sizeof *seq);
+        rc = m1c_decoder_feed(m, &d, chunk_ids, n, logits, e);
+    }
+    for (int t = 0; t < max_new && !rc; t++) {
+        for (int b = 0; b < B; b++) {
+            next[b] = m1c_sample(sm, logits + (int64_t)b * V, V, &rng, logits + (int64_t)B * V, iwork, NULL);
+            seq[(int64_t)b * W + T + t] = next[b];
+        }
+        if (t + 1 < max_new) rc = m1c_decoder_feed(m, &d, next, 1, logits, e);
+    }
+    int64_t shape[2] = {B, W};
+    if (!rc) rc = m1c_npy_write_i32(out, seq, 2, shape, e);
+    m1c_decoder_free(&d, m);
+    free(logits);
+    free(iwork);
+    free(next);
+    free(seq);
+    free(chunk_ids);
+    m1c_npy_free(&a);
+    return rc;
+}
+
 int m1c_cmd_generate(int argc, char **argv) {
-    const char *ckpt = NULL, *prompt = NULL;
+    const char *ckpt = NULL, *hf = NULL, *prompt = NULL, *in = NULL, *out = NULL;
     m1c_overrides ov = {0};
     m1c_sampler sm = {0, 1.0f, 0, 1.0f};
     double max_new = 200, seed = 0, x = 0;
@@ -97,8 +160,14 @@ int m1c_cmd_generate(int argc, char **argv) {
             bad = m1c_cli_error("generate: unexpected argument '%s' (see m1c generate --help)", a);
         } else if (!strcmp(a, "--checkpoint")) {
             ckpt = argv[++i];
+        } else if (!strcmp(a, "--hf")) {
+            hf = argv[++i];
         } else if (!strcmp(a, "--prompt")) {
             prompt = argv[++i];
+        } else if (!strcmp(a, "--input")) {
+            in = argv[++i];
+        } else if (!strcmp(a, "--output")) {
+            out = argv[++i];
         } else if (!strcmp(a, "-s")) {
             m1c_overrides_add(&ov, argv[++i]);
         } else if (!strcmp(a, "--max-new")) {
@@ -122,15 +191,21 @@ int m1c_cmd_generate(int argc, char **argv) {
         m1c_overrides_free(&ov);
         return bad;
     }
-    if (!ckpt || !prompt) {
+    if (!ckpt == !hf || !prompt == !in || !in != !out) {
         m1c_overrides_free(&ov);
-        return m1c_cli_error("generate: --checkpoint and --prompt are required (see m1c generate --help)");
+        return m1c_cli_error("generate: give one of --checkpoint and --hf, and either --prompt or --input with "
+                             "--output (see m1c generate --help)");
     }
     m1c_err e = {{0}};
     m1c_session s;
-    int rc = m1c_session_open_checkpoint(&s, ckpt, ov.items, ov.n, &e);
-    if (!rc && s.spec.run.n_stages < 1) rc = m1c_fail(&e, "%s: the configuration has no stage (no tokenizer)", ckpt);
-    if (!rc) rc = generate(&s, prompt, (int)max_new, &sm, (uint64_t)seed, &e);
+    int rc = hf ? m1c_hf_open(&s, hf, ov.items, ov.n, &e) : m1c_session_open_checkpoint(&s, ckpt, ov.items, ov.n, &e);
+    if (!rc && prompt && s.spec.run.n_stages < 1)
+        rc = m1c_fail(&e,
+                      "%s: the configuration has no training stage, so no tokenizer for --prompt (an imported "
+                      "model?): give token ids with --input IDS.npy --output OUT.npy",
+                      hf ? hf : ckpt);
+    if (!rc) rc = prompt ? generate(&s, prompt, (int)max_new, &sm, (uint64_t)seed, &e)
+                         : generate_ids(&s, in, out, (int)max_new, &sm, (uint64_t)seed, &e);
     m1c_session_close(&s);
     m1c_overrides_free(&ov);
     return rc ? m1c_cli_error("%s", e.msg) : 0;

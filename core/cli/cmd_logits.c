@@ -1,18 +1,23 @@
-/* m1c logits --checkpoint DIR --input IDS.npy --output LOGITS.npy: the model's logits for token ids. */
+/* m1c logits (--checkpoint DIR | --hf HF_DIR) --input IDS.npy --output LOGITS.npy: the model's logits
+ * for token ids (an m1c checkpoint, or a Hugging Face MiniMax checkpoint read directly). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../checkpoint.h"
+#include "../hf.h"
 #include "../npy.h"
 #include "../session.h"
 #include "cli.h"
 
 static const char usage[] =
-    "usage: m1c logits --checkpoint DIR --input IDS.npy --output LOGITS.npy [-s key=value ...]\n\n"
-    "Reads token ids, an int32 or int64 NumPy array [B, T], runs the model of the checkpoint over them\n"
-    "(one full forward, FP32 head) and writes the logits as a float32 NumPy array [B, T, V].\n"
-    "(--hf HF_DIR, reading a Hugging Face checkpoint directly, is not available in this build yet.)\n";
+    "usage: m1c logits (--checkpoint DIR | --hf HF_DIR) --input IDS.npy --output LOGITS.npy [-s key=value ...]\n\n"
+    "Reads token ids, an int32 or int64 NumPy array [B, T], runs the model over them (one full forward,\n"
+    "FP32 head) and writes the logits as a float32 NumPy array [B, T, V].\n\n"
+    "  --checkpoint DIR   an m1c checkpoint (model.safetensors, m1c.cfg)\n"
+    "  --hf HF_DIR        a Hugging Face MiniMax checkpoint (config.json, model*.safetensors), translated as\n"
+    "                     import-hf does (docs/hf.md); its logits match transformers' to ~1e-5\n"
+    "  -s key.path=value  override a setting of the model's configuration\n";
 
 static int logits(m1c_session *s, const char *in, const char *out, m1c_err *e) {
     m1c_npy a = {0};
@@ -54,7 +59,7 @@ static int logits(m1c_session *s, const char *in, const char *out, m1c_err *e) {
 }
 
 int m1c_cmd_logits(int argc, char **argv) {
-    const char *ckpt = NULL, *in = NULL, *out = NULL;
+    const char *ckpt = NULL, *hf = NULL, *in = NULL, *out = NULL;
     m1c_overrides ov = {0};
     int rc = 0;
     for (int i = 1; i < argc && !rc; i++) {
@@ -73,20 +78,21 @@ int m1c_cmd_logits(int argc, char **argv) {
         } else if (!strcmp(argv[i], "-s")) {
             m1c_overrides_add(&ov, argv[++i]);
         } else if (!strcmp(argv[i], "--hf")) {
-            rc = m1c_cli_error("logits: --hf is not available in this build yet");
+            hf = argv[++i];
         } else {
             rc = m1c_cli_error("logits: unexpected argument '%s' (see m1c logits --help)", argv[i]);
         }
     }
-    if (!rc && (!ckpt || !in || !out))
-        rc = m1c_cli_error("logits: --checkpoint, --input and --output are required (see m1c logits --help)");
+    if (!rc && (!ckpt == !hf || !in || !out))
+        rc = m1c_cli_error("logits: one of --checkpoint and --hf, and --input and --output are required (see m1c "
+                           "logits --help)");
     if (rc) {
         m1c_overrides_free(&ov);
         return rc;
     }
     m1c_err e = {{0}};
     m1c_session s;
-    rc = m1c_session_open_checkpoint(&s, ckpt, ov.items, ov.n, &e);
+    rc = hf ? m1c_hf_open(&s, hf, ov.items, ov.n, &e) : m1c_session_open_checkpoint(&s, ckpt, ov.items, ov.n, &e);
     if (!rc) rc = logits(&s, in, out, &e);
     m1c_session_close(&s);
     m1c_overrides_free(&ov);

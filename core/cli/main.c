@@ -19,9 +19,11 @@ static const command commands[] = {
     {"config", m1c_cmd_config, "config show CONFIG: print the resolved configuration, defaults filled in"},
     {"plan", m1c_cmd_plan, "parameters, FLOPs per token and memory of a model, without allocating it"},
     {"train", m1c_cmd_train, "run the stages of a config (pre-training, SFT, RL)"},
-    {"generate", m1c_cmd_generate, "sample text from a checkpoint"},
-    {"logits", m1c_cmd_logits, "write the logits of a checkpoint for token ids (.npy)"},
+    {"generate", m1c_cmd_generate, "sample text (or token ids) from a checkpoint or a Hugging Face model"},
+    {"logits", m1c_cmd_logits, "write the logits of a checkpoint or a Hugging Face model for token ids (.npy)"},
     {"ablate", m1c_cmd_ablate, "train every combination of settings and tabulate the results"},
+    {"import-hf", m1c_cmd_import_hf, "convert a Hugging Face MiniMax checkpoint into an m1c checkpoint"},
+    {"export-hf", m1c_cmd_export_hf, "write an m1c checkpoint as a Hugging Face MiniMax checkpoint"},
 };
 
 static void usage(FILE *f) {
