@@ -335,7 +335,7 @@ static int read_hf(hf_cfg *h, const jctx *c, m1c_err *e) {
 
 static json_t *load_json(const char *path, m1c_err *e) {
     json_error_t je;
-    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    json_t *o = json_load_file(path, 0, &je); /* a repeated key: the last one counts, as in Python's json */
     if (!o) {
         if (!m1c_file_exists(path)) m1c_fail(e, "%s: cannot open: %s", path, strerror(ENOENT));
         else m1c_fail(e, "%s:%d: %s", path, je.line, je.text);
@@ -351,8 +351,13 @@ static json_t *load_json(const char *path, m1c_err *e) {
 
 /* ---- hf_cfg -> m1c configuration text ------------------------------------------------------------ */
 
-/* The shortest %g that reads back to v, always with a '.' or an exponent (libconfig's float form). */
+/* v as libconfig reads a float back exactly: whole numbers as "10000.0", others as the shortest %g
+ * that reads back to v (always with a '.' or an exponent). */
 static void fmt_double(char *buf, size_t n, double v) {
+    if (v == floor(v) && fabs(v) < 1e15) {
+        snprintf(buf, n, "%.1f", v);
+        return;
+    }
     for (int p = 1; p <= 17; p++) {
         snprintf(buf, n, "%.*g", p, v);
         if (strtod(buf, NULL) == v) break;
@@ -733,7 +738,18 @@ static void put(json_t *o, const char *key, json_t *v) {
     else json_object_set_new(o, key, v);
 }
 
+/* put, but where the model has no layer of the kind the key is about, an existing value stays. */
+static void put_if(json_t *o, int relevant, const char *key, json_t *v) {
+    if (relevant || !json_object_get(o, key)) put(o, key, v);
+    else json_decref(v);
+}
+
 static json_t *config_json(const hf_cfg *h, json_t *orig, int dtype) {
+    int has_lin = 0, has_full = 0;
+    for (int64_t l = 0; l < h->L; l++) {
+        if (h->is_linear[l]) has_lin = 1;
+        else has_full = 1;
+    }
     json_t *o;
     if (orig && json_is_string(json_object_get(orig, "model_type")) &&
         !strcmp(json_string_value(json_object_get(orig, "model_type")), "minimax")) {
@@ -753,7 +769,6 @@ static json_t *config_json(const hf_cfg *h, json_t *orig, int dtype) {
     put(o, "intermediate_size", json_integer(h->F));
     put(o, "num_hidden_layers", json_integer(h->L));
     put(o, "num_attention_heads", json_integer(h->nh));
-    put(o, "num_key_value_heads", json_integer(h->kvh));
     put(o, "head_dim", json_integer(h->hd));
     put(o, "hidden_act", json_string("silu"));
     put(o, "rms_norm_eps", json_real(h->eps));
@@ -762,14 +777,18 @@ static json_t *config_json(const hf_cfg *h, json_t *orig, int dtype) {
     put(o, "num_local_experts", json_integer(h->E));
     put(o, "num_experts_per_tok", json_integer(h->k));
     put(o, "router_jitter_noise", json_real(h->jitter));
-    put(o, "output_router_logits", json_boolean(h->aux > 0));
+    /* transformers adds its load-balancing loss only with output_router_logits. It is never switched
+     * on here: its form differs from m1c's (docs/hf.md), and with it on, transformers 5.17's
+     * generate() fails in load_balancing_loss_func. The coefficient is written for reference. */
     if (h->aux > 0) put(o, "router_aux_loss_coef", json_real(h->aux));
-    put(o, "block_size", json_integer(h->block));
+    else put(o, "output_router_logits", json_false());
+    put_if(o, has_lin, "block_size", json_integer(h->block));
     put(o, "sliding_window", json_null());
-    put(o, "linear_attn_alpha_factor", json_real(h->a_lin));
-    put(o, "linear_attn_beta_factor", json_real(h->b_lin));
-    put(o, "full_attn_alpha_factor", json_real(h->a_full));
-    put(o, "full_attn_beta_factor", json_real(h->b_full));
+    put_if(o, has_lin, "linear_attn_alpha_factor", json_real(h->a_lin));
+    put_if(o, has_lin, "linear_attn_beta_factor", json_real(h->b_lin));
+    put_if(o, has_full, "full_attn_alpha_factor", json_real(h->a_full));
+    put_if(o, has_full, "full_attn_beta_factor", json_real(h->b_full));
+    put_if(o, has_full, "num_key_value_heads", json_integer(h->kvh));
     put(o, "mlp_alpha_factor", json_real(h->a_mlp));
     put(o, "mlp_beta_factor", json_real(h->b_mlp));
     json_t *lt = json_array();
@@ -778,10 +797,10 @@ static json_t *config_json(const hf_cfg *h, json_t *orig, int dtype) {
     put(o, "layer_types", lt);
     json_t *rp = json_object_get(o, "rope_parameters");
     if (json_is_object(rp)) {
-        put(rp, "rope_type", json_string("default"));
-        put(rp, "rope_theta", json_real(h->theta));
+        put_if(rp, has_full, "rope_type", json_string("default"));
+        put_if(rp, has_full, "rope_theta", json_real(h->theta));
     } else if (json_object_get(o, "rope_theta")) { /* transformers 4.x's spelling */
-        put(o, "rope_theta", json_real(h->theta));
+        put_if(o, has_full, "rope_theta", json_real(h->theta));
     } else {
         json_object_set_new(o, "rope_parameters", json_pack("{s:s,s:f}", "rope_type", "default", "rope_theta", h->theta));
     }
@@ -863,6 +882,10 @@ int m1c_hf_export_session(m1c_session *s, const char *orig_config, const char *o
     if (!s->have_model || s->model.device != M1C_DEVICE_CPU) return m1c_fail(e, "export: needs a model on the CPU");
     hf_cfg h;
     int rc = describe_model(s, &h, e);
+    char *index = m1c_path_join(out_dir, "model.safetensors.index.json");
+    if (!rc && m1c_file_exists(index)) /* loaders would read the stale shards, not the new file */
+        rc = m1c_fail(e, "%s: a sharded checkpoint is there already: export into an empty folder", index);
+    free(index);
     json_t *orig = NULL;
     if (!rc && orig_config && m1c_file_exists(orig_config) && !(orig = load_json(orig_config, e))) rc = M1C_ERR;
     if (!rc) rc = m1c_mkdirs(out_dir, e);
@@ -883,8 +906,21 @@ int m1c_hf_export_session(m1c_session *s, const char *orig_config, const char *o
     }
     if (!rc) {
         json_t *cj = config_json(&h, orig, o->dtype);
+        /* numbers with the fewest digits that still read back exactly (0.8, not 0.80000000000000004) */
+        size_t flags = JSON_INDENT(2) | JSON_SORT_KEYS;
+        for (int p = 15; p <= 17; p++) {
+            char *txt = json_dumps(cj, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(p));
+            json_t *back = txt ? json_loads(txt, 0, NULL) : NULL;
+            int exact = back && same_value(back, cj);
+            json_decref(back);
+            free(txt);
+            if (exact) {
+                flags = JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(p);
+                break;
+            }
+        }
         char *path = m1c_path_join(out_dir, "config.json"), *tmp = m1c_xasprintf("%s.tmp", path);
-        if (json_dump_file(cj, tmp, JSON_INDENT(2) | JSON_SORT_KEYS) || rename(tmp, path)) {
+        if (json_dump_file(cj, tmp, flags) || rename(tmp, path)) {
             rc = m1c_fail(e, "%s: cannot write: %s", path, strerror(errno));
             remove(tmp);
         }

@@ -3,12 +3,23 @@
  * and their shared SwiGLU rows. */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "harness.h"
+/* The SwiGLU rows built as the plugins build them (-fno-trapping-math, set only on the plugins): then
+ * GCC vectorises them with moe_exp's clamps as selects, the form the plugins run, instead of
+ * branching. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
 #include "../plugins/moe/swiglu.h"
+#pragma GCC pop_options
+#else
+#include "../plugins/moe/swiglu.h"
+#endif
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
@@ -703,9 +714,9 @@ Test(dense, reference_forward_and_stats) {
     th_layer_free(l);
 }
 
-/* Inputs 100x larger: gate pre-activations reach |g| ~ 300, far into the sigmoid's clamped range
- * (|g| > 40) and beyond exp's float range (|g| > 88) on both sides, where the output must still be
- * silu(g) * u: g u for large g, 0 for very negative g. */
+/* Inputs 100x larger: gate pre-activations reach |g| ~ 300, far beyond exp's float range (|g| > 88)
+ * on both sides, where exp saturates (+0, +inf) and the output must still be silu(g) * u: g u for
+ * large g, 0 for very negative g. */
 Test(dense, extreme_gates) {
     const int B = 2, T = 5, H = 16, F = 24, N = B * T;
     th_layer *l = th_layer_new("dense", "ffn_dim = 24;", 0, 1, H, B, T, 62, 0.3f);
@@ -715,7 +726,7 @@ Test(dense, extreme_gates) {
     double gmin = 0, gmax = 0;
     for (int n = 0; n < N; n++)
         for (int f = 0; f < F; f++) gmin = fmin(gmin, gu[n * 2 * F + f]), gmax = fmax(gmax, gu[n * 2 * F + f]);
-    cr_assert(gmin < -100 && gmax > 100, "gates span [%g, %g]: the clamped ranges are not reached", gmin, gmax);
+    cr_assert(gmin < -100 && gmax > 100, "gates span [%g, %g]: the saturated ranges are not reached", gmin, gmax);
     float *reff = dense_ref(l, x, N, H, F);
     /* rtol 1e-4 as above; atol 1e-2 on outputs of ~1e4 (sums of products of 100x inputs) */
     cr_expect(th_rel_err(out, reff, (int64_t)N * H, 1e-2, 1e-4) <= 1.0, "dense output differs from the reference");
@@ -723,33 +734,61 @@ Test(dense, extreme_gates) {
     th_layer_free(l);
 }
 
-/* The shared SwiGLU rows against double precision over gates from -1e4 to 1e4 (both clamps, the
- * polynomial exp in between). */
-Test(swiglu, rows_against_double) {
-    enum { F = 203 };
-    float g[F], u[F], a[F], dg[F], du[F];
-    for (int f = 0; f < F; f++) {
-        double t = (f - 101) / 101.0; /* -1 .. 1 */
-        g[f] = (float)(t * t * t * 1e4 + t * 3); /* dense near 0, reaching +-1e4 */
-        u[f] = (float)(0.5 + 0.25 * cos(f));
-        du[f] = (float)(1.0 - 0.3 * sin(f)); /* d act on entry */
+/* moe_exp against double exp: accurate over its range, and saturated (+0 below, +inf above, never a
+ * negative or NaN value) for every finite input however far out. */
+Test(swiglu, exp_range_and_saturation) {
+    for (int i = 0; i <= 200000; i++) {
+        const float x = -87.0f + (float)i * (175.3f / 200000); /* -87 .. 88.3, the accurate range */
+        const double e = moe_exp(x), ref = exp((double)x);
+        /* 2 ulp = 2^-22 relative: Cephes expf's polynomial is within 1 ulp (0.99 ulp measured over every
+         * float of this range) and the scaling by 2^n is exact */
+        cr_expect(fabs(e - ref) <= 0x1p-22 * ref, "exp(%.9g) = %.9g vs %.9g", x, e, ref);
     }
-    g[0] = -88.5f, g[1] = -40.0f, g[2] = 0.0f, g[3] = 40.0f, g[4] = 88.5f;
-    float da[F];
-    memcpy(da, du, sizeof da);
+    const float far[] = {-FLT_MAX, -1e30f, -1e6f, -1e4f, -1000.5f, -1000, -200, -104, -100, -89, -88.5f, -88,
+                         -87.7f, -87.5f, 88.35f, 88.4f, 88.5f, 88.72f, 88.73f, 89, 100, 1000, 1e4f, 1e6f, 1e30f,
+                         FLT_MAX};
+    for (size_t i = 0; i < sizeof far / sizeof far[0]; i++) {
+        const float x = far[i], e = moe_exp(x);
+        cr_expect(!signbit(e) && !isnan(e), "exp(%g) = %g", x, e);
+        if (x < 0) /* flushed to +0 or a denormal: off by less than the smallest normal float */
+            cr_expect(fabs(e - exp((double)x)) <= FLT_MIN, "exp(%g) = %g", x, e);
+        else if (x >= 88.73f) /* e^88.73 > FLT_MAX */
+            cr_expect(isinf(e), "exp(%g) = %g, not +inf", x, e);
+        else /* 88.3 .. 88.72: +inf a little early (2^128 from n = 128), or within 2 ulp as above */
+            cr_expect(isinf(e) || fabs(e - exp((double)x)) <= 0x1p-22 * exp((double)x), "exp(%g) = %g", x, e);
+    }
+    cr_expect(isnan(moe_exp(NAN)), "exp(NaN) is not NaN");
+}
+
+/* The shared SwiGLU rows against double precision over gates from -1e4 to 1e4 (the polynomial exp and
+ * both of its saturations), plus the edges of exp's float range: sigmoid in [0, 1], everything finite. */
+Test(swiglu, rows_against_double) {
+    static const float edge[] = {0, -40, 40, -87, 87, -87.5f, 87.5f, -88, 88, -88.4f, 88.4f, -88.5f, 88.5f,
+                                 -88.8f, 88.8f, -89, 89, -90.5f, 90.5f, -100, 100, -1e3f, 1e3f, -1e4f, 1e4f};
+    enum { NS = 203, NE = sizeof edge / sizeof edge[0], F = NS + NE };
+    float g[F], u[F], a[F], dg[F], du[F], da[F];
+    for (int f = 0; f < F; f++) {
+        double t = (f - NS / 2) / (double)(NS / 2); /* -1 .. 1 */
+        g[f] = f < NS ? (float)(t * t * t * 1e4 + t * 3) : edge[f - NS]; /* dense near 0, reaching +-1e4 */
+        u[f] = (float)(0.5 + 0.25 * cos(f));
+        da[f] = du[f] = (float)(1.0 - 0.3 * sin(f)); /* d act on entry */
+    }
     swiglu_row(a, g, u, F);
     swiglu_back_row(dg, du, g, u, F);
     for (int f = 0; f < F; f++) {
+        const float sg = moe_sigmoid(g[f]);
+        cr_expect(sg >= 0 && sg <= 1, "sigmoid(%g) = %g", g[f], sg);
+        cr_expect(isfinite(a[f]) && isfinite(du[f]) && isfinite(dg[f]), "g %g: %g %g %g", g[f], a[f], du[f], dg[f]);
         double s = 1.0 / (1.0 + exp(-(double)g[f]));
         double ra = (double)g[f] * s * u[f], rdu = (double)da[f] * g[f] * s,
                rdg = (double)da[f] * u[f] * s * (1.0 + g[f] * (1.0 - s));
-        /* 1e-6 rel: an exp within 2 ulp and four more roundings; 1e-12 abs: below g = -40 the clamped
-         * sigmoid (4e-18 instead of e^g) leaves |g| * 4e-18 <= 4e-14 behind */
-        cr_expect(fabs(a[f] - ra) <= 1e-6 * fabs(ra) + 1e-12, "act: g %g: %g vs %g", g[f], a[f], ra);
-        cr_expect(fabs(du[f] - rdu) <= 1e-6 * fabs(rdu) + 1e-12, "d up: g %g: %g vs %g", g[f], du[f], rdu);
+        /* 1e-6 rel: an exp within 2 ulp and four more roundings; 1e-33 abs: below g = -87.3 the sigmoid
+         * is a denormal or 0 instead of e^g < 1.2e-38, which leaves at most (1 + |g|) 1.2e-38 < 1.1e-36 */
+        cr_expect(fabs(a[f] - ra) <= 1e-6 * fabs(ra) + 1e-33, "act: g %g: %g vs %g", g[f], a[f], ra);
+        cr_expect(fabs(du[f] - rdu) <= 1e-6 * fabs(rdu) + 1e-33, "d up: g %g: %g vs %g", g[f], du[f], rdu);
         /* 1 + g (1 - s) cancels near g = -1.28: 1e-6 of the terms' size (1 + |g| s (1 - s)) instead */
         double scale = fabs((double)da[f] * u[f] * s) * (1.0 + fabs(g[f]) * (1.0 - s));
-        cr_expect(fabs(dg[f] - rdg) <= 1e-6 * scale + 1e-12, "d gate: g %g: %g vs %g", g[f], dg[f], rdg);
+        cr_expect(fabs(dg[f] - rdg) <= 1e-6 * scale + 1e-33, "d gate: g %g: %g vs %g", g[f], dg[f], rdg);
     }
 }
 

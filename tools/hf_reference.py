@@ -244,7 +244,7 @@ def build(name, kw, layout, B, T, N, seed, out_dir):
     np.save(os.path.join(out_dir, "greedy.npy"), greedy.numpy().astype(np.int64))
     np.save(os.path.join(out_dir, "labels.npy"), labels.numpy().astype(np.int64))
     with open(os.path.join(out_dir, "loss.json"), "w") as f:
-        json.dump({"loss": float(loss), "tokens": n_scored}, f, indent=2)
+        json.dump({"loss": float(loss.detach()), "tokens": n_scored}, f, indent=2)
         f.write("\n")
     save_file(grads_fused(model, cfg, fused_grad_names(cfg)), os.path.join(out_dir, "grads.safetensors"),
               metadata={"format": "pt"})
@@ -275,7 +275,7 @@ def build(name, kw, layout, B, T, N, seed, out_dir):
         f.write("\n")
     size = sum(os.path.getsize(os.path.join(out_dir, x)) for x in os.listdir(out_dir))
     assert size < 2 * 1024 * 1024, f"{name}: {size} bytes, over 2 MB"
-    print(f"{name}: {size / 1024:.0f} KiB, loss {float(loss):.6f}, min greedy gap {min(gaps):.4f}, reload {reload}")
+    print(f"{name}: {size / 1024:.0f} KiB, loss {float(loss.detach()):.6f}, min greedy gap {min(gaps):.4f}, reload {reload}")
 
 
 def main():
