@@ -317,6 +317,9 @@ int m1c_train(m1c_session *s, const m1c_train_opts *o, m1c_train_result *res, m1
     res->last_val_loss = NAN;
     m1c_ckpt_info info = {0};
     int first = 0;
+    if (s->spec.run.n_stages == 0)
+        return m1c_fail(e, "%s: run.stages is empty: nothing to train", m1c_config_file(s->cfg));
+    if (o->resume && o->init) return m1c_fail(e, "--resume and --init exclude each other");
     if (o->resume) {
         if (m1c_ckpt_read_info(o->resume, &info, e)) return M1C_ERR;
         if (info.stage >= s->spec.run.n_stages || strcmp(info.stage_name, s->spec.run.stages[info.stage].name)) {
@@ -331,7 +334,7 @@ int m1c_train(m1c_session *s, const m1c_train_opts *o, m1c_train_result *res, m1
         m1c_ckpt_info_free(&info);
         return M1C_ERR;
     }
-    if (o->resume && m1c_ckpt_load_params(o->resume, &s->model, e)) {
+    if ((o->resume || o->init) && m1c_ckpt_load_params(o->resume ? o->resume : o->init, &s->model, e)) {
         m1c_ckpt_info_free(&info);
         return M1C_ERR;
     }

@@ -7,6 +7,7 @@
 
 typedef struct m1c_train_opts {
     const char *resume; /* a checkpoint directory to continue from, or NULL */
+    const char *init;   /* a checkpoint whose parameters start the run (fine-tuning), or NULL */
     int quiet;          /* no progress lines */
     int64_t max_steps;  /* stop after this many steps in this invocation (0 = no limit): tests resume */
 } m1c_train_opts;

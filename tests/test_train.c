@@ -109,7 +109,7 @@ static void train(const char *name, const char *out_dir, const char *const *extr
                   int64_t max_steps, m1c_train_result *res) {
     m1c_session s;
     open_cfg(&s, name, out_dir, extra, n_extra);
-    m1c_train_opts o = {resume, 1, max_steps};
+    m1c_train_opts o = {.resume = resume, .quiet = 1, .max_steps = max_steps};
     m1c_err e = {{0}};
     int rc = m1c_train(&s, &o, res, &e);
     m1c_session_close(&s);
@@ -120,7 +120,7 @@ static void train(const char *name, const char *out_dir, const char *const *extr
 static void train_fails(const char *name, const char *out_dir, const char *resume, char *msg) {
     m1c_session s;
     open_cfg(&s, name, out_dir, NULL, 0);
-    m1c_train_opts o = {resume, 1, 0};
+    m1c_train_opts o = {.resume = resume, .quiet = 1};
     m1c_train_result res;
     m1c_err e = {{0}};
     int rc = m1c_train(&s, &o, &res, &e);
@@ -624,6 +624,47 @@ Test(train, metrics_lines) {
     cr_assert_eq(n_step, 4);
     cr_assert_eq(n_eval, 2);
     json_decref(m);
+    m1c_remove_tree(root);
+    free(root);
+}
+
+/* --init starts a run from a checkpoint's parameters: with a learning rate of 0, AdamW changes
+ * nothing (its update and its decoupled decay are both multiplied by lr), so the new run's
+ * checkpoint holds exactly the parameters it started from. */
+Test(train, init_starts_from_checkpoint_parameters) {
+    char *root = make_tmpdir();
+    char *a = m1c_path_join(root, "a"), *b = m1c_path_join(root, "b");
+    m1c_train_result ra, rb;
+    const char *short_run[] = {"run.stages.[0].steps=3", "run.stages.[0].schedule.warmup=0"};
+    train("math.cfg", a, short_run, 2, NULL, 0, &ra);
+    const char *frozen[] = {"run.stages.[0].steps=2", "run.stages.[0].schedule.warmup=0",
+                            "run.stages.[0].schedule.lr=0.0", "run.stages.[0].schedule.min_lr=0.0"};
+    m1c_session s;
+    open_cfg(&s, "math.cfg", b, frozen, 4);
+    m1c_train_opts o = {.init = ra.last_checkpoint, .quiet = 1};
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_train(&s, &o, &rb, &e), M1C_OK, "%s", e.msg);
+    m1c_session_close(&s);
+    char *pa = m1c_path_join(ra.last_checkpoint, "model.safetensors");
+    char *pb = m1c_path_join(rb.last_checkpoint, "model.safetensors");
+    assert_same_file(pa, pb);
+    free(pa), free(pb), free(a), free(b);
+    m1c_remove_tree(root);
+    free(root);
+}
+
+/* A configuration without stages (an imported inference checkpoint) has nothing to train. */
+Test(train, no_stages_refused) {
+    char *root = make_tmpdir();
+    m1c_session s;
+    const char *none[] = {"run.stages=()"};
+    open_cfg(&s, "math.cfg", root, none, 1);
+    m1c_train_opts o = {.quiet = 1};
+    m1c_train_result r;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_train(&s, &o, &r, &e), M1C_ERR);
+    cr_assert(strstr(e.msg, "run.stages is empty"), "%s", e.msg);
+    m1c_session_close(&s);
     m1c_remove_tree(root);
     free(root);
 }

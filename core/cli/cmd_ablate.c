@@ -139,7 +139,7 @@ int m1c_cmd_ablate(int argc, char **argv) {
         m1c_overrides_add(&ov, kv[n_ax]);
         fprintf(stderr, "== ablate run %d/%d: %s\n", r + 1, total, names[r]);
         m1c_session s;
-        m1c_train_opts o = {NULL, 0, 0};
+        m1c_train_opts o = {0};
         int r_rc = m1c_session_open(&s, config, ov.items, ov.n, &e);
         if (!r_rc) r_rc = m1c_train(&s, &o, &res[r], &e);
         m1c_session_close(&s);

@@ -7,13 +7,15 @@
 #include "cli.h"
 
 static const char usage[] =
-    "usage: m1c train CONFIG [-s key.path=value ...] [--resume CHECKPOINT_DIR] [--max-steps N] [--quiet]\n\n"
+    "usage: m1c train CONFIG [-s key.path=value ...] [--resume DIR | --init DIR] [--max-steps N] [--quiet]\n\n"
     "Runs the stages listed in run.stages of CONFIG, in order (pre-training and SFT today).\n"
     "Prints a progress line (step, loss, lr, gradient norm, tokens/s, ETA), writes metrics as JSON Lines to\n"
     "<run.out_dir>/metrics.jsonl and checkpoints to <run.out_dir>/<stage>/step-NNNNNN/ (safetensors with\n"
     "Hugging Face parameter names, trainer.json, m1c.cfg).\n\n"
     "  -s key.path=value   override a setting (repeatable), e.g. -s run.stages.[0].steps=100\n"
     "  --resume DIR        continue from a checkpoint: the continuation repeats the uninterrupted run\n"
+    "  --init DIR          start from the parameters of a checkpoint (an imported Hugging Face model, a\n"
+    "                      pre-training run): fresh optimizer, data and step count, e.g. for SFT\n"
     "  --max-steps N       stop (with a checkpoint) after N steps of this invocation\n"
     "  --quiet             no progress lines\n";
 
@@ -30,6 +32,8 @@ int m1c_cmd_train(int argc, char **argv) {
             m1c_overrides_add(&ov, argv[++i]);
         } else if (!strcmp(argv[i], "--resume") && i + 1 < argc) {
             o.resume = argv[++i];
+        } else if (!strcmp(argv[i], "--init") && i + 1 < argc) {
+            o.init = argv[++i];
         } else if (!strcmp(argv[i], "--max-steps") && i + 1 < argc) {
             char *end;
             o.max_steps = strtoll(argv[++i], &end, 10);
