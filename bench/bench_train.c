@@ -2,7 +2,7 @@
  * fixed reference shape of the issue tracker (byte vocabulary, H 256, 8 layers 7:1, MoE 4 experts
  * top-2) and for any config given on the command line (its model and first stage's B x T).
  *
- *   m1c_bench_train [--steps N] [--threads N] [CONFIG ...]
+ *   m1c_bench_train [--steps N] [--threads N] [CONFIG ...]      (no CONFIG: configs/tiny.cfg)
  */
 #include <math.h>
 #include <stdio.h>
@@ -93,7 +93,10 @@ static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_
         double dt = (m1c_now() - t0) / steps;
         m1c_plan p;
         double flops = 0;
-        if (!rc && m1c_plan_compute(&s, T / 2, &p, e) == M1C_OK) flops = p.flops_train, m1c_plan_free(&p);
+        /* Training FLOPs per token at the mean position of a sequence (attention grows with it). */
+        if (!rc) rc = m1c_plan_compute(&s, T / 2, &p, e);
+        if (!rc) flops = p.flops_train;
+        m1c_plan_free(&p);
         *out = (result){name, (int)B, (int)T, m1c_model_param_count(m), (double)(B * T) / dt, dt * 1e3,
                         flops * (double)(B * T) / dt * 1e-9};
     }
@@ -121,6 +124,7 @@ int main(int argc, char **argv) {
         }
     }
     if (steps < 1) steps = 1;
+    if (n == 0) configs[n++] = M1C_SOURCE_DIR "/configs/tiny.cfg"; /* the demo's model by default */
     m1c_set_threads(threads);
     result res[17];
     int nr = 0;
