@@ -18,7 +18,7 @@ static const command commands[] = {
     {"plugins", m1c_cmd_plugins, "list the plugins found: kind, name, version, path"},
     {"config", m1c_cmd_config, "config show CONFIG: print the resolved configuration, defaults filled in"},
     {"plan", m1c_cmd_plan, "parameters, FLOPs per token and memory of a model, without allocating it"},
-    {"train", m1c_cmd_train, "run the stages of a config (pre-training, SFT, RL)"},
+    {"train", m1c_cmd_train, "run the stages of a config (pre-training, SFT)"},
     {"generate", m1c_cmd_generate, "sample text (or token ids) from a checkpoint or a Hugging Face model"},
     {"logits", m1c_cmd_logits, "write the logits of a checkpoint or a Hugging Face model for token ids (.npy)"},
     {"ablate", m1c_cmd_ablate, "train every combination of settings and tabulate the results"},
