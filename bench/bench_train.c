@@ -86,8 +86,9 @@ static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_
             rc = m1c_model_forward(m, &r, tok, e);
             for (int64_t i = 0; i < B * T; i++) r.dlogp[i] = -1.0f / (float)(B * T);
             if (!rc) rc = m1c_model_backward(m, &r, e);
-            m1c_optim_step os = {it + 1, 1e-4f, m->params.n, M1C_DEVICE_CPU, m->params.t, m->grads.t, state.t,
-                                 m->no_decay, {0}};
+            m1c_optim_step os = {.step = it + 1, .lr = 1e-4f, .n = m->params.n, .device = M1C_DEVICE_CPU,
+                                 .params = m->params.t, .grads = m->grads.t, .state = state.t,
+                                 .no_decay = m->no_decay};
             if (!rc && M1C_OPTIMIZER(optp)->step(opt, &os)) rc = m1c_plugin_fail(optp, e, "step");
         }
         double dt = (m1c_now() - t0) / steps;

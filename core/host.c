@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "config.h"
 #include "loader.h"
 #include "log.h"
@@ -123,6 +124,27 @@ void m1c_gemm_batched(int device, int trans_a, int trans_b, int M, int N, int K,
             m1c_gemm(device, trans_a, trans_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta,
                      C + i * stride_c, ldc);
     }
+}
+
+int m1c_gemm_ex(int device, void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
+                int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,
+                float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch) {
+    if ((a_dtype != M1C_F32 && a_dtype != M1C_BF16) || (b_dtype != M1C_F32 && b_dtype != M1C_BF16) ||
+        (c_dtype != M1C_F32 && c_dtype != M1C_BF16))
+        return M1C_ERR;
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) {
+        if (M > 0 && N > 0 && batch > 0)
+            m1c_cuda_gemm_ex(stream, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B, b_dtype, ldb,
+                             stride_b, beta, C, c_dtype, ldc, stride_c, batch);
+        return M1C_OK;
+    }
+#endif
+    (void)stream;
+    if (device != M1C_DEVICE_CPU || a_dtype != M1C_F32 || b_dtype != M1C_F32 || c_dtype != M1C_F32) return M1C_ERR;
+    m1c_gemm_batched(device, trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
+                     stride_c, batch);
+    return M1C_OK;
 }
 
 /* ---- the host table ---- */
@@ -243,6 +265,16 @@ static void h_gemm_batched(const m1c_host *h, int device, int ta, int tb, int M,
     m1c_gemm_batched(device, ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
+static int h_gemm_ex(const m1c_host *h, int device, void *stream, int ta, int tb, int M, int N, int K, float alpha,
+                     const void *A, int at, int lda, int64_t sa, const void *B, int bt, int ldb, int64_t sb,
+                     float beta, void *C, int ct, int ldc, int64_t sc, int batch) {
+    if (m1c_gemm_ex(device, stream, ta, tb, M, N, K, alpha, A, at, lda, sa, B, bt, ldb, sb, beta, C, ct, ldc, sc,
+                    batch))
+        return h_error(h, "gemm_ex: dtypes %s x %s -> %s are not supported on the %s", m1c_dtype_name(at),
+                       m1c_dtype_name(bt), m1c_dtype_name(ct), device == M1C_DEVICE_CPU ? "CPU" : "GPU");
+    return M1C_OK;
+}
+
 static int h_cpu_threads(const m1c_host *h) {
     (void)h;
     return m1c_get_threads();
@@ -281,6 +313,7 @@ void m1c_host_fill(m1c_host *h, void *core) {
     h->free = h_free;
     h->gemm = h_gemm;
     h->gemm_batched = h_gemm_batched;
+    h->gemm_ex = h_gemm_ex;
     h->rng_seed = m1c_rng_seed;
     h->rng_u64 = m1c_rng_u64;
     h->rng_uniform = m1c_rng_uniform;

@@ -19,6 +19,10 @@ void m1c_dev_memset0(int device, void *p, size_t bytes);
 void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes);
 /* Whether a device is usable in this build and on this machine. */
 int m1c_dev_available(int device);
+/* Mixed-precision GEMM (see m1c_host.gemm_ex); returns M1C_ERR for dtypes the device cannot do. */
+int m1c_gemm_ex(int device, void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
+                int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,
+                float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch);
 void m1c_gemm(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
 void m1c_gemm_batched(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,

@@ -260,7 +260,8 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         }
         if (st->schedule.clip > 0 && gnorm > st->schedule.clip)
             m1c_scale(m->grads.base, (int64_t)(m->grads.bytes / sizeof(float)), (float)(st->schedule.clip / gnorm));
-        m1c_optim_step os = {step, lr, m->params.n, m->device, m->params.t, m->grads.t, c.opt_state.t, m->no_decay, {0}};
+        m1c_optim_step os = {.step = step, .lr = lr, .n = m->params.n, .device = m->device, .params = m->params.t,
+                             .grads = m->grads.t, .state = c.opt_state.t, .no_decay = m->no_decay};
         if (ov->step(c.opt, &os)) {
             rc = m1c_plugin_fail(c.opt_p, e, "step");
             break;

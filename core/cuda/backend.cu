@@ -59,3 +59,23 @@ extern "C" void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, flo
         abort();
     }
 }
+
+extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
+                                 int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb,
+                                 int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c,
+                                 int batch) {
+    /* m1c_dtype: 0 = f32, 1 = bf16. */
+    const cudaDataType_t types[] = {CUDA_R_32F, CUDA_R_16BF};
+    cublasHandle_t h = blas_handle();
+    cublasSetStream(h, (cudaStream_t)stream);
+    cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    /* Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands. */
+    cublasStatus_t st = cublasGemmStridedBatchedEx(h, tb, ta, N, M, K, &alpha, B, types[b_dtype], ldb, stride_b, A,
+                                                   types[a_dtype], lda, stride_a, &beta, C, types[c_dtype], ldc,
+                                                   stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cublasSetStream(h, NULL);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "m1c: cublasGemmStridedBatchedEx failed (%d)\n", (int)st);
+        abort();
+    }
+}

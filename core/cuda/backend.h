@@ -20,6 +20,11 @@ void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, c
                    int64_t stride_a, const float *B, int ldb, int64_t stride_b, float beta, float *C, int ldc,
                    int64_t stride_c, int batch);
 
+/* Mixed precision: dtypes are m1c_dtype values (M1C_F32 0, M1C_BF16 1); f32 accumulation. */
+void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
+                      int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,
+                      float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch);
+
 #ifdef __cplusplus
 }
 #endif

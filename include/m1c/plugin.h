@@ -145,6 +145,16 @@ struct m1c_host {
                          float alpha, const float *A, int lda, int64_t stride_a, const float *B, int ldb,
                          int64_t stride_b, float beta, float *C, int ldc, int64_t stride_c, int batch);
 
+    /* Mixed-precision GEMM: C = alpha * op(A) op(B) + beta * C, row-major like gemm, `batch` times
+     * with element strides; A and B of a_dtype/b_dtype and C of c_dtype, each M1C_F32 or M1C_BF16,
+     * accumulated in f32 (on the CPU all three must be M1C_F32). stream: the cudaStream_t to run on
+     * (NULL: the default stream; ignored on the CPU). Returns M1C_ERR (with the plugin's error set)
+     * for dtypes the device cannot combine. */
+    int (*gemm_ex)(const m1c_host *h, int device, void *stream, int trans_a, int trans_b, int M, int N, int K,
+                    float alpha, const void *A, int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype,
+                    int ldb, int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c,
+                    int batch);
+
     /* Deterministic RNG (same stream on every machine for the same seed). */
     void (*rng_seed)(m1c_rng *r, uint64_t seed, uint64_t stream);
     uint64_t (*rng_u64)(m1c_rng *r);
@@ -174,7 +184,10 @@ typedef struct m1c_layer_info {
     int32_t n_layers;    /* L */
     int32_t hidden;      /* H: the model width in and out */
     int32_t device;      /* m1c_device */
-    int32_t reserved0;
+    int32_t compute_dtype; /* M1C_F32: everything in f32 (the CPU reference); M1C_BF16: mixed precision
+                            * (GEMM operands and saved activations in bf16, accumulation, norms,
+                            * softmax statistics and the lightning state in f32). Layer inputs and
+                            * outputs (the residual stream) are f32 either way. */
     uint64_t seed;       /* for anything the instance draws (jitter, ...) */
     int64_t reserved[6];
 } m1c_layer_info;
@@ -190,7 +203,10 @@ typedef struct m1c_layer_bufs {
                           * objective being differentiated: backward scales their gradient by it */
     uint64_t noise_seed; /* seed for this call's train-time noise (jitter, dropout): derived by the
                           * core from the run seed, step and layer, so runs repeat and resume exactly */
-    void *reserved[4];
+    const m1c_tensor *params_lp; /* compute_dtype BF16: bf16 copies of params (same order), refreshed
+                                  * by the core after every optimizer step; NULL otherwise */
+    void *stream;                /* CUDA: the cudaStream_t to launch on; NULL on the CPU */
+    void *reserved[2];
 } m1c_layer_bufs;
 
 /* Functions every layer plugin (attention or MoE) implements. The instance is created from its
@@ -266,7 +282,9 @@ typedef struct m1c_optim_step {
     m1c_tensor *state;       /* [n * n_state]: state[i * n_state + k] is state k (in the order of the
                               * plugin's state() names) of parameter i */
     const int32_t *no_decay; /* [n] */
-    void *reserved[4];
+    m1c_tensor *params_lp;   /* [n] bf16 copies to refresh from the updated params, or NULL */
+    void *stream;            /* CUDA: the cudaStream_t to launch on; NULL on the CPU */
+    void *reserved[2];
 } m1c_optim_step;
 
 typedef struct m1c_optimizer_vtable {
