@@ -62,6 +62,7 @@ int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e) {
     memset(m, 0, sizeof *m);
     m->V = def->vocab, m->H = def->hidden, m->L = def->layers;
     m->eps = def->norm_eps, m->tied = def->tie_embeddings, m->device = def->device;
+    m->head_precision = def->head_precision;
     m1c_arena_init(&m->params, def->device);
     m->layer = m1c_xcalloc((size_t)m->L, sizeof *m->layer);
     int64_t H = m->H, V = m->V;
@@ -279,18 +280,6 @@ static uint64_t mix(uint64_t a, uint64_t b) {
     return z ^ (z >> 31);
 }
 
-/* y = alpha * h + beta * f, in place into f's buffer y. */
-static void residual(float *y, const float *h, float alpha, float beta, int64_t n) {
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) y[i] = alpha * h[i] + beta * y[i];
-}
-
-static void axpby(float *y, const float *x, float a, float *z, float b, int64_t n) {
-    /* y = a x, z = b x */
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) y[i] = a * x[i], z[i] = b * x[i];
-}
-
 typedef int (*mix_fn)(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud);
 
 /* The layer loop shared by training forward and incremental decoding: `attn` runs the mixer. */
@@ -298,17 +287,17 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
     int64_t N = (int64_t)B * T, H = m->H;
     for (int l = 0; l < m->L; l++) {
         m1c_layer *ly = &m->layer[l];
-        m1c_rmsnorm_forward(r->h1[l], r->rstd1[l], r->x[l], P(m, ly->norm_in), N, (int)H, m->eps);
+        m1c_rmsnorm_forward(m->device, r->h1[l], r->rstd1[l], r->x[l], P(m, ly->norm_in), N, (int)H, m->eps);
         r->attn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l);
         if (attn(m, r, l, B, T, r->x1[l], r->h1[l], ud)) return m1c_plugin_fail(ly->attn.plugin, e, "forward");
-        residual(r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, N * H);
-        m1c_rmsnorm_forward(r->h2[l], r->rstd2[l], r->x1[l], P(m, ly->norm_post), N, (int)H, m->eps);
+        m1c_residual(m->device, r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, N * H);
+        m1c_rmsnorm_forward(m->device, r->h2[l], r->rstd2[l], r->x1[l], P(m, ly->norm_post), N, (int)H, m->eps);
         r->ffn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l + 1);
         if (ly->ffn.ops->forward(ly->ffn.self, &r->ffn[l].bufs, r->x[l + 1], r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "forward");
-        residual(r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn, N * H);
+        m1c_residual(m->device, r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn, N * H);
     }
-    m1c_rmsnorm_forward(r->hf, r->rstdf, r->x[m->L], P(m, m->norm), N, (int)H, m->eps);
+    m1c_rmsnorm_forward(m->device, r->hf, r->rstdf, r->x[m->L], P(m, m->norm), N, (int)H, m->eps);
     return M1C_OK;
 }
 
@@ -338,9 +327,9 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
             r->targets[(int64_t)b * T + t] = tg;
         }
     int64_t N = (int64_t)B * T;
-    m1c_embed_forward(r->x[0], r->ids, P(m, m->embed), N, m->H);
+    m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, m->H);
     if (forward_layers(m, r, B, T, attn_forward, NULL, e)) return M1C_ERR;
-    m1c_head_forward(r->logits, r->lse, r->logp, r->hf, P(m, m->head), r->targets, N, m->H, m->V);
+    m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->hf, P(m, m->head), r->targets, N, m->H, m->V);
     r->aux_loss = sum_aux(m, r);
     return M1C_OK;
 }
@@ -350,25 +339,25 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     int64_t N = (int64_t)B * T, NH = N * H;
     if (!m->grads.base) return m1c_fail(e, "backward without gradient buffers");
     float *dx = r->dx, *dh = r->dh, *tmp = r->tmp;
-    memset(dh, 0, (size_t)NH * 4);
-    m1c_head_backward(dh, G(m, m->head), r->logits, r->lse, r->dlogp, r->hf, P(m, m->head), r->targets, N, H, m->V);
-    memset(dx, 0, (size_t)NH * 4);
-    m1c_rmsnorm_backward(dx, G(m, m->norm), dh, r->x[m->L], P(m, m->norm), r->rstdf, N, H);
+    m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
+    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse, r->dlogp, r->hf, P(m, m->head), r->targets, N, H, m->V);
+    m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
+    m1c_rmsnorm_backward(m->device, dx, G(m, m->norm), dh, r->x[m->L], P(m, m->norm), r->rstdf, N, H);
     for (int l = m->L - 1; l >= 0; l--) {
         m1c_layer *ly = &m->layer[l];
         /* x2 = a h2 + b ffn(h2): dh2 = a dx2 + ffn'(b dx2) */
-        axpby(dh, dx, ly->alpha_ffn, tmp, ly->beta_ffn, NH);
+        m1c_axpby(m->device, dh, tmp, dx, ly->alpha_ffn, ly->beta_ffn, NH);
         if (ly->ffn.ops->backward(ly->ffn.self, &r->ffn[l].bufs, dh, tmp, r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "backward");
-        memset(dx, 0, (size_t)NH * 4);
-        m1c_rmsnorm_backward(dx, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post), r->rstd2[l], N, H);
-        axpby(dh, dx, ly->alpha_attn, tmp, ly->beta_attn, NH);
+        m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
+        m1c_rmsnorm_backward(m->device, dx, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post), r->rstd2[l], N, H);
+        m1c_axpby(m->device, dh, tmp, dx, ly->alpha_attn, ly->beta_attn, NH);
         if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, tmp, r->h1[l], B, T))
             return m1c_plugin_fail(ly->attn.plugin, e, "backward");
-        memset(dx, 0, (size_t)NH * 4);
-        m1c_rmsnorm_backward(dx, G(m, ly->norm_in), dh, r->x[l], P(m, ly->norm_in), r->rstd1[l], N, H);
+        m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
+        m1c_rmsnorm_backward(m->device, dx, G(m, ly->norm_in), dh, r->x[l], P(m, ly->norm_in), r->rstd1[l], N, H);
     }
-    m1c_embed_backward(G(m, m->embed), dx, r->ids, N, H);
+    m1c_embed_backward(m->device, G(m, m->embed), dx, r->ids, N, H);
     return M1C_OK;
 }
 
@@ -441,12 +430,12 @@ int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, fl
         if (ids[i] < 0 || ids[i] >= m->V) return m1c_fail(e, "token id %d out of range for vocabulary %d", ids[i], m->V);
         r->ids[i] = ids[i];
     }
-    m1c_embed_forward(r->x[0], r->ids, P(m, m->embed), N, H);
+    m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, H);
     if (forward_layers(m, r, B, T, attn_step, d, e)) return M1C_ERR;
     d->pos += T;
     /* Logits of the last position of each sequence only. */
     for (int b = 0; b < B; b++)
-        m1c_gemm(M1C_DEVICE_CPU, 0, 1, 1, m->V, H, 1.0f, r->hf + ((int64_t)b * T + T - 1) * H, H, P(m, m->head), H,
+        m1c_gemm(m->device, 0, 1, 1, m->V, H, 1.0f, r->hf + ((int64_t)b * T + T - 1) * H, H, P(m, m->head), H,
                  0.0f, out + (int64_t)b * m->V, m->V);
     return M1C_OK;
 }

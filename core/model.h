@@ -24,6 +24,7 @@ typedef struct m1c_model_def {
     float norm_eps, init_std;
     int tie_embeddings;
     int device;
+    int head_precision;   /* m1c_head_precision (spec.h): the LM head GEMM's arithmetic on a GPU */
     m1c_layer_def *layer; /* [layers] */
 } m1c_model_def;
 
@@ -44,7 +45,7 @@ typedef struct m1c_layer {
 typedef struct m1c_model {
     int V, H, L;
     float eps;
-    int tied, device;
+    int tied, device, head_precision;
     m1c_layer *layer;  /* [L] */
     int embed, norm, head; /* parameter indices (head == embed when tied) */
     m1c_arena params;  /* HF names: model.embed_tokens.weight, model.layers.N...., lm_head.weight */

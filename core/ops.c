@@ -1,4 +1,4 @@
-/* The core's own layers on the CPU: embedding, RMSNorm, FP32 LM head with log-softmax. */
+/* The core's own layers: the CPU reference here, and dispatch to core/cuda/ops.cu for CUDA pointers. */
 #include "ops.h"
 
 #include <math.h>
@@ -7,13 +7,33 @@
 
 #include "host.h"
 #include "m1c/plugin.h"
+#ifdef M1C_HAVE_CUDA
+#include "cuda/ops.h"
+/* Run `call` and return when the pointers live on the GPU. */
+#define ON_GPU(dev, call)                                                                                           \
+    do {                                                                                                            \
+        if ((dev) == M1C_DEVICE_CUDA) {                                                                             \
+            call;                                                                                                   \
+            return;                                                                                                 \
+        }                                                                                                           \
+    } while (0)
+#define ON_GPU_RET(dev, call)                                                                                       \
+    do {                                                                                                            \
+        if ((dev) == M1C_DEVICE_CUDA) return call;                                                                  \
+    } while (0)
+#else
+#define ON_GPU(dev, call) (void)(dev)
+#define ON_GPU_RET(dev, call) (void)(dev)
+#endif
 
-void m1c_embed_forward(float *out, const int32_t *ids, const float *wte, int64_t N, int H) {
+void m1c_embed_forward(int dev, float *out, const int32_t *ids, const float *wte, int64_t N, int H) {
+    ON_GPU(dev, m1c_cuda_embed_forward(out, ids, wte, N, H));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) memcpy(out + i * H, wte + (int64_t)ids[i] * H, (size_t)H * sizeof(float));
 }
 
-void m1c_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
+void m1c_embed_backward(int dev, float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
+    ON_GPU(dev, m1c_cuda_embed_backward(dwte, dout, ids, N, H));
     /* Rows of one token collide: split the work over columns instead of rows. */
 #pragma omp parallel
     {
@@ -27,7 +47,9 @@ void m1c_embed_backward(float *dwte, const float *dout, const int32_t *ids, int6
     }
 }
 
-void m1c_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C, float eps) {
+void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
+                         float eps) {
+    ON_GPU(dev, m1c_cuda_rmsnorm_forward(out, rstd, in, w, N, C, eps));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         const float *x = in + i * C;
@@ -40,8 +62,9 @@ void m1c_rmsnorm_forward(float *out, float *rstd, const float *in, const float *
     }
 }
 
-void m1c_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
+void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, const float *in, const float *w,
                           const float *rstd, int64_t N, int C) {
+    ON_GPU(dev, m1c_cuda_rmsnorm_backward(din, dw, dout, in, w, rstd, N, C));
     /* y = x r w, r = (mean(x^2) + eps)^-1/2: dx = r (g w) - x r^3 mean(g w x), dw = sum g x r. */
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
@@ -61,8 +84,10 @@ void m1c_rmsnorm_backward(float *din, float *dw, const float *dout, const float 
     }
 }
 
-void m1c_head_forward(float *logits, float *lse, float *logp, const float *h, const float *W,
+void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, const float *h, const float *W,
                       const int32_t *targets, int64_t N, int H, int V) {
+    ON_GPU(dev, m1c_cuda_head_forward(precision, logits, lse, logp, h, W, targets, N, H, V));
+    (void)precision; /* the CPU computes the head in fp32 whatever the setting */
     m1c_gemm(M1C_DEVICE_CPU, 0, 1, (int)N, V, H, 1.0f, h, H, W, H, 0.0f, logits, V);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
@@ -76,8 +101,11 @@ void m1c_head_forward(float *logits, float *lse, float *logp, const float *h, co
     }
 }
 
-void m1c_head_backward(float *dh, float *dW, float *logits, const float *lse, const float *dlogp, const float *h,
-                       const float *W, const int32_t *targets, int64_t N, int H, int V) {
+void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logits, const float *lse,
+                       const float *dlogp, const float *h, const float *W, const int32_t *targets, int64_t N, int H,
+                       int V) {
+    ON_GPU(dev, m1c_cuda_head_backward(precision, dh, dW, logits, lse, dlogp, h, W, targets, N, H, V));
+    (void)precision;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         float *z = logits + i * V, g = dlogp[i];
@@ -89,14 +117,47 @@ void m1c_head_backward(float *dh, float *dW, float *logits, const float *lse, co
     m1c_gemm(M1C_DEVICE_CPU, 1, 0, V, H, (int)N, 1.0f, logits, V, h, H, 1.0f, dW, H);
 }
 
-double m1c_sumsq(const float *x, int64_t n) {
+double m1c_sumsq(int dev, const float *x, int64_t n) {
+    ON_GPU_RET(dev, m1c_cuda_sumsq(x, n));
     double s = 0;
 #pragma omp parallel for reduction(+ : s) schedule(static)
     for (int64_t i = 0; i < n; i++) s += (double)x[i] * x[i];
     return s;
 }
 
-void m1c_scale(float *x, int64_t n, float s) {
+void m1c_scale(int dev, float *x, int64_t n, float s) {
+    ON_GPU(dev, m1c_cuda_scale(x, n, s));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) x[i] *= s;
+}
+
+void m1c_residual(int dev, float *y, const float *h, float a, float b, int64_t n) {
+    ON_GPU(dev, m1c_cuda_residual(y, h, a, b, n));
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) y[i] = a * h[i] + b * y[i];
+}
+
+void m1c_axpby(int dev, float *y, float *z, const float *x, float a, float b, int64_t n) {
+    ON_GPU(dev, m1c_cuda_axpby(y, z, x, a, b, n));
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) y[i] = a * x[i], z[i] = b * x[i];
+}
+
+int64_t m1c_count_nonfinite(int dev, const float *x, int64_t n) {
+    ON_GPU_RET(dev, m1c_cuda_count_nonfinite(x, n));
+    int64_t k = 0;
+#pragma omp parallel for reduction(+ : k) schedule(static)
+    for (int64_t i = 0; i < n; i++) k += !isfinite(x[i]);
+    return k;
+}
+
+void m1c_to_bf16(int dev, uint16_t *dst, const float *src, int64_t n) {
+    ON_GPU(dev, m1c_cuda_to_bf16(dst, src, n));
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &src[i], 4);
+        /* round to nearest even; NaN stays NaN (quiet) */
+        dst[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+    }
 }

@@ -1,32 +1,47 @@
-/* The core's own layers (CPU reference): token embedding, RMSNorm, the LM head with log-softmax.
- * llm.c conventions: outputs first, gradients accumulate (+=), dimensions last. N = B*T rows. */
+/* The core's own layers and vector operations, on the CPU (reference) or a CUDA device: token
+ * embedding, RMSNorm, the LM head with log-softmax, residual arithmetic, reductions. llm.c
+ * conventions: outputs first, gradients accumulate (+=), dimensions last. N = B*T rows. Every
+ * pointer lives on `dev`; calls on a CUDA device are asynchronous on the default stream except those
+ * that return a value. */
 #ifndef M1C_OPS_H
 #define M1C_OPS_H
 
 #include <stdint.h>
 
 /* out (N, H) = wte[ids] */
-void m1c_embed_forward(float *out, const int32_t *ids, const float *wte, int64_t N, int H);
+void m1c_embed_forward(int dev, float *out, const int32_t *ids, const float *wte, int64_t N, int H);
 /* dwte (V, H) += scatter of dout */
-void m1c_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H);
+void m1c_embed_backward(int dev, float *dwte, const float *dout, const int32_t *ids, int64_t N, int H);
 
 /* out (N, C) = in / rms(in) * w; rstd (N) saved for backward. */
-void m1c_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C, float eps);
+void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
+                         float eps);
 /* din += ..., dw += ... */
-void m1c_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
+void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, const float *in, const float *w,
                           const float *rstd, int64_t N, int C);
 
-/* The LM head in FP32: logits (N, V) = h (N, H) W^T, W (V, H); lse (N) = logsumexp of each row;
- * logp (N) = log-probability of targets (a negative target gives logp 0: not scored). */
-void m1c_head_forward(float *logits, float *lse, float *logp, const float *h, const float *W,
+/* The LM head: logits (N, V) = h (N, H) W^T, W (V, H); lse (N) = logsumexp of each row; logp (N) =
+ * log-probability of targets (a negative target gives logp 0: not scored). precision is the config's
+ * model.head_precision (0 fp32, as M1; 1 tf32; 2 bf16 operands with f32 accumulation): the GEMM's
+ * arithmetic on a GPU; the CPU always computes in fp32. lse and logp are always fp32. */
+void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, const float *h, const float *W,
                       const int32_t *targets, int64_t N, int H, int V);
 /* From dlogp (N): dlogits = dlogp * (onehot - softmax) (in place of logits), then dh += dlogits W,
  * dW += dlogits^T h. */
-void m1c_head_backward(float *dh, float *dW, float *logits, const float *lse, const float *dlogp, const float *h,
-                       const float *W, const int32_t *targets, int64_t N, int H, int V);
+void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logits, const float *lse,
+                       const float *dlogp, const float *h, const float *W, const int32_t *targets, int64_t N, int H,
+                       int V);
 
-/* Sum of squares of n floats, in double (gradient norms). */
-double m1c_sumsq(const float *x, int64_t n);
-void m1c_scale(float *x, int64_t n, float s);
+/* y = a * h + b * y (the DeepNorm residual, in place over the sublayer output y). */
+void m1c_residual(int dev, float *y, const float *h, float a, float b, int64_t n);
+/* y = a * x and z = b * x (splitting a residual gradient). */
+void m1c_axpby(int dev, float *y, float *z, const float *x, float a, float b, int64_t n);
+/* Sum of squares in double (gradient norms); synchronous. */
+double m1c_sumsq(int dev, const float *x, int64_t n);
+void m1c_scale(int dev, float *x, int64_t n, float s);
+/* Elements that are NaN or +-Inf; synchronous. */
+int64_t m1c_count_nonfinite(int dev, const float *x, int64_t n);
+/* bf16 (round to nearest even) copies of f32 values: the low-precision parameter copies. */
+void m1c_to_bf16(int dev, uint16_t *dst, const float *src, int64_t n);
 
 #endif

@@ -47,8 +47,10 @@ int m1c_session_build_model(m1c_session *s, uint64_t seed, m1c_err *e) {
         d->alpha_attn = (float)ty->alpha, d->beta_attn = (float)ty->beta;
         d->alpha_ffn = (float)ms->ffn_alpha, d->beta_ffn = (float)ms->ffn_beta;
     }
-    m1c_model_def def = {(int)ms->vocab_size, ms->hidden, ms->n_layers, (float)ms->norm_eps, (float)ms->init_std,
-                         ms->tie_embeddings, s->spec.run.device, s->layer_defs};
+    m1c_model_def def = {.vocab = (int)ms->vocab_size, .hidden = ms->hidden, .layers = ms->n_layers,
+                         .norm_eps = (float)ms->norm_eps, .init_std = (float)ms->init_std,
+                         .tie_embeddings = ms->tie_embeddings, .device = s->spec.run.device,
+                         .head_precision = ms->head_precision, .layer = s->layer_defs};
     if (m1c_model_build(&s->model, &def, e)) return M1C_ERR;
     s->have_model = 1;
     m1c_model_init_params(&s->model, seed);

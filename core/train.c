@@ -251,7 +251,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
             break;
         }
         if ((rc = m1c_model_backward(m, &c.run, e))) break;
-        double gnorm = sqrt(m1c_sumsq(m->grads.base, (int64_t)(m->grads.bytes / sizeof(float))));
+        double gnorm = sqrt(m1c_sumsq(m->device, m->grads.base, (int64_t)(m->grads.bytes / sizeof(float))));
         loss = obj_loss + c.run.aux_loss;
         if (!isfinite(loss) || !isfinite(gnorm)) {
             rc = m1c_fail(e, "stage '%s' step %lld: loss %g, gradient norm %g: not finite (lower the learning rate?)",
@@ -259,7 +259,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
             break;
         }
         if (st->schedule.clip > 0 && gnorm > st->schedule.clip)
-            m1c_scale(m->grads.base, (int64_t)(m->grads.bytes / sizeof(float)), (float)(st->schedule.clip / gnorm));
+            m1c_scale(m->device, m->grads.base, (int64_t)(m->grads.bytes / sizeof(float)), (float)(st->schedule.clip / gnorm));
         m1c_optim_step os = {.step = step, .lr = lr, .n = m->params.n, .device = m->device, .params = m->params.t,
                              .grads = m->grads.t, .state = c.opt_state.t, .no_decay = m->no_decay};
         if (ov->step(c.opt, &os)) {

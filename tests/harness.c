@@ -9,6 +9,8 @@
 #include <string.h>
 
 #include "../core/arena.h"
+#include "../core/host.h"
+#include "../core/ops.h"
 #include "../core/rng.h"
 
 m1c_registry *th_registry(void) {
@@ -38,23 +40,49 @@ m1c_settings *th_settings(const char *body, m1c_config **cfg) {
     return m1c_config_root(*cfg);
 }
 
-static m1c_tensor *alloc_tensors(const m1c_buf_spec *spec, int n) {
+/* Zeroed buffers for specs on dev (dtype: the spec's, or `force` when >= 0). */
+static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, int force) {
     m1c_tensor *t = calloc((size_t)(n ? n : 1), sizeof *t);
     for (int i = 0; i < n; i++) {
-        t[i].dtype = spec[i].dtype;
-        t[i].device = M1C_DEVICE_CPU;
+        t[i].dtype = force >= 0 ? force : spec[i].dtype;
+        t[i].device = dev;
         t[i].ndim = spec[i].ndim;
         memcpy(t[i].shape, spec[i].shape, sizeof t[i].shape);
         t[i].name = spec[i].name;
-        t[i].data = calloc((size_t)(m1c_numel(&t[i]) ? m1c_numel(&t[i]) : 1), m1c_dtype_size(spec[i].dtype));
+        size_t bytes = (size_t)(m1c_numel(&t[i]) ? m1c_numel(&t[i]) : 1) * m1c_dtype_size(t[i].dtype);
+        t[i].data = dev == M1C_DEVICE_CPU ? calloc(1, bytes) : m1c_dev_alloc(dev, bytes);
         cr_assert_not_null(t[i].data);
+        if (dev != M1C_DEVICE_CPU) m1c_dev_memset0(dev, t[i].data, bytes);
     }
     return t;
 }
 
+static m1c_tensor *alloc_tensors(const m1c_buf_spec *spec, int n) { return alloc_tensors_on(M1C_DEVICE_CPU, spec, n, -1); }
+
 static void free_tensors(m1c_tensor *t, int n) {
-    for (int i = 0; i < n; i++) free(t[i].data);
+    for (int i = 0; t && i < n; i++) {
+        if (t[i].device == M1C_DEVICE_CPU) free(t[i].data);
+        else m1c_dev_free(t[i].device, t[i].data);
+    }
     free(t);
+}
+
+float *th_to_dev(int dev, const float *host, int64_t n) {
+    float *d = dev == M1C_DEVICE_CPU ? malloc((size_t)(n ? n : 1) * 4) : m1c_dev_alloc(dev, (size_t)(n ? n : 1) * 4);
+    cr_assert_not_null(d);
+    m1c_dev_copy(dev, d, M1C_DEVICE_CPU, host, (size_t)n * 4);
+    return d;
+}
+
+float *th_to_host(int dev, const float *ptr, int64_t n) {
+    float *h = malloc((size_t)(n ? n : 1) * 4);
+    m1c_dev_copy(M1C_DEVICE_CPU, h, dev, ptr, (size_t)n * 4);
+    return h;
+}
+
+void th_dev_free(int dev, void *p) {
+    if (dev == M1C_DEVICE_CPU) free(p);
+    else m1c_dev_free(dev, p);
 }
 
 typedef int (*declare_fn)(void *self, int B, int T, m1c_buf_spec *specs, int max);
@@ -69,7 +97,59 @@ static m1c_buf_spec *declare(void *self, declare_fn fn, int B, int T, int *n) {
 
 th_layer *th_layer_new(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
                        int B, int T, uint64_t seed, float param_std) {
+    return th_layer_new_dev(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std, M1C_DEVICE_CPU,
+                            M1C_F32);
+}
+
+void th_layer_copy_params(th_layer *dst, const th_layer *src) {
+    cr_assert_eq(dst->np, src->np);
+    for (int i = 0; i < dst->np; i++) {
+        int64_t n = m1c_numel(&dst->params[i]);
+        cr_assert_eq(n, m1c_numel(&src->params[i]));
+        m1c_dev_copy(dst->device, dst->params[i].data, src->device, src->params[i].data, (size_t)n * 4);
+        if (dst->params_lp) m1c_to_bf16(dst->device, dst->params_lp[i].data, dst->params[i].data, n);
+    }
+}
+
+th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
+                           int B, int T, uint64_t seed, float param_std, int device, int compute_dtype) {
+    if (device != M1C_DEVICE_CPU) {
+        /* Same parameters as the CPU instance of this seed: draw them there, then copy. */
+        th_layer *ref = th_layer_new_dev(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std,
+                                         M1C_DEVICE_CPU, M1C_F32);
+        th_layer *l = calloc(1, sizeof *l);
+        l->device = device, l->compute_dtype = compute_dtype;
+        l->plugin = ref->plugin;
+        l->ops = ref->ops;
+        l->B = B, l->T = T, l->H = hidden;
+        m1c_settings *s = th_settings(settings, &l->cfg);
+        m1c_layer_info info = {sizeof info, layer_index, n_layers, hidden, device, compute_dtype, seed, {0}};
+        if (l->ops->create(&l->plugin->host, s, &info, &l->self) != M1C_OK)
+            cr_assert_fail("creating '%s' on device %d: %s", plugin, device, l->plugin->error);
+        l->np = ref->np;
+        l->pspec = calloc((size_t)(l->np ? l->np : 1), sizeof *l->pspec);
+        memcpy(l->pspec, ref->pspec, (size_t)l->np * sizeof *l->pspec);
+        l->params = alloc_tensors_on(device, l->pspec, l->np, -1);
+        l->grads = alloc_tensors_on(device, l->pspec, l->np, -1);
+        if (compute_dtype == M1C_BF16) l->params_lp = alloc_tensors_on(device, l->pspec, l->np, M1C_BF16);
+        th_layer_copy_params(l, ref);
+        th_layer_free(ref);
+        l->aspec = declare(l->self, l->ops->acts, B, T, &l->na);
+        l->sspec = declare(l->self, l->ops->scratch, B, T, &l->ns);
+        l->acts = alloc_tensors_on(device, l->aspec, l->na, -1);
+        l->scratch = alloc_tensors_on(device, l->sspec, l->ns, -1);
+        l->bufs.params = l->params;
+        l->bufs.grads = l->grads;
+        l->bufs.acts = l->acts;
+        l->bufs.scratch = l->scratch;
+        l->bufs.params_lp = l->params_lp;
+        l->bufs.training = 1;
+        l->bufs.aux_scale = 1.0f;
+        l->bufs.noise_seed = seed ^ 0x5eedull;
+        return l;
+    }
     th_layer *l = calloc(1, sizeof *l);
+    l->device = device, l->compute_dtype = compute_dtype;
     l->plugin = th_plugin(plugin, 0);
     int kind = l->plugin->desc->kind;
     cr_assert(kind == M1C_KIND_ATTENTION || kind == M1C_KIND_MOE, "'%s' is not a layer plugin", plugin);
@@ -124,6 +204,7 @@ void th_layer_free(th_layer *l) {
     free_tensors(l->grads, l->np);
     free_tensors(l->acts, l->na);
     free_tensors(l->scratch, l->ns);
+    free_tensors(l->params_lp, l->np);
     free(l->pspec);
     free(l->aspec);
     free(l->sspec);
@@ -132,7 +213,7 @@ void th_layer_free(th_layer *l) {
 }
 
 void th_layer_zero_grads(th_layer *l) {
-    for (int i = 0; i < l->np; i++) memset(l->grads[i].data, 0, (size_t)m1c_numel(&l->grads[i]) * 4);
+    for (int i = 0; i < l->np; i++) m1c_dev_memset0(l->device, l->grads[i].data, (size_t)m1c_numel(&l->grads[i]) * 4);
 }
 
 void th_forward(th_layer *l, float *out, const float *in) {
@@ -153,7 +234,7 @@ th_state *th_state_new(th_layer *l, int batch, int64_t max_len) {
     cr_assert_geq(s->n, 0);
     s->spec = calloc((size_t)(s->n ? s->n : 1), sizeof *s->spec);
     cr_assert_eq(vt->state(l->self, batch, max_len, s->spec, s->n), s->n);
-    s->t = alloc_tensors(s->spec, s->n);
+    s->t = alloc_tensors_on(l->device, s->spec, s->n, -1);
     return s;
 }
 

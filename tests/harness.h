@@ -22,6 +22,8 @@ m1c_settings *th_settings(const char *body, m1c_config **cfg);
  * params initialised from the plugin's specs with the given seed (M1C_INIT_NORMAL uses
  * max(spec std, param_std) so that tests exercise non-trivial weights), grads/acts/scratch zeroed. */
 typedef struct th_layer {
+    int device, compute_dtype;
+    m1c_tensor *params_lp; /* BF16 compute: bf16 copies of params on the device */
     m1c_plugin *plugin;
     const m1c_layer_ops *ops;
     void *self;
@@ -35,6 +37,18 @@ typedef struct th_layer {
 
 th_layer *th_layer_new(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
                        int B, int T, uint64_t seed, float param_std);
+/* The same instance on a device (M1C_DEVICE_CUDA) with a compute dtype (M1C_F32 or M1C_BF16): every
+ * buffer is device memory, the parameters equal th_layer_new's for the same seed, and with M1C_BF16
+ * bufs.params_lp holds their bf16 copies. th_forward/th_backward take device pointers for it. */
+th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
+                           int B, int T, uint64_t seed, float param_std, int device, int compute_dtype);
+/* Copy a layer's parameters (f32) from one instance to another of the same plugin and settings, on any
+ * devices (refreshing the bf16 copies of a BF16 destination). */
+void th_layer_copy_params(th_layer *dst, const th_layer *src);
+/* Copy a tensor-sized array between host and device: th_to_dev allocates on dev, th_to_host mallocs. */
+float *th_to_dev(int dev, const float *host, int64_t n);
+float *th_to_host(int dev, const float *ptr, int64_t n);
+void th_dev_free(int dev, void *p);
 void th_layer_free(th_layer *l);
 void th_layer_zero_grads(th_layer *l);
 /* Run forward with training = 1; asserts M1C_OK. */

@@ -1,0 +1,31 @@
+/* CUDA implementations of core/ops.h (core/cuda/ops.cu), same semantics, pointers on the device,
+ * launched on the default stream. Plain C declarations. */
+#ifndef M1C_CUDA_OPS_H
+#define M1C_CUDA_OPS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+void m1c_cuda_embed_forward(float *out, const int32_t *ids, const float *wte, int64_t N, int H);
+void m1c_cuda_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H);
+void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C, float eps);
+void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
+                               const float *rstd, int64_t N, int C);
+void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, const float *h, const float *W,
+                           const int32_t *targets, int64_t N, int H, int V);
+void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse, const float *dlogp,
+                            const float *h, const float *W, const int32_t *targets, int64_t N, int H, int V);
+void m1c_cuda_residual(float *y, const float *h, float a, float b, int64_t n);
+void m1c_cuda_axpby(float *y, float *z, const float *x, float a, float b, int64_t n);
+double m1c_cuda_sumsq(const float *x, int64_t n);
+void m1c_cuda_scale(float *x, int64_t n, float s);
+int64_t m1c_cuda_count_nonfinite(const float *x, int64_t n);
+void m1c_cuda_to_bf16(uint16_t *dst, const float *src, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
