@@ -1,0 +1,331 @@
+/* CUDA versions of the core's own layers (core/ops.h): embedding, RMSNorm, the LM head with
+ * log-softmax, residual arithmetic and reductions. Correct and simple first: one block per row for
+ * the row-wise operations, grid-stride loops for the elementwise ones; the head's products go through
+ * cuBLAS at the precision the config asks for. */
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "backend.h"
+#include "ops.h"
+
+static void check_launch(const char *what) {
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        fprintf(stderr, "m1c: CUDA kernel %s: %s\n", what, cudaGetErrorString(e));
+        abort();
+    }
+}
+
+static int grid_for(int64_t n, int threads) {
+    int64_t g = (n + threads - 1) / threads;
+    return (int)(g > 65535 * 8 ? 65535 * 8 : (g < 1 ? 1 : g));
+}
+
+/* Sum over a block of `v`; every thread gets the result. blockDim.x is a multiple of 32, <= 1024. */
+__device__ static float block_sum(float v, float *shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < nw ? shared[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ static float block_max(float v, float *shared) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < nw ? shared[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* ---- embedding ---- */
+
+__global__ static void embed_fwd(float *out, const int32_t *ids, const float *wte, int64_t N, int H) {
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *row = wte + (int64_t)ids[i] * H;
+        for (int c = threadIdx.x; c < H; c += blockDim.x) out[i * H + c] = row[c];
+    }
+}
+
+__global__ static void embed_bwd(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        float *row = dwte + (int64_t)ids[i] * H;
+        for (int c = threadIdx.x; c < H; c += blockDim.x) atomicAdd(&row[c], dout[i * H + c]);
+    }
+}
+
+extern "C" void m1c_cuda_embed_forward(float *out, const int32_t *ids, const float *wte, int64_t N, int H) {
+    if (N <= 0) return;
+    embed_fwd<<<grid_for(N, 1), 256>>>(out, ids, wte, N, H);
+    check_launch("embed_forward");
+}
+
+extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
+    if (N <= 0) return;
+    embed_bwd<<<grid_for(N, 1), 256>>>(dwte, dout, ids, N, H);
+    check_launch("embed_backward");
+}
+
+/* ---- RMSNorm ---- */
+
+__global__ static void rmsnorm_fwd(float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
+                                   float eps) {
+    __shared__ float sh[32];
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *x = in + i * C;
+        float ss = 0;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) ss += x[c] * x[c];
+        ss = block_sum(ss, sh);
+        float r = rsqrtf(ss / (float)C + eps);
+        if (threadIdx.x == 0) rstd[i] = r;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) out[i * C + c] = x[c] * r * w[c];
+    }
+}
+
+/* din += r (g w) - x r^3 mean(g w x) per row. */
+__global__ static void rmsnorm_bwd_in(float *din, const float *dout, const float *in, const float *w,
+                                      const float *rstd, int64_t N, int C) {
+    __shared__ float sh[32];
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *x = in + i * C, *g = dout + i * C;
+        float dot = 0;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) dot += g[c] * w[c] * x[c];
+        dot = block_sum(dot, sh);
+        float r = rstd[i], k = r * r * r * dot / (float)C;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) din[i * C + c] += r * g[c] * w[c] - k * x[c];
+    }
+}
+
+/* dw[c] += sum_i g x r over rows: one thread per column, rows split over blockIdx.y, atomics. */
+__global__ static void rmsnorm_bwd_w(float *dw, const float *dout, const float *in, const float *rstd, int64_t N,
+                                     int C, int64_t rows_per) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    int64_t i0 = blockIdx.y * rows_per, i1 = i0 + rows_per < N ? i0 + rows_per : N;
+    float s = 0;
+    for (int64_t i = i0; i < i1; i++) s += dout[i * C + c] * in[i * C + c] * rstd[i];
+    atomicAdd(&dw[c], s);
+}
+
+extern "C" void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
+                                         float eps) {
+    if (N <= 0) return;
+    rmsnorm_fwd<<<grid_for(N, 1), 256>>>(out, rstd, in, w, N, C, eps);
+    check_launch("rmsnorm_forward");
+}
+
+extern "C" void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
+                                          const float *rstd, int64_t N, int C) {
+    if (N <= 0) return;
+    rmsnorm_bwd_in<<<grid_for(N, 1), 256>>>(din, dout, in, w, rstd, N, C);
+    check_launch("rmsnorm_backward (input)");
+    int64_t rows_per = 256, chunks = (N + rows_per - 1) / rows_per;
+    dim3 grid((C + 127) / 128, (unsigned)(chunks < 65535 ? chunks : 65535));
+    if (chunks > 65535) rows_per = (N + 65534) / 65535, grid.y = (unsigned)((N + rows_per - 1) / rows_per);
+    rmsnorm_bwd_w<<<grid, 128>>>(dw, dout, in, rstd, N, C, rows_per);
+    check_launch("rmsnorm_backward (weight)");
+}
+
+/* ---- the LM head ---- */
+
+static cublasHandle_t head_handle(void) {
+    static thread_local cublasHandle_t h;
+    if (!h && cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "m1c: cublasCreate failed\n");
+        abort();
+    }
+    return h;
+}
+
+__global__ static void f32_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+/* Row-major C (M x N) = alpha op(A) op(B) + beta C at the head's precision (0 fp32, 1 tf32, 2 bf16
+ * operands), all pointers f32; bf16 operands are converted into temporary buffers. */
+static void head_gemm(int precision, int ta, int tb, int M, int N, int K, const float *A, int lda, int64_t a_n,
+                      const float *B, int ldb, int64_t b_n, float beta, float *C, int ldc) {
+    cublasHandle_t h = head_handle();
+    const float one = 1.0f;
+    cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasStatus_t st;
+    if (precision == 2) {
+        __nv_bfloat16 *a16 = NULL, *b16 = NULL;
+        if (cudaMalloc(&a16, (size_t)a_n * 2) != cudaSuccess || cudaMalloc(&b16, (size_t)b_n * 2) != cudaSuccess) {
+            fprintf(stderr, "m1c: out of GPU memory in the LM head\n");
+            abort();
+        }
+        f32_to_bf16<<<grid_for(a_n, 256), 256>>>(a16, A, a_n);
+        f32_to_bf16<<<grid_for(b_n, 256), 256>>>(b16, B, b_n);
+        check_launch("head bf16 conversion");
+        st = cublasGemmEx(h, ob, oa, N, M, K, &one, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda, &beta, C, CUDA_R_32F,
+                          ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        cudaFree(a16);
+        cudaFree(b16);
+    } else {
+        cublasComputeType_t ct = precision == 1 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+        st = cublasGemmEx(h, ob, oa, N, M, K, &one, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F, ldc,
+                          ct, CUBLAS_GEMM_DEFAULT);
+    }
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "m1c: cublasGemmEx (LM head) failed (%d)\n", (int)st);
+        abort();
+    }
+}
+
+__global__ static void logsoftmax_rows(float *lse, float *logp, const float *logits, const int32_t *targets,
+                                       int64_t N, int V) {
+    __shared__ float sh[32];
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *z = logits + i * (int64_t)V;
+        float m = -INFINITY;
+        for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
+        m = block_max(m, sh);
+        float s = 0;
+        for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(z[v] - m);
+        s = block_sum(s, sh);
+        if (threadIdx.x == 0) {
+            float l = m + logf(s);
+            lse[i] = l;
+            if (logp) logp[i] = targets[i] >= 0 ? z[targets[i]] - l : 0.0f;
+        }
+    }
+}
+
+/* dlogits = dlogp * (onehot - softmax), in place. */
+__global__ static void logsoftmax_bwd(float *logits, const float *lse, const float *dlogp, const int32_t *targets,
+                                      int64_t N, int V) {
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        float *z = logits + i * (int64_t)V;
+        int32_t t = targets[i];
+        float g = t >= 0 ? dlogp[i] : 0.0f, l = lse[i];
+        for (int v = threadIdx.x; v < V; v += blockDim.x) z[v] = -g * expf(z[v] - l) + (v == t ? g : 0.0f);
+    }
+}
+
+extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, const float *h,
+                                      const float *W, const int32_t *targets, int64_t N, int H, int V) {
+    if (N <= 0) return;
+    head_gemm(precision, 0, 1, (int)N, V, H, h, H, N * H, W, H, (int64_t)V * H, 0.0f, logits, V);
+    logsoftmax_rows<<<grid_for(N, 1), 256>>>(lse, logp, logits, targets, N, V);
+    check_launch("head log-softmax");
+}
+
+extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse,
+                                       const float *dlogp, const float *h, const float *W, const int32_t *targets,
+                                       int64_t N, int H, int V) {
+    if (N <= 0) return;
+    logsoftmax_bwd<<<grid_for(N, 1), 256>>>(logits, lse, dlogp, targets, N, V);
+    check_launch("head log-softmax backward");
+    head_gemm(precision, 0, 0, (int)N, H, V, logits, V, N * V, W, H, (int64_t)V * H, 1.0f, dh, H);
+    head_gemm(precision, 1, 0, V, H, (int)N, logits, V, N * V, h, H, N * H, 1.0f, dW, H);
+}
+
+/* ---- elementwise and reductions ---- */
+
+__global__ static void residual_k(float *y, const float *h, float a, float b, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = a * h[i] + b * y[i];
+}
+
+__global__ static void axpby_k(float *y, float *z, const float *x, float a, float b, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float v = x[i];
+        y[i] = a * v;
+        z[i] = b * v;
+    }
+}
+
+__global__ static void scale_k(float *x, int64_t n, float s) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
+/* Per-block partial sums in double (deterministic: fixed grid, fixed order), summed on the host. */
+__global__ static void sumsq_k(double *part, const float *x, int64_t n) {
+    __shared__ double sh[256];
+    double s = 0;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
+    sh[threadIdx.x] = s;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o) sh[threadIdx.x] += sh[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) part[blockIdx.x] = sh[0];
+}
+
+__global__ static void nonfinite_k(unsigned long long *count, const float *x, int64_t n) {
+    unsigned long long k = 0;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        k += !isfinite(x[i]);
+    if (k) atomicAdd(count, k);
+}
+
+extern "C" void m1c_cuda_residual(float *y, const float *h, float a, float b, int64_t n) {
+    if (n <= 0) return;
+    residual_k<<<grid_for(n, 256), 256>>>(y, h, a, b, n);
+    check_launch("residual");
+}
+
+extern "C" void m1c_cuda_axpby(float *y, float *z, const float *x, float a, float b, int64_t n) {
+    if (n <= 0) return;
+    axpby_k<<<grid_for(n, 256), 256>>>(y, z, x, a, b, n);
+    check_launch("axpby");
+}
+
+extern "C" void m1c_cuda_scale(float *x, int64_t n, float s) {
+    if (n <= 0) return;
+    scale_k<<<grid_for(n, 256), 256>>>(x, n, s);
+    check_launch("scale");
+}
+
+extern "C" double m1c_cuda_sumsq(const float *x, int64_t n) {
+    if (n <= 0) return 0;
+    enum { BLOCKS = 1024 };
+    double *part = NULL, host[BLOCKS];
+    if (cudaMalloc(&part, sizeof host) != cudaSuccess) {
+        fprintf(stderr, "m1c: out of GPU memory (sumsq)\n");
+        abort();
+    }
+    sumsq_k<<<BLOCKS, 256>>>(part, x, n);
+    check_launch("sumsq");
+    cudaMemcpy(host, part, sizeof host, cudaMemcpyDeviceToHost);
+    cudaFree(part);
+    double s = 0;
+    for (int i = 0; i < BLOCKS; i++) s += host[i];
+    return s;
+}
+
+extern "C" int64_t m1c_cuda_count_nonfinite(const float *x, int64_t n) {
+    if (n <= 0) return 0;
+    unsigned long long *d = NULL, k = 0;
+    if (cudaMalloc(&d, sizeof k) != cudaSuccess) {
+        fprintf(stderr, "m1c: out of GPU memory (nonfinite)\n");
+        abort();
+    }
+    cudaMemset(d, 0, sizeof k);
+    nonfinite_k<<<grid_for(n, 256) < 1024 ? grid_for(n, 256) : 1024, 256>>>(d, x, n);
+    check_launch("count_nonfinite");
+    cudaMemcpy(&k, d, sizeof k, cudaMemcpyDeviceToHost);
+    cudaFree(d);
+    return (int64_t)k;
+}
+
+extern "C" void m1c_cuda_to_bf16(uint16_t *dst, const float *src, int64_t n) {
+    if (n <= 0) return;
+    f32_to_bf16<<<grid_for(n, 256), 256>>>((__nv_bfloat16 *)dst, src, n);
+    check_launch("to_bf16");
+}
