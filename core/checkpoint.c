@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "host.h"
 #include "metrics.h"
 #include "safetensors.h"
 
@@ -80,6 +81,23 @@ static int write_text(const char *path, const char *text, m1c_err *e) {
     return ok ? M1C_OK : m1c_fail(e, "%s: write failed: %s", path, strerror(errno));
 }
 
+/* A CPU arena with the tensors of `a` (copied when `copy`): the staging area of device arenas. */
+static int host_mirror(m1c_arena *h, const m1c_arena *a, int copy, m1c_err *e) {
+    if (m1c_arena_like(h, a, M1C_DEVICE_CPU, "", e)) return M1C_ERR;
+    if (copy) m1c_dev_copy(M1C_DEVICE_CPU, h->base, a->device, a->base, a->bytes);
+    return M1C_OK;
+}
+
+static int write_arena(const char *path, const m1c_arena *a, const char *const *mk, const char *const *mv, int n_meta,
+                       m1c_err *e) {
+    if (a->device == M1C_DEVICE_CPU) return m1c_st_write(path, a->t, a->n, mk, mv, n_meta, e);
+    m1c_arena h;
+    int rc = host_mirror(&h, a, 1, e);
+    if (!rc) rc = m1c_st_write(path, h.t, h.n, mk, mv, n_meta, e);
+    m1c_arena_free(&h);
+    return rc;
+}
+
 int m1c_ckpt_save(const char *dir, m1c_model *m, const m1c_arena *opt, const m1c_ckpt_state *st, m1c_config *cfg,
                   m1c_err *e) {
     char *tmp = m1c_xasprintf("%s.tmp.%ld", dir, (long)getpid());
@@ -92,11 +110,11 @@ int m1c_ckpt_save(const char *dir, m1c_model *m, const m1c_arena *opt, const m1c
     static const char *const mv[] = {"pt", "m1c"};
     p = m1c_path_join(tmp, "model.safetensors");
     /* A tied head is stored once, as the embedding (HF's tie_word_embeddings). */
-    if ((rc = m1c_st_write(p, m->params.t, m->params.n, mk, mv, 2, e))) goto out;
+    if ((rc = write_arena(p, &m->params, mk, mv, 2, e))) goto out;
     free(p), p = NULL;
     if (opt && opt->n) {
         p = m1c_path_join(tmp, "optimizer.safetensors");
-        if ((rc = m1c_st_write(p, opt->t, opt->n, mk, mv, 2, e))) goto out;
+        if ((rc = write_arena(p, opt, mk, mv, 2, e))) goto out;
         free(p), p = NULL;
     }
 
@@ -142,7 +160,20 @@ out:
     return rc;
 }
 
+static int load_arena_cpu(const char *path, m1c_arena *a, m1c_err *e);
+
+/* Load into an arena on any device (through a host mirror for a GPU). */
 static int load_arena(const char *path, m1c_arena *a, m1c_err *e) {
+    if (a->device == M1C_DEVICE_CPU) return load_arena_cpu(path, a, e);
+    m1c_arena h;
+    int rc = host_mirror(&h, a, 0, e);
+    if (!rc) rc = load_arena_cpu(path, &h, e);
+    if (!rc) m1c_dev_copy(a->device, a->base, M1C_DEVICE_CPU, h.base, a->bytes);
+    m1c_arena_free(&h);
+    return rc;
+}
+
+static int load_arena_cpu(const char *path, m1c_arena *a, m1c_err *e) {
     m1c_st_file f;
     if (m1c_st_open(&f, path, e)) return M1C_ERR;
     int rc = M1C_OK;
@@ -162,6 +193,7 @@ int m1c_ckpt_load_params(const char *dir, m1c_model *m, m1c_err *e) {
     char *p = m1c_path_join(dir, "model.safetensors");
     int rc = load_arena(p, &m->params, e);
     free(p);
+    if (!rc) m1c_model_sync_lp(m);
     return rc;
 }
 

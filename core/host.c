@@ -43,6 +43,21 @@ int m1c_dev_available(int device) {
     return 0;
 }
 
+double m1c_dev_peak_flops(int device, int compute_dtype, char *name, int n) {
+    name[0] = 0;
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) {
+        m1c_cuda_device_name(name, n);
+        /* Datasheet dense peaks of the SXM cards: bf16 989.4 TFLOP/s, fp32 66.9 TFLOP/s (H100 and H200). */
+        if (strstr(name, "H100") || strstr(name, "H200")) return compute_dtype == M1C_BF16 ? 989.4e12 : 66.9e12;
+        return 0;
+    }
+#endif
+    (void)device, (void)compute_dtype;
+    snprintf(name, (size_t)n, "CPU");
+    return 0;
+}
+
 void *m1c_dev_alloc(int device, size_t bytes) {
     if (device == M1C_DEVICE_CPU) {
         void *p = NULL;

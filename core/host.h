@@ -19,6 +19,9 @@ void m1c_dev_memset0(int device, void *p, size_t bytes);
 void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes);
 /* Whether a device is usable in this build and on this machine. */
 int m1c_dev_available(int device);
+/* The dense peak of a device in FLOP/s for the compute dtype (bf16 tensor cores, or fp32), from its
+ * name for the cards m1c knows (H100, H200); 0 if unknown. name gets the device's name. */
+double m1c_dev_peak_flops(int device, int compute_dtype, char *name, int n);
 /* Mixed-precision GEMM (see m1c_host.gemm_ex); returns M1C_ERR for dtypes the device cannot do. */
 int m1c_gemm_ex(int device, void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
                 int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,

@@ -63,6 +63,10 @@ int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e) {
     m->V = def->vocab, m->H = def->hidden, m->L = def->layers;
     m->eps = def->norm_eps, m->tied = def->tie_embeddings, m->device = def->device;
     m->head_precision = def->head_precision;
+    m->compute_dtype = def->compute_dtype;
+    if (m->compute_dtype != M1C_F32 && m->device == M1C_DEVICE_CPU)
+        return m1c_fail(e, "mixed precision (bf16) needs a CUDA device: the CPU computes in fp32");
+    m1c_arena_init(&m->params_lp, def->device);
     m1c_arena_init(&m->params, def->device);
     m->layer = m1c_xcalloc((size_t)m->L, sizeof *m->layer);
     int64_t H = m->H, V = m->V;
@@ -71,7 +75,7 @@ int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e) {
     for (int l = 0; l < m->L; l++) {
         const m1c_layer_def *ld = &def->layer[l];
         m1c_layer *ly = &m->layer[l];
-        m1c_layer_info info = {sizeof info, l, m->L, m->H, m->device, 0, 0, {0}};
+        m1c_layer_info info = {sizeof info, l, m->L, m->H, m->device, m->compute_dtype, 0, {0}};
         ly->norm_in = add_norm(m, l, "input_layernorm");
         if (create_slot(&ly->attn, ld->attn, ld->attn_settings, &info, m, l, e)) goto fail;
         ly->norm_post = add_norm(m, l, "post_attention_layernorm");
@@ -83,6 +87,11 @@ int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e) {
     m->head = m->tied ? m->embed
                       : add_param(m, "lm_head.weight", 2, (int64_t[]){V, H}, M1C_INIT_NORMAL, 0, def->init_std);
     if (m1c_arena_alloc(&m->params, e)) goto fail;
+    if (m->compute_dtype == M1C_BF16) {
+        for (int i = 0; i < m->params.n; i++)
+            m1c_arena_add(&m->params_lp, m->params.t[i].name, M1C_BF16, m->params.t[i].ndim, m->params.t[i].shape);
+        if (m1c_arena_alloc(&m->params_lp, e)) goto fail;
+    }
     m1c_model_init_params(m, 0);
     return M1C_OK;
 fail:
@@ -94,8 +103,9 @@ void m1c_model_init_params(m1c_model *m, uint64_t seed) {
 #pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < m->params.n; i++) {
         m1c_tensor *t = &m->params.t[i];
-        float *x = t->data;
         int64_t n = m1c_numel(t);
+        /* Drawn on the host (the same numbers on every device), then copied. */
+        float *x = m->device == M1C_DEVICE_CPU ? t->data : m1c_xmalloc((size_t)(n ? n : 1) * sizeof *x);
         m1c_rng rng;
         m1c_rng_seed(&rng, seed, (uint64_t)i);
         for (int64_t j = 0; j < n; j++) {
@@ -106,7 +116,24 @@ void m1c_model_init_params(m1c_model *m, uint64_t seed) {
             default: x[j] = m->init_std[i] * m1c_rng_normal(&rng); break;
             }
         }
+        if (m->device != M1C_DEVICE_CPU) {
+            m1c_dev_copy(m->device, t->data, M1C_DEVICE_CPU, x, (size_t)n * sizeof *x);
+            free(x);
+        }
     }
+    m1c_model_sync_lp(m);
+}
+
+void m1c_model_sync_lp(m1c_model *m) {
+    for (int i = 0; i < m->params_lp.n; i++)
+        m1c_to_bf16(m->device, m->params_lp.t[i].data, m->params.t[i].data, m1c_numel(&m->params.t[i]));
+}
+
+const char *m1c_model_first_nonfinite(m1c_model *m, int grads) {
+    m1c_arena *a = grads ? &m->grads : &m->params;
+    for (int i = 0; a->base && i < a->n; i++)
+        if (m1c_count_nonfinite(m->device, a->t[i].data, m1c_numel(&a->t[i]))) return a->t[i].name;
+    return NULL;
 }
 
 int m1c_model_alloc_grads(m1c_model *m, m1c_err *e) { return m1c_arena_like(&m->grads, &m->params, m->device, "", e); }
@@ -130,6 +157,7 @@ void m1c_model_free(m1c_model *m) {
     free(m->layer);
     m1c_arena_free(&m->params);
     m1c_arena_free(&m->grads);
+    m1c_arena_free(&m->params_lp);
     free(m->no_decay);
     free(m->init);
     free(m->init_std);
@@ -192,6 +220,7 @@ static void bind_slot(m1c_run *r, m1c_model *m, m1c_inst *s, m1c_inst_bufs *sb) 
     sb->bufs.scratch = sb->scratch;
     sb->bufs.training = r->training;
     sb->bufs.aux_scale = 1.0f;
+    sb->bufs.params_lp = m->params_lp.base ? &m->params_lp.t[s->p0] : NULL;
 }
 
 static float *act(m1c_run *r, int idx) { return r->acts.t[idx].data; }
@@ -252,10 +281,21 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
     r->hf = act(r, ihf), r->rstdf = act(r, irf), r->logits = act(r, ilg), r->lse = act(r, ilse);
     r->logp = act(r, ilp), r->dlogp = act(r, idl), r->tmp = act(r, itmp), r->dx = act(r, idx), r->dh = act(r, idh);
     r->ids = r->acts.t[iid].data, r->targets = r->acts.t[itg].data;
+    if (m->device == M1C_DEVICE_CPU) {
+        r->ids_host = r->ids, r->targets_host = r->targets, r->logp_host = r->logp, r->dlogp_host = r->dlogp;
+    } else {
+        r->ids_host = m1c_xcalloc((size_t)N, sizeof *r->ids_host);
+        r->targets_host = m1c_xcalloc((size_t)N, sizeof *r->targets_host);
+        r->logp_host = m1c_xcalloc((size_t)N, sizeof *r->logp_host);
+        r->dlogp_host = m1c_xcalloc((size_t)N, sizeof *r->dlogp_host);
+    }
     return M1C_OK;
 }
 
 void m1c_run_free(m1c_run *r, m1c_model *m) {
+    if (r->ids_host && r->ids_host != r->ids) {
+        free(r->ids_host), free(r->targets_host), free(r->logp_host), free(r->dlogp_host);
+    }
     for (int l = 0; r->attn && l < m->L; l++) {
         free(r->attn[l].acts), free(r->attn[l].scratch);
         free(r->ffn[l].acts), free(r->ffn[l].scratch);
@@ -323,13 +363,19 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
             int32_t id = tokens[(int64_t)b * (T + 1) + t], tg = tokens[(int64_t)b * (T + 1) + t + 1];
             if (id < 0 || id >= m->V || tg >= m->V)
                 return m1c_fail(e, "token id %d out of range for vocabulary %d", id < 0 || id >= m->V ? id : tg, m->V);
-            r->ids[(int64_t)b * T + t] = id;
-            r->targets[(int64_t)b * T + t] = tg;
+            r->ids_host[(int64_t)b * T + t] = id;
+            r->targets_host[(int64_t)b * T + t] = tg;
         }
     int64_t N = (int64_t)B * T;
+    if (m->device != M1C_DEVICE_CPU) {
+        m1c_dev_copy(m->device, r->ids, M1C_DEVICE_CPU, r->ids_host, (size_t)N * sizeof *r->ids);
+        m1c_dev_copy(m->device, r->targets, M1C_DEVICE_CPU, r->targets_host, (size_t)N * sizeof *r->targets);
+    }
     m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, m->H);
     if (forward_layers(m, r, B, T, attn_forward, NULL, e)) return M1C_ERR;
-    m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->hf, P(m, m->head), r->targets, N, m->H, m->V);
+    m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->hf, P(m, m->head), r->targets, N,
+                     m->H, m->V);
+    if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(M1C_DEVICE_CPU, r->logp_host, m->device, r->logp, (size_t)N * 4);
     r->aux_loss = sum_aux(m, r);
     return M1C_OK;
 }
@@ -339,6 +385,7 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     int64_t N = (int64_t)B * T, NH = N * H;
     if (!m->grads.base) return m1c_fail(e, "backward without gradient buffers");
     float *dx = r->dx, *dh = r->dh, *tmp = r->tmp;
+    if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);
     m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
     m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse, r->dlogp, r->hf, P(m, m->head), r->targets, N, H, m->V);
     m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
@@ -428,14 +475,16 @@ int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, fl
     int64_t N = (int64_t)B * T;
     for (int64_t i = 0; i < N; i++) {
         if (ids[i] < 0 || ids[i] >= m->V) return m1c_fail(e, "token id %d out of range for vocabulary %d", ids[i], m->V);
-        r->ids[i] = ids[i];
+        r->ids_host[i] = ids[i];
     }
+    if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(m->device, r->ids, M1C_DEVICE_CPU, r->ids_host, (size_t)N * 4);
     m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, H);
     if (forward_layers(m, r, B, T, attn_step, d, e)) return M1C_ERR;
     d->pos += T;
-    /* Logits of the last position of each sequence only. */
+    /* Logits of the last position of each sequence only: row b of the logits buffer, copied out. */
     for (int b = 0; b < B; b++)
         m1c_gemm(m->device, 0, 1, 1, m->V, H, 1.0f, r->hf + ((int64_t)b * T + T - 1) * H, H, P(m, m->head), H,
-                 0.0f, out + (int64_t)b * m->V, m->V);
+                 0.0f, r->logits + (int64_t)b * m->V, m->V);
+    m1c_dev_copy(M1C_DEVICE_CPU, out, m->device, r->logits, (size_t)B * m->V * sizeof *out);
     return M1C_OK;
 }

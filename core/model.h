@@ -25,6 +25,7 @@ typedef struct m1c_model_def {
     int tie_embeddings;
     int device;
     int head_precision;   /* m1c_head_precision (spec.h): the LM head GEMM's arithmetic on a GPU */
+    int compute_dtype;    /* M1C_F32, or M1C_BF16 (mixed precision: bf16 copies of the parameters) */
     m1c_layer_def *layer; /* [layers] */
 } m1c_model_def;
 
@@ -45,11 +46,12 @@ typedef struct m1c_layer {
 typedef struct m1c_model {
     int V, H, L;
     float eps;
-    int tied, device, head_precision;
+    int tied, device, head_precision, compute_dtype;
     m1c_layer *layer;  /* [L] */
     int embed, norm, head; /* parameter indices (head == embed when tied) */
     m1c_arena params;  /* HF names: model.embed_tokens.weight, model.layers.N...., lm_head.weight */
     m1c_arena grads;   /* same layout; allocated by m1c_model_alloc_grads */
+    m1c_arena params_lp; /* compute_dtype BF16: bf16 copies of params, same layout; else empty */
     int32_t *no_decay; /* [params.n] */
     int32_t *init;     /* [params.n] m1c_init of each parameter */
     float *init_std;   /* [params.n] */
@@ -74,7 +76,10 @@ typedef struct m1c_run {
     float *hf, *rstdf;   /* final norm out (N, H), (N) */
     float *logits, *lse, *logp, *dlogp; /* (N, V), (N), (N), (N) */
     float *tmp, *dx, *dh; /* (N, H) work buffers */
-    int32_t *ids, *targets; /* (N) */
+    int32_t *ids, *targets; /* (N), on the model's device */
+    int32_t *ids_host, *targets_host; /* staging on the host (== ids, targets on the CPU) */
+    float *logp_host, *dlogp_host;    /* (N) host views of logp (filled by forward) and dlogp (read by
+                                       * backward): what objectives see; == logp, dlogp on the CPU */
     double aux_loss;     /* sum over layers of the last forward */
 } m1c_run;
 
@@ -89,13 +94,17 @@ int64_t m1c_model_param_count(const m1c_model *m);
 int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *e);
 void m1c_run_free(m1c_run *r, m1c_model *m);
 
-/* tokens: B*(T+1) ids per row as data plugins give them (T inputs, then the last target) or, with
- * targets == NULL... see m1c_model_forward_ids. Computes run->logp (N) of each target. */
+/* tokens (host): B*(T+1) ids per row as data plugins give them (T inputs, then the target of the
+ * last; a negative target is not scored). Computes logp (N) of each target, also in run->logp_host. */
 int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *e);
-/* Back-propagate run->dlogp (N) into m->grads (accumulating). */
+/* Back-propagate run->dlogp_host (N) into m->grads (accumulating). */
 int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e);
 /* Per-layer MoE statistics of the last forward (NULL-safe for dense FFNs). */
 int m1c_model_moe_stats(m1c_model *m, m1c_run *r, int layer, m1c_moe_stats *out);
+/* Refresh the bf16 parameter copies from the f32 parameters (after loading or initialising). */
+void m1c_model_sync_lp(m1c_model *m);
+/* The first parameter (or gradient, grads = 1) tensor holding a NaN or Inf, or NULL. */
+const char *m1c_model_first_nonfinite(m1c_model *m, int grads);
 
 /* Incremental inference: per-layer attention state for `batch` sequences up to max_len. */
 typedef struct m1c_decoder {

@@ -50,7 +50,8 @@ int m1c_session_build_model(m1c_session *s, uint64_t seed, m1c_err *e) {
     m1c_model_def def = {.vocab = (int)ms->vocab_size, .hidden = ms->hidden, .layers = ms->n_layers,
                          .norm_eps = (float)ms->norm_eps, .init_std = (float)ms->init_std,
                          .tie_embeddings = ms->tie_embeddings, .device = s->spec.run.device,
-                         .head_precision = ms->head_precision, .layer = s->layer_defs};
+                         .head_precision = ms->head_precision,
+                         .compute_dtype = s->spec.run.precision ? M1C_BF16 : M1C_F32, .layer = s->layer_defs};
     if (m1c_model_build(&s->model, &def, e)) return M1C_ERR;
     s->have_model = 1;
     m1c_model_init_params(&s->model, seed);

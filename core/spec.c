@@ -11,6 +11,7 @@ static const char *const stage_kinds[] = {"pretrain", "sft", "rl", NULL};
 static const char *const decays[] = {"cosine", "constant", "linear", NULL};
 static const char *const precisions[] = {"fp32", "tf32", "bf16", NULL};
 static const char *const devices[] = {"cpu", "cuda", NULL};
+static const char *const precisions_run[] = {"fp32", "bf16", NULL};
 
 const char *m1c_stage_kind_name(int kind) { return kind >= 0 && kind < 3 ? stage_kinds[kind] : "?"; }
 const char *m1c_decay_name(int decay) { return decay >= 0 && decay < 3 ? decays[decay] : "?"; }
@@ -247,6 +248,10 @@ int m1c_run_spec_read(m1c_run_spec *r, m1c_settings *s, m1c_err *e) {
     r->seed = (uint64_t)seed;
     TRY(get_choice(s, "device", "cpu", devices, &r->device, e));
     TRY(get_int(s, "threads", 0, 0, 4096, &r->threads, e));
+    TRY(get_choice(s, "precision", "fp32", precisions_run, &r->precision, e));
+    if (r->precision != 0 && r->device == M1C_DEVICE_CPU)
+        return m1c_cfg_fail(s, "precision", -1, e, "\"bf16\" needs device = \"cuda\": the CPU computes in fp32");
+    TRY(m1c_cfg_float(s, "peak_tflops", M1C_OPTIONAL, 0.0, 0.0, 1e6, &r->peak_tflops, e));
     char *def_out = default_out_dir(m1c_cfg_config(s));
     int rc = m1c_cfg_string(s, "out_dir", M1C_OPTIONAL, def_out, NULL, &r->out_dir, e);
     free(def_out);

@@ -92,6 +92,9 @@ typedef struct m1c_run_spec {
     uint64_t seed;
     int device;          /* m1c_device */
     int threads;         /* CPU threads; 0 = all cores */
+    int precision;       /* 0 "fp32"; 1 "bf16": mixed precision on CUDA (bf16 GEMM operands and saved
+                          * activations, f32 master weights, norms, softmax statistics and LM head) */
+    double peak_tflops;  /* the device's peak for MFU; 0 = known cards' bf16 (or fp32) dense peak */
     const char *out_dir; /* relative to the working directory, as written */
     int n_stages;
     m1c_stage_spec *stages; /* [n_stages] */

@@ -9,9 +9,11 @@
 
 #include "checkpoint.h"
 #include "datamix.h"
+#include "host.h"
 #include "log.h"
 #include "metrics.h"
 #include "ops.h"
+#include "plan.h"
 #include "timer.h"
 
 double m1c_schedule_lr(const m1c_schedule_spec *sc, int64_t step, int64_t steps) {
@@ -103,7 +105,7 @@ static int evaluate(stage_ctx *c, m1c_model *m, int batches, double *val_loss, m
     int rc = M1C_OK;
     for (int i = 0; i < batches && !rc; i++) {
         if ((rc = next_batch(c, M1C_SPLIT_VALID, e)) || (rc = m1c_model_forward(m, &c->run, c->tokens, e))) break;
-        for (int64_t j = 0; j < N; j++) nll -= (double)c->mask[j] * c->run.logp[j], count += c->mask[j];
+        for (int64_t j = 0; j < N; j++) nll -= (double)c->mask[j] * c->run.logp_host[j], count += c->mask[j];
     }
     set_training(m, &c->run, 1);
     *val_loss = count > 0 ? nll / count : NAN;
@@ -202,9 +204,9 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
     if (st->kind == M1C_STAGE_RL)
         return m1c_fail(e, "%s: stage '%s': RL stages are not supported by this build yet", m1c_config_file(s->cfg),
                         st->name);
-    if (st->device != M1C_DEVICE_CPU)
-        return m1c_fail(e, "%s: stage '%s': device 'cuda' is not supported by this build yet", m1c_config_file(s->cfg),
-                        st->name);
+    if (st->device != m->device)
+        return m1c_fail(e, "%s: stage '%s': device '%s' differs from run.device: the model lives on one device",
+                        m1c_config_file(s->cfg), st->name, st->device == M1C_DEVICE_CPU ? "cpu" : "cuda");
     stage_ctx c;
     int rc = stage_open(&c, s, st, e);
     int64_t start = 0;
@@ -229,6 +231,18 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         static const char *const k[] = {"unigram_entropy"};
         m1c_metrics_write(met, st->name, 0, k, &res->unigram_entropy, 1);
     }
+    /* Model FLOPs utilisation: training FLOPs per token (m1c plan's count, attention at the mean position
+     * T/2) times tokens/s over the device's dense peak for the compute dtype. */
+    double flops_tok = 0, peak = s->spec.run.peak_tflops * 1e12;
+    char devname[128];
+    double known = m1c_dev_peak_flops(m->device, m->compute_dtype, devname, sizeof devname);
+    if (peak <= 0) peak = known;
+    {
+        m1c_plan p;
+        m1c_err pe;
+        if (m1c_plan_compute(s, st->seq_len / 2 > 0 ? st->seq_len / 2 : 1, &p, &pe) == M1C_OK) flops_tok = p.flops_train;
+        m1c_plan_free(&p);
+    }
     const m1c_optimizer_vtable *ov = M1C_OPTIMIZER(c.opt_p);
     const m1c_objective_vtable *obv = M1C_OBJECTIVE(c.obj_p);
     double t_stage = m1c_now(), tok_s = 0;
@@ -242,10 +256,10 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         if ((rc = next_batch(&c, M1C_SPLIT_TRAIN, e))) break;
         c.run.noise_seed = mix64(st->seed, (uint64_t)step);
         if ((rc = m1c_model_forward(m, &c.run, c.tokens, e))) break;
-        m1c_objective_batch ob = {st->batch, st->seq_len, 1, 0, c.run.logp, NULL, NULL, c.mask, NULL, {0}};
+        m1c_objective_batch ob = {st->batch, st->seq_len, 1, 0, c.run.logp_host, NULL, NULL, c.mask, NULL, {0}};
         const char *mnames[16];
         double mvals[16], obj_loss = 0;
-        int nm = obv->loss(c.obj, &ob, &obj_loss, c.run.dlogp, mnames, mvals, 16);
+        int nm = obv->loss(c.obj, &ob, &obj_loss, c.run.dlogp_host, mnames, mvals, 16);
         if (nm < 0) {
             rc = m1c_plugin_fail(c.obj_p, e, "loss");
             break;
@@ -254,14 +268,18 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         double gnorm = sqrt(m1c_sumsq(m->device, m->grads.base, (int64_t)(m->grads.bytes / sizeof(float))));
         loss = obj_loss + c.run.aux_loss;
         if (!isfinite(loss) || !isfinite(gnorm)) {
-            rc = m1c_fail(e, "stage '%s' step %lld: loss %g, gradient norm %g: not finite (lower the learning rate?)",
-                          st->name, (long long)step, loss, gnorm);
+            const char *bad = m1c_model_first_nonfinite(m, 0), *badg = bad ? NULL : m1c_model_first_nonfinite(m, 1);
+            rc = m1c_fail(e, "stage '%s' step %lld: loss %g, gradient norm %g: not finite; first %s: %s (lower the "
+                             "learning rate?)",
+                          st->name, (long long)step, loss, gnorm, bad ? "parameter with NaN/Inf" : "gradient with NaN/Inf",
+                          bad ? bad : badg ? badg : "none (the activations overflowed)");
             break;
         }
         if (st->schedule.clip > 0 && gnorm > st->schedule.clip)
             m1c_scale(m->device, m->grads.base, (int64_t)(m->grads.bytes / sizeof(float)), (float)(st->schedule.clip / gnorm));
         m1c_optim_step os = {.step = step, .lr = lr, .n = m->params.n, .device = m->device, .params = m->params.t,
-                             .grads = m->grads.t, .state = c.opt_state.t, .no_decay = m->no_decay};
+                             .grads = m->grads.t, .state = c.opt_state.t, .no_decay = m->no_decay,
+                             .params_lp = m->params_lp.base ? m->params_lp.t : NULL};
         if (ov->step(c.opt, &os)) {
             rc = m1c_plugin_fail(c.opt_p, e, "step");
             break;
@@ -270,17 +288,20 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         done_here++;
         tok_s = (double)N * (double)done_here / (m1c_now() - t_stage);
         if (st->metrics_every > 0 && (step % st->metrics_every == 0 || step == st->steps)) {
-            const char *keys[24] = {"loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "step_s"};
-            double vals[24] = {loss, obj_loss, c.run.aux_loss, lr, gnorm, (double)N / dt, dt};
-            int n = 7;
+            double mfu = peak > 0 ? flops_tok * (double)N / dt / peak : NAN;
+            const char *keys[24] = {"loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mfu"};
+            double vals[24] = {loss, obj_loss, c.run.aux_loss, lr, gnorm, (double)N / dt, dt, mfu};
+            int n = 8;
             for (int i = 0; i < nm && n < 24; i++) keys[n] = mnames[i], vals[n++] = mvals[i];
             m1c_metrics_write(met, st->name, step, keys, vals, n);
             if (!o->quiet) {
                 char eta[32];
                 fmt_duration(eta, sizeof eta, (double)(st->steps - step) * (double)N / tok_s);
-                fprintf(stderr, "%s step %lld/%lld | loss %.4f | aux %.4f | lr %.2e | gnorm %.3f | %.0f tok/s | ETA %s\n",
+                char mfu_s[32] = "";
+                if (peak > 0) snprintf(mfu_s, sizeof mfu_s, " | MFU %.1f%%", 100.0 * flops_tok * tok_s / peak);
+                fprintf(stderr, "%s step %lld/%lld | loss %.4f | aux %.4f | lr %.2e | gnorm %.3f | %.0f tok/s%s | ETA %s\n",
                         st->name, (long long)step, (long long)st->steps, obj_loss, c.run.aux_loss, lr, gnorm, tok_s,
-                        eta);
+                        mfu_s, eta);
             }
         }
         if (st->eval_every > 0 && (step % st->eval_every == 0 || step == st->steps)) {

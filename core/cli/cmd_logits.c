@@ -6,6 +6,7 @@
 
 #include "../checkpoint.h"
 #include "../hf.h"
+#include "../host.h"
 #include "../npy.h"
 #include "../session.h"
 #include "cli.h"
@@ -50,7 +51,13 @@ static int logits(m1c_session *s, const char *in, const char *out, m1c_err *e) {
         /* The targets are the next ids (the last one unscored): logits do not depend on them. */
         rc = m1c_model_forward(&s->model, &r, tokens, e);
         int64_t shape[3] = {B, T, V};
-        if (!rc) rc = m1c_npy_write_f32(out, r.logits, 3, shape, e);
+        float *host = r.logits;
+        if (!rc && s->model.device != M1C_DEVICE_CPU) {
+            host = m1c_xmalloc((size_t)B * T * V * sizeof *host);
+            m1c_dev_copy(M1C_DEVICE_CPU, host, s->model.device, r.logits, (size_t)B * T * V * sizeof *host);
+        }
+        if (!rc) rc = m1c_npy_write_f32(out, host, 3, shape, e);
+        if (host != r.logits) free(host);
         m1c_run_free(&r, &s->model);
     }
     free(tokens);

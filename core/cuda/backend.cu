@@ -31,6 +31,14 @@ extern "C" int m1c_cuda_device_count(void) {
     return n;
 }
 
+extern "C" void m1c_cuda_device_name(char *buf, int n) {
+    cudaDeviceProp p;
+    int dev = 0;
+    buf[0] = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&p, dev) == cudaSuccess)
+        snprintf(buf, (size_t)n, "%s", p.name);
+}
+
 extern "C" void *m1c_cuda_alloc(size_t bytes) {
     void *p = NULL;
     if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) return NULL;

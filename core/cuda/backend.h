@@ -11,6 +11,8 @@ extern "C" {
 #endif
 
 int m1c_cuda_device_count(void);
+/* The current device's name ("NVIDIA H100 80GB HBM3", ...); "" if none. */
+void m1c_cuda_device_name(char *buf, int n);
 void *m1c_cuda_alloc(size_t bytes);
 void m1c_cuda_free(void *p);
 void m1c_cuda_memset0(void *p, size_t bytes);
