@@ -1,6 +1,7 @@
 /* Hugging Face interoperability: transformers' MiniMax config.json <-> m1c configuration, and the
  * weights in either expert layout <-> m1c's parameters (which already carry transformers 5.x names). */
 #include "hf.h"
+#include "host.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -526,12 +527,20 @@ static int load_param(const m1c_st_set *s, char *used, m1c_tensor *p, m1c_err *e
 }
 
 int m1c_hf_load_weights(const char *hf_dir, m1c_model *m, m1c_err *e) {
-    if (m->device != M1C_DEVICE_CPU) return m1c_fail(e, "%s: loading weights needs a model on the CPU", hf_dir);
     m1c_st_set s;
     if (m1c_st_set_open(&s, hf_dir, e)) return M1C_ERR;
+    /* A model on a GPU is loaded through a host mirror of its parameters. */
+    m1c_arena host, *dst = &m->params;
+    if (m->device != M1C_DEVICE_CPU) {
+        if (m1c_arena_like(&host, &m->params, M1C_DEVICE_CPU, "", e)) {
+            m1c_st_set_close(&s);
+            return M1C_ERR;
+        }
+        dst = &host;
+    }
     char *used = m1c_xcalloc((size_t)s.n + 1, 1);
     int rc = M1C_OK;
-    for (int i = 0; i < m->params.n && !rc; i++) rc = load_param(&s, used, &m->params.t[i], e);
+    for (int i = 0; i < m->params.n && !rc; i++) rc = load_param(&s, used, &dst->t[i], e);
     for (int k = 0; k < s.n && !rc; k++) {
         if (used[k]) continue;
         const char *n = s.t[k]->name;
@@ -544,6 +553,11 @@ int m1c_hf_load_weights(const char *hf_dir, m1c_model *m, m1c_err *e) {
     }
     free(used);
     m1c_st_set_close(&s);
+    if (dst != &m->params) {
+        if (!rc) m1c_dev_copy(m->device, m->params.base, M1C_DEVICE_CPU, host.base, m->params.bytes);
+        m1c_arena_free(&host);
+    }
+    if (!rc) m1c_model_sync_lp(m);
     return rc;
 }
 

@@ -41,22 +41,6 @@ static char *slurp(const char *path, long *len) {
     return s;
 }
 
-static void remove_tree(const char *path) {
-    DIR *d = opendir(path);
-    if (!d) {
-        unlink(path);
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        char *p = m1c_path_join(path, de->d_name);
-        remove_tree(p);
-        free(p);
-    }
-    closedir(d);
-    rmdir(path);
-}
 
 /* The test's scratch folder: made by the suite's init, removed by its fini. */
 static char g_dir[64];
@@ -67,7 +51,7 @@ static void setup(void) {
     setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1); /* for the in-process session of the logits test */
 }
 
-static void teardown(void) { remove_tree(g_dir); }
+static void teardown(void) { m1c_remove_tree(g_dir); }
 
 TestSuite(cli, .init = setup, .fini = teardown);
 

@@ -15,6 +15,7 @@
 
 #include "../core/checkpoint.h"
 #include "../core/hf.h"
+#include "../core/host.h"
 #include "../core/model.h"
 #include "../core/npy.h"
 #include "../core/safetensors.h"
@@ -27,22 +28,6 @@
 
 static char g_dir[64];
 
-static void remove_tree(const char *path) {
-    DIR *d = opendir(path);
-    if (!d) {
-        unlink(path);
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        char *p = m1c_path_join(path, de->d_name);
-        remove_tree(p);
-        free(p);
-    }
-    closedir(d);
-    rmdir(path);
-}
 
 static void setup(void) {
     strcpy(g_dir, "/tmp/m1c_test_hf_XXXXXX");
@@ -50,7 +35,7 @@ static void setup(void) {
     setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1);
 }
 
-static void teardown(void) { remove_tree(g_dir); }
+static void teardown(void) { m1c_remove_tree(g_dir); }
 
 TestSuite(hf, .init = setup, .fini = teardown);
 
@@ -96,11 +81,14 @@ static int32_t *read_ids(const char *dir, const char *file, int *B, int *T) {
     return ids;
 }
 
-static void open_hf(m1c_session *s, const char *dir) {
+static void open_hf_on(m1c_session *s, const char *dir, int device) {
     m1c_err e = {{0}};
-    int rc = m1c_hf_open(s, dir, NULL, 0, &e);
+    const char *gpu[] = {"run.device=\"cuda\""};
+    int rc = m1c_hf_open(s, dir, device == M1C_DEVICE_CUDA ? gpu : NULL, device == M1C_DEVICE_CUDA, &e);
     cr_assert_eq(rc, M1C_OK, "%s", e.msg);
 }
+
+static void open_hf(m1c_session *s, const char *dir) { open_hf_on(s, dir, M1C_DEVICE_CPU); }
 
 /* Logits (B*T, V) of a full forward over ids (B, T). */
 static float *forward_logits(m1c_model *m, const int32_t *ids, int B, int T) {
@@ -114,7 +102,7 @@ static float *forward_logits(m1c_model *m, const int32_t *ids, int B, int T) {
     cr_assert_eq(m1c_run_init(&r, m, B, T, 0, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_model_forward(m, &r, tokens, &e), M1C_OK, "%s", e.msg);
     float *out = m1c_xmalloc((size_t)B * T * m->V * sizeof *out);
-    memcpy(out, r.logits, (size_t)B * T * m->V * sizeof *out);
+    m1c_dev_copy(M1C_DEVICE_CPU, out, m->device, r.logits, (size_t)B * T * m->V * sizeof *out);
     m1c_run_free(&r, m);
     free(tokens);
     return out;
@@ -237,13 +225,13 @@ static int run_m1c(const char *const *args, char **err) {
 
 /* ---- parity with transformers ------------------------------------------------------------------- */
 
-static void check_logits(const char *name) {
+static void check_logits_on(const char *name, int device) {
     char *dir = fixture(name);
     int B, T;
     int32_t *ids = read_ids(dir, "input_ids.npy", &B, &T);
     m1c_npy ref = read_npy(dir, "logits.npy");
     m1c_session s;
-    open_hf(&s, dir);
+    open_hf_on(&s, dir, device);
     const int V = s.model.V;
     cr_assert(ref.ndim == 3 && ref.shape[0] == B && ref.shape[1] == T && ref.shape[2] == V);
     float *got = forward_logits(&s.model, ids, B, T);
@@ -264,17 +252,19 @@ static void check_logits(const char *name) {
     free(dir);
 }
 
+static void check_logits(const char *name) { check_logits_on(name, M1C_DEVICE_CPU); }
+
 Test(hf, logits_match_transformers_fused_experts) { check_logits("minimax_fused"); }
 Test(hf, logits_match_transformers_per_expert_tied) { check_logits("minimax_w123"); }
 
-static void check_greedy(const char *name) {
+static void check_greedy_on(const char *name, int device) {
     char *dir = fixture(name);
     int B, T, Bg, W;
     int32_t *ids = read_ids(dir, "input_ids.npy", &B, &T);
     int32_t *ref = read_ids(dir, "greedy.npy", &Bg, &W);
     cr_assert(Bg == B && W > T);
     m1c_session s;
-    open_hf(&s, dir);
+    open_hf_on(&s, dir, device);
     int32_t *got = greedy(&s.model, ids, B, T, W - T);
     /* exact: the fixture's inputs were chosen so that every greedy step's top-2 logit gap is >= 2e-3,
      * twenty times the logit tolerance, so no rounding difference can flip a token */
@@ -288,8 +278,26 @@ static void check_greedy(const char *name) {
     free(dir);
 }
 
+static void check_greedy(const char *name) { check_greedy_on(name, M1C_DEVICE_CPU); }
+
 Test(hf, greedy_tokens_match_transformers_fused_experts) { check_greedy("minimax_fused"); }
 Test(hf, greedy_tokens_match_transformers_per_expert_tied) { check_greedy("minimax_w123"); }
+
+/* The same parity on a GPU in fp32 (same tolerance and reasoning: fp32 on both sides, summation order
+ * only). Skipped without a GPU. */
+static void need_gpu(void) {
+    if (!m1c_dev_available(M1C_DEVICE_CUDA)) cr_skip_test("no CUDA device in this build or on this machine");
+}
+Test(hf, gpu_logits_match_transformers) {
+    need_gpu();
+    check_logits_on("minimax_fused", M1C_DEVICE_CUDA);
+    check_logits_on("minimax_w123", M1C_DEVICE_CUDA);
+}
+Test(hf, gpu_greedy_tokens_match_transformers) {
+    need_gpu();
+    check_greedy_on("minimax_fused", M1C_DEVICE_CUDA);
+    check_greedy_on("minimax_w123", M1C_DEVICE_CUDA);
+}
 
 /* transformers' loss of model(input_ids, labels=labels): mean cross-entropy of logits[:, t] against
  * labels[:, t+1] over labels != -100. m1c scores position t against its target, so the targets are
@@ -658,7 +666,7 @@ static void refused(const char *extra, const char *key, const char *why) {
     cr_assert_null(t, "accepted %s", extra);
     cr_assert(strstr(e.msg, "config.json: ") && strstr(e.msg, key), "'%s' names neither config.json nor %s", e.msg, key);
     cr_assert(strstr(e.msg, why), "'%s' does not say '%s'", e.msg, why);
-    remove_tree(d);
+    m1c_remove_tree(d);
     free(d);
 }
 
