@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../core/checkpoint.h"
 #include "../core/model.h"
 #include "../core/npy.h"
 #include "../core/session.h"
