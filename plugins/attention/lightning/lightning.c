@@ -1,6 +1,7 @@
 /* lightning: MiniMax lightning attention on the CPU (MODEL.md "Lightning attention"): causal linear
  * attention with a per-head exponential decay, computed block-wise with an fp32 KV state, plus its exact
- * backward and constant-memory prefill/decoding. Parameters use the Hugging Face names and layouts. */
+ * backward and constant-memory prefill/decoding. Parameters use the Hugging Face names and layouts.
+ * Device CUDA dispatches to lightning.cu (same parameters, activations and state). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,7 +25,33 @@ typedef struct lightning {
     float eps;   /* RMSNorm eps */
     int decay;   /* DECAY_* */
     float *pw;   /* [nh][bs + 1]: pw[h][k] = exp(-s_h k), every decay power a block needs */
+    int device;  /* m1c_device of every buffer */
+    int bf16;    /* CUDA with compute dtype M1C_BF16: bf16 GEMM operands and saved activations */
+    float *pw_dev; /* CUDA: pw copied to the device */
 } lightning;
+
+#ifdef M1C_HAVE_CUDA
+/* The CUDA implementation (lightning.cu), which declares the identical struct: keep the two in step. */
+typedef struct lightning_cuda_cfg {
+    const m1c_host *h;
+    int H, nh, hd, D, bs;
+    float eps;
+    int bf16;
+    const float *pw;
+} lightning_cuda_cfg;
+int lightning_cuda_upload(const m1c_host *h, const float *pw, size_t n, float **dev);
+void lightning_cuda_release(float *dev);
+int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T, m1c_buf_spec *specs, int max);
+int lightning_cuda_run(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *out, const float *in, int B,
+                       int T, float *state, int fresh);
+int lightning_cuda_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *din, const float *dout,
+                            const float *in, int B, int T);
+
+static lightning_cuda_cfg cuda_cfg(const lightning *L) {
+    lightning_cuda_cfg c = {L->h, L->H, L->nh, L->hd, L->D, L->bs, L->eps, L->bf16, L->pw_dev};
+    return c;
+}
+#endif
 
 enum { P_QKV, P_GATE, P_NORM, P_OUT, N_PARAMS };
 /* Activations kept for backward: qkv and gate pre-activations, attention output before the norm, the
@@ -156,6 +183,9 @@ static void lightning_destroy(void *self) {
     lightning *L = self;
     if (!L) return;
     if (L->pw) L->h->free(L->h, M1C_DEVICE_CPU, L->pw);
+#ifdef M1C_HAVE_CUDA
+    lightning_cuda_release(L->pw_dev);
+#endif
     free(L);
 }
 
@@ -164,8 +194,16 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
     double eps;
     const char *decay;
     *self = NULL;
+#ifdef M1C_HAVE_CUDA
+    if (info->device != M1C_DEVICE_CPU && info->device != M1C_DEVICE_CUDA)
+        return h->error(h, "lightning: unknown device %d (CPU or CUDA)", info->device);
+    if (info->device == M1C_DEVICE_CUDA && info->compute_dtype != M1C_F32 && info->compute_dtype != M1C_BF16)
+        return h->error(h, "lightning: compute dtype %d is not F32 or BF16 on CUDA", info->compute_dtype);
+#else
     if (info->device != M1C_DEVICE_CPU)
-        return h->error(h, "lightning: only the CPU device is supported by this build (device %d)", info->device);
+        return h->error(h, "lightning: only the CPU device is supported by this build (built without CUDA; device %d)",
+                        info->device);
+#endif
     if (info->hidden <= 0) return h->error(h, "lightning: hidden size %d must be positive", info->hidden);
     if (info->n_layers < 1 || info->layer_index < 0 || info->layer_index >= info->n_layers)
         return h->error(h, "lightning: layer index %d outside [0, %d)", info->layer_index, info->n_layers);
@@ -204,6 +242,17 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
         const double slope = exp2(-8.0 * (i + 1) / L->nh) * factor; /* base^(h+1) = 2^(-8 (h+1) / nh) */
         for (int k = 0; k <= L->bs; k++) L->pw[(size_t)i * (L->bs + 1) + k] = (float)exp(-slope * k);
     }
+    L->device = info->device;
+#ifdef M1C_HAVE_CUDA
+    if (L->device == M1C_DEVICE_CUDA) {
+        /* the same decay powers as the CPU, so both devices mask with identical factors */
+        L->bf16 = info->compute_dtype == M1C_BF16;
+        if (lightning_cuda_upload(h, L->pw, (size_t)nh * (size_t)(bs + 1), &L->pw_dev) != M1C_OK) {
+            lightning_destroy(L);
+            return M1C_ERR;
+        }
+    }
+#endif
     *self = L;
     return M1C_OK;
 }
@@ -234,11 +283,18 @@ static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max
         spec("self_attn.rstd", 1, N, 0, 0, 0),                                    /* (B*T) */
         spec("self_attn.kv_blocks", 4, B, L->nh, n_blocks(L, T), hd * hd),        /* (B, nh, blocks, hd*hd) */
     };
+    if (L->bf16) s[A_QKV].dtype = s[A_GATE].dtype = s[A_O].dtype = M1C_BF16; /* rstd and states stay f32 */
     return put_specs(L, s, N_ACTS, specs, max);
 }
 
 static int lightning_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     lightning *L = self;
+#ifdef M1C_HAVE_CUDA
+    if (L->device == M1C_DEVICE_CUDA) {
+        const lightning_cuda_cfg c = cuda_cfg(L);
+        return lightning_cuda_scratch(&c, B, T, specs, max);
+    }
+#endif
     const int64_t N = (int64_t)B * T;
     m1c_buf_spec s[N_SCRATCH] = {
         spec("self_attn.qkv", 2, N, 3 * (int64_t)L->D, 0, 0),                       /* (B*T, 3*nh*hd) */
@@ -542,6 +598,12 @@ static int check_acts(const lightning *L, const m1c_tensor *a, int B, int T) {
 static int run(lightning *L, const m1c_layer_bufs *b, float *out, const float *in, int B, int T, float *state,
                int fresh) {
     const int H = L->H, D = L->D, N = B * T;
+#ifdef M1C_HAVE_CUDA
+    if (L->device == M1C_DEVICE_CUDA) {
+        const lightning_cuda_cfg c = cuda_cfg(L);
+        return lightning_cuda_run(&c, b, out, in, B, T, state, fresh);
+    }
+#endif
     const int train = !state && b->training && b->acts;
     int64_t per;
     int nt;
@@ -591,6 +653,12 @@ static int lightning_step(void *self, const m1c_layer_bufs *b, m1c_tensor *state
 static int lightning_backward(void *self, const m1c_layer_bufs *b, float *din, const float *dout, const float *in,
                               int B, int T) {
     lightning *L = self;
+#ifdef M1C_HAVE_CUDA
+    if (L->device == M1C_DEVICE_CUDA) {
+        const lightning_cuda_cfg c = cuda_cfg(L);
+        return lightning_cuda_backward(&c, b, din, dout, in, B, T);
+    }
+#endif
     const int H = L->H, D = L->D, nh = L->nh, hd = L->hd, N = B * T, nb = n_blocks(L, T);
     int64_t per;
     int nt;
@@ -676,4 +744,4 @@ static const m1c_attention_vtable lightning_vtable = {
 };
 
 M1C_PLUGIN(ATTENTION, attention, lightning_vtable, "lightning", "0.1.0",
-           "MiniMax lightning attention: block-wise decayed linear attention with an fp32 KV state (CPU)", "MIT")
+           "MiniMax lightning attention: block-wise decayed linear attention with an fp32 KV state (CPU, CUDA)", "MIT")

@@ -1,0 +1,220 @@
+/* The lightning plugin on CUDA against its CPU reference: forward, backward (input and every parameter
+ * gradient) for both compute dtypes over sequence lengths, block sizes and head sizes; prefill plus decoding
+ * on the GPU against the GPU's full forward; a build or machine without a GPU refusing device CUDA. */
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/host.h"
+#include "harness.h"
+
+#define GPU M1C_DEVICE_CUDA
+
+static void need_gpu(void) {
+    if (!m1c_dev_available(GPU)) cr_skip_test("no CUDA device in this build or on this machine");
+}
+
+static int64_t numel(const m1c_tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+static void settings(char *cfg, size_t n, int nh, int hd, int bs) {
+    snprintf(cfg, n, "heads = %d; head_dim = %d; block_size = %d; decay = \"m1c\";", nh, hd, bs);
+}
+
+/* max|a - ref| / max|ref|: the error relative to the tensor's scale, which is what a rounding error
+ * budget bounds (element-wise relative errors blow up where the reference happens to cross zero). */
+static double scaled_err(const float *a, const float *ref, int64_t n) {
+    const double m = th_max_abs(ref, n);
+    return th_max_abs_diff(a, ref, n) / (m > 0 ? m : 1.0);
+}
+
+typedef struct tols {
+    double out, din, grad;
+} tols;
+
+/* One configuration: the same layer (same seed: same parameters) on the CPU and the GPU, the same
+ * inputs; forward, then backward into din and gradients that start non-zero on both (they accumulate). */
+static void compare(int nh, int hd, int bs, int B, int T, int cdt, tols tol, uint64_t seed) {
+    char cfg[160];
+    settings(cfg, sizeof cfg, nh, hd, bs);
+    const int H = 48; /* differs from nh*hd: the attention width is its own */
+    th_layer *cpu = th_layer_new("lightning", cfg, 2, 5, H, B, T, seed, 0.3f);
+    th_layer *gpu = th_layer_new_dev("lightning", cfg, 2, 5, H, B, T, seed, 0.3f, GPU, cdt);
+    const int64_t n = (int64_t)B * T * H;
+    float *x = th_randn(n, seed + 1, 1.0f), *dout = th_randn(n, seed + 2, 1.0f), *din0 = th_randn(n, seed + 3, 1.0f);
+    float *out = th_zeros(n), *din = malloc((size_t)n * 4);
+    memcpy(din, din0, (size_t)n * 4);
+    float *gx = th_to_dev(GPU, x, n), *gdout = th_to_dev(GPU, dout, n), *gdin = th_to_dev(GPU, din0, n);
+    float *gout = th_to_dev(GPU, out, n);
+
+    th_forward(cpu, out, x);
+    th_backward(cpu, din, dout, x);
+    th_forward(gpu, gout, gx);
+    th_backward(gpu, gdin, gdout, gx);
+
+    float *o2 = th_to_host(GPU, gout, n), *d2 = th_to_host(GPU, gdin, n);
+    const char *dt = cdt == M1C_BF16 ? "bf16" : "f32";
+    double e = scaled_err(o2, out, n);
+    cr_log_info("%s nh=%d hd=%d bs=%d B=%d T=%d: out %.3g", dt, nh, hd, bs, B, T, e);
+    cr_expect_leq(e, tol.out, "%s nh=%d hd=%d bs=%d T=%d: output error %.3g", dt, nh, hd, bs, T, e);
+    /* din started as din0 on both: compare the accumulated part, so the check is not diluted by din0 */
+    for (int64_t i = 0; i < n; i++) din[i] -= din0[i], d2[i] -= din0[i];
+    e = scaled_err(d2, din, n);
+    cr_expect_leq(e, tol.din, "%s nh=%d hd=%d bs=%d T=%d: din error %.3g", dt, nh, hd, bs, T, e);
+    for (int p = 0; p < cpu->np; p++) {
+        const int64_t np = numel(&cpu->grads[p]);
+        float *g2 = th_to_host(GPU, gpu->grads[p].data, np);
+        e = scaled_err(g2, cpu->grads[p].data, np);
+        cr_expect_gt(th_max_abs(cpu->grads[p].data, np), 0.0, "%s: reference gradient is zero", cpu->pspec[p].name);
+        cr_expect_leq(e, tol.grad, "%s nh=%d hd=%d bs=%d T=%d: %s gradient error %.3g", dt, nh, hd, bs, T,
+                      cpu->pspec[p].name, e);
+        free(g2);
+    }
+    th_dev_free(GPU, gx), th_dev_free(GPU, gdout), th_dev_free(GPU, gdin), th_dev_free(GPU, gout);
+    free(x), free(dout), free(din0), free(out), free(din), free(o2), free(d2);
+    th_layer_free(cpu);
+    th_layer_free(gpu);
+}
+
+static void sweep(int cdt, tols tol) {
+    static const int Ts[] = {1, 7, 64, 100, 300}, bss[] = {16, 64, 256};
+    uint64_t seed = 100;
+    /* every length against every block size (incl. block > T, partial last blocks), head_dim 32 */
+    for (int i = 0; i < 5; i++)
+        for (int j = 0; j < 3; j++) compare(3, 32, bss[j], 2, Ts[i], cdt, tol, seed++);
+    /* wider heads: 64 and 128, full and partial blocks */
+    static const int hds[] = {64, 128};
+    for (int k = 0; k < 2; k++) {
+        compare(2, hds[k], 64, 2, 100, cdt, tol, seed++);
+        compare(2, hds[k], 16, 1, 300, cdt, tol, seed++);
+        compare(2, hds[k], 256, 2, 7, cdt, tol, seed++);
+    }
+}
+
+Test(lightning_cuda, matches_cpu_f32) {
+    need_gpu();
+    /* Both sides in f32 (cuBLAS in plain FP32 mode, no TF32); only summation orders differ (cuBLAS vs
+     * OpenBLAS, tree vs sequential norms, the chunked state scan vs the CPU's running state, expf vs the
+     * CPU's polynomial). Each rounds ~6e-8 relative per operation over sums of at most a few hundred
+     * terms: ~1e-6 of the largest value; weight gradients sum B*T = 600 tokens with cancellation, so the
+     * brief's 1e-4 of max|ref| leaves a margin without hiding an indexing error (those are O(1)). */
+    sweep(M1C_F32, (tols){1e-4, 1e-4, 1e-4});
+}
+
+Test(lightning_cuda, matches_cpu_bf16) {
+    need_gpu();
+    /* BF16: x, the weights, the pre-activations, o, y (and dout, d pre, d gate in backward) are rounded to
+     * bf16 (8 mantissa bits: 2^-9 ~ 2e-3 relative each). About six such roundings in series with random
+     * signs, then sums over H or D with f32 accumulation: a few 1e-3 typically, ~1e-2 at the worst element
+     * of thousands. Outputs 2e-2 of max|ref|; din 3e-2 (one more rounding chain: dout, d pre); weight
+     * gradients sum products of two rounded operands over B*T tokens, with cancellation making the sum
+     * smaller than its terms: 5e-2. An indexing or formula error is O(1). */
+    sweep(M1C_BF16, (tols){2e-2, 3e-2, 5e-2});
+}
+
+/* ---- incremental inference on the GPU ------------------------------------------------------------- */
+
+static void do_step(th_layer *l, th_state *s, float *out, const float *in, int B, int T, int64_t pos) {
+    if (M1C_ATTENTION(l->plugin)->step(l->self, &l->bufs, s->t, out, in, B, T, pos) != M1C_OK)
+        cr_assert_fail("step: %s", l->plugin->error);
+}
+
+/* Rows [t0, t0+n) of every sequence of x (B, T, H) on the host, packed into (B, n, H) on the GPU. */
+static float *chunk_to_dev(const float *x, int B, int T, int H, int t0, int n) {
+    float *c = malloc((size_t)B * n * H * 4);
+    for (int b = 0; b < B; b++) memcpy(c + (size_t)b * n * H, x + ((size_t)b * T + t0) * H, (size_t)n * H * 4);
+    float *d = th_to_dev(GPU, c, (int64_t)B * n * H);
+    free(c);
+    return d;
+}
+
+/* The GPU output (B, n, H) back into rows [t0, t0+n) of dst (B, T, H). */
+static void chunk_from_dev(float *dst, const float *dev, int B, int T, int H, int t0, int n) {
+    float *c = th_to_host(GPU, dev, (int64_t)B * n * H);
+    for (int b = 0; b < B; b++) memcpy(dst + ((size_t)b * T + t0) * H, c + (size_t)b * n * H, (size_t)n * H * 4);
+    free(c);
+}
+
+static void run_chunk(th_layer *l, th_state *s, float *stepped, const float *x, int B, int T, int H, int t0, int n) {
+    float *in = chunk_to_dev(x, B, T, H, t0, n), *out = th_to_dev(GPU, stepped, (int64_t)B * n * H);
+    do_step(l, s, out, in, B, n, t0);
+    chunk_from_dev(stepped, out, B, T, H, t0, n);
+    th_dev_free(GPU, in), th_dev_free(GPU, out);
+}
+
+static void step_equals_forward(int cdt, double tol) {
+    /* Prefill 37 tokens (blocks of 16: 16, 16, 5), decode one token at a time, then a chunk of 9. */
+    const int B = 2, T = 60, H = 40, P = 37, nh = 2, hd = 32;
+    char cfg[160];
+    settings(cfg, sizeof cfg, nh, hd, 16);
+    th_layer *l = th_layer_new_dev("lightning", cfg, 1, 4, H, B, T, 61, 0.3f, GPU, cdt);
+    const int64_t n = (int64_t)B * T * H;
+    float *x = th_randn(n, 62, 1.0f), *full = th_zeros(n), *stepped = th_zeros(n);
+    float *gx = th_to_dev(GPU, x, n), *gfull = th_to_dev(GPU, full, n);
+    th_forward(l, gfull, gx);
+    float *f = th_to_host(GPU, gfull, n);
+    memcpy(full, f, (size_t)n * 4);
+    free(f);
+    l->bufs.training = 0;
+    th_state *s = th_state_new(l, B, T);
+    cr_assert_eq(s->n, 1);
+    cr_assert_eq(numel(&s->t[0]), (int64_t)B * nh * hd * hd, "state is (B, nh, hd, hd)");
+    /* an unrelated sequence first: pos = 0 below must start afresh */
+    float *junk = th_randn((int64_t)B * 6 * H, 63, 1.0f);
+    run_chunk(l, s, stepped, junk, B, 6, H, 0, 6);
+    free(junk);
+    memset(stepped, 0, (size_t)n * 4);
+
+    run_chunk(l, s, stepped, x, B, T, H, 0, P);
+    int t = P;
+    for (; t < T - 9; t++) run_chunk(l, s, stepped, x, B, T, H, t, 1);
+    run_chunk(l, s, stepped, x, B, T, H, t, T - t);
+
+    double e = scaled_err(stepped, full, n);
+    cr_log_info("%s stepped vs full forward: %.3g", cdt == M1C_BF16 ? "bf16" : "f32", e);
+    cr_expect_leq(e, tol, "stepped vs full forward: %.3g", e);
+    th_state_free(s);
+    th_dev_free(GPU, gx), th_dev_free(GPU, gfull);
+    free(x), free(full), free(stepped);
+    th_layer_free(l);
+}
+
+Test(lightning_cuda, prefill_then_decode_equals_forward_f32) {
+    need_gpu();
+    /* Different block boundaries (and GEMM shapes) change only the f32 summation order: 1e-5 of the
+     * largest output, as on the CPU. */
+    step_equals_forward(M1C_F32, 1e-5);
+}
+
+Test(lightning_cuda, prefill_then_decode_equals_forward_bf16) {
+    need_gpu();
+    /* The state is f32 on both paths, but the f32 GEMM results (whose summation order cuBLAS may pick per
+     * shape) are rounded to bf16: a differently summed pre-activation may round to the neighbouring bf16
+     * value (2^-8 ~ 4e-3 relative), and that propagates through o, y and out_proj: 1e-2 of max|out|. */
+    step_equals_forward(M1C_BF16, 1e-2);
+}
+
+/* ---- without a GPU -------------------------------------------------------------------------------- */
+
+Test(lightning_cuda, refuses_cuda_without_gpu) {
+    if (m1c_dev_available(GPU)) cr_skip_test("a CUDA device is present");
+    /* Built without CUDA, create refuses the device by name; built with CUDA on a machine without a GPU,
+     * uploading the decay table fails. Either way: an error, never a crash. */
+    m1c_plugin *p = th_plugin("lightning", M1C_KIND_ATTENTION);
+    m1c_config *cfg = NULL;
+    m1c_settings *s = th_settings("heads = 2; head_dim = 8;", &cfg);
+    m1c_layer_info info = {sizeof info, 0, 2, 16, GPU, M1C_F32, 1, {0}};
+    void *self = NULL;
+    p->error[0] = 0;
+    cr_expect_eq(M1C_ATTENTION(p)->ops.create(&p->host, s, &info, &self), M1C_ERR);
+    cr_expect_null(self);
+    cr_expect_neq(p->error[0], 0, "an error message is recorded");
+    cr_log_info("refusal: %s", p->error);
+    m1c_config_free(cfg);
+}
