@@ -1,6 +1,7 @@
-/* Softmax attention plugin (CPU): causal grouped-query attention with partial "rotate_half" RoPE, no
- * biases, HF parameter names, flash-attention-style forward/backward (no T x T matrix is kept) and a
- * KV cache for incremental decoding. The math is MODEL.md "Softmax attention". */
+/* Softmax attention plugin: causal grouped-query attention with partial "rotate_half" RoPE, no biases,
+ * HF parameter names, flash-attention-style forward/backward (no T x T matrix is kept) and a KV cache
+ * for incremental decoding. The math is MODEL.md "Softmax attention". This file is the CPU reference;
+ * device CUDA dispatches to softmax.cu. */
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -28,8 +29,22 @@ enum { A_Q, A_K, A_V, A_ATT, A_LSE, N_ACTS };
 enum { S_DQ, S_DK, S_DV, S_DATT, S_LSE, S_TILE, N_SCRATCH };
 enum { ST_K, ST_V, N_STATE };
 
+#ifdef M1C_HAVE_CUDA
+/* The CUDA path (softmax.cu): an instance of its own, with its own acts and scratch layout. */
+int sm_cuda_create(const m1c_host *h, int H, int nh, int kvh, int hd, int rd, double theta, int dtype, void **out);
+void sm_cuda_destroy(void *self);
+int sm_cuda_acts(void *self, int B, int T, m1c_buf_spec *specs, int max);
+int sm_cuda_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max);
+int sm_cuda_forward(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T);
+int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din, const float *dout, const float *in, int B,
+                     int T);
+int sm_cuda_step(void *self, const m1c_layer_bufs *b, m1c_tensor *state, float *out, const float *in, int B, int T,
+                 int64_t pos);
+#endif
+
 typedef struct softmax {
     const m1c_host *h;
+    void *cuda;   /* the CUDA instance (device CUDA), else NULL */
     int H;        /* model width */
     int nh, kvh;  /* query heads, key/value heads (kvh divides nh) */
     int hd, rd;   /* head dim, rotated dims (even, <= hd) */
@@ -258,8 +273,14 @@ static void attend_backward_head(const softmax *a, const float *q, const float *
 
 static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_info *info, void **self) {
     *self = NULL;
+#ifdef M1C_HAVE_CUDA
+    if (info->device != M1C_DEVICE_CPU && info->device != M1C_DEVICE_CUDA)
+        return h->error(h, "device %d: softmax runs on the CPU (0) or CUDA (1)", info->device);
+#else
     if (info->device != M1C_DEVICE_CPU)
-        return h->error(h, "device %d: only the CPU is supported by this build of softmax", info->device);
+        return h->error(h, "device %d: this build of softmax has no CUDA code (rebuild with CUDA) and runs on the "
+                           "CPU only", info->device);
+#endif
     int64_t heads, kv_heads, head_dim, rotary_dim;
     double theta;
     if (h->get_int(h, s, "heads", 8, 1, 4096, &heads) != M1C_OK) return M1C_ERR;
@@ -290,11 +311,24 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_i
     a->bk = a->bk < BK_MIN ? BK_MIN : (a->bk > BK_MAX ? BK_MAX : a->bk);
     a->tile = 2 * (int64_t)BQ * a->bk + 2 * BQ;
     for (int i = 0; i < a->rd / 2; i++) a->inv_freq[i] = pow(theta, -2.0 * i / a->rd);
+#ifdef M1C_HAVE_CUDA
+    if (info->device == M1C_DEVICE_CUDA &&
+        sm_cuda_create(h, a->H, a->nh, a->kvh, a->hd, a->rd, theta, info->compute_dtype, &a->cuda) != M1C_OK) {
+        free(a);
+        return M1C_ERR;
+    }
+#endif
     *self = a;
     return M1C_OK;
 }
 
-static void sm_destroy(void *self) { free(self); }
+static void sm_destroy(void *self) {
+#ifdef M1C_HAVE_CUDA
+    softmax *a = self;
+    if (a && a->cuda) sm_cuda_destroy(a->cuda);
+#endif
+    free(self);
+}
 
 static int sm_params(void *self, m1c_buf_spec *specs, int max) {
     softmax *a = self;
@@ -317,6 +351,9 @@ static int sm_params(void *self, m1c_buf_spec *specs, int max) {
  * No T x T probabilities: backward recomputes them tile by tile. */
 static int sm_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     softmax *a = self;
+#ifdef M1C_HAVE_CUDA
+    if (a->cuda) return sm_cuda_acts(a->cuda, B, T, specs, max);
+#endif
     if (!specs) return N_ACTS;
     if (max < N_ACTS) return a->h->error(a->h, "acts: room for %d specs, need %d", max, N_ACTS);
     const int64_t qd = (int64_t)a->nh * a->hd, kd = (int64_t)a->kvh * a->hd;
@@ -333,6 +370,9 @@ static int sm_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
  * five for q, k, v, att and lse of the new tokens. */
 static int sm_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     softmax *a = self;
+#ifdef M1C_HAVE_CUDA
+    if (a->cuda) return sm_cuda_scratch(a->cuda, B, T, specs, max);
+#endif
     if (!specs) return N_SCRATCH;
     if (max < N_SCRATCH) return a->h->error(a->h, "scratch: room for %d specs, need %d", max, N_SCRATCH);
     const int64_t qd = (int64_t)a->nh * a->hd;
@@ -378,6 +418,9 @@ static void project_qkv(const softmax *a, const m1c_layer_bufs *b, const float *
 static int sm_forward(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T) {
     softmax *a = self;
     const m1c_host *h = a->h;
+#ifdef M1C_HAVE_CUDA
+    if (a->cuda) return sm_cuda_forward(a->cuda, b, out, in, B, T);
+#endif
     if (check_scratch(a, b, B, T) != M1C_OK) return M1C_ERR;
     const int qd = a->nh * a->hd, kd = a->kvh * a->hd, nt = tile_threads(a, b);
     float *q, *k, *v, *att, *lse;
@@ -413,6 +456,9 @@ static int sm_backward(void *self, const m1c_layer_bufs *b, float *din, const fl
                        int B, int T) {
     softmax *a = self;
     const m1c_host *h = a->h;
+#ifdef M1C_HAVE_CUDA
+    if (a->cuda) return sm_cuda_backward(a->cuda, b, din, dout, in, B, T);
+#endif
     if (!b->acts) return h->error(h, "backward needs the activations of forward (acts is NULL)");
     if (check_scratch(a, b, B, T) != M1C_OK) return M1C_ERR;
     const int H = a->H, hd = a->hd, nh = a->nh, qd = nh * hd, kd = a->kvh * hd, M = B * T;
@@ -481,6 +527,9 @@ static int sm_step(void *self, const m1c_layer_bufs *b, m1c_tensor *state, float
                    int T, int64_t pos) {
     softmax *a = self;
     const m1c_host *h = a->h;
+#ifdef M1C_HAVE_CUDA
+    if (a->cuda) return sm_cuda_step(a->cuda, b, state, out, in, B, T, pos);
+#endif
     const int hd = a->hd, qd = a->nh * hd, kd = a->kvh * hd;
     const m1c_tensor *kc = &state[ST_K];
     const int64_t max_len = kc->shape[2];
@@ -531,4 +580,4 @@ static const m1c_attention_vtable vtable = {
 };
 
 M1C_PLUGIN(ATTENTION, attention, vtable, "softmax", "0.1.0",
-           "causal GQA softmax attention with partial RoPE and a KV cache (CPU)", "MIT")
+           "causal GQA softmax attention with partial RoPE and a KV cache (CPU, CUDA)", "MIT")
