@@ -1,8 +1,11 @@
-/* CPU training-step benchmark: tokens/s of forward + backward + AdamW on random tokens, for the
- * fixed reference shape of the issue tracker (byte vocabulary, H 256, 8 layers 7:1, MoE 4 experts
- * top-2) and for any config given on the command line (its model and first stage's B x T).
+/* Training-step benchmark: tokens/s of forward + backward + AdamW on random tokens, for the fixed
+ * reference shapes of the issue tracker and for any config given on the command line (its model and
+ * first stage's B x T).
  *
- *   m1c_bench_train [--steps N] [--threads N] [CONFIG ...]      (no CONFIG: configs/tiny.cfg)
+ *   m1c_bench_train [--steps N] [--threads N] [CONFIG ...]      CPU: the CPU reference shape and
+ *                                                                configs/tiny.cfg (no CONFIG)
+ *   m1c_bench_train --device cuda [--precision bf16|fp32] [--head fp32|tf32|bf16] [CONFIG ...]
+ *                                                                GPU: the ~220M GPU reference shape
  */
 #include <math.h>
 #include <stdio.h>
@@ -26,14 +29,30 @@ static const char reference_cfg[] =
     "run = { stages = ( { name = \"bench\"; data = { plugin = \"synth-math\"; }; objective = { plugin = \"xent\"; };\n"
     "  optimizer = { plugin = \"adamw\"; }; steps = 10; batch = 8; seq_len = 256; } ); };\n";
 
+/* The GPU reference: H 768, 8 layers 7:1, 12 heads x 64 (softmax: 4 KV heads), 8 experts top-2 with
+ * F 1024, vocabulary 32000, B 8, T 2048 (~220M parameters). */
+static const char gpu_reference_cfg[] =
+    "model = { vocab_size = 32000; hidden = 768; layers = 8;\n"
+    "  pattern = [\"lin\", \"lin\", \"lin\", \"lin\", \"lin\", \"lin\", \"lin\", \"sm\"];\n"
+    "  types = { lin = { attention = { plugin = \"lightning\"; heads = 12; head_dim = 64; block_size = 256; }; };\n"
+    "            sm = { attention = { plugin = \"softmax\"; heads = 12; kv_heads = 4; head_dim = 64; }; }; };\n"
+    "  ffn = { plugin = \"topk\"; experts = 8; top_k = 2; ffn_dim = 1024; }; };\n"
+    "run = { stages = ( { name = \"bench\"; data = { plugin = \"synth-math\"; }; objective = { plugin = \"xent\"; };\n"
+    "  optimizer = { plugin = \"adamw\"; }; steps = 10; batch = 8; seq_len = 2048; } ); };\n";
+
+typedef struct bench_opts {
+    int steps, device, precision, head;
+} bench_opts;
+
 typedef struct result {
     const char *name;
     int B, T;
     int64_t params;
-    double tok_s, ms, gflops;
+    double tok_s, ms, gflops, mfu;
 } result;
 
-static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_err *e) {
+static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result *out, m1c_err *e) {
+    int steps = bo->steps;
     m1c_session s;
     memset(&s, 0, sizeof s);
     s.cfg = cfg;
@@ -47,6 +66,9 @@ static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_
         m1c_cfg_int(stage, "seq_len", M1C_OPTIONAL, 256, 1, 1 << 24, &T, e);
     }
     if (s.spec.model.vocab_size <= 0) s.spec.model.vocab_size = 259; /* byte tokenizer + 3 specials */
+    s.spec.run.device = bo->device;
+    s.spec.run.precision = bo->precision;
+    if (bo->head >= 0) s.spec.model.head_precision = bo->head;
     m1c_registry_init(&s.reg);
     s.have_spec = 1;
     m1c_plugin *optp = NULL;
@@ -55,7 +77,7 @@ static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_
     m1c_run r;
     memset(&r, 0, sizeof r);
     m1c_arena state;
-    m1c_arena_init(&state, M1C_DEVICE_CPU);
+    m1c_arena_init(&state, bo->device);
     int32_t *tok = NULL;
     float *mask = NULL;
     rc = m1c_session_build_model(&s, 1, e);
@@ -84,13 +106,14 @@ static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_
             if (it == 2) t0 = m1c_now(); /* two warm-up steps */
             m1c_arena_zero(&m->grads);
             rc = m1c_model_forward(m, &r, tok, e);
-            for (int64_t i = 0; i < B * T; i++) r.dlogp[i] = -1.0f / (float)(B * T);
+            for (int64_t i = 0; i < B * T; i++) r.dlogp_host[i] = -1.0f / (float)(B * T);
             if (!rc) rc = m1c_model_backward(m, &r, e);
-            m1c_optim_step os = {.step = it + 1, .lr = 1e-4f, .n = m->params.n, .device = M1C_DEVICE_CPU,
+            m1c_optim_step os = {.step = it + 1, .lr = 1e-4f, .n = m->params.n, .device = m->device,
                                  .params = m->params.t, .grads = m->grads.t, .state = state.t,
-                                 .no_decay = m->no_decay};
+                                 .no_decay = m->no_decay, .params_lp = m->params_lp.base ? m->params_lp.t : NULL};
             if (!rc && M1C_OPTIMIZER(optp)->step(opt, &os)) rc = m1c_plugin_fail(optp, e, "step");
         }
+        m1c_dev_sync(m->device);
         double dt = (m1c_now() - t0) / steps;
         m1c_plan p;
         double flops = 0;
@@ -98,8 +121,10 @@ static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_
         if (!rc) rc = m1c_plan_compute(&s, T / 2, &p, e);
         if (!rc) flops = p.flops_train;
         m1c_plan_free(&p);
+        char dev[128];
+        double peak = m1c_dev_peak_flops(m->device, m->compute_dtype, dev, sizeof dev);
         *out = (result){name, (int)B, (int)T, m1c_model_param_count(m), (double)(B * T) / dt, dt * 1e3,
-                        flops * (double)(B * T) / dt * 1e-9};
+                        flops * (double)(B * T) / dt * 1e-9, peak > 0 ? flops * (double)(B * T) / dt / peak : 0};
     }
     free(tok);
     free(mask);
@@ -113,28 +138,45 @@ static int bench(const char *name, m1c_config *cfg, int steps, result *out, m1c_
 }
 
 int main(int argc, char **argv) {
-    int steps = 10, threads = 0, n = 0;
+    int threads = 0, n = 0;
+    bench_opts bo = {10, M1C_DEVICE_CPU, 0, -1};
     const char *configs[16];
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
-        else if (argv[i][0] != '-' && n < 16) configs[n++] = argv[i];
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
+        if (!strcmp(a, "--steps") && *v) bo.steps = atoi(argv[++i]);
+        else if (!strcmp(a, "--threads") && *v) threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--device") && (!strcmp(v, "cpu") || !strcmp(v, "cuda")))
+            bo.device = strcmp(argv[++i], "cuda") ? M1C_DEVICE_CPU : M1C_DEVICE_CUDA;
+        else if (!strcmp(a, "--precision") && (!strcmp(v, "fp32") || !strcmp(v, "bf16")))
+            bo.precision = !strcmp(argv[++i], "bf16");
+        else if (!strcmp(a, "--head") && (!strcmp(v, "fp32") || !strcmp(v, "tf32") || !strcmp(v, "bf16")))
+            bo.head = !strcmp(v, "fp32") ? 0 : !strcmp(v, "tf32") ? 1 : 2, i++;
+        else if (a[0] != '-' && n < 16) configs[n++] = a;
         else {
-            fprintf(stderr, "usage: m1c_bench_train [--steps N] [--threads N] [CONFIG ...]\n");
+            fprintf(stderr, "usage: m1c_bench_train [--steps N] [--threads N] [--device cpu|cuda] "
+                            "[--precision fp32|bf16] [--head fp32|tf32|bf16] [CONFIG ...]\n");
             return 1;
         }
     }
-    if (steps < 1) steps = 1;
-    if (n == 0) configs[n++] = M1C_SOURCE_DIR "/configs/tiny.cfg"; /* the demo's model by default */
+    if (bo.steps < 1) bo.steps = 1;
+    int steps = bo.steps;
+    if (bo.device == M1C_DEVICE_CUDA && !m1c_dev_available(M1C_DEVICE_CUDA)) {
+        fprintf(stderr, "m1c_bench_train: no CUDA device in this build or on this machine\n");
+        return 1;
+    }
+    if (n == 0 && bo.device == M1C_DEVICE_CPU) configs[n++] = M1C_SOURCE_DIR "/configs/tiny.cfg";
     m1c_set_threads(threads);
     result res[17];
     int nr = 0;
     m1c_err e = {{0}};
     for (int c = -1; c < n; c++) {
         m1c_config *cfg = NULL;
-        int rc = c < 0 ? m1c_config_parse(&cfg, reference_cfg, "reference-shape", NULL, NULL, 0, &e)
+        int gpu = bo.device == M1C_DEVICE_CUDA;
+        int rc = c < 0 ? m1c_config_parse(&cfg, gpu ? gpu_reference_cfg : reference_cfg, "reference-shape", NULL, NULL,
+                                          0, &e)
                        : m1c_config_load(&cfg, configs[c], NULL, 0, &e);
-        if (!rc) rc = bench(c < 0 ? "reference shape (H256, 8L 7:1, 4E top-2)" : configs[c], cfg, steps, &res[nr], &e);
+        const char *label = gpu ? "GPU reference (H768, 8L 7:1, 8E top-2, V32K)" : "reference shape (H256, 8L 7:1, 4E top-2)";
+        if (!rc) rc = bench(c < 0 ? label : configs[c], cfg, &bo, &res[nr], &e);
         if (cfg) m1c_config_free(cfg);
         if (rc) {
             fprintf(stderr, "m1c_bench_train: %s\n", e.msg);
@@ -142,10 +184,14 @@ int main(int argc, char **argv) {
         }
         nr++;
     }
-    printf("\nCPU training step (forward + backward + AdamW), %d threads, %d timed steps\n", m1c_get_threads(), steps);
-    printf("%-44s %6s %6s %10s %10s %10s %9s\n", "model", "B", "T", "params", "ms/step", "tokens/s", "GFLOP/s");
+    char dev[128];
+    m1c_dev_peak_flops(bo.device, bo.precision ? M1C_BF16 : M1C_F32, dev, sizeof dev);
+    printf("\n%s training step (forward + backward + AdamW), %s, %d timed steps%s\n", dev,
+           bo.precision ? "bf16 mixed precision" : "fp32", steps, bo.device == M1C_DEVICE_CPU ? "" : "");
+    printf("%-44s %6s %6s %10s %10s %10s %9s %6s\n", "model", "B", "T", "params", "ms/step", "tokens/s", "GFLOP/s",
+           "MFU");
     for (int i = 0; i < nr; i++)
-        printf("%-44s %6d %6d %10lld %10.1f %10.0f %9.1f\n", res[i].name, res[i].B, res[i].T, (long long)res[i].params,
-               res[i].ms, res[i].tok_s, res[i].gflops);
+        printf("%-44s %6d %6d %10lld %10.1f %10.0f %9.1f %5.1f%%\n", res[i].name, res[i].B, res[i].T,
+               (long long)res[i].params, res[i].ms, res[i].tok_s, res[i].gflops, 100 * res[i].mfu);
     return 0;
 }

@@ -79,6 +79,13 @@ void m1c_dev_free(int device, void *p) {
 #endif
 }
 
+void m1c_dev_sync(int device) {
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) m1c_cuda_sync();
+#endif
+    (void)device;
+}
+
 void m1c_dev_memset0(int device, void *p, size_t bytes) {
     if (device == M1C_DEVICE_CPU) memset(p, 0, bytes);
 #ifdef M1C_HAVE_CUDA

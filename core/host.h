@@ -15,6 +15,8 @@ int m1c_get_threads(void);
 void *m1c_dev_alloc(int device, size_t bytes);
 void m1c_dev_free(int device, void *p);
 void m1c_dev_memset0(int device, void *p, size_t bytes);
+/* Wait for all work queued on a device (timing). */
+void m1c_dev_sync(int device);
 /* Copies between any two devices (CPU <-> CUDA, CUDA <-> CUDA, CPU <-> CPU); synchronous. */
 void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes);
 /* Whether a device is usable in this build and on this machine. */

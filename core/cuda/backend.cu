@@ -45,6 +45,8 @@ extern "C" void *m1c_cuda_alloc(size_t bytes) {
     return p;
 }
 
+extern "C" void m1c_cuda_sync(void) { check(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
 extern "C" void m1c_cuda_free(void *p) {
     if (p) check(cudaFree(p), "cudaFree");
 }

@@ -15,6 +15,7 @@ int m1c_cuda_device_count(void);
 void m1c_cuda_device_name(char *buf, int n);
 void *m1c_cuda_alloc(size_t bytes);
 void m1c_cuda_free(void *p);
+void m1c_cuda_sync(void);
 void m1c_cuda_memset0(void *p, size_t bytes);
 /* kind: 0 host->device, 1 device->host, 2 device->device */
 void m1c_cuda_copy(void *dst, const void *src, size_t bytes, int kind);
