@@ -20,6 +20,13 @@ static void check_launch(const char *what) {
     }
 }
 
+static void check(cudaError_t e, const char *what) {
+    if (e != cudaSuccess) {
+        fprintf(stderr, "m1c: CUDA error in %s: %s\n", what, cudaGetErrorString(e));
+        abort();
+    }
+}
+
 static int grid_for(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
     return (int)(g > 65535 * 8 ? 65535 * 8 : (g < 1 ? 1 : g));
@@ -302,8 +309,8 @@ extern "C" double m1c_cuda_sumsq(const float *x, int64_t n) {
     }
     sumsq_k<<<BLOCKS, 256>>>(part, x, n);
     check_launch("sumsq");
-    cudaMemcpy(host, part, sizeof host, cudaMemcpyDeviceToHost);
-    cudaFree(part);
+    check(cudaMemcpy(host, part, sizeof host, cudaMemcpyDeviceToHost), "sumsq copy");
+    check(cudaFree(part), "sumsq free");
     double s = 0;
     for (int i = 0; i < BLOCKS; i++) s += host[i];
     return s;
@@ -316,11 +323,11 @@ extern "C" int64_t m1c_cuda_count_nonfinite(const float *x, int64_t n) {
         fprintf(stderr, "m1c: out of GPU memory (nonfinite)\n");
         abort();
     }
-    cudaMemset(d, 0, sizeof k);
+    check(cudaMemset(d, 0, sizeof k), "count_nonfinite memset");
     nonfinite_k<<<grid_for(n, 256) < 1024 ? grid_for(n, 256) : 1024, 256>>>(d, x, n);
     check_launch("count_nonfinite");
-    cudaMemcpy(&k, d, sizeof k, cudaMemcpyDeviceToHost);
-    cudaFree(d);
+    check(cudaMemcpy(&k, d, sizeof k, cudaMemcpyDeviceToHost), "count_nonfinite copy");
+    check(cudaFree(d), "count_nonfinite free");
     return (int64_t)k;
 }
 

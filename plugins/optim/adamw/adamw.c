@@ -1,5 +1,6 @@
 /* AdamW optimizer plugin: bias-corrected Adam moments with decoupled weight decay, the same arithmetic
- * as torch.optim.AdamW (single-tensor path), on CPU f32 tensors with OpenMP over elements. */
+ * as torch.optim.AdamW (single-tensor path), on CPU f32 tensors with OpenMP over elements, or on CUDA
+ * tensors through adamw.cu (same formula, fused multi-tensor kernel). */
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -63,15 +64,17 @@ static int64_t numel(const m1c_tensor *t) {
 
 static const char *tname(const m1c_tensor *t) { return t->name ? t->name : "(unnamed)"; }
 
-/* Every tensor must be a CPU f32 tensor of the parameter's size: checked for all of them before any is
- * touched, so a refused step leaves parameters and state as they were. */
-static int check_tensor(const m1c_host *h, const m1c_tensor *t, const char *what, int i, int64_t n) {
-    if (t->device != M1C_DEVICE_CPU)
-        return h->error(h, "%s of parameter %d (%s) is on device %d: adamw runs on the CPU only", what, i,
-                        tname(t), (int)t->device);
-    if (t->dtype != M1C_F32)
-        return h->error(h, "%s of parameter %d (%s) has dtype %d: adamw needs f32", what, i, tname(t),
-                        (int)t->dtype);
+/* Every tensor must be an f32 tensor (bf16 for the low-precision copies) of the parameter's size on the
+ * step's device: checked for all of them before any is touched, so a refused step leaves parameters and
+ * state as they were. */
+static int check_tensor(const m1c_host *h, const m1c_tensor *t, const char *what, int i, int64_t n, int device,
+                        int dtype) {
+    if (t->device != device)
+        return h->error(h, "%s of parameter %d (%s) is on device %d, the optimizer step on device %d (%s)", what, i,
+                        tname(t), (int)t->device, device, device == M1C_DEVICE_CUDA ? "CUDA" : "CPU");
+    if (t->dtype != dtype)
+        return h->error(h, "%s of parameter %d (%s) has dtype %d: adamw needs %s", what, i, tname(t),
+                        (int)t->dtype, dtype == M1C_BF16 ? "bf16" : "f32");
     if (!t->data && n > 0) return h->error(h, "%s of parameter %d (%s) has no data", what, i, tname(t));
     if (numel(t) != n)
         return h->error(h, "%s of parameter %d (%s) has %lld elements, the parameter %lld", what, i, tname(t),
@@ -79,12 +82,21 @@ static int check_tensor(const m1c_host *h, const m1c_tensor *t, const char *what
     return M1C_OK;
 }
 
+#ifdef M1C_HAVE_CUDA
+/* adamw.cu: the same update on CUDA tensors, in fused multi-tensor launches on a->stream. */
+int adamw_cuda_step(const m1c_optim_step *a, int n_state, float keep_decay, float step_size, float bc2_sqrt,
+                    float b2, float eps, float w1, float w2, char *err, size_t err_len);
+#endif
+
 static int adamw_step(void *self, const m1c_optim_step *a) {
     adamw *o = self;
     const m1c_host *h = o->h;
-    if (a->device != M1C_DEVICE_CPU)
-        return h->error(h, "adamw has no CUDA implementation yet: run the optimizer on the CPU (device %d)",
-                        (int)a->device);
+    if (a->device != M1C_DEVICE_CPU && a->device != M1C_DEVICE_CUDA)
+        return h->error(h, "optimizer step on unknown device %d", (int)a->device);
+#ifndef M1C_HAVE_CUDA
+    if (a->device == M1C_DEVICE_CUDA)
+        return h->error(h, "adamw was built without CUDA: rebuild with CUDA or run the optimizer on the CPU");
+#endif
     if (a->step < 1) return h->error(h, "optimizer step %lld: steps are 1-based", (long long)a->step);
     if (!isfinite(a->lr) || a->lr < 0.0f)
         return h->error(h, "learning rate %g is not a finite value >= 0", a->lr);
@@ -92,11 +104,17 @@ static int adamw_step(void *self, const m1c_optim_step *a) {
         return h->error(h, "optimizer step with %d tensors but missing params, grads or state", (int)a->n);
     for (int i = 0; i < a->n; i++) {
         int64_t n = numel(&a->params[i]);
-        if (check_tensor(h, &a->params[i], "parameter", i, n) != M1C_OK) return M1C_ERR;
-        if (check_tensor(h, &a->grads[i], "gradient", i, n) != M1C_OK) return M1C_ERR;
+        const int dev = a->device;
+        if (check_tensor(h, &a->params[i], "parameter", i, n, dev, M1C_F32) != M1C_OK) return M1C_ERR;
+        if (check_tensor(h, &a->grads[i], "gradient", i, n, dev, M1C_F32) != M1C_OK) return M1C_ERR;
         for (int k = 0; k < ADAMW_N_STATE; k++)
-            if (check_tensor(h, &a->state[i * ADAMW_N_STATE + k], adamw_state_names[k], i, n) != M1C_OK)
+            if (check_tensor(h, &a->state[i * ADAMW_N_STATE + k], adamw_state_names[k], i, n, dev, M1C_F32) !=
+                M1C_OK)
                 return M1C_ERR;
+        /* The CPU path leaves params_lp to the core (m1c_to_bf16); on CUDA it is written in the kernel. */
+        if (dev == M1C_DEVICE_CUDA && a->params_lp &&
+            check_tensor(h, &a->params_lp[i], "bf16 copy", i, n, dev, M1C_BF16) != M1C_OK)
+            return M1C_ERR;
     }
 
     /* Scalars in double, as torch computes them in Python, then rounded once to f32. */
@@ -107,6 +125,16 @@ static int adamw_step(void *self, const m1c_optim_step *a) {
     const float bc2_sqrt = (float)sqrt(bc2);
     const float b2 = (float)o->beta2, eps = o->eps;
     const float w1 = (float)(1.0 - o->beta1), w2 = (float)(1.0 - o->beta2);
+#ifdef M1C_HAVE_CUDA
+    if (a->device == M1C_DEVICE_CUDA) {
+        /* keep as the CPU loop below computes it for a decayed tensor; the kernel uses 1 for no_decay. */
+        const float keep_decay = o->weight_decay > 0.0 ? (float)(1.0 - lr * o->weight_decay) : 1.0f;
+        char err[256];
+        if (adamw_cuda_step(a, ADAMW_N_STATE, keep_decay, step_size, bc2_sqrt, b2, eps, w1, w2, err, sizeof err))
+            return h->error(h, "%s", err);
+        return M1C_OK;
+    }
+#endif
     int nt = h->cpu_threads ? h->cpu_threads(h) : 0;
     if (nt <= 0) nt = omp_get_max_threads();
 
@@ -143,4 +171,4 @@ static const m1c_optimizer_vtable adamw_vtable = {
 };
 
 M1C_PLUGIN(OPTIMIZER, optimizer, adamw_vtable, "adamw", "0.1.0",
-           "AdamW (torch.optim.AdamW arithmetic, decoupled weight decay), CPU f32", "MIT")
+           "AdamW (torch.optim.AdamW arithmetic, decoupled weight decay), CPU or CUDA f32", "MIT")

@@ -1,0 +1,383 @@
+/* The core's own layers and vector operations (core/ops.h) on a CUDA device against the CPU reference:
+ * fresh random inputs of sizes that no block or tile divides, the same inputs on both sides. Skipped
+ * where the build has no CUDA or the machine has no GPU. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/host.h"
+#include "../core/ops.h"
+#include "../core/rng.h"
+#include "harness.h"
+
+#define GPU M1C_DEVICE_CUDA
+#define CPU M1C_DEVICE_CPU
+
+static void need_gpu(void) {
+    if (!m1c_dev_available(GPU)) cr_skip_test("no CUDA device in this build or on this machine");
+}
+
+/* Row counts, widths and vocabularies that are not multiples of 32, 128 or 256 (1 included). */
+static const int64_t Ns[] = {1, 37, 1000};
+static const int Cs[] = {1, 33, 256, 1100};
+#define NN (int)(sizeof Ns / sizeof Ns[0])
+#define NC (int)(sizeof Cs / sizeof Cs[0])
+
+static void *up_bytes(const void *x, size_t bytes) {
+    void *d = m1c_dev_alloc(GPU, bytes ? bytes : 1);
+    cr_assert_not_null(d);
+    m1c_dev_copy(GPU, d, CPU, x, bytes);
+    return d;
+}
+
+static float *up(const float *x, int64_t n) { return th_to_dev(GPU, x, n); }
+static float *down(const float *d, int64_t n) { return th_to_host(GPU, d, n); }
+static void gfree(void *d) { th_dev_free(GPU, d); }
+
+static float *copy_of(const float *x, int64_t n) {
+    float *y = malloc((size_t)(n ? n : 1) * 4);
+    memcpy(y, x, (size_t)n * 4);
+    return y;
+}
+
+/* max |gpu - cpu| / max |cpu| (absolute where the reference is all zero); NaN anywhere gives Inf. */
+static double rel_max(const float *gpu, const float *cpu, int64_t n) {
+    double d = th_max_abs_diff(gpu, cpu, n), m = th_max_abs(cpu, n);
+    return m > 0 ? d / m : d;
+}
+
+/* Token ids in [0, V) with many repeats (half of them from 5 ids), V - 1 and 0 present; every
+ * `unscored`-th entry -1 when unscored > 0 (targets not scored). */
+static int32_t *make_ids(int64_t N, int V, uint64_t seed, int unscored) {
+    int32_t *ids = malloc((size_t)N * sizeof *ids);
+    m1c_rng r;
+    m1c_rng_seed(&r, seed, 3);
+    for (int64_t i = 0; i < N; i++) ids[i] = (int32_t)(m1c_rng_u64(&r) % (uint64_t)(i % 2 ? V : 5));
+    ids[N - 1] = V - 1;
+    if (N > 2) ids[N / 2] = ids[0];
+    if (unscored > 0)
+        for (int64_t i = 1; i < N; i += unscored) ids[i] = -1;
+    return ids;
+}
+
+/* ---- embedding ---- */
+
+Test(cuda_ops, embed_forward_backward) {
+    need_gpu();
+    const int V = 259;
+    for (int a = 0; a < NN; a++)
+        for (int b = 0; b < NC; b++) {
+            const int64_t N = Ns[a];
+            const int H = Cs[b];
+            int32_t *ids = make_ids(N, V, 10 + (uint64_t)(a * NC + b), 0);
+            float *wte = th_randn((int64_t)V * H, 1, 1.0f), *out = th_zeros(N * H);
+            int32_t *d_ids = up_bytes(ids, (size_t)N * 4);
+            float *d_wte = up(wte, (int64_t)V * H), *d_out = up(out, N * H);
+            m1c_embed_forward(CPU, out, ids, wte, N, H);
+            m1c_embed_forward(GPU, d_out, d_ids, d_wte, N, H);
+            float *g_out = down(d_out, N * H);
+            /* A gather: exact. */
+            cr_expect_eq(th_max_abs_diff(g_out, out, N * H), 0.0, "embed forward N=%lld H=%d", (long long)N, H);
+
+            /* Backward accumulates into a non-zero dwte. */
+            float *dout = th_randn(N * H, 2, 1.0f), *dwte = th_randn((int64_t)V * H, 3, 1.0f);
+            float *d_dout = up(dout, N * H), *d_dwte = up(dwte, (int64_t)V * H);
+            m1c_embed_backward(CPU, dwte, dout, ids, N, H);
+            m1c_embed_backward(GPU, d_dwte, d_dout, d_ids, N, H);
+            float *g_dwte = down(d_dwte, (int64_t)V * H);
+            /* Repeated ids are summed by atomics in another order: up to ~N/10 f32 additions per element,
+             * each rounding by <= 6e-8 of the running sum, stays below 1e-5 of the largest element. */
+            double e = rel_max(g_dwte, dwte, (int64_t)V * H);
+            cr_expect_leq(e, 1e-5, "embed backward N=%lld H=%d: error %g of max", (long long)N, H, e);
+
+            free(ids), free(wte), free(out), free(g_out), free(dout), free(dwte), free(g_dwte);
+            gfree(d_ids), gfree(d_wte), gfree(d_out), gfree(d_dout), gfree(d_dwte);
+        }
+}
+
+/* ---- RMSNorm ---- */
+
+Test(cuda_ops, rmsnorm_forward_backward) {
+    need_gpu();
+    const float eps = 1e-5f;
+    for (int a = 0; a < NN; a++)
+        for (int b = 0; b < NC; b++) {
+            const int64_t N = Ns[a];
+            const int C = Cs[b];
+            const uint64_t s = 100 + (uint64_t)(a * NC + b) * 10;
+            float *in = th_randn(N * C, s, 1.0f), *w = th_randn(C, s + 1, 0.2f);
+            for (int c = 0; c < C; c++) w[c] += 1.0f;
+            float *out = th_zeros(N * C), *rstd = th_zeros(N);
+            float *d_in = up(in, N * C), *d_w = up(w, C), *d_out = up(out, N * C), *d_rstd = up(rstd, N);
+            m1c_rmsnorm_forward(CPU, out, rstd, in, w, N, C, eps);
+            m1c_rmsnorm_forward(GPU, d_out, d_rstd, d_in, d_w, N, C, eps);
+            float *g_out = down(d_out, N * C), *g_rstd = down(d_rstd, N);
+            /* Sums of C <= 1100 squares in another order (relative ~1e-6) and rsqrtf (<= 2 ulp, 2.4e-7):
+             * 1e-5 of the largest element. */
+            double eo = rel_max(g_out, out, N * C), er = rel_max(g_rstd, rstd, N);
+            cr_expect_leq(eo, 1e-5, "rmsnorm forward N=%lld C=%d: out error %g", (long long)N, C, eo);
+            cr_expect_leq(er, 1e-5, "rmsnorm forward N=%lld C=%d: rstd error %g", (long long)N, C, er);
+
+            /* Backward from the same inputs on both sides (the CPU's rstd); din and dw accumulate. */
+            float *dout = th_randn(N * C, s + 2, 1.0f), *din = th_randn(N * C, s + 3, 1.0f);
+            float *dw = th_randn(C, s + 4, 1.0f);
+            float *d_dout = up(dout, N * C), *d_din = up(din, N * C), *d_dw = up(dw, C);
+            m1c_dev_copy(GPU, d_rstd, CPU, rstd, (size_t)N * 4);
+            m1c_rmsnorm_backward(CPU, din, dw, dout, in, w, rstd, N, C);
+            m1c_rmsnorm_backward(GPU, d_din, d_dw, d_dout, d_in, d_w, d_rstd, N, C);
+            float *g_din = down(d_din, N * C), *g_dw = down(d_dw, C);
+            /* din: a dot product of C terms in another order and the GPU's fused multiply-adds; the
+             * two terms r g w and k x cancel partly for C = 1 but are at most ~r ~ 1/sqrt(eps) times
+             * |g w|, so one rounding of them stays below 1e-5 of the largest element. dw: sums of N
+             * terms over rows in another order (chunks of 256 rows, atomics). */
+            double ei = rel_max(g_din, din, N * C), ew = rel_max(g_dw, dw, C);
+            cr_expect_leq(ei, 1e-5, "rmsnorm backward N=%lld C=%d: din error %g", (long long)N, C, ei);
+            cr_expect_leq(ew, 1e-5, "rmsnorm backward N=%lld C=%d: dw error %g", (long long)N, C, ew);
+
+            free(in), free(w), free(out), free(rstd), free(g_out), free(g_rstd);
+            free(dout), free(din), free(dw), free(g_din), free(g_dw);
+            gfree(d_in), gfree(d_w), gfree(d_out), gfree(d_rstd), gfree(d_dout), gfree(d_din), gfree(d_dw);
+        }
+}
+
+/* ---- the LM head ---- */
+
+/* Tolerances relative to the largest element, per head precision:
+ * 0 fp32: products and sums in f32 in another order (cuBLAS tiles, float log-sum-exp on the GPU vs
+ *   double on the CPU): ~1e-6, 1e-5 with margin;
+ * 1 tf32: operands cut to a 10-bit mantissa (2^-11 ~ 4.9e-4 each when rounded, 2^-10 if the hardware
+ *   truncates, so up to ~2e-3 for a single product as with H = 1): 3e-3 of the largest element;
+ * 2 bf16: operands rounded to an 8-bit mantissa (2^-9 ~ 2e-3 each, ~4e-3 per product): 1e-2. */
+static const double head_tol[3] = {1e-5, 3e-3, 1e-2};
+
+typedef struct head_case {
+    int64_t N;
+    int H, V;
+} head_case;
+
+/* Every N, H and V of the lists appears; the largest case is the model's shape at a small scale. */
+static const head_case head_cases[] = {
+    {1, 1, 259}, {37, 33, 5000}, {1000, 256, 259}, {1, 1100, 5000}, {37, 256, 259}, {1000, 1, 5000},
+    {1000, 1100, 5000},
+};
+
+static void check_head(const head_case *hc, int ci) {
+    const int64_t N = hc->N, NV = hc->N * hc->V, NH = hc->N * hc->H, VH = (int64_t)hc->V * hc->H;
+    const int H = hc->H, V = hc->V;
+    const uint64_t s = 1000 + (uint64_t)ci * 10;
+    /* Logits of order 1, as in a trained model: W ~ N(0, 1/H). */
+    float *h = th_randn(NH, s, 1.0f), *W = th_randn(VH, s + 1, 1.0f / sqrtf((float)H));
+    int32_t *targets = make_ids(N, V, s + 2, 5); /* every 5th unscored (-1) */
+    float *logits = th_zeros(NV), *lse = th_zeros(N), *logp = th_zeros(N);
+    m1c_head_forward(CPU, 0, logits, lse, logp, h, W, targets, N, H, V);
+
+    float *dlogp = th_randn(N, s + 3, 1.0f);
+    /* dh and dW accumulate: start from values of the gradients' own size (~0.01..1), so that a GEMM
+     * that overwrote instead of adding would be far outside every tolerance. */
+    float *dh0 = th_randn(NH, s + 4, 0.01f), *dW0 = th_randn(VH, s + 5, 0.01f);
+    float *dh = copy_of(dh0, NH), *dW = copy_of(dW0, VH), *dlogits = copy_of(logits, NV);
+    m1c_head_backward(CPU, 0, dh, dW, dlogits, lse, dlogp, h, W, targets, N, H, V);
+
+    float *d_h = up(h, NH), *d_W = up(W, VH), *d_dlogp = up(dlogp, N);
+    int32_t *d_t = up_bytes(targets, (size_t)N * 4);
+    for (int prec = 0; prec < 3; prec++) {
+        const double tol = head_tol[prec];
+        float *d_logits = up(dlogits, NV), *d_lse = up(dh0, N), *d_logp = up(dh0, N); /* garbage first */
+        m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, d_h, d_W, d_t, N, H, V);
+        float *g_logits = down(d_logits, NV), *g_lse = down(d_lse, N), *g_logp = down(d_logp, N);
+        /* lse and logp are differences and log-sum-exps of logits: their errors are those of the logits
+         * (a log-prob near 0 can carry the error of logits of size ~10), so they are measured against
+         * the size of the terms they are made of, max |logits| + max |lse|. */
+        const double scale = th_max_abs(logits, NV) + th_max_abs(lse, N);
+        double el = rel_max(g_logits, logits, NV), es = th_max_abs_diff(g_lse, lse, N) / scale,
+               ep = th_max_abs_diff(g_logp, logp, N) / scale;
+        cr_expect_leq(el, tol, "head forward N=%lld H=%d V=%d precision %d: logits error %g", (long long)N, H, V,
+                      prec, el);
+        cr_expect_leq(es, tol, "head forward N=%lld H=%d V=%d precision %d: lse error %g", (long long)N, H, V,
+                      prec, es);
+        cr_expect_leq(ep, tol, "head forward N=%lld H=%d V=%d precision %d: logp error %g", (long long)N, H, V,
+                      prec, ep);
+        for (int64_t i = 0; i < N; i++)
+            if (targets[i] < 0) cr_expect_eq(g_logp[i], 0.0f, "unscored row %lld: logp %g", (long long)i, g_logp[i]);
+
+        /* Backward from the CPU's logits and lse on both sides, so that it is tested alone. */
+        float *d_dh = up(dh0, NH), *d_dW = up(dW0, VH);
+        m1c_dev_copy(GPU, d_logits, CPU, logits, (size_t)NV * 4);
+        m1c_dev_copy(GPU, d_lse, CPU, lse, (size_t)N * 4);
+        m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, d_dlogp, d_h, d_W, d_t, N, H, V);
+        float *g_dlogits = down(d_logits, NV), *g_dh = down(d_dh, NH), *g_dW = down(d_dW, VH);
+        /* dlogits is f32 elementwise (expf on both sides) at every precision: fp32's tolerance. */
+        double ed = rel_max(g_dlogits, dlogits, NV), eh = rel_max(g_dh, dh, NH), ew = rel_max(g_dW, dW, VH);
+        cr_expect_leq(ed, head_tol[0], "head backward N=%lld H=%d V=%d precision %d: dlogits error %g",
+                      (long long)N, H, V, prec, ed);
+        cr_expect_leq(eh, tol, "head backward N=%lld H=%d V=%d precision %d: dh error %g", (long long)N, H, V, prec,
+                      eh);
+        cr_expect_leq(ew, tol, "head backward N=%lld H=%d V=%d precision %d: dW error %g", (long long)N, H, V, prec,
+                      ew);
+        /* Unscored rows have no gradient at all. */
+        for (int64_t i = 0; i < N; i++)
+            if (targets[i] < 0)
+                cr_expect_eq(th_max_abs(g_dlogits + i * V, V), 0.0, "unscored row %lld has dlogits", (long long)i);
+        cr_log_info("head N=%lld H=%d V=%d precision %d: logits %.2g lse %.2g logp %.2g dlogits %.2g dh %.2g dW %.2g",
+                    (long long)N, H, V, prec, el, es, ep, ed, eh, ew);
+
+        free(g_logits), free(g_lse), free(g_logp), free(g_dlogits), free(g_dh), free(g_dW);
+        gfree(d_logits), gfree(d_lse), gfree(d_logp), gfree(d_dh), gfree(d_dW);
+    }
+    free(h), free(W), free(targets), free(logits), free(lse), free(logp), free(dlogp);
+    free(dh0), free(dW0), free(dh), free(dW), free(dlogits);
+    gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t);
+}
+
+Test(cuda_ops, head_forward_backward_all_precisions) {
+    need_gpu();
+    for (int i = 0; i < (int)(sizeof head_cases / sizeof head_cases[0]); i++) check_head(&head_cases[i], i);
+}
+
+/* ---- elementwise operations and reductions ---- */
+
+static const int64_t lens[] = {1, 37, 1000, 1000003}; /* the last spans more than the reductions' grid */
+#define NL (int)(sizeof lens / sizeof lens[0])
+
+Test(cuda_ops, residual_axpby_scale) {
+    need_gpu();
+    const float a = 0.7f, b = 1.3f, s = -0.37f; /* none a power of two: every product rounds */
+    for (int k = 0; k < NL; k++) {
+        const int64_t n = lens[k];
+        float *x = th_randn(n, 50 + (uint64_t)k, 1.0f), *y = th_randn(n, 60 + (uint64_t)k, 1.0f);
+        float *d_x = up(x, n), *d_y = up(y, n);
+        m1c_residual(CPU, y, x, a, b, n);
+        m1c_residual(GPU, d_y, d_x, a, b, n);
+        float *g_y = down(d_y, n);
+        /* a h + b y: the GPU may fuse one product into the addition (one rounding fewer, <= 6e-8 of a
+         * term of size <= the largest element): 1e-6 of the largest element. */
+        double e = rel_max(g_y, y, n);
+        cr_expect_leq(e, 1e-6, "residual n=%lld: error %g", (long long)n, e);
+
+        float *z = th_zeros(n), *d_z = up(z, n);
+        m1c_axpby(CPU, y, z, x, a, b, n);
+        m1c_axpby(GPU, d_y, d_z, d_x, a, b, n);
+        float *g_y2 = down(d_y, n), *g_z = down(d_z, n);
+        /* One rounded product per element: exact. */
+        cr_expect_eq(th_max_abs_diff(g_y2, y, n), 0.0, "axpby n=%lld: y", (long long)n);
+        cr_expect_eq(th_max_abs_diff(g_z, z, n), 0.0, "axpby n=%lld: z", (long long)n);
+
+        m1c_scale(CPU, x, n, s);
+        m1c_scale(GPU, d_x, n, s);
+        float *g_x = down(d_x, n);
+        cr_expect_eq(th_max_abs_diff(g_x, x, n), 0.0, "scale n=%lld (one rounded product: exact)", (long long)n);
+
+        free(x), free(y), free(z), free(g_y), free(g_y2), free(g_z), free(g_x);
+        gfree(d_x), gfree(d_y), gfree(d_z);
+    }
+}
+
+Test(cuda_ops, sumsq) {
+    need_gpu();
+    for (int k = 0; k < NL; k++) {
+        const int64_t n = lens[k];
+        float *x = th_randn(n, 70 + (uint64_t)k, 3.0f);
+        x[0] = 1e20f; /* squares beyond f32's range: the sum must be in double */
+        float *d_x = up(x, n);
+        double c = m1c_sumsq(CPU, x, n), g = m1c_sumsq(GPU, d_x, n);
+        /* Squares of f32 values are exact in double; n <= 1e6 positive terms summed in another order
+         * differ by <= n * 1.1e-16 ~ 1e-10 relative. */
+        cr_expect_leq(fabs(g - c), 1e-9 * c, "sumsq n=%lld: GPU %.17g CPU %.17g", (long long)n, g, c);
+        /* The 1e40 term alone dominates: both must have kept it. */
+        cr_expect_geq(g, 1e40, "sumsq n=%lld: %g", (long long)n, g);
+        x[0] = 0.5f;
+        m1c_dev_copy(GPU, d_x, CPU, x, 4);
+        c = m1c_sumsq(CPU, x, n), g = m1c_sumsq(GPU, d_x, n);
+        cr_expect_leq(fabs(g - c), 1e-9 * c, "sumsq n=%lld: GPU %.17g CPU %.17g", (long long)n, g, c);
+        free(x), gfree(d_x);
+    }
+}
+
+Test(cuda_ops, count_nonfinite) {
+    need_gpu();
+    for (int k = 0; k < NL; k++) {
+        const int64_t n = lens[k];
+        float *x = th_randn(n, 80 + (uint64_t)k, 1.0f);
+        x[0] = 3.4e38f; /* the largest finite values are finite */
+        x[n / 3] = -3.4e38f;
+        float *d_x = up(x, n);
+        cr_expect_eq(m1c_count_nonfinite(GPU, d_x, n), 0, "n=%lld: clean input", (long long)n);
+        /* Plant NaN, +Inf and -Inf at distinct places (the last element included) where n allows. */
+        int64_t pos[3] = {n - 1, n / 2, 1}, planted = 0;
+        const float bad[3] = {NAN, INFINITY, -INFINITY};
+        for (int j = 0; j < 3; j++) {
+            if (pos[j] >= n || (j > 0 && pos[j] == pos[0]) || (j > 1 && pos[j] == pos[1])) continue;
+            x[pos[j]] = bad[j];
+            planted++;
+        }
+        m1c_dev_copy(GPU, d_x, CPU, x, (size_t)n * 4);
+        int64_t c = m1c_count_nonfinite(CPU, x, n), g = m1c_count_nonfinite(GPU, d_x, n);
+        cr_expect_eq(c, planted, "n=%lld: CPU counts %lld of %lld", (long long)n, (long long)c, (long long)planted);
+        cr_expect_eq(g, planted, "n=%lld: GPU counts %lld of %lld", (long long)n, (long long)g, (long long)planted);
+        free(x), gfree(d_x);
+    }
+}
+
+static float from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static int bf16_is_nan(uint16_t b) { return (b & 0x7f80u) == 0x7f80u && (b & 0x7fu) != 0; }
+
+Test(cuda_ops, to_bf16) {
+    need_gpu();
+    /* Hand-picked patterns, then random bit patterns over the whole f32 range (NaNs included). */
+    static const uint32_t special[] = {
+        0x3f808000u, /* 1 + 2^-8: a tie between 0x3f80 and 0x3f81: to even 0x3f80 */
+        0x3f818000u, /* a tie between 0x3f81 and 0x3f82: to even 0x3f82 */
+        0x3f807fffu, 0x3f808001u, 0xbf808000u, 0xbf818000u, /* just below / above a tie; negative ties */
+        0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, /* zeros, infinities */
+        0x7f7fffffu, 0x7f7f8000u, 0xff7fffffu,             /* largest finite: rounds up to infinity */
+        0x00008000u, 0x00018000u, 0x0000ffffu, 0x807fffffu, 0x00000001u, /* subnormals, ties among them */
+        0x7fc00000u, 0xffc00000u, 0x7f800001u, 0x7fbfffffu, 0x7fffffffu, /* NaNs: quiet, negative, signalling */
+    };
+    const int64_t ns = (int64_t)(sizeof special / sizeof special[0]), n = ns + 1000003;
+    float *x = malloc((size_t)n * 4);
+    for (int64_t i = 0; i < ns; i++) x[i] = from_bits(special[i]);
+    m1c_rng r;
+    m1c_rng_seed(&r, 99, 0);
+    for (int64_t i = ns; i < n; i++) {
+        uint32_t u = (uint32_t)m1c_rng_u64(&r);
+        if (i % 4 == 0) u = (u & 0xffff0000u) | 0x8000u; /* many exact ties, odd and even */
+        x[i] = from_bits(u);
+    }
+    uint16_t *c = malloc((size_t)n * 2), *g = malloc((size_t)n * 2);
+    m1c_to_bf16(CPU, c, x, n);
+    /* The reference's own rounding of the ties above (worked out by hand). */
+    cr_expect_eq(c[0], 0x3f80, "CPU tie: %#x", c[0]);
+    cr_expect_eq(c[1], 0x3f82, "CPU tie: %#x", c[1]);
+    float *d_x = up(x, n);
+    uint16_t *d_g = m1c_dev_alloc(GPU, (size_t)n * 2);
+    int64_t bad = 0, nan_payload = 0;
+    /* Every length of the list, so that the last partial block is exercised at each size. */
+    for (int k = 0; k <= NL; k++) {
+        const int64_t len = k < NL ? (lens[k] < n ? lens[k] : n) : n;
+        m1c_dev_memset0(GPU, d_g, (size_t)n * 2);
+        m1c_to_bf16(GPU, d_g, d_x, len);
+        m1c_dev_copy(CPU, g, GPU, d_g, (size_t)n * 2);
+        for (int64_t i = 0; i < len; i++) {
+            /* Exact for every number (ties to even, subnormals, overflow to infinity). A NaN must stay
+             * a NaN; its sign and payload may differ (CUDA writes the canonical 0x7fff, the CPU keeps the
+             * top payload bits and sets the quiet bit), which no consumer of a bf16 copy can see. */
+            int ok = bf16_is_nan(c[i]) ? bf16_is_nan(g[i]) : g[i] == c[i];
+            if (!ok && bad++ < 10) {
+                uint32_t u;
+                memcpy(&u, &x[i], 4);
+                cr_log_error("to_bf16 of %#010x: GPU %#06x, CPU %#06x", (unsigned)u, g[i], c[i]);
+            }
+            nan_payload += bf16_is_nan(c[i]) && g[i] != c[i];
+        }
+        if (len < n) cr_expect_eq(g[len], 0, "to_bf16 wrote past n = %lld", (long long)len);
+    }
+    cr_expect_eq(bad, 0, "%lld bf16 conversions differ from the CPU's", (long long)bad);
+    cr_log_info("NaNs with another bit pattern than the CPU's: %lld", (long long)nan_payload);
+    free(x), free(c), free(g), gfree(d_x), gfree(d_g);
+}
