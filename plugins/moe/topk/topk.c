@@ -17,7 +17,9 @@
  * Tokens are permuted by expert (a stable counting sort, so rows stay in token order inside an expert),
  * gathered, and each expert runs two big GEMMs through h->gemm; elementwise work uses OpenMP. Forward
  * keeps the gathered rows and the SwiGLU activation, so backward neither gathers nor recomputes: the
- * GEMMs are separated by three elementwise passes in backward and three in forward. */
+ * GEMMs are separated by three elementwise passes in backward and three in forward.
+ * Device CUDA (built with CUDA): the same math in topk.cu; this file declares its buffers (expert rows and
+ * GEMM operands in the compute dtype) and hands it the pointers. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,28 +29,28 @@
 #endif
 #include "m1c/plugin.h"
 #include "../swiglu.h"
+#include "../topk_cuda.cuh" /* the A_STATS / A_COUNTS layouts, and the CUDA entry points */
 
 typedef struct topk {
     const m1c_host *h;
     int H, E, k, F;
     double aux_coef, jitter, capacity_factor;
     int normalize;
+    int device, cdt;           /* m1c_device; compute dtype (CUDA only: the CPU is f32 throughout) */
+    int32_t *h_off, *h_cnt;    /* CUDA: host copies of the offsets (E+1) and counts (2+2E) */
+    float *h_st;               /* CUDA: host copy of the stats (ST_F+2E), for stats() */
 } topk;
 
 /* Parameters, in declaration order (HF 5.x names and layouts). */
 enum { P_ROUTER, P_GATE_UP, P_DOWN, N_PARAMS };
 /* Activations kept for backward; A_NOISE only when jitter > 0. */
 enum { A_PROBS, A_IDX, A_W, A_POS, A_ROWTOK, A_OFF, A_COUNTS, A_STATS, A_XS, A_GU, A_ACT, A_Y, A_NOISE };
-/* Per-call scratch; S_XR only when jitter > 0. */
-enum { S_DGU, S_DY, S_DLOG, S_DW, S_XR };
+/* Per-call scratch; S_XR only when jitter > 0 (CPU), always on CUDA, which adds S_DACT and, for BF16,
+ * S_DY_LP. */
+enum { S_DGU, S_DY, S_DLOG, S_DW, S_XR, S_DACT, S_DY_LP };
 /* Up to this many experts backward adds the router's input gradient (dlogits @ Wr, E terms per
  * element) inside the un-permute pass; beyond it a GEMM does it better. */
 enum { FUSE_ROUTER_MAX_E = 32 };
-/* A_STATS layout (f32): aux loss as hi + lo (double precision in two floats, so that finite
- * differences of the aux loss stay meaningful), N of the forward, jitter applied (0/1), f[E], P[E]. */
-enum { ST_AUX, ST_AUX_LO, ST_N, ST_JIT, ST_F };
-/* A_COUNTS layout (i32): dropped, assignments (N*k), routed per expert [E], cursor per expert [E]. */
-enum { C_DROPPED, C_ASSIGN, C_ROUTED };
 
 /* Threads for elementwise work over `work` floats: one below a size where waking a team costs more
  * than it saves (tiny batches, finite-difference tests on a busy machine). */
@@ -67,7 +69,15 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
     int64_t E, k, F;
     double aux, jit, cf;
     int norm;
-    if (info->device != M1C_DEVICE_CPU) return h->error(h, "topk: only the CPU device is supported by this build");
+#ifdef M1C_HAVE_CUDA
+    if (info->device != M1C_DEVICE_CPU && info->device != M1C_DEVICE_CUDA)
+        return h->error(h, "topk: device %d is not supported (CPU or CUDA)", info->device);
+    if (info->device == M1C_DEVICE_CUDA && info->compute_dtype != M1C_F32 && info->compute_dtype != M1C_BF16)
+        return h->error(h, "topk: compute dtype %d is not supported on CUDA (F32 or BF16)", info->compute_dtype);
+#else
+    if (info->device != M1C_DEVICE_CPU)
+        return h->error(h, "topk: only the CPU device is supported by this build (built without CUDA)");
+#endif
     if (h->get_int(h, s, "experts", 8, 1, 4096, &E) != M1C_OK) return M1C_ERR;
     if (h->get_int(h, s, "top_k", 2, 1, 4096, &k) != M1C_OK) return M1C_ERR;
     if (h->get_int(h, s, "ffn_dim", 4 * (int64_t)info->hidden, 1, 1 << 20, &F) != M1C_OK) return M1C_ERR;
@@ -89,11 +99,29 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
     m->jitter = jit;
     m->capacity_factor = cf;
     m->normalize = norm;
+    m->device = info->device;
+    m->cdt = info->device == M1C_DEVICE_CUDA ? info->compute_dtype : M1C_F32;
+    if (m->device == M1C_DEVICE_CUDA) {
+        m->h_off = calloc((size_t)E + 1, sizeof(int32_t));
+        m->h_cnt = calloc(2 + 2 * (size_t)E, sizeof(int32_t));
+        m->h_st = calloc(ST_F + 2 * (size_t)E, sizeof(float));
+        if (!m->h_off || !m->h_cnt || !m->h_st) {
+            free(m->h_off), free(m->h_cnt), free(m->h_st), free(m);
+            return h->error(h, "topk: out of memory");
+        }
+    }
     *self = m;
     return M1C_OK;
 }
 
-static void topk_destroy(void *self) { free(self); }
+static void topk_destroy(void *self) {
+    topk *m = self;
+    if (!m) return;
+    free(m->h_off);
+    free(m->h_cnt);
+    free(m->h_st);
+    free(m);
+}
 
 static m1c_buf_spec spec(const char *name, int dtype, int ndim, int64_t d0, int64_t d1, int64_t d2) {
     m1c_buf_spec s;
@@ -139,9 +167,9 @@ static int topk_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
         spec("moe.offsets", M1C_I32, 1, m->E + 1, 0, 0),    /* (E+1) first permuted row per expert */
         spec("moe.counts", M1C_I32, 1, 2 + 2 * (int64_t)m->E, 0, 0), /* see C_* */
         spec("moe.stats", M1C_F32, 1, ST_F + 2 * (int64_t)m->E, 0, 0),  /* see ST_* */
-        spec("moe.x_perm", M1C_F32, 2, Nk, m->H, 0),        /* (N*k, H) inputs gathered by expert */
-        spec("moe.gate_up", M1C_F32, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F) expert pre-activations */
-        spec("moe.act", M1C_F32, 2, Nk, m->F, 0),           /* (N*k, F) silu(gate) * up */
+        spec("moe.x_perm", m->cdt, 2, Nk, m->H, 0),         /* (N*k, H) inputs gathered by expert */
+        spec("moe.gate_up", m->cdt, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F) expert pre-activations */
+        spec("moe.act", m->cdt, 2, Nk, m->F, 0),            /* (N*k, F) silu(gate) * up */
         spec("moe.expert_out", M1C_F32, 2, Nk, m->H, 0),    /* (N*k, H) expert outputs, unweighted */
         spec("moe.jitter", M1C_F32, 2, N, m->H, 0),         /* (N, H) router input noise */
     };
@@ -152,12 +180,15 @@ static int topk_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) 
     topk *m = self;
     int64_t N = (int64_t)B * T, Nk = N * m->k;
     m1c_buf_spec s[] = {
-        spec("moe.d_gate_up", M1C_F32, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F); d act first goes in the up half */
+        spec("moe.d_gate_up", m->cdt, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F); CPU: d act first goes in the up half */
         spec("moe.d_rows", M1C_F32, 2, Nk, m->H, 0),           /* (N*k, H) d expert out, then d x rows */
         spec("moe.d_logits", M1C_F32, 2, N, m->E, 0),          /* (N, E) */
         spec("moe.d_w", M1C_F32, 2, N, m->k, 0),               /* (N, k) d combine weights */
         spec("moe.x_router", M1C_F32, 2, N, m->H, 0),          /* (N, H) jittered router input */
+        spec("moe.d_act", M1C_F32, 2, Nk, m->F, 0),            /* CUDA: (N*k, F) d SwiGLU output */
+        spec("moe.d_rows_lp", M1C_BF16, 2, Nk, m->H, 0),       /* CUDA BF16: (N*k, H) bf16 d expert out */
     };
+    if (m->device == M1C_DEVICE_CUDA) return put_specs(m, s, m->cdt == M1C_BF16 ? S_DY_LP + 1 : S_DACT + 1, specs, max);
     return put_specs(m, s, m->jitter > 0 ? S_XR + 1 : S_XR, specs, max);
 }
 
@@ -173,6 +204,38 @@ static int check_bufs(const topk *m, const m1c_layer_bufs *b, int64_t N, int nee
     return M1C_OK;
 }
 
+#ifdef M1C_HAVE_CUDA
+/* The CUDA call's arguments: sizes, settings and this call's buffers (grads only for backward). */
+static int cuda_args(const topk *m, const m1c_layer_bufs *b, int N, int backward, topk_cuda_args *a) {
+    const m1c_host *h = m->h;
+    if (m->cdt == M1C_BF16 && !b->params_lp) return h->error(h, "topk: compute dtype BF16 needs params_lp");
+    const m1c_tensor *P = m->cdt == M1C_BF16 ? b->params_lp : b->params;
+    memset(a, 0, sizeof(*a));
+    a->h = h;
+    a->stream = b->stream;
+    a->N = N, a->H = m->H, a->E = m->E, a->k = m->k, a->F = m->F, a->cdt = m->cdt;
+    a->normalize = m->normalize, a->training = b->training;
+    a->cap = m->capacity_factor > 0 ? (int64_t)ceil(m->capacity_factor * N * m->k / m->E) : INT64_MAX;
+    a->aux_coef = m->aux_coef, a->jitter = m->jitter, a->aux_scale = b->aux_scale, a->noise_seed = b->noise_seed;
+    a->Wr = b->params[P_ROUTER].data; /* f32 always: the router stays FP32 */
+    a->Wgu = P[P_GATE_UP].data;
+    a->Wd = P[P_DOWN].data;
+    if (backward) {
+        a->dWr = b->grads[P_ROUTER].data, a->dWgu = b->grads[P_GATE_UP].data, a->dWd = b->grads[P_DOWN].data;
+    }
+    a->probs = b->acts[A_PROBS].data, a->idx = b->acts[A_IDX].data, a->w = b->acts[A_W].data;
+    a->pos = b->acts[A_POS].data, a->rowtok = b->acts[A_ROWTOK].data, a->off = b->acts[A_OFF].data;
+    a->cnt = b->acts[A_COUNTS].data, a->st = b->acts[A_STATS].data;
+    a->xs = b->acts[A_XS].data, a->gu = b->acts[A_GU].data, a->act = b->acts[A_ACT].data, a->Y = b->acts[A_Y].data;
+    a->noise = m->jitter > 0 ? b->acts[A_NOISE].data : NULL;
+    a->dgu = b->scratch[S_DGU].data, a->drow = b->scratch[S_DY].data, a->dlog = b->scratch[S_DLOG].data;
+    a->dw = b->scratch[S_DW].data, a->xr = b->scratch[S_XR].data, a->dact = b->scratch[S_DACT].data;
+    a->dy_lp = m->cdt == M1C_BF16 ? b->scratch[S_DY_LP].data : NULL;
+    a->h_off = m->h_off, a->h_cnt = m->h_cnt;
+    return M1C_OK;
+}
+#endif
+
 /* ---- forward ---------------------------------------------------------------------------------- */
 
 static int topk_forward(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T) {
@@ -180,6 +243,13 @@ static int topk_forward(void *self, const m1c_layer_bufs *b, float *out, const f
     const m1c_host *h = m->h;
     const int H = m->H, E = m->E, k = m->k, F = m->F, N = B * T, nt = n_threads(m, (int64_t)N * k * F);
     if (check_bufs(m, b, N, 0) != M1C_OK) return M1C_ERR;
+#ifdef M1C_HAVE_CUDA
+    if (m->device == M1C_DEVICE_CUDA) {
+        topk_cuda_args a;
+        if (cuda_args(m, b, N, 0, &a) != M1C_OK) return M1C_ERR;
+        return topk_cuda_forward(&a, out, in);
+    }
+#endif
     const float *Wr = b->params[P_ROUTER].data;   /* (E, H) */
     const float *Wgu = b->params[P_GATE_UP].data; /* (E, 2F, H) */
     const float *Wd = b->params[P_DOWN].data;     /* (E, H, F) */
@@ -333,6 +403,13 @@ static int topk_backward(void *self, const m1c_layer_bufs *b, float *din, const 
     const m1c_host *h = m->h;
     const int H = m->H, E = m->E, k = m->k, F = m->F, N = B * T, nt = n_threads(m, (int64_t)N * k * F);
     if (check_bufs(m, b, N, 1) != M1C_OK) return M1C_ERR;
+#ifdef M1C_HAVE_CUDA
+    if (m->device == M1C_DEVICE_CUDA) {
+        topk_cuda_args a;
+        if (cuda_args(m, b, N, 1, &a) != M1C_OK) return M1C_ERR;
+        return topk_cuda_backward(&a, din, dout, in);
+    }
+#endif
     const float *st = b->acts[A_STATS].data;
     const int32_t *cnt = b->acts[A_COUNTS].data;
     if (cnt[C_ASSIGN] != N * k)
@@ -466,11 +543,20 @@ static int topk_stats(void *self, const m1c_layer_bufs *b, m1c_moe_stats *out) {
     if (!b || !b->acts) return m->h->error(m->h, "topk: stats needs the activation buffers of the forward");
     const int32_t *cnt = b->acts[A_COUNTS].data;
     float *st = b->acts[A_STATS].data;
+#ifdef M1C_HAVE_CUDA
+    if (m->device == M1C_DEVICE_CUDA) { /* copy to the host: expert_load points into m->h_st */
+        if (topk_cuda_to_host(m->h, b->stream, m->h_cnt, cnt, (2 + 2 * (size_t)m->E) * sizeof(int32_t)) != M1C_OK ||
+            topk_cuda_to_host(m->h, b->stream, m->h_st, st, (ST_F + 2 * (size_t)m->E) * sizeof(float)) != M1C_OK)
+            return M1C_ERR;
+        cnt = m->h_cnt;
+        st = m->h_st;
+    }
+#endif
     memset(out, 0, sizeof(*out));
     out->aux_loss = (double)st[ST_AUX] + (double)st[ST_AUX_LO];
     out->dropped = cnt[C_DROPPED];
     out->assignments = cnt[C_ASSIGN];
-    out->expert_load = st + ST_F; /* lives in the activations: valid until the next forward */
+    out->expert_load = st + ST_F; /* in the activations (CPU) or m->h_st (CUDA): valid until the next forward */
     out->n_experts = m->E;
     return M1C_OK;
 }
@@ -492,4 +578,4 @@ static const m1c_moe_vtable topk_vtable = {
     .count = topk_count,
 };
 
-M1C_PLUGIN(MOE, moe, topk_vtable, "topk", "0.1.0", "top-k routed SwiGLU mixture of experts (CPU)", "MIT")
+M1C_PLUGIN(MOE, moe, topk_vtable, "topk", "0.1.0", "top-k routed SwiGLU mixture of experts (CPU, CUDA)", "MIT")

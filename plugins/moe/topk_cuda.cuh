@@ -1,0 +1,66 @@
+/* The interface between topk.c (settings, buffer declarations, the CPU reference) and topk.cu (the CUDA
+ * forward, backward and statistics): C-compatible, included by both. */
+#ifndef M1C_MOE_TOPK_CUDA_CUH
+#define M1C_MOE_TOPK_CUDA_CUH
+
+#include <stdint.h>
+
+#include "m1c/plugin.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A_STATS layout (f32): aux loss as hi + lo (double precision in two floats, so that finite
+ * differences of the aux loss stay meaningful), N of the forward, jitter applied (0/1), f[E], P[E]. */
+enum { ST_AUX, ST_AUX_LO, ST_N, ST_JIT, ST_F };
+/* A_COUNTS layout (i32): dropped, assignments (N*k), routed per expert [E], then [E] scratch per
+ * expert (the CPU's sort cursor; the GPU's kept count). */
+enum { C_DROPPED, C_ASSIGN, C_ROUTED };
+
+/* One call's sizes, settings and device pointers, gathered by topk.c from the layer buffers. cdt is
+ * the compute dtype (M1C_F32 or M1C_BF16): the dtype of the expert weights Wgu/Wd handed here (params
+ * or params_lp) and of the saved expert activations xs, gu, act and the GEMM operands dgu, dy_lp. */
+typedef struct topk_cuda_args {
+    const m1c_host *h;
+    void *stream; /* cudaStream_t */
+    int N, H, E, k, F, cdt, normalize, training;
+    int64_t cap; /* per-expert capacity, INT64_MAX for none */
+    double aux_coef, jitter, aux_scale;
+    uint64_t noise_seed;
+    const float *Wr;        /* (E, H) router, f32 always */
+    const void *Wgu, *Wd;   /* (E, 2F, H), (E, H, F) in cdt */
+    float *dWr, *dWgu, *dWd; /* f32 gradients (backward) */
+    /* acts */
+    float *probs;  /* (N, E) */
+    int32_t *idx;  /* (N, k) */
+    float *w;      /* (N, k) */
+    int32_t *pos;  /* (N, k) */
+    int32_t *rowtok; /* (N*k) */
+    int32_t *off;  /* (E+1) */
+    int32_t *cnt;  /* (2+2E) */
+    float *st;     /* (ST_F+2E) */
+    void *xs, *gu, *act; /* (N*k, H), (N*k, 2F), (N*k, F) in cdt */
+    float *Y;      /* (N*k, H) expert outputs, f32 */
+    float *noise;  /* (N, H) or NULL without jitter */
+    /* scratch */
+    void *dgu;     /* (N*k, 2F) cdt */
+    float *drow;   /* (N*k, H) f32: d expert out, then d x rows */
+    float *dlog;   /* (N, E) */
+    float *dw;     /* (N, k) */
+    float *xr;     /* (N, H) router input (jittered) */
+    float *dact;   /* (N*k, F) f32 */
+    void *dy_lp;   /* (N*k, H) cdt copy of drow (BF16 only; NULL for F32) */
+    int32_t *h_off; /* host (E+1): offsets copied from the device */
+    int32_t *h_cnt; /* host (2+2E) */
+} topk_cuda_args;
+
+int topk_cuda_forward(const topk_cuda_args *a, float *out, const float *in);
+int topk_cuda_backward(const topk_cuda_args *a, float *din, const float *dout, const float *in);
+/* Device -> host copy of `bytes` (for stats), synchronous on the stream. */
+int topk_cuda_to_host(const m1c_host *h, void *stream, void *dst, const void *src, size_t bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

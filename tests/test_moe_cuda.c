@@ -1,0 +1,406 @@
+/* The MoE-slot plugins (topk, dense) on CUDA against their CPU reference, for compute dtypes F32 and
+ * BF16: routing (identical), forward, every gradient, statistics; jitter on the GPU. Skipped where the
+ * build has no CUDA or the machine has no GPU. */
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../core/arena.h"
+#include "../core/host.h"
+#include "harness.h"
+
+static void need_gpu(void) {
+    if (!m1c_dev_available(M1C_DEVICE_CUDA)) cr_skip_test("no CUDA device in this build or on this machine");
+}
+
+static int find(const m1c_buf_spec *s, int n, const char *name) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(s[i].name, name) == 0) return i;
+    cr_assert_fail("no buffer named '%s'", name);
+    return -1;
+}
+
+/* A host copy of an activation (any dtype, any device): malloc'd bytes. */
+static void *act_host(th_layer *l, const char *name) {
+    const m1c_tensor *t = &l->acts[find(l->aspec, l->na, name)];
+    size_t bytes = (size_t)m1c_numel(t) * m1c_dtype_size(t->dtype);
+    void *p = malloc(bytes ? bytes : 1);
+    m1c_dev_copy(M1C_DEVICE_CPU, p, l->device, t->data, bytes);
+    return p;
+}
+
+static m1c_moe_stats stats_of(th_layer *l) {
+    m1c_moe_stats st;
+    cr_assert_eq(M1C_MOE(l->plugin)->stats(l->self, &l->bufs, &st), M1C_OK, "stats: %s", l->plugin->error);
+    return st;
+}
+
+/* Expect |gpu - cpu| <= tol * (max|cpu| + |cpu|) elementwise: relative to the tensor's scale, so that
+ * elements near zero (sums with cancellation) are judged against the size of what was summed. */
+static void expect_close(const char *what, const float *gpu, const float *cpu, int64_t n, double tol) {
+    double scale = th_max_abs(cpu, n);
+    double err = th_rel_err(gpu, cpu, n, tol * scale + 1e-30, tol);
+    cr_expect(err <= 1.0, "%s: GPU differs from CPU by %g x the tolerance %g (scale %g)", what, err, tol, scale);
+}
+
+/* Smallest log-probability gap between consecutive experts among the top k+1 of any token: routing
+ * (choice and order of the k experts) cannot differ between two computations whose logits differ by
+ * less than half of it. The GPU's f32 logits differ from the CPU's by ~1e-6 (summation order), so the
+ * tests ask for a gap of 1e-4. */
+static double order_margin(const float *p, int N, int E, int k) {
+    double m = INFINITY;
+    int *used = calloc((size_t)E, sizeof(int));
+    for (int n = 0; n < N; n++) {
+        memset(used, 0, (size_t)E * sizeof(int));
+        double prev = -1;
+        for (int j = 0; j <= k && j < E; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (!used[e] && (best < 0 || p[n * E + e] > p[n * E + best])) best = e;
+            used[best] = 1;
+            if (prev > 0) m = fmin(m, log(prev / p[n * E + best]));
+            prev = p[n * E + best];
+        }
+    }
+    free(used);
+    return m;
+}
+
+/* Tolerances (relative to each tensor's largest magnitude, see expect_close):
+ * F32: the same operations as the CPU in another summation order (cuBLAS vs OpenBLAS, GPU expf vs
+ *   glibc's): ~1e-6 per GEMM; 2e-5 for outputs (three chained GEMMs and the softmax), 5e-5 for
+ *   gradients (two more GEMMs each, and sums over all tokens).
+ * BF16: every expert GEMM operand is rounded to bf16 (8 mantissa bits, relative 2^-9 ~ 2e-3 per
+ *   rounding): the input rows, the weights, the stored gate/up and SwiGLU activations, and in backward
+ *   the d rows and d gate/up: four to six roundings in a chain, each ~2e-3, partly cancelling in sums of
+ *   16..64 terms: 3e-2 for outputs, 5e-2 for gradients. A wrong index or a missing term is off by O(1).
+ * The router, its softmax and the aux loss are f32 from f32 inputs in both dtypes: 1e-5. */
+#define TOL_ROUTER 1e-5
+static double tol_out(int cdt) { return cdt == M1C_BF16 ? 3e-2 : 2e-5; }
+static double tol_grad(int cdt) { return cdt == M1C_BF16 ? 5e-2 : 5e-5; }
+
+/* ---- topk: GPU vs CPU ----------------------------------------------------------------------------- */
+
+static void compare_topk(const char *settings, int E, int k, int B, int T, int H, uint64_t seed, int cdt,
+                         int expect_drops) {
+    need_gpu();
+    const int N = B * T;
+    const int64_t NH = (int64_t)N * H;
+    th_layer *c = th_layer_new("topk", settings, 0, 1, H, B, T, seed, 0.3f);
+    th_layer *g = th_layer_new_dev("topk", settings, 0, 1, H, B, T, seed, 0.3f, M1C_DEVICE_CUDA, cdt);
+    c->bufs.aux_scale = g->bufs.aux_scale = 0.7f; /* the aux gradient must carry this weight */
+
+    /* Forward on the CPU; an input whose routing has no near-tie (GPU logits differ by ~1e-6). */
+    float *x = NULL, *oc = th_zeros(NH);
+    double margin = 0;
+    for (int s = 0; s < 20 && margin <= 1e-4; s++) {
+        free(x);
+        x = th_randn(NH, seed * 100 + (uint64_t)s, 1.0f);
+        th_forward(c, oc, x);
+        margin = order_margin(c->acts[find(c->aspec, c->na, "moe.probs")].data, N, E, k);
+    }
+    cr_assert(margin > 1e-4, "routing near-tie (log gap %g): pick another seed", margin);
+
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, oc, NH);
+    th_forward(g, od, xd);
+    float *og = th_to_host(M1C_DEVICE_CUDA, od, NH);
+
+    /* Routing: the same experts in the same order, the same kept rows (same permuted positions). */
+    int32_t *idc = c->acts[find(c->aspec, c->na, "moe.topk_idx")].data, *idg = act_host(g, "moe.topk_idx");
+    int32_t *pc = c->acts[find(c->aspec, c->na, "moe.pos")].data, *pg = act_host(g, "moe.pos");
+    cr_expect(memcmp(idc, idg, sizeof(int32_t) * N * k) == 0, "GPU routing differs from the CPU's");
+    cr_expect(memcmp(pc, pg, sizeof(int32_t) * N * k) == 0, "GPU row positions (capacity, sort) differ");
+    float *prg = act_host(g, "moe.probs"), *wg = act_host(g, "moe.topk_w");
+    expect_close("probs", prg, c->acts[find(c->aspec, c->na, "moe.probs")].data, (int64_t)N * E, TOL_ROUTER);
+    expect_close("weights", wg, c->acts[find(c->aspec, c->na, "moe.topk_w")].data, (int64_t)N * k, TOL_ROUTER);
+    expect_close("out", og, oc, NH, tol_out(cdt));
+
+    /* Statistics. */
+    m1c_moe_stats sc = stats_of(c), sg = stats_of(g);
+    cr_expect(fabs(sg.aux_loss - sc.aux_loss) <= TOL_ROUTER * fabs(sc.aux_loss) + 1e-12, "aux %.9g vs CPU %.9g",
+              sg.aux_loss, sc.aux_loss);
+    cr_expect_eq(sg.dropped, sc.dropped, "dropped %lld vs CPU %lld", (long long)sg.dropped, (long long)sc.dropped);
+    cr_expect_eq(sg.assignments, sc.assignments);
+    cr_expect_eq(sg.n_experts, E);
+    cr_assert_not_null(sg.expert_load);
+    /* The same integer counts divided the same way: equal floats. */
+    for (int e = 0; e < E; e++)
+        cr_expect_eq(sg.expert_load[e], sc.expert_load[e], "expert_load[%d] %g vs CPU %g", e, sg.expert_load[e],
+                     sc.expert_load[e]);
+    if (expect_drops) cr_assert_gt(sc.dropped, 0, "this case is meant to drop assignments");
+
+    /* Backward from zeroed gradients (accumulation is tested separately). */
+    float *dout = th_randn(NH, seed + 7, 1.0f), *dinc = th_zeros(NH);
+    float *doutd = th_to_dev(M1C_DEVICE_CUDA, dout, NH), *dind = th_to_dev(M1C_DEVICE_CUDA, dinc, NH);
+    th_backward(c, dinc, dout, x);
+    th_backward(g, dind, doutd, xd);
+    float *ding = th_to_host(M1C_DEVICE_CUDA, dind, NH);
+    expect_close("din", ding, dinc, NH, tol_grad(cdt));
+    for (int p = 0; p < c->np; p++) {
+        int64_t n = m1c_numel(&c->grads[p]);
+        float *gg = th_to_host(M1C_DEVICE_CUDA, g->grads[p].data, n);
+        expect_close(c->pspec[p].name, gg, c->grads[p].data, n, tol_grad(cdt));
+        free(gg);
+    }
+
+    free(x), free(oc), free(og), free(idg), free(pg), free(prg), free(wg), free(dout), free(dinc), free(ding);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od), th_dev_free(M1C_DEVICE_CUDA, doutd);
+    th_dev_free(M1C_DEVICE_CUDA, dind);
+    th_layer_free(c);
+    th_layer_free(g);
+}
+
+#define TOP2 "experts = 4; top_k = 2; ffn_dim = 24; aux_coef = 0.01;"
+#define TOP3 "experts = 5; top_k = 3; ffn_dim = 20; normalize = false; aux_coef = 0.01;"
+/* capacity ceil(0.5 * 32 * 2 / 4) = 8 per expert for 64 assignments: at least 32 dropped */
+#define CAPACITY "experts = 4; top_k = 2; ffn_dim = 16; capacity_factor = 0.5; aux_coef = 0.01;"
+#define ODD "experts = 6; top_k = 2; ffn_dim = 40; aux_coef = 0.01;"
+/* more experts than a warp and than FUSE_ROUTER_MAX_E on the CPU; many ranking blocks */
+#define MANY "experts = 40; top_k = 4; ffn_dim = 8; aux_coef = 0.01; capacity_factor = 1.0;"
+
+Test(topk_cuda, top2_of_4_f32) { compare_topk(TOP2, 4, 2, 2, 8, 32, 11, M1C_F32, 0); }
+Test(topk_cuda, top2_of_4_bf16) { compare_topk(TOP2, 4, 2, 2, 8, 32, 11, M1C_BF16, 0); }
+Test(topk_cuda, top3_of_5_unnormalized_f32) { compare_topk(TOP3, 5, 3, 2, 8, 24, 12, M1C_F32, 0); }
+Test(topk_cuda, top3_of_5_unnormalized_bf16) { compare_topk(TOP3, 5, 3, 2, 8, 24, 12, M1C_BF16, 0); }
+Test(topk_cuda, capacity_drops_f32) { compare_topk(CAPACITY, 4, 2, 4, 8, 16, 13, M1C_F32, 1); }
+Test(topk_cuda, capacity_drops_bf16) { compare_topk(CAPACITY, 4, 2, 4, 8, 16, 13, M1C_BF16, 1); }
+Test(topk_cuda, odd_batch_3x37_f32) { compare_topk(ODD, 6, 2, 3, 37, 40, 14, M1C_F32, 0); }
+Test(topk_cuda, odd_batch_3x37_bf16) { compare_topk(ODD, 6, 2, 3, 37, 40, 14, M1C_BF16, 0); }
+Test(topk_cuda, many_experts_f32) { compare_topk(MANY, 40, 4, 3, 37, 16, 15, M1C_F32, 0); }
+Test(topk_cuda, many_experts_bf16) { compare_topk(MANY, 40, 4, 3, 37, 16, 15, M1C_BF16, 0); }
+
+/* Gradients accumulate (+=): a second backward doubles din and every parameter gradient. */
+Test(topk_cuda, backward_accumulates) {
+    need_gpu();
+    const int B = 2, T = 5, H = 16, N = B * T;
+    const int64_t NH = (int64_t)N * H;
+    th_layer *g = th_layer_new_dev("topk", CAPACITY " jitter = 0.2;", 0, 1, H, B, T, 21, 0.3f, M1C_DEVICE_CUDA,
+                                   M1C_F32);
+    float *x = th_randn(NH, 22, 1.0f), *dout = th_randn(NH, 23, 1.0f), *z = th_zeros(NH);
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    float *doutd = th_to_dev(M1C_DEVICE_CUDA, dout, NH), *dind = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    th_forward(g, od, xd);
+    th_backward(g, dind, doutd, xd);
+    float *d1 = th_to_host(M1C_DEVICE_CUDA, dind, NH);
+    float *g1[3];
+    for (int p = 0; p < g->np; p++) g1[p] = th_to_host(M1C_DEVICE_CUDA, g->grads[p].data, m1c_numel(&g->grads[p]));
+    th_backward(g, dind, doutd, xd);
+    float *d2 = th_to_host(M1C_DEVICE_CUDA, dind, NH);
+    for (int64_t i = 0; i < NH; i++) d1[i] *= 2.0f;
+    /* 1e-6: the second pass recomputes the same values (deterministic kernels and cuBLAS); din's sum
+     * is re-associated across the two calls, one rounding. */
+    expect_close("din after two backwards", d2, d1, NH, 1e-6);
+    for (int p = 0; p < g->np; p++) {
+        int64_t n = m1c_numel(&g->grads[p]);
+        float *g2 = th_to_host(M1C_DEVICE_CUDA, g->grads[p].data, n);
+        for (int64_t i = 0; i < n; i++) g1[p][i] *= 2.0f;
+        expect_close(g->pspec[p].name, g2, g1[p], n, 1e-6);
+        cr_expect_gt(th_max_abs(g1[p], n), 0.0, "%s: no gradient at all", g->pspec[p].name);
+        free(g2), free(g1[p]);
+    }
+    free(x), free(dout), free(z), free(d1), free(d2);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od), th_dev_free(M1C_DEVICE_CUDA, doutd);
+    th_dev_free(M1C_DEVICE_CUDA, dind);
+    th_layer_free(g);
+}
+
+/* ---- topk: jitter on the GPU ---------------------------------------------------------------------- */
+
+/* Evaluation ignores the jitter: GPU (jitter set, training 0) equals the CPU (training 0). */
+Test(topk_cuda, jitter_off_in_eval) {
+    need_gpu();
+    const char *set = "experts = 5; top_k = 2; ffn_dim = 12; jitter = 0.3;";
+    const int B = 2, T = 8, H = 16, N = B * T;
+    const int64_t NH = (int64_t)N * H;
+    th_layer *c = th_layer_new("topk", set, 0, 1, H, B, T, 31, 0.3f);
+    th_layer *g = th_layer_new_dev("topk", set, 0, 1, H, B, T, 31, 0.3f, M1C_DEVICE_CUDA, M1C_F32);
+    c->bufs.training = g->bufs.training = 0;
+    float *x = th_randn(NH, 32, 1.0f), *oc = th_zeros(NH);
+    th_forward(c, oc, x);
+    cr_assert(order_margin(c->acts[find(c->aspec, c->na, "moe.probs")].data, N, 5, 2) > 1e-4, "near-tie: reseed");
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, oc, NH);
+    th_forward(g, od, xd);
+    float *og = th_to_host(M1C_DEVICE_CUDA, od, NH);
+    expect_close("eval out with jitter set", og, oc, NH, tol_out(M1C_F32));
+    free(x), free(oc), free(og);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od);
+    th_layer_free(c);
+    th_layer_free(g);
+}
+
+/* Training: the noise lies in [1-j, 1+j], repeats for one noise_seed, changes with it, and the router
+ * probabilities are softmax((x * noise) Wr^T) (computed here in double). */
+Test(topk_cuda, jitter_noise_and_router) {
+    need_gpu();
+    const int B = 2, T = 8, H = 16, N = B * T, E = 5;
+    const int64_t NH = (int64_t)N * H;
+    th_layer *g = th_layer_new_dev("topk", "experts = 5; top_k = 2; ffn_dim = 12; jitter = 0.3;", 0, 1, H, B, T, 41,
+                                   0.3f, M1C_DEVICE_CUDA, M1C_F32);
+    float *x = th_randn(NH, 42, 1.0f), *z = th_zeros(NH);
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    th_forward(g, od, xd);
+    float *o1 = th_to_host(M1C_DEVICE_CUDA, od, NH), *noise = act_host(g, "moe.jitter"), *p = act_host(g, "moe.probs");
+    th_forward(g, od, xd);
+    float *o2 = th_to_host(M1C_DEVICE_CUDA, od, NH), *noise2 = act_host(g, "moe.jitter");
+    cr_expect(memcmp(o1, o2, sizeof(float) * NH) == 0, "jitter not reproducible for one noise_seed");
+    cr_expect(memcmp(noise, noise2, sizeof(float) * NH) == 0);
+    double lo = 2, hi = 0;
+    for (int64_t i = 0; i < NH; i++) lo = fmin(lo, noise[i]), hi = fmax(hi, noise[i]);
+    cr_expect(lo >= 0.7f && hi <= 1.3f, "noise range [%g, %g] outside [0.7, 1.3]", lo, hi);
+    cr_expect(hi - lo > 0.5, "noise range [%g, %g] too narrow for U(0.7, 1.3) over 256 draws", lo, hi);
+
+    float *Wr = th_to_host(M1C_DEVICE_CUDA, g->params[0].data, (int64_t)E * H);
+    float *ref = malloc(sizeof(float) * N * E);
+    for (int n = 0; n < N; n++) {
+        double l[5], mx = -INFINITY, s = 0;
+        for (int e = 0; e < E; e++) {
+            l[e] = 0;
+            for (int i = 0; i < H; i++) l[e] += (double)x[n * H + i] * noise[n * H + i] * Wr[e * H + i];
+            mx = fmax(mx, l[e]);
+        }
+        for (int e = 0; e < E; e++) s += exp(l[e] - mx);
+        for (int e = 0; e < E; e++) ref[n * E + e] = (float)(exp(l[e] - mx) / s);
+    }
+    /* 1e-5: an f32 GEMM over 16 terms and an f32 softmax against double */
+    expect_close("jittered probs", p, ref, (int64_t)N * E, 1e-5);
+
+    g->bufs.noise_seed ^= 0x1234;
+    th_forward(g, od, xd);
+    float *noise3 = act_host(g, "moe.jitter");
+    cr_expect(memcmp(noise, noise3, sizeof(float) * NH) != 0, "noise ignores noise_seed");
+    free(x), free(z), free(o1), free(o2), free(noise), free(noise2), free(noise3), free(p), free(Wr), free(ref);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od);
+    th_layer_free(g);
+}
+
+/* L = sum(out * w) + aux_scale * aux on the GPU, in double on the host. */
+static double gpu_loss(th_layer *g, const float *x, const float *w, int64_t n) {
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, n), *od = th_to_dev(M1C_DEVICE_CUDA, w, n);
+    th_forward(g, od, xd);
+    float *o = th_to_host(M1C_DEVICE_CUDA, od, n);
+    double s = (double)g->bufs.aux_scale * stats_of(g).aux_loss;
+    for (int64_t i = 0; i < n; i++) s += (double)o[i] * w[i];
+    free(o);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od);
+    return s;
+}
+
+static void dev_set(float *base, int64_t i, float v) { m1c_dev_copy(M1C_DEVICE_CUDA, base + i, M1C_DEVICE_CPU, &v, 4); }
+
+/* With jitter the GPU's noise is not the CPU's, so its gradient is checked by central differences (the
+ * forward is deterministic for a fixed noise_seed): input and every parameter, aux loss included. */
+Test(topk_cuda, jitter_fd_gradients) {
+    need_gpu();
+    const int B = 2, T = 3, H = 8, E = 4, k = 2, N = B * T;
+    const int64_t NH = (int64_t)N * H;
+    const float eps = 1e-2f;
+    th_layer *g = th_layer_new_dev("topk", "experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.05; jitter = 0.1;", 0,
+                                   1, H, B, T, 51, 0.3f, M1C_DEVICE_CUDA, M1C_F32);
+    g->bufs.aux_scale = 0.7f;
+    float *w = th_randn(NH, 52, 1.0f), *x = NULL;
+    float *Wr = th_to_host(M1C_DEVICE_CUDA, g->params[0].data, (int64_t)E * H);
+    /* No routing flip under a perturbation of eps: a logit moves by at most eps * 1.1 * max(|x|, |Wr|)
+     * (as in test_moe.c's fd_gradients); take the first input whose top-k gap is above twice that. */
+    double margin = 0, bound = 0;
+    for (int s = 0; s < 50 && margin <= bound; s++) {
+        free(x);
+        x = th_randn(NH, 530 + (uint64_t)s, 1.0f);
+        gpu_loss(g, x, w, NH);
+        float *p = act_host(g, "moe.probs");
+        margin = order_margin(p, N, E, k);
+        free(p);
+        bound = 2 * eps * 1.1 * fmax(th_max_abs(x, NH), th_max_abs(Wr, (int64_t)E * H));
+    }
+    cr_assert(margin > bound, "routing margin %g <= %g: a perturbation could flip the top-k", margin, bound);
+
+    /* Analytic gradients. */
+    th_layer_zero_grads(g);
+    float *z = th_zeros(NH);
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    float *wd = th_to_dev(M1C_DEVICE_CUDA, w, NH), *dind = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    th_forward(g, od, xd);
+    th_backward(g, dind, wd, xd);
+    float *din = th_to_host(M1C_DEVICE_CUDA, dind, NH);
+
+    double worst = 0;
+    for (int s = 0; s < 12; s++) {
+        int64_t i = (s * 7919) % NH;
+        float x0 = x[i];
+        x[i] = x0 + eps;
+        double lp = gpu_loss(g, x, w, NH);
+        x[i] = x0 - eps;
+        double lm = gpu_loss(g, x, w, NH);
+        x[i] = x0;
+        double num = (lp - lm) / (2.0 * eps), r = fabs(din[i] - num) / fmax(1e-3, fabs(din[i]) + fabs(num));
+        if (r > worst) cr_log_info("fd input[%ld]: analytic %g numeric %g", (long)i, din[i], num);
+        worst = fmax(worst, r);
+    }
+    for (int p = 0; p < g->np; p++) {
+        int64_t n = m1c_numel(&g->params[p]);
+        float *pv = th_to_host(M1C_DEVICE_CUDA, g->params[p].data, n), *gv = th_to_host(M1C_DEVICE_CUDA, g->grads[p].data, n);
+        for (int s = 0; s < 12; s++) {
+            int64_t i = (s * 7919 + 13) % n;
+            dev_set(g->params[p].data, i, pv[i] + eps);
+            double lp = gpu_loss(g, x, w, NH);
+            dev_set(g->params[p].data, i, pv[i] - eps);
+            double lm = gpu_loss(g, x, w, NH);
+            dev_set(g->params[p].data, i, pv[i]);
+            double num = (lp - lm) / (2.0 * eps), r = fabs(gv[i] - num) / fmax(1e-3, fabs(gv[i]) + fabs(num));
+            if (r > worst) cr_log_info("fd %s[%ld]: analytic %g numeric %g", g->pspec[p].name, (long)i, gv[i], num);
+            worst = fmax(worst, r);
+        }
+        free(pv), free(gv);
+    }
+    /* 2e-2: central differences with eps = 1e-2 on an FP32 forward: O(eps^2) truncation plus ~1e-6/eps
+     * rounding, relative to max(1e-3, |a| + |n|); a wrong term is off by O(1). */
+    cr_expect(worst < 2e-2, "GPU topk FD relative error %g", worst);
+    free(w), free(x), free(Wr), free(z), free(din);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od), th_dev_free(M1C_DEVICE_CUDA, wd);
+    th_dev_free(M1C_DEVICE_CUDA, dind);
+    th_layer_free(g);
+}
+
+/* ---- dense: GPU vs CPU ---------------------------------------------------------------------------- */
+
+static void compare_dense(int cdt) {
+    need_gpu();
+    const char *set = "ffn_dim = 56;";
+    const int B = 3, T = 37, H = 40;
+    const int64_t NH = (int64_t)B * T * H;
+    th_layer *c = th_layer_new("dense", set, 0, 1, H, B, T, 61, 0.2f);
+    th_layer *g = th_layer_new_dev("dense", set, 0, 1, H, B, T, 61, 0.2f, M1C_DEVICE_CUDA, cdt);
+    float *x = th_randn(NH, 62, 1.0f), *oc = th_zeros(NH), *dout = th_randn(NH, 63, 1.0f);
+    /* din starts non-zero on both sides: backward must add to it */
+    float *dinc = th_randn(NH, 64, 1.0f);
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, oc, NH);
+    float *doutd = th_to_dev(M1C_DEVICE_CUDA, dout, NH), *dind = th_to_dev(M1C_DEVICE_CUDA, dinc, NH);
+    th_forward(c, oc, x);
+    th_forward(g, od, xd);
+    float *og = th_to_host(M1C_DEVICE_CUDA, od, NH);
+    expect_close("dense out", og, oc, NH, tol_out(cdt));
+    th_backward(c, dinc, dout, x);
+    th_backward(g, dind, doutd, xd);
+    float *ding = th_to_host(M1C_DEVICE_CUDA, dind, NH), *din0 = th_randn(NH, 64, 1.0f);
+    /* Compare what backward added (the prefill subtracted: exact to an ulp of it, ~2e-7). */
+    for (int64_t i = 0; i < NH; i++) ding[i] -= din0[i], dinc[i] -= din0[i];
+    expect_close("dense din", ding, dinc, NH, tol_grad(cdt));
+    free(din0);
+    for (int p = 0; p < c->np; p++) {
+        int64_t n = m1c_numel(&c->grads[p]);
+        float *gg = th_to_host(M1C_DEVICE_CUDA, g->grads[p].data, n);
+        expect_close(c->pspec[p].name, gg, c->grads[p].data, n, tol_grad(cdt));
+        free(gg);
+    }
+    m1c_moe_stats st = stats_of(g);
+    cr_expect(st.aux_loss == 0.0 && st.assignments == 0 && st.expert_load == NULL);
+    free(x), free(oc), free(dout), free(dinc), free(og), free(ding);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od), th_dev_free(M1C_DEVICE_CUDA, doutd);
+    th_dev_free(M1C_DEVICE_CUDA, dind);
+    th_layer_free(c);
+    th_layer_free(g);
+}
+
+Test(dense_cuda, matches_cpu_f32) { compare_dense(M1C_F32); }
+Test(dense_cuda, matches_cpu_bf16) { compare_dense(M1C_BF16); }
