@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" >"$out/cmake.log" 2>&1 \
   || { tail -30 "$out/cmake.log"; exit 1; }
 cmake --build build-gpu -j"$(nproc)" >"$out/build.log" 2>&1 || { grep -E "error" "$out/build.log" | head -40; exit 1; }
-ctest --test-dir build-gpu --output-on-failure -j4 ${1:+-R "$1"} >"$out/ctest.log" 2>&1
+ctest --test-dir build-gpu --verbose -j4 ${1:+-R "$1"} >"$out/ctest.log" 2>&1
 rc=$?
-grep -E "Synthesis|tests passed|tests failed|\(Failed\)|\(SEGFAULT\)|Timeout" "$out/ctest.log"
+grep -E "Synthesis|tests passed|tests failed|\(Failed\)|\(SEGFAULT\)|Timeout|\[FAIL\]|\[SKIP\]" "$out/ctest.log" | sed "s/^[0-9]*: //"
 exit $rc
