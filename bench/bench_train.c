@@ -41,7 +41,7 @@ static const char gpu_reference_cfg[] =
     "  optimizer = { plugin = \"adamw\"; }; steps = 10; batch = 8; seq_len = 2048; } ); };\n";
 
 typedef struct bench_opts {
-    int steps, device, precision, head;
+    int steps, device, precision, head, profile;
 } bench_opts;
 
 typedef struct result {
@@ -115,6 +115,20 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
         }
         m1c_dev_sync(m->device);
         double dt = (m1c_now() - t0) / steps;
+        if (!rc && bo->profile) {
+            /* One more step with every component synchronised and timed. */
+            r.profile = 1;
+            double t1 = m1c_now();
+            rc = m1c_model_forward(m, &r, tok, e);
+            if (!rc) rc = m1c_model_backward(m, &r, e);
+            m1c_dev_sync(m->device);
+            double tp = m1c_now() - t1;
+            printf("\nprofile of one step of %s (%.1f ms synchronised):\n%-12s %10s %10s\n", name, tp * 1e3,
+                   "component", "fwd ms", "bwd ms");
+            for (int i = 0; i < r.prof_n; i++)
+                printf("%-12s %10.2f %10.2f\n", r.prof_name[i], r.prof_fwd[i] * 1e3, r.prof_bwd[i] * 1e3);
+            r.profile = 0;
+        }
         m1c_plan p;
         double flops = 0;
         /* Training FLOPs per token at the mean position of a sequence (attention grows with it). */
@@ -139,7 +153,7 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
 
 int main(int argc, char **argv) {
     int threads = 0, n = 0;
-    bench_opts bo = {10, M1C_DEVICE_CPU, 0, -1};
+    bench_opts bo = {10, M1C_DEVICE_CPU, 0, -1, 0};
     const char *configs[16];
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
@@ -151,10 +165,11 @@ int main(int argc, char **argv) {
             bo.precision = !strcmp(argv[++i], "bf16");
         else if (!strcmp(a, "--head") && (!strcmp(v, "fp32") || !strcmp(v, "tf32") || !strcmp(v, "bf16")))
             bo.head = !strcmp(v, "fp32") ? 0 : !strcmp(v, "tf32") ? 1 : 2, i++;
+        else if (!strcmp(a, "--profile")) bo.profile = 1;
         else if (a[0] != '-' && n < 16) configs[n++] = a;
         else {
             fprintf(stderr, "usage: m1c_bench_train [--steps N] [--threads N] [--device cpu|cuda] "
-                            "[--precision fp32|bf16] [--head fp32|tf32|bf16] [CONFIG ...]\n");
+                            "[--precision fp32|bf16] [--head fp32|tf32|bf16] [--profile] [CONFIG ...]\n");
             return 1;
         }
     }

@@ -9,6 +9,7 @@
 #include "host.h"
 #include "ops.h"
 #include "rng.h"
+#include "timer.h"
 
 /* ---- building ---------------------------------------------------------------------------- */
 
@@ -320,6 +321,24 @@ static uint64_t mix(uint64_t a, uint64_t b) {
     return z ^ (z >> 31);
 }
 
+/* Profiling: start a segment, then charge its time to a component. */
+static void prof_start(m1c_model *m, m1c_run *r) {
+    if (!r->profile) return;
+    m1c_dev_sync(m->device);
+    r->prof_t = m1c_now();
+}
+
+static void prof_add(m1c_model *m, m1c_run *r, const char *name, int backward) {
+    if (!r->profile) return;
+    m1c_dev_sync(m->device);
+    double t = m1c_now();
+    int i = 0;
+    while (i < r->prof_n && strcmp(r->prof_name[i], name)) i++;
+    if (i == r->prof_n && r->prof_n < 12) r->prof_name[r->prof_n++] = name;
+    if (i < 12) *(backward ? &r->prof_bwd[i] : &r->prof_fwd[i]) += t - r->prof_t;
+    r->prof_t = t;
+}
+
 typedef int (*mix_fn)(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud);
 
 /* The layer loop shared by training forward and incremental decoding: `attn` runs the mixer. */
@@ -328,16 +347,21 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
     for (int l = 0; l < m->L; l++) {
         m1c_layer *ly = &m->layer[l];
         m1c_rmsnorm_forward(m->device, r->h1[l], r->rstd1[l], r->x[l], P(m, ly->norm_in), N, (int)H, m->eps);
+        prof_add(m, r, "core", 0);
         r->attn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l);
         if (attn(m, r, l, B, T, r->x1[l], r->h1[l], ud)) return m1c_plugin_fail(ly->attn.plugin, e, "forward");
+        prof_add(m, r, ly->attn.plugin->desc->name, 0);
         m1c_residual(m->device, r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, N * H);
         m1c_rmsnorm_forward(m->device, r->h2[l], r->rstd2[l], r->x1[l], P(m, ly->norm_post), N, (int)H, m->eps);
+        prof_add(m, r, "core", 0);
         r->ffn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l + 1);
         if (ly->ffn.ops->forward(ly->ffn.self, &r->ffn[l].bufs, r->x[l + 1], r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "forward");
+        prof_add(m, r, ly->ffn.plugin->desc->name, 0);
         m1c_residual(m->device, r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn, N * H);
     }
     m1c_rmsnorm_forward(m->device, r->hf, r->rstdf, r->x[m->L], P(m, m->norm), N, (int)H, m->eps);
+    prof_add(m, r, "core", 0);
     return M1C_OK;
 }
 
@@ -367,15 +391,18 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
             r->targets_host[(int64_t)b * T + t] = tg;
         }
     int64_t N = (int64_t)B * T;
+    prof_start(m, r);
     if (m->device != M1C_DEVICE_CPU) {
         m1c_dev_copy(m->device, r->ids, M1C_DEVICE_CPU, r->ids_host, (size_t)N * sizeof *r->ids);
         m1c_dev_copy(m->device, r->targets, M1C_DEVICE_CPU, r->targets_host, (size_t)N * sizeof *r->targets);
     }
     m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, m->H);
+    prof_add(m, r, "core", 0);
     if (forward_layers(m, r, B, T, attn_forward, NULL, e)) return M1C_ERR;
     m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->hf, P(m, m->head), r->targets, N,
                      m->H, m->V);
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(M1C_DEVICE_CPU, r->logp_host, m->device, r->logp, (size_t)N * 4);
+    prof_add(m, r, "head", 0);
     r->aux_loss = sum_aux(m, r);
     return M1C_OK;
 }
@@ -385,26 +412,34 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     int64_t N = (int64_t)B * T, NH = N * H;
     if (!m->grads.base) return m1c_fail(e, "backward without gradient buffers");
     float *dx = r->dx, *dh = r->dh, *tmp = r->tmp;
+    prof_start(m, r);
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);
     m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
-    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse, r->dlogp, r->hf, P(m, m->head), r->targets, N, H, m->V);
+    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse, r->dlogp, r->hf,
+                      P(m, m->head), r->targets, N, H, m->V);
+    prof_add(m, r, "head", 1);
     m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
     m1c_rmsnorm_backward(m->device, dx, G(m, m->norm), dh, r->x[m->L], P(m, m->norm), r->rstdf, N, H);
     for (int l = m->L - 1; l >= 0; l--) {
         m1c_layer *ly = &m->layer[l];
         /* x2 = a h2 + b ffn(h2): dh2 = a dx2 + ffn'(b dx2) */
         m1c_axpby(m->device, dh, tmp, dx, ly->alpha_ffn, ly->beta_ffn, NH);
+        prof_add(m, r, "core", 1);
         if (ly->ffn.ops->backward(ly->ffn.self, &r->ffn[l].bufs, dh, tmp, r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "backward");
+        prof_add(m, r, ly->ffn.plugin->desc->name, 1);
         m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
         m1c_rmsnorm_backward(m->device, dx, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post), r->rstd2[l], N, H);
         m1c_axpby(m->device, dh, tmp, dx, ly->alpha_attn, ly->beta_attn, NH);
+        prof_add(m, r, "core", 1);
         if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, tmp, r->h1[l], B, T))
             return m1c_plugin_fail(ly->attn.plugin, e, "backward");
+        prof_add(m, r, ly->attn.plugin->desc->name, 1);
         m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
         m1c_rmsnorm_backward(m->device, dx, G(m, ly->norm_in), dh, r->x[l], P(m, ly->norm_in), r->rstd1[l], N, H);
     }
     m1c_embed_backward(m->device, G(m, m->embed), dx, r->ids, N, H);
+    prof_add(m, r, "core", 1);
     return M1C_OK;
 }
 

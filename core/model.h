@@ -81,6 +81,11 @@ typedef struct m1c_run {
     float *logp_host, *dlogp_host;    /* (N) host views of logp (filled by forward) and dlogp (read by
                                        * backward): what objectives see; == logp, dlogp on the CPU */
     double aux_loss;     /* sum over layers of the last forward */
+    /* Profiling (profile = 1): seconds per component ("core", "head", and each plugin's name) in forward
+     * and backward, accumulated over calls; every component is synchronised, so it slows the run. */
+    int profile, prof_n;
+    const char *prof_name[12];
+    double prof_fwd[12], prof_bwd[12], prof_t;
 } m1c_run;
 
 int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e);
