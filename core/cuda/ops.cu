@@ -168,8 +168,21 @@ static void head_gemm(int precision, int ta, int tb, int M, int N, int K, const 
     cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasStatus_t st;
     if (precision == 2) {
-        __nv_bfloat16 *a16 = NULL, *b16 = NULL;
-        if (cudaMalloc(&a16, (size_t)a_n * 2) != cudaSuccess || cudaMalloc(&b16, (size_t)b_n * 2) != cudaSuccess) {
+        /* bf16 copies of the operands in buffers kept for the next call (per host thread): the head
+         * runs at every step with the same sizes, so after the first call nothing is allocated. */
+        static thread_local __nv_bfloat16 *a16, *b16;
+        static thread_local int64_t a_cap, b_cap;
+        if (a_n > a_cap) {
+            cudaFree(a16);
+            if (cudaMalloc(&a16, (size_t)a_n * 2) != cudaSuccess) a16 = NULL;
+            a_cap = a16 ? a_n : 0;
+        }
+        if (b_n > b_cap) {
+            cudaFree(b16);
+            if (cudaMalloc(&b16, (size_t)b_n * 2) != cudaSuccess) b16 = NULL;
+            b_cap = b16 ? b_n : 0;
+        }
+        if (!a16 || !b16) {
             fprintf(stderr, "m1c: out of GPU memory in the LM head\n");
             abort();
         }
@@ -178,8 +191,6 @@ static void head_gemm(int precision, int ta, int tb, int M, int N, int K, const 
         check_launch("head bf16 conversion");
         st = cublasGemmEx(h, ob, oa, N, M, K, &one, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda, &beta, C, CUDA_R_32F,
                           ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-        cudaFree(a16);
-        cudaFree(b16);
     } else {
         cublasComputeType_t ct = precision == 1 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
         st = cublasGemmEx(h, ob, oa, N, M, K, &one, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F, ldc,
