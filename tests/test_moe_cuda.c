@@ -83,14 +83,28 @@ static double tol_grad(int cdt) { return cdt == M1C_BF16 ? 5e-2 : 5e-5; }
 
 /* ---- topk: GPU vs CPU ----------------------------------------------------------------------------- */
 
+/* skew: feature 0 of every token is 4 and the router's column 0 favours expert 0 (+1) and shuns expert
+ * 1 (-10, a logit 40 below: it gets no token), so expert loads are uneven and one expert is empty. */
+static void compare_topk_x(const char *settings, int E, int k, int B, int T, int H, uint64_t seed, int cdt,
+                           int expect_drops, int skew);
 static void compare_topk(const char *settings, int E, int k, int B, int T, int H, uint64_t seed, int cdt,
                          int expect_drops) {
+    compare_topk_x(settings, E, k, B, T, H, seed, cdt, expect_drops, 0);
+}
+
+static void compare_topk_x(const char *settings, int E, int k, int B, int T, int H, uint64_t seed, int cdt,
+                           int expect_drops, int skew) {
     need_gpu();
     const int N = B * T;
     const int64_t NH = (int64_t)N * H;
     th_layer *c = th_layer_new("topk", settings, 0, 1, H, B, T, seed, 0.3f);
     th_layer *g = th_layer_new_dev("topk", settings, 0, 1, H, B, T, seed, 0.3f, M1C_DEVICE_CUDA, cdt);
     c->bufs.aux_scale = g->bufs.aux_scale = 0.7f; /* the aux gradient must carry this weight */
+    if (skew) { /* the router (f32 on both devices) is parameter 0 */
+        float *wr = c->params[0].data;
+        for (int e = 0; e < E; e++) wr[(int64_t)e * H] = e == 0 ? 1.0f : e == 1 ? -10.0f : 0.0f;
+        m1c_dev_copy(M1C_DEVICE_CUDA, g->params[0].data, M1C_DEVICE_CPU, wr, (size_t)E * H * sizeof(float));
+    }
 
     /* Forward on the CPU; an input whose routing has no near-tie (GPU logits differ by ~1e-6). */
     float *x = NULL, *oc = th_zeros(NH);
@@ -98,6 +112,8 @@ static void compare_topk(const char *settings, int E, int k, int B, int T, int H
     for (int s = 0; s < 20 && margin <= 1e-4; s++) {
         free(x);
         x = th_randn(NH, seed * 100 + (uint64_t)s, 1.0f);
+        if (skew)
+            for (int n = 0; n < N; n++) x[(int64_t)n * H] = 4.0f;
         th_forward(c, oc, x);
         margin = order_margin(c->acts[find(c->aspec, c->na, "moe.probs")].data, N, E, k);
     }
@@ -130,6 +146,10 @@ static void compare_topk(const char *settings, int E, int k, int B, int T, int H
         cr_expect_eq(sg.expert_load[e], sc.expert_load[e], "expert_load[%d] %g vs CPU %g", e, sg.expert_load[e],
                      sc.expert_load[e]);
     if (expect_drops) cr_assert_gt(sc.dropped, 0, "this case is meant to drop assignments");
+    if (skew) {
+        cr_assert_eq(sc.expert_load[1], 0.0f, "this case is meant to leave expert 1 without tokens");
+        cr_assert_gt(sc.expert_load[0], 1.5f / E, "this case is meant to load expert 0 unevenly");
+    }
 
     /* Backward from zeroed gradients (accumulation is tested separately). */
     float *dout = th_randn(NH, seed + 7, 1.0f), *dinc = th_zeros(NH);
@@ -170,6 +190,21 @@ Test(topk_cuda, odd_batch_3x37_f32) { compare_topk(ODD, 6, 2, 3, 37, 40, 14, M1C
 Test(topk_cuda, odd_batch_3x37_bf16) { compare_topk(ODD, 6, 2, 3, 37, 40, 14, M1C_BF16, 0); }
 Test(topk_cuda, many_experts_f32) { compare_topk(MANY, 40, 4, 3, 37, 16, 15, M1C_F32, 0); }
 Test(topk_cuda, many_experts_bf16) { compare_topk(MANY, 40, 4, 3, 37, 16, 15, M1C_BF16, 0); }
+/* Uneven loads, an expert without tokens, and sizes that span several grouped-GEMM tiles (128 rows and
+ * columns, K steps of 32) with partial edge tiles: 400 tokens, H 136, 2F 400. */
+#define SKEW "experts = 4; top_k = 2; ffn_dim = 200; aux_coef = 0.01;"
+Test(topk_cuda, uneven_empty_expert_f32) { compare_topk_x(SKEW, 4, 2, 4, 100, 136, 16, M1C_F32, 0, 1); }
+Test(topk_cuda, uneven_empty_expert_bf16) { compare_topk_x(SKEW, 4, 2, 4, 100, 136, 16, M1C_BF16, 0, 1); }
+/* BF16 through the per-expert cuBLAS calls (M1C_MOE_GEMM=cublas; Criterion runs each test in its own
+ * process, so the setting stays in this test), the reference the grouped GEMM replaces. */
+Test(topk_cuda, uneven_empty_expert_bf16_cublas) {
+    setenv("M1C_MOE_GEMM", "cublas", 1);
+    compare_topk_x(SKEW, 4, 2, 4, 100, 136, 16, M1C_BF16, 0, 1);
+}
+Test(topk_cuda, capacity_drops_bf16_cublas) {
+    setenv("M1C_MOE_GEMM", "cublas", 1);
+    compare_topk(CAPACITY, 4, 2, 4, 8, 16, 13, M1C_BF16, 1);
+}
 
 /* Gradients accumulate (+=): a second backward doubles din and every parameter gradient. */
 Test(topk_cuda, backward_accumulates) {

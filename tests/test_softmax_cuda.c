@@ -159,6 +159,23 @@ Test(softmax_cuda, bf16_mha) { need_gpu(), check_all_T(&mha_partial, M1C_BF16, 8
 Test(softmax_cuda, bf16_head_dim_128) { need_gpu(), check_all_T(&minimax_head, M1C_BF16, 9000); }
 Test(softmax_cuda, bf16_odd_head_dim) { need_gpu(), check_all_T(&odd_head, M1C_BF16, 9500); }
 
+/* BF16 at head_dim 64 and 128 runs the tensor-core kernels (tiles of 64 queries and 64 keys): T
+ * just under, at and over one tile, two tiles plus a remainder, and several tiles with a partial
+ * last one, under MHA, GQA 2:1 and MQA. P and dS are rounded to bf16 before their GEMMs, one more
+ * rounding (2^-9 relative per term, summed over <= 300 keys with random signs for dS) than the
+ * tolerances above already allow for: they stand. */
+static const cfg gqa_hd64 = {64, 4, 2, 64, 32, 10000.0};
+Test(softmax_cuda, bf16_tensor_core_tile_edges) {
+    need_gpu();
+    static const int edge_T[] = {63, 64, 65, 130, 300};
+    const cfg *cs[] = {&gqa_hd64, &mha_partial, &mqa_full, &minimax_head};
+    for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++)
+        for (size_t i = 0; i < sizeof edge_T / sizeof edge_T[0]; i++) {
+            const int T = edge_T[i], B = T >= 130 ? 1 : 2;
+            check_vs_cpu(cs[c], B, T, M1C_BF16, 9700 + 100 * c + i);
+        }
+}
+
 /* Scores of std ~6 (weights std 0.3): a peaked softmax, so a missing max-subtraction or a wrong
  * online rescale overflows or shows; f32 only (bf16 score errors of ~|s| * 4e-3 would need a looser
  * bound that proves less). */

@@ -1,6 +1,7 @@
 /* lightning on CUDA: the same layer as lightning.c (MODEL.md "Lightning attention") with every buffer on
  * the GPU, in the chunked form: per-block products as strided-batched cuBLAS GEMMs over every
- * (sequence, head, block) at once, a prefix scan over blocks for the KV state, element-wise kernels between. */
+ * (sequence, head, block) at once (bf16 tensor cores with f32 accumulation for compute dtype BF16, plain
+ * FP32 for F32), a prefix scan over blocks for the f32 KV state, fused element-wise kernels between. */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -20,22 +21,95 @@ typedef struct lightning_cuda_cfg {
 /* Indices of lightning.c's declarations (params and acts are the same lists on both devices). */
 enum { P_QKV, P_GATE, P_NORM, P_OUT };
 enum { A_QKV, A_GATE, A_O, A_RSTD, A_KV };
-/* Scratch on CUDA: pre-activations (inference) / d qkv pre (backward); y, also o when not training /
- * d gate pre (backward); d attention output in f32 (also the gate pre-activation when not training,
- * as that dtype); bf16 copies of the layer input or dout (BF16 only); seven head-major (B*nh, Tp, hd)
- * f32 arrays (Tp: T rounded up to whole blocks, zero padded): Q K V O (forward), dQ dK dV (backward,
- * O holding dO); per-block score matrices S and P; per-block hd x hd states: local KV (forward) or
- * d KV (backward), and the states at block starts when not training. */
-enum { X_QKV, X_Y, X_DO, X_LP, X_HQ, X_HK, X_HV, X_HO, X_HDQ, X_HDK, X_HDV, X_S, X_P, X_KV, X_KVS, N_X };
+/* Scratch on CUDA (A: the compute dtype, f32 or bf16): pre-activations (inference) / d qkv pre (backward);
+ * y / d gate pre (backward); dy of the norm in f32 (backward; the gate pre-activation as A when not
+ * training); bf16 copies of the layer input or dout (BF16 only); seven head-major (B*nh, Tp, hd) arrays of
+ * A (Tp: T rounded up to whole blocks, zero padded): forward Q K V, Q decayed from its block's start, K
+ * decayed to its block's end; backward Q K V, K and V decayed to the block's end, dO and dO decayed from
+ * the block's start; three head-major f32 arrays: O (forward), dQ dK dV (backward); per-block score
+ * matrices S and P as A; per-block hd x hd f32 states: local KV (forward) or d KV (backward), the states
+ * at block starts when not training; bf16 copies of the block-start states and of d KV (BF16 only);
+ * per-chunk partial sums of the norm weight's gradient. */
+enum {
+    X_QKV, X_Y, X_DO, X_LP,
+    X_HA0, X_HA1, X_HA2, X_HA3, X_HA4, X_HA5, X_HA6,
+    X_HF0, X_HF1, X_HF2,
+    X_S, X_P, X_KV, X_KVS, X_KVLP, X_GLP, X_DWP, N_X
+};
+/* Token chunks of the norm weight's gradient: partial sums per chunk, then added in chunk order. */
+enum { NDW = 64 };
 
 typedef __nv_bfloat16 bf16;
 
-/* ---- element access in either activation dtype --------------------------------------------------- */
+/* ---- element access in either dtype, single or 8 at a time --------------------------------------- */
 
 __device__ static inline float ld(const float *p, int64_t i) { return p[i]; }
 __device__ static inline float ld(const bf16 *p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ static inline void st(float *p, int64_t i, float v) { p[i] = v; }
-__device__ static inline void st(bf16 *p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
+
+/* V consecutive values at p (V == 8: p 16-byte aligned for bf16, 32 for f32; every caller's offsets are
+ * multiples of 8 elements of 64-byte aligned buffers when it picks V = 8). */
+template <int V>
+__device__ static inline void ldv(const float *p, float *o) {
+    if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++) {
+            const float4 f = reinterpret_cast<const float4 *>(p)[k];
+            o[4 * k] = f.x, o[4 * k + 1] = f.y, o[4 * k + 2] = f.z, o[4 * k + 3] = f.w;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = p[k];
+    }
+}
+template <int V>
+__device__ static inline void ldv(const bf16 *p, float *o) {
+    if constexpr (V % 8 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 8; k++) {
+            const uint4 u = reinterpret_cast<const uint4 *>(p)[k];
+            const __nv_bfloat162 *h2 = reinterpret_cast<const __nv_bfloat162 *>(&u);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = __bfloat1622float2(h2[j]);
+                o[8 * k + 2 * j] = f.x, o[8 * k + 2 * j + 1] = f.y;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) o[k] = __bfloat162float(p[k]);
+    }
+}
+template <int V>
+__device__ static inline void stv(float *p, const float *v) {
+    if constexpr (V % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 4; k++)
+            reinterpret_cast<float4 *>(p)[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = v[k];
+    }
+}
+template <int V>
+__device__ static inline void stv(bf16 *p, const float *v) {
+    if constexpr (V % 8 == 0) {
+#pragma unroll
+        for (int k = 0; k < V / 8; k++) {
+            uint4 u;
+            __nv_bfloat162 *h2 = reinterpret_cast<__nv_bfloat162 *>(&u);
+#pragma unroll
+            for (int j = 0; j < 4; j++) h2[j] = __floats2bfloat162_rn(v[8 * k + 2 * j], v[8 * k + 2 * j + 1]);
+            reinterpret_cast<uint4 *>(p)[k] = u;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = __float2bfloat16(v[k]);
+    }
+}
+
+/* v as stored in A (rounded to bf16 and back for bf16). */
+__device__ static inline float rnd(float v, const float *) { return v; }
+__device__ static inline float rnd(float v, const bf16 *) { return __bfloat162float(__float2bfloat16(v)); }
 
 /* sigmoid through e = exp(-|x|) <= 1: no overflow, full relative accuracy for x < 0 (as on the CPU). */
 __device__ static inline float sigm(float x) {
@@ -70,97 +144,126 @@ __global__ static void k_to_bf16(bf16 *dst, const float *src, int64_t n) {
     GRID_STRIDE(i, n) dst[i] = __float2bfloat16(src[i]);
 }
 
-/* Q, K, V (B*nh, Tp, hd) f32 = SiLU of the head's [q|k|v] columns of pre (N, 3D); rows t >= T zero. */
-template <typename A>
-__global__ static void k_gather_qkv(float *Q, float *K, float *V, const A *pre, int T, int Tp, int nh, int hd,
-                                    int64_t n) {
+/* Row position within the block structure: t in [0, Tp) -> row i of block blk holding m real rows. */
+struct rowpos {
+    int i, m;
+};
+__device__ static inline rowpos row_of(int t, int T, int eb) {
+    const int blk = t / eb;
+    rowpos r;
+    r.i = t - blk * eb;
+    r.m = T - blk * eb < eb ? T - blk * eb : eb;
+    return r;
+}
+
+/* Q, K, V (B*nh, Tp, hd) = SiLU of the head's [q|k|v] columns of pre (N, 3D), rows t >= T zero; and, where
+ * not NULL, the decayed copies used by the state products: Qd = Q * exp(-s (i+1)) (from the block's start
+ * to the token), Kd, Vd = K, V * exp(-s (m-1-i)) (from the token to the block's end). Each copy is rounded
+ * once from the f32 value. V columns per thread (hd % V == 0); n = elements / V. */
+template <typename A, int VW>
+__global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, const A *pre, int T, int Tp, int nh,
+                                    int hd, int eb, const float *pw, int bs, int64_t n) {
     const int64_t D3 = 3 * (int64_t)nh * hd;
-    GRID_STRIDE(i, n) {
+    GRID_STRIDE(iv, n) {
+        const int64_t i = iv * VW;
         const int c = (int)(i % hd);
         const int64_t r = i / hd;
         const int t = (int)(r % Tp);
         const int64_t bh = r / Tp;
-        float q = 0.0f, k = 0.0f, v = 0.0f;
+        const int h = (int)(bh % nh);
+        float q[VW], k[VW], v[VW];
         if (t < T) {
-            const int64_t b = bh / nh, h = bh % nh;
-            const int64_t base = (b * T + t) * D3 + h * 3 * hd + c;
-            const float zq = ld(pre, base), zk = ld(pre, base + hd), zv = ld(pre, base + 2 * hd);
-            q = zq * sigm(zq), k = zk * sigm(zk), v = zv * sigm(zv);
+            const int64_t base = ((bh / nh) * T + t) * D3 + (int64_t)h * 3 * hd + c;
+            ldv<VW>(pre + base, q), ldv<VW>(pre + base + hd, k), ldv<VW>(pre + base + 2 * hd, v);
+#pragma unroll
+            for (int j = 0; j < VW; j++) q[j] *= sigm(q[j]), k[j] *= sigm(k[j]), v[j] *= sigm(v[j]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < VW; j++) q[j] = k[j] = v[j] = 0.0f;
         }
-        Q[i] = q, K[i] = k, V[i] = v;
+        stv<VW>(Q + i, q), stv<VW>(K + i, k), stv<VW>(Vv + i, v);
+        const rowpos rp = row_of(t, T, eb);
+        const float *p = pw + (int64_t)h * (bs + 1);
+        if (Qd) {
+            const float f = p[rp.i + 1];
+#pragma unroll
+            for (int j = 0; j < VW; j++) q[j] *= f;
+            stv<VW>(Qd + i, q);
+        }
+        const float fe = rp.i < rp.m ? p[rp.m - 1 - rp.i] : 0.0f; /* padding rows are zero already */
+        if (Kd) {
+#pragma unroll
+            for (int j = 0; j < VW; j++) k[j] *= fe;
+            stv<VW>(Kd + i, k);
+        }
+        if (Vd) {
+#pragma unroll
+            for (int j = 0; j < VW; j++) v[j] *= fe;
+            stv<VW>(Vd + i, v);
+        }
     }
 }
 
-/* X (B*nh, Tp, hd) f32 = the head's columns of src (N, D) f32; rows t >= T zero. */
-__global__ static void k_gather_rows(float *X, const float *src, int T, int Tp, int nh, int hd, int64_t n) {
-    const int64_t D = (int64_t)nh * hd;
-    GRID_STRIDE(i, n) {
-        const int c = (int)(i % hd);
-        const int64_t r = i / hd;
-        const int t = (int)(r % Tp);
-        const int64_t bh = r / Tp;
-        X[i] = t < T ? src[((bh / nh) * T + t) * D + (bh % nh) * hd + c] : 0.0f;
-    }
-}
-
-/* o (N, D) = the head-major O (B*nh, Tp, hd), rows t < T. */
-template <typename A>
-__global__ static void k_scatter_o(A *o, const float *O, int T, int Tp, int nh, int hd, int64_t n) {
-    const int64_t D = (int64_t)nh * hd;
-    GRID_STRIDE(i, n) {
-        const int64_t row = i / D, col = i % D;
-        const int64_t b = row / T, t = row % T, h = col / hd, c = col % hd;
-        st(o, i, O[((b * nh + h) * Tp + t) * hd + c]);
-    }
-}
-
-/* d pre (N, 3D) = d{q,k,v} * SiLU'(pre), SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))). */
-template <typename A>
+/* d pre (N, 3D) = d{q,k,v} * SiLU'(pre), SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))); d{q,k,v} f32
+ * head-major. V columns per thread (hd % V == 0); n = N * 3D / V. */
+template <typename A, int VW>
 __global__ static void k_silu_backward(A *dpre, const A *pre, const float *dQ, const float *dK, const float *dV,
                                        int T, int Tp, int nh, int hd, int64_t n) {
     const int64_t D3 = 3 * (int64_t)nh * hd;
-    GRID_STRIDE(i, n) {
+    GRID_STRIDE(iv, n) {
+        const int64_t i = iv * VW;
         const int64_t row = i / D3, col = i % D3;
         const int64_t b = row / T, t = row % T, h = col / (3 * hd);
         const int p = (int)((col % (3 * hd)) / hd), c = (int)(col % hd);
         const float *src = p == 0 ? dQ : (p == 1 ? dK : dV);
-        const float d = src[((b * nh + h) * Tp + t) * hd + c];
-        const float z = ld(pre, i), s = sigm(z);
-        st(dpre, i, d * s * (1.0f + z * (1.0f - s)));
+        float d[VW], z[VW];
+        ldv<VW>(src + ((b * nh + h) * Tp + t) * hd + c, d);
+        ldv<VW>(pre + i, z);
+#pragma unroll
+        for (int j = 0; j < VW; j++) {
+            const float s = sigm(z[j]);
+            d[j] = d[j] * s * (1.0f + z[j] * (1.0f - s));
+        }
+        stv<VW>(dpre + i, d);
     }
 }
 
-/* S (Z, eb, eb) *= the intra-block decay mask: exp(-s (i-j)) for j <= i, 0 above the diagonal. */
-__global__ static void k_decay_mask(float *S, int eb, int nb, int nh, const float *pw, int bs, int64_t n) {
-    GRID_STRIDE(idx, n) {
-        const int j = (int)(idx % eb), i = (int)((idx / eb) % eb);
+/* S and P (if not NULL) (Z, eb, eb) *= the intra-block decay mask: exp(-s (i-j)) for j <= i, 0 above the
+ * diagonal. V columns per thread (eb % V == 0); groups wholly above the diagonal are zeroed unread. */
+template <typename A, int VW>
+__global__ static void k_decay_mask(A *S, A *P, int eb, int nb, int nh, const float *pw, int bs, int64_t n) {
+    GRID_STRIDE(iv, n) {
+        const int64_t idx = iv * VW;
+        const int j0 = (int)(idx % eb), i = (int)((idx / eb) % eb);
         const int64_t z = idx / ((int64_t)eb * eb);
         const int h = (int)((z / nb) % nh);
-        S[idx] = j <= i ? S[idx] * pw[(int64_t)h * (bs + 1) + (i - j)] : 0.0f;
-    }
-}
-
-/* Row i of every block of X (Z, eb, hd) times exp(-s (i+1)) (from_end 0: decay from the block's start to
- * the token) or exp(-s (m-1-i)) (from_end 1: from the token to the block's end, m = rows in the block;
- * padding rows become 0). */
-__global__ static void k_row_decay(float *X, int eb, int hd, int nb, int nh, int T, const float *pw, int bs,
-                                   int from_end, int64_t n) {
-    GRID_STRIDE(idx, n) {
-        const int i = (int)((idx / hd) % eb);
-        const int64_t z = idx / ((int64_t)eb * hd);
-        const int blk = (int)(z % nb), h = (int)((z / nb) % nh);
-        const int m = T - blk * eb < eb ? T - blk * eb : eb;
         const float *p = pw + (int64_t)h * (bs + 1);
-        const float f = from_end ? (i < m ? p[m - 1 - i] : 0.0f) : p[i + 1];
-        X[idx] *= f;
+        float f[VW], v[VW];
+#pragma unroll
+        for (int j = 0; j < VW; j++) f[j] = j0 + j <= i ? p[i - j0 - j] : 0.0f;
+        if (j0 > i) {
+            stv<VW>(S + idx, f);
+            if (P) stv<VW>(P + idx, f);
+            continue;
+        }
+        ldv<VW>(S + idx, v);
+#pragma unroll
+        for (int j = 0; j < VW; j++) v[j] *= f[j];
+        stv<VW>(S + idx, v);
+        if (P) {
+            ldv<VW>(P + idx, v);
+#pragma unroll
+            for (int j = 0; j < VW; j++) v[j] *= f[j];
+            stv<VW>(P + idx, v);
+        }
     }
 }
 
 /* The state at every block start, one thread per (sequence, head, state element): KV_0 = the carried
- * state (or 0), KV_{n+1} = exp(-s m_n) KV_n + local_n. kvs receives KV_n; state (if not NULL) the state
- * after the last block. */
-__global__ static void k_scan_forward(float *kvs, const float *local, float *state, int fresh, int nb, int eb,
-                                      int T, int nh, int hd2, const float *pw, int bs, int64_t n) {
+ * state (or 0), KV_{n+1} = exp(-s m_n) KV_n + local_n. kvs receives KV_n (and lp, if not NULL, its bf16
+ * copy for the tensor-core product); state (if not NULL) the state after the last block. */
+__global__ static void k_scan_forward(float *kvs, bf16 *lp, const float *local, float *state, int fresh, int nb,
+                                      int eb, int T, int nh, int hd2, const float *pw, int bs, int64_t n) {
     GRID_STRIDE(idx, n) {
         const int64_t bh = idx / hd2, e = idx % hd2;
         const float *p = pw + (bh % nh) * (bs + 1);
@@ -169,6 +272,7 @@ __global__ static void k_scan_forward(float *kvs, const float *local, float *sta
             const int64_t at = (bh * nb + blk) * hd2 + e;
             const int m = T - blk * eb < eb ? T - blk * eb : eb;
             kvs[at] = acc;
+            if (lp) lp[at] = __float2bfloat16(acc);
             acc = p[m] * acc + local[at];
         }
         if (state) state[idx] = acc;
@@ -177,8 +281,8 @@ __global__ static void k_scan_forward(float *kvs, const float *local, float *sta
 
 /* In place, blocks in reverse: G_n (d loss / d state at the end of block n) from the local terms
  * Ghat_n = Q_n^T (dO_n * exp(-s (i+1))): G_{nb-1} = 0, G_{n-1} = Ghat_n + exp(-s eb) G_n (every block but
- * the last is full). */
-__global__ static void k_scan_backward(float *G, int nb, int eb, int nh, int hd2, const float *pw, int bs,
+ * the last is full); lp (if not NULL) receives a bf16 copy of G. */
+__global__ static void k_scan_backward(float *G, bf16 *lp, int nb, int eb, int nh, int hd2, const float *pw, int bs,
                                        int64_t n) {
     GRID_STRIDE(idx, n) {
         const int64_t bh = idx / hd2, e = idx % hd2;
@@ -188,76 +292,145 @@ __global__ static void k_scan_backward(float *G, int nb, int eb, int nh, int hd2
             const int64_t at = (bh * nb + blk) * hd2 + e;
             const float g = G[at];
             G[at] = acc;
+            if (lp) lp[at] = __float2bfloat16(acc);
             acc = g + decay * acc;
         }
     }
 }
 
-/* y = o * rstd * w * sigmoid(g) per token, one block per token; rstd computed (rstd_out, may be NULL) or
- * read (rstd_in). y may alias o: each thread reads and writes only its own columns. */
-template <typename A>
-__global__ static void k_norm_gate(A *y, const A *o, const A *g, const float *w, float *rstd_out,
-                                   const float *rstd_in, int N, int D, float eps) {
+/* Forward norm and gate straight from the head-major attention output O (B*nh, Tp, hd) f32, one block per
+ * token: o = O rounded to A (stored when o is not NULL: the activation backward reads), rstd from the
+ * rounded o (stored when rstd_out is not NULL), y = o * rstd * w * sigmoid(g). V columns per thread. */
+template <typename A, int VW>
+__global__ static void k_norm_gate_heads(A *y, A *o, const float *O, const A *g, const float *w, float *rstd_out,
+                                         int N, int T, int Tp, int nh, int hd, float eps) {
     __shared__ float sh[32];
+    const int D = nh * hd;
     for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
-        const A *ot = o + row * D, *gt = g + row * D;
-        A *yt = y + row * D;
-        float rs;
-        if (rstd_in) {
-            rs = rstd_in[row];
-        } else {
-            float ss = 0.0f;
-            for (int c = threadIdx.x; c < D; c += blockDim.x) {
-                const float v = ld(ot, c);
-                ss += v * v;
-            }
-            ss = block_sum(ss, sh);
-            rs = 1.0f / sqrtf(ss / (float)D + eps);
-            if (rstd_out && threadIdx.x == 0) rstd_out[row] = rs;
+        const int64_t b = row / T, t = row % T;
+        float ss = 0.0f;
+        for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
+            float v[VW];
+            ldv<VW>(O + ((b * nh + c / hd) * Tp + t) * hd + c % hd, v);
+#pragma unroll
+            for (int j = 0; j < VW; j++) v[j] = rnd(v[j], y), ss += v[j] * v[j];
+            if (o) stv<VW>(o + row * D + c, v);
         }
-        for (int c = threadIdx.x; c < D; c += blockDim.x) st(yt, c, ld(ot, c) * rs * w[c] * sigm(ld(gt, c)));
+        ss = block_sum(ss, sh);
+        const float rs = 1.0f / sqrtf(ss / (float)D + eps);
+        if (rstd_out && threadIdx.x == 0) rstd_out[row] = rs;
+        for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
+            float v[VW], gv[VW], wv[VW];
+            ldv<VW>(O + ((b * nh + c / hd) * Tp + t) * hd + c % hd, v); /* again: just read, from L2 */
+            ldv<VW>(g + row * D + c, gv), ldv<VW>(w + c, wv);
+#pragma unroll
+            for (int j = 0; j < VW; j++) v[j] = rnd(v[j], y) * rs * wv[j] * sigm(gv[j]);
+            stv<VW>(y + row * D + c, v);
+        }
     }
 }
 
-/* dw[c] += sum over tokens of dy * o * rstd * sigmoid(g): 32 columns per block, 8 partial sums over tokens
- * each, added in a fixed order (results repeat). */
+/* y = o * rstd * w * sigmoid(g) per token from the stored o and rstd (backward's recompute), one block per
+ * token. V columns per thread. */
+template <typename A, int VW>
+__global__ static void k_norm_gate(A *y, const A *o, const A *g, const float *w, const float *rstd, int N, int D) {
+    for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+        const float rs = rstd[row];
+        for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
+            float v[VW], gv[VW], wv[VW];
+            ldv<VW>(o + row * D + c, v), ldv<VW>(g + row * D + c, gv), ldv<VW>(w + c, wv);
+#pragma unroll
+            for (int j = 0; j < VW; j++) v[j] = v[j] * rs * wv[j] * sigm(gv[j]);
+            stv<VW>(y + row * D + c, v);
+        }
+    }
+}
+
+/* Partial sums for dw[c] = sum over tokens of dy * o * rstd * sigmoid(g): block (x, k) sums 32 columns over
+ * token chunk k (8 rows of threads, combined in a fixed order) into part[k][c]. */
 template <typename A>
-__global__ static void k_norm_dw(float *dw, const float *dy, const A *o, const A *g, const float *rstd, int N,
+__global__ static void k_norm_dw(float *part, const float *dy, const A *o, const A *g, const float *rstd, int N,
                                  int D) {
-    __shared__ float part[8][33];
+    __shared__ float sh[8][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
+    const int64_t per = ((int64_t)N + gridDim.y - 1) / gridDim.y, t0 = blockIdx.y * per;
+    const int64_t t1 = t0 + per < N ? t0 + per : N;
     float acc = 0.0f;
     if (c < D)
-        for (int64_t t = threadIdx.y; t < N; t += 8) {
+        for (int64_t t = t0 + threadIdx.y; t < t1; t += 8) {
             const int64_t i = t * D + c;
             acc += dy[i] * ld(o, i) * rstd[t] * sigm(ld(g, i));
         }
-    part[threadIdx.y][threadIdx.x] = acc;
+    sh[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     if (threadIdx.y == 0 && c < D) {
         float s = 0.0f;
-        for (int k = 0; k < 8; k++) s += part[k][threadIdx.x];
+        for (int k = 0; k < 8; k++) s += sh[k][threadIdx.x];
+        part[(int64_t)blockIdx.y * D + c] = s;
+    }
+}
+
+/* dw[c] += the chunks' partial sums in chunk order (results repeat). */
+__global__ static void k_norm_dw_sum(float *dw, const float *part, int chunks, int D) {
+    GRID_STRIDE(c, D) {
+        float s = 0.0f;
+        for (int k = 0; k < chunks; k++) s += part[(int64_t)k * D + c];
         dw[c] += s;
     }
 }
 
-/* Norm and gate backward per token, n = o rstd, sg = sigmoid(g): d o = rstd (dy w sg - n mean(dy w sg n))
- * written over dy (f32), d gate pre = dy n w sg (1 - sg) into dg. */
-template <typename A>
-__global__ static void k_norm_gate_backward(float *dy, A *dg, const A *o, const A *g, const float *w,
-                                            const float *rstd, int N, int D) {
+/* Norm and gate backward, one block per row of the head-major layout (B*Tp rows; padding rows t >= T get
+ * zeros), n = o rstd, sg = sigmoid(g): d o = rstd (dy w sg - n mean(dy w sg n)) into the head-major dO and
+ * dO * exp(-s (i+1)) into dOd (both A), d gate pre = dy n w sg (1 - sg) into dg (N, D). V columns per
+ * thread (hd % V == 0). */
+template <typename A, int VW>
+__global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *dy, const A *o, const A *g,
+                                            const float *w, const float *rstd, int B, int T, int Tp, int nh, int hd,
+                                            int eb, const float *pw, int bs) {
     __shared__ float sh[32];
-    for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
-        const int64_t base = row * D;
+    const int D = nh * hd;
+    const int64_t rows = (int64_t)B * Tp;
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int64_t b = r / Tp;
+        const int t = (int)(r % Tp);
+        if (t >= T) { /* the whole block takes this branch: no barrier is skipped by some threads only */
+            float z[VW];
+#pragma unroll
+            for (int j = 0; j < VW; j++) z[j] = 0.0f;
+            for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
+                const int64_t at = ((b * nh + c / hd) * Tp + t) * hd + c % hd;
+                stv<VW>(dO + at, z), stv<VW>(dOd + at, z);
+            }
+            continue;
+        }
+        const int64_t row = b * T + t, base = row * D;
         const float rs = rstd[row];
         float acc = 0.0f;
-        for (int c = threadIdx.x; c < D; c += blockDim.x)
-            acc += dy[base + c] * w[c] * sigm(ld(g, base + c)) * ld(o, base + c);
+        for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
+            float d[VW], ov[VW], gv[VW], wv[VW];
+            ldv<VW>(dy + base + c, d), ldv<VW>(o + base + c, ov), ldv<VW>(g + base + c, gv), ldv<VW>(w + c, wv);
+#pragma unroll
+            for (int j = 0; j < VW; j++) acc += d[j] * wv[j] * sigm(gv[j]) * ov[j];
+        }
         const float mean = block_sum(acc, sh) * rs / (float)D;
-        for (int c = threadIdx.x; c < D; c += blockDim.x) {
-            const float nc = ld(o, base + c) * rs, s = sigm(ld(g, base + c)), d = dy[base + c];
-            dy[base + c] = rs * (d * w[c] * s - nc * mean);
-            st(dg, base + c, d * nc * w[c] * s * (1.0f - s));
+        const rowpos rp = row_of(t, T, eb);
+        for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
+            float d[VW], ov[VW], gv[VW], wv[VW], dov[VW], dgv[VW];
+            ldv<VW>(dy + base + c, d), ldv<VW>(o + base + c, ov), ldv<VW>(g + base + c, gv), ldv<VW>(w + c, wv);
+            const int h = c / hd;
+            const float f = pw[(int64_t)h * (bs + 1) + rp.i + 1];
+#pragma unroll
+            for (int j = 0; j < VW; j++) {
+                const float nc = ov[j] * rs, s = sigm(gv[j]);
+                dov[j] = rs * (d[j] * wv[j] * s - nc * mean);
+                dgv[j] = d[j] * nc * wv[j] * s * (1.0f - s);
+            }
+            const int64_t at = ((b * nh + h) * Tp + t) * hd + c % hd;
+            stv<VW>(dO + at, dov);
+#pragma unroll
+            for (int j = 0; j < VW; j++) dov[j] *= f;
+            stv<VW>(dOd + at, dov);
+            stv<VW>(dg + base + c, dgv);
         }
     }
 }
@@ -268,6 +441,8 @@ typedef struct dims {
     int B, T, N, eb, nb, Tp;
     int64_t Z;   /* B * nh * nb: blocks of all heads, the batch of the per-block GEMMs */
     int64_t nhx; /* B * nh * Tp * hd: elements of a head-major array */
+    int vh;      /* columns per thread in the head-major kernels: 8 when hd allows, else 1 */
+    int vs;      /* columns per thread in the mask kernel: 8 when eb allows, else 1 */
 } dims;
 
 static dims dims_of(const lightning_cuda_cfg *c, int B, int T) {
@@ -278,6 +453,8 @@ static dims dims_of(const lightning_cuda_cfg *c, int B, int T) {
     d.Tp = d.nb * d.eb;
     d.Z = (int64_t)B * c->nh * d.nb;
     d.nhx = (int64_t)B * c->nh * d.Tp * c->hd;
+    d.vh = c->hd % 8 == 0 ? 8 : 1;
+    d.vs = d.eb % 8 == 0 ? 8 : 1;
     return d;
 }
 
@@ -303,6 +480,13 @@ static int check_size(const lightning_cuda_cfg *c, const m1c_tensor *t, int64_t 
     return M1C_OK;
 }
 
+/* The 8-wide kernels assume 16-byte aligned base addresses (the arena and cudaMalloc give 64 and 256). */
+static int check_aligned(const lightning_cuda_cfg *c, const void *p, const char *what) {
+    if (((uintptr_t)p & 15u) != 0)
+        return c->h->error(c->h, "lightning: buffer %s is not 16-byte aligned", what);
+    return M1C_OK;
+}
+
 /* Row-major GEMM through the host (cuBLAS), f32 accumulation. */
 static int gemm(const lightning_cuda_cfg *c, void *stream, int ta, int tb, int M, int N, int K, float alpha,
                 const void *A, int adt, int lda, int64_t sa, const void *B, int bdt, int ldb, int64_t sb, float beta,
@@ -312,123 +496,150 @@ static int gemm(const lightning_cuda_cfg *c, void *stream, int ta, int tb, int M
                          beta, C, cdt, ldc, sc, (int)batch);
 }
 
-/* The per-block GEMMs are f32 over all Z blocks at once: per block X is (eb x hd), S (eb x eb), KV (hd x hd). */
 #define F32 M1C_F32
+
+/* The m1c dtype of A. */
+template <typename A> static int dtype_of();
+template <> int dtype_of<float>() { return M1C_F32; }
+template <> int dtype_of<bf16>() { return M1C_BF16; }
 
 static int to_bf16(const lightning_cuda_cfg *c, cudaStream_t s, bf16 *dst, const float *src, int64_t n) {
     k_to_bf16<<<grid_for(n), THREADS, 0, s>>>(dst, src, n);
     return launched(c, "to_bf16");
 }
 
-static int row_decay(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, float *X, int from_end) {
-    const int64_t n = d->Z * d->eb * c->hd;
-    k_row_decay<<<grid_for(n), THREADS, 0, s>>>(X, d->eb, c->hd, d->nb, c->nh, d->T, c->pw, c->bs, from_end, n);
-    return launched(c, "row_decay");
+/* Threads for a one-block-per-row kernel over D columns, VW at a time: a multiple of 32, at most 256. */
+static int row_threads(int D, int vw) {
+    int t = (D / vw + 31) / 32 * 32;
+    return t < 32 ? 32 : (t > 256 ? 256 : t);
 }
 
-static int decay_mask(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, float *S) {
-    const int64_t n = d->Z * d->eb * d->eb;
-    k_decay_mask<<<grid_for(n), THREADS, 0, s>>>(S, d->eb, d->nb, c->nh, c->pw, c->bs, n);
+static int row_grid(int64_t rows) { return (int)(rows > (1 << 20) ? (1 << 20) : (rows < 1 ? 1 : rows)); }
+
+template <typename A>
+static int gather_qkv(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *Q, A *K, A *V, A *Qd, A *Kd,
+                      A *Vd, const A *pre) {
+    const int64_t n = d->nhx / d->vh;
+    if (d->vh == 8)
+        k_gather_qkv<A, 8><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, d->T, d->Tp, c->nh, c->hd, d->eb,
+                                                            c->pw, c->bs, n);
+    else
+        k_gather_qkv<A, 1><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, d->T, d->Tp, c->nh, c->hd, d->eb,
+                                                            c->pw, c->bs, n);
+    return launched(c, "gather_qkv");
+}
+
+template <typename A>
+static int decay_mask(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *S, A *P) {
+    const int64_t n = d->Z * d->eb * d->eb / d->vs;
+    if (d->vs == 8)
+        k_decay_mask<A, 8><<<grid_for(n), THREADS, 0, s>>>(S, P, d->eb, d->nb, c->nh, c->pw, c->bs, n);
+    else
+        k_decay_mask<A, 1><<<grid_for(n), THREADS, 0, s>>>(S, P, d->eb, d->nb, c->nh, c->pw, c->bs, n);
     return launched(c, "decay_mask");
 }
 
 static float *fx(const m1c_layer_bufs *b, int i) { return (float *)b->scratch[i].data; }
+template <typename A> static A *ax(const m1c_layer_bufs *b, int i) { return (A *)b->scratch[i].data; }
 
-/* Attention forward from pre (N, 3D) to o (N, D): kvs receives the state at every block start; state
- * (B, nh, hd, hd), if not NULL, is carried in (unless fresh) and out. */
+/* Attention forward from pre (N, 3D) to the head-major f32 O (returned through *Oout): kvs receives the
+ * state at every block start; state (B, nh, hd, hd), if not NULL, is carried in (unless fresh) and out. */
 template <typename A>
-static int attention_forward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const A *pre, A *o,
-                             float *kvs, float *state, int fresh) {
+static int attention_forward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const A *pre,
+                             float *kvs, float *state, int fresh, const float **Oout) {
     cudaStream_t s = (cudaStream_t)b->stream;
-    const int hd = c->hd, eb = d->eb, hd2 = hd * hd;
+    const int hd = c->hd, eb = d->eb, hd2 = hd * hd, adt = dtype_of<A>();
     const int64_t sx = (int64_t)eb * hd, ss = (int64_t)eb * eb, skv = hd2, Z = d->Z;
-    float *Q = fx(b, X_HQ), *K = fx(b, X_HK), *V = fx(b, X_HV), *O = fx(b, X_HO), *S = fx(b, X_S);
-    float *KVl = fx(b, X_KV);
-    k_gather_qkv<A><<<grid_for(d->nhx), THREADS, 0, s>>>(Q, K, V, pre, d->T, d->Tp, c->nh, hd, d->nhx);
-    if (launched(c, "gather_qkv")) return M1C_ERR;
+    A *Q = ax<A>(b, X_HA0), *K = ax<A>(b, X_HA1), *V = ax<A>(b, X_HA2), *Qd = ax<A>(b, X_HA3), *Kd = ax<A>(b, X_HA4);
+    A *S = ax<A>(b, X_S);
+    float *O = fx(b, X_HF0), *KVl = fx(b, X_KV);
+    bf16 *kvlp = c->bf16 ? ax<bf16>(b, X_KVLP) : NULL;
+    const void *KVop = c->bf16 ? (const void *)kvlp : (const void *)kvs; /* the state as a GEMM operand */
+    if (gather_qkv<A>(c, s, d, Q, K, V, Qd, Kd, (A *)NULL, pre)) return M1C_ERR;
     /* S = (Q K^T) * D */
-    if (gemm(c, s, 0, 1, eb, eb, hd, 1.0f, Q, F32, hd, sx, K, F32, hd, sx, 0.0f, S, F32, eb, ss, Z) ||
-        decay_mask(c, s, d, S))
+    if (gemm(c, s, 0, 1, eb, eb, hd, 1.0f, Q, adt, hd, sx, K, adt, hd, sx, 0.0f, S, adt, eb, ss, Z) ||
+        decay_mask<A>(c, s, d, S, (A *)NULL))
         return M1C_ERR;
-    /* local_n = (K * exp(-s (m-1-i)))^T V, K scaled in place (no longer needed raw) */
-    if (row_decay(c, s, d, K, 1) ||
-        gemm(c, s, 1, 0, hd, hd, eb, 1.0f, K, F32, hd, sx, V, F32, hd, sx, 0.0f, KVl, F32, hd, skv, Z))
-        return M1C_ERR;
+    /* local_n = (K * exp(-s (m-1-i)))^T V */
+    if (gemm(c, s, 1, 0, hd, hd, eb, 1.0f, Kd, adt, hd, sx, V, adt, hd, sx, 0.0f, KVl, F32, hd, skv, Z)) return M1C_ERR;
     const int64_t ns = (int64_t)d->B * c->nh * hd2;
-    k_scan_forward<<<grid_for(ns), THREADS, 0, s>>>(kvs, KVl, state, fresh, d->nb, eb, d->T, c->nh, hd2, c->pw, c->bs,
-                                                    ns);
+    k_scan_forward<<<grid_for(ns), THREADS, 0, s>>>(kvs, kvlp, KVl, state, fresh, d->nb, eb, d->T, c->nh, hd2, c->pw,
+                                                    c->bs, ns);
     if (launched(c, "scan_forward")) return M1C_ERR;
-    /* O = (Q KV_n) * exp(-s (i+1)) + S V */
-    if (gemm(c, s, 0, 0, eb, hd, hd, 1.0f, Q, F32, hd, sx, kvs, F32, hd, skv, 0.0f, O, F32, hd, sx, Z) ||
-        row_decay(c, s, d, O, 0) ||
-        gemm(c, s, 0, 0, eb, hd, eb, 1.0f, S, F32, eb, ss, V, F32, hd, sx, 1.0f, O, F32, hd, sx, Z))
+    /* O = (Q * exp(-s (i+1))) KV_n + S V */
+    if (gemm(c, s, 0, 0, eb, hd, hd, 1.0f, Qd, adt, hd, sx, KVop, adt, hd, skv, 0.0f, O, F32, hd, sx, Z) ||
+        gemm(c, s, 0, 0, eb, hd, eb, 1.0f, S, adt, eb, ss, V, adt, hd, sx, 1.0f, O, F32, hd, sx, Z))
         return M1C_ERR;
-    const int64_t no = (int64_t)d->N * c->D;
-    k_scatter_o<A><<<grid_for(no), THREADS, 0, s>>>(o, O, d->T, d->Tp, c->nh, hd, no);
-    return launched(c, "scatter_o");
+    *Oout = O;
+    return M1C_OK;
 }
 
-/* Attention backward: from dO (N, D) f32, pre and the block-start states kvs, write d pre (N, 3D). */
+/* Attention backward: from the head-major dO and dOd (dO * exp(-s (i+1))) already in X_HA5 and X_HA6, pre
+ * and the block-start states kvs, write d pre (N, 3D). */
 template <typename A>
 static int attention_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const A *pre,
-                              const float *dOrows, const float *kvs, A *dpre) {
+                              const float *kvs, A *dpre) {
     cudaStream_t s = (cudaStream_t)b->stream;
-    const int hd = c->hd, eb = d->eb, hd2 = hd * hd;
+    const int hd = c->hd, eb = d->eb, hd2 = hd * hd, adt = dtype_of<A>();
     const int64_t sx = (int64_t)eb * hd, ss = (int64_t)eb * eb, skv = hd2, Z = d->Z;
-    float *Q = fx(b, X_HQ), *K = fx(b, X_HK), *V = fx(b, X_HV), *dO = fx(b, X_HO), *S = fx(b, X_S), *P = fx(b, X_P);
-    float *dQ = fx(b, X_HDQ), *dK = fx(b, X_HDK), *dV = fx(b, X_HDV), *G = fx(b, X_KV);
-    k_gather_qkv<A><<<grid_for(d->nhx), THREADS, 0, s>>>(Q, K, V, pre, d->T, d->Tp, c->nh, hd, d->nhx);
-    if (launched(c, "gather_qkv")) return M1C_ERR;
-    k_gather_rows<<<grid_for(d->nhx), THREADS, 0, s>>>(dO, dOrows, d->T, d->Tp, c->nh, hd, d->nhx);
-    if (launched(c, "gather_rows")) return M1C_ERR;
+    A *Q = ax<A>(b, X_HA0), *K = ax<A>(b, X_HA1), *V = ax<A>(b, X_HA2), *Kd = ax<A>(b, X_HA3), *Vd = ax<A>(b, X_HA4);
+    A *dO = ax<A>(b, X_HA5), *dOd = ax<A>(b, X_HA6), *S = ax<A>(b, X_S), *P = ax<A>(b, X_P);
+    float *dQ = fx(b, X_HF0), *dK = fx(b, X_HF1), *dV = fx(b, X_HF2), *G = fx(b, X_KV);
+    bf16 *kvlp = c->bf16 ? ax<bf16>(b, X_KVLP) : NULL, *glp = c->bf16 ? ax<bf16>(b, X_GLP) : NULL;
+    const void *KVop = c->bf16 ? (const void *)kvlp : (const void *)kvs, *Gop = c->bf16 ? (const void *)glp : (const void *)G;
+    if (c->bf16 && to_bf16(c, s, kvlp, kvs, Z * hd2)) return M1C_ERR;
+    if (gather_qkv<A>(c, s, d, Q, K, V, (A *)NULL, Kd, Vd, pre)) return M1C_ERR;
     /* S = (Q K^T) * D, P = (dO V^T) * D */
-    if (gemm(c, s, 0, 1, eb, eb, hd, 1.0f, Q, F32, hd, sx, K, F32, hd, sx, 0.0f, S, F32, eb, ss, Z) ||
-        decay_mask(c, s, d, S) ||
-        gemm(c, s, 0, 1, eb, eb, hd, 1.0f, dO, F32, hd, sx, V, F32, hd, sx, 0.0f, P, F32, eb, ss, Z) ||
-        decay_mask(c, s, d, P))
+    if (gemm(c, s, 0, 1, eb, eb, hd, 1.0f, Q, adt, hd, sx, K, adt, hd, sx, 0.0f, S, adt, eb, ss, Z) ||
+        gemm(c, s, 0, 1, eb, eb, hd, 1.0f, dO, adt, hd, sx, V, adt, hd, sx, 0.0f, P, adt, eb, ss, Z) ||
+        decay_mask<A>(c, s, d, S, P))
         return M1C_ERR;
-    /* dQ = (dO KV_n^T) * exp(-s (i+1)) + P K;  dK = P^T Q;  dV = S^T dO */
-    if (gemm(c, s, 0, 1, eb, hd, hd, 1.0f, dO, F32, hd, sx, kvs, F32, hd, skv, 0.0f, dQ, F32, hd, sx, Z) ||
-        row_decay(c, s, d, dQ, 0) ||
-        gemm(c, s, 0, 0, eb, hd, eb, 1.0f, P, F32, eb, ss, K, F32, hd, sx, 1.0f, dQ, F32, hd, sx, Z) ||
-        gemm(c, s, 1, 0, eb, hd, eb, 1.0f, P, F32, eb, ss, Q, F32, hd, sx, 0.0f, dK, F32, hd, sx, Z) ||
-        gemm(c, s, 1, 0, eb, hd, eb, 1.0f, S, F32, eb, ss, dO, F32, hd, sx, 0.0f, dV, F32, hd, sx, Z))
+    /* dQ = (dO * exp(-s (i+1))) KV_n^T + P K;  dK = P^T Q;  dV = S^T dO */
+    if (gemm(c, s, 0, 1, eb, hd, hd, 1.0f, dOd, adt, hd, sx, KVop, adt, hd, skv, 0.0f, dQ, F32, hd, sx, Z) ||
+        gemm(c, s, 0, 0, eb, hd, eb, 1.0f, P, adt, eb, ss, K, adt, hd, sx, 1.0f, dQ, F32, hd, sx, Z) ||
+        gemm(c, s, 1, 0, eb, hd, eb, 1.0f, P, adt, eb, ss, Q, adt, hd, sx, 0.0f, dK, F32, hd, sx, Z) ||
+        gemm(c, s, 1, 0, eb, hd, eb, 1.0f, S, adt, eb, ss, dO, adt, hd, sx, 0.0f, dV, F32, hd, sx, Z))
         return M1C_ERR;
-    /* Ghat_n = Q^T (dO * exp(-s (i+1))) (dO scaled in place), then the reverse scan to G_n */
-    if (row_decay(c, s, d, dO, 0) ||
-        gemm(c, s, 1, 0, hd, hd, eb, 1.0f, Q, F32, hd, sx, dO, F32, hd, sx, 0.0f, G, F32, hd, skv, Z))
-        return M1C_ERR;
+    /* Ghat_n = Q^T (dO * exp(-s (i+1))), then the reverse scan to G_n */
+    if (gemm(c, s, 1, 0, hd, hd, eb, 1.0f, Q, adt, hd, sx, dOd, adt, hd, sx, 0.0f, G, F32, hd, skv, Z)) return M1C_ERR;
     const int64_t ns = (int64_t)d->B * c->nh * hd2;
-    k_scan_backward<<<grid_for(ns), THREADS, 0, s>>>(G, d->nb, eb, c->nh, hd2, c->pw, c->bs, ns);
+    k_scan_backward<<<grid_for(ns), THREADS, 0, s>>>(G, glp, d->nb, eb, c->nh, hd2, c->pw, c->bs, ns);
     if (launched(c, "scan_backward")) return M1C_ERR;
     /* through the state at the block's end: dV += (K * exp(-s (m-1-i))) G, dK += (V * exp(-s (m-1-i))) G^T */
-    if (row_decay(c, s, d, K, 1) ||
-        gemm(c, s, 0, 0, eb, hd, hd, 1.0f, K, F32, hd, sx, G, F32, hd, skv, 1.0f, dV, F32, hd, sx, Z) ||
-        row_decay(c, s, d, V, 1) ||
-        gemm(c, s, 0, 1, eb, hd, hd, 1.0f, V, F32, hd, sx, G, F32, hd, skv, 1.0f, dK, F32, hd, sx, Z))
+    if (gemm(c, s, 0, 0, eb, hd, hd, 1.0f, Kd, adt, hd, sx, Gop, adt, hd, skv, 1.0f, dV, F32, hd, sx, Z) ||
+        gemm(c, s, 0, 1, eb, hd, hd, 1.0f, Vd, adt, hd, sx, Gop, adt, hd, skv, 1.0f, dK, F32, hd, sx, Z))
         return M1C_ERR;
-    const int64_t n3 = (int64_t)d->N * 3 * c->D;
-    k_silu_backward<A><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
+    const int64_t n3 = (int64_t)d->N * 3 * c->D / d->vh;
+    if (d->vh == 8)
+        k_silu_backward<A, 8><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
+    else
+        k_silu_backward<A, 1><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
     return launched(c, "silu_backward");
 }
 
 /* The scratch sizes for (B, T), checked on every call (B*T may be smaller than declared). */
 static int check_scratch(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, int adt) {
-    const int64_t N = d->N, D = c->D, hd = c->hd;
-    static const char *const names[N_X] = {"qkv", "y", "d_attn_out", "x_lp", "heads_q", "heads_k", "heads_v",
-                                           "heads_o", "heads_dq", "heads_dk", "heads_dv", "scores", "d_scores",
-                                           "kv_local", "kv_starts"};
+    const int64_t N = d->N, D = c->D, hd = c->hd, lp = c->bf16 ? d->Z * hd * hd : 1;
+    static const char *const names[N_X] = {"qkv",      "y",        "d_attn_out", "x_lp",     "heads_a0", "heads_a1",
+                                           "heads_a2", "heads_a3", "heads_a4",   "heads_a5", "heads_a6", "heads_f0",
+                                           "heads_f1", "heads_f2", "scores",     "d_scores", "kv_local", "kv_starts",
+                                           "kv_lp",    "dkv_lp",   "norm_dw"};
     int64_t need[N_X];
     int dt[N_X];
     need[X_QKV] = N * 3 * D, dt[X_QKV] = adt;
     need[X_Y] = N * D, dt[X_Y] = adt;
     need[X_DO] = N * D, dt[X_DO] = M1C_F32;
     need[X_LP] = c->bf16 ? N * c->H : 1, dt[X_LP] = M1C_BF16;
-    for (int i = X_HQ; i <= X_HDV; i++) need[i] = d->nhx, dt[i] = M1C_F32;
-    need[X_S] = need[X_P] = d->Z * d->eb * d->eb, dt[X_S] = dt[X_P] = M1C_F32;
+    for (int i = X_HA0; i <= X_HA6; i++) need[i] = d->nhx, dt[i] = adt;
+    for (int i = X_HF0; i <= X_HF2; i++) need[i] = d->nhx, dt[i] = M1C_F32;
+    need[X_S] = need[X_P] = d->Z * d->eb * d->eb, dt[X_S] = dt[X_P] = adt;
     need[X_KV] = need[X_KVS] = d->Z * hd * hd, dt[X_KV] = dt[X_KVS] = M1C_F32;
+    need[X_KVLP] = need[X_GLP] = lp, dt[X_KVLP] = dt[X_GLP] = M1C_BF16;
+    need[X_DWP] = NDW * D, dt[X_DWP] = M1C_F32;
     for (int i = 0; i < N_X; i++)
-        if (check_size(c, &b->scratch[i], need[i], dt[i], names[i])) return M1C_ERR;
+        if (check_size(c, &b->scratch[i], need[i], dt[i], names[i]) ||
+            check_aligned(c, b->scratch[i].data, names[i]))
+            return M1C_ERR;
     return M1C_OK;
 }
 
@@ -438,6 +649,8 @@ static int check_acts(const lightning_cuda_cfg *c, const m1c_tensor *a, const di
         check_size(c, &a[A_O], N * D, adt, "attn_out") || check_size(c, &a[A_RSTD], N, M1C_F32, "rstd") ||
         check_size(c, &a[A_KV], d->Z * c->hd * c->hd, M1C_F32, "kv_blocks"))
         return M1C_ERR;
+    for (int i = A_QKV; i <= A_O; i++)
+        if (check_aligned(c, a[i].data, a[i].name ? a[i].name : "activation")) return M1C_ERR;
     return M1C_OK;
 }
 
@@ -445,7 +658,7 @@ static int check_params(const lightning_cuda_cfg *c, const m1c_layer_bufs *b) {
     if (!b || !b->params || !b->scratch) return c->h->error(c->h, "lightning: parameter and scratch buffers are required");
     if (c->bf16 && !b->params_lp)
         return c->h->error(c->h, "lightning: compute dtype BF16 needs the bf16 parameter copies (params_lp)");
-    return M1C_OK;
+    return check_aligned(c, b->params[P_NORM].data, "self_attn.norm.weight");
 }
 
 /* Weight operand for the projections: the bf16 copy for BF16 compute, else the f32 parameter. */
@@ -456,7 +669,7 @@ static const void *weight(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, 
 template <typename A>
 static int run_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *out, const float *in, int B, int T,
                  float *state, int fresh) {
-    const int adt = c->bf16 ? M1C_BF16 : M1C_F32, H = c->H, D = c->D;
+    const int adt = dtype_of<A>(), H = c->H, D = c->D;
     const dims d = dims_of(c, B, T);
     const int N = d.N;
     const int train = !state && b->training && b->acts;
@@ -468,27 +681,32 @@ static int run_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *ou
         x = b->scratch[X_LP].data;
     }
     /* Without activations to keep: pre-activations in scratch, the gate's in the (f32-sized) d_attn_out
-     * buffer as the compute dtype, and o normalised in place into y. */
+     * buffer as the compute dtype, and o not stored. */
     A *pre = (A *)(train ? b->acts[A_QKV].data : b->scratch[X_QKV].data);
     A *g = (A *)(train ? b->acts[A_GATE].data : b->scratch[X_DO].data);
     A *y = (A *)b->scratch[X_Y].data;
-    A *o = train ? (A *)b->acts[A_O].data : y;
+    A *o = train ? (A *)b->acts[A_O].data : NULL;
     float *rstd = train ? (float *)b->acts[A_RSTD].data : NULL;
     float *kvs = train ? (float *)b->acts[A_KV].data : fx(b, X_KVS);
     if (gemm(c, s, 0, 1, N, 3 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, 3 * D, 0, 1) ||
         gemm(c, s, 0, 1, N, D, H, 1.0f, x, adt, H, 0, weight(c, b, P_GATE), adt, H, 0, 0.0f, g, adt, D, 0, 1))
         return M1C_ERR;
-    if (attention_forward<A>(c, b, &d, pre, o, kvs, state, fresh)) return M1C_ERR;
-    k_norm_gate<A><<<grid_for((int64_t)N * THREADS), THREADS, 0, s>>>(y, o, g, (const float *)b->params[P_NORM].data,
-                                                                       rstd, NULL, N, D, c->eps);
-    if (launched(c, "norm_gate")) return M1C_ERR;
+    const float *O = NULL;
+    if (attention_forward<A>(c, b, &d, pre, kvs, state, fresh, &O)) return M1C_ERR;
+    const float *wn = (const float *)b->params[P_NORM].data;
+    const int nt = row_threads(D, d.vh);
+    if (d.vh == 8)
+        k_norm_gate_heads<A, 8><<<row_grid(N), nt, 0, s>>>(y, o, O, g, wn, rstd, N, T, d.Tp, c->nh, c->hd, c->eps);
+    else
+        k_norm_gate_heads<A, 1><<<row_grid(N), nt, 0, s>>>(y, o, O, g, wn, rstd, N, T, d.Tp, c->nh, c->hd, c->eps);
+    if (launched(c, "norm_gate_heads")) return M1C_ERR;
     return gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, out, M1C_F32, H, 0, 1);
 }
 
 template <typename A>
 static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *din, const float *dout,
                       const float *in, int B, int T) {
-    const int adt = c->bf16 ? M1C_BF16 : M1C_F32, H = c->H, D = c->D;
+    const int adt = dtype_of<A>(), H = c->H, D = c->D;
     const dims d = dims_of(c, B, T);
     const int N = d.N;
     cudaStream_t s = (cudaStream_t)b->stream;
@@ -503,9 +721,13 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
     A *dpre = (A *)b->scratch[X_QKV].data, *y = (A *)b->scratch[X_Y].data;
     float *dy = fx(b, X_DO);
     bf16 *lp = (bf16 *)b->scratch[X_LP].data;
+    const int nt = row_threads(D, d.vh);
 
     /* out_proj: dWo += dout^T y (y recomputed), dy = dout Wo */
-    k_norm_gate<A><<<grid_for((int64_t)N * THREADS), THREADS, 0, s>>>(y, o, g, wn, NULL, rstd, N, D, c->eps);
+    if (d.vh == 8)
+        k_norm_gate<A, 8><<<row_grid(N), nt, 0, s>>>(y, o, g, wn, rstd, N, D);
+    else
+        k_norm_gate<A, 1><<<row_grid(N), nt, 0, s>>>(y, o, g, wn, rstd, N, D);
     if (launched(c, "norm_gate")) return M1C_ERR;
     const void *dout_op = dout;
     if (c->bf16) {
@@ -515,12 +737,23 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
     if (gemm(c, s, 1, 0, H, D, N, 1.0f, dout_op, adt, H, 0, y, adt, D, 0, 1.0f, dWo, M1C_F32, D, 0, 1) ||
         gemm(c, s, 0, 0, N, D, H, 1.0f, dout_op, adt, H, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, dy, M1C_F32, D, 0, 1))
         return M1C_ERR;
-    /* norm and gate: dw first (it reads dy), then d attention output over dy and d gate pre into y */
-    k_norm_dw<A><<<(D + 31) / 32, dim3(32, 8), 0, s>>>(dwn, dy, o, g, rstd, N, D);
+    /* norm and gate: dw from per-chunk partial sums, then d attention output (head-major, plain and decayed)
+     * and d gate pre into y */
+    float *part = fx(b, X_DWP);
+    k_norm_dw<A><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, o, g, rstd, N, D);
     if (launched(c, "norm_dw")) return M1C_ERR;
-    k_norm_gate_backward<A><<<grid_for((int64_t)N * THREADS), THREADS, 0, s>>>(dy, y, o, g, wn, rstd, N, D);
+    k_norm_dw_sum<<<grid_for(D), THREADS, 0, s>>>(dwn, part, NDW, D);
+    if (launched(c, "norm_dw_sum")) return M1C_ERR;
+    A *dO = ax<A>(b, X_HA5), *dOd = ax<A>(b, X_HA6);
+    const int64_t rows = (int64_t)B * d.Tp;
+    if (d.vh == 8)
+        k_norm_gate_backward<A, 8><<<row_grid(rows), nt, 0, s>>>(dO, dOd, y, dy, o, g, wn, rstd, B, T, d.Tp, c->nh,
+                                                                  c->hd, d.eb, c->pw, c->bs);
+    else
+        k_norm_gate_backward<A, 1><<<row_grid(rows), nt, 0, s>>>(dO, dOd, y, dy, o, g, wn, rstd, B, T, d.Tp, c->nh,
+                                                                  c->hd, d.eb, c->pw, c->bs);
     if (launched(c, "norm_gate_backward")) return M1C_ERR;
-    if (attention_backward<A>(c, b, &d, pre, dy, kvs, dpre)) return M1C_ERR;
+    if (attention_backward<A>(c, b, &d, pre, kvs, dpre)) return M1C_ERR;
 
     /* projections: dW += d pre^T x, din += d pre W */
     const void *x = in;
@@ -575,22 +808,29 @@ extern "C" int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T,
     const dims d = dims_of(c, B, T < 1 ? 1 : T);
     const int64_t N = (int64_t)B * T, D = c->D, hd = c->hd, BH = (int64_t)B * c->nh;
     const int adt = c->bf16 ? M1C_BF16 : M1C_F32;
+    const int64_t lp = c->bf16 ? d.Z : 1, lpd = c->bf16 ? hd : 1; /* bf16 state copies: BF16 only */
     m1c_buf_spec s[N_X] = {
         xspec("self_attn.qkv", adt, 2, N, 3 * D, 0),                           /* (B*T, 3*nh*hd) */
         xspec("self_attn.y", adt, 2, N, D, 0),                                 /* (B*T, nh*hd) */
         xspec("self_attn.d_attn_out", M1C_F32, 2, N, D, 0),                    /* (B*T, nh*hd) */
         xspec("self_attn.x_lp", M1C_BF16, 2, c->bf16 ? N : 1, c->bf16 ? c->H : 1, 0), /* (B*T, H) */
-        xspec("self_attn.heads_q", M1C_F32, 3, BH, d.Tp, hd),                  /* (B*nh, Tp, hd) */
-        xspec("self_attn.heads_k", M1C_F32, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_v", M1C_F32, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_o", M1C_F32, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_dq", M1C_F32, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_dk", M1C_F32, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_dv", M1C_F32, 3, BH, d.Tp, hd),
-        xspec("self_attn.scores", M1C_F32, 3, d.Z, d.eb, d.eb),                /* (blocks, eb, eb) */
-        xspec("self_attn.d_scores", M1C_F32, 3, d.Z, d.eb, d.eb),
+        xspec("self_attn.heads_a0", adt, 3, BH, d.Tp, hd),                     /* (B*nh, Tp, hd) */
+        xspec("self_attn.heads_a1", adt, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_a2", adt, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_a3", adt, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_a4", adt, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_a5", adt, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_a6", adt, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_f0", M1C_F32, 3, BH, d.Tp, hd),                 /* (B*nh, Tp, hd) */
+        xspec("self_attn.heads_f1", M1C_F32, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_f2", M1C_F32, 3, BH, d.Tp, hd),
+        xspec("self_attn.scores", adt, 3, d.Z, d.eb, d.eb),                    /* (blocks, eb, eb) */
+        xspec("self_attn.d_scores", adt, 3, d.Z, d.eb, d.eb),
         xspec("self_attn.kv_local", M1C_F32, 3, d.Z, hd, hd),                  /* (blocks, hd, hd) */
         xspec("self_attn.kv_starts", M1C_F32, 3, d.Z, hd, hd),
+        xspec("self_attn.kv_lp", M1C_BF16, 3, lp, lpd, lpd),                   /* (blocks, hd, hd) */
+        xspec("self_attn.dkv_lp", M1C_BF16, 3, lp, lpd, lpd),
+        xspec("self_attn.norm_dw", M1C_F32, 2, NDW, D, 0),                     /* (chunks, nh*hd) */
     };
     if (!specs) return N_X;
     if (max < N_X) return c->h->error(c->h, "lightning: room for %d buffer specs, %d needed", max, (int)N_X);

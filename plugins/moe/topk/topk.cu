@@ -10,11 +10,21 @@
  * Backward mirrors topk.c: per-token router kernel (d weights, renormalisation, aux loss, softmax) and
  * weighted d rows -> per-expert GEMMs -> SwiGLU backward -> un-permute per token -> router GEMMs.
  *
+ * BF16 (unless M1C_MOE_GEMM=cublas): the expert GEMMs are one grouped tensor-core kernel per product
+ * that reads the expert offsets on the device (grouped_gemm_kernel), and the elementwise kernels read
+ * the kept row count there too: forward and backward never wait for the host. F32 keeps the
+ * per-expert cuBLAS calls (f32 GEMMs without tensor cores, exact to ~1e-6), with one host copy of the
+ * offsets per call.
+ *
  * Jitter: the noise is U(1-j, 1+j) from a counter-based hash of (noise_seed, element index), not the
  * CPU's xoshiro stream: the same noise_seed gives the same noise on the GPU every time, but not the
  * CPU's noise. Evaluation (training = 0) never applies it. */
 #include <math.h>
+#include <mma.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <type_traits>
 
 #include "../moe_cuda.cuh"
 #include "../topk_cuda.cuh"
@@ -259,7 +269,221 @@ __global__ void unpermute_kernel(float *din, const float *drow, const int32_t *p
     }
 }
 
+/* The kept row count R = off[E] lives on the device in the grouped path: these kernels are launched
+ * for the most rows there can be (N*k) and read R themselves. */
+template <typename T>
+__global__ void gather_dev_kernel(T *xs, const float *in, const int32_t *rowtok, const int32_t *R, int H) {
+    MOE_GRID_LOOP(i, (int64_t)*R * H) {
+        const int64_t r = i / H, c = i % H;
+        moe_st(xs, i, in[(int64_t)rowtok[r] * H + c]);
+    }
+}
+
+template <typename T>
+__global__ void swiglu_fwd_dev_kernel(T *act, const T *gu, const int32_t *R, int F) {
+    MOE_GRID_LOOP(i, (int64_t)*R * F) {
+        const int64_t r = i / F, f = i % F;
+        const float g = moe_ld(gu, r * 2 * F + f), u = moe_ld(gu, r * 2 * F + F + f);
+        const float s = 1.0f / (1.0f + expf(-g));
+        moe_st(act, i, g * s * u);
+    }
+}
+
+/* As moe_swiglu_bwd_kernel (moe_cuda.cuh), for the device-side row count. */
+template <typename T>
+__global__ void swiglu_bwd_dev_kernel(T *dgu, const float *dact, const T *gu, const int32_t *R, int F) {
+    MOE_GRID_LOOP(i, (int64_t)*R * F) {
+        const int64_t r = i / F, f = i % F;
+        const float g = moe_ld(gu, r * 2 * F + f), u = moe_ld(gu, r * 2 * F + F + f);
+        const float s = 1.0f / (1.0f + expf(-g)), da = dact[i];
+        moe_st(dgu, r * 2 * F + F + f, da * g * s);
+        moe_st(dgu, r * 2 * F + f, da * u * s * (1.0f + g * (1.0f - s)));
+    }
+}
+
+/* Router input for dWr without asking the host whether the forward was jittered: xr = in * noise when
+ * it was (the stats say so), else in. */
+__global__ void router_in_kernel(float *xr, const float *in, const float *noise, const float *st, int64_t n) {
+    const int jit = st[ST_JIT] != 0.0f;
+    MOE_GRID_LOOP(i, n) xr[i] = jit ? in[i] * noise[i] : in[i];
+}
+
+/* din += t * noise when the forward was jittered, else din += t. */
+__global__ void add_router_kernel(float *din, const float *t, const float *noise, const float *st, int64_t n) {
+    const int jit = st[ST_JIT] != 0.0f;
+    MOE_GRID_LOOP(i, n) din[i] += jit ? t[i] * noise[i] : t[i];
+}
+
+/* ---- grouped expert GEMM (BF16) ----------------------------------------------------------------- */
+
+/* One launch covers every expert, reading the expert row offsets on the device: no host copy, no
+ * synchronisation, one shape for all calls. bf16 operands on tensor cores (WMMA 16x16x16), f32
+ * accumulation, as cuBLAS's GemmEx with CUBLAS_COMPUTE_32F. Block tile GG_BM x GG_BN, K step GG_BK,
+ * 8 warps in 2 x 4, each 64 x 32 (4 x 2 fragments). Tiles are staged in shared memory as they lie in
+ * global memory (row-major); the fragment layout (row/col major) gives the transposes. Out-of-range
+ * elements are loaded as zeros, so any M, N, K works.
+ * Modes (row-major, r over one expert's rows [off[e], off[e+1]), W_e = W + e * sw):
+ *   GG_NT: C[r, n] = beta C + sum_k A[r, k] W_e[n, k]      (forward: x W^T)
+ *   GG_NN: C[r, n] = beta C + sum_k A[r, k] W_e[k, n]      (backward: d rows W)
+ *   GG_TN: C_e[m, n] = beta C_e + sum_r A[r, m] B[r, n]    (backward: weight gradients) */
+enum { GG_NT, GG_NN, GG_TN };
+enum { GG_BM = 128, GG_BN = 128, GG_BK = 32, GG_THREADS = 256, GG_PAD = 8 };
+
+/* sm[r][c] = g[(r0 + r) * ldg + c0 + c] for r0 + r < r_end and c0 + c < c_end, else 0 (ROWS x COLS,
+ * shared row stride LD). vec: 16-byte loads allowed (ldg % 8 == 0, g 16-byte aligned, c0 % 8 == 0). */
+template <int ROWS, int COLS, int LD>
+static __device__ __forceinline__ void gg_load(__nv_bfloat16 *sm, const __nv_bfloat16 *g, int64_t ldg, int64_t r0,
+                                               int64_t r_end, int64_t c0, int64_t c_end, bool vec) {
+    constexpr int CH = COLS / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += GG_THREADS) {
+        const int r = i / CH, c = (i % CH) * 8;
+        __nv_bfloat16 *d = sm + r * LD + c;
+        const int64_t gr = r0 + r, gc = c0 + c;
+        if (gr < r_end && vec && gc + 8 <= c_end) {
+            *(uint4 *)d = *(const uint4 *)(g + gr * ldg + gc);
+        } else {
+            for (int t = 0; t < 8; t++)
+                d[t] = gr < r_end && gc + t < c_end ? g[gr * ldg + gc + t] : __float2bfloat16_rn(0.0f);
+        }
+    }
+}
+
+template <int MODE, typename TC>
+__global__ void __launch_bounds__(GG_THREADS)
+    grouped_gemm_kernel(TC *C, int64_t ldc, int64_t sc, const __nv_bfloat16 *A, int64_t lda,
+                        const __nv_bfloat16 *B, int64_t ldb, int64_t sb, const int32_t *off, int E, int Mc, int Nc,
+                        int K, float beta, int vec) {
+    using namespace nvcuda;
+    /* A tile: [BM][BK] (NT, NN) or [BK][BM] (TN); B tile: [BN][BK] (NT) or [BK][BN] (NN, TN). */
+    constexpr int LDA = MODE == GG_TN ? GG_BM + GG_PAD : GG_BK + GG_PAD;
+    constexpr int LDB = MODE == GG_NT ? GG_BK + GG_PAD : GG_BN + GG_PAD;
+    constexpr int A_EL = MODE == GG_TN ? GG_BK * LDA : GG_BM * LDA;
+    constexpr int B_EL = MODE == GG_NT ? GG_BN * LDB : GG_BK * LDB;
+    __shared__ __align__(128) __nv_bfloat16 As[A_EL];
+    __shared__ __align__(128) __nv_bfloat16 Bs[B_EL];
+    __shared__ __align__(128) float Cs[GG_THREADS / 32][16 * 16];
+
+    /* This block's expert and output tile. */
+    int e = 0;
+    int64_t m0, n0 = (int64_t)blockIdx.y * GG_BN, m_end, row0 = 0, row_end = 0;
+    if (MODE == GG_TN) {
+        e = blockIdx.z;
+        m0 = (int64_t)blockIdx.x * GG_BM;
+        m_end = Mc;
+        row0 = off[e];
+        row_end = off[e + 1];
+        if (row0 == row_end && beta == 1.0f) return; /* C_e += 0 */
+    } else {
+        /* Row tiles are numbered expert after expert: find the one with blockIdx.x. */
+        int64_t t = blockIdx.x;
+        for (e = 0; e < E; e++) {
+            const int64_t ne = off[e + 1] - off[e], nt = (ne + GG_BM - 1) / GG_BM;
+            if (t < nt) break;
+            t -= nt;
+        }
+        if (e == E) return; /* past the last tile */
+        m0 = off[e] + t * GG_BM;
+        m_end = off[e + 1];
+        B += (int64_t)e * sb;
+    }
+    if (n0 >= Nc) return;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp / 4, wn = warp % 4;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+    #pragma unroll
+    for (int i = 0; i < 4; i++)
+        #pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+    typedef typename std::conditional<MODE == GG_TN, wmma::col_major, wmma::row_major>::type ALayout;
+    typedef typename std::conditional<MODE == GG_NT, wmma::col_major, wmma::row_major>::type BLayout;
+
+    const int64_t k_begin = MODE == GG_TN ? row0 : 0, k_end = MODE == GG_TN ? row_end : K;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += GG_BK) {
+        if (MODE == GG_NT) {
+            gg_load<GG_BM, GG_BK, LDA>(As, A, lda, m0, m_end, k0, k_end, vec);
+            gg_load<GG_BN, GG_BK, LDB>(Bs, B, ldb, n0, Nc, k0, k_end, vec);
+        } else if (MODE == GG_NN) {
+            gg_load<GG_BM, GG_BK, LDA>(As, A, lda, m0, m_end, k0, k_end, vec);
+            gg_load<GG_BK, GG_BN, LDB>(Bs, B, ldb, k0, k_end, n0, Nc, vec);
+        } else {
+            gg_load<GG_BK, GG_BM, LDA>(As, A, lda, k0, k_end, m0, m_end, vec);
+            gg_load<GG_BK, GG_BN, LDB>(Bs, B, ldb, k0, k_end, n0, Nc, vec);
+        }
+        __syncthreads();
+        #pragma unroll
+        for (int kk = 0; kk < GG_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> fa[4];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> fb[2];
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int mr = wm * 64 + i * 16;
+                wmma::load_matrix_sync(fa[i], MODE == GG_TN ? As + kk * LDA + mr : As + mr * LDA + kk, LDA);
+            }
+            #pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const int nc = wn * 32 + j * 16;
+                wmma::load_matrix_sync(fb[j], MODE == GG_NT ? Bs + nc * LDB + kk : Bs + kk * LDB + nc, LDB);
+            }
+            #pragma unroll
+            for (int i = 0; i < 4; i++)
+                #pragma unroll
+                for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+        __syncthreads(); /* the tiles are read before the next load */
+    }
+
+    /* Epilogue through a per-warp 16 x 16 staging tile: bounds, beta, the output dtype. */
+    TC *Cb = MODE == GG_TN ? C + (int64_t)e * sc : C;
+    float *cs = Cs[warp];
+    #pragma unroll
+    for (int i = 0; i < 4; i++)
+        #pragma unroll
+        for (int j = 0; j < 2; j++) {
+            wmma::store_matrix_sync(cs, acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            const int rr = lane / 2, cc0 = (lane % 2) * 8;
+            const int64_t gm = m0 + wm * 64 + i * 16 + rr;
+            #pragma unroll
+            for (int c = 0; c < 8; c++) {
+                const int64_t gn = n0 + wn * 32 + j * 16 + cc0 + c;
+                if (gm < m_end && gn < Nc) {
+                    float v = cs[rr * 16 + cc0 + c];
+                    if (beta != 0.0f) v += beta * moe_ld(Cb, gm * ldc + gn);
+                    moe_st(Cb, gm * ldc + gn, v);
+                }
+            }
+            __syncwarp(); /* cs is read before the next fragment's store */
+        }
+}
+
 /* ---- kernel launchers -------------------------------------------------------------------------- */
+
+/* The grouped GEMM (see grouped_gemm_kernel) for rows up to Nk in all; Mc is C's row count in GG_TN
+ * (the weight-gradient rows), unused otherwise. */
+template <int MODE, typename TC>
+static int grouped_gemm(const m1c_host *h, cudaStream_t s, TC *C, int64_t ldc, int64_t sc, const __nv_bfloat16 *A,
+                        int64_t lda, const __nv_bfloat16 *B, int64_t ldb, int64_t sb, const int32_t *off, int E,
+                        int64_t Nk, int Mc, int Nc, int K, float beta) {
+    const int vec = lda % 8 == 0 && ldb % 8 == 0 && sb % 8 == 0 && (uintptr_t)A % 16 == 0 && (uintptr_t)B % 16 == 0;
+    dim3 grid;
+    if (MODE == GG_TN)
+        grid = dim3((unsigned)((Mc + GG_BM - 1) / GG_BM), (unsigned)((Nc + GG_BN - 1) / GG_BN), (unsigned)E);
+    else /* at most sum_e ceil(n_e / BM) <= Nk / BM + E row tiles */
+        grid = dim3((unsigned)((Nk + GG_BM - 1) / GG_BM + E), (unsigned)((Nc + GG_BN - 1) / GG_BN), 1);
+    if (grid.x == 0 || grid.y == 0) return M1C_OK;
+    grouped_gemm_kernel<MODE, TC><<<grid, GG_THREADS, 0, s>>>(C, ldc, sc, A, lda, B, ldb, sb, off, E, Mc, Nc, K, beta,
+                                                              vec);
+    MOE_LAUNCH_CHECK(h, "grouped_gemm_kernel");
+    return M1C_OK;
+}
+
+/* BF16 experts run through the grouped GEMM (no host synchronisation) unless M1C_MOE_GEMM=cublas asks
+ * for the per-expert cuBLAS calls (the F32 path, which needs the offsets on the host): for comparing the
+ * two on a GPU. */
+static int use_grouped(int cdt) {
+    const char *v = getenv("M1C_MOE_GEMM");
+    return cdt == M1C_BF16 && !(v && strcmp(v, "cublas") == 0);
+}
 
 /* gemm_ex for one expert's rows; nothing to do for an expert without rows. */
 #define GEMM(...)                                                    \
@@ -296,14 +520,34 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in) {
     MOE_LAUNCH_CHECK(h, "scatter_kernel");
     aux_kernel<<<1, MOE_THREADS, 0, s>>>(a->st, a->cnt, a->probs, N, E, k, a->aux_coef, jit);
     MOE_LAUNCH_CHECK(h, "aux_kernel");
+
+    T *xs = (T *)a->xs, *GU = (T *)a->gu, *act = (T *)a->act;
+    const T *Wgu = (const T *)a->Wgu, *Wd = (const T *)a->Wd;
+    if (use_grouped(cdt)) {
+        /* Everything sized for N*k rows; the kernels read R = off[E] and the offsets on the device. */
+        typedef __nv_bfloat16 bf;
+        const int32_t *Rd = a->off + E;
+        gather_dev_kernel<bf><<<moe_blocks(Nk * H), MOE_THREADS, 0, s>>>((bf *)xs, in, a->rowtok, Rd, H);
+        MOE_LAUNCH_CHECK(h, "gather_dev_kernel");
+        if (grouped_gemm<GG_NT, bf>(h, s, (bf *)GU, 2 * F, 0, (const bf *)xs, H, (const bf *)Wgu, H, (int64_t)2 * F * H,
+                                    a->off, E, Nk, 0, 2 * F, H, 0.0f) != M1C_OK)
+            return M1C_ERR;
+        swiglu_fwd_dev_kernel<bf><<<moe_blocks(Nk * F), MOE_THREADS, 0, s>>>((bf *)act, (const bf *)GU, Rd, F);
+        MOE_LAUNCH_CHECK(h, "swiglu_fwd_dev_kernel");
+        if (grouped_gemm<GG_NT, float>(h, s, a->Y, H, 0, (const bf *)act, F, (const bf *)Wd, F, (int64_t)H * F, a->off,
+                                       E, Nk, 0, H, F, 0.0f) != M1C_OK)
+            return M1C_ERR;
+        combine_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, N, H, k);
+        MOE_LAUNCH_CHECK(h, "combine_kernel");
+        return M1C_OK;
+    }
+
+    /* Per-expert cuBLAS calls: the offsets on the host. */
     MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
     MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
     const int32_t *off = a->h_off;
     const int64_t R = off[E];
 
-    /* Experts. */
-    T *xs = (T *)a->xs, *GU = (T *)a->gu, *act = (T *)a->act;
-    const T *Wgu = (const T *)a->Wgu, *Wd = (const T *)a->Wd;
     if (R > 0) {
         gather_kernel<T><<<moe_blocks(R * H), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, H);
         MOE_LAUNCH_CHECK(h, "gather_kernel");
@@ -326,6 +570,58 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in) {
     }
     combine_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, N, H, k);
     MOE_LAUNCH_CHECK(h, "combine_kernel");
+    return M1C_OK;
+}
+
+/* Backward of the BF16 grouped path: the same steps as backward_impl with the grouped GEMM, and nothing
+ * asked of the host (whether the forward was jittered is read on the device). */
+static int backward_grouped(const topk_cuda_args *a, float *din, const float *dout, const float *in) {
+    typedef __nv_bfloat16 bf;
+    const m1c_host *h = a->h;
+    cudaStream_t s = (cudaStream_t)a->stream;
+    const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F;
+    const int64_t Nk = (int64_t)N * k;
+    bf *dy_lp = (bf *)a->dy_lp;
+    if (!dy_lp) return h->error(h, "topk: BF16 backward needs the bf16 d rows buffer");
+    const bf *xs = (const bf *)a->xs, *GU = (const bf *)a->gu, *act = (const bf *)a->act;
+    const bf *Wgu = (const bf *)a->Wgu, *Wd = (const bf *)a->Wd;
+    bf *dgu = (bf *)a->dgu;
+    const int32_t *Rd = a->off + E;
+
+    const double aux_g = a->aux_scale * a->aux_coef * E / N;
+    router_bwd_kernel<bf><<<N, 128, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs, a->idx, a->w, a->pos,
+                                            a->st, aux_g, H, E, k, a->normalize);
+    MOE_LAUNCH_CHECK(h, "router_bwd_kernel");
+    /* dWd_e += dY_e^T A_e; d act = dY Wd_e. */
+    if (grouped_gemm<GG_TN, float>(h, s, a->dWd, F, (int64_t)H * F, dy_lp, H, act, F, 0, a->off, E, Nk, H, F, 0,
+                                   1.0f) != M1C_OK ||
+        grouped_gemm<GG_NN, float>(h, s, a->dact, F, 0, dy_lp, H, Wd, F, (int64_t)H * F, a->off, E, Nk, 0, F, H,
+                                   0.0f) != M1C_OK)
+        return M1C_ERR;
+    swiglu_bwd_dev_kernel<bf><<<moe_blocks(Nk * F), MOE_THREADS, 0, s>>>(dgu, a->dact, GU, Rd, F);
+    MOE_LAUNCH_CHECK(h, "swiglu_bwd_dev_kernel");
+    /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e (into drow). */
+    if (grouped_gemm<GG_TN, float>(h, s, a->dWgu, H, (int64_t)2 * F * H, dgu, 2 * F, xs, H, 0, a->off, E, Nk, 2 * F,
+                                   H, 0, 1.0f) != M1C_OK ||
+        grouped_gemm<GG_NN, float>(h, s, a->drow, H, 0, dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, a->off, E, Nk, 0, H,
+                                   2 * F, 0.0f) != M1C_OK)
+        return M1C_ERR;
+    unpermute_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(din, a->drow, a->pos, N, H, k);
+    MOE_LAUNCH_CHECK(h, "unpermute_kernel");
+
+    /* Router (f32). */
+    const int64_t NH = (int64_t)N * H;
+    if (a->noise) { /* jitter configured: the forward may have applied it */
+        router_in_kernel<<<moe_blocks(NH), MOE_THREADS, 0, s>>>(a->xr, in, a->noise, a->st, NH);
+        MOE_LAUNCH_CHECK(h, "router_in_kernel");
+        GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, a->xr, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
+        GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 0.0f, a->xr, M1C_F32, H, 0, 1);
+        add_router_kernel<<<moe_blocks(NH), MOE_THREADS, 0, s>>>(din, a->xr, a->noise, a->st, NH);
+        MOE_LAUNCH_CHECK(h, "add_router_kernel");
+    } else {
+        GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, in, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
+        GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 1.0f, din, M1C_F32, H, 0, 1);
+    }
     return M1C_OK;
 }
 
@@ -405,6 +701,7 @@ extern "C" int topk_cuda_forward(const topk_cuda_args *a, float *out, const floa
 
 extern "C" int topk_cuda_backward(const topk_cuda_args *a, float *din, const float *dout, const float *in) {
     if (a->N <= 0) return M1C_OK;
+    if (use_grouped(a->cdt)) return backward_grouped(a, din, dout, in);
     return a->cdt == M1C_BF16 ? backward_impl<__nv_bfloat16>(a, din, dout, in) : backward_impl<float>(a, din, dout, in);
 }
 
