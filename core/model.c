@@ -508,6 +508,7 @@ int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, fl
     m1c_run *r = &d->run;
     int B = d->batch, H = m->H;
     int64_t N = (int64_t)B * T;
+    prof_start(m, r);
     for (int64_t i = 0; i < N; i++) {
         if (ids[i] < 0 || ids[i] >= m->V) return m1c_fail(e, "token id %d out of range for vocabulary %d", ids[i], m->V);
         r->ids_host[i] = ids[i];
