@@ -206,6 +206,84 @@ Test(topk_cuda, capacity_drops_bf16_cublas) {
     compare_topk(CAPACITY, 4, 2, 4, 8, 16, 13, M1C_BF16, 1);
 }
 
+/* 5000 tokens, top-2 of 8 with capacity: 10000 assignments over several ranking chunks (1024 each, the
+ * last one partial) and several aux partial-sum blocks (256 tokens each, the last one partial), with
+ * drops (capacity ceil(0.9 * 10000 / 8) = 1125 per expert: at least 10000 - 8 * 1125 = 1000 dropped). */
+#define LARGE_CAP "experts = 8; top_k = 2; ffn_dim = 8; capacity_factor = 0.9; aux_coef = 0.01;"
+Test(topk_cuda, large_capacity_f32) { compare_topk(LARGE_CAP, 8, 2, 2, 2500, 16, 17, M1C_F32, 1); }
+Test(topk_cuda, large_capacity_bf16) { compare_topk(LARGE_CAP, 8, 2, 2, 2500, 16, 17, M1C_BF16, 1); }
+
+/* The ranking at a size no routing comparison with the CPU can reach (300000 assignments: near-ties are
+ * certain there): the GPU's own routing (idx) walked serially in token order on the host must give the
+ * GPU's positions, row tokens, offsets and counts exactly; this spans more than 256 chunks, so the
+ * per-expert scan over chunks runs in several tiles with a carry. The aux loss from the GPU's own
+ * probabilities (double on the host) checks the multi-block partial sums. */
+Test(topk_cuda, ranking_matches_serial_walk_large) {
+    need_gpu();
+    const int B = 3, T = 50000, H = 8, E = 8, k = 2, N = B * T;
+    const int64_t NH = (int64_t)N * H, Nk = (int64_t)N * k;
+    const double cf = 0.9, coef = 0.01;
+    th_layer *g = th_layer_new_dev("topk", "experts = 8; top_k = 2; ffn_dim = 4; capacity_factor = 0.9; aux_coef = 0.01;",
+                                   0, 1, H, B, T, 71, 0.3f, M1C_DEVICE_CUDA, M1C_BF16);
+    float *x = th_randn(NH, 72, 1.0f), *z = th_zeros(NH);
+    /* Skew: the router's column 0 favours expert 0 (+1) and feature 0 is 4 in the first half of the tokens,
+     * so expert 0 gets nearly all of them (> 75000 assignments, capacity 33750): drops are certain. */
+    for (int64_t n = 0; n < N / 2; n++) x[n * H] = 4.0f;
+    float *wr = th_to_host(M1C_DEVICE_CUDA, g->params[0].data, (int64_t)E * H);
+    for (int e = 0; e < E; e++) wr[(int64_t)e * H] = e == 0 ? 1.0f : 0.0f;
+    m1c_dev_copy(M1C_DEVICE_CUDA, g->params[0].data, M1C_DEVICE_CPU, wr, (size_t)E * H * sizeof(float));
+    free(wr);
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    th_forward(g, od, xd);
+    int32_t *idx = act_host(g, "moe.topk_idx"), *pos = act_host(g, "moe.pos"), *rowtok = act_host(g, "moe.row_token");
+    int32_t *off = act_host(g, "moe.offsets");
+    float *probs = act_host(g, "moe.probs");
+    m1c_moe_stats st = stats_of(g);
+
+    const int64_t cap = (int64_t)ceil(cf * N * k / E);
+    int64_t routed[8] = {0}, kept[8], ref_off[9], dropped = 0;
+    for (int64_t a = 0; a < Nk; a++) {
+        cr_assert(idx[a] >= 0 && idx[a] < E, "idx[%lld] = %d", (long long)a, idx[a]);
+        routed[idx[a]]++;
+    }
+    ref_off[0] = 0;
+    for (int e = 0; e < E; e++) {
+        kept[e] = routed[e] < cap ? routed[e] : cap;
+        ref_off[e + 1] = ref_off[e] + kept[e];
+        dropped += routed[e] - kept[e];
+        cr_expect_eq(off[e + 1], ref_off[e + 1], "offsets[%d] %d vs %lld", e + 1, off[e + 1], (long long)ref_off[e + 1]);
+        /* the same integer count divided the same way: equal floats */
+        cr_expect_eq(st.expert_load[e], (float)((double)routed[e] / (double)Nk), "expert_load[%d]", e);
+    }
+    cr_assert_gt(dropped, 0, "this case is meant to drop assignments");
+    cr_expect_eq(st.dropped, dropped, "dropped %lld vs %lld", (long long)st.dropped, (long long)dropped);
+    cr_expect_eq(st.assignments, Nk);
+    int64_t seen[8] = {0}, bad_pos = 0, bad_tok = 0;
+    for (int64_t a = 0; a < Nk; a++) {
+        const int e = idx[a];
+        const int64_t rank = seen[e]++, want = rank < cap ? ref_off[e] + rank : -1;
+        bad_pos += pos[a] != want;
+        if (want >= 0) bad_tok += rowtok[want] != a / k;
+    }
+    cr_expect_eq(bad_pos, 0, "%lld of %lld positions differ from the serial walk", (long long)bad_pos, (long long)Nk);
+    cr_expect_eq(bad_tok, 0, "%lld row tokens differ from the serial walk", (long long)bad_tok);
+
+    double aux = 0;
+    for (int e = 0; e < E; e++) {
+        double P = 0;
+        for (int64_t n = 0; n < N; n++) P += probs[n * E + e];
+        aux += ((double)routed[e] / (double)Nk) * (P / N);
+    }
+    aux *= coef * E;
+    /* 1e-9: both sums are in double (the GPU's in another order, ~1e-16 relative per term over 150000
+     * terms) and the GPU hands the aux loss over as float hi + lo (~1e-14); a lost block is off by >1e-5. */
+    cr_expect(fabs(st.aux_loss - aux) <= 1e-9 * fabs(aux), "aux %.15g vs %.15g from the GPU's probabilities",
+              st.aux_loss, aux);
+    free(x), free(z), free(idx), free(pos), free(rowtok), free(off), free(probs);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od);
+    th_layer_free(g);
+}
+
 /* Gradients accumulate (+=): a second backward doubles din and every parameter gradient. */
 Test(topk_cuda, backward_accumulates) {
     need_gpu();

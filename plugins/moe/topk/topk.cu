@@ -22,6 +22,7 @@
 #include <math.h>
 #include <mma.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <type_traits>
@@ -92,64 +93,125 @@ __global__ void router_kernel(float *probs, int32_t *idx, float *w, int N, int E
     for (int j = 0; j < k; j++) w[(int64_t)n * k + j] = normalize ? (float)(p[id[j]] / ssel) : p[id[j]];
 }
 
-/* One block per expert e (blockDim = MOE_THREADS): walks the N*k assignments in token order and gives
- * each of e's its rank among them; rank < cap keeps it (pos = rank, made global by scatter_kernel),
- * else pos = -1. routed[e] = all of e's assignments, kept[e] = those kept. */
-__global__ void rank_kernel(int32_t *pos, int32_t *routed, int32_t *kept, const int32_t *idx, int64_t Nk,
-                            int64_t cap) {
-    __shared__ int warp_tot[MOE_THREADS / 32];
-    __shared__ int64_t base_sh;
-    const int e = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (threadIdx.x == 0) base_sh = 0;
+/* Capacity and the stable counting sort, in three passes over chunks of RK_CHUNK assignments (token
+ * order = assignment order a = n * k + j):
+ *   rank_count_kernel: per chunk, how many of its assignments go to each expert -> tab[chunk][e];
+ *   rank_scan_kernel (one block): per expert, the exclusive scan of tab over the chunks (the rank of the
+ *     chunk's first assignment to e), routed / kept counts, offsets, dropped and assignment counts;
+ *   rank_scatter_kernel: per chunk, in RK_CHUNK / RK_THREADS rounds of one assignment per thread, the
+ *     rank among e's assignments = chunk base + earlier warps of the round (a per-warp count table) +
+ *     earlier lanes of the warp (__match_any_sync); rank < cap keeps it: pos = off[e] + rank, rowtok.
+ * The same ranks as a serial walk in token order, so the same assignments are dropped as on the CPU;
+ * O(N*k / threads) steps instead of one block per expert walking all N*k. */
+enum { RK_THREADS = 256, RK_CHUNK = 1024, RK_WARPS = RK_THREADS / 32 };
+
+__global__ void __launch_bounds__(RK_THREADS) rank_count_kernel(int32_t *tab, const int32_t *idx, int64_t Nk, int E) {
+    extern __shared__ int rk_hist[]; /* [E] */
+    for (int e = threadIdx.x; e < E; e += RK_THREADS) rk_hist[e] = 0;
     __syncthreads();
-    for (int64_t a0 = 0; a0 < Nk; a0 += MOE_THREADS) {
-        const int64_t a = a0 + threadIdx.x;
-        const int flag = a < Nk && idx[a] == e;
-        const unsigned mask = __ballot_sync(0xffffffffu, flag);
-        const int in_warp = __popc(mask & ((1u << lane) - 1u));
-        if (lane == 0) warp_tot[warp] = __popc(mask);
-        __syncthreads();
-        int before = 0, total = 0;
-        for (int w = 0; w < MOE_THREADS / 32; w++) {
-            before += w < warp ? warp_tot[w] : 0;
-            total += warp_tot[w];
-        }
-        const int64_t base = base_sh;
-        if (flag) {
-            const int64_t rank = base + before + in_warp;
-            pos[a] = rank < cap ? (int32_t)rank : -1;
-        }
-        __syncthreads(); /* everyone has read warp_tot and base_sh */
-        if (threadIdx.x == 0) base_sh = base + total;
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        routed[e] = (int32_t)base_sh;
-        kept[e] = (int32_t)(base_sh < cap ? base_sh : cap);
-    }
+    const int64_t a0 = (int64_t)blockIdx.x * RK_CHUNK;
+    for (int i = threadIdx.x; i < RK_CHUNK; i += RK_THREADS)
+        if (a0 + i < Nk) atomicAdd(&rk_hist[idx[a0 + i]], 1); /* counts: the order does not matter */
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += RK_THREADS) tab[(int64_t)blockIdx.x * E + e] = rk_hist[e];
 }
 
-/* One thread: offsets from the kept counts, and the dropped / assignment counts. */
-__global__ void offsets_kernel(int32_t *off, int32_t *cnt, int E, int64_t Nk) {
-    const int32_t *routed = cnt + C_ROUTED, *kept = cnt + C_ROUTED + E;
-    int64_t dropped = 0;
-    off[0] = 0;
+/* Exclusive scan of v over the block (RK_THREADS threads); *total (shared) gets the sum. */
+static __device__ int block_excl_scan(int v, int *warp_sh, int *total) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int x = v;
+    #pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, d);
+        if (lane >= d) x += y;
+    }
+    __syncthreads(); /* warp_sh / total may still be read from a previous call */
+    if (lane == 31) warp_sh[warp] = x;
+    __syncthreads();
+    int before = 0, sum = 0;
+    for (int w = 0; w < RK_WARPS; w++) {
+        before += w < warp ? warp_sh[w] : 0;
+        sum += warp_sh[w];
+    }
+    if (threadIdx.x == 0) *total = sum;
+    __syncthreads();
+    return before + x - v;
+}
+
+/* One block: tab[c][e] becomes the number of e's assignments in chunks before c; counts and offsets. */
+__global__ void __launch_bounds__(RK_THREADS) rank_scan_kernel(int32_t *tab, int32_t *off, int32_t *cnt, int64_t nch,
+                                                                int E, int64_t Nk, int64_t cap) {
+    __shared__ int warp_sh[RK_WARPS];
+    __shared__ int total;
+    int32_t *routed = cnt + C_ROUTED, *kept = cnt + C_ROUTED + E;
     for (int e = 0; e < E; e++) {
-        off[e + 1] = off[e] + kept[e];
-        dropped += routed[e] - kept[e];
+        int carry = 0;
+        for (int64_t c0 = 0; c0 < nch; c0 += RK_THREADS) {
+            const int64_t c = c0 + threadIdx.x;
+            const int v = c < nch ? tab[c * E + e] : 0;
+            const int ex = block_excl_scan(v, warp_sh, &total);
+            if (c < nch) tab[c * E + e] = carry + ex;
+            carry += total;
+        }
+        if (threadIdx.x == 0) {
+            routed[e] = carry;
+            kept[e] = (int32_t)(carry < cap ? carry : cap);
+        }
     }
-    cnt[C_DROPPED] = (int32_t)dropped;
-    cnt[C_ASSIGN] = (int32_t)Nk;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int64_t dropped = 0;
+        off[0] = 0;
+        for (int e = 0; e < E; e++) {
+            off[e + 1] = off[e] + kept[e];
+            dropped += routed[e] - kept[e];
+        }
+        cnt[C_DROPPED] = (int32_t)dropped;
+        cnt[C_ASSIGN] = (int32_t)Nk;
+    }
 }
 
-/* Kept assignments: global row = expert offset + rank; the row's token. */
-__global__ void scatter_kernel(int32_t *pos, int32_t *rowtok, const int32_t *idx, const int32_t *off, int64_t Nk,
-                               int k) {
-    MOE_GRID_LOOP(a, Nk) {
-        if (pos[a] < 0) continue;
-        const int32_t r = off[idx[a]] + pos[a];
-        pos[a] = r;
-        rowtok[r] = (int32_t)(a / k);
+/* Per chunk: each assignment's rank in token order among its expert's; kept ones get their global row
+ * (pos = off[e] + rank) and the row its token; dropped ones pos = -1. */
+__global__ void __launch_bounds__(RK_THREADS) rank_scatter_kernel(int32_t *pos, int32_t *rowtok, const int32_t *idx,
+                                                                   const int32_t *tab, const int32_t *off, int64_t Nk,
+                                                                   int k, int E, int64_t cap) {
+    extern __shared__ int rk_sh[];
+    int *base = rk_sh;      /* [E]: rank of the next assignment to e */
+    int *wcnt = rk_sh + E;  /* [RK_WARPS][E]: this round's assignments to e per warp */
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const unsigned lt = (1u << lane) - 1u;
+    for (int e = threadIdx.x; e < E; e += RK_THREADS) base[e] = tab[(int64_t)blockIdx.x * E + e];
+    for (int i = threadIdx.x; i < RK_WARPS * E; i += RK_THREADS) wcnt[i] = 0;
+    __syncthreads(); /* base set, wcnt cleared */
+    for (int r0 = 0; r0 < RK_CHUNK; r0 += RK_THREADS) {
+        const int64_t a = (int64_t)blockIdx.x * RK_CHUNK + r0 + threadIdx.x;
+        const int valid = a < Nk, e = valid ? idx[a] : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        if (valid && (same & lt) == 0) wcnt[warp * E + e] = __popc(same); /* the lowest lane of its group */
+        __syncthreads(); /* wcnt written */
+        if (valid) {
+            int before = 0;
+            for (int w = 0; w < warp; w++) before += wcnt[w * E + e];
+            const int64_t rank = (int64_t)base[e] + before + __popc(same & lt);
+            if (rank < cap) {
+                const int32_t row = off[e] + (int32_t)rank;
+                pos[a] = row;
+                rowtok[row] = (int32_t)(a / k);
+            } else {
+                pos[a] = -1;
+            }
+        }
+        __syncthreads(); /* every rank has read base and wcnt */
+        for (int e2 = threadIdx.x; e2 < E; e2 += RK_THREADS) { /* one thread per expert: advance, clear */
+            int t = 0;
+            for (int w = 0; w < RK_WARPS; w++) {
+                t += wcnt[w * E + e2];
+                wcnt[w * E + e2] = 0;
+            }
+            base[e2] += t;
+        }
+        __syncthreads(); /* base advanced and wcnt cleared before the next round */
     }
 }
 
@@ -165,14 +227,42 @@ static __device__ double block_sum(double v, double *sh) {
     return sh[0];
 }
 
-/* One block: f_e, P_e (mean probability, double) and aux = coef * E * sum f_e P_e into the stats. */
-__global__ void aux_kernel(float *st, const int32_t *cnt, const float *probs, int N, int E, int k, double coef,
-                           int jit) {
+/* Aux loss in two passes (deterministic: fixed summation order, no atomics).
+ * aux_part_kernel: block b sums probs[n, e] (double) over its tokens [b * AUX_ROWS, (b + 1) * AUX_ROWS)
+ *   into part[b][e]: per thread one token, warp shuffles, then the warps in order.
+ * aux_kernel (one block): P_e = sum over blocks / N, f_e from the routed counts, aux = coef E sum f_e P_e.
+ *   Without partial sums (part NULL) it sums probs itself: for calls of so few tokens that the scratch
+ *   holding the partial sums is too small. */
+enum { AUX_ROWS = 256 };
+
+__global__ void __launch_bounds__(AUX_ROWS) aux_part_kernel(double *part, const float *probs, int N, int E) {
+    extern __shared__ double aux_sh[]; /* [AUX_ROWS / 32][E] */
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t n = (int64_t)blockIdx.x * AUX_ROWS + threadIdx.x;
+    for (int e = 0; e < E; e++) {
+        double v = n < N ? (double)probs[n * E + e] : 0.0;
+        #pragma unroll
+        for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
+        if (lane == 0) aux_sh[warp * E + e] = v;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += AUX_ROWS) {
+        double s = 0.0;
+        for (int w = 0; w < AUX_ROWS / 32; w++) s += aux_sh[w * E + e];
+        part[(int64_t)blockIdx.x * E + e] = s;
+    }
+}
+
+__global__ void aux_kernel(float *st, const int32_t *cnt, const double *part, int nb, const float *probs, int N, int E,
+                           int k, double coef, int jit) {
     __shared__ double sh[MOE_THREADS];
     double aux = 0.0;
     for (int e = 0; e < E; e++) {
         double s = 0.0;
-        for (int n = threadIdx.x; n < N; n += blockDim.x) s += probs[(int64_t)n * E + e];
+        if (part)
+            for (int b = threadIdx.x; b < nb; b += blockDim.x) s += part[(int64_t)b * E + e];
+        else /* no room for the partial sums (a handful of tokens): sum the probabilities here */
+            for (int n = threadIdx.x; n < N; n += blockDim.x) s += probs[(int64_t)n * E + e];
         const double P = block_sum(s, sh) / N;
         const double f = (double)cnt[C_ROUTED + e] / ((double)N * k);
         if (threadIdx.x == 0) {
@@ -199,16 +289,21 @@ __global__ void gather_kernel(T *xs, const float *in, const int32_t *rowtok, int
     }
 }
 
+/* Row kernels: blocks stride over rows, threads over a row's columns (no 64-bit division per element). */
+#define MOE_ROW_LOOP(r, rows) for (int64_t r = blockIdx.x; r < (rows); r += gridDim.x)
+static inline unsigned moe_row_blocks(int64_t rows) { return (unsigned)(rows < 32768 ? (rows > 0 ? rows : 1) : 32768); }
+
 /* out[n] = sum over kept slots j (in order) of w[n,j] * Y[pos[n,j]]. */
 __global__ void combine_kernel(float *out, const float *Y, const float *w, const int32_t *pos, int N, int H, int k) {
-    MOE_GRID_LOOP(i, (int64_t)N * H) {
-        const int64_t n = i / H, c = i % H;
-        float o = 0.0f;
-        for (int j = 0; j < k; j++) {
-            const int32_t r = pos[n * k + j];
-            if (r >= 0) o += w[n * k + j] * Y[(int64_t)r * H + c];
+    MOE_ROW_LOOP(n, N) {
+        for (int c = threadIdx.x; c < H; c += blockDim.x) {
+            float o = 0.0f;
+            for (int j = 0; j < k; j++) {
+                const int32_t r = pos[n * k + j];
+                if (r >= 0) o += w[n * k + j] * Y[(int64_t)r * H + c];
+            }
+            out[n * H + c] = o;
         }
-        out[i] = o;
     }
 }
 
@@ -258,14 +353,15 @@ __global__ void router_bwd_kernel(float *dlog, float *dw, float *drow, T *dy_lp,
 
 /* din[n] += the d x rows of the token's kept slots, in slot order. */
 __global__ void unpermute_kernel(float *din, const float *drow, const int32_t *pos, int N, int H, int k) {
-    MOE_GRID_LOOP(i, (int64_t)N * H) {
-        const int64_t n = i / H, c = i % H;
-        float acc = din[i];
-        for (int j = 0; j < k; j++) {
-            const int32_t r = pos[n * k + j];
-            if (r >= 0) acc += drow[(int64_t)r * H + c];
+    MOE_ROW_LOOP(n, N) {
+        for (int c = threadIdx.x; c < H; c += blockDim.x) {
+            float acc = din[n * H + c];
+            for (int j = 0; j < k; j++) {
+                const int32_t r = pos[n * k + j];
+                if (r >= 0) acc += drow[(int64_t)r * H + c];
+            }
+            din[n * H + c] = acc;
         }
-        din[i] = acc;
     }
 }
 
@@ -273,31 +369,36 @@ __global__ void unpermute_kernel(float *din, const float *drow, const int32_t *p
  * for the most rows there can be (N*k) and read R themselves. */
 template <typename T>
 __global__ void gather_dev_kernel(T *xs, const float *in, const int32_t *rowtok, const int32_t *R, int H) {
-    MOE_GRID_LOOP(i, (int64_t)*R * H) {
-        const int64_t r = i / H, c = i % H;
-        moe_st(xs, i, in[(int64_t)rowtok[r] * H + c]);
+    const int64_t rows = *R;
+    MOE_ROW_LOOP(r, rows) {
+        const float *src = in + (int64_t)rowtok[r] * H;
+        for (int c = threadIdx.x; c < H; c += blockDim.x) moe_st(xs, r * H + c, src[c]);
     }
 }
 
 template <typename T>
 __global__ void swiglu_fwd_dev_kernel(T *act, const T *gu, const int32_t *R, int F) {
-    MOE_GRID_LOOP(i, (int64_t)*R * F) {
-        const int64_t r = i / F, f = i % F;
-        const float g = moe_ld(gu, r * 2 * F + f), u = moe_ld(gu, r * 2 * F + F + f);
-        const float s = 1.0f / (1.0f + expf(-g));
-        moe_st(act, i, g * s * u);
+    const int64_t rows = *R;
+    MOE_ROW_LOOP(r, rows) {
+        for (int f = threadIdx.x; f < F; f += blockDim.x) {
+            const float g = moe_ld(gu, r * 2 * F + f), u = moe_ld(gu, r * 2 * F + F + f);
+            const float s = 1.0f / (1.0f + expf(-g));
+            moe_st(act, r * F + f, g * s * u);
+        }
     }
 }
 
 /* As moe_swiglu_bwd_kernel (moe_cuda.cuh), for the device-side row count. */
 template <typename T>
 __global__ void swiglu_bwd_dev_kernel(T *dgu, const float *dact, const T *gu, const int32_t *R, int F) {
-    MOE_GRID_LOOP(i, (int64_t)*R * F) {
-        const int64_t r = i / F, f = i % F;
-        const float g = moe_ld(gu, r * 2 * F + f), u = moe_ld(gu, r * 2 * F + F + f);
-        const float s = 1.0f / (1.0f + expf(-g)), da = dact[i];
-        moe_st(dgu, r * 2 * F + F + f, da * g * s);
-        moe_st(dgu, r * 2 * F + f, da * u * s * (1.0f + g * (1.0f - s)));
+    const int64_t rows = *R;
+    MOE_ROW_LOOP(r, rows) {
+        for (int f = threadIdx.x; f < F; f += blockDim.x) {
+            const float g = moe_ld(gu, r * 2 * F + f), u = moe_ld(gu, r * 2 * F + F + f);
+            const float s = 1.0f / (1.0f + expf(-g)), da = dact[r * F + f];
+            moe_st(dgu, r * 2 * F + F + f, da * g * s);
+            moe_st(dgu, r * 2 * F + f, da * u * s * (1.0f + g * (1.0f - s)));
+        }
     }
 }
 
@@ -477,6 +578,60 @@ static int grouped_gemm(const m1c_host *h, cudaStream_t s, TC *C, int64_t ldc, i
     return M1C_OK;
 }
 
+/* Opt-in phase timer (environment M1C_MOE_PROFILE set and not "0"): events recorded on the stream
+ * between phases, and at the end of the call one line per phase on stderr (milliseconds, GPU time
+ * between consecutive events). The call then waits for the GPU, so only for profiling; unset, it is a
+ * getenv per call and nothing on the GPU. The state lives on the caller's stack (no global state). */
+enum { PROF_MAX = 24 };
+typedef struct moe_prof {
+    int on, n;
+    cudaStream_t s;
+    cudaEvent_t ev[PROF_MAX];
+    const char *name[PROF_MAX];
+} moe_prof;
+
+static void prof_init(moe_prof *p, cudaStream_t s) {
+    const char *v = getenv("M1C_MOE_PROFILE");
+    memset(p, 0, sizeof(*p));
+    p->s = s;
+    if (!v || !*v || strcmp(v, "0") == 0) return;
+    if (cudaEventCreate(&p->ev[0]) != cudaSuccess || cudaEventRecord(p->ev[0], s) != cudaSuccess) {
+        (void)cudaGetLastError(); /* a profiler that cannot start stays off; the call goes on */
+        return;
+    }
+    p->on = 1, p->n = 1;
+}
+
+/* The phase `name` ends here. */
+static void prof_mark(moe_prof *p, const char *name) {
+    if (!p->on || p->n >= PROF_MAX) return;
+    if (cudaEventCreate(&p->ev[p->n]) != cudaSuccess || cudaEventRecord(p->ev[p->n], p->s) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return;
+    }
+    p->name[p->n++] = name;
+}
+
+/* Print the phases of `what` (fwd / bwd) and free the events. */
+static void prof_end(moe_prof *p, const char *what, const topk_cuda_args *a) {
+    if (!p->on) return;
+    if (cudaEventSynchronize(p->ev[p->n - 1]) == cudaSuccess) {
+        float total = 0.0f;
+        for (int i = 1; i < p->n; i++) {
+            float ms = 0.0f;
+            if (cudaEventElapsedTime(&ms, p->ev[i - 1], p->ev[i]) != cudaSuccess) ms = -1.0f;
+            total += ms;
+            fprintf(stderr, "m1c_moe_profile %s N=%d H=%d E=%d k=%d F=%d %-14s %8.3f ms\n", what, a->N, a->H, a->E,
+                    a->k, a->F, p->name[i], ms);
+        }
+        fprintf(stderr, "m1c_moe_profile %s N=%d H=%d E=%d k=%d F=%d %-14s %8.3f ms\n", what, a->N, a->H, a->E, a->k,
+                a->F, "total", total);
+    }
+    (void)cudaGetLastError();
+    for (int i = 0; i < p->n; i++) cudaEventDestroy(p->ev[i]);
+    p->on = 0;
+}
+
 /* BF16 experts run through the grouped GEMM (no host synchronisation) unless M1C_MOE_GEMM=cublas asks
  * for the per-expert cuBLAS calls (the F32 path, which needs the offsets on the host): for comparing the
  * two on a GPU. */
@@ -492,7 +647,7 @@ static int use_grouped(int cdt) {
     } while (0)
 
 template <typename T>
-static int forward_impl(const topk_cuda_args *a, float *out, const float *in) {
+static int forward_impl(const topk_cuda_args *a, float *out, const float *in, moe_prof *pf) {
     const m1c_host *h = a->h;
     cudaStream_t s = (cudaStream_t)a->stream;
     const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F, cdt = a->cdt;
@@ -505,21 +660,44 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in) {
                                                                           a->noise_seed, (float)a->jitter);
         MOE_LAUNCH_CHECK(h, "jitter_kernel");
         xr = a->xr;
+        prof_mark(pf, "jitter");
     }
     /* Router logits in f32 (both compute dtypes), then softmax / top-k. */
     GEMM(0, 1, N, E, H, 1.0f, xr, M1C_F32, H, 0, a->Wr, M1C_F32, H, 0, 0.0f, a->probs, M1C_F32, E, 0, 1);
+    prof_mark(pf, "router_gemm");
     router_kernel<<<(N + 127) / 128, 128, 0, s>>>(a->probs, a->idx, a->w, N, E, k, a->normalize);
     MOE_LAUNCH_CHECK(h, "router_kernel");
+    prof_mark(pf, "router");
 
-    /* Capacity and the counting sort. */
-    rank_kernel<<<E, MOE_THREADS, 0, s>>>(a->pos, a->cnt + C_ROUTED, a->cnt + C_ROUTED + E, a->idx, Nk, a->cap);
-    MOE_LAUNCH_CHECK(h, "rank_kernel");
-    offsets_kernel<<<1, 1, 0, s>>>(a->off, a->cnt, E, Nk);
-    MOE_LAUNCH_CHECK(h, "offsets_kernel");
-    scatter_kernel<<<moe_blocks(Nk), MOE_THREADS, 0, s>>>(a->pos, a->rowtok, a->idx, a->off, Nk, k);
-    MOE_LAUNCH_CHECK(h, "scatter_kernel");
-    aux_kernel<<<1, MOE_THREADS, 0, s>>>(a->st, a->cnt, a->probs, N, E, k, a->aux_coef, jit);
+    /* Capacity and the counting sort. The per-chunk count table lives in dlog (backward scratch, free
+     * during forward): nch * E <= N * E int32 since RK_CHUNK >= k. */
+    if (k > RK_CHUNK) return h->error(h, "topk: top_k %d above %d is not supported on CUDA", k, (int)RK_CHUNK);
+    /* The ranking's and the aux partial sums' per-expert shared tables fit the default 48 KiB. */
+    if (E > 512) return h->error(h, "topk: experts %d above 512 are not supported on CUDA", E);
+    const int64_t nch = (Nk + RK_CHUNK - 1) / RK_CHUNK;
+    int32_t *tab = (int32_t *)(void *)a->dlog;
+    rank_count_kernel<<<(unsigned)nch, RK_THREADS, (size_t)E * sizeof(int), s>>>(tab, a->idx, Nk, E);
+    MOE_LAUNCH_CHECK(h, "rank_count_kernel");
+    rank_scan_kernel<<<1, RK_THREADS, 0, s>>>(tab, a->off, a->cnt, nch, E, Nk, a->cap);
+    MOE_LAUNCH_CHECK(h, "rank_scan_kernel");
+    rank_scatter_kernel<<<(unsigned)nch, RK_THREADS, (size_t)(1 + RK_WARPS) * E * sizeof(int), s>>>(
+        a->pos, a->rowtok, a->idx, tab, a->off, Nk, k, E, a->cap);
+    MOE_LAUNCH_CHECK(h, "rank_scatter_kernel");
+    prof_mark(pf, "rank");
+    /* Aux loss: per-block partial sums in drow (backward scratch, N*k*H floats), 8-byte aligned, where
+     * they fit (always but for a handful of tokens). */
+    const int nb = (N + AUX_ROWS - 1) / AUX_ROWS;
+    double *part = (double *)(((uintptr_t)a->drow + 7) & ~(uintptr_t)7);
+    if ((size_t)nb * E * sizeof(double) + 8 <= (size_t)Nk * H * sizeof(float)) {
+        aux_part_kernel<<<(unsigned)nb, AUX_ROWS, (size_t)(AUX_ROWS / 32) * E * sizeof(double), s>>>(part, a->probs, N,
+                                                                                                    E);
+        MOE_LAUNCH_CHECK(h, "aux_part_kernel");
+    } else {
+        part = NULL;
+    }
+    aux_kernel<<<1, MOE_THREADS, 0, s>>>(a->st, a->cnt, part, nb, a->probs, N, E, k, a->aux_coef, jit);
     MOE_LAUNCH_CHECK(h, "aux_kernel");
+    prof_mark(pf, "aux");
 
     T *xs = (T *)a->xs, *GU = (T *)a->gu, *act = (T *)a->act;
     const T *Wgu = (const T *)a->Wgu, *Wd = (const T *)a->Wd;
@@ -527,18 +705,23 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in) {
         /* Everything sized for N*k rows; the kernels read R = off[E] and the offsets on the device. */
         typedef __nv_bfloat16 bf;
         const int32_t *Rd = a->off + E;
-        gather_dev_kernel<bf><<<moe_blocks(Nk * H), MOE_THREADS, 0, s>>>((bf *)xs, in, a->rowtok, Rd, H);
+        gather_dev_kernel<bf><<<moe_row_blocks(Nk), MOE_THREADS, 0, s>>>((bf *)xs, in, a->rowtok, Rd, H);
         MOE_LAUNCH_CHECK(h, "gather_dev_kernel");
+        prof_mark(pf, "gather");
         if (grouped_gemm<GG_NT, bf>(h, s, (bf *)GU, 2 * F, 0, (const bf *)xs, H, (const bf *)Wgu, H, (int64_t)2 * F * H,
                                     a->off, E, Nk, 0, 2 * F, H, 0.0f) != M1C_OK)
             return M1C_ERR;
-        swiglu_fwd_dev_kernel<bf><<<moe_blocks(Nk * F), MOE_THREADS, 0, s>>>((bf *)act, (const bf *)GU, Rd, F);
+        prof_mark(pf, "gemm_gate_up");
+        swiglu_fwd_dev_kernel<bf><<<moe_row_blocks(Nk), MOE_THREADS, 0, s>>>((bf *)act, (const bf *)GU, Rd, F);
         MOE_LAUNCH_CHECK(h, "swiglu_fwd_dev_kernel");
+        prof_mark(pf, "swiglu");
         if (grouped_gemm<GG_NT, float>(h, s, a->Y, H, 0, (const bf *)act, F, (const bf *)Wd, F, (int64_t)H * F, a->off,
                                        E, Nk, 0, H, F, 0.0f) != M1C_OK)
             return M1C_ERR;
-        combine_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, N, H, k);
+        prof_mark(pf, "gemm_down");
+        combine_kernel<<<moe_row_blocks(N), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, N, H, k);
         MOE_LAUNCH_CHECK(h, "combine_kernel");
+        prof_mark(pf, "combine");
         return M1C_OK;
     }
 
@@ -547,35 +730,41 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in) {
     MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
     const int32_t *off = a->h_off;
     const int64_t R = off[E];
+    prof_mark(pf, "offsets_to_host");
 
     if (R > 0) {
         gather_kernel<T><<<moe_blocks(R * H), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, H);
         MOE_LAUNCH_CHECK(h, "gather_kernel");
     }
+    prof_mark(pf, "gather");
     for (int e = 0; e < E; e++) {
         const int o = off[e], ne = off[e + 1] - off[e];
         if (ne == 0) continue;
         GEMM(0, 1, ne, 2 * F, H, 1.0f, xs + (int64_t)o * H, cdt, H, 0, Wgu + (int64_t)e * 2 * F * H, cdt, H, 0, 0.0f,
              GU + (int64_t)o * 2 * F, cdt, 2 * F, 0, 1);
     }
+    prof_mark(pf, "gemm_gate_up");
     if (R > 0) {
         moe_swiglu_fwd_kernel<T><<<moe_blocks(R * F), MOE_THREADS, 0, s>>>(act, GU, R, F);
         MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_kernel");
     }
+    prof_mark(pf, "swiglu");
     for (int e = 0; e < E; e++) {
         const int o = off[e], ne = off[e + 1] - off[e];
         if (ne == 0) continue;
         GEMM(0, 1, ne, H, F, 1.0f, act + (int64_t)o * F, cdt, F, 0, Wd + (int64_t)e * H * F, cdt, F, 0, 0.0f,
              a->Y + (int64_t)o * H, M1C_F32, H, 0, 1);
     }
-    combine_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, N, H, k);
+    prof_mark(pf, "gemm_down");
+    combine_kernel<<<moe_row_blocks(N), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, N, H, k);
     MOE_LAUNCH_CHECK(h, "combine_kernel");
+    prof_mark(pf, "combine");
     return M1C_OK;
 }
 
 /* Backward of the BF16 grouped path: the same steps as backward_impl with the grouped GEMM, and nothing
  * asked of the host (whether the forward was jittered is read on the device). */
-static int backward_grouped(const topk_cuda_args *a, float *din, const float *dout, const float *in) {
+static int backward_grouped(const topk_cuda_args *a, float *din, const float *dout, const float *in, moe_prof *pf) {
     typedef __nv_bfloat16 bf;
     const m1c_host *h = a->h;
     cudaStream_t s = (cudaStream_t)a->stream;
@@ -592,22 +781,31 @@ static int backward_grouped(const topk_cuda_args *a, float *din, const float *do
     router_bwd_kernel<bf><<<N, 128, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs, a->idx, a->w, a->pos,
                                             a->st, aux_g, H, E, k, a->normalize);
     MOE_LAUNCH_CHECK(h, "router_bwd_kernel");
+    prof_mark(pf, "router_bwd");
     /* dWd_e += dY_e^T A_e; d act = dY Wd_e. */
     if (grouped_gemm<GG_TN, float>(h, s, a->dWd, F, (int64_t)H * F, dy_lp, H, act, F, 0, a->off, E, Nk, H, F, 0,
-                                   1.0f) != M1C_OK ||
-        grouped_gemm<GG_NN, float>(h, s, a->dact, F, 0, dy_lp, H, Wd, F, (int64_t)H * F, a->off, E, Nk, 0, F, H,
+                                   1.0f) != M1C_OK)
+        return M1C_ERR;
+    prof_mark(pf, "gemm_dWd");
+    if (grouped_gemm<GG_NN, float>(h, s, a->dact, F, 0, dy_lp, H, Wd, F, (int64_t)H * F, a->off, E, Nk, 0, F, H,
                                    0.0f) != M1C_OK)
         return M1C_ERR;
-    swiglu_bwd_dev_kernel<bf><<<moe_blocks(Nk * F), MOE_THREADS, 0, s>>>(dgu, a->dact, GU, Rd, F);
+    prof_mark(pf, "gemm_dact");
+    swiglu_bwd_dev_kernel<bf><<<moe_row_blocks(Nk), MOE_THREADS, 0, s>>>(dgu, a->dact, GU, Rd, F);
     MOE_LAUNCH_CHECK(h, "swiglu_bwd_dev_kernel");
+    prof_mark(pf, "swiglu_bwd");
     /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e (into drow). */
     if (grouped_gemm<GG_TN, float>(h, s, a->dWgu, H, (int64_t)2 * F * H, dgu, 2 * F, xs, H, 0, a->off, E, Nk, 2 * F,
-                                   H, 0, 1.0f) != M1C_OK ||
-        grouped_gemm<GG_NN, float>(h, s, a->drow, H, 0, dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, a->off, E, Nk, 0, H,
+                                   H, 0, 1.0f) != M1C_OK)
+        return M1C_ERR;
+    prof_mark(pf, "gemm_dWgu");
+    if (grouped_gemm<GG_NN, float>(h, s, a->drow, H, 0, dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, a->off, E, Nk, 0, H,
                                    2 * F, 0.0f) != M1C_OK)
         return M1C_ERR;
-    unpermute_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(din, a->drow, a->pos, N, H, k);
+    prof_mark(pf, "gemm_drows");
+    unpermute_kernel<<<moe_row_blocks(N), MOE_THREADS, 0, s>>>(din, a->drow, a->pos, N, H, k);
     MOE_LAUNCH_CHECK(h, "unpermute_kernel");
+    prof_mark(pf, "unpermute");
 
     /* Router (f32). */
     const int64_t NH = (int64_t)N * H;
@@ -615,18 +813,22 @@ static int backward_grouped(const topk_cuda_args *a, float *din, const float *do
         router_in_kernel<<<moe_blocks(NH), MOE_THREADS, 0, s>>>(a->xr, in, a->noise, a->st, NH);
         MOE_LAUNCH_CHECK(h, "router_in_kernel");
         GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, a->xr, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
+        prof_mark(pf, "router_dWr");
         GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 0.0f, a->xr, M1C_F32, H, 0, 1);
         add_router_kernel<<<moe_blocks(NH), MOE_THREADS, 0, s>>>(din, a->xr, a->noise, a->st, NH);
         MOE_LAUNCH_CHECK(h, "add_router_kernel");
+        prof_mark(pf, "router_din");
     } else {
         GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, in, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
+        prof_mark(pf, "router_dWr");
         GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 1.0f, din, M1C_F32, H, 0, 1);
+        prof_mark(pf, "router_din");
     }
     return M1C_OK;
 }
 
 template <typename T>
-static int backward_impl(const topk_cuda_args *a, float *din, const float *dout, const float *in) {
+static int backward_impl(const topk_cuda_args *a, float *din, const float *dout, const float *in, moe_prof *pf) {
     const m1c_host *h = a->h;
     cudaStream_t s = (cudaStream_t)a->stream;
     const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F, cdt = a->cdt;
@@ -635,6 +837,7 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     float jit_f = 0.0f;
     MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
     MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
+    prof_mark(pf, "counts_to_host");
     if (a->h_cnt[C_ASSIGN] != (int64_t)N * k)
         return h->error(h, "topk: backward for %d tokens after a forward of %d", N, (int)(a->h_cnt[C_ASSIGN] / k));
     const int jit = jit_f != 0.0f;
@@ -653,6 +856,7 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     router_bwd_kernel<T><<<N, 128, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs, a->idx, a->w, a->pos,
                                            a->st, aux_g, H, E, k, a->normalize);
     MOE_LAUNCH_CHECK(h, "router_bwd_kernel");
+    prof_mark(pf, "router_bwd");
 
     /* dWd += dY^T A; d act = dY Wd. */
     for (int e = 0; e < E; e++) {
@@ -663,10 +867,12 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
         GEMM(0, 0, ne, F, H, 1.0f, dy + (int64_t)o * H, cdt, H, 0, Wd + (int64_t)e * H * F, cdt, F, 0, 0.0f,
              a->dact + (int64_t)o * F, M1C_F32, F, 0, 1);
     }
+    prof_mark(pf, "gemm_dWd_dact");
     if (R > 0) {
         moe_swiglu_bwd_kernel<T><<<moe_blocks(R * F), MOE_THREADS, 0, s>>>(dgu, a->dact, GU, R, F);
         MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_kernel");
     }
+    prof_mark(pf, "swiglu_bwd");
     /* dWgu += dGU^T X; d x rows = dGU Wgu (into drow: its dY is no longer needed). */
     for (int e = 0; e < E; e++) {
         const int o = off[e], ne = off[e + 1] - off[e];
@@ -676,33 +882,51 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
         GEMM(0, 0, ne, H, 2 * F, 1.0f, dgu + (int64_t)o * 2 * F, cdt, 2 * F, 0, Wgu + (int64_t)e * 2 * F * H, cdt, H, 0,
              0.0f, a->drow + (int64_t)o * H, M1C_F32, H, 0, 1);
     }
-    unpermute_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(din, a->drow, a->pos, N, H, k);
+    prof_mark(pf, "gemm_dWgu_drows");
+    unpermute_kernel<<<moe_row_blocks(N), MOE_THREADS, 0, s>>>(din, a->drow, a->pos, N, H, k);
     MOE_LAUNCH_CHECK(h, "unpermute_kernel");
+    prof_mark(pf, "unpermute");
 
     /* Router (f32): dWr += dlogits^T (router input); din += (dlogits Wr) (times the noise with jitter). */
     if (jit) {
         mul_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(a->xr, in, a->noise, (int64_t)N * H);
         MOE_LAUNCH_CHECK(h, "mul_kernel");
         GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, a->xr, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
+        prof_mark(pf, "router_dWr");
         GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 0.0f, a->xr, M1C_F32, H, 0, 1);
         add_mul_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(din, a->xr, a->noise, (int64_t)N * H);
         MOE_LAUNCH_CHECK(h, "add_mul_kernel");
+        prof_mark(pf, "router_din");
     } else {
         GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, in, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
+        prof_mark(pf, "router_dWr");
         GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 1.0f, din, M1C_F32, H, 0, 1);
+        prof_mark(pf, "router_din");
     }
     return M1C_OK;
 }
 
 extern "C" int topk_cuda_forward(const topk_cuda_args *a, float *out, const float *in) {
     if (a->N <= 0) return M1C_OK;
-    return a->cdt == M1C_BF16 ? forward_impl<__nv_bfloat16>(a, out, in) : forward_impl<float>(a, out, in);
+    moe_prof pf;
+    prof_init(&pf, (cudaStream_t)a->stream);
+    const int rc = a->cdt == M1C_BF16 ? forward_impl<__nv_bfloat16>(a, out, in, &pf) : forward_impl<float>(a, out, in, &pf);
+    prof_end(&pf, "fwd", a);
+    return rc;
 }
 
 extern "C" int topk_cuda_backward(const topk_cuda_args *a, float *din, const float *dout, const float *in) {
     if (a->N <= 0) return M1C_OK;
-    if (use_grouped(a->cdt)) return backward_grouped(a, din, dout, in);
-    return a->cdt == M1C_BF16 ? backward_impl<__nv_bfloat16>(a, din, dout, in) : backward_impl<float>(a, din, dout, in);
+    moe_prof pf;
+    prof_init(&pf, (cudaStream_t)a->stream);
+    int rc;
+    if (use_grouped(a->cdt))
+        rc = backward_grouped(a, din, dout, in, &pf);
+    else
+        rc = a->cdt == M1C_BF16 ? backward_impl<__nv_bfloat16>(a, din, dout, in, &pf)
+                                : backward_impl<float>(a, din, dout, in, &pf);
+    prof_end(&pf, "bwd", a);
+    return rc;
 }
 
 extern "C" int topk_cuda_to_host(const m1c_host *h, void *stream, void *dst, const void *src, size_t bytes) {
