@@ -1,17 +1,25 @@
 /* Test harness: plugin instances with separately allocated buffers (so ASan sees overruns of any
- * one of them), random data, comparisons and finite-difference gradient checks. */
+ * one of them), random data, comparisons, finite-difference gradient checks, files and processes. */
 #include "harness.h"
 
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "../core/arena.h"
 #include "../core/host.h"
 #include "../core/ops.h"
 #include "../core/rng.h"
+#include "../core/util.h"
 
 m1c_registry *th_registry(void) {
     /* Criterion runs every test in its own process: one registry per test process. */
@@ -111,6 +119,24 @@ void th_layer_copy_params(th_layer *dst, const th_layer *src) {
     }
 }
 
+/* The rest of a layer whose params and grads exist: activations and scratch on its device, the
+ * buffer table (params_lp is NULL unless BF16 made it). */
+static th_layer *layer_finish(th_layer *l, uint64_t seed) {
+    l->aspec = declare(l->self, l->ops->acts, l->B, l->T, &l->na);
+    l->sspec = declare(l->self, l->ops->scratch, l->B, l->T, &l->ns);
+    l->acts = alloc_tensors_on(l->device, l->aspec, l->na, -1);
+    l->scratch = alloc_tensors_on(l->device, l->sspec, l->ns, -1);
+    l->bufs.params = l->params;
+    l->bufs.grads = l->grads;
+    l->bufs.acts = l->acts;
+    l->bufs.scratch = l->scratch;
+    l->bufs.params_lp = l->params_lp;
+    l->bufs.training = 1;
+    l->bufs.aux_scale = 1.0f;
+    l->bufs.noise_seed = seed ^ 0x5eedull;
+    return l;
+}
+
 th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
                            int B, int T, uint64_t seed, float param_std, int device, int compute_dtype) {
     if (device != M1C_DEVICE_CPU) {
@@ -134,19 +160,7 @@ th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_i
         if (compute_dtype == M1C_BF16) l->params_lp = alloc_tensors_on(device, l->pspec, l->np, M1C_BF16);
         th_layer_copy_params(l, ref);
         th_layer_free(ref);
-        l->aspec = declare(l->self, l->ops->acts, B, T, &l->na);
-        l->sspec = declare(l->self, l->ops->scratch, B, T, &l->ns);
-        l->acts = alloc_tensors_on(device, l->aspec, l->na, -1);
-        l->scratch = alloc_tensors_on(device, l->sspec, l->ns, -1);
-        l->bufs.params = l->params;
-        l->bufs.grads = l->grads;
-        l->bufs.acts = l->acts;
-        l->bufs.scratch = l->scratch;
-        l->bufs.params_lp = l->params_lp;
-        l->bufs.training = 1;
-        l->bufs.aux_scale = 1.0f;
-        l->bufs.noise_seed = seed ^ 0x5eedull;
-        return l;
+        return layer_finish(l, seed);
     }
     th_layer *l = calloc(1, sizeof *l);
     l->device = device, l->compute_dtype = compute_dtype;
@@ -183,18 +197,7 @@ th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_i
             }
         }
     }
-    l->aspec = declare(l->self, l->ops->acts, B, T, &l->na);
-    l->sspec = declare(l->self, l->ops->scratch, B, T, &l->ns);
-    l->acts = alloc_tensors(l->aspec, l->na);
-    l->scratch = alloc_tensors(l->sspec, l->ns);
-    l->bufs.params = l->params;
-    l->bufs.grads = l->grads;
-    l->bufs.acts = l->acts;
-    l->bufs.scratch = l->scratch;
-    l->bufs.training = 1;
-    l->bufs.aux_scale = 1.0f;
-    l->bufs.noise_seed = seed ^ 0x5eedull;
-    return l;
+    return layer_finish(l, seed);
 }
 
 void th_layer_free(th_layer *l) {
@@ -288,6 +291,18 @@ static double fd_loss(th_layer *l, float *out, const float *in, const float *w, 
     return s;
 }
 
+/* The central difference of L in one coordinate x[i] (of the input or of a parameter); x[i] is restored. */
+static double fd_central(th_layer *l, float *out, const float *in, const float *w, int64_t n, float *x, int64_t i,
+                         float eps) {
+    float x0 = x[i];
+    x[i] = x0 + eps;
+    double lp = fd_loss(l, out, in, w, n);
+    x[i] = x0 - eps;
+    double lm = fd_loss(l, out, in, w, n);
+    x[i] = x0;
+    return (lp - lm) / (2.0 * eps);
+}
+
 static double fd_compare(const char *what, int64_t idx, double a, double num, double worst) {
     double r = fabs(a - num) / fmax(1e-3, fabs(a) + fabs(num));
     if (r > worst) cr_log_info("fd: %s[%ld]: analytic %.6g numeric %.6g (rel %.3g)", what, (long)idx, a, num, r);
@@ -310,26 +325,14 @@ double th_fd_check_layer(th_layer *l, const float *in_const, float eps, int samp
     double worst = 0;
     for (int s = 0; s < samples; s++) {
         int64_t i = (int64_t)(m1c_rng_u64(&rng) % (uint64_t)n);
-        float x0 = in[i];
-        in[i] = x0 + eps;
-        double lp = fd_loss(l, out, in, w, n);
-        in[i] = x0 - eps;
-        double lm = fd_loss(l, out, in, w, n);
-        in[i] = x0;
-        worst = fd_compare("input", i, din[i], (lp - lm) / (2.0 * eps), worst);
+        worst = fd_compare("input", i, din[i], fd_central(l, out, in, w, n, in, i, eps), worst);
     }
     for (int p = 0; p < l->np; p++) {
         float *x = l->params[p].data, *g = l->grads[p].data;
         int64_t np = m1c_numel(&l->params[p]);
         for (int s = 0; s < samples; s++) {
             int64_t i = (int64_t)(m1c_rng_u64(&rng) % (uint64_t)np);
-            float x0 = x[i];
-            x[i] = x0 + eps;
-            double lp = fd_loss(l, out, in, w, n);
-            x[i] = x0 - eps;
-            double lm = fd_loss(l, out, in, w, n);
-            x[i] = x0;
-            worst = fd_compare(l->pspec[p].name, i, g[i], (lp - lm) / (2.0 * eps), worst);
+            worst = fd_compare(l->pspec[p].name, i, g[i], fd_central(l, out, in, w, n, x, i, eps), worst);
         }
     }
     free(in);
@@ -337,4 +340,164 @@ double th_fd_check_layer(th_layer *l, const float *in_const, float eps, int samp
     free(din);
     free(w);
     return worst;
+}
+
+m1c_tensor *th_find_buf(m1c_tensor *t, const m1c_buf_spec *s, int n, const char *name) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(s[i].name, name) == 0) return &t[i];
+    cr_assert_fail("no buffer named '%s'", name);
+    return NULL;
+}
+
+m1c_tensor th_vec(void *data, int64_t n, int dtype, int device, const char *name) {
+    m1c_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = data;
+    t.dtype = dtype;
+    t.device = device;
+    t.ndim = 1;
+    t.shape[0] = n;
+    t.name = name;
+    return t;
+}
+
+th_text th_softmax_settings(const th_softmax_cfg *c) {
+    th_text buf;
+    snprintf(buf.s, sizeof buf.s, "heads = %d; kv_heads = %d; head_dim = %d; rotary_dim = %d; rope_theta = %.1f;",
+             c->nh, c->kvh, c->hd, c->rd, c->theta);
+    return buf;
+}
+
+void th_need_gpu(void) {
+    if (!m1c_dev_available(M1C_DEVICE_CUDA)) cr_skip_test("no CUDA device in this build or on this machine");
+}
+
+void th_assert_has(const char *s, const char *sub) {
+    cr_assert(strstr(s, sub) != NULL, "expected '%s' in: %s", sub, s);
+}
+
+/* ---- files and processes ---------------------------------------------------------------------- */
+
+char *th_slurp(const char *path, long *len) {
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *s = malloc((size_t)n + 1);
+    cr_assert_eq(fread(s, 1, (size_t)n, f), (size_t)n);
+    s[n] = 0;
+    fclose(f);
+    if (len) *len = n;
+    return s;
+}
+
+size_t th_read_into(const char *path, void *buf, size_t cap) {
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "cannot open %s", path);
+    size_t n = fread(buf, 1, cap, f);
+    fclose(f);
+    return n;
+}
+
+void th_write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f, "cannot write %s", path);
+    cr_assert_eq(fwrite(data, 1, n, f), n);
+    fclose(f);
+}
+
+char *th_mkdtemp(const char *parent, const char *name) {
+    char *d = m1c_xasprintf("%s/%s_XXXXXX", parent, name);
+    cr_assert_not_null(mkdtemp(d), "mkdtemp %s failed", d);
+    return d;
+}
+
+static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+int th_rm_rf(const char *path) { return nftw(path, rm_one, 16, FTW_DEPTH | FTW_PHYS); }
+
+/* The scratch folder of this test process (Criterion: one process per test): th_tmpdir_init records
+ * its tag and the first th_tmpdir makes it, so that a test skipped before using it (cr_skip_test does
+ * not run the suite's .fini) leaves nothing behind. */
+static char scratch_tag[64], scratch[PATH_MAX];
+
+void th_tmpdir_init(const char *tag) {
+    cr_assert_lt(strlen(tag), sizeof scratch_tag);
+    strcpy(scratch_tag, tag);
+    scratch[0] = 0;
+}
+
+void th_tmpdir_fini(void) {
+    if (scratch[0]) th_rm_rf(scratch);
+    scratch[0] = scratch_tag[0] = 0;
+}
+
+const char *th_tmpdir(void) {
+    if (!scratch[0]) {
+        cr_assert(scratch_tag[0], "no scratch folder: the suite's .init must call th_tmpdir_init");
+        char *name = m1c_xasprintf("m1c_test_%s", scratch_tag);
+        char *d = th_mkdtemp("/tmp", name);
+        cr_assert_lt(strlen(d), sizeof scratch);
+        strcpy(scratch, d);
+        free(d);
+        free(name);
+    }
+    return scratch;
+}
+
+char *th_tmpdir_path(const char *name) { return m1c_path_join(th_tmpdir(), name); }
+
+const char *th_tmp(const char *name) {
+    static char buf[4][PATH_MAX + 256];
+    static int k;
+    k = (k + 1) % 4;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", th_tmpdir(), name);
+    return buf[k];
+}
+
+int th_run_m1c(const char *const *args, char **out, char **err) {
+    const char *argv[64];
+    int n = 0;
+    argv[n++] = M1C_BINARY_DIR "/m1c";
+    for (int i = 0; args[i]; i++) {
+        cr_assert_lt(n, 63, "too many arguments for th_run_m1c");
+        argv[n++] = args[i];
+    }
+    argv[n] = NULL;
+    char *po = out ? th_tmpdir_path("m1c.stdout") : m1c_xstrdup("/dev/null");
+    char *pe = err ? th_tmpdir_path("m1c.stderr") : m1c_xstrdup("/dev/null");
+    fflush(stdout), fflush(stderr);
+    pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0) {
+        int fo = open(po, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(pe, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0) _exit(127);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    int st;
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    if (out) *out = th_slurp(po, NULL);
+    if (err) *err = th_slurp(pe, NULL);
+    free(po), free(pe);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+char *th_shell(const char *cmd, int *status) {
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p, "%s", cmd);
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    for (size_t k; (k = fread(buf + n, 1, cap - 1 - n, p)) > 0;) {
+        n += k;
+        if (n + 1 == cap) buf = realloc(buf, cap *= 2);
+    }
+    buf[n] = 0;
+    int st = pclose(p);
+    if (status) *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return buf;
 }

@@ -1,8 +1,9 @@
 /* Test harness shared by the Criterion tests: plugin instances with their buffers, random inputs,
- * comparisons and finite-difference gradient checks. */
+ * comparisons, finite-difference gradient checks, and scratch folders, files and m1c processes. */
 #ifndef M1C_TEST_HARNESS_H
 #define M1C_TEST_HARNESS_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include "m1c/plugin.h"
 #include "../core/loader.h"
@@ -78,5 +79,62 @@ double th_rel_err(const float *a, const float *b, int64_t n, double atol, double
  * perturbations of step eps at `samples` random coordinates of each tensor. Returns the worst
  * relative error |a - n| / max(1e-3, |a| + |n|) and prints the offender via cr_log_info. */
 double th_fd_check_layer(th_layer *l, const float *in, float eps, int samples, uint64_t seed);
+
+/* The buffer named `name` among n tensors described by specs s (e.g. l->grads, l->pspec, l->np);
+ * asserts there is one. */
+m1c_tensor *th_find_buf(m1c_tensor *t, const m1c_buf_spec *s, int n, const char *name);
+/* A 1-D tensor of n elements viewing data (not copied). */
+m1c_tensor th_vec(void *data, int64_t n, int dtype, int device, const char *name);
+
+/* Softmax attention shapes, shared by that plugin's CPU and GPU tests: hidden size H, nh query heads,
+ * kvh KV heads, head_dim hd, rotary_dim rd, rope_theta; th_softmax_settings spells one as settings. */
+typedef struct th_softmax_cfg {
+    int H, nh, kvh, hd, rd;
+    double theta;
+} th_softmax_cfg;
+typedef struct th_text {
+    char s[256];
+} th_text;
+th_text th_softmax_settings(const th_softmax_cfg *c);
+
+/* Skip the calling test where the build has no CUDA or the machine no GPU. */
+void th_need_gpu(void);
+
+/* Assert that s contains sub (the message shows both). */
+void th_assert_has(const char *s, const char *sub);
+
+/* ---- files and processes ---------------------------------------------------------------------- */
+
+/* A whole file, NUL-terminated (malloc'd); its length into *len unless NULL. Asserts it opens. */
+char *th_slurp(const char *path, long *len);
+/* Up to cap bytes of a file into buf; returns how many. Asserts it opens. */
+size_t th_read_into(const char *path, void *buf, size_t cap);
+/* Write n bytes to path (created or truncated); asserts every byte is written. */
+void th_write_file(const char *path, const void *data, size_t n);
+
+/* A fresh folder <parent>/<name>_XXXXXX (malloc'd path); asserts it is made. */
+char *th_mkdtemp(const char *parent, const char *name);
+/* Remove a file or a folder with all it holds, not following symbolic links; 0 when all went. */
+int th_rm_rf(const char *path);
+
+/* A suite's scratch folder /tmp/m1c_test_<tag>_XXXXXX: th_tmpdir_init from the suite's .init,
+ * th_tmpdir_fini (removes it with its contents) as or from its .fini, which also runs after a failed
+ * test. Criterion runs each test in its own process, so each test has its own folder; it is made at
+ * the first th_tmpdir (or a path in it), so a test skipped before that leaves none behind. */
+void th_tmpdir_init(const char *tag);
+void th_tmpdir_fini(void);
+const char *th_tmpdir(void);
+/* <scratch folder>/<name>, malloc'd. */
+char *th_tmpdir_path(const char *name);
+/* The same path in one of 4 rotating static buffers: valid until the fourth call after. */
+const char *th_tmp(const char *name);
+
+/* Run the build tree's m1c binary with args (NULL-terminated) and wait for it; returns its exit
+ * status (-1 if a signal ended it). Its stdout and stderr go into *out and *err (malloc'd, through
+ * files of the scratch folder, so th_tmpdir_init must have run), or to /dev/null where NULL. */
+int th_run_m1c(const char *const *args, char **out, char **err);
+/* Run a shell command (popen); its whole stdout (malloc'd), its exit status (-1 for a signal) into
+ * *status unless NULL. */
+char *th_shell(const char *cmd, int *status);
 
 #endif

@@ -2,24 +2,17 @@
  * captured separately): help texts, error exits, train -> generate, logits against an in-process
  * forward, ablate, plugins. Configs: tests/data/train/. */
 #include <criterion/criterion.h>
-#include <dirent.h>
-#include <fcntl.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include "../core/checkpoint.h"
 #include "../core/model.h"
 #include "../core/npy.h"
 #include "../core/session.h"
+#include "harness.h"
 
 #define DATA M1C_SOURCE_DIR "/tests/data/train/"
-#define M1C M1C_BINARY_DIR "/m1c"
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
@@ -28,70 +21,24 @@ typedef struct proc {
     char *out, *err;
 } proc;
 
-static char *slurp(const char *path, long *len) {
-    FILE *f = fopen(path, "rb");
-    cr_assert_not_null(f, "cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    cr_assert_eq(fread(s, 1, (size_t)n, f), (size_t)n);
-    s[n] = 0;
-    fclose(f);
-    if (len) *len = n;
-    return s;
-}
-
-
-/* The test's scratch folder: made by the suite's init, removed by its fini. */
-static char g_dir[64];
-
+/* The test's scratch folder (th_tmpdir): made by the suite's init, removed by its fini. */
 static void setup(void) {
-    strcpy(g_dir, "/tmp/m1c_test_cli_XXXXXX");
-    cr_assert_not_null(mkdtemp(g_dir));
+    th_tmpdir_init("cli");
     setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1); /* for the in-process session of the logits test */
 }
 
-static void teardown(void) { m1c_remove_tree(g_dir); }
+TestSuite(cli, .init = setup, .fini = th_tmpdir_fini);
 
-TestSuite(cli, .init = setup, .fini = teardown);
-
-static char *tpath(const char *name) { return m1c_path_join(g_dir, name); }
-
-/* Run m1c with the given arguments (NULL-terminated), stdout and stderr into files of g_dir. */
+/* Run m1c with the given arguments (NULL-terminated), stdout and stderr captured. */
 static proc run_argv(const char *const *args) {
-    const char *argv[64];
-    int n = 0;
-    argv[n++] = M1C;
-    for (int i = 0; args[i]; i++) {
-        cr_assert_lt(n, 63);
-        argv[n++] = args[i];
-    }
-    argv[n] = NULL;
-    char *po = tpath("stdout"), *pe = tpath("stderr");
-    fflush(stdout), fflush(stderr);
-    pid_t pid = fork();
-    cr_assert_neq(pid, -1);
-    if (pid == 0) {
-        int fo = open(po, O_WRONLY | O_CREAT | O_TRUNC, 0644), fe = open(pe, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fo < 0 || fe < 0 || dup2(fo, 1) < 0 || dup2(fe, 2) < 0) _exit(127);
-        execv(M1C, (char *const *)argv);
-        _exit(127);
-    }
-    int st;
-    cr_assert_eq(waitpid(pid, &st, 0), pid);
-    proc p = {WIFEXITED(st) ? WEXITSTATUS(st) : -1, slurp(po, NULL), slurp(pe, NULL)};
-    free(po), free(pe);
+    proc p;
+    p.status = th_run_m1c(args, &p.out, &p.err);
     return p;
 }
 
 #define RUN(...) run_argv((const char *const[]){__VA_ARGS__, NULL})
 
 static void proc_free(proc *p) { free(p->out), free(p->err); }
-
-static void assert_has(const char *s, const char *sub) {
-    cr_assert(strstr(s, sub) != NULL, "expected '%s' in: %s", sub, s);
-}
 
 /* A failure the way every command reports one: exit status 1 and one line "m1c: ..." on stderr. */
 static void assert_one_line_error(const proc *p) {
@@ -101,9 +48,9 @@ static void assert_one_line_error(const proc *p) {
     cr_assert(nl && nl[1] == 0, "stderr is not exactly one line: %s", p->err);
 }
 
-/* `m1c train math.cfg` for `steps` steps into g_dir/<name>; returns the checkpoint directory. */
+/* `m1c train math.cfg` for `steps` steps into <scratch>/<name>; returns the checkpoint directory. */
 static char *train(const char *name, int steps) {
-    char *out = tpath(name);
+    char *out = th_tmpdir_path(name);
     char *od = m1c_xasprintf("run.out_dir=\"%s\"", out);
     char *st = m1c_xasprintf("run.stages.0.steps=%d", steps);
     proc p = RUN("train", DATA "math.cfg", "-s", od, "-s", st, "--quiet");
@@ -121,15 +68,15 @@ static char *train(const char *name, int steps) {
 Test(cli, help) {
     proc p = RUN("--help");
     cr_assert_eq(p.status, 0);
-    assert_has(p.out, "usage");
+    th_assert_has(p.out, "usage");
     proc_free(&p);
     static const char *const cmds[] = {"plugins", "config", "plan", "train", "generate", "logits", "ablate"};
     for (int i = 0; i < 7; i++) {
         p = RUN(cmds[i], "--help");
         cr_assert_eq(p.status, 0, "m1c %s --help: exit %d, stderr %s", cmds[i], p.status, p.err);
-        assert_has(p.out, "usage");
+        th_assert_has(p.out, "usage");
         char *want = m1c_xasprintf("m1c %s", cmds[i]);
-        assert_has(p.out, want); /* the usage of that command, not the general one */
+        th_assert_has(p.out, want); /* the usage of that command, not the general one */
         free(want);
         proc_free(&p);
     }
@@ -138,22 +85,22 @@ Test(cli, help) {
 Test(cli, errors_are_one_line) {
     proc p = RUN("frobnicate");
     assert_one_line_error(&p);
-    assert_has(p.err, "frobnicate");
+    th_assert_has(p.err, "frobnicate");
     proc_free(&p);
 
     p = RUN("--frobnicate");
     assert_one_line_error(&p);
-    assert_has(p.err, "--frobnicate");
+    th_assert_has(p.err, "--frobnicate");
     proc_free(&p);
 
     p = RUN("train", DATA "math.cfg", "--frobnicate");
     assert_one_line_error(&p);
-    assert_has(p.err, "--frobnicate");
+    th_assert_has(p.err, "--frobnicate");
     proc_free(&p);
 
     p = RUN("train", "/nonexistent/m1c.cfg");
     assert_one_line_error(&p);
-    assert_has(p.err, "/nonexistent/m1c.cfg");
+    th_assert_has(p.err, "/nonexistent/m1c.cfg");
     proc_free(&p);
 
     p = RUN("train");
@@ -162,25 +109,25 @@ Test(cli, errors_are_one_line) {
 
     p = RUN("plan", "/nonexistent/m1c.cfg");
     assert_one_line_error(&p);
-    assert_has(p.err, "/nonexistent/m1c.cfg");
+    th_assert_has(p.err, "/nonexistent/m1c.cfg");
     proc_free(&p);
 
     p = RUN("generate", "--checkpoint", "/nonexistent/ck", "--prompt", "x");
     assert_one_line_error(&p);
-    assert_has(p.err, "/nonexistent/ck");
+    th_assert_has(p.err, "/nonexistent/ck");
     proc_free(&p);
 
     p = RUN("logits", "--checkpoint", "/nonexistent/ck", "--input", "a.npy", "--output", "b.npy");
     assert_one_line_error(&p);
-    assert_has(p.err, "/nonexistent/ck");
+    th_assert_has(p.err, "/nonexistent/ck");
     proc_free(&p);
 }
 
 Test(cli, config_show_typo) {
     proc p = RUN("config", "show", DATA "typo.cfg");
     assert_one_line_error(&p);
-    assert_has(p.err, "typo.cfg:5:"); /* file:line of `hiden = 32;` */
-    assert_has(p.err, "model.hiden");
+    th_assert_has(p.err, "typo.cfg:5:"); /* file:line of `hiden = 32;` */
+    th_assert_has(p.err, "model.hiden");
     cr_assert_eq(p.out[0], 0, "nothing on stdout: %s", p.out);
     proc_free(&p);
 }
@@ -223,7 +170,7 @@ Test(cli, logits_match_in_process_forward) {
     enum { B = 2, T = 12 };
     int32_t ids[B * T];
     for (int i = 0; i < B * T; i++) ids[i] = (int32_t)((i * 37 + 11) % 256); /* byte tokens */
-    char *in = tpath("ids.npy"), *out = tpath("logits.npy");
+    char *in = th_tmpdir_path("ids.npy"), *out = th_tmpdir_path("logits.npy");
     m1c_err e = {{0}};
     cr_assert_eq(m1c_npy_write_i32(in, ids, 2, (int64_t[]){B, T}, &e), M1C_OK, "%s", e.msg);
     proc p = RUN("logits", "--checkpoint", ck, "--input", in, "--output", out);
@@ -267,12 +214,12 @@ Test(cli, logits_match_in_process_forward) {
 /* ---- ablate, plugins -------------------------------------------------------------------------------- */
 
 Test(cli, ablate_two_runs) {
-    char *dir = tpath("ablate");
+    char *dir = th_tmpdir_path("ablate");
     proc p = RUN("ablate", DATA "math.cfg", "--grid", "model.ffn.plugin=topk,dense", "-s", "run.stages.0.steps=2",
                  "--out", dir);
     cr_assert_eq(p.status, 0, "stderr: %s", p.err);
     /* A header and one row per run, with numbers (a failed run prints "failed"). */
-    assert_has(p.out, "val_loss");
+    th_assert_has(p.out, "val_loss");
     static const char *const rows[] = {"plugin=topk ", "plugin=dense "};
     for (int i = 0; i < 2; i++) {
         const char *row = strstr(p.out, rows[i]);
@@ -283,13 +230,13 @@ Test(cli, ablate_two_runs) {
     }
     proc_free(&p);
     char *jl = m1c_path_join(dir, "ablate.jsonl");
-    char *text = slurp(jl, NULL);
+    char *text = th_slurp(jl, NULL);
     int lines = 0;
     for (char *s = text; (s = strchr(s, '\n')); s++) lines++;
     cr_assert_eq(lines, 2, "%s: %s", jl, text);
-    assert_has(text, "\"stage\":\"plugin=topk\"");
-    assert_has(text, "\"stage\":\"plugin=dense\"");
-    assert_has(text, "\"ok\":1");
+    th_assert_has(text, "\"stage\":\"plugin=topk\"");
+    th_assert_has(text, "\"stage\":\"plugin=dense\"");
+    th_assert_has(text, "\"ok\":1");
     cr_assert_null(strstr(text, "\"ok\":0"), "a run failed: %s", text);
     free(text), free(jl), free(dir);
 }

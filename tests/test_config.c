@@ -4,7 +4,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 
 #include "harness.h"
 #include "../core/spec.h"
@@ -24,10 +23,6 @@ static void parse_fails(const char *text, const char *const *ov, int n_ov, m1c_e
     m1c_config *c = NULL;
     cr_assert_eq(m1c_config_parse(&c, text, "t.cfg", NULL, ov, n_ov, e), M1C_ERR, "expected a failure");
     cr_assert_null(c);
-}
-
-static void assert_has(const char *msg, const char *part) {
-    cr_assert(strstr(msg, part) != NULL, "message '%s' lacks '%s'", msg, part);
 }
 
 /* The configuration as m1c_config_write prints it (malloc'd). */
@@ -54,9 +49,9 @@ Test(config, typo_names_file_and_line) {
     cr_assert_eq(m1c_cfg_int(m, "hidden", M1C_OPTIONAL, 256, 1, 65536, &v, &e), M1C_OK);
     cr_assert_eq(v, 256, "absent key takes its default");
     cr_assert_eq(m1c_cfg_done(m, &e), M1C_ERR);
-    assert_has(e.msg, "typo.cfg:4:"); /* the file and the line of `hiden` */
-    assert_has(e.msg, "model.hiden: unknown key");
-    assert_has(e.msg, "did you mean 'hidden'");
+    th_assert_has(e.msg, "typo.cfg:4:"); /* the file and the line of `hiden` */
+    th_assert_has(e.msg, "model.hiden: unknown key");
+    th_assert_has(e.msg, "did you mean 'hidden'");
     m1c_config_free(c);
 }
 
@@ -69,22 +64,22 @@ Test(config, wrong_type) {
     int b;
     const char *s;
     cr_assert_eq(m1c_cfg_int(r, "a", M1C_REQUIRED, 0, 0, 10, &i, &e), M1C_ERR);
-    assert_has(e.msg, "t.cfg:1: a: expected an integer in [0, 10], got \"x\"");
+    th_assert_has(e.msg, "t.cfg:1: a: expected an integer in [0, 10], got \"x\"");
     cr_assert_eq(m1c_cfg_int(r, "b", M1C_REQUIRED, 0, 0, 10, &i, &e), M1C_ERR, "a float is not an integer");
-    assert_has(e.msg, "t.cfg:2: b: expected an integer");
-    assert_has(e.msg, "got 2.5");
+    th_assert_has(e.msg, "t.cfg:2: b: expected an integer");
+    th_assert_has(e.msg, "got 2.5");
     cr_assert_eq(m1c_cfg_float(r, "c", M1C_REQUIRED, 0, 0, 10, &f, &e), M1C_OK, "an integer is a number");
     cr_assert_eq(f, 3.0);
     cr_assert_eq(m1c_cfg_bool(r, "d", M1C_REQUIRED, 0, &b, &e), M1C_ERR, "1 is not a boolean");
-    assert_has(e.msg, "t.cfg:4: d: expected true or false, got 1");
+    th_assert_has(e.msg, "t.cfg:4: d: expected true or false, got 1");
     cr_assert_eq(m1c_cfg_string(r, "c", M1C_REQUIRED, NULL, NULL, &s, &e), M1C_ERR);
-    assert_has(e.msg, "expected a string, got 3");
+    th_assert_has(e.msg, "expected a string, got 3");
     cr_assert_eq(m1c_cfg_int(r, "e", M1C_REQUIRED, 0, 0, 10, &i, &e), M1C_ERR);
-    assert_has(e.msg, "got a group");
+    th_assert_has(e.msg, "got a group");
     cr_assert_null(m1c_cfg_group(r, "c", M1C_OPTIONAL, &e), "a scalar is not a group");
-    assert_has(e.msg, "t.cfg:3: c: expected a group");
+    th_assert_has(e.msg, "t.cfg:3: c: expected a group");
     cr_assert_eq(m1c_cfg_int(r, "zz", M1C_REQUIRED, 0, 0, 10, &i, &e), M1C_ERR);
-    assert_has(e.msg, "zz: required key is missing");
+    th_assert_has(e.msg, "zz: required key is missing");
     m1c_config_free(c);
 }
 
@@ -101,7 +96,7 @@ Test(config, out_of_range) {
     cr_assert_eq(m1c_cfg_int(m, "big", M1C_REQUIRED, 0, 0, INT64_MAX, &i, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(i, INT64_C(5000000000));
     cr_assert_eq(m1c_cfg_int(m, "big", M1C_REQUIRED, 0, 0, INT32_MAX, &i, &e), M1C_ERR);
-    assert_has(e.msg, "got 5000000000");
+    th_assert_has(e.msg, "got 5000000000");
     m1c_config_free(c);
 }
 
@@ -109,7 +104,7 @@ Test(config, big_integer_needs_L) {
     /* libconfig 1.5 would read it modulo 2^32 (705032704) without a word */
     m1c_err e = {{0}};
     parse_fails("a = 1;\nseed = 5000000000;\n", NULL, 0, &e);
-    assert_has(e.msg, "t.cfg:2: integer 5000000000 does not fit 32 bits");
+    th_assert_has(e.msg, "t.cfg:2: integer 5000000000 does not fit 32 bits");
     m1c_config *c = parse("s = \"5000000000\"; # 5000000000\nseed = 5000000000L;\n", NULL, 0);
     int64_t i;
     cr_assert_eq(m1c_cfg_int(m1c_config_root(c), "seed", M1C_REQUIRED, 0, 0, INT64_MAX, &i, &e), M1C_OK, "%s", e.msg);
@@ -124,8 +119,8 @@ Test(config, choices) {
     m1c_err e = {{0}};
     const char *s;
     cr_assert_eq(m1c_cfg_string(r, "decay", M1C_OPTIONAL, "cosine", ch, &s, &e), M1C_ERR);
-    assert_has(e.msg, "t.cfg:1: decay: expected one of \"cosine\", \"constant\", \"linear\", got \"cosin\"");
-    assert_has(e.msg, "did you mean \"cosine\"");
+    th_assert_has(e.msg, "t.cfg:1: decay: expected one of \"cosine\", \"constant\", \"linear\", got \"cosin\"");
+    th_assert_has(e.msg, "did you mean \"cosine\"");
     cr_assert_eq(m1c_cfg_string(r, "ok", M1C_OPTIONAL, "cosine", ch, &s, &e), M1C_OK);
     cr_assert_str_eq(s, "linear");
     cr_assert_eq(m1c_cfg_string(r, "absent", M1C_OPTIONAL, "constant", ch, &s, &e), M1C_OK);
@@ -147,19 +142,19 @@ Test(config, include_fragment_names_its_file) {
     cr_assert_eq(m1c_cfg_done(r, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_cfg_done(p, &e), M1C_ERR);
     /* the fragment's own path (joined with the including file's folder) and its line */
-    assert_has(e.msg, "tests/data/config/fragments/part.cfg:2: part.unknwn: unknown key");
+    th_assert_has(e.msg, "tests/data/config/fragments/part.cfg:2: part.unknwn: unknown key");
     cr_assert_eq(m1c_cfg_int(p, "known", M1C_REQUIRED, 0, 5, 10, &v, &e), M1C_ERR);
-    assert_has(e.msg, "fragments/part.cfg:1: part.known:");
+    th_assert_has(e.msg, "fragments/part.cfg:1: part.known:");
     m1c_config_free(c);
 }
 
 Test(config, syntax_error_names_line) {
     m1c_err e = {{0}};
     parse_fails("a = 1;\nb = ;\n", NULL, 0, &e);
-    assert_has(e.msg, "t.cfg:2:");
+    th_assert_has(e.msg, "t.cfg:2:");
     m1c_config *c = NULL;
     cr_assert_eq(m1c_config_load(&c, DATA "no-such-file.cfg", NULL, 0, &e), M1C_ERR);
-    assert_has(e.msg, "no-such-file.cfg");
+    th_assert_has(e.msg, "no-such-file.cfg");
 }
 
 /* ---- overrides ------------------------------------------------------------------------------ */
@@ -228,26 +223,26 @@ Test(config, override_refusals) {
     m1c_err e = {{0}};
     const char *ov1[] = {"m.i=\"text\""};
     parse_fails(text, ov1, 1, &e);
-    assert_has(e.msg, "override 'm.i=\"text\"'");
-    assert_has(e.msg, "m.i is an integer (t.cfg:1)");
+    th_assert_has(e.msg, "override 'm.i=\"text\"'");
+    th_assert_has(e.msg, "m.i is an integer (t.cfg:1)");
     const char *ov2[] = {"m.s=3"};
     parse_fails(text, ov2, 1, &e);
-    assert_has(e.msg, "override 'm.s=3': m.s is a string");
+    th_assert_has(e.msg, "override 'm.s=3': m.s is a string");
     const char *ov3[] = {"m.g=1"};
     parse_fails(text, ov3, 1, &e);
-    assert_has(e.msg, "m.g is a group");
+    th_assert_has(e.msg, "m.g is a group");
     const char *ov4[] = {"m.i.x=1"};
     parse_fails(text, ov4, 1, &e);
-    assert_has(e.msg, "'m.i' is an integer, not a group");
+    th_assert_has(e.msg, "'m.i' is an integer, not a group");
     const char *ov5[] = {"l.[3].n=1"};
     parse_fails(text, ov5, 1, &e);
-    assert_has(e.msg, "index 3 is past the end of 'l'");
+    th_assert_has(e.msg, "index 3 is past the end of 'l'");
     const char *ov6[] = {"m.i"};
     parse_fails(text, ov6, 1, &e);
-    assert_has(e.msg, "override 'm.i': expected key=value");
+    th_assert_has(e.msg, "override 'm.i': expected key=value");
     const char *ov7[] = {"m.v=[1, 2"};
     parse_fails(text, ov7, 1, &e);
-    assert_has(e.msg, "override 'm.v=[1, 2': cannot parse the value");
+    th_assert_has(e.msg, "override 'm.v=[1, 2': cannot parse the value");
 }
 
 /* ---- writing -------------------------------------------------------------------------------- */
@@ -268,11 +263,11 @@ Test(config, write_shows_defaults_and_reads_back) {
     m1c_settings *sub = m1c_cfg_group(m, "sub", M1C_OPTIONAL, &e);
     cr_assert_eq(m1c_cfg_int(sub, "k", M1C_OPTIONAL, 7, 0, 10, &i, &e), M1C_OK);
     char *out = written(c);
-    assert_has(out, "hidden = 64;");
-    assert_has(out, "layers = 8;");
-    assert_has(out, "alpha = 3.5565588200778455;");
-    assert_has(out, "tie = true;");
-    assert_has(out, "k = 7;");
+    th_assert_has(out, "hidden = 64;");
+    th_assert_has(out, "layers = 8;");
+    th_assert_has(out, "alpha = 3.5565588200778455;");
+    th_assert_has(out, "tie = true;");
+    th_assert_has(out, "k = 7;");
     m1c_config_free(c);
 
     /* the output is a config: read back, every value is the same (floats exactly) */
@@ -304,10 +299,10 @@ Test(config, done_all_and_lists) {
     cr_assert_not_null(m1c_cfg_elem(g, "l", 0));
     cr_assert_eq(m1c_cfg_done(g, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_cfg_done_all(g, &e), M1C_ERR, "h.b and l.[0].c were never read");
-    assert_has(e.msg, "g.h.b: unknown key");
+    th_assert_has(e.msg, "g.h.b: unknown key");
     cr_assert_eq(m1c_cfg_int(h, "b", M1C_REQUIRED, 0, 0, 9, &i, &e), M1C_OK);
     cr_assert_eq(m1c_cfg_done_all(g, &e), M1C_ERR);
-    assert_has(e.msg, "g.l.[0].c: unknown key");
+    th_assert_has(e.msg, "g.l.[0].c: unknown key");
     m1c_config_free(c);
 }
 
@@ -358,8 +353,8 @@ Test(spec, pattern_repeats_7_to_1) {
     cr_assert_eq(st->seed, spec.run.seed, "a stage's seed defaults to the run's");
     cr_assert_str_eq(spec.run.out_dir, "runs/t");
     char *out = written(c);
-    assert_has(out, "min_lr = ");
-    assert_has(out, "head_precision = \"fp32\";");
+    th_assert_has(out, "min_lr = ");
+    th_assert_has(out, "head_precision = \"fp32\";");
     free(out);
     m1c_spec_free(&spec);
     m1c_config_free(c);
@@ -371,7 +366,7 @@ Test(spec, stack_of_wrong_length_refused) {
     m1c_err e = {{0}};
     const char *body = "  layers = 3;\n  stack = [\"softmax\", \"lightning\"];\n" TYPES;
     cr_assert_eq(read_spec(body, RUN, &c, &spec, &e), M1C_ERR);
-    assert_has(e.msg, "t.cfg:3: model.stack: 2 types for 3 layers");
+    th_assert_has(e.msg, "t.cfg:3: model.stack: 2 types for 3 layers");
     m1c_config_free(c);
 }
 
@@ -394,7 +389,7 @@ Test(spec, undefined_type_refused) {
     m1c_err e = {{0}};
     const char *body = "  layers = 2;\n  pattern = [\"lightning\",\n \"sofmax\"];\n" TYPES;
     cr_assert_eq(read_spec(body, RUN, &c, &spec, &e), M1C_ERR);
-    assert_has(e.msg, "t.cfg:4: model.pattern.[1]: expected one of \"lightning\", \"softmax\", got \"sofmax\"");
+    th_assert_has(e.msg, "t.cfg:4: model.pattern.[1]: expected one of \"lightning\", \"softmax\", got \"sofmax\"");
     m1c_config_free(c);
 }
 
@@ -403,40 +398,40 @@ Test(spec, structural_errors) {
     m1c_spec spec;
     m1c_err e = {{0}};
     cr_assert_eq(read_spec("  layers = 2;\n" TYPES, RUN, &c, &spec, &e), M1C_ERR, "neither pattern nor stack");
-    assert_has(e.msg, "give the layer types");
+    th_assert_has(e.msg, "give the layer types");
     m1c_config_free(c);
     cr_assert_eq(read_spec("  pattern = [\"softmax\"];\n  stack = [\"softmax\"];\n" TYPES, RUN, &c, &spec, &e), M1C_ERR);
-    assert_has(e.msg, "not both");
+    th_assert_has(e.msg, "not both");
     m1c_config_free(c);
     cr_assert_eq(read_spec("  pattern = [\"softmax\"];\n  ffn = { plugin = \"topk\"; };\n"
                            "  types = { softmax = { attention = { heads = 2; }; }; };\n",
                            RUN, &c, &spec, &e),
                  M1C_ERR, "an attention slot without a plugin");
-    assert_has(e.msg, "t.cfg:4: model.types.softmax.attention.plugin: required key is missing");
+    th_assert_has(e.msg, "t.cfg:4: model.types.softmax.attention.plugin: required key is missing");
     m1c_config_free(c);
     cr_assert_eq(read_spec("  pattern = [\"softmax\"];\n" TYPES,
                            "run = { stages = ( { data = { plugin = \"x\"; }; steps = 5; bacth = 2; } ); };\n", &c,
                            &spec, &e),
                  M1C_ERR);
-    assert_has(e.msg, "run.stages.[0].bacth: unknown key (did you mean 'batch'?)");
+    th_assert_has(e.msg, "run.stages.[0].bacth: unknown key (did you mean 'batch'?)");
     m1c_config_free(c);
     cr_assert_eq(read_spec("  pattern = [\"softmax\"];\n" TYPES,
                            "run = { stages = ( { kind = \"rl\"; data = { plugin = \"x\"; }; steps = 5; batch = 6; "
                            "rollout = { group = 4; }; } ); };\n",
                            &c, &spec, &e),
                  M1C_ERR, "RL batch not a multiple of the group");
-    assert_has(e.msg, "run.stages.[0].batch: 6 sequences is not a whole number of groups of 4");
+    th_assert_has(e.msg, "run.stages.[0].batch: 6 sequences is not a whole number of groups of 4");
     m1c_config_free(c);
     cr_assert_eq(read_spec("  pattern = [\"softmax\"];\n" TYPES,
                            "run = { stages = ( { data = { plugin = \"x\"; }; steps = 5; },"
                            " { data = { plugin = \"x\"; }; steps = 5; } ); };\n",
                            &c, &spec, &e),
                  M1C_ERR, "two stages named pretrain");
-    assert_has(e.msg, "stage name \"pretrain\" is also the name of stage 0");
+    th_assert_has(e.msg, "stage name \"pretrain\" is also the name of stage 0");
     m1c_config_free(c);
     cr_assert_eq(read_spec("  pattern = [\"softmax\"];\n" TYPES, RUN "extra = 1;\n", &c, &spec, &e), M1C_ERR);
-    assert_has(e.msg, "t.cfg:");
-    assert_has(e.msg, "extra: unknown key");
+    th_assert_has(e.msg, "t.cfg:");
+    th_assert_has(e.msg, "extra: unknown key");
     m1c_config_free(c);
 }
 
@@ -459,7 +454,7 @@ Test(spec, plugins_validate_their_keys) {
            "  ffn = { plugin = \"topk\"; };\n";
     cr_assert_eq(read_spec(body, RUN, &c, &spec, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_spec_check_plugins(&spec, th_registry(), &e), M1C_ERR);
-    assert_has(e.msg, "t.cfg:5: model.types.softmax.attention.head_dimm: unknown key");
+    th_assert_has(e.msg, "t.cfg:5: model.types.softmax.attention.head_dimm: unknown key");
     m1c_spec_free(&spec);
     m1c_config_free(c);
 
@@ -472,42 +467,25 @@ Test(spec, plugins_validate_their_keys) {
     free(text);
     cr_assert_eq(m1c_spec_read(&spec, c, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_spec_check_plugins(&spec, th_registry(), &e), M1C_ERR);
-    assert_has(e.msg, "t.cfg:10: run.stages.[0].data.plugin:");
-    assert_has(e.msg, "no-such-data");
+    th_assert_has(e.msg, "t.cfg:10: run.stages.[0].data.plugin:");
+    th_assert_has(e.msg, "no-such-data");
     m1c_spec_free(&spec);
     m1c_config_free(c);
 }
 
 /* ---- `m1c config show` as a process --------------------------------------------------------- */
 
-/* Run a shell command; its stdout and stderr together into *out (malloc'd); returns the exit status. */
-static int run(const char *cmd, char **out) {
-    char *full = m1c_xasprintf("%s 2>&1", cmd);
-    FILE *p = popen(full, "r");
-    free(full);
-    cr_assert_not_null(p);
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    size_t k;
-    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
-        n += k;
-        if (n + 1 == cap) buf = realloc(buf, cap *= 2);
-    }
-    buf[n] = 0;
-    int st = pclose(p);
-    *out = buf;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
+/* Each command runs through the shell with stdout and stderr together (2>&1) into one text. */
 
 Test(cli, config_show_prints_resolved) {
-    char *out;
-    int rc = run(M1C_BINARY_DIR "/m1c config show " DATA "cli.cfg -s run.stages.[0].steps=12", &out);
+    int rc;
+    char *out = th_shell(M1C_BINARY_DIR "/m1c config show " DATA "cli.cfg -s run.stages.[0].steps=12 2>&1", &rc);
     cr_assert_eq(rc, 0, "output: %s", out);
-    assert_has(out, "hidden = 32;");       /* as written */
-    assert_has(out, "steps = 12;");        /* the override */
-    assert_has(out, "min_lr = 0.0001;");   /* a core default: 0.1 * the default lr 1e-3 */
-    assert_has(out, "head_precision = \"fp32\";");
-    assert_has(out, "plugin = \"adamw\";"); /* the default optimizer slot */
+    th_assert_has(out, "hidden = 32;");        /* as written */
+    th_assert_has(out, "steps = 12;");         /* the override */
+    th_assert_has(out, "min_lr = 0.0001;");    /* a core default: 0.1 * the default lr 1e-3 */
+    th_assert_has(out, "head_precision = \"fp32\";");
+    th_assert_has(out, "plugin = \"adamw\";"); /* the default optimizer slot */
 
     /* the output reads back as a valid config */
     m1c_config *c = parse(out, NULL, 0);
@@ -521,17 +499,17 @@ Test(cli, config_show_prints_resolved) {
 }
 
 Test(cli, config_show_typo_exits_1) {
-    char *out;
-    int rc = run(M1C_BINARY_DIR "/m1c config show " DATA "cli_typo.cfg", &out);
+    int rc;
+    char *out = th_shell(M1C_BINARY_DIR "/m1c config show " DATA "cli_typo.cfg 2>&1", &rc);
     cr_assert_eq(rc, 1, "output: %s", out);
-    assert_has(out, "cli_typo.cfg:12: run.stages.[0].stesp: unknown key");
+    th_assert_has(out, "cli_typo.cfg:12: run.stages.[0].stesp: unknown key");
     free(out);
-    rc = run(M1C_BINARY_DIR "/m1c config show " DATA "cli.cfg -s model.hidden=abc", &out);
+    out = th_shell(M1C_BINARY_DIR "/m1c config show " DATA "cli.cfg -s model.hidden=abc 2>&1", &rc);
     cr_assert_eq(rc, 1, "output: %s", out);
-    assert_has(out, "override 'model.hidden=abc'");
+    th_assert_has(out, "override 'model.hidden=abc'");
     free(out);
-    rc = run(M1C_BINARY_DIR "/m1c config show --help", &out);
+    out = th_shell(M1C_BINARY_DIR "/m1c config show --help 2>&1", &rc);
     cr_assert_eq(rc, 0);
-    assert_has(out, "usage: m1c config show");
+    th_assert_has(out, "usage: m1c config show");
     free(out);
 }

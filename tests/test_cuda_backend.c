@@ -7,12 +7,8 @@
 #include "../core/host.h"
 #include "harness.h"
 
-static void need_gpu(void) {
-    if (!m1c_dev_available(M1C_DEVICE_CUDA)) cr_skip_test("no CUDA device in this build or on this machine");
-}
-
 Test(cuda_backend, copy_round_trip) {
-    need_gpu();
+    th_need_gpu();
     int64_t n = 100003; /* not a multiple of any transfer granularity */
     float *x = th_randn(n, 1, 1.0f), *y = th_zeros(n);
     float *d = m1c_dev_alloc(M1C_DEVICE_CUDA, (size_t)n * 4);
@@ -34,7 +30,7 @@ static float *to_gpu(const float *x, int64_t n) {
 }
 
 Test(cuda_backend, gemm_matches_cpu) {
-    need_gpu();
+    th_need_gpu();
     const int M = 37, N = 53, K = 71, batch = 3; /* odd sizes: no tile divides them */
     for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) {

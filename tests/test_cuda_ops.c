@@ -14,10 +14,6 @@
 #define GPU M1C_DEVICE_CUDA
 #define CPU M1C_DEVICE_CPU
 
-static void need_gpu(void) {
-    if (!m1c_dev_available(GPU)) cr_skip_test("no CUDA device in this build or on this machine");
-}
-
 /* Row counts, widths and vocabularies that are not multiples of 32, 128 or 256 (1 included). */
 static const int64_t Ns[] = {1, 37, 1000};
 static const int Cs[] = {1, 33, 256, 1100};
@@ -64,7 +60,7 @@ static int32_t *make_ids(int64_t N, int V, uint64_t seed, int unscored) {
 /* ---- embedding ---- */
 
 Test(cuda_ops, embed_forward_backward) {
-    need_gpu();
+    th_need_gpu();
     const int V = 259;
     for (int a = 0; a < NN; a++)
         for (int b = 0; b < NC; b++) {
@@ -99,7 +95,7 @@ Test(cuda_ops, embed_forward_backward) {
 /* ---- RMSNorm ---- */
 
 Test(cuda_ops, rmsnorm_forward_backward) {
-    need_gpu();
+    th_need_gpu();
     const float eps = 1e-5f;
     for (int a = 0; a < NN; a++)
         for (int b = 0; b < NC; b++) {
@@ -231,7 +227,7 @@ static void check_head(const head_case *hc, int ci) {
 }
 
 Test(cuda_ops, head_forward_backward_all_precisions) {
-    need_gpu();
+    th_need_gpu();
     for (int i = 0; i < (int)(sizeof head_cases / sizeof head_cases[0]); i++) check_head(&head_cases[i], i);
 }
 
@@ -241,7 +237,7 @@ static const int64_t lens[] = {1, 37, 1000, 1000003}; /* the last spans more tha
 #define NL (int)(sizeof lens / sizeof lens[0])
 
 Test(cuda_ops, residual_axpby_scale) {
-    need_gpu();
+    th_need_gpu();
     const float a = 0.7f, b = 1.3f, s = -0.37f; /* none a power of two: every product rounds */
     for (int k = 0; k < NL; k++) {
         const int64_t n = lens[k];
@@ -274,7 +270,7 @@ Test(cuda_ops, residual_axpby_scale) {
 }
 
 Test(cuda_ops, sumsq) {
-    need_gpu();
+    th_need_gpu();
     for (int k = 0; k < NL; k++) {
         const int64_t n = lens[k];
         float *x = th_randn(n, 70 + (uint64_t)k, 3.0f);
@@ -295,7 +291,7 @@ Test(cuda_ops, sumsq) {
 }
 
 Test(cuda_ops, count_nonfinite) {
-    need_gpu();
+    th_need_gpu();
     for (int k = 0; k < NL; k++) {
         const int64_t n = lens[k];
         float *x = th_randn(n, 80 + (uint64_t)k, 1.0f);
@@ -328,7 +324,7 @@ static float from_bits(uint32_t u) {
 static int bf16_is_nan(uint16_t b) { return (b & 0x7f80u) == 0x7f80u && (b & 0x7fu) != 0; }
 
 Test(cuda_ops, to_bf16) {
-    need_gpu();
+    th_need_gpu();
     /* Hand-picked patterns, then random bit patterns over the whole f32 range (NaNs included). */
     static const uint32_t special[] = {
         0x3f808000u, /* 1 + 2^-8: a tie between 0x3f80 and 0x3f81: to even 0x3f80 */

@@ -148,26 +148,15 @@ static void assert_same_docs(doclist *got, const char *const *want, int n_want) 
 }
 
 /* A scratch folder for corpora made by a test. */
-static char *tmp_dir(void) {
-    char *d = strdup("/tmp/m1c_test_data_XXXXXX");
-    cr_assert_not_null(mkdtemp(d));
-    return d;
-}
+static char *tmp_dir(void) { return th_mkdtemp("/tmp", "m1c_test_data"); }
 
 static void write_file(const char *dir, const char *name, const void *data, size_t n) {
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "wb");
-    cr_assert_not_null(f, "cannot write %s", path);
-    cr_assert_eq(fwrite(data, 1, n, f), n);
-    fclose(f);
+    th_write_file(path, data, n);
 }
 
-static void rm_tree(const char *dir) {
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    cr_assert_eq(system(cmd), 0);
-}
+static void rm_tree(const char *dir) { cr_assert_eq(th_rm_rf(dir), 0, "cannot remove %s", dir); }
 
 /* The documents of tests/data/fortunes (wisdom and unix; wisdom.u8 is excluded), written out by hand
  * from those files. */

@@ -2,7 +2,6 @@
  * prefix, build examples/hello-attention against it (find_package and the pkg-config one-liner), load
  * the result by path through the registry and check its math against a direct loop. */
 #include <criterion/criterion.h>
-#include <ftw.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -14,11 +13,6 @@
 
 #include "harness.h"
 #include "../core/loader.h"
-
-static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
 
 static int have(const char *tool) {
     char cmd[256];
@@ -156,8 +150,7 @@ static void check_plugin(m1c_plugin *p) {
 
 Test(example, install_build_out_of_tree_and_load, .timeout = 300) {
     if (!have("cmake")) cr_skip("cmake is not on PATH");
-    char tmp[] = "/tmp/m1c_test_example_XXXXXX";
-    cr_assert_not_null(mkdtemp(tmp));
+    char *tmp = th_mkdtemp("/tmp", "m1c_test_example");
 
     /* 1. Install this build tree into a fresh prefix. */
     sh(tmp, "cmake --install '%s' --prefix '%s/prefix'", M1C_BINARY_DIR, tmp);
@@ -226,5 +219,6 @@ Test(example, install_build_out_of_tree_and_load, .timeout = 300) {
         check_plugin(p);
         m1c_registry_free(&r);
     }
-    nftw(tmp, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+    th_rm_rf(tmp);
+    free(tmp);
 }

@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "../core/checkpoint.h"
@@ -20,26 +19,19 @@
 #include "../core/npy.h"
 #include "../core/safetensors.h"
 #include "../core/session.h"
+#include "harness.h"
 
 #define FIXTURES M1C_SOURCE_DIR "/tests/fixtures/"
-#define M1C M1C_BINARY_DIR "/m1c"
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
-static char g_dir[64];
-
-
+/* Each test's scratch folder (th_tmpdir): made by the suite's init, removed by its fini. */
 static void setup(void) {
-    strcpy(g_dir, "/tmp/m1c_test_hf_XXXXXX");
-    cr_assert_not_null(mkdtemp(g_dir));
+    th_tmpdir_init("hf");
     setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1);
 }
 
-static void teardown(void) { m1c_remove_tree(g_dir); }
-
-TestSuite(hf, .init = setup, .fini = teardown);
-
-static char *tpath(const char *name) { return m1c_path_join(g_dir, name); }
+TestSuite(hf, .init = setup, .fini = th_tmpdir_fini);
 
 /* The fixture folder of `name`, or a skipped test when tools/hf_reference.py has not been run. */
 static char *fixture(const char *name) {
@@ -134,30 +126,11 @@ static int32_t *greedy(m1c_model *m, const int32_t *ids, int B, int T, int n) {
     return seq;
 }
 
-static char *slurp(const char *path, long *len) {
-    FILE *f = fopen(path, "rb");
-    cr_assert_not_null(f, "cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    cr_assert_eq(fread(s, 1, (size_t)n, f), (size_t)n);
-    s[n] = 0;
-    fclose(f);
-    if (len) *len = n;
-    return s;
-}
-
-static void write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "w");
-    cr_assert_not_null(f, "cannot write %s", path);
-    fputs(text, f);
-    fclose(f);
-}
+static void write_text(const char *path, const char *text) { th_write_file(path, text, strlen(text)); }
 
 static int same_bytes(const char *a, const char *b) {
     long na, nb;
-    char *x = slurp(a, &na), *y = slurp(b, &nb);
+    char *x = th_slurp(a, &na), *y = th_slurp(b, &nb);
     int same = na == nb && !memcmp(x, y, (size_t)na);
     free(x);
     free(y);
@@ -197,30 +170,6 @@ static void assert_same_json(const char *a, const char *b) {
     cr_assert(json_same(x, y, where, sizeof where), "%s and %s differ at key '%s'", a, b, where);
     json_decref(x);
     json_decref(y);
-}
-
-/* Run the m1c binary with arguments (NULL-terminated); returns the exit status, stderr into err. */
-static int run_m1c(const char *const *args, char **err) {
-    char *errp = tpath("stderr.txt");
-    pid_t pid = fork();
-    cr_assert_neq(pid, -1);
-    if (pid == 0) {
-        const char *argv[32];
-        int n = 0;
-        argv[n++] = M1C;
-        for (int i = 0; args[i] && n < 31; i++) argv[n++] = args[i];
-        argv[n] = NULL;
-        FILE *f = freopen(errp, "w", stderr);
-        (void)f;
-        if (!freopen("/dev/null", "w", stdout)) _exit(126);
-        execv(M1C, (char *const *)argv);
-        _exit(127);
-    }
-    int st = 0;
-    waitpid(pid, &st, 0);
-    if (err) *err = slurp(errp, NULL);
-    free(errp);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 /* ---- parity with transformers ------------------------------------------------------------------- */
@@ -285,16 +234,13 @@ Test(hf, greedy_tokens_match_transformers_per_expert_tied) { check_greedy("minim
 
 /* The same parity on a GPU in fp32 (same tolerance and reasoning: fp32 on both sides, summation order
  * only). Skipped without a GPU. */
-static void need_gpu(void) {
-    if (!m1c_dev_available(M1C_DEVICE_CUDA)) cr_skip_test("no CUDA device in this build or on this machine");
-}
 Test(hf, gpu_logits_match_transformers) {
-    need_gpu();
+    th_need_gpu();
     check_logits_on("minimax_fused", M1C_DEVICE_CUDA);
     check_logits_on("minimax_w123", M1C_DEVICE_CUDA);
 }
 Test(hf, gpu_greedy_tokens_match_transformers) {
-    need_gpu();
+    th_need_gpu();
     check_greedy_on("minimax_fused", M1C_DEVICE_CUDA);
     check_greedy_on("minimax_w123", M1C_DEVICE_CUDA);
 }
@@ -393,7 +339,7 @@ Test(hf, loss_and_gradients_match_transformers_per_expert_tied) { check_loss_and
 
 static void check_round_trip(const char *name, int layout) {
     char *dir = fixture(name);
-    char *ck = tpath("ckpt"), *ex = tpath("export"), *ck2 = tpath("ckpt2");
+    char *ck = th_tmpdir_path("ckpt"), *ex = th_tmpdir_path("export"), *ck2 = th_tmpdir_path("ckpt2");
     m1c_err e = {{0}};
     cr_assert_eq(m1c_hf_import(dir, ck, &e), M1C_OK, "%s", e.msg);
     m1c_hf_export_opts o = {layout, M1C_F32};
@@ -417,10 +363,11 @@ Test(hf, import_export_round_trip_per_expert_same_bytes) { check_round_trip("min
 
 Test(hf, cli_logits_and_generate_with_hf) {
     char *dir = fixture("minimax_fused");
-    char *in = m1c_path_join(dir, "input_ids.npy"), *lo = tpath("logits.npy"), *go = tpath("greedy.npy");
+    char *in = m1c_path_join(dir, "input_ids.npy");
+    char *lo = th_tmpdir_path("logits.npy"), *go = th_tmpdir_path("greedy.npy");
     char *err = NULL;
     const char *la[] = {"logits", "--hf", dir, "--input", in, "--output", lo, NULL};
-    cr_assert_eq(run_m1c(la, &err), 0, "m1c logits --hf: %s", err);
+    cr_assert_eq(th_run_m1c(la, NULL, &err), 0, "m1c logits --hf: %s", err);
     free(err);
     m1c_npy ref = read_npy(dir, "logits.npy"), got = {0};
     m1c_err e = {{0}};
@@ -429,34 +376,34 @@ Test(hf, cli_logits_and_generate_with_hf) {
     for (int64_t i = 0; i < ref.numel; i++) /* the same tolerance as logits_match_transformers */
         cr_assert_leq(fabs(((float *)got.data)[i] - ((float *)ref.data)[i]), 1e-4);
     const char *ga[] = {"generate", "--hf", dir, "--input", in, "--output", go, "--max-new", "6", "--greedy", NULL};
-    cr_assert_eq(run_m1c(ga, &err), 0, "m1c generate --hf: %s", err);
+    cr_assert_eq(th_run_m1c(ga, NULL, &err), 0, "m1c generate --hf: %s", err);
     free(err);
     int B, W, Br, Wr;
-    char *tmp = m1c_xstrdup(g_dir);
+    char *tmp = m1c_xstrdup(th_tmpdir());
     int32_t *g = read_ids(tmp, "greedy.npy", &B, &W), *r = read_ids(dir, "greedy.npy", &Br, &Wr);
     cr_assert(B == Br && W == Wr, "greedy.npy: [%d, %d] vs the fixture's [%d, %d]", B, W, Br, Wr);
     for (int64_t i = 0; i < (int64_t)B * W; i++) cr_assert_eq(g[i], r[i], "token %lld", (long long)i); /* exact */
     /* the import/export commands, and the inference-only checkpoint they make */
-    char *ck = tpath("ck"), *ex = tpath("ex"), *lo2 = tpath("logits2.npy");
+    char *ck = th_tmpdir_path("ck"), *ex = th_tmpdir_path("ex"), *lo2 = th_tmpdir_path("logits2.npy");
     const char *ia[] = {"import-hf", dir, ck, NULL};
-    cr_assert_eq(run_m1c(ia, &err), 0, "m1c import-hf: %s", err);
+    cr_assert_eq(th_run_m1c(ia, NULL, &err), 0, "m1c import-hf: %s", err);
     free(err);
     const char *ca[] = {"logits", "--checkpoint", ck, "--input", in, "--output", lo2, NULL};
-    cr_assert_eq(run_m1c(ca, &err), 0, "m1c logits --checkpoint: %s", err);
+    cr_assert_eq(th_run_m1c(ca, NULL, &err), 0, "m1c logits --checkpoint: %s", err);
     free(err);
     m1c_npy got2 = {0};
     cr_assert_eq(m1c_npy_read(lo2, &got2, &e), M1C_OK, "%s", e.msg);
     cr_assert(!memcmp(got2.data, got.data, (size_t)got.numel * 4), "--checkpoint and --hf logits differ"); /* same code */
     const char *pa[] = {"generate", "--checkpoint", ck, "--prompt", "hi", NULL};
-    cr_assert_eq(run_m1c(pa, &err), 1);
+    cr_assert_eq(th_run_m1c(pa, NULL, &err), 1);
     cr_assert(strstr(err, "no training stage") && strstr(err, "--input"), "%s", err);
     free(err);
     const char *ea[] = {"export-hf", ck, ex, "--experts", "both", NULL};
-    cr_assert_eq(run_m1c(ea, &err), 1);
+    cr_assert_eq(th_run_m1c(ea, NULL, &err), 1);
     cr_assert(strstr(err, "--experts"), "%s", err);
     free(err);
     const char *eb[] = {"export-hf", ck, ex, NULL};
-    cr_assert_eq(run_m1c(eb, &err), 0, "m1c export-hf: %s", err);
+    cr_assert_eq(th_run_m1c(eb, NULL, &err), 0, "m1c export-hf: %s", err);
     free(err);
     char *a = m1c_path_join(dir, "model.safetensors"), *b = m1c_path_join(ex, "model.safetensors");
     cr_assert(same_bytes(a, b));
@@ -471,7 +418,7 @@ Test(hf, cli_logits_and_generate_with_hf) {
 /* A small valid transformers config; `extra` is spliced in before the closing brace (later keys
  * replace earlier ones: jansson keeps the last). */
 static char *hf_dir_with(const char *name, const char *extra) {
-    char *dir = tpath(name);
+    char *dir = th_tmpdir_path(name);
     mkdir(dir, 0755);
     char *p = m1c_path_join(dir, "config.json");
     char *text = m1c_xasprintf(
@@ -565,9 +512,9 @@ Test(hf, sharded_checkpoints_load) {
         json_object_set_new(map, t->name, json_string(i < n / 2 ? "model-00001-of-00002.safetensors"
                                                                  : "model-00002-of-00002.safetensors"));
     }
-    char *s2 = tpath("shards"), *c1 = m1c_path_join(d, "config.json"), *c2 = m1c_path_join(s2, "config.json");
+    char *s2 = th_tmpdir_path("shards"), *c1 = m1c_path_join(d, "config.json"), *c2 = m1c_path_join(s2, "config.json");
     mkdir(s2, 0755);
-    char *cfg = slurp(c1, NULL);
+    char *cfg = th_slurp(c1, NULL);
     write_text(c2, cfg);
     char *f1 = m1c_path_join(s2, "model-00001-of-00002.safetensors"), *f2 = m1c_path_join(s2, "model-00002-of-00002.safetensors");
     cr_assert_eq(m1c_st_write(f1, ts, n / 2, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
@@ -624,7 +571,7 @@ Test(hf, translation_maps_every_setting) {
 }
 
 Test(hf, minimax_own_dialect_maps_partial_rope_and_its_decay) {
-    char *d = tpath("own");
+    char *d = th_tmpdir_path("own");
     mkdir(d, 0755);
     char *p = m1c_path_join(d, "config.json");
     write_text(p, "{\"model_type\": \"minimax_m1\", \"vocab_size\": 40, \"hidden_size\": 16, \"intermediate_size\": 12,"
@@ -643,7 +590,7 @@ Test(hf, minimax_own_dialect_maps_partial_rope_and_its_decay) {
     m1c_session s;
     cr_assert_eq(m1c_session_open_text(&s, t, "own", d, NULL, 0, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_session_build_model(&s, 1, &e), M1C_OK, "%s", e.msg);
-    char *out = tpath("own_export");
+    char *out = th_tmpdir_path("own_export");
     cr_assert_eq(m1c_hf_export_session(&s, NULL, out, NULL, &e), M1C_ERR);
     cr_assert(strstr(e.msg, "decay") && strstr(e.msg, "\"hf\""), "%s", e.msg);
     m1c_session_close(&s);
@@ -701,7 +648,7 @@ Test(hf, refuses_what_it_cannot_compute) {
             "num_attention_heads", "power of two");
     /* no config.json at all */
     m1c_err e = {{0}};
-    char *d = tpath("empty");
+    char *d = th_tmpdir_path("empty");
     mkdir(d, 0755);
     cr_assert_null(m1c_hf_config_text(d, &e));
     cr_assert(strstr(e.msg, "config.json") && strstr(e.msg, "cannot open"), "%s", e.msg);
@@ -725,10 +672,10 @@ Test(hf, refuses_weights_that_do_not_fit) {
         for (int k = 0; k < t->ndim; k++) ts[i].shape[k] = t->shape[k];
         ts[i].data = (void *)t->data;
     }
-    char *p2 = tpath("w2");
+    char *p2 = th_tmpdir_path("w2");
     mkdir(p2, 0755);
     char *c1 = m1c_path_join(d, "config.json"), *c2 = m1c_path_join(p2, "config.json"), *m2 = m1c_path_join(p2, "model.safetensors");
-    char *cfg = slurp(c1, NULL);
+    char *cfg = th_slurp(c1, NULL);
     write_text(c2, cfg);
     /* an extra tensor (a shared expert, say) */
     ts[n] = ts[0];

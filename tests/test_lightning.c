@@ -12,13 +12,7 @@
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
-static m1c_tensor *find_buf(m1c_tensor *t, const m1c_buf_spec *s, int n, const char *name) {
-    for (int i = 0; i < n; i++)
-        if (strcmp(s[i].name, name) == 0) return &t[i];
-    cr_assert_fail("no buffer named '%s'", name);
-    return NULL;
-}
-#define GRAD(l, name) ((float *)find_buf((l)->grads, (l)->pspec, (l)->np, (name))->data)
+#define GRAD(l, name) ((float *)th_find_buf((l)->grads, (l)->pspec, (l)->np, (name))->data)
 
 static const char *const PARAM_NAMES[4] = {"self_attn.qkv_proj.weight", "self_attn.output_gate.weight",
                                            "self_attn.norm.weight", "self_attn.out_proj.weight"};
@@ -113,7 +107,7 @@ static double *to_double(const float *a, int64_t n) {
 static void layer_doubles(th_layer *l, const float *x, double **xd, double *p[4], int64_t np[4]) {
     *xd = to_double(x, (int64_t)l->B * l->T * l->H);
     for (int i = 0; i < 4; i++) {
-        m1c_tensor *t = find_buf(l->params, l->pspec, l->np, PARAM_NAMES[i]);
+        m1c_tensor *t = th_find_buf(l->params, l->pspec, l->np, PARAM_NAMES[i]);
         np[i] = numel(t);
         p[i] = to_double(t->data, np[i]);
     }
@@ -301,7 +295,7 @@ static float **all_grads(th_layer *l, const float *x, const float *dout, float *
     th_backward(l, *din, dout, x);
     float **g = calloc(4, sizeof(float *));
     for (int p = 0; p < 4; p++) {
-        m1c_tensor *t = find_buf(l->grads, l->pspec, l->np, PARAM_NAMES[p]);
+        m1c_tensor *t = th_find_buf(l->grads, l->pspec, l->np, PARAM_NAMES[p]);
         g[p] = malloc((size_t)numel(t) * sizeof(float));
         memcpy(g[p], t->data, (size_t)numel(t) * sizeof(float));
     }
@@ -329,7 +323,7 @@ Test(lightning, blocked_backward_equals_single_block) {
         cr_log_info("block %d: d input differs by %.3g", bss[bi], e);
         cr_expect_leq(e, 1e-5, "block %d: d input differs by %.3g", bss[bi], e);
         for (int p = 0; p < 4; p++) {
-            int64_t np = numel(find_buf(l->grads, l->pspec, l->np, PARAM_NAMES[p]));
+            int64_t np = numel(th_find_buf(l->grads, l->pspec, l->np, PARAM_NAMES[p]));
             e = th_max_abs_diff(g[p], gref[p], np) / th_max_abs(gref[p], np);
             cr_log_info("block %d: d %s differs by %.3g", bss[bi], PARAM_NAMES[p], e);
             cr_expect_leq(e, 1e-5, "block %d: d %s differs by %.3g", bss[bi], PARAM_NAMES[p], e);
@@ -360,7 +354,7 @@ Test(lightning, gradients_accumulate) {
     th_backward(l, din1, dout, x);
     float *g1[4];
     for (int p = 0; p < 4; p++) {
-        m1c_tensor *t = find_buf(l->grads, l->pspec, l->np, PARAM_NAMES[p]);
+        m1c_tensor *t = th_find_buf(l->grads, l->pspec, l->np, PARAM_NAMES[p]);
         g1[p] = malloc((size_t)numel(t) * sizeof(float));
         memcpy(g1[p], t->data, (size_t)numel(t) * sizeof(float));
     }
@@ -369,7 +363,7 @@ Test(lightning, gradients_accumulate) {
     for (int64_t i = 0; i < n; i++) din1[i] *= 2.0f;
     cr_expect_leq(th_max_abs_diff(din2, din1, n), 1e-6 * th_max_abs(din1, n), "din does not accumulate");
     for (int p = 0; p < 4; p++) {
-        m1c_tensor *t = find_buf(l->grads, l->pspec, l->np, PARAM_NAMES[p]);
+        m1c_tensor *t = th_find_buf(l->grads, l->pspec, l->np, PARAM_NAMES[p]);
         int64_t np = numel(t);
         /* grads now hold one backward's gradient three times: 1 + 2 backwards */
         for (int64_t i = 0; i < np; i++) g1[p][i] *= 3.0f;

@@ -13,10 +13,6 @@
 
 #define GPU M1C_DEVICE_CUDA
 
-static void need_gpu(void) {
-    if (!m1c_dev_available(GPU)) cr_skip_test("no CUDA device in this build or on this machine");
-}
-
 static int64_t numel(const m1c_tensor *t) {
     int64_t n = 1;
     for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
@@ -98,7 +94,7 @@ static void sweep(int cdt, tols tol) {
 }
 
 Test(lightning_cuda, matches_cpu_f32) {
-    need_gpu();
+    th_need_gpu();
     /* Both sides in f32 (cuBLAS in plain FP32 mode, no TF32); only summation orders differ (cuBLAS vs
      * OpenBLAS, tree vs sequential norms, the chunked state scan vs the CPU's running state, expf vs the
      * CPU's polynomial). Each rounds ~6e-8 relative per operation over sums of at most a few hundred
@@ -108,7 +104,7 @@ Test(lightning_cuda, matches_cpu_f32) {
 }
 
 Test(lightning_cuda, matches_cpu_bf16) {
-    need_gpu();
+    th_need_gpu();
     /* BF16: x, the weights, the pre-activations, o, y (and dout, d pre, d gate in backward) are rounded to
      * bf16 (8 mantissa bits: 2^-9 ~ 2e-3 relative each), and so are the operands of the per-block tensor-core
      * products: SiLU(q, k, v) and their decayed copies, the scores S (twice: the GEMM's result, then the
@@ -189,14 +185,14 @@ static void step_equals_forward(int cdt, double tol) {
 }
 
 Test(lightning_cuda, prefill_then_decode_equals_forward_f32) {
-    need_gpu();
+    th_need_gpu();
     /* Different block boundaries (and GEMM shapes) change only the f32 summation order: 1e-5 of the
      * largest output, as on the CPU. */
     step_equals_forward(M1C_F32, 1e-5);
 }
 
 Test(lightning_cuda, prefill_then_decode_equals_forward_bf16) {
-    need_gpu();
+    th_need_gpu();
     /* The state is f32 on both paths, but its product with Q uses a bf16 copy of it, and tokens of the
      * current block go through the bf16 scores S and V instead: decoding one token at a time routes every
      * earlier token through the rounded state, the full forward routes a block's own tokens through S, so

@@ -1,7 +1,6 @@
 /* Loader tests: search order, loading by name and by path, and every refusal (one deliberately broken
  * plugin per refusal in tests/plugins/), each message naming the file and the reason. */
 #include <criterion/criterion.h>
-#include <ftw.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,18 +16,7 @@
 // ----------------------------------------------------------------------------
 // helpers: temporary folders holding copies of the test plugins
 
-static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-static void rm_rf(const char *dir) { nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS); }
-
-static char *tmpdir_new(void) {
-    char *d = strdup("/tmp/m1c_test_loader_XXXXXX");
-    cr_assert(mkdtemp(d) != NULL, "mkdtemp failed");
-    return d;
-}
+static char *tmpdir_new(void) { return th_mkdtemp("/tmp", "m1c_test_loader"); }
 
 static void copy_file(const char *from, const char *to) {
     FILE *in = fopen(from, "rb");
@@ -133,7 +121,7 @@ Test(loader, by_name_in_base_dir_flat_and_kind_folder) {
     p = expect_load(&r, "good_attention", d, M1C_KIND_ATTENTION);
     cr_assert(strstr(p->path, "/attention/good_attention.so") != NULL, "found %s", p->path);
     m1c_registry_free(&r);
-    rm_rf(d);
+    th_rm_rf(d);
     free(d);
 }
 
@@ -149,7 +137,7 @@ Test(loader, by_name_in_added_dir) {
     place(d, NULL, "good_moe", "flat_moe");
     expect_refusal(&r, "flat_moe", NULL, 0, "flat_moe", "not found");
     m1c_registry_free(&r);
-    rm_rf(d);
+    th_rm_rf(d);
     free(d);
 }
 
@@ -189,8 +177,8 @@ Test(loader, search_order) {
     p = expect_load(&r, "good_attention", NULL, M1C_KIND_ATTENTION);
     cr_assert(strstr(p->path, builtin) == p->path, "the built-in directory is the last resort (got %s)", p->path);
     m1c_registry_free(&r);
-    rm_rf(base);
-    rm_rf(builtin);
+    th_rm_rf(base);
+    th_rm_rf(builtin);
     free(base);
     free(builtin);
 }
@@ -280,7 +268,7 @@ Test(loader_refuses, not_a_shared_object) {
     mkdir(path, 0755);
     expect_refusal(&r, path, NULL, 0, "dir.so", "not a shared object");
     m1c_registry_free(&r);
-    rm_rf(d);
+    th_rm_rf(d);
     free(d);
 }
 
@@ -437,21 +425,18 @@ Test(loader, discover_loads_good_and_reports_broken) {
     cr_assert(reported(b, BAD "/good_moe.so"), "the shadowed good_moe should be reported");
     free(b);
     m1c_registry_free(&r);
-    rm_rf(base);
+    th_rm_rf(base);
     free(base);
 }
 
 // ----------------------------------------------------------------------------
 // the `m1c plugins` command
 
+/* A shell command's stdout; asserts it exits 0. */
 static char *run(const char *cmd) {
-    FILE *p = popen(cmd, "r");
-    cr_assert_not_null(p, "%s", cmd);
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    for (size_t got; (got = fread(buf + n, 1, cap - 1 - n, p)) > 0;) n += got;
-    buf[n] = 0;
-    cr_assert_eq(pclose(p), 0, "%s exited non-zero:\n%s", cmd, buf);
+    int st;
+    char *buf = th_shell(cmd, &st);
+    cr_assert_eq(st, 0, "%s exited non-zero:\n%s", cmd, buf);
     return buf;
 }
 
@@ -476,6 +461,6 @@ Test(cli, plugins_lists_good_and_warns_about_broken) {
     cr_assert(strstr(out, "\"name\": \"wrong_kind\"") && strstr(out, "\"kind\": \"moe\""), "%s", out);
     cr_assert(strstr(out, "\"broken\"") && strstr(out, "null_vtable.so"), "%s", out);
     free(out);
-    rm_rf(d);
+    th_rm_rf(d);
     free(d);
 }

@@ -15,8 +15,9 @@
 #include "../core/rng.h"
 #include "../core/train.h"
 
+/* The GPU check, and the build tree's plugins for the sessions these tests open. */
 static void need_gpu(void) {
-    if (!m1c_dev_available(M1C_DEVICE_CUDA)) cr_skip_test("no CUDA device in this build or on this machine");
+    th_need_gpu();
     setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1);
 }
 

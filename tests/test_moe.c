@@ -23,15 +23,9 @@
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
-static m1c_tensor *find_buf(m1c_tensor *t, const m1c_buf_spec *s, int n, const char *name) {
-    for (int i = 0; i < n; i++)
-        if (strcmp(s[i].name, name) == 0) return &t[i];
-    cr_assert_fail("no buffer named '%s'", name);
-    return NULL;
-}
-#define PARAM(l, name) ((float *)find_buf((l)->params, (l)->pspec, (l)->np, (name))->data)
-#define GRAD(l, name) ((float *)find_buf((l)->grads, (l)->pspec, (l)->np, (name))->data)
-#define ACT(l, name) (find_buf((l)->acts, (l)->aspec, (l)->na, (name))->data)
+#define PARAM(l, name) ((float *)th_find_buf((l)->params, (l)->pspec, (l)->np, (name))->data)
+#define GRAD(l, name) ((float *)th_find_buf((l)->grads, (l)->pspec, (l)->np, (name))->data)
+#define ACT(l, name) (th_find_buf((l)->acts, (l)->aspec, (l)->na, (name))->data)
 
 static int64_t numel(const m1c_tensor *t) {
     int64_t n = 1;

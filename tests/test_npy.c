@@ -9,37 +9,12 @@
 #include <unistd.h>
 
 #include "../core/npy.h"
+#include "harness.h"
 
-static char g_dir[64];
+/* Each test's scratch folder (th_tmpdir): made by the suite's init, removed by its fini. */
+static void setup(void) { th_tmpdir_init("npy"); }
 
-static void setup(void) {
-    strcpy(g_dir, "/tmp/m1c_test_npy_XXXXXX");
-    cr_assert_not_null(mkdtemp(g_dir));
-}
-
-static void teardown(void) {
-    DIR *d = opendir(g_dir);
-    if (!d) return;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0) continue;
-        char p[512];
-        snprintf(p, sizeof p, "%s/%s", g_dir, de->d_name);
-        unlink(p);
-    }
-    closedir(d);
-    rmdir(g_dir);
-}
-
-TestSuite(npy, .init = setup, .fini = teardown);
-
-static char *tpath(const char *name) {
-    static char buf[4][512]; /* a few live paths per test */
-    static int k;
-    k = (k + 1) % 4;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", g_dir, name);
-    return buf[k];
-}
+TestSuite(npy, .init = setup, .fini = th_tmpdir_fini);
 
 /* Build the bytes of a .npy file: prefix (magic, version, header length field, given literally as in
  * NumPy's output), the dict, spaces up to header_end - 1, '\n', then the data. Returns the size. */
@@ -55,28 +30,13 @@ static size_t npy_bytes(uint8_t *out, const char *prefix, size_t prefix_len, con
     return header_end + n;
 }
 
-static void put_file(const char *path, const void *bytes, size_t n) {
-    FILE *f = fopen(path, "wb");
-    cr_assert_not_null(f);
-    cr_assert_eq(fwrite(bytes, 1, n, f), n);
-    fclose(f);
-}
-
-static size_t get_file(const char *path, uint8_t *buf, size_t cap) {
-    FILE *f = fopen(path, "rb");
-    cr_assert_not_null(f, "cannot open %s", path);
-    size_t n = fread(buf, 1, cap, f);
-    fclose(f);
-    return n;
-}
-
 /* Write a file laid out as NumPy does, header ending at byte 128 (as in every np.save output here). */
 static const char *put_npy(const char *name, const char *prefix, size_t prefix_len, const char *dict,
                            const void *data, size_t n) {
     uint8_t buf[1024];
     size_t len = npy_bytes(buf, prefix, prefix_len, dict, 128, data, n);
-    const char *p = tpath(name);
-    put_file(p, buf, len);
+    const char *p = th_tmp(name);
+    th_write_file(p, buf, len);
     return p;
 }
 
@@ -191,10 +151,10 @@ Test(npy, writer_matches_numpy_bytes) {
 
     const float v[6] = {-1.0f, -0.5f, 0.0f, 0.5f, 1.0f, 1.5f};
     const int64_t s23[2] = {2, 3};
-    const char *p = tpath("w.npy");
+    const char *p = th_tmp("w.npy");
     cr_assert_eq(m1c_npy_write_f32(p, v, 2, s23, &e), M1C_OK, "%s", e.msg);
     size_t nw = npy_bytes(want, V1, 10, F4_2X3_DICT, 128, f4_2x3, sizeof f4_2x3);
-    size_t ng = get_file(p, got, sizeof got);
+    size_t ng = th_read_into(p, got, sizeof got);
     cr_assert_eq(ng, nw);
     cr_assert_eq(memcmp(got, want, nw), 0, "bytes differ from np.save's");
 
@@ -202,20 +162,20 @@ Test(npy, writer_matches_numpy_bytes) {
     const int32_t iv[5] = {0, 1, 2, 3, 4};
     const uint8_t ib[20] = {0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0};
     const int64_t s5[1] = {5};
-    p = tpath("i.npy");
+    p = th_tmp("i.npy");
     cr_assert_eq(m1c_npy_write_i32(p, iv, 1, s5, &e), M1C_OK, "%s", e.msg);
     nw = npy_bytes(want, V1, 10, "{'descr': '<i4', 'fortran_order': False, 'shape': (5,), }", 128, ib, 20);
-    ng = get_file(p, got, sizeof got);
+    ng = th_read_into(p, got, sizeof got);
     cr_assert_eq(ng, nw);
     cr_assert_eq(memcmp(got, want, nw), 0, "bytes differ from np.save's");
 
     /* np.save(f, np.float32(3.5)): a scalar, "()" and no growth padding */
     const float sc = 3.5f;
     const uint8_t sb[4] = {0, 0, 0x60, 0x40};
-    p = tpath("sc.npy");
+    p = th_tmp("sc.npy");
     cr_assert_eq(m1c_npy_write_f32(p, &sc, 0, NULL, &e), M1C_OK, "%s", e.msg);
     nw = npy_bytes(want, V1, 10, "{'descr': '<f4', 'fortran_order': False, 'shape': (), }", 128, sb, 4);
-    ng = get_file(p, got, sizeof got);
+    ng = th_read_into(p, got, sizeof got);
     cr_assert_eq(ng, nw);
     cr_assert_eq(memcmp(got, want, nw), 0, "bytes differ from np.save's");
 }
@@ -228,7 +188,7 @@ Test(npy, round_trips) {
     int32_t k[N];
     for (int i = 0; i < N; i++) f[i] = (float)i * 0.37f - 3.1f, k[i] = i * 1000003 - 7;
     const int64_t s4[4] = {1, 2, 3, 4};
-    const char *p = tpath("f.npy");
+    const char *p = th_tmp("f.npy");
     cr_assert_eq(m1c_npy_write_f32(p, f, 4, s4, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_npy_read(p, &a, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(a.dtype, M1C_NPY_F32);
@@ -238,7 +198,7 @@ Test(npy, round_trips) {
     m1c_npy_free(&a);
 
     const int64_t s2[2] = {6, 4};
-    p = tpath("k.npy");
+    p = th_tmp("k.npy");
     cr_assert_eq(m1c_npy_write_i32(p, k, 2, s2, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_npy_read(p, &a, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(a.dtype, M1C_NPY_I32);
@@ -247,7 +207,7 @@ Test(npy, round_trips) {
 
     /* empty arrays are legal: (0, 7) */
     const int64_t s0[2] = {0, 7};
-    p = tpath("z.npy");
+    p = th_tmp("z.npy");
     cr_assert_eq(m1c_npy_write_f32(p, NULL, 2, s0, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_npy_read(p, &a, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(a.numel, 0);
@@ -256,7 +216,7 @@ Test(npy, round_trips) {
 
     /* overwriting is atomic and leaves no temporary file behind */
     cr_assert_eq(m1c_npy_write_i32(p, k, 2, s2, &e), M1C_OK, "%s", e.msg);
-    DIR *d = opendir(g_dir);
+    DIR *d = opendir(th_tmpdir());
     struct dirent *de;
     while ((de = readdir(d))) cr_assert_null(strstr(de->d_name, ".tmp."), "left behind: %s", de->d_name);
     closedir(d);
@@ -285,32 +245,32 @@ Test(npy, refuses_size_mismatch_and_truncation) {
     /* cut inside the header */
     uint8_t buf[256];
     npy_bytes(buf, V1, 10, F4_2X3_DICT, 128, f4_2x3, sizeof f4_2x3);
-    const char *p = tpath("cut.npy");
-    put_file(p, buf, 60);
+    const char *p = th_tmp("cut.npy");
+    th_write_file(p, buf, 60);
     expect_refusal(p, "truncated");
-    put_file(p, buf, 5);
+    th_write_file(p, buf, 5);
     expect_refusal(p, "bad magic");
-    put_file(p, buf, 0);
+    th_write_file(p, buf, 0);
     expect_refusal(p, "bad magic");
 }
 
 Test(npy, refuses_bad_headers) {
     uint8_t b[256];
     size_t n = npy_bytes(b, V1, 10, F4_2X3_DICT, 128, f4_2x3, sizeof f4_2x3);
-    const char *p = tpath("bad.npy");
+    const char *p = th_tmp("bad.npy");
     b[0] = 'X';
-    put_file(p, b, n);
+    th_write_file(p, b, n);
     expect_refusal(p, "bad magic");
     b[0] = 0x93;
     b[6] = 4;
-    put_file(p, b, n);
+    th_write_file(p, b, n);
     expect_refusal(p, "version 4.0");
     b[6] = 1;
     b[8] = 0xff, b[9] = 0x20; /* header length 8447: past the end of the file */
-    put_file(p, b, n);
+    th_write_file(p, b, n);
     expect_refusal(p, "truncated");
     b[9] = 0x7f; /* 32767: larger than NumPy's limit */
-    put_file(p, b, n);
+    th_write_file(p, b, n);
     expect_refusal(p, "larger than");
 
     expect_refusal(put_npy("5d.npy", V1, 10, "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 2, 3, 1), }",
@@ -334,20 +294,20 @@ Test(npy, refuses_bad_headers) {
                    "trailing bytes");
     expect_refusal(put_npy("fo2.npy", V1, 10, "{'descr': '<f4', 'fortran_order': 0, 'shape': (6,)}", f4_2x3, 24),
                    "not True or False");
-    expect_refusal(tpath("missing.npy"), "cannot open");
+    expect_refusal(th_tmp("missing.npy"), "cannot open");
 }
 
 Test(npy, writer_refusals) {
     m1c_err e = {{0}};
     const float v[1] = {0};
     const int64_t s5[5] = {1, 1, 1, 1, 1};
-    const char *p = tpath("w5.npy");
+    const char *p = th_tmp("w5.npy");
     cr_assert_eq(m1c_npy_write_f32(p, v, 5, s5, &e), M1C_ERR);
     cr_expect(strstr(e.msg, p) && strstr(e.msg, "dimensions"), "%s", e.msg);
     cr_assert_eq(access(p, F_OK), -1, "a refused write created the file");
 
     char nodir[600];
-    snprintf(nodir, sizeof nodir, "%s/no/such/dir/x.npy", g_dir);
+    snprintf(nodir, sizeof nodir, "%s/no/such/dir/x.npy", th_tmpdir());
     const int64_t s1[1] = {1};
     cr_assert_eq(m1c_npy_write_f32(nodir, v, 1, s1, &e), M1C_ERR);
     cr_expect(strstr(e.msg, nodir), "%s", e.msg);

@@ -28,16 +28,9 @@ static void opt_free(opt *o) {
     m1c_config_free(o->cfg);
 }
 
+/* A host f32 vector. */
 static m1c_tensor vec(float *data, int64_t n, const char *name) {
-    m1c_tensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.dtype = M1C_F32;
-    t.device = M1C_DEVICE_CPU;
-    t.ndim = 1;
-    t.shape[0] = n;
-    t.name = name;
-    return t;
+    return th_vec(data, n, M1C_F32, M1C_DEVICE_CPU, name);
 }
 
 /* torch.optim.AdamW, written from its documentation in double: decoupled decay, moments, bias-corrected

@@ -9,22 +9,6 @@
 #include "../core/host.h"
 #include "harness.h"
 
-static void need_gpu(void) {
-    if (!m1c_dev_available(M1C_DEVICE_CUDA)) cr_skip_test("no CUDA device in this build or on this machine");
-}
-
-static m1c_tensor tensor(void *data, int64_t n, int dtype, int device, const char *name) {
-    m1c_tensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.dtype = dtype;
-    t.device = device;
-    t.ndim = 1;
-    t.shape[0] = n;
-    t.name = name;
-    return t;
-}
-
 /* The CPU reference of bf16 rounding (round to nearest even), written out here rather than taken from
  * the code under test; params are finite in these tests, so NaN needs no case. */
 static uint16_t bf16_rne(float f) {
@@ -67,15 +51,15 @@ static void run_gpu_vs_cpu(const char *settings, int nt, const int64_t *sizes, c
          * exp_avg_sq must stay >= 0. */
         float *m = th_randn(n, 200 + (uint64_t)i, 0.1f), *v = th_randn(n, 300 + (uint64_t)i, 0.1f);
         for (int64_t j = 0; j < n; j++) v[j] = v[j] * v[j];
-        cp[i] = tensor(x, n, M1C_F32, M1C_DEVICE_CPU, "p");
-        cg[i] = tensor(th_zeros(n), n, M1C_F32, M1C_DEVICE_CPU, "g");
-        cs[2 * i] = tensor(m, n, M1C_F32, M1C_DEVICE_CPU, "exp_avg");
-        cs[2 * i + 1] = tensor(v, n, M1C_F32, M1C_DEVICE_CPU, "exp_avg_sq");
-        gp[i] = tensor(th_to_dev(M1C_DEVICE_CUDA, x, n), n, M1C_F32, M1C_DEVICE_CUDA, "p");
-        gg[i] = tensor(m1c_dev_alloc(M1C_DEVICE_CUDA, (size_t)n * 4), n, M1C_F32, M1C_DEVICE_CUDA, "g");
-        gs[2 * i] = tensor(th_to_dev(M1C_DEVICE_CUDA, m, n), n, M1C_F32, M1C_DEVICE_CUDA, "exp_avg");
-        gs[2 * i + 1] = tensor(th_to_dev(M1C_DEVICE_CUDA, v, n), n, M1C_F32, M1C_DEVICE_CUDA, "exp_avg_sq");
-        glp[i] = tensor(m1c_dev_alloc(M1C_DEVICE_CUDA, (size_t)n * 2), n, M1C_BF16, M1C_DEVICE_CUDA, "p.bf16");
+        cp[i] = th_vec(x, n, M1C_F32, M1C_DEVICE_CPU, "p");
+        cg[i] = th_vec(th_zeros(n), n, M1C_F32, M1C_DEVICE_CPU, "g");
+        cs[2 * i] = th_vec(m, n, M1C_F32, M1C_DEVICE_CPU, "exp_avg");
+        cs[2 * i + 1] = th_vec(v, n, M1C_F32, M1C_DEVICE_CPU, "exp_avg_sq");
+        gp[i] = th_vec(th_to_dev(M1C_DEVICE_CUDA, x, n), n, M1C_F32, M1C_DEVICE_CUDA, "p");
+        gg[i] = th_vec(m1c_dev_alloc(M1C_DEVICE_CUDA, (size_t)n * 4), n, M1C_F32, M1C_DEVICE_CUDA, "g");
+        gs[2 * i] = th_vec(th_to_dev(M1C_DEVICE_CUDA, m, n), n, M1C_F32, M1C_DEVICE_CUDA, "exp_avg");
+        gs[2 * i + 1] = th_vec(th_to_dev(M1C_DEVICE_CUDA, v, n), n, M1C_F32, M1C_DEVICE_CUDA, "exp_avg_sq");
+        glp[i] = th_vec(m1c_dev_alloc(M1C_DEVICE_CUDA, (size_t)n * 2), n, M1C_BF16, M1C_DEVICE_CUDA, "p.bf16");
         m1c_dev_memset0(M1C_DEVICE_CUDA, glp[i].data, (size_t)n * 2);
     }
 
@@ -146,24 +130,24 @@ static const int64_t odd_sizes[NT] = {1, 7, 1000, 4097, 2048, 70001};
 static const int32_t odd_no_decay[NT] = {0, 1, 0, 1, 0, 0};
 
 Test(adamw_cuda, matches_cpu_defaults) {
-    need_gpu();
+    th_need_gpu();
     run_gpu_vs_cpu("", NT, odd_sizes, odd_no_decay, 4);
 }
 
 Test(adamw_cuda, matches_cpu_weight_decay_no_decay) {
-    need_gpu();
+    th_need_gpu();
     run_gpu_vs_cpu("beta1 = 0.8; beta2 = 0.95; eps = 1e-6; weight_decay = 0.1;", NT, odd_sizes, odd_no_decay, 4);
 }
 
 /* M1's eps 1e-15. */
 Test(adamw_cuda, matches_cpu_tiny_eps) {
-    need_gpu();
+    th_need_gpu();
     run_gpu_vs_cpu("beta2 = 0.95; eps = 1e-15; weight_decay = 0.01;", NT, odd_sizes, odd_no_decay, 3);
 }
 
 /* More tensors than one launch's table holds (64), a zero-sized one among them: several launches. */
 Test(adamw_cuda, matches_cpu_many_tensors) {
-    need_gpu();
+    th_need_gpu();
     enum { MANY = 150 };
     int64_t sizes[MANY];
     int32_t nd[MANY];
@@ -175,7 +159,7 @@ Test(adamw_cuda, matches_cpu_many_tensors) {
 /* A CUDA step with a tensor on the wrong device or of the wrong dtype is refused before anything is
  * written. */
 Test(adamw_cuda, refuses_mixed_devices_and_dtypes) {
-    need_gpu();
+    th_need_gpu();
     m1c_plugin *p = th_plugin("adamw", M1C_KIND_OPTIMIZER);
     const m1c_optimizer_vtable *vt = M1C_OPTIMIZER(p);
     m1c_config *cfg;
@@ -186,16 +170,16 @@ Test(adamw_cuda, refuses_mixed_devices_and_dtypes) {
     float *dp = th_to_dev(M1C_DEVICE_CUDA, ones, n), *dg = th_to_dev(M1C_DEVICE_CUDA, ones, n);
     float *dm = th_to_dev(M1C_DEVICE_CUDA, host_v, n);
     void *dlp = m1c_dev_alloc(M1C_DEVICE_CUDA, (size_t)n * 4);
-    m1c_tensor tp = tensor(dp, n, M1C_F32, M1C_DEVICE_CUDA, "p"), tg = tensor(dg, n, M1C_F32, M1C_DEVICE_CUDA, "g");
-    m1c_tensor ts[2] = {tensor(dm, n, M1C_F32, M1C_DEVICE_CUDA, "m"), tensor(host_v, n, M1C_F32, M1C_DEVICE_CPU, "v")};
+    m1c_tensor tp = th_vec(dp, n, M1C_F32, M1C_DEVICE_CUDA, "p"), tg = th_vec(dg, n, M1C_F32, M1C_DEVICE_CUDA, "g");
+    m1c_tensor ts[2] = {th_vec(dm, n, M1C_F32, M1C_DEVICE_CUDA, "m"), th_vec(host_v, n, M1C_F32, M1C_DEVICE_CPU, "v")};
     m1c_optim_step a = {.step = 1, .lr = 1e-3f, .n = 1, .device = M1C_DEVICE_CUDA, .params = &tp, .grads = &tg,
                         .state = ts};
     p->error[0] = '\0';
     cr_expect_eq(vt->step(self, &a), M1C_ERR);
     cr_expect(strstr(p->error, "exp_avg_sq") != NULL, "error does not name the state: %s", p->error);
 
-    ts[1] = tensor(dm, n, M1C_F32, M1C_DEVICE_CUDA, "v"); /* fine now; the bf16 copy is f32: refused */
-    m1c_tensor tlp = tensor(dlp, n, M1C_F32, M1C_DEVICE_CUDA, "p.bf16");
+    ts[1] = th_vec(dm, n, M1C_F32, M1C_DEVICE_CUDA, "v"); /* fine now; the bf16 copy is f32: refused */
+    m1c_tensor tlp = th_vec(dlp, n, M1C_F32, M1C_DEVICE_CUDA, "p.bf16");
     a.params_lp = &tlp;
     p->error[0] = '\0';
     cr_expect_eq(vt->step(self, &a), M1C_ERR);

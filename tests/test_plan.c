@@ -188,13 +188,8 @@ static char *run_json(const char *config, const char *args, double *secs) {
              M1C_BINARY_DIR, args, config);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    FILE *f = popen(cmd, "r");
-    cr_assert_not_null(f, "%s", cmd);
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    for (size_t k; (k = fread(buf + n, 1, cap - 1 - n, f)) > 0;) n += k;
-    buf[n] = 0;
-    int st = pclose(f);
+    int st;
+    char *buf = th_shell(cmd, &st);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     if (secs) *secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     cr_assert_eq(st, 0, "%s exited with %d:\n%s", cmd, st, buf);

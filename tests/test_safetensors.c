@@ -10,52 +10,12 @@
 #include <unistd.h>
 
 #include "../core/safetensors.h"
+#include "harness.h"
 
-static char g_dir[64];
+/* Each test's scratch folder (th_tmpdir): made by the suite's init, removed by its fini. */
+static void setup(void) { th_tmpdir_init("st"); }
 
-static void setup(void) {
-    strcpy(g_dir, "/tmp/m1c_test_st_XXXXXX");
-    cr_assert_not_null(mkdtemp(g_dir));
-}
-
-static void teardown(void) {
-    DIR *d = opendir(g_dir);
-    if (!d) return;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0) continue;
-        char p[512];
-        snprintf(p, sizeof p, "%s/%s", g_dir, de->d_name);
-        if (unlink(p) != 0) rmdir(p);
-    }
-    closedir(d);
-    rmdir(g_dir);
-}
-
-TestSuite(st, .init = setup, .fini = teardown);
-
-static char *tpath(const char *name) {
-    static char buf[4][512]; /* a few live paths per test */
-    static int k;
-    k = (k + 1) % 4;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", g_dir, name);
-    return buf[k];
-}
-
-static void put_file(const char *path, const void *bytes, size_t n) {
-    FILE *f = fopen(path, "wb");
-    cr_assert_not_null(f);
-    cr_assert_eq(fwrite(bytes, 1, n, f), n);
-    fclose(f);
-}
-
-static size_t get_file(const char *path, uint8_t *buf, size_t cap) {
-    FILE *f = fopen(path, "rb");
-    cr_assert_not_null(f, "cannot open %s", path);
-    size_t n = fread(buf, 1, cap, f);
-    fclose(f);
-    return n;
-}
+TestSuite(st, .init = setup, .fini = th_tmpdir_fini);
 
 /* A safetensors file by hand: 8-byte little-endian length of the header (unpadded), header, data. */
 static const char *put_st(const char *name, const char *header, const void *data, size_t n) {
@@ -65,8 +25,8 @@ static const char *put_st(const char *name, const char *header, const void *data
     for (int i = 0; i < 8; i++) buf[i] = (uint8_t)((uint64_t)hl >> (8 * i));
     memcpy(buf + 8, header, hl);
     if (n) memcpy(buf + 8 + hl, data, n);
-    const char *p = tpath(name);
-    put_file(p, buf, 8 + hl + n);
+    const char *p = th_tmp(name);
+    th_write_file(p, buf, 8 + hl + n);
     return p;
 }
 
@@ -82,7 +42,7 @@ static void expect_refusal(const char *path, const char *what) {
 }
 
 static void no_tmp_left(void) {
-    DIR *d = opendir(g_dir);
+    DIR *d = opendir(th_tmpdir());
     struct dirent *de;
     while ((de = readdir(d))) cr_assert_null(strstr(de->d_name, ".tmp."), "left behind: %s", de->d_name);
     closedir(d);
@@ -197,14 +157,14 @@ Test(st, round_trip) {
     m1c_tensor t[NT];
     make_tensors(t);
     const char *mk[2] = {"format", "step"}, *mv[2] = {"m1c", "7"};
-    const char *p = tpath("rt.safetensors");
+    const char *p = th_tmp("rt.safetensors");
     m1c_err e = {{0}};
     cr_assert_eq(m1c_st_write(p, t, NT, mk, mv, 2, &e), M1C_OK, "%s", e.msg);
     no_tmp_left();
 
     /* the layout: padded header, then exactly the data */
     static uint8_t raw[4096];
-    size_t n = get_file(p, raw, sizeof raw);
+    size_t n = th_read_into(p, raw, sizeof raw);
     uint64_t hl = 0;
     for (int i = 7; i >= 0; i--) hl = hl << 8 | raw[i];
     cr_assert_eq(hl % 8, 0, "header length %llu is not a multiple of 8", (unsigned long long)hl);
@@ -247,7 +207,7 @@ Test(st, round_trip) {
         m1c_tensor one = t[3];
         one.name = name;
         cr_assert_eq(m1c_st_write(p, &one, 1, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
-        n = get_file(p, raw, sizeof raw);
+        n = th_read_into(p, raw, sizeof raw);
         hl = 0;
         for (int i = 7; i >= 0; i--) hl = hl << 8 | raw[i];
         cr_assert_eq(hl % 8, 0, "header length %llu is not a multiple of 8", (unsigned long long)hl);
@@ -281,7 +241,7 @@ Test(st, bf16_export_and_rounding) {
                                1.0f + 0x1p-6f, 1.0f + 0x1p-7f, INFINITY, -0x1p-132f};
     m1c_tensor t = {.data = in, .dtype = M1C_F32, .ndim = 1, .shape = {N}, .name = "x"};
     const int as_bf16 = M1C_BF16;
-    const char *p = tpath("bf.safetensors");
+    const char *p = th_tmp("bf.safetensors");
     m1c_err e = {{0}};
     cr_assert_eq(m1c_st_write_as(p, &t, &as_bf16, 1, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
     m1c_st_file f;
@@ -327,7 +287,7 @@ Test(st, bf16_export_and_rounding) {
 Test(st, load_checks_shape) {
     m1c_tensor t[NT];
     make_tensors(t);
-    const char *p = tpath("ld.safetensors");
+    const char *p = th_tmp("ld.safetensors");
     m1c_err e = {{0}};
     cr_assert_eq(m1c_st_write(p, t, NT, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
     m1c_st_file f;
@@ -346,22 +306,22 @@ Test(st, load_checks_shape) {
 }
 
 Test(st, refuses_short_and_huge_headers) {
-    const char *p = tpath("short.safetensors");
-    put_file(p, "\x10\0\0\0\0", 5);
+    const char *p = th_tmp("short.safetensors");
+    th_write_file(p, "\x10\0\0\0\0", 5);
     expect_refusal(p, "shorter than the 8-byte header length");
-    put_file(p, "", 0);
+    th_write_file(p, "", 0);
     expect_refusal(p, "shorter than the 8-byte header length");
     /* header length 1000 in a 20-byte file */
-    put_file(p, "\xe8\x03\0\0\0\0\0\0{}          ", 20);
+    th_write_file(p, "\xe8\x03\0\0\0\0\0\0{}          ", 20);
     expect_refusal(p, "larger than the file");
     /* header length 200,000,000 (0x0bebc200) */
-    put_file(p, "\x00\xc2\xeb\x0b\0\0\0\0{}", 10);
+    th_write_file(p, "\x00\xc2\xeb\x0b\0\0\0\0{}", 10);
     expect_refusal(p, "100 MB");
     /* header length 2^64 - 1: must not wrap around */
-    put_file(p, "\xff\xff\xff\xff\xff\xff\xff\xff{}", 10);
+    th_write_file(p, "\xff\xff\xff\xff\xff\xff\xff\xff{}", 10);
     expect_refusal(p, "100 MB");
-    expect_refusal(tpath("missing.safetensors"), "cannot open");
-    expect_refusal(g_dir, "not a regular file");
+    expect_refusal(th_tmp("missing.safetensors"), "cannot open");
+    expect_refusal(th_tmpdir(), "not a regular file");
 }
 
 Test(st, refuses_bad_json) {
@@ -445,23 +405,23 @@ Test(st, refuses_bad_offsets) {
 Test(st, refuses_truncated_files) {
     m1c_tensor t[NT];
     make_tensors(t);
-    const char *p = tpath("full.safetensors");
+    const char *p = th_tmp("full.safetensors");
     m1c_err e = {{0}};
     cr_assert_eq(m1c_st_write(p, t, NT, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
     static uint8_t raw[4096];
-    size_t n = get_file(p, raw, sizeof raw);
+    size_t n = th_read_into(p, raw, sizeof raw);
     uint64_t hl = 0;
     for (int i = 7; i >= 0; i--) hl = hl << 8 | raw[i];
-    const char *q = tpath("cut.safetensors");
-    put_file(q, raw, 4);
+    const char *q = th_tmp("cut.safetensors");
+    th_write_file(q, raw, 4);
     expect_refusal(q, "shorter than");
-    put_file(q, raw, 8 + hl / 2);
+    th_write_file(q, raw, 8 + hl / 2);
     expect_refusal(q, "larger than the file");
-    put_file(q, raw, 8 + hl); /* header intact, data gone */
+    th_write_file(q, raw, 8 + hl); /* header intact, data gone */
     expect_refusal(q, "outside the data area");
-    put_file(q, raw, n - 1);
+    th_write_file(q, raw, n - 1);
     expect_refusal(q, "outside the data area");
-    put_file(q, raw, n); /* and the whole file is fine */
+    th_write_file(q, raw, n); /* and the whole file is fine */
     m1c_st_file f;
     cr_assert_eq(m1c_st_open(&f, q, &e), M1C_OK, "%s", e.msg);
     m1c_st_close(&f);
@@ -470,11 +430,11 @@ Test(st, refuses_truncated_files) {
 Test(st, writer_refusals_keep_old_file) {
     m1c_tensor t[NT];
     make_tensors(t);
-    const char *p = tpath("keep.safetensors");
+    const char *p = th_tmp("keep.safetensors");
     m1c_err e = {{0}};
     cr_assert_eq(m1c_st_write(p, t, NT, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
     static uint8_t before[4096], after[4096];
-    size_t nb = get_file(p, before, sizeof before);
+    size_t nb = th_read_into(p, before, sizeof before);
 
     m1c_tensor bad[2] = {t[0], t[0]};
     cr_assert_eq(m1c_st_write(p, bad, 2, NULL, NULL, 0, &e), M1C_ERR);
@@ -490,39 +450,39 @@ Test(st, writer_refusals_keep_old_file) {
     cr_assert_eq(m1c_st_write(p, t, 1, mk, mv, 2, &e), M1C_ERR);
     cr_expect(strstr(e.msg, "duplicate metadata key 'a'"), "%s", e.msg);
 
-    size_t na = get_file(p, after, sizeof after);
+    size_t na = th_read_into(p, after, sizeof after);
     cr_assert_eq(na, nb);
     cr_assert_eq(memcmp(before, after, nb), 0, "a refused write changed the existing file");
 
     /* a failure after the data is written (rename onto a folder) leaves no temporary file */
-    const char *dir = tpath("a_folder");
+    const char *dir = th_tmp("a_folder");
     cr_assert_eq(mkdir(dir, 0755), 0);
     cr_assert_eq(m1c_st_write(dir, t, NT, NULL, NULL, 0, &e), M1C_ERR);
     cr_expect(strstr(e.msg, "cannot rename") && strstr(e.msg, dir), "%s", e.msg);
     no_tmp_left();
     char nodir[600];
-    snprintf(nodir, sizeof nodir, "%s/no/such/x.safetensors", g_dir);
+    snprintf(nodir, sizeof nodir, "%s/no/such/x.safetensors", th_tmpdir());
     cr_assert_eq(m1c_st_write(nodir, t, NT, NULL, NULL, 0, &e), M1C_ERR);
     cr_expect(strstr(e.msg, nodir), "%s", e.msg);
 }
 
-static void put_text(const char *name, const char *text) { put_file(tpath(name), text, strlen(text)); }
+static void put_text(const char *name, const char *text) { th_write_file(th_tmp(name), text, strlen(text)); }
 
 Test(st, sharded_sets) {
     m1c_st_set s;
     m1c_err e = {{0}};
-    cr_assert_eq(m1c_st_set_open(&s, g_dir, &e), M1C_ERR, "an empty folder is not a checkpoint");
+    cr_assert_eq(m1c_st_set_open(&s, th_tmpdir(), &e), M1C_ERR, "an empty folder is not a checkpoint");
     cr_expect(strstr(e.msg, "neither"), "%s", e.msg);
 
     m1c_tensor t[NT];
     make_tensors(t);
-    cr_assert_eq(m1c_st_write(tpath("s1.safetensors"), t, 2, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
-    cr_assert_eq(m1c_st_write(tpath("s2.safetensors"), t + 2, 2, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
+    cr_assert_eq(m1c_st_write(th_tmp("s1.safetensors"), t, 2, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
+    cr_assert_eq(m1c_st_write(th_tmp("s2.safetensors"), t + 2, 2, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
     put_text("model.safetensors.index.json",
              "{\"metadata\": {\"total_size\": 54}, \"weight_map\": {\"model.w\": \"s1.safetensors\", "
              "\"ids\": \"s2.safetensors\", \"model.g\": \"s1.safetensors\", \"scale\": \"s2.safetensors\"}}");
     for (int via = 0; via < 2; via++) {
-        const char *open_path = via ? tpath("model.safetensors.index.json") : g_dir;
+        const char *open_path = via ? th_tmp("model.safetensors.index.json") : th_tmpdir();
         cr_assert_eq(m1c_st_set_open(&s, open_path, &e), M1C_OK, "%s", e.msg);
         cr_assert_eq(m1c_st_set_count(&s), 4);
         cr_assert_eq(s.n_files, 2);
@@ -549,32 +509,32 @@ Test(st, sharded_sets) {
 
     /* the index lies about where a tensor is */
     put_text("wrong.index.json", "{\"weight_map\": {\"model.w\": \"s2.safetensors\", \"ids\": \"s2.safetensors\"}}");
-    cr_assert_eq(m1c_st_set_open(&s, tpath("wrong.index.json"), &e), M1C_ERR);
+    cr_assert_eq(m1c_st_set_open(&s, th_tmp("wrong.index.json"), &e), M1C_ERR);
     cr_expect(strstr(e.msg, "weight_map puts tensor 'model.w'"), "%s", e.msg);
     /* a shard that does not exist */
     put_text("gone.index.json", "{\"weight_map\": {\"model.w\": \"s3.safetensors\"}}");
-    cr_assert_eq(m1c_st_set_open(&s, tpath("gone.index.json"), &e), M1C_ERR);
+    cr_assert_eq(m1c_st_set_open(&s, th_tmp("gone.index.json"), &e), M1C_ERR);
     cr_expect(strstr(e.msg, "s3.safetensors: cannot open"), "%s", e.msg);
     /* a shard outside the folder */
     put_text("up.index.json", "{\"weight_map\": {\"model.w\": \"../s1.safetensors\"}}");
-    cr_assert_eq(m1c_st_set_open(&s, tpath("up.index.json"), &e), M1C_ERR);
+    cr_assert_eq(m1c_st_set_open(&s, th_tmp("up.index.json"), &e), M1C_ERR);
     cr_expect(strstr(e.msg, "not a relative file name"), "%s", e.msg);
     put_text("nomap.index.json", "{\"metadata\": {}}");
-    cr_assert_eq(m1c_st_set_open(&s, tpath("nomap.index.json"), &e), M1C_ERR);
+    cr_assert_eq(m1c_st_set_open(&s, th_tmp("nomap.index.json"), &e), M1C_ERR);
     cr_expect(strstr(e.msg, "no 'weight_map'"), "%s", e.msg);
     /* one tensor in two shards */
-    cr_assert_eq(m1c_st_write(tpath("s3.safetensors"), t, 1, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
+    cr_assert_eq(m1c_st_write(th_tmp("s3.safetensors"), t, 1, NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
     put_text("dup.index.json", "{\"weight_map\": {\"model.w\": \"s1.safetensors\", \"x\": \"s3.safetensors\"}}");
-    cr_assert_eq(m1c_st_set_open(&s, tpath("dup.index.json"), &e), M1C_ERR);
+    cr_assert_eq(m1c_st_set_open(&s, th_tmp("dup.index.json"), &e), M1C_ERR);
     cr_expect(strstr(e.msg, "'model.w' is in both"), "%s", e.msg);
     /* a refused shard's message names the shard */
     put_text("s4.safetensors", "junk");
     put_text("bad.index.json", "{\"weight_map\": {\"model.w\": \"s4.safetensors\"}}");
-    cr_assert_eq(m1c_st_set_open(&s, tpath("bad.index.json"), &e), M1C_ERR);
+    cr_assert_eq(m1c_st_set_open(&s, th_tmp("bad.index.json"), &e), M1C_ERR);
     cr_expect(strstr(e.msg, "s4.safetensors: not a safetensors file"), "%s", e.msg);
 
     /* a single file, directly */
-    cr_assert_eq(m1c_st_set_open(&s, tpath("s2.safetensors"), &e), M1C_OK, "%s", e.msg);
+    cr_assert_eq(m1c_st_set_open(&s, th_tmp("s2.safetensors"), &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_st_set_count(&s), 2);
     m1c_st_set_close(&s);
 }

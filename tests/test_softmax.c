@@ -9,28 +9,11 @@
 #include <string.h>
 #include "harness.h"
 
-/* The shape of one configuration, as the test's settings string spells it. */
-typedef struct cfg {
-    int H, nh, kvh, hd, rd;
-    double theta;
-} cfg;
+/* The shape of one configuration (harness.h, shared with the GPU tests); th_softmax_settings spells it. */
+typedef th_softmax_cfg cfg;
 
-typedef struct settings_text {
-    char s[256];
-} settings_text;
-
-static settings_text settings_of(const cfg *c) {
-    settings_text buf;
-    snprintf(buf.s, sizeof buf.s, "heads = %d; kv_heads = %d; head_dim = %d; rotary_dim = %d; rope_theta = %.1f;",
-             c->nh, c->kvh, c->hd, c->rd, c->theta);
-    return buf;
-}
-
-static const float *param(th_layer *l, const char *suffix) {
-    for (int i = 0; i < l->np; i++)
-        if (strcmp(l->pspec[i].name, suffix) == 0) return l->params[i].data;
-    cr_assert_fail("no parameter named %s", suffix);
-    return NULL;
+static const float *param(th_layer *l, const char *name) {
+    return th_find_buf(l->params, l->pspec, l->np, name)->data;
 }
 
 /* rotate_half RoPE on one head vector x[hd] at position pos, written out from the definition. */
@@ -96,7 +79,7 @@ static void ref_forward(const cfg *c, th_layer *l, const float *in, int B, int T
 
 /* Forward vs the reference; param_std sets how sharp the softmax gets. */
 static void check_forward(const cfg *c, int B, int T, float param_std, uint64_t seed) {
-    th_layer *l = th_layer_new("softmax", settings_of(c).s, 0, 1, c->H, B, T, seed, param_std);
+    th_layer *l = th_layer_new("softmax", th_softmax_settings(c).s, 0, 1, c->H, B, T, seed, param_std);
     const int64_t n = (int64_t)B * T * c->H;
     float *in = th_randn(n, seed + 1, 1.0f), *out = th_zeros(n), *ref = th_zeros(n);
     double *refd = calloc((size_t)n, sizeof(double));
@@ -152,7 +135,7 @@ Test(softmax, forward_matches_reference_wide_head) { check_forward(&wide_head, 2
 /* ---- gradients ---- */
 
 static void check_gradients(const cfg *c, int B, int T, int samples, double tol, uint64_t seed) {
-    th_layer *l = th_layer_new("softmax", settings_of(c).s, 0, 1, c->H, B, T, seed, 0.3f);
+    th_layer *l = th_layer_new("softmax", th_softmax_settings(c).s, 0, 1, c->H, B, T, seed, 0.3f);
     float *in = th_randn((int64_t)B * T * c->H, seed + 1, 1.0f);
     double worst = th_fd_check_layer(l, in, 1e-2f, samples, seed + 2);
     cr_log_info("fd T=%d: worst %.3g", T, worst);
@@ -182,7 +165,7 @@ Test(softmax, backward_accumulates) {
     const cfg *c = &gqa_partial;
     const int B = 2, T = 9;
     const int64_t n = (int64_t)B * T * c->H;
-    th_layer *l = th_layer_new("softmax", settings_of(c).s, 0, 1, c->H, B, T, 7, 0.3f);
+    th_layer *l = th_layer_new("softmax", th_softmax_settings(c).s, 0, 1, c->H, B, T, 7, 0.3f);
     float *in = th_randn(n, 8, 1.0f), *dout = th_randn(n, 9, 1.0f), *out = th_zeros(n);
     float *din1 = th_zeros(n), *din2 = th_zeros(n), *din0 = th_zeros(n);
     th_forward(l, out, in);
@@ -227,7 +210,7 @@ Test(softmax, forward_without_acts) {
     const cfg *c = &gqa_partial;
     const int B = 2, T = 40;
     const int64_t n = (int64_t)B * T * c->H;
-    th_layer *l = th_layer_new("softmax", settings_of(c).s, 0, 1, c->H, B, T, 3, 0.3f);
+    th_layer *l = th_layer_new("softmax", th_softmax_settings(c).s, 0, 1, c->H, B, T, 3, 0.3f);
     float *in = th_randn(n, 4, 1.0f), *out1 = th_zeros(n), *out2 = th_zeros(n);
     th_forward(l, out1, in);
     cr_assert_gt(th_max_abs(out1, n), 1e-3);
@@ -252,7 +235,7 @@ static void slice_rows(float *dst, const float *x, int B, int T, int H, int t0, 
 /* Feed the sequence in chunks (chunks[0] is the prefill, then the rest) through step and compare each
  * chunk's output with the full forward's rows. */
 static void check_step(const cfg *c, int B, int T, const int *chunks, int n_chunks, uint64_t seed) {
-    th_layer *l = th_layer_new("softmax", settings_of(c).s, 0, 1, c->H, B, T, seed, 0.3f);
+    th_layer *l = th_layer_new("softmax", th_softmax_settings(c).s, 0, 1, c->H, B, T, seed, 0.3f);
     const m1c_attention_vtable *vt = M1C_ATTENTION(l->plugin);
     const int64_t n = (int64_t)B * T * c->H;
     float *in = th_randn(n, seed + 1, 1.0f), *full = th_zeros(n);
@@ -301,7 +284,7 @@ Test(softmax, step_long_chunked_matches_forward) {
 
 Test(softmax, step_refuses_overflowing_cache) {
     const cfg *c = &gqa_partial;
-    th_layer *l = th_layer_new("softmax", settings_of(c).s, 0, 1, c->H, 1, 4, 5, 0.3f);
+    th_layer *l = th_layer_new("softmax", th_softmax_settings(c).s, 0, 1, c->H, 1, 4, 5, 0.3f);
     const m1c_attention_vtable *vt = M1C_ATTENTION(l->plugin);
     th_state *st = th_state_new(l, 1, 6);
     float *in = th_randn(4 * c->H, 6, 1.0f), *out = th_zeros(4 * c->H);
@@ -316,7 +299,7 @@ Test(softmax, step_refuses_overflowing_cache) {
 /* ---- declarations and settings ---- */
 
 Test(softmax, declares_hf_parameters) {
-    th_layer *l = th_layer_new("softmax", settings_of(&gqa_partial).s, 0, 1, 16, 1, 2, 1, 0.0f);
+    th_layer *l = th_layer_new("softmax", th_softmax_settings(&gqa_partial).s, 0, 1, 16, 1, 2, 1, 0.0f);
     static const char *names[] = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                                   "self_attn.o_proj.weight"};
     static const int64_t shapes[4][2] = {{32, 16}, {16, 16}, {16, 16}, {16, 32}}; /* [out, in] */

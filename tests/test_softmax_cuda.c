@@ -17,25 +17,8 @@
  * uniform nor one-hot, so every term of the backward matters, and bf16 score errors stay small. */
 #define PSTD 0.1f
 
-static void need_gpu(void) {
-    if (!m1c_dev_available(DEV)) cr_skip_test("no CUDA device in this build or on this machine");
-}
-
-typedef struct cfg {
-    int H, nh, kvh, hd, rd;
-    double theta;
-} cfg;
-
-typedef struct settings_text {
-    char s[256];
-} settings_text;
-
-static settings_text settings_of(const cfg *c) {
-    settings_text buf;
-    snprintf(buf.s, sizeof buf.s, "heads = %d; kv_heads = %d; head_dim = %d; rotary_dim = %d; rope_theta = %.1f;",
-             c->nh, c->kvh, c->hd, c->rd, c->theta);
-    return buf;
-}
+/* The shape of one configuration (harness.h, shared with the CPU tests); th_softmax_settings spells it. */
+typedef th_softmax_cfg cfg;
 
 static const cfg gqa_partial = {64, 4, 2, 32, 16, 10000.0}; /* GQA 2:1, half the dims rotate */
 static const cfg mqa_full = {64, 8, 1, 64, 64, 1e6};        /* one KV head for 8, full rotary (HF) */
@@ -88,7 +71,7 @@ static float *dev_to_host(const void *p, int64_t n) { return th_to_host(DEV, (co
  * parameter gradients start from the same random values on both sides (backward must add, not
  * write); the comparison is of what backward added. */
 static void check_vs_cpu(const cfg *c, int B, int T, int dt, uint64_t seed) {
-    const settings_text st = settings_of(c);
+    const th_text st = th_softmax_settings(c);
     const tol *tl = dt == M1C_BF16 ? &tol_bf16 : &tol_f32;
     th_layer *cpu = th_layer_new("softmax", st.s, 0, 1, c->H, B, T, seed, PSTD);
     th_layer *gpu = th_layer_new_dev("softmax", st.s, 0, 1, c->H, B, T, seed, PSTD, DEV, dt);
@@ -148,16 +131,16 @@ static void check_all_T(const cfg *c, int dt, uint64_t seed) {
     }
 }
 
-Test(softmax_cuda, f32_gqa_partial_rotary) { need_gpu(), check_all_T(&gqa_partial, M1C_F32, 1000); }
-Test(softmax_cuda, f32_mqa_full_rotary) { need_gpu(), check_all_T(&mqa_full, M1C_F32, 2000); }
-Test(softmax_cuda, f32_mha) { need_gpu(), check_all_T(&mha_partial, M1C_F32, 3000); }
-Test(softmax_cuda, f32_head_dim_128) { need_gpu(), check_all_T(&minimax_head, M1C_F32, 4000); }
-Test(softmax_cuda, f32_odd_head_dim) { need_gpu(), check_all_T(&odd_head, M1C_F32, 5000); }
-Test(softmax_cuda, bf16_gqa_partial_rotary) { need_gpu(), check_all_T(&gqa_partial, M1C_BF16, 6000); }
-Test(softmax_cuda, bf16_mqa_full_rotary) { need_gpu(), check_all_T(&mqa_full, M1C_BF16, 7000); }
-Test(softmax_cuda, bf16_mha) { need_gpu(), check_all_T(&mha_partial, M1C_BF16, 8000); }
-Test(softmax_cuda, bf16_head_dim_128) { need_gpu(), check_all_T(&minimax_head, M1C_BF16, 9000); }
-Test(softmax_cuda, bf16_odd_head_dim) { need_gpu(), check_all_T(&odd_head, M1C_BF16, 9500); }
+Test(softmax_cuda, f32_gqa_partial_rotary) { th_need_gpu(), check_all_T(&gqa_partial, M1C_F32, 1000); }
+Test(softmax_cuda, f32_mqa_full_rotary) { th_need_gpu(), check_all_T(&mqa_full, M1C_F32, 2000); }
+Test(softmax_cuda, f32_mha) { th_need_gpu(), check_all_T(&mha_partial, M1C_F32, 3000); }
+Test(softmax_cuda, f32_head_dim_128) { th_need_gpu(), check_all_T(&minimax_head, M1C_F32, 4000); }
+Test(softmax_cuda, f32_odd_head_dim) { th_need_gpu(), check_all_T(&odd_head, M1C_F32, 5000); }
+Test(softmax_cuda, bf16_gqa_partial_rotary) { th_need_gpu(), check_all_T(&gqa_partial, M1C_BF16, 6000); }
+Test(softmax_cuda, bf16_mqa_full_rotary) { th_need_gpu(), check_all_T(&mqa_full, M1C_BF16, 7000); }
+Test(softmax_cuda, bf16_mha) { th_need_gpu(), check_all_T(&mha_partial, M1C_BF16, 8000); }
+Test(softmax_cuda, bf16_head_dim_128) { th_need_gpu(), check_all_T(&minimax_head, M1C_BF16, 9000); }
+Test(softmax_cuda, bf16_odd_head_dim) { th_need_gpu(), check_all_T(&odd_head, M1C_BF16, 9500); }
 
 /* BF16 at head_dim 64 and 128 runs the tensor-core kernels (tiles of 64 queries and 64 keys): T
  * just under, at and over one tile, two tiles plus a remainder, and several tiles with a partial
@@ -166,7 +149,7 @@ Test(softmax_cuda, bf16_odd_head_dim) { need_gpu(), check_all_T(&odd_head, M1C_B
  * tolerances above already allow for: they stand. */
 static const cfg gqa_hd64 = {64, 4, 2, 64, 32, 10000.0};
 Test(softmax_cuda, bf16_tensor_core_tile_edges) {
-    need_gpu();
+    th_need_gpu();
     static const int edge_T[] = {63, 64, 65, 130, 300};
     const cfg *cs[] = {&gqa_hd64, &mha_partial, &mqa_full, &minimax_head};
     for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++)
@@ -180,10 +163,10 @@ Test(softmax_cuda, bf16_tensor_core_tile_edges) {
  * online rescale overflows or shows; f32 only (bf16 score errors of ~|s| * 4e-3 would need a looser
  * bound that proves less). */
 Test(softmax_cuda, f32_sharp_scores) {
-    need_gpu();
+    th_need_gpu();
     const cfg *c = &gqa_partial;
     const int B = 1, T = 130;
-    const settings_text st = settings_of(c);
+    const th_text st = th_softmax_settings(c);
     th_layer *cpu = th_layer_new("softmax", st.s, 0, 1, c->H, B, T, 77, 0.3f);
     th_layer *gpu = th_layer_new_dev("softmax", st.s, 0, 1, c->H, B, T, 77, 0.3f, DEV, M1C_F32);
     const int64_t n = (int64_t)B * T * c->H;
@@ -204,7 +187,7 @@ Test(softmax_cuda, f32_sharp_scores) {
 /* Inference without kept activations (acts NULL) computes the same output through scratch. */
 static void check_no_acts(const cfg *c, int dt) {
     const int B = 2, T = 45;
-    const settings_text st = settings_of(c);
+    const th_text st = th_softmax_settings(c);
     th_layer *gpu = th_layer_new_dev("softmax", st.s, 0, 1, c->H, B, T, 31, PSTD, DEV, dt);
     const int64_t n = (int64_t)B * T * c->H;
     float *in = th_randn(n, 32, 1.0f), *zero = th_zeros(n);
@@ -226,7 +209,7 @@ static void check_no_acts(const cfg *c, int dt) {
 }
 
 Test(softmax_cuda, forward_without_acts) {
-    need_gpu();
+    th_need_gpu();
     check_no_acts(&gqa_partial, M1C_F32);
     check_no_acts(&minimax_head, M1C_BF16);
 }
@@ -241,7 +224,7 @@ static void slice_rows(float *dst, const float *src, int B, int T, int H, int po
 
 /* Prefill then decode on the GPU against the GPU's full forward of the whole sequence. */
 static void check_step(const cfg *c, int dt, int B, int T, const int *chunks, int n_chunks, uint64_t seed) {
-    const settings_text st = settings_of(c);
+    const th_text st = th_softmax_settings(c);
     th_layer *l = th_layer_new_dev("softmax", st.s, 0, 1, c->H, B, T, seed, PSTD, DEV, dt);
     const m1c_attention_vtable *vt = M1C_ATTENTION(l->plugin);
     const int64_t n = (int64_t)B * T * c->H;
@@ -286,7 +269,7 @@ static void check_step(const cfg *c, int dt, int B, int T, const int *chunks, in
 }
 
 Test(softmax_cuda, step_prefill_then_decode_matches_forward) {
-    need_gpu();
+    th_need_gpu();
     int chunks[1 + 7] = {33}; /* a prefill across two key tiles, then 7 decoding steps */
     for (int i = 1; i < 8; i++) chunks[i] = 1;
     for (int dt = M1C_F32; dt <= M1C_BF16; dt++) {
@@ -297,7 +280,7 @@ Test(softmax_cuda, step_prefill_then_decode_matches_forward) {
 }
 
 Test(softmax_cuda, step_chunked_prefill) {
-    need_gpu();
+    th_need_gpu();
     const int chunks[] = {70, 1, 64, 5, 1}; /* multi-token steps that start mid-tile */
     check_step(&mqa_full, M1C_F32, 1, 141, chunks, 5, 400);
     check_step(&mqa_full, M1C_BF16, 1, 141, chunks, 5, 401);
@@ -318,7 +301,7 @@ static void create_fails(const char *settings, int dt, const char *needle) {
 }
 
 Test(softmax_cuda, refuses_what_it_cannot_do) {
-    need_gpu();
+    th_need_gpu();
     create_fails("heads = 2; head_dim = 512;", M1C_F32, "head_dim");
     create_fails("heads = 2; head_dim = 32;", 7, "compute_dtype");
 }

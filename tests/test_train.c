@@ -17,6 +17,7 @@
 #include "../core/safetensors.h"
 #include "../core/session.h"
 #include "../core/train.h"
+#include "harness.h"
 
 #define DATA M1C_SOURCE_DIR "/tests/data/train/"
 
@@ -24,27 +25,18 @@
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
-
-/* Each test's scratch folder: made by the suite's init, removed by its fini (also after a failure). */
-static char g_dir[64];
-
+/* Each test's scratch folder (th_tmpdir): made by the suite's init, removed by its fini (also after a
+ * failure). */
 static void init(void) {
-    strcpy(g_dir, "/tmp/m1c_test_train_XXXXXX");
-    cr_assert_not_null(mkdtemp(g_dir));
+    th_tmpdir_init("train");
     setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1);
     m1c_log_set_level(M1C_LOG_WARN); /* no per-checkpoint info lines */
 }
 
-static void fini(void) { m1c_remove_tree(g_dir); }
+TestSuite(train, .init = init, .fini = th_tmpdir_fini);
 
-TestSuite(train, .init = init, .fini = fini);
-
-/* A fresh folder under g_dir (malloc'd path). */
-static char *make_tmpdir(void) {
-    char *d = m1c_xasprintf("%s/run_XXXXXX", g_dir);
-    cr_assert_not_null(mkdtemp(d));
-    return d;
-}
+/* A fresh folder in the scratch folder (malloc'd path). */
+static char *make_tmpdir(void) { return th_mkdtemp(th_tmpdir(), "run"); }
 
 /* Count entries under path (recursively) whose name contains `needle`. */
 static int count_named(const char *path, const char *needle) {
@@ -63,37 +55,19 @@ static int count_named(const char *path, const char *needle) {
     return n;
 }
 
-static char *slurp(const char *path, long *len) {
-    FILE *f = fopen(path, "rb");
-    cr_assert_not_null(f, "cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    cr_assert_eq(fread(s, 1, (size_t)n, f), (size_t)n);
-    s[n] = 0;
-    fclose(f);
-    if (len) *len = n;
-    return s;
-}
-
 static void assert_same_file(const char *a, const char *b) {
     long na, nb;
-    char *x = slurp(a, &na), *y = slurp(b, &nb);
+    char *x = th_slurp(a, &na), *y = th_slurp(b, &nb);
     cr_assert_eq(na, nb, "%s (%ld bytes) and %s (%ld bytes) differ in size", a, na, b, nb);
     cr_assert(memcmp(x, y, (size_t)na) == 0, "%s and %s differ", a, b);
     free(x), free(y);
-}
-
-static void assert_has(const char *s, const char *sub) {
-    cr_assert(strstr(s, sub) != NULL, "expected '%s' in: %s", sub, s);
 }
 
 /* A session on tests/data/train/<name>, read as text (m1c_session_open_text, with the data folder for
  * relative paths), writing under out_dir, with extra overrides. */
 static void open_cfg(m1c_session *s, const char *name, const char *out_dir, const char *const *extra, int n_extra) {
     char *path = m1c_xasprintf("%s%s", DATA, name);
-    char *text = slurp(path, NULL);
+    char *text = th_slurp(path, NULL);
     const char *ov[16];
     char *od = m1c_xasprintf("run.out_dir=\"%s\"", out_dir);
     ov[0] = od;
@@ -133,7 +107,7 @@ static void train_fails(const char *name, const char *out_dir, const char *resum
 /* metrics.jsonl as a JSON array of its records (every line must parse). */
 static json_t *read_metrics(const char *out_dir) {
     char *p = m1c_xasprintf("%s/metrics.jsonl", out_dir);
-    char *text = slurp(p, NULL);
+    char *text = th_slurp(p, NULL);
     json_t *a = json_array();
     int line = 0;
     for (char *s = text, *nl; *s; s = nl + 1) {
@@ -470,7 +444,7 @@ Test(train, resume_without_sidecar) {
     char msg[1024];
     train_fails("math.cfg", root, empty, msg);
     char *want = m1c_path_join(empty, "trainer.json");
-    assert_has(msg, want);
+    th_assert_has(msg, want);
     free(want), free(empty);
     m1c_remove_tree(root);
     free(root);
@@ -485,7 +459,7 @@ Test(train, resume_truncated_model) {
     cr_assert_eq(truncate(mp, st.st_size / 2), 0);
     char msg[1024];
     train_fails("math.cfg", root, ck, msg);
-    assert_has(msg, mp);
+    th_assert_has(msg, mp);
     free(mp), free(ck);
     m1c_remove_tree(root);
     free(root);
@@ -500,7 +474,7 @@ Test(train, resume_truncated_optimizer) {
     cr_assert_eq(truncate(op, st.st_size - 4), 0);
     char msg[1024];
     train_fails("math.cfg", root, ck, msg);
-    assert_has(msg, op);
+    th_assert_has(msg, op);
     free(op), free(ck);
     m1c_remove_tree(root);
     free(root);
@@ -512,15 +486,15 @@ Test(train, resume_unknown_stage) {
     char msg[1024];
     rewrite_sidecar(ck, "stage_name", json_string("no-such-stage"));
     train_fails("math.cfg", root, ck, msg);
-    assert_has(msg, ck); /* the checkpoint ... */
-    assert_has(msg, "no-such-stage");
-    assert_has(msg, "math.cfg"); /* ... and the config that lacks the stage */
+    th_assert_has(msg, ck); /* the checkpoint ... */
+    th_assert_has(msg, "no-such-stage");
+    th_assert_has(msg, "math.cfg"); /* ... and the config that lacks the stage */
     /* The right name at an index past the config's stages. */
     rewrite_sidecar(ck, "stage_name", json_string("pretrain"));
     rewrite_sidecar(ck, "stage", json_integer(3));
     train_fails("math.cfg", root, ck, msg);
-    assert_has(msg, ck);
-    assert_has(msg, "pretrain");
+    th_assert_has(msg, ck);
+    th_assert_has(msg, "pretrain");
     free(ck);
     m1c_remove_tree(root);
     free(root);
@@ -533,16 +507,16 @@ Test(train, resume_corrupt_sidecar) {
     char msg[1024];
     rewrite_sidecar(ck, "data_position", json_string("not*base64"));
     train_fails("math.cfg", root, ck, msg);
-    assert_has(msg, tj);
-    assert_has(msg, "data_position");
+    th_assert_has(msg, tj);
+    th_assert_has(msg, "data_position");
     rewrite_sidecar(ck, "data_position", json_string("AAAA")); /* valid base64, not a mixture position */
     train_fails("math.cfg", root, ck, msg);
-    assert_has(msg, "data position");
+    th_assert_has(msg, "data position");
     FILE *f = fopen(tj, "w");
     fputs("{ \"format\": 1, \"stage\": ", f); /* cut short */
     fclose(f);
     train_fails("math.cfg", root, ck, msg);
-    assert_has(msg, tj);
+    th_assert_has(msg, tj);
     free(tj), free(ck);
     m1c_remove_tree(root);
     free(root);
