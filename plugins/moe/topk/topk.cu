@@ -421,27 +421,77 @@ __global__ void add_router_kernel(float *din, const float *t, const float *noise
  * synchronisation, one shape for all calls. bf16 operands on tensor cores (WMMA 16x16x16), f32
  * accumulation, as cuBLAS's GemmEx with CUBLAS_COMPUTE_32F. Block tile GG_BM x GG_BN, K step GG_BK,
  * 8 warps in 2 x 4, each 64 x 32 (4 x 2 fragments). Tiles are staged in shared memory as they lie in
- * global memory (row-major); the fragment layout (row/col major) gives the transposes. Out-of-range
- * elements are loaded as zeros, so any M, N, K works.
+ * global memory (row-major, rows padded by 16 bytes so that the fragment loads hit distinct banks);
+ * the fragment layout (row/col major) gives the transposes. The staging is a GG_STAGES-deep ring filled
+ * by cp.async (16-byte copies that zero-fill past the matrix edge), so the loads of the next tiles are
+ * in flight while the tensor cores work on this one; where 16-byte copies are not possible (a leading
+ * dimension not a multiple of 8 elements, say) ordinary element loads fill the same ring. Any M, N, K.
  * Modes (row-major, r over one expert's rows [off[e], off[e+1]), W_e = W + e * sw):
  *   GG_NT: C[r, n] = beta C + sum_k A[r, k] W_e[n, k]      (forward: x W^T)
  *   GG_NN: C[r, n] = beta C + sum_k A[r, k] W_e[k, n]      (backward: d rows W)
  *   GG_TN: C_e[m, n] = beta C_e + sum_r A[r, m] B[r, n]    (backward: weight gradients) */
 enum { GG_NT, GG_NN, GG_TN };
-enum { GG_BM = 128, GG_BN = 128, GG_BK = 32, GG_THREADS = 256, GG_PAD = 8 };
+enum { GG_BM = 128, GG_BN = 128, GG_BK = 32, GG_THREADS = 256, GG_PAD = 8, GG_STAGES = 4 };
+
+/* Shared-memory geometry of one mode: A tile [BM][BK] (NT, NN) or [BK][BM] (TN); B tile [BN][BK] (NT)
+ * or [BK][BN] (NN, TN); LD* are the padded row strides in elements. */
+template <int MODE>
+struct gg_geom {
+    static constexpr int LDA = MODE == GG_TN ? GG_BM + GG_PAD : GG_BK + GG_PAD;
+    static constexpr int LDB = MODE == GG_NT ? GG_BK + GG_PAD : GG_BN + GG_PAD;
+    static constexpr int A_EL = MODE == GG_TN ? GG_BK * LDA : GG_BM * LDA;
+    static constexpr int B_EL = MODE == GG_NT ? GG_BN * LDB : GG_BK * LDB;
+    static constexpr int STAGE_EL = A_EL + B_EL;
+    static constexpr size_t SMEM = (size_t)GG_STAGES * STAGE_EL * sizeof(__nv_bfloat16);
+};
+
+/* 16-byte global -> shared copy that reads `bytes` (0..16) and zero-fills the rest (cp.async.cg: L2
+ * only, the tiles are streamed). Before sm_80, a plain load and store. */
+static __device__ __forceinline__ void gg_cp16(__nv_bfloat16 *d, const __nv_bfloat16 *g, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(d);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(bytes) : "memory");
+#else
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (bytes == 16) {
+        v = *(const uint4 *)g;
+    } else {
+        for (int t = 0; t < bytes / 2; t++) ((__nv_bfloat16 *)&v)[t] = g[t];
+    }
+    *(uint4 *)d = v;
+#endif
+}
+static __device__ __forceinline__ void gg_commit(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+/* Wait until at most N of this thread's copy groups are still pending. */
+template <int N>
+static __device__ __forceinline__ void gg_wait(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
 
 /* sm[r][c] = g[(r0 + r) * ldg + c0 + c] for r0 + r < r_end and c0 + c < c_end, else 0 (ROWS x COLS,
- * shared row stride LD). vec: 16-byte loads allowed (ldg % 8 == 0, g 16-byte aligned, c0 % 8 == 0). */
+ * shared row stride LD). vec: 16-byte copies allowed (ldg % 8 == 0, g 16-byte aligned, c0 % 8 == 0):
+ * asynchronous, complete after gg_wait; otherwise element by element, complete at once. */
 template <int ROWS, int COLS, int LD>
 static __device__ __forceinline__ void gg_load(__nv_bfloat16 *sm, const __nv_bfloat16 *g, int64_t ldg, int64_t r0,
                                                int64_t r_end, int64_t c0, int64_t c_end, bool vec) {
     constexpr int CH = COLS / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += GG_THREADS) {
+    static_assert((ROWS * CH) % GG_THREADS == 0, "tile chunks divide among the threads");
+    #pragma unroll
+    for (int it = 0; it < ROWS * CH / GG_THREADS; it++) {
+        const int i = threadIdx.x + it * GG_THREADS;
         const int r = i / CH, c = (i % CH) * 8;
         __nv_bfloat16 *d = sm + r * LD + c;
         const int64_t gr = r0 + r, gc = c0 + c;
-        if (gr < r_end && vec && gc + 8 <= c_end) {
-            *(uint4 *)d = *(const uint4 *)(g + gr * ldg + gc);
+        if (vec) {
+            const int64_t left = gr < r_end ? c_end - gc : 0;
+            const int bytes = left >= 8 ? 16 : left > 0 ? (int)left * 2 : 0;
+            gg_cp16(d, bytes > 0 ? g + gr * ldg + gc : g, bytes); /* no bytes read: any valid address */
         } else {
             for (int t = 0; t < 8; t++)
                 d[t] = gr < r_end && gc + t < c_end ? g[gr * ldg + gc + t] : __float2bfloat16_rn(0.0f);
@@ -449,20 +499,81 @@ static __device__ __forceinline__ void gg_load(__nv_bfloat16 *sm, const __nv_bfl
     }
 }
 
+/* One K step's tiles (k0 .. k0 + BK) into a stage. */
+template <int MODE>
+static __device__ __forceinline__ void gg_load_stage(__nv_bfloat16 *st, const __nv_bfloat16 *A, int64_t lda,
+                                                     const __nv_bfloat16 *B, int64_t ldb, int64_t m0, int64_t m_end,
+                                                     int64_t n0, int64_t Nc, int64_t k0, int64_t k_end, bool vec) {
+    typedef gg_geom<MODE> G;
+    __nv_bfloat16 *As = st, *Bs = st + G::A_EL;
+    if (MODE == GG_NT) {
+        gg_load<GG_BM, GG_BK, G::LDA>(As, A, lda, m0, m_end, k0, k_end, vec);
+        gg_load<GG_BN, GG_BK, G::LDB>(Bs, B, ldb, n0, Nc, k0, k_end, vec);
+    } else if (MODE == GG_NN) {
+        gg_load<GG_BM, GG_BK, G::LDA>(As, A, lda, m0, m_end, k0, k_end, vec);
+        gg_load<GG_BK, GG_BN, G::LDB>(Bs, B, ldb, k0, k_end, n0, Nc, vec);
+    } else {
+        gg_load<GG_BK, GG_BM, G::LDA>(As, A, lda, k0, k_end, m0, m_end, vec);
+        gg_load<GG_BK, GG_BN, G::LDB>(Bs, B, ldb, k0, k_end, n0, Nc, vec);
+    }
+}
+
+/* 8 consecutive outputs of one row: bounds, beta, the output dtype; 16-byte stores where allowed. */
+static __device__ __forceinline__ void gg_store8(float *C, int64_t i, int n_ok, const float *v, float beta, bool cvec) {
+    if (cvec && n_ok == 8) {
+        float4 a = make_float4(v[0], v[1], v[2], v[3]), b = make_float4(v[4], v[5], v[6], v[7]);
+        if (beta != 0.0f) {
+            const float4 ca = *(const float4 *)(C + i), cb = *(const float4 *)(C + i + 4);
+            a.x += beta * ca.x, a.y += beta * ca.y, a.z += beta * ca.z, a.w += beta * ca.w;
+            b.x += beta * cb.x, b.y += beta * cb.y, b.z += beta * cb.z, b.w += beta * cb.w;
+        }
+        *(float4 *)(C + i) = a;
+        *(float4 *)(C + i + 4) = b;
+        return;
+    }
+    #pragma unroll
+    for (int c = 0; c < 8; c++) /* constant indices keep v in registers */
+        if (c < n_ok) C[i + c] = beta != 0.0f ? v[c] + beta * C[i + c] : v[c];
+}
+static __device__ __forceinline__ void gg_store8(__nv_bfloat16 *C, int64_t i, int n_ok, const float *v, float beta,
+                                                 bool cvec) {
+    if (cvec && n_ok == 8) {
+        __nv_bfloat162 o[4];
+        if (beta != 0.0f) {
+            const uint4 cv = *(const uint4 *)(C + i);
+            const __nv_bfloat162 *cp = (const __nv_bfloat162 *)&cv;
+            #pragma unroll
+            for (int t = 0; t < 4; t++) {
+                const float2 f = __bfloat1622float2(cp[t]);
+                o[t] = __floats2bfloat162_rn(v[2 * t] + beta * f.x, v[2 * t + 1] + beta * f.y);
+            }
+        } else {
+            #pragma unroll
+            for (int t = 0; t < 4; t++) o[t] = __floats2bfloat162_rn(v[2 * t], v[2 * t + 1]);
+        }
+        *(uint4 *)(C + i) = *(const uint4 *)o;
+        return;
+    }
+    #pragma unroll
+    for (int c = 0; c < 8; c++) {
+        if (c >= n_ok) break;
+        float x = v[c];
+        if (beta != 0.0f) x += beta * __bfloat162float(C[i + c]);
+        C[i + c] = __float2bfloat16_rn(x);
+    }
+}
+
+/* vec: 16-byte operand copies allowed (see gg_load); cvec: 16-byte output accesses allowed (ldc and sc
+ * multiples of 8 elements, C 16-byte aligned). Dynamic shared memory: gg_geom<MODE>::SMEM bytes. */
 template <int MODE, typename TC>
-__global__ void __launch_bounds__(GG_THREADS)
+__global__ void __launch_bounds__(GG_THREADS, 2)
     grouped_gemm_kernel(TC *C, int64_t ldc, int64_t sc, const __nv_bfloat16 *A, int64_t lda,
                         const __nv_bfloat16 *B, int64_t ldb, int64_t sb, const int32_t *off, int E, int Mc, int Nc,
-                        int K, float beta, int vec) {
+                        int K, float beta, int vec, int cvec) {
     using namespace nvcuda;
-    /* A tile: [BM][BK] (NT, NN) or [BK][BM] (TN); B tile: [BN][BK] (NT) or [BK][BN] (NN, TN). */
-    constexpr int LDA = MODE == GG_TN ? GG_BM + GG_PAD : GG_BK + GG_PAD;
-    constexpr int LDB = MODE == GG_NT ? GG_BK + GG_PAD : GG_BN + GG_PAD;
-    constexpr int A_EL = MODE == GG_TN ? GG_BK * LDA : GG_BM * LDA;
-    constexpr int B_EL = MODE == GG_NT ? GG_BN * LDB : GG_BK * LDB;
-    __shared__ __align__(128) __nv_bfloat16 As[A_EL];
-    __shared__ __align__(128) __nv_bfloat16 Bs[B_EL];
-    __shared__ __align__(128) float Cs[GG_THREADS / 32][16 * 16];
+    typedef gg_geom<MODE> G;
+    extern __shared__ __align__(128) unsigned char gg_smem[];
+    __nv_bfloat16 *ring = (__nv_bfloat16 *)gg_smem;
 
     /* This block's expert and output tile. */
     int e = 0;
@@ -499,18 +610,27 @@ __global__ void __launch_bounds__(GG_THREADS)
     typedef typename std::conditional<MODE == GG_NT, wmma::col_major, wmma::row_major>::type BLayout;
 
     const int64_t k_begin = MODE == GG_TN ? row0 : 0, k_end = MODE == GG_TN ? row_end : K;
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += GG_BK) {
-        if (MODE == GG_NT) {
-            gg_load<GG_BM, GG_BK, LDA>(As, A, lda, m0, m_end, k0, k_end, vec);
-            gg_load<GG_BN, GG_BK, LDB>(Bs, B, ldb, n0, Nc, k0, k_end, vec);
-        } else if (MODE == GG_NN) {
-            gg_load<GG_BM, GG_BK, LDA>(As, A, lda, m0, m_end, k0, k_end, vec);
-            gg_load<GG_BK, GG_BN, LDB>(Bs, B, ldb, k0, k_end, n0, Nc, vec);
-        } else {
-            gg_load<GG_BK, GG_BM, LDA>(As, A, lda, k0, k_end, m0, m_end, vec);
-            gg_load<GG_BK, GG_BN, LDB>(Bs, B, ldb, k0, k_end, n0, Nc, vec);
+    const int nk = (int)((k_end - k_begin + GG_BK - 1) / GG_BK);
+    /* Prologue: the first STAGES - 1 K steps in flight (one commit group each, empty past the end, so
+     * that the group count below stays exact). */
+    #pragma unroll
+    for (int p = 0; p < GG_STAGES - 1; p++) {
+        if (p < nk)
+            gg_load_stage<MODE>(ring + p * G::STAGE_EL, A, lda, B, ldb, m0, m_end, n0, Nc, k_begin + (int64_t)p * GG_BK,
+                                k_end, vec);
+        gg_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        gg_wait<GG_STAGES - 2>(); /* this thread's copies for step kt have landed */
+        __syncthreads();          /* ... everyone's, and everyone is done with step kt - 1's stage */
+        {
+            const int p = kt + GG_STAGES - 1; /* refill the stage step kt - 1 used */
+            if (p < nk)
+                gg_load_stage<MODE>(ring + (p % GG_STAGES) * G::STAGE_EL, A, lda, B, ldb, m0, m_end, n0, Nc,
+                                    k_begin + (int64_t)p * GG_BK, k_end, vec);
+            gg_commit();
         }
-        __syncthreads();
+        const __nv_bfloat16 *As = ring + (kt % GG_STAGES) * G::STAGE_EL, *Bs = As + G::A_EL;
         #pragma unroll
         for (int kk = 0; kk < GG_BK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> fa[4];
@@ -518,40 +638,40 @@ __global__ void __launch_bounds__(GG_THREADS)
             #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int mr = wm * 64 + i * 16;
-                wmma::load_matrix_sync(fa[i], MODE == GG_TN ? As + kk * LDA + mr : As + mr * LDA + kk, LDA);
+                wmma::load_matrix_sync(fa[i], MODE == GG_TN ? As + kk * G::LDA + mr : As + mr * G::LDA + kk, G::LDA);
             }
             #pragma unroll
             for (int j = 0; j < 2; j++) {
                 const int nc = wn * 32 + j * 16;
-                wmma::load_matrix_sync(fb[j], MODE == GG_NT ? Bs + nc * LDB + kk : Bs + kk * LDB + nc, LDB);
+                wmma::load_matrix_sync(fb[j], MODE == GG_NT ? Bs + nc * G::LDB + kk : Bs + kk * G::LDB + nc, G::LDB);
             }
             #pragma unroll
             for (int i = 0; i < 4; i++)
                 #pragma unroll
                 for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
-        __syncthreads(); /* the tiles are read before the next load */
     }
+    gg_wait<0>();    /* only empty groups can be left, but the ring is reused below */
+    __syncthreads(); /* every warp is done with the ring */
 
-    /* Epilogue through a per-warp 16 x 16 staging tile: bounds, beta, the output dtype. */
+    /* Epilogue through a per-warp 16 x 16 staging tile (in the ring): bounds, beta, the output dtype;
+     * each lane writes 8 consecutive outputs of one row. */
     TC *Cb = MODE == GG_TN ? C + (int64_t)e * sc : C;
-    float *cs = Cs[warp];
+    float *cs = (float *)gg_smem + warp * 16 * 16;
+    const int rr = lane / 2, cc0 = (lane % 2) * 8;
     #pragma unroll
     for (int i = 0; i < 4; i++)
         #pragma unroll
         for (int j = 0; j < 2; j++) {
             wmma::store_matrix_sync(cs, acc[i][j], 16, wmma::mem_row_major);
             __syncwarp();
-            const int rr = lane / 2, cc0 = (lane % 2) * 8;
-            const int64_t gm = m0 + wm * 64 + i * 16 + rr;
-            #pragma unroll
-            for (int c = 0; c < 8; c++) {
-                const int64_t gn = n0 + wn * 32 + j * 16 + cc0 + c;
-                if (gm < m_end && gn < Nc) {
-                    float v = cs[rr * 16 + cc0 + c];
-                    if (beta != 0.0f) v += beta * moe_ld(Cb, gm * ldc + gn);
-                    moe_st(Cb, gm * ldc + gn, v);
-                }
+            const int64_t gm = m0 + wm * 64 + i * 16 + rr, gn = n0 + wn * 32 + j * 16 + cc0;
+            if (gm < m_end && gn < Nc) {
+                const int n_ok = Nc - gn < 8 ? (int)(Nc - gn) : 8;
+                float v[8];
+                #pragma unroll
+                for (int c = 0; c < 8; c++) v[c] = cs[rr * 16 + cc0 + c];
+                gg_store8(Cb, gm * ldc + gn, n_ok, v, beta, cvec != 0);
             }
             __syncwarp(); /* cs is read before the next fragment's store */
         }
@@ -565,15 +685,21 @@ template <int MODE, typename TC>
 static int grouped_gemm(const m1c_host *h, cudaStream_t s, TC *C, int64_t ldc, int64_t sc, const __nv_bfloat16 *A,
                         int64_t lda, const __nv_bfloat16 *B, int64_t ldb, int64_t sb, const int32_t *off, int E,
                         int64_t Nk, int Mc, int Nc, int K, float beta) {
+    typedef gg_geom<MODE> G;
+    static_assert(G::SMEM >= (size_t)(GG_THREADS / 32) * 16 * 16 * sizeof(float), "the epilogue fits the ring");
     const int vec = lda % 8 == 0 && ldb % 8 == 0 && sb % 8 == 0 && (uintptr_t)A % 16 == 0 && (uintptr_t)B % 16 == 0;
+    const int cvec = ldc % 8 == 0 && sc % 8 == 0 && (uintptr_t)C % 16 == 0;
     dim3 grid;
     if (MODE == GG_TN)
         grid = dim3((unsigned)((Mc + GG_BM - 1) / GG_BM), (unsigned)((Nc + GG_BN - 1) / GG_BN), (unsigned)E);
     else /* at most sum_e ceil(n_e / BM) <= Nk / BM + E row tiles */
         grid = dim3((unsigned)((Nk + GG_BM - 1) / GG_BM + E), (unsigned)((Nc + GG_BN - 1) / GG_BN), 1);
     if (grid.x == 0 || grid.y == 0) return M1C_OK;
-    grouped_gemm_kernel<MODE, TC><<<grid, GG_THREADS, 0, s>>>(C, ldc, sc, A, lda, B, ldb, sb, off, E, Mc, Nc, K, beta,
-                                                              vec);
+    /* Above 48 KB of dynamic shared memory only once allowed (per device; cheap to repeat). */
+    MOE_CUDA_CHECK(h, cudaFuncSetAttribute(grouped_gemm_kernel<MODE, TC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)G::SMEM));
+    grouped_gemm_kernel<MODE, TC><<<grid, GG_THREADS, G::SMEM, s>>>(C, ldc, sc, A, lda, B, ldb, sb, off, E, Mc, Nc, K,
+                                                                    beta, vec, cvec);
     MOE_LAUNCH_CHECK(h, "grouped_gemm_kernel");
     return M1C_OK;
 }
