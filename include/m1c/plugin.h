@@ -363,6 +363,33 @@ typedef struct m1c_data_vtable {
     void *reserved[8];
 } m1c_data_vtable;
 
+/* ---- conveniences for plugin authors (inline: nothing to link) ------------------------------ */
+
+/* A buffer spec (unused dimensions 0), initialised N(0, 0.02^2) when it is a parameter. */
+static inline m1c_buf_spec m1c_make_spec(const char *name, int dtype, int ndim, int64_t d0, int64_t d1, int64_t d2,
+                                    int64_t d3) {
+    m1c_buf_spec s;
+    s.name = name;
+    s.dtype = dtype;
+    s.ndim = ndim;
+    s.shape[0] = d0, s.shape[1] = d1, s.shape[2] = d2, s.shape[3] = d3;
+    s.init = M1C_INIT_NORMAL;
+    s.no_decay = 0;
+    s.std = 0.02f;
+    s.reserved[0] = s.reserved[1] = s.reserved[2] = 0.0f;
+    return s;
+}
+
+/* The declaration protocol of params/acts/scratch/state: copy n specs into out[0..max), or count them
+ * when out is NULL; too little room is an error naming `who`. */
+static inline int m1c_put_specs(const m1c_host *h, const char *who, const m1c_buf_spec *specs, int n,
+                                m1c_buf_spec *out, int max) {
+    if (!out) return n;
+    if (max < n) return h->error(h, "%s: room for %d buffer specs, %d needed", who, max, n);
+    for (int i = 0; i < n; i++) out[i] = specs[i];
+    return n;
+}
+
 /* ---- the descriptor and the entry point ---------------------------------------------------- */
 
 typedef struct m1c_plugin_desc {

@@ -136,25 +136,11 @@ static int64_t numel(const m1c_tensor *t) {
 }
 
 static m1c_buf_spec spec(const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
-    m1c_buf_spec s;
-    memset(&s, 0, sizeof(s));
-    s.name = name;
-    s.dtype = M1C_F32;
-    s.ndim = ndim;
-    s.shape[0] = d0;
-    s.shape[1] = d1;
-    s.shape[2] = d2;
-    s.shape[3] = d3;
-    s.init = M1C_INIT_NORMAL;
-    s.std = 0.02f;
-    return s;
+    return m1c_make_spec(name, M1C_F32, ndim, d0, d1, d2, d3);
 }
 
 static int put_specs(const lightning *L, const m1c_buf_spec *s, int n, m1c_buf_spec *out, int max) {
-    if (!out) return n;
-    if (max < n) return L->h->error(L->h, "lightning: room for %d buffer specs, %d needed", max, n);
-    memcpy(out, s, (size_t)n * sizeof(*s));
-    return n;
+    return m1c_put_specs(L->h, "lightning", s, n, out, max);
 }
 
 /* The effective block (blocks never exceed the sequence) and the per-thread work area for it:

@@ -63,24 +63,11 @@ static int dense_create(const m1c_host *h, const m1c_settings *s, const m1c_laye
 
 static void dense_destroy(void *self) { free(self); }
 
-static m1c_buf_spec spec(const char *name, int64_t d0, int64_t d1) {
-    m1c_buf_spec s;
-    memset(&s, 0, sizeof(s));
-    s.name = name;
-    s.dtype = M1C_F32; /* callers set another dtype for CUDA buffers */
-    s.ndim = 2;
-    s.shape[0] = d0;
-    s.shape[1] = d1;
-    s.init = M1C_INIT_NORMAL;
-    s.std = 0.02f;
-    return s;
-}
+/* f32 by default: callers set another dtype for CUDA buffers */
+static m1c_buf_spec spec(const char *name, int64_t d0, int64_t d1) { return m1c_make_spec(name, M1C_F32, 2, d0, d1, 0, 0); }
 
 static int put_specs(const dense *m, const m1c_buf_spec *s, int n, m1c_buf_spec *out, int max) {
-    if (!out) return n;
-    if (max < n) return m->h->error(m->h, "dense: room for %d buffer specs, %d needed", max, n);
-    memcpy(out, s, (size_t)n * sizeof(*s));
-    return n;
+    return m1c_put_specs(m->h, "dense", s, n, out, max);
 }
 
 static int dense_params(void *self, m1c_buf_spec *specs, int max) {

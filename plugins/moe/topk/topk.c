@@ -124,25 +124,11 @@ static void topk_destroy(void *self) {
 }
 
 static m1c_buf_spec spec(const char *name, int dtype, int ndim, int64_t d0, int64_t d1, int64_t d2) {
-    m1c_buf_spec s;
-    memset(&s, 0, sizeof(s));
-    s.name = name;
-    s.dtype = dtype;
-    s.ndim = ndim;
-    s.shape[0] = d0;
-    s.shape[1] = d1;
-    s.shape[2] = d2;
-    s.init = M1C_INIT_NORMAL;
-    s.std = 0.02f;
-    return s;
+    return m1c_make_spec(name, dtype, ndim, d0, d1, d2, 0);
 }
 
-/* Copy n specs into out[0..max) (or just count them when out is NULL). */
 static int put_specs(const topk *m, const m1c_buf_spec *s, int n, m1c_buf_spec *out, int max) {
-    if (!out) return n;
-    if (max < n) return m->h->error(m->h, "topk: room for %d buffer specs, %d needed", max, n);
-    memcpy(out, s, (size_t)n * sizeof(*s));
-    return n;
+    return m1c_put_specs(m->h, "topk", s, n, out, max);
 }
 
 static int topk_params(void *self, m1c_buf_spec *specs, int max) {
