@@ -163,13 +163,14 @@ int main(int argc, char **argv) {
             bo.device = strcmp(argv[++i], "cuda") ? M1C_DEVICE_CPU : M1C_DEVICE_CUDA;
         else if (!strcmp(a, "--precision") && (!strcmp(v, "fp32") || !strcmp(v, "bf16")))
             bo.precision = !strcmp(argv[++i], "bf16");
-        else if (!strcmp(a, "--head") && (!strcmp(v, "fp32") || !strcmp(v, "tf32") || !strcmp(v, "bf16")))
-            bo.head = !strcmp(v, "fp32") ? 0 : !strcmp(v, "tf32") ? 1 : 2, i++;
+        else if (!strcmp(a, "--head") && (!strcmp(v, "fp32") || !strcmp(v, "tf32") || !strcmp(v, "bf16") ||
+                                          !strcmp(v, "tf32x3")))
+            bo.head = !strcmp(v, "fp32") ? 0 : !strcmp(v, "tf32") ? 1 : !strcmp(v, "bf16") ? 2 : 3, i++;
         else if (!strcmp(a, "--profile")) bo.profile = 1;
         else if (a[0] != '-' && n < 16) configs[n++] = a;
         else {
             fprintf(stderr, "usage: m1c_bench_train [--steps N] [--threads N] [--device cpu|cuda] "
-                            "[--precision fp32|bf16] [--head fp32|tf32|bf16] [--profile] [CONFIG ...]\n");
+                            "[--precision fp32|bf16] [--head fp32|tf32|bf16|tf32x3] [--profile] [CONFIG ...]\n");
             return 1;
         }
     }

@@ -22,8 +22,10 @@ void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, con
 
 /* The LM head: logits (N, V) = h (N, H) W^T, W (V, H); lse (N) = logsumexp of each row; logp (N) =
  * log-probability of targets (a negative target gives logp 0: not scored). precision is the config's
- * model.head_precision (0 fp32, as M1; 1 tf32; 2 bf16 operands with f32 accumulation): the GEMM's
- * arithmetic on a GPU; the CPU always computes in fp32. lse and logp are always fp32. */
+ * model.head_precision (0 fp32, as M1; 1 tf32; 2 bf16 operands with f32 accumulation; 3 tf32x3: each
+ * operand split into a TF32 high part and a TF32 remainder, three tensor-core products summed in f32,
+ * ~1e-6 relative like fp32 at tensor-core speed): the GEMM's arithmetic on a GPU; the CPU always
+ * computes in fp32. lse and logp are always fp32. */
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, const float *h, const float *W,
                       const int32_t *targets, int64_t N, int H, int V);
 /* From dlogp (N): dlogits = dlogp * (onehot - softmax) (in place of logits), then dh += dlogits W,

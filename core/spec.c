@@ -9,13 +9,13 @@
 
 static const char *const stage_kinds[] = {"pretrain", "sft", "rl", NULL};
 static const char *const decays[] = {"cosine", "constant", "linear", NULL};
-static const char *const precisions[] = {"fp32", "tf32", "bf16", NULL};
+static const char *const precisions[] = {"fp32", "tf32", "bf16", "tf32x3", NULL};
 static const char *const devices[] = {"cpu", "cuda", NULL};
 static const char *const precisions_run[] = {"fp32", "bf16", NULL};
 
 const char *m1c_stage_kind_name(int kind) { return kind >= 0 && kind < 3 ? stage_kinds[kind] : "?"; }
 const char *m1c_decay_name(int decay) { return decay >= 0 && decay < 3 ? decays[decay] : "?"; }
-const char *m1c_head_precision_name(int p) { return p >= 0 && p < 3 ? precisions[p] : "?"; }
+const char *m1c_head_precision_name(int p) { return p >= 0 && p < 4 ? precisions[p] : "?"; }
 
 static int choice_index(const char *const *choices, const char *v) {
     for (int i = 0; choices[i]; i++)

@@ -21,6 +21,7 @@ typedef enum m1c_head_precision {
     M1C_HEAD_FP32 = 0, /* M1: the LM head in full FP32 */
     M1C_HEAD_TF32 = 1,
     M1C_HEAD_BF16 = 2,
+    M1C_HEAD_TF32X3 = 3, /* fp32 from three TF32 tensor-core products (hi*hi + hi*lo + lo*hi): ~1e-6 */
 } m1c_head_precision;
 
 /* A layer type: one token mixer with its DeepNorm factors (model.types.<name>). */

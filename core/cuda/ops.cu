@@ -159,33 +159,58 @@ __global__ static void f32_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t
         dst[i] = __float2bfloat16_rn(src[i]);
 }
 
+/* x = hi + lo with hi exact in TF32 (10-bit mantissa, rounded to nearest) and lo the f32 remainder. */
+__global__ static void split_tf32(float *hi, float *lo, const float *x, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        uint32_t u = __float_as_uint(x[i]);
+        uint32_t r = (u + 0x1000u) & 0xffffe000u; /* round to 10 mantissa bits (ties away from zero) */
+        float h = __uint_as_float(r);
+        if (!isfinite(h)) h = x[i]; /* NaN, Inf, or rounding up past FLT_MAX: no remainder */
+        hi[i] = h;
+        lo[i] = isfinite(h) ? x[i] - h : 0.0f;
+    }
+}
+
+/* A device buffer of at least n elements of `size` bytes kept for the next call (per host thread
+ * and slot): the head runs at every step with the same sizes, so nothing is allocated after the first. */
+static void *cached(int slot, int64_t n, size_t size) {
+    static thread_local void *buf[6];
+    static thread_local int64_t cap[6];
+    if (n * (int64_t)size > cap[slot]) {
+        cudaFree(buf[slot]);
+        if (cudaMalloc(&buf[slot], (size_t)n * size) != cudaSuccess) {
+            fprintf(stderr, "m1c: out of GPU memory in the LM head\n");
+            abort();
+        }
+        cap[slot] = n * (int64_t)size;
+    }
+    return buf[slot];
+}
+
 /* Row-major C (M x N) = alpha op(A) op(B) + beta C at the head's precision (0 fp32, 1 tf32, 2 bf16
- * operands), all pointers f32; bf16 operands are converted into temporary buffers. */
+ * operands, 3 tf32x3), all pointers f32; converted operands go to cached buffers. */
 static void head_gemm(int precision, int ta, int tb, int M, int N, int K, const float *A, int lda, int64_t a_n,
                       const float *B, int ldb, int64_t b_n, float beta, float *C, int ldc) {
     cublasHandle_t h = head_handle();
     const float one = 1.0f;
     cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasStatus_t st;
-    if (precision == 2) {
-        /* bf16 copies of the operands in buffers kept for the next call (per host thread): the head
-         * runs at every step with the same sizes, so after the first call nothing is allocated. */
-        static thread_local __nv_bfloat16 *a16, *b16;
-        static thread_local int64_t a_cap, b_cap;
-        if (a_n > a_cap) {
-            cudaFree(a16);
-            if (cudaMalloc(&a16, (size_t)a_n * 2) != cudaSuccess) a16 = NULL;
-            a_cap = a16 ? a_n : 0;
+    if (precision == 3) {
+        float *ah = (float *)cached(2, a_n, 4), *al = (float *)cached(3, a_n, 4);
+        float *bh = (float *)cached(4, b_n, 4), *bl = (float *)cached(5, b_n, 4);
+        split_tf32<<<grid_for(a_n, 256), 256>>>(ah, al, A, a_n);
+        split_tf32<<<grid_for(b_n, 256), 256>>>(bh, bl, B, b_n);
+        check_launch("head tf32 split");
+        /* the small terms first, then the large one, so the f32 accumulation loses the least */
+        const float *pa[3] = {al, ah, ah}, *pb[3] = {bh, bl, bh};
+        st = CUBLAS_STATUS_SUCCESS;
+        for (int t = 0; t < 3 && st == CUBLAS_STATUS_SUCCESS; t++) {
+            const float bt = t == 0 ? beta : 1.0f;
+            st = cublasGemmEx(h, ob, oa, N, M, K, &one, pb[t], CUDA_R_32F, ldb, pa[t], CUDA_R_32F, lda, &bt, C,
+                              CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT);
         }
-        if (b_n > b_cap) {
-            cudaFree(b16);
-            if (cudaMalloc(&b16, (size_t)b_n * 2) != cudaSuccess) b16 = NULL;
-            b_cap = b16 ? b_n : 0;
-        }
-        if (!a16 || !b16) {
-            fprintf(stderr, "m1c: out of GPU memory in the LM head\n");
-            abort();
-        }
+    } else if (precision == 2) {
+        __nv_bfloat16 *a16 = (__nv_bfloat16 *)cached(0, a_n, 2), *b16 = (__nv_bfloat16 *)cached(1, b_n, 2);
         f32_to_bf16<<<grid_for(a_n, 256), 256>>>(a16, A, a_n);
         f32_to_bf16<<<grid_for(b_n, 256), 256>>>(b16, B, b_n);
         check_launch("head bf16 conversion");
