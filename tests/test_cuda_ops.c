@@ -146,8 +146,10 @@ Test(cuda_ops, rmsnorm_forward_backward) {
  *   truncates, so up to ~2e-3 for a single product as with H = 1): 3e-3 of the largest element;
  * 2 bf16: operands rounded to an 8-bit mantissa (2^-9 ~ 2e-3 each, ~4e-3 per product): 1e-2;
  * 3 tf32x3: hi*hi + hi*lo + lo*hi leaves out lo*lo (2^-22 relative) and rounds each lo to TF32
- *   (2^-11 of 2^-11): ~1e-6 per product, fp32's 1e-5 with margin. */
-static const double head_tol[4] = {1e-5, 3e-3, 1e-2, 1e-5};
+ *   (2^-11 of 2^-11): ~5e-7 per product, but dh = dlogits W sums V terms of both signs that cancel
+ *   (each dlogits row sums to 0), so the error relative to the largest dh grows like sqrt(V): measured
+ *   2.4e-5 at V = 5000, H = 1100 on an H200 (fp32: under 1e-5): 1e-4. */
+static const double head_tol[4] = {1e-5, 3e-3, 1e-2, 1e-4};
 
 typedef struct head_case {
     int64_t N;

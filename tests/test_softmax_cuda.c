@@ -234,6 +234,10 @@ static void check_step(const cfg *c, int dt, int B, int T, const int *chunks, in
     th_forward(l, full_d, in_d);
     float *full = th_to_host(DEV, full_d, n);
     th_state *s = th_state_new(l, B, T + 3); /* a cache a little longer than used */
+    /* BF16 keeps the cache in bf16 (what forward attends with); F32 in f32 */
+    for (int i = 0; i < s->n; i++)
+        cr_assert_eq(s->spec[i].dtype, dt == M1C_BF16 ? M1C_BF16 : M1C_F32, "KV cache %s has dtype %d under %s",
+                     s->spec[i].name, s->spec[i].dtype, dt == M1C_BF16 ? "bf16" : "f32");
     int pos = 0;
     for (int ci = 0; ci < n_chunks; ci++) {
         const int len = chunks[ci];
@@ -245,9 +249,11 @@ static void check_step(const cfg *c, int dt, int B, int T, const int *chunks, in
             cr_assert_fail("step at pos %d: %s", pos, l->plugin->error);
         float *cout = th_to_host(DEV, cout_d, m);
         /* f32: the same math with GEMMs of other shapes (summation order): 1e-4 of the scale as against
-         * the CPU. bf16: forward keeps q, k, v rounded to bf16, the step's q and f32 cache do not: one
-         * bf16 rounding of q, k and v apart, ~6e-3 relative: 2e-2. A stale or misplaced cache row or a
-         * wrong position is off by O(1). */
+         * the CPU. bf16: both round the roped q, k, v to bf16 (the step's k, v in the bf16 cache) and run
+         * the same attention kernel over the same absolute key tiles, but the projections are GEMMs of
+         * other shapes (B*len vs B*T rows: cuBLAS may sum in another order), so an f32 value a few ulps
+         * apart can round to the neighbouring bf16 value (4e-3 relative) in q, k, v or att: the bf16
+         * bound of forward, 2e-2. A stale or misplaced cache row or a wrong position is off by O(1). */
         char what[64];
         snprintf(what, sizeof what, "step pos %d len %d", pos, len);
         check(what, c, B, len, dt, cout, want, m, th_max_abs(full, n), dt == M1C_BF16 ? 2e-2 : 1e-4);
@@ -284,6 +290,22 @@ Test(softmax_cuda, step_chunked_prefill) {
     const int chunks[] = {70, 1, 64, 5, 1}; /* multi-token steps that start mid-tile */
     check_step(&mqa_full, M1C_F32, 1, 141, chunks, 5, 400);
     check_step(&mqa_full, M1C_BF16, 1, 141, chunks, 5, 401);
+}
+
+/* Chunked prefill as a long-context prefill runs it, BF16 through the tensor-core kernel on the bf16
+ * cache (head_dim 64 and 128) and the CUDA-core fallback (head_dim 40), F32 unchanged: chunks of 63,
+ * 1, 130, 64, 300, 1, 63 start at positions 0, 63, 64, 194, 258, 558, 559 (a tile's last row, a tile
+ * boundary, and mid-tile starts, so a chunk's query tiles straddle the cache's 64-key tiles and its
+ * causal diagonal falls inside a key tile). */
+Test(softmax_cuda, step_chunked_prefill_long) {
+    th_need_gpu();
+    const int chunks[] = {63, 1, 130, 64, 300, 1, 63}; /* sum 622 */
+    for (int dt = M1C_F32; dt <= M1C_BF16; dt++) {
+        check_step(&gqa_hd64, dt, 2, 622, chunks, 7, 500 + (uint64_t)dt);
+        check_step(&mqa_full, dt, 1, 622, chunks, 7, 510 + (uint64_t)dt);
+        check_step(&minimax_head, dt, 1, 622, chunks, 7, 520 + (uint64_t)dt);
+        check_step(&odd_head, dt, 1, 622, chunks, 7, 530 + (uint64_t)dt);
+    }
 }
 
 /* ---- refusals ---- */

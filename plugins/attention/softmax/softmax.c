@@ -52,6 +52,7 @@ typedef struct softmax {
     int bk;       /* keys per tile */
     int64_t tile; /* floats of one thread's tile: forward S, m, l; backward P, dP, D */
     double theta; /* RoPE base */
+    int cache_dt; /* KV cache dtype: bf16 for BF16 compute on CUDA (tensor-core step), else f32 */
     double inv_freq[MAX_HEAD_DIM / 2]; /* theta^(-2i/rd), i < rd/2 */
 } softmax;
 
@@ -311,6 +312,7 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_i
     a->bk = a->bk < BK_MIN ? BK_MIN : (a->bk > BK_MAX ? BK_MAX : a->bk);
     a->tile = 2 * (int64_t)BQ * a->bk + 2 * BQ;
     for (int i = 0; i < a->rd / 2; i++) a->inv_freq[i] = pow(theta, -2.0 * i / a->rd);
+    a->cache_dt = info->device == M1C_DEVICE_CUDA && info->compute_dtype == M1C_BF16 ? M1C_BF16 : M1C_F32;
 #ifdef M1C_HAVE_CUDA
     if (info->device == M1C_DEVICE_CUDA &&
         sm_cuda_create(h, a->H, a->nh, a->kvh, a->hd, a->rd, theta, info->compute_dtype, &a->cuda) != M1C_OK) {
@@ -511,13 +513,15 @@ static int sm_backward(void *self, const m1c_layer_bufs *b, float *din, const fl
 /* ---- incremental inference ----------------------------------------------------------------- */
 
 /* KV cache: roped keys and values of every position so far, (batch, kvh, max_len, hd) so that one
- * head's keys are contiguous rows. */
+ * head's keys are contiguous rows; bf16 under BF16 compute on CUDA (what forward attends with, and
+ * half the memory), f32 otherwise. */
 static int sm_state(void *self, int batch, int64_t max_len, m1c_buf_spec *specs, int max) {
     softmax *a = self;
     if (!specs) return N_STATE;
     if (max < N_STATE) return a->h->error(a->h, "state: room for %d specs, need %d", max, N_STATE);
     set_spec(&specs[ST_K], "self_attn.k_cache", 4, batch, a->kvh, max_len, a->hd);
     set_spec(&specs[ST_V], "self_attn.v_cache", 4, batch, a->kvh, max_len, a->hd);
+    specs[ST_K].dtype = specs[ST_V].dtype = a->cache_dt;
     return N_STATE;
 }
 

@@ -100,16 +100,18 @@ __global__ static void rope_kernel(TO *dst, const float *src, int64_t rows, int 
     }
 }
 
-/* Append T new tokens' k, v ((B, T, kvh*hd)) to the cache (B, kvh, max_len, hd) at positions pos + t. */
-__global__ static void kv_append_kernel(float *kc, float *vc, const float *k, const float *v, int B, int T, int kvh,
+/* Append T new tokens' k, v ((B, T, kvh*hd), f32) to the cache (B, kvh, max_len, hd) at positions
+ * pos + t, in the cache's dtype (f32, or bf16 for BF16 compute: the rounding the forward applies). */
+template <typename TC>
+__global__ static void kv_append_kernel(TC *kc, TC *vc, const float *k, const float *v, int B, int T, int kvh,
                                         int hd, int64_t max_len, int64_t pos, int64_t cache_b_stride) {
     const int64_t n = (int64_t)B * T * kvh * hd;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
         const int d = (int)(e % hd), g = (int)((e / hd) % kvh);
         const int64_t r = e / ((int64_t)hd * kvh), b = r / T, t = r % T;
         const int64_t dst = b * cache_b_stride + ((int64_t)g * max_len + pos + t) * hd + d;
-        kc[dst] = k[e];
-        vc[dst] = v[e];
+        st(kc + dst, k[e]);
+        st(vc + dst, v[e]);
     }
 }
 
@@ -833,7 +835,6 @@ extern "C" int sm_cuda_create(const m1c_host *h, int H, int nh, int kvh, int hd,
     }
     if (raise_smem(a, attn_fwd_kernel<float, float, float>, fwd_smem(hd)) ||
         raise_smem(a, attn_fwd_kernel<bf16, bf16, bf16>, fwd_smem(hd)) ||
-        raise_smem(a, attn_fwd_kernel<float, float, bf16>, fwd_smem(hd)) ||
         raise_smem(a, attn_bwd_kv_kernel<float>, bwd_kv_smem(hd)) ||
         raise_smem(a, attn_bwd_kv_kernel<bf16>, bwd_kv_smem(hd)) ||
         raise_smem(a, attn_bwd_q_kernel<float>, bwd_q_smem(hd)) ||
@@ -930,23 +931,27 @@ static int attend(const sm_cuda *a, cudaStream_t s, const TQ *q, const TKV *kb, 
 static int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 /* The tensor-core forward when it applies (a->tc and 16-byte aligned operands for its vector
- * loads); *done = 0 leaves the work to attend(). */
-static int attend_tc(const sm_cuda *a, cudaStream_t s, const bf16 *q, const bf16 *k, const bf16 *v, bf16 *att,
-                     float *lse, int B, int T, int *done) {
+ * loads); *done = 0 leaves the work to attend(). Keys as attend(): kb + b*kb_stride + g*kg_stride,
+ * row stride ks (the layer's k (B, T, kd), or the KV cache (B, kvh, max_len, hd)); queries at
+ * positions pos0 + i. The strides must keep rows 16-byte aligned (multiples of 8 elements). */
+static int attend_tc(const sm_cuda *a, cudaStream_t s, const bf16 *q, const bf16 *k, const bf16 *v,
+                     int64_t kb_stride, int64_t kg_stride, int ks, bf16 *att, float *lse, int B, int T, int64_t pos0,
+                     int *done) {
     *done = 0;
-    if (!a->tc || !aligned16(q) || !aligned16(k) || !aligned16(v)) return M1C_OK;
+    if (!a->tc || !aligned16(q) || !aligned16(k) || !aligned16(v) || kb_stride % 8 ||
+        kg_stride % 8 || ks % 8)
+        return M1C_OK;
     *done = 1;
     if (B <= 0 || T <= 0) return M1C_OK;
-    const int kd = a->kvh * a->hd;
     const dim3 grid((T + TC_TB - 1) / TC_TB, a->nh, B);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)a->hd);
     const size_t sm = tc_fwd_smem(a->hd);
     if (a->hd == 64)
-        tc_fwd_kernel<64><<<grid, TC_THREADS, sm, s>>>(q, k, v, (int64_t)T * kd, a->hd, kd, att, lse, T, a->nh,
-                                                       a->rep, 0, scale_log2);
+        tc_fwd_kernel<64><<<grid, TC_THREADS, sm, s>>>(q, k, v, kb_stride, kg_stride, ks, att, lse, T, a->nh, a->rep,
+                                                       pos0, scale_log2);
     else
-        tc_fwd_kernel<128><<<grid, TC_THREADS, sm, s>>>(q, k, v, (int64_t)T * kd, a->hd, kd, att, lse, T, a->nh,
-                                                        a->rep, 0, scale_log2);
+        tc_fwd_kernel<128><<<grid, TC_THREADS, sm, s>>>(q, k, v, kb_stride, kg_stride, ks, att, lse, T, a->nh,
+                                                        a->rep, pos0, scale_log2);
     return launched(a, "attention forward (tensor cores)");
 }
 
@@ -1058,7 +1063,7 @@ extern "C" int sm_cuda_forward(void *self, const m1c_layer_bufs *b, float *out, 
         int done = 0;
         if (project_qkv(a, b, s, x, W, qf, kf, vf, B, T, 0) || to_bf16(a, s, q, qf, BT * qd) ||
             to_bf16(a, s, k, kf, BT * kd) || to_bf16(a, s, v, vf, BT * kd) ||
-            attend_tc(a, s, q, k, v, (bf16 *)att, lse, B, T, &done) ||
+            attend_tc(a, s, q, k, v, (int64_t)T * kd, a->hd, kd, (bf16 *)att, lse, B, T, 0, &done) ||
             (!done && attend(a, s, q, k, v, (int64_t)T * kd, a->hd, kd, (bf16 *)att, lse, B, T, 0)))
             return M1C_ERR;
     }
@@ -1152,7 +1157,10 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
 }
 
 /* T new tokens per sequence at positions pos..pos+T-1: project (q, k, v in f32), append roped k and v
- * to the f32 cache (B, kvh, max_len, hd), attend over the cache. */
+ * to the cache (B, kvh, max_len, hd), attend over cache rows 0..pos+T-1. F32: f32 cache, CUDA-core
+ * kernel. BF16: bf16 cache and bf16 q, the same roundings as forward; the tensor-core forward kernel
+ * (head_dim 64/128) reads the keys straight from the cache with the queries at positions pos + i,
+ * for any T (decoding included); other head dims use the CUDA-core kernel on the same bf16 data. */
 extern "C" int sm_cuda_step(void *self, const m1c_layer_bufs *b, m1c_tensor *state, float *out, const float *in, int B,
                             int T, int64_t pos) {
     sm_cuda *a = (sm_cuda *)self;
@@ -1160,9 +1168,11 @@ extern "C" int sm_cuda_step(void *self, const m1c_layer_bufs *b, m1c_tensor *sta
     const int hd = a->hd, qd = a->nh * hd, kd = a->kvh * hd, H = a->H;
     const m1c_tensor *kc = &state[ST_K], *vc = &state[ST_V];
     const int64_t max_len = kc->shape[2];
-    if (kc->dtype != M1C_F32 || vc->dtype != M1C_F32 || kc->ndim != 4 || kc->shape[1] != a->kvh ||
-        kc->shape[3] != hd || vc->shape[2] != max_len || vc->shape[0] != kc->shape[0])
-        return h->error(h, "step: the KV cache is not the f32 (batch, %d, max_len, %d) of state()", a->kvh, hd);
+    const int cdt = a->dt == M1C_BF16 ? M1C_BF16 : M1C_F32; /* softmax.c's state() declares this dtype */
+    if (kc->dtype != cdt || vc->dtype != cdt || kc->ndim != 4 || kc->shape[1] != a->kvh || kc->shape[3] != hd ||
+        vc->shape[2] != max_len || vc->shape[0] != kc->shape[0])
+        return h->error(h, "step: the KV cache is not the %s (batch, %d, max_len, %d) of state()",
+                        cdt == M1C_BF16 ? "bf16" : "f32", a->kvh, hd);
     if (B > kc->shape[0])
         return h->error(h, "step: B = %d sequences but the KV cache holds %lld", B, (long long)kc->shape[0]);
     if (pos < 0 || pos + T > max_len)
@@ -1175,23 +1185,32 @@ extern "C" int sm_cuda_step(void *self, const m1c_layer_bufs *b, m1c_tensor *sta
     const void *W[N_PARAMS], *x;
     float *q = (float *)b->scratch[CS_Q].data, *k = (float *)b->scratch[CS_K].data;
     float *v = (float *)b->scratch[CS_V].data;
-    float *kcache = (float *)kc->data, *vcache = (float *)vc->data;
     const int64_t gstride = max_len * hd, bstride = (int64_t)a->kvh * gstride;
     if (weights(a, b, W) || input_lp(a, b, s, in, BT * H, &x) || project_qkv(a, b, s, x, W, q, k, v, B, T, pos))
         return M1C_ERR;
-    kv_append_kernel<<<grid_for(BT * kd), NTHREADS, 0, s>>>(kcache, vcache, k, v, B, T, a->kvh, hd, max_len, pos,
-                                                           bstride);
-    if (launched(a, "kv_append")) return M1C_ERR;
+    const int agrid = grid_for(BT * kd);
     void *att;
-    if (a->dt == M1C_F32) {
+    if (cdt == M1C_F32) {
+        float *kcache = (float *)kc->data, *vcache = (float *)vc->data;
+        kv_append_kernel<float><<<agrid, NTHREADS, 0, s>>>(kcache, vcache, k, v, B, T, a->kvh, hd, max_len, pos,
+                                                           bstride);
+        if (launched(a, "kv_append")) return M1C_ERR;
         att = b->scratch[CS_DATT].data;
         if (attend(a, s, (const float *)q, (const float *)kcache, (const float *)vcache, bstride, gstride, hd,
                    (float *)att, (float *)NULL, B, T, pos))
             return M1C_ERR;
     } else {
-        att = b->scratch[CS_LP].data;
-        if (attend(a, s, (const float *)q, (const float *)kcache, (const float *)vcache, bstride, gstride, hd,
-                   (bf16 *)att, (float *)NULL, B, T, pos))
+        bf16 *kcache = (bf16 *)kc->data, *vcache = (bf16 *)vc->data;
+        bf16 *ql = (bf16 *)b->scratch[CS_LP].data, *al = ql + BT * qd; /* bf16 q, then att */
+        kv_append_kernel<bf16><<<agrid, NTHREADS, 0, s>>>(kcache, vcache, k, v, B, T, a->kvh, hd, max_len, pos,
+                                                          bstride);
+        if (launched(a, "kv_append")) return M1C_ERR;
+        att = al;
+        int done = 0;
+        if (to_bf16(a, s, ql, q, BT * qd) ||
+            attend_tc(a, s, ql, kcache, vcache, bstride, gstride, hd, al, (float *)NULL, B, T, pos, &done) ||
+            (!done && attend(a, s, (const bf16 *)ql, (const bf16 *)kcache, (const bf16 *)vcache, bstride, gstride, hd,
+                             al, (float *)NULL, B, T, pos)))
             return M1C_ERR;
     }
     return gemm(a, s, 0, 1, (int)BT, H, qd, att, qd, W[P_O], qd, 0.0f, out, M1C_F32, H);
