@@ -380,6 +380,13 @@ static inline m1c_buf_spec m1c_make_spec(const char *name, int dtype, int ndim, 
     return s;
 }
 
+/* Elements of a tensor: the product of its ndim dimensions (1 for ndim 0). */
+static inline int64_t m1c_tensor_numel(const m1c_tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
 /* The declaration protocol of params/acts/scratch/state: copy n specs into out[0..max), or count them
  * when out is NULL; too little room is an error naming `who`. */
 static inline int m1c_put_specs(const m1c_host *h, const char *who, const m1c_buf_spec *specs, int n,

@@ -129,12 +129,6 @@ static void mm(const lightning *L, int ta, int tb, int M, int N, int K, float al
     L->h->gemm(L->h, M1C_DEVICE_CPU, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-static int64_t numel(const m1c_tensor *t) {
-    int64_t n = 1;
-    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
-    return n;
-}
-
 static m1c_buf_spec spec(const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
     return m1c_make_spec(name, M1C_F32, ndim, d0, d1, d2, d3);
 }
@@ -545,9 +539,9 @@ static void norm_gate_forward(const lightning *L, float *y, const float *o, cons
 /* ---- forward, step, backward -------------------------------------------------------------------- */
 
 static int check_size(const lightning *L, const m1c_tensor *t, int64_t need, const char *what) {
-    if (!t->data || numel(t) < need)
+    if (!t->data || m1c_tensor_numel(t) < need)
         return L->h->error(L->h, "lightning: buffer %s holds %lld values, %lld needed (declared for a smaller batch?)",
-                           t->name ? t->name : what, (long long)numel(t), (long long)need);
+                           t->name ? t->name : what, (long long)m1c_tensor_numel(t), (long long)need);
     return M1C_OK;
 }
 

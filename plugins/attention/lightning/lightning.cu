@@ -464,16 +464,10 @@ static int launched(const lightning_cuda_cfg *c, const char *what) {
     return M1C_OK;
 }
 
-static int64_t numel(const m1c_tensor *t) {
-    int64_t n = 1;
-    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
-    return n;
-}
-
 static int check_size(const lightning_cuda_cfg *c, const m1c_tensor *t, int64_t need, int dtype, const char *what) {
-    if (!t->data || numel(t) < need)
+    if (!t->data || m1c_tensor_numel(t) < need)
         return c->h->error(c->h, "lightning: buffer %s holds %lld values, %lld needed (declared for a smaller batch?)",
-                           t->name ? t->name : what, (long long)numel(t), (long long)need);
+                           t->name ? t->name : what, (long long)m1c_tensor_numel(t), (long long)need);
     if (t->dtype != dtype)
         return c->h->error(c->h, "lightning: buffer %s has dtype %d, %d expected", t->name ? t->name : what,
                            (int)t->dtype, dtype);
@@ -795,13 +789,7 @@ extern "C" void lightning_cuda_release(float *dev) {
 }
 
 static m1c_buf_spec xspec(const char *name, int dtype, int ndim, int64_t d0, int64_t d1, int64_t d2) {
-    m1c_buf_spec s;
-    memset(&s, 0, sizeof(s));
-    s.name = name;
-    s.dtype = dtype;
-    s.ndim = ndim;
-    s.shape[0] = d0, s.shape[1] = d1, s.shape[2] = d2;
-    return s;
+    return m1c_make_spec(name, dtype, ndim, d0, d1, d2, 0);
 }
 
 extern "C" int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T, m1c_buf_spec *specs, int max) {
@@ -832,10 +820,7 @@ extern "C" int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T,
         xspec("self_attn.dkv_lp", M1C_BF16, 3, lp, lpd, lpd),
         xspec("self_attn.norm_dw", M1C_F32, 2, NDW, D, 0),                     /* (chunks, nh*hd) */
     };
-    if (!specs) return N_X;
-    if (max < N_X) return c->h->error(c->h, "lightning: room for %d buffer specs, %d needed", max, (int)N_X);
-    memcpy(specs, s, sizeof(s));
-    return N_X;
+    return m1c_put_specs(c->h, "lightning", s, N_X, specs, max);
 }
 
 extern "C" int lightning_cuda_run(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *out, const float *in,

@@ -63,22 +63,8 @@ static int threads(const softmax *a) {
     return n > 0 ? n : omp_get_max_threads();
 }
 
-static void set_spec(m1c_buf_spec *s, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2,
-                     int64_t d3) {
-    memset(s, 0, sizeof(*s));
-    s->name = name;
-    s->dtype = M1C_F32;
-    s->ndim = ndim;
-    s->shape[0] = d0;
-    s->shape[1] = d1;
-    s->shape[2] = d2;
-    s->shape[3] = d3;
-}
-
-static int64_t numel(const m1c_tensor *t) {
-    int64_t n = 1;
-    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
-    return n;
+static m1c_buf_spec spec(const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
+    return m1c_make_spec(name, M1C_F32, ndim, d0, d1, d2, d3);
 }
 
 /* exp(x) for the x <= ~0 of softmax (scores minus their row maximum or logsumexp), written so that the
@@ -334,19 +320,15 @@ static void sm_destroy(void *self) {
 
 static int sm_params(void *self, m1c_buf_spec *specs, int max) {
     softmax *a = self;
-    if (!specs) return N_PARAMS;
-    if (max < N_PARAMS) return a->h->error(a->h, "params: room for %d specs, need %d", max, N_PARAMS);
     const int64_t H = a->H, qd = (int64_t)a->nh * a->hd, kd = (int64_t)a->kvh * a->hd;
-    /* HF Linear layout [out, in]: y = x W^T */
-    set_spec(&specs[P_Q], "self_attn.q_proj.weight", 2, qd, H, 0, 0);
-    set_spec(&specs[P_K], "self_attn.k_proj.weight", 2, kd, H, 0, 0);
-    set_spec(&specs[P_V], "self_attn.v_proj.weight", 2, kd, H, 0, 0);
-    set_spec(&specs[P_O], "self_attn.o_proj.weight", 2, H, qd, 0, 0);
-    for (int i = 0; i < N_PARAMS; i++) {
-        specs[i].init = M1C_INIT_NORMAL;
-        specs[i].std = 0.02f;
-    }
-    return N_PARAMS;
+    /* HF Linear layout [out, in]: y = x W^T; initialised N(0, 0.02^2) */
+    const m1c_buf_spec s[N_PARAMS] = {
+        spec("self_attn.q_proj.weight", 2, qd, H, 0, 0), /* P_Q */
+        spec("self_attn.k_proj.weight", 2, kd, H, 0, 0), /* P_K */
+        spec("self_attn.v_proj.weight", 2, kd, H, 0, 0), /* P_V */
+        spec("self_attn.o_proj.weight", 2, H, qd, 0, 0), /* P_O */
+    };
+    return m1c_put_specs(a->h, "softmax params", s, N_PARAMS, specs, max);
 }
 
 /* Kept for backward: roped q and k, v, the attention output before o_proj and the per-row logsumexp.
@@ -356,15 +338,15 @@ static int sm_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
 #ifdef M1C_HAVE_CUDA
     if (a->cuda) return sm_cuda_acts(a->cuda, B, T, specs, max);
 #endif
-    if (!specs) return N_ACTS;
-    if (max < N_ACTS) return a->h->error(a->h, "acts: room for %d specs, need %d", max, N_ACTS);
     const int64_t qd = (int64_t)a->nh * a->hd, kd = (int64_t)a->kvh * a->hd;
-    set_spec(&specs[A_Q], "self_attn.q", 3, B, T, qd, 0);
-    set_spec(&specs[A_K], "self_attn.k", 3, B, T, kd, 0);
-    set_spec(&specs[A_V], "self_attn.v", 3, B, T, kd, 0);
-    set_spec(&specs[A_ATT], "self_attn.att", 3, B, T, qd, 0);
-    set_spec(&specs[A_LSE], "self_attn.lse", 3, B, a->nh, T, 0);
-    return N_ACTS;
+    const m1c_buf_spec s[N_ACTS] = {
+        spec("self_attn.q", 3, B, T, qd, 0),          /* A_Q */
+        spec("self_attn.k", 3, B, T, kd, 0),          /* A_K */
+        spec("self_attn.v", 3, B, T, kd, 0),          /* A_V */
+        spec("self_attn.att", 3, B, T, qd, 0),        /* A_ATT */
+        spec("self_attn.lse", 3, B, a->nh, T, 0),     /* A_LSE */
+    };
+    return m1c_put_specs(a->h, "softmax acts", s, N_ACTS, specs, max);
 }
 
 /* Per call: gradients of q, of k and v per query head (summed over each KV group afterwards) and of the
@@ -376,15 +358,16 @@ static int sm_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     if (a->cuda) return sm_cuda_scratch(a->cuda, B, T, specs, max);
 #endif
     if (!specs) return N_SCRATCH;
-    if (max < N_SCRATCH) return a->h->error(a->h, "scratch: room for %d specs, need %d", max, N_SCRATCH);
     const int64_t qd = (int64_t)a->nh * a->hd;
-    set_spec(&specs[S_DQ], "self_attn.dq", 3, B, T, qd, 0);
-    set_spec(&specs[S_DK], "self_attn.dk", 3, B, T, qd, 0);
-    set_spec(&specs[S_DV], "self_attn.dv", 3, B, T, qd, 0);
-    set_spec(&specs[S_DATT], "self_attn.datt", 3, B, T, qd, 0);
-    set_spec(&specs[S_LSE], "self_attn.scratch_lse", 3, B, a->nh, T, 0);
-    set_spec(&specs[S_TILE], "self_attn.tiles", 2, threads(a), a->tile, 0, 0);
-    return N_SCRATCH;
+    const m1c_buf_spec s[N_SCRATCH] = {
+        spec("self_attn.dq", 3, B, T, qd, 0),                  /* S_DQ */
+        spec("self_attn.dk", 3, B, T, qd, 0),                  /* S_DK */
+        spec("self_attn.dv", 3, B, T, qd, 0),                  /* S_DV */
+        spec("self_attn.datt", 3, B, T, qd, 0),                /* S_DATT */
+        spec("self_attn.scratch_lse", 3, B, a->nh, T, 0),      /* S_LSE */
+        spec("self_attn.tiles", 2, threads(a), a->tile, 0, 0), /* S_TILE */
+    };
+    return m1c_put_specs(a->h, "softmax scratch", s, N_SCRATCH, specs, max);
 }
 
 /* Threads to use: the host's count, at most the number of score tiles declared in scratch. */
@@ -397,10 +380,10 @@ static int tile_threads(const softmax *a, const m1c_layer_bufs *b) {
 static int check_scratch(const softmax *a, const m1c_layer_bufs *b, int B, int T) {
     const int64_t need = (int64_t)B * T * a->nh * a->hd;
     for (int i = S_DQ; i <= S_DATT; i++)
-        if (numel(&b->scratch[i]) < need)
+        if (m1c_tensor_numel(&b->scratch[i]) < need)
             return a->h->error(a->h, "scratch buffer %d holds %lld floats, (B=%d, T=%d) needs %lld", i,
-                               (long long)numel(&b->scratch[i]), B, T, (long long)need);
-    if (numel(&b->scratch[S_LSE]) < (int64_t)B * a->nh * T || b->scratch[S_TILE].shape[0] < 1 ||
+                               (long long)m1c_tensor_numel(&b->scratch[i]), B, T, (long long)need);
+    if (m1c_tensor_numel(&b->scratch[S_LSE]) < (int64_t)B * a->nh * T || b->scratch[S_TILE].shape[0] < 1 ||
         b->scratch[S_TILE].shape[1] < a->tile)
         return a->h->error(a->h, "scratch too small for (B=%d, T=%d)", B, T);
     return M1C_OK;
@@ -517,12 +500,11 @@ static int sm_backward(void *self, const m1c_layer_bufs *b, float *din, const fl
  * half the memory), f32 otherwise. */
 static int sm_state(void *self, int batch, int64_t max_len, m1c_buf_spec *specs, int max) {
     softmax *a = self;
-    if (!specs) return N_STATE;
-    if (max < N_STATE) return a->h->error(a->h, "state: room for %d specs, need %d", max, N_STATE);
-    set_spec(&specs[ST_K], "self_attn.k_cache", 4, batch, a->kvh, max_len, a->hd);
-    set_spec(&specs[ST_V], "self_attn.v_cache", 4, batch, a->kvh, max_len, a->hd);
-    specs[ST_K].dtype = specs[ST_V].dtype = a->cache_dt;
-    return N_STATE;
+    const m1c_buf_spec s[N_STATE] = {
+        m1c_make_spec("self_attn.k_cache", a->cache_dt, 4, batch, a->kvh, max_len, a->hd), /* ST_K */
+        m1c_make_spec("self_attn.v_cache", a->cache_dt, 4, batch, a->kvh, max_len, a->hd), /* ST_V */
+    };
+    return m1c_put_specs(a->h, "softmax state", s, N_STATE, specs, max);
 }
 
 /* T new tokens per sequence at positions pos..pos+T-1: append their k, v to the cache, attend over the

@@ -771,24 +771,6 @@ static int launched(const sm_cuda *a, const char *what) {
     return M1C_OK;
 }
 
-static void set_spec(m1c_buf_spec *s, const char *name, int dtype, int ndim, int64_t d0, int64_t d1, int64_t d2,
-                     int64_t d3) {
-    memset(s, 0, sizeof(*s));
-    s->name = name;
-    s->dtype = dtype;
-    s->ndim = ndim;
-    s->shape[0] = d0;
-    s->shape[1] = d1;
-    s->shape[2] = d2;
-    s->shape[3] = d3;
-}
-
-static int64_t numel(const m1c_tensor *t) {
-    int64_t n = 1;
-    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
-    return n;
-}
-
 template <typename K>
 static int raise_smem(const sm_cuda *a, K kernel, size_t bytes) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
@@ -851,32 +833,32 @@ extern "C" void sm_cuda_destroy(void *self) { free(self); }
 /* Saved for backward: roped q, k, v and att in the compute dtype, lse in f32. */
 extern "C" int sm_cuda_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     sm_cuda *a = (sm_cuda *)self;
-    if (!specs) return N_ACTS;
-    if (max < N_ACTS) return a->h->error(a->h, "acts: room for %d specs, need %d", max, N_ACTS);
     const int64_t qd = (int64_t)a->nh * a->hd, kd = (int64_t)a->kvh * a->hd;
-    set_spec(&specs[A_Q], "self_attn.q", a->dt, 3, B, T, qd, 0);
-    set_spec(&specs[A_K], "self_attn.k", a->dt, 3, B, T, kd, 0);
-    set_spec(&specs[A_V], "self_attn.v", a->dt, 3, B, T, kd, 0);
-    set_spec(&specs[A_ATT], "self_attn.att", a->dt, 3, B, T, qd, 0);
-    set_spec(&specs[A_LSE], "self_attn.lse", M1C_F32, 3, B, a->nh, T, 0);
-    return N_ACTS;
+    const m1c_buf_spec s[N_ACTS] = {
+        m1c_make_spec("self_attn.q", a->dt, 3, B, T, qd, 0),         /* A_Q */
+        m1c_make_spec("self_attn.k", a->dt, 3, B, T, kd, 0),         /* A_K */
+        m1c_make_spec("self_attn.v", a->dt, 3, B, T, kd, 0),         /* A_V */
+        m1c_make_spec("self_attn.att", a->dt, 3, B, T, qd, 0),       /* A_ATT */
+        m1c_make_spec("self_attn.lse", M1C_F32, 3, B, a->nh, T, 0),  /* A_LSE */
+    };
+    return m1c_put_specs(a->h, "softmax acts", s, N_ACTS, specs, max);
 }
 
 extern "C" int sm_cuda_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) {
     sm_cuda *a = (sm_cuda *)self;
-    if (!specs) return N_CS;
-    if (max < N_CS) return a->h->error(a->h, "scratch: room for %d specs, need %d", max, N_CS);
     const int64_t qd = (int64_t)a->nh * a->hd, kd = (int64_t)a->kvh * a->hd, BT = (int64_t)B * T;
     const int lp = a->dt == M1C_BF16; /* the bf16 staging exists only for BF16 compute */
-    set_spec(&specs[CS_Q], "self_attn.dq", M1C_F32, 3, B, T, qd, 0);
-    set_spec(&specs[CS_K], "self_attn.dk", M1C_F32, 3, B, T, kd, 0);
-    set_spec(&specs[CS_V], "self_attn.dv", M1C_F32, 3, B, T, kd, 0);
-    set_spec(&specs[CS_DATT], "self_attn.datt", M1C_F32, 3, B, T, qd, 0);
-    set_spec(&specs[CS_LSE], "self_attn.scratch_lse", M1C_F32, 3, B, a->nh, T, 0);
-    set_spec(&specs[CS_ROPE], "self_attn.rope", M1C_F32, 2, T, a->rd > 0 ? a->rd : 1, 0, 0);
-    set_spec(&specs[CS_XLP], "self_attn.x_bf16", M1C_BF16, 2, lp ? BT : 1, lp ? a->H : 1, 0, 0);
-    set_spec(&specs[CS_LP], "self_attn.qkv_bf16", M1C_BF16, 2, lp ? BT : 1, lp ? 2 * qd + 2 * kd : 1, 0, 0);
-    return N_CS;
+    const m1c_buf_spec s[N_CS] = {
+        m1c_make_spec("self_attn.dq", M1C_F32, 3, B, T, qd, 0),                                     /* CS_Q */
+        m1c_make_spec("self_attn.dk", M1C_F32, 3, B, T, kd, 0),                                     /* CS_K */
+        m1c_make_spec("self_attn.dv", M1C_F32, 3, B, T, kd, 0),                                     /* CS_V */
+        m1c_make_spec("self_attn.datt", M1C_F32, 3, B, T, qd, 0),                                   /* CS_DATT */
+        m1c_make_spec("self_attn.scratch_lse", M1C_F32, 3, B, a->nh, T, 0),                         /* CS_LSE */
+        m1c_make_spec("self_attn.rope", M1C_F32, 2, T, a->rd > 0 ? a->rd : 1, 0, 0),                /* CS_ROPE */
+        m1c_make_spec("self_attn.x_bf16", M1C_BF16, 2, lp ? BT : 1, lp ? a->H : 1, 0, 0),           /* CS_XLP */
+        m1c_make_spec("self_attn.qkv_bf16", M1C_BF16, 2, lp ? BT : 1, lp ? 2 * qd + 2 * kd : 1, 0, 0), /* CS_LP */
+    };
+    return m1c_put_specs(a->h, "softmax scratch", s, N_CS, specs, max);
 }
 
 static int check_scratch(const sm_cuda *a, const m1c_layer_bufs *b, int B, int T) {
@@ -886,9 +868,9 @@ static int check_scratch(const sm_cuda *a, const m1c_layer_bufs *b, int B, int T
                                 lp ? BT * a->H : 0, lp ? BT * (2 * qd + 2 * kd) : 0};
     const int want_dt[N_CS] = {M1C_F32, M1C_F32, M1C_F32, M1C_F32, M1C_F32, M1C_F32, M1C_BF16, M1C_BF16};
     for (int i = 0; i < N_CS; i++)
-        if (numel(&b->scratch[i]) < need[i] || (need[i] > 0 && b->scratch[i].dtype != want_dt[i]))
+        if (m1c_tensor_numel(&b->scratch[i]) < need[i] || (need[i] > 0 && b->scratch[i].dtype != want_dt[i]))
             return a->h->error(a->h, "scratch buffer %d holds %lld elements of dtype %d, (B=%d, T=%d) needs %lld", i,
-                               (long long)numel(&b->scratch[i]), b->scratch[i].dtype, B, T, (long long)need[i]);
+                               (long long)m1c_tensor_numel(&b->scratch[i]), b->scratch[i].dtype, B, T, (long long)need[i]);
     if (B > 65535 || a->nh > 65535)
         return a->h->error(a->h, "B = %d or heads = %d exceeds the CUDA grid limit 65535", B, a->nh);
     return M1C_OK;

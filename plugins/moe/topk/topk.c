@@ -29,6 +29,7 @@
 #endif
 #include "m1c/plugin.h"
 #include "../swiglu.h"
+#include "../topk_route.h"
 #include "../topk_cuda.cuh" /* the A_STATS / A_COUNTS layouts, and the CUDA entry points */
 
 typedef struct topk {
@@ -275,31 +276,8 @@ static int topk_forward(void *self, const m1c_layer_bufs *b, float *out, const f
     /* Router: logits into probs, then softmax and top-k per token in place. */
     h->gemm(h, M1C_DEVICE_CPU, 0, 1, N, E, H, 1.0f, xr, H, Wr, H, 0.0f, probs, E);
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int n = 0; n < N; n++) {
-        float *p = probs + (int64_t)n * E;
-        float mx = p[0];
-        for (int e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
-        double sum = 0.0;
-        for (int e = 0; e < E; e++) {
-            p[e] = expf(p[e] - mx);
-            sum += p[e];
-        }
-        const float inv = (float)(1.0 / sum);
-        for (int e = 0; e < E; e++) p[e] *= inv;
-        int32_t *id = idx + (int64_t)n * k;
-        double ssel = 0.0;
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < E; e++) {
-                int taken = 0;
-                for (int i = 0; i < j; i++) taken |= id[i] == e;
-                if (!taken && (best < 0 || p[e] > p[best])) best = e; /* strict >: lower index wins ties */
-            }
-            id[j] = best;
-            ssel += p[best];
-        }
-        for (int j = 0; j < k; j++) w[(int64_t)n * k + j] = m->normalize ? (float)(p[id[j]] / ssel) : p[id[j]];
-    }
+    for (int n = 0; n < N; n++)
+        topk_route_token(probs + (int64_t)n * E, idx + (int64_t)n * k, w + (int64_t)n * k, E, k, m->normalize);
 
     /* Capacity and the counting sort, in token order (sequential: O(N*k) integer work). */
     int32_t *routed = cnt + C_ROUTED, *cursor = cnt + C_ROUTED + E;

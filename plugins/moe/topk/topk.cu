@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "../moe_cuda.cuh"
+#include "../topk_route.h"
 #include "../topk_cuda.cuh"
 
 /* ---- CUDA kernels ------------------------------------------------------------------------------ */
@@ -60,37 +61,12 @@ __global__ void add_mul_kernel(float *din, const float *t, const float *noise, i
     MOE_GRID_LOOP(i, n) din[i] += t[i] * noise[i];
 }
 
-/* Per token (one thread): softmax of the logits in probs (in place), top-k (ties: the lower index wins,
- * as on the CPU), combine weights. */
+/* Per token (one thread): softmax of the logits in probs (in place), top-k, combine weights, by the
+ * CPU reference's own code (../topk_route.h). */
 __global__ void router_kernel(float *probs, int32_t *idx, float *w, int N, int E, int k, int normalize) {
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
-    float *p = probs + (int64_t)n * E;
-    float mx = p[0];
-    for (int e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
-    double sum = 0.0;
-    for (int e = 0; e < E; e++) {
-        p[e] = expf(p[e] - mx);
-        sum += p[e];
-    }
-    const float inv = (float)(1.0 / sum);
-    for (int e = 0; e < E; e++) p[e] *= inv;
-    /* The j-th pick is the best expert below the (j-1)-th in the order (p descending, index ascending). */
-    int32_t *id = idx + (int64_t)n * k;
-    double ssel = 0.0;
-    int prev = -1;
-    for (int j = 0; j < k; j++) {
-        int best = -1;
-        for (int e = 0; e < E; e++) {
-            if (prev >= 0 && !(p[e] < p[prev] || (p[e] == p[prev] && e > prev))) continue; /* not below prev */
-            if (best < 0 || p[e] > p[best]) best = e;
-        }
-        best = best < 0 ? 0 : best; /* NaN logits only: keep the indices in range */
-        id[j] = best;
-        ssel += p[best];
-        prev = best;
-    }
-    for (int j = 0; j < k; j++) w[(int64_t)n * k + j] = normalize ? (float)(p[id[j]] / ssel) : p[id[j]];
+    topk_route_token(probs + (int64_t)n * E, idx + (int64_t)n * k, w + (int64_t)n * k, E, k, normalize);
 }
 
 /* Capacity and the stable counting sort, in three passes over chunks of RK_CHUNK assignments (token

@@ -56,12 +56,6 @@ static int adamw_state(void *self, const char **names, int max) {
     return ADAMW_N_STATE;
 }
 
-static int64_t numel(const m1c_tensor *t) {
-    int64_t n = 1;
-    for (int d = 0; d < t->ndim; d++) n *= t->shape[d];
-    return n;
-}
-
 static const char *tname(const m1c_tensor *t) { return t->name ? t->name : "(unnamed)"; }
 
 /* Every tensor must be an f32 tensor (bf16 for the low-precision copies) of the parameter's size on the
@@ -76,9 +70,9 @@ static int check_tensor(const m1c_host *h, const m1c_tensor *t, const char *what
         return h->error(h, "%s of parameter %d (%s) has dtype %d: adamw needs %s", what, i, tname(t),
                         (int)t->dtype, dtype == M1C_BF16 ? "bf16" : "f32");
     if (!t->data && n > 0) return h->error(h, "%s of parameter %d (%s) has no data", what, i, tname(t));
-    if (numel(t) != n)
+    if (m1c_tensor_numel(t) != n)
         return h->error(h, "%s of parameter %d (%s) has %lld elements, the parameter %lld", what, i, tname(t),
-                        (long long)numel(t), (long long)n);
+                        (long long)m1c_tensor_numel(t), (long long)n);
     return M1C_OK;
 }
 
@@ -103,7 +97,7 @@ static int adamw_step(void *self, const m1c_optim_step *a) {
     if (a->n < 0 || (a->n > 0 && (!a->params || !a->grads || !a->state)))
         return h->error(h, "optimizer step with %d tensors but missing params, grads or state", (int)a->n);
     for (int i = 0; i < a->n; i++) {
-        int64_t n = numel(&a->params[i]);
+        int64_t n = m1c_tensor_numel(&a->params[i]);
         const int dev = a->device;
         if (check_tensor(h, &a->params[i], "parameter", i, n, dev, M1C_F32) != M1C_OK) return M1C_ERR;
         if (check_tensor(h, &a->grads[i], "gradient", i, n, dev, M1C_F32) != M1C_OK) return M1C_ERR;
@@ -139,7 +133,7 @@ static int adamw_step(void *self, const m1c_optim_step *a) {
     if (nt <= 0) nt = omp_get_max_threads();
 
     for (int i = 0; i < a->n; i++) {
-        const int64_t n = numel(&a->params[i]);
+        const int64_t n = m1c_tensor_numel(&a->params[i]);
         float *p = a->params[i].data;
         const float *g = a->grads[i].data;
         float *m = a->state[i * ADAMW_N_STATE + 0].data; /* exp_avg */

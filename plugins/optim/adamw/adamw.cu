@@ -68,12 +68,6 @@ static cudaError_t flush(adamw_table *tab, int blocks, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
-static int64_t numel(const m1c_tensor *t) {
-    int64_t n = 1;
-    for (int d = 0; d < t->ndim; d++) n *= t->shape[d];
-    return n;
-}
-
 /* Declared in adamw.c, which has checked every tensor (CUDA, f32 or bf16 for params_lp, sizes) and
  * computed the scalars exactly as its CPU path does. keep_decay is 1 - lr*wd rounded to f32 (1 without
  * weight decay), applied to tensors without no_decay. Launches on a->stream; asynchronous. Returns 0,
@@ -91,7 +85,7 @@ extern "C" int adamw_cuda_step(const m1c_optim_step *a, int n_state, float keep_
     cudaStream_t stream = (cudaStream_t)a->stream;
     int blocks = 0;
     for (int i = 0; i < a->n; i++) {
-        const int64_t n = numel(&a->params[i]);
+        const int64_t n = m1c_tensor_numel(&a->params[i]);
         if (n <= 0) continue;
         const int64_t nb = (n + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
         if (nb > ADAMW_MAX_BLOCKS) {
