@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU comparison benchmarks in one command, so that m1c and its references run on the same machine and
 # in the same session: m1c's training step (three LM-head precisions) against transformers'
-# MiniMaxForCausalLM, torch's SDPA (the softmax attention reference), and m1c's 1M-token prefill.
+# MiniMaxForCausalLM, m1c's softmax-attention kernels against torch's SDPA on the same shapes, the
+# lightning-attention core alone, and m1c's 1M-token prefill.
 # Builds nothing: run scripts/gpu-check.sh (or cmake) first.
 #
 #   bash bench/gpu_bench.sh [BUILD_DIR]          (default build-gpu; logs in ${OUT:-BUILD_DIR}/bench)
@@ -43,7 +44,11 @@ run hf_train python3 bench/hf_train_reference.py ${HF_ARGS:-}
 # 3. torch SDPA (flash) forward + backward on the attention shapes of the issue.
 # shellcheck disable=SC2086
 run sdpa python3 bench/sdpa_reference.py ${SDPA_ARGS:-}
-# 4. m1c's long-context prefill: 1,048,576 tokens of one sequence in chunks of 32,768.
+# 4. m1c's softmax-attention kernels alone on SDPA's shapes (16 x 128, 65,536 tokens per batch).
+run m1c_softmax "$build/m1c_bench_softmax" --T 2048,4096,8192
+# 5. the lightning-attention core alone: 16 x 128, fwd+bwd at 65,536 tokens per batch, fwd at 256K and 1M.
+run m1c_lightning "$build/m1c_bench_lightning"
+# 6. m1c's long-context prefill: 1,048,576 tokens of one sequence in chunks of 32,768.
 run m1c_prefill "$build/m1c_bench_prefill" --tokens 1048576 --chunk 32768 --segments 8
 
 # Summary. m1c's table row for the reference shape ends "... ms/step tokens/s GFLOP/s MFU"; the HF script's
@@ -71,8 +76,12 @@ else
   printf "%-26s %s\n" "transformers MiniMax" "${why:-failed}"
 fi
 echo
-echo "=== torch SDPA, causal, bf16 (q 16 x 128, 65,536 tokens per batch)"
+echo "=== softmax attention, causal, bf16 (q 16 x 128, 65,536 tokens per batch): torch SDPA, then m1c"
 grep "^sdpa " "$logs/sdpa.log" 2>/dev/null || echo "no results"
+grep -E "^(fwd|fwd\+bwd) " "$logs/m1c_softmax.log" 2>/dev/null | sed "s/^/m1c  /" || echo "no results"
+echo
+echo "=== lightning attention core, bf16, 16 x 128 (M tokens/s)"
+grep -E "^(pass|fwd|fwd\+bwd) " "$logs/m1c_lightning.log" 2>/dev/null || echo "no results"
 echo
 echo "=== m1c prefill, 1,048,576 tokens"
 grep -E "^prefill of|^total" "$logs/m1c_prefill.log" 2>/dev/null || echo "no results"

@@ -15,6 +15,9 @@
  * 1 - l/(L-1+1e-5) + 1e-5; base = 2^(-8/nh) in both. */
 enum { DECAY_M1C, DECAY_HF };
 static const char *const decay_choices[] = {"m1c", "hf", NULL};
+/* CUDA kernels: "fused" (lightning_core.cuh: bf16, head_dim 64 or 128), "blocked" (per-block GEMMs through
+ * cuBLAS, any shape and dtype), "auto" (fused where it applies). The CPU ignores the setting. */
+static const char *const kernel_choices[] = {"auto", "fused", "blocked", NULL};
 
 typedef struct lightning {
     const m1c_host *h;
@@ -28,6 +31,8 @@ typedef struct lightning {
     int device;  /* m1c_device of every buffer */
     int bf16;    /* CUDA with compute dtype M1C_BF16: bf16 GEMM operands and saved activations */
     float *pw_dev; /* CUDA: pw copied to the device */
+    float *slope_dev; /* CUDA: the slopes s_h, for the fused kernels */
+    int fused;     /* CUDA: the fused tensor-core kernels (lightning_core.cuh), else block GEMMs */
 } lightning;
 
 #ifdef M1C_HAVE_CUDA
@@ -38,6 +43,8 @@ typedef struct lightning_cuda_cfg {
     float eps;
     int bf16;
     const float *pw;
+    int fused;
+    const float *slope;
 } lightning_cuda_cfg;
 int lightning_cuda_upload(const m1c_host *h, const float *pw, size_t n, float **dev);
 void lightning_cuda_release(float *dev);
@@ -48,7 +55,7 @@ int lightning_cuda_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b
                             const float *in, int B, int T);
 
 static lightning_cuda_cfg cuda_cfg(const lightning *L) {
-    lightning_cuda_cfg c = {L->h, L->H, L->nh, L->hd, L->D, L->bs, L->eps, L->bf16, L->pw_dev};
+    lightning_cuda_cfg c = {L->h, L->H, L->nh, L->hd, L->D, L->bs, L->eps, L->bf16, L->pw_dev, L->fused, L->slope_dev};
     return c;
 }
 #endif
@@ -165,6 +172,7 @@ static void lightning_destroy(void *self) {
     if (L->pw) L->h->free(L->h, M1C_DEVICE_CPU, L->pw);
 #ifdef M1C_HAVE_CUDA
     lightning_cuda_release(L->pw_dev);
+    lightning_cuda_release(L->slope_dev);
 #endif
     free(L);
 }
@@ -172,7 +180,7 @@ static void lightning_destroy(void *self) {
 static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_info *info, void **self) {
     int64_t nh, hd, bs;
     double eps;
-    const char *decay;
+    const char *decay, *kernel;
     *self = NULL;
 #ifdef M1C_HAVE_CUDA
     if (info->device != M1C_DEVICE_CPU && info->device != M1C_DEVICE_CUDA)
@@ -195,6 +203,13 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
     if (h->get_int(h, s, "block_size", 256, 1, 4096, &bs) != M1C_OK) return M1C_ERR;
     if (h->get_float(h, s, "norm_eps", 1e-6, 1e-12, 1.0, &eps) != M1C_OK) return M1C_ERR;
     if (h->get_string(h, s, "decay", "m1c", decay_choices, &decay) != M1C_OK) return M1C_ERR;
+    if (h->get_string(h, s, "kernel", "auto", kernel_choices, &kernel) != M1C_OK) return M1C_ERR;
+    const int fusable = info->device == M1C_DEVICE_CUDA && info->compute_dtype == M1C_BF16 && (hd == 64 || hd == 128);
+    if (!strcmp(kernel, "fused") && !fusable)
+        return h->settings_error(h, s, "kernel",
+                                 "the fused kernel needs device \"cuda\", precision bf16 and head_dim 64 or 128 "
+                                 "(head_dim is %lld); use \"auto\" or \"blocked\"",
+                                 (long long)hd);
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     if (nh * hd > (1 << 20))
         return h->error(h, "lightning: heads * head_dim = %lld exceeds %d", (long long)(nh * hd), 1 << 20);
@@ -218,16 +233,21 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
     const double l = info->layer_index, nl = info->n_layers;
     double factor = L->decay == DECAY_HF ? 1.0 - l / (nl - 1.0 + 1e-5) + 1e-5
                                          : 1.0 - (nl > 1 ? l / (nl - 1.0) : 0.0) + 1e-5;
+    float slopes[4096];
     for (int i = 0; i < L->nh; i++) {
         const double slope = exp2(-8.0 * (i + 1) / L->nh) * factor; /* base^(h+1) = 2^(-8 (h+1) / nh) */
+        slopes[i] = (float)slope;
         for (int k = 0; k <= L->bs; k++) L->pw[(size_t)i * (L->bs + 1) + k] = (float)exp(-slope * k);
     }
+    (void)slopes; /* read by the CUDA upload only */
     L->device = info->device;
 #ifdef M1C_HAVE_CUDA
     if (L->device == M1C_DEVICE_CUDA) {
         /* the same decay powers as the CPU, so both devices mask with identical factors */
         L->bf16 = info->compute_dtype == M1C_BF16;
-        if (lightning_cuda_upload(h, L->pw, (size_t)nh * (size_t)(bs + 1), &L->pw_dev) != M1C_OK) {
+        L->fused = fusable && strcmp(kernel, "blocked") != 0;
+        if (lightning_cuda_upload(h, L->pw, (size_t)nh * (size_t)(bs + 1), &L->pw_dev) != M1C_OK ||
+            lightning_cuda_upload(h, slopes, (size_t)nh, &L->slope_dev) != M1C_OK) {
             lightning_destroy(L);
             return M1C_ERR;
         }
@@ -263,6 +283,8 @@ static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max
         spec("self_attn.rstd", 1, N, 0, 0, 0),                                    /* (B*T) */
         spec("self_attn.kv_blocks", 4, B, L->nh, n_blocks(L, T), hd * hd),        /* (B, nh, blocks, hd*hd) */
     };
+    /* The fused CUDA kernels recompute the states in backward: no per-block states to keep. */
+    if (L->fused) s[A_KV] = spec("self_attn.kv_blocks", 4, 1, 1, 1, 1);
     if (L->bf16) s[A_QKV].dtype = s[A_GATE].dtype = s[A_O].dtype = M1C_BF16; /* rstd and states stay f32 */
     return put_specs(L, s, N_ACTS, specs, max);
 }

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "lightning_core.cuh"
 #include "m1c/plugin.h"
 
 /* Shared with lightning.c, which declares an identical struct: keep the two in step. */
@@ -16,6 +17,8 @@ typedef struct lightning_cuda_cfg {
     float eps;
     int bf16;        /* compute dtype M1C_BF16 */
     const float *pw; /* device [nh][bs + 1]: pw[h][k] = exp(-s_h k), the CPU's table copied */
+    int fused;       /* the fused kernels of lightning_core.cuh (bf16, hd 64 or 128), else block GEMMs */
+    const float *slope; /* device [nh]: s_h */
 } lightning_cuda_cfg;
 
 /* Indices of lightning.c's declarations (params and acts are the same lists on both devices). */
@@ -34,8 +37,10 @@ enum {
     X_QKV, X_Y, X_DO, X_LP,
     X_HA0, X_HA1, X_HA2, X_HA3, X_HA4, X_HA5, X_HA6,
     X_HF0, X_HF1, X_HF2,
-    X_S, X_P, X_KV, X_KVS, X_KVLP, X_GLP, X_DWP, N_X
+    X_S, X_P, X_KV, X_KVS, X_KVLP, X_GLP, X_DWP, X_WS, N_X
 };
+/* With the fused kernels only Q K V (X_HA0..2), dO (X_HA5), the three f32 arrays and the segment-state
+ * workspace X_WS (long sequences, lightning_core.cuh) are used of the attention arrays. */
 /* Token chunks of the norm weight's gradient: partial sums per chunk, then added in chunk order. */
 enum { NDW = 64 };
 
@@ -298,11 +303,12 @@ __global__ static void k_scan_backward(float *G, bf16 *lp, int nb, int eb, int n
     }
 }
 
-/* Forward norm and gate straight from the head-major attention output O (B*nh, Tp, hd) f32, one block per
+/* Forward norm and gate straight from the head-major attention output O (B*nh, Tp, hd) (f32, or bf16 from
+ * the fused kernels: rounding it there is the rounding to A done here), one block per
  * token: o = O rounded to A (stored when o is not NULL: the activation backward reads), rstd from the
  * rounded o (stored when rstd_out is not NULL), y = o * rstd * w * sigmoid(g). V columns per thread. */
-template <typename A, int VW>
-__global__ static void k_norm_gate_heads(A *y, A *o, const float *O, const A *g, const float *w, float *rstd_out,
+template <typename A, int VW, typename OT>
+__global__ static void k_norm_gate_heads(A *y, A *o, const OT *O, const A *g, const float *w, float *rstd_out,
                                          int N, int T, int Tp, int nh, int hd, float eps) {
     __shared__ float sh[32];
     const int D = nh * hd;
@@ -399,7 +405,8 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
             for (int j = 0; j < VW; j++) z[j] = 0.0f;
             for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
                 const int64_t at = ((b * nh + c / hd) * Tp + t) * hd + c % hd;
-                stv<VW>(dO + at, z), stv<VW>(dOd + at, z);
+                stv<VW>(dO + at, z);
+                if (dOd) stv<VW>(dOd + at, z);
             }
             continue;
         }
@@ -427,9 +434,11 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
             }
             const int64_t at = ((b * nh + h) * Tp + t) * hd + c % hd;
             stv<VW>(dO + at, dov);
+            if (dOd) {
 #pragma unroll
-            for (int j = 0; j < VW; j++) dov[j] *= f;
-            stv<VW>(dOd + at, dov);
+                for (int j = 0; j < VW; j++) dov[j] *= f;
+                stv<VW>(dOd + at, dov);
+            }
             stv<VW>(dg + base + c, dgv);
         }
     }
@@ -456,6 +465,12 @@ static dims dims_of(const lightning_cuda_cfg *c, int B, int T) {
     d.vh = c->hd % 8 == 0 ? 8 : 1;
     d.vs = d.eb % 8 == 0 ? 8 : 1;
     return d;
+}
+
+/* The fused kernels' segment-state workspace (floats, at least 1 so the buffer always exists). */
+static int64_t ws_floats(const lightning_cuda_cfg *c, int B, int T) {
+    const int64_t n = c->fused ? lc_workspace_floats(B * c->nh, T, c->hd, lc_sms()) : 0;
+    return n > 0 ? n : 1;
 }
 
 static int launched(const lightning_cuda_cfg *c, const char *what) {
@@ -536,11 +551,61 @@ static int decay_mask(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d
 static float *fx(const m1c_layer_bufs *b, int i) { return (float *)b->scratch[i].data; }
 template <typename A> static A *ax(const m1c_layer_bufs *b, int i) { return (A *)b->scratch[i].data; }
 
+/* ---- the fused path ---------------------------------------------------------------------------------- */
+
+static int core(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const bf16 *x, const bf16 *y,
+                const bf16 *z, void *out, int out_f32, int reverse, const float *init, float *final_state,
+                const char *what) {
+    lc_problem p;
+    p.x = x, p.y = y, p.z = z, p.out = out, p.out_f32 = out_f32;
+    p.sbh = (int64_t)d->Tp * c->hd;
+    p.BH = d->B * c->nh, p.nh = c->nh, p.T = d->T, p.hd = c->hd;
+    p.slope = c->slope, p.reverse = reverse, p.init = init, p.final_state = final_state;
+    p.sms = lc_sms();
+    p.ws_floats = lc_workspace_floats(p.BH, p.T, p.hd, p.sms);
+    p.ws = p.ws_floats > 0 ? fx(b, X_WS) : NULL;
+    if (p.ws && m1c_tensor_numel(&b->scratch[X_WS]) < p.ws_floats)
+        return c->h->error(c->h, "lightning: segment-state buffer holds %lld values, %lld needed",
+                           (long long)m1c_tensor_numel(&b->scratch[X_WS]), (long long)p.ws_floats);
+    const cudaError_t e = lc_run(&p, (cudaStream_t)b->stream);
+    if (e != cudaSuccess) return c->h->error(c->h, "lightning: fused kernel (%s) failed: %s", what, cudaGetErrorString(e));
+    return M1C_OK;
+}
+
+/* O = core(Q, K, V), the state carried in (unless fresh or NULL) and out (if not NULL). */
+static int fused_forward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const bf16 *pre,
+                         float *state, int fresh, const void **Oout) {
+    cudaStream_t s = (cudaStream_t)b->stream;
+    bf16 *Q = ax<bf16>(b, X_HA0), *K = ax<bf16>(b, X_HA1), *V = ax<bf16>(b, X_HA2);
+    bf16 *O = (bf16 *)fx(b, X_HF0); /* bf16: the norm rounds O to bf16 first anyway */
+    if (gather_qkv<bf16>(c, s, d, Q, K, V, (bf16 *)NULL, (bf16 *)NULL, (bf16 *)NULL, pre) ||
+        core(c, b, d, Q, K, V, O, 0, 0, state && !fresh ? state : NULL, state, "forward"))
+        return M1C_ERR;
+    *Oout = O;
+    return M1C_OK;
+}
+
+/* From dO in X_HA5: dQ = core(dO, V, K), dK = core_rev(V, dO, Q), dV = core_rev(K, Q, dO), then d pre. */
+static int fused_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const bf16 *pre,
+                          bf16 *dpre) {
+    cudaStream_t s = (cudaStream_t)b->stream;
+    bf16 *Q = ax<bf16>(b, X_HA0), *K = ax<bf16>(b, X_HA1), *V = ax<bf16>(b, X_HA2), *dO = ax<bf16>(b, X_HA5);
+    float *dQ = fx(b, X_HF0), *dK = fx(b, X_HF1), *dV = fx(b, X_HF2);
+    if (gather_qkv<bf16>(c, s, d, Q, K, V, (bf16 *)NULL, (bf16 *)NULL, (bf16 *)NULL, pre) ||
+        core(c, b, d, dO, V, K, dQ, 1, 0, NULL, NULL, "dq") || core(c, b, d, V, dO, Q, dK, 1, 1, NULL, NULL, "dk") ||
+        core(c, b, d, K, Q, dO, dV, 1, 1, NULL, NULL, "dv"))
+        return M1C_ERR;
+    const int64_t n3 = (int64_t)d->N * 3 * c->D / 8; /* hd is 64 or 128: 8 columns per thread */
+    k_silu_backward<bf16, 8><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, c->hd, n3);
+    return launched(c, "silu_backward");
+}
+
 /* Attention forward from pre (N, 3D) to the head-major f32 O (returned through *Oout): kvs receives the
  * state at every block start; state (B, nh, hd, hd), if not NULL, is carried in (unless fresh) and out. */
 template <typename A>
 static int attention_forward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const A *pre,
-                             float *kvs, float *state, int fresh, const float **Oout) {
+                             float *kvs, float *state, int fresh, const void **Oout) {
+    if (c->fused) return fused_forward(c, b, d, (const bf16 *)pre, state, fresh, Oout); /* bf16 only */
     cudaStream_t s = (cudaStream_t)b->stream;
     const int hd = c->hd, eb = d->eb, hd2 = hd * hd, adt = dtype_of<A>();
     const int64_t sx = (int64_t)eb * hd, ss = (int64_t)eb * eb, skv = hd2, Z = d->Z;
@@ -573,6 +638,7 @@ static int attention_forward(const lightning_cuda_cfg *c, const m1c_layer_bufs *
 template <typename A>
 static int attention_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const A *pre,
                               const float *kvs, A *dpre) {
+    if (c->fused) return fused_backward(c, b, d, (const bf16 *)pre, (bf16 *)dpre); /* bf16 only */
     cudaStream_t s = (cudaStream_t)b->stream;
     const int hd = c->hd, eb = d->eb, hd2 = hd * hd, adt = dtype_of<A>();
     const int64_t sx = (int64_t)eb * hd, ss = (int64_t)eb * eb, skv = hd2, Z = d->Z;
@@ -613,21 +679,23 @@ static int attention_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs 
 
 /* The scratch sizes for (B, T), checked on every call (B*T may be smaller than declared). */
 static int check_scratch(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, int adt) {
-    const int64_t N = d->N, D = c->D, hd = c->hd, lp = c->bf16 ? d->Z * hd * hd : 1;
+    const int64_t N = d->N, D = c->D, hd = c->hd, lp = c->bf16 && !c->fused ? d->Z * hd * hd : 1;
+    const int fz = c->fused;
     static const char *const names[N_X] = {"qkv",      "y",        "d_attn_out", "x_lp",     "heads_a0", "heads_a1",
                                            "heads_a2", "heads_a3", "heads_a4",   "heads_a5", "heads_a6", "heads_f0",
                                            "heads_f1", "heads_f2", "scores",     "d_scores", "kv_local", "kv_starts",
-                                           "kv_lp",    "dkv_lp",   "norm_dw"};
+                                           "kv_lp",    "dkv_lp",   "norm_dw",    "seg_states"};
     int64_t need[N_X];
     int dt[N_X];
     need[X_QKV] = N * 3 * D, dt[X_QKV] = adt;
     need[X_Y] = N * D, dt[X_Y] = adt;
     need[X_DO] = N * D, dt[X_DO] = M1C_F32;
     need[X_LP] = c->bf16 ? N * c->H : 1, dt[X_LP] = M1C_BF16;
-    for (int i = X_HA0; i <= X_HA6; i++) need[i] = d->nhx, dt[i] = adt;
+    for (int i = X_HA0; i <= X_HA6; i++) need[i] = fz && (i == X_HA3 || i == X_HA4 || i == X_HA6) ? 1 : d->nhx, dt[i] = adt;
     for (int i = X_HF0; i <= X_HF2; i++) need[i] = d->nhx, dt[i] = M1C_F32;
-    need[X_S] = need[X_P] = d->Z * d->eb * d->eb, dt[X_S] = dt[X_P] = adt;
-    need[X_KV] = need[X_KVS] = d->Z * hd * hd, dt[X_KV] = dt[X_KVS] = M1C_F32;
+    need[X_S] = need[X_P] = fz ? 1 : d->Z * d->eb * d->eb, dt[X_S] = dt[X_P] = adt;
+    need[X_KV] = need[X_KVS] = fz ? 1 : d->Z * hd * hd, dt[X_KV] = dt[X_KVS] = M1C_F32;
+    need[X_WS] = ws_floats(c, d->B, d->T), dt[X_WS] = M1C_F32;
     need[X_KVLP] = need[X_GLP] = lp, dt[X_KVLP] = dt[X_GLP] = M1C_BF16;
     need[X_DWP] = NDW * D, dt[X_DWP] = M1C_F32;
     for (int i = 0; i < N_X; i++)
@@ -638,10 +706,10 @@ static int check_scratch(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, c
 }
 
 static int check_acts(const lightning_cuda_cfg *c, const m1c_tensor *a, const dims *d, int adt) {
-    const int64_t N = d->N, D = c->D;
+    const int64_t N = d->N, D = c->D, kv = c->fused ? 1 : d->Z * c->hd * c->hd;
     if (check_size(c, &a[A_QKV], N * 3 * D, adt, "qkv_pre") || check_size(c, &a[A_GATE], N * D, adt, "gate_pre") ||
         check_size(c, &a[A_O], N * D, adt, "attn_out") || check_size(c, &a[A_RSTD], N, M1C_F32, "rstd") ||
-        check_size(c, &a[A_KV], d->Z * c->hd * c->hd, M1C_F32, "kv_blocks"))
+        check_size(c, &a[A_KV], kv, M1C_F32, "kv_blocks"))
         return M1C_ERR;
     for (int i = A_QKV; i <= A_O; i++)
         if (check_aligned(c, a[i].data, a[i].name ? a[i].name : "activation")) return M1C_ERR;
@@ -685,14 +753,19 @@ static int run_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *ou
     if (gemm(c, s, 0, 1, N, 3 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, 3 * D, 0, 1) ||
         gemm(c, s, 0, 1, N, D, H, 1.0f, x, adt, H, 0, weight(c, b, P_GATE), adt, H, 0, 0.0f, g, adt, D, 0, 1))
         return M1C_ERR;
-    const float *O = NULL;
+    const void *O = NULL;
     if (attention_forward<A>(c, b, &d, pre, kvs, state, fresh, &O)) return M1C_ERR;
     const float *wn = (const float *)b->params[P_NORM].data;
     const int nt = row_threads(D, d.vh);
-    if (d.vh == 8)
-        k_norm_gate_heads<A, 8><<<row_grid(N), nt, 0, s>>>(y, o, O, g, wn, rstd, N, T, d.Tp, c->nh, c->hd, c->eps);
+    if (c->fused) /* bf16, hd 64 or 128 */
+        k_norm_gate_heads<A, 8, bf16><<<row_grid(N), nt, 0, s>>>(y, o, (const bf16 *)O, g, wn, rstd, N, T, d.Tp, c->nh,
+                                                                 c->hd, c->eps);
+    else if (d.vh == 8)
+        k_norm_gate_heads<A, 8, float><<<row_grid(N), nt, 0, s>>>(y, o, (const float *)O, g, wn, rstd, N, T, d.Tp,
+                                                                  c->nh, c->hd, c->eps);
     else
-        k_norm_gate_heads<A, 1><<<row_grid(N), nt, 0, s>>>(y, o, O, g, wn, rstd, N, T, d.Tp, c->nh, c->hd, c->eps);
+        k_norm_gate_heads<A, 1, float><<<row_grid(N), nt, 0, s>>>(y, o, (const float *)O, g, wn, rstd, N, T, d.Tp,
+                                                                  c->nh, c->hd, c->eps);
     if (launched(c, "norm_gate_heads")) return M1C_ERR;
     return gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, out, M1C_F32, H, 0, 1);
 }
@@ -738,7 +811,7 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
     if (launched(c, "norm_dw")) return M1C_ERR;
     k_norm_dw_sum<<<grid_for(D), THREADS, 0, s>>>(dwn, part, NDW, D);
     if (launched(c, "norm_dw_sum")) return M1C_ERR;
-    A *dO = ax<A>(b, X_HA5), *dOd = ax<A>(b, X_HA6);
+    A *dO = ax<A>(b, X_HA5), *dOd = c->fused ? (A *)NULL : ax<A>(b, X_HA6);
     const int64_t rows = (int64_t)B * d.Tp;
     if (d.vh == 8)
         k_norm_gate_backward<A, 8><<<row_grid(rows), nt, 0, s>>>(dO, dOd, y, dy, o, g, wn, rstd, B, T, d.Tp, c->nh,
@@ -796,7 +869,8 @@ extern "C" int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T,
     const dims d = dims_of(c, B, T < 1 ? 1 : T);
     const int64_t N = (int64_t)B * T, D = c->D, hd = c->hd, BH = (int64_t)B * c->nh;
     const int adt = c->bf16 ? M1C_BF16 : M1C_F32;
-    const int64_t lp = c->bf16 ? d.Z : 1, lpd = c->bf16 ? hd : 1; /* bf16 state copies: BF16 only */
+    const int64_t lp = c->bf16 && !c->fused ? d.Z : 1, lpd = c->bf16 && !c->fused ? hd : 1; /* BF16, blocked only */
+    const int64_t big = c->fused ? 1 : BH, ebf = c->fused ? 1 : d.eb, Zb = c->fused ? 1 : d.Z; /* unused when fused */
     m1c_buf_spec s[N_X] = {
         xspec("self_attn.qkv", adt, 2, N, 3 * D, 0),                           /* (B*T, 3*nh*hd) */
         xspec("self_attn.y", adt, 2, N, D, 0),                                 /* (B*T, nh*hd) */
@@ -805,20 +879,21 @@ extern "C" int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T,
         xspec("self_attn.heads_a0", adt, 3, BH, d.Tp, hd),                     /* (B*nh, Tp, hd) */
         xspec("self_attn.heads_a1", adt, 3, BH, d.Tp, hd),
         xspec("self_attn.heads_a2", adt, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_a3", adt, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_a4", adt, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_a3", adt, 3, big, c->fused ? 1 : d.Tp, c->fused ? 1 : hd),
+        xspec("self_attn.heads_a4", adt, 3, big, c->fused ? 1 : d.Tp, c->fused ? 1 : hd),
         xspec("self_attn.heads_a5", adt, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_a6", adt, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_a6", adt, 3, big, c->fused ? 1 : d.Tp, c->fused ? 1 : hd),
         xspec("self_attn.heads_f0", M1C_F32, 3, BH, d.Tp, hd),                 /* (B*nh, Tp, hd) */
         xspec("self_attn.heads_f1", M1C_F32, 3, BH, d.Tp, hd),
         xspec("self_attn.heads_f2", M1C_F32, 3, BH, d.Tp, hd),
-        xspec("self_attn.scores", adt, 3, d.Z, d.eb, d.eb),                    /* (blocks, eb, eb) */
-        xspec("self_attn.d_scores", adt, 3, d.Z, d.eb, d.eb),
-        xspec("self_attn.kv_local", M1C_F32, 3, d.Z, hd, hd),                  /* (blocks, hd, hd) */
-        xspec("self_attn.kv_starts", M1C_F32, 3, d.Z, hd, hd),
+        xspec("self_attn.scores", adt, 3, Zb, ebf, ebf),                       /* (blocks, eb, eb) */
+        xspec("self_attn.d_scores", adt, 3, Zb, ebf, ebf),
+        xspec("self_attn.kv_local", M1C_F32, 3, Zb, c->fused ? 1 : hd, c->fused ? 1 : hd), /* (blocks, hd, hd) */
+        xspec("self_attn.kv_starts", M1C_F32, 3, Zb, c->fused ? 1 : hd, c->fused ? 1 : hd),
         xspec("self_attn.kv_lp", M1C_BF16, 3, lp, lpd, lpd),                   /* (blocks, hd, hd) */
         xspec("self_attn.dkv_lp", M1C_BF16, 3, lp, lpd, lpd),
         xspec("self_attn.norm_dw", M1C_F32, 2, NDW, D, 0),                     /* (chunks, nh*hd) */
+        xspec("self_attn.seg_states", M1C_F32, 1, ws_floats(c, B, T < 1 ? 1 : T), 0, 0), /* fused, long T */
     };
     return m1c_put_specs(c->h, "lightning", s, N_X, specs, max);
 }

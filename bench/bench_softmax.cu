@@ -1,0 +1,234 @@
+/* The softmax-attention tensor-core kernels alone (softmax_tc.cuh, what the plugin runs for BF16 compute at
+ * head_dim 64 and 128): causal forward, and forward + backward, at a fixed number of tokens per batch over
+ * sequence lengths, in tokens per second, as one table, to set beside torch's SDPA (bench/sdpa_reference.py).
+ * Layouts and dtypes are the plugin's: q (B, T, heads*hd), k and v (B, T, kv_heads*hd) in bf16, normal
+ * values; the forward writes att (B, T, heads*hd) bf16 and lse (B, heads, T) f32; the backward takes dO in
+ * f32 (the layer's datt, q's layout) and is D = rowsum(dO * att), then dk and dv, then dq (all f32, written).
+ *
+ *   m1c_bench_softmax [--heads 16] [--kv-heads 16] [--head-dim 128] [--tokens 65536] [--T 2048,4096,8192]
+ *                     [--iters 10]
+ */
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../plugins/attention/softmax/softmax_tc.cuh"
+
+#define CK(call)                                                                                                   \
+    do {                                                                                                           \
+        cudaError_t e_ = (call);                                                                                   \
+        if (e_ != cudaSuccess) {                                                                                   \
+            fprintf(stderr, "m1c_bench_softmax: %s: %s\n", #call, cudaGetErrorString(e_));                         \
+            exit(1);                                                                                               \
+        }                                                                                                          \
+    } while (0)
+
+/* A normal value from a counter hash (Box-Muller), as torch.randn gives the reference its inputs. */
+template <typename TO>
+__global__ static void k_fill(TO *p, int64_t n, uint64_t seed) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        uint64_t h = (uint64_t)i * 0x9E3779B97F4A7C15ull + seed;
+        h ^= h >> 33, h *= 0xff51afd7ed558ccdull, h ^= h >> 33, h *= 0xc4ceb9fe1a85ec53ull, h ^= h >> 33;
+        const float u1 = ((h >> 40) + 1) * (1.0f / 16777217.0f), u2 = ((h >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+        st(p + i, sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
+    }
+}
+
+/* Adds to *bad the number of non-finite values of p[0..n): a wrong launch shows as NaN or garbage. */
+template <typename TA>
+__global__ static void k_nonfinite(const TA *p, int64_t n, unsigned long long *bad) {
+    unsigned long long c = 0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        c += !isfinite(ld(p + i));
+    if (c) atomicAdd(bad, c);
+}
+
+static int parse_list(const char *s, int *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        char *end;
+        const long v = strtol(s, &end, 10);
+        if (end == s || v < 1 || v > (1 << 26)) return -1;
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+static int cmp_float(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+typedef struct bufs {
+    __nv_bfloat16 *q, *k, *v, *att;
+    float *lse, *dO, *D, *dq, *dk, *dv;
+    unsigned long long *bad; /* device counter of k_nonfinite */
+} bufs;
+
+typedef struct shape {
+    int B, T, nh, kvh, hd;
+} shape;
+
+static void fwd(const bufs *b, const shape *p) {
+    const int kd = p->kvh * p->hd;
+    CK(tc_attend_fwd(0, b->q, b->k, b->v, (int64_t)p->T * kd, p->hd, kd, b->att, b->lse, p->B, p->T, p->nh,
+                     p->nh / p->kvh, p->hd, 0));
+}
+
+static void bwd(const bufs *b, const shape *p) {
+    const char *what = "";
+    const cudaError_t e = tc_attend_bwd(0, b->q, b->k, b->v, b->att, b->dO, b->lse, b->D, b->dq, b->dk, b->dv, p->B,
+                                        p->T, p->nh, p->kvh, p->hd, &what);
+    if (e != cudaSuccess) {
+        fprintf(stderr, "m1c_bench_softmax: %s: %s\n", what, cudaGetErrorString(e));
+        exit(1);
+    }
+}
+
+/* Median over iters of the time (ms) of the forward (with_bwd = 0) or forward + backward (with_bwd = 1). */
+static float time_attention(const bufs *b, const shape *p, int with_bwd, int iters) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    float *ms = (float *)malloc(sizeof(float) * (size_t)iters);
+    if (!ms) {
+        fprintf(stderr, "m1c_bench_softmax: out of memory\n");
+        exit(1);
+    }
+    for (int it = -2; it < iters; it++) { /* two warm-up runs */
+        CK(cudaEventRecord(e0));
+        fwd(b, p);
+        if (with_bwd) bwd(b, p);
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        if (it >= 0) CK(cudaEventElapsedTime(&ms[it], e0, e1));
+    }
+    qsort(ms, (size_t)iters, sizeof(float), cmp_float);
+    const float med = ms[iters / 2];
+    free(ms);
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return med;
+}
+
+/* Non-finite values among the outputs of the last run (att and lse; dq, dk, dv after a backward). */
+static unsigned long long nonfinite(const bufs *b, const shape *p, int with_bwd) {
+    const int64_t BT = (int64_t)p->B * p->T, nq = BT * p->nh * p->hd, nk = BT * p->kvh * p->hd;
+    unsigned long long bad = 0;
+    CK(cudaMemset(b->bad, 0, sizeof bad));
+    k_nonfinite<<<1024, 256>>>(b->att, nq, b->bad), k_nonfinite<<<1024, 256>>>(b->lse, BT * p->nh, b->bad);
+    if (with_bwd) {
+        k_nonfinite<<<1024, 256>>>(b->dq, nq, b->bad), k_nonfinite<<<1024, 256>>>(b->dk, nk, b->bad);
+        k_nonfinite<<<1024, 256>>>(b->dv, nk, b->bad);
+    }
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(&bad, b->bad, sizeof bad, cudaMemcpyDeviceToHost));
+    return bad;
+}
+
+/* Times one case and prints its row; exits 1 if an output is not finite. */
+static void run_case(const bufs *b, const shape *p, int with_bwd, int iters) {
+    const float ms = time_attention(b, p, with_bwd, iters);
+    const unsigned long long bad = nonfinite(b, p, with_bwd);
+    printf("%-10s %8d %6d %12.3f %14.2f\n", with_bwd ? "fwd+bwd" : "fwd", p->T, p->B, ms,
+           (double)p->B * p->T / (ms * 1e-3) / 1e6);
+    fflush(stdout);
+    if (bad) {
+        fprintf(stderr, "m1c_bench_softmax: %s at T %d: %llu non-finite output values\n", with_bwd ? "fwd+bwd" : "fwd",
+                p->T, bad);
+        exit(1);
+    }
+}
+
+int main(int argc, char **argv) {
+    int nh = 16, kvh = 16, hd = 128, iters = 10;
+    int64_t tokens = 65536;
+    int Ts[16] = {2048, 4096, 8192}, nT = 3;
+    for (int i = 1; i < argc; i++) {
+        const int more = i + 1 < argc;
+        if (!strcmp(argv[i], "--heads") && more) nh = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--kv-heads") && more) kvh = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--head-dim") && more) hd = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--tokens") && more) tokens = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--iters") && more) iters = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--T") && more) nT = parse_list(argv[++i], Ts, 16);
+        else nT = -1;
+        if (nT < 1) {
+            fprintf(stderr, "usage: m1c_bench_softmax [--heads N] [--kv-heads N] [--head-dim 64|128] [--tokens N] "
+                            "[--T a,b,..] [--iters N]\n");
+            return 1;
+        }
+    }
+    if (nh < 1 || nh > 65535 || kvh < 1 || nh % kvh || (hd != 64 && hd != 128) || tokens < 1 || iters < 1) {
+        fprintf(stderr, "m1c_bench_softmax: need 1 <= heads <= 65535, kv-heads dividing heads, head-dim 64 or 128, "
+                        "tokens >= 1, iters >= 1\n");
+        return 1;
+    }
+    int64_t rows = 1; /* B * T of the largest case: the buffers' rows */
+    for (int i = 0; i < nT; i++) {
+        const int64_t B = tokens / Ts[i] > 0 ? tokens / Ts[i] : 1;
+        if (B > 65535) {
+            fprintf(stderr, "m1c_bench_softmax: T %d gives %lld sequences, over the grid limit 65535\n", Ts[i],
+                    (long long)B);
+            return 1;
+        }
+        rows = B * Ts[i] > rows ? B * Ts[i] : rows;
+    }
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
+        fprintf(stderr, "m1c_bench_softmax: no CUDA device\n");
+        return 1;
+    }
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    const size_t need = tc_fwd_smem(hd) > tc_bwd_smem(hd, 2) ? tc_fwd_smem(hd) : tc_bwd_smem(hd, 2);
+    if (need > prop.sharedMemPerBlockOptin) {
+        fprintf(stderr, "m1c_bench_softmax: the kernels need %zu bytes of shared memory per block, %s allows %zu\n",
+                need, prop.name, prop.sharedMemPerBlockOptin);
+        return 1;
+    }
+    size_t bytes = 0;
+    const cudaError_t e = tc_raise_smem(hd, &bytes);
+    if (e != cudaSuccess) {
+        fprintf(stderr, "m1c_bench_softmax: cudaFuncSetAttribute (%zu bytes of shared memory): %s\n", bytes,
+                cudaGetErrorString(e));
+        return 1;
+    }
+
+    const int64_t nq = rows * nh * hd, nk = rows * kvh * hd, nl = rows * nh;
+    bufs b;
+    CK(cudaMalloc((void **)&b.q, (size_t)nq * 2));
+    CK(cudaMalloc((void **)&b.k, (size_t)nk * 2));
+    CK(cudaMalloc((void **)&b.v, (size_t)nk * 2));
+    CK(cudaMalloc((void **)&b.att, (size_t)nq * 2));
+    CK(cudaMalloc((void **)&b.lse, (size_t)nl * 4));
+    CK(cudaMalloc((void **)&b.dO, (size_t)nq * 4));
+    CK(cudaMalloc((void **)&b.D, (size_t)nl * 4));
+    CK(cudaMalloc((void **)&b.dq, (size_t)nq * 4));
+    CK(cudaMalloc((void **)&b.dk, (size_t)nk * 4));
+    CK(cudaMalloc((void **)&b.dv, (size_t)nk * 4));
+    CK(cudaMalloc((void **)&b.bad, sizeof(unsigned long long)));
+    k_fill<<<1024, 256>>>(b.q, nq, 1), k_fill<<<1024, 256>>>(b.k, nk, 2), k_fill<<<1024, 256>>>(b.v, nk, 3);
+    k_fill<<<1024, 256>>>(b.dO, nq, 4);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+
+    printf("softmax attention (tensor cores), %s (%d SMs), causal, q k v bf16, att bf16, dO dq dk dv f32, "
+           "%d query heads, %d KV heads x %d, %lld tokens per batch, median of %d\n",
+           prop.name, prop.multiProcessorCount, nh, kvh, hd, (long long)tokens, iters);
+    printf("%-10s %8s %6s %12s %14s\n", "pass", "T", "batch", "ms", "M tokens/s");
+    for (int pass = 1; pass >= 0; pass--) /* forward + backward, then forward alone */
+        for (int i = 0; i < nT; i++) {
+            const shape p = {(int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1), Ts[i], nh, kvh, hd};
+            run_case(&b, &p, pass, iters);
+        }
+    cudaFree(b.q), cudaFree(b.k), cudaFree(b.v), cudaFree(b.att), cudaFree(b.lse), cudaFree(b.dO), cudaFree(b.D);
+    cudaFree(b.dq), cudaFree(b.dk), cudaFree(b.dv), cudaFree(b.bad);
+    return 0;
+}

@@ -1,0 +1,471 @@
+/* The fused lightning-attention core on tensor cores (mma.sync, sm_80 and later), shared by the plugin
+ * (lightning.cu) and the stand-alone benchmark (bench/bench_lightning.cu).
+ *
+ * One operation gives the forward and all three backward products. For sequences x, y, z of T rows of
+ * HD bf16 values (one (batch, head) each) and the head's decay slope s:
+ *
+ *   out_i = sum_{j <= i} exp(-s (i - j)) (x_i . y_j) z_j           (time order)
+ *   out_i = sum_{j >= i} exp(-s (j - i)) (x_i . y_j) z_j           (reversed)
+ *
+ *   forward   O  = core(Q, K, V)
+ *   backward  dQ = core(dO, V, K),  dK = core_rev(V, dO, Q),  dV = core_rev(K, Q, dO)
+ *
+ * (the last two are the forward's sums read with time running backwards). Rows are taken in blocks of
+ * LC_C = 64: within a block the masked product x y^T, scaled by the decay, multiplies z on tensor cores;
+ * across blocks the state M = sum_j exp(-s (end - j)) y_j z_j^T (HD x NS, f32 in registers) carries the
+ * past, and x M, scaled by exp(-s (i + 1)), adds it. The internal block size does not change the result
+ * beyond rounding (the chunked form is exact), so it need not match the layer's configured block size.
+ *
+ * Parallelism: one CTA per (sequence, NS = 64 columns of z, segment of the sequence). Short sequences
+ * need one segment; long ones (few sequences) are cut into segments whose starting states come from a
+ * state-only pass (each segment's own contribution) and a scan over segments, so a 1M-token sequence
+ * spreads over the whole GPU. bf16 operands, f32 accumulation and state; the masked scores, the decayed
+ * y and the state are rounded to bf16 as operands of the second products. */
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+enum { LC_C = 64, LC_NS = 64, LC_THREADS = 128, LC_PAD = 8 };
+
+typedef struct lc_problem {
+    const __nv_bfloat16 *x, *y, *z; /* [BH][T][HD] row-major; sequence bh starts at bh * sbh */
+    void *out;                      /* same layout, f32 (out_f32) or bf16 */
+    int out_f32;
+    int64_t sbh;                    /* elements from one sequence to the next (T * HD, or more if padded) */
+    int BH, nh, T, hd;              /* sequences (batch x heads), heads (for the slope), rows, head size */
+    const float *slope;             /* device [nh]: decay per row of head bh % nh */
+    int reverse;                    /* sums over j >= i */
+    const float *init;              /* device [BH][hd][hd] f32 state carried in, or NULL (time order only) */
+    float *final_state;             /* device [BH][hd][hd] f32 state after the last row, or NULL */
+    float *ws;                      /* device workspace of lc_workspace_floats() floats (NULL if that is 0) */
+    int64_t ws_floats;              /* its size, checked */
+    int sms;                        /* multiprocessors of the device (lc_sms()) */
+} lc_problem;
+
+/* ---- warp-level tensor-core primitives ------------------------------------------------------------- */
+
+__device__ static inline uint32_t lc_smem(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ static inline void lc_ldsm4(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(lc_smem(p)));
+}
+__device__ static inline void lc_ldsm4t(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(lc_smem(p)));
+}
+/* c (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col) */
+__device__ static inline void lc_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ static inline uint32_t lc_pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ static inline uint32_t lc_scale2(uint32_t v, float lo, float hi) {
+    __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&v);
+    const float2 f = __bfloat1622float2(b);
+    return lc_pack(f.x * lo, f.y * hi);
+}
+/* 16 bytes global -> shared, zero-filled when !valid (rows past the sequence's end) */
+__device__ static inline void lc_cp16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(lc_smem(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ static inline void lc_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ static inline void lc_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+/* ---- the kernel ------------------------------------------------------------------------------------- */
+
+/* Shared memory of one CTA: double-buffered row blocks of x, y (all HD columns) and z (this CTA's NS),
+ * the bf16 state operand, and the decay powers exp(-s k), k = 0..C. Rows padded by LC_PAD elements so
+ * ldmatrix's eight row addresses fall in distinct banks. */
+/* Mode: LC_OUT computes out over the CTA's rows (its segment's starting state read from m0 when not
+ * NULL); LC_STATE only sums its segment's own state into its slot of mout (no x, no out). */
+enum { LC_OUT = 0, LC_STATE = 1 };
+
+template <int HD, int MODE> struct lc_smem_layout {
+    __nv_bfloat16 x[2][MODE == LC_OUT ? LC_C : 1][HD + LC_PAD], y[2][LC_C][HD + LC_PAD], z[2][LC_C][(MODE == LC_OUT ? LC_NS : HD) + LC_PAD];
+    __nv_bfloat16 m[MODE == LC_OUT ? HD : 1][(MODE == LC_OUT ? LC_NS : HD) + LC_PAD];
+    float pw[LC_C + 1];
+};
+
+/* Where a pass reads its starting states and writes its own: m0 (LC_OUT; NULL: zero) holds m0_n states
+ * per sequence, [BH][m0_n][HD][HD], segment k starting from state k * m0_k (m0_n == 0: one carried state
+ * per sequence, [BH][HD][HD]); mout (LC_STATE) holds mout_n per sequence. Segments are seg_rows long. */
+struct lc_pass {
+    const float *m0;
+    int m0_n, m0_k;
+    float *mout;
+    int mout_n, seg_rows;
+    int nseg; /* segments per sequence in the grid */
+};
+
+/* One CTA per (column slice, segment, sequence), slices fastest (the two slices of a segment read the same
+ * x and y rows, close together in time: from L2 for the second); the segment of a CTA covers rows
+ * [seg * seg_rows, ...) in the order of the sums (reversed rows when reverse). */
+template <int HD, int MODE>
+__global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps) {
+    extern __shared__ __align__(16) unsigned char lc_raw[];
+    lc_smem_layout<HD, MODE> &sm = *reinterpret_cast<lc_smem_layout<HD, MODE> *>(lc_raw);
+    const int seg_rows = ps.seg_rows;
+    constexpr int NS = MODE == LC_OUT ? LC_NS : HD; /* columns of z per CTA (all for the state pass) */
+    constexpr int NSL = HD / NS; /* column slices of z */
+    constexpr int MT = HD / 64;     /* 16-row tiles of the state per warp */
+    const int slice = (int)(blockIdx.x % NSL), seg = (int)(blockIdx.x / NSL % ps.nseg), bh = (int)(blockIdx.x / NSL / ps.nseg);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const int T = p.T;
+    const int r_begin = seg * seg_rows;
+    if (r_begin >= T) return;
+    const int r_end = min(T, r_begin + seg_rows);
+    const int nblk = (r_end - r_begin + LC_C - 1) / LC_C;
+    const float s = p.slope[bh % p.nh];
+    for (int k = threadIdx.x; k <= LC_C; k += LC_THREADS) sm.pw[k] = expf(-s * (float)k);
+
+    const __nv_bfloat16 *X = p.x + (int64_t)bh * p.sbh, *Y = p.y + (int64_t)bh * p.sbh, *Z = p.z + (int64_t)bh * p.sbh;
+    const int zc = slice * NS;
+    /* rows in sum order r -> stored row */
+    auto row_of = [&](int r) { return p.reverse ? T - 1 - r : r; };
+
+    auto load = [&](int blk, int buf) {
+        const int r0 = r_begin + blk * LC_C;
+        constexpr int XC = HD / 8; /* 16-byte chunks per row */
+        for (int i = threadIdx.x; i < LC_C * XC; i += LC_THREADS) {
+            const int r = i / XC, c = (i % XC) * 8;
+            const bool ok = r0 + r < r_end;
+            const int64_t at = (int64_t)row_of(ok ? r0 + r : r_begin) * HD + c;
+            if (MODE == LC_OUT) lc_cp16(&sm.x[buf][r][c], X + at, ok);
+            lc_cp16(&sm.y[buf][r][c], Y + at, ok);
+        }
+        constexpr int ZC = NS / 8;
+        for (int i = threadIdx.x; i < LC_C * ZC; i += LC_THREADS) {
+            const int r = i / ZC, c = (i % ZC) * 8;
+            const bool ok = r0 + r < r_end;
+            lc_cp16(&sm.z[buf][r][c], Z + (int64_t)row_of(ok ? r0 + r : r_begin) * HD + zc + c, ok);
+        }
+        lc_commit();
+    };
+
+    /* The state: warp w holds rows [w HD/4, (w+1) HD/4) as MT 16-row tiles x 8 column tiles of 8. */
+    float st[MT][NS / 8][4];
+    const int nseg = (T + seg_rows - 1) / seg_rows;
+    const bool have_m0 = MODE == LC_OUT && ps.m0 != nullptr;
+    const int64_t hd2 = (int64_t)HD * HD;
+    const float *m0p = have_m0 ? ps.m0 + (ps.m0_n ? ((int64_t)bh * ps.m0_n + (int64_t)seg * ps.m0_k) * hd2 : bh * hd2)
+                               : nullptr;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NS / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = warp * (HD / 4) + mt * 16 + g + (e >= 2 ? 8 : 0), col = zc + nt * 8 + 2 * t4 + (e & 1);
+                st[mt][nt][e] = have_m0 ? m0p[(int64_t)row * HD + col] : 0.0f;
+            }
+    bool have_state = have_m0;
+    if (have_state) {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int nt = 0; nt < NS / 8; nt++) {
+                const int row = warp * (HD / 4) + mt * 16 + g, col = nt * 8 + 2 * t4;
+                *reinterpret_cast<uint32_t *>(&sm.m[row][col]) = lc_pack(st[mt][nt][0], st[mt][nt][1]);
+                *reinterpret_cast<uint32_t *>(&sm.m[row + 8][col]) = lc_pack(st[mt][nt][2], st[mt][nt][3]);
+            }
+    }
+
+    load(0, 0);
+    for (int blk = 0; blk < nblk; blk++) {
+        const int buf = blk & 1;
+        const int r0 = r_begin + blk * LC_C, m = min(LC_C, r_end - r0);
+        lc_wait<0>();
+        __syncthreads(); /* block blk landed for all; the previous block's state operand is written and
+                            every read of the other buffer is done */
+        if (blk + 1 < nblk) load(blk + 1, buf ^ 1);
+
+        if (MODE == LC_OUT) {
+            /* scores: warp w's 16 rows against the block's rows 0..16w+15 (causal in sum order) */
+            const int i0 = warp * 16;
+            float sc[8][4];
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ks++) {
+                uint32_t a[4];
+                lc_ldsm4(a, &sm.x[buf][i0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+#pragma unroll
+                for (int np = 0; np < 4; np++) {
+                    if (np > warp) break;
+                    uint32_t b[4];
+                    lc_ldsm4(b, &sm.y[buf][np * 16 + (lane % 8) + (lane / 16) * 8][ks * 16 + ((lane / 8) & 1) * 8]);
+                    lc_mma(sc[2 * np], a, b[0], b[1]);
+                    lc_mma(sc[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+            /* decay mask: exp(-s (i - j)) for j <= i, else 0 */
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = i0 + g + (e >= 2 ? 8 : 0), j = nt * 8 + 2 * t4 + (e & 1);
+                    sc[nt][e] = j <= i ? sc[nt][e] * sm.pw[i - j] : 0.0f;
+                }
+            /* out = exp(-s (i+1)) x M + scores z */
+            float o[NS / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < NS / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+            if (have_state) {
+#pragma unroll
+                for (int ks = 0; ks < HD / 16; ks++) {
+                    uint32_t a[4];
+                    lc_ldsm4(a, &sm.x[buf][i0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+#pragma unroll
+                    for (int np = 0; np < NS / 16; np++) {
+                        uint32_t b[4];
+                        lc_ldsm4t(b, &sm.m[ks * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                        lc_mma(o[2 * np], a, b[0], b[1]);
+                        lc_mma(o[2 * np + 1], a, b[2], b[3]);
+                    }
+                }
+                const float f0 = sm.pw[i0 + g + 1], f1 = sm.pw[i0 + g + 9];
+#pragma unroll
+                for (int nt = 0; nt < NS / 8; nt++) o[nt][0] *= f0, o[nt][1] *= f0, o[nt][2] *= f1, o[nt][3] *= f1;
+            }
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                if (kk > warp) break;
+                uint32_t a[4];
+                a[0] = lc_pack(sc[2 * kk][0], sc[2 * kk][1]);
+                a[1] = lc_pack(sc[2 * kk][2], sc[2 * kk][3]);
+                a[2] = lc_pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+                a[3] = lc_pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+                for (int np = 0; np < NS / 16; np++) {
+                    uint32_t b[4];
+                    lc_ldsm4t(b, &sm.z[buf][kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                    lc_mma(o[2 * np], a, b[0], b[1]);
+                    lc_mma(o[2 * np + 1], a, b[2], b[3]);
+                }
+            }
+            /* store the warp's rows */
+#pragma unroll
+            for (int h2 = 0; h2 < 2; h2++) {
+                const int i = i0 + g + h2 * 8;
+                if (i < m) {
+                    const int64_t at = (int64_t)bh * p.sbh + (int64_t)row_of(r0 + i) * HD + zc + 2 * t4;
+#pragma unroll
+                    for (int nt = 0; nt < NS / 8; nt++) {
+                        if (p.out_f32)
+                            *reinterpret_cast<float2 *>((float *)p.out + at + nt * 8) =
+                                make_float2(o[nt][2 * h2], o[nt][2 * h2 + 1]);
+                        else
+                            *reinterpret_cast<uint32_t *>((__nv_bfloat16 *)p.out + at + nt * 8) =
+                                lc_pack(o[nt][2 * h2], o[nt][2 * h2 + 1]);
+                    }
+                }
+            }
+        }
+        const bool last = blk + 1 == nblk;
+        /* The state after this block is needed for the next block, and after the last one only for the
+         * segment's own sum (LC_STATE) or the carried-out state. */
+        if (last && !(MODE == LC_STATE || (p.final_state && seg + 1 == nseg))) break;
+        __syncthreads(); /* every warp is done reading the state operand */
+        /* M = exp(-s m) M + (y * exp(-s (m-1-j)))^T z */
+        if (have_state) {
+            const float d = sm.pw[m];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < NS / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) st[mt][nt][e] *= d;
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const int j0 = kk * 16 + 2 * t4;
+            const float d0 = j0 < m ? sm.pw[m - 1 - j0] : 0.0f, d1 = j0 + 1 < m ? sm.pw[m - 2 - j0] : 0.0f;
+            const float d8 = j0 + 8 < m ? sm.pw[m - 9 - j0] : 0.0f, d9 = j0 + 9 < m ? sm.pw[m - 10 - j0] : 0.0f;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                uint32_t a[4];
+                const int hrow = warp * (HD / 4) + mt * 16;
+                lc_ldsm4t(a, &sm.y[buf][kk * 16 + (lane % 8) + (lane / 16) * 8][hrow + ((lane / 8) & 1) * 8]);
+                a[0] = lc_scale2(a[0], d0, d1), a[1] = lc_scale2(a[1], d0, d1);
+                a[2] = lc_scale2(a[2], d8, d9), a[3] = lc_scale2(a[3], d8, d9);
+#pragma unroll
+                for (int np = 0; np < NS / 16; np++) {
+                    uint32_t b[4];
+                    lc_ldsm4t(b, &sm.z[buf][kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                    lc_mma(st[mt][2 * np], a, b[0], b[1]);
+                    lc_mma(st[mt][2 * np + 1], a, b[2], b[3]);
+                }
+            }
+        }
+        have_state = true;
+        if (!last && MODE == LC_OUT) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < NS / 8; nt++) {
+                    const int row = warp * (HD / 4) + mt * 16 + g, col = nt * 8 + 2 * t4;
+                    *reinterpret_cast<uint32_t *>(&sm.m[row][col]) = lc_pack(st[mt][nt][0], st[mt][nt][1]);
+                    *reinterpret_cast<uint32_t *>(&sm.m[row + 8][col]) = lc_pack(st[mt][nt][2], st[mt][nt][3]);
+                }
+        }
+        if (last) {
+            float *dst = MODE == LC_STATE ? ps.mout + ((int64_t)bh * ps.mout_n + seg) * hd2
+                                          : p.final_state + (int64_t)bh * HD * HD;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < NS / 8; nt++) {
+                    const int row = warp * (HD / 4) + mt * 16 + g, col = zc + nt * 8 + 2 * t4;
+                    *reinterpret_cast<float2 *>(dst + (int64_t)row * HD + col) = make_float2(st[mt][nt][0], st[mt][nt][1]);
+                    *reinterpret_cast<float2 *>(dst + (int64_t)(row + 8) * HD + col) =
+                        make_float2(st[mt][nt][2], st[mt][nt][3]);
+                }
+        }
+    }
+}
+
+/* In place over segments, one thread per (sequence, state element): seg[k] holds segment k's own state
+ * (k < nseg - 1) and receives the state at its start: S_0 = init (or 0), S_{k+1} = exp(-s L_k) S_k +
+ * own_k, with L_k = seg_rows for every segment but the last. */
+__global__ static void lc_scan(float *seg, const float *init, int nseg, int stride, int seg_rows, int nh, int hd,
+                               const float *slope, int64_t n) {
+    for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t hd2 = (int64_t)hd * hd, bh = idx / hd2, e = idx % hd2;
+        const float d = expf(-slope[bh % nh] * (float)seg_rows);
+        float acc = init ? init[idx] : 0.0f;
+        float *at = seg + bh * stride * hd2 + e; /* [BH][stride][hd][hd], the first nseg used */
+        /* eight segments' loads in flight at a time: the chain is latency-bound otherwise */
+        for (int k0 = 0; k0 < nseg; k0 += 8) {
+            float own[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) own[j] = k0 + j + 1 < nseg ? at[(int64_t)(k0 + j) * hd2] : 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (k0 + j < nseg) at[(int64_t)(k0 + j) * hd2] = acc, acc = d * acc + own[j];
+        }
+    }
+}
+
+/* ---- host side -------------------------------------------------------------------------------------- */
+
+static inline int lc_supported(int hd) { return hd == 64 || hd == 128; }
+
+static inline int lc_sms(void) {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        return 132;
+    return n > 0 ? n : 132;
+}
+
+template <int HD, int MODE> static cudaError_t lc_prepare(size_t *smem) {
+    *smem = sizeof(lc_smem_layout<HD, MODE>);
+    return cudaFuncSetAttribute(lc_kernel<HD, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*smem);
+}
+
+/* CTAs of the output pass resident per multiprocessor (2 on sm_90 for HD 128: registers and shared
+ * memory). */
+static inline int lc_occupancy(int hd) {
+    size_t smem = 0;
+    int n = 0;
+    cudaError_t e = hd == 128 ? lc_prepare<128, LC_OUT>(&smem) : lc_prepare<64, LC_OUT>(&smem);
+    if (e == cudaSuccess)
+        e = hd == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<128, LC_OUT>, LC_THREADS, smem)
+                      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<64, LC_OUT>, LC_THREADS, smem);
+    return e == cudaSuccess && n > 0 ? n : 1;
+}
+
+/* How a problem is cut. The output pass runs one CTA per (sequence, column slice, segment): a sequence is
+ * cut into nseg segments only when the uncut problem leaves resident slots idle, and into as many as fill
+ * one wave (every CTA of a wave then takes the same time; a partial extra wave would double it). The
+ * starting states come from a state-only pass over finer segments (k per output segment, to give it
+ * about four waves of CTAs of its own) and a scan over them. Deterministic in (BH, T, hd, slots). */
+typedef struct lc_plan {
+    int nseg, seg_rows;   /* output segments */
+    int kf, fine_rows, nfine; /* state-only segments: kf per output segment */
+} lc_plan;
+
+static inline lc_plan lc_plan_for(int BH, int T, int hd, int slots) {
+    lc_plan pl;
+    const int blocks = (T + LC_C - 1) / LC_C;
+    const int64_t base = (int64_t)BH * (hd / LC_NS);
+    int64_t nseg = base >= slots ? 1 : slots / base;
+    if (nseg > blocks / 4) nseg = blocks / 4;
+    if (nseg < 2) {
+        pl.nseg = 1, pl.seg_rows = blocks * LC_C, pl.kf = 1, pl.fine_rows = pl.seg_rows, pl.nfine = 1;
+        return pl;
+    }
+    const int per = (int)((blocks + nseg - 1) / nseg); /* blocks per output segment */
+    int64_t kf = (4 * (int64_t)slots + base * nseg - 1) / (base * nseg);
+    if (kf > per / 4) kf = per / 4;
+    if (kf < 1) kf = 1;
+    const int fine = (int)((per + kf - 1) / kf);
+    pl.kf = (per + fine - 1) / fine;
+    pl.fine_rows = fine * LC_C;
+    pl.seg_rows = pl.kf * pl.fine_rows;
+    pl.nseg = (T + pl.seg_rows - 1) / pl.seg_rows;
+    pl.nfine = (T + pl.fine_rows - 1) / pl.fine_rows;
+    return pl;
+}
+
+static inline int lc_slots(int hd, int sms) { return lc_occupancy(hd) * sms; }
+
+/* Output segments per sequence for (BH, T, hd) on sms multiprocessors. */
+static inline int lc_segments(int BH, int T, int hd, int sms) { return lc_plan_for(BH, T, hd, lc_slots(hd, sms)).nseg; }
+
+static inline int64_t lc_workspace_floats(int BH, int T, int hd, int sms) {
+    const lc_plan pl = lc_plan_for(BH, T, hd, lc_slots(hd, sms));
+    return pl.nseg < 2 ? 0 : (int64_t)BH * pl.nfine * hd * hd;
+}
+
+/* One CTA per (slice, segment, sequence) of ps.nseg segments. */
+template <int HD, int MODE> static cudaError_t lc_launch(const lc_problem *p, cudaStream_t stream, const lc_pass &ps) {
+    size_t smem = 0;
+    cudaError_t e = lc_prepare<HD, MODE>(&smem);
+    if (e != cudaSuccess) return e;
+    const int64_t ctas = (int64_t)p->BH * ps.nseg * (MODE == LC_OUT ? HD / LC_NS : 1);
+    if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
+    lc_kernel<HD, MODE><<<(unsigned)ctas, LC_THREADS, smem, stream>>>(*p, ps);
+    return cudaGetLastError();
+}
+
+template <int HD> static cudaError_t lc_run_t(const lc_problem *p, cudaStream_t stream) {
+    const lc_plan pl = lc_plan_for(p->BH, p->T, HD, lc_slots(HD, p->sms));
+    lc_pass ps = {nullptr, 0, 0, nullptr, 0, pl.seg_rows, 1};
+    if (pl.nseg < 2) {
+        ps.m0 = p->reverse ? nullptr : p->init;
+        return lc_launch<HD, LC_OUT>(p, stream, ps);
+    }
+    if (!p->ws || p->ws_floats < (int64_t)p->BH * pl.nfine * HD * HD) return cudaErrorInvalidValue;
+    /* the own states of the fine segments before the last output segment's start, the scan to the states at
+     * their starts, then the outputs */
+    const int starts = (pl.nseg - 1) * pl.kf + 1; /* fine-segment starts up to the last output segment's */
+    lc_pass st = {nullptr, 0, 0, p->ws, pl.nfine, pl.fine_rows, starts - 1};
+    cudaError_t e = lc_launch<HD, LC_STATE>(p, stream, st); /* all columns per CTA */
+    if (e != cudaSuccess) return e;
+    const int64_t n = (int64_t)p->BH * HD * HD;
+    const int blocks = (int)((n + 255) / 256 < 65536 ? (n + 255) / 256 : 65536);
+    lc_scan<<<blocks, 256, 0, stream>>>(p->ws, p->reverse ? nullptr : p->init, starts, pl.nfine, pl.fine_rows, p->nh,
+                                        HD, p->slope, n);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    ps.m0 = p->ws, ps.m0_n = pl.nfine, ps.m0_k = pl.kf, ps.nseg = pl.nseg;
+    return lc_launch<HD, LC_OUT>(p, stream, ps);
+}
+
+/* out for problem p on stream: cudaSuccess, or the CUDA error of the failed launch. */
+static inline cudaError_t lc_run(const lc_problem *p, cudaStream_t stream) {
+    if (p->reverse && (p->init || p->final_state)) return cudaErrorInvalidValue;
+    if (p->hd == 128) return lc_run_t<128>(p, stream);
+    if (p->hd == 64) return lc_run_t<64>(p, stream);
+    return cudaErrorInvalidValue;
+}
