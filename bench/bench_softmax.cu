@@ -68,6 +68,7 @@ static int cmp_float(const void *a, const void *b) {
 typedef struct bufs {
     __nv_bfloat16 *q, *k, *v, *att;
     float *lse, *dO, *D, *dq, *dk, *dv;
+    __nv_bfloat16 *dO_lp;
     unsigned long long *bad; /* device counter of k_nonfinite */
 } bufs;
 
@@ -83,8 +84,8 @@ static void fwd(const bufs *b, const shape *p) {
 
 static void bwd(const bufs *b, const shape *p) {
     const char *what = "";
-    const cudaError_t e = tc_attend_bwd(0, b->q, b->k, b->v, b->att, b->dO, b->lse, b->D, b->dq, b->dk, b->dv, p->B,
-                                        p->T, p->nh, p->kvh, p->hd, &what);
+    const cudaError_t e = tc_attend_bwd(0, b->q, b->k, b->v, b->att, b->dO, b->dO_lp, b->lse, b->D, b->dq, b->dk,
+                                        b->dv, p->B, p->T, p->nh, p->kvh, p->hd, &what);
     if (e != cudaSuccess) {
         fprintf(stderr, "m1c_bench_softmax: %s: %s\n", what, cudaGetErrorString(e));
         exit(1);
@@ -115,6 +116,38 @@ static float time_attention(const bufs *b, const shape *p, int with_bwd, int ite
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
     return med;
+}
+
+/* The backward's kernels one by one (ms, median over iters; head_dim 128): D and bf16 dO, dk dv, dq. */
+static void breakdown(const bufs *b, const shape *p, int iters) {
+    if (p->hd != 128) return;
+    cudaEvent_t ev[4];
+    for (int i = 0; i < 4; i++) CK(cudaEventCreate(&ev[i]));
+    float t[3][64];
+    const int n = iters < 64 ? iters : 64;
+    const float scale = 1.0f / sqrtf(128.0f), scale_log2 = 1.4426950408889634f * scale;
+    const int64_t rows = (int64_t)p->B * p->T * p->nh;
+    const dim3 gkv((p->T + FA_T - 1) / FA_T, p->kvh, p->B), gq((p->T + FA_T - 1) / FA_T, p->nh, p->B);
+    fwd(b, p);
+    for (int it = 0; it < n; it++) {
+        CK(cudaEventRecord(ev[0]));
+        fa_prep_kernel<128><<<(int)((rows * 32 + 255) / 256), 256>>>(b->dO_lp, b->D, b->dO, b->att, p->T, p->nh, rows);
+        CK(cudaEventRecord(ev[1]));
+        fa_bwd_kv_kernel<128><<<gkv, FA_THREADS, sizeof(fa_dkv_smem<128>)>>>(b->q, b->k, b->v, b->dO_lp, b->lse, b->D,
+                                                                            b->dk, b->dv, p->T, p->nh, p->kvh, scale,
+                                                                            scale_log2);
+        CK(cudaEventRecord(ev[2]));
+        fa_bwd_q_kernel<128><<<gq, FA_THREADS, sizeof(fa_dq_smem<128>)>>>(b->q, b->k, b->v, b->dO_lp, b->lse, b->D,
+                                                                         b->dq, p->T, p->nh, p->kvh, scale, scale_log2);
+        CK(cudaEventRecord(ev[3]));
+        CK(cudaGetLastError());
+        CK(cudaEventSynchronize(ev[3]));
+        for (int k = 0; k < 3; k++) CK(cudaEventElapsedTime(&t[k][it], ev[k], ev[k + 1]));
+    }
+    for (int k = 0; k < 3; k++) qsort(t[k], (size_t)n, sizeof(float), cmp_float);
+    printf("  T %d backward: D and bf16 dO %.3f ms, dk dv %.3f ms, dq %.3f ms\n", p->T, t[0][n / 2], t[1][n / 2],
+           t[2][n / 2]);
+    for (int i = 0; i < 4; i++) CK(cudaEventDestroy(ev[i]));
 }
 
 /* Non-finite values among the outputs of the last run (att and lse; dq, dk, dv after a backward). */
@@ -187,7 +220,7 @@ int main(int argc, char **argv) {
     }
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
-    const size_t need = tc_fwd_smem(hd) > tc_bwd_smem(hd, 2) ? tc_fwd_smem(hd) : tc_bwd_smem(hd, 2);
+    const size_t need = tc_smem_max(hd);
     if (need > prop.sharedMemPerBlockOptin) {
         fprintf(stderr, "m1c_bench_softmax: the kernels need %zu bytes of shared memory per block, %s allows %zu\n",
                 need, prop.name, prop.sharedMemPerBlockOptin);
@@ -209,6 +242,7 @@ int main(int argc, char **argv) {
     CK(cudaMalloc((void **)&b.att, (size_t)nq * 2));
     CK(cudaMalloc((void **)&b.lse, (size_t)nl * 4));
     CK(cudaMalloc((void **)&b.dO, (size_t)nq * 4));
+    CK(cudaMalloc((void **)&b.dO_lp, (size_t)nq * 2));
     CK(cudaMalloc((void **)&b.D, (size_t)nl * 4));
     CK(cudaMalloc((void **)&b.dq, (size_t)nq * 4));
     CK(cudaMalloc((void **)&b.dk, (size_t)nk * 4));
@@ -228,7 +262,13 @@ int main(int argc, char **argv) {
             const shape p = {(int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1), Ts[i], nh, kvh, hd};
             run_case(&b, &p, pass, iters);
         }
-    cudaFree(b.q), cudaFree(b.k), cudaFree(b.v), cudaFree(b.att), cudaFree(b.lse), cudaFree(b.dO), cudaFree(b.D);
+    if (getenv("M1C_BENCH_BREAKDOWN"))
+        for (int i = 0; i < nT; i++) {
+            const shape p = {(int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1), Ts[i], nh, kvh, hd};
+            breakdown(&b, &p, iters);
+        }
+    cudaFree(b.q), cudaFree(b.k), cudaFree(b.v), cudaFree(b.att), cudaFree(b.lse), cudaFree(b.dO), cudaFree(b.dO_lp);
+    cudaFree(b.D);
     cudaFree(b.dq), cudaFree(b.dk), cudaFree(b.dv), cudaFree(b.bad);
     return 0;
 }

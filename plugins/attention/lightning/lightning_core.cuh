@@ -27,6 +27,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "../../common/mma.cuh"
+
 enum { LC_C = 64, LC_NS = 64, LC_THREADS = 128, LC_PAD = 8 };
 
 typedef struct lc_problem {
@@ -43,44 +45,6 @@ typedef struct lc_problem {
     int64_t ws_floats;              /* its size, checked */
     int sms;                        /* multiprocessors of the device (lc_sms()) */
 } lc_problem;
-
-/* ---- warp-level tensor-core primitives ------------------------------------------------------------- */
-
-__device__ static inline uint32_t lc_smem(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ static inline void lc_ldsm4(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(lc_smem(p)));
-}
-__device__ static inline void lc_ldsm4t(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(lc_smem(p)));
-}
-/* c (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col) */
-__device__ static inline void lc_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ static inline uint32_t lc_pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-__device__ static inline uint32_t lc_scale2(uint32_t v, float lo, float hi) {
-    __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&v);
-    const float2 f = __bfloat1622float2(b);
-    return lc_pack(f.x * lo, f.y * hi);
-}
-/* 16 bytes global -> shared, zero-filled when !valid (rows past the sequence's end) */
-__device__ static inline void lc_cp16(void *dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(lc_smem(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ static inline void lc_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N> __device__ static inline void lc_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 /* ---- the kernel ------------------------------------------------------------------------------------- */
 
@@ -141,16 +105,16 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
             const int r = i / XC, c = (i % XC) * 8;
             const bool ok = r0 + r < r_end;
             const int64_t at = (int64_t)row_of(ok ? r0 + r : r_begin) * HD + c;
-            if (MODE == LC_OUT) lc_cp16(&sm.x[buf][r][c], X + at, ok);
-            lc_cp16(&sm.y[buf][r][c], Y + at, ok);
+            if (MODE == LC_OUT) mma_cp16(&sm.x[buf][r][c], X + at, ok);
+            mma_cp16(&sm.y[buf][r][c], Y + at, ok);
         }
         constexpr int ZC = NS / 8;
         for (int i = threadIdx.x; i < LC_C * ZC; i += LC_THREADS) {
             const int r = i / ZC, c = (i % ZC) * 8;
             const bool ok = r0 + r < r_end;
-            lc_cp16(&sm.z[buf][r][c], Z + (int64_t)row_of(ok ? r0 + r : r_begin) * HD + zc + c, ok);
+            mma_cp16(&sm.z[buf][r][c], Z + (int64_t)row_of(ok ? r0 + r : r_begin) * HD + zc + c, ok);
         }
-        lc_commit();
+        mma_commit();
     };
 
     /* The state: warp w holds rows [w HD/4, (w+1) HD/4) as MT 16-row tiles x 8 column tiles of 8. */
@@ -176,8 +140,8 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
 #pragma unroll
             for (int nt = 0; nt < NS / 8; nt++) {
                 const int row = warp * (HD / 4) + mt * 16 + g, col = nt * 8 + 2 * t4;
-                *reinterpret_cast<uint32_t *>(&sm.m[row][col]) = lc_pack(st[mt][nt][0], st[mt][nt][1]);
-                *reinterpret_cast<uint32_t *>(&sm.m[row + 8][col]) = lc_pack(st[mt][nt][2], st[mt][nt][3]);
+                *reinterpret_cast<uint32_t *>(&sm.m[row][col]) = mma_pack(st[mt][nt][0], st[mt][nt][1]);
+                *reinterpret_cast<uint32_t *>(&sm.m[row + 8][col]) = mma_pack(st[mt][nt][2], st[mt][nt][3]);
             }
     }
 
@@ -185,7 +149,7 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
     for (int blk = 0; blk < nblk; blk++) {
         const int buf = blk & 1;
         const int r0 = r_begin + blk * LC_C, m = min(LC_C, r_end - r0);
-        lc_wait<0>();
+        mma_wait<0>();
         __syncthreads(); /* block blk landed for all; the previous block's state operand is written and
                             every read of the other buffer is done */
         if (blk + 1 < nblk) load(blk + 1, buf ^ 1);
@@ -199,14 +163,14 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ks++) {
                 uint32_t a[4];
-                lc_ldsm4(a, &sm.x[buf][i0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+                mma_ldsm4(a, &sm.x[buf][i0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
 #pragma unroll
                 for (int np = 0; np < 4; np++) {
                     if (np > warp) break;
                     uint32_t b[4];
-                    lc_ldsm4(b, &sm.y[buf][np * 16 + (lane % 8) + (lane / 16) * 8][ks * 16 + ((lane / 8) & 1) * 8]);
-                    lc_mma(sc[2 * np], a, b[0], b[1]);
-                    lc_mma(sc[2 * np + 1], a, b[2], b[3]);
+                    mma_ldsm4(b, &sm.y[buf][np * 16 + (lane % 8) + (lane / 16) * 8][ks * 16 + ((lane / 8) & 1) * 8]);
+                    mma_16816(sc[2 * np], a, b[0], b[1]);
+                    mma_16816(sc[2 * np + 1], a, b[2], b[3]);
                 }
             }
             /* decay mask: exp(-s (i - j)) for j <= i, else 0 */
@@ -225,13 +189,13 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
 #pragma unroll
                 for (int ks = 0; ks < HD / 16; ks++) {
                     uint32_t a[4];
-                    lc_ldsm4(a, &sm.x[buf][i0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+                    mma_ldsm4(a, &sm.x[buf][i0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
 #pragma unroll
                     for (int np = 0; np < NS / 16; np++) {
                         uint32_t b[4];
-                        lc_ldsm4t(b, &sm.m[ks * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
-                        lc_mma(o[2 * np], a, b[0], b[1]);
-                        lc_mma(o[2 * np + 1], a, b[2], b[3]);
+                        mma_ldsm4t(b, &sm.m[ks * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                        mma_16816(o[2 * np], a, b[0], b[1]);
+                        mma_16816(o[2 * np + 1], a, b[2], b[3]);
                     }
                 }
                 const float f0 = sm.pw[i0 + g + 1], f1 = sm.pw[i0 + g + 9];
@@ -242,16 +206,16 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
             for (int kk = 0; kk < 4; kk++) {
                 if (kk > warp) break;
                 uint32_t a[4];
-                a[0] = lc_pack(sc[2 * kk][0], sc[2 * kk][1]);
-                a[1] = lc_pack(sc[2 * kk][2], sc[2 * kk][3]);
-                a[2] = lc_pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-                a[3] = lc_pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+                a[0] = mma_pack(sc[2 * kk][0], sc[2 * kk][1]);
+                a[1] = mma_pack(sc[2 * kk][2], sc[2 * kk][3]);
+                a[2] = mma_pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+                a[3] = mma_pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
 #pragma unroll
                 for (int np = 0; np < NS / 16; np++) {
                     uint32_t b[4];
-                    lc_ldsm4t(b, &sm.z[buf][kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
-                    lc_mma(o[2 * np], a, b[0], b[1]);
-                    lc_mma(o[2 * np + 1], a, b[2], b[3]);
+                    mma_ldsm4t(b, &sm.z[buf][kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                    mma_16816(o[2 * np], a, b[0], b[1]);
+                    mma_16816(o[2 * np + 1], a, b[2], b[3]);
                 }
             }
             /* store the warp's rows */
@@ -267,7 +231,7 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
                                 make_float2(o[nt][2 * h2], o[nt][2 * h2 + 1]);
                         else
                             *reinterpret_cast<uint32_t *>((__nv_bfloat16 *)p.out + at + nt * 8) =
-                                lc_pack(o[nt][2 * h2], o[nt][2 * h2 + 1]);
+                                mma_pack(o[nt][2 * h2], o[nt][2 * h2 + 1]);
                     }
                 }
             }
@@ -296,15 +260,15 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
             for (int mt = 0; mt < MT; mt++) {
                 uint32_t a[4];
                 const int hrow = warp * (HD / 4) + mt * 16;
-                lc_ldsm4t(a, &sm.y[buf][kk * 16 + (lane % 8) + (lane / 16) * 8][hrow + ((lane / 8) & 1) * 8]);
-                a[0] = lc_scale2(a[0], d0, d1), a[1] = lc_scale2(a[1], d0, d1);
-                a[2] = lc_scale2(a[2], d8, d9), a[3] = lc_scale2(a[3], d8, d9);
+                mma_ldsm4t(a, &sm.y[buf][kk * 16 + (lane % 8) + (lane / 16) * 8][hrow + ((lane / 8) & 1) * 8]);
+                a[0] = mma_scale2(a[0], d0, d1), a[1] = mma_scale2(a[1], d0, d1);
+                a[2] = mma_scale2(a[2], d8, d9), a[3] = mma_scale2(a[3], d8, d9);
 #pragma unroll
                 for (int np = 0; np < NS / 16; np++) {
                     uint32_t b[4];
-                    lc_ldsm4t(b, &sm.z[buf][kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
-                    lc_mma(st[mt][2 * np], a, b[0], b[1]);
-                    lc_mma(st[mt][2 * np + 1], a, b[2], b[3]);
+                    mma_ldsm4t(b, &sm.z[buf][kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                    mma_16816(st[mt][2 * np], a, b[0], b[1]);
+                    mma_16816(st[mt][2 * np + 1], a, b[2], b[3]);
                 }
             }
         }
@@ -315,8 +279,8 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
 #pragma unroll
                 for (int nt = 0; nt < NS / 8; nt++) {
                     const int row = warp * (HD / 4) + mt * 16 + g, col = nt * 8 + 2 * t4;
-                    *reinterpret_cast<uint32_t *>(&sm.m[row][col]) = lc_pack(st[mt][nt][0], st[mt][nt][1]);
-                    *reinterpret_cast<uint32_t *>(&sm.m[row + 8][col]) = lc_pack(st[mt][nt][2], st[mt][nt][3]);
+                    *reinterpret_cast<uint32_t *>(&sm.m[row][col]) = mma_pack(st[mt][nt][0], st[mt][nt][1]);
+                    *reinterpret_cast<uint32_t *>(&sm.m[row + 8][col]) = mma_pack(st[mt][nt][2], st[mt][nt][3]);
                 }
         }
         if (last) {

@@ -1,7 +1,7 @@
 /* Softmax attention plugin, CUDA path: the same layer as softmax.c (causal GQA, partial rotate_half
  * RoPE, KV cache) on one GPU, f32 or bf16 compute. Projections go through cuBLAS (h->gemm_ex);
- * attention is a flash-style kernel: on tensor cores (WMMA, in softmax_tc.cuh) for BF16 at head_dim
- * 64 and 128, on CUDA cores otherwise (f32: the exact reference). */
+ * attention is a flash-style kernel: on tensor cores (mma.sync in the FlashAttention-2 form,
+ * softmax_fa.cuh) for BF16 at head_dim 64 and 128, on CUDA cores otherwise (f32: the exact reference). */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -367,9 +367,8 @@ extern "C" int sm_cuda_create(const m1c_host *h, int H, int nh, int kvh, int hd,
     const char *env = getenv("M1C_SOFTMAX_TC");
     a->tc = dtype == M1C_BF16 && (hd == 64 || hd == 128) && !(env && strcmp(env, "0") == 0);
     if (a->tc) {
-        const size_t fs = tc_fwd_smem(hd), kvs = tc_bwd_smem(hd, 2);
         size_t bytes = 0;
-        if (fs > (size_t)optin || kvs > (size_t)optin) a->tc = 0; /* cannot happen on sm_80+: keep the old path */
+        if (tc_smem_max(hd) > (size_t)optin) a->tc = 0; /* cannot happen on sm_80+: keep the old path */
         else if ((e = tc_raise_smem(hd, &bytes)) != cudaSuccess) {
             h->error(h, "cudaFuncSetAttribute (%zu bytes of shared memory): %s", bytes, cudaGetErrorString(e));
             free(a);
@@ -497,13 +496,14 @@ static int tc_eligible(const sm_cuda *a, const void *q, const void *k, const voi
 }
 
 static int attend_bwd_tc(const sm_cuda *a, cudaStream_t s, const bf16 *q, const bf16 *k, const bf16 *v,
-                         const bf16 *att, const float *dO, const float *lse, float *D, float *dq, float *dk, float *dv,
-                         int B, int T, int *done) {
+                         const bf16 *att, const float *dO, bf16 *dO_lp, const float *lse, float *D, float *dq,
+                         float *dk, float *dv, int B, int T, int *done) {
     *done = 0;
-    if (!tc_eligible(a, q, k, v, dO)) return M1C_OK;
+    if (!tc_eligible(a, q, k, v, dO) || !aligned16(dO_lp)) return M1C_OK;
     *done = 1;
     const char *what = "";
-    const cudaError_t e = tc_attend_bwd(s, q, k, v, att, dO, lse, D, dq, dk, dv, B, T, a->nh, a->kvh, a->hd, &what);
+    const cudaError_t e =
+        tc_attend_bwd(s, q, k, v, att, dO, dO_lp, lse, D, dq, dk, dv, B, T, a->nh, a->kvh, a->hd, &what);
     return cuda_failed(a, e, what);
 }
 
@@ -634,9 +634,10 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
                                                                       hd, scale);
         if (launched(a, "attention backward dq")) return M1C_ERR;
     } else {
-        /* tensor cores (D from dO rounded to bf16, as they read it), else D here for the kernels below */
-        if (attend_bwd_tc(a, s, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, (const bf16 *)att, datt, lse, D, dq,
-                          dk, dv, B, T, &done_tc) ||
+        /* tensor cores (dO rounded to bf16 into the bf16 staging, free until the dq dk dv copies below, and D
+         * from it), else D here for the kernels below */
+        if (attend_bwd_tc(a, s, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, (const bf16 *)att, datt,
+                          (bf16 *)b->scratch[CS_LP].data, lse, D, dq, dk, dv, B, T, &done_tc) ||
             (!done_tc && cuda_failed(a, rowdot_launch<bf16>(s, D, datt, (const bf16 *)att, B, T, nh, hd, 0), "rowdot")))
             return M1C_ERR;
     }

@@ -1,0 +1,389 @@
+/* Causal softmax attention on tensor cores in the FlashAttention-2 form, with mma.sync fragments held in
+ * registers (../../common/mma.cuh): the forward (online softmax, O and the log-sum-exp), and the backward
+ * as two kernels, dK dV (one CTA per key tile, looping over the query tiles that see it, for every query
+ * head of its KV group) and dQ (one CTA per query tile, looping over its visible key tiles). Scores,
+ * probabilities and their gradients never leave registers; P and dS are rounded to bf16 as the operands
+ * of the second products (as FlashAttention does). bf16 operands, f32 accumulation; head_dim 64 or 128;
+ * four warps, each owning 16 rows of its CTA's 64-row tile. Contracts as the launchers in softmax_tc.cuh. */
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "../../common/mma.cuh"
+
+enum { FA_T = 64, FA_QB = 32, FA_THREADS = 128, FA_PAD = 8 };
+
+template <int HD> using fa_tile = __nv_bfloat16[FA_T][HD + FA_PAD];
+
+/* ROWS rows of HD bf16 at src (row stride ld elements) into dst by cp.async; rows >= n zero. */
+template <int HD, int ROWS>
+__device__ static inline void fa_load(__nv_bfloat16 (*dst)[HD + FA_PAD], const __nv_bfloat16 *src, int64_t ld, int n) {
+    constexpr int C = HD / 8;
+    for (int i = threadIdx.x; i < ROWS * C; i += blockDim.x) {
+        const int r = i / C, c = (i % C) * 8;
+        const bool ok = r < n;
+        mma_cp16(&dst[r][c], src + (int64_t)(ok ? r : 0) * ld + c, ok);
+    }
+}
+
+/* Before the backward kernels, one warp per (b, t, h) row: dO rounded to bf16 (the operand the kernels
+ * read, by cp.async like the rest) and D = rowsum(dO * O) from that rounded dO. HD / 32 values per lane. */
+template <int HD>
+__global__ static void fa_prep_kernel(__nv_bfloat16 *dO_lp, float *D, const float *dO, const __nv_bfloat16 *O, int T,
+                                      int nh, int64_t rows) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; r < rows;
+         r += (int64_t)gridDim.x * blockDim.x / 32) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int c = 2 * lane; c < HD; c += 64) {
+            const float2 d = *reinterpret_cast<const float2 *>(dO + r * HD + c);
+            const uint32_t u = mma_pack(d.x, d.y);
+            *reinterpret_cast<uint32_t *>(dO_lp + r * HD + c) = u;
+            const float2 dr = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
+            const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(O + r * HD + c));
+            sum += dr.x * o.x + dr.y * o.y;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) {
+            const int64_t bt = r / nh, hh = r % nh; /* rows are (b, t, h) */
+            D[((bt / T) * nh + hh) * T + bt % T] = sum;
+        }
+    }
+}
+
+/* acc (16 x 8*NT, the warp's rows r0.. against rows 0..8*NT-1 of B) += A B^T with A rows r0.. of a and
+ * B rows of b, both [rows][HD] in shared memory: the Q K^T shape. */
+template <int HD, int NT>
+__device__ static inline void fa_abt(float acc[NT][4], const __nv_bfloat16 (*a)[HD + FA_PAD], int r0,
+                                     const __nv_bfloat16 (*b)[HD + FA_PAD]) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ks++) {
+        uint32_t af[4];
+        mma_ldsm4(af, &a[r0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            uint32_t bf[4];
+            mma_ldsm4(bf, &b[np * 16 + (lane % 8) + (lane / 16) * 8][ks * 16 + ((lane / 8) & 1) * 8]);
+            mma_16816(acc[2 * np], af, bf[0], bf[1]);
+            mma_16816(acc[2 * np + 1], af, bf[2], bf[3]);
+        }
+    }
+}
+
+/* The same with A given as the warp's fragments af[HD / 16][4] (held in registers). */
+template <int HD, int NT>
+__device__ static inline void fa_abt_reg(float acc[NT][4], const uint32_t af[HD / 16][4],
+                                         const __nv_bfloat16 (*b)[HD + FA_PAD]) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ks++)
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            uint32_t bf[4];
+            mma_ldsm4(bf, &b[np * 16 + (lane % 8) + (lane / 16) * 8][ks * 16 + ((lane / 8) & 1) * 8]);
+            mma_16816(acc[2 * np], af[ks], bf[0], bf[1]);
+            mma_16816(acc[2 * np + 1], af[ks], bf[2], bf[3]);
+        }
+}
+
+/* acc (16 x HD) += P B with P the warp's 16 x 16*KS probabilities as C fragments p[2*KS][4] (rounded to
+ * bf16 here) and B rows 0..16*KS-1 of b [rows][HD] in shared memory: the P V shape. */
+template <int HD, int KS>
+__device__ static inline void fa_pb(float acc[HD / 8][4], const float p[2 * KS][4], const __nv_bfloat16 (*b)[HD + FA_PAD]) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        uint32_t af[4];
+        af[0] = mma_pack(p[2 * kk][0], p[2 * kk][1]);
+        af[1] = mma_pack(p[2 * kk][2], p[2 * kk][3]);
+        af[2] = mma_pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        af[3] = mma_pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < HD / 16; np++) {
+            uint32_t bf[4];
+            mma_ldsm4t(bf, &b[kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+            mma_16816(acc[2 * np], af, bf[0], bf[1]);
+            mma_16816(acc[2 * np + 1], af, bf[2], bf[3]);
+        }
+    }
+}
+
+/* The forward's query tile: 16 rows per warp, FA_FW warps. */
+enum { FA_FW = 4, FA_TQ = 16 * FA_FW };
+
+template <int HD> struct fa_fwd_smem {
+    __nv_bfloat16 q[FA_TQ][HD + FA_PAD];
+    fa_tile<HD> k[2], v[2];
+};
+
+/* Forward, CTA (query tile of FA_TQ rows, head, sequence), query tiles in reverse so that the long rows
+ * start first.
+ * Queries at positions pos0 + i; keys and values of KV head hh / rep at kb + b*kb_stride + g*kg_stride, row
+ * stride ks; att (B, T, nh*HD) bf16; lse (B, nh, T) natural-log units, or NULL. */
+template <int HD>
+__global__ static void __launch_bounds__(32 * FA_FW)
+    fa_fwd_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *kb, const __nv_bfloat16 *vb, int64_t kb_stride,
+                  int64_t kg_stride, int ks, __nv_bfloat16 *att, float *lse, int T, int nh, int rep, int64_t pos0,
+                  float scale_log2) {
+    extern __shared__ __align__(16) unsigned char fa_raw[];
+    fa_fwd_smem<HD> &sm = *reinterpret_cast<fa_fwd_smem<HD> *>(fa_raw);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, hh = blockIdx.y, b = blockIdx.z;
+    const int nq = min((int)FA_TQ, T - i0), qs = nh * HD;
+    const __nv_bfloat16 *kh = kb + b * kb_stride + (hh / rep) * kg_stride, *vh = vb + b * kb_stride + (hh / rep) * kg_stride;
+    const int64_t kend = pos0 + i0 + nq; /* keys 0..kend-1 are seen by some row */
+    const int ntiles = (int)((kend + FA_T - 1) / FA_T);
+    const int64_t rpos = pos0 + i0 + warp * 16 + g; /* position of the thread's first row (second: +8) */
+    const int64_t wfirst = pos0 + i0 + warp * 16, wlast = wfirst + 15;
+
+    fa_load<HD, FA_TQ>(sm.q, q + ((int64_t)b * T + i0) * qs + (int64_t)hh * HD, qs, nq);
+    fa_load<HD, FA_T>(sm.k[0], kh, ks, (int)min((int64_t)FA_T, kend));
+    fa_load<HD, FA_T>(sm.v[0], vh, ks, (int)min((int64_t)FA_T, kend));
+    mma_commit();
+
+    float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    uint32_t qf[HD / 16][4]; /* the warp's query rows as A fragments, loaded once */
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    for (int kt = 0; kt < ntiles; kt++) {
+        const int buf = kt & 1;
+        const int64_t k0 = (int64_t)kt * FA_T;
+        mma_wait<0>();
+        __syncthreads(); /* tile kt landed; every warp is done with the other buffer */
+        if (kt == 0)
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ks++)
+                mma_ldsm4(qf[ks], &sm.q[warp * 16 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+        if (kt + 1 < ntiles) {
+            const int64_t k1 = k0 + FA_T;
+            fa_load<HD, FA_T>(sm.k[buf ^ 1], kh + k1 * ks, ks, (int)min((int64_t)FA_T, kend - k1));
+            fa_load<HD, FA_T>(sm.v[buf ^ 1], vh + k1 * ks, ks, (int)min((int64_t)FA_T, kend - k1));
+            mma_commit();
+        }
+        if (k0 > wlast) continue; /* warp-uniform: no row of this warp sees the tile */
+        float s[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        fa_abt_reg<HD, 8>(s, qf, sm.k[buf]);
+        /* scale to log2 units and mask (keys after the row, or past kend) */
+        const bool edge = k0 + FA_T - 1 > wfirst || k0 + FA_T > kend;
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int64_t col = k0 + nt * 8 + 2 * t4 + (e & 1), row = rpos + (e >= 2 ? 8 : 0);
+                float v = s[nt][e] * scale_log2;
+                if (edge && (col > row || col >= kend)) v = -INFINITY;
+                s[nt][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        float c[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            /* every row sees key 0 in tile 0, so mx is finite from the first tile on */
+            c[r] = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - mx[r]);
+            m[r] = mx[r];
+            l[r] *= c[r];
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float p = exp2f(s[nt][e] - m[e >> 1]); /* -inf -> 0 */
+                s[nt][e] = p;
+                l[e >> 1] += p;
+            }
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt++) o[nt][0] *= c[0], o[nt][1] *= c[0], o[nt][2] *= c[1], o[nt][3] *= c[1];
+        fa_pb<HD, 4>(o, s, sm.v[buf]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = warp * 16 + g + 8 * r;
+        if (i >= nq) continue;
+        const float inv = 1.0f / l[r];
+        __nv_bfloat16 *dst = att + ((int64_t)b * T + i0 + i) * qs + (int64_t)hh * HD + 2 * t4;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt++)
+            *reinterpret_cast<uint32_t *>(dst + nt * 8) = mma_pack(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+        if (lse && t4 == 0) lse[((int64_t)b * nh + hh) * T + i0 + i] = (m[r] + log2f(l[r])) * 0.69314718055994531f;
+    }
+}
+
+template <int HD> struct fa_dq_smem {
+    fa_tile<HD> q, dO, k[2], v[2];
+    float lse2[FA_T], D[FA_T];
+};
+
+/* dq (B, T, nh*HD) f32, written: CTA (query tile, head, sequence) of the layer's causal attention (pos0 =
+ * 0), keys and values (B, T, kvh*HD). S = Q K^T, P = exp(S scale - lse), dP = dO V^T, dS = P (dP - D),
+ * dQ = scale dS K, over the key tiles up to the query tile's last row. */
+template <int HD>
+__global__ static void __launch_bounds__(FA_THREADS)
+    fa_bwd_q_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const __nv_bfloat16 *dO,
+                    const float *lse, const float *D, float *dq, int T, int nh, int kvh, float scale, float scale_log2) {
+    extern __shared__ __align__(16) unsigned char fa_raw[];
+    fa_dq_smem<HD> &sm = *reinterpret_cast<fa_dq_smem<HD> *>(fa_raw);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_T, hh = blockIdx.y, b = blockIdx.z, grp = hh / (nh / kvh);
+    const int nq = min(FA_T, T - i0), qs = nh * HD, kd = kvh * HD;
+    const int kend = i0 + nq, ntiles = (kend + FA_T - 1) / FA_T;
+    const int rpos = i0 + warp * 16 + g, wfirst = i0 + warp * 16, wlast = wfirst + 15;
+    const __nv_bfloat16 *kh = k + (int64_t)b * T * kd + (int64_t)grp * HD, *vh = v + (int64_t)b * T * kd + (int64_t)grp * HD;
+    const int64_t qrow = ((int64_t)b * T + i0) * qs + (int64_t)hh * HD;
+
+    fa_load<HD, FA_T>(sm.q, q + qrow, qs, nq);
+    fa_load<HD, FA_T>(sm.dO, dO + qrow, qs, nq);
+    fa_load<HD, FA_T>(sm.k[0], kh, kd, min(FA_T, kend));
+    fa_load<HD, FA_T>(sm.v[0], vh, kd, min(FA_T, kend));
+    mma_commit();
+    for (int i = threadIdx.x; i < FA_T; i += FA_THREADS) {
+        const int64_t li = ((int64_t)b * nh + hh) * T + i0 + i;
+        sm.lse2[i] = i < nq ? lse[li] * 1.44269504088896341f : 0.0f;
+        sm.D[i] = i < nq ? D[li] : 0.0f;
+    }
+    float dqa[HD / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt++) dqa[nt][0] = dqa[nt][1] = dqa[nt][2] = dqa[nt][3] = 0.0f;
+    float lr[2] = {0.0f, 0.0f}, Dr[2] = {0.0f, 0.0f};
+    for (int kt = 0; kt < ntiles; kt++) {
+        const int buf = kt & 1, k0 = kt * FA_T;
+        mma_wait<0>();
+        __syncthreads();
+        if (kt == 0)
+#pragma unroll
+            for (int r = 0; r < 2; r++) lr[r] = sm.lse2[warp * 16 + g + 8 * r], Dr[r] = sm.D[warp * 16 + g + 8 * r];
+        if (kt + 1 < ntiles) {
+            const int k1 = k0 + FA_T;
+            fa_load<HD, FA_T>(sm.k[buf ^ 1], kh + (int64_t)k1 * kd, kd, min(FA_T, kend - k1));
+            fa_load<HD, FA_T>(sm.v[buf ^ 1], vh + (int64_t)k1 * kd, kd, min(FA_T, kend - k1));
+            mma_commit();
+        }
+        if (k0 > wlast) continue;
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
+        fa_abt<HD, 8>(s, sm.q, warp * 16, sm.k[buf]);
+        fa_abt<HD, 8>(dp, sm.dO, warp * 16, sm.v[buf]);
+        const bool edge = k0 + FA_T - 1 > wfirst;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = k0 + nt * 8 + 2 * t4 + (e & 1), row = rpos + (e >= 2 ? 8 : 0), r = e >> 1;
+                const float p = edge && col > row ? 0.0f : exp2f(s[nt][e] * scale_log2 - lr[r]);
+                s[nt][e] = p * (dp[nt][e] - Dr[r]); /* dS */
+            }
+        fa_pb<HD, 4>(dqa, s, sm.k[buf]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = warp * 16 + g + 8 * r;
+        if (i >= nq) continue;
+        float *dst = dq + ((int64_t)b * T + i0 + i) * qs + (int64_t)hh * HD + 2 * t4;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt++)
+            *reinterpret_cast<float2 *>(dst + nt * 8) = make_float2(dqa[nt][2 * r] * scale, dqa[nt][2 * r + 1] * scale);
+    }
+}
+
+template <int HD> struct fa_dkv_smem {
+    fa_tile<HD> k, v;
+    __nv_bfloat16 q[2][FA_QB][HD + FA_PAD], dO[2][FA_QB][HD + FA_PAD];
+    float lse2[2][FA_QB], D[2][FA_QB];
+};
+
+/* dk, dv (B, T, kvh*HD) f32, written: CTA (key tile, KV head, sequence), summing over the group's query
+ * heads and the query tiles (FA_QB rows) at or after the key tile. The warp's 16 keys: S^T = K Q^T,
+ * dP^T = V dO^T, P^T, dS^T = P^T (dP^T - D) in registers, dV += P^T dO, dK += scale dS^T Q. */
+template <int HD>
+__global__ static void __launch_bounds__(FA_THREADS)
+    fa_bwd_kv_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const __nv_bfloat16 *dO,
+                     const float *lse, const float *D, float *dk, float *dv, int T, int nh, int kvh, float scale,
+                     float scale_log2) {
+    extern __shared__ __align__(16) unsigned char fa_raw[];
+    fa_dkv_smem<HD> &sm = *reinterpret_cast<fa_dkv_smem<HD> *>(fa_raw);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const int k0 = blockIdx.x * FA_T, grp = blockIdx.y, b = blockIdx.z, rep = nh / kvh;
+    const int nk = min(FA_T, T - k0), kd = kvh * HD, qs = nh * HD;
+    const int kpos = k0 + warp * 16 + g; /* the thread's first key (second: +8) */
+    const int wfirst = k0 + warp * 16;
+    const int64_t krow = ((int64_t)b * T + k0) * kd + (int64_t)grp * HD;
+    fa_load<HD, FA_T>(sm.k, k + krow, kd, nk);
+    fa_load<HD, FA_T>(sm.v, v + krow, kd, nk);
+    const int qt0 = k0 / FA_QB, nqt = (T + FA_QB - 1) / FA_QB - qt0; /* query tiles per head */
+    const int steps = rep * nqt;
+    /* a step's query rows, dO rows (cp.async), lse and D (plain loads: visible after the next barrier) */
+    auto qload = [&](int step, int buf) {
+        const int hq = grp * rep + step / nqt, qi0 = (qt0 + step % nqt) * FA_QB, nq = min(FA_QB, T - qi0);
+        const int64_t row = ((int64_t)b * T + qi0) * qs + (int64_t)hq * HD;
+        fa_load<HD, FA_QB>(sm.q[buf], q + row, qs, nq);
+        fa_load<HD, FA_QB>(sm.dO[buf], dO + row, qs, nq);
+        mma_commit();
+        for (int i = threadIdx.x; i < FA_QB; i += FA_THREADS) {
+            const int64_t li = ((int64_t)b * nh + hq) * T + qi0 + i;
+            sm.lse2[buf][i] = i < nq ? lse[li] * 1.44269504088896341f : 0.0f;
+            sm.D[buf][i] = i < nq ? D[li] : 0.0f;
+        }
+    };
+    qload(0, 0);
+    float dka[HD / 8][4], dva[HD / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[nt][e] = dva[nt][e] = 0.0f;
+    for (int step = 0; step < steps; step++) {
+        const int buf = step & 1, qi0 = (qt0 + step % nqt) * FA_QB;
+        const int nq = min(FA_QB, T - qi0);
+        mma_wait<0>();
+        __syncthreads(); /* this step's rows (and, first time, k v) ready; the other buffers are free */
+        if (step + 1 < steps) qload(step + 1, buf ^ 1);
+        if (qi0 + FA_QB - 1 < wfirst) continue; /* every query of the tile precedes the warp's keys */
+        float st[FA_QB / 8][4], dpt[FA_QB / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FA_QB / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
+        fa_abt<HD, FA_QB / 8>(st, sm.k, warp * 16, sm.q[buf]);
+        fa_abt<HD, FA_QB / 8>(dpt, sm.v, warp * 16, sm.dO[buf]);
+#pragma unroll
+        for (int nt = 0; nt < FA_QB / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qc = nt * 8 + 2 * t4 + (e & 1), key = kpos + (e >= 2 ? 8 : 0);
+                const bool ok = qc < nq && qi0 + qc >= key;
+                const float p = ok ? exp2f(st[nt][e] * scale_log2 - sm.lse2[buf][qc]) : 0.0f;
+                st[nt][e] = p;
+                dpt[nt][e] = p * (dpt[nt][e] - sm.D[buf][qc]);
+            }
+        fa_pb<HD, FA_QB / 16>(dva, st, sm.dO[buf]);
+        fa_pb<HD, FA_QB / 16>(dka, dpt, sm.q[buf]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = warp * 16 + g + 8 * r;
+        if (i >= nk) continue;
+        const int64_t at = krow + (int64_t)i * kd + 2 * t4;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt++) {
+            *reinterpret_cast<float2 *>(dk + at + nt * 8) = make_float2(dka[nt][2 * r] * scale, dka[nt][2 * r + 1] * scale);
+            *reinterpret_cast<float2 *>(dv + at + nt * 8) = make_float2(dva[nt][2 * r], dva[nt][2 * r + 1]);
+        }
+    }
+}
