@@ -20,13 +20,12 @@
  * CPU's xoshiro stream: the same noise_seed gives the same noise on the GPU every time, but not the
  * CPU's noise. Evaluation (training = 0) never applies it. */
 #include <math.h>
-#include <mma.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <type_traits>
 
+#include "../../common/mma.cuh"
 #include "../moe_cuda.cuh"
 #include "../topk_route.h"
 #include "../topk_cuda.cuh"
@@ -394,11 +393,11 @@ __global__ void add_router_kernel(float *din, const float *t, const float *noise
 /* ---- grouped expert GEMM (BF16) ----------------------------------------------------------------- */
 
 /* One launch covers every expert, reading the expert row offsets on the device: no host copy, no
- * synchronisation, one shape for all calls. bf16 operands on tensor cores (WMMA 16x16x16), f32
- * accumulation, as cuBLAS's GemmEx with CUBLAS_COMPUTE_32F. Block tile GG_BM x GG_BN, K step GG_BK,
- * 8 warps in 2 x 4, each 64 x 32 (4 x 2 fragments). Tiles are staged in shared memory as they lie in
- * global memory (row-major, rows padded by 16 bytes so that the fragment loads hit distinct banks);
- * the fragment layout (row/col major) gives the transposes. The staging is a GG_STAGES-deep ring filled
+ * synchronisation, one shape for all calls. bf16 operands on tensor cores (mma.sync m16n8k16 fed by
+ * ldmatrix), f32 accumulation, as cuBLAS's GemmEx with CUBLAS_COMPUTE_32F. Block tile GG_BM x GG_BN, K
+ * step GG_BK, 8 warps in 2 x 4, each 64 x 32 (4 x 4 tiles of 16 x 8). Tiles are staged in shared memory
+ * as they lie in global memory (row-major, rows padded by 16 bytes so that ldmatrix's row addresses hit
+ * distinct banks); ldmatrix's transposing form gives the transposes. The staging is a GG_STAGES-deep ring filled
  * by cp.async (16-byte copies that zero-fill past the matrix edge), so the loads of the next tiles are
  * in flight while the tensor cores work on this one; where 16-byte copies are not possible (a leading
  * dimension not a multiple of 8 elements, say) ordinary element loads fill the same ring. Any M, N, K.
@@ -494,49 +493,34 @@ static __device__ __forceinline__ void gg_load_stage(__nv_bfloat16 *st, const __
     }
 }
 
-/* 8 consecutive outputs of one row: bounds, beta, the output dtype; 16-byte stores where allowed. */
-static __device__ __forceinline__ void gg_store8(float *C, int64_t i, int n_ok, const float *v, float beta, bool cvec) {
-    if (cvec && n_ok == 8) {
-        float4 a = make_float4(v[0], v[1], v[2], v[3]), b = make_float4(v[4], v[5], v[6], v[7]);
-        if (beta != 0.0f) {
-            const float4 ca = *(const float4 *)(C + i), cb = *(const float4 *)(C + i + 4);
-            a.x += beta * ca.x, a.y += beta * ca.y, a.z += beta * ca.z, a.w += beta * ca.w;
-            b.x += beta * cb.x, b.y += beta * cb.y, b.z += beta * cb.z, b.w += beta * cb.w;
-        }
-        *(float4 *)(C + i) = a;
-        *(float4 *)(C + i + 4) = b;
-        return;
-    }
-    #pragma unroll
-    for (int c = 0; c < 8; c++) /* constant indices keep v in registers */
-        if (c < n_ok) C[i + c] = beta != 0.0f ? v[c] + beta * C[i + c] : v[c];
-}
-static __device__ __forceinline__ void gg_store8(__nv_bfloat16 *C, int64_t i, int n_ok, const float *v, float beta,
+/* Two consecutive outputs of one row (n_ok of them in bounds): beta, the output dtype; one paired
+ * access where allowed (cvec: ldc even, C aligned). */
+static __device__ __forceinline__ void gg_store2(float *C, int64_t i, int n_ok, float v0, float v1, float beta,
                                                  bool cvec) {
-    if (cvec && n_ok == 8) {
-        __nv_bfloat162 o[4];
+    if (cvec && n_ok == 2) {
+        float2 o = make_float2(v0, v1);
         if (beta != 0.0f) {
-            const uint4 cv = *(const uint4 *)(C + i);
-            const __nv_bfloat162 *cp = (const __nv_bfloat162 *)&cv;
-            #pragma unroll
-            for (int t = 0; t < 4; t++) {
-                const float2 f = __bfloat1622float2(cp[t]);
-                o[t] = __floats2bfloat162_rn(v[2 * t] + beta * f.x, v[2 * t + 1] + beta * f.y);
-            }
-        } else {
-            #pragma unroll
-            for (int t = 0; t < 4; t++) o[t] = __floats2bfloat162_rn(v[2 * t], v[2 * t + 1]);
+            const float2 c = *(const float2 *)(C + i);
+            o.x += beta * c.x, o.y += beta * c.y;
         }
-        *(uint4 *)(C + i) = *(const uint4 *)o;
+        *(float2 *)(C + i) = o;
         return;
     }
-    #pragma unroll
-    for (int c = 0; c < 8; c++) {
-        if (c >= n_ok) break;
-        float x = v[c];
-        if (beta != 0.0f) x += beta * __bfloat162float(C[i + c]);
-        C[i + c] = __float2bfloat16_rn(x);
+    C[i] = beta != 0.0f ? v0 + beta * C[i] : v0;
+    if (n_ok == 2) C[i + 1] = beta != 0.0f ? v1 + beta * C[i + 1] : v1;
+}
+static __device__ __forceinline__ void gg_store2(__nv_bfloat16 *C, int64_t i, int n_ok, float v0, float v1, float beta,
+                                                 bool cvec) {
+    if (beta != 0.0f) {
+        v0 += beta * __bfloat162float(C[i]);
+        if (n_ok == 2) v1 += beta * __bfloat162float(C[i + 1]);
     }
+    if (cvec && n_ok == 2) {
+        *(__nv_bfloat162 *)(C + i) = __floats2bfloat162_rn(v0, v1);
+        return;
+    }
+    C[i] = __float2bfloat16_rn(v0);
+    if (n_ok == 2) C[i + 1] = __float2bfloat16_rn(v1);
 }
 
 /* vec: 16-byte operand copies allowed (see gg_load); cvec: 16-byte output accesses allowed (ldc and sc
@@ -546,7 +530,6 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
     grouped_gemm_kernel(TC *C, int64_t ldc, int64_t sc, const __nv_bfloat16 *A, int64_t lda,
                         const __nv_bfloat16 *B, int64_t ldb, int64_t sb, const int32_t *off, int E, int Mc, int Nc,
                         int K, float beta, int vec, int cvec) {
-    using namespace nvcuda;
     typedef gg_geom<MODE> G;
     extern __shared__ __align__(128) unsigned char gg_smem[];
     __nv_bfloat16 *ring = (__nv_bfloat16 *)gg_smem;
@@ -577,13 +560,12 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
     if (n0 >= Nc) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp / 4, wn = warp % 4;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+    /* The warp's 64 x 32 of C as 4 x 4 mma.sync tiles of 16 x 8 (../../common/mma.cuh for the layouts). */
+    float acc[4][4][4];
     #pragma unroll
     for (int i = 0; i < 4; i++)
         #pragma unroll
-        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
-    typedef typename std::conditional<MODE == GG_TN, wmma::col_major, wmma::row_major>::type ALayout;
-    typedef typename std::conditional<MODE == GG_NT, wmma::col_major, wmma::row_major>::type BLayout;
+        for (int j = 0; j < 4; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
     const int64_t k_begin = MODE == GG_TN ? row0 : 0, k_end = MODE == GG_TN ? row_end : K;
     const int nk = (int)((k_end - k_begin + GG_BK - 1) / GG_BK);
@@ -609,47 +591,52 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
         const __nv_bfloat16 *As = ring + (kt % GG_STAGES) * G::STAGE_EL, *Bs = As + G::A_EL;
         #pragma unroll
         for (int kk = 0; kk < GG_BK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> fa[4];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> fb[2];
+            /* A fragments: rows m, columns k; stored [m][k] (NT, NN), or [k][m] (TN: transposed loads) */
+            uint32_t fa[4][4], fb[2][4];
             #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int mr = wm * 64 + i * 16;
-                wmma::load_matrix_sync(fa[i], MODE == GG_TN ? As + kk * G::LDA + mr : As + mr * G::LDA + kk, G::LDA);
+                if (MODE == GG_TN)
+                    mma_ldsm4t(fa[i], As + (kk + (lane % 8) + (lane / 16) * 8) * G::LDA + mr + ((lane / 8) & 1) * 8);
+                else
+                    mma_ldsm4(fa[i], As + (mr + (lane % 8) + ((lane / 8) & 1) * 8) * G::LDA + kk + (lane / 16) * 8);
             }
+            /* B fragments of two 8-column tiles each: stored [n][k] (NT), or [k][n] (NN, TN: transposed) */
             #pragma unroll
             for (int j = 0; j < 2; j++) {
                 const int nc = wn * 32 + j * 16;
-                wmma::load_matrix_sync(fb[j], MODE == GG_NT ? Bs + nc * G::LDB + kk : Bs + kk * G::LDB + nc, G::LDB);
+                if (MODE == GG_NT)
+                    mma_ldsm4(fb[j], Bs + (nc + (lane % 8) + (lane / 16) * 8) * G::LDB + kk + ((lane / 8) & 1) * 8);
+                else
+                    mma_ldsm4t(fb[j], Bs + (kk + (lane % 8) + ((lane / 8) & 1) * 8) * G::LDB + nc + (lane / 16) * 8);
             }
             #pragma unroll
             for (int i = 0; i < 4; i++)
                 #pragma unroll
-                for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+                for (int j = 0; j < 2; j++) {
+                    mma_16816(acc[i][2 * j], fa[i], fb[j][0], fb[j][1]);
+                    mma_16816(acc[i][2 * j + 1], fa[i], fb[j][2], fb[j][3]);
+                }
         }
     }
-    gg_wait<0>();    /* only empty groups can be left, but the ring is reused below */
-    __syncthreads(); /* every warp is done with the ring */
+    gg_wait<0>(); /* only empty groups can be left */
 
-    /* Epilogue through a per-warp 16 x 16 staging tile (in the ring): bounds, beta, the output dtype;
-     * each lane writes 8 consecutive outputs of one row. */
+    /* Epilogue from the registers: each lane holds rows g and g + 8, columns 2t and 2t + 1 of every tile;
+     * bounds, beta and the output dtype per pair. */
     TC *Cb = MODE == GG_TN ? C + (int64_t)e * sc : C;
-    float *cs = (float *)gg_smem + warp * 16 * 16;
-    const int rr = lane / 2, cc0 = (lane % 2) * 8;
+    const int g = lane / 4, t4 = lane % 4;
     #pragma unroll
     for (int i = 0; i < 4; i++)
         #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            wmma::store_matrix_sync(cs, acc[i][j], 16, wmma::mem_row_major);
-            __syncwarp();
-            const int64_t gm = m0 + wm * 64 + i * 16 + rr, gn = n0 + wn * 32 + j * 16 + cc0;
-            if (gm < m_end && gn < Nc) {
-                const int n_ok = Nc - gn < 8 ? (int)(Nc - gn) : 8;
-                float v[8];
-                #pragma unroll
-                for (int c = 0; c < 8; c++) v[c] = cs[rr * 16 + cc0 + c];
-                gg_store8(Cb, gm * ldc + gn, n_ok, v, beta, cvec != 0);
+        for (int h = 0; h < 2; h++) {
+            const int64_t gm = m0 + wm * 64 + i * 16 + g + 8 * h;
+            if (gm >= m_end) continue;
+            #pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int64_t gn = n0 + wn * 32 + j * 8 + 2 * t4;
+                if (gn < Nc) gg_store2(Cb, gm * ldc + gn, Nc - gn < 2 ? 1 : 2, acc[i][j][2 * h], acc[i][j][2 * h + 1],
+                                       beta, cvec != 0);
             }
-            __syncwarp(); /* cs is read before the next fragment's store */
         }
 }
 
@@ -662,7 +649,6 @@ static int grouped_gemm(const m1c_host *h, cudaStream_t s, TC *C, int64_t ldc, i
                         int64_t lda, const __nv_bfloat16 *B, int64_t ldb, int64_t sb, const int32_t *off, int E,
                         int64_t Nk, int Mc, int Nc, int K, float beta) {
     typedef gg_geom<MODE> G;
-    static_assert(G::SMEM >= (size_t)(GG_THREADS / 32) * 16 * 16 * sizeof(float), "the epilogue fits the ring");
     const int vec = lda % 8 == 0 && ldb % 8 == 0 && sb % 8 == 0 && (uintptr_t)A % 16 == 0 && (uintptr_t)B % 16 == 0;
     const int cvec = ldc % 8 == 0 && sc % 8 == 0 && (uintptr_t)C % 16 == 0;
     dim3 grid;
