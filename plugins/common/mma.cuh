@@ -13,6 +13,29 @@
 
 __device__ static inline uint32_t mma_smem(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
+/* The ldmatrix loads take a 32-bit shared-memory address (mma_smem of a tile plus byte offsets), so that
+ * hot loops add constants to one register instead of converting generic pointers each time; the
+ * pointer forms are for cold code. */
+__device__ static inline void mma_ldsm4(uint32_t r[4], uint32_t a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ static inline void mma_ldsm4t(uint32_t r[4], uint32_t a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+/* Byte offset of this lane's row address within a 16 x 16 tile of 2-byte elements, row stride rs bytes,
+ * for an ldmatrix x4 whose four 8 x 8 matrices are (rows 0-7, 8-15) x (cols 0-7, 8-15) in the order:
+ * mma_lane_rc: rows fastest (A fragments; B from [k][n] with .trans), mma_lane_cr: columns fastest
+ * (B fragments from [n][k]; A from [k][m] with .trans). */
+__device__ static inline uint32_t mma_lane_rc(int lane, int rs) {
+    return (uint32_t)(((lane % 8) + ((lane / 8) & 1) * 8) * rs + (lane / 16) * 16);
+}
+__device__ static inline uint32_t mma_lane_cr(int lane, int rs) {
+    return (uint32_t)(((lane % 8) + (lane / 16) * 8) * rs + ((lane / 8) & 1) * 16);
+}
 __device__ static inline void mma_ldsm4(uint32_t r[4], const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -56,20 +56,23 @@ __global__ static void fa_prep_kernel(__nv_bfloat16 *dO_lp, float *D, const floa
     }
 }
 
-/* acc (16 x 8*NT, the warp's rows r0.. against rows 0..8*NT-1 of B) += A B^T with A rows r0.. of a and
- * B rows of b, both [rows][HD] in shared memory: the Q K^T shape. */
+/* Row stride in bytes of a [rows][HD + FA_PAD] bf16 tile. */
+template <int HD> __device__ constexpr int fa_rs() { return (HD + FA_PAD) * 2; }
+
+/* acc (16 x 8*NT, the warp's rows r0.. against rows 0..8*NT-1 of B) += A B^T with A rows r0.. of the tile
+ * at shared address a and B rows of the tile at b, both [rows][HD]: the Q K^T shape. */
 template <int HD, int NT>
-__device__ static inline void fa_abt(float acc[NT][4], const __nv_bfloat16 (*a)[HD + FA_PAD], int r0,
-                                     const __nv_bfloat16 (*b)[HD + FA_PAD]) {
+__device__ static inline void fa_abt(float acc[NT][4], uint32_t a, int r0, uint32_t b) {
     const int lane = threadIdx.x % 32;
+    a += mma_lane_rc(lane, fa_rs<HD>()) + r0 * fa_rs<HD>(), b += mma_lane_cr(lane, fa_rs<HD>());
 #pragma unroll
     for (int ks = 0; ks < HD / 16; ks++) {
         uint32_t af[4];
-        mma_ldsm4(af, &a[r0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+        mma_ldsm4(af, a + ks * 32);
 #pragma unroll
         for (int np = 0; np < NT / 2; np++) {
             uint32_t bf[4];
-            mma_ldsm4(bf, &b[np * 16 + (lane % 8) + (lane / 16) * 8][ks * 16 + ((lane / 8) & 1) * 8]);
+            mma_ldsm4(bf, b + np * 16 * fa_rs<HD>() + ks * 32);
             mma_16816(acc[2 * np], af, bf[0], bf[1]);
             mma_16816(acc[2 * np + 1], af, bf[2], bf[3]);
         }
@@ -78,25 +81,24 @@ __device__ static inline void fa_abt(float acc[NT][4], const __nv_bfloat16 (*a)[
 
 /* The same with A given as the warp's fragments af[HD / 16][4] (held in registers). */
 template <int HD, int NT>
-__device__ static inline void fa_abt_reg(float acc[NT][4], const uint32_t af[HD / 16][4],
-                                         const __nv_bfloat16 (*b)[HD + FA_PAD]) {
-    const int lane = threadIdx.x % 32;
+__device__ static inline void fa_abt_reg(float acc[NT][4], const uint32_t af[HD / 16][4], uint32_t b) {
+    b += mma_lane_cr(threadIdx.x % 32, fa_rs<HD>());
 #pragma unroll
     for (int ks = 0; ks < HD / 16; ks++)
 #pragma unroll
         for (int np = 0; np < NT / 2; np++) {
             uint32_t bf[4];
-            mma_ldsm4(bf, &b[np * 16 + (lane % 8) + (lane / 16) * 8][ks * 16 + ((lane / 8) & 1) * 8]);
+            mma_ldsm4(bf, b + np * 16 * fa_rs<HD>() + ks * 32);
             mma_16816(acc[2 * np], af[ks], bf[0], bf[1]);
             mma_16816(acc[2 * np + 1], af[ks], bf[2], bf[3]);
         }
 }
 
 /* acc (16 x HD) += P B with P the warp's 16 x 16*KS probabilities as C fragments p[2*KS][4] (rounded to
- * bf16 here) and B rows 0..16*KS-1 of b [rows][HD] in shared memory: the P V shape. */
+ * bf16 here) and B rows 0..16*KS-1 of the tile at shared address b, [rows][HD]: the P V shape. */
 template <int HD, int KS>
-__device__ static inline void fa_pb(float acc[HD / 8][4], const float p[2 * KS][4], const __nv_bfloat16 (*b)[HD + FA_PAD]) {
-    const int lane = threadIdx.x % 32;
+__device__ static inline void fa_pb(float acc[HD / 8][4], const float p[2 * KS][4], uint32_t b) {
+    b += mma_lane_rc(threadIdx.x % 32, fa_rs<HD>());
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
         uint32_t af[4];
@@ -107,7 +109,7 @@ __device__ static inline void fa_pb(float acc[HD / 8][4], const float p[2 * KS][
 #pragma unroll
         for (int np = 0; np < HD / 16; np++) {
             uint32_t bf[4];
-            mma_ldsm4t(bf, &b[kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+            mma_ldsm4t(bf, b + kk * 16 * fa_rs<HD>() + np * 32);
             mma_16816(acc[2 * np], af, bf[0], bf[1]);
             mma_16816(acc[2 * np + 1], af, bf[2], bf[3]);
         }
@@ -159,7 +161,7 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         if (kt == 0)
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ks++)
-                mma_ldsm4(qf[ks], &sm.q[warp * 16 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+                mma_ldsm4(qf[ks], mma_smem(&sm.q[warp * 16][0]) + mma_lane_rc(lane, fa_rs<HD>()) + ks * 32);
         if (kt + 1 < ntiles) {
             const int64_t k1 = k0 + FA_T;
             fa_load<HD, FA_T>(sm.k[buf ^ 1], kh + k1 * ks, ks, (int)min((int64_t)FA_T, kend - k1));
@@ -170,20 +172,31 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         float s[8][4];
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-        fa_abt_reg<HD, 8>(s, qf, sm.k[buf]);
+        fa_abt_reg<HD, 8>(s, qf, mma_smem(sm.k[buf]));
         /* scale to log2 units and mask (keys after the row, or past kend) */
-        const bool edge = k0 + FA_T - 1 > wfirst || k0 + FA_T > kend;
         float mx[2] = {m[0], m[1]};
+        if (k0 + FA_T - 1 > wfirst || k0 + FA_T > kend) { /* a tile on the diagonal or the end: mask */
+            /* in the tile's coordinates: the row's last visible column, and the tile's key count */
+            const int64_t dr = rpos - k0;
+            const int r0 = (int)(dr < FA_T ? dr : FA_T), kl = (int)min((int64_t)FA_T, kend - k0);
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+            for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int64_t col = k0 + nt * 8 + 2 * t4 + (e & 1), row = rpos + (e >= 2 ? 8 : 0);
-                float v = s[nt][e] * scale_log2;
-                if (edge && (col > row || col >= kend)) v = -INFINITY;
-                s[nt][e] = v;
-                mx[e >> 1] = fmaxf(mx[e >> 1], v);
-            }
+                for (int e = 0; e < 4; e++) {
+                    const int col = nt * 8 + 2 * t4 + (e & 1), row = r0 + (e >= 2 ? 8 : 0);
+                    const float v = col > row || col >= kl ? -INFINITY : s[nt][e] * scale_log2;
+                    s[nt][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    s[nt][e] *= scale_log2;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+                }
+        }
         float c[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -204,7 +217,7 @@ __global__ static void __launch_bounds__(32 * FA_FW)
             }
 #pragma unroll
         for (int nt = 0; nt < HD / 8; nt++) o[nt][0] *= c[0], o[nt][1] *= c[0], o[nt][2] *= c[1], o[nt][3] *= c[1];
-        fa_pb<HD, 4>(o, s, sm.v[buf]);
+        fa_pb<HD, 4>(o, s, mma_smem(sm.v[buf]));
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -279,8 +292,8 @@ __global__ static void __launch_bounds__(FA_THREADS)
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
-        fa_abt<HD, 8>(s, sm.q, warp * 16, sm.k[buf]);
-        fa_abt<HD, 8>(dp, sm.dO, warp * 16, sm.v[buf]);
+        fa_abt<HD, 8>(s, mma_smem(sm.q), warp * 16, mma_smem(sm.k[buf]));
+        fa_abt<HD, 8>(dp, mma_smem(sm.dO), warp * 16, mma_smem(sm.v[buf]));
         const bool edge = k0 + FA_T - 1 > wfirst;
 #pragma unroll
         for (int nt = 0; nt < 8; nt++)
@@ -290,7 +303,7 @@ __global__ static void __launch_bounds__(FA_THREADS)
                 const float p = edge && col > row ? 0.0f : exp2f(s[nt][e] * scale_log2 - lr[r]);
                 s[nt][e] = p * (dp[nt][e] - Dr[r]); /* dS */
             }
-        fa_pb<HD, 4>(dqa, s, sm.k[buf]);
+        fa_pb<HD, 4>(dqa, s, mma_smem(sm.k[buf]));
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -360,8 +373,8 @@ __global__ static void __launch_bounds__(FA_THREADS)
         for (int nt = 0; nt < FA_QB / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
-        fa_abt<HD, FA_QB / 8>(st, sm.k, warp * 16, sm.q[buf]);
-        fa_abt<HD, FA_QB / 8>(dpt, sm.v, warp * 16, sm.dO[buf]);
+        fa_abt<HD, FA_QB / 8>(st, mma_smem(sm.k), warp * 16, mma_smem(sm.q[buf]));
+        fa_abt<HD, FA_QB / 8>(dpt, mma_smem(sm.v), warp * 16, mma_smem(sm.dO[buf]));
 #pragma unroll
         for (int nt = 0; nt < FA_QB / 8; nt++)
 #pragma unroll
@@ -372,8 +385,8 @@ __global__ static void __launch_bounds__(FA_THREADS)
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - sm.D[buf][qc]);
             }
-        fa_pb<HD, FA_QB / 16>(dva, st, sm.dO[buf]);
-        fa_pb<HD, FA_QB / 16>(dka, dpt, sm.q[buf]);
+        fa_pb<HD, FA_QB / 16>(dva, st, mma_smem(sm.dO[buf]));
+        fa_pb<HD, FA_QB / 16>(dka, dpt, mma_smem(sm.q[buf]));
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {

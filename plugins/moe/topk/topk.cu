@@ -474,6 +474,52 @@ static __device__ __forceinline__ void gg_load(__nv_bfloat16 *sm, const __nv_bfl
     }
 }
 
+/* The 16-byte copies of one thread for one operand tile, set up once per block: the tile is ROWS x COLS
+ * of a row-major matrix whose K index runs along the columns (KCOL) or the rows; per copy the source at
+ * the first K step, the shared offset in bytes, its position along K within the tile and the bytes the
+ * other dimension allows (16, fewer at a ragged edge, 0 outside). A K step then costs one add per copy. */
+template <int ROWS, int COLS, int LD, bool KCOL>
+struct gg_copies {
+    static constexpr int N = ROWS * (COLS / 8) / GG_THREADS;
+    const __nv_bfloat16 *src[N];
+    uint32_t dst[N];
+    int kpos[N], bytes[N];
+    int64_t kstep;                 /* elements from one K step to the next */
+    const __nv_bfloat16 *base;     /* a valid address for copies that read nothing */
+
+    /* g: the matrix; rows from r0 (< r_end valid), columns from c0 (< c_end valid), at K = k_begin. */
+    __device__ void init(const __nv_bfloat16 *g, int64_t ldg, int64_t r0, int64_t r_end, int64_t c0, int64_t c_end,
+                         uint32_t smem) {
+        constexpr int CH = COLS / 8;
+        kstep = KCOL ? GG_BK : GG_BK * ldg;
+        base = g;
+        #pragma unroll
+        for (int it = 0; it < N; it++) {
+            const int i = threadIdx.x + it * GG_THREADS, r = i / CH, c = (i % CH) * 8;
+            const int64_t gr = r0 + r, gc = c0 + c;
+            dst[it] = smem + (uint32_t)(r * LD + c) * 2;
+            kpos[it] = KCOL ? c : r;
+            /* the non-K dimension's bound; the K bound is checked per step */
+            const int64_t left = KCOL ? (gr < r_end ? 8 : 0) : (c_end - gc);
+            bytes[it] = left >= 8 ? 16 : left > 0 ? (int)left * 2 : 0;
+            src[it] = bytes[it] > 0 ? g + gr * ldg + gc : g;
+        }
+    }
+    /* K step kt (K from k0 = k_begin + kt * BK, valid below k_end) into the stage at byte offset so. */
+    __device__ __forceinline__ void load(int kt, int64_t k0, int64_t k_end, uint32_t so) const {
+        #pragma unroll
+        for (int it = 0; it < N; it++) {
+            const int64_t kleft = k_end - k0 - kpos[it];
+            int b = bytes[it];
+            if (KCOL) b = kleft >= 8 ? b : (kleft > 0 && b ? (int)kleft * 2 : 0);
+            else b = kleft > 0 ? b : 0;
+            const __nv_bfloat16 *g = b ? src[it] + kt * kstep : base;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[it] + so), "l"(g), "r"(b)
+                         : "memory");
+        }
+    }
+};
+
 /* One K step's tiles (k0 .. k0 + BK) into a stage. */
 template <int MODE>
 static __device__ __forceinline__ void gg_load_stage(__nv_bfloat16 *st, const __nv_bfloat16 *A, int64_t lda,
@@ -559,6 +605,9 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
     }
     if (n0 >= Nc) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp / 4, wn = warp % 4;
+    /* this lane's ldmatrix row offsets (bytes) in the A and B tiles (../../common/mma.cuh) */
+    const uint32_t a_lane = MODE == GG_TN ? mma_lane_cr(lane, G::LDA * 2) : mma_lane_rc(lane, G::LDA * 2);
+    const uint32_t b_lane = MODE == GG_NT ? mma_lane_cr(lane, G::LDB * 2) : mma_lane_rc(lane, G::LDB * 2);
 
     /* The warp's 64 x 32 of C as 4 x 4 mma.sync tiles of 16 x 8 (../../common/mma.cuh for the layouts). */
     float acc[4][4][4];
@@ -569,13 +618,37 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
 
     const int64_t k_begin = MODE == GG_TN ? row0 : 0, k_end = MODE == GG_TN ? row_end : K;
     const int nk = (int)((k_end - k_begin + GG_BK - 1) / GG_BK);
+    /* The vector path's copies (A: [BM][BK] with K along columns, or [BK][BM] for TN; B: [BN][BK] for NT,
+     * else [BK][BN]), set up once. */
+    const uint32_t ring_s = mma_smem(ring);
+    gg_copies<MODE == GG_TN ? GG_BK : GG_BM, MODE == GG_TN ? GG_BM : GG_BK, G::LDA, MODE != GG_TN> ca;
+    gg_copies<MODE == GG_NT ? GG_BN : GG_BK, MODE == GG_NT ? GG_BK : GG_BN, G::LDB, MODE == GG_NT> cb;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (vec) {
+        if (MODE == GG_TN) ca.init(A, lda, k_begin, k_end, m0, m_end, ring_s);
+        else ca.init(A, lda, m0, m_end, k_begin, k_end, ring_s);
+        if (MODE == GG_NT) cb.init(B, ldb, n0, Nc, k_begin, k_end, ring_s + G::A_EL * 2);
+        else cb.init(B, ldb, k_begin, k_end, n0, Nc, ring_s + G::A_EL * 2);
+    }
+    const bool fast = vec != 0;
+#else
+    const bool fast = false;
+#endif
+    auto stage = [&](int p) { /* K step p into its stage of the ring */
+        if (fast) {
+            const uint32_t so = (uint32_t)((p % GG_STAGES) * G::STAGE_EL * 2);
+            ca.load(p, k_begin + (int64_t)p * GG_BK, k_end, so);
+            cb.load(p, k_begin + (int64_t)p * GG_BK, k_end, so);
+        } else {
+            gg_load_stage<MODE>(ring + (p % GG_STAGES) * G::STAGE_EL, A, lda, B, ldb, m0, m_end, n0, Nc,
+                                k_begin + (int64_t)p * GG_BK, k_end, vec);
+        }
+    };
     /* Prologue: the first STAGES - 1 K steps in flight (one commit group each, empty past the end, so
      * that the group count below stays exact). */
     #pragma unroll
     for (int p = 0; p < GG_STAGES - 1; p++) {
-        if (p < nk)
-            gg_load_stage<MODE>(ring + p * G::STAGE_EL, A, lda, B, ldb, m0, m_end, n0, Nc, k_begin + (int64_t)p * GG_BK,
-                                k_end, vec);
+        if (p < nk) stage(p);
         gg_commit();
     }
     for (int kt = 0; kt < nk; kt++) {
@@ -583,12 +656,11 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
         __syncthreads();          /* ... everyone's, and everyone is done with step kt - 1's stage */
         {
             const int p = kt + GG_STAGES - 1; /* refill the stage step kt - 1 used */
-            if (p < nk)
-                gg_load_stage<MODE>(ring + (p % GG_STAGES) * G::STAGE_EL, A, lda, B, ldb, m0, m_end, n0, Nc,
-                                    k_begin + (int64_t)p * GG_BK, k_end, vec);
+            if (p < nk) stage(p);
             gg_commit();
         }
-        const __nv_bfloat16 *As = ring + (kt % GG_STAGES) * G::STAGE_EL, *Bs = As + G::A_EL;
+        const uint32_t As = ring_s + (uint32_t)((kt % GG_STAGES) * G::STAGE_EL * 2) + a_lane,
+                       Bs = ring_s + (uint32_t)((kt % GG_STAGES) * G::STAGE_EL * 2 + G::A_EL * 2) + b_lane;
         #pragma unroll
         for (int kk = 0; kk < GG_BK; kk += 16) {
             /* A fragments: rows m, columns k; stored [m][k] (NT, NN), or [k][m] (TN: transposed loads) */
@@ -596,19 +668,15 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
             #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const int mr = wm * 64 + i * 16;
-                if (MODE == GG_TN)
-                    mma_ldsm4t(fa[i], As + (kk + (lane % 8) + (lane / 16) * 8) * G::LDA + mr + ((lane / 8) & 1) * 8);
-                else
-                    mma_ldsm4(fa[i], As + (mr + (lane % 8) + ((lane / 8) & 1) * 8) * G::LDA + kk + (lane / 16) * 8);
+                if (MODE == GG_TN) mma_ldsm4t(fa[i], As + (kk * G::LDA + mr) * 2);
+                else mma_ldsm4(fa[i], As + (mr * G::LDA + kk) * 2);
             }
             /* B fragments of two 8-column tiles each: stored [n][k] (NT), or [k][n] (NN, TN: transposed) */
             #pragma unroll
             for (int j = 0; j < 2; j++) {
                 const int nc = wn * 32 + j * 16;
-                if (MODE == GG_NT)
-                    mma_ldsm4(fb[j], Bs + (nc + (lane % 8) + (lane / 16) * 8) * G::LDB + kk + ((lane / 8) & 1) * 8);
-                else
-                    mma_ldsm4t(fb[j], Bs + (kk + (lane % 8) + ((lane / 8) & 1) * 8) * G::LDB + nc + (lane / 16) * 8);
+                if (MODE == GG_NT) mma_ldsm4(fb[j], Bs + (nc * G::LDB + kk) * 2);
+                else mma_ldsm4t(fb[j], Bs + (kk * G::LDB + nc) * 2);
             }
             #pragma unroll
             for (int i = 0; i < 4; i++)
