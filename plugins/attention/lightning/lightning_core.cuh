@@ -83,6 +83,7 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
     constexpr int NS = MODE == LC_OUT ? LC_NS : HD; /* columns of z per CTA (all for the state pass) */
     constexpr int NSL = HD / NS; /* column slices of z */
     constexpr int MT = HD / 64;     /* 16-row tiles of the state per warp */
+    constexpr int XR = (HD + LC_PAD) * 2, ZR = (NS + LC_PAD) * 2; /* row strides in bytes: x, y; z, state */
     const int slice = (int)(blockIdx.x % NSL), seg = (int)(blockIdx.x / NSL % ps.nseg), bh = (int)(blockIdx.x / NSL / ps.nseg);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
     const int T = p.T;
@@ -153,22 +154,28 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
         __syncthreads(); /* block blk landed for all; the previous block's state operand is written and
                             every read of the other buffer is done */
         if (blk + 1 < nblk) load(blk + 1, buf ^ 1);
+        /* this lane's ldmatrix addresses (../../common/mma.cuh): x as A rows, y as B rows or (transposed)
+         * as A, z and the state as B with the transposing load */
+        const uint32_t ys_cr = mma_smem(&sm.y[buf][0][0]) + mma_lane_cr(lane, XR);
+        const uint32_t zs = mma_smem(&sm.z[buf][0][0]) + mma_lane_rc(lane, ZR);
 
         if (MODE == LC_OUT) {
             /* scores: warp w's 16 rows against the block's rows 0..16w+15 (causal in sum order) */
             const int i0 = warp * 16;
+            const uint32_t xs = mma_smem(&sm.x[buf][i0][0]) + mma_lane_rc(lane, XR);
+            const uint32_t ms = mma_smem(&sm.m[0][0]) + mma_lane_rc(lane, ZR);
             float sc[8][4];
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ks++) {
                 uint32_t a[4];
-                mma_ldsm4(a, &sm.x[buf][i0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+                mma_ldsm4(a, xs + ks * 32);
 #pragma unroll
                 for (int np = 0; np < 4; np++) {
                     if (np > warp) break;
                     uint32_t b[4];
-                    mma_ldsm4(b, &sm.y[buf][np * 16 + (lane % 8) + (lane / 16) * 8][ks * 16 + ((lane / 8) & 1) * 8]);
+                    mma_ldsm4(b, ys_cr + np * 16 * XR + ks * 32);
                     mma_16816(sc[2 * np], a, b[0], b[1]);
                     mma_16816(sc[2 * np + 1], a, b[2], b[3]);
                 }
@@ -189,11 +196,11 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
 #pragma unroll
                 for (int ks = 0; ks < HD / 16; ks++) {
                     uint32_t a[4];
-                    mma_ldsm4(a, &sm.x[buf][i0 + (lane % 8) + ((lane / 8) & 1) * 8][ks * 16 + (lane / 16) * 8]);
+                    mma_ldsm4(a, xs + ks * 32);
 #pragma unroll
                     for (int np = 0; np < NS / 16; np++) {
                         uint32_t b[4];
-                        mma_ldsm4t(b, &sm.m[ks * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                        mma_ldsm4t(b, ms + ks * 16 * ZR + np * 32);
                         mma_16816(o[2 * np], a, b[0], b[1]);
                         mma_16816(o[2 * np + 1], a, b[2], b[3]);
                     }
@@ -213,7 +220,7 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
 #pragma unroll
                 for (int np = 0; np < NS / 16; np++) {
                     uint32_t b[4];
-                    mma_ldsm4t(b, &sm.z[buf][kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                    mma_ldsm4t(b, zs + kk * 16 * ZR + np * 32);
                     mma_16816(o[2 * np], a, b[0], b[1]);
                     mma_16816(o[2 * np + 1], a, b[2], b[3]);
                 }
@@ -260,13 +267,13 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
             for (int mt = 0; mt < MT; mt++) {
                 uint32_t a[4];
                 const int hrow = warp * (HD / 4) + mt * 16;
-                mma_ldsm4t(a, &sm.y[buf][kk * 16 + (lane % 8) + (lane / 16) * 8][hrow + ((lane / 8) & 1) * 8]);
+                mma_ldsm4t(a, ys_cr + kk * 16 * XR + hrow * 2);
                 a[0] = mma_scale2(a[0], d0, d1), a[1] = mma_scale2(a[1], d0, d1);
                 a[2] = mma_scale2(a[2], d8, d9), a[3] = mma_scale2(a[3], d8, d9);
 #pragma unroll
                 for (int np = 0; np < NS / 16; np++) {
                     uint32_t b[4];
-                    mma_ldsm4t(b, &sm.z[buf][kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8][np * 16 + (lane / 16) * 8]);
+                    mma_ldsm4t(b, zs + kk * 16 * ZR + np * 32);
                     mma_16816(st[mt][2 * np], a, b[0], b[1]);
                     mma_16816(st[mt][2 * np + 1], a, b[2], b[3]);
                 }
