@@ -2,6 +2,7 @@
  * log-softmax, residual arithmetic and reductions. Correct and simple first: one block per row for
  * the row-wise operations, grid-stride loops for the elementwise ones; the head's products go through
  * cuBLAS at the precision the config asks for. */
+#include <cub/cub.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -64,10 +65,25 @@ __global__ static void embed_fwd(float *out, const int32_t *ids, const float *wt
     }
 }
 
-__global__ static void embed_bwd(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
-    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        float *row = dwte + (int64_t)ids[i] * H;
-        for (int c = threadIdx.x; c < H; c += blockDim.x) atomicAdd(&row[c], dout[i * H + c]);
+/* The embedding gradient in a fixed order (no float atomics: the same ids and dout give the same bits):
+ * the token positions sorted by id (a stable radix sort keeps positions ascending within an id), then
+ * one block per run of equal ids adds its rows in that order. */
+__global__ static void embed_keys(int32_t *key, int32_t *pos, const int32_t *ids, int64_t N) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < N; i += (int64_t)gridDim.x * blockDim.x)
+        key[i] = ids[i], pos[i] = (int32_t)i;
+}
+
+/* Block b < *nruns: the run of sorted entries [start[b], start[b] + len[b]) shares the id key[start[b]]. */
+__global__ static void embed_bwd(float *dwte, const float *dout, const int32_t *key, const int32_t *pos,
+                                 const int32_t *start, const int32_t *len, const int32_t *nruns, int H) {
+    for (int b = blockIdx.x; b < *nruns; b += gridDim.x) {
+        const int32_t s0 = start[b], n = len[b];
+        float *row = dwte + (int64_t)key[s0] * H;
+        for (int c = threadIdx.x; c < H; c += blockDim.x) {
+            float acc = 0.0f;
+            for (int32_t j = 0; j < n; j++) acc += dout[(int64_t)pos[s0 + j] * H + c];
+            row[c] += acc;
+        }
     }
 }
 
@@ -79,8 +95,33 @@ extern "C" void m1c_cuda_embed_forward(float *out, const int32_t *ids, const flo
 
 extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
     if (N <= 0) return;
-    embed_bwd<<<grid_for(N, 1), 256>>>(dwte, dout, ids, N, H);
+    if (N > INT32_MAX) {
+        fprintf(stderr, "m1c: embedding backward over %lld tokens exceeds the 32-bit sort\n", (long long)N);
+        abort();
+    }
+    const int n = (int)N;
+    /* work: keys, positions (in and sorted), run starts, lengths, unique ids, run count; then CUB's */
+    int32_t *w = NULL;
+    check(cudaMallocAsync((void **)&w, (size_t)(7 * (int64_t)n + 1) * sizeof(int32_t), 0), "cudaMallocAsync");
+    int32_t *key = w, *pos = w + n, *skey = w + 2 * (int64_t)n, *spos = w + 3 * (int64_t)n, *start = w + 4 * (int64_t)n;
+    int32_t *len = w + 5 * (int64_t)n, *uniq = w + 6 * (int64_t)n, *nruns = w + 7 * (int64_t)n;
+    embed_keys<<<grid_for(N, 256), 256>>>(key, pos, ids, N);
+    check_launch("embed_backward (keys)");
+    size_t t1 = 0, t2 = 0, t3 = 0;
+    check(cub::DeviceRadixSort::SortPairs(NULL, t1, key, skey, pos, spos, n), "cub sort (size)");
+    check(cub::DeviceRunLengthEncode::Encode(NULL, t2, skey, uniq, len, nruns, n), "cub encode (size)");
+    check(cub::DeviceScan::ExclusiveSum(NULL, t3, len, start, n), "cub scan (size)");
+    const size_t tb = t1 > t2 ? (t1 > t3 ? t1 : t3) : (t2 > t3 ? t2 : t3);
+    void *tmp = NULL;
+    check(cudaMallocAsync(&tmp, tb ? tb : 1, 0), "cudaMallocAsync");
+    check(cub::DeviceRadixSort::SortPairs(tmp, t1, key, skey, pos, spos, n), "cub sort");
+    check(cub::DeviceRunLengthEncode::Encode(tmp, t2, skey, uniq, len, nruns, n), "cub encode");
+    check(cub::DeviceScan::ExclusiveSum(tmp, t3, len, start, n), "cub scan");
+    embed_bwd<<<grid_for(N, 1) < 65535 * 8 ? grid_for(N, 1) : 65535 * 8, 256>>>(dwte, dout, skey, spos, start, len,
+                                                                               nruns, H);
     check_launch("embed_backward");
+    check(cudaFreeAsync(tmp, 0), "cudaFreeAsync");
+    check(cudaFreeAsync(w, 0), "cudaFreeAsync");
 }
 
 /* ---- RMSNorm ---- */
@@ -113,15 +154,33 @@ __global__ static void rmsnorm_bwd_in(float *din, const float *dout, const float
     }
 }
 
-/* dw[c] += sum_i g x r over rows: one thread per column, rows split over blockIdx.y, atomics. */
-__global__ static void rmsnorm_bwd_w(float *dw, const float *dout, const float *in, const float *rstd, int64_t N,
-                                     int C, int64_t rows_per) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    int64_t i0 = blockIdx.y * rows_per, i1 = i0 + rows_per < N ? i0 + rows_per : N;
+/* dw[c] += sum_i g x r over rows, in a fixed order: block (x, y) sums 32 columns over row chunk y (8 rows
+ * of threads, then those 8 partial sums in order) into part[y][c]; rmsnorm_bwd_w_sum adds the chunks in
+ * order. No float atomics: the same inputs give the same bits. */
+enum { RMS_CHUNKS = 128 };
+__global__ static void rmsnorm_bwd_w(float *part, const float *dout, const float *in, const float *rstd, int64_t N,
+                                     int C) {
+    __shared__ float sh[8][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    const int64_t per = (N + gridDim.y - 1) / gridDim.y, i0 = blockIdx.y * per, i1 = i0 + per < N ? i0 + per : N;
     float s = 0;
-    for (int64_t i = i0; i < i1; i++) s += dout[i * C + c] * in[i * C + c] * rstd[i];
-    atomicAdd(&dw[c], s);
+    if (c < C)
+        for (int64_t i = i0 + threadIdx.y; i < i1; i += 8) s += dout[i * C + c] * in[i * C + c] * rstd[i];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float t = 0;
+        for (int k = 0; k < 8; k++) t += sh[k][threadIdx.x];
+        part[(int64_t)blockIdx.y * C + c] = t;
+    }
+}
+
+__global__ static void rmsnorm_bwd_w_sum(float *dw, const float *part, int chunks, int C) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += gridDim.x * blockDim.x) {
+        float t = 0;
+        for (int k = 0; k < chunks; k++) t += part[(int64_t)k * C + c];
+        dw[c] += t;
+    }
 }
 
 extern "C" void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
@@ -136,11 +195,14 @@ extern "C" void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *do
     if (N <= 0) return;
     rmsnorm_bwd_in<<<grid_for(N, 1), 256>>>(din, dout, in, w, rstd, N, C);
     check_launch("rmsnorm_backward (input)");
-    int64_t rows_per = 256, chunks = (N + rows_per - 1) / rows_per;
-    dim3 grid((C + 127) / 128, (unsigned)(chunks < 65535 ? chunks : 65535));
-    if (chunks > 65535) rows_per = (N + 65534) / 65535, grid.y = (unsigned)((N + rows_per - 1) / rows_per);
-    rmsnorm_bwd_w<<<grid, 128>>>(dw, dout, in, rstd, N, C, rows_per);
+    const int chunks = N < RMS_CHUNKS * 8 ? (int)((N + 7) / 8) : RMS_CHUNKS;
+    float *part = NULL;
+    check(cudaMallocAsync((void **)&part, (size_t)chunks * C * sizeof(float), 0), "cudaMallocAsync");
+    rmsnorm_bwd_w<<<dim3((C + 31) / 32, chunks), dim3(32, 8)>>>(part, dout, in, rstd, N, C);
     check_launch("rmsnorm_backward (weight)");
+    rmsnorm_bwd_w_sum<<<grid_for(C, 256), 256>>>(dw, part, chunks, C);
+    check_launch("rmsnorm_backward (weight sum)");
+    check(cudaFreeAsync(part, 0), "cudaFreeAsync");
 }
 
 /* ---- the LM head ---- */
