@@ -10,6 +10,9 @@
 #include "ops.h"
 #include "rng.h"
 #include "timer.h"
+#ifdef M1C_HAVE_CUDA
+#include "cuda/ops.h"
+#endif
 
 /* ---- building ---------------------------------------------------------------------------- */
 
@@ -485,6 +488,7 @@ int m1c_decoder_init(m1c_decoder *d, m1c_model *m, int batch, int64_t max_len, i
 }
 
 void m1c_decoder_free(m1c_decoder *d, m1c_model *m) {
+    m1c_dev_free(m->device, d->sample_work);
     m1c_run_free(&d->run, m);
     m1c_arena_free(&d->state);
     free(d->layer_state);
@@ -502,7 +506,9 @@ static int attn_step(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, 
     return M1C_ATTENTION(s->plugin)->step(s->self, &r->attn[l].bufs, d->layer_state[l], out, in, B, T, d->pos);
 }
 
-int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, float *out, m1c_err *e) {
+/* The forward of T new tokens per sequence shared by feed and feed_sample; with head, the logits of
+ * each sequence's last position go to rows 0..batch-1 of run.logits (on the model's device). */
+static int decoder_forward(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, int head, m1c_err *e) {
     if (T < 1 || T > d->chunk) return m1c_fail(e, "decoder: %d tokens at once, at most %d", T, d->chunk);
     if (d->pos + T > d->max_len) return m1c_fail(e, "decoder: length %lld exceeds %lld", (long long)(d->pos + T), (long long)d->max_len);
     m1c_run *r = &d->run;
@@ -517,10 +523,63 @@ int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, fl
     m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, H);
     if (forward_layers(m, r, B, T, attn_step, d, e)) return M1C_ERR;
     d->pos += T;
-    /* Logits of the last position of each sequence only: row b of the logits buffer, copied out. */
-    for (int b = 0; b < B; b++)
+    /* Logits of the last position of each sequence only: row b of the logits buffer. */
+    for (int b = 0; head && b < B; b++)
         m1c_gemm(m->device, 0, 1, 1, m->V, H, 1.0f, r->hf + ((int64_t)b * T + T - 1) * H, H, P(m, m->head), H,
                  0.0f, r->logits + (int64_t)b * m->V, m->V);
-    m1c_dev_copy(M1C_DEVICE_CPU, out, m->device, r->logits, (size_t)B * m->V * sizeof *out);
     return M1C_OK;
+}
+
+int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, float *out, m1c_err *e) {
+    if (decoder_forward(m, d, ids, T, out != NULL, e)) return M1C_ERR;
+    if (out) m1c_dev_copy(M1C_DEVICE_CPU, out, m->device, d->run.logits, (size_t)d->batch * m->V * sizeof *out);
+    return M1C_OK;
+}
+
+int m1c_decoder_feed_sample(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, const m1c_sampler *s,
+                            m1c_rng *rng, int32_t *next, float *prob, m1c_err *e) {
+    if (!d->sample_work) {
+        size_t bytes = m1c_sample_rows_work(m->device, d->batch, m->V);
+        d->sample_work = m1c_dev_alloc(m->device, bytes);
+        if (!d->sample_work)
+            return m1c_fail(e, "decoder: cannot allocate %.1f MiB for sampling", (double)bytes / 1048576.0);
+    }
+    if (decoder_forward(m, d, ids, T, 1, e)) return M1C_ERR;
+    return m1c_sample_rows(m->device, s, d->run.logits, d->batch, m->V, rng, d->sample_work, next, prob, e);
+}
+
+/* ---- sampling B rows ------------------------------------------------------------------------ */
+
+/* CPU: m1c_sample's scratch (2V floats, V ints). CUDA: probabilities (B, V), then uniforms, ids and
+ * probabilities of the chosen tokens (B each). */
+size_t m1c_sample_rows_work(int dev, int B, int V) {
+    return dev == M1C_DEVICE_CPU ? (size_t)V * 3 * 4 : ((size_t)B * V + (size_t)B * 3) * 4;
+}
+
+int m1c_sample_rows(int dev, const m1c_sampler *s, const float *logits, int B, int V, m1c_rng *rng, void *work,
+                    int32_t *next, float *prob, m1c_err *e) {
+    if (dev == M1C_DEVICE_CPU) {
+        float *w = work;
+        for (int b = 0; b < B; b++)
+            next[b] = m1c_sample(s, logits + (int64_t)b * V, V, rng, w, (int32_t *)(w + 2 * (size_t)V),
+                                 prob ? &prob[b] : NULL);
+        return M1C_OK;
+    }
+#ifdef M1C_HAVE_CUDA
+    if (dev == M1C_DEVICE_CUDA) {
+        /* The uniforms m1c_sample would draw, in the same order: one per row unless greedy. */
+        const int greedy = s->greedy || s->temperature <= 0;
+        float *u = m1c_xmalloc((size_t)B * sizeof *u);
+        for (int b = 0; b < B; b++) u[b] = greedy ? 0.0f : m1c_rng_uniform(rng);
+        float *p = work, *du = p + (size_t)B * V, *dprob = du + B;
+        int32_t *dids = (int32_t *)(dprob + B);
+        m1c_dev_copy(dev, du, M1C_DEVICE_CPU, u, (size_t)B * sizeof *u);
+        m1c_cuda_sample(logits, p, B, V, greedy, s->temperature, s->top_k, s->top_p, du, dids, dprob);
+        m1c_dev_copy(M1C_DEVICE_CPU, next, dev, dids, (size_t)B * sizeof *next);
+        if (prob) m1c_dev_copy(M1C_DEVICE_CPU, prob, dev, dprob, (size_t)B * sizeof *prob);
+        free(u);
+        return M1C_OK;
+    }
+#endif
+    return m1c_fail(e, "sampling: device %d is not available in this build", dev);
 }

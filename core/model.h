@@ -10,6 +10,7 @@
 
 #include "arena.h"
 #include "loader.h"
+#include "sample.h"
 
 /* What to build: sizes and, per layer, the plugins with their settings groups. */
 typedef struct m1c_layer_def {
@@ -118,13 +119,30 @@ typedef struct m1c_decoder {
     m1c_arena state;
     m1c_tensor **layer_state; /* [L] views into state */
     m1c_run run;              /* shape (batch, chunk), inference */
+    void *sample_work;        /* m1c_decoder_feed_sample's scratch on the model's device (made at first use) */
 } m1c_decoder;
 
 int m1c_decoder_init(m1c_decoder *d, m1c_model *m, int batch, int64_t max_len, int chunk, m1c_err *e);
 void m1c_decoder_free(m1c_decoder *d, m1c_model *m);
 void m1c_decoder_reset(m1c_decoder *d);
 /* Feed T <= chunk new tokens per sequence (ids: batch x T); logits of the last position of each
- * sequence go to out (batch, V). */
+ * sequence go to out (batch, V, host). out NULL: the forward only, no LM head (a prompt's earlier
+ * chunks, whose logits nobody reads). */
 int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, float *out, m1c_err *e);
+/* Feed as m1c_decoder_feed, then sample each sequence's next token from the logits of its last
+ * position, on the model's device (m1c_sample_rows): on CUDA the logits stay there and only the batch
+ * ids come back. next (batch, host) may be the same array as ids; prob (batch, host, may be NULL) gets
+ * each token's probability under the sampling distribution. */
+int m1c_decoder_feed_sample(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, const m1c_sampler *s,
+                            m1c_rng *rng, int32_t *next, float *prob, m1c_err *e);
+
+/* One token from each of B rows of logits (B, V) living on `dev`, as m1c_sample on row 0, 1, ... in
+ * turn with the same rng: one uniform per row in row order (none when greedy), so a seed gives the
+ * same tokens on every device (on CUDA up to float rounding near a boundary of the cumulative
+ * distribution: core/cuda/sample.cu). work: scratch on dev of m1c_sample_rows_work(dev, B, V) bytes.
+ * next and prob (B; prob may be NULL) are on the host. */
+size_t m1c_sample_rows_work(int dev, int B, int V);
+int m1c_sample_rows(int dev, const m1c_sampler *s, const float *logits, int B, int V, m1c_rng *rng, void *work,
+                    int32_t *next, float *prob, m1c_err *e);
 
 #endif

@@ -58,31 +58,34 @@ static int generate(m1c_session *s, const char *prompt, int max_new, const m1c_s
     int64_t k = 0;
     if (bos >= 0) ids[k++] = bos;
     k += dv->encode(data, prompt, len, ids + k, n);
+    if (k < 1) {
+        free(ids);
+        m1c_datamix_close(&mix);
+        return m1c_fail(e, "generate: the prompt is empty and the tokenizer has no beginning-of-text token");
+    }
     int chunk = k < 512 ? (int)k : 512;
     m1c_decoder d;
     int rc = m1c_decoder_init(&d, m, 1, k + max_new, chunk, e);
-    float *logits = m1c_xmalloc((size_t)m->V * 3 * sizeof *logits);
-    int32_t *iwork = m1c_xmalloc((size_t)m->V * sizeof *iwork);
     m1c_rng rng;
     m1c_rng_seed(&rng, seed, 0);
     fputs(prompt, stdout);
+    /* The prompt's last chunk also samples the first new token; the logits never leave the device. */
+    int32_t id = -1;
     for (int64_t i = 0; i < k && !rc; i += chunk) {
         int T = (int)(k - i < chunk ? k - i : chunk);
-        rc = m1c_decoder_feed(m, &d, ids + i, T, logits, e);
+        rc = i + T == k && max_new > 0 ? m1c_decoder_feed_sample(m, &d, ids + i, T, sm, &rng, &id, NULL, e)
+                                       : m1c_decoder_feed(m, &d, ids + i, T, NULL, e);
     }
     for (int t = 0; t < max_new && !rc; t++) {
-        int32_t id = m1c_sample(sm, logits, m->V, &rng, logits + m->V, iwork, NULL);
         if (id == eos) break;
         char text[16];
         int64_t w = dv->decode(data, &id, 1, text, sizeof text - 1);
         if (w > 0) fwrite(text, 1, (size_t)w, stdout);
         fflush(stdout);
-        rc = m1c_decoder_feed(m, &d, &id, 1, logits, e);
+        if (t + 1 < max_new) rc = m1c_decoder_feed_sample(m, &d, &id, 1, sm, &rng, &id, NULL, e);
     }
     fputc('\n', stdout);
     m1c_decoder_free(&d, m);
-    free(logits);
-    free(iwork);
     free(ids);
     m1c_datamix_close(&mix);
     return rc;
@@ -114,27 +117,24 @@ static int generate_ids(m1c_session *s, const char *in, const char *out, int max
     const int chunk = T < 512 ? T : 512;
     m1c_decoder d;
     int rc = m1c_decoder_init(&d, m, B, W, chunk, e);
-    float *logits = m1c_xmalloc((size_t)V * (B + 2) * sizeof *logits);
-    int32_t *iwork = m1c_xmalloc((size_t)V * sizeof *iwork), *next = m1c_xmalloc((size_t)B * sizeof *next);
+    int32_t *next = m1c_xmalloc((size_t)B * sizeof *next);
     m1c_rng rng;
     m1c_rng_seed(&rng, seed, 0);
-    for (int t0 = 0; t0 < T && !rc; t0 += chunk) { /* prefill, chunk by chunk */
+    /* Prefill chunk by chunk; the last chunk also samples the first new tokens. Sampling runs on the
+     * model's device, rows in order (m1c_sample_rows), so only B ids per step come back from a GPU. */
+    for (int t0 = 0; t0 < T && !rc; t0 += chunk) {
         const int n = T - t0 < chunk ? T - t0 : chunk;
         for (int b = 0; b < B; b++) memcpy(chunk_ids + (int64_t)b * n, ids + (int64_t)b * T + t0, (size_t)n * sizeof *seq);
-        rc = m1c_decoder_feed(m, &d, chunk_ids, n, logits, e);
+        rc = t0 + n == T && max_new > 0 ? m1c_decoder_feed_sample(m, &d, chunk_ids, n, sm, &rng, next, NULL, e)
+                                        : m1c_decoder_feed(m, &d, chunk_ids, n, NULL, e);
     }
     for (int t = 0; t < max_new && !rc; t++) {
-        for (int b = 0; b < B; b++) {
-            next[b] = m1c_sample(sm, logits + (int64_t)b * V, V, &rng, logits + (int64_t)B * V, iwork, NULL);
-            seq[(int64_t)b * W + T + t] = next[b];
-        }
-        if (t + 1 < max_new) rc = m1c_decoder_feed(m, &d, next, 1, logits, e);
+        for (int b = 0; b < B; b++) seq[(int64_t)b * W + T + t] = next[b];
+        if (t + 1 < max_new) rc = m1c_decoder_feed_sample(m, &d, next, 1, sm, &rng, next, NULL, e);
     }
     int64_t shape[2] = {B, W};
     if (!rc) rc = m1c_npy_write_i32(out, seq, 2, shape, e);
     m1c_decoder_free(&d, m);
-    free(logits);
-    free(iwork);
     free(next);
     free(seq);
     free(chunk_ids);

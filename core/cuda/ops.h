@@ -25,6 +25,14 @@ void m1c_cuda_scale(float *x, int64_t n, float s);
 int64_t m1c_cuda_count_nonfinite(const float *x, int64_t n);
 void m1c_cuda_to_bf16(uint16_t *dst, const float *src, int64_t n);
 
+/* Batched sampling (core/cuda/sample.cu): one token from each row of logits (B, V) with m1c_sample's
+ * semantics (core/sample.h); greedy = argmax (the sampler's greedy flag or temperature <= 0), else u (B)
+ * holds each row's uniform in [0, 1). work (B, V) receives the probabilities; out (B) the ids; prob (B,
+ * may be NULL) each id's probability under the sampling distribution. All pointers on the device;
+ * asynchronous on the default stream. */
+void m1c_cuda_sample(const float *logits, float *work, int B, int V, int greedy, float temperature, int top_k,
+                     float top_p, const float *u, int32_t *out, float *prob);
+
 #ifdef __cplusplus
 }
 #endif
