@@ -582,7 +582,9 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
 
     /* This block's expert and output tile. */
     int e = 0;
-    int64_t m0, n0 = (int64_t)blockIdx.y * GG_BN, m_end, row0 = 0, row_end = 0;
+    /* NT, NN: column tiles fastest (blockIdx.x), so the blocks that run together share their A rows, read
+     * from DRAM once and from L2 by the others; TN: grid (M tiles, N tiles, expert) */
+    int64_t m0, n0 = (int64_t)(MODE == GG_TN ? blockIdx.y : blockIdx.x) * GG_BN, m_end, row0 = 0, row_end = 0;
     if (MODE == GG_TN) {
         e = blockIdx.z;
         m0 = (int64_t)blockIdx.x * GG_BM;
@@ -591,8 +593,8 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
         row_end = off[e + 1];
         if (row0 == row_end && beta == 1.0f) return; /* C_e += 0 */
     } else {
-        /* Row tiles are numbered expert after expert: find the one with blockIdx.x. */
-        int64_t t = blockIdx.x;
+        /* Row tiles are numbered expert after expert: find the one with blockIdx.y. */
+        int64_t t = blockIdx.y;
         for (e = 0; e < E; e++) {
             const int64_t ne = off[e + 1] - off[e], nt = (ne + GG_BM - 1) / GG_BM;
             if (t < nt) break;
@@ -723,8 +725,10 @@ static int grouped_gemm(const m1c_host *h, cudaStream_t s, TC *C, int64_t ldc, i
     if (MODE == GG_TN)
         grid = dim3((unsigned)((Mc + GG_BM - 1) / GG_BM), (unsigned)((Nc + GG_BN - 1) / GG_BN), (unsigned)E);
     else /* at most sum_e ceil(n_e / BM) <= Nk / BM + E row tiles */
-        grid = dim3((unsigned)((Nk + GG_BM - 1) / GG_BM + E), (unsigned)((Nc + GG_BN - 1) / GG_BN), 1);
+        grid = dim3((unsigned)((Nc + GG_BN - 1) / GG_BN), (unsigned)((Nk + GG_BM - 1) / GG_BM + E), 1);
     if (grid.x == 0 || grid.y == 0) return M1C_OK;
+    if (grid.y > 65535 || grid.z > 65535)
+        return h->error(h, "topk: %u row tiles of %d exceed the CUDA grid (at most 65535)", grid.y, (int)GG_BM);
     /* Above 48 KB of dynamic shared memory only once allowed (per device; cheap to repeat). */
     MOE_CUDA_CHECK(h, cudaFuncSetAttribute(grouped_gemm_kernel<MODE, TC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            (int)G::SMEM));
