@@ -205,10 +205,10 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
     if (h->get_string(h, s, "decay", "m1c", decay_choices, &decay) != M1C_OK) return M1C_ERR;
     if (h->get_string(h, s, "kernel", "auto", kernel_choices, &kernel) != M1C_OK) return M1C_ERR;
     const int fusable = info->device == M1C_DEVICE_CUDA && info->compute_dtype == M1C_BF16 && (hd == 64 || hd == 128);
-    if (!strcmp(kernel, "fused") && !fusable)
+    if (!strcmp(kernel, "fused") && info->device == M1C_DEVICE_CUDA && !fusable)
         return h->settings_error(h, s, "kernel",
-                                 "the fused kernel needs device \"cuda\", precision bf16 and head_dim 64 or 128 "
-                                 "(head_dim is %lld); use \"auto\" or \"blocked\"",
+                                 "the fused kernel needs precision bf16 and head_dim 64 or 128 (head_dim is %lld); "
+                                 "use \"auto\" or \"blocked\"",
                                  (long long)hd);
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     if (nh * hd > (1 << 20))
