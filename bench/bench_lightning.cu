@@ -66,7 +66,7 @@ static float time_core(const bufs *b, int BH, int nh, int T, int hd, int bwd, in
     lc_problem p;
     memset(&p, 0, sizeof p);
     p.out_f32 = 1, p.sbh = (int64_t)T * hd, p.BH = BH, p.nh = nh, p.T = T, p.hd = hd, p.slope = b->slope;
-    p.ws = b->ws, p.ws_floats = b->ws_floats, p.sms = lc_sms();
+    p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = lc_slots(hd);
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
@@ -101,8 +101,8 @@ static void breakdown(const bufs *b, int BH, int nh, int T, int hd, int iters) {
     lc_problem p;
     memset(&p, 0, sizeof p);
     p.x = b->q, p.y = b->k, p.z = b->v, p.out = b->o, p.out_f32 = 0, p.sbh = (int64_t)T * hd, p.BH = BH, p.nh = nh;
-    p.T = T, p.hd = hd, p.slope = b->slope, p.ws = b->ws, p.ws_floats = b->ws_floats, p.sms = lc_sms();
-    const lc_plan pl = lc_plan_for(BH, T, hd, lc_slots(hd, p.sms));
+    p.T = T, p.hd = hd, p.slope = b->slope, p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = lc_slots(hd);
+    const lc_plan pl = lc_plan_for(BH, T, hd, p.slots);
     if (pl.nseg < 2 || hd != 128) return;
     cudaEvent_t ev[4];
     for (int i = 0; i < 4; i++) CK(cudaEventCreate(&ev[i]));
@@ -165,11 +165,11 @@ int main(int argc, char **argv) {
     int64_t ws = 1;
     for (int i = 0; i < nT; i++) {
         const int B = (int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1);
-        const int64_t w = lc_workspace_floats(B * nh, Ts[i], hd, lc_sms());
+        const int64_t w = lc_workspace_floats(B * nh, Ts[i], hd, lc_slots(hd));
         ws = w > ws ? w : ws;
     }
     for (int i = 0; i < nF; i++) {
-        const int64_t w = lc_workspace_floats(nh, Fs[i], hd, lc_sms());
+        const int64_t w = lc_workspace_floats(nh, Fs[i], hd, lc_slots(hd));
         ws = w > ws ? w : ws;
     }
     const int64_t n = rows * nh * hd, nfwd = rows * nh * hd;
@@ -200,21 +200,21 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nT; i++) {
         const int T = Ts[i], B = (int)(tokens / T > 0 ? tokens / T : 1);
         const float ms = time_core(&b, B * nh, nh, T, hd, 1, iters);
-        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd+bwd", T, B, lc_segments(B * nh, T, hd, lc_sms()), ms,
+        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd+bwd", T, B, lc_segments(B * nh, T, hd, lc_slots(hd)), ms,
                (double)B * T / (ms * 1e-3) / 1e6);
         fflush(stdout);
     }
     for (int i = 0; i < nT; i++) {
         const int T = Ts[i], B = (int)(tokens / T > 0 ? tokens / T : 1);
         const float ms = time_core(&b, B * nh, nh, T, hd, 0, iters);
-        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd", T, B, lc_segments(B * nh, T, hd, lc_sms()), ms,
+        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd", T, B, lc_segments(B * nh, T, hd, lc_slots(hd)), ms,
                (double)B * T / (ms * 1e-3) / 1e6);
         fflush(stdout);
     }
     for (int i = 0; i < nF; i++) {
         const int T = Fs[i];
         const float ms = time_core(&b, nh, nh, T, hd, 0, iters);
-        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd", T, 1, lc_segments(nh, T, hd, lc_sms()), ms,
+        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd", T, 1, lc_segments(nh, T, hd, lc_slots(hd)), ms,
                (double)T / (ms * 1e-3) / 1e6);
         fflush(stdout);
     }

@@ -20,8 +20,9 @@ int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *
 /* The core on the GPU: x, y, z [BH][T][hd] host f32, rounded once to bf16 (nearest) on the device; those
  * rounded values come back in xr, yr, zr (host [BH][T][hd], each may be NULL) so that a reference can use
  * exactly what the kernel read. slope host [nh]; init NULL or host [BH][hd][hd]; out host [BH][T][hd];
- * final_state NULL or host [BH][hd][hd]. sms_override: > 0 is lc_problem.sms (a huge value forces many
- * segments), 0 uses lc_sms() as the plugin does, < 0 passes sms = 0 (no resident slots to fill: one segment).
+ * final_state NULL or host [BH][hd][hd]. sms_override: > 0 plans as if the device had that many
+ * multiprocessors (a huge value forces many segments), 0 uses the device's (lc_slots, as the plugin), < 0
+ * plans with no resident slots to fill (one segment).
  * Returns 0; 2 when lc_run itself fails (err names the CUDA error); 1 for any other failure. */
 int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const float *z, const float *slope,
             int reverse, const float *init, float *out, float *final_state, int sms_override, float *xr, float *yr,
@@ -37,7 +38,11 @@ __global__ static void lct_to_bf16(const float *in, __nv_bfloat16 *out, int64_t 
         out[i] = __float2bfloat16_rn(in[i]);
 }
 
-static int lct_sms(int sms_override) { return sms_override > 0 ? sms_override : sms_override == 0 ? lc_sms() : 0; }
+/* The resident-slot count lc_run plans with: the device's (as the plugin), that of sms_override
+ * multiprocessors, or none. */
+static int lct_slots(int sms_override, int hd) {
+    return sms_override > 0 ? lc_occupancy(hd) * sms_override : sms_override == 0 ? lc_slots(hd) : 0;
+}
 
 int lct_available(void) {
     int n = 0;
@@ -46,12 +51,12 @@ int lct_available(void) {
 
 /* The plan lc_run_t makes (the same call); lc_segments is its nseg. */
 int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *seg_rows) {
-    const int sms = lct_sms(sms_override);
-    const lc_plan pl = lc_plan_for(BH, T, hd, lc_slots(hd, sms));
+    const int slots = lct_slots(sms_override, hd);
+    const lc_plan pl = lc_plan_for(BH, T, hd, slots);
     if (kf) *kf = pl.kf;
     if (nfine) *nfine = pl.nfine;
     if (seg_rows) *seg_rows = pl.seg_rows;
-    return lc_segments(BH, T, hd, sms);
+    return lc_segments(BH, T, hd, slots);
 }
 
 /* bf16 -> f32 is exact: the bf16 bits are the f32's upper half. */
@@ -98,7 +103,7 @@ int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const
     float *d_f32 = NULL, *d_out = NULL, *d_fin = NULL, *d_init = NULL, *d_slope = NULL, *d_ws = NULL;
     __nv_bfloat16 *d_in[3] = {NULL, NULL, NULL};
     uint16_t *h_bits = NULL;
-    int sms = 0;
+    int slots = 0;
     int64_t ws_n = 0;
     lc_problem p;
     cudaError_t e = cudaSuccess;
@@ -108,8 +113,8 @@ int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const
         snprintf(err, errlen, "lct_run: bad shape BH %d nh %d T %d hd %d", BH, nh, T, hd);
         return 1;
     }
-    sms = lct_sms(sms_override);
-    ws_n = lc_workspace_floats(BH, T, hd, sms);
+    slots = lct_slots(sms_override, hd);
+    ws_n = lc_workspace_floats(BH, T, hd, slots);
 
     CK(cudaMalloc(&d_f32, (size_t)n * sizeof(float)));
     for (int i = 0; i < 3; i++) {
@@ -162,7 +167,7 @@ int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const
     p.final_state = d_fin ? d_fin + G : NULL;
     p.ws = d_ws ? d_ws + G : NULL;
     p.ws_floats = ws_n;
-    p.sms = sms;
+    p.slots = slots;
     e = lc_run(&p, 0);
     if (e != cudaSuccess) {
         snprintf(err, errlen, "lc_run: %s: %s", cudaGetErrorName(e), cudaGetErrorString(e));

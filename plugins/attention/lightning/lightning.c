@@ -33,6 +33,7 @@ typedef struct lightning {
     float *pw_dev; /* CUDA: pw copied to the device */
     float *slope_dev; /* CUDA: the slopes s_h, for the fused kernels */
     int fused;     /* CUDA: the fused tensor-core kernels (lightning_core.cuh), else block GEMMs */
+    int slots;     /* CUDA, fused: the kernels' resident blocks on the device (how long sequences are cut) */
 } lightning;
 
 #ifdef M1C_HAVE_CUDA
@@ -45,7 +46,9 @@ typedef struct lightning_cuda_cfg {
     const float *pw;
     int fused;
     const float *slope;
+    int slots;
 } lightning_cuda_cfg;
+int lightning_cuda_slots(int hd);
 int lightning_cuda_upload(const m1c_host *h, const float *pw, size_t n, float **dev);
 void lightning_cuda_release(float *dev);
 int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T, m1c_buf_spec *specs, int max);
@@ -55,7 +58,8 @@ int lightning_cuda_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b
                             const float *in, int B, int T);
 
 static lightning_cuda_cfg cuda_cfg(const lightning *L) {
-    lightning_cuda_cfg c = {L->h, L->H, L->nh, L->hd, L->D, L->bs, L->eps, L->bf16, L->pw_dev, L->fused, L->slope_dev};
+    lightning_cuda_cfg c = {L->h,      L->H,         L->nh,    L->hd,        L->D,    L->bs,
+                            L->eps,    L->bf16,      L->pw_dev, L->fused,    L->slope_dev, L->slots};
     return c;
 }
 #endif
@@ -246,6 +250,7 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
         /* the same decay powers as the CPU, so both devices mask with identical factors */
         L->bf16 = info->compute_dtype == M1C_BF16;
         L->fused = fusable && strcmp(kernel, "blocked") != 0;
+        L->slots = L->fused ? lightning_cuda_slots(L->hd) : 0;
         if (lightning_cuda_upload(h, L->pw, (size_t)nh * (size_t)(bs + 1), &L->pw_dev) != M1C_OK ||
             lightning_cuda_upload(h, slopes, (size_t)nh, &L->slope_dev) != M1C_OK) {
             lightning_destroy(L);

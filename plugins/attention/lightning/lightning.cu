@@ -19,6 +19,7 @@ typedef struct lightning_cuda_cfg {
     const float *pw; /* device [nh][bs + 1]: pw[h][k] = exp(-s_h k), the CPU's table copied */
     int fused;       /* the fused kernels of lightning_core.cuh (bf16, hd 64 or 128), else block GEMMs */
     const float *slope; /* device [nh]: s_h */
+    int slots;          /* fused: the output pass's resident CTAs on the device (lc_slots) */
 } lightning_cuda_cfg;
 
 /* Indices of lightning.c's declarations (params and acts are the same lists on both devices). */
@@ -469,7 +470,7 @@ static dims dims_of(const lightning_cuda_cfg *c, int B, int T) {
 
 /* The fused kernels' segment-state workspace (floats, at least 1 so the buffer always exists). */
 static int64_t ws_floats(const lightning_cuda_cfg *c, int B, int T) {
-    const int64_t n = c->fused ? lc_workspace_floats(B * c->nh, T, c->hd, lc_sms()) : 0;
+    const int64_t n = c->fused ? lc_workspace_floats(B * c->nh, T, c->hd, c->slots) : 0;
     return n > 0 ? n : 1;
 }
 
@@ -561,8 +562,8 @@ static int core(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims
     p.sbh = (int64_t)d->Tp * c->hd;
     p.BH = d->B * c->nh, p.nh = c->nh, p.T = d->T, p.hd = c->hd;
     p.slope = c->slope, p.reverse = reverse, p.init = init, p.final_state = final_state;
-    p.sms = lc_sms();
-    p.ws_floats = lc_workspace_floats(p.BH, p.T, p.hd, p.sms);
+    p.slots = c->slots;
+    p.ws_floats = lc_workspace_floats(p.BH, p.T, p.hd, p.slots);
     p.ws = p.ws_floats > 0 ? fx(b, X_WS) : NULL;
     if (p.ws && m1c_tensor_numel(&b->scratch[X_WS]) < p.ws_floats)
         return c->h->error(c->h, "lightning: segment-state buffer holds %lld values, %lld needed",
@@ -856,6 +857,8 @@ extern "C" int lightning_cuda_upload(const m1c_host *h, const float *pw, size_t 
     }
     return M1C_OK;
 }
+
+extern "C" int lightning_cuda_slots(int hd) { return lc_supported(hd) ? lc_slots(hd) : 0; }
 
 extern "C" void lightning_cuda_release(float *dev) {
     if (dev) cudaFree(dev);

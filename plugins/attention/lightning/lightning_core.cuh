@@ -43,7 +43,7 @@ typedef struct lc_problem {
     float *final_state;             /* device [BH][hd][hd] f32 state after the last row, or NULL */
     float *ws;                      /* device workspace of lc_workspace_floats() floats (NULL if that is 0) */
     int64_t ws_floats;              /* its size, checked */
-    int sms;                        /* multiprocessors of the device (lc_sms()) */
+    int slots;                      /* output-pass CTAs resident on the whole device (lc_slots(hd), once) */
 } lc_problem;
 
 /* ---- the kernel ------------------------------------------------------------------------------------- */
@@ -389,13 +389,15 @@ static inline lc_plan lc_plan_for(int BH, int T, int hd, int slots) {
     return pl;
 }
 
-static inline int lc_slots(int hd, int sms) { return lc_occupancy(hd) * sms; }
+/* The output pass's resident CTAs on the current device: a few driver queries, so once per layer or run,
+ * not per call. */
+static inline int lc_slots(int hd) { return lc_occupancy(hd) * lc_sms(); }
 
-/* Output segments per sequence for (BH, T, hd) on sms multiprocessors. */
-static inline int lc_segments(int BH, int T, int hd, int sms) { return lc_plan_for(BH, T, hd, lc_slots(hd, sms)).nseg; }
+/* Output segments per sequence for (BH, T, hd) with `slots` resident CTAs. */
+static inline int lc_segments(int BH, int T, int hd, int slots) { return lc_plan_for(BH, T, hd, slots).nseg; }
 
-static inline int64_t lc_workspace_floats(int BH, int T, int hd, int sms) {
-    const lc_plan pl = lc_plan_for(BH, T, hd, lc_slots(hd, sms));
+static inline int64_t lc_workspace_floats(int BH, int T, int hd, int slots) {
+    const lc_plan pl = lc_plan_for(BH, T, hd, slots);
     return pl.nseg < 2 ? 0 : (int64_t)BH * pl.nfine * hd * hd;
 }
 
@@ -411,7 +413,7 @@ template <int HD, int MODE> static cudaError_t lc_launch(const lc_problem *p, cu
 }
 
 template <int HD> static cudaError_t lc_run_t(const lc_problem *p, cudaStream_t stream) {
-    const lc_plan pl = lc_plan_for(p->BH, p->T, HD, lc_slots(HD, p->sms));
+    const lc_plan pl = lc_plan_for(p->BH, p->T, HD, p->slots);
     lc_pass ps = {nullptr, 0, 0, nullptr, 0, pl.seg_rows, 1};
     if (pl.nseg < 2) {
         ps.m0 = p->reverse ? nullptr : p->init;
