@@ -116,8 +116,9 @@ __device__ static inline void fa_pb(float acc[HD / 8][4], const float p[2 * KS][
     }
 }
 
-/* The forward's query tile: 16 rows per warp, FA_FW warps. */
-enum { FA_FW = 4, FA_TQ = 16 * FA_FW };
+/* The forward's query tile: FA_FM 16-row tiles per warp (each K and V fragment then feeds FA_FM products
+ * instead of one: fewer shared-memory loads per product), FA_FW warps. */
+enum { FA_FW = 4, FA_FM = 2, FA_TQ = 16 * FA_FM * FA_FW };
 
 template <int HD> struct fa_fwd_smem {
     __nv_bfloat16 q[FA_TQ][HD + FA_PAD];
@@ -125,9 +126,9 @@ template <int HD> struct fa_fwd_smem {
 };
 
 /* Forward, CTA (query tile of FA_TQ rows, head, sequence), query tiles in reverse so that the long rows
- * start first.
- * Queries at positions pos0 + i; keys and values of KV head hh / rep at kb + b*kb_stride + g*kg_stride, row
- * stride ks; att (B, T, nh*HD) bf16; lse (B, nh, T) natural-log units, or NULL. */
+ * start first. Queries at positions pos0 + i; keys and values of KV head hh / rep at kb + b*kb_stride + g*kg_stride, row
+ * stride ks; att (B, T, nh*HD) bf16; lse (B, nh, T) natural-log units, or NULL. Warp w owns rows
+ * 16 FA_FM w .. + 16 FA_FM - 1; per key tile: S = Q K^T, the online softmax in registers, O += P V. */
 template <int HD>
 __global__ static void __launch_bounds__(32 * FA_FW)
     fa_fwd_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *kb, const __nv_bfloat16 *vb, int64_t kb_stride,
@@ -135,33 +136,35 @@ __global__ static void __launch_bounds__(32 * FA_FW)
                   float scale_log2) {
     extern __shared__ __align__(16) unsigned char fa_raw[];
     fa_fwd_smem<HD> &sm = *reinterpret_cast<fa_fwd_smem<HD> *>(fa_raw);
+    constexpr int M = FA_FM, RS = fa_rs<HD>();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
     const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, hh = blockIdx.y, b = blockIdx.z;
     const int nq = min((int)FA_TQ, T - i0), qs = nh * HD;
     const __nv_bfloat16 *kh = kb + b * kb_stride + (hh / rep) * kg_stride, *vh = vb + b * kb_stride + (hh / rep) * kg_stride;
     const int64_t kend = pos0 + i0 + nq; /* keys 0..kend-1 are seen by some row */
     const int ntiles = (int)((kend + FA_T - 1) / FA_T);
-    const int64_t rpos = pos0 + i0 + warp * 16 + g; /* position of the thread's first row (second: +8) */
-    const int64_t wfirst = pos0 + i0 + warp * 16, wlast = wfirst + 15;
+    const int r0 = warp * 16 * M;                       /* the warp's first row in the tile */
+    const int64_t wfirst = pos0 + i0 + r0, wlast = wfirst + 16 * M - 1;
 
     fa_load<HD, FA_TQ>(sm.q, q + ((int64_t)b * T + i0) * qs + (int64_t)hh * HD, qs, nq);
     fa_load<HD, FA_T>(sm.k[0], kh, ks, (int)min((int64_t)FA_T, kend));
     fa_load<HD, FA_T>(sm.v[0], vh, ks, (int)min((int64_t)FA_T, kend));
     mma_commit();
 
-    float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    uint32_t qf[HD / 16][4]; /* the warp's query rows as A fragments, loaded once */
+    /* per 16-row tile mt: rows g and g + 8 of the thread (index 2 mt + h) */
+    float o[M][HD / 8][4], m[2 * M], l[2 * M];
 #pragma unroll
-    for (int nt = 0; nt < HD / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    for (int mt = 0; mt < M; mt++) {
+        m[2 * mt] = m[2 * mt + 1] = -INFINITY, l[2 * mt] = l[2 * mt + 1] = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt++) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.0f;
+    }
+    const uint32_t qa = mma_smem(&sm.q[r0][0]) + mma_lane_rc(lane, RS);
     for (int kt = 0; kt < ntiles; kt++) {
         const int buf = kt & 1;
         const int64_t k0 = (int64_t)kt * FA_T;
         mma_wait<0>();
         __syncthreads(); /* tile kt landed; every warp is done with the other buffer */
-        if (kt == 0)
-#pragma unroll
-            for (int ks = 0; ks < HD / 16; ks++)
-                mma_ldsm4(qf[ks], mma_smem(&sm.q[warp * 16][0]) + mma_lane_rc(lane, fa_rs<HD>()) + ks * 32);
         if (kt + 1 < ntiles) {
             const int64_t k1 = k0 + FA_T;
             fa_load<HD, FA_T>(sm.k[buf ^ 1], kh + k1 * ks, ks, (int)min((int64_t)FA_T, kend - k1));
@@ -169,72 +172,128 @@ __global__ static void __launch_bounds__(32 * FA_FW)
             mma_commit();
         }
         if (k0 > wlast) continue; /* warp-uniform: no row of this warp sees the tile */
-        float s[8][4];
+        float s[M][8][4];
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-        fa_abt_reg<HD, 8>(s, qf, mma_smem(sm.k[buf]));
-        /* scale to log2 units and mask (keys after the row, or past kend) */
-        float mx[2] = {m[0], m[1]};
-        if (k0 + FA_T - 1 > wfirst || k0 + FA_T > kend) { /* a tile on the diagonal or the end: mask */
-            /* in the tile's coordinates: the row's last visible column, and the tile's key count */
-            const int64_t dr = rpos - k0;
-            const int r0 = (int)(dr < FA_T ? dr : FA_T), kl = (int)min((int64_t)FA_T, kend - k0);
+        for (int mt = 0; mt < M; mt++)
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+            for (int nt = 0; nt < 8; nt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+        {
+            const uint32_t kbase = mma_smem(sm.k[buf]) + mma_lane_cr(lane, RS);
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int col = nt * 8 + 2 * t4 + (e & 1), row = r0 + (e >= 2 ? 8 : 0);
-                    const float v = col > row || col >= kl ? -INFINITY : s[nt][e] * scale_log2;
-                    s[nt][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            for (int kk = 0; kk < HD / 16; kk++) {
+                uint32_t af[M][4];
+#pragma unroll
+                for (int mt = 0; mt < M; mt++) mma_ldsm4(af[mt], qa + mt * 16 * RS + kk * 32);
+#pragma unroll
+                for (int np = 0; np < 4; np++) {
+                    uint32_t bf[4];
+                    mma_ldsm4(bf, kbase + np * 16 * RS + kk * 32);
+#pragma unroll
+                    for (int mt = 0; mt < M; mt++) {
+                        mma_16816(s[mt][2 * np], af[mt], bf[0], bf[1]);
+                        mma_16816(s[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+                    }
                 }
+            }
+        }
+        /* scale to log2 units; mask keys after the row or past kend on the diagonal and last tiles */
+        float mx[2 * M];
+#pragma unroll
+        for (int r = 0; r < 2 * M; r++) mx[r] = m[r];
+        if (k0 + FA_T - 1 > wfirst || k0 + FA_T > kend) {
+            const int64_t dr = pos0 + i0 + r0 + g - k0; /* row g of the warp's first tile, in tile coordinates */
+            const int rr = (int)(dr < 2 * FA_T ? dr : 2 * FA_T), kl = (int)min((int64_t)FA_T, kend - k0);
+#pragma unroll
+            for (int mt = 0; mt < M; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int col = nt * 8 + 2 * t4 + (e & 1), row = rr + mt * 16 + (e >= 2 ? 8 : 0);
+                        const float v = col > row || col >= kl ? -INFINITY : s[mt][nt][e] * scale_log2;
+                        s[mt][nt][e] = v;
+                        mx[2 * mt + (e >> 1)] = fmaxf(mx[2 * mt + (e >> 1)], v);
+                    }
         } else {
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+            for (int mt = 0; mt < M; mt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    s[nt][e] *= scale_log2;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-                }
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        s[mt][nt][e] *= scale_log2;
+                        mx[2 * mt + (e >> 1)] = fmaxf(mx[2 * mt + (e >> 1)], s[mt][nt][e]);
+                    }
         }
-        float c[2];
+        float c[2 * M];
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
+        for (int r = 0; r < 2 * M; r++) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            /* every row sees key 0 in tile 0, so mx is finite from the first tile on */
-            c[r] = m[r] == -INFINITY ? 0.0f : exp2f(m[r] - mx[r]);
+            /* a row that has seen no key yet keeps m = -inf: its p are all 0 below, and c is 0 */
+            c[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m[r] - mx[r]);
             m[r] = mx[r];
             l[r] *= c[r];
         }
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+        for (int mt = 0; mt < M; mt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float p = exp2f(s[nt][e] - m[e >> 1]); /* -inf -> 0 */
-                s[nt][e] = p;
-                l[e >> 1] += p;
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = 2 * mt + (e >> 1);
+                    const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[mt][nt][e] - m[r]); /* -inf -> 0 */
+                    s[mt][nt][e] = p;
+                    l[r] += p;
+                }
+#pragma unroll
+        for (int mt = 0; mt < M; mt++)
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; nt++)
+                o[mt][nt][0] *= c[2 * mt], o[mt][nt][1] *= c[2 * mt], o[mt][nt][2] *= c[2 * mt + 1],
+                    o[mt][nt][3] *= c[2 * mt + 1];
+        /* O += P V: every V fragment feeds the M tiles */
+        const uint32_t vbase = mma_smem(sm.v[buf]) + mma_lane_rc(lane, RS);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t af[M][4];
+#pragma unroll
+            for (int mt = 0; mt < M; mt++) {
+                af[mt][0] = mma_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                af[mt][1] = mma_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                af[mt][2] = mma_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                af[mt][3] = mma_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
             }
 #pragma unroll
-        for (int nt = 0; nt < HD / 8; nt++) o[nt][0] *= c[0], o[nt][1] *= c[0], o[nt][2] *= c[1], o[nt][3] *= c[1];
-        fa_pb<HD, 4>(o, s, mma_smem(sm.v[buf]));
+            for (int np = 0; np < HD / 16; np++) {
+                uint32_t bf[4];
+                mma_ldsm4t(bf, vbase + kk * 16 * RS + np * 32);
+#pragma unroll
+                for (int mt = 0; mt < M; mt++) {
+                    mma_16816(o[mt][2 * np], af[mt], bf[0], bf[1]);
+                    mma_16816(o[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+                }
+            }
+        }
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
+    for (int r = 0; r < 2 * M; r++) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int i = warp * 16 + g + 8 * r;
-        if (i >= nq) continue;
-        const float inv = 1.0f / l[r];
-        __nv_bfloat16 *dst = att + ((int64_t)b * T + i0 + i) * qs + (int64_t)hh * HD + 2 * t4;
+    for (int mt = 0; mt < M; mt++)
 #pragma unroll
-        for (int nt = 0; nt < HD / 8; nt++)
-            *reinterpret_cast<uint32_t *>(dst + nt * 8) = mma_pack(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
-        if (lse && t4 == 0) lse[((int64_t)b * nh + hh) * T + i0 + i] = (m[r] + log2f(l[r])) * 0.69314718055994531f;
-    }
+        for (int h = 0; h < 2; h++) {
+            const int i = r0 + mt * 16 + g + 8 * h, r = 2 * mt + h;
+            if (i >= nq) continue;
+            const float inv = 1.0f / l[r];
+            __nv_bfloat16 *dst = att + ((int64_t)b * T + i0 + i) * qs + (int64_t)hh * HD + 2 * t4;
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; nt++)
+                *reinterpret_cast<uint32_t *>(dst + nt * 8) = mma_pack(o[mt][nt][2 * h] * inv, o[mt][nt][2 * h + 1] * inv);
+            if (lse && t4 == 0) lse[((int64_t)b * nh + hh) * T + i0 + i] = (m[r] + log2f(l[r])) * 0.69314718055994531f;
+        }
 }
 
 template <int HD> struct fa_dq_smem {
