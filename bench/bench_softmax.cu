@@ -127,7 +127,7 @@ static void breakdown(const bufs *b, const shape *p, int iters) {
     const int n = iters < 64 ? iters : 64;
     const float scale = 1.0f / sqrtf(128.0f), scale_log2 = 1.4426950408889634f * scale;
     const int64_t rows = (int64_t)p->B * p->T * p->nh;
-    const dim3 gkv((p->T + FA_T - 1) / FA_T, p->kvh, p->B), gq((p->T + FA_T - 1) / FA_T, p->nh, p->B);
+    const dim3 gkv((p->T + FA_T - 1) / FA_T, p->kvh, p->B), gq((p->T + FA_TQ - 1) / FA_TQ, p->nh, p->B);
     fwd(b, p);
     for (int it = 0; it < n; it++) {
         CK(cudaEventRecord(ev[0]));
@@ -137,7 +137,7 @@ static void breakdown(const bufs *b, const shape *p, int iters) {
                                                                             b->dk, b->dv, p->T, p->nh, p->kvh, scale,
                                                                             scale_log2);
         CK(cudaEventRecord(ev[2]));
-        fa_bwd_q_kernel<128><<<gq, FA_THREADS, sizeof(fa_dq_smem<128>)>>>(b->q, b->k, b->v, b->dO_lp, b->lse, b->D,
+        fa_bwd_q_kernel<128><<<gq, 32 * FA_FW, sizeof(fa_dq_smem<128>)>>>(b->q, b->k, b->v, b->dO_lp, b->lse, b->D,
                                                                          b->dq, p->T, p->nh, p->kvh, scale, scale_log2);
         CK(cudaEventRecord(ev[3]));
         CK(cudaGetLastError());

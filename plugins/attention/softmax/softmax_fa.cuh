@@ -296,83 +296,143 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         }
 }
 
+/* dQ's key tiles: FA_QK rows (two 16-key halves of the warp's FA_FM query tiles' products at a time). */
+enum { FA_QK = 32 };
+
 template <int HD> struct fa_dq_smem {
-    fa_tile<HD> q, dO, k[2], v[2];
-    float lse2[FA_T], D[FA_T];
+    __nv_bfloat16 q[FA_TQ][HD + FA_PAD], dO[FA_TQ][HD + FA_PAD];
+    __nv_bfloat16 k[2][FA_QK][HD + FA_PAD], v[2][FA_QK][HD + FA_PAD];
+    float lse2[FA_TQ], D[FA_TQ];
 };
 
-/* dq (B, T, nh*HD) f32, written: CTA (query tile, head, sequence) of the layer's causal attention (pos0 =
- * 0), keys and values (B, T, kvh*HD). S = Q K^T, P = exp(S scale - lse), dP = dO V^T, dS = P (dP - D),
- * dQ = scale dS K, over the key tiles up to the query tile's last row. */
+/* dq (B, T, nh*HD) f32, written: CTA (query tile of FA_TQ rows, head, sequence) of the layer's causal
+ * attention (pos0 = 0), keys and values (B, T, kvh*HD). S = Q K^T, P = exp(S scale - lse), dP = dO V^T,
+ * dS = P (dP - D), dQ = scale dS K, over the key tiles up to the query tile's last row. Warp w owns FA_FM
+ * 16-row tiles (as the forward), so every K and V fragment feeds FA_FM products. */
 template <int HD>
-__global__ static void __launch_bounds__(FA_THREADS)
+__global__ static void __launch_bounds__(32 * FA_FW)
     fa_bwd_q_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const __nv_bfloat16 *dO,
                     const float *lse, const float *D, float *dq, int T, int nh, int kvh, float scale, float scale_log2) {
     extern __shared__ __align__(16) unsigned char fa_raw[];
     fa_dq_smem<HD> &sm = *reinterpret_cast<fa_dq_smem<HD> *>(fa_raw);
+    constexpr int M = FA_FM, RS = fa_rs<HD>();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_T, hh = blockIdx.y, b = blockIdx.z, grp = hh / (nh / kvh);
-    const int nq = min(FA_T, T - i0), qs = nh * HD, kd = kvh * HD;
-    const int kend = i0 + nq, ntiles = (kend + FA_T - 1) / FA_T;
-    const int rpos = i0 + warp * 16 + g, wfirst = i0 + warp * 16, wlast = wfirst + 15;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, hh = blockIdx.y, b = blockIdx.z, grp = hh / (nh / kvh);
+    const int nq = min((int)FA_TQ, T - i0), qs = nh * HD, kd = kvh * HD;
+    const int kend = i0 + nq, ntiles = (kend + FA_QK - 1) / FA_QK;
+    const int r0 = warp * 16 * M, wfirst = i0 + r0, wlast = wfirst + 16 * M - 1;
     const __nv_bfloat16 *kh = k + (int64_t)b * T * kd + (int64_t)grp * HD, *vh = v + (int64_t)b * T * kd + (int64_t)grp * HD;
     const int64_t qrow = ((int64_t)b * T + i0) * qs + (int64_t)hh * HD;
 
-    fa_load<HD, FA_T>(sm.q, q + qrow, qs, nq);
-    fa_load<HD, FA_T>(sm.dO, dO + qrow, qs, nq);
-    fa_load<HD, FA_T>(sm.k[0], kh, kd, min(FA_T, kend));
-    fa_load<HD, FA_T>(sm.v[0], vh, kd, min(FA_T, kend));
+    fa_load<HD, FA_TQ>(sm.q, q + qrow, qs, nq);
+    fa_load<HD, FA_TQ>(sm.dO, dO + qrow, qs, nq);
+    fa_load<HD, FA_QK>(sm.k[0], kh, kd, min((int)FA_QK, kend));
+    fa_load<HD, FA_QK>(sm.v[0], vh, kd, min((int)FA_QK, kend));
     mma_commit();
-    for (int i = threadIdx.x; i < FA_T; i += FA_THREADS) {
+    for (int i = threadIdx.x; i < FA_TQ; i += blockDim.x) {
         const int64_t li = ((int64_t)b * nh + hh) * T + i0 + i;
         sm.lse2[i] = i < nq ? lse[li] * 1.44269504088896341f : 0.0f;
         sm.D[i] = i < nq ? D[li] : 0.0f;
     }
-    float dqa[HD / 8][4];
+    float dqa[M][HD / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < HD / 8; nt++) dqa[nt][0] = dqa[nt][1] = dqa[nt][2] = dqa[nt][3] = 0.0f;
-    float lr[2] = {0.0f, 0.0f}, Dr[2] = {0.0f, 0.0f};
+    for (int mt = 0; mt < M; mt++)
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt++) dqa[mt][nt][0] = dqa[mt][nt][1] = dqa[mt][nt][2] = dqa[mt][nt][3] = 0.0f;
+    float lr[2 * M], Dr[2 * M];
+    const uint32_t qa = mma_smem(&sm.q[r0][0]) + mma_lane_rc(lane, RS), oa = mma_smem(&sm.dO[r0][0]) + mma_lane_rc(lane, RS);
     for (int kt = 0; kt < ntiles; kt++) {
-        const int buf = kt & 1, k0 = kt * FA_T;
+        const int buf = kt & 1, k0 = kt * FA_QK;
         mma_wait<0>();
         __syncthreads();
         if (kt == 0)
 #pragma unroll
-            for (int r = 0; r < 2; r++) lr[r] = sm.lse2[warp * 16 + g + 8 * r], Dr[r] = sm.D[warp * 16 + g + 8 * r];
+            for (int r = 0; r < 2 * M; r++) lr[r] = sm.lse2[r0 + (r / 2) * 16 + g + 8 * (r % 2)], Dr[r] = sm.D[r0 + (r / 2) * 16 + g + 8 * (r % 2)];
         if (kt + 1 < ntiles) {
-            const int k1 = k0 + FA_T;
-            fa_load<HD, FA_T>(sm.k[buf ^ 1], kh + (int64_t)k1 * kd, kd, min(FA_T, kend - k1));
-            fa_load<HD, FA_T>(sm.v[buf ^ 1], vh + (int64_t)k1 * kd, kd, min(FA_T, kend - k1));
+            const int k1 = k0 + FA_QK;
+            fa_load<HD, FA_QK>(sm.k[buf ^ 1], kh + (int64_t)k1 * kd, kd, min((int)FA_QK, kend - k1));
+            fa_load<HD, FA_QK>(sm.v[buf ^ 1], vh + (int64_t)k1 * kd, kd, min((int)FA_QK, kend - k1));
             mma_commit();
         }
         if (k0 > wlast) continue;
-        float s[8][4], dp[8][4];
+        float s[M][FA_QK / 8][4], dp[M][FA_QK / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+        for (int mt = 0; mt < M; mt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
-        fa_abt<HD, 8>(s, mma_smem(sm.q), warp * 16, mma_smem(sm.k[buf]));
-        fa_abt<HD, 8>(dp, mma_smem(sm.dO), warp * 16, mma_smem(sm.v[buf]));
-        const bool edge = k0 + FA_T - 1 > wfirst;
+            for (int nt = 0; nt < FA_QK / 8; nt++)
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
+                for (int e = 0; e < 4; e++) s[mt][nt][e] = dp[mt][nt][e] = 0.0f;
+        {
+            const uint32_t kb_ = mma_smem(sm.k[buf]) + mma_lane_cr(lane, RS), vb_ = mma_smem(sm.v[buf]) + mma_lane_cr(lane, RS);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int col = k0 + nt * 8 + 2 * t4 + (e & 1), row = rpos + (e >= 2 ? 8 : 0), r = e >> 1;
-                const float p = edge && col > row ? 0.0f : exp2f(s[nt][e] * scale_log2 - lr[r]);
-                s[nt][e] = p * (dp[nt][e] - Dr[r]); /* dS */
+            for (int kk = 0; kk < HD / 16; kk++) {
+                uint32_t af[M][4], of[M][4];
+#pragma unroll
+                for (int mt = 0; mt < M; mt++)
+                    mma_ldsm4(af[mt], qa + mt * 16 * RS + kk * 32), mma_ldsm4(of[mt], oa + mt * 16 * RS + kk * 32);
+#pragma unroll
+                for (int np = 0; np < FA_QK / 16; np++) {
+                    uint32_t bk[4], bv[4];
+                    mma_ldsm4(bk, kb_ + np * 16 * RS + kk * 32);
+                    mma_ldsm4(bv, vb_ + np * 16 * RS + kk * 32);
+#pragma unroll
+                    for (int mt = 0; mt < M; mt++) {
+                        mma_16816(s[mt][2 * np], af[mt], bk[0], bk[1]);
+                        mma_16816(s[mt][2 * np + 1], af[mt], bk[2], bk[3]);
+                        mma_16816(dp[mt][2 * np], of[mt], bv[0], bv[1]);
+                        mma_16816(dp[mt][2 * np + 1], of[mt], bv[2], bv[3]);
+                    }
+                }
             }
-        fa_pb<HD, 4>(dqa, s, mma_smem(sm.k[buf]));
+        }
+        const bool edge = k0 + FA_QK - 1 > wfirst;
+#pragma unroll
+        for (int mt = 0; mt < M; mt++)
+#pragma unroll
+            for (int nt = 0; nt < FA_QK / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int col = k0 + nt * 8 + 2 * t4 + (e & 1), row = wfirst + mt * 16 + g + (e >= 2 ? 8 : 0);
+                    const int r = 2 * mt + (e >> 1);
+                    const float p = edge && col > row ? 0.0f : exp2f(s[mt][nt][e] * scale_log2 - lr[r]);
+                    s[mt][nt][e] = p * (dp[mt][nt][e] - Dr[r]); /* dS */
+                }
+        /* dQ += dS K: every K fragment feeds the M tiles */
+        const uint32_t kt_ = mma_smem(sm.k[buf]) + mma_lane_rc(lane, RS);
+#pragma unroll
+        for (int kk = 0; kk < FA_QK / 16; kk++) {
+            uint32_t af[M][4];
+#pragma unroll
+            for (int mt = 0; mt < M; mt++) {
+                af[mt][0] = mma_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                af[mt][1] = mma_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                af[mt][2] = mma_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                af[mt][3] = mma_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int np = 0; np < HD / 16; np++) {
+                uint32_t bf[4];
+                mma_ldsm4t(bf, kt_ + kk * 16 * RS + np * 32);
+#pragma unroll
+                for (int mt = 0; mt < M; mt++) {
+                    mma_16816(dqa[mt][2 * np], af[mt], bf[0], bf[1]);
+                    mma_16816(dqa[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+                }
+            }
+        }
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int i = warp * 16 + g + 8 * r;
-        if (i >= nq) continue;
-        float *dst = dq + ((int64_t)b * T + i0 + i) * qs + (int64_t)hh * HD + 2 * t4;
+    for (int mt = 0; mt < M; mt++)
 #pragma unroll
-        for (int nt = 0; nt < HD / 8; nt++)
-            *reinterpret_cast<float2 *>(dst + nt * 8) = make_float2(dqa[nt][2 * r] * scale, dqa[nt][2 * r + 1] * scale);
-    }
+        for (int h = 0; h < 2; h++) {
+            const int i = r0 + mt * 16 + g + 8 * h;
+            if (i >= nq) continue;
+            float *dst = dq + ((int64_t)b * T + i0 + i) * qs + (int64_t)hh * HD + 2 * t4;
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; nt++)
+                *reinterpret_cast<float2 *>(dst + nt * 8) =
+                    make_float2(dqa[mt][nt][2 * h] * scale, dqa[mt][nt][2 * h + 1] * scale);
+        }
 }
 
 template <int HD> struct fa_dkv_smem {

@@ -127,7 +127,7 @@ static inline cudaError_t tc_attend_bwd(cudaStream_t s, const bf16 *q, const bf1
     *what = "attention backward (tensor cores)";
     if (B <= 0 || T <= 0) return cudaSuccess;
     if ((hd != 64 && hd != 128) || kvh <= 0 || nh % kvh) return cudaErrorInvalidValue;
-    const dim3 gkv((T + FA_T - 1) / FA_T, kvh, B), gq((T + FA_T - 1) / FA_T, nh, B);
+    const dim3 gkv((T + FA_T - 1) / FA_T, kvh, B), gq((T + FA_TQ - 1) / FA_TQ, nh, B);
     const float scale = 1.0f / sqrtf((float)hd), scale_log2 = 1.4426950408889634f * scale;
     *what = "attention backward D and bf16 dO";
     const int64_t rows = (int64_t)B * T * nh, pg = (rows * 32 + 255) / 256;
@@ -148,10 +148,10 @@ static inline cudaError_t tc_attend_bwd(cudaStream_t s, const bf16 *q, const bf1
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     *what = "attention backward dq (tensor cores)";
     if (hd == 64)
-        fa_bwd_q_kernel<64><<<gq, FA_THREADS, sizeof(fa_dq_smem<64>), s>>>(q, k, v, dO_lp, lse, D, dq, T, nh, kvh, scale,
+        fa_bwd_q_kernel<64><<<gq, 32 * FA_FW, sizeof(fa_dq_smem<64>), s>>>(q, k, v, dO_lp, lse, D, dq, T, nh, kvh, scale,
                                                                            scale_log2);
     else
-        fa_bwd_q_kernel<128><<<gq, FA_THREADS, sizeof(fa_dq_smem<128>), s>>>(q, k, v, dO_lp, lse, D, dq, T, nh, kvh,
+        fa_bwd_q_kernel<128><<<gq, 32 * FA_FW, sizeof(fa_dq_smem<128>), s>>>(q, k, v, dO_lp, lse, D, dq, T, nh, kvh,
                                                                              scale, scale_log2);
     return cudaGetLastError();
 }
