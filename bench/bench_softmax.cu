@@ -127,7 +127,7 @@ static void breakdown(const bufs *b, const shape *p, int iters) {
     const int n = iters < 64 ? iters : 64;
     const float scale = 1.0f / sqrtf(128.0f), scale_log2 = 1.4426950408889634f * scale;
     const int64_t rows = (int64_t)p->B * p->T * p->nh;
-    const dim3 gkv((p->T + FA_T - 1) / FA_T, p->kvh, p->B), gq((p->T + FA_TQ - 1) / FA_TQ, p->nh, p->B);
+    const dim3 gkv((p->T + FA_T - 1) / FA_T, p->kvh, p->B), gq((p->T + fa_tq<128>() - 1) / fa_tq<128>(), p->nh, p->B);
     fwd(b, p);
     for (int it = 0; it < n; it++) {
         CK(cudaEventRecord(ev[0]));

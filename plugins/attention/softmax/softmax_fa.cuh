@@ -116,19 +116,23 @@ __device__ static inline void fa_pb(float acc[HD / 8][4], const float p[2 * KS][
     }
 }
 
-/* The forward's query tile: FA_FM 16-row tiles per warp (each K and V fragment then feeds FA_FM products
- * instead of one: fewer shared-memory loads per product), FA_FW warps. */
-enum { FA_FW = 4, FA_FM = 2, FA_TQ = 16 * FA_FM * FA_FW };
+/* The query tiles of the forward and of dQ: FA_FW warps of fa_fm 16-row tiles each. Two at head_dim 128
+ * (every K and V fragment then feeds two products: fewer shared-memory loads per product); one at 64,
+ * where the registers that saves keep twice the blocks resident (a long prefill's forward needs them
+ * more: 2 against 4 blocks per SM). */
+enum { FA_FW = 4 };
+template <int HD> __host__ __device__ constexpr int fa_fm() { return HD == 128 ? 2 : 1; }
+template <int HD> __host__ __device__ constexpr int fa_tq() { return 16 * fa_fm<HD>() * FA_FW; }
 
 template <int HD> struct fa_fwd_smem {
-    __nv_bfloat16 q[FA_TQ][HD + FA_PAD];
+    __nv_bfloat16 q[fa_tq<HD>()][HD + FA_PAD];
     fa_tile<HD> k[2], v[2];
 };
 
-/* Forward, CTA (query tile of FA_TQ rows, head, sequence), query tiles in reverse so that the long rows
+/* Forward, CTA (query tile of fa_tq rows, head, sequence), query tiles in reverse so that the long rows
  * start first. Queries at positions pos0 + i; keys and values of KV head hh / rep at kb + b*kb_stride + g*kg_stride, row
  * stride ks; att (B, T, nh*HD) bf16; lse (B, nh, T) natural-log units, or NULL. Warp w owns rows
- * 16 FA_FM w .. + 16 FA_FM - 1; per key tile: S = Q K^T, the online softmax in registers, O += P V. */
+ * 16 fa_fm w .. + 16 fa_fm - 1; per key tile: S = Q K^T, the online softmax in registers, O += P V. */
 template <int HD>
 __global__ static void __launch_bounds__(32 * FA_FW)
     fa_fwd_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *kb, const __nv_bfloat16 *vb, int64_t kb_stride,
@@ -136,17 +140,17 @@ __global__ static void __launch_bounds__(32 * FA_FW)
                   float scale_log2) {
     extern __shared__ __align__(16) unsigned char fa_raw[];
     fa_fwd_smem<HD> &sm = *reinterpret_cast<fa_fwd_smem<HD> *>(fa_raw);
-    constexpr int M = FA_FM, RS = fa_rs<HD>();
+    constexpr int M = fa_fm<HD>(), TQ = fa_tq<HD>(), RS = fa_rs<HD>();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, hh = blockIdx.y, b = blockIdx.z;
-    const int nq = min((int)FA_TQ, T - i0), qs = nh * HD;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * TQ, hh = blockIdx.y, b = blockIdx.z;
+    const int nq = min(TQ, T - i0), qs = nh * HD;
     const __nv_bfloat16 *kh = kb + b * kb_stride + (hh / rep) * kg_stride, *vh = vb + b * kb_stride + (hh / rep) * kg_stride;
     const int64_t kend = pos0 + i0 + nq; /* keys 0..kend-1 are seen by some row */
     const int ntiles = (int)((kend + FA_T - 1) / FA_T);
     const int r0 = warp * 16 * M;                       /* the warp's first row in the tile */
     const int64_t wfirst = pos0 + i0 + r0, wlast = wfirst + 16 * M - 1;
 
-    fa_load<HD, FA_TQ>(sm.q, q + ((int64_t)b * T + i0) * qs + (int64_t)hh * HD, qs, nq);
+    fa_load<HD, TQ>(sm.q, q + ((int64_t)b * T + i0) * qs + (int64_t)hh * HD, qs, nq);
     fa_load<HD, FA_T>(sm.k[0], kh, ks, (int)min((int64_t)FA_T, kend));
     fa_load<HD, FA_T>(sm.v[0], vh, ks, (int)min((int64_t)FA_T, kend));
     mma_commit();
@@ -160,11 +164,18 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         for (int nt = 0; nt < HD / 8; nt++) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.0f;
     }
     const uint32_t qa = mma_smem(&sm.q[r0][0]) + mma_lane_rc(lane, RS);
+    /* With one tile per warp the query fragments fit in registers for the whole key loop (a long prefill
+     * runs thousands of key tiles); with two they are reloaded per key tile. */
+    constexpr bool QREG = M == 1;
+    uint32_t qf[QREG ? HD / 16 : 1][4];
     for (int kt = 0; kt < ntiles; kt++) {
         const int buf = kt & 1;
         const int64_t k0 = (int64_t)kt * FA_T;
         mma_wait<0>();
         __syncthreads(); /* tile kt landed; every warp is done with the other buffer */
+        if (QREG && kt == 0)
+#pragma unroll
+            for (int kk = 0; kk < (QREG ? HD / 16 : 0); kk++) mma_ldsm4(qf[kk], qa + kk * 32);
         if (kt + 1 < ntiles) {
             const int64_t k1 = k0 + FA_T;
             fa_load<HD, FA_T>(sm.k[buf ^ 1], kh + k1 * ks, ks, (int)min((int64_t)FA_T, kend - k1));
@@ -183,7 +194,13 @@ __global__ static void __launch_bounds__(32 * FA_FW)
             for (int kk = 0; kk < HD / 16; kk++) {
                 uint32_t af[M][4];
 #pragma unroll
-                for (int mt = 0; mt < M; mt++) mma_ldsm4(af[mt], qa + mt * 16 * RS + kk * 32);
+                for (int mt = 0; mt < M; mt++) {
+                    if (QREG)
+#pragma unroll
+                        for (int j = 0; j < 4; j++) af[mt][j] = qf[QREG ? kk : 0][j];
+                    else
+                        mma_ldsm4(af[mt], qa + mt * 16 * RS + kk * 32);
+                }
 #pragma unroll
                 for (int np = 0; np < 4; np++) {
                     uint32_t bf[4];
@@ -230,8 +247,8 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         for (int r = 0; r < 2 * M; r++) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            /* a row that has seen no key yet keeps m = -inf: its p are all 0 below, and c is 0 */
-            c[r] = mx[r] == -INFINITY ? 1.0f : exp2f(m[r] - mx[r]);
+            /* every row sees key 0 in tile 0 (which every warp takes), so mx is finite from then on */
+            c[r] = exp2f(m[r] - mx[r]); /* m = -inf on the first tile: 0 */
             m[r] = mx[r];
             l[r] *= c[r];
         }
@@ -242,7 +259,7 @@ __global__ static void __launch_bounds__(32 * FA_FW)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int r = 2 * mt + (e >> 1);
-                    const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[mt][nt][e] - m[r]); /* -inf -> 0 */
+                    const float p = exp2f(s[mt][nt][e] - m[r]); /* masked: -inf -> 0 */
                     s[mt][nt][e] = p;
                     l[r] += p;
                 }
@@ -296,40 +313,40 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         }
 }
 
-/* dQ's key tiles: FA_QK rows (two 16-key halves of the warp's FA_FM query tiles' products at a time). */
+/* dQ's key tiles: FA_QK rows. */
 enum { FA_QK = 32 };
 
 template <int HD> struct fa_dq_smem {
-    __nv_bfloat16 q[FA_TQ][HD + FA_PAD], dO[FA_TQ][HD + FA_PAD];
+    __nv_bfloat16 q[fa_tq<HD>()][HD + FA_PAD], dO[fa_tq<HD>()][HD + FA_PAD];
     __nv_bfloat16 k[2][FA_QK][HD + FA_PAD], v[2][FA_QK][HD + FA_PAD];
-    float lse2[FA_TQ], D[FA_TQ];
+    float lse2[fa_tq<HD>()], D[fa_tq<HD>()];
 };
 
-/* dq (B, T, nh*HD) f32, written: CTA (query tile of FA_TQ rows, head, sequence) of the layer's causal
+/* dq (B, T, nh*HD) f32, written: CTA (query tile of fa_tq rows, head, sequence) of the layer's causal
  * attention (pos0 = 0), keys and values (B, T, kvh*HD). S = Q K^T, P = exp(S scale - lse), dP = dO V^T,
- * dS = P (dP - D), dQ = scale dS K, over the key tiles up to the query tile's last row. Warp w owns FA_FM
- * 16-row tiles (as the forward), so every K and V fragment feeds FA_FM products. */
+ * dS = P (dP - D), dQ = scale dS K, over the key tiles up to the query tile's last row. Warp w owns fa_fm
+ * 16-row tiles (as the forward), so every K and V fragment feeds that many products. */
 template <int HD>
 __global__ static void __launch_bounds__(32 * FA_FW)
     fa_bwd_q_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const __nv_bfloat16 *dO,
                     const float *lse, const float *D, float *dq, int T, int nh, int kvh, float scale, float scale_log2) {
     extern __shared__ __align__(16) unsigned char fa_raw[];
     fa_dq_smem<HD> &sm = *reinterpret_cast<fa_dq_smem<HD> *>(fa_raw);
-    constexpr int M = FA_FM, RS = fa_rs<HD>();
+    constexpr int M = fa_fm<HD>(), TQ = fa_tq<HD>(), RS = fa_rs<HD>();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, hh = blockIdx.y, b = blockIdx.z, grp = hh / (nh / kvh);
-    const int nq = min((int)FA_TQ, T - i0), qs = nh * HD, kd = kvh * HD;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * TQ, hh = blockIdx.y, b = blockIdx.z, grp = hh / (nh / kvh);
+    const int nq = min(TQ, T - i0), qs = nh * HD, kd = kvh * HD;
     const int kend = i0 + nq, ntiles = (kend + FA_QK - 1) / FA_QK;
     const int r0 = warp * 16 * M, wfirst = i0 + r0, wlast = wfirst + 16 * M - 1;
     const __nv_bfloat16 *kh = k + (int64_t)b * T * kd + (int64_t)grp * HD, *vh = v + (int64_t)b * T * kd + (int64_t)grp * HD;
     const int64_t qrow = ((int64_t)b * T + i0) * qs + (int64_t)hh * HD;
 
-    fa_load<HD, FA_TQ>(sm.q, q + qrow, qs, nq);
-    fa_load<HD, FA_TQ>(sm.dO, dO + qrow, qs, nq);
+    fa_load<HD, TQ>(sm.q, q + qrow, qs, nq);
+    fa_load<HD, TQ>(sm.dO, dO + qrow, qs, nq);
     fa_load<HD, FA_QK>(sm.k[0], kh, kd, min((int)FA_QK, kend));
     fa_load<HD, FA_QK>(sm.v[0], vh, kd, min((int)FA_QK, kend));
     mma_commit();
-    for (int i = threadIdx.x; i < FA_TQ; i += blockDim.x) {
+    for (int i = threadIdx.x; i < TQ; i += blockDim.x) {
         const int64_t li = ((int64_t)b * nh + hh) * T + i0 + i;
         sm.lse2[i] = i < nq ? lse[li] * 1.44269504088896341f : 0.0f;
         sm.D[i] = i < nq ? D[li] : 0.0f;

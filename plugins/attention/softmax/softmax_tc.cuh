@@ -104,7 +104,8 @@ static inline cudaError_t tc_attend_fwd(cudaStream_t s, const bf16 *q, const bf1
                                         int T, int nh, int rep, int hd, int64_t pos0) {
     if (B <= 0 || T <= 0) return cudaSuccess;
     if (hd != 64 && hd != 128) return cudaErrorInvalidValue;
-    const dim3 grid((T + FA_TQ - 1) / FA_TQ, nh, B);
+    const int tq = hd == 64 ? fa_tq<64>() : fa_tq<128>();
+    const dim3 grid((T + tq - 1) / tq, nh, B);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
     if (hd == 64)
         fa_fwd_kernel<64><<<grid, 32 * FA_FW, sizeof(fa_fwd_smem<64>), s>>>(q, k, v, kb_stride, kg_stride, ks, att, lse,
@@ -127,7 +128,8 @@ static inline cudaError_t tc_attend_bwd(cudaStream_t s, const bf16 *q, const bf1
     *what = "attention backward (tensor cores)";
     if (B <= 0 || T <= 0) return cudaSuccess;
     if ((hd != 64 && hd != 128) || kvh <= 0 || nh % kvh) return cudaErrorInvalidValue;
-    const dim3 gkv((T + FA_T - 1) / FA_T, kvh, B), gq((T + FA_TQ - 1) / FA_TQ, nh, B);
+    const int tq = hd == 64 ? fa_tq<64>() : fa_tq<128>();
+    const dim3 gkv((T + FA_T - 1) / FA_T, kvh, B), gq((T + tq - 1) / tq, nh, B);
     const float scale = 1.0f / sqrtf((float)hd), scale_log2 = 1.4426950408889634f * scale;
     *what = "attention backward D and bf16 dO";
     const int64_t rows = (int64_t)B * T * nh, pg = (rows * 32 + 255) / 256;
