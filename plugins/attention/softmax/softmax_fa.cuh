@@ -452,14 +452,18 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         }
 }
 
+/* dK dV's query steps: FA_QS rows loaded per barrier, taken FA_QB at a time (the registers hold the
+ * scores of FA_QB queries). */
+enum { FA_QS = 2 * FA_QB };
+
 template <int HD> struct fa_dkv_smem {
     fa_tile<HD> k, v;
-    __nv_bfloat16 q[2][FA_QB][HD + FA_PAD], dO[2][FA_QB][HD + FA_PAD];
-    float lse2[2][FA_QB], D[2][FA_QB];
+    __nv_bfloat16 q[2][FA_QS][HD + FA_PAD], dO[2][FA_QS][HD + FA_PAD];
+    float lse2[2][FA_QS], D[2][FA_QS];
 };
 
 /* dk, dv (B, T, kvh*HD) f32, written: CTA (key tile, KV head, sequence), summing over the group's query
- * heads and the query tiles (FA_QB rows) at or after the key tile. The warp's 16 keys: S^T = K Q^T,
+ * heads and the query tiles (FA_QS rows) at or after the key tile. The warp's 16 keys: S^T = K Q^T,
  * dP^T = V dO^T, P^T, dS^T = P^T (dP^T - D) in registers, dV += P^T dO, dK += scale dS^T Q. */
 template <int HD>
 __global__ static void __launch_bounds__(FA_THREADS)
@@ -476,16 +480,16 @@ __global__ static void __launch_bounds__(FA_THREADS)
     const int64_t krow = ((int64_t)b * T + k0) * kd + (int64_t)grp * HD;
     fa_load<HD, FA_T>(sm.k, k + krow, kd, nk);
     fa_load<HD, FA_T>(sm.v, v + krow, kd, nk);
-    const int qt0 = k0 / FA_QB, nqt = (T + FA_QB - 1) / FA_QB - qt0; /* query tiles per head */
+    const int qt0 = k0 / FA_QS, nqt = (T + FA_QS - 1) / FA_QS - qt0; /* query tiles per head */
     const int steps = rep * nqt;
     /* a step's query rows, dO rows (cp.async), lse and D (plain loads: visible after the next barrier) */
     auto qload = [&](int step, int buf) {
-        const int hq = grp * rep + step / nqt, qi0 = (qt0 + step % nqt) * FA_QB, nq = min(FA_QB, T - qi0);
+        const int hq = grp * rep + step / nqt, qi0 = (qt0 + step % nqt) * FA_QS, nq = min((int)FA_QS, T - qi0);
         const int64_t row = ((int64_t)b * T + qi0) * qs + (int64_t)hq * HD;
-        fa_load<HD, FA_QB>(sm.q[buf], q + row, qs, nq);
-        fa_load<HD, FA_QB>(sm.dO[buf], dO + row, qs, nq);
+        fa_load<HD, FA_QS>(sm.q[buf], q + row, qs, nq);
+        fa_load<HD, FA_QS>(sm.dO[buf], dO + row, qs, nq);
         mma_commit();
-        for (int i = threadIdx.x; i < FA_QB; i += FA_THREADS) {
+        for (int i = threadIdx.x; i < FA_QS; i += FA_THREADS) {
             const int64_t li = ((int64_t)b * nh + hq) * T + qi0 + i;
             sm.lse2[buf][i] = i < nq ? lse[li] * 1.44269504088896341f : 0.0f;
             sm.D[buf][i] = i < nq ? D[li] : 0.0f;
@@ -498,31 +502,35 @@ __global__ static void __launch_bounds__(FA_THREADS)
 #pragma unroll
         for (int e = 0; e < 4; e++) dka[nt][e] = dva[nt][e] = 0.0f;
     for (int step = 0; step < steps; step++) {
-        const int buf = step & 1, qi0 = (qt0 + step % nqt) * FA_QB;
-        const int nq = min(FA_QB, T - qi0);
+        const int buf = step & 1, qi0 = (qt0 + step % nqt) * FA_QS;
+        const int nq = min((int)FA_QS, T - qi0);
         mma_wait<0>();
         __syncthreads(); /* this step's rows (and, first time, k v) ready; the other buffers are free */
         if (step + 1 < steps) qload(step + 1, buf ^ 1);
-        if (qi0 + FA_QB - 1 < wfirst) continue; /* every query of the tile precedes the warp's keys */
-        float st[FA_QB / 8][4], dpt[FA_QB / 8][4];
+#pragma unroll 1
+        for (int h0 = 0; h0 < FA_QS; h0 += FA_QB) {
+            if (qi0 + h0 + FA_QB - 1 < wfirst || h0 >= nq) continue; /* all before the warp's keys, or past T */
+            float st[FA_QB / 8][4], dpt[FA_QB / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < FA_QB / 8; nt++)
+            for (int nt = 0; nt < FA_QB / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
-        fa_abt<HD, FA_QB / 8>(st, mma_smem(sm.k), warp * 16, mma_smem(sm.q[buf]));
-        fa_abt<HD, FA_QB / 8>(dpt, mma_smem(sm.v), warp * 16, mma_smem(sm.dO[buf]));
+                for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
+            const uint32_t qb = mma_smem(&sm.q[buf][h0][0]), ob = mma_smem(&sm.dO[buf][h0][0]);
+            fa_abt<HD, FA_QB / 8>(st, mma_smem(sm.k), warp * 16, qb);
+            fa_abt<HD, FA_QB / 8>(dpt, mma_smem(sm.v), warp * 16, ob);
 #pragma unroll
-        for (int nt = 0; nt < FA_QB / 8; nt++)
+            for (int nt = 0; nt < FA_QB / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int qc = nt * 8 + 2 * t4 + (e & 1), key = kpos + (e >= 2 ? 8 : 0);
-                const bool ok = qc < nq && qi0 + qc >= key;
-                const float p = ok ? exp2f(st[nt][e] * scale_log2 - sm.lse2[buf][qc]) : 0.0f;
-                st[nt][e] = p;
-                dpt[nt][e] = p * (dpt[nt][e] - sm.D[buf][qc]);
-            }
-        fa_pb<HD, FA_QB / 16>(dva, st, mma_smem(sm.dO[buf]));
-        fa_pb<HD, FA_QB / 16>(dka, dpt, mma_smem(sm.q[buf]));
+                for (int e = 0; e < 4; e++) {
+                    const int qc = h0 + nt * 8 + 2 * t4 + (e & 1), key = kpos + (e >= 2 ? 8 : 0);
+                    const bool ok = qc < nq && qi0 + qc >= key;
+                    const float p = ok ? exp2f(st[nt][e] * scale_log2 - sm.lse2[buf][qc]) : 0.0f;
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - sm.D[buf][qc]);
+                }
+            fa_pb<HD, FA_QB / 16>(dva, st, ob);
+            fa_pb<HD, FA_QB / 16>(dka, dpt, qb);
+        }
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
