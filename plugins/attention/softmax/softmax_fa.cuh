@@ -39,13 +39,16 @@ __global__ static void fa_prep_kernel(__nv_bfloat16 *dO_lp, float *D, const floa
          r += (int64_t)gridDim.x * blockDim.x / 32) {
         float sum = 0.0f;
 #pragma unroll
-        for (int c = 2 * lane; c < HD; c += 64) {
-            const float2 d = *reinterpret_cast<const float2 *>(dO + r * HD + c);
-            const uint32_t u = mma_pack(d.x, d.y);
-            *reinterpret_cast<uint32_t *>(dO_lp + r * HD + c) = u;
-            const float2 dr = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u));
-            const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(O + r * HD + c));
-            sum += dr.x * o.x + dr.y * o.y;
+        for (int c = 4 * lane; c < HD; c += 128) { /* 4 values per lane: 16-byte loads of dO */
+            const float4 d = *reinterpret_cast<const float4 *>(dO + r * HD + c);
+            const uint2 u = make_uint2(mma_pack(d.x, d.y), mma_pack(d.z, d.w));
+            *reinterpret_cast<uint2 *>(dO_lp + r * HD + c) = u;
+            const uint2 ov = *reinterpret_cast<const uint2 *>(O + r * HD + c);
+            const float2 d0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+            const float2 d1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+            const float2 o0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ov.x));
+            const float2 o1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ov.y));
+            sum += d0.x * o0.x + d0.y * o0.y + d1.x * o1.x + d1.y * o1.y;
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
