@@ -624,7 +624,7 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
     const dim3 gkv((T + BK - 1) / BK, kvh, B), gq((T + BQ - 1) / BQ, nh, B);
     int done_tc = 0; /* BF16 attention backward done on tensor cores */
     if (dt == M1C_F32) {
-        if (cuda_failed(a, rowdot_launch<float>(s, D, datt, (const float *)att, B, T, nh, hd, 0), "rowdot"))
+        if (cuda_failed(a, rowdot_launch<float>(s, D, datt, (const float *)att, B, T, nh, hd), "rowdot"))
             return M1C_ERR;
         attn_bwd_kv_kernel<float><<<gkv, NTHREADS, bwd_kv_smem(hd), s>>>(
             (const float *)q, (const float *)k, (const float *)v, datt, lse, D, dk, dv, T, nh, kvh, hd, scale);
@@ -638,7 +638,7 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
          * from it), else D here for the kernels below */
         if (attend_bwd_tc(a, s, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, (const bf16 *)att, datt,
                           (bf16 *)b->scratch[CS_LP].data, lse, D, dq, dk, dv, B, T, &done_tc) ||
-            (!done_tc && cuda_failed(a, rowdot_launch<bf16>(s, D, datt, (const bf16 *)att, B, T, nh, hd, 0), "rowdot")))
+            (!done_tc && cuda_failed(a, rowdot_launch<bf16>(s, D, datt, (const bf16 *)att, B, T, nh, hd), "rowdot")))
             return M1C_ERR;
     }
     if (dt == M1C_BF16 && !done_tc) {

@@ -30,7 +30,9 @@ __device__ static inline void fa_load(__nv_bfloat16 (*dst)[HD + FA_PAD], const _
 }
 
 /* Before the backward kernels, one warp per (b, t, h) row: dO rounded to bf16 (the operand the kernels
- * read, by cp.async like the rest) and D = rowsum(dO * O) from that rounded dO. HD / 32 values per lane. */
+ * read, by cp.async like the rest) and D = rowsum(dO * O) from that rounded dO: dP = dO V^T uses the
+ * rounded dO, and D must too, or dS = P (dP - D) keeps a rounding residue where the true value is 0 (a
+ * single key: P = 1, O = V, dS = 0 exactly). */
 template <int HD>
 __global__ static void fa_prep_kernel(__nv_bfloat16 *dO_lp, float *D, const float *dO, const __nv_bfloat16 *O, int T,
                                       int nh, int64_t rows) {

@@ -27,13 +27,10 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-/* D[b, h, t] = sum_d dO * O over one head's row (backward's softmax correction); one warp per row. */
+/* D[b, h, t] = sum_d dO * O over one head's row (backward's softmax correction) for the CUDA-core
+ * kernels; one warp per row. (The tensor-core backward computes D in fa_prep_kernel.) */
 template <typename TA>
-/* round_dO: the tensor-core backward multiplies bf16-rounded dO into dP = dO V^T; D = rowsum(dO * O)
- * must use the same rounded dO, or dS = P (dP - D) keeps a rounding residue where the true value is 0
- * (e.g. a single key: P = 1, O = V, dS = 0 exactly). */
-__global__ static void rowdot_kernel(float *D, const float *dO, const TA *O, int B, int T, int nh, int hd,
-                                     int round_dO) {
+__global__ static void rowdot_kernel(float *D, const float *dO, const TA *O, int B, int T, int nh, int hd) {
     const int64_t rows = (int64_t)B * T * nh;
     const int lane = threadIdx.x % 32;
     for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; r < rows;
@@ -43,7 +40,7 @@ __global__ static void rowdot_kernel(float *D, const float *dO, const TA *O, int
         const TA *y = O + r * hd;
         float s = 0.0f;
         for (int d = lane; d < hd; d += 32)
-            s += (round_dO ? __bfloat162float(__float2bfloat16_rn(x[d])) : x[d]) * ld(y + d);
+            s += x[d] * ld(y + d);
         s = warp_sum(s);
         if (lane == 0) D[(b * nh + hh) * T + t] = s;
     }
@@ -83,14 +80,11 @@ static inline cudaError_t tc_raise_smem(int hd, size_t *bytes) {
                     : cudaFuncSetAttribute(fa_bwd_q_kernel<128>, at, (int)*bytes);
 }
 
-/* D (B, nh, T) = rowsum(dO * O) over the B*T*nh rows of hd, dO rounded to bf16 first if round_dO (the
- * tensor-core backward's operand, see rowdot_kernel). B, T, nh >= 1. */
+/* D (B, nh, T) = rowsum(dO * O) over the B*T*nh rows of hd (see rowdot_kernel). B, T, nh >= 1. */
 template <typename TA>
-static cudaError_t rowdot_launch(cudaStream_t s, float *D, const float *dO, const TA *O, int B, int T, int nh, int hd,
-                                 int round_dO) {
+static cudaError_t rowdot_launch(cudaStream_t s, float *D, const float *dO, const TA *O, int B, int T, int nh, int hd) {
     const int64_t rows = (int64_t)B * T * nh, g = (rows * 32 + ROWDOT_THREADS - 1) / ROWDOT_THREADS;
-    rowdot_kernel<TA><<<(int)(g > 65535 * 8 ? 65535 * 8 : g), ROWDOT_THREADS, 0, s>>>(D, dO, O, B, T, nh, hd,
-                                                                                      round_dO);
+    rowdot_kernel<TA><<<(int)(g > 65535 * 8 ? 65535 * 8 : g), ROWDOT_THREADS, 0, s>>>(D, dO, O, B, T, nh, hd);
     return cudaGetLastError();
 }
 
