@@ -57,6 +57,12 @@ __device__ static inline uint32_t mma_pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
 }
+/* The A fragment (16 x 16, bf16) of the next product from two adjacent C tiles (16 x 8 each, f32): the
+ * chaining of the header comment, rounding each value to bf16. */
+__device__ static inline void mma_c2a(uint32_t a[4], const float c0[4], const float c1[4]) {
+    a[0] = mma_pack(c0[0], c0[1]), a[1] = mma_pack(c0[2], c0[3]);
+    a[2] = mma_pack(c1[0], c1[1]), a[3] = mma_pack(c1[2], c1[3]);
+}
 __device__ static inline uint32_t mma_scale2(uint32_t v, float lo, float hi) {
     __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&v);
     const float2 f = __bfloat1622float2(b);

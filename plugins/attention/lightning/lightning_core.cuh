@@ -213,10 +213,7 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
             for (int kk = 0; kk < 4; kk++) {
                 if (kk > warp) break;
                 uint32_t a[4];
-                a[0] = mma_pack(sc[2 * kk][0], sc[2 * kk][1]);
-                a[1] = mma_pack(sc[2 * kk][2], sc[2 * kk][3]);
-                a[2] = mma_pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-                a[3] = mma_pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+                mma_c2a(a, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
                 for (int np = 0; np < NS / 16; np++) {
                     uint32_t b[4];

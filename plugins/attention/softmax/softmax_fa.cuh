@@ -99,26 +99,34 @@ __device__ static inline void fa_abt_reg(float acc[NT][4], const uint32_t af[HD 
         }
 }
 
-/* acc (16 x HD) += P B with P the warp's 16 x 16*KS probabilities as C fragments p[2*KS][4] (rounded to
- * bf16 here) and B rows 0..16*KS-1 of the tile at shared address b, [rows][HD]: the P V shape. */
-template <int HD, int KS>
-__device__ static inline void fa_pb(float acc[HD / 8][4], const float p[2 * KS][4], uint32_t b) {
+/* acc (M tiles of 16 x HD) += P B with P the warp's M tiles of 16 x 16*KS values as C fragments
+ * p[M][2*KS][4] (rounded to bf16 here) and B rows 0..16*KS-1 of the tile at shared address b, [rows][HD]:
+ * the P V shape. Every B fragment feeds the M tiles. */
+template <int HD, int KS, int M>
+__device__ static inline void fa_pb(float acc[M][HD / 8][4], const float p[M][2 * KS][4], uint32_t b) {
     b += mma_lane_rc(threadIdx.x % 32, fa_rs<HD>());
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
-        uint32_t af[4];
-        af[0] = mma_pack(p[2 * kk][0], p[2 * kk][1]);
-        af[1] = mma_pack(p[2 * kk][2], p[2 * kk][3]);
-        af[2] = mma_pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-        af[3] = mma_pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+        uint32_t af[M][4];
+#pragma unroll
+        for (int mt = 0; mt < M; mt++) mma_c2a(af[mt], p[mt][2 * kk], p[mt][2 * kk + 1]);
 #pragma unroll
         for (int np = 0; np < HD / 16; np++) {
             uint32_t bf[4];
             mma_ldsm4t(bf, b + kk * 16 * fa_rs<HD>() + np * 32);
-            mma_16816(acc[2 * np], af, bf[0], bf[1]);
-            mma_16816(acc[2 * np + 1], af, bf[2], bf[3]);
+#pragma unroll
+            for (int mt = 0; mt < M; mt++) {
+                mma_16816(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+                mma_16816(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+            }
         }
     }
+}
+
+/* The same for one tile: acc (16 x HD), p[2*KS][4]. */
+template <int HD, int KS>
+__device__ static inline void fa_pb(float acc[HD / 8][4], const float p[2 * KS][4], uint32_t b) {
+    fa_pb<HD, KS, 1>(reinterpret_cast<float(*)[HD / 8][4]>(acc), reinterpret_cast<const float(*)[2 * KS][4]>(p), b);
 }
 
 /* The query tiles of the forward and of dQ: FA_FW warps of fa_fm 16-row tiles each. Two at head_dim 128
@@ -274,29 +282,7 @@ __global__ static void __launch_bounds__(32 * FA_FW)
             for (int nt = 0; nt < HD / 8; nt++)
                 o[mt][nt][0] *= c[2 * mt], o[mt][nt][1] *= c[2 * mt], o[mt][nt][2] *= c[2 * mt + 1],
                     o[mt][nt][3] *= c[2 * mt + 1];
-        /* O += P V: every V fragment feeds the M tiles */
-        const uint32_t vbase = mma_smem(sm.v[buf]) + mma_lane_rc(lane, RS);
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            uint32_t af[M][4];
-#pragma unroll
-            for (int mt = 0; mt < M; mt++) {
-                af[mt][0] = mma_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                af[mt][1] = mma_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                af[mt][2] = mma_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                af[mt][3] = mma_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int np = 0; np < HD / 16; np++) {
-                uint32_t bf[4];
-                mma_ldsm4t(bf, vbase + kk * 16 * RS + np * 32);
-#pragma unroll
-                for (int mt = 0; mt < M; mt++) {
-                    mma_16816(o[mt][2 * np], af[mt], bf[0], bf[1]);
-                    mma_16816(o[mt][2 * np + 1], af[mt], bf[2], bf[3]);
-                }
-            }
-        }
+        fa_pb<HD, 4, M>(o, s, mma_smem(sm.v[buf])); /* O += P V */
     }
 #pragma unroll
     for (int r = 0; r < 2 * M; r++) {
@@ -419,29 +405,7 @@ __global__ static void __launch_bounds__(32 * FA_FW)
                     const float p = edge && col > row ? 0.0f : exp2f(s[mt][nt][e] * scale_log2 - lr[r]);
                     s[mt][nt][e] = p * (dp[mt][nt][e] - Dr[r]); /* dS */
                 }
-        /* dQ += dS K: every K fragment feeds the M tiles */
-        const uint32_t kt_ = mma_smem(sm.k[buf]) + mma_lane_rc(lane, RS);
-#pragma unroll
-        for (int kk = 0; kk < FA_QK / 16; kk++) {
-            uint32_t af[M][4];
-#pragma unroll
-            for (int mt = 0; mt < M; mt++) {
-                af[mt][0] = mma_pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                af[mt][1] = mma_pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                af[mt][2] = mma_pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                af[mt][3] = mma_pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int np = 0; np < HD / 16; np++) {
-                uint32_t bf[4];
-                mma_ldsm4t(bf, kt_ + kk * 16 * RS + np * 32);
-#pragma unroll
-                for (int mt = 0; mt < M; mt++) {
-                    mma_16816(dqa[mt][2 * np], af[mt], bf[0], bf[1]);
-                    mma_16816(dqa[mt][2 * np + 1], af[mt], bf[2], bf[3]);
-                }
-            }
-        }
+        fa_pb<HD, FA_QK / 16, M>(dqa, s, mma_smem(sm.k[buf])); /* dQ += dS K */
     }
 #pragma unroll
     for (int mt = 0; mt < M; mt++)
