@@ -18,23 +18,14 @@
 
 #include "../plugins/attention/softmax/softmax_tc.cuh"
 
-#define CK(call)                                                                                                   \
-    do {                                                                                                           \
-        cudaError_t e_ = (call);                                                                                   \
-        if (e_ != cudaSuccess) {                                                                                   \
-            fprintf(stderr, "m1c_bench_softmax: %s: %s\n", #call, cudaGetErrorString(e_));                         \
-            exit(1);                                                                                               \
-        }                                                                                                          \
-    } while (0)
+#define BENCH_NAME "m1c_bench_softmax"
+#include "bench_cuda.cuh"
 
-/* A normal value from a counter hash (Box-Muller), as torch.randn gives the reference its inputs. */
+/* Normal values, as torch.randn gives the reference its inputs. */
 template <typename TO>
 __global__ static void k_fill(TO *p, int64_t n, uint64_t seed) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        uint64_t h = (uint64_t)i * 0x9E3779B97F4A7C15ull + seed;
-        h ^= h >> 33, h *= 0xff51afd7ed558ccdull, h ^= h >> 33, h *= 0xc4ceb9fe1a85ec53ull, h ^= h >> 33;
-        const float u1 = ((h >> 40) + 1) * (1.0f / 16777217.0f), u2 = ((h >> 16) & 0xffffff) * (1.0f / 16777216.0f);
-        st(p + i, sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
+        st(p + i, bench_normal(i, seed));
     }
 }
 
@@ -45,24 +36,6 @@ __global__ static void k_nonfinite(const TA *p, int64_t n, unsigned long long *b
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         c += !isfinite(ld(p + i));
     if (c) atomicAdd(bad, c);
-}
-
-static int parse_list(const char *s, int *out, int max) {
-    int n = 0;
-    while (*s && n < max) {
-        char *end;
-        const long v = strtol(s, &end, 10);
-        if (end == s || v < 1 || v > (1 << 26)) return -1;
-        out[n++] = (int)v;
-        s = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') return -1;
-    }
-    return n;
-}
-
-static int cmp_float(const void *a, const void *b) {
-    const float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
 }
 
 typedef struct bufs {

@@ -1,0 +1,46 @@
+/* What the CUDA kernel benchmarks (bench_lightning.cu, bench_softmax.cu) share: a CUDA-call check that exits
+ * with the program's name, normal random inputs from a counter hash, comma-separated length lists and
+ * the comparison for medians. The includer defines BENCH_NAME first. */
+#pragma once
+
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define CK(call)                                                                                                   \
+    do {                                                                                                           \
+        cudaError_t e_ = (call);                                                                                   \
+        if (e_ != cudaSuccess) {                                                                                   \
+            fprintf(stderr, "%s: %s: %s\n", BENCH_NAME, #call, cudaGetErrorString(e_));                            \
+            exit(1);                                                                                               \
+        }                                                                                                          \
+    } while (0)
+
+/* The i-th normal value of stream `seed`: a counter hash and Box-Muller. */
+__device__ static inline float bench_normal(int64_t i, uint64_t seed) {
+    uint64_t h = (uint64_t)i * 0x9E3779B97F4A7C15ull + seed;
+    h ^= h >> 33, h *= 0xff51afd7ed558ccdull, h ^= h >> 33, h *= 0xc4ceb9fe1a85ec53ull, h ^= h >> 33;
+    const float u1 = ((h >> 40) + 1) * (1.0f / 16777217.0f), u2 = ((h >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+    return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+/* "a,b,c" into out (at most max values, each in [1, 2^26]): the count, or -1 for a malformed list. */
+static int parse_list(const char *s, int *out, int max) {
+    int n = 0;
+    while (*s && n < max) {
+        char *end;
+        const long v = strtol(s, &end, 10);
+        if (end == s || v < 1 || v > (1 << 26)) return -1;
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+static int cmp_float(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
