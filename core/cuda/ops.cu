@@ -12,6 +12,7 @@
 
 #include "backend.h"
 #include "ops.h"
+#include "reduce.cuh"
 
 static void check_launch(const char *what) {
     cudaError_t e = cudaGetLastError();
@@ -31,29 +32,6 @@ static void check(cudaError_t e, const char *what) {
 static int grid_for(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
     return (int)(g > 65535 * 8 ? 65535 * 8 : (g < 1 ? 1 : g));
-}
-
-/* Sum over a block of `v`; every thread gets the result. blockDim.x is a multiple of 32, <= 1024. */
-__device__ static float block_sum(float v, float *shared) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    __syncthreads();
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    v = lane < nw ? shared[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ static float block_max(float v, float *shared) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    __syncthreads();
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    v = lane < nw ? shared[lane] : -INFINITY;
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
 }
 
 /* ---- embedding ---- */
@@ -133,7 +111,7 @@ __global__ static void rmsnorm_fwd(float *out, float *rstd, const float *in, con
         const float *x = in + i * C;
         float ss = 0;
         for (int c = threadIdx.x; c < C; c += blockDim.x) ss += x[c] * x[c];
-        ss = block_sum(ss, sh);
+        ss = block_reduce(ss, sh, 0.0f, red_add());
         float r = rsqrtf(ss / (float)C + eps);
         if (threadIdx.x == 0) rstd[i] = r;
         for (int c = threadIdx.x; c < C; c += blockDim.x) out[i * C + c] = x[c] * r * w[c];
@@ -148,7 +126,7 @@ __global__ static void rmsnorm_bwd_in(float *din, const float *dout, const float
         const float *x = in + i * C, *g = dout + i * C;
         float dot = 0;
         for (int c = threadIdx.x; c < C; c += blockDim.x) dot += g[c] * w[c] * x[c];
-        dot = block_sum(dot, sh);
+        dot = block_reduce(dot, sh, 0.0f, red_add());
         float r = rstd[i], k = r * r * r * dot / (float)C;
         for (int c = threadIdx.x; c < C; c += blockDim.x) din[i * C + c] += r * g[c] * w[c] - k * x[c];
     }
@@ -296,10 +274,10 @@ __global__ static void logsoftmax_rows(float *lse, float *logp, const float *log
         const float *z = logits + i * (int64_t)V;
         float m = -INFINITY;
         for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
-        m = block_max(m, sh);
+        m = block_reduce(m, sh, -INFINITY, red_fmax());
         float s = 0;
         for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(z[v] - m);
-        s = block_sum(s, sh);
+        s = block_reduce(s, sh, 0.0f, red_add());
         if (threadIdx.x == 0) {
             float l = m + logf(s);
             lse[i] = l;

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 
 #include "ops.h"
+#include "reduce.cuh"
 
 #define SAMPLE_THREADS 512
 
@@ -18,49 +19,6 @@ static void check_launch(const char *what) {
         fprintf(stderr, "m1c: CUDA kernel %s: %s\n", what, cudaGetErrorString(e));
         abort();
     }
-}
-
-/* Block-wide reductions; every thread gets the result. The xor butterfly adds the same two numbers on
- * both lanes of each exchange (addition commutes), so all threads hold bit-identical sums and take the
- * same branch of the searches below. The leading barrier lets back-to-back calls share `sh`. */
-__device__ static double block_sum_d(double v, double *sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = lane < nw ? sh[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ static int block_sum_i(int v, int *sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = lane < nw ? sh[lane] : 0;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-/* max (want_max) or min of unsigned 64-bit values over the block. */
-__device__ static unsigned long long block_ext_u64(unsigned long long v, unsigned long long *sh, int want_max) {
-    for (int o = 16; o > 0; o >>= 1) {
-        unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = want_max ? (w > v ? w : v) : (w < v ? w : v);
-    }
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = lane < nw ? sh[lane] : sh[0];
-    for (int o = 16; o > 0; o >>= 1) {
-        unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = want_max ? (w > v ? w : v) : (w < v ? w : v);
-    }
-    return v;
 }
 
 /* A float's bits as an unsigned integer of the same order (-0 taken as +0, which compares equal). */
@@ -90,13 +48,13 @@ __device__ static double mass_from(const row_ctx &c, uint64_t t) {
     double s = 0;
     for (int v = threadIdx.x; v < c.V; v += blockDim.x)
         if (key_of(c.p, v, c.L, c.mask, c.by_prob) >= t) s += (double)c.p[v];
-    return block_sum_d(s, c.shd);
+    return block_reduce(s, c.shd, 0.0, red_add());
 }
 
 __device__ static int count_from(const row_ctx &c, uint64_t t) {
     int n = 0;
     for (int v = threadIdx.x; v < c.V; v += blockDim.x) n += key_of(c.p, v, c.L, c.mask, c.by_prob) >= t;
-    return block_sum_i(n, c.shi);
+    return block_reduce(n, c.shi, 0, red_add());
 }
 
 /* Each block samples row blockIdx.x. work (B, V) receives the probabilities p. Between two tokens'
@@ -121,7 +79,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         unsigned long long k = ((unsigned long long)ordered_bits(x) << 32) | (0xffffffffu - (uint32_t)v);
         if (k > best) best = k;
     }
-    best = block_ext_u64(best, shu, 1);
+    best = block_reduce(best, shu, 0ull, red_umax());
     const int bi = best && !isnan(z[0]) ? (int)(0xffffffffu - (uint32_t)(best & 0xffffffffu)) : 0;
     if (greedy) {
         if (threadIdx.x == 0) {
@@ -141,7 +99,7 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         p[v] = ev;
         s += (double)ev;
     }
-    s = block_sum_d(s, shd);
+    s = block_reduce(s, shd, 0.0, red_add());
     for (int v = threadIdx.x; v < V; v += blockDim.x) p[v] = (float)((double)p[v] / s);
     __syncthreads(); /* every thread reads the whole row from here on */
 
@@ -153,8 +111,8 @@ __global__ static void __launch_bounds__(SAMPLE_THREADS)
         kmin = k < kmin ? k : kmin;
         kmax = k > kmax ? k : kmax;
     }
-    kmin = block_ext_u64(kmin, shu, 0);
-    kmax = block_ext_u64(kmax, shu, 1);
+    kmin = block_reduce(kmin, shu, ~0ull, red_umin());
+    kmax = block_reduce(kmax, shu, 0ull, red_umax());
 
     /* The walk keeps the tokens with key >= cut. top-k: the k-th key. */
     uint64_t cut = kmin;
