@@ -35,11 +35,11 @@ typedef struct bufs {
 } bufs;
 
 /* Median over iters of the time (ms) of the forward (bwd = 0) or forward + backward (bwd = 1). */
-static float time_core(const bufs *b, int BH, int nh, int T, int hd, int bwd, int iters) {
+static float time_core(const bufs *b, int BH, int nh, int T, int hd, int slots, int bwd, int iters) {
     lc_problem p;
     memset(&p, 0, sizeof p);
     p.out_f32 = 1, p.sbh = (int64_t)T * hd, p.BH = BH, p.nh = nh, p.T = T, p.hd = hd, p.slope = b->slope;
-    p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = lc_slots(hd);
+    p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = slots;
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
@@ -70,11 +70,11 @@ static float time_core(const bufs *b, int BH, int nh, int T, int hd, int bwd, in
 }
 
 /* The passes of one segmented forward, timed one by one (ms, median): state-only, scan, output. */
-static void breakdown(const bufs *b, int BH, int nh, int T, int hd, int iters) {
+static void breakdown(const bufs *b, int BH, int nh, int T, int hd, int slots, int iters) {
     lc_problem p;
     memset(&p, 0, sizeof p);
     p.x = b->q, p.y = b->k, p.z = b->v, p.out = b->o, p.out_f32 = 0, p.sbh = (int64_t)T * hd, p.BH = BH, p.nh = nh;
-    p.T = T, p.hd = hd, p.slope = b->slope, p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = lc_slots(hd);
+    p.T = T, p.hd = hd, p.slope = b->slope, p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = slots;
     const lc_plan pl = lc_plan_for(BH, T, hd, p.slots);
     if (pl.nseg < 2 || hd != 128) return;
     cudaEvent_t ev[4];
@@ -100,6 +100,14 @@ static void breakdown(const bufs *b, int BH, int nh, int T, int hd, int iters) {
     printf("  T %d: %d segments of %d rows, state pass over %d of %d rows: state %.3f ms, scan %.3f ms, output %.3f ms\n",
            T, pl.nseg, pl.seg_rows, pl.nfine, pl.fine_rows, t[0][n / 2], t[1][n / 2], t[2][n / 2]);
     for (int i = 0; i < 4; i++) CK(cudaEventDestroy(ev[i]));
+}
+
+/* One row of the table: B sequences of T, forward + backward (bwd) or forward, timed and printed. */
+static void row(const bufs *b, int B, int nh, int T, int hd, int slots, int bwd, int iters) {
+    const float ms = time_core(b, B * nh, nh, T, hd, slots, bwd, iters);
+    printf("%-10s %8d %6d %6d %12.3f %14.2f\n", bwd ? "fwd+bwd" : "fwd", T, B, lc_segments(B * nh, T, hd, slots), ms,
+           (double)B * T / (ms * 1e-3) / 1e6);
+    fflush(stdout);
 }
 
 int main(int argc, char **argv) {
@@ -135,14 +143,15 @@ int main(int argc, char **argv) {
     /* buffers sized for the largest case */
     int64_t rows = tokens;
     for (int i = 0; i < nF; i++) rows = Fs[i] > rows ? Fs[i] : rows;
+    const int slots = lc_slots(hd); /* the output pass's resident blocks on this device */
     int64_t ws = 1;
     for (int i = 0; i < nT; i++) {
         const int B = (int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1);
-        const int64_t w = lc_workspace_floats(B * nh, Ts[i], hd, lc_slots(hd));
+        const int64_t w = lc_workspace_floats(B * nh, Ts[i], hd, slots);
         ws = w > ws ? w : ws;
     }
     for (int i = 0; i < nF; i++) {
-        const int64_t w = lc_workspace_floats(nh, Fs[i], hd, lc_slots(hd));
+        const int64_t w = lc_workspace_floats(nh, Fs[i], hd, slots);
         ws = w > ws ? w : ws;
     }
     const int64_t n = rows * nh * hd, nfwd = rows * nh * hd;
@@ -170,30 +179,14 @@ int main(int argc, char **argv) {
     printf("lightning core, %s (%d SMs), bf16 in, O bf16, dQ dK dV f32, %d heads x %d, median of %d\n", prop.name,
            prop.multiProcessorCount, nh, hd, iters);
     printf("%-10s %8s %6s %6s %12s %14s\n", "pass", "T", "batch", "segs", "ms", "M tokens/s");
-    for (int i = 0; i < nT; i++) {
-        const int T = Ts[i], B = (int)(tokens / T > 0 ? tokens / T : 1);
-        const float ms = time_core(&b, B * nh, nh, T, hd, 1, iters);
-        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd+bwd", T, B, lc_segments(B * nh, T, hd, lc_slots(hd)), ms,
-               (double)B * T / (ms * 1e-3) / 1e6);
-        fflush(stdout);
-    }
-    for (int i = 0; i < nT; i++) {
-        const int T = Ts[i], B = (int)(tokens / T > 0 ? tokens / T : 1);
-        const float ms = time_core(&b, B * nh, nh, T, hd, 0, iters);
-        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd", T, B, lc_segments(B * nh, T, hd, lc_slots(hd)), ms,
-               (double)B * T / (ms * 1e-3) / 1e6);
-        fflush(stdout);
-    }
-    for (int i = 0; i < nF; i++) {
-        const int T = Fs[i];
-        const float ms = time_core(&b, nh, nh, T, hd, 0, iters);
-        printf("%-10s %8d %6d %6d %12.3f %14.2f\n", "fwd", T, 1, lc_segments(nh, T, hd, lc_slots(hd)), ms,
-               (double)T / (ms * 1e-3) / 1e6);
-        fflush(stdout);
-    }
+    for (int bwd = 1; bwd >= 0; bwd--) /* forward + backward, then forward alone, at tokens per batch */
+        for (int i = 0; i < nT; i++)
+            row(&b, (int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1), nh, Ts[i], hd, slots, bwd, iters);
+    for (int i = 0; i < nF; i++) row(&b, 1, nh, Fs[i], hd, slots, 0, iters); /* forward of one long sequence */
     if (getenv("M1C_BENCH_BREAKDOWN")) {
-        for (int i = 0; i < nT; i++) breakdown(&b, (int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1) * nh, nh, Ts[i], hd, iters);
-        for (int i = 0; i < nF; i++) breakdown(&b, nh, nh, Fs[i], hd, iters);
+        for (int i = 0; i < nT; i++)
+            breakdown(&b, (int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1) * nh, nh, Ts[i], hd, slots, iters);
+        for (int i = 0; i < nF; i++) breakdown(&b, nh, nh, Fs[i], hd, slots, iters);
     }
     cudaFree(b.q), cudaFree(b.k), cudaFree(b.v), cudaFree(b.dO), cudaFree(b.o), cudaFree(b.dq), cudaFree(b.dk);
     cudaFree(b.dv), cudaFree(b.ws), cudaFree(b.slope);
