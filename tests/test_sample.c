@@ -153,24 +153,25 @@ Test(sample, decoder_feed_sample_matches_feed_then_sample) {
     m1c_session_close(&s);
 }
 
-/* The checkpoint of the model above, saved in the scratch folder. */
-static char *save_checkpoint(m1c_session *s) {
+/* The model above saved as a checkpoint in the scratch folder, and *s reopened from it (what the CLI
+ * loads); returns the checkpoint's folder. */
+static char *open_saved_model(m1c_session *s) {
+    open_model(s);
     char *dir = th_tmpdir_path("ck");
     m1c_ckpt_state st = {0};
     st.stage_name = "pretrain";
     m1c_err e = {{0}};
     cr_assert_eq(m1c_ckpt_save(dir, &s->model, NULL, &st, s->cfg, &e), M1C_OK, "%s", e.msg);
+    m1c_session_close(s);
+    cr_assert_eq(m1c_session_open_checkpoint(s, dir, NULL, 0, &e), M1C_OK, "%s", e.msg);
     return dir;
 }
 
 /* `m1c generate --input` writes the reference loop's tokens; prompts of 600 tokens take two chunks. */
 Test(sample, cli_generate_ids_matches_reference) {
     m1c_session s;
-    open_model(&s);
-    char *ck = save_checkpoint(&s);
-    m1c_session_close(&s);
+    char *ck = open_saved_model(&s);
     m1c_err e = {{0}};
-    cr_assert_eq(m1c_session_open_checkpoint(&s, ck, NULL, 0, &e), M1C_OK, "%s", e.msg);
     const int B = 3, Ts[] = {9, 600}, N = 6;
     static const char *const opts[][6] = {{"--greedy", NULL},
                                           {"--temperature", "0.9", NULL},
@@ -215,11 +216,8 @@ Test(sample, cli_generate_ids_matches_reference) {
  * tokenizer's encoding after its beginning-of-text token), stopping at end-of-text. */
 Test(sample, cli_generate_prompt_matches_reference) {
     m1c_session s;
-    open_model(&s);
-    char *ck = save_checkpoint(&s);
-    m1c_session_close(&s);
+    char *ck = open_saved_model(&s);
     m1c_err e = {{0}};
-    cr_assert_eq(m1c_session_open_checkpoint(&s, ck, NULL, 0, &e), M1C_OK, "%s", e.msg);
     m1c_datamix mix;
     cr_assert_eq(m1c_datamix_open(&mix, &s, &s.spec.run.stages[0], &e), M1C_OK, "%s", e.msg);
     const m1c_data_vtable *dv = M1C_DATAMIX_TOKENIZER(&mix);
