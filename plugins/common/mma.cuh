@@ -14,8 +14,7 @@
 __device__ static inline uint32_t mma_smem(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 /* The ldmatrix loads take a 32-bit shared-memory address (mma_smem of a tile plus byte offsets), so that
- * hot loops add constants to one register instead of converting generic pointers each time; the
- * pointer forms are for cold code. */
+ * hot loops add constants to one register instead of converting generic pointers each time. */
 __device__ static inline void mma_ldsm4(uint32_t r[4], uint32_t a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -35,16 +34,6 @@ __device__ static inline uint32_t mma_lane_rc(int lane, int rs) {
 }
 __device__ static inline uint32_t mma_lane_cr(int lane, int rs) {
     return (uint32_t)(((lane % 8) + (lane / 16) * 8) * rs + ((lane / 8) & 1) * 16);
-}
-__device__ static inline void mma_ldsm4(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(mma_smem(p)));
-}
-__device__ static inline void mma_ldsm4t(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(mma_smem(p)));
 }
 /* c (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col) */
 __device__ static inline void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {

@@ -64,24 +64,35 @@ __global__ static void fa_prep_kernel(__nv_bfloat16 *dO_lp, float *D, const floa
 /* Row stride in bytes of a [rows][HD + FA_PAD] bf16 tile. */
 template <int HD> __device__ constexpr int fa_rs() { return (HD + FA_PAD) * 2; }
 
-/* acc (16 x 8*NT, the warp's rows r0.. against rows 0..8*NT-1 of B) += A B^T with A rows r0.. of the tile
- * at shared address a and B rows of the tile at b, both [rows][HD]: the Q K^T shape. */
-template <int HD, int NT>
-__device__ static inline void fa_abt(float acc[NT][4], uint32_t a, int r0, uint32_t b) {
+/* acc (M tiles of 16 x 8*NT: the warp's rows r0.. against rows 0..8*NT-1 of B) += A B^T with A rows r0..
+ * of the tile at shared address a and B rows of the tile at b, both [rows][HD]: the Q K^T shape. Every
+ * B fragment feeds the M tiles. */
+template <int HD, int NT, int M>
+__device__ static inline void fa_abt(float acc[M][NT][4], uint32_t a, int r0, uint32_t b) {
     const int lane = threadIdx.x % 32;
     a += mma_lane_rc(lane, fa_rs<HD>()) + r0 * fa_rs<HD>(), b += mma_lane_cr(lane, fa_rs<HD>());
 #pragma unroll
     for (int ks = 0; ks < HD / 16; ks++) {
-        uint32_t af[4];
-        mma_ldsm4(af, a + ks * 32);
+        uint32_t af[M][4];
+#pragma unroll
+        for (int mt = 0; mt < M; mt++) mma_ldsm4(af[mt], a + mt * 16 * fa_rs<HD>() + ks * 32);
 #pragma unroll
         for (int np = 0; np < NT / 2; np++) {
             uint32_t bf[4];
             mma_ldsm4(bf, b + np * 16 * fa_rs<HD>() + ks * 32);
-            mma_16816(acc[2 * np], af, bf[0], bf[1]);
-            mma_16816(acc[2 * np + 1], af, bf[2], bf[3]);
+#pragma unroll
+            for (int mt = 0; mt < M; mt++) {
+                mma_16816(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+                mma_16816(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+            }
         }
     }
+}
+
+/* The same for one tile: acc (16 x 8*NT). */
+template <int HD, int NT>
+__device__ static inline void fa_abt(float acc[NT][4], uint32_t a, int r0, uint32_t b) {
+    fa_abt<HD, NT, 1>(reinterpret_cast<float(*)[NT][4]>(acc), a, r0, b);
 }
 
 /* The same with A given as the warp's fragments af[HD / 16][4] (held in registers). */
@@ -176,7 +187,6 @@ __global__ static void __launch_bounds__(32 * FA_FW)
 #pragma unroll
         for (int nt = 0; nt < HD / 8; nt++) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.0f;
     }
-    const uint32_t qa = mma_smem(&sm.q[r0][0]) + mma_lane_rc(lane, RS);
     /* With one tile per warp the query fragments fit in registers for the whole key loop (a long prefill
      * runs thousands of key tiles); with two they are reloaded per key tile. */
     constexpr bool QREG = M == 1;
@@ -188,7 +198,8 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         __syncthreads(); /* tile kt landed; every warp is done with the other buffer */
         if (QREG && kt == 0)
 #pragma unroll
-            for (int kk = 0; kk < (QREG ? HD / 16 : 0); kk++) mma_ldsm4(qf[kk], qa + kk * 32);
+            for (int kk = 0; kk < (QREG ? HD / 16 : 0); kk++)
+                mma_ldsm4(qf[kk], mma_smem(&sm.q[r0][0]) + mma_lane_rc(lane, RS) + kk * 32);
         if (kt + 1 < ntiles) {
             const int64_t k1 = k0 + FA_T;
             fa_load<HD, FA_T>(sm.k[buf ^ 1], kh + k1 * ks, ks, (int)min((int64_t)FA_T, kend - k1));
@@ -201,31 +212,10 @@ __global__ static void __launch_bounds__(32 * FA_FW)
         for (int mt = 0; mt < M; mt++)
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
-        {
-            const uint32_t kbase = mma_smem(sm.k[buf]) + mma_lane_cr(lane, RS);
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                uint32_t af[M][4];
-#pragma unroll
-                for (int mt = 0; mt < M; mt++) {
-                    if (QREG)
-#pragma unroll
-                        for (int j = 0; j < 4; j++) af[mt][j] = qf[QREG ? kk : 0][j];
-                    else
-                        mma_ldsm4(af[mt], qa + mt * 16 * RS + kk * 32);
-                }
-#pragma unroll
-                for (int np = 0; np < 4; np++) {
-                    uint32_t bf[4];
-                    mma_ldsm4(bf, kbase + np * 16 * RS + kk * 32);
-#pragma unroll
-                    for (int mt = 0; mt < M; mt++) {
-                        mma_16816(s[mt][2 * np], af[mt], bf[0], bf[1]);
-                        mma_16816(s[mt][2 * np + 1], af[mt], bf[2], bf[3]);
-                    }
-                }
-            }
-        }
+        if constexpr (QREG) /* S = Q K^T */
+            fa_abt_reg<HD, 8>(s[0], qf, mma_smem(sm.k[buf]));
+        else
+            fa_abt<HD, 8, M>(s, mma_smem(sm.q), r0, mma_smem(sm.k[buf]));
         /* scale to log2 units; mask keys after the row or past kend on the diagonal and last tiles */
         float mx[2 * M];
 #pragma unroll
@@ -370,7 +360,7 @@ __global__ static void __launch_bounds__(32 * FA_FW)
             for (int nt = 0; nt < FA_QK / 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) s[mt][nt][e] = dp[mt][nt][e] = 0.0f;
-        {
+        { /* S = Q K^T and dP = dO V^T in one pass over k (two fa_abt calls spill more registers) */
             const uint32_t kb_ = mma_smem(sm.k[buf]) + mma_lane_cr(lane, RS), vb_ = mma_smem(sm.v[buf]) + mma_lane_cr(lane, RS);
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk++) {
