@@ -1,10 +1,16 @@
-/* The CUDA device services against the CPU: allocation, copies and cuBLAS GEMM (every transpose
- * combination, batched). Skipped where the build has no CUDA or the machine has no GPU. */
+/* The CUDA device services against the CPU: allocation, copies, cuBLAS GEMM (every transpose
+ * combination, batched) and gemm_ex through cuBLASLt and its algorithm cache (dtypes, transposes, beta,
+ * batches, ragged sizes, alignment, cache reuse). Skipped where the build has no CUDA or no GPU. */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
+#include "../core/cuda/backend.h"
 #include "../core/host.h"
+#include "../core/safetensors.h"
 #include "harness.h"
 
 Test(cuda_backend, copy_round_trip) {
@@ -49,4 +55,305 @@ Test(cuda_backend, gemm_matches_cpu) {
             m1c_dev_free(M1C_DEVICE_CUDA, dA), m1c_dev_free(M1C_DEVICE_CUDA, dB), m1c_dev_free(M1C_DEVICE_CUDA, dC);
             free(A), free(B), free(C), free(ref);
         }
+}
+
+/* ---- gemm_ex: cuBLASLt with the per-thread algorithm cache, against a double-precision reference ---- */
+
+#define GPU M1C_DEVICE_CUDA
+#define F32 M1C_F32
+#define BF16 M1C_BF16
+#define U32 (1.0 / 16777216.0) /* f32 unit roundoff, 2^-24 */
+#define UBF (1.0 / 256.0)      /* bf16 unit roundoff, 2^-8 (8 significant bits) */
+
+/* The backend's counters, where the build has them (weak: a CPU build links without the symbol, and
+ * skips these tests anyway). */
+#pragma weak m1c_cuda_gemm_ex_stats
+
+/* Operand values: one pool of uniform [-1, 1) values, their bf16 roundings, and device copies (f32 of
+ * the values, bf16 of the roundings); every case reads A and B at offsets into it. */
+typedef struct pool {
+    int64_t n;
+    float *f, *r;    /* host: the values; the same rounded to bf16 */
+    void *d32, *d16; /* device: f as f32, r as bf16 */
+} pool;
+
+/* B's region starts here (a multiple of 128 elements: 256-byte aligned in either dtype); A's at 0. */
+#define B_BASE 1013632
+
+static uint64_t mix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+static pool pool_new(int64_t n, uint64_t seed) {
+    pool p = {n, malloc((size_t)n * 4), malloc((size_t)n * 4), NULL, NULL};
+    uint16_t *h16 = malloc((size_t)n * 2);
+    cr_assert(p.f && p.r && h16);
+    for (int64_t i = 0; i < n; i++) {
+        p.f[i] = (float)((double)(mix64(seed * 0x100000000ull + (uint64_t)i) >> 40) * (2.0 / 16777216.0) - 1.0);
+        h16[i] = m1c_f32_to_bf16(p.f[i]);
+        p.r[i] = m1c_bf16_to_f32(h16[i]);
+    }
+    p.d32 = m1c_dev_alloc(GPU, (size_t)n * 4);
+    p.d16 = m1c_dev_alloc(GPU, (size_t)n * 2);
+    cr_assert(p.d32 && p.d16);
+    m1c_dev_copy(GPU, p.d32, M1C_DEVICE_CPU, p.f, (size_t)n * 4);
+    m1c_dev_copy(GPU, p.d16, M1C_DEVICE_CPU, h16, (size_t)n * 2);
+    free(h16);
+    return p;
+}
+
+static void pool_free(pool *p) {
+    m1c_dev_free(GPU, p->d32), m1c_dev_free(GPU, p->d16);
+    free(p->f), free(p->r);
+}
+
+typedef struct gcase {
+    int ta, tb, M, N, K, batch;
+    int ab, c; /* dtype of A and B; of C */
+    float alpha, beta;
+    /* 1: pointers 1-3 elements past 256-byte alignment, leading dimensions and batch strides padded by
+     * odd counts (no 16-byte alignment anywhere); 0: 256-byte aligned pointers, natural leading
+     * dimensions, strides rounded up to 128 elements. */
+    int odd;
+} gcase;
+
+/* One stored matrix (rows x cols, row-major, ld >= cols) batch times, from element off of its buffer. */
+typedef struct geom {
+    int rows, cols, ld;
+    int64_t stride, off, extent; /* stride 0 for one matrix, as the plugins pass it */
+} geom;
+
+static geom geom_of(int rows, int cols, int batch, int odd, int64_t base, int lead) {
+    geom g = {rows, cols, (cols > 0 ? cols : 1) + (odd ? 1 : 0), 0, base + (odd ? lead : 0), 0};
+    const int64_t mat = (int64_t)rows * g.ld;
+    if (batch > 1) g.stride = odd ? mat + 3 : (mat + 127) / 128 * 128;
+    g.extent = g.off + (batch - 1) * g.stride + mat;
+    return g;
+}
+
+static double cval(const void *buf, int dtype, int64_t i) {
+    return dtype == F32 ? ((const float *)buf)[i] : m1c_bf16_to_f32(((const uint16_t *)buf)[i]);
+}
+
+static const char *dt_name(int d) { return d == F32 ? "f32" : "bf16"; }
+
+/* Runs one gemm_ex and checks it: every output element written (beta 0 starts from NaN, which cuBLAS
+ * must not read), the verified rows (all, or a sample of big products) against the reference, and every
+ * element of C's buffer outside the product (offset, ld and stride padding, a tail) unchanged bit for
+ * bit. */
+static void run_case(const pool *P, const gcase *g) {
+    char what[160];
+    snprintf(what, sizeof what, "%s x %s -> %s ta=%d tb=%d M=%d N=%d K=%d batch=%d alpha=%g beta=%g odd=%d",
+             dt_name(g->ab), dt_name(g->ab), dt_name(g->c), g->ta, g->tb, g->M, g->N, g->K, g->batch,
+             (double)g->alpha, (double)g->beta, g->odd);
+    const int M = g->M, N = g->N, K = g->K;
+    const geom A = geom_of(g->ta ? K : M, g->ta ? M : K, g->batch, g->odd, 0, 1);
+    const geom B = geom_of(g->tb ? N : K, g->tb ? K : N, g->batch, g->odd, B_BASE, 3);
+    const geom C = geom_of(M, N, g->batch, g->odd, 0, 1);
+    cr_assert(A.extent <= P->n && B.extent <= P->n, "pool too small for %s", what);
+    const float *ha = g->ab == BF16 ? P->r : P->f, *hb = ha;
+    const int es = g->ab == BF16 ? 2 : 4, ces = g->c == BF16 ? 2 : 4;
+    const char *dbase = g->ab == BF16 ? (const char *)P->d16 : (const char *)P->d32;
+
+    const int64_t nc = C.extent + 5; /* a tail past the last matrix catches overruns */
+    unsigned char *c0 = malloc((size_t)nc * ces), *c1 = malloc((size_t)nc * ces);
+    cr_assert(c0 && c1);
+    for (int64_t i = 0; i < nc; i++) {
+        const float v = g->beta != 0.0f ? P->f[(i * 7 + 12345) % P->n] : NAN;
+        if (g->c == F32)
+            memcpy(c0 + i * 4, &v, 4);
+        else {
+            const uint16_t h16 = m1c_f32_to_bf16(v);
+            memcpy(c0 + i * 2, &h16, 2);
+        }
+    }
+    char *dC = m1c_dev_alloc(GPU, (size_t)nc * ces);
+    cr_assert_not_null(dC);
+    m1c_dev_copy(GPU, dC, M1C_DEVICE_CPU, c0, (size_t)nc * ces);
+    cr_assert_eq(m1c_gemm_ex(GPU, NULL, g->ta, g->tb, M, N, K, g->alpha, dbase + A.off * es, g->ab, A.ld, A.stride,
+                             dbase + B.off * es, g->ab, B.ld, B.stride, g->beta, dC + C.off * ces, g->c, C.ld,
+                             C.stride, g->batch),
+                 M1C_OK, "%s", what);
+    m1c_dev_copy(M1C_DEVICE_CPU, c1, GPU, dC, (size_t)nc * ces);
+    m1c_dev_free(GPU, dC);
+
+    const int64_t cstride = g->batch > 1 ? C.stride : (int64_t)M * C.ld;
+    for (int64_t i = 0; i < nc; i++) {
+        const int64_t rel = i - C.off, b = rel / cstride, r = rel % cstride;
+        const int out = rel >= 0 && b < g->batch && r / C.ld < M && r % C.ld < N;
+        if (out)
+            cr_assert(isfinite(cval(c1, g->c, i)), "%s: C[%lld] not written (or not finite)", what, (long long)i);
+        else
+            cr_assert(memcmp(c0 + i * ces, c1 + i * ces, (size_t)ces) == 0,
+                      "%s: C[%lld] outside the product changed", what, (long long)i);
+    }
+
+    /* Rows to verify: all of them while the reference stays cheap, else the edges, the middle and five
+     * pseudo-random rows (each with every column). */
+    const int64_t work = (int64_t)M * N * (K > 0 ? K : 1) * g->batch;
+    int *rows = malloc(sizeof(int) * (size_t)(M > 10 ? M : 10)), nr = 0;
+    if (work <= (1 << 22))
+        for (int i = 0; i < M; i++) rows[nr++] = i;
+    else {
+        const int fixed[] = {0, 1, M / 2, M - 2, M - 1};
+        for (int i = 0; i < 5; i++) rows[nr++] = fixed[i];
+        for (int i = 0; i < 5; i++) rows[nr++] = (int)(mix64((uint64_t)(M * 31 + N * 7 + K + i)) % (uint64_t)M);
+    }
+    double *arow = malloc(sizeof(double) * (size_t)(K > 0 ? K : 1)), *acc = malloc(sizeof(double) * (size_t)N),
+           *sc = malloc(sizeof(double) * (size_t)N);
+    double worst = 0;
+    int wb = 0, wi = 0, wj = 0;
+    for (int b = 0; b < g->batch; b++)
+        for (int t = 0; t < nr; t++) {
+            const int i = rows[t];
+            const float *pa = ha + A.off + b * A.stride, *pb = hb + B.off + b * B.stride;
+            for (int k = 0; k < K; k++) arow[k] = pa[g->ta ? (int64_t)k * A.ld + i : (int64_t)i * A.ld + k];
+            for (int j = 0; j < N; j++) acc[j] = sc[j] = 0;
+            if (g->tb)
+                for (int j = 0; j < N; j++)
+                    for (int k = 0; k < K; k++) {
+                        const double v = arow[k] * pb[(int64_t)j * B.ld + k];
+                        acc[j] += v, sc[j] += fabs(v);
+                    }
+            else
+                for (int k = 0; k < K; k++)
+                    for (int j = 0; j < N; j++) {
+                        const double v = arow[k] * pb[(int64_t)k * B.ld + j];
+                        acc[j] += v, sc[j] += fabs(v);
+                    }
+            for (int j = 0; j < N; j++) {
+                const int64_t ci = C.off + b * cstride + (int64_t)i * C.ld + j;
+                const double c0v = g->beta != 0.0f ? g->beta * cval(c0, g->c, ci) : 0.0;
+                const double ref = g->alpha * acc[j] + c0v, scale = fabs((double)g->alpha) * sc[j] + fabs(c0v);
+                /* f32 C: the operands are exact (bf16 ones are compared from their roundings, and their
+                 * products are exact in f32); f32 products of f32 operands, the f32 accumulation in any
+                 * order (split-K included) and the beta term err by a few units of 2^-24 of the sum of
+                 * |terms|. 64 units is ample for that and far below any indexing, transpose, stride or
+                 * beta mistake (off by O(scale)); TF32 (10-bit inputs) would exceed it at small K.
+                 * bf16 C: that, plus rounding the result to 8 significant bits, which alone reaches up to
+                 * 2^-8 |ref| (so ratios near 1 are normal there; truncation, 2^-7, would fail). With
+                 * beta != 0, cuBLASLt rounds alpha A B to bf16 before adding beta C and rounding again
+                 * (measured on an H200: up to 1.9 times the single-rounding bound, even at M 1, K 768):
+                 * allow that rounding too, 2^-8 of |alpha A B| + |beta C| with a factor 2 of margin; still
+                 * at most 1/64 of the scale, against O(scale) for a real mistake. */
+                const double extra = g->beta != 0.0f ? 2 * UBF * (fabs(g->alpha * acc[j]) + fabs(c0v)) : 0.0;
+                const double tol = g->c == F32 ? 64 * U32 * scale : UBF * fabs(ref) + extra + 128 * U32 * scale;
+                const double err = fabs(cval(c1, g->c, ci) - ref) / (tol > 0 ? tol : 1e-30);
+                if (worst == worst && !(err <= worst)) worst = err, wb = b, wi = i, wj = j; /* NaN stays */
+            }
+        }
+    cr_assert(worst <= 1.0, "%s: C[%d][%d][%d] off by %g tolerances", what, wb, wi, wj, worst);
+    free(rows), free(arow), free(acc), free(sc), free(c0), free(c1);
+}
+
+/* Every dtype combination the plugins use, every transpose pair, beta 0 and 1, one matrix and a batch
+ * of 3 with strides, pointers off 16-byte alignment and aligned, on small ragged shapes. */
+Test(cuda_backend, gemm_ex_combinations) {
+    th_need_gpu();
+    pool P = pool_new(B_BASE + 400000, 1);
+    static const int shapes[][3] = {{1, 24, 768}, {37, 8, 5}, {37, 24, 3001}};
+    static const int dts[][2] = {{BF16, BF16}, {BF16, F32}, {F32, F32}};
+    for (int s = 0; s < 3; s++)
+        for (int d = 0; d < 3; d++)
+            for (int t = 0; t < 4; t++)
+                for (int beta = 0; beta < 2; beta++)
+                    for (int bt = 0; bt < 2; bt++)
+                        for (int odd = 1; odd >= 0; odd--) {
+                            gcase g = {t & 1,  t >> 1, shapes[s][0], shapes[s][1], shapes[s][2], bt ? 3 : 1,
+                                       dts[d][0], dts[d][1], 0.75f, (float)beta, odd};
+                            run_case(&P, &g);
+                        }
+    pool_free(&P);
+}
+
+/* The ragged sizes of the MoE and beyond (M 4093 and 4099 straddle a bucket edge), every N and K, the
+ * transposes, dtypes, beta and alignment rotating over them so each shape runs in two settings. */
+Test(cuda_backend, gemm_ex_ragged_large) {
+    th_need_gpu();
+    pool P = pool_new(12500000, 2);
+    static const int Ms[] = {4093, 4099}, Ns[] = {8, 24, 2048}, Ks[] = {5, 768, 3001};
+    static const int dts[][2] = {{BF16, BF16}, {BF16, F32}, {F32, F32}};
+    int idx = 0;
+    for (int m = 0; m < 2; m++)
+        for (int n = 0; n < 3; n++)
+            for (int k = 0; k < 3; k++, idx++)
+                for (int v = 0; v < 2; v++) {
+                    const int c = (idx + v) % 3, t = (idx + 2 * v) % 4;
+                    gcase g = {t & 1,     t >> 1,    Ms[m], Ns[n], Ks[k], 1, dts[c][0], dts[c][1], 1.0f,
+                               (float)((idx + v) & 1), (idx / 3 + v) & 1};
+                    run_case(&P, &g);
+                }
+    pool_free(&P);
+}
+
+static m1c_cuda_gemm_stats gemm_stats(void) {
+    m1c_cuda_gemm_stats s = {0, 0, 0, 0};
+    if (m1c_cuda_gemm_ex_stats) m1c_cuda_gemm_ex_stats(&s);
+    return s;
+}
+
+/* Runs g and returns how many heuristic queries it cost; no call may fall back to cuBLAS. */
+static long long run_counted(const pool *P, const gcase *g) {
+    const m1c_cuda_gemm_stats s0 = gemm_stats();
+    run_case(P, g);
+    const m1c_cuda_gemm_stats s1 = gemm_stats();
+    cr_assert_eq(s1.fallbacks, s0.fallbacks, "a call went to cublasGemmStridedBatchedEx instead of cuBLASLt");
+    cr_expect_eq(s1.retries, s0.retries, "a cached algorithm was refused for M=%d N=%d K=%d (correct, but slow)",
+                 g->M, g->N, g->K);
+    return s1.heuristics - s0.heuristics;
+}
+
+/* The MoE pattern: the same product with a new row count each call. The first call of a bucket asks the
+ * heuristic; the next ones, with other M (or K) of that bucket, reuse its algorithm and must still be
+ * right; a change of alignment, beta or dtype is another entry. */
+Test(cuda_backend, gemm_ex_cache_reuse) {
+    th_need_gpu();
+    cr_assert_not_null(m1c_cuda_gemm_ex_stats, "a CUDA build exports m1c_cuda_gemm_ex_stats");
+    pool P = pool_new(8500000, 3); /* dWgu's A: 4096 x 2048 */
+    /* gate_up: NT bf16 -> bf16, [M x 2048 x 768]; 4093 makes the entry of bucket (3584, 4096]. */
+    gcase g = {0, 1, 4093, 2048, 768, 1, BF16, BF16, 1.0f, 0.0f, 0};
+    cr_assert_eq(run_counted(&P, &g), 1, "a new bucket asks the heuristic once");
+    static const int reuse[] = {4000, 3585, 4096, 3777};
+    for (int i = 0; i < 4; i++) {
+        g.M = reuse[i];
+        cr_expect_eq(run_counted(&P, &g), 0, "M=%d is in the bucket of 4093: no heuristic", g.M);
+    }
+    /* Unaligned operands must not take the aligned entry's algorithm; then aligned again hits. */
+    g.M = 3900, g.odd = 1;
+    cr_assert_eq(run_counted(&P, &g), 1, "unaligned pointers are another entry");
+    g.M = 3700, g.odd = 0;
+    cr_expect_eq(run_counted(&P, &g), 0, "the aligned entry is still there");
+    g.beta = 1.0f; /* beta 1 reads C: another entry */
+    cr_assert_eq(run_counted(&P, &g), 1, "beta != 0 is another entry");
+    g.M = 4100; /* the next bucket, (4096, 5120] */
+    cr_assert_eq(run_counted(&P, &g), 1, "M=4100 is in the next bucket");
+
+    /* dWgu: TN bf16 -> f32 with beta 1, the row count in K: [2048 x 768 x K]. */
+    gcase w = {1, 0, 2048, 768, 4093, 1, BF16, F32, 1.0f, 1.0f, 0};
+    cr_assert_eq(run_counted(&P, &w), 1, "a new bucket asks the heuristic once");
+    static const int reuse_k[] = {3600, 4096, 3585};
+    for (int i = 0; i < 3; i++) {
+        w.K = reuse_k[i];
+        cr_expect_eq(run_counted(&P, &w), 0, "K=%d is in the bucket of 4093: no heuristic", w.K);
+    }
+    /* f32 operands, batched (the attention's shapes), then another M of its bucket. */
+    gcase f = {0, 0, 37, 24, 768, 3, F32, F32, 0.5f, 1.0f, 0};
+    cr_assert_eq(run_counted(&P, &f), 1, "a new bucket asks the heuristic once");
+    f.M = 33;
+    cr_expect_eq(run_counted(&P, &f), 0, "M=33 is in the bucket of 37 (33..40): no heuristic");
+    pool_free(&P);
+}
+
+/* K = 0 is no product: C = beta C (handed to cuBLAS, as before cuBLASLt). */
+Test(cuda_backend, gemm_ex_empty_inner) {
+    th_need_gpu();
+    pool P = pool_new(B_BASE + 1000, 4);
+    gcase g = {0, 1, 37, 24, 0, 1, BF16, F32, 1.0f, 0.5f, 0};
+    run_case(&P, &g);
+    g.c = BF16, g.beta = 0.0f; /* C = 0 */
+    run_case(&P, &g);
+    pool_free(&P);
 }

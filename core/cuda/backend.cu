@@ -1,10 +1,14 @@
-/* CUDA device services for the core: allocation (cudaMalloc, never managed memory), copies and f32
- * GEMM through cuBLAS. Row-major products are computed as the column-major product of the
- * transposes: C^T = op(B)^T op(A)^T, so A and B swap places and no data moves. */
+/* CUDA device services for the core: allocation (cudaMalloc, never managed memory), copies, f32 GEMM
+ * through cuBLAS and mixed-precision GEMM through cuBLASLt with a per-thread algorithm cache. Row-major
+ * products are computed as the column-major product of the transposes: C^T = op(B)^T op(A)^T, so A and
+ * B swap places and no data moves. */
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend.h"
 
@@ -70,22 +74,260 @@ extern "C" void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, flo
     }
 }
 
-extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
-                                 int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb,
-                                 int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c,
-                                 int batch) {
-    /* m1c_dtype: 0 = f32, 1 = bf16. */
-    const cudaDataType_t types[] = {CUDA_R_32F, CUDA_R_16BF};
+/* ---- mixed-precision GEMM ----
+ * cublasGemmEx runs cuBLAS's algorithm heuristic again for every new (M, N, K) (~170 us of host time),
+ * and the MoE's per-expert row counts are new every step. So gemm_ex calls cuBLASLt with an algorithm
+ * chosen once per bucket of similar problems and kept in a small per-thread table. */
+
+/* m1c_dtype: 0 = f32, 1 = bf16. */
+static const cudaDataType_t gemm_types[] = {CUDA_R_32F, CUDA_R_16BF};
+
+/* The previous implementation, kept for what cuBLASLt is not asked to do (K = 0: C = beta C) or has no
+ * algorithm for. */
+static void gemm_ex_cublas(cudaStream_t stream, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                           const void *A, int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb,
+                           int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch) {
     cublasHandle_t h = blas_handle();
-    cublasSetStream(h, (cudaStream_t)stream);
+    cublasSetStream(h, stream);
     cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    /* Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands. */
-    cublasStatus_t st = cublasGemmStridedBatchedEx(h, tb, ta, N, M, K, &alpha, B, types[b_dtype], ldb, stride_b, A,
-                                                   types[a_dtype], lda, stride_a, &beta, C, types[c_dtype], ldc,
-                                                   stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    cublasStatus_t st = cublasGemmStridedBatchedEx(h, tb, ta, N, M, K, &alpha, B, gemm_types[b_dtype], ldb, stride_b,
+                                                   A, gemm_types[a_dtype], lda, stride_a, &beta, C,
+                                                   gemm_types[c_dtype], ldc, stride_c, batch, CUBLAS_COMPUTE_32F,
+                                                   CUBLAS_GEMM_DEFAULT);
     cublasSetStream(h, NULL);
     if (st != CUBLAS_STATUS_SUCCESS) {
         fprintf(stderr, "m1c: cublasGemmStridedBatchedEx failed (%d)\n", (int)st);
         abort();
     }
+}
+
+static void lt_check(cublasStatus_t st, const char *what) {
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "m1c: %s failed (%s, %d)\n", what, cublasLtGetStatusName(st), (int)st);
+        abort();
+    }
+}
+
+/* 128 entries: the MoE's six expert products fall into ~4-7 buckets each (below), 8 layers share
+ * them, and the attention and router products add a few fixed shapes, so a training step fits with room
+ * to spare; replacement is round-robin. */
+enum { LT_SLOTS = 128 };
+/* Scratch for cuBLASLt's split-K and stream-K algorithms: the heuristic only offers algorithms that fit
+ * MAX_WORKSPACE_BYTES, and 32 MiB leaves it every algorithm for these sizes at a cost that does not
+ * matter beside the activations. */
+static const uint64_t LT_WORKSPACE = (uint64_t)32 << 20;
+
+typedef struct lt_key {
+    uint64_t mn; /* bucket(M) << 32 | bucket(N) */
+    uint64_t kf; /* bucket(K) << 32 | flags (transposes, dtypes, beta == 0, batch > 1, alignments) */
+} lt_key;
+
+typedef struct lt_entry {
+    lt_key key;
+    cublasLtMatmulAlgo_t algo;
+    int legacy; /* cuBLASLt found no algorithm: this kind of call goes to cublasGemmStridedBatchedEx */
+} lt_entry;
+
+typedef struct lt_state {
+    cublasLtHandle_t h;
+    /* One workspace for every call of the thread, whatever its stream. That is only safe because the
+     * calls are ordered on one stream: plugins pass NULL (the legacy default stream, which also waits for
+     * and blocks the other blocking streams). Concurrent calls on two non-blocking streams of one thread
+     * would race on it; they would need a workspace per stream. */
+    void *ws;
+    int n, next; /* filled entries; the next one to replace */
+    m1c_cuda_gemm_stats stats;
+    lt_entry e[LT_SLOTS];
+} lt_state;
+
+/* The calling thread's handle, workspace and cache (cuBLASLt handles are not meant to be shared across
+ * threads; this one lives, like the cuBLAS handle, until the process ends); NULL until its first call. */
+static lt_state **lt_slot(void) {
+    static thread_local lt_state *s;
+    return &s;
+}
+
+static lt_state *lt_get(void) {
+    lt_state **slot = lt_slot();
+    if (*slot) return *slot;
+    lt_state *s = (lt_state *)calloc(1, sizeof(lt_state));
+    if (!s) {
+        fprintf(stderr, "m1c: out of memory for the cuBLASLt state\n");
+        abort();
+    }
+    lt_check(cublasLtCreate(&s->h), "cublasLtCreate");
+    check(cudaMalloc(&s->ws, LT_WORKSPACE), "cudaMalloc (cuBLASLt workspace)");
+    return *slot = s;
+}
+
+/* M, N and K round up to a quarter octave: 1, 2, 4, 8, then steps of a quarter of the power of two below
+ * (9..10, ..., 4097..5120, 5121..6144, ...), so a bucket spans at most 25% of its size. The heuristic's
+ * choice (tile shape, waves, split-K) moves on that logarithmic scale, so one algorithm serves the whole
+ * bucket near its best, while the MoE's per-expert counts, spread about +-50% around the mean, fall
+ * into a handful of buckets per product. Powers of two would lump 2x-different sizes together; fixed
+ * multiples of 256 would make ~16 buckets per product out of that spread and overflow the table. */
+static uint32_t lt_bucket(int x) {
+    if (x <= 8) {
+        uint32_t p = 1;
+        while ((int)p < x) p <<= 1;
+        return p;
+    }
+    uint32_t hp = 1; /* the highest power of two <= x - 1 */
+    while (hp <= (uint32_t)(x - 1) / 2) hp <<= 1;
+    const uint32_t step = hp / 4;
+    return ((uint32_t)x + step - 1) / step * step;
+}
+
+/* The alignment (bytes, a power of two up to 256, cuBLASLt's default assumption) that every matrix of
+ * an operand starts at: that of the pointer, of a row step (ld) and, batched, of a matrix step. */
+static uint32_t lt_align(const void *p, int64_t ld, int64_t stride, int batch, int elem) {
+    uint64_t v = (uint64_t)(uintptr_t)p | (uint64_t)ld * (uint64_t)elem | 256u;
+    if (batch > 1) v |= (uint64_t)stride * (uint64_t)elem;
+    return (uint32_t)(v & (~v + 1)); /* lowest set bit */
+}
+
+/* Descriptors of one call, initialised in place (cublasLt*Init: no allocation, nothing to destroy). a
+ * and b are cuBLASLt's A and B, i.e. our B and A (the swap above). */
+typedef struct lt_problem {
+    cublasLtMatmulDescOpaque_t op;
+    cublasLtMatrixLayoutOpaque_t a, b, c;
+} lt_problem;
+
+static void lt_layout(cublasLtMatrixLayoutOpaque_t *l, int dtype, int rows, int cols, int ld, int64_t stride,
+                      int batch) {
+    lt_check(cublasLtMatrixLayoutInit(l, gemm_types[dtype], (uint64_t)rows, (uint64_t)cols, ld),
+             "cublasLtMatrixLayoutInit");
+    if (batch > 1) {
+        const int32_t count = batch;
+        lt_check(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count),
+                 "cublasLtMatrixLayoutSetAttribute (BATCH_COUNT)");
+        lt_check(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                  sizeof stride),
+                 "cublasLtMatrixLayoutSetAttribute (STRIDED_BATCH_OFFSET)");
+    }
+}
+
+/* The best algorithm for this exact problem under these alignments (cuBLASLt's A = our B); 0 when
+ * cuBLASLt has none. */
+static int lt_heuristic(lt_state *s, lt_problem *p, int c_dtype, uint32_t align_a, uint32_t align_b,
+                        uint32_t align_c, cublasLtMatmulAlgo_t *algo) {
+    cublasLtMatmulPreferenceOpaque_t pref;
+    lt_check(cublasLtMatmulPreferenceInit(&pref), "cublasLtMatmulPreferenceInit");
+    lt_check(cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &LT_WORKSPACE,
+                                                  sizeof LT_WORKSPACE),
+             "cublasLtMatmulPreferenceSetAttribute (MAX_WORKSPACE_BYTES)");
+    const struct {
+        cublasLtMatmulPreferenceAttributes_t attr;
+        uint32_t bytes;
+    } al[] = {{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_b},
+              {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_a},
+              {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c},
+              {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c}};
+    for (int i = 0; i < 4; i++)
+        lt_check(cublasLtMatmulPreferenceSetAttribute(&pref, al[i].attr, &al[i].bytes, sizeof al[i].bytes),
+                 "cublasLtMatmulPreferenceSetAttribute (MIN_ALIGNMENT)");
+    if (c_dtype != 0) {
+        /* bf16 C: split-K partials are reduced in f32 (or not split), never rounded to bf16 in between: a
+         * bf16 reduction (seen on an H200 at N 8, K 3001) rounds each partial once more. */
+        const uint32_t mask = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+        lt_check(cublasLtMatmulPreferenceSetAttribute(&pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask,
+                                                      sizeof mask),
+                 "cublasLtMatmulPreferenceSetAttribute (REDUCTION_SCHEME_MASK)");
+    }
+    cublasLtMatmulHeuristicResult_t r;
+    memset(&r, 0, sizeof r);
+    int found = 0;
+    s->stats.heuristics++;
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(s->h, &p->op, &p->a, &p->b, &p->c, &p->c, &pref, 1, &r, &found);
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED) return 0;
+    lt_check(st, "cublasLtMatmulAlgoGetHeuristic");
+    if (found < 1 || r.state != CUBLAS_STATUS_SUCCESS) return 0;
+    *algo = r.algo;
+    return 1;
+}
+
+extern "C" void m1c_cuda_gemm_ex_stats(m1c_cuda_gemm_stats *out) {
+    const lt_state *s = *lt_slot();
+    const m1c_cuda_gemm_stats none = {0, 0, 0, 0};
+    *out = s ? s->stats : none;
+}
+
+extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
+                                 int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb,
+                                 int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c,
+                                 int batch) {
+    cudaStream_t st = (cudaStream_t)stream;
+    lt_state *s = lt_get();
+    s->stats.calls++;
+    if (K <= 0) { /* cuBLASLt takes no empty inner dimension; cuBLAS scales C by beta */
+        s->stats.fallbacks++;
+        gemm_ex_cublas(st, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B, b_dtype, ldb, stride_b,
+                       beta, C, c_dtype, ldc, stride_c, batch);
+        return;
+    }
+    static const int elem[] = {4, 2};
+    const uint32_t al_a = lt_align(A, lda, stride_a, batch, elem[a_dtype]);
+    const uint32_t al_b = lt_align(B, ldb, stride_b, batch, elem[b_dtype]);
+    const uint32_t al_c = lt_align(C, ldc, stride_c, batch, elem[c_dtype]);
+    const uint32_t flags = (uint32_t)(trans_a != 0) | (uint32_t)(trans_b != 0) << 1 | (uint32_t)a_dtype << 2 |
+                           (uint32_t)b_dtype << 3 | (uint32_t)c_dtype << 4 | (uint32_t)(beta == 0.0f) << 5 |
+                           (uint32_t)(batch > 1) << 6 | (uint32_t)__builtin_ctz(al_a) << 8 |
+                           (uint32_t)__builtin_ctz(al_b) << 12 | (uint32_t)__builtin_ctz(al_c) << 16;
+    const lt_key key = {(uint64_t)lt_bucket(M) << 32 | lt_bucket(N), (uint64_t)lt_bucket(K) << 32 | flags};
+
+    lt_problem p;
+    lt_check(cublasLtMatmulDescInit(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescInit");
+    const int32_t op_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    lt_check(cublasLtMatmulDescSetAttribute(&p.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a),
+             "cublasLtMatmulDescSetAttribute (TRANSA)");
+    lt_check(cublasLtMatmulDescSetAttribute(&p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b),
+             "cublasLtMatmulDescSetAttribute (TRANSB)");
+    /* Column-major C^T (N x M) = op(B)^T (N x K) op(A)^T (K x M); the layouts describe the stored matrices. */
+    lt_layout(&p.a, b_dtype, trans_b ? K : N, trans_b ? N : K, ldb, stride_b, batch);
+    lt_layout(&p.b, a_dtype, trans_a ? M : K, trans_a ? K : M, lda, stride_a, batch);
+    lt_layout(&p.c, c_dtype, N, M, ldc, stride_c, batch);
+
+    lt_entry *e = NULL;
+    for (int i = 0; i < s->n && !e; i++)
+        if (s->e[i].key.mn == key.mn && s->e[i].key.kf == key.kf) e = &s->e[i];
+    int fresh = 0;
+    /* A miss asks the heuristic about this exact problem, not the bucket's corner: its leading dimensions
+     * and strides are real (a corner shape would need invented ones of the same alignment), and the
+     * answer surely runs this call. Later problems of the bucket reuse it, so which algorithm a bucket
+     * gets, and thus the summation order, depends on the first problem seen: the same for every run of a
+     * program that calls in the same order. */
+    if (!e) {
+        e = &s->e[s->next];
+        s->next = (s->next + 1) % LT_SLOTS;
+        if (s->n < LT_SLOTS) s->n++;
+        e->key = key;
+        e->legacy = !lt_heuristic(s, &p, c_dtype, al_a, al_b, al_c, &e->algo);
+        fresh = 1;
+    }
+    int lt = !e->legacy;
+    if (lt) {
+        cublasStatus_t r = cublasLtMatmul(s->h, &p.op, &alpha, B, &p.a, A, &p.b, &beta, C, &p.c, C, &p.c, &e->algo,
+                                          s->ws, LT_WORKSPACE, st);
+        if (!fresh && (r == CUBLAS_STATUS_NOT_SUPPORTED || r == CUBLAS_STATUS_INVALID_VALUE)) {
+            /* The algorithm chosen for another problem of the bucket does not take this one: choose for
+             * this one and keep that choice for the bucket (if cuBLASLt has none, cuBLAS takes this call
+             * and the bucket keeps its algorithm). */
+            s->stats.retries++;
+            cublasLtMatmulAlgo_t algo;
+            lt = lt_heuristic(s, &p, c_dtype, al_a, al_b, al_c, &algo);
+            if (lt) {
+                e->algo = algo;
+                r = cublasLtMatmul(s->h, &p.op, &alpha, B, &p.a, A, &p.b, &beta, C, &p.c, C, &p.c, &e->algo, s->ws,
+                                   LT_WORKSPACE, st);
+            }
+        }
+        if (lt) {
+            lt_check(r, "cublasLtMatmul");
+            return;
+        }
+    }
+    s->stats.fallbacks++;
+    gemm_ex_cublas(st, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B, b_dtype, ldb, stride_b, beta, C,
+                   c_dtype, ldc, stride_c, batch);
 }

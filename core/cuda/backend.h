@@ -28,6 +28,14 @@ void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int 
                       int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,
                       float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch);
 
+/* The calling thread's m1c_cuda_gemm_ex counts since its first call: calls, cuBLASLt heuristic queries
+ * (cache misses and retries), retries (a cached algorithm refused a problem of its bucket) and calls
+ * handed to cublasGemmStridedBatchedEx (K = 0, or no cuBLASLt algorithm). For tests and benchmarks. */
+typedef struct m1c_cuda_gemm_stats {
+    long long calls, heuristics, retries, fallbacks;
+} m1c_cuda_gemm_stats;
+void m1c_cuda_gemm_ex_stats(m1c_cuda_gemm_stats *out);
+
 #ifdef __cplusplus
 }
 #endif
