@@ -28,8 +28,10 @@ void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, con
  * computes in fp32. lse and logp are always fp32. */
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, const float *h, const float *W,
                       const int32_t *targets, int64_t N, int H, int V);
-/* From dlogp (N): dlogits = dlogp * (onehot - softmax) (in place of logits), then dh += dlogits W,
- * dW += dlogits^T h. */
+/* From dlogp (N): dlogits = dlogp * (onehot - softmax), then dh += dlogits W, dW += dlogits^T h. The
+ * dlogits are left in place of logits, except on a CUDA device at precisions 2 and 3, where they go
+ * straight into the products' bf16 or TF32-split operands: there logits' contents are unspecified
+ * afterwards. */
 void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logits, const float *lse,
                        const float *dlogp, const float *h, const float *W, const int32_t *targets, int64_t N, int H,
                        int V);

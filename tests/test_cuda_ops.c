@@ -1,6 +1,8 @@
 /* The core's own layers and vector operations (core/ops.h) on a CUDA device against the CPU reference:
- * fresh random inputs of sizes that no block or tile divides, the same inputs on both sides. Skipped
- * where the build has no CUDA or the machine has no GPU. */
+ * fresh random inputs of sizes that no block or tile divides, the same inputs on both sides, widths
+ * that take the kernels' 16-byte path (multiples of 4) and their scalar path (the others, and arrays
+ * placed one float past an aligned start). Skipped where the build has no CUDA or the machine has no
+ * GPU. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdlib.h>
@@ -14,8 +16,10 @@
 #define GPU M1C_DEVICE_CUDA
 #define CPU M1C_DEVICE_CPU
 
-/* Row counts, widths and vocabularies that are not multiples of 32, 128 or 256 (1 included). */
-static const int64_t Ns[] = {1, 37, 1000};
+/* Row counts that are not multiples of 8 (the RMSNorm kernels' rows per block), 32, 128 or 256 (1
+ * included); widths of both kinds: 1 and 33 take the scalar path, 256 and 1100 (= 4 * 275) the 16-byte
+ * one, with a last group of loads that is partly past the row. */
+static const int64_t Ns[] = {1, 37, 1003};
 static const int Cs[] = {1, 33, 256, 1100};
 #define NN (int)(sizeof Ns / sizeof Ns[0])
 #define NC (int)(sizeof Cs / sizeof Cs[0])
@@ -30,6 +34,16 @@ static void *up_bytes(const void *x, size_t bytes) {
 static float *up(const float *x, int64_t n) { return th_to_dev(GPU, x, n); }
 static float *down(const float *d, int64_t n) { return th_to_host(GPU, d, n); }
 static void gfree(void *d) { th_dev_free(GPU, d); }
+
+/* x on the GPU `shift` floats past the start of a fresh allocation: shift 1 leaves it 4 bytes past a
+ * 16-byte boundary, which sends the kernels to their scalar path. Freed with gfree_at. */
+static float *up_at(const float *x, int64_t n, int shift) {
+    float *d = m1c_dev_alloc(GPU, (size_t)(n + shift) * 4);
+    cr_assert_not_null(d);
+    m1c_dev_copy(GPU, d + shift, CPU, x, (size_t)n * 4);
+    return d + shift;
+}
+static void gfree_at(float *d, int shift) { th_dev_free(GPU, d - shift); }
 
 static float *copy_of(const float *x, int64_t n) {
     float *y = malloc((size_t)(n ? n : 1) * 4);
@@ -98,44 +112,52 @@ Test(cuda_ops, embed_forward_backward) {
 Test(cuda_ops, rmsnorm_forward_backward) {
     th_need_gpu();
     const float eps = 1e-5f;
-    for (int a = 0; a < NN; a++)
-        for (int b = 0; b < NC; b++) {
-            const int64_t N = Ns[a];
-            const int C = Cs[b];
-            const uint64_t s = 100 + (uint64_t)(a * NC + b) * 10;
-            float *in = th_randn(N * C, s, 1.0f), *w = th_randn(C, s + 1, 0.2f);
-            for (int c = 0; c < C; c++) w[c] += 1.0f;
-            float *out = th_zeros(N * C), *rstd = th_zeros(N);
-            float *d_in = up(in, N * C), *d_w = up(w, C), *d_out = up(out, N * C), *d_rstd = up(rstd, N);
-            m1c_rmsnorm_forward(CPU, out, rstd, in, w, N, C, eps);
-            m1c_rmsnorm_forward(GPU, d_out, d_rstd, d_in, d_w, N, C, eps);
-            float *g_out = down(d_out, N * C), *g_rstd = down(d_rstd, N);
-            /* Sums of C <= 1100 squares in another order (relative ~1e-6) and rsqrtf (<= 2 ulp, 2.4e-7):
-             * 1e-5 of the largest element. */
-            double eo = rel_max(g_out, out, N * C), er = rel_max(g_rstd, rstd, N);
-            cr_expect_leq(eo, 1e-5, "rmsnorm forward N=%lld C=%d: out error %g", (long long)N, C, eo);
-            cr_expect_leq(er, 1e-5, "rmsnorm forward N=%lld C=%d: rstd error %g", (long long)N, C, er);
+    /* shift 1: every array one float past alignment (the scalar path for every C) */
+    for (int shift = 0; shift < 2; shift++)
+        for (int a = 0; a < NN; a++)
+            for (int b = 0; b < NC; b++) {
+                const int64_t N = Ns[a];
+                const int C = Cs[b];
+                const uint64_t s = 100 + (uint64_t)(a * NC + b) * 10;
+                float *in = th_randn(N * C, s, 1.0f), *w = th_randn(C, s + 1, 0.2f);
+                for (int c = 0; c < C; c++) w[c] += 1.0f;
+                float *out = th_zeros(N * C), *rstd = th_zeros(N);
+                float *d_in = up_at(in, N * C, shift), *d_w = up_at(w, C, shift), *d_out = up_at(out, N * C, shift);
+                float *d_rstd = up(rstd, N);
+                m1c_rmsnorm_forward(CPU, out, rstd, in, w, N, C, eps);
+                m1c_rmsnorm_forward(GPU, d_out, d_rstd, d_in, d_w, N, C, eps);
+                float *g_out = down(d_out, N * C), *g_rstd = down(d_rstd, N);
+                /* Sums of C <= 1100 squares in another order (relative ~1e-6) and rsqrtf (<= 2 ulp,
+                 * 2.4e-7): 1e-5 of the largest element. */
+                double eo = rel_max(g_out, out, N * C), er = rel_max(g_rstd, rstd, N);
+                cr_expect_leq(eo, 1e-5, "rmsnorm forward N=%lld C=%d shift %d: out error %g", (long long)N, C, shift,
+                              eo);
+                cr_expect_leq(er, 1e-5, "rmsnorm forward N=%lld C=%d shift %d: rstd error %g", (long long)N, C, shift,
+                              er);
 
-            /* Backward from the same inputs on both sides (the CPU's rstd); din and dw accumulate. */
-            float *dout = th_randn(N * C, s + 2, 1.0f), *din = th_randn(N * C, s + 3, 1.0f);
-            float *dw = th_randn(C, s + 4, 1.0f);
-            float *d_dout = up(dout, N * C), *d_din = up(din, N * C), *d_dw = up(dw, C);
-            m1c_dev_copy(GPU, d_rstd, CPU, rstd, (size_t)N * 4);
-            m1c_rmsnorm_backward(CPU, din, dw, dout, in, w, rstd, N, C);
-            m1c_rmsnorm_backward(GPU, d_din, d_dw, d_dout, d_in, d_w, d_rstd, N, C);
-            float *g_din = down(d_din, N * C), *g_dw = down(d_dw, C);
-            /* din: a dot product of C terms in another order and the GPU's fused multiply-adds; the
-             * two terms r g w and k x cancel partly for C = 1 but are at most ~r ~ 1/sqrt(eps) times
-             * |g w|, so one rounding of them stays below 1e-5 of the largest element. dw: sums of N
-             * terms over rows in another order (row chunks, 8 interleaved partial sums each). */
-            double ei = rel_max(g_din, din, N * C), ew = rel_max(g_dw, dw, C);
-            cr_expect_leq(ei, 1e-5, "rmsnorm backward N=%lld C=%d: din error %g", (long long)N, C, ei);
-            cr_expect_leq(ew, 1e-5, "rmsnorm backward N=%lld C=%d: dw error %g", (long long)N, C, ew);
+                /* Backward from the same inputs on both sides (the CPU's rstd); din and dw accumulate. */
+                float *dout = th_randn(N * C, s + 2, 1.0f), *din = th_randn(N * C, s + 3, 1.0f);
+                float *dw = th_randn(C, s + 4, 1.0f);
+                float *d_dout = up_at(dout, N * C, shift), *d_din = up_at(din, N * C, shift), *d_dw = up(dw, C);
+                m1c_dev_copy(GPU, d_rstd, CPU, rstd, (size_t)N * 4);
+                m1c_rmsnorm_backward(CPU, din, dw, dout, in, w, rstd, N, C);
+                m1c_rmsnorm_backward(GPU, d_din, d_dw, d_dout, d_in, d_w, d_rstd, N, C);
+                float *g_din = down(d_din, N * C), *g_dw = down(d_dw, C);
+                /* din: a dot product of C terms in another order and the GPU's fused multiply-adds; the
+                 * two terms r g w and k x cancel partly for C = 1 but are at most ~r ~ 1/sqrt(eps) times
+                 * |g w|, so one rounding of them stays below 1e-5 of the largest element. dw: sums of N
+                 * terms over rows in another order (row chunks, 8 interleaved partial sums each). */
+                double ei = rel_max(g_din, din, N * C), ew = rel_max(g_dw, dw, C);
+                cr_expect_leq(ei, 1e-5, "rmsnorm backward N=%lld C=%d shift %d: din error %g", (long long)N, C, shift,
+                              ei);
+                cr_expect_leq(ew, 1e-5, "rmsnorm backward N=%lld C=%d shift %d: dw error %g", (long long)N, C, shift,
+                              ew);
 
-            free(in), free(w), free(out), free(rstd), free(g_out), free(g_rstd);
-            free(dout), free(din), free(dw), free(g_din), free(g_dw);
-            gfree(d_in), gfree(d_w), gfree(d_out), gfree(d_rstd), gfree(d_dout), gfree(d_din), gfree(d_dw);
-        }
+                free(in), free(w), free(out), free(rstd), free(g_out), free(g_rstd);
+                free(dout), free(din), free(dw), free(g_din), free(g_dw);
+                gfree_at(d_in, shift), gfree_at(d_w, shift), gfree_at(d_out, shift), gfree(d_rstd);
+                gfree_at(d_dout, shift), gfree_at(d_din, shift), gfree(d_dw);
+            }
 }
 
 /* The two weight gradients that sum over tokens do so in a fixed order on the GPU: the same inputs give
@@ -186,15 +208,17 @@ typedef struct head_case {
     int H, V;
 } head_case;
 
-/* Every N, H and V of the lists appears; the largest case is the model's shape at a small scale. */
+/* Every N, H and V of the lists appears; the largest case is the model's shape at a small scale. V = 259
+ * takes the log-softmax kernels' scalar path, V = 5000 (a multiple of 4) their 16-byte path, except in
+ * the odd-numbered cases, whose logits start one float past alignment (check_head). */
 static const head_case head_cases[] = {
-    {1, 1, 259}, {37, 33, 5000}, {1000, 256, 259}, {1, 1100, 5000}, {37, 256, 259}, {1000, 1, 5000},
-    {1000, 1100, 5000},
+    {1, 1, 259}, {37, 33, 5000}, {1003, 256, 259}, {1, 1100, 5000}, {37, 256, 259}, {1003, 1, 5000},
+    {1003, 1100, 5000},
 };
 
 static void check_head(const head_case *hc, int ci) {
     const int64_t N = hc->N, NV = hc->N * hc->V, NH = hc->N * hc->H, VH = (int64_t)hc->V * hc->H;
-    const int H = hc->H, V = hc->V;
+    const int H = hc->H, V = hc->V, shift = ci % 2;
     const uint64_t s = 1000 + (uint64_t)ci * 10;
     /* Logits of order 1, as in a trained model: W ~ N(0, 1/H). */
     float *h = th_randn(NH, s, 1.0f), *W = th_randn(VH, s + 1, 1.0f / sqrtf((float)H));
@@ -213,7 +237,7 @@ static void check_head(const head_case *hc, int ci) {
     int32_t *d_t = up_bytes(targets, (size_t)N * 4);
     for (int prec = 0; prec < 4; prec++) {
         const double tol = head_tol[prec];
-        float *d_logits = up(dlogits, NV), *d_lse = up(dh0, N), *d_logp = up(dh0, N); /* garbage first */
+        float *d_logits = up_at(dlogits, NV, shift), *d_lse = up(dh0, N), *d_logp = up(dh0, N); /* garbage first */
         m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, d_h, d_W, d_t, N, H, V);
         float *g_logits = down(d_logits, NV), *g_lse = down(d_lse, N), *g_logp = down(d_logp, N);
         /* lse and logp are differences and log-sum-exps of logits: their errors are those of the logits
@@ -236,24 +260,37 @@ static void check_head(const head_case *hc, int ci) {
         m1c_dev_copy(GPU, d_logits, CPU, logits, (size_t)NV * 4);
         m1c_dev_copy(GPU, d_lse, CPU, lse, (size_t)N * 4);
         m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, d_dlogp, d_h, d_W, d_t, N, H, V);
-        float *g_dlogits = down(d_logits, NV), *g_dh = down(d_dh, NH), *g_dW = down(d_dW, VH);
-        /* dlogits is f32 elementwise (expf on both sides) at every precision: fp32's tolerance. */
-        double ed = rel_max(g_dlogits, dlogits, NV), eh = rel_max(g_dh, dh, NH), ew = rel_max(g_dW, dW, VH);
-        cr_expect_leq(ed, head_tol[0], "head backward N=%lld H=%d V=%d precision %d: dlogits error %g",
-                      (long long)N, H, V, prec, ed);
+        float *g_dh = down(d_dh, NH), *g_dW = down(d_dW, VH);
+        double ed = -1, eh = rel_max(g_dh, dh, NH), ew = rel_max(g_dW, dW, VH);
         cr_expect_leq(eh, tol, "head backward N=%lld H=%d V=%d precision %d: dh error %g", (long long)N, H, V, prec,
                       eh);
         cr_expect_leq(ew, tol, "head backward N=%lld H=%d V=%d precision %d: dW error %g", (long long)N, H, V, prec,
                       ew);
-        /* Unscored rows have no gradient at all. */
+        /* Unscored rows have no gradient: their rows of dh keep their starting values exactly (the
+         * products add only zeros to them), at every precision. */
         for (int64_t i = 0; i < N; i++)
             if (targets[i] < 0)
-                cr_expect_eq(th_max_abs(g_dlogits + i * V, V), 0.0, "unscored row %lld has dlogits", (long long)i);
+                cr_expect_eq(th_max_abs_diff(g_dh + i * H, dh0 + i * H, H), 0.0, "unscored row %lld changed dh",
+                             (long long)i);
+        /* Precisions 0 and 1 leave the f32 dlogits in place of the logits; 2 and 3 write them only into
+         * the products' bf16 or TF32-split operands (core/ops.h), checked through dh and dW above. */
+        if (prec <= 1) {
+            float *g_dlogits = down(d_logits, NV);
+            /* dlogits is f32 elementwise (expf on both sides): fp32's tolerance. */
+            ed = rel_max(g_dlogits, dlogits, NV);
+            cr_expect_leq(ed, head_tol[0], "head backward N=%lld H=%d V=%d precision %d: dlogits error %g",
+                          (long long)N, H, V, prec, ed);
+            for (int64_t i = 0; i < N; i++)
+                if (targets[i] < 0)
+                    cr_expect_eq(th_max_abs(g_dlogits + i * V, V), 0.0, "unscored row %lld has dlogits",
+                                 (long long)i);
+            free(g_dlogits);
+        }
         cr_log_info("head N=%lld H=%d V=%d precision %d: logits %.2g lse %.2g logp %.2g dlogits %.2g dh %.2g dW %.2g",
                     (long long)N, H, V, prec, el, es, ep, ed, eh, ew);
 
-        free(g_logits), free(g_lse), free(g_logp), free(g_dlogits), free(g_dh), free(g_dW);
-        gfree(d_logits), gfree(d_lse), gfree(d_logp), gfree(d_dh), gfree(d_dW);
+        free(g_logits), free(g_lse), free(g_logp), free(g_dh), free(g_dW);
+        gfree_at(d_logits, shift), gfree(d_lse), gfree(d_logp), gfree(d_dh), gfree(d_dW);
     }
     free(h), free(W), free(targets), free(logits), free(lse), free(logp), free(dlogp);
     free(dh0), free(dW0), free(dh), free(dW), free(dlogits);
@@ -265,6 +302,44 @@ Test(cuda_ops, head_forward_backward_all_precisions) {
     for (int i = 0; i < (int)(sizeof head_cases / sizeof head_cases[0]); i++) check_head(&head_cases[i], i);
 }
 
+/* The head gives the same bits on every run at every precision: lse and logp come from block
+ * reductions in a fixed order, dh and dW from cuBLAS (deterministic on one GPU and library version) over
+ * operands converted elementwise. */
+Test(cuda_ops, head_repeats_bit_for_bit) {
+    th_need_gpu();
+    const int64_t N = 1003;
+    const int H = 256, V = 5000;
+    float *h = th_randn(N * H, 90, 1.0f), *W = th_randn((int64_t)V * H, 91, 1.0f / 16), *dlogp = th_randn(N, 92, 1.0f);
+    int32_t *targets = make_ids(N, V, 93, 5);
+    float *d_h = up(h, N * H), *d_W = up(W, (int64_t)V * H), *d_dlogp = up(dlogp, N);
+    int32_t *d_t = up_bytes(targets, (size_t)N * 4);
+    float *z = th_zeros((int64_t)V * H); /* V * H > N * H: zeros for dh and dW */
+    float *d_logits = m1c_dev_alloc(GPU, (size_t)N * V * 4), *d_lse = up(z, N), *d_logp = up(z, N);
+    cr_assert_not_null(d_logits);
+    for (int prec = 0; prec < 4; prec++) {
+        float *res[2][4];
+        for (int run = 0; run < 2; run++) {
+            float *d_dh = up(z, N * H), *d_dW = up(z, (int64_t)V * H);
+            m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, d_h, d_W, d_t, N, H, V);
+            res[run][0] = down(d_lse, N), res[run][1] = down(d_logp, N);
+            m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, d_dlogp, d_h, d_W, d_t, N, H, V);
+            res[run][2] = down(d_dh, N * H), res[run][3] = down(d_dW, (int64_t)V * H);
+            gfree(d_dh), gfree(d_dW);
+        }
+        /* exact: the same operations in the same order */
+        const char *what[4] = {"lse", "logp", "dh", "dW"};
+        const int64_t len[4] = {N, N, N * H, (int64_t)V * H};
+        for (int k = 0; k < 4; k++) {
+            cr_expect_eq(memcmp(res[0][k], res[1][k], (size_t)len[k] * 4), 0, "precision %d: %s differs between runs",
+                         prec, what[k]);
+            cr_expect_gt(th_max_abs(res[0][k], len[k]), 0.0, "precision %d: %s is zero", prec, what[k]);
+            free(res[0][k]), free(res[1][k]);
+        }
+    }
+    free(h), free(W), free(dlogp), free(targets), free(z);
+    gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t), gfree(d_logits), gfree(d_lse), gfree(d_logp);
+}
+
 /* ---- elementwise operations and reductions ---- */
 
 static const int64_t lens[] = {1, 37, 1000, 1000003}; /* the last spans more than the reductions' grid */
@@ -273,34 +348,38 @@ static const int64_t lens[] = {1, 37, 1000, 1000003}; /* the last spans more tha
 Test(cuda_ops, residual_axpby_scale) {
     th_need_gpu();
     const float a = 0.7f, b = 1.3f, s = -0.37f; /* none a power of two: every product rounds */
-    for (int k = 0; k < NL; k++) {
-        const int64_t n = lens[k];
-        float *x = th_randn(n, 50 + (uint64_t)k, 1.0f), *y = th_randn(n, 60 + (uint64_t)k, 1.0f);
-        float *d_x = up(x, n), *d_y = up(y, n);
-        m1c_residual(CPU, y, x, a, b, n);
-        m1c_residual(GPU, d_y, d_x, a, b, n);
-        float *g_y = down(d_y, n);
-        /* a h + b y: the GPU may fuse one product into the addition (one rounding fewer, <= 6e-8 of a
-         * term of size <= the largest element): 1e-6 of the largest element. */
-        double e = rel_max(g_y, y, n);
-        cr_expect_leq(e, 1e-6, "residual n=%lld: error %g", (long long)n, e);
+    /* shift 0: the 16-byte path with a scalar tail of n % 4 (all lengths but 1000 have one); shift 1:
+     * every array one float past alignment, the scalar path */
+    for (int shift = 0; shift < 2; shift++)
+        for (int k = 0; k < NL; k++) {
+            const int64_t n = lens[k];
+            float *x = th_randn(n, 50 + (uint64_t)k, 1.0f), *y = th_randn(n, 60 + (uint64_t)k, 1.0f);
+            float *d_x = up_at(x, n, shift), *d_y = up_at(y, n, shift);
+            m1c_residual(CPU, y, x, a, b, n);
+            m1c_residual(GPU, d_y, d_x, a, b, n);
+            float *g_y = down(d_y, n);
+            /* a h + b y: the GPU may fuse one product into the addition (one rounding fewer, <= 6e-8 of a
+             * term of size <= the largest element): 1e-6 of the largest element. */
+            double e = rel_max(g_y, y, n);
+            cr_expect_leq(e, 1e-6, "residual n=%lld shift %d: error %g", (long long)n, shift, e);
 
-        float *z = th_zeros(n), *d_z = up(z, n);
-        m1c_axpby(CPU, y, z, x, a, b, n);
-        m1c_axpby(GPU, d_y, d_z, d_x, a, b, n);
-        float *g_y2 = down(d_y, n), *g_z = down(d_z, n);
-        /* One rounded product per element: exact. */
-        cr_expect_eq(th_max_abs_diff(g_y2, y, n), 0.0, "axpby n=%lld: y", (long long)n);
-        cr_expect_eq(th_max_abs_diff(g_z, z, n), 0.0, "axpby n=%lld: z", (long long)n);
+            float *z = th_zeros(n), *d_z = up_at(z, n, shift);
+            m1c_axpby(CPU, y, z, x, a, b, n);
+            m1c_axpby(GPU, d_y, d_z, d_x, a, b, n);
+            float *g_y2 = down(d_y, n), *g_z = down(d_z, n);
+            /* One rounded product per element: exact. */
+            cr_expect_eq(th_max_abs_diff(g_y2, y, n), 0.0, "axpby n=%lld shift %d: y", (long long)n, shift);
+            cr_expect_eq(th_max_abs_diff(g_z, z, n), 0.0, "axpby n=%lld shift %d: z", (long long)n, shift);
 
-        m1c_scale(CPU, x, n, s);
-        m1c_scale(GPU, d_x, n, s);
-        float *g_x = down(d_x, n);
-        cr_expect_eq(th_max_abs_diff(g_x, x, n), 0.0, "scale n=%lld (one rounded product: exact)", (long long)n);
+            m1c_scale(CPU, x, n, s);
+            m1c_scale(GPU, d_x, n, s);
+            float *g_x = down(d_x, n);
+            cr_expect_eq(th_max_abs_diff(g_x, x, n), 0.0, "scale n=%lld shift %d (one rounded product: exact)",
+                         (long long)n, shift);
 
-        free(x), free(y), free(z), free(g_y), free(g_y2), free(g_z), free(g_x);
-        gfree(d_x), gfree(d_y), gfree(d_z);
-    }
+            free(x), free(y), free(z), free(g_y), free(g_y2), free(g_z), free(g_x);
+            gfree_at(d_x, shift), gfree_at(d_y, shift), gfree_at(d_z, shift);
+        }
 }
 
 Test(cuda_ops, sumsq) {
@@ -387,13 +466,15 @@ Test(cuda_ops, to_bf16) {
     float *d_x = up(x, n);
     uint16_t *d_g = m1c_dev_alloc(GPU, (size_t)n * 2);
     int64_t bad = 0, nan_payload = 0;
-    /* Every length of the list, so that the last partial block is exercised at each size. */
-    for (int k = 0; k <= NL; k++) {
-        const int64_t len = k < NL ? (lens[k] < n ? lens[k] : n) : n;
+    /* Every length of the list, so that the last partial block and the 16-byte path's scalar tail are
+     * exercised at each size; then (k = NL + 1) from one element past the start of both arrays, which
+     * leaves them unaligned (the scalar path), and one short of the end. */
+    for (int k = 0; k <= NL + 1; k++) {
+        const int64_t off = k > NL, len = k < NL ? (lens[k] < n ? lens[k] : n) : n - 2 * off;
         m1c_dev_memset0(GPU, d_g, (size_t)n * 2);
-        m1c_to_bf16(GPU, d_g, d_x, len);
+        m1c_to_bf16(GPU, d_g + off, d_x + off, len);
         m1c_dev_copy(CPU, g, GPU, d_g, (size_t)n * 2);
-        for (int64_t i = 0; i < len; i++) {
+        for (int64_t i = off; i < off + len; i++) {
             /* Exact for every number (ties to even, subnormals, overflow to infinity). A NaN must stay
              * a NaN; its sign and payload may differ (CUDA writes the canonical 0x7fff, the CPU keeps the
              * top payload bits and sets the quiet bit), which no consumer of a bf16 copy can see. */
@@ -405,7 +486,8 @@ Test(cuda_ops, to_bf16) {
             }
             nan_payload += bf16_is_nan(c[i]) && g[i] != c[i];
         }
-        if (len < n) cr_expect_eq(g[len], 0, "to_bf16 wrote past n = %lld", (long long)len);
+        if (off + len < n) cr_expect_eq(g[off + len], 0, "to_bf16 wrote past n = %lld", (long long)len);
+        if (off) cr_expect_eq(g[0], 0, "to_bf16 wrote before its start");
     }
     cr_expect_eq(bad, 0, "%lld bf16 conversions differ from the CPU's", (long long)bad);
     cr_log_info("NaNs with another bit pattern than the CPU's: %lld", (long long)nan_payload);

@@ -1,12 +1,14 @@
 /* CUDA versions of the core's own layers (core/ops.h): embedding, RMSNorm, the LM head with
- * log-softmax, residual arithmetic and reductions. Correct and simple first: one block per row for
- * the row-wise operations, grid-stride loops for the elementwise ones; the head's products go through
- * cuBLAS at the precision the config asks for. */
+ * log-softmax, residual arithmetic and reductions. Memory-bound work is shaped for DRAM bandwidth:
+ * one warp per row for RMSNorm, one block per row for the head's log-softmax, 16-byte accesses where
+ * the widths and pointers allow (a scalar path otherwise); the head's products go through cuBLAS at the
+ * precision the config asks for. */
 #include <cub/cub.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -32,6 +34,91 @@ static void check(cudaError_t e, const char *what) {
 static int grid_for(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
     return (int)(g > 65535 * 8 ? 65535 * 8 : (g < 1 ? 1 : g));
+}
+
+static int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* Device scratch kept for the next call, per host thread and slot: the head, the RMSNorm backward and
+ * the embedding backward run at every step with the same sizes, so nothing is allocated after the first
+ * step. Growing frees the old buffer (cudaFree waits for the device, so no queued kernel still uses it).
+ * A slot's user may overwrite it at its next call: the default stream orders those uses. */
+enum {
+    SLOT_A16,       /* head: bf16 A operand (h in the forward, dlogits in the backward) */
+    SLOT_B16,       /* head: bf16 B operand (W, then h in the backward) */
+    SLOT_AH,        /* head: TF32 high part and remainder of A */
+    SLOT_AL,
+    SLOT_BH,        /* head: TF32 high part and remainder of B */
+    SLOT_BL,
+    SLOT_RMS_PART,  /* RMSNorm backward: the weight gradient's row-chunk partial sums */
+    SLOT_EMBED_IDX, /* embedding backward: keys, positions, runs */
+    SLOT_EMBED_TMP, /* embedding backward: CUB's temporary storage */
+    NSLOTS
+};
+
+static void *cached(int slot, int64_t n, size_t size, const char *what) {
+    static thread_local void *buf[NSLOTS];
+    static thread_local int64_t cap[NSLOTS];
+    if (n < 1) n = 1;
+    if (n * (int64_t)size > cap[slot]) {
+        cudaFree(buf[slot]);
+        buf[slot] = NULL, cap[slot] = 0;
+        if (cudaMalloc(&buf[slot], (size_t)n * size) != cudaSuccess) {
+            fprintf(stderr, "m1c: out of GPU memory (%s scratch)\n", what);
+            abort();
+        }
+        cap[slot] = n * (int64_t)size;
+    }
+    return buf[slot];
+}
+
+/* Elements c .. c + W - 1 of p (W = 4: one 16-byte access, p 16-byte aligned and c % 4 == 0; W = 1:
+ * scalar). The 16-byte accesses index a float4 array: written as a float4 store at (float *) row + c,
+ * nvcc 13 emitted four scalar stores in the head's kernels (seen in the PTX). */
+template <int W> __device__ static inline void ld(float *a, const float *p, int64_t c) {
+    if constexpr (W == 4) {
+        const float4 v = reinterpret_cast<const float4 *>(p)[c >> 2];
+        a[0] = v.x, a[1] = v.y, a[2] = v.z, a[3] = v.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < W; k++) a[k] = p[c + k];
+    }
+}
+
+template <int W> __device__ static inline void st(float *p, int64_t c, const float *a) {
+    if constexpr (W == 4) {
+        reinterpret_cast<float4 *>(p)[c >> 2] = make_float4(a[0], a[1], a[2], a[3]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < W; k++) p[c + k] = a[k];
+    }
+}
+
+/* The same rounded to bf16 (nearest even); W = 4: one 8-byte access, p 8-byte aligned. */
+template <int W> __device__ static inline void st_bf16(__nv_bfloat16 *p, int64_t c, const float *a) {
+    if constexpr (W == 4) {
+        uint32_t u[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) u[k] = __bfloat16_as_ushort(__float2bfloat16_rn(a[k]));
+        reinterpret_cast<uint2 *>(p)[c >> 2] = make_uint2(u[0] | u[1] << 16, u[2] | u[3] << 16); /* little-endian */
+    } else {
+#pragma unroll
+        for (int k = 0; k < W; k++) p[c + k] = __float2bfloat16_rn(a[k]);
+    }
+}
+
+/* x = hi + lo with hi exact in TF32 (10-bit mantissa, rounded to nearest) and lo the f32 remainder. */
+__device__ static inline void tf32_split(float x, float &hi, float &lo) {
+    const uint32_t r = (__float_as_uint(x) + 0x1000u) & 0xffffe000u; /* 10 mantissa bits, ties away from 0 */
+    float h = __uint_as_float(r);
+    if (!isfinite(h)) h = x; /* NaN, Inf, or rounding up past FLT_MAX: no remainder */
+    hi = h;
+    lo = isfinite(h) ? x - h : 0.0f;
+}
+
+/* Sum over the warp; the xor butterfly leaves the same bits on every lane. */
+__device__ static inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
 
 /* ---- embedding ---- */
@@ -79,8 +166,7 @@ extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const in
     }
     const int n = (int)N;
     /* work: keys, positions (in and sorted), run starts, lengths, unique ids, run count; then CUB's */
-    int32_t *w = NULL;
-    check(cudaMallocAsync((void **)&w, (size_t)(7 * (int64_t)n + 1) * sizeof(int32_t), 0), "cudaMallocAsync");
+    int32_t *w = (int32_t *)cached(SLOT_EMBED_IDX, 7 * (int64_t)n + 1, sizeof(int32_t), "embedding backward");
     int32_t *key = w, *pos = w + n, *skey = w + 2 * (int64_t)n, *spos = w + 3 * (int64_t)n, *start = w + 4 * (int64_t)n;
     int32_t *len = w + 5 * (int64_t)n, *uniq = w + 6 * (int64_t)n, *nruns = w + 7 * (int64_t)n;
     embed_keys<<<grid_for(N, 256), 256>>>(key, pos, ids, N);
@@ -90,45 +176,99 @@ extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const in
     check(cub::DeviceRunLengthEncode::Encode(NULL, t2, skey, uniq, len, nruns, n), "cub encode (size)");
     check(cub::DeviceScan::ExclusiveSum(NULL, t3, len, start, n), "cub scan (size)");
     const size_t tb = t1 > t2 ? (t1 > t3 ? t1 : t3) : (t2 > t3 ? t2 : t3);
-    void *tmp = NULL;
-    check(cudaMallocAsync(&tmp, tb ? tb : 1, 0), "cudaMallocAsync");
+    void *tmp = cached(SLOT_EMBED_TMP, (int64_t)tb, 1, "embedding backward");
     check(cub::DeviceRadixSort::SortPairs(tmp, t1, key, skey, pos, spos, n), "cub sort");
     check(cub::DeviceRunLengthEncode::Encode(tmp, t2, skey, uniq, len, nruns, n), "cub encode");
     check(cub::DeviceScan::ExclusiveSum(tmp, t3, len, start, n), "cub scan");
-    embed_bwd<<<grid_for(N, 1) < 65535 * 8 ? grid_for(N, 1) : 65535 * 8, 256>>>(dwte, dout, skey, spos, start, len,
-                                                                               nruns, H);
+    embed_bwd<<<grid_for(N, 1), 256>>>(dwte, dout, skey, spos, start, len, nruns, H);
     check_launch("embed_backward");
-    check(cudaFreeAsync(tmp, 0), "cudaFreeAsync");
-    check(cudaFreeAsync(w, 0), "cudaFreeAsync");
 }
 
 /* ---- RMSNorm ---- */
 
+/* The row-wise RMSNorm kernels give each row one warp (ROWS rows per block of 256 threads): C = 768 is
+ * 6 16-byte loads per lane, and the row's second pass finds it in L1/L2. W = 4 when C % 4 == 0 and every
+ * pointer is 16-byte aligned (then so is every row), else 1. The row kernels here load U chunks of W
+ * before using any, so that enough loads are in flight to keep DRAM busy. */
+enum { ROWS = 8, U = 4 };
+
+static int rows_grid(int64_t N) { return grid_for(N, ROWS); }
+
+template <int W>
 __global__ static void rmsnorm_fwd(float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
                                    float eps) {
-    __shared__ float sh[32];
-    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+    const int lane = threadIdx.x % 32, step = 32 * W;
+    for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
         const float *x = in + i * C;
-        float ss = 0;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) ss += x[c] * x[c];
-        ss = block_reduce(ss, sh, 0.0f, red_add());
-        float r = rsqrtf(ss / (float)C + eps);
-        if (threadIdx.x == 0) rstd[i] = r;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) out[i * C + c] = x[c] * r * w[c];
+        float *y = out + i * C, ss = 0;
+        for (int c0 = lane * W; c0 < C; c0 += U * step) {
+            float a[U][W];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C) ld<W>(a[u], x, c0 + u * step);
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C)
+#pragma unroll
+                    for (int k = 0; k < W; k++) ss += a[u][k] * a[u][k];
+        }
+        ss = warp_sum(ss);
+        const float r = rsqrtf(ss / (float)C + eps);
+        if (lane == 0) rstd[i] = r;
+        for (int c0 = lane * W; c0 < C; c0 += U * step) {
+            float a[U][W], b[U][W];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C) ld<W>(a[u], x, c0 + u * step), ld<W>(b[u], w, c0 + u * step);
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C) {
+#pragma unroll
+                    for (int k = 0; k < W; k++) a[u][k] = a[u][k] * r * b[u][k];
+                    st<W>(y, c0 + u * step, a[u]);
+                }
+        }
     }
 }
 
 /* din += r (g w) - x r^3 mean(g w x) per row. */
+template <int W>
 __global__ static void rmsnorm_bwd_in(float *din, const float *dout, const float *in, const float *w,
                                       const float *rstd, int64_t N, int C) {
-    __shared__ float sh[32];
-    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+    const int lane = threadIdx.x % 32, step = 32 * W;
+    for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
         const float *x = in + i * C, *g = dout + i * C;
-        float dot = 0;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) dot += g[c] * w[c] * x[c];
-        dot = block_reduce(dot, sh, 0.0f, red_add());
-        float r = rstd[i], k = r * r * r * dot / (float)C;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) din[i * C + c] += r * g[c] * w[c] - k * x[c];
+        float *dx = din + i * C, dot = 0;
+        for (int c0 = lane * W; c0 < C; c0 += U * step) {
+            float xa[U][W], ga[U][W], wa[U][W];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C)
+                    ld<W>(xa[u], x, c0 + u * step), ld<W>(ga[u], g, c0 + u * step), ld<W>(wa[u], w, c0 + u * step);
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C)
+#pragma unroll
+                    for (int k = 0; k < W; k++) dot += ga[u][k] * wa[u][k] * xa[u][k];
+        }
+        dot = warp_sum(dot);
+        const float r = rstd[i], kk = r * r * r * dot / (float)C;
+        for (int c0 = lane * W; c0 < C; c0 += U * step) {
+            float xa[U][W], ga[U][W], wa[U][W], da[U][W];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C) {
+                    const int c = c0 + u * step;
+                    ld<W>(xa[u], x, c), ld<W>(ga[u], g, c), ld<W>(wa[u], w, c), ld<W>(da[u], dx, c);
+                }
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C) {
+#pragma unroll
+                    for (int k = 0; k < W; k++) da[u][k] += r * ga[u][k] * wa[u][k] - kk * xa[u][k];
+                    st<W>(dx, c0 + u * step, da[u]);
+                }
+        }
     }
 }
 
@@ -164,23 +304,27 @@ __global__ static void rmsnorm_bwd_w_sum(float *dw, const float *part, int chunk
 extern "C" void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
                                          float eps) {
     if (N <= 0) return;
-    rmsnorm_fwd<<<grid_for(N, 1), 256>>>(out, rstd, in, w, N, C, eps);
+    if (C % 4 == 0 && aligned16(out) && aligned16(in) && aligned16(w))
+        rmsnorm_fwd<4><<<rows_grid(N), 32 * ROWS>>>(out, rstd, in, w, N, C, eps);
+    else
+        rmsnorm_fwd<1><<<rows_grid(N), 32 * ROWS>>>(out, rstd, in, w, N, C, eps);
     check_launch("rmsnorm_forward");
 }
 
 extern "C" void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
                                           const float *rstd, int64_t N, int C) {
     if (N <= 0) return;
-    rmsnorm_bwd_in<<<grid_for(N, 1), 256>>>(din, dout, in, w, rstd, N, C);
+    if (C % 4 == 0 && aligned16(din) && aligned16(dout) && aligned16(in) && aligned16(w))
+        rmsnorm_bwd_in<4><<<rows_grid(N), 32 * ROWS>>>(din, dout, in, w, rstd, N, C);
+    else
+        rmsnorm_bwd_in<1><<<rows_grid(N), 32 * ROWS>>>(din, dout, in, w, rstd, N, C);
     check_launch("rmsnorm_backward (input)");
     const int chunks = N < RMS_CHUNKS * 8 ? (int)((N + 7) / 8) : RMS_CHUNKS;
-    float *part = NULL;
-    check(cudaMallocAsync((void **)&part, (size_t)chunks * C * sizeof(float), 0), "cudaMallocAsync");
+    float *part = (float *)cached(SLOT_RMS_PART, (int64_t)chunks * C, sizeof(float), "RMSNorm backward");
     rmsnorm_bwd_w<<<dim3((C + 31) / 32, chunks), dim3(32, 8)>>>(part, dout, in, rstd, N, C);
     check_launch("rmsnorm_backward (weight)");
     rmsnorm_bwd_w_sum<<<grid_for(C, 256), 256>>>(dw, part, chunks, C);
     check_launch("rmsnorm_backward (weight sum)");
-    check(cudaFreeAsync(part, 0), "cudaFreeAsync");
 }
 
 /* ---- the LM head ---- */
@@ -194,72 +338,92 @@ static cublasHandle_t head_handle(void) {
     return h;
 }
 
-__global__ static void f32_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        dst[i] = __float2bfloat16_rn(src[i]);
-}
+/* The elementwise kernels take vec = 1 when their pointers allow 16-byte accesses (8-byte for bf16):
+ * then n / 4 groups of 4, and the last n % 4 elements one at a time. */
+static int64_t vec_items(int64_t n, int vec) { return vec ? n / 4 : n; }
 
-/* x = hi + lo with hi exact in TF32 (10-bit mantissa, rounded to nearest) and lo the f32 remainder. */
-__global__ static void split_tf32(float *hi, float *lo, const float *x, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t u = __float_as_uint(x[i]);
-        uint32_t r = (u + 0x1000u) & 0xffffe000u; /* round to 10 mantissa bits (ties away from zero) */
-        float h = __uint_as_float(r);
-        if (!isfinite(h)) h = x[i]; /* NaN, Inf, or rounding up past FLT_MAX: no remainder */
-        hi[i] = h;
-        lo[i] = isfinite(h) ? x[i] - h : 0.0f;
-    }
-}
-
-/* A device buffer of at least n elements of `size` bytes kept for the next call (per host thread
- * and slot): the head runs at every step with the same sizes, so nothing is allocated after the first. */
-static void *cached(int slot, int64_t n, size_t size) {
-    static thread_local void *buf[6];
-    static thread_local int64_t cap[6];
-    if (n * (int64_t)size > cap[slot]) {
-        cudaFree(buf[slot]);
-        if (cudaMalloc(&buf[slot], (size_t)n * size) != cudaSuccess) {
-            fprintf(stderr, "m1c: out of GPU memory in the LM head\n");
-            abort();
+__global__ static void f32_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n, int vec) {
+    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+    int64_t i0 = 0;
+    if (vec) {
+        for (int64_t j = t0; j < n / 4; j += step) {
+            float a[4];
+            ld<4>(a, src, 4 * j);
+            st_bf16<4>(dst, 4 * j, a);
         }
-        cap[slot] = n * (int64_t)size;
+        i0 = n / 4 * 4;
     }
-    return buf[slot];
+    for (int64_t i = i0 + t0; i < n; i += step) dst[i] = __float2bfloat16_rn(src[i]);
 }
 
-/* Row-major C (M x N) = alpha op(A) op(B) + beta C at the head's precision (0 fp32, 1 tf32, 2 bf16
- * operands, 3 tf32x3), all pointers f32; converted operands go to cached buffers. */
-static void head_gemm(int precision, int ta, int tb, int M, int N, int K, const float *A, int lda, int64_t a_n,
-                      const float *B, int ldb, int64_t b_n, float beta, float *C, int ldc) {
+__global__ static void split_tf32(float *hi, float *lo, const float *x, int64_t n, int vec) {
+    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+    int64_t i0 = 0;
+    if (vec) {
+        for (int64_t j = t0; j < n / 4; j += step) {
+            float a[4], h[4], l[4];
+            ld<4>(a, x, 4 * j);
+#pragma unroll
+            for (int k = 0; k < 4; k++) tf32_split(a[k], h[k], l[k]);
+            st<4>(hi, 4 * j, h), st<4>(lo, 4 * j, l);
+        }
+        i0 = n / 4 * 4;
+    }
+    for (int64_t i = i0 + t0; i < n; i += step) tf32_split(x[i], hi[i], lo[i]);
+}
+
+static void to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n) {
+    const int vec = aligned16(src) && ((uintptr_t)dst & 7u) == 0;
+    f32_to_bf16<<<grid_for(vec_items(n, vec), 256), 256>>>(dst, src, n, vec);
+    check_launch("bf16 conversion");
+}
+
+/* A GEMM operand in the form the head's precision multiplies (0 fp32, 1 tf32, 2 bf16 operands,
+ * 3 tf32x3): x f32 for 0 and 1, bf16 for 2, the TF32 high part for 3 with lo its remainder. */
+struct head_op {
+    const void *x;
+    const float *lo;
+};
+
+/* n f32 values as the operand of `precision`, converted into the cached slots s16 (bf16) or sh and sl. */
+static head_op head_operand(int precision, const float *x, int64_t n, int s16, int sh, int sl) {
+    if (precision == 2) {
+        __nv_bfloat16 *d = (__nv_bfloat16 *)cached(s16, n, 2, "LM head");
+        to_bf16(d, x, n);
+        return {d, NULL};
+    }
+    if (precision == 3) {
+        float *h = (float *)cached(sh, n, 4, "LM head"), *l = (float *)cached(sl, n, 4, "LM head");
+        const int vec = aligned16(x); /* cudaMalloc'd hi and lo are aligned */
+        split_tf32<<<grid_for(vec_items(n, vec), 256), 256>>>(h, l, x, n, vec);
+        check_launch("head tf32 split");
+        return {h, l};
+    }
+    return {x, NULL};
+}
+
+/* Row-major C (M x N) = op(A) op(B) + beta C at the head's precision, A and B already in its form. */
+static void head_gemm(int precision, int ta, int tb, int M, int N, int K, head_op A, int lda, head_op B, int ldb,
+                      float beta, float *C, int ldc) {
     cublasHandle_t h = head_handle();
     const float one = 1.0f;
     cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-    cublasStatus_t st;
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
     if (precision == 3) {
-        float *ah = (float *)cached(2, a_n, 4), *al = (float *)cached(3, a_n, 4);
-        float *bh = (float *)cached(4, b_n, 4), *bl = (float *)cached(5, b_n, 4);
-        split_tf32<<<grid_for(a_n, 256), 256>>>(ah, al, A, a_n);
-        split_tf32<<<grid_for(b_n, 256), 256>>>(bh, bl, B, b_n);
-        check_launch("head tf32 split");
         /* the small terms first, then the large one, so the f32 accumulation loses the least */
-        const float *pa[3] = {al, ah, ah}, *pb[3] = {bh, bl, bh};
-        st = CUBLAS_STATUS_SUCCESS;
+        const void *pa[3] = {A.lo, A.x, A.x}, *pb[3] = {B.x, B.lo, B.x};
         for (int t = 0; t < 3 && st == CUBLAS_STATUS_SUCCESS; t++) {
             const float bt = t == 0 ? beta : 1.0f;
             st = cublasGemmEx(h, ob, oa, N, M, K, &one, pb[t], CUDA_R_32F, ldb, pa[t], CUDA_R_32F, lda, &bt, C,
                               CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT);
         }
     } else if (precision == 2) {
-        __nv_bfloat16 *a16 = (__nv_bfloat16 *)cached(0, a_n, 2), *b16 = (__nv_bfloat16 *)cached(1, b_n, 2);
-        f32_to_bf16<<<grid_for(a_n, 256), 256>>>(a16, A, a_n);
-        f32_to_bf16<<<grid_for(b_n, 256), 256>>>(b16, B, b_n);
-        check_launch("head bf16 conversion");
-        st = cublasGemmEx(h, ob, oa, N, M, K, &one, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda, &beta, C, CUDA_R_32F,
+        st = cublasGemmEx(h, ob, oa, N, M, K, &one, B.x, CUDA_R_16BF, ldb, A.x, CUDA_R_16BF, lda, &beta, C, CUDA_R_32F,
                           ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     } else {
         cublasComputeType_t ct = precision == 1 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-        st = cublasGemmEx(h, ob, oa, N, M, K, &one, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F, ldc,
-                          ct, CUBLAS_GEMM_DEFAULT);
+        st = cublasGemmEx(h, ob, oa, N, M, K, &one, B.x, CUDA_R_32F, ldb, A.x, CUDA_R_32F, lda, &beta, C, CUDA_R_32F,
+                          ldc, ct, CUBLAS_GEMM_DEFAULT);
     }
     if (st != CUBLAS_STATUS_SUCCESS) {
         fprintf(stderr, "m1c: cublasGemmEx (LM head) failed (%d)\n", (int)st);
@@ -267,72 +431,188 @@ static void head_gemm(int precision, int ta, int tb, int M, int N, int K, const 
     }
 }
 
+/* lse and logp of each row in one pass over the logits (one block per row): each thread keeps a
+ * running max m and sum s of exp(z - m) over its elements (rescaling s when m grows), then the block
+ * merges them: M = max m, lse = M + log(sum s exp(m - M)). W = 4 when V % 4 == 0 and the logits are
+ * 16-byte aligned, else 1; U chunks of W are loaded before any is used, as in the RMSNorm kernels. */
+template <int W>
 __global__ static void logsoftmax_rows(float *lse, float *logp, const float *logits, const int32_t *targets,
                                        int64_t N, int V) {
     __shared__ float sh[32];
+    const int step = blockDim.x * W;
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
         const float *z = logits + i * (int64_t)V;
-        float m = -INFINITY;
-        for (int v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, z[v]);
-        m = block_reduce(m, sh, -INFINITY, red_fmax());
-        float s = 0;
-        for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(z[v] - m);
+        float m = -INFINITY, s = 0;
+        for (int v0 = threadIdx.x * W; v0 < V; v0 += U * step) {
+            float a[U][W];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (v0 + u * step < V) ld<W>(a[u], z, v0 + u * step);
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (v0 + u * step < V) {
+                    float mx = a[u][0];
+#pragma unroll
+                    for (int k = 1; k < W; k++) mx = fmaxf(mx, a[u][k]);
+                    if (mx > m) { /* from m = -Inf: s is 0 and stays 0 */
+                        s *= expf(m - mx);
+                        m = mx;
+                    }
+#pragma unroll
+                    for (int k = 0; k < W; k++) s += expf(a[u][k] - m); /* a NaN makes s NaN, as in two passes */
+                }
+        }
+        const float M = block_reduce(m, sh, -INFINITY, red_fmax());
+        s = s == 0.0f ? 0.0f : s * expf(m - M); /* a thread without elements (m = -Inf) adds 0 */
         s = block_reduce(s, sh, 0.0f, red_add());
         if (threadIdx.x == 0) {
-            float l = m + logf(s);
+            const float l = M + logf(s);
             lse[i] = l;
             if (logp) logp[i] = targets[i] >= 0 ? z[targets[i]] - l : 0.0f;
         }
     }
 }
 
-/* dlogits = dlogp * (onehot - softmax), in place. */
-__global__ static void logsoftmax_bwd(float *logits, const float *lse, const float *dlogp, const int32_t *targets,
-                                      int64_t N, int V) {
+/* dlogits = dlogp * (onehot - softmax) from the logits, written where the head's precision P wants them:
+ * P 0 (and 1) f32 in place of the logits; 2 bf16 into b16; 3 the TF32 split into hi and lo. W and U as
+ * for logsoftmax_rows. */
+template <int W, int P>
+__global__ static void logsoftmax_bwd(float *logits, __nv_bfloat16 *b16, float *hi, float *lo, const float *lse,
+                                      const float *dlogp, const int32_t *targets, int64_t N, int V) {
+    const int step = blockDim.x * W;
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        float *z = logits + i * (int64_t)V;
-        int32_t t = targets[i];
-        float g = t >= 0 ? dlogp[i] : 0.0f, l = lse[i];
-        for (int v = threadIdx.x; v < V; v += blockDim.x) z[v] = -g * expf(z[v] - l) + (v == t ? g : 0.0f);
+        const int64_t row = i * (int64_t)V;
+        const int32_t t = targets[i];
+        const float g = t >= 0 ? dlogp[i] : 0.0f, l = lse[i];
+        for (int v0 = threadIdx.x * W; v0 < V; v0 += U * step) {
+            float d[U][W];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (v0 + u * step < V) ld<W>(d[u], logits + row, v0 + u * step);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int v = v0 + u * step;
+                if (v >= V) continue;
+#pragma unroll
+                for (int k = 0; k < W; k++) d[u][k] = -g * expf(d[u][k] - l) + (v + k == t ? g : 0.0f);
+                if constexpr (P == 2) {
+                    st_bf16<W>(b16 + row, v, d[u]);
+                } else if constexpr (P == 3) {
+                    float h[W], r[W];
+#pragma unroll
+                    for (int k = 0; k < W; k++) tf32_split(d[u][k], h[k], r[k]);
+                    st<W>(hi + row, v, h), st<W>(lo + row, v, r);
+                } else {
+                    st<W>(logits + row, v, d[u]);
+                }
+            }
+        }
     }
+}
+
+template <int P>
+static void launch_logsoftmax_bwd(int vec, float *logits, __nv_bfloat16 *b16, float *hi, float *lo, const float *lse,
+                                  const float *dlogp, const int32_t *targets, int64_t N, int V) {
+    if (vec)
+        logsoftmax_bwd<4, P><<<grid_for(N, 1), 256>>>(logits, b16, hi, lo, lse, dlogp, targets, N, V);
+    else
+        logsoftmax_bwd<1, P><<<grid_for(N, 1), 256>>>(logits, b16, hi, lo, lse, dlogp, targets, N, V);
+    check_launch("head log-softmax backward");
 }
 
 extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, const float *h,
                                       const float *W, const int32_t *targets, int64_t N, int H, int V) {
     if (N <= 0) return;
-    head_gemm(precision, 0, 1, (int)N, V, H, h, H, N * H, W, H, (int64_t)V * H, 0.0f, logits, V);
-    logsoftmax_rows<<<grid_for(N, 1), 256>>>(lse, logp, logits, targets, N, V);
+    const head_op A = head_operand(precision, h, N * H, SLOT_A16, SLOT_AH, SLOT_AL);
+    const head_op B = head_operand(precision, W, (int64_t)V * H, SLOT_B16, SLOT_BH, SLOT_BL);
+    head_gemm(precision, 0, 1, (int)N, V, H, A, H, B, H, 0.0f, logits, V);
+    if (V % 4 == 0 && aligned16(logits))
+        logsoftmax_rows<4><<<grid_for(N, 1), 256>>>(lse, logp, logits, targets, N, V);
+    else
+        logsoftmax_rows<1><<<grid_for(N, 1), 256>>>(lse, logp, logits, targets, N, V);
     check_launch("head log-softmax");
 }
 
+/* The dlogits go once into the form both products use: f32 in place of the logits at precisions 0 and
+ * 1; at 2 bf16 and at 3 the TF32 split, into the cached A-operand slots, and logits is not written. */
 extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse,
                                        const float *dlogp, const float *h, const float *W, const int32_t *targets,
                                        int64_t N, int H, int V) {
     if (N <= 0) return;
-    logsoftmax_bwd<<<grid_for(N, 1), 256>>>(logits, lse, dlogp, targets, N, V);
-    check_launch("head log-softmax backward");
-    head_gemm(precision, 0, 0, (int)N, H, V, logits, V, N * V, W, H, (int64_t)V * H, 1.0f, dh, H);
-    head_gemm(precision, 1, 0, V, H, (int)N, logits, V, N * V, h, H, N * H, 1.0f, dW, H);
+    const int64_t NV = N * V;
+    const int vec = V % 4 == 0 && aligned16(logits); /* the cached slots are cudaMalloc'd: aligned */
+    head_op D = {logits, NULL};
+    if (precision == 2) {
+        __nv_bfloat16 *b16 = (__nv_bfloat16 *)cached(SLOT_A16, NV, 2, "LM head");
+        launch_logsoftmax_bwd<2>(vec, logits, b16, NULL, NULL, lse, dlogp, targets, N, V);
+        D = {b16, NULL};
+    } else if (precision == 3) {
+        float *hi = (float *)cached(SLOT_AH, NV, 4, "LM head"), *lo = (float *)cached(SLOT_AL, NV, 4, "LM head");
+        launch_logsoftmax_bwd<3>(vec, logits, NULL, hi, lo, lse, dlogp, targets, N, V);
+        D = {hi, lo};
+    } else {
+        launch_logsoftmax_bwd<0>(vec, logits, NULL, NULL, NULL, lse, dlogp, targets, N, V);
+    }
+    /* dh += dlogits W, then dW += dlogits^T h; h's conversion reuses W's slots after the first product
+     * (stream order). */
+    const head_op Wop = head_operand(precision, W, (int64_t)V * H, SLOT_B16, SLOT_BH, SLOT_BL);
+    head_gemm(precision, 0, 0, (int)N, H, V, D, V, Wop, H, 1.0f, dh, H);
+    const head_op Hop = head_operand(precision, h, N * H, SLOT_B16, SLOT_BH, SLOT_BL);
+    head_gemm(precision, 1, 0, V, H, (int)N, D, V, Hop, H, 1.0f, dW, H);
 }
 
 /* ---- elementwise and reductions ---- */
 
-__global__ static void residual_k(float *y, const float *h, float a, float b, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        y[i] = a * h[i] + b * y[i];
+__global__ static void residual_k(float *y, const float *h, float a, float b, int64_t n, int vec) {
+    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+    int64_t i0 = 0;
+    if (vec) {
+        for (int64_t j = t0; j < n / 4; j += step) {
+            float hv[4], yv[4];
+            ld<4>(hv, h, 4 * j), ld<4>(yv, y, 4 * j);
+#pragma unroll
+            for (int k = 0; k < 4; k++) yv[k] = a * hv[k] + b * yv[k];
+            st<4>(y, 4 * j, yv);
+        }
+        i0 = n / 4 * 4;
+    }
+    for (int64_t i = i0 + t0; i < n; i += step) y[i] = a * h[i] + b * y[i];
 }
 
-__global__ static void axpby_k(float *y, float *z, const float *x, float a, float b, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+__global__ static void axpby_k(float *y, float *z, const float *x, float a, float b, int64_t n, int vec) {
+    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+    int64_t i0 = 0;
+    if (vec) {
+        for (int64_t j = t0; j < n / 4; j += step) {
+            float xv[4], yv[4], zv[4];
+            ld<4>(xv, x, 4 * j);
+#pragma unroll
+            for (int k = 0; k < 4; k++) yv[k] = a * xv[k], zv[k] = b * xv[k];
+            st<4>(y, 4 * j, yv), st<4>(z, 4 * j, zv);
+        }
+        i0 = n / 4 * 4;
+    }
+    for (int64_t i = i0 + t0; i < n; i += step) {
         float v = x[i];
         y[i] = a * v;
         z[i] = b * v;
     }
 }
 
-__global__ static void scale_k(float *x, int64_t n, float s) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        x[i] *= s;
+__global__ static void scale_k(float *x, int64_t n, float s, int vec) {
+    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+    int64_t i0 = 0;
+    if (vec) {
+        for (int64_t j = t0; j < n / 4; j += step) {
+            float v[4];
+            ld<4>(v, x, 4 * j);
+#pragma unroll
+            for (int k = 0; k < 4; k++) v[k] *= s;
+            st<4>(x, 4 * j, v);
+        }
+        i0 = n / 4 * 4;
+    }
+    for (int64_t i = i0 + t0; i < n; i += step) x[i] *= s;
 }
 
 /* Per-block partial sums in double (deterministic: fixed grid, fixed order), summed on the host. */
@@ -359,19 +639,22 @@ __global__ static void nonfinite_k(unsigned long long *count, const float *x, in
 
 extern "C" void m1c_cuda_residual(float *y, const float *h, float a, float b, int64_t n) {
     if (n <= 0) return;
-    residual_k<<<grid_for(n, 256), 256>>>(y, h, a, b, n);
+    const int vec = aligned16(y) && aligned16(h);
+    residual_k<<<grid_for(vec_items(n, vec), 256), 256>>>(y, h, a, b, n, vec);
     check_launch("residual");
 }
 
 extern "C" void m1c_cuda_axpby(float *y, float *z, const float *x, float a, float b, int64_t n) {
     if (n <= 0) return;
-    axpby_k<<<grid_for(n, 256), 256>>>(y, z, x, a, b, n);
+    const int vec = aligned16(y) && aligned16(z) && aligned16(x);
+    axpby_k<<<grid_for(vec_items(n, vec), 256), 256>>>(y, z, x, a, b, n, vec);
     check_launch("axpby");
 }
 
 extern "C" void m1c_cuda_scale(float *x, int64_t n, float s) {
     if (n <= 0) return;
-    scale_k<<<grid_for(n, 256), 256>>>(x, n, s);
+    const int vec = aligned16(x);
+    scale_k<<<grid_for(vec_items(n, vec), 256), 256>>>(x, n, s, vec);
     check_launch("scale");
 }
 
@@ -409,6 +692,5 @@ extern "C" int64_t m1c_cuda_count_nonfinite(const float *x, int64_t n) {
 
 extern "C" void m1c_cuda_to_bf16(uint16_t *dst, const float *src, int64_t n) {
     if (n <= 0) return;
-    f32_to_bf16<<<grid_for(n, 256), 256>>>((__nv_bfloat16 *)dst, src, n);
-    check_launch("to_bf16");
+    to_bf16((__nv_bfloat16 *)dst, src, n);
 }
