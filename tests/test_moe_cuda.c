@@ -1,9 +1,11 @@
 /* The MoE-slot plugins (topk, dense) on CUDA against their CPU reference, for compute dtypes F32 and
- * BF16: routing (identical), forward, every gradient, statistics; jitter on the GPU. Skipped where the
- * build has no CUDA or the machine has no GPU. */
+ * BF16 and both BF16 expert-GEMM paths of topk (expert_gemm = "cublas" / "grouped"): routing
+ * (identical), forward, every gradient, statistics; jitter on the GPU; repeatability. Skipped where the
+ * build has no CUDA or the machine has no GPU (but the settings test, which needs neither). */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -75,30 +77,88 @@ static double order_margin(const float *p, int N, int E, int k) {
  * BF16: every expert GEMM operand is rounded to bf16 (8 mantissa bits, relative 2^-9 ~ 2e-3 per
  *   rounding): the input rows, the weights, the stored gate/up and SwiGLU activations, and in backward
  *   the d rows and d gate/up: four to six roundings in a chain, each ~2e-3, partly cancelling in sums of
- *   16..64 terms: 3e-2 for outputs, 5e-2 for gradients. A wrong index or a missing term is off by O(1).
+ *   8..1100 terms (independent rounding errors over random-signed terms: the error relative to the
+ *   sum's scale does not grow with the length): 3e-2 for outputs, 5e-2 for gradients. A wrong index or
+ *   a missing term is off by O(1).
  * The router, its softmax and the aux loss are f32 from f32 inputs in both dtypes: 1e-5. */
 #define TOL_ROUTER 1e-5
 static double tol_out(int cdt) { return cdt == M1C_BF16 ? 3e-2 : 2e-5; }
 static double tol_grad(int cdt) { return cdt == M1C_BF16 ? 5e-2 : 5e-5; }
 
-/* ---- topk: GPU vs CPU ----------------------------------------------------------------------------- */
+/* ---- topk: settings ------------------------------------------------------------------------------- */
 
-/* skew: feature 0 of every token is 4 and the router's column 0 favours expert 0 (+1) and shuns expert
- * 1 (-10, a logit 40 below: it gets no token), so expert loads are uneven and one expert is empty. */
-static void compare_topk_x(const char *settings, int E, int k, int B, int T, int H, uint64_t seed, int cdt,
-                           int expect_drops, int skew);
-static void compare_topk(const char *settings, int E, int k, int B, int T, int H, uint64_t seed, int cdt,
-                         int expect_drops) {
-    compare_topk_x(settings, E, k, B, T, H, seed, cdt, expect_drops, 0);
+/* Create a topk instance from settings text on a device; returns the status (the instance, if any, is
+ * destroyed) and leaves the plugin's error message in p->error. Needs no GPU: create touches none. */
+static int try_create(const char *body, int device) {
+    m1c_plugin *p = th_plugin("topk", M1C_KIND_MOE);
+    m1c_config *cfg = NULL;
+    m1c_settings *s = th_settings(body, &cfg);
+    m1c_layer_info info = {sizeof info, 0, 1, 16, device, device == M1C_DEVICE_CUDA ? M1C_BF16 : M1C_F32, 1, {0}};
+    void *self = NULL;
+    p->error[0] = 0;
+    int rc = M1C_MOE(p)->ops.create(&p->host, s, &info, &self);
+    if (rc == M1C_OK) M1C_MOE(p)->ops.destroy(self);
+    m1c_config_free(cfg);
+    return rc;
 }
 
-static void compare_topk_x(const char *settings, int E, int k, int B, int T, int H, uint64_t seed, int cdt,
-                           int expect_drops, int skew) {
+/* expert_gemm takes "cublas" and "grouped" (the CPU reads and ignores it, so one config serves both
+ * devices); anything else is refused with a message naming the key. */
+Test(topk_settings, expert_gemm) {
+    m1c_plugin *p = th_plugin("topk", M1C_KIND_MOE);
+    cr_expect_eq(try_create("expert_gemm = \"cublas\";", M1C_DEVICE_CPU), M1C_OK, "cublas refused: %s", p->error);
+    cr_expect_eq(try_create("expert_gemm = \"grouped\";", M1C_DEVICE_CPU), M1C_OK, "grouped refused: %s", p->error);
+    cr_expect_eq(try_create("expert_gemm = \"fast\";", M1C_DEVICE_CPU), M1C_ERR);
+    cr_expect(strstr(p->error, "expert_gemm") != NULL, "message should name expert_gemm: %s", p->error);
+    cr_expect(strchr(p->error, '\n') == NULL, "one line: %s", p->error);
+    cr_expect_eq(try_create("expert_gemm = 1;", M1C_DEVICE_CPU), M1C_ERR);
+    cr_expect(strstr(p->error, "expert_gemm") != NULL, "message should name expert_gemm: %s", p->error);
+}
+
+/* The CUDA path's per-expert tables stop at 512 experts: more is refused at creation, naming the key. */
+Test(topk_settings, cuda_expert_limit) {
+    need_gpu(); /* a build without CUDA refuses the device itself */
+    m1c_plugin *p = th_plugin("topk", M1C_KIND_MOE);
+    cr_expect_eq(try_create("experts = 512; top_k = 2;", M1C_DEVICE_CUDA), M1C_OK, "512 refused: %s", p->error);
+    cr_expect_eq(try_create("experts = 513; top_k = 2;", M1C_DEVICE_CUDA), M1C_ERR);
+    cr_expect(strstr(p->error, "experts") != NULL, "message should name experts: %s", p->error);
+}
+
+/* ---- topk: GPU vs CPU ----------------------------------------------------------------------------- */
+
+/* A comparison case: settings, experts E, top_k k, batch B x T, hidden H, seed; drops: the case must drop
+ * assignments; skew: feature 0 of every token is 4 and the router's column 0 favours expert 0 (+1) and
+ * shuns expert 1 (-10, a logit 40 below: it gets no token), so expert loads are uneven and one expert is
+ * empty. */
+typedef struct topk_case {
+    const char *settings;
+    int E, k, B, T, H;
+    uint64_t seed;
+    int drops, skew;
+} topk_case;
+
+/* The expert GEMMs (setting expert_gemm): the default (cublas), or as named. F32 runs per expert
+ * whatever the setting. */
+enum { GEMM_DEFAULT, GEMM_CUBLAS, GEMM_GROUPED };
+static th_text with_gemm(const char *settings, int gemm) {
+    th_text t;
+    const char *add = gemm == GEMM_GROUPED  ? " expert_gemm = \"grouped\";"
+                      : gemm == GEMM_CUBLAS ? " expert_gemm = \"cublas\";"
+                                            : "";
+    int n = snprintf(t.s, sizeof t.s, "%s%s", settings, add);
+    cr_assert(n > 0 && (size_t)n < sizeof t.s, "settings too long");
+    return t;
+}
+
+static void compare_topk(const topk_case *tc, int cdt, int gemm) {
     need_gpu();
+    const int E = tc->E, k = tc->k, B = tc->B, T = tc->T, H = tc->H, skew = tc->skew;
+    const uint64_t seed = tc->seed;
     const int N = B * T;
     const int64_t NH = (int64_t)N * H;
-    th_layer *c = th_layer_new("topk", settings, 0, 1, H, B, T, seed, 0.3f);
-    th_layer *g = th_layer_new_dev("topk", settings, 0, 1, H, B, T, seed, 0.3f, M1C_DEVICE_CUDA, cdt);
+    const th_text set = with_gemm(tc->settings, gemm);
+    th_layer *c = th_layer_new("topk", set.s, 0, 1, H, B, T, seed, 0.3f);
+    th_layer *g = th_layer_new_dev("topk", set.s, 0, 1, H, B, T, seed, 0.3f, M1C_DEVICE_CUDA, cdt);
     c->bufs.aux_scale = g->bufs.aux_scale = 0.7f; /* the aux gradient must carry this weight */
     if (skew) { /* the router (f32 on both devices) is parameter 0 */
         float *wr = c->params[0].data;
@@ -145,7 +205,7 @@ static void compare_topk_x(const char *settings, int E, int k, int B, int T, int
     for (int e = 0; e < E; e++)
         cr_expect_eq(sg.expert_load[e], sc.expert_load[e], "expert_load[%d] %g vs CPU %g", e, sg.expert_load[e],
                      sc.expert_load[e]);
-    if (expect_drops) cr_assert_gt(sc.dropped, 0, "this case is meant to drop assignments");
+    if (tc->drops) cr_assert_gt(sc.dropped, 0, "this case is meant to drop assignments");
     if (skew) {
         cr_assert_eq(sc.expert_load[1], 0.0f, "this case is meant to leave expert 1 without tokens");
         cr_assert_gt(sc.expert_load[0], 1.5f / E, "this case is meant to load expert 0 unevenly");
@@ -172,46 +232,55 @@ static void compare_topk_x(const char *settings, int E, int k, int B, int T, int
     th_layer_free(g);
 }
 
+/* Each case on F32, on BF16 through the default per-expert cuBLAS calls and on BF16 through the grouped
+ * GEMM (Criterion runs each test in its own process). */
+#define TOPK_TESTS(name, ...)                                                                            \
+    static const topk_case name##_case = {__VA_ARGS__};                                                  \
+    Test(topk_cuda, name##_f32) { compare_topk(&name##_case, M1C_F32, GEMM_DEFAULT); }                  \
+    Test(topk_cuda, name##_bf16) { compare_topk(&name##_case, M1C_BF16, GEMM_DEFAULT); }                \
+    Test(topk_cuda, name##_bf16_grouped) { compare_topk(&name##_case, M1C_BF16, GEMM_GROUPED); }
+
 #define TOP2 "experts = 4; top_k = 2; ffn_dim = 24; aux_coef = 0.01;"
 #define TOP3 "experts = 5; top_k = 3; ffn_dim = 20; normalize = false; aux_coef = 0.01;"
 /* capacity ceil(0.5 * 32 * 2 / 4) = 8 per expert for 64 assignments: at least 32 dropped */
 #define CAPACITY "experts = 4; top_k = 2; ffn_dim = 16; capacity_factor = 0.5; aux_coef = 0.01;"
 #define ODD "experts = 6; top_k = 2; ffn_dim = 40; aux_coef = 0.01;"
-/* more experts than a warp and than FUSE_ROUTER_MAX_E on the CPU; many ranking blocks */
+/* more experts than a warp and than FUSE_ROUTER_MAX_E on the CPU; many ranking blocks; two dWr chunks */
 #define MANY "experts = 40; top_k = 4; ffn_dim = 8; aux_coef = 0.01; capacity_factor = 1.0;"
 
-Test(topk_cuda, top2_of_4_f32) { compare_topk(TOP2, 4, 2, 2, 8, 32, 11, M1C_F32, 0); }
-Test(topk_cuda, top2_of_4_bf16) { compare_topk(TOP2, 4, 2, 2, 8, 32, 11, M1C_BF16, 0); }
-Test(topk_cuda, top3_of_5_unnormalized_f32) { compare_topk(TOP3, 5, 3, 2, 8, 24, 12, M1C_F32, 0); }
-Test(topk_cuda, top3_of_5_unnormalized_bf16) { compare_topk(TOP3, 5, 3, 2, 8, 24, 12, M1C_BF16, 0); }
-Test(topk_cuda, capacity_drops_f32) { compare_topk(CAPACITY, 4, 2, 4, 8, 16, 13, M1C_F32, 1); }
-Test(topk_cuda, capacity_drops_bf16) { compare_topk(CAPACITY, 4, 2, 4, 8, 16, 13, M1C_BF16, 1); }
-Test(topk_cuda, odd_batch_3x37_f32) { compare_topk(ODD, 6, 2, 3, 37, 40, 14, M1C_F32, 0); }
-Test(topk_cuda, odd_batch_3x37_bf16) { compare_topk(ODD, 6, 2, 3, 37, 40, 14, M1C_BF16, 0); }
-Test(topk_cuda, many_experts_f32) { compare_topk(MANY, 40, 4, 3, 37, 16, 15, M1C_F32, 0); }
-Test(topk_cuda, many_experts_bf16) { compare_topk(MANY, 40, 4, 3, 37, 16, 15, M1C_BF16, 0); }
+TOPK_TESTS(top2_of_4, TOP2, 4, 2, 2, 8, 32, 11, 0, 0)
+TOPK_TESTS(top3_of_5_unnormalized, TOP3, 5, 3, 2, 8, 24, 12, 0, 0)
+TOPK_TESTS(capacity_drops, CAPACITY, 4, 2, 4, 8, 16, 13, 1, 0)
+TOPK_TESTS(odd_batch_3x37, ODD, 6, 2, 3, 37, 40, 14, 0, 0)
+TOPK_TESTS(many_experts, MANY, 40, 4, 3, 37, 16, 15, 0, 0)
 /* Uneven loads, an expert without tokens, and sizes that span several grouped-GEMM tiles (128 rows and
  * columns, K steps of 32) with partial edge tiles: 400 tokens, H 136, 2F 400. */
-#define SKEW "experts = 4; top_k = 2; ffn_dim = 200; aux_coef = 0.01;"
-Test(topk_cuda, uneven_empty_expert_f32) { compare_topk_x(SKEW, 4, 2, 4, 100, 136, 16, M1C_F32, 0, 1); }
-Test(topk_cuda, uneven_empty_expert_bf16) { compare_topk_x(SKEW, 4, 2, 4, 100, 136, 16, M1C_BF16, 0, 1); }
-/* BF16 through the per-expert cuBLAS calls (M1C_MOE_GEMM=cublas; Criterion runs each test in its own
- * process, so the setting stays in this test), the reference the grouped GEMM replaces. */
-Test(topk_cuda, uneven_empty_expert_bf16_cublas) {
-    setenv("M1C_MOE_GEMM", "cublas", 1);
-    compare_topk_x(SKEW, 4, 2, 4, 100, 136, 16, M1C_BF16, 0, 1);
-}
-Test(topk_cuda, capacity_drops_bf16_cublas) {
-    setenv("M1C_MOE_GEMM", "cublas", 1);
-    compare_topk(CAPACITY, 4, 2, 4, 8, 16, 13, M1C_BF16, 1);
-}
-
+TOPK_TESTS(uneven_empty_expert, "experts = 4; top_k = 2; ffn_dim = 200; aux_coef = 0.01;", 4, 2, 4, 100, 136, 16, 0, 1)
 /* 5000 tokens, top-2 of 8 with capacity: 10000 assignments over several ranking chunks (1024 each, the
- * last one partial) and several aux partial-sum blocks (256 tokens each, the last one partial), with
- * drops (capacity ceil(0.9 * 10000 / 8) = 1125 per expert: at least 10000 - 8 * 1125 = 1000 dropped). */
+ * last one partial), several aux partial-sum blocks (256 tokens each, the last one partial) and 79 dWr
+ * chunks (64 tokens each), with drops (capacity ceil(0.9 * 10000 / 8) = 1125 per expert: at least
+ * 10000 - 8 * 1125 = 1000 dropped). */
 #define LARGE_CAP "experts = 8; top_k = 2; ffn_dim = 8; capacity_factor = 0.9; aux_coef = 0.01;"
-Test(topk_cuda, large_capacity_f32) { compare_topk(LARGE_CAP, 8, 2, 2, 2500, 16, 17, M1C_F32, 1); }
-Test(topk_cuda, large_capacity_bf16) { compare_topk(LARGE_CAP, 8, 2, 2, 2500, 16, 17, M1C_BF16, 1); }
+TOPK_TESTS(large_capacity, LARGE_CAP, 8, 2, 2, 2500, 16, 17, 1, 0)
+/* Sizes where no 16-byte access applies (H 30 and F 21: not multiples of 4), so every kernel takes its
+ * element-by-element form, and the grouped GEMM its element loads. */
+TOPK_TESTS(ragged_h30_f21, "experts = 6; top_k = 2; ffn_dim = 21; aux_coef = 0.01;", 6, 2, 3, 37, 30, 18, 0, 0)
+/* H 36 and F 20: multiples of 4, not of 8: f32 rows take 16-byte accesses, bf16 rows (8 per 16 bytes)
+ * do not (the gather into bf16, the BF16 SwiGLU); the bf16 d rows take 8-byte stores. */
+TOPK_TESTS(h36_f20, "experts = 5; top_k = 2; ffn_dim = 20; aux_coef = 0.01;", 5, 2, 2, 50, 36, 19, 0, 0)
+/* H 1100: rows wider than one block of the dWr and un-permute kernels (256 threads x 4 columns), so
+ * they run in two column blocks; the logits kernel's lanes stride 9 times over the row. */
+TOPK_TESTS(wide_h1100, "experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.01;", 4, 2, 2, 8, 1100, 20, 0, 0)
+/* 300 experts (above a block of threads, not a multiple of the router kernels' 8-expert groups, near the
+ * CUDA limit of 512): 1000 tokens give 2000 / 300 = 6 dWr chunks of partial sums (the scratch holds no
+ * more), each of 167 tokens. */
+TOPK_TESTS(experts_300, "experts = 300; top_k = 2; ffn_dim = 8; aux_coef = 0.01;", 300, 2, 4, 250, 20, 21, 0, 0)
+
+/* The setting named explicitly, and F32 with "grouped" (which F32 ignores: per-expert calls). */
+Test(topk_cuda, uneven_empty_expert_bf16_cublas_named) {
+    compare_topk(&uneven_empty_expert_case, M1C_BF16, GEMM_CUBLAS);
+}
+Test(topk_cuda, capacity_drops_f32_grouped_ignored) { compare_topk(&capacity_drops_case, M1C_F32, GEMM_GROUPED); }
 
 /* The ranking at a size no routing comparison with the CPU can reach (300000 assignments: near-ties are
  * certain there): the GPU's own routing (idx) walked serially in token order on the host must give the
@@ -284,13 +353,15 @@ Test(topk_cuda, ranking_matches_serial_walk_large) {
     th_layer_free(g);
 }
 
-/* Gradients accumulate (+=): a second backward doubles din and every parameter gradient. */
-Test(topk_cuda, backward_accumulates) {
+/* Gradients accumulate (+=): a second backward doubles din and every parameter gradient. 200 tokens
+ * with jitter: dWr goes through 4 chunks of partial sums (64 tokens each) and their ordered sum, din
+ * through the un-permute with the router's term times the noise. */
+static void backward_accumulates(int cdt, int gemm) {
     need_gpu();
-    const int B = 2, T = 5, H = 16, N = B * T;
+    const int B = 2, T = 100, H = 16, N = B * T;
     const int64_t NH = (int64_t)N * H;
-    th_layer *g = th_layer_new_dev("topk", CAPACITY " jitter = 0.2;", 0, 1, H, B, T, 21, 0.3f, M1C_DEVICE_CUDA,
-                                   M1C_F32);
+    const th_text set = with_gemm(CAPACITY " jitter = 0.2;", gemm);
+    th_layer *g = th_layer_new_dev("topk", set.s, 0, 1, H, B, T, 21, 0.3f, M1C_DEVICE_CUDA, cdt);
     float *x = th_randn(NH, 22, 1.0f), *dout = th_randn(NH, 23, 1.0f), *z = th_zeros(NH);
     float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, z, NH);
     float *doutd = th_to_dev(M1C_DEVICE_CUDA, dout, NH), *dind = th_to_dev(M1C_DEVICE_CUDA, z, NH);
@@ -314,6 +385,47 @@ Test(topk_cuda, backward_accumulates) {
         free(g2), free(g1[p]);
     }
     free(x), free(dout), free(z), free(d1), free(d2);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od), th_dev_free(M1C_DEVICE_CUDA, doutd);
+    th_dev_free(M1C_DEVICE_CUDA, dind);
+    th_layer_free(g);
+}
+Test(topk_cuda, backward_accumulates_f32) { backward_accumulates(M1C_F32, GEMM_DEFAULT); }
+Test(topk_cuda, backward_accumulates_bf16_grouped) { backward_accumulates(M1C_BF16, GEMM_GROUPED); }
+
+/* Repeatable bit for bit: two forward + backward passes from zeroed gradients give the same output,
+ * din and parameter gradients. The BF16 grouped path runs only this plugin's kernels (no cuBLAS, whose
+ * reproducibility is its own affair), every one with a fixed reduction order and no float atomics; 5000
+ * tokens with jitter and drops span many ranking, aux and dWr chunks. */
+Test(topk_cuda, repeatable_bf16_grouped) {
+    need_gpu();
+    const int B = 2, T = 2500, H = 16, N = B * T;
+    const int64_t NH = (int64_t)N * H;
+    const th_text set = with_gemm(LARGE_CAP " jitter = 0.1;", GEMM_GROUPED);
+    th_layer *g = th_layer_new_dev("topk", set.s, 0, 1, H, B, T, 81, 0.3f, M1C_DEVICE_CUDA, M1C_BF16);
+    float *x = th_randn(NH, 82, 1.0f), *dout = th_randn(NH, 83, 1.0f), *z = th_zeros(NH);
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    float *doutd = th_to_dev(M1C_DEVICE_CUDA, dout, NH), *dind = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    float *res[2][5]; /* out, din, the three gradients */
+    for (int run = 0; run < 2; run++) {
+        th_layer_zero_grads(g);
+        m1c_dev_copy(M1C_DEVICE_CUDA, dind, M1C_DEVICE_CPU, z, (size_t)NH * sizeof(float));
+        th_forward(g, od, xd);
+        th_backward(g, dind, doutd, xd);
+        res[run][0] = th_to_host(M1C_DEVICE_CUDA, od, NH);
+        res[run][1] = th_to_host(M1C_DEVICE_CUDA, dind, NH);
+        for (int p = 0; p < 3; p++)
+            res[run][2 + p] = th_to_host(M1C_DEVICE_CUDA, g->grads[p].data, m1c_numel(&g->grads[p]));
+    }
+    cr_assert_eq(g->np, 3);
+    cr_expect_gt(stats_of(g).dropped, 0, "this case is meant to drop assignments");
+    const char *what[5] = {"out", "din", g->pspec[0].name, g->pspec[1].name, g->pspec[2].name};
+    for (int i = 0; i < 5; i++) {
+        const int64_t n = i < 2 ? NH : m1c_numel(&g->grads[i - 2]);
+        cr_expect(memcmp(res[0][i], res[1][i], (size_t)n * sizeof(float)) == 0, "%s differs between two runs", what[i]);
+        cr_expect_gt(th_max_abs(res[0][i], n), 0.0, "%s: all zero", what[i]);
+        free(res[0][i]), free(res[1][i]);
+    }
+    free(x), free(dout), free(z);
     th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od), th_dev_free(M1C_DEVICE_CUDA, doutd);
     th_dev_free(M1C_DEVICE_CUDA, dind);
     th_layer_free(g);

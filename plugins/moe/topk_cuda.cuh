@@ -17,6 +17,9 @@ enum { ST_AUX, ST_AUX_LO, ST_N, ST_JIT, ST_F };
 /* A_COUNTS layout (i32): dropped, assignments (N*k), routed per expert [E], then [E] scratch per
  * expert (the CPU's sort cursor; the GPU's kept count). */
 enum { C_DROPPED, C_ASSIGN, C_ROUTED };
+/* The most experts the CUDA path takes: its per-expert shared-memory tables (ranking, aux partial sums,
+ * the router's input gradient) fit the default 48 KiB up to here. */
+enum { TOPK_CUDA_MAX_E = 512 };
 
 /* One call's sizes, settings and device pointers, gathered by topk.c from the layer buffers. cdt is
  * the compute dtype (M1C_F32 or M1C_BF16): the dtype of the expert weights Wgu/Wd handed here (params
@@ -25,6 +28,7 @@ typedef struct topk_cuda_args {
     const m1c_host *h;
     void *stream; /* cudaStream_t */
     int N, H, E, k, F, cdt, normalize, training;
+    int grouped; /* setting expert_gemm = "grouped": BF16 expert GEMMs in the grouped kernel (F32 ignores it) */
     int64_t cap; /* per-expert capacity, INT64_MAX for none */
     double aux_coef, jitter, aux_scale;
     uint64_t noise_seed;
@@ -45,10 +49,10 @@ typedef struct topk_cuda_args {
     float *noise;  /* (N, H) or NULL without jitter */
     /* scratch */
     void *dgu;     /* (N*k, 2F) cdt */
-    float *drow;   /* (N*k, H) f32: d expert out, then d x rows */
+    float *drow;   /* (N*k, H) f32: d expert out, then d x rows, then the router's dWr partial sums */
     float *dlog;   /* (N, E) */
     float *dw;     /* (N, k) */
-    float *xr;     /* (N, H) router input (jittered) */
+    float *xr;     /* (N, H) router input (jittered), forward only */
     float *dact;   /* (N*k, F) f32 */
     void *dy_lp;   /* (N*k, H) cdt copy of drow (BF16 only; NULL for F32) */
     int32_t *h_off; /* host (E+1): offsets copied from the device */

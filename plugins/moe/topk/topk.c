@@ -19,7 +19,12 @@
  * keeps the gathered rows and the SwiGLU activation, so backward neither gathers nor recomputes: the
  * GEMMs are separated by three elementwise passes in backward and three in forward.
  * Device CUDA (built with CUDA): the same math in topk.cu; this file declares its buffers (expert rows and
- * GEMM operands in the compute dtype) and hands it the pointers. */
+ * GEMM operands in the compute dtype) and hands it the pointers. The setting expert_gemm picks how CUDA
+ * runs the BF16 expert GEMMs: "cublas" (default: one cuBLAS call per expert, which needs the expert
+ * offsets on the host, one device -> host copy and wait per forward and per backward) or "grouped" (one
+ * tensor-core kernel per product reading the offsets on the device: no host synchronisation, but slower
+ * GEMMs than cuBLAS on large experts). F32 always uses the per-expert calls; the CPU ignores the
+ * setting. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -32,11 +37,15 @@
 #include "../topk_route.h"
 #include "../topk_cuda.cuh" /* the A_STATS / A_COUNTS layouts, and the CUDA entry points */
 
+/* expert_gemm: the CUDA path's BF16 expert GEMMs (see the file header). */
+static const char *const expert_gemm_choices[] = {"cublas", "grouped", NULL};
+
 typedef struct topk {
     const m1c_host *h;
     int H, E, k, F;
     double aux_coef, jitter, capacity_factor;
     int normalize;
+    int grouped;               /* expert_gemm = "grouped" */
     int device, cdt;           /* m1c_device; compute dtype (CUDA only: the CPU is f32 throughout) */
     int32_t *h_off, *h_cnt;    /* CUDA: host copies of the offsets (E+1) and counts (2+2E) */
     float *h_st;               /* CUDA: host copy of the stats (ST_F+2E), for stats() */
@@ -70,6 +79,7 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
     int64_t E, k, F;
     double aux, jit, cf;
     int norm;
+    const char *gemm;
 #ifdef M1C_HAVE_CUDA
     if (info->device != M1C_DEVICE_CPU && info->device != M1C_DEVICE_CUDA)
         return h->error(h, "topk: device %d is not supported (CPU or CUDA)", info->device);
@@ -86,8 +96,15 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
     if (h->get_float(h, s, "jitter", 0.0, 0.0, 1.0, &jit) != M1C_OK) return M1C_ERR;
     if (h->get_float(h, s, "capacity_factor", 0.0, 0.0, 1e6, &cf) != M1C_OK) return M1C_ERR;
     if (h->get_bool(h, s, "normalize", 1, &norm) != M1C_OK) return M1C_ERR;
+    /* "cublas": per-expert cuBLAS calls (fast GEMMs, one host wait per call); "grouped": one grouped
+     * tensor-core kernel per product (BF16 only, no host wait, slower GEMMs). Read on every device so
+     * that one config serves the CPU and CUDA; F32 and the CPU ignore it. */
+    if (h->get_string(h, s, "expert_gemm", "cublas", expert_gemm_choices, &gemm) != M1C_OK) return M1C_ERR;
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     if (k > E) return h->error(h, "top_k: %lld is larger than experts = %lld", (long long)k, (long long)E);
+    if (info->device == M1C_DEVICE_CUDA && E > TOPK_CUDA_MAX_E)
+        return h->settings_error(h, s, "experts", "%lld experts: the CUDA path takes at most %d", (long long)E,
+                                 (int)TOPK_CUDA_MAX_E);
     if (info->hidden <= 0) return h->error(h, "topk: hidden size %d must be positive", info->hidden);
     topk *m = calloc(1, sizeof(*m));
     if (!m) return h->error(h, "topk: out of memory");
@@ -100,6 +117,7 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
     m->jitter = jit;
     m->capacity_factor = cf;
     m->normalize = norm;
+    m->grouped = strcmp(gemm, "grouped") == 0;
     m->device = info->device;
     m->cdt = info->device == M1C_DEVICE_CUDA ? info->compute_dtype : M1C_F32;
     if (m->device == M1C_DEVICE_CUDA) {
@@ -201,7 +219,7 @@ static int cuda_args(const topk *m, const m1c_layer_bufs *b, int N, int backward
     a->h = h;
     a->stream = b->stream;
     a->N = N, a->H = m->H, a->E = m->E, a->k = m->k, a->F = m->F, a->cdt = m->cdt;
-    a->normalize = m->normalize, a->training = b->training;
+    a->normalize = m->normalize, a->training = b->training, a->grouped = m->grouped;
     a->cap = m->capacity_factor > 0 ? (int64_t)ceil(m->capacity_factor * N * m->k / m->E) : INT64_MAX;
     a->aux_coef = m->aux_coef, a->jitter = m->jitter, a->aux_scale = b->aux_scale, a->noise_seed = b->noise_seed;
     a->Wr = b->params[P_ROUTER].data; /* f32 always: the router stays FP32 */

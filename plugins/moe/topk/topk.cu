@@ -1,20 +1,24 @@
 /* topk on CUDA: the same math as topk.c (read its header comment), for compute dtypes F32 and BF16.
  *
- * Forward: (jitter) -> router GEMM in f32 from the f32 input (BF16 too: routing equals the CPU's) ->
- * softmax + top-k + renormalisation, one thread per token -> capacity and a stable counting sort by
- * expert (one block per expert ranks its assignments in token order, so the same assignments are
- * dropped as on the CPU; a one-thread scan gives the offsets; a scatter places the rows) -> aux loss
- * (one block, double) -> gather rows (cast to the compute dtype) -> per-expert GEMMs through
- * h->gemm_ex (the expert offsets are copied to the host once per call) -> SwiGLU -> down GEMM into f32
- * rows -> combine: each token gathers its k expert rows (no atomics, fixed order).
- * Backward mirrors topk.c: per-token router kernel (d weights, renormalisation, aux loss, softmax) and
- * weighted d rows -> per-expert GEMMs -> SwiGLU backward -> un-permute per token -> router GEMMs.
+ * Forward: (jitter) -> router logits in f32 from the f32 input (BF16 too: routing equals the CPU's; a
+ * kernel of its own, router_logits_kernel: only E columns) -> softmax + top-k + renormalisation, one
+ * thread per token -> capacity and a stable counting sort by expert (chunked ranks in token order, so
+ * the same assignments are dropped as on the CPU; offsets; a scatter places the rows) -> aux loss
+ * (partial sums in double, one block for the total) -> gather rows (cast to the compute dtype) -> gate/up
+ * GEMMs -> SwiGLU -> down GEMMs into f32 rows -> combine: each token gathers its k expert rows (no
+ * atomics, fixed order).
+ * Backward mirrors topk.c: router backward, one warp per token (d weights, renormalisation, aux loss,
+ * softmax) with the weighted d rows -> dWd, d act GEMMs -> SwiGLU backward -> dWgu, d x rows GEMMs ->
+ * un-permute per token, fused with the router's input gradient (dlogits Wr) -> dWr from per-chunk
+ * partial sums added in a fixed order. Every reduction has a fixed order: results repeat bit for bit.
  *
- * BF16 (unless M1C_MOE_GEMM=cublas): the expert GEMMs are one grouped tensor-core kernel per product
- * that reads the expert offsets on the device (grouped_gemm_kernel), and the elementwise kernels read
- * the kept row count there too: forward and backward never wait for the host. F32 keeps the
- * per-expert cuBLAS calls (f32 GEMMs without tensor cores, exact to ~1e-6), with one host copy of the
- * offsets per call.
+ * Expert GEMMs, chosen by the setting expert_gemm (topk.c):
+ *   "cublas" (default; F32 always): one h->gemm_ex call per expert with rows. The expert offsets are
+ *     copied to the host once per forward and once per backward: the host waits for the GPU there.
+ *   "grouped" (BF16 only): one tensor-core kernel per product for all experts (grouped_gemm_kernel),
+ *     reading the offsets on the device: forward and backward never wait for the host, but the kernel
+ *     reaches about half of cuBLAS's throughput on large experts.
+ * Both share every other kernel: the elementwise ones read the kept row count on the device.
  *
  * Jitter: the noise is U(1-j, 1+j) from a counter-based hash of (noise_seed, element index), not the
  * CPU's xoshiro stream: the same noise_seed gives the same noise on the GPU every time, but not the
@@ -48,16 +52,6 @@ __global__ void jitter_kernel(float *noise, float *xr, const float *in, int64_t 
         noise[i] = z;
         xr[i] = in[i] * z;
     }
-}
-
-/* xr = in * noise (backward recomputes the router input instead of keeping it). */
-__global__ void mul_kernel(float *xr, const float *in, const float *noise, int64_t n) {
-    MOE_GRID_LOOP(i, n) xr[i] = in[i] * noise[i];
-}
-
-/* din += t * noise. */
-__global__ void add_mul_kernel(float *din, const float *t, const float *noise, int64_t n) {
-    MOE_GRID_LOOP(i, n) din[i] += t[i] * noise[i];
 }
 
 /* Per token (one thread): softmax of the logits in probs (in place), top-k, combine weights, by the
@@ -255,139 +249,306 @@ __global__ void aux_kernel(float *st, const int32_t *cnt, const double *part, in
     }
 }
 
-/* xs[r] = in[rowtok[r]] for the R kept rows, cast to T. */
-template <typename T>
-__global__ void gather_kernel(T *xs, const float *in, const int32_t *rowtok, int64_t R, int H) {
-    MOE_GRID_LOOP(i, R * H) {
-        const int64_t r = i / H, c = i % H;
-        moe_st(xs, i, in[(int64_t)rowtok[r] * H + c]);
+/* ---- router products (f32, E columns) ------------------------------------------------------------
+ * cuBLAS runs these thin products (N x H times H x E, E x N times N x H) as slow SIMT kernels; these do
+ * them at about the speed of reading x once. Fixed summation orders, no atomics. */
+
+/* Lane l ends with the warp's sum of v[l] (v: 32 values per lane), in 31 shuffles: each step halves
+ * the values a lane keeps and adds its partner's copies of them. */
+template <int D>
+static __device__ __forceinline__ void xpose_step(float (&v)[32], int lane) {
+    const bool up = (lane & D) != 0;
+    #pragma unroll
+    for (int i = 0; i < D; i++) {
+        const float send = up ? v[i] : v[i + D], keep = up ? v[i + D] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, D);
+    }
+}
+static __device__ __forceinline__ float warp_xpose_sum32(float (&v)[32], int lane) {
+    xpose_step<16>(v, lane);
+    xpose_step<8>(v, lane);
+    xpose_step<4>(v, lane);
+    xpose_step<2>(v, lane);
+    xpose_step<1>(v, lane);
+    return v[0];
+}
+
+/* Sum over the warp, the same value in every lane (a butterfly: each lane adds the same pairs). */
+static __device__ __forceinline__ double warp_sum(double v) {
+    #pragma unroll
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+    return v;
+}
+
+/* logits[n, e] = sum_c x[n, c] Wr[e, c]. A warp takes LG_TOK tokens and LG_EXP experts at a time (one
+ * Wr load serves LG_TOK tokens), its lanes V columns each; the 32 per-lane sums are reduced so that lane
+ * l holds (token l / LG_EXP, expert l % LG_EXP). */
+enum { LG_TOK = 4, LG_EXP = 8, LG_WARPS = 4 };
+template <int V>
+__global__ void __launch_bounds__(LG_WARPS * 32)
+    router_logits_kernel(float *logits, const float *x, const float *Wr, int N, int H, int E) {
+    static_assert(LG_TOK * LG_EXP == 32, "one reduced value per lane");
+    const int lane = threadIdx.x % 32;
+    const int64_t n0 = ((int64_t)blockIdx.x * LG_WARPS + threadIdx.x / 32) * LG_TOK;
+    if (n0 >= N) return; /* the whole warp */
+    for (int e0 = 0; e0 < E; e0 += LG_EXP) {
+        float acc[32]; /* [token][expert] */
+        #pragma unroll
+        for (int i = 0; i < 32; i++) acc[i] = 0.0f;
+        for (int c = lane * V; c < H; c += 32 * V) {
+            float xv[LG_TOK][V];
+            #pragma unroll
+            for (int t = 0; t < LG_TOK; t++) {
+                if (n0 + t < N) moe_ldv<V>(xv[t], x + (n0 + t) * H + c);
+                else
+                    #pragma unroll
+                    for (int v = 0; v < V; v++) xv[t][v] = 0.0f;
+            }
+            #pragma unroll
+            for (int e = 0; e < LG_EXP; e++) {
+                if (e0 + e >= E) break;
+                float w[V];
+                moe_ldv<V>(w, Wr + (int64_t)(e0 + e) * H + c);
+                #pragma unroll
+                for (int t = 0; t < LG_TOK; t++)
+                    #pragma unroll
+                    for (int v = 0; v < V; v++) acc[t * LG_EXP + e] += xv[t][v] * w[v];
+            }
+        }
+        const float sum = warp_xpose_sum32(acc, lane);
+        const int t = lane / LG_EXP, e = e0 + lane % LG_EXP;
+        if (n0 + t < N && e < E) logits[(n0 + t) * E + e] = sum;
     }
 }
 
-/* Row kernels: blocks stride over rows, threads over a row's columns (no 64-bit division per element). */
-#define MOE_ROW_LOOP(r, rows) for (int64_t r = blockIdx.x; r < (rows); r += gridDim.x)
-static inline unsigned moe_row_blocks(int64_t rows) { return (unsigned)(rows < 32768 ? (rows > 0 ? rows : 1) : 32768); }
+/* dWr partial sums: out[ch, e, c] = sum over chunk ch's tokens n (in order) of dlog[n, e] * xr[n, c],
+ * xr = x * noise when the forward was jittered (noise set and the stats say so), else x; with
+ * accumulate (a single chunk), dWr += that directly. Grid: (column blocks, chunks, groups of DW_EXP
+ * experts); the chunk's dlog columns pass through shared memory DW_ROWS tokens at a time. */
+enum { DW_ROWS = 32, DW_EXP = 8, DW_CHUNK = 64 };
+template <int V>
+__global__ void router_dw_kernel(float *out, int accumulate, const float *dlog, const float *x, const float *noise,
+                                 const float *st, int N, int H, int E, int rows_per_chunk) {
+    __shared__ __align__(16) float dl[DW_ROWS][DW_EXP];
+    const int jit = noise && st[ST_JIT] != 0.0f;
+    const int c = (blockIdx.x * blockDim.x + threadIdx.x) * V, e0 = blockIdx.z * DW_EXP;
+    const int64_t nb = (int64_t)blockIdx.y * rows_per_chunk, ne = min((int64_t)N, nb + rows_per_chunk);
+    float acc[DW_EXP][V];
+    #pragma unroll
+    for (int e = 0; e < DW_EXP; e++)
+        #pragma unroll
+        for (int v = 0; v < V; v++) acc[e][v] = 0.0f;
+    for (int64_t t0 = nb; t0 < ne; t0 += DW_ROWS) {
+        const int nt = (int)min((int64_t)DW_ROWS, ne - t0);
+        __syncthreads(); /* the previous tile is read */
+        for (int i = threadIdx.x; i < DW_ROWS * DW_EXP; i += blockDim.x) {
+            const int t = i / DW_EXP, e = i % DW_EXP;
+            dl[t][e] = t < nt && e0 + e < E ? dlog[(t0 + t) * E + e0 + e] : 0.0f;
+        }
+        __syncthreads();
+        if (c < H)
+            #pragma unroll 4 /* several rows' loads in flight */
+            for (int t = 0; t < nt; t++) {
+                float xv[V];
+                moe_ldv<V>(xv, x + (t0 + t) * H + c);
+                if (jit) {
+                    float z[V];
+                    moe_ldv<V>(z, noise + (t0 + t) * H + c);
+                    #pragma unroll
+                    for (int v = 0; v < V; v++) xv[v] *= z[v];
+                }
+                #pragma unroll
+                for (int e = 0; e < DW_EXP; e++)
+                    #pragma unroll
+                    for (int v = 0; v < V; v++) acc[e][v] += dl[t][e] * xv[v];
+            }
+    }
+    if (c >= H) return;
+    for (int e = 0; e < DW_EXP && e0 + e < E; e++) {
+        float *o = out + ((int64_t)blockIdx.y * E + e0 + e) * H + c;
+        if (accumulate) {
+            float p[V];
+            moe_ldv<V>(p, o);
+            #pragma unroll
+            for (int v = 0; v < V; v++) acc[e][v] += p[v];
+        }
+        moe_stv<V>(o, acc[e]);
+    }
+}
+
+/* dWr[i] += the sum over nch chunks of part[ch, i] (n = E*H elements per chunk), in a fixed order:
+ * thread row y sums chunks y, y + DS_Y, ..., then row 0 adds the DS_Y sums in order of y. */
+enum { DS_X = 32, DS_Y = 8 };
+__global__ void __launch_bounds__(DS_X * DS_Y) router_dw_sum_kernel(float *dWr, const float *part, int nch, int64_t n) {
+    __shared__ float sh[DS_Y][DS_X];
+    const int64_t i = (int64_t)blockIdx.x * DS_X + threadIdx.x;
+    float s = 0.0f;
+    if (i < n)
+        for (int ch = threadIdx.y; ch < nch; ch += DS_Y) s += part[(int64_t)ch * n + i];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && i < n) {
+        float t = 0.0f;
+        for (int y = 0; y < DS_Y; y++) t += sh[y][threadIdx.x];
+        dWr[i] += t;
+    }
+}
+
+/* ---- elementwise kernels ---------------------------------------------------------------------------
+ * Flat grid-stride loops over V-element steps of rows (16-byte accesses where the row length and the
+ * pointers allow, V = 1 otherwise), so that every thread has work whatever the row length. The kept
+ * row count R = off[E] is read on the device (the grouped path never has it on the host). */
+
+/* xs[r] = in[rowtok[r]] for the R kept rows, cast to T. */
+template <typename T, int V>
+__global__ void gather_kernel(T *xs, const float *in, const int32_t *rowtok, const int32_t *R, int H) {
+    const int nv = H / V;
+    MOE_GRID_LOOP(i, (int64_t)*R * nv) {
+        const int64_t r = moe_row(i, nv);
+        const int c = (int)(i - r * nv) * V;
+        float v[V];
+        moe_ldv<V>(v, in + (int64_t)rowtok[r] * H + c);
+        moe_stv<V>(xs + r * H + c, v);
+    }
+}
 
 /* out[n] = sum over kept slots j (in order) of w[n,j] * Y[pos[n,j]]. */
+template <int V>
 __global__ void combine_kernel(float *out, const float *Y, const float *w, const int32_t *pos, int N, int H, int k) {
-    MOE_ROW_LOOP(n, N) {
-        for (int c = threadIdx.x; c < H; c += blockDim.x) {
-            float o = 0.0f;
-            for (int j = 0; j < k; j++) {
-                const int32_t r = pos[n * k + j];
-                if (r >= 0) o += w[n * k + j] * Y[(int64_t)r * H + c];
-            }
-            out[n * H + c] = o;
+    const int nv = H / V;
+    MOE_GRID_LOOP(i, (int64_t)N * nv) {
+        const int64_t n = moe_row(i, nv);
+        const int c = (int)(i - n * nv) * V;
+        float o[V];
+        #pragma unroll
+        for (int v = 0; v < V; v++) o[v] = 0.0f;
+        for (int j = 0; j < k; j++) {
+            const int32_t r = pos[n * k + j];
+            if (r < 0) continue;
+            const float wj = w[n * k + j];
+            float y[V];
+            moe_ldv<V>(y, Y + (int64_t)r * H + c);
+            #pragma unroll
+            for (int v = 0; v < V; v++) o[v] += wj * y[v];
         }
+        moe_stv<V>(out + n * H + c, o);
     }
 }
 
-/* Backward, one block per token: the weighted output gradient of each kept row (drow = w * dout, and
- * its T copy when dy_lp is set), d weights (dout . y), then d probs (renormalisation and aux loss) and
- * d logits through the softmax, into dlog (the token's row doubles as the d probs workspace). */
-template <typename T>
-__global__ void router_bwd_kernel(float *dlog, float *dw, float *drow, T *dy_lp, const float *dout, const float *Y,
-                                  const float *probs, const int32_t *idx, const float *w, const int32_t *pos,
-                                  const float *st, double aux_g, int H, int E, int k, int normalize) {
-    __shared__ double sh[MOE_THREADS];
-    const int64_t n = blockIdx.x;
+/* Backward, one warp per token (warp shuffles, no block barriers): the weighted output gradient of each
+ * kept row (drow = w * dout, and its T copy when dy_lp is set), d weights (dout . y, in double), then d
+ * probs (renormalisation and aux loss) and d logits through the softmax, into dlog (the token's row
+ * doubles as the d probs workspace). */
+enum { RB_WARPS = 4 };
+template <typename T, int V>
+__global__ void __launch_bounds__(RB_WARPS * 32)
+    router_bwd_kernel(float *dlog, float *dw, float *drow, T *dy_lp, const float *dout, const float *Y,
+                      const float *probs, const int32_t *idx, const float *w, const int32_t *pos, const float *st,
+                      double aux_g, int N, int H, int E, int k, int normalize) {
+    const int lane = threadIdx.x % 32;
+    const int64_t n = (int64_t)blockIdx.x * RB_WARPS + threadIdx.x / 32;
+    if (n >= N) return; /* the whole warp */
     const float *p = probs + n * E, *g = dout + n * H, *wn = w + n * k;
     const int32_t *id = idx + n * k, *ps = pos + n * k;
     float *dp = dlog + n * E, *dwn = dw + n * k;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) dp[e] = (float)(aux_g * st[ST_F + e]);
-    double sdw = 0.0; /* meaningful in thread 0 */
+    for (int e = lane; e < E; e += 32) dp[e] = (float)(aux_g * st[ST_F + e]);
+    double sdw = 0.0; /* the same in every lane */
     for (int j = 0; j < k; j++) {
         double d = 0.0;
-        if (ps[j] >= 0) {
-            const float *y = Y + (int64_t)ps[j] * H;
-            float *dr = drow + (int64_t)ps[j] * H;
-            for (int c = threadIdx.x; c < H; c += blockDim.x) {
-                d += (double)g[c] * y[c];
-                dr[c] = wn[j] * g[c];
-                if (dy_lp) moe_st(dy_lp, (int64_t)ps[j] * H + c, wn[j] * g[c]);
+        const int32_t r = ps[j];
+        if (r >= 0) {
+            const float wj = wn[j], *y = Y + (int64_t)r * H;
+            float *dr = drow + (int64_t)r * H;
+            for (int c = lane * V; c < H; c += 32 * V) {
+                float gv[V], yv[V], o[V];
+                moe_ldv<V>(gv, g + c);
+                moe_ldv<V>(yv, y + c);
+                #pragma unroll
+                for (int v = 0; v < V; v++) {
+                    d += (double)gv[v] * yv[v];
+                    o[v] = wj * gv[v];
+                }
+                moe_stv<V>(dr + c, o);
+                if (dy_lp) moe_stv<V>(dy_lp + (int64_t)r * H + c, o);
             }
-            d = block_sum(d, sh);
+            d = warp_sum(d);
         }
-        if (threadIdx.x == 0) {
-            dwn[j] = (float)d;
-            sdw += d * wn[j];
-        }
+        if (lane == 0) dwn[j] = (float)d;
+        sdw += d * wn[j];
     }
-    __syncthreads(); /* dp's aux part is written */
-    if (threadIdx.x == 0) {
+    __syncwarp(); /* dp's aux part and dwn are written */
+    if (lane == 0) {
         double ssel = 0.0;
         for (int j = 0; j < k; j++) ssel += p[id[j]];
         for (int j = 0; j < k; j++) dp[id[j]] += normalize ? (float)(((double)dwn[j] - sdw) / ssel) : dwn[j];
     }
-    __syncthreads();
+    __syncwarp();
     double s = 0.0;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) s += (double)p[e] * dp[e];
-    s = block_sum(s, sh);
-    for (int e = threadIdx.x; e < E; e += blockDim.x) dp[e] = p[e] * (float)(dp[e] - s);
+    for (int e = lane; e < E; e += 32) s += (double)p[e] * dp[e];
+    s = warp_sum(s);
+    for (int e = lane; e < E; e += 32) dp[e] = p[e] * (float)(dp[e] - s);
 }
 
-/* din[n] += the d x rows of the token's kept slots, in slot order. */
-__global__ void unpermute_kernel(float *din, const float *drow, const int32_t *pos, int N, int H, int k) {
-    MOE_ROW_LOOP(n, N) {
-        for (int c = threadIdx.x; c < H; c += blockDim.x) {
-            float acc = din[n * H + c];
+/* din[n] += (the d x rows of the token's kept slots, in slot order) + (dlog[n] Wr, in expert order,
+ * times the noise when the forward was jittered): the un-permute and the router's input gradient in one
+ * pass over din. A block takes UR_TOK tokens at a time, their dlog rows in shared memory ([UR_TOK][E],
+ * dynamic), so that one load of Wr serves UR_TOK tokens; threads V columns each, blockIdx.y the column
+ * blocks. */
+enum { UR_TOK = 4 };
+template <int V>
+__global__ void unpermute_router_kernel(float *din, const float *drow, const int32_t *pos, const float *dlog,
+                                        const float *Wr, const float *noise, const float *st, int N, int H, int E,
+                                        int k) {
+    extern __shared__ float ur_dl[]; /* [UR_TOK][E] */
+    const int jit = noise && st[ST_JIT] != 0.0f;
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * V;
+    for (int64_t n0 = (int64_t)blockIdx.x * UR_TOK; n0 < N; n0 += (int64_t)gridDim.x * UR_TOK) {
+        const int nt = (int)min((int64_t)UR_TOK, N - n0);
+        __syncthreads(); /* the previous tokens' rows are read */
+        for (int i = threadIdx.x; i < nt * E; i += blockDim.x) ur_dl[i] = dlog[n0 * E + i];
+        __syncthreads();
+        if (c >= H) continue;
+        float acc[UR_TOK][V];
+        #pragma unroll
+        for (int t = 0; t < UR_TOK; t++)
+            #pragma unroll
+            for (int v = 0; v < V; v++) acc[t][v] = 0.0f;
+        for (int e = 0; e < E; e++) {
+            float wr[V];
+            moe_ldv<V>(wr, Wr + (int64_t)e * H + c);
+            #pragma unroll
+            for (int t = 0; t < UR_TOK; t++) {
+                const float d = t < nt ? ur_dl[t * E + e] : 0.0f;
+                #pragma unroll
+                for (int v = 0; v < V; v++) acc[t][v] += d * wr[v];
+            }
+        }
+        #pragma unroll
+        for (int t = 0; t < UR_TOK; t++) {
+            if (t >= nt) break;
+            const int64_t n = n0 + t;
+            float o[V];
+            moe_ldv<V>(o, din + n * H + c);
             for (int j = 0; j < k; j++) {
                 const int32_t r = pos[n * k + j];
-                if (r >= 0) acc += drow[(int64_t)r * H + c];
+                if (r < 0) continue;
+                float d[V];
+                moe_ldv<V>(d, drow + (int64_t)r * H + c);
+                #pragma unroll
+                for (int v = 0; v < V; v++) o[v] += d[v];
             }
-            din[n * H + c] = acc;
+            if (jit) {
+                float z[V];
+                moe_ldv<V>(z, noise + n * H + c);
+                #pragma unroll
+                for (int v = 0; v < V; v++) o[v] += acc[t][v] * z[v];
+            } else {
+                #pragma unroll
+                for (int v = 0; v < V; v++) o[v] += acc[t][v];
+            }
+            moe_stv<V>(din + n * H + c, o);
         }
     }
-}
-
-/* The kept row count R = off[E] lives on the device in the grouped path: these kernels are launched
- * for the most rows there can be (N*k) and read R themselves. */
-template <typename T>
-__global__ void gather_dev_kernel(T *xs, const float *in, const int32_t *rowtok, const int32_t *R, int H) {
-    const int64_t rows = *R;
-    MOE_ROW_LOOP(r, rows) {
-        const float *src = in + (int64_t)rowtok[r] * H;
-        for (int c = threadIdx.x; c < H; c += blockDim.x) moe_st(xs, r * H + c, src[c]);
-    }
-}
-
-template <typename T>
-__global__ void swiglu_fwd_dev_kernel(T *act, const T *gu, const int32_t *R, int F) {
-    const int64_t rows = *R;
-    MOE_ROW_LOOP(r, rows) {
-        for (int f = threadIdx.x; f < F; f += blockDim.x) {
-            const float g = moe_ld(gu, r * 2 * F + f), u = moe_ld(gu, r * 2 * F + F + f);
-            const float s = 1.0f / (1.0f + expf(-g));
-            moe_st(act, r * F + f, g * s * u);
-        }
-    }
-}
-
-/* As moe_swiglu_bwd_kernel (moe_cuda.cuh), for the device-side row count. */
-template <typename T>
-__global__ void swiglu_bwd_dev_kernel(T *dgu, const float *dact, const T *gu, const int32_t *R, int F) {
-    const int64_t rows = *R;
-    MOE_ROW_LOOP(r, rows) {
-        for (int f = threadIdx.x; f < F; f += blockDim.x) {
-            const float g = moe_ld(gu, r * 2 * F + f), u = moe_ld(gu, r * 2 * F + F + f);
-            const float s = 1.0f / (1.0f + expf(-g)), da = dact[r * F + f];
-            moe_st(dgu, r * 2 * F + F + f, da * g * s);
-            moe_st(dgu, r * 2 * F + f, da * u * s * (1.0f + g * (1.0f - s)));
-        }
-    }
-}
-
-/* Router input for dWr without asking the host whether the forward was jittered: xr = in * noise when
- * it was (the stats say so), else in. */
-__global__ void router_in_kernel(float *xr, const float *in, const float *noise, const float *st, int64_t n) {
-    const int jit = st[ST_JIT] != 0.0f;
-    MOE_GRID_LOOP(i, n) xr[i] = jit ? in[i] * noise[i] : in[i];
-}
-
-/* din += t * noise when the forward was jittered, else din += t. */
-__global__ void add_router_kernel(float *din, const float *t, const float *noise, const float *st, int64_t n) {
-    const int jit = st[ST_JIT] != 0.0f;
-    MOE_GRID_LOOP(i, n) din[i] += jit ? t[i] * noise[i] : t[i];
 }
 
 /* ---- grouped expert GEMM (BF16) ----------------------------------------------------------------- */
@@ -792,27 +953,176 @@ static void prof_end(moe_prof *p, const char *what, const topk_cuda_args *a) {
     p->on = 0;
 }
 
-/* BF16 experts run through the grouped GEMM (no host synchronisation) unless M1C_MOE_GEMM=cublas asks
- * for the per-expert cuBLAS calls (the F32 path, which needs the offsets on the host): for comparing the
- * two on a GPU. */
-static int use_grouped(int cdt) {
-    const char *v = getenv("M1C_MOE_GEMM");
-    return cdt == M1C_BF16 && !(v && strcmp(v, "cublas") == 0);
+/* The BF16 expert GEMMs in the grouped kernel (setting expert_gemm = "grouped"); F32 always per expert. */
+static bool use_grouped(const topk_cuda_args *a) { return a->grouped && a->cdt == M1C_BF16; }
+
+#define GEMM(...)                                                                                  \
+    do {                                                                                           \
+        if (h->gemm_ex(h, M1C_DEVICE_CUDA, a->stream, __VA_ARGS__) != M1C_OK) return M1C_ERR; \
+    } while (0)
+
+/* One expert product in the grouped kernel (grouped) or as one gemm_ex per expert with rows (offsets on
+ * the host in a->h_off), with the grouped kernel's arguments (see grouped_gemm_kernel): NT and NN run
+ * over expert rows of A and C (B_e = B + e * sb), TN over expert rows of A and B (C_e = C + e * sc). */
+template <int MODE, typename TC, typename T>
+static int expert_gemm(const topk_cuda_args *a, bool grouped, TC *C, int64_t ldc, int64_t sc, const T *A, int64_t lda,
+                       const T *B, int64_t ldb, int64_t sb, int Mc, int Nc, int K, float beta) {
+    const m1c_host *h = a->h;
+    if (grouped) {
+        if constexpr (sizeof(T) == 2)
+            return grouped_gemm<MODE, TC>(h, (cudaStream_t)a->stream, C, ldc, sc, A, lda, B, ldb, sb, a->off, a->E,
+                                          (int64_t)a->N * a->k, Mc, Nc, K, beta);
+        return h->error(h, "topk: the grouped expert GEMM takes bf16 operands only");
+    }
+    const int cdt = a->cdt, ct = sizeof(TC) == 2 ? M1C_BF16 : M1C_F32;
+    const int32_t *off = a->h_off;
+    for (int e = 0; e < a->E; e++) {
+        const int64_t o = off[e];
+        const int ne = off[e + 1] - off[e];
+        if (ne == 0) continue;
+        if (MODE == GG_NT)
+            GEMM(0, 1, ne, Nc, K, 1.0f, A + o * lda, cdt, (int)lda, 0, B + e * sb, cdt, (int)ldb, 0, beta, C + o * ldc,
+                 ct, (int)ldc, 0, 1);
+        else if (MODE == GG_NN)
+            GEMM(0, 0, ne, Nc, K, 1.0f, A + o * lda, cdt, (int)lda, 0, B + e * sb, cdt, (int)ldb, 0, beta, C + o * ldc,
+                 ct, (int)ldc, 0, 1);
+        else
+            GEMM(1, 0, Mc, Nc, ne, 1.0f, A + o * lda, cdt, (int)lda, 0, B + o * ldb, cdt, (int)ldb, 0, beta, C + e * sc,
+                 ct, (int)ldc, 0, 1);
+    }
+    return M1C_OK;
 }
 
-/* gemm_ex for one expert's rows; nothing to do for an expert without rows. */
-#define GEMM(...)                                                    \
-    do {                                                             \
-        if (h->gemm_ex(h, M1C_DEVICE_CUDA, a->stream, __VA_ARGS__) != M1C_OK) return M1C_ERR; \
+/* Threads for V-column steps over a row of H: whole warps, at most 256; blocks across the row. */
+static unsigned row_threads(int H, int V) {
+    const int nv = (H + V - 1) / V, t = (nv + 31) / 32 * 32;
+    return (unsigned)(t < 256 ? t : 256);
+}
+
+/* logits (N, E) = x (N, H) Wr^T. */
+static int router_logits(const topk_cuda_args *a, cudaStream_t s, float *logits, const float *x) {
+    const m1c_host *h = a->h;
+    const unsigned blocks = (unsigned)((a->N + LG_TOK * LG_WARPS - 1) / (LG_TOK * LG_WARPS));
+    if (a->H % 4 == 0 && moe_al16(x) && moe_al16(a->Wr))
+        router_logits_kernel<4><<<blocks, LG_WARPS * 32, 0, s>>>(logits, x, a->Wr, a->N, a->H, a->E);
+    else
+        router_logits_kernel<1><<<blocks, LG_WARPS * 32, 0, s>>>(logits, x, a->Wr, a->N, a->H, a->E);
+    MOE_LAUNCH_CHECK(h, "router_logits_kernel");
+    return M1C_OK;
+}
+
+/* dWr (E, H) += dlog^T xr, xr the router input (in, times the noise when the forward was jittered).
+ * Chunks of DW_CHUNK tokens give their partial sums in drow (free once the un-permute has read it; N*k*H
+ * floats hold N*k/E chunks, so the chunks grow where E > DW_CHUNK * k), which router_dw_sum_kernel adds
+ * in order; a single chunk adds to dWr directly. */
+static int router_dwr(const topk_cuda_args *a, cudaStream_t s, const float *in) {
+    const m1c_host *h = a->h;
+    const int N = a->N, H = a->H, E = a->E;
+    int64_t nch = (N + DW_CHUNK - 1) / DW_CHUNK;
+    const int64_t room = (int64_t)N * a->k / E;
+    if (nch > room) nch = room;
+    if (nch > 65535) nch = 65535; /* grid.y */
+    if (nch < 1) nch = 1;
+    const int rpc = (int)((N + nch - 1) / nch);
+    nch = (N + rpc - 1) / rpc; /* the chunks that have tokens */
+    float *out = nch > 1 ? a->drow : a->dWr;
+    const bool vec =
+        H % 4 == 0 && moe_al16(in) && moe_al16(out) && moe_al16(a->dWr) && (!a->noise || moe_al16(a->noise));
+    const int V = vec ? 4 : 1;
+    const unsigned threads = row_threads(H, V), nv = (unsigned)((H + V - 1) / V);
+    const dim3 grid((nv + threads - 1) / threads, (unsigned)nch, (unsigned)((E + DW_EXP - 1) / DW_EXP));
+    if (vec)
+        router_dw_kernel<4><<<grid, threads, 0, s>>>(out, nch == 1, a->dlog, in, a->noise, a->st, N, H, E, rpc);
+    else
+        router_dw_kernel<1><<<grid, threads, 0, s>>>(out, nch == 1, a->dlog, in, a->noise, a->st, N, H, E, rpc);
+    MOE_LAUNCH_CHECK(h, "router_dw_kernel");
+    if (nch > 1) {
+        const int64_t n = (int64_t)E * H;
+        router_dw_sum_kernel<<<(unsigned)((n + DS_X - 1) / DS_X), dim3(DS_X, DS_Y), 0, s>>>(a->dWr, a->drow, (int)nch,
+                                                                                             n);
+        MOE_LAUNCH_CHECK(h, "router_dw_sum_kernel");
+    }
+    return M1C_OK;
+}
+
+/* xs = the kept rows of in, for at most `rows` rows (the kernel reads their number on the device). */
+template <typename T>
+static int gather(const topk_cuda_args *a, cudaStream_t s, T *xs, const float *in, int64_t rows) {
+    constexpr int V = moe_vec16<T>::V;
+    const int32_t *R = a->off + a->E;
+    if (a->H % V == 0 && moe_al16(xs) && moe_al16(in))
+        gather_kernel<T, V><<<moe_blocks(rows * (a->H / V)), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, a->H);
+    else
+        gather_kernel<T, 1><<<moe_blocks(rows * a->H), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, a->H);
+    MOE_LAUNCH_CHECK(a->h, "gather_kernel");
+    return M1C_OK;
+}
+
+static int combine(const topk_cuda_args *a, cudaStream_t s, float *out) {
+    const int64_t NH = (int64_t)a->N * a->H;
+    if (a->H % 4 == 0 && moe_al16(out) && moe_al16(a->Y))
+        combine_kernel<4><<<moe_blocks(NH / 4), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, a->N, a->H, a->k);
+    else
+        combine_kernel<1><<<moe_blocks(NH), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, a->N, a->H, a->k);
+    MOE_LAUNCH_CHECK(a->h, "combine_kernel");
+    return M1C_OK;
+}
+
+template <typename T>
+static int router_bwd(const topk_cuda_args *a, cudaStream_t s, T *dy_lp, const float *dout) {
+    const double aux_g = a->aux_scale * a->aux_coef * a->E / a->N; /* d (scale aux) / d p[n,e] = that * f_e */
+    const unsigned blocks = (unsigned)((a->N + RB_WARPS - 1) / RB_WARPS);
+    const bool vec = a->H % 4 == 0 && moe_al16(dout) && moe_al16(a->Y) && moe_al16(a->drow) &&
+                     (!dy_lp || ((uintptr_t)dy_lp & 7u) == 0); /* 4 bf16: 8-byte stores */
+    if (vec)
+        router_bwd_kernel<T, 4><<<blocks, RB_WARPS * 32, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs,
+                                                                 a->idx, a->w, a->pos, a->st, aux_g, a->N, a->H, a->E,
+                                                                 a->k, a->normalize);
+    else
+        router_bwd_kernel<T, 1><<<blocks, RB_WARPS * 32, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs,
+                                                                 a->idx, a->w, a->pos, a->st, aux_g, a->N, a->H, a->E,
+                                                                 a->k, a->normalize);
+    MOE_LAUNCH_CHECK(a->h, "router_bwd_kernel");
+    return M1C_OK;
+}
+
+static int unpermute_router(const topk_cuda_args *a, cudaStream_t s, float *din) {
+    const int H = a->H;
+    const bool vec = H % 4 == 0 && moe_al16(din) && moe_al16(a->drow) && moe_al16(a->Wr) &&
+                     (!a->noise || moe_al16(a->noise));
+    const int V = vec ? 4 : 1;
+    const unsigned threads = row_threads(H, V), nv = (unsigned)((H + V - 1) / V);
+    const int64_t tiles = (a->N + UR_TOK - 1) / UR_TOK;
+    const dim3 grid((unsigned)(tiles < 32768 ? tiles : 32768), (nv + threads - 1) / threads);
+    const size_t smem = (size_t)UR_TOK * a->E * sizeof(float);
+    if (vec)
+        unpermute_router_kernel<4><<<grid, threads, smem, s>>>(din, a->drow, a->pos, a->dlog, a->Wr, a->noise, a->st,
+                                                               a->N, H, a->E, a->k);
+    else
+        unpermute_router_kernel<1><<<grid, threads, smem, s>>>(din, a->drow, a->pos, a->dlog, a->Wr, a->noise, a->st,
+                                                               a->N, H, a->E, a->k);
+    MOE_LAUNCH_CHECK(a->h, "unpermute_router_kernel");
+    return M1C_OK;
+}
+
+/* ---- forward and backward ----------------------------------------------------------------------- */
+
+#define CALL(x)                               \
+    do {                                      \
+        if ((x) != M1C_OK) return M1C_ERR;    \
     } while (0)
 
 template <typename T>
 static int forward_impl(const topk_cuda_args *a, float *out, const float *in, moe_prof *pf) {
     const m1c_host *h = a->h;
     cudaStream_t s = (cudaStream_t)a->stream;
-    const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F, cdt = a->cdt;
+    const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F;
     const int64_t Nk = (int64_t)N * k;
     const int jit = a->jitter > 0 && a->training;
+    const bool grouped = use_grouped(a);
+    if (k > RK_CHUNK) return h->error(h, "topk: top_k %d above %d is not supported on CUDA", k, (int)RK_CHUNK);
+    if (E > TOPK_CUDA_MAX_E)
+        return h->error(h, "topk: experts %d above %d are not supported on CUDA", E, (int)TOPK_CUDA_MAX_E);
 
     const float *xr = in;
     if (jit) {
@@ -823,17 +1133,14 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         prof_mark(pf, "jitter");
     }
     /* Router logits in f32 (both compute dtypes), then softmax / top-k. */
-    GEMM(0, 1, N, E, H, 1.0f, xr, M1C_F32, H, 0, a->Wr, M1C_F32, H, 0, 0.0f, a->probs, M1C_F32, E, 0, 1);
-    prof_mark(pf, "router_gemm");
+    CALL(router_logits(a, s, a->probs, xr));
+    prof_mark(pf, "router_logits");
     router_kernel<<<(N + 127) / 128, 128, 0, s>>>(a->probs, a->idx, a->w, N, E, k, a->normalize);
     MOE_LAUNCH_CHECK(h, "router_kernel");
     prof_mark(pf, "router");
 
     /* Capacity and the counting sort. The per-chunk count table lives in dlog (backward scratch, free
      * during forward): nch * E <= N * E int32 since RK_CHUNK >= k. */
-    if (k > RK_CHUNK) return h->error(h, "topk: top_k %d above %d is not supported on CUDA", k, (int)RK_CHUNK);
-    /* The ranking's and the aux partial sums' per-expert shared tables fit the default 48 KiB. */
-    if (E > 512) return h->error(h, "topk: experts %d above 512 are not supported on CUDA", E);
     const int64_t nch = (Nk + RK_CHUNK - 1) / RK_CHUNK;
     int32_t *tab = (int32_t *)(void *)a->dlog;
     rank_count_kernel<<<(unsigned)nch, RK_THREADS, (size_t)E * sizeof(int), s>>>(tab, a->idx, Nk, E);
@@ -844,6 +1151,14 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         a->pos, a->rowtok, a->idx, tab, a->off, Nk, k, E, a->cap);
     MOE_LAUNCH_CHECK(h, "rank_scatter_kernel");
     prof_mark(pf, "rank");
+    /* Per-expert calls: the offsets on the host, copied as soon as they exist (the host waits here; the
+     * aux loss and the gather are queued after, so the GPU has work while the GEMMs are launched). */
+    if (!grouped) {
+        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t),
+                                          cudaMemcpyDeviceToHost, s));
+        MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
+        prof_mark(pf, "offsets_to_host");
+    }
     /* Aux loss: per-block partial sums in drow (backward scratch, N*k*H floats), 8-byte aligned, where
      * they fit (always but for a handful of tokens). */
     const int nb = (N + AUX_ROWS - 1) / AUX_ROWS;
@@ -859,131 +1174,23 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     MOE_LAUNCH_CHECK(h, "aux_kernel");
     prof_mark(pf, "aux");
 
+    /* Experts. The elementwise kernels read the kept row count on the device; their grids cover the
+     * most rows there can be (the host's count where it has one). */
     T *xs = (T *)a->xs, *GU = (T *)a->gu, *act = (T *)a->act;
     const T *Wgu = (const T *)a->Wgu, *Wd = (const T *)a->Wd;
-    if (use_grouped(cdt)) {
-        /* Everything sized for N*k rows; the kernels read R = off[E] and the offsets on the device. */
-        typedef __nv_bfloat16 bf;
-        const int32_t *Rd = a->off + E;
-        gather_dev_kernel<bf><<<moe_row_blocks(Nk), MOE_THREADS, 0, s>>>((bf *)xs, in, a->rowtok, Rd, H);
-        MOE_LAUNCH_CHECK(h, "gather_dev_kernel");
-        prof_mark(pf, "gather");
-        if (grouped_gemm<GG_NT, bf>(h, s, (bf *)GU, 2 * F, 0, (const bf *)xs, H, (const bf *)Wgu, H, (int64_t)2 * F * H,
-                                    a->off, E, Nk, 0, 2 * F, H, 0.0f) != M1C_OK)
-            return M1C_ERR;
-        prof_mark(pf, "gemm_gate_up");
-        swiglu_fwd_dev_kernel<bf><<<moe_row_blocks(Nk), MOE_THREADS, 0, s>>>((bf *)act, (const bf *)GU, Rd, F);
-        MOE_LAUNCH_CHECK(h, "swiglu_fwd_dev_kernel");
-        prof_mark(pf, "swiglu");
-        if (grouped_gemm<GG_NT, float>(h, s, a->Y, H, 0, (const bf *)act, F, (const bf *)Wd, F, (int64_t)H * F, a->off,
-                                       E, Nk, 0, H, F, 0.0f) != M1C_OK)
-            return M1C_ERR;
-        prof_mark(pf, "gemm_down");
-        combine_kernel<<<moe_row_blocks(N), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, N, H, k);
-        MOE_LAUNCH_CHECK(h, "combine_kernel");
-        prof_mark(pf, "combine");
-        return M1C_OK;
-    }
-
-    /* Per-expert cuBLAS calls: the offsets on the host. */
-    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
-    MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
-    const int32_t *off = a->h_off;
-    const int64_t R = off[E];
-    prof_mark(pf, "offsets_to_host");
-
-    if (R > 0) {
-        gather_kernel<T><<<moe_blocks(R * H), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, H);
-        MOE_LAUNCH_CHECK(h, "gather_kernel");
-    }
+    const int64_t rows = grouped ? Nk : a->h_off[E];
+    const int32_t *R = a->off + E;
+    CALL(gather<T>(a, s, xs, in, rows));
     prof_mark(pf, "gather");
-    for (int e = 0; e < E; e++) {
-        const int o = off[e], ne = off[e + 1] - off[e];
-        if (ne == 0) continue;
-        GEMM(0, 1, ne, 2 * F, H, 1.0f, xs + (int64_t)o * H, cdt, H, 0, Wgu + (int64_t)e * 2 * F * H, cdt, H, 0, 0.0f,
-             GU + (int64_t)o * 2 * F, cdt, 2 * F, 0, 1);
-    }
+    CALL(expert_gemm<GG_NT>(a, grouped, GU, 2 * F, 0, xs, H, Wgu, H, (int64_t)2 * F * H, 0, 2 * F, H, 0.0f));
     prof_mark(pf, "gemm_gate_up");
-    if (R > 0) {
-        moe_swiglu_fwd_kernel<T><<<moe_blocks(R * F), MOE_THREADS, 0, s>>>(act, GU, R, F);
-        MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_kernel");
-    }
+    moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
+    MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
     prof_mark(pf, "swiglu");
-    for (int e = 0; e < E; e++) {
-        const int o = off[e], ne = off[e + 1] - off[e];
-        if (ne == 0) continue;
-        GEMM(0, 1, ne, H, F, 1.0f, act + (int64_t)o * F, cdt, F, 0, Wd + (int64_t)e * H * F, cdt, F, 0, 0.0f,
-             a->Y + (int64_t)o * H, M1C_F32, H, 0, 1);
-    }
+    CALL(expert_gemm<GG_NT>(a, grouped, a->Y, H, 0, (const T *)act, F, Wd, F, (int64_t)H * F, 0, H, F, 0.0f));
     prof_mark(pf, "gemm_down");
-    combine_kernel<<<moe_row_blocks(N), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, N, H, k);
-    MOE_LAUNCH_CHECK(h, "combine_kernel");
+    CALL(combine(a, s, out));
     prof_mark(pf, "combine");
-    return M1C_OK;
-}
-
-/* Backward of the BF16 grouped path: the same steps as backward_impl with the grouped GEMM, and nothing
- * asked of the host (whether the forward was jittered is read on the device). */
-static int backward_grouped(const topk_cuda_args *a, float *din, const float *dout, const float *in, moe_prof *pf) {
-    typedef __nv_bfloat16 bf;
-    const m1c_host *h = a->h;
-    cudaStream_t s = (cudaStream_t)a->stream;
-    const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F;
-    const int64_t Nk = (int64_t)N * k;
-    bf *dy_lp = (bf *)a->dy_lp;
-    if (!dy_lp) return h->error(h, "topk: BF16 backward needs the bf16 d rows buffer");
-    const bf *xs = (const bf *)a->xs, *GU = (const bf *)a->gu, *act = (const bf *)a->act;
-    const bf *Wgu = (const bf *)a->Wgu, *Wd = (const bf *)a->Wd;
-    bf *dgu = (bf *)a->dgu;
-    const int32_t *Rd = a->off + E;
-
-    const double aux_g = a->aux_scale * a->aux_coef * E / N;
-    router_bwd_kernel<bf><<<N, 128, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs, a->idx, a->w, a->pos,
-                                            a->st, aux_g, H, E, k, a->normalize);
-    MOE_LAUNCH_CHECK(h, "router_bwd_kernel");
-    prof_mark(pf, "router_bwd");
-    /* dWd_e += dY_e^T A_e; d act = dY Wd_e. */
-    if (grouped_gemm<GG_TN, float>(h, s, a->dWd, F, (int64_t)H * F, dy_lp, H, act, F, 0, a->off, E, Nk, H, F, 0,
-                                   1.0f) != M1C_OK)
-        return M1C_ERR;
-    prof_mark(pf, "gemm_dWd");
-    if (grouped_gemm<GG_NN, float>(h, s, a->dact, F, 0, dy_lp, H, Wd, F, (int64_t)H * F, a->off, E, Nk, 0, F, H,
-                                   0.0f) != M1C_OK)
-        return M1C_ERR;
-    prof_mark(pf, "gemm_dact");
-    swiglu_bwd_dev_kernel<bf><<<moe_row_blocks(Nk), MOE_THREADS, 0, s>>>(dgu, a->dact, GU, Rd, F);
-    MOE_LAUNCH_CHECK(h, "swiglu_bwd_dev_kernel");
-    prof_mark(pf, "swiglu_bwd");
-    /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e (into drow). */
-    if (grouped_gemm<GG_TN, float>(h, s, a->dWgu, H, (int64_t)2 * F * H, dgu, 2 * F, xs, H, 0, a->off, E, Nk, 2 * F,
-                                   H, 0, 1.0f) != M1C_OK)
-        return M1C_ERR;
-    prof_mark(pf, "gemm_dWgu");
-    if (grouped_gemm<GG_NN, float>(h, s, a->drow, H, 0, dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, a->off, E, Nk, 0, H,
-                                   2 * F, 0.0f) != M1C_OK)
-        return M1C_ERR;
-    prof_mark(pf, "gemm_drows");
-    unpermute_kernel<<<moe_row_blocks(N), MOE_THREADS, 0, s>>>(din, a->drow, a->pos, N, H, k);
-    MOE_LAUNCH_CHECK(h, "unpermute_kernel");
-    prof_mark(pf, "unpermute");
-
-    /* Router (f32). */
-    const int64_t NH = (int64_t)N * H;
-    if (a->noise) { /* jitter configured: the forward may have applied it */
-        router_in_kernel<<<moe_blocks(NH), MOE_THREADS, 0, s>>>(a->xr, in, a->noise, a->st, NH);
-        MOE_LAUNCH_CHECK(h, "router_in_kernel");
-        GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, a->xr, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
-        prof_mark(pf, "router_dWr");
-        GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 0.0f, a->xr, M1C_F32, H, 0, 1);
-        add_router_kernel<<<moe_blocks(NH), MOE_THREADS, 0, s>>>(din, a->xr, a->noise, a->st, NH);
-        MOE_LAUNCH_CHECK(h, "add_router_kernel");
-        prof_mark(pf, "router_din");
-    } else {
-        GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, in, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
-        prof_mark(pf, "router_dWr");
-        GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 1.0f, din, M1C_F32, H, 0, 1);
-        prof_mark(pf, "router_din");
-    }
     return M1C_OK;
 }
 
@@ -991,78 +1198,56 @@ template <typename T>
 static int backward_impl(const topk_cuda_args *a, float *din, const float *dout, const float *in, moe_prof *pf) {
     const m1c_host *h = a->h;
     cudaStream_t s = (cudaStream_t)a->stream;
-    const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F, cdt = a->cdt;
-    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
-    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
-    float jit_f = 0.0f;
-    MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
-    MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
-    prof_mark(pf, "counts_to_host");
-    if (a->h_cnt[C_ASSIGN] != (int64_t)N * k)
-        return h->error(h, "topk: backward for %d tokens after a forward of %d", N, (int)(a->h_cnt[C_ASSIGN] / k));
-    const int jit = jit_f != 0.0f;
-    if (jit && !a->noise) return h->error(h, "topk: backward after a jittered forward without the jitter buffer");
-    const int32_t *off = a->h_off;
-    const int64_t R = off[E];
+    const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F;
+    const bool grouped = use_grouped(a);
+    int64_t rows = (int64_t)N * k;
+    if (!grouped) { /* per-expert calls: the offsets on the host, and the checks they allow */
+        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t),
+                                          cudaMemcpyDeviceToHost, s));
+        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t),
+                                          cudaMemcpyDeviceToHost, s));
+        float jit_f = 0.0f;
+        MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
+        MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
+        prof_mark(pf, "counts_to_host");
+        if (a->h_cnt[C_ASSIGN] != (int64_t)N * k)
+            return h->error(h, "topk: backward for %d tokens after a forward of %d", N, (int)(a->h_cnt[C_ASSIGN] / k));
+        if (jit_f != 0.0f && !a->noise)
+            return h->error(h, "topk: backward after a jittered forward without the jitter buffer");
+        rows = a->h_off[E];
+    }
     T *dy_lp = (T *)a->dy_lp;
-    if (cdt == M1C_BF16 && !dy_lp) return h->error(h, "topk: BF16 backward needs the bf16 d rows buffer");
+    if (a->cdt == M1C_BF16 && !dy_lp) return h->error(h, "topk: BF16 backward needs the bf16 d rows buffer");
     const T *xs = (const T *)a->xs, *GU = (const T *)a->gu, *act = (const T *)a->act;
     const T *Wgu = (const T *)a->Wgu, *Wd = (const T *)a->Wd;
     T *dgu = (T *)a->dgu;
     /* The d rows as GEMM operand: drow itself in F32, its bf16 copy in BF16. */
     const T *dy = dy_lp ? dy_lp : (const T *)(const void *)a->drow;
 
-    const double aux_g = a->aux_scale * a->aux_coef * E / N;
-    router_bwd_kernel<T><<<N, 128, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs, a->idx, a->w, a->pos,
-                                           a->st, aux_g, H, E, k, a->normalize);
-    MOE_LAUNCH_CHECK(h, "router_bwd_kernel");
+    CALL(router_bwd<T>(a, s, dy_lp, dout));
     prof_mark(pf, "router_bwd");
-
-    /* dWd += dY^T A; d act = dY Wd. */
-    for (int e = 0; e < E; e++) {
-        const int o = off[e], ne = off[e + 1] - off[e];
-        if (ne == 0) continue;
-        GEMM(1, 0, H, F, ne, 1.0f, dy + (int64_t)o * H, cdt, H, 0, act + (int64_t)o * F, cdt, F, 0, 1.0f,
-             a->dWd + (int64_t)e * H * F, M1C_F32, F, 0, 1);
-        GEMM(0, 0, ne, F, H, 1.0f, dy + (int64_t)o * H, cdt, H, 0, Wd + (int64_t)e * H * F, cdt, F, 0, 0.0f,
-             a->dact + (int64_t)o * F, M1C_F32, F, 0, 1);
-    }
-    prof_mark(pf, "gemm_dWd_dact");
-    if (R > 0) {
-        moe_swiglu_bwd_kernel<T><<<moe_blocks(R * F), MOE_THREADS, 0, s>>>(dgu, a->dact, GU, R, F);
-        MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_kernel");
-    }
+    /* dWd_e += dY_e^T A_e; d act = dY Wd_e. */
+    CALL(expert_gemm<GG_TN>(a, grouped, a->dWd, F, (int64_t)H * F, dy, H, act, F, 0, H, F, 0, 1.0f));
+    prof_mark(pf, "gemm_dWd");
+    CALL(expert_gemm<GG_NN>(a, grouped, a->dact, F, 0, dy, H, Wd, F, (int64_t)H * F, 0, F, H, 0.0f));
+    prof_mark(pf, "gemm_dact");
+    moe_swiglu_bwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(dgu, a->dact, GU, a->off + E,
+                                                                                       F);
+    MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_dev_kernel");
     prof_mark(pf, "swiglu_bwd");
-    /* dWgu += dGU^T X; d x rows = dGU Wgu (into drow: its dY is no longer needed). */
-    for (int e = 0; e < E; e++) {
-        const int o = off[e], ne = off[e + 1] - off[e];
-        if (ne == 0) continue;
-        GEMM(1, 0, 2 * F, H, ne, 1.0f, dgu + (int64_t)o * 2 * F, cdt, 2 * F, 0, xs + (int64_t)o * H, cdt, H, 0, 1.0f,
-             a->dWgu + (int64_t)e * 2 * F * H, M1C_F32, H, 0, 1);
-        GEMM(0, 0, ne, H, 2 * F, 1.0f, dgu + (int64_t)o * 2 * F, cdt, 2 * F, 0, Wgu + (int64_t)e * 2 * F * H, cdt, H, 0,
-             0.0f, a->drow + (int64_t)o * H, M1C_F32, H, 0, 1);
-    }
-    prof_mark(pf, "gemm_dWgu_drows");
-    unpermute_kernel<<<moe_row_blocks(N), MOE_THREADS, 0, s>>>(din, a->drow, a->pos, N, H, k);
-    MOE_LAUNCH_CHECK(h, "unpermute_kernel");
-    prof_mark(pf, "unpermute");
-
-    /* Router (f32): dWr += dlogits^T (router input); din += (dlogits Wr) (times the noise with jitter). */
-    if (jit) {
-        mul_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(a->xr, in, a->noise, (int64_t)N * H);
-        MOE_LAUNCH_CHECK(h, "mul_kernel");
-        GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, a->xr, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
-        prof_mark(pf, "router_dWr");
-        GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 0.0f, a->xr, M1C_F32, H, 0, 1);
-        add_mul_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(din, a->xr, a->noise, (int64_t)N * H);
-        MOE_LAUNCH_CHECK(h, "add_mul_kernel");
-        prof_mark(pf, "router_din");
-    } else {
-        GEMM(1, 0, E, H, N, 1.0f, a->dlog, M1C_F32, E, 0, in, M1C_F32, H, 0, 1.0f, a->dWr, M1C_F32, H, 0, 1);
-        prof_mark(pf, "router_dWr");
-        GEMM(0, 0, N, H, E, 1.0f, a->dlog, M1C_F32, E, 0, a->Wr, M1C_F32, H, 0, 1.0f, din, M1C_F32, H, 0, 1);
-        prof_mark(pf, "router_din");
-    }
+    /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e (into drow: its dY is no longer needed). */
+    CALL(expert_gemm<GG_TN>(a, grouped, a->dWgu, H, (int64_t)2 * F * H, (const T *)dgu, 2 * F, xs, H, 0, 2 * F, H, 0,
+                            1.0f));
+    prof_mark(pf, "gemm_dWgu");
+    CALL(expert_gemm<GG_NN>(a, grouped, a->drow, H, 0, (const T *)dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, 0, H, 2 * F,
+                            0.0f));
+    prof_mark(pf, "gemm_drows");
+    /* din += the token's d x rows + (dlogits Wr) (times the noise with jitter); then dWr, whose partial
+     * sums take drow. */
+    CALL(unpermute_router(a, s, din));
+    prof_mark(pf, "unpermute_router");
+    CALL(router_dwr(a, s, in));
+    prof_mark(pf, "router_dWr");
     return M1C_OK;
 }
 
@@ -1070,7 +1255,8 @@ extern "C" int topk_cuda_forward(const topk_cuda_args *a, float *out, const floa
     if (a->N <= 0) return M1C_OK;
     moe_prof pf;
     prof_init(&pf, (cudaStream_t)a->stream);
-    const int rc = a->cdt == M1C_BF16 ? forward_impl<__nv_bfloat16>(a, out, in, &pf) : forward_impl<float>(a, out, in, &pf);
+    const int rc = a->cdt == M1C_BF16 ? forward_impl<__nv_bfloat16>(a, out, in, &pf)
+                                      : forward_impl<float>(a, out, in, &pf);
     prof_end(&pf, "fwd", a);
     return rc;
 }
@@ -1079,12 +1265,8 @@ extern "C" int topk_cuda_backward(const topk_cuda_args *a, float *din, const flo
     if (a->N <= 0) return M1C_OK;
     moe_prof pf;
     prof_init(&pf, (cudaStream_t)a->stream);
-    int rc;
-    if (use_grouped(a->cdt))
-        rc = backward_grouped(a, din, dout, in, &pf);
-    else
-        rc = a->cdt == M1C_BF16 ? backward_impl<__nv_bfloat16>(a, din, dout, in, &pf)
-                                : backward_impl<float>(a, din, dout, in, &pf);
+    const int rc = a->cdt == M1C_BF16 ? backward_impl<__nv_bfloat16>(a, din, dout, in, &pf)
+                                      : backward_impl<float>(a, din, dout, in, &pf);
     prof_end(&pf, "bwd", a);
     return rc;
 }
