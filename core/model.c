@@ -344,27 +344,35 @@ static void prof_add(m1c_model *m, m1c_run *r, const char *name, int backward) {
 
 typedef int (*mix_fn)(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud);
 
-/* The layer loop shared by training forward and incremental decoding: `attn` runs the mixer. */
+/* The layer loop shared by training forward and incremental decoding: `attn` runs the mixer. Each
+ * residual is fused with the norm that reads its result (the layer's post-attention norm; the next
+ * layer's input norm, or after the last layer the final norm): the same values as the two ops in turn.
+ * Only the first norm, of the embedding, runs alone. */
 static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, void *ud, m1c_err *e) {
     int64_t N = (int64_t)B * T, H = m->H;
+    if (m->L > 0)
+        m1c_rmsnorm_forward(m->device, r->h1[0], r->rstd1[0], r->x[0], P(m, m->layer[0].norm_in), N, (int)H, m->eps);
+    else
+        m1c_rmsnorm_forward(m->device, r->hf, r->rstdf, r->x[0], P(m, m->norm), N, (int)H, m->eps);
+    prof_add(m, r, "core", 0);
     for (int l = 0; l < m->L; l++) {
         m1c_layer *ly = &m->layer[l];
-        m1c_rmsnorm_forward(m->device, r->h1[l], r->rstd1[l], r->x[l], P(m, ly->norm_in), N, (int)H, m->eps);
-        prof_add(m, r, "core", 0);
+        const int last = l == m->L - 1;
         r->attn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l);
         if (attn(m, r, l, B, T, r->x1[l], r->h1[l], ud)) return m1c_plugin_fail(ly->attn.plugin, e, "forward");
         prof_add(m, r, ly->attn.plugin->desc->name, 0);
-        m1c_residual(m->device, r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, N * H);
-        m1c_rmsnorm_forward(m->device, r->h2[l], r->rstd2[l], r->x1[l], P(m, ly->norm_post), N, (int)H, m->eps);
+        m1c_residual_rmsnorm(m->device, r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, r->h2[l], r->rstd2[l],
+                             P(m, ly->norm_post), N, (int)H, m->eps);
         prof_add(m, r, "core", 0);
         r->ffn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l + 1);
         if (ly->ffn.ops->forward(ly->ffn.self, &r->ffn[l].bufs, r->x[l + 1], r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "forward");
         prof_add(m, r, ly->ffn.plugin->desc->name, 0);
-        m1c_residual(m->device, r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn, N * H);
+        m1c_residual_rmsnorm(m->device, r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn,
+                             last ? r->hf : r->h1[l + 1], last ? r->rstdf : r->rstd1[l + 1],
+                             P(m, last ? m->norm : m->layer[l + 1].norm_in), N, (int)H, m->eps);
+        prof_add(m, r, "core", 0);
     }
-    m1c_rmsnorm_forward(m->device, r->hf, r->rstdf, r->x[m->L], P(m, m->norm), N, (int)H, m->eps);
-    prof_add(m, r, "core", 0);
     return M1C_OK;
 }
 
@@ -421,26 +429,31 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse, r->dlogp, r->hf,
                       P(m, m->head), r->targets, N, H, m->V);
     prof_add(m, r, "head", 1);
-    m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
-    m1c_rmsnorm_backward(m->device, dx, G(m, m->norm), dh, r->x[m->L], P(m, m->norm), r->rstdf, N, H);
+    /* dh holds the gradient of the output of a norm: first the final one's, then each layer's input
+     * norm's (nw, nx, nr: its weight, input and rstd). Every norm but the first (of the embedding) feeds
+     * a residual, whose gradient split is fused with the norm's backward: no dx, memset or axpby pass. */
+    int nw = m->norm;
+    const float *nx = r->x[m->L], *nr = r->rstdf;
     for (int l = m->L - 1; l >= 0; l--) {
         m1c_layer *ly = &m->layer[l];
-        /* x2 = a h2 + b ffn(h2): dh2 = a dx2 + ffn'(b dx2) */
-        m1c_axpby(m->device, dh, tmp, dx, ly->alpha_ffn, ly->beta_ffn, NH);
+        /* x2 = a h2 + b ffn(h2): dh2 = a dx2 + ffn'(b dx2), dx2 from the norm above */
+        m1c_rmsnorm_backward_axpby(m->device, dh, tmp, G(m, nw), dh, nx, P(m, nw), nr, ly->alpha_ffn, ly->beta_ffn, N,
+                                   H);
         prof_add(m, r, "core", 1);
         if (ly->ffn.ops->backward(ly->ffn.self, &r->ffn[l].bufs, dh, tmp, r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "backward");
         prof_add(m, r, ly->ffn.plugin->desc->name, 1);
-        m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
-        m1c_rmsnorm_backward(m->device, dx, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post), r->rstd2[l], N, H);
-        m1c_axpby(m->device, dh, tmp, dx, ly->alpha_attn, ly->beta_attn, NH);
+        m1c_rmsnorm_backward_axpby(m->device, dh, tmp, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post),
+                                   r->rstd2[l], ly->alpha_attn, ly->beta_attn, N, H);
         prof_add(m, r, "core", 1);
         if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, tmp, r->h1[l], B, T))
             return m1c_plugin_fail(ly->attn.plugin, e, "backward");
         prof_add(m, r, ly->attn.plugin->desc->name, 1);
-        m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
-        m1c_rmsnorm_backward(m->device, dx, G(m, ly->norm_in), dh, r->x[l], P(m, ly->norm_in), r->rstd1[l], N, H);
+        nw = ly->norm_in, nx = r->x[l], nr = r->rstd1[l];
     }
+    /* the first norm's input gradient goes to the embedding */
+    m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
+    m1c_rmsnorm_backward(m->device, dx, G(m, nw), dh, nx, P(m, nw), nr, N, H);
     m1c_embed_backward(m->device, G(m, m->embed), dx, r->ids, N, H);
     prof_add(m, r, "core", 1);
     return M1C_OK;

@@ -47,40 +47,80 @@ void m1c_embed_backward(int dev, float *dwte, const float *dout, const int32_t *
     }
 }
 
+/* One row of the RMSNorm forward, shared by m1c_rmsnorm_forward and m1c_residual_rmsnorm so that both
+ * give the same bits. */
+static void rmsnorm_row(float *y, float *rstd, const float *x, const float *w, int C, float eps) {
+    float ss = 0;
+    for (int c = 0; c < C; c++) ss += x[c] * x[c];
+    float r = 1.0f / sqrtf(ss / (float)C + eps);
+    *rstd = r;
+    for (int c = 0; c < C; c++) y[c] = x[c] * r * w[c];
+}
+
 void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
                          float eps) {
     ON_GPU(dev, m1c_cuda_rmsnorm_forward(out, rstd, in, w, N, C, eps));
 #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++) rmsnorm_row(out + i * C, &rstd[i], in + i * C, w, C, eps);
+}
+
+void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
+                          const float *w, int64_t N, int C, float eps) {
+    ON_GPU(dev, m1c_cuda_residual_rmsnorm(y, h, a, b, out, rstd, w, N, C, eps));
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
-        const float *x = in + i * C;
-        float *y = out + i * C;
-        float ss = 0;
-        for (int c = 0; c < C; c++) ss += x[c] * x[c];
-        float r = 1.0f / sqrtf(ss / (float)C + eps);
-        rstd[i] = r;
-        for (int c = 0; c < C; c++) y[c] = x[c] * r * w[c];
+        float *x = y + i * C;
+        const float *hr = h + i * C;
+        for (int c = 0; c < C; c++) x[c] = a * hr[c] + b * x[c]; /* m1c_residual's expression */
+        rmsnorm_row(out + i * C, &rstd[i], x, w, C, eps);
+    }
+}
+
+/* y = x r w, r = (mean(x^2) + eps)^-1/2: dx = r (g w) - x r^3 mean(g w x), dw = sum g x r. The row's
+ * k = r^3 mean(g w x). */
+static float rmsnorm_bwd_k(const float *g, const float *x, const float *w, float r, int C) {
+    float dot = 0;
+    for (int c = 0; c < C; c++) dot += g[c] * w[c] * x[c];
+    return r * r * r * dot / (float)C;
+}
+
+/* dw += sum over rows of g x r: per-thread over columns to avoid races. */
+static void rmsnorm_bwd_w(float *dw, const float *dout, const float *in, const float *rstd, int64_t N, int C) {
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < C; c++) {
+        float s = 0;
+        for (int64_t i = 0; i < N; i++) s += dout[i * C + c] * in[i * C + c] * rstd[i];
+        dw[c] += s;
     }
 }
 
 void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, const float *in, const float *w,
                           const float *rstd, int64_t N, int C) {
     ON_GPU(dev, m1c_cuda_rmsnorm_backward(din, dw, dout, in, w, rstd, N, C));
-    /* y = x r w, r = (mean(x^2) + eps)^-1/2: dx = r (g w) - x r^3 mean(g w x), dw = sum g x r. */
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         const float *x = in + i * C, *g = dout + i * C;
         float *dx = din + i * C;
-        float r = rstd[i], dot = 0;
-        for (int c = 0; c < C; c++) dot += g[c] * w[c] * x[c];
-        float k = r * r * r * dot / (float)C;
+        float r = rstd[i], k = rmsnorm_bwd_k(g, x, w, r, C);
         for (int c = 0; c < C; c++) dx[c] += r * g[c] * w[c] - k * x[c];
     }
-    /* dw over rows: per-thread over columns to avoid races. */
+    rmsnorm_bwd_w(dw, dout, in, rstd, N, C);
+}
+
+void m1c_rmsnorm_backward_axpby(int dev, float *dh, float *tmp, float *dw, const float *dout, const float *in,
+                                const float *w, const float *rstd, float a, float b, int64_t N, int C) {
+    ON_GPU(dev, m1c_cuda_rmsnorm_backward_axpby(dh, tmp, dw, dout, in, w, rstd, a, b, N, C));
+    rmsnorm_bwd_w(dw, dout, in, rstd, N, C); /* first: dout may be dh, overwritten below */
 #pragma omp parallel for schedule(static)
-    for (int c = 0; c < C; c++) {
-        float s = 0;
-        for (int64_t i = 0; i < N; i++) s += dout[i * C + c] * in[i * C + c] * rstd[i];
-        dw[c] += s;
+    for (int64_t i = 0; i < N; i++) {
+        const float *x = in + i * C, *g = dout + i * C;
+        float *y = dh + i * C, *z = tmp + i * C;
+        float r = rstd[i], k = rmsnorm_bwd_k(g, x, w, r, C);
+        /* element c of g is read before element c of y (maybe the same) is written */
+        for (int c = 0; c < C; c++) {
+            float d = r * g[c] * w[c] - k * x[c];
+            y[c] = a * d, z[c] = b * d;
+        }
     }
 }
 

@@ -40,6 +40,25 @@ void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logi
 void m1c_residual(int dev, float *y, const float *h, float a, float b, int64_t n);
 /* y = a * x and z = b * x (splitting a residual gradient). */
 void m1c_axpby(int dev, float *y, float *z, const float *x, float a, float b, int64_t n);
+
+/* Fused forms of the model's pairs of passes over (N, C) arrays, one pass per row instead of two or
+ * three calls: the same operations in the same order per element as the separate calls.
+ *
+ * The residual then the RMSNorm that reads it: y = a * h + b * y in place (m1c_residual over N * C),
+ * then out = y / rms(y) * w and rstd from the new y (m1c_rmsnorm_forward). The same values as those
+ * two calls (bit for bit on the CPU). y, h, out, rstd and w must not overlap. */
+void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
+                          const float *w, int64_t N, int C, float eps);
+/* The RMSNorm backward then the split of the gradient it gives: with dx the input gradient that
+ * m1c_rmsnorm_backward adds into a zeroed array, dh = a * dx and tmp = b * dx (overwritten, as
+ * m1c_axpby), dw += the weight gradient; dx is never stored. Aliasing: dout may be the very same array
+ * as dh (the model passes dh for both; every row and the weight gradient are read from dout before
+ * that row is written); no other overlap: dh and tmp are distinct, and neither overlaps in, w, rstd or
+ * dw. On the CPU dh and tmp equal those of memset0 + m1c_rmsnorm_backward + m1c_axpby up to the sign
+ * of zeros and dw bit for bit; on a GPU within f32 rounding (dw's sums over rows run in another
+ * fixed order, deterministic: the same inputs give the same bits). */
+void m1c_rmsnorm_backward_axpby(int dev, float *dh, float *tmp, float *dw, const float *dout, const float *in,
+                                const float *w, const float *rstd, float a, float b, int64_t N, int C);
 /* Sum of squares in double (gradient norms); synchronous. */
 double m1c_sumsq(int dev, const float *x, int64_t n);
 void m1c_scale(int dev, float *x, int64_t n, float s);

@@ -189,6 +189,205 @@ Test(cuda_ops, token_sums_repeat_bit_for_bit) {
     gfree(d_ids), gfree(d_dout), gfree(d_in), gfree(d_w), gfree(d_rstd);
 }
 
+/* ---- fused residual + RMSNorm, RMSNorm backward + gradient split ---- */
+
+/* Shapes of the fused ops: row counts that the kernels' 8 rows per block and the backward's 32-row
+ * chunks do not divide, and 16411 > 512 chunks of 32 rows, where the chunk count is capped (33 rows
+ * each, the last chunks empty); widths 33 (the scalar path), 768 (the model's) and 256 and 1100 (the
+ * 16-byte path, 1100 with a partial last group of loads), 1700 and 1701 wider than the fused weight
+ * gradient's shared memory holds (C > 1536: its separate pass, 16-byte and scalar). Every case also
+ * runs one float past alignment (the scalar path for every width). */
+typedef struct fused_case {
+    int64_t N;
+    int C;
+} fused_case;
+static const fused_case fused_cases[] = {{1, 33}, {37, 768}, {1003, 768}, {1003, 33}, {37, 1100},
+                                         {37, 1700}, {37, 1701}, {16411, 256}};
+#define NFC (int)(sizeof fused_cases / sizeof fused_cases[0])
+static const float FA = 1.7f, FB = 0.37f; /* DeepNorm-like, not powers of two: every product rounds */
+
+/* RMSNorm weights near 1 (1 + N(0, 0.2^2)), as a trained layer's. */
+static float *norm_weights(int C, uint64_t seed) {
+    float *w = th_randn(C, seed, 0.2f);
+    for (int c = 0; c < C; c++) w[c] += 1.0f;
+    return w;
+}
+
+static float *nans(int64_t n) {
+    float *y = malloc((size_t)(n ? n : 1) * 4);
+    for (int64_t i = 0; i < n; i++) y[i] = NAN;
+    return y;
+}
+
+Test(cuda_ops, residual_rmsnorm_fused) {
+    th_need_gpu();
+    const float eps = 1e-5f;
+    int exact = 1;
+    for (int shift = 0; shift < 2; shift++)
+        for (int ci = 0; ci < NFC; ci++) {
+            const fused_case fc = fused_cases[ci];
+            const uint64_t s = 2000 + (uint64_t)ci * 10;
+            const int64_t N = fc.N, n = N * fc.C;
+            const int C = fc.C;
+            float *y0 = th_randn(n, s, 1.0f), *h = th_randn(n, s + 1, 1.0f), *w = norm_weights(C, s + 2);
+            float *nan_n = nans(n), *nan_r = nans(N);
+            /* the CPU's fused op (equal to its separate ops: test_ops_fused) */
+            float *y = copy_of(y0, n), *out = nans(n), *rstd = nans(N);
+            m1c_residual_rmsnorm(CPU, y, h, FA, FB, out, rstd, w, N, C, eps);
+            /* the GPU's fused op, and its separate ops on the same inputs */
+            float *d_h = up_at(h, n, shift), *d_w = up_at(w, C, shift);
+            float *d_y = up_at(y0, n, shift), *d_out = up_at(nan_n, n, shift), *d_rstd = up(nan_r, N);
+            float *d_y2 = up_at(y0, n, shift), *d_out2 = up_at(nan_n, n, shift), *d_rstd2 = up(nan_r, N);
+            m1c_residual_rmsnorm(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, eps);
+            m1c_residual(GPU, d_y2, d_h, FA, FB, n);
+            m1c_rmsnorm_forward(GPU, d_out2, d_rstd2, d_y2, d_w, N, C, eps);
+            float *gy = down(d_y, n), *gout = down(d_out, n), *grstd = down(d_rstd, N);
+            float *gy2 = down(d_y2, n), *gout2 = down(d_out2, n), *grstd2 = down(d_rstd2, N);
+            /* Against the CPU: y as in the residual test (the GPU may fuse one product into the addition,
+             * <= 6e-8 of a term): 1e-6 of the largest element; out and rstd as in the RMSNorm test (sums
+             * of C squares in another order, rsqrtf): 1e-5. */
+            double ey = rel_max(gy, y, n), eo = rel_max(gout, out, n), er = rel_max(grstd, rstd, N);
+            cr_expect_leq(ey, 1e-6, "N=%lld C=%d shift %d: y vs CPU %g", (long long)N, C, shift, ey);
+            cr_expect_leq(eo, 1e-5, "N=%lld C=%d shift %d: out vs CPU %g", (long long)N, C, shift, eo);
+            cr_expect_leq(er, 1e-5, "N=%lld C=%d shift %d: rstd vs CPU %g", (long long)N, C, shift, er);
+            /* Against the separate GPU ops: the same expressions, lanes and summation order, so expected
+             * bit for bit; allowed: nvcc contracting a h + b y into a fused multiply-add otherwise in the
+             * two kernels (one rounding of a term, 6e-8 of the largest element, then the same through the
+             * norm): 1e-6. */
+            double fy = rel_max(gy, gy2, n), fo = rel_max(gout, gout2, n), fr = rel_max(grstd, grstd2, N);
+            cr_expect_leq(fy, 1e-6, "N=%lld C=%d shift %d: y vs separate %g", (long long)N, C, shift, fy);
+            cr_expect_leq(fo, 1e-6, "N=%lld C=%d shift %d: out vs separate %g", (long long)N, C, shift, fo);
+            cr_expect_leq(fr, 1e-6, "N=%lld C=%d shift %d: rstd vs separate %g", (long long)N, C, shift, fr);
+            exact &= fy == 0 && fo == 0 && fr == 0;
+
+            free(y0), free(h), free(w), free(nan_n), free(nan_r), free(y), free(out), free(rstd);
+            free(gy), free(gout), free(grstd), free(gy2), free(gout2), free(grstd2);
+            gfree_at(d_h, shift), gfree_at(d_w, shift), gfree_at(d_y, shift), gfree_at(d_out, shift), gfree(d_rstd);
+            gfree_at(d_y2, shift), gfree_at(d_out2, shift), gfree(d_rstd2);
+        }
+    cr_log_info("fused residual + RMSNorm %s the separate GPU ops bit for bit", exact ? "equals" : "does NOT equal");
+}
+
+/* max |dw - ref| / max |ref| with ref = dw0 + sum over rows of g x r in double: the GPU's and the CPU's
+ * f32 sums over rows are each measured against it. */
+static double dw_err(const float *dw, const float *dw0, const float *dout, const float *in, const float *rstd,
+                     int64_t N, int C) {
+    double *ref = calloc((size_t)C, sizeof *ref), e = 0, m = 0;
+    for (int64_t i = 0; i < N; i++)
+        for (int c = 0; c < C; c++) ref[c] += (double)dout[i * C + c] * in[i * C + c] * rstd[i];
+    for (int c = 0; c < C; c++) {
+        ref[c] += dw0[c];
+        e = fmax(e, fabs(dw[c] - ref[c])), m = fmax(m, fabs(ref[c]));
+        if (dw[c] != dw[c]) e = INFINITY;
+    }
+    free(ref);
+    return m > 0 ? e / m : e;
+}
+
+Test(cuda_ops, rmsnorm_backward_axpby_fused) {
+    th_need_gpu();
+    int exact = 1;
+    for (int alias = 0; alias < 2; alias++)
+        for (int shift = 0; shift < 2; shift++)
+            for (int ci = 0; ci < NFC; ci++) {
+                const int64_t N = fused_cases[ci].N, n = N * fused_cases[ci].C;
+                const int C = fused_cases[ci].C;
+                const uint64_t s = 3000 + (uint64_t)ci * 10;
+                float *in = th_randn(n, s, 1.0f), *w = norm_weights(C, s + 1), *dout = th_randn(n, s + 2, 1.0f);
+                float *dw0 = th_randn(C, s + 3, 1.0f); /* dw accumulates */
+                float *rstd = th_zeros(N), *tmp0 = th_zeros(n), *nan_n = nans(n), *zero_n = th_zeros(n);
+                m1c_rmsnorm_forward(CPU, tmp0, rstd, in, w, N, C, 1e-5f);
+                /* the CPU's fused op (equal to its separate ops: test_ops_fused) */
+                float *dh = alias ? copy_of(dout, n) : nans(n), *tmp = nans(n), *dw = copy_of(dw0, C);
+                m1c_rmsnorm_backward_axpby(CPU, dh, tmp, dw, alias ? dh : dout, in, w, rstd, FA, FB, N, C);
+                /* the GPU's fused op (alias: dout is dh), and its separate ops: zeroed dx, backward, axpby */
+                float *d_in = up_at(in, n, shift), *d_w = up_at(w, C, shift), *d_dout = up_at(dout, n, shift);
+                float *d_rstd = up(rstd, N), *d_dw = up(dw0, C), *d_dw2 = up(dw0, C);
+                float *d_dh = up_at(alias ? dout : nan_n, n, shift), *d_tmp = up_at(nan_n, n, shift);
+                float *d_dx = up_at(zero_n, n, shift), *d_dh2 = up_at(nan_n, n, shift);
+                float *d_tmp2 = up_at(nan_n, n, shift);
+                m1c_rmsnorm_backward_axpby(GPU, d_dh, d_tmp, d_dw, alias ? d_dh : d_dout, d_in, d_w, d_rstd, FA, FB, N,
+                                           C);
+                m1c_rmsnorm_backward(GPU, d_dx, d_dw2, d_dout, d_in, d_w, d_rstd, N, C);
+                m1c_axpby(GPU, d_dh2, d_tmp2, d_dx, FA, FB, n);
+                float *gdh = down(d_dh, n), *gtmp = down(d_tmp, n), *gdw = down(d_dw, C);
+                float *gdh2 = down(d_dh2, n), *gtmp2 = down(d_tmp2, n), *gdw2 = down(d_dw2, C);
+                /* dh and tmp against the CPU, as din in the RMSNorm test (a dot product of C terms in another
+                 * order and the GPU's fused multiply-adds, then one exact scaling by a or b): 1e-5 of the
+                 * largest element. */
+                double eh = rel_max(gdh, dh, n), et = rel_max(gtmp, tmp, n);
+                cr_expect_leq(eh, 1e-5, "N=%lld C=%d shift %d alias %d: dh vs CPU %g", (long long)N, C, shift, alias,
+                              eh);
+                cr_expect_leq(et, 1e-5, "N=%lld C=%d shift %d alias %d: tmp vs CPU %g", (long long)N, C, shift,
+                              alias, et);
+                /* dw: sums of N f32 terms over rows (in row chunks on the GPU, in row order on the CPU)
+                 * against the double sum: a random walk of N roundings of <= 6e-8 of the partial sums,
+                 * ~sqrt(16411) * 6e-8 = 8e-6 for the CPU's single running sum at the largest N: 3e-5. The
+                 * fused and the separate GPU sums are measured the same way (they run in different orders). */
+                double ew = dw_err(gdw, dw0, dout, in, rstd, N, C), ew2 = dw_err(gdw2, dw0, dout, in, rstd, N, C),
+                       ewc = dw_err(dw, dw0, dout, in, rstd, N, C);
+                cr_expect_leq(ew, 3e-5, "N=%lld C=%d shift %d alias %d: fused GPU dw %g", (long long)N, C, shift,
+                              alias, ew);
+                cr_expect_leq(ew2, 3e-5, "N=%lld C=%d shift %d alias %d: separate GPU dw %g", (long long)N, C, shift,
+                              alias, ew2);
+                cr_expect_leq(ewc, 3e-5, "N=%lld C=%d shift %d alias %d: CPU dw %g", (long long)N, C, shift, alias,
+                              ewc);
+                /* dh and tmp against the separate GPU ops: the same expressions, lanes and order (dx = 0 + v
+                 * there), expected bit for bit; allowed: nvcc contracting r g w - k x otherwise in the two
+                 * kernels (one rounding of a term of size <= r |g w| ~ the largest element for C > 1): 1e-6. */
+                double fh = rel_max(gdh, gdh2, n), ft = rel_max(gtmp, gtmp2, n);
+                cr_expect_leq(fh, 1e-6, "N=%lld C=%d shift %d alias %d: dh vs separate %g", (long long)N, C, shift,
+                              alias, fh);
+                cr_expect_leq(ft, 1e-6, "N=%lld C=%d shift %d alias %d: tmp vs separate %g", (long long)N, C, shift,
+                              alias, ft);
+                exact &= fh == 0 && ft == 0;
+
+                free(in), free(w), free(dout), free(dw0), free(rstd), free(tmp0), free(nan_n), free(zero_n);
+                free(dh), free(tmp), free(dw), free(gdh), free(gtmp), free(gdw), free(gdh2), free(gtmp2), free(gdw2);
+                gfree_at(d_in, shift), gfree_at(d_w, shift), gfree_at(d_dout, shift), gfree(d_rstd), gfree(d_dw);
+                gfree(d_dw2), gfree_at(d_dh, shift), gfree_at(d_tmp, shift), gfree_at(d_dx, shift);
+                gfree_at(d_dh2, shift), gfree_at(d_tmp2, shift);
+            }
+    cr_log_info("fused RMSNorm backward + axpby %s the separate GPU ops' dh and tmp bit for bit",
+                exact ? "equals" : "does NOT equal");
+}
+
+/* Both fused ops give the same bits on every run (dw's sums over rows in a fixed order), with dout ==
+ * dh as in the model, for the fused weight gradient (C = 300, 768) and its separate pass (C = 1700). */
+Test(cuda_ops, fused_ops_repeat_bit_for_bit) {
+    th_need_gpu();
+    const int64_t N = 4099;
+    static const int widths[] = {300, 768, 1700};
+    for (int k = 0; k < 3; k++) {
+        const int C = widths[k];
+        const int64_t n = N * C;
+        float *y0 = th_randn(n, 600 + (uint64_t)k, 1.0f), *h = th_randn(n, 610 + (uint64_t)k, 1.0f);
+        float *w = th_randn(C, 620 + (uint64_t)k, 0.2f), *g = th_randn(n, 630 + (uint64_t)k, 1.0f);
+        for (int c = 0; c < C; c++) w[c] += 1.0f;
+        float *z = th_zeros(n), *d_h = up(h, n), *d_w = up(w, C);
+        float *res[2][6];
+        for (int run = 0; run < 2; run++) {
+            float *d_y = up(y0, n), *d_out = up(z, n), *d_rstd = up(z, N), *d_dh = up(g, n), *d_tmp = up(z, n);
+            float *d_dw = up(z, C);
+            m1c_residual_rmsnorm(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, 1e-5f);
+            m1c_rmsnorm_backward_axpby(GPU, d_dh, d_tmp, d_dw, d_dh, d_y, d_w, d_rstd, FA, FB, N, C);
+            res[run][0] = down(d_y, n), res[run][1] = down(d_out, n), res[run][2] = down(d_rstd, N);
+            res[run][3] = down(d_dh, n), res[run][4] = down(d_tmp, n), res[run][5] = down(d_dw, C);
+            gfree(d_y), gfree(d_out), gfree(d_rstd), gfree(d_dh), gfree(d_tmp), gfree(d_dw);
+        }
+        const char *what[6] = {"y", "out", "rstd", "dh", "tmp", "dw"};
+        const int64_t len[6] = {n, n, N, n, n, C};
+        for (int j = 0; j < 6; j++) {
+            /* exact: the same operations in the same order */
+            cr_expect_eq(memcmp(res[0][j], res[1][j], (size_t)len[j] * 4), 0, "C=%d: %s differs between runs", C,
+                         what[j]);
+            cr_expect_gt(th_max_abs(res[0][j], len[j]), 0.0, "C=%d: %s is zero", C, what[j]);
+            free(res[0][j]), free(res[1][j]);
+        }
+        free(y0), free(h), free(w), free(g), free(z), gfree(d_h), gfree(d_w);
+    }
+}
+
 /* ---- the LM head ---- */
 
 /* Tolerances relative to the largest element, per head precision:

@@ -194,6 +194,30 @@ enum { ROWS = 8, U = 4 };
 
 static int rows_grid(int64_t N) { return grid_for(N, ROWS); }
 
+/* The row's second pass, shared by the forward kernels: from the lane's partial sum of squares ss, the
+ * row's r = 1 / rms (the butterfly leaves it on every lane; lane 0 stores it), then out = x r w. */
+template <int W>
+__device__ static inline void rms_finish(float *out, float *rstd, const float *x, const float *w, float ss, int C,
+                                         float eps) {
+    const int lane = threadIdx.x % 32, step = 32 * W;
+    ss = warp_sum(ss);
+    const float r = rsqrtf(ss / (float)C + eps);
+    if (lane == 0) *rstd = r;
+    for (int c0 = lane * W; c0 < C; c0 += U * step) {
+        float a[U][W], b[U][W];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c0 + u * step < C) ld<W>(a[u], x, c0 + u * step), ld<W>(b[u], w, c0 + u * step);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c0 + u * step < C) {
+#pragma unroll
+                for (int k = 0; k < W; k++) a[u][k] = a[u][k] * r * b[u][k];
+                st<W>(out, c0 + u * step, a[u]);
+            }
+    }
+}
+
 template <int W>
 __global__ static void rmsnorm_fwd(float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
                                    float eps) {
@@ -212,23 +236,29 @@ __global__ static void rmsnorm_fwd(float *out, float *rstd, const float *in, con
 #pragma unroll
                     for (int k = 0; k < W; k++) ss += a[u][k] * a[u][k];
         }
-        ss = warp_sum(ss);
-        const float r = rsqrtf(ss / (float)C + eps);
-        if (lane == 0) rstd[i] = r;
-        for (int c0 = lane * W; c0 < C; c0 += U * step) {
-            float a[U][W], b[U][W];
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C) ld<W>(a[u], x, c0 + u * step), ld<W>(b[u], w, c0 + u * step);
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C) {
-#pragma unroll
-                    for (int k = 0; k < W; k++) a[u][k] = a[u][k] * r * b[u][k];
-                    st<W>(y, c0 + u * step, a[u]);
-                }
-        }
+        rms_finish<W>(y, rstd + i, x, w, ss, C, eps);
     }
+}
+
+/* The backward's row reduction, shared by its kernels: sum_c g w x over the warp's row (lanes, chunks,
+ * order and butterfly fixed, so every kernel gets the same bits), on every lane. */
+template <int W> __device__ static inline float rms_bwd_dot(const float *x, const float *g, const float *w, int C) {
+    const int lane = threadIdx.x % 32, step = 32 * W;
+    float dot = 0;
+    for (int c0 = lane * W; c0 < C; c0 += U * step) {
+        float xa[U][W], ga[U][W], wa[U][W];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c0 + u * step < C)
+                ld<W>(xa[u], x, c0 + u * step), ld<W>(ga[u], g, c0 + u * step), ld<W>(wa[u], w, c0 + u * step);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c0 + u * step < C)
+#pragma unroll
+                for (int k = 0; k < W; k++) dot += ga[u][k] * wa[u][k] * xa[u][k];
+    }
+    dot = warp_sum(dot);
+    return dot;
 }
 
 /* din += r (g w) - x r^3 mean(g w x) per row. */
@@ -238,20 +268,8 @@ __global__ static void rmsnorm_bwd_in(float *din, const float *dout, const float
     const int lane = threadIdx.x % 32, step = 32 * W;
     for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
         const float *x = in + i * C, *g = dout + i * C;
-        float *dx = din + i * C, dot = 0;
-        for (int c0 = lane * W; c0 < C; c0 += U * step) {
-            float xa[U][W], ga[U][W], wa[U][W];
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C)
-                    ld<W>(xa[u], x, c0 + u * step), ld<W>(ga[u], g, c0 + u * step), ld<W>(wa[u], w, c0 + u * step);
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C)
-#pragma unroll
-                    for (int k = 0; k < W; k++) dot += ga[u][k] * wa[u][k] * xa[u][k];
-        }
-        dot = warp_sum(dot);
+        float *dx = din + i * C;
+        const float dot = rms_bwd_dot<W>(x, g, w, C);
         const float r = rstd[i], kk = r * r * r * dot / (float)C;
         for (int c0 = lane * W; c0 < C; c0 += U * step) {
             float xa[U][W], ga[U][W], wa[U][W], da[U][W];
@@ -301,6 +319,16 @@ __global__ static void rmsnorm_bwd_w_sum(float *dw, const float *part, int chunk
     }
 }
 
+/* dw += sum over rows of g x r through rmsnorm_bwd_w's row-chunk partial sums. */
+static void rmsnorm_dw(float *dw, const float *dout, const float *in, const float *rstd, int64_t N, int C) {
+    const int chunks = N < RMS_CHUNKS * 8 ? (int)((N + 7) / 8) : RMS_CHUNKS;
+    float *part = (float *)cached(SLOT_RMS_PART, (int64_t)chunks * C, sizeof(float), "RMSNorm backward");
+    rmsnorm_bwd_w<<<dim3((C + 31) / 32, chunks), dim3(32, 8)>>>(part, dout, in, rstd, N, C);
+    check_launch("rmsnorm_backward (weight)");
+    rmsnorm_bwd_w_sum<<<grid_for(C, 256), 256>>>(dw, part, chunks, C);
+    check_launch("rmsnorm_backward (weight sum)");
+}
+
 extern "C" void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
                                          float eps) {
     if (N <= 0) return;
@@ -319,12 +347,166 @@ extern "C" void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *do
     else
         rmsnorm_bwd_in<1><<<rows_grid(N), 32 * ROWS>>>(din, dout, in, w, rstd, N, C);
     check_launch("rmsnorm_backward (input)");
-    const int chunks = N < RMS_CHUNKS * 8 ? (int)((N + 7) / 8) : RMS_CHUNKS;
+    rmsnorm_dw(dw, dout, in, rstd, N, C);
+}
+
+/* ---- fused residual + RMSNorm, RMSNorm backward + gradient split ---- */
+
+/* y = a h + b y (residual_k's expression), then rmsnorm_fwd of the new y into out and rstd. The first
+ * pass reads h and the old y, stores the new y and sums its squares with rmsnorm_fwd's lanes, chunks,
+ * order and butterfly, so the results are the two kernels'; the second pass finds the row in L1/L2. One
+ * pass over h and y from DRAM instead of residual_k's and then rmsnorm_fwd's. */
+template <int W>
+__global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, float b, float *out, float *rstd,
+                                            const float *w, int64_t N, int C, float eps) {
+    const int lane = threadIdx.x % 32, step = 32 * W;
+    for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
+        float *x = y + i * C, *o = out + i * C, ss = 0;
+        const float *hr = h + i * C;
+        for (int c0 = lane * W; c0 < C; c0 += U * step) {
+            float xa[U][W], ha[U][W];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C) ld<W>(xa[u], x, c0 + u * step), ld<W>(ha[u], hr, c0 + u * step);
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C) {
+#pragma unroll
+                    for (int k = 0; k < W; k++) xa[u][k] = a * ha[u][k] + b * xa[u][k];
+                    st<W>(x, c0 + u * step, xa[u]);
+#pragma unroll
+                    for (int k = 0; k < W; k++) ss += xa[u][k] * xa[u][k];
+                }
+        }
+        rms_finish<W>(o, rstd + i, x, w, ss, C, eps);
+    }
+}
+
+/* rmsnorm_bwd_in's two passes (the same dot product, lanes, order and butterfly) with dx kept in
+ * registers: the second pass writes dh = a dx and tmp = b dx. Each lane reads its elements of a row
+ * before it writes them, and no other lane touches them, so dout may be dh.
+ *
+ * The weight gradient (DW) in the same pass, in a fixed order: block y takes the rows of chunk y,
+ * [y per, (y + 1) per), its warp k rows i0 + k, i0 + k + ROWS, ...; each lane adds g x r of its own
+ * columns into its warp's row of the shared (ROWS, C) array acc, which no other lane touches; at the end
+ * the block adds each column's ROWS sums in order into part[y], and colsum_add adds the chunks in order.
+ * No float atomics: the same inputs give the same bits. */
+enum { FUSED_ROWS = 32, FUSED_CHUNKS = 512 }; /* rows per chunk (4 per warp), most chunks */
+
+template <int W, bool DW>
+__global__ static void __launch_bounds__(32 * ROWS, 2) /* <= 128 registers, 2 blocks per SM (no spills) */
+    rmsnorm_bwd_axpby(float *dh, float *tmp, float *part, const float *dout, const float *in, const float *w,
+                      const float *rstd, float a, float b, int64_t N, int C, int64_t per) {
+    extern __shared__ float4 acc_base[]; /* DW: (ROWS, C); float4 for 16-byte alignment */
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, step = 32 * W;
+    float *acc = reinterpret_cast<float *>(acc_base) + (int64_t)warp * C;
+    if constexpr (DW) {
+        const float z[W] = {};
+        for (int c = lane * W; c < C; c += step) st<W>(acc, c, z);
+    }
+    const int64_t i0 = blockIdx.x * per, i1 = i0 + per < N ? i0 + per : N;
+    for (int64_t i = i0 + warp; i < i1; i += ROWS) {
+        const float *x = in + i * C, *g = dout + i * C;
+        float *yh = dh + i * C, *yt = tmp + i * C;
+        const float dot = rms_bwd_dot<W>(x, g, w, C);
+        const float r = rstd[i], kk = r * r * r * dot / (float)C;
+        for (int c0 = lane * W; c0 < C; c0 += U * step) {
+            float xa[U][W], ga[U][W], wa[U][W];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C)
+                    ld<W>(xa[u], x, c0 + u * step), ld<W>(ga[u], g, c0 + u * step), ld<W>(wa[u], w, c0 + u * step);
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (c0 + u * step < C) {
+                    const int c = c0 + u * step;
+                    float da[W], ta[W];
+#pragma unroll
+                    for (int k = 0; k < W; k++) {
+                        const float d = r * ga[u][k] * wa[u][k] - kk * xa[u][k];
+                        da[k] = a * d, ta[k] = b * d;
+                    }
+                    st<W>(yh, c, da), st<W>(yt, c, ta);
+                    if constexpr (DW) {
+                        float sa[W];
+                        ld<W>(sa, acc, c);
+#pragma unroll
+                        for (int k = 0; k < W; k++) sa[k] += ga[u][k] * xa[u][k] * r;
+                        st<W>(acc, c, sa);
+                    }
+                }
+        }
+    }
+    if constexpr (DW) {
+        __syncthreads();
+        const float *sh = reinterpret_cast<const float *>(acc_base);
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            float t = 0;
+#pragma unroll
+            for (int k = 0; k < ROWS; k++) t += sh[(int64_t)k * C + c];
+            part[(int64_t)blockIdx.x * C + c] = t;
+        }
+    }
+}
+
+/* dw[c] += the sum of part[k][c] over the chunks k, in a fixed order: thread (x, y) of a 32 x 16 block
+ * adds chunks y, y + 16, ... of column c, then thread y = 0 adds the 16 sums in order. */
+__global__ static void colsum_add(float *dw, const float *part, int chunks, int C) {
+    __shared__ float sh[16][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    float s = 0;
+    if (c < C)
+        for (int k = threadIdx.y; k < chunks; k += 16) s += part[(int64_t)k * C + c];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float t = 0;
+        for (int k = 0; k < 16; k++) t += sh[k][threadIdx.x];
+        dw[c] += t;
+    }
+}
+
+extern "C" void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, float *out, float *rstd,
+                                          const float *w, int64_t N, int C, float eps) {
+    if (N <= 0) return;
+    if (C % 4 == 0 && aligned16(y) && aligned16(h) && aligned16(out) && aligned16(w))
+        residual_rmsnorm_fwd<4><<<rows_grid(N), 32 * ROWS>>>(y, h, a, b, out, rstd, w, N, C, eps);
+    else
+        residual_rmsnorm_fwd<1><<<rows_grid(N), 32 * ROWS>>>(y, h, a, b, out, rstd, w, N, C, eps);
+    check_launch("residual_rmsnorm");
+}
+
+template <bool DW>
+static void launch_bwd_axpby(int vec, int chunks, size_t shmem, float *dh, float *tmp, float *part, const float *dout,
+                             const float *in, const float *w, const float *rstd, float a, float b, int64_t N, int C,
+                             int64_t per) {
+    if (vec)
+        rmsnorm_bwd_axpby<4, DW><<<chunks, 32 * ROWS, shmem>>>(dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
+    else
+        rmsnorm_bwd_axpby<1, DW><<<chunks, 32 * ROWS, shmem>>>(dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
+    check_launch("rmsnorm_backward_axpby");
+}
+
+/* The weight gradient's partial sums take ROWS * C floats of shared memory per block: up to the 48 KiB
+ * every block may have without opting in (C <= 1536); wider rows take rmsnorm_dw's separate pass, run
+ * first because dout may be dh. */
+extern "C" void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw, const float *dout, const float *in,
+                                                const float *w, const float *rstd, float a, float b, int64_t N, int C) {
+    if (N <= 0) return;
+    const int vec = C % 4 == 0 && aligned16(dh) && aligned16(tmp) && aligned16(dout) && aligned16(in) && aligned16(w);
+    const int64_t want = (N + FUSED_ROWS - 1) / FUSED_ROWS;
+    const int chunks = (int)(want < (int64_t)FUSED_CHUNKS ? want : (int64_t)FUSED_CHUNKS);
+    const int64_t per = (N + chunks - 1) / chunks;
+    const size_t shmem = (size_t)ROWS * C * sizeof(float);
+    if (shmem > 48 * 1024) {
+        rmsnorm_dw(dw, dout, in, rstd, N, C);
+        launch_bwd_axpby<false>(vec, chunks, 0, dh, tmp, NULL, dout, in, w, rstd, a, b, N, C, per);
+        return;
+    }
     float *part = (float *)cached(SLOT_RMS_PART, (int64_t)chunks * C, sizeof(float), "RMSNorm backward");
-    rmsnorm_bwd_w<<<dim3((C + 31) / 32, chunks), dim3(32, 8)>>>(part, dout, in, rstd, N, C);
-    check_launch("rmsnorm_backward (weight)");
-    rmsnorm_bwd_w_sum<<<grid_for(C, 256), 256>>>(dw, part, chunks, C);
-    check_launch("rmsnorm_backward (weight sum)");
+    launch_bwd_axpby<true>(vec, chunks, shmem, dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
+    colsum_add<<<(C + 31) / 32, dim3(32, 16)>>>(dw, part, chunks, C);
+    check_launch("rmsnorm_backward_axpby (weight sum)");
 }
 
 /* ---- the LM head ---- */

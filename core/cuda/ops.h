@@ -14,6 +14,10 @@ void m1c_cuda_embed_backward(float *dwte, const float *dout, const int32_t *ids,
 void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C, float eps);
 void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
                                const float *rstd, int64_t N, int C);
+void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, float *out, float *rstd, const float *w,
+                               int64_t N, int C, float eps);
+void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw, const float *dout, const float *in,
+                                     const float *w, const float *rstd, float a, float b, int64_t N, int C);
 void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, const float *h, const float *W,
                            const int32_t *targets, int64_t N, int H, int V);
 void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse, const float *dlogp,
