@@ -5,7 +5,10 @@
  * dQ, dK and dV (three core passes, see lightning_core.cuh), given dO.
  *
  *   m1c_bench_lightning [--heads 16] [--head-dim 128] [--tokens 65536] [--T 2048,8192,32768,65536]
- *                       [--fwd-T 262144,1048576] [--iters 10]
+ *                       [--fwd-T 262144,1048576] [--iters 10] [--slots N]
+ *
+ * --slots overrides the resident output-pass CTAs the planner assumes (lc_slots, from the device): a
+ * small value (e.g. 1) forces one segment per sequence, to compare the segmented plan with the plain one.
  */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -111,7 +114,7 @@ static void row(const bufs *b, int B, int nh, int T, int hd, int slots, int bwd,
 }
 
 int main(int argc, char **argv) {
-    int nh = 16, hd = 128, iters = 10;
+    int nh = 16, hd = 128, iters = 10, slots_arg = 0;
     int64_t tokens = 65536;
     int Ts[16] = {2048, 8192, 32768, 65536}, nT = 4, Fs[16] = {262144, 1048576}, nF = 2;
     for (int i = 1; i < argc; i++) {
@@ -120,12 +123,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--head-dim") && more) hd = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--tokens") && more) tokens = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--iters") && more) iters = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--slots") && more) slots_arg = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--T") && more) nT = parse_list(argv[++i], Ts, 16);
         else if (!strcmp(argv[i], "--fwd-T") && more) nF = parse_list(argv[++i], Fs, 16);
         else nT = -1;
         if (nT < 0 || nF < 0) {
             fprintf(stderr, "usage: m1c_bench_lightning [--heads N] [--head-dim 64|128] [--tokens N] [--T a,b,..] "
-                            "[--fwd-T a,b,..] [--iters N]\n");
+                            "[--fwd-T a,b,..] [--iters N] [--slots N]\n");
             return 1;
         }
     }
@@ -143,7 +147,8 @@ int main(int argc, char **argv) {
     /* buffers sized for the largest case */
     int64_t rows = tokens;
     for (int i = 0; i < nF; i++) rows = Fs[i] > rows ? Fs[i] : rows;
-    const int slots = lc_slots(hd); /* the output pass's resident blocks on this device */
+    const int dev_slots = lc_slots(hd); /* the output pass's resident CTAs; also sets the kernels up */
+    const int slots = slots_arg > 0 ? slots_arg : dev_slots;
     int64_t ws = 1;
     for (int i = 0; i < nT; i++) {
         const int B = (int)(tokens / Ts[i] > 0 ? tokens / Ts[i] : 1);

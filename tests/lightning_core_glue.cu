@@ -41,7 +41,11 @@ __global__ static void lct_to_bf16(const float *in, __nv_bfloat16 *out, int64_t 
 /* The resident-slot count lc_run plans with: the device's (as the plugin), that of sms_override
  * multiprocessors, or none. */
 static int lct_slots(int sms_override, int hd) {
-    return sms_override > 0 ? lc_occupancy(hd) * sms_override : sms_override == 0 ? lc_slots(hd) : 0;
+    if (sms_override < 0) { /* no slots; set up for lc_run (whose launch reports a failed setup) */
+        (void)lc_setup(hd);
+        return 0;
+    }
+    return sms_override > 0 ? lc_occupancy(hd) * sms_override : lc_slots(hd);
 }
 
 int lct_available(void) {

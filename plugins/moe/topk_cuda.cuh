@@ -59,6 +59,9 @@ typedef struct topk_cuda_args {
     int32_t *h_cnt; /* host (2+2E) */
 } topk_cuda_args;
 
+/* Once per layer at creation, for expert_gemm = "grouped": lets the grouped GEMM kernels use their
+ * dynamic shared memory (above 48 KB needs the opt-in), so that launches need no attribute call. */
+int topk_cuda_setup_grouped(const m1c_host *h);
 int topk_cuda_forward(const topk_cuda_args *a, float *out, const float *in);
 int topk_cuda_backward(const topk_cuda_args *a, float *din, const float *dout, const float *in);
 /* Device -> host copy of `bytes` (for stats), synchronous on the stream. */

@@ -336,20 +336,30 @@ static inline int lc_sms(void) {
     return n > 0 ? n : 132;
 }
 
-template <int HD, int MODE> static cudaError_t lc_prepare(size_t *smem) {
-    *smem = sizeof(lc_smem_layout<HD, MODE>);
-    return cudaFuncSetAttribute(lc_kernel<HD, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*smem);
+template <int HD, int MODE> static cudaError_t lc_allow_smem() {
+    return cudaFuncSetAttribute(lc_kernel<HD, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)sizeof(lc_smem_layout<HD, MODE>));
+}
+
+/* Once per device and head size before lc_run (lc_slots does it): both passes' kernels may use their
+ * dynamic shared memory (above 48 KB needs this opt-in), so that launches need no attribute call. */
+static inline cudaError_t lc_setup(int hd) {
+    if (hd != 64 && hd != 128) return cudaErrorInvalidValue;
+    cudaError_t e = hd == 128 ? lc_allow_smem<128, LC_OUT>() : lc_allow_smem<64, LC_OUT>();
+    if (e == cudaSuccess) e = hd == 128 ? lc_allow_smem<128, LC_STATE>() : lc_allow_smem<64, LC_STATE>();
+    return e;
 }
 
 /* CTAs of the output pass resident per multiprocessor (2 on sm_90 for HD 128: registers and shared
- * memory). */
+ * memory); sets the kernels up (lc_setup). */
 static inline int lc_occupancy(int hd) {
-    size_t smem = 0;
     int n = 0;
-    cudaError_t e = hd == 128 ? lc_prepare<128, LC_OUT>(&smem) : lc_prepare<64, LC_OUT>(&smem);
+    cudaError_t e = lc_setup(hd);
     if (e == cudaSuccess)
-        e = hd == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<128, LC_OUT>, LC_THREADS, smem)
-                      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<64, LC_OUT>, LC_THREADS, smem);
+        e = hd == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<128, LC_OUT>, LC_THREADS,
+                                                                      sizeof(lc_smem_layout<128, LC_OUT>))
+                      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<64, LC_OUT>, LC_THREADS,
+                                                                      sizeof(lc_smem_layout<64, LC_OUT>));
     return e == cudaSuccess && n > 0 ? n : 1;
 }
 
@@ -387,7 +397,7 @@ static inline lc_plan lc_plan_for(int BH, int T, int hd, int slots) {
 }
 
 /* The output pass's resident CTAs on the current device: a few driver queries, so once per layer or run,
- * not per call. */
+ * not per call; also sets the kernels up for lc_run (lc_setup). */
 static inline int lc_slots(int hd) { return lc_occupancy(hd) * lc_sms(); }
 
 /* Output segments per sequence for (BH, T, hd) with `slots` resident CTAs. */
@@ -400,9 +410,7 @@ static inline int64_t lc_workspace_floats(int BH, int T, int hd, int slots) {
 
 /* One CTA per (slice, segment, sequence) of ps.nseg segments. */
 template <int HD, int MODE> static cudaError_t lc_launch(const lc_problem *p, cudaStream_t stream, const lc_pass &ps) {
-    size_t smem = 0;
-    cudaError_t e = lc_prepare<HD, MODE>(&smem);
-    if (e != cudaSuccess) return e;
+    const size_t smem = sizeof(lc_smem_layout<HD, MODE>); /* allowed by lc_setup */
     const int64_t ctas = (int64_t)p->BH * ps.nseg * (MODE == LC_OUT ? HD / LC_NS : 1);
     if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
     lc_kernel<HD, MODE><<<(unsigned)ctas, LC_THREADS, smem, stream>>>(*p, ps);

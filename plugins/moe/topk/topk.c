@@ -128,6 +128,12 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
             free(m->h_off), free(m->h_cnt), free(m->h_st), free(m);
             return h->error(h, "topk: out of memory");
         }
+#ifdef M1C_HAVE_CUDA
+        if (m->grouped && m->cdt == M1C_BF16 && topk_cuda_setup_grouped(h) != M1C_OK) {
+            free(m->h_off), free(m->h_cnt), free(m->h_st), free(m);
+            return M1C_ERR;
+        }
+#endif
     }
     *self = m;
     return M1C_OK;

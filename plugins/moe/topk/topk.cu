@@ -890,9 +890,6 @@ static int grouped_gemm(const m1c_host *h, cudaStream_t s, TC *C, int64_t ldc, i
     if (grid.x == 0 || grid.y == 0) return M1C_OK;
     if (grid.y > 65535 || grid.z > 65535)
         return h->error(h, "topk: %u row tiles of %d exceed the CUDA grid (at most 65535)", grid.y, (int)GG_BM);
-    /* Above 48 KB of dynamic shared memory only once allowed (per device; cheap to repeat). */
-    MOE_CUDA_CHECK(h, cudaFuncSetAttribute(grouped_gemm_kernel<MODE, TC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)G::SMEM));
     grouped_gemm_kernel<MODE, TC><<<grid, GG_THREADS, G::SMEM, s>>>(C, ldc, sc, A, lda, B, ldb, sb, off, E, Mc, Nc, K,
                                                                     beta, vec, cvec);
     MOE_LAUNCH_CHECK(h, "grouped_gemm_kernel");
@@ -1248,6 +1245,21 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     prof_mark(pf, "unpermute_router");
     CALL(router_dwr(a, s, in));
     prof_mark(pf, "router_dWr");
+    return M1C_OK;
+}
+
+template <int MODE, typename TC> static cudaError_t gg_allow_smem() {
+    return cudaFuncSetAttribute(grouped_gemm_kernel<MODE, TC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)gg_geom<MODE>::SMEM);
+}
+
+extern "C" int topk_cuda_setup_grouped(const m1c_host *h) {
+    typedef __nv_bfloat16 bf;
+    cudaError_t e = gg_allow_smem<GG_NT, bf>(); /* the instantiations grouped_gemm launches */
+    if (e == cudaSuccess) e = gg_allow_smem<GG_NT, float>();
+    if (e == cudaSuccess) e = gg_allow_smem<GG_TN, float>();
+    if (e == cudaSuccess) e = gg_allow_smem<GG_NN, float>();
+    if (e != cudaSuccess) return h->error(h, "topk: cudaFuncSetAttribute (grouped GEMM): %s", cudaGetErrorString(e));
     return M1C_OK;
 }
 
