@@ -2,7 +2,7 @@
 # GPU comparison benchmarks in one command, so that m1c and its references run on the same machine and
 # in the same session: m1c's training step (three LM-head precisions) against transformers'
 # MiniMaxForCausalLM, m1c's softmax-attention kernels against torch's SDPA on the same shapes, the
-# lightning-attention core alone, and m1c's 1M-token prefill.
+# lightning-attention core alone, m1c's 1M-token prefill, and the MoE's expert products.
 # Builds nothing: run scripts/gpu-check.sh (or cmake) first.
 #
 #   bash bench/gpu_bench.sh [BUILD_DIR]          (default build-gpu; logs in ${OUT:-BUILD_DIR}/bench)
@@ -50,6 +50,8 @@ run m1c_softmax "$build/m1c_bench_softmax" --T 2048,4096,8192
 run m1c_lightning "$build/m1c_bench_lightning"
 # 6. m1c's long-context prefill: 1,048,576 tokens of one sequence in chunks of 32,768.
 run m1c_prefill "$build/m1c_bench_prefill" --tokens 1048576 --chunk 32768 --segments 8
+# 7. the MoE's per-expert products through the core's gemm_ex (cached cuBLASLt) against plain cuBLAS calls.
+run m1c_gemm "$build/m1c_bench_gemm"
 
 # Summary. m1c's table row for the reference shape ends "... ms/step tokens/s GFLOP/s MFU"; the HF script's
 # last line is "hf  <tokens/s> tokens/s  <ms> ms/step  (...)".
@@ -85,6 +87,9 @@ grep -E "^(pass|fwd|fwd\+bwd) " "$logs/m1c_lightning.log" 2>/dev/null || echo "n
 echo
 echo "=== m1c prefill, 1,048,576 tokens"
 grep -E "^prefill of|^total" "$logs/m1c_prefill.log" 2>/dev/null || echo "no results"
+echo
+echo "=== MoE expert products per layer (m1c_bench_gemm)"
+grep -E "^(product|gate_up|down|dWd|dact|dWgu|drows|all six|per step)" "$logs/m1c_gemm.log" 2>/dev/null || echo "no results"
 echo
 if [ -n "$failed" ]; then
   echo "failed:$failed (logs in $logs)"
