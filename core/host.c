@@ -79,6 +79,14 @@ void m1c_dev_free(int device, void *p) {
 #endif
 }
 
+int m1c_dev_take_error(int device, char *buf, size_t n) {
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) return m1c_cuda_take_error(buf, n);
+#endif
+    (void)device, (void)buf, (void)n;
+    return 0;
+}
+
 void m1c_dev_sync(int device) {
 #ifdef M1C_HAVE_CUDA
     if (device == M1C_DEVICE_CUDA) m1c_cuda_sync();

@@ -19,6 +19,10 @@ void m1c_dev_memset0(int device, void *p, size_t bytes);
 void m1c_dev_sync(int device);
 /* Copies between any two devices (CPU <-> CUDA, CUDA <-> CUDA, CPU <-> CPU); synchronous. */
 void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes);
+/* A failure the device kept since the last call (CUDA runtime or cuBLAS errors, out of device memory:
+ * device work does not stop the process, see core/cuda/backend.h): 1 and its message in buf, then
+ * cleared; 0 if none (always 0 on the CPU). */
+int m1c_dev_take_error(int device, char *buf, size_t n);
 /* Whether a device is usable in this build and on this machine. */
 int m1c_dev_available(int device);
 /* The dense peak of a device in FLOP/s for the compute dtype (bf16 tensor cores, or fp32), from its

@@ -318,6 +318,14 @@ void m1c_run_free(m1c_run *r, m1c_model *m) {
 static float *P(m1c_model *m, int i) { return m->params.t[i].data; }
 static float *G(m1c_model *m, int i) { return m->grads.t[i].data; }
 
+/* The failure the device kept during this call (host.h), as its error; M1C_OK if none. Device work
+ * queued before a failure may have run on bad data: the caller stops. */
+static int dev_check(const m1c_model *m, const char *what, m1c_err *e) {
+    char msg[256];
+    if (m1c_dev_take_error(m->device, msg, sizeof msg)) return m1c_fail(e, "%s on the GPU failed: %s", what, msg);
+    return M1C_OK;
+}
+
 static uint64_t mix(uint64_t a, uint64_t b) {
     uint64_t z = a ^ (b + 0x9e3779b97f4a7c15ull + (a << 6) + (a >> 2));
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -415,7 +423,7 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(M1C_DEVICE_CPU, r->logp_host, m->device, r->logp, (size_t)N * 4);
     prof_add(m, r, "head", 0);
     r->aux_loss = sum_aux(m, r);
-    return M1C_OK;
+    return dev_check(m, "forward", e);
 }
 
 int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
@@ -456,7 +464,7 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     m1c_rmsnorm_backward(m->device, dx, G(m, nw), dh, nx, P(m, nw), nr, N, H);
     m1c_embed_backward(m->device, G(m, m->embed), dx, r->ids, N, H);
     prof_add(m, r, "core", 1);
-    return M1C_OK;
+    return dev_check(m, "backward", e);
 }
 
 int m1c_model_moe_stats(m1c_model *m, m1c_run *r, int l, m1c_moe_stats *out) {
@@ -540,13 +548,13 @@ static int decoder_forward(m1c_model *m, m1c_decoder *d, const int32_t *ids, int
     for (int b = 0; head && b < B; b++)
         m1c_gemm(m->device, 0, 1, 1, m->V, H, 1.0f, r->hf + ((int64_t)b * T + T - 1) * H, H, P(m, m->head), H,
                  0.0f, r->logits + (int64_t)b * m->V, m->V);
-    return M1C_OK;
+    return dev_check(m, "decoding", e);
 }
 
 int m1c_decoder_feed(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, float *out, m1c_err *e) {
     if (decoder_forward(m, d, ids, T, out != NULL, e)) return M1C_ERR;
     if (out) m1c_dev_copy(M1C_DEVICE_CPU, out, m->device, d->run.logits, (size_t)d->batch * m->V * sizeof *out);
-    return M1C_OK;
+    return dev_check(m, "decoding", e);
 }
 
 int m1c_decoder_feed_sample(m1c_model *m, m1c_decoder *d, const int32_t *ids, int T, const m1c_sampler *s,
@@ -591,6 +599,8 @@ int m1c_sample_rows(int dev, const m1c_sampler *s, const float *logits, int B, i
         m1c_dev_copy(M1C_DEVICE_CPU, next, dev, dids, (size_t)B * sizeof *next);
         if (prob) m1c_dev_copy(M1C_DEVICE_CPU, prob, dev, dprob, (size_t)B * sizeof *prob);
         free(u);
+        char msg[256];
+        if (m1c_dev_take_error(dev, msg, sizeof msg)) return m1c_fail(e, "sampling on the GPU failed: %s", msg);
         return M1C_OK;
     }
 #endif

@@ -139,6 +139,13 @@ static double unigram_entropy(stage_ctx *c, m1c_session *s, int batches) {
     return h;
 }
 
+/* A failure the GPU kept during this step (host.h: m1c_dev_take_error), as the step's error. */
+static int device_failed(const m1c_model *m, const m1c_stage_spec *st, int64_t step, m1c_err *e) {
+    char msg[256];
+    if (!m1c_dev_take_error(m->device, msg, sizeof msg)) return M1C_OK;
+    return m1c_fail(e, "stage '%s' step %lld: the GPU failed: %s", st->name, (long long)step, msg);
+}
+
 static void fmt_duration(char *buf, size_t n, double s) {
     if (!isfinite(s) || s < 0) snprintf(buf, n, "?");
     else if (s < 60) snprintf(buf, n, "%.0fs", s);
@@ -267,6 +274,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         if ((rc = m1c_model_backward(m, &c.run, e))) break;
         double gnorm = sqrt(m1c_sumsq(m->device, m->grads.base, (int64_t)(m->grads.bytes / sizeof(float))));
         loss = obj_loss + c.run.aux_loss;
+        if ((rc = device_failed(m, st, step, e))) break; /* before reading a norm the GPU may not have made */
         if (!isfinite(loss) || !isfinite(gnorm)) {
             const char *bad = m1c_model_first_nonfinite(m, 0), *badg = bad ? NULL : m1c_model_first_nonfinite(m, 1);
             rc = m1c_fail(e, "stage '%s' step %lld: loss %g, gradient norm %g: not finite; first %s: %s (lower the "
@@ -284,6 +292,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
             rc = m1c_plugin_fail(c.opt_p, e, "step");
             break;
         }
+        if ((rc = device_failed(m, st, step, e))) break;
         double dt = m1c_now() - t0;
         done_here++;
         tok_s = (double)N * (double)done_here / (m1c_now() - t_stage);

@@ -13,6 +13,10 @@
 #include "../core/safetensors.h"
 #include "harness.h"
 
+/* Backend functions the tests call directly, where the build has them (weak: a CPU build links without
+ * the symbols, and skips these tests anyway). */
+#pragma weak m1c_cuda_fail
+
 Test(cuda_backend, copy_round_trip) {
     th_need_gpu();
     int64_t n = 100003; /* not a multiple of any transfer granularity */
@@ -27,6 +31,32 @@ Test(cuda_backend, copy_round_trip) {
     cr_assert_eq(th_max_abs(y, n), 0.0);
     m1c_dev_free(M1C_DEVICE_CUDA, d);
     free(x), free(y);
+}
+
+/* A CUDA failure does not end the process: the first one is kept with what failed, later ones are
+ * dropped, and m1c_dev_take_error hands it over once. Clearing an address that is no allocation
+ * (cudaErrorInvalidValue, which leaves the device usable) is a real failure of the runtime. */
+Test(cuda_backend, failures_are_kept_not_fatal) {
+    th_need_gpu();
+    char msg[256];
+    while (m1c_dev_take_error(M1C_DEVICE_CUDA, msg, sizeof msg)) {} /* nothing left from other work */
+    cr_assert_eq(m1c_dev_take_error(M1C_DEVICE_CUDA, msg, sizeof msg), 0);
+    cr_assert_eq(m1c_dev_take_error(M1C_DEVICE_CPU, msg, sizeof msg), 0, "the CPU keeps no failures");
+    float *d = m1c_dev_alloc(M1C_DEVICE_CUDA, 64);
+    cr_assert_not_null(d);
+    m1c_dev_memset0(M1C_DEVICE_CUDA, (void *)(uintptr_t)8, 64); /* not a device pointer */
+    m1c_cuda_fail("second failure", "dropped");
+    cr_assert_eq(m1c_dev_take_error(M1C_DEVICE_CUDA, msg, sizeof msg), 1, "the failed copy was not kept");
+    cr_assert(strstr(msg, "cudaMemset") != NULL, "the first failure names the call: %s", msg);
+    cr_assert(strstr(msg, "dropped") == NULL, "a later failure replaced the first: %s", msg);
+    cr_assert_eq(m1c_dev_take_error(M1C_DEVICE_CUDA, msg, sizeof msg), 0, "taken once");
+    /* the device still works */
+    float x[16] = {1, 2, 3}, y[16] = {0};
+    m1c_dev_copy(M1C_DEVICE_CUDA, d, M1C_DEVICE_CPU, x, sizeof x);
+    m1c_dev_copy(M1C_DEVICE_CPU, y, M1C_DEVICE_CUDA, d, sizeof y);
+    cr_assert_eq(memcmp(x, y, sizeof x), 0);
+    cr_assert_eq(m1c_dev_take_error(M1C_DEVICE_CUDA, msg, sizeof msg), 0, "%s", msg);
+    m1c_dev_free(M1C_DEVICE_CUDA, d);
 }
 
 static float *to_gpu(const float *x, int64_t n) {

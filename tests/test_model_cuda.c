@@ -3,6 +3,7 @@
  * (bf16). Then a short training run on the GPU must learn. Skipped without a GPU. */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,6 +105,28 @@ static void compare(const char *precision, double tol_logp, double tol_grad) {
 /* fp32 on both: the same arithmetic up to summation order (cuBLAS vs OpenBLAS tiling, atomics in the
  * embedding and norm-weight gradients) through 4 layers: ~1e-6 relative per operation, far under
  * 1e-4 of the largest gradient; logp (values ~ -5.5) within 1e-4. */
+/* A failure the device kept during a forward (here a real one: clearing an address that is no
+ * allocation, which leaves the device usable) fails that forward with a message naming it, instead of
+ * ending the process; the next forward runs. */
+Test(model_cuda, device_failure_fails_the_call) {
+    need_gpu();
+    const int T = 16, B = 4;
+    side g;
+    open_side(&g, "cuda", "bf16", T);
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)B * (T + 1));
+    m1c_rng rng;
+    m1c_rng_seed(&rng, 5, 0);
+    for (int i = 0; i < B * (T + 1); i++) tok[i] = (int32_t)(m1c_rng_u64(&rng) % (uint64_t)g.s.model.V);
+    m1c_err e = {{0}};
+    m1c_dev_memset0(M1C_DEVICE_CUDA, (void *)(uintptr_t)8, 64);
+    cr_assert_eq(m1c_model_forward(&g.s.model, &g.r, tok, &e), M1C_ERR, "a kept device failure must fail the call");
+    cr_assert(strstr(e.msg, "forward on the GPU failed") && strstr(e.msg, "cudaMemset"), "message: %s", e.msg);
+    memset(&e, 0, sizeof e);
+    cr_assert_eq(m1c_model_forward(&g.s.model, &g.r, tok, &e), M1C_OK, "%s", e.msg);
+    free(tok);
+    close_side(&g);
+}
+
 Test(model_cuda, fp32_matches_cpu) { compare("fp32", 1e-4, 1e-4); }
 
 /* bf16: GEMM operands and saved activations rounded to 8 mantissa bits (relative 2^-9 = 2e-3 each),

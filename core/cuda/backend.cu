@@ -12,19 +12,43 @@
 
 #include "backend.h"
 
-static void check(cudaError_t e, const char *what) {
-    if (e != cudaSuccess) {
-        fprintf(stderr, "m1c: CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-        abort();
-    }
+/* The calling thread's first pending failure (backend.h). Per host thread, like the cuBLAS handles. */
+typedef struct cuda_failure {
+    int pending;
+    char msg[256];
+} cuda_failure;
+
+static cuda_failure *failure(void) {
+    static thread_local cuda_failure f;
+    return &f;
 }
 
-/* One cuBLAS handle per host thread (cuBLAS handles are not meant to be shared across threads). */
+extern "C" void m1c_cuda_fail(const char *what, const char *detail) {
+    cuda_failure *f = failure();
+    if (f->pending) return;
+    f->pending = 1;
+    snprintf(f->msg, sizeof f->msg, "%s: %s", what, detail);
+}
+
+extern "C" int m1c_cuda_take_error(char *buf, size_t n) {
+    cuda_failure *f = failure();
+    if (!f->pending) return 0;
+    if (n) snprintf(buf, n, "%s", f->msg);
+    f->pending = 0;
+    return 1;
+}
+
+static void check(cudaError_t e, const char *what) {
+    if (e != cudaSuccess) m1c_cuda_fail(what, cudaGetErrorString(e));
+}
+
+/* One cuBLAS handle per host thread (cuBLAS handles are not meant to be shared across threads); NULL
+ * (and a failure kept) if it cannot be made: cuBLAS then refuses every call. */
 static cublasHandle_t blas_handle(void) {
     static thread_local cublasHandle_t h;
     if (!h && cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "m1c: cublasCreate failed\n");
-        abort();
+        h = NULL;
+        m1c_cuda_fail("cublasCreate", "failed (no device, or out of memory)");
     }
     return h;
 }
@@ -68,10 +92,7 @@ extern "C" void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, flo
     cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasStatus_t st = cublasSgemmStridedBatched(blas_handle(), tb, ta, N, M, K, &alpha, B, ldb, stride_b, A, lda,
                                                   stride_a, &beta, C, ldc, stride_c, batch);
-    if (st != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "m1c: cublasSgemmStridedBatched failed (%d)\n", (int)st);
-        abort();
-    }
+    if (st != CUBLAS_STATUS_SUCCESS) m1c_cuda_fail("cublasSgemmStridedBatched", cublasGetStatusString(st));
 }
 
 /* ---- mixed-precision GEMM ----
@@ -95,17 +116,11 @@ static void gemm_ex_cublas(cudaStream_t stream, int trans_a, int trans_b, int M,
                                                    gemm_types[c_dtype], ldc, stride_c, batch, CUBLAS_COMPUTE_32F,
                                                    CUBLAS_GEMM_DEFAULT);
     cublasSetStream(h, NULL);
-    if (st != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "m1c: cublasGemmStridedBatchedEx failed (%d)\n", (int)st);
-        abort();
-    }
+    if (st != CUBLAS_STATUS_SUCCESS) m1c_cuda_fail("cublasGemmStridedBatchedEx", cublasGetStatusString(st));
 }
 
 static void lt_check(cublasStatus_t st, const char *what) {
-    if (st != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "m1c: %s failed (%s, %d)\n", what, cublasLtGetStatusName(st), (int)st);
-        abort();
-    }
+    if (st != CUBLAS_STATUS_SUCCESS) m1c_cuda_fail(what, cublasLtGetStatusString(st));
 }
 
 /* 128 entries: the MoE's six expert products fall into ~4-7 buckets each (below), 8 layers share
@@ -151,7 +166,7 @@ static lt_state *lt_get(void) {
     lt_state **slot = lt_slot();
     if (*slot) return *slot;
     lt_state *s = (lt_state *)calloc(1, sizeof(lt_state));
-    if (!s) {
+    if (!s) { /* host memory: as m1c_xmalloc */
         fprintf(stderr, "m1c: out of memory for the cuBLASLt state\n");
         abort();
     }

@@ -10,6 +10,14 @@
 extern "C" {
 #endif
 
+/* CUDA failures (a runtime or cuBLAS error, out of device memory) do not end the process: the first one
+ * on the calling host thread is kept, with what failed, and later calls go on (their own failures are
+ * dropped; a failed allocation leaves its user's work undone). The model checks after each forward,
+ * backward and decoding call (m1c_dev_check in host.h) and fails with that message. */
+void m1c_cuda_fail(const char *what, const char *detail);
+/* 1 and the kept message in buf (then cleared) if a failure is pending, else 0. */
+int m1c_cuda_take_error(char *buf, size_t n);
+
 int m1c_cuda_device_count(void);
 /* The current device's name ("NVIDIA H100 80GB HBM3", ...); "" if none. */
 void m1c_cuda_device_name(char *buf, int n);

@@ -16,20 +16,12 @@
 #include "ops.h"
 #include "reduce.cuh"
 
-static void check_launch(const char *what) {
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) {
-        fprintf(stderr, "m1c: CUDA kernel %s: %s\n", what, cudaGetErrorString(e));
-        abort();
-    }
+/* Failures are kept for the model to report (backend.h), not fatal here. */
+static void check(cudaError_t e, const char *what) {
+    if (e != cudaSuccess) m1c_cuda_fail(what, cudaGetErrorString(e));
 }
 
-static void check(cudaError_t e, const char *what) {
-    if (e != cudaSuccess) {
-        fprintf(stderr, "m1c: CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-        abort();
-    }
-}
+static void check_launch(const char *what) { check(cudaGetLastError(), what); }
 
 static int grid_for(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
@@ -52,6 +44,8 @@ enum {
     SLOT_RMS_PART,  /* RMSNorm backward: the weight gradient's row-chunk partial sums */
     SLOT_EMBED_IDX, /* embedding backward: keys, positions, runs */
     SLOT_EMBED_TMP, /* embedding backward: CUB's temporary storage */
+    SLOT_SUMSQ,     /* m1c_cuda_sumsq's per-block partial sums */
+    SLOT_NONFINITE, /* m1c_cuda_count_nonfinite's counter */
     NSLOTS
 };
 
@@ -63,8 +57,10 @@ static void *cached(int slot, int64_t n, size_t size, const char *what) {
         cudaFree(buf[slot]);
         buf[slot] = NULL, cap[slot] = 0;
         if (cudaMalloc(&buf[slot], (size_t)n * size) != cudaSuccess) {
-            fprintf(stderr, "m1c: out of GPU memory (%s scratch)\n", what);
-            abort();
+            (void)cudaGetLastError();
+            m1c_cuda_fail(what, "out of GPU memory for its scratch");
+            buf[slot] = NULL;
+            return NULL; /* the caller skips its work */
         }
         cap[slot] = n * (int64_t)size;
     }
@@ -161,12 +157,13 @@ extern "C" void m1c_cuda_embed_forward(float *out, const int32_t *ids, const flo
 extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
     if (N <= 0) return;
     if (N > INT32_MAX) {
-        fprintf(stderr, "m1c: embedding backward over %lld tokens exceeds the 32-bit sort\n", (long long)N);
-        abort();
+        m1c_cuda_fail("embedding backward", "more than 2^31 tokens in one batch exceed its 32-bit sort");
+        return;
     }
     const int n = (int)N;
     /* work: keys, positions (in and sorted), run starts, lengths, unique ids, run count; then CUB's */
     int32_t *w = (int32_t *)cached(SLOT_EMBED_IDX, 7 * (int64_t)n + 1, sizeof(int32_t), "embedding backward");
+    if (!w) return;
     int32_t *key = w, *pos = w + n, *skey = w + 2 * (int64_t)n, *spos = w + 3 * (int64_t)n, *start = w + 4 * (int64_t)n;
     int32_t *len = w + 5 * (int64_t)n, *uniq = w + 6 * (int64_t)n, *nruns = w + 7 * (int64_t)n;
     embed_keys<<<grid_for(N, 256), 256>>>(key, pos, ids, N);
@@ -177,6 +174,7 @@ extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const in
     check(cub::DeviceScan::ExclusiveSum(NULL, t3, len, start, n), "cub scan (size)");
     const size_t tb = t1 > t2 ? (t1 > t3 ? t1 : t3) : (t2 > t3 ? t2 : t3);
     void *tmp = cached(SLOT_EMBED_TMP, (int64_t)tb, 1, "embedding backward");
+    if (!tmp) return;
     check(cub::DeviceRadixSort::SortPairs(tmp, t1, key, skey, pos, spos, n), "cub sort");
     check(cub::DeviceRunLengthEncode::Encode(tmp, t2, skey, uniq, len, nruns, n), "cub encode");
     check(cub::DeviceScan::ExclusiveSum(tmp, t3, len, start, n), "cub scan");
@@ -323,6 +321,7 @@ __global__ static void rmsnorm_bwd_w_sum(float *dw, const float *part, int chunk
 static void rmsnorm_dw(float *dw, const float *dout, const float *in, const float *rstd, int64_t N, int C) {
     const int chunks = N < RMS_CHUNKS * 8 ? (int)((N + 7) / 8) : RMS_CHUNKS;
     float *part = (float *)cached(SLOT_RMS_PART, (int64_t)chunks * C, sizeof(float), "RMSNorm backward");
+    if (!part) return;
     rmsnorm_bwd_w<<<dim3((C + 31) / 32, chunks), dim3(32, 8)>>>(part, dout, in, rstd, N, C);
     check_launch("rmsnorm_backward (weight)");
     rmsnorm_bwd_w_sum<<<grid_for(C, 256), 256>>>(dw, part, chunks, C);
@@ -504,6 +503,7 @@ extern "C" void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw
         return;
     }
     float *part = (float *)cached(SLOT_RMS_PART, (int64_t)chunks * C, sizeof(float), "RMSNorm backward");
+    if (!part) return;
     launch_bwd_axpby<true>(vec, chunks, shmem, dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
     colsum_add<<<(C + 31) / 32, dim3(32, 16)>>>(dw, part, chunks, C);
     check_launch("rmsnorm_backward_axpby (weight sum)");
@@ -514,8 +514,8 @@ extern "C" void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw
 static cublasHandle_t head_handle(void) {
     static thread_local cublasHandle_t h;
     if (!h && cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "m1c: cublasCreate failed\n");
-        abort();
+        h = NULL;
+        m1c_cuda_fail("cublasCreate (LM head)", "failed (no device, or out of memory)");
     }
     return h;
 }
@@ -571,11 +571,12 @@ struct head_op {
 static head_op head_operand(int precision, const float *x, int64_t n, int s16, int sh, int sl) {
     if (precision == 2) {
         __nv_bfloat16 *d = (__nv_bfloat16 *)cached(s16, n, 2, "LM head");
-        to_bf16(d, x, n);
+        if (d) to_bf16(d, x, n);
         return {d, NULL};
     }
     if (precision == 3) {
         float *h = (float *)cached(sh, n, 4, "LM head"), *l = (float *)cached(sl, n, 4, "LM head");
+        if (!h || !l) return {NULL, NULL};
         const int vec = aligned16(x); /* cudaMalloc'd hi and lo are aligned */
         split_tf32<<<grid_for(vec_items(n, vec), 256), 256>>>(h, l, x, n, vec);
         check_launch("head tf32 split");
@@ -588,6 +589,7 @@ static head_op head_operand(int precision, const float *x, int64_t n, int s16, i
 static void head_gemm(int precision, int ta, int tb, int M, int N, int K, head_op A, int lda, head_op B, int ldb,
                       float beta, float *C, int ldc) {
     cublasHandle_t h = head_handle();
+    if (!h || !A.x || !B.x) return; /* a failure is already kept (no handle, no scratch for an operand) */
     const float one = 1.0f;
     cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
@@ -607,10 +609,7 @@ static void head_gemm(int precision, int ta, int tb, int M, int N, int K, head_o
         st = cublasGemmEx(h, ob, oa, N, M, K, &one, B.x, CUDA_R_32F, ldb, A.x, CUDA_R_32F, lda, &beta, C, CUDA_R_32F,
                           ldc, ct, CUBLAS_GEMM_DEFAULT);
     }
-    if (st != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "m1c: cublasGemmEx (LM head) failed (%d)\n", (int)st);
-        abort();
-    }
+    if (st != CUBLAS_STATUS_SUCCESS) m1c_cuda_fail("cublasGemmEx (LM head)", cublasGetStatusString(st));
 }
 
 /* lse and logp of each row in one pass over the logits (one block per row): each thread keeps a
@@ -726,10 +725,12 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
     head_op D = {logits, NULL};
     if (precision == 2) {
         __nv_bfloat16 *b16 = (__nv_bfloat16 *)cached(SLOT_A16, NV, 2, "LM head");
+        if (!b16) return;
         launch_logsoftmax_bwd<2>(vec, logits, b16, NULL, NULL, lse, dlogp, targets, N, V);
         D = {b16, NULL};
     } else if (precision == 3) {
         float *hi = (float *)cached(SLOT_AH, NV, 4, "LM head"), *lo = (float *)cached(SLOT_AL, NV, 4, "LM head");
+        if (!hi || !lo) return;
         launch_logsoftmax_bwd<3>(vec, logits, NULL, hi, lo, lse, dlogp, targets, N, V);
         D = {hi, lo};
     } else {
@@ -843,15 +844,15 @@ extern "C" void m1c_cuda_scale(float *x, int64_t n, float s) {
 extern "C" double m1c_cuda_sumsq(const float *x, int64_t n) {
     if (n <= 0) return 0;
     enum { BLOCKS = 1024 };
-    double *part = NULL, host[BLOCKS];
-    if (cudaMalloc(&part, sizeof host) != cudaSuccess) {
-        fprintf(stderr, "m1c: out of GPU memory (sumsq)\n");
-        abort();
-    }
+    double host[BLOCKS];
+    double *part = (double *)cached(SLOT_SUMSQ, BLOCKS, sizeof(double), "sum of squares");
+    if (!part) return NAN;
     sumsq_k<<<BLOCKS, 256>>>(part, x, n);
     check_launch("sumsq");
-    check(cudaMemcpy(host, part, sizeof host, cudaMemcpyDeviceToHost), "sumsq copy");
-    check(cudaFree(part), "sumsq free");
+    if (cudaMemcpy(host, part, sizeof host, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        check(cudaGetLastError(), "sumsq copy");
+        return NAN;
+    }
     double s = 0;
     for (int i = 0; i < BLOCKS; i++) s += host[i];
     return s;
@@ -859,16 +860,16 @@ extern "C" double m1c_cuda_sumsq(const float *x, int64_t n) {
 
 extern "C" int64_t m1c_cuda_count_nonfinite(const float *x, int64_t n) {
     if (n <= 0) return 0;
-    unsigned long long *d = NULL, k = 0;
-    if (cudaMalloc(&d, sizeof k) != cudaSuccess) {
-        fprintf(stderr, "m1c: out of GPU memory (nonfinite)\n");
-        abort();
-    }
+    unsigned long long k = 0;
+    unsigned long long *d = (unsigned long long *)cached(SLOT_NONFINITE, 1, sizeof k, "non-finite count");
+    if (!d) return n; /* unknown: report everything non-finite rather than nothing */
     check(cudaMemset(d, 0, sizeof k), "count_nonfinite memset");
     nonfinite_k<<<grid_for(n, 256) < 1024 ? grid_for(n, 256) : 1024, 256>>>(d, x, n);
     check_launch("count_nonfinite");
-    check(cudaMemcpy(&k, d, sizeof k, cudaMemcpyDeviceToHost), "count_nonfinite copy");
-    check(cudaFree(d), "count_nonfinite free");
+    if (cudaMemcpy(&k, d, sizeof k, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        check(cudaGetLastError(), "count_nonfinite copy");
+        return n;
+    }
     return (int64_t)k;
 }
 

@@ -8,17 +8,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "backend.h"
 #include "ops.h"
 #include "reduce.cuh"
 
 #define SAMPLE_THREADS 512
 
+/* Failures are kept for the caller to report (backend.h). */
 static void check_launch(const char *what) {
     cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) {
-        fprintf(stderr, "m1c: CUDA kernel %s: %s\n", what, cudaGetErrorString(e));
-        abort();
-    }
+    if (e != cudaSuccess) m1c_cuda_fail(what, cudaGetErrorString(e));
 }
 
 /* A float's bits as an unsigned integer of the same order (-0 taken as +0, which compares equal). */
