@@ -74,12 +74,21 @@ static double order_margin(const float *p, int N, int E, int k) {
  * F32: the same operations as the CPU in another summation order (cuBLAS vs OpenBLAS, GPU expf vs
  *   glibc's): ~1e-6 per GEMM; 2e-5 for outputs (three chained GEMMs and the softmax), 5e-5 for
  *   gradients (two more GEMMs each, and sums over all tokens).
- * BF16: every expert GEMM operand is rounded to bf16 (8 mantissa bits, relative 2^-9 ~ 2e-3 per
- *   rounding): the input rows, the weights, the stored gate/up and SwiGLU activations, and in backward
- *   the d rows and d gate/up: four to six roundings in a chain, each ~2e-3, partly cancelling in sums of
- *   8..1100 terms (independent rounding errors over random-signed terms: the error relative to the
- *   sum's scale does not grow with the length): 3e-2 for outputs, 5e-2 for gradients. A wrong index or
- *   a missing term is off by O(1).
+ * BF16: bf16 has 8 significand bits: one rounding to nearest is off by at most 2^-8 ~ 3.9e-3 of the
+ *   value (~1.6e-3 rms for values spread over a binade). Rounded to bf16 are every expert GEMM operand
+ *   (the input rows, the weights, the stored SwiGLU activation, in backward the d rows and d gate/up)
+ *   and the GEMM outputs read by elementwise kernels (gate/up; the expert outputs Y, read by the combine
+ *   and by the d weights dout . Y; d act, read by the SwiGLU backward; topk.cu's header says why).
+ *   Roundings a result carries (each a relative error of its factor; they add along a product):
+ *   out: x, Wgu, gate/up, act, Wd, Y = 6; dWd: d rows + act's 4 = 5; din's router term and dWr, through
+ *   the d weights dout . Y: Y's 6; d x rows and dWgu: d rows, Wd, d act, the gate/up that the SwiGLU
+ *   backward reads (with its x and Wgu: 3), d gate/up, and Wgu or x = 8. Even if all add up, errors stay
+ *   below 6 x 3.9e-3 = 2.3e-2 (outputs) and 8 x 3.9e-3 = 3.1e-2 (gradients) of the tensor's scale;
+ *   independent ones give ~sqrt(8) x 1.6e-3 ~ 5e-3. Sums over 8..1100 terms of random sign do not make
+ *   that grow relative to the sum's scale (the errors add like the terms). Hence 3e-2 for outputs and
+ *   5e-2 for gradients (room for the SwiGLU derivatives' factors ~1..2 on the gate side); making Y and
+ *   d act bf16 added one rounding to the chains through them, which stay within these. A wrong index
+ *   or a missing term is off by O(1).
  * The router, its softmax and the aux loss are f32 from f32 inputs in both dtypes: 1e-5. */
 #define TOL_ROUTER 1e-5
 static double tol_out(int cdt) { return cdt == M1C_BF16 ? 3e-2 : 2e-5; }
@@ -266,7 +275,9 @@ TOPK_TESTS(large_capacity, LARGE_CAP, 8, 2, 2, 2500, 16, 17, 1, 0)
  * element-by-element form, and the grouped GEMM its element loads. */
 TOPK_TESTS(ragged_h30_f21, "experts = 6; top_k = 2; ffn_dim = 21; aux_coef = 0.01;", 6, 2, 3, 37, 30, 18, 0, 0)
 /* H 36 and F 20: multiples of 4, not of 8: f32 rows take 16-byte accesses, bf16 rows (8 per 16 bytes)
- * do not (the gather into bf16, the BF16 SwiGLU); the bf16 d rows take 8-byte stores. */
+ * do not (the gather into bf16, the BF16 SwiGLU and its backward with the bf16 d act, the grouped
+ * GEMM's bf16 d act stores); the bf16 d rows take 8-byte stores, the bf16 expert outputs 8-byte loads
+ * (combine, router backward). */
 TOPK_TESTS(h36_f20, "experts = 5; top_k = 2; ffn_dim = 20; aux_coef = 0.01;", 5, 2, 2, 50, 36, 19, 0, 0)
 /* H 1100: rows wider than one block of the dWr and un-permute kernels (256 threads x 4 columns), so
  * they run in two column blocks; the logits kernel's lanes stride 9 times over the row. */

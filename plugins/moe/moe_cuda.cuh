@@ -155,10 +155,10 @@ static __device__ __forceinline__ void moe_swiglu_fwd_rows(T *act, const T *gu, 
         moe_stv<V>(act + r * F + c, o);
     }
 }
-/* Backward: dact (rows, F) f32 in, dgu (rows, 2F) written (gate half, up half).
- * a = g s u with s = sigmoid(g): da/du = g s, da/dg = u s (1 + g (1 - s)). */
-template <typename T, int V>
-static __device__ __forceinline__ void moe_swiglu_bwd_rows(T *dgu, const float *dact, const T *gu, int64_t rows,
+/* Backward: dact (rows, F) in (f32, or bf16: topk's BF16 path; f32 arithmetic either way), dgu (rows,
+ * 2F) written (gate half, up half). a = g s u with s = sigmoid(g): da/du = g s, da/dg = u s (1 + g (1 - s)). */
+template <typename T, typename TD, int V>
+static __device__ __forceinline__ void moe_swiglu_bwd_rows(T *dgu, const TD *dact, const T *gu, int64_t rows,
                                                            int F) {
     const int nv = F / V;
     MOE_GRID_LOOP(i, rows * nv) {
@@ -185,13 +185,14 @@ static __device__ __forceinline__ void moe_swiglu_fwd_any(T *act, const T *gu, i
     if (F % V == 0 && moe_al16(act) && moe_al16(gu)) moe_swiglu_fwd_rows<T, V>(act, gu, rows, F);
     else moe_swiglu_fwd_rows<T, 1>(act, gu, rows, F);
 }
-template <typename T>
-static __device__ __forceinline__ void moe_swiglu_bwd_any(T *dgu, const float *dact, const T *gu, int64_t rows,
-                                                          int F) {
+/* (V steps of T; a f32 dact with bf16 T reads 32 bytes per step, a bf16 dact with f32 T 8 bytes: both
+ * aligned where dact is 16-byte aligned and F % V == 0.) */
+template <typename T, typename TD>
+static __device__ __forceinline__ void moe_swiglu_bwd_any(T *dgu, const TD *dact, const T *gu, int64_t rows, int F) {
     constexpr int V = moe_vec16<T>::V;
     if (F % V == 0 && moe_al16(dgu) && moe_al16(dact) && moe_al16(gu))
-        moe_swiglu_bwd_rows<T, V>(dgu, dact, gu, rows, F);
-    else moe_swiglu_bwd_rows<T, 1>(dgu, dact, gu, rows, F);
+        moe_swiglu_bwd_rows<T, TD, V>(dgu, dact, gu, rows, F);
+    else moe_swiglu_bwd_rows<T, TD, 1>(dgu, dact, gu, rows, F);
 }
 
 /* The kernels, for `rows` rows known on the host, or (the _dev forms) *rows read on the device: topk's
@@ -205,13 +206,14 @@ template <typename T>
 __global__ void moe_swiglu_fwd_dev_kernel(T *act, const T *gu, const int32_t *rows, int F) {
     moe_swiglu_fwd_any<T>(act, gu, (int64_t)*rows, F);
 }
-template <typename T>
-__global__ void moe_swiglu_bwd_kernel(T *dgu, const float *dact, const T *gu, int64_t rows, int F) {
-    moe_swiglu_bwd_any<T>(dgu, dact, gu, rows, F);
+/* The backward kernels take dact as f32 or bf16 (TD, deduced from the argument). */
+template <typename T, typename TD>
+__global__ void moe_swiglu_bwd_kernel(T *dgu, const TD *dact, const T *gu, int64_t rows, int F) {
+    moe_swiglu_bwd_any<T, TD>(dgu, dact, gu, rows, F);
 }
-template <typename T>
-__global__ void moe_swiglu_bwd_dev_kernel(T *dgu, const float *dact, const T *gu, const int32_t *rows, int F) {
-    moe_swiglu_bwd_any<T>(dgu, dact, gu, (int64_t)*rows, F);
+template <typename T, typename TD>
+__global__ void moe_swiglu_bwd_dev_kernel(T *dgu, const TD *dact, const T *gu, const int32_t *rows, int F) {
+    moe_swiglu_bwd_any<T, TD>(dgu, dact, gu, (int64_t)*rows, F);
 }
 /* Blocks for the SwiGLU kernels over `rows` rows of F: one thread per 16-byte step where F allows. */
 template <typename T>

@@ -23,7 +23,8 @@ enum { TOPK_CUDA_MAX_E = 512 };
 
 /* One call's sizes, settings and device pointers, gathered by topk.c from the layer buffers. cdt is
  * the compute dtype (M1C_F32 or M1C_BF16): the dtype of the expert weights Wgu/Wd handed here (params
- * or params_lp) and of the saved expert activations xs, gu, act and the GEMM operands dgu, dy_lp. */
+ * or params_lp), of the saved expert activations xs, gu, act, Y, of the GEMM operands dgu, dy_lp and of
+ * the d act GEMM's output dact (topk.cu's header says why Y and dact follow it). */
 typedef struct topk_cuda_args {
     const m1c_host *h;
     void *stream; /* cudaStream_t */
@@ -45,7 +46,7 @@ typedef struct topk_cuda_args {
     int32_t *cnt;  /* (2+2E) */
     float *st;     /* (ST_F+2E) */
     void *xs, *gu, *act; /* (N*k, H), (N*k, 2F), (N*k, F) in cdt */
-    float *Y;      /* (N*k, H) expert outputs, f32 */
+    void *Y;       /* (N*k, H) expert outputs, unweighted, in cdt */
     float *noise;  /* (N, H) or NULL without jitter */
     /* scratch */
     void *dgu;     /* (N*k, 2F) cdt */
@@ -53,7 +54,7 @@ typedef struct topk_cuda_args {
     float *dlog;   /* (N, E) */
     float *dw;     /* (N, k) */
     float *xr;     /* (N, H) router input (jittered), forward only */
-    float *dact;   /* (N*k, F) f32 */
+    void *dact;    /* (N*k, F) d SwiGLU output, in cdt */
     void *dy_lp;   /* (N*k, H) cdt copy of drow (BF16 only; NULL for F32) */
     int32_t *h_off; /* host (E+1): offsets copied from the device */
     int32_t *h_cnt; /* host (2+2E) */

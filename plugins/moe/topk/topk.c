@@ -18,8 +18,9 @@
  * gathered, and each expert runs two big GEMMs through h->gemm; elementwise work uses OpenMP. Forward
  * keeps the gathered rows and the SwiGLU activation, so backward neither gathers nor recomputes: the
  * GEMMs are separated by three elementwise passes in backward and three in forward.
- * Device CUDA (built with CUDA): the same math in topk.cu; this file declares its buffers (expert rows and
- * GEMM operands in the compute dtype) and hands it the pointers. The setting expert_gemm picks how CUDA
+ * Device CUDA (built with CUDA): the same math in topk.cu; this file declares its buffers (expert rows,
+ * the expert outputs, GEMM operands and the d SwiGLU output in the compute dtype: topk.cu's header says
+ * which are bf16 in BF16 and why) and hands it the pointers. The setting expert_gemm picks how CUDA
  * runs the BF16 expert GEMMs: "cublas" (default: one cuBLAS call per expert, which needs the expert
  * offsets on the host, one device -> host copy and wait per forward and per backward) or "grouped" (one
  * tensor-core kernel per product reading the offsets on the device: no host synchronisation, but slower
@@ -181,7 +182,7 @@ static int topk_acts(void *self, int B, int T, m1c_buf_spec *specs, int max) {
         spec("moe.x_perm", m->cdt, 2, Nk, m->H, 0),         /* (N*k, H) inputs gathered by expert */
         spec("moe.gate_up", m->cdt, 2, Nk, 2 * (int64_t)m->F, 0), /* (N*k, 2F) expert pre-activations */
         spec("moe.act", m->cdt, 2, Nk, m->F, 0),            /* (N*k, F) silu(gate) * up */
-        spec("moe.expert_out", M1C_F32, 2, Nk, m->H, 0),    /* (N*k, H) expert outputs, unweighted */
+        spec("moe.expert_out", m->cdt, 2, Nk, m->H, 0),     /* (N*k, H) expert outputs, unweighted */
         spec("moe.jitter", M1C_F32, 2, N, m->H, 0),         /* (N, H) router input noise */
     };
     return put_specs(m, s, m->jitter > 0 ? A_NOISE + 1 : A_NOISE, specs, max);
@@ -196,7 +197,7 @@ static int topk_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) 
         spec("moe.d_logits", M1C_F32, 2, N, m->E, 0),          /* (N, E) */
         spec("moe.d_w", M1C_F32, 2, N, m->k, 0),               /* (N, k) d combine weights */
         spec("moe.x_router", M1C_F32, 2, N, m->H, 0),          /* (N, H) jittered router input */
-        spec("moe.d_act", M1C_F32, 2, Nk, m->F, 0),            /* CUDA: (N*k, F) d SwiGLU output */
+        spec("moe.d_act", m->cdt, 2, Nk, m->F, 0),             /* CUDA: (N*k, F) d SwiGLU output */
         spec("moe.d_rows_lp", M1C_BF16, 2, Nk, m->H, 0),       /* CUDA BF16: (N*k, H) bf16 d expert out */
     };
     if (m->device == M1C_DEVICE_CUDA) return put_specs(m, s, m->cdt == M1C_BF16 ? S_DY_LP + 1 : S_DACT + 1, specs, max);

@@ -5,12 +5,29 @@
  * thread per token -> capacity and a stable counting sort by expert (chunked ranks in token order, so
  * the same assignments are dropped as on the CPU; offsets; a scatter places the rows) -> aux loss
  * (partial sums in double, one block for the total) -> gather rows (cast to the compute dtype) -> gate/up
- * GEMMs -> SwiGLU -> down GEMMs into f32 rows -> combine: each token gathers its k expert rows (no
- * atomics, fixed order).
+ * GEMMs -> SwiGLU -> down GEMMs into rows Y of the compute dtype -> combine: each token gathers its k
+ * expert rows (no atomics, fixed order).
  * Backward mirrors topk.c: router backward, one warp per token (d weights, renormalisation, aux loss,
  * softmax) with the weighted d rows -> dWd, d act GEMMs -> SwiGLU backward -> dWgu, d x rows GEMMs ->
  * un-permute per token, fused with the router's input gradient (dlogits Wr) -> dWr from per-chunk
  * partial sums added in a fixed order. Every reduction has a fixed order: results repeat bit for bit.
+ *
+ * Dtypes. F32: everything f32. BF16: bf16 storage, f32 accumulation in every GEMM and f32 arithmetic in
+ * every elementwise kernel (bf16 is loaded, widened, computed on, and rounded to nearest even once when
+ * stored). bf16 are
+ *   - the GEMM operands: the gathered rows xs, the weights (params_lp), the SwiGLU activation act, the
+ *     d rows dy_lp, d gate/up dgu;
+ *   - the GEMM outputs that only an elementwise kernel reads: gate/up GU (the SwiGLU), the expert
+ *     outputs Y (down, act Wd^T: read by combine and by the router backward's d weights dout . Y) and
+ *     d act (dY Wd: read by the SwiGLU backward). Why Y and d act: cuBLAS runs these two products with
+ *     f32 outputs well below the speed of the same shapes with bf16 outputs (H200, N*k 32768, H 768,
+ *     F 1024: down 360 and d act 330 against 440-570 TFLOP/s), and the kernels that read them are bound
+ *     by DRAM, which now moves half the bytes. The price is one bf16 rounding (relative 2^-8 at most)
+ *     of each Y and d act element, after the roundings of the operands that made it.
+ * f32 stay: the layer's input and output, the router (logits, softmax, top-k, its products, d weights
+ * and d logits), the aux loss, drow (the d x rows: din adds them per token; BF16 writes no f32 copy of
+ * the d rows there, only dy_lp), and the weight gradients (accumulated into f32 with beta = 1). The
+ * grouped kernel writes the same dtypes as cuBLAS (its f32 accumulators rounded to nearest even).
  *
  * Expert GEMMs, chosen by the setting expert_gemm (topk.c):
  *   "cublas" (default; F32 always): one h->gemm_ex call per expert with rows. The expert offsets are
@@ -412,9 +429,9 @@ __global__ void gather_kernel(T *xs, const float *in, const int32_t *rowtok, con
     }
 }
 
-/* out[n] = sum over kept slots j (in order) of w[n,j] * Y[pos[n,j]]. */
-template <int V>
-__global__ void combine_kernel(float *out, const float *Y, const float *w, const int32_t *pos, int N, int H, int k) {
+/* out[n] = sum over kept slots j (in order) of w[n,j] * Y[pos[n,j]] (Y f32 or bf16, f32 sums). */
+template <typename TY, int V>
+__global__ void combine_kernel(float *out, const TY *Y, const float *w, const int32_t *pos, int N, int H, int k) {
     const int nv = H / V;
     MOE_GRID_LOOP(i, (int64_t)N * nv) {
         const int64_t n = moe_row(i, nv);
@@ -436,13 +453,14 @@ __global__ void combine_kernel(float *out, const float *Y, const float *w, const
 }
 
 /* Backward, one warp per token (warp shuffles, no block barriers): the weighted output gradient of each
- * kept row (drow = w * dout, and its T copy when dy_lp is set), d weights (dout . y, in double), then d
- * probs (renormalisation and aux loss) and d logits through the softmax, into dlog (the token's row
- * doubles as the d probs workspace). */
+ * kept row, w * dout, the operand of the d expert GEMMs: into dy_lp (T) where set (BF16: an f32 copy in
+ * drow would be overwritten unread by the d x rows), else into drow (F32); d weights (dout . y with y
+ * in T, the products summed in double), then d probs (renormalisation and aux loss) and d logits through
+ * the softmax, into dlog (the token's row doubles as the d probs workspace). */
 enum { RB_WARPS = 4 };
 template <typename T, int V>
 __global__ void __launch_bounds__(RB_WARPS * 32)
-    router_bwd_kernel(float *dlog, float *dw, float *drow, T *dy_lp, const float *dout, const float *Y,
+    router_bwd_kernel(float *dlog, float *dw, float *drow, T *dy_lp, const float *dout, const T *Y,
                       const float *probs, const int32_t *idx, const float *w, const int32_t *pos, const float *st,
                       double aux_g, int N, int H, int E, int k, int normalize) {
     const int lane = threadIdx.x % 32;
@@ -457,7 +475,8 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
         double d = 0.0;
         const int32_t r = ps[j];
         if (r >= 0) {
-            const float wj = wn[j], *y = Y + (int64_t)r * H;
+            const float wj = wn[j];
+            const T *y = Y + (int64_t)r * H;
             float *dr = drow + (int64_t)r * H;
             for (int c = lane * V; c < H; c += 32 * V) {
                 float gv[V], yv[V], o[V];
@@ -468,8 +487,8 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
                     d += (double)gv[v] * yv[v];
                     o[v] = wj * gv[v];
                 }
-                moe_stv<V>(dr + c, o);
                 if (dy_lp) moe_stv<V>(dy_lp + (int64_t)r * H + c, o);
+                else moe_stv<V>(dr + c, o);
             }
             d = warp_sum(d);
         }
@@ -1055,12 +1074,16 @@ static int gather(const topk_cuda_args *a, cudaStream_t s, T *xs, const float *i
     return M1C_OK;
 }
 
+/* out = the weighted sum of each token's expert rows Y (in T). 4 columns per step: 16-byte f32 stores;
+ * Y's loads are 16 bytes (f32) or 8 (bf16). */
+template <typename T>
 static int combine(const topk_cuda_args *a, cudaStream_t s, float *out) {
     const int64_t NH = (int64_t)a->N * a->H;
-    if (a->H % 4 == 0 && moe_al16(out) && moe_al16(a->Y))
-        combine_kernel<4><<<moe_blocks(NH / 4), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, a->N, a->H, a->k);
+    const T *Y = (const T *)a->Y;
+    if (a->H % 4 == 0 && moe_al16(out) && moe_al16(Y))
+        combine_kernel<T, 4><<<moe_blocks(NH / 4), MOE_THREADS, 0, s>>>(out, Y, a->w, a->pos, a->N, a->H, a->k);
     else
-        combine_kernel<1><<<moe_blocks(NH), MOE_THREADS, 0, s>>>(out, a->Y, a->w, a->pos, a->N, a->H, a->k);
+        combine_kernel<T, 1><<<moe_blocks(NH), MOE_THREADS, 0, s>>>(out, Y, a->w, a->pos, a->N, a->H, a->k);
     MOE_LAUNCH_CHECK(a->h, "combine_kernel");
     return M1C_OK;
 }
@@ -1069,14 +1092,15 @@ template <typename T>
 static int router_bwd(const topk_cuda_args *a, cudaStream_t s, T *dy_lp, const float *dout) {
     const double aux_g = a->aux_scale * a->aux_coef * a->E / a->N; /* d (scale aux) / d p[n,e] = that * f_e */
     const unsigned blocks = (unsigned)((a->N + RB_WARPS - 1) / RB_WARPS);
-    const bool vec = a->H % 4 == 0 && moe_al16(dout) && moe_al16(a->Y) && moe_al16(a->drow) &&
-                     (!dy_lp || ((uintptr_t)dy_lp & 7u) == 0); /* 4 bf16: 8-byte stores */
+    const T *Y = (const T *)a->Y;
+    const bool vec = a->H % 4 == 0 && moe_al16(dout) && moe_al16(Y) && moe_al16(a->drow) &&
+                     (!dy_lp || ((uintptr_t)dy_lp & 7u) == 0); /* 4 bf16: 8-byte accesses */
     if (vec)
-        router_bwd_kernel<T, 4><<<blocks, RB_WARPS * 32, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs,
+        router_bwd_kernel<T, 4><<<blocks, RB_WARPS * 32, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, Y, a->probs,
                                                                  a->idx, a->w, a->pos, a->st, aux_g, a->N, a->H, a->E,
                                                                  a->k, a->normalize);
     else
-        router_bwd_kernel<T, 1><<<blocks, RB_WARPS * 32, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, a->Y, a->probs,
+        router_bwd_kernel<T, 1><<<blocks, RB_WARPS * 32, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, Y, a->probs,
                                                                  a->idx, a->w, a->pos, a->st, aux_g, a->N, a->H, a->E,
                                                                  a->k, a->normalize);
     MOE_LAUNCH_CHECK(a->h, "router_bwd_kernel");
@@ -1184,9 +1208,10 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
     MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
     prof_mark(pf, "swiglu");
-    CALL(expert_gemm<GG_NT>(a, grouped, a->Y, H, 0, (const T *)act, F, Wd, F, (int64_t)H * F, 0, H, F, 0.0f));
+    /* Y in T (bf16 in BF16: see the header). */
+    CALL(expert_gemm<GG_NT>(a, grouped, (T *)a->Y, H, 0, (const T *)act, F, Wd, F, (int64_t)H * F, 0, H, F, 0.0f));
     prof_mark(pf, "gemm_down");
-    CALL(combine(a, s, out));
+    CALL(combine<T>(a, s, out));
     prof_mark(pf, "combine");
     return M1C_OK;
 }
@@ -1217,7 +1242,7 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     if (a->cdt == M1C_BF16 && !dy_lp) return h->error(h, "topk: BF16 backward needs the bf16 d rows buffer");
     const T *xs = (const T *)a->xs, *GU = (const T *)a->gu, *act = (const T *)a->act;
     const T *Wgu = (const T *)a->Wgu, *Wd = (const T *)a->Wd;
-    T *dgu = (T *)a->dgu;
+    T *dgu = (T *)a->dgu, *dact = (T *)a->dact; /* d act in T (bf16 in BF16: see the header) */
     /* The d rows as GEMM operand: drow itself in F32, its bf16 copy in BF16. */
     const T *dy = dy_lp ? dy_lp : (const T *)(const void *)a->drow;
 
@@ -1226,10 +1251,10 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     /* dWd_e += dY_e^T A_e; d act = dY Wd_e. */
     CALL(expert_gemm<GG_TN>(a, grouped, a->dWd, F, (int64_t)H * F, dy, H, act, F, 0, H, F, 0, 1.0f));
     prof_mark(pf, "gemm_dWd");
-    CALL(expert_gemm<GG_NN>(a, grouped, a->dact, F, 0, dy, H, Wd, F, (int64_t)H * F, 0, F, H, 0.0f));
+    CALL(expert_gemm<GG_NN>(a, grouped, dact, F, 0, dy, H, Wd, F, (int64_t)H * F, 0, F, H, 0.0f));
     prof_mark(pf, "gemm_dact");
-    moe_swiglu_bwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(dgu, a->dact, GU, a->off + E,
-                                                                                       F);
+    moe_swiglu_bwd_dev_kernel<T, T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(dgu, dact, GU, a->off + E,
+                                                                                          F);
     MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_dev_kernel");
     prof_mark(pf, "swiglu_bwd");
     /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e (into drow: its dY is no longer needed). */
@@ -1255,10 +1280,12 @@ template <int MODE, typename TC> static cudaError_t gg_allow_smem() {
 
 extern "C" int topk_cuda_setup_grouped(const m1c_host *h) {
     typedef __nv_bfloat16 bf;
-    cudaError_t e = gg_allow_smem<GG_NT, bf>(); /* the instantiations grouped_gemm launches */
-    if (e == cudaSuccess) e = gg_allow_smem<GG_NT, float>();
-    if (e == cudaSuccess) e = gg_allow_smem<GG_TN, float>();
+    /* The instantiations grouped_gemm launches: NT bf16 (gate/up, down), NN bf16 (d act), NN f32 (d x rows),
+     * TN f32 (weight gradients). */
+    cudaError_t e = gg_allow_smem<GG_NT, bf>();
+    if (e == cudaSuccess) e = gg_allow_smem<GG_NN, bf>();
     if (e == cudaSuccess) e = gg_allow_smem<GG_NN, float>();
+    if (e == cudaSuccess) e = gg_allow_smem<GG_TN, float>();
     if (e != cudaSuccess) return h->error(h, "topk: cudaFuncSetAttribute (grouped GEMM): %s", cudaGetErrorString(e));
     return M1C_OK;
 }
