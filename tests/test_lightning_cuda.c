@@ -1,6 +1,8 @@
 /* The lightning plugin on CUDA against its CPU reference: forward, backward (input and every parameter
- * gradient) for both compute dtypes over sequence lengths, block sizes and head sizes; prefill plus decoding
- * on the GPU against the GPU's full forward; a build or machine without a GPU refusing device CUDA. */
+ * gradient) for both compute dtypes over sequence lengths, block sizes and head sizes; backward after an
+ * inference forward at another (B, T) in between, from buffers filled with NaN; repeatable backward; prefill
+ * plus decoding on the GPU against the GPU's full forward; a build or machine without a GPU refusing device
+ * CUDA. */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 #include <math.h>
@@ -8,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../core/arena.h"
 #include "../core/host.h"
 #include "harness.h"
 
@@ -115,6 +118,149 @@ Test(lightning_cuda, matches_cpu_bf16) {
      * gradients sum products of two rounded operands over B*T tokens, with cancellation making the sum
      * smaller than its terms: 6e-2. An indexing or formula error is O(1). */
     sweep(M1C_BF16, (tols){3e-2, 4e-2, 6e-2});
+}
+
+/* hd 64 and 128 with bf16 take the fused kernels; their norm backward sums the weight gradient in shared
+ * memory with up to 8 warps of D floats each (48 KiB): fewer warps above D = 1536, a separate pass above
+ * D = 12288. Both beyond the sweep's widths. */
+Test(lightning_cuda, fused_wide_heads) {
+    th_need_gpu();
+    /* the sweep's bf16 tolerances, for the same reasons (the norm's sums grow from D = 256 to 12800 terms,
+     * but relative to their scale, with f32 accumulation) */
+    const tols tol = {3e-2, 4e-2, 6e-2};
+    compare(25, 64, 64, 2, 70, M1C_BF16, tol, 300);  /* D = 1600: 7 warps */
+    compare(100, 128, 64, 1, 70, M1C_BF16, tol, 301); /* D = 12800: the separate weight-gradient pass */
+}
+
+/* ---- buffers between calls -------------------------------------------------------------------------- */
+
+/* Every activation and scratch byte 0xff: NaN in f32 and bf16, so that reading a value no call wrote
+ * shows up in the results. */
+static void poison(th_layer *l) {
+    m1c_tensor *sets[2] = {l->acts, l->scratch};
+    const int counts[2] = {l->na, l->ns};
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < counts[k]; i++) {
+            const size_t bytes = (size_t)m1c_numel(&sets[k][i]) * m1c_dtype_size(sets[k][i].dtype);
+            unsigned char *h = malloc(bytes ? bytes : 1);
+            memset(h, 0xff, bytes);
+            m1c_dev_copy(GPU, sets[k][i].data, M1C_DEVICE_CPU, h, bytes);
+            free(h);
+        }
+}
+
+static void forward_at(th_layer *l, float *out, const float *in, int B, int T) {
+    if (l->ops->forward(l->self, &l->bufs, out, in, B, T) != M1C_OK) cr_assert_fail("forward: %s", l->plugin->error);
+}
+
+/* Training forward at (B, T); then, before its backward, an inference forward without activations (acts
+ * NULL) at a smaller (B2, T2) that reuses the scratch; the backward must still match the CPU's (it may read
+ * only what the activations kept), and the inference output the CPU's forward of the same input. All
+ * buffers start as NaN. */
+static void interleaved(int nh, int hd, int bs, int cdt, tols tol, uint64_t seed) {
+    const int B = 2, T = 100, B2 = 1, T2 = 37, H = 48;
+    char cfg[160];
+    settings(cfg, sizeof cfg, nh, hd, bs);
+    th_layer *cpu = th_layer_new("lightning", cfg, 2, 5, H, B, T, seed, 0.3f);
+    th_layer *gpu = th_layer_new_dev("lightning", cfg, 2, 5, H, B, T, seed, 0.3f, GPU, cdt);
+    poison(gpu);
+    const int64_t n = (int64_t)B * T * H, n2 = (int64_t)B2 * T2 * H;
+    float *x = th_randn(n, seed + 1, 1.0f), *dout = th_randn(n, seed + 2, 1.0f), *x2 = th_randn(n2, seed + 3, 1.0f);
+    float *out = th_zeros(n), *din = th_zeros(n), *out2 = th_zeros(n2);
+    float *gx = th_to_dev(GPU, x, n), *gdout = th_to_dev(GPU, dout, n), *gdin = th_to_dev(GPU, din, n);
+    float *gout = th_to_dev(GPU, out, n), *gx2 = th_to_dev(GPU, x2, n2), *gout2 = th_to_dev(GPU, out2, n2);
+
+    th_forward(cpu, out, x);
+    th_backward(cpu, din, dout, x);
+    forward_at(cpu, out2, x2, B2, T2); /* after the CPU's backward: it overwrites the CPU's activations */
+
+    th_forward(gpu, gout, gx);
+    m1c_tensor *acts = gpu->bufs.acts;
+    gpu->bufs.acts = NULL, gpu->bufs.training = 0;
+    forward_at(gpu, gout2, gx2, B2, T2);
+    gpu->bufs.acts = acts, gpu->bufs.training = 1;
+    th_backward(gpu, gdin, gdout, gx);
+
+    const char *dt = cdt == M1C_BF16 ? "bf16" : "f32";
+    float *o1 = th_to_host(GPU, gout, n), *o2 = th_to_host(GPU, gout2, n2), *d1 = th_to_host(GPU, gdin, n);
+    double e = scaled_err(o1, out, n);
+    cr_expect_leq(e, tol.out, "%s hd=%d: output error %.3g", dt, hd, e);
+    e = scaled_err(o2, out2, n2);
+    cr_log_info("%s hd=%d: inference output %.3g", dt, hd, e);
+    cr_expect_leq(e, tol.out, "%s hd=%d: inference output (no acts, B=%d T=%d) error %.3g", dt, hd, B2, T2, e);
+    e = scaled_err(d1, din, n);
+    cr_expect_leq(e, tol.din, "%s hd=%d: din after the inference call: error %.3g", dt, hd, e);
+    for (int p = 0; p < cpu->np; p++) {
+        const int64_t np = numel(&cpu->grads[p]);
+        float *g2 = th_to_host(GPU, gpu->grads[p].data, np);
+        e = scaled_err(g2, cpu->grads[p].data, np);
+        cr_expect_leq(e, tol.grad, "%s hd=%d: %s gradient after the inference call: error %.3g", dt, hd,
+                      cpu->pspec[p].name, e);
+        free(g2);
+    }
+    th_dev_free(GPU, gx), th_dev_free(GPU, gdout), th_dev_free(GPU, gdin), th_dev_free(GPU, gout);
+    th_dev_free(GPU, gx2), th_dev_free(GPU, gout2);
+    free(x), free(dout), free(x2), free(out), free(din), free(out2), free(o1), free(o2), free(d1);
+    th_layer_free(cpu);
+    th_layer_free(gpu);
+}
+
+Test(lightning_cuda, backward_after_inference_call) {
+    th_need_gpu();
+    /* the sweep's tolerances for each dtype (the same computations); a value read from the other call's
+     * buffers, or a NaN never overwritten, is O(1) or NaN (which fails every comparison) */
+    const tols f32 = {1e-4, 1e-4, 1e-4}, bf16 = {3e-2, 4e-2, 6e-2};
+    interleaved(3, 32, 16, M1C_F32, f32, 400);  /* block GEMMs, f32 */
+    interleaved(3, 32, 16, M1C_BF16, bf16, 401); /* block GEMMs, bf16 (head_dim 32 is not fused) */
+    interleaved(2, 64, 64, M1C_BF16, bf16, 402); /* fused */
+    interleaved(2, 128, 256, M1C_BF16, bf16, 403); /* fused, block larger than T */
+}
+
+/* Backward twice from the same forward, gradients zeroed between: the same bits (fixed summation orders,
+ * no float atomics in the norm weight's gradient or anywhere else). */
+static void repeatable(int nh, int hd, int cdt, uint64_t seed) {
+    const int B = 2, T = 100, H = 48;
+    char cfg[160];
+    settings(cfg, sizeof cfg, nh, hd, 64);
+    th_layer *gpu = th_layer_new_dev("lightning", cfg, 2, 5, H, B, T, seed, 0.3f, GPU, cdt);
+    const int64_t n = (int64_t)B * T * H;
+    float *x = th_randn(n, seed + 1, 1.0f), *dout = th_randn(n, seed + 2, 1.0f), *zero = th_zeros(n);
+    float *gx = th_to_dev(GPU, x, n), *gdout = th_to_dev(GPU, dout, n), *gout = th_to_dev(GPU, zero, n);
+    float *gdin = th_to_dev(GPU, zero, n);
+    th_forward(gpu, gout, gx);
+    float *first[8] = {0}, *din1 = NULL;
+    cr_assert_leq(gpu->np, 8);
+    for (int r = 0; r < 2; r++) {
+        th_layer_zero_grads(gpu);
+        m1c_dev_memset0(GPU, gdin, (size_t)n * 4);
+        th_backward(gpu, gdin, gdout, gx);
+        float *d = th_to_host(GPU, gdin, n);
+        if (r == 0) din1 = d;
+        else {
+            cr_expect_eq(memcmp(d, din1, (size_t)n * 4), 0, "hd=%d: din differs between two backward calls", hd);
+            free(d);
+        }
+        for (int p = 0; p < gpu->np; p++) {
+            const int64_t np = numel(&gpu->grads[p]);
+            float *g = th_to_host(GPU, gpu->grads[p].data, np);
+            if (r == 0) first[p] = g;
+            else {
+                cr_expect_eq(memcmp(g, first[p], (size_t)np * 4), 0, "hd=%d: %s gradient differs between two calls",
+                             hd, gpu->pspec[p].name);
+                free(g);
+            }
+        }
+    }
+    for (int p = 0; p < gpu->np; p++) free(first[p]);
+    th_dev_free(GPU, gx), th_dev_free(GPU, gdout), th_dev_free(GPU, gout), th_dev_free(GPU, gdin);
+    free(x), free(dout), free(zero), free(din1);
+    th_layer_free(gpu);
+}
+
+Test(lightning_cuda, backward_repeats_bitwise) {
+    th_need_gpu();
+    repeatable(2, 64, M1C_BF16, 500);  /* fused */
+    repeatable(3, 32, M1C_F32, 501);   /* block GEMMs */
 }
 
 /* ---- incremental inference on the GPU ------------------------------------------------------------- */

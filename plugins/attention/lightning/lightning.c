@@ -67,8 +67,10 @@ static lightning_cuda_cfg cuda_cfg(const lightning *L) {
 enum { P_QKV, P_GATE, P_NORM, P_OUT, N_PARAMS };
 /* Activations kept for backward: qkv and gate pre-activations, attention output before the norm, the
  * norm's 1/rms per token, and the KV state at the start of every block (so backward never replays the
- * recurrence). */
-enum { A_QKV, A_GATE, A_O, A_RSTD, A_KV, N_ACTS };
+ * recurrence). The fused CUDA kernels keep instead of the states what their backward would otherwise
+ * recompute or convert again: SiLU(q, k, v) head-major, the bf16 copy of the layer input and the out_proj
+ * input y (one element each elsewhere). */
+enum { A_QKV, A_GATE, A_O, A_RSTD, A_KV, A_QKVH, A_XLP, A_Y, N_ACTS };
 /* Scratch: SiLU(qkv) (forward) / d qkv pre-activation (backward); the out_proj input y (forward) /
  * dy then d gate pre-activation (backward); d attention output; per-thread block work areas. */
 enum { S_QKV, S_Y, S_DO, S_WORK, N_SCRATCH };
@@ -287,9 +289,22 @@ static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max
         spec("self_attn.attn_out", 2, N, L->D, 0, 0),                             /* (B*T, nh*hd) */
         spec("self_attn.rstd", 1, N, 0, 0, 0),                                    /* (B*T) */
         spec("self_attn.kv_blocks", 4, B, L->nh, n_blocks(L, T), hd * hd),        /* (B, nh, blocks, hd*hd) */
+        spec("self_attn.qkv_heads", 1, 1, 0, 0, 0),                               /* fused only, below */
+        spec("self_attn.in_bf16", 1, 1, 0, 0, 0),
+        spec("self_attn.out_proj_in", 1, 1, 0, 0, 0),
     };
-    /* The fused CUDA kernels recompute the states in backward: no per-block states to keep. */
-    if (L->fused) s[A_KV] = spec("self_attn.kv_blocks", 4, 1, 1, 1, 1);
+    if (L->fused) {
+        /* The fused CUDA kernels recompute the states in backward: no per-block states to keep. They keep
+         * attn_out head-major as the core wrote it, SiLU(q, k, v) head-major (3, B*nh, T, hd) for the
+         * backward's products, and the bf16 layer input and y for the weight-gradient GEMMs (each 2 bytes
+         * an element: 3 N D + N H + N D more, no pass over pre, o, g or the input to redo them). */
+        s[A_KV] = spec("self_attn.kv_blocks", 4, 1, 1, 1, 1);
+        s[A_O] = spec("self_attn.attn_out", 3, (int64_t)B * L->nh, T, hd, 0);   /* (B*nh, T, hd) */
+        s[A_QKVH] = spec("self_attn.qkv_heads", 4, 3, (int64_t)B * L->nh, T, hd); /* (3, B*nh, T, hd) */
+        s[A_XLP] = spec("self_attn.in_bf16", 2, N, L->H, 0, 0);                  /* (B*T, H) */
+        s[A_Y] = spec("self_attn.out_proj_in", 2, N, L->D, 0, 0);                /* (B*T, nh*hd) */
+        s[A_QKVH].dtype = s[A_XLP].dtype = s[A_Y].dtype = M1C_BF16;
+    }
     if (L->bf16) s[A_QKV].dtype = s[A_GATE].dtype = s[A_O].dtype = M1C_BF16; /* rstd and states stay f32 */
     return put_specs(L, s, N_ACTS, specs, max);
 }

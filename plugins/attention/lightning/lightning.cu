@@ -22,9 +22,10 @@ typedef struct lightning_cuda_cfg {
     int slots;          /* fused: the output pass's resident CTAs on the device (lc_slots) */
 } lightning_cuda_cfg;
 
-/* Indices of lightning.c's declarations (params and acts are the same lists on both devices). */
+/* Indices of lightning.c's declarations (params and acts are the same lists on both devices; the last
+ * three acts hold one element except with the fused kernels). */
 enum { P_QKV, P_GATE, P_NORM, P_OUT };
-enum { A_QKV, A_GATE, A_O, A_RSTD, A_KV };
+enum { A_QKV, A_GATE, A_O, A_RSTD, A_KV, A_QKVH, A_XLP, A_Y };
 /* Scratch on CUDA (A: the compute dtype, f32 or bf16): pre-activations (inference) / d qkv pre (backward);
  * y / d gate pre (backward); dy of the norm in f32 (backward; the gate pre-activation as A when not
  * training); bf16 copies of the layer input or dout (BF16 only); seven head-major (B*nh, Tp, hd) arrays of
@@ -40,9 +41,11 @@ enum {
     X_HF0, X_HF1, X_HF2,
     X_S, X_P, X_KV, X_KVS, X_KVLP, X_GLP, X_DWP, X_WS, N_X
 };
-/* With the fused kernels only Q K V (X_HA0..2), dO (X_HA5), the three f32 arrays and the segment-state
- * workspace X_WS (long sequences, lightning_core.cuh) are used of the attention arrays. */
-/* Token chunks of the norm weight's gradient: partial sums per chunk, then added in chunk order. */
+/* The fused kernels (bf16, Tp = T: no padding) use of the attention arrays only X_HA0..2 and X_HA5, as
+ * bf16: Q K V and O when not training (training keeps them in the activations), dQ dK dV and dO in
+ * backward; and the segment-state workspace X_WS (long sequences, lightning_core.cuh). */
+/* Token chunks of the norm weight's gradient: partial sums per chunk, then added in chunk order. NDW for
+ * the separate pass (k_norm_dw); the fused path's norm backward sums in up to NG_CHUNKS chunks. */
 enum { NDW = 64 };
 
 typedef __nv_bfloat16 bf16;
@@ -150,6 +153,16 @@ __global__ static void k_to_bf16(bf16 *dst, const float *src, int64_t n) {
     GRID_STRIDE(i, n) dst[i] = __float2bfloat16(src[i]);
 }
 
+/* The same, 8 values a thread (n8 groups; 16-byte aligned dst and src): the same roundings, fewer and
+ * wider accesses. */
+__global__ static void k_to_bf16_v8(bf16 *dst, const float *src, int64_t n8) {
+    GRID_STRIDE(i, n8) {
+        float v[8];
+        ldv<8>(src + 8 * i, v);
+        stv<8>(dst + 8 * i, v);
+    }
+}
+
 /* Row position within the block structure: t in [0, Tp) -> row i of block blk holding m real rows. */
 struct rowpos {
     int i, m;
@@ -210,18 +223,18 @@ __global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, cons
     }
 }
 
-/* d pre (N, 3D) = d{q,k,v} * SiLU'(pre), SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))); d{q,k,v} f32
- * head-major. V columns per thread (hd % V == 0); n = N * 3D / V. */
-template <typename A, int VW>
-__global__ static void k_silu_backward(A *dpre, const A *pre, const float *dQ, const float *dK, const float *dV,
-                                       int T, int Tp, int nh, int hd, int64_t n) {
+/* d pre (N, 3D) = d{q,k,v} * SiLU'(pre), SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))); d{q,k,v}
+ * head-major, f32 (block GEMMs) or bf16 (fused kernels). V columns per thread (hd % V == 0); n = N * 3D / V. */
+template <typename A, int VW, typename DT>
+__global__ static void k_silu_backward(A *dpre, const A *pre, const DT *dQ, const DT *dK, const DT *dV, int T,
+                                       int Tp, int nh, int hd, int64_t n) {
     const int64_t D3 = 3 * (int64_t)nh * hd;
     GRID_STRIDE(iv, n) {
         const int64_t i = iv * VW;
         const int64_t row = i / D3, col = i % D3;
         const int64_t b = row / T, t = row % T, h = col / (3 * hd);
         const int p = (int)((col % (3 * hd)) / hd), c = (int)(col % hd);
-        const float *src = p == 0 ? dQ : (p == 1 ? dK : dV);
+        const DT *src = p == 0 ? dQ : (p == 1 ? dK : dV);
         float d[VW], z[VW];
         ldv<VW>(src + ((b * nh + h) * Tp + t) * hd + c, d);
         ldv<VW>(pre + i, z);
@@ -354,10 +367,11 @@ __global__ static void k_norm_gate(A *y, const A *o, const A *g, const float *w,
 }
 
 /* Partial sums for dw[c] = sum over tokens of dy * o * rstd * sigmoid(g): block (x, k) sums 32 columns over
- * token chunk k (8 rows of threads, combined in a fixed order) into part[k][c]. */
-template <typename A>
+ * token chunk k (8 rows of threads, combined in a fixed order) into part[k][c]. o is (N, D), or head-major
+ * (B*nh, T, hd) when HM (the fused path's attn_out). */
+template <typename A, bool HM>
 __global__ static void k_norm_dw(float *part, const float *dy, const A *o, const A *g, const float *rstd, int N,
-                                 int D) {
+                                 int D, int T, int nh, int hd) {
     __shared__ float sh[8][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     const int64_t per = ((int64_t)N + gridDim.y - 1) / gridDim.y, t0 = blockIdx.y * per;
@@ -366,7 +380,8 @@ __global__ static void k_norm_dw(float *part, const float *dy, const A *o, const
     if (c < D)
         for (int64_t t = t0 + threadIdx.y; t < t1; t += 8) {
             const int64_t i = t * D + c;
-            acc += dy[i] * ld(o, i) * rstd[t] * sigm(ld(g, i));
+            const int64_t io = HM ? ((t / T * nh + c / hd) * T + t % T) * hd + c % hd : i;
+            acc += dy[i] * ld(o, io) * rstd[t] * sigm(ld(g, i));
         }
     sh[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
@@ -445,6 +460,126 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
     }
 }
 
+/* ---- the fused path's norm and gate backward, with the weight gradient in the same pass ------------ */
+
+__device__ static inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* One warp per token row, 8 columns per lane at a time; up to NG_MAXW warps per block; at most NG_CHUNKS
+ * blocks (row chunks) of at least 4 rows per warp (with 4 blocks of 8 warps resident per SM, 512 chunks
+ * are one wave on 128 or more SMs). Shared memory for the weight-gradient sums: warps * D floats within the
+ * 48 KiB any block may use without opting in. */
+enum { NG_MAXW = 8, NG_CHUNKS = 512, NG_SHMEM = 48 * 1024 };
+
+/* Norm and gate backward for the fused path (bf16, hd % 8 == 0, head-major O of (B*nh, T, hd)), the same
+ * formulas as k_norm_gate_backward: n = o rstd, sg = sigmoid(g), d o = rstd (dy w sg - n mean(dy w sg n))
+ * into the head-major dO, d gate pre = dy n w sg (1 - sg) into dg (N, D). Block x takes the rows of chunk
+ * x, [x per, (x + 1) per), its warp k the rows i0 + k, i0 + k + warps, ...
+ * DW: also dw = sum over rows of dy o rstd sg (k_norm_dw's terms) in a fixed order: each lane adds its own
+ * columns into its warp's row of the shared (warps, D) array, which no other lane touches; at the end the
+ * block adds the warps' rows in order into part[x], and k_colsum_add adds the chunks in order. No float
+ * atomics: the same inputs give the same bits. o and g stay packed bf16 in registers, the outputs are
+ * packed as they are made (the roundings of stv) and the sums updated two at a time, so that 4 blocks fit
+ * an SM without spilling. */
+template <bool DW>
+__global__ static void __launch_bounds__(32 * NG_MAXW, 4)
+    k_norm_gate_backward_rows(bf16 *dO, bf16 *dg, float *part, const float *dy, const bf16 *O, const bf16 *g,
+                              const float *w, const float *rstd, int N, int T, int nh, int hd, int64_t per) {
+    extern __shared__ float4 ng_acc[]; /* DW: (warps, D); float4 for 16-byte alignment */
+    const int D = nh * hd, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    constexpr int STEP = 32 * 8;
+    float *acc = reinterpret_cast<float *>(ng_acc) + (int64_t)warp * D;
+    if constexpr (DW) {
+        const float z[8] = {};
+        for (int c = lane * 8; c < D; c += STEP) stv<8>(acc + c, z);
+    }
+    const int64_t i0 = blockIdx.x * per, i1 = i0 + per < N ? i0 + per : N;
+    for (int64_t row = i0 + warp; row < i1; row += warps) { /* uniform in the warp: the shuffle sees all lanes */
+        const int64_t base = row * D;
+        const int64_t ot = ((row / T) * nh * T + row % T) * hd; /* head-major: head h's columns at ot + h T hd */
+        const float rs = rstd[row];
+        float dot = 0.0f;
+#pragma unroll 1
+        for (int c = lane * 8; c < D; c += STEP) {
+            float d[8], wv[8];
+            const uint4 ou = *reinterpret_cast<const uint4 *>(O + ot + (int64_t)(c / hd) * T * hd + c % hd);
+            const uint4 gu = *reinterpret_cast<const uint4 *>(g + base + c);
+            ldv<8>(dy + base + c, d), ldv<8>(w + c, wv);
+            const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
+            const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gu);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 of = __bfloat1622float2(o2[k]), gf = __bfloat1622float2(g2[k]);
+                dot += d[2 * k] * wv[2 * k] * sigm(gf.x) * of.x;
+                dot += d[2 * k + 1] * wv[2 * k + 1] * sigm(gf.y) * of.y;
+            }
+        }
+        const float mean = warp_sum(dot) * rs / (float)D;
+#pragma unroll 1
+        for (int c = lane * 8; c < D; c += STEP) { /* again: just read, from L1 */
+            float d[8], wv[8];
+            const int64_t at = ot + (int64_t)(c / hd) * T * hd + c % hd;
+            const uint4 ou = *reinterpret_cast<const uint4 *>(O + at);
+            const uint4 gu = *reinterpret_cast<const uint4 *>(g + base + c);
+            ldv<8>(dy + base + c, d), ldv<8>(w + c, wv);
+            const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
+            const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gu);
+            uint4 dou, dgu;
+            __nv_bfloat162 *do2 = reinterpret_cast<__nv_bfloat162 *>(&dou), *dg2 = reinterpret_cast<__nv_bfloat162 *>(&dgu);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float2 of = __bfloat1622float2(o2[k]), gf = __bfloat1622float2(g2[k]);
+                float ra[2], rb[2], sa[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = 2 * k + e;
+                    const float ov = e ? of.y : of.x, nc = ov * rs, sg = sigm(e ? gf.y : gf.x);
+                    ra[e] = rs * (d[j] * wv[j] * sg - nc * mean);
+                    rb[e] = d[j] * nc * wv[j] * sg * (1.0f - sg);
+                    sa[e] = d[j] * ov * rs * sg;
+                }
+                do2[k] = __floats2bfloat162_rn(ra[0], ra[1]);
+                dg2[k] = __floats2bfloat162_rn(rb[0], rb[1]);
+                if constexpr (DW) {
+                    float2 *a2 = reinterpret_cast<float2 *>(acc + c) + k;
+                    const float2 old = *a2;
+                    *a2 = make_float2(old.x + sa[0], old.y + sa[1]);
+                }
+            }
+            *reinterpret_cast<uint4 *>(dO + at) = dou;
+            *reinterpret_cast<uint4 *>(dg + base + c) = dgu;
+        }
+    }
+    if constexpr (DW) {
+        __syncthreads();
+        const float *sh = reinterpret_cast<const float *>(ng_acc);
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float sum = 0.0f;
+            for (int k = 0; k < warps; k++) sum += sh[(int64_t)k * D + c];
+            part[(int64_t)blockIdx.x * D + c] = sum;
+        }
+    }
+}
+
+/* dw[c] += the sum of part[k][c] over the chunks k, in a fixed order: thread (x, y) of a 32 x 16 block adds
+ * chunks y, y + 16, ... of column c, then thread y = 0 adds the 16 sums in order. */
+__global__ static void k_colsum_add(float *dw, const float *part, int chunks, int D) {
+    __shared__ float sh[16][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    float sum = 0.0f;
+    if (c < D)
+        for (int k = threadIdx.y; k < chunks; k += 16) sum += part[(int64_t)k * D + c];
+    sh[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < D) {
+        float t = 0.0f;
+        for (int k = 0; k < 16; k++) t += sh[k][threadIdx.x];
+        dw[c] += t;
+    }
+}
+
 /* ---- host side ---------------------------------------------------------------------------------------- */
 
 typedef struct dims {
@@ -460,7 +595,7 @@ static dims dims_of(const lightning_cuda_cfg *c, int B, int T) {
     d.B = B, d.T = T, d.N = B * T;
     d.eb = T < c->bs ? T : c->bs;
     d.nb = (T + c->bs - 1) / c->bs;
-    d.Tp = d.nb * d.eb;
+    d.Tp = c->fused ? T : d.nb * d.eb; /* the fused kernels take any T: no padding */
     d.Z = (int64_t)B * c->nh * d.nb;
     d.nhx = (int64_t)B * c->nh * d.Tp * c->hd;
     d.vh = c->hd % 8 == 0 ? 8 : 1;
@@ -514,7 +649,10 @@ template <> int dtype_of<float>() { return M1C_F32; }
 template <> int dtype_of<bf16>() { return M1C_BF16; }
 
 static int to_bf16(const lightning_cuda_cfg *c, cudaStream_t s, bf16 *dst, const float *src, int64_t n) {
-    k_to_bf16<<<grid_for(n), THREADS, 0, s>>>(dst, src, n);
+    if (n % 8 == 0 && ((uintptr_t)dst & 15u) == 0 && ((uintptr_t)src & 15u) == 0)
+        k_to_bf16_v8<<<grid_for(n / 8), THREADS, 0, s>>>(dst, src, n / 8);
+    else
+        k_to_bf16<<<grid_for(n), THREADS, 0, s>>>(dst, src, n);
     return launched(c, "to_bf16");
 }
 
@@ -573,40 +711,13 @@ static int core(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims
     return M1C_OK;
 }
 
-/* O = core(Q, K, V), the state carried in (unless fresh or NULL) and out (if not NULL). */
-static int fused_forward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const bf16 *pre,
-                         float *state, int fresh, const void **Oout) {
-    cudaStream_t s = (cudaStream_t)b->stream;
-    bf16 *Q = ax<bf16>(b, X_HA0), *K = ax<bf16>(b, X_HA1), *V = ax<bf16>(b, X_HA2);
-    bf16 *O = (bf16 *)fx(b, X_HF0); /* bf16: the norm rounds O to bf16 first anyway */
-    if (gather_qkv<bf16>(c, s, d, Q, K, V, (bf16 *)NULL, (bf16 *)NULL, (bf16 *)NULL, pre) ||
-        core(c, b, d, Q, K, V, O, 0, 0, state && !fresh ? state : NULL, state, "forward"))
-        return M1C_ERR;
-    *Oout = O;
-    return M1C_OK;
-}
-
-/* From dO in X_HA5: dQ = core(dO, V, K), dK = core_rev(V, dO, Q), dV = core_rev(K, Q, dO), then d pre. */
-static int fused_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const bf16 *pre,
-                          bf16 *dpre) {
-    cudaStream_t s = (cudaStream_t)b->stream;
-    bf16 *Q = ax<bf16>(b, X_HA0), *K = ax<bf16>(b, X_HA1), *V = ax<bf16>(b, X_HA2), *dO = ax<bf16>(b, X_HA5);
-    float *dQ = fx(b, X_HF0), *dK = fx(b, X_HF1), *dV = fx(b, X_HF2);
-    if (gather_qkv<bf16>(c, s, d, Q, K, V, (bf16 *)NULL, (bf16 *)NULL, (bf16 *)NULL, pre) ||
-        core(c, b, d, dO, V, K, dQ, 1, 0, NULL, NULL, "dq") || core(c, b, d, V, dO, Q, dK, 1, 1, NULL, NULL, "dk") ||
-        core(c, b, d, K, Q, dO, dV, 1, 1, NULL, NULL, "dv"))
-        return M1C_ERR;
-    const int64_t n3 = (int64_t)d->N * 3 * c->D / 8; /* hd is 64 or 128: 8 columns per thread */
-    k_silu_backward<bf16, 8><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, c->hd, n3);
-    return launched(c, "silu_backward");
-}
+/* ---- the block-GEMM path ---------------------------------------------------------------------------- */
 
 /* Attention forward from pre (N, 3D) to the head-major f32 O (returned through *Oout): kvs receives the
  * state at every block start; state (B, nh, hd, hd), if not NULL, is carried in (unless fresh) and out. */
 template <typename A>
 static int attention_forward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const A *pre,
                              float *kvs, float *state, int fresh, const void **Oout) {
-    if (c->fused) return fused_forward(c, b, d, (const bf16 *)pre, state, fresh, Oout); /* bf16 only */
     cudaStream_t s = (cudaStream_t)b->stream;
     const int hd = c->hd, eb = d->eb, hd2 = hd * hd, adt = dtype_of<A>();
     const int64_t sx = (int64_t)eb * hd, ss = (int64_t)eb * eb, skv = hd2, Z = d->Z;
@@ -639,7 +750,6 @@ static int attention_forward(const lightning_cuda_cfg *c, const m1c_layer_bufs *
 template <typename A>
 static int attention_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const A *pre,
                               const float *kvs, A *dpre) {
-    if (c->fused) return fused_backward(c, b, d, (const bf16 *)pre, (bf16 *)dpre); /* bf16 only */
     cudaStream_t s = (cudaStream_t)b->stream;
     const int hd = c->hd, eb = d->eb, hd2 = hd * hd, adt = dtype_of<A>();
     const int64_t sx = (int64_t)eb * hd, ss = (int64_t)eb * eb, skv = hd2, Z = d->Z;
@@ -672,11 +782,22 @@ static int attention_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs 
         return M1C_ERR;
     const int64_t n3 = (int64_t)d->N * 3 * c->D / d->vh;
     if (d->vh == 8)
-        k_silu_backward<A, 8><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
+        k_silu_backward<A, 8, float><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
     else
-        k_silu_backward<A, 1><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
+        k_silu_backward<A, 1, float><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
     return launched(c, "silu_backward");
 }
+
+/* Warps per block of k_norm_gate_backward_rows with the weight gradient (DW): its sums take warps * D
+ * floats of shared memory; 0 when not even one warp's fits (D > 12288: the separate k_norm_dw pass). */
+static int ng_warps(int D) {
+    const int w = NG_SHMEM / (4 * D);
+    return w > NG_MAXW ? NG_MAXW : w;
+}
+
+/* Row chunks of the norm weight's partial sums: the fused path's merged pass (up to NG_CHUNKS), else
+ * k_norm_dw's NDW. */
+static int64_t dw_chunks(const lightning_cuda_cfg *c) { return c->fused && ng_warps(c->D) > 0 ? (int64_t)NG_CHUNKS : (int64_t)NDW; }
 
 /* The scratch sizes for (B, T), checked on every call (B*T may be smaller than declared). */
 static int check_scratch(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, int adt) {
@@ -693,12 +814,12 @@ static int check_scratch(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, c
     need[X_DO] = N * D, dt[X_DO] = M1C_F32;
     need[X_LP] = c->bf16 ? N * c->H : 1, dt[X_LP] = M1C_BF16;
     for (int i = X_HA0; i <= X_HA6; i++) need[i] = fz && (i == X_HA3 || i == X_HA4 || i == X_HA6) ? 1 : d->nhx, dt[i] = adt;
-    for (int i = X_HF0; i <= X_HF2; i++) need[i] = d->nhx, dt[i] = M1C_F32;
+    for (int i = X_HF0; i <= X_HF2; i++) need[i] = fz ? 1 : d->nhx, dt[i] = M1C_F32;
     need[X_S] = need[X_P] = fz ? 1 : d->Z * d->eb * d->eb, dt[X_S] = dt[X_P] = adt;
     need[X_KV] = need[X_KVS] = fz ? 1 : d->Z * hd * hd, dt[X_KV] = dt[X_KVS] = M1C_F32;
     need[X_WS] = ws_floats(c, d->B, d->T), dt[X_WS] = M1C_F32;
     need[X_KVLP] = need[X_GLP] = lp, dt[X_KVLP] = dt[X_GLP] = M1C_BF16;
-    need[X_DWP] = NDW * D, dt[X_DWP] = M1C_F32;
+    need[X_DWP] = dw_chunks(c) * D, dt[X_DWP] = M1C_F32;
     for (int i = 0; i < N_X; i++)
         if (check_size(c, &b->scratch[i], need[i], dt[i], names[i]) ||
             check_aligned(c, b->scratch[i].data, names[i]))
@@ -714,6 +835,14 @@ static int check_acts(const lightning_cuda_cfg *c, const m1c_tensor *a, const di
         return M1C_ERR;
     for (int i = A_QKV; i <= A_O; i++)
         if (check_aligned(c, a[i].data, a[i].name ? a[i].name : "activation")) return M1C_ERR;
+    if (!c->fused) return M1C_OK;
+    /* the fused path's own (its attn_out is O head-major, (B*nh, T, hd): the N * D values checked above) */
+    if (check_size(c, &a[A_QKVH], 3 * d->nhx, M1C_BF16, "qkv_heads") ||
+        check_size(c, &a[A_XLP], N * c->H, M1C_BF16, "in_bf16") ||
+        check_size(c, &a[A_Y], N * D, M1C_BF16, "out_proj_in"))
+        return M1C_ERR;
+    for (int i = A_QKVH; i <= A_Y; i++)
+        if (check_aligned(c, a[i].data, a[i].name ? a[i].name : "activation")) return M1C_ERR;
     return M1C_OK;
 }
 
@@ -728,6 +857,25 @@ static int check_params(const lightning_cuda_cfg *c, const m1c_layer_bufs *b) {
 static const void *weight(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, int i) {
     return c->bf16 ? b->params_lp[i].data : b->params[i].data;
 }
+
+/* The input projections' backward (pre = x Wqkv^T, gate pre = x Wg^T): dWqkv += dpre^T x, dWg += dgate^T
+ * x, and din (if not NULL) += dpre Wqkv + dgate Wg; dpre, dgate and x in the compute dtype adt. */
+static int input_projections_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, cudaStream_t s, int N,
+                                      int adt, const void *dpre, const void *dgate, const void *x, float *dWqkv,
+                                      float *dWg, float *din) {
+    const int H = c->H, D = c->D;
+    if (gemm(c, s, 1, 0, 3 * D, H, N, 1.0f, dpre, adt, 3 * D, 0, x, adt, H, 0, 1.0f, dWqkv, M1C_F32, H, 0, 1) ||
+        gemm(c, s, 1, 0, D, H, N, 1.0f, dgate, adt, D, 0, x, adt, H, 0, 1.0f, dWg, M1C_F32, H, 0, 1))
+        return M1C_ERR;
+    if (din &&
+        (gemm(c, s, 0, 0, N, H, 3 * D, 1.0f, dpre, adt, 3 * D, 0, weight(c, b, P_QKV), adt, H, 0, 1.0f, din, M1C_F32, H,
+              0, 1) ||
+         gemm(c, s, 0, 0, N, H, D, 1.0f, dgate, adt, D, 0, weight(c, b, P_GATE), adt, H, 0, 1.0f, din, M1C_F32, H, 0,
+              1)))
+        return M1C_ERR;
+    return M1C_OK;
+}
+
 
 template <typename A>
 static int run_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *out, const float *in, int B, int T,
@@ -758,10 +906,7 @@ static int run_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *ou
     if (attention_forward<A>(c, b, &d, pre, kvs, state, fresh, &O)) return M1C_ERR;
     const float *wn = (const float *)b->params[P_NORM].data;
     const int nt = row_threads(D, d.vh);
-    if (c->fused) /* bf16, hd 64 or 128 */
-        k_norm_gate_heads<A, 8, bf16><<<row_grid(N), nt, 0, s>>>(y, o, (const bf16 *)O, g, wn, rstd, N, T, d.Tp, c->nh,
-                                                                 c->hd, c->eps);
-    else if (d.vh == 8)
+    if (d.vh == 8)
         k_norm_gate_heads<A, 8, float><<<row_grid(N), nt, 0, s>>>(y, o, (const float *)O, g, wn, rstd, N, T, d.Tp,
                                                                   c->nh, c->hd, c->eps);
     else
@@ -808,11 +953,11 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
     /* norm and gate: dw from per-chunk partial sums, then d attention output (head-major, plain and decayed)
      * and d gate pre into y */
     float *part = fx(b, X_DWP);
-    k_norm_dw<A><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, o, g, rstd, N, D);
+    k_norm_dw<A, false><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, o, g, rstd, N, D, T, c->nh, c->hd);
     if (launched(c, "norm_dw")) return M1C_ERR;
     k_norm_dw_sum<<<grid_for(D), THREADS, 0, s>>>(dwn, part, NDW, D);
     if (launched(c, "norm_dw_sum")) return M1C_ERR;
-    A *dO = ax<A>(b, X_HA5), *dOd = c->fused ? (A *)NULL : ax<A>(b, X_HA6);
+    A *dO = ax<A>(b, X_HA5), *dOd = ax<A>(b, X_HA6);
     const int64_t rows = (int64_t)B * d.Tp;
     if (d.vh == 8)
         k_norm_gate_backward<A, 8><<<row_grid(rows), nt, 0, s>>>(dO, dOd, y, dy, o, g, wn, rstd, B, T, d.Tp, c->nh,
@@ -829,15 +974,109 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
         if (to_bf16(c, s, lp, in, (int64_t)N * H)) return M1C_ERR;
         x = lp;
     }
-    if (gemm(c, s, 1, 0, 3 * D, H, N, 1.0f, dpre, adt, 3 * D, 0, x, adt, H, 0, 1.0f, dWqkv, M1C_F32, H, 0, 1) ||
-        gemm(c, s, 1, 0, D, H, N, 1.0f, y, adt, D, 0, x, adt, H, 0, 1.0f, dWg, M1C_F32, H, 0, 1))
+    return input_projections_backward(c, b, s, N, adt, dpre, y, x, dWqkv, dWg, din);
+}
+
+/* ---- the fused path: forward and backward ------------------------------------------------------------ */
+
+/* Forward (state == NULL: from an empty state, keeping activations when training) or step with the fused
+ * kernels (bf16, hd 64 or 128): x = bf16(in); pre, g = x W^T; Q, K, V = SiLU(pre) head-major; O = core(Q,
+ * K, V); y = RMSNorm(O) w sigmoid(g); out = y Wo^T. Training writes x, pre, g, Q K V, O, rstd and y straight
+ * into the activations (backward redoes none of them); otherwise all but the state live in scratch. */
+static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *out, const float *in, int B, int T,
+                     float *state, int fresh) {
+    const int H = c->H, D = c->D, adt = M1C_BF16;
+    const dims d = dims_of(c, B, T);
+    const int N = d.N;
+    const int train = !state && b->training && b->acts;
+    cudaStream_t s = (cudaStream_t)b->stream;
+    if (check_scratch(c, b, &d, adt) || (train && check_acts(c, b->acts, &d, adt))) return M1C_ERR;
+    const m1c_tensor *a = b->acts;
+    bf16 *x = (bf16 *)(train ? a[A_XLP].data : b->scratch[X_LP].data);
+    bf16 *pre = (bf16 *)(train ? a[A_QKV].data : b->scratch[X_QKV].data);
+    bf16 *g = (bf16 *)(train ? a[A_GATE].data : b->scratch[X_DO].data); /* the f32-sized d_attn_out buffer */
+    bf16 *y = (bf16 *)(train ? a[A_Y].data : b->scratch[X_Y].data);
+    bf16 *O = (bf16 *)(train ? a[A_O].data : b->scratch[X_HA5].data);
+    bf16 *Q = train ? (bf16 *)a[A_QKVH].data : ax<bf16>(b, X_HA0);
+    bf16 *K = train ? Q + d.nhx : ax<bf16>(b, X_HA1), *V = train ? Q + 2 * d.nhx : ax<bf16>(b, X_HA2);
+    float *rstd = train ? (float *)a[A_RSTD].data : NULL;
+    if (to_bf16(c, s, x, in, (int64_t)N * H) ||
+        gemm(c, s, 0, 1, N, 3 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, 3 * D, 0, 1) ||
+        gemm(c, s, 0, 1, N, D, H, 1.0f, x, adt, H, 0, weight(c, b, P_GATE), adt, H, 0, 0.0f, g, adt, D, 0, 1) ||
+        gather_qkv<bf16>(c, s, &d, Q, K, V, (bf16 *)NULL, (bf16 *)NULL, (bf16 *)NULL, pre) ||
+        core(c, b, &d, Q, K, V, O, 0, 0, state && !fresh ? state : NULL, state, "forward"))
         return M1C_ERR;
-    if (din &&
-        (gemm(c, s, 0, 0, N, H, 3 * D, 1.0f, dpre, adt, 3 * D, 0, weight(c, b, P_QKV), adt, H, 0, 1.0f, din, M1C_F32, H,
-              0, 1) ||
-         gemm(c, s, 0, 0, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_GATE), adt, H, 0, 1.0f, din, M1C_F32, H, 0, 1)))
+    /* O is bf16 already, so it is the activation o itself (the norm's rounding to A changes nothing) */
+    k_norm_gate_heads<bf16, 8, bf16><<<row_grid(N), row_threads(D, 8), 0, s>>>(
+        y, (bf16 *)NULL, O, g, (const float *)b->params[P_NORM].data, rstd, N, T, T, c->nh, c->hd, c->eps);
+    if (launched(c, "norm_gate_heads")) return M1C_ERR;
+    return gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, out, M1C_F32, H, 0, 1);
+}
+
+/* The norm and gate backward from dy (N, D) f32: dO head-major and d gate pre dg, and dw += its sum over
+ * tokens, in one pass where the sums fit in shared memory, else with k_norm_dw's separate pass. */
+static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, bf16 *dO, bf16 *dg,
+                               float *part, float *dw, const float *dy, const bf16 *O, const bf16 *g, const float *w,
+                               const float *rstd) {
+    const int D = c->D, N = d->N, W = ng_warps(D), warps = W > 0 ? W : NG_MAXW;
+    const int64_t want = ((int64_t)N + 4 * warps - 1) / (4 * warps); /* at least 4 rows per warp */
+    const int chunks = (int)(want < NG_CHUNKS ? want : (int64_t)NG_CHUNKS);
+    const int64_t per = ((int64_t)N + chunks - 1) / chunks;
+    if (W > 0) {
+        k_norm_gate_backward_rows<true><<<chunks, 32 * W, (size_t)W * D * sizeof(float), s>>>(
+            dO, dg, part, dy, O, g, w, rstd, N, d->T, c->nh, c->hd, per);
+        if (launched(c, "norm_gate_backward_rows")) return M1C_ERR;
+        k_colsum_add<<<(D + 31) / 32, dim3(32, 16), 0, s>>>(dw, part, chunks, D);
+        return launched(c, "colsum_add");
+    }
+    k_norm_dw<bf16, true><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, O, g, rstd, N, D, d->T, c->nh,
+                                                                           c->hd);
+    if (launched(c, "norm_dw")) return M1C_ERR;
+    k_norm_dw_sum<<<grid_for(D), THREADS, 0, s>>>(dw, part, NDW, D);
+    if (launched(c, "norm_dw_sum")) return M1C_ERR;
+    k_norm_gate_backward_rows<false><<<chunks, 32 * NG_MAXW, 0, s>>>(dO, dg, (float *)NULL, dy, O, g, w, rstd, N,
+                                                                      d->T, c->nh, c->hd, per);
+    return launched(c, "norm_gate_backward_rows");
+}
+
+/* Backward with the fused kernels, from the forward's activations (in is not read: its bf16 copy was
+ * kept): dWo += dout^T y, dy = dout Wo; the norm and gate backward (dO, d gate pre, dw); dQ = core(dO, V, K),
+ * dK = core_rev(V, dO, Q), dV = core_rev(K, Q, dO) as bf16; d pre = d{q,k,v} SiLU'(pre); dW += d pre^T x,
+ * din += d pre W. */
+static int backward_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *din, const float *dout, int B,
+                          int T) {
+    const int H = c->H, D = c->D, adt = M1C_BF16;
+    const dims d = dims_of(c, B, T);
+    const int N = d.N;
+    cudaStream_t s = (cudaStream_t)b->stream;
+    if (!b->acts || !b->grads) return c->h->error(c->h, "lightning: backward needs activations and gradients");
+    if (check_scratch(c, b, &d, adt) || check_acts(c, b->acts, &d, adt)) return M1C_ERR;
+    const m1c_tensor *a = b->acts;
+    const bf16 *x = (const bf16 *)a[A_XLP].data, *pre = (const bf16 *)a[A_QKV].data;
+    const bf16 *g = (const bf16 *)a[A_GATE].data, *O = (const bf16 *)a[A_O].data, *y = (const bf16 *)a[A_Y].data;
+    const bf16 *Q = (const bf16 *)a[A_QKVH].data, *K = Q + d.nhx, *V = Q + 2 * d.nhx;
+    const float *rstd = (const float *)a[A_RSTD].data, *wn = (const float *)b->params[P_NORM].data;
+    float *dWqkv = (float *)b->grads[P_QKV].data, *dWg = (float *)b->grads[P_GATE].data;
+    float *dwn = (float *)b->grads[P_NORM].data, *dWo = (float *)b->grads[P_OUT].data;
+    bf16 *dpre = ax<bf16>(b, X_QKV), *dg = ax<bf16>(b, X_Y), *lp = ax<bf16>(b, X_LP), *dO = ax<bf16>(b, X_HA5);
+    bf16 *dQ = ax<bf16>(b, X_HA0), *dK = ax<bf16>(b, X_HA1), *dV = ax<bf16>(b, X_HA2);
+    float *dy = fx(b, X_DO);
+
+    /* out_proj */
+    if (to_bf16(c, s, lp, dout, (int64_t)N * H) ||
+        gemm(c, s, 1, 0, H, D, N, 1.0f, lp, adt, H, 0, y, adt, D, 0, 1.0f, dWo, M1C_F32, D, 0, 1) ||
+        gemm(c, s, 0, 0, N, D, H, 1.0f, lp, adt, H, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, dy, M1C_F32, D, 0, 1))
         return M1C_ERR;
-    return M1C_OK;
+    /* norm and gate, then attention (bf16 d{q,k,v}: SiLU's backward rounds its product to bf16 anyway) */
+    if (norm_backward_fused(c, s, &d, dO, dg, fx(b, X_DWP), dwn, dy, O, g, wn, rstd) ||
+        core(c, b, &d, dO, V, K, dQ, 0, 0, NULL, NULL, "dq") || core(c, b, &d, V, dO, Q, dK, 0, 1, NULL, NULL, "dk") ||
+        core(c, b, &d, K, Q, dO, dV, 0, 1, NULL, NULL, "dv"))
+        return M1C_ERR;
+    const int64_t n3 = (int64_t)N * 3 * D / 8; /* hd is 64 or 128: 8 columns per thread */
+    k_silu_backward<bf16, 8, bf16><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, T, T, c->nh, c->hd, n3);
+    if (launched(c, "silu_backward")) return M1C_ERR;
+    /* projections */
+    return input_projections_backward(c, b, s, N, adt, dpre, dg, x, dWqkv, dWg, din);
 }
 
 /* ---- entry points for lightning.c -------------------------------------------------------------------- */
@@ -886,16 +1125,16 @@ extern "C" int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T,
         xspec("self_attn.heads_a4", adt, 3, big, c->fused ? 1 : d.Tp, c->fused ? 1 : hd),
         xspec("self_attn.heads_a5", adt, 3, BH, d.Tp, hd),
         xspec("self_attn.heads_a6", adt, 3, big, c->fused ? 1 : d.Tp, c->fused ? 1 : hd),
-        xspec("self_attn.heads_f0", M1C_F32, 3, BH, d.Tp, hd),                 /* (B*nh, Tp, hd) */
-        xspec("self_attn.heads_f1", M1C_F32, 3, BH, d.Tp, hd),
-        xspec("self_attn.heads_f2", M1C_F32, 3, BH, d.Tp, hd),
+        xspec("self_attn.heads_f0", M1C_F32, 3, big, c->fused ? 1 : d.Tp, c->fused ? 1 : hd), /* (B*nh, Tp, hd) */
+        xspec("self_attn.heads_f1", M1C_F32, 3, big, c->fused ? 1 : d.Tp, c->fused ? 1 : hd),
+        xspec("self_attn.heads_f2", M1C_F32, 3, big, c->fused ? 1 : d.Tp, c->fused ? 1 : hd),
         xspec("self_attn.scores", adt, 3, Zb, ebf, ebf),                       /* (blocks, eb, eb) */
         xspec("self_attn.d_scores", adt, 3, Zb, ebf, ebf),
         xspec("self_attn.kv_local", M1C_F32, 3, Zb, c->fused ? 1 : hd, c->fused ? 1 : hd), /* (blocks, hd, hd) */
         xspec("self_attn.kv_starts", M1C_F32, 3, Zb, c->fused ? 1 : hd, c->fused ? 1 : hd),
         xspec("self_attn.kv_lp", M1C_BF16, 3, lp, lpd, lpd),                   /* (blocks, hd, hd) */
         xspec("self_attn.dkv_lp", M1C_BF16, 3, lp, lpd, lpd),
-        xspec("self_attn.norm_dw", M1C_F32, 2, NDW, D, 0),                     /* (chunks, nh*hd) */
+        xspec("self_attn.norm_dw", M1C_F32, 2, dw_chunks(c), D, 0),            /* (chunks, nh*hd) */
         xspec("self_attn.seg_states", M1C_F32, 1, ws_floats(c, B, T < 1 ? 1 : T), 0, 0), /* fused, long T */
     };
     return m1c_put_specs(c->h, "lightning", s, N_X, specs, max);
@@ -905,6 +1144,7 @@ extern "C" int lightning_cuda_run(const lightning_cuda_cfg *c, const m1c_layer_b
                                   int B, int T, float *state, int fresh) {
     if (check_params(c, b)) return M1C_ERR;
     if (B < 1 || T < 1) return c->h->error(c->h, "lightning: empty batch (B=%d, T=%d)", B, T);
+    if (c->fused) return run_fused(c, b, out, in, B, T, state, fresh); /* bf16 only */
     return c->bf16 ? run_t<bf16>(c, b, out, in, B, T, state, fresh) : run_t<float>(c, b, out, in, B, T, state, fresh);
 }
 
@@ -912,5 +1152,6 @@ extern "C" int lightning_cuda_backward(const lightning_cuda_cfg *c, const m1c_la
                                        const float *dout, const float *in, int B, int T) {
     if (check_params(c, b)) return M1C_ERR;
     if (B < 1 || T < 1) return c->h->error(c->h, "lightning: empty batch (B=%d, T=%d)", B, T);
+    if (c->fused) return backward_fused(c, b, din, dout, B, T); /* bf16 only */
     return c->bf16 ? backward_t<bf16>(c, b, din, dout, in, B, T) : backward_t<float>(c, b, din, dout, in, B, T);
 }
