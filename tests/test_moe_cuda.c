@@ -78,17 +78,21 @@ static double order_margin(const float *p, int N, int E, int k) {
  *   value (~1.6e-3 rms for values spread over a binade). Rounded to bf16 are every expert GEMM operand
  *   (the input rows, the weights, the stored SwiGLU activation, in backward the d rows and d gate/up)
  *   and the GEMM outputs read by elementwise kernels (gate/up; the expert outputs Y, read by the combine
- *   and by the d weights dout . Y; d act, read by the SwiGLU backward; topk.cu's header says why).
+ *   and by the d weights dout . Y; d act, read by the SwiGLU backward; the d x rows, which the
+ *   un-permute sums per token into din; topk.cu's header says why).
  *   Roundings a result carries (each a relative error of its factor; they add along a product):
  *   out: x, Wgu, gate/up, act, Wd, Y = 6; dWd: d rows + act's 4 = 5; din's router term and dWr, through
- *   the d weights dout . Y: Y's 6; d x rows and dWgu: d rows, Wd, d act, the gate/up that the SwiGLU
- *   backward reads (with its x and Wgu: 3), d gate/up, and Wgu or x = 8. Even if all add up, errors stay
- *   below 6 x 3.9e-3 = 2.3e-2 (outputs) and 8 x 3.9e-3 = 3.1e-2 (gradients) of the tensor's scale;
- *   independent ones give ~sqrt(8) x 1.6e-3 ~ 5e-3. Sums over 8..1100 terms of random sign do not make
- *   that grow relative to the sum's scale (the errors add like the terms). Hence 3e-2 for outputs and
- *   5e-2 for gradients (room for the SwiGLU derivatives' factors ~1..2 on the gate side); making Y and
- *   d act bf16 added one rounding to the chains through them, which stay within these. A wrong index
- *   or a missing term is off by O(1).
+ *   the d weights dout . Y: Y's 6; dWgu: d rows, Wd, d act, the gate/up that the SwiGLU backward reads
+ *   (with its x and Wgu: 3), d gate/up, and x = 8; din's d x row terms: the same 8 with Wgu for x, plus
+ *   the d x row's own rounding before the un-permute adds a token's k rows (in f32) = 9. Even if all add
+ *   up, errors stay below 6 x 3.9e-3 = 2.3e-2 (outputs) and 9 x 3.9e-3 = 3.5e-2 (gradients) of the
+ *   tensor's scale; independent ones give ~sqrt(9) x 1.6e-3 ~ 5e-3. Sums over 2..1100 terms (din's k
+ *   rows and router term, the GEMMs' reductions) of random sign do not make that grow relative to the
+ *   sum's scale (the errors add like the terms). Hence 3e-2 for outputs and 5e-2 for gradients (room
+ *   for the SwiGLU derivatives' factors ~1..2 on the gate side); making Y, d act and the d x rows bf16
+ *   added one rounding to the chains through them, which stay within these (the worst-case bound 3.5e-2
+ *   is still 1.4x below 5e-2, the typical ~5e-3 10x below). A wrong index or a missing term is off by
+ *   O(1).
  * The router, its softmax and the aux loss are f32 from f32 inputs in both dtypes: 1e-5. */
 #define TOL_ROUTER 1e-5
 static double tol_out(int cdt) { return cdt == M1C_BF16 ? 3e-2 : 2e-5; }
@@ -276,8 +280,8 @@ TOPK_TESTS(large_capacity, LARGE_CAP, 8, 2, 2, 2500, 16, 17, 1, 0)
 TOPK_TESTS(ragged_h30_f21, "experts = 6; top_k = 2; ffn_dim = 21; aux_coef = 0.01;", 6, 2, 3, 37, 30, 18, 0, 0)
 /* H 36 and F 20: multiples of 4, not of 8: f32 rows take 16-byte accesses, bf16 rows (8 per 16 bytes)
  * do not (the gather into bf16, the BF16 SwiGLU and its backward with the bf16 d act, the grouped
- * GEMM's bf16 d act stores); the bf16 d rows take 8-byte stores, the bf16 expert outputs 8-byte loads
- * (combine, router backward). */
+ * GEMM's bf16 d act and d x row stores); the bf16 d rows take 8-byte stores, the bf16 expert outputs
+ * 8-byte loads (combine, router backward), the bf16 d x rows 8-byte loads (un-permute). */
 TOPK_TESTS(h36_f20, "experts = 5; top_k = 2; ffn_dim = 20; aux_coef = 0.01;", 5, 2, 2, 50, 36, 19, 0, 0)
 /* H 1100: rows wider than one block of the dWr and un-permute kernels (256 threads x 4 columns), so
  * they run in two column blocks; the logits kernel's lanes stride 9 times over the row. */
@@ -402,6 +406,64 @@ static void backward_accumulates(int cdt, int gemm) {
 }
 Test(topk_cuda, backward_accumulates_f32) { backward_accumulates(M1C_F32, GEMM_DEFAULT); }
 Test(topk_cuda, backward_accumulates_bf16_grouped) { backward_accumulates(M1C_BF16, GEMM_GROUPED); }
+
+/* The per-expert path copies the expert offsets and counts to the host in its forward and the backward
+ * of the same run reuses them (no second wait). A forward of another run in between (other activation
+ * buffers, other tokens, so other offsets) must not leak into that backward: din and the gradients equal
+ * those of the backward right after its own forward. A backward for fewer tokens than its forward is
+ * refused. */
+Test(topk_cuda, backward_uses_its_own_forward_offsets) {
+    need_gpu();
+    const int B = 2, T = 100, H = 16, N = B * T;
+    const int64_t NH = (int64_t)N * H;
+    th_layer *g = th_layer_new_dev("topk", CAPACITY, 0, 1, H, B, T, 31, 0.3f, M1C_DEVICE_CUDA, M1C_BF16);
+    float *x = th_randn(NH, 32, 1.0f), *x2 = th_randn(NH, 33, 1.0f), *dout = th_randn(NH, 34, 1.0f);
+    float *z = th_zeros(NH);
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *x2d = th_to_dev(M1C_DEVICE_CUDA, x2, NH);
+    float *od = th_to_dev(M1C_DEVICE_CUDA, z, NH), *doutd = th_to_dev(M1C_DEVICE_CUDA, dout, NH);
+    float *dind = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    /* the reference: forward, then backward */
+    th_forward(g, od, xd);
+    th_backward(g, dind, doutd, xd);
+    float *ref[4];
+    ref[0] = th_to_host(M1C_DEVICE_CUDA, dind, NH);
+    for (int p = 0; p < 3; p++) ref[1 + p] = th_to_host(M1C_DEVICE_CUDA, g->grads[p].data, m1c_numel(&g->grads[p]));
+    /* again, with another run's forward (its own activations) between the forward and the backward */
+    m1c_tensor *acts = g->bufs.acts, *other = calloc((size_t)g->na, sizeof *other);
+    for (int i = 0; i < g->na; i++) {
+        other[i] = acts[i];
+        const size_t bytes = (size_t)m1c_numel(&acts[i]) * m1c_dtype_size(acts[i].dtype);
+        other[i].data = m1c_dev_alloc(M1C_DEVICE_CUDA, bytes ? bytes : 1);
+        cr_assert_not_null(other[i].data);
+    }
+    th_layer_zero_grads(g);
+    m1c_dev_copy(M1C_DEVICE_CUDA, dind, M1C_DEVICE_CPU, z, (size_t)NH * sizeof(float));
+    th_forward(g, od, xd);
+    g->bufs.acts = other;
+    th_forward(g, od, x2d);
+    g->bufs.acts = acts;
+    th_backward(g, dind, doutd, xd);
+    float *got = th_to_host(M1C_DEVICE_CUDA, dind, NH);
+    cr_expect(memcmp(got, ref[0], (size_t)NH * sizeof(float)) == 0, "din took the other run's offsets");
+    free(got);
+    for (int p = 0; p < 3; p++) {
+        const int64_t n = m1c_numel(&g->grads[p]);
+        float *gp = th_to_host(M1C_DEVICE_CUDA, g->grads[p].data, n);
+        cr_expect(memcmp(gp, ref[1 + p], (size_t)n * sizeof(float)) == 0, "%s took the other run's offsets",
+                  g->pspec[p].name);
+        free(gp), free(ref[1 + p]);
+    }
+    /* fewer tokens than the forward: refused, naming both counts */
+    th_forward(g, od, xd);
+    cr_assert_eq(g->ops->backward(g->self, &g->bufs, dind, doutd, xd, 1, T), M1C_ERR);
+    cr_expect(strstr(g->plugin->error, "backward for 100 tokens after a forward of 200") != NULL, "%s",
+              g->plugin->error);
+    for (int i = 0; i < g->na; i++) m1c_dev_free(M1C_DEVICE_CUDA, other[i].data);
+    free(other), free(ref[0]), free(x), free(x2), free(dout), free(z);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, x2d), th_dev_free(M1C_DEVICE_CUDA, od);
+    th_dev_free(M1C_DEVICE_CUDA, doutd), th_dev_free(M1C_DEVICE_CUDA, dind);
+    th_layer_free(g);
+}
 
 /* Repeatable bit for bit: two forward + backward passes from zeroed gradients give the same output,
  * din and parameter gradients. The BF16 grouped path runs only this plugin's kernels (no cuBLAS, whose

@@ -24,7 +24,7 @@ enum { TOPK_CUDA_MAX_E = 512 };
 /* One call's sizes, settings and device pointers, gathered by topk.c from the layer buffers. cdt is
  * the compute dtype (M1C_F32 or M1C_BF16): the dtype of the expert weights Wgu/Wd handed here (params
  * or params_lp), of the saved expert activations xs, gu, act, Y, of the GEMM operands dgu, dy_lp and of
- * the d act GEMM's output dact (topk.cu's header says why Y and dact follow it). */
+ * the GEMM outputs dact and d x rows (topk.cu's header says why Y, dact and the d x rows follow it). */
 typedef struct topk_cuda_args {
     const m1c_host *h;
     void *stream; /* cudaStream_t */
@@ -50,14 +50,17 @@ typedef struct topk_cuda_args {
     float *noise;  /* (N, H) or NULL without jitter */
     /* scratch */
     void *dgu;     /* (N*k, 2F) cdt */
-    float *drow;   /* (N*k, H) f32: d expert out, then d x rows, then the router's dWr partial sums */
+    float *drow;   /* (N*k, H) f32 scratch: the forward's aux partial sums (doubles); in backward, F32's d
+                    * expert out, then d x rows; then the router's dWr partial sums */
     float *dlog;   /* (N, E) */
     float *dw;     /* (N, k) */
     float *xr;     /* (N, H) router input (jittered), forward only */
     void *dact;    /* (N*k, F) d SwiGLU output, in cdt */
-    void *dy_lp;   /* (N*k, H) cdt copy of drow (BF16 only; NULL for F32) */
+    void *dy_lp;   /* (N*k, H) cdt (BF16 only; NULL for F32): d expert out, then d x rows */
     int32_t *h_off; /* host (E+1): offsets copied from the device */
     int32_t *h_cnt; /* host (2+2E) */
+    const void **h_src; /* the device offsets h_off and h_cnt were copied from (this layer's forward), or
+                         * NULL: the backward of the same run reuses them instead of waiting for a copy */
 } topk_cuda_args;
 
 /* Once per layer at creation, for expert_gemm = "grouped": lets the grouped GEMM kernels use their

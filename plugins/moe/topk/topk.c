@@ -49,6 +49,7 @@ typedef struct topk {
     int grouped;               /* expert_gemm = "grouped" */
     int device, cdt;           /* m1c_device; compute dtype (CUDA only: the CPU is f32 throughout) */
     int32_t *h_off, *h_cnt;    /* CUDA: host copies of the offsets (E+1) and counts (2+2E) */
+    const void *h_src;         /* CUDA: the device offsets they were copied from (topk_cuda_args.h_src) */
     float *h_st;               /* CUDA: host copy of the stats (ST_F+2E), for stats() */
 } topk;
 
@@ -57,7 +58,7 @@ enum { P_ROUTER, P_GATE_UP, P_DOWN, N_PARAMS };
 /* Activations kept for backward; A_NOISE only when jitter > 0. */
 enum { A_PROBS, A_IDX, A_W, A_POS, A_ROWTOK, A_OFF, A_COUNTS, A_STATS, A_XS, A_GU, A_ACT, A_Y, A_NOISE };
 /* Per-call scratch; S_XR only when jitter > 0 (CPU), always on CUDA, which adds S_DACT and, for BF16,
- * S_DY_LP. */
+ * S_DY_LP (then the bf16 d rows and d x rows; S_DY is only scratch for partial sums: topk.cu). */
 enum { S_DGU, S_DY, S_DLOG, S_DW, S_XR, S_DACT, S_DY_LP };
 /* Up to this many experts backward adds the router's input gradient (dlogits @ Wr, E terms per
  * element) inside the un-permute pass; beyond it a GEMM does it better. */
@@ -198,7 +199,7 @@ static int topk_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max) 
         spec("moe.d_w", M1C_F32, 2, N, m->k, 0),               /* (N, k) d combine weights */
         spec("moe.x_router", M1C_F32, 2, N, m->H, 0),          /* (N, H) jittered router input */
         spec("moe.d_act", m->cdt, 2, Nk, m->F, 0),             /* CUDA: (N*k, F) d SwiGLU output */
-        spec("moe.d_rows_lp", M1C_BF16, 2, Nk, m->H, 0),       /* CUDA BF16: (N*k, H) bf16 d expert out */
+        spec("moe.d_rows_lp", M1C_BF16, 2, Nk, m->H, 0),       /* CUDA BF16: (N*k, H) d expert out, d x rows */
     };
     if (m->device == M1C_DEVICE_CUDA) return put_specs(m, s, m->cdt == M1C_BF16 ? S_DY_LP + 1 : S_DACT + 1, specs, max);
     return put_specs(m, s, m->jitter > 0 ? S_XR + 1 : S_XR, specs, max);
@@ -218,7 +219,7 @@ static int check_bufs(const topk *m, const m1c_layer_bufs *b, int64_t N, int nee
 
 #ifdef M1C_HAVE_CUDA
 /* The CUDA call's arguments: sizes, settings and this call's buffers (grads only for backward). */
-static int cuda_args(const topk *m, const m1c_layer_bufs *b, int N, int backward, topk_cuda_args *a) {
+static int cuda_args(topk *m, const m1c_layer_bufs *b, int N, int backward, topk_cuda_args *a) {
     const m1c_host *h = m->h;
     if (m->cdt == M1C_BF16 && !b->params_lp) return h->error(h, "topk: compute dtype BF16 needs params_lp");
     const m1c_tensor *P = m->cdt == M1C_BF16 ? b->params_lp : b->params;
@@ -243,7 +244,7 @@ static int cuda_args(const topk *m, const m1c_layer_bufs *b, int N, int backward
     a->dgu = b->scratch[S_DGU].data, a->drow = b->scratch[S_DY].data, a->dlog = b->scratch[S_DLOG].data;
     a->dw = b->scratch[S_DW].data, a->xr = b->scratch[S_XR].data, a->dact = b->scratch[S_DACT].data;
     a->dy_lp = m->cdt == M1C_BF16 ? b->scratch[S_DY_LP].data : NULL;
-    a->h_off = m->h_off, a->h_cnt = m->h_cnt;
+    a->h_off = m->h_off, a->h_cnt = m->h_cnt, a->h_src = &m->h_src;
     return M1C_OK;
 }
 #endif

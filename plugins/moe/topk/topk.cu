@@ -18,16 +18,20 @@
  *   - the GEMM operands: the gathered rows xs, the weights (params_lp), the SwiGLU activation act, the
  *     d rows dy_lp, d gate/up dgu;
  *   - the GEMM outputs that only an elementwise kernel reads: gate/up GU (the SwiGLU), the expert
- *     outputs Y (down, act Wd^T: read by combine and by the router backward's d weights dout . Y) and
- *     d act (dY Wd: read by the SwiGLU backward). Why Y and d act: cuBLAS runs these two products with
- *     f32 outputs well below the speed of the same shapes with bf16 outputs (H200, N*k 32768, H 768,
- *     F 1024: down 360 and d act 330 against 440-570 TFLOP/s), and the kernels that read them are bound
- *     by DRAM, which now moves half the bytes. The price is one bf16 rounding (relative 2^-8 at most)
- *     of each Y and d act element, after the roundings of the operands that made it.
+ *     outputs Y (down, act Wd^T: read by combine and by the router backward's d weights dout . Y),
+ *     d act (dY Wd: read by the SwiGLU backward) and the d x rows (dGU Wgu: read by the un-permute,
+ *     which adds each token's k rows into din). Why: cuBLAS runs these products with f32 outputs well
+ *     below the speed of the same shapes with bf16 outputs (H200, N*k 32768, H 768, F 1024: down 360
+ *     and d act 330 against 440-570 TFLOP/s), and the kernels that read them are bound by DRAM, which
+ *     now moves half the bytes. The price is one bf16 rounding (relative 2^-8 at most) of each Y, d act
+ *     and d x row element, after the roundings of the operands that made it; the d x rows are rounded
+ *     before the un-permute sums a token's k expert rows (in f32, slot order), so each term of din's
+ *     sum carries it. The d x rows go into dy_lp, the bf16 d rows, dead once dWd and d act read them.
  * f32 stay: the layer's input and output, the router (logits, softmax, top-k, its products, d weights
- * and d logits), the aux loss, drow (the d x rows: din adds them per token; BF16 writes no f32 copy of
- * the d rows there, only dy_lp), and the weight gradients (accumulated into f32 with beta = 1). The
- * grouped kernel writes the same dtypes as cuBLAS (its f32 accumulators rounded to nearest even).
+ * and d logits), the aux loss, the sums into din, and the weight gradients (accumulated into f32 with
+ * beta = 1). drow (f32, N*k*H) holds the d rows and then the d x rows in F32 only; in BF16 it is just
+ * scratch for the forward's aux partial sums and the backward's dWr chunk partials. The grouped kernel
+ * writes the same dtypes as cuBLAS (its f32 accumulators rounded to nearest even).
  *
  * Expert GEMMs, chosen by the setting expert_gemm (topk.c):
  *   "cublas" (default; F32 always): one h->gemm_ex call per expert with rows. The expert offsets are
@@ -453,8 +457,8 @@ __global__ void combine_kernel(float *out, const TY *Y, const float *w, const in
 }
 
 /* Backward, one warp per token (warp shuffles, no block barriers): the weighted output gradient of each
- * kept row, w * dout, the operand of the d expert GEMMs: into dy_lp (T) where set (BF16: an f32 copy in
- * drow would be overwritten unread by the d x rows), else into drow (F32); d weights (dout . y with y
+ * kept row, w * dout, the operand of the d expert GEMMs: into dy_lp (T) where set (BF16: the GEMMs read
+ * only the bf16 rows, so no f32 copy is written), else into drow (F32); d weights (dout . y with y
  * in T, the products summed in double), then d probs (renormalisation and aux loss) and d logits through
  * the softmax, into dlog (the token's row doubles as the d probs workspace). */
 enum { RB_WARPS = 4 };
@@ -510,12 +514,12 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
 
 /* din[n] += (the d x rows of the token's kept slots, in slot order) + (dlog[n] Wr, in expert order,
  * times the noise when the forward was jittered): the un-permute and the router's input gradient in one
- * pass over din. A block takes UR_TOK tokens at a time, their dlog rows in shared memory ([UR_TOK][E],
- * dynamic), so that one load of Wr serves UR_TOK tokens; threads V columns each, blockIdx.y the column
- * blocks. */
+ * pass over din. The d x rows dx are TD (f32, or bf16 in BF16), widened and summed in f32. A block
+ * takes UR_TOK tokens at a time, their dlog rows in shared memory ([UR_TOK][E], dynamic), so that one
+ * load of Wr serves UR_TOK tokens; threads V columns each, blockIdx.y the column blocks. */
 enum { UR_TOK = 4 };
-template <int V>
-__global__ void unpermute_router_kernel(float *din, const float *drow, const int32_t *pos, const float *dlog,
+template <typename TD, int V>
+__global__ void unpermute_router_kernel(float *din, const TD *dx, const int32_t *pos, const float *dlog,
                                         const float *Wr, const float *noise, const float *st, int N, int H, int E,
                                         int k) {
     extern __shared__ float ur_dl[]; /* [UR_TOK][E] */
@@ -552,7 +556,7 @@ __global__ void unpermute_router_kernel(float *din, const float *drow, const int
                 const int32_t r = pos[n * k + j];
                 if (r < 0) continue;
                 float d[V];
-                moe_ldv<V>(d, drow + (int64_t)r * H + c);
+                moe_ldv<V>(d, dx + (int64_t)r * H + c);
                 #pragma unroll
                 for (int v = 0; v < V; v++) o[v] += d[v];
             }
@@ -1028,9 +1032,9 @@ static int router_logits(const topk_cuda_args *a, cudaStream_t s, float *logits,
 }
 
 /* dWr (E, H) += dlog^T xr, xr the router input (in, times the noise when the forward was jittered).
- * Chunks of DW_CHUNK tokens give their partial sums in drow (free once the un-permute has read it; N*k*H
- * floats hold N*k/E chunks, so the chunks grow where E > DW_CHUNK * k), which router_dw_sum_kernel adds
- * in order; a single chunk adds to dWr directly. */
+ * Chunks of DW_CHUNK tokens give their partial sums in drow (F32: free once the un-permute has read the
+ * d x rows there; BF16 keeps those in dy_lp; N*k*H floats hold N*k/E chunks, so the chunks grow where
+ * E > DW_CHUNK * k), which router_dw_sum_kernel adds in order; a single chunk adds to dWr directly. */
 static int router_dwr(const topk_cuda_args *a, cudaStream_t s, const float *in) {
     const m1c_host *h = a->h;
     const int N = a->N, H = a->H, E = a->E;
@@ -1107,9 +1111,12 @@ static int router_bwd(const topk_cuda_args *a, cudaStream_t s, T *dy_lp, const f
     return M1C_OK;
 }
 
-static int unpermute_router(const topk_cuda_args *a, cudaStream_t s, float *din) {
+/* dx: the d x rows (N*k, H) in T. 4 columns per step: 16-byte f32 accesses; dx's loads are 16 bytes
+ * (f32) or 8 (bf16). */
+template <typename T>
+static int unpermute_router(const topk_cuda_args *a, cudaStream_t s, float *din, const T *dx) {
     const int H = a->H;
-    const bool vec = H % 4 == 0 && moe_al16(din) && moe_al16(a->drow) && moe_al16(a->Wr) &&
+    const bool vec = H % 4 == 0 && moe_al16(din) && (uintptr_t)dx % (4 * sizeof(T)) == 0 && moe_al16(a->Wr) &&
                      (!a->noise || moe_al16(a->noise));
     const int V = vec ? 4 : 1;
     const unsigned threads = row_threads(H, V), nv = (unsigned)((H + V - 1) / V);
@@ -1117,10 +1124,10 @@ static int unpermute_router(const topk_cuda_args *a, cudaStream_t s, float *din)
     const dim3 grid((unsigned)(tiles < 32768 ? tiles : 32768), (nv + threads - 1) / threads);
     const size_t smem = (size_t)UR_TOK * a->E * sizeof(float);
     if (vec)
-        unpermute_router_kernel<4><<<grid, threads, smem, s>>>(din, a->drow, a->pos, a->dlog, a->Wr, a->noise, a->st,
+        unpermute_router_kernel<T, 4><<<grid, threads, smem, s>>>(din, dx, a->pos, a->dlog, a->Wr, a->noise, a->st,
                                                                a->N, H, a->E, a->k);
     else
-        unpermute_router_kernel<1><<<grid, threads, smem, s>>>(din, a->drow, a->pos, a->dlog, a->Wr, a->noise, a->st,
+        unpermute_router_kernel<T, 1><<<grid, threads, smem, s>>>(din, dx, a->pos, a->dlog, a->Wr, a->noise, a->st,
                                                                a->N, H, a->E, a->k);
     MOE_LAUNCH_CHECK(a->h, "unpermute_router_kernel");
     return M1C_OK;
@@ -1174,10 +1181,14 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     prof_mark(pf, "rank");
     /* Per-expert calls: the offsets on the host, copied as soon as they exist (the host waits here; the
      * aux loss and the gather are queued after, so the GPU has work while the GEMMs are launched). */
-    if (!grouped) {
+    *a->h_src = NULL;
+    if (!grouped) { /* the counts too, so that this run's backward need not wait for them again */
         MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t),
                                           cudaMemcpyDeviceToHost, s));
+        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t),
+                                          cudaMemcpyDeviceToHost, s));
         MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
+        *a->h_src = a->off;
         prof_mark(pf, "offsets_to_host");
     }
     /* Aux loss: per-block partial sums in drow (backward scratch, N*k*H floats), 8-byte aligned, where
@@ -1224,18 +1235,21 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     const bool grouped = use_grouped(a);
     int64_t rows = (int64_t)N * k;
     if (!grouped) { /* per-expert calls: the offsets on the host, and the checks they allow */
-        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t),
-                                          cudaMemcpyDeviceToHost, s));
-        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t),
-                                          cudaMemcpyDeviceToHost, s));
-        float jit_f = 0.0f;
-        MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
-        MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
-        prof_mark(pf, "counts_to_host");
+        if (*a->h_src != a->off) { /* not copied by this run's forward (or another run's since): copy now */
+            MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t),
+                                              cudaMemcpyDeviceToHost, s));
+            MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t),
+                                              cudaMemcpyDeviceToHost, s));
+            float jit_f = 0.0f;
+            MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
+            MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
+            *a->h_src = a->off;
+            prof_mark(pf, "counts_to_host");
+            if (jit_f != 0.0f && !a->noise)
+                return h->error(h, "topk: backward after a jittered forward without the jitter buffer");
+        }
         if (a->h_cnt[C_ASSIGN] != (int64_t)N * k)
             return h->error(h, "topk: backward for %d tokens after a forward of %d", N, (int)(a->h_cnt[C_ASSIGN] / k));
-        if (jit_f != 0.0f && !a->noise)
-            return h->error(h, "topk: backward after a jittered forward without the jitter buffer");
         rows = a->h_off[E];
     }
     T *dy_lp = (T *)a->dy_lp;
@@ -1243,8 +1257,10 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     const T *xs = (const T *)a->xs, *GU = (const T *)a->gu, *act = (const T *)a->act;
     const T *Wgu = (const T *)a->Wgu, *Wd = (const T *)a->Wd;
     T *dgu = (T *)a->dgu, *dact = (T *)a->dact; /* d act in T (bf16 in BF16: see the header) */
-    /* The d rows as GEMM operand: drow itself in F32, its bf16 copy in BF16. */
-    const T *dy = dy_lp ? dy_lp : (const T *)(const void *)a->drow;
+    /* The d rows as GEMM operand, and later the d x rows in the same buffer (the d rows are dead once
+     * dWd and d act, earlier on the stream, have read them): drow itself in F32, dy_lp in BF16. */
+    T *dx = dy_lp ? dy_lp : (T *)(void *)a->drow;
+    const T *dy = dx;
 
     CALL(router_bwd<T>(a, s, dy_lp, dout));
     prof_mark(pf, "router_bwd");
@@ -1257,16 +1273,16 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
                                                                                           F);
     MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_dev_kernel");
     prof_mark(pf, "swiglu_bwd");
-    /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e (into drow: its dY is no longer needed). */
+    /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e in T (into dx: its dY is no longer needed). */
     CALL(expert_gemm<GG_TN>(a, grouped, a->dWgu, H, (int64_t)2 * F * H, (const T *)dgu, 2 * F, xs, H, 0, 2 * F, H, 0,
                             1.0f));
     prof_mark(pf, "gemm_dWgu");
-    CALL(expert_gemm<GG_NN>(a, grouped, a->drow, H, 0, (const T *)dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, 0, H, 2 * F,
+    CALL(expert_gemm<GG_NN>(a, grouped, dx, H, 0, (const T *)dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, 0, H, 2 * F,
                             0.0f));
     prof_mark(pf, "gemm_drows");
     /* din += the token's d x rows + (dlogits Wr) (times the noise with jitter); then dWr, whose partial
-     * sums take drow. */
-    CALL(unpermute_router(a, s, din));
+     * sums take drow (in F32 the d x rows there are read by then). */
+    CALL(unpermute_router<T>(a, s, din, dx));
     prof_mark(pf, "unpermute_router");
     CALL(router_dwr(a, s, in));
     prof_mark(pf, "router_dWr");
@@ -1280,11 +1296,10 @@ template <int MODE, typename TC> static cudaError_t gg_allow_smem() {
 
 extern "C" int topk_cuda_setup_grouped(const m1c_host *h) {
     typedef __nv_bfloat16 bf;
-    /* The instantiations grouped_gemm launches: NT bf16 (gate/up, down), NN bf16 (d act), NN f32 (d x rows),
-     * TN f32 (weight gradients). */
+    /* The instantiations grouped_gemm launches: NT bf16 (gate/up, down), NN bf16 (d act, d x rows), TN f32
+     * (weight gradients). */
     cudaError_t e = gg_allow_smem<GG_NT, bf>();
     if (e == cudaSuccess) e = gg_allow_smem<GG_NN, bf>();
-    if (e == cudaSuccess) e = gg_allow_smem<GG_NN, float>();
     if (e == cudaSuccess) e = gg_allow_smem<GG_TN, float>();
     if (e != cudaSuccess) return h->error(h, "topk: cudaFuncSetAttribute (grouped GEMM): %s", cudaGetErrorString(e));
     return M1C_OK;
