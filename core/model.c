@@ -190,8 +190,15 @@ static int plan_slot(m1c_run *r, m1c_inst *s, m1c_inst_bufs *sb, int l, size_t *
     if (!a) return M1C_ERR;
     sb->acts = m1c_xcalloc((size_t)sb->na + 1, sizeof *sb->acts);
     for (int i = 0; i < sb->na; i++) {
+        m1c_tensor *t = &sb->acts[i];
+        if (!r->training && a[i].backward_only) { /* an inference run never calls backward: no memory */
+            t->dtype = a[i].dtype, t->device = r->acts.device, t->ndim = a[i].ndim, t->data = NULL;
+            memcpy(t->shape, a[i].shape, sizeof t->shape);
+            t->reserved0 = -1;
+            continue;
+        }
         char *name = m1c_xasprintf("layers.%d.%s.%s", l, s->plugin->desc->name, a[i].name);
-        sb->acts[i].reserved0 = m1c_arena_add(&r->acts, name, a[i].dtype, a[i].ndim, a[i].shape);
+        t->reserved0 = m1c_arena_add(&r->acts, name, a[i].dtype, a[i].ndim, a[i].shape);
         free(name);
     }
     free(a);
@@ -213,10 +220,8 @@ static int plan_slot(m1c_run *r, m1c_inst *s, m1c_inst_bufs *sb, int l, size_t *
 }
 
 static void bind_slot(m1c_run *r, m1c_model *m, m1c_inst *s, m1c_inst_bufs *sb) {
-    for (int i = 0; i < sb->na; i++) {
-        m1c_tensor *t = &r->acts.t[sb->acts[i].reserved0];
-        sb->acts[i] = *t;
-    }
+    for (int i = 0; i < sb->na; i++)
+        if (sb->acts[i].reserved0 >= 0) sb->acts[i] = r->acts.t[sb->acts[i].reserved0];
     for (int i = 0; i < sb->ns; i++) sb->scratch[i].data = (char *)r->scratch + (size_t)sb->scratch[i].data;
     sb->bufs.params = &m->params.t[s->p0];
     sb->bufs.grads = m->grads.base ? &m->grads.t[s->p0] : NULL;
@@ -229,9 +234,16 @@ static void bind_slot(m1c_run *r, m1c_model *m, m1c_inst *s, m1c_inst_bufs *sb) 
 
 static float *act(m1c_run *r, int idx) { return r->acts.t[idx].data; }
 
+int m1c_run_set_training(m1c_run *r, m1c_model *m, int training) {
+    if (training && !r->for_training) return M1C_ERR;
+    r->training = training;
+    for (int l = 0; l < m->L; l++) r->attn[l].bufs.training = r->ffn[l].bufs.training = training;
+    return M1C_OK;
+}
+
 int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *e) {
     memset(r, 0, sizeof *r);
-    r->B = B, r->T = T, r->training = training;
+    r->B = B, r->T = T, r->training = training, r->for_training = training != 0;
     m1c_arena_init(&r->acts, m->device);
     int64_t N = (int64_t)B * T, H = m->H, V = m->V, L = m->L;
     int64_t nh[] = {N, H}, n1[] = {N}, nv[] = {N, V};

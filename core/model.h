@@ -68,6 +68,7 @@ typedef struct m1c_inst_bufs {
 /* Everything a forward/backward of shape (B, T) needs. */
 typedef struct m1c_run {
     int B, T, training;
+    int for_training;    /* made with training = 1: every activation allocated (m1c_run_set_training) */
     uint64_t noise_seed; /* set per step by the trainer */
     m1c_arena acts;      /* core and plugin activations */
     void *scratch;       /* one buffer shared by all instances' scratch */
@@ -98,6 +99,9 @@ void m1c_model_free(m1c_model *m);
 int64_t m1c_model_param_count(const m1c_model *m);
 
 int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *e);
+/* Switch a run between training and evaluation (the plugins see bufs.training). A run made with training
+ * = 0 lacks the activations plugins declare backward_only, so it cannot switch to training: M1C_ERR. */
+int m1c_run_set_training(m1c_run *r, m1c_model *m, int training);
 void m1c_run_free(m1c_run *r, m1c_model *m);
 
 /* tokens (host): B*(T+1) ids per row as data plugins give them (T inputs, then the target of the

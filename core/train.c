@@ -34,11 +34,6 @@ static uint64_t mix64(uint64_t a, uint64_t b) {
     return z ^ (z >> 31);
 }
 
-static void set_training(m1c_model *m, m1c_run *r, int training) {
-    r->training = training;
-    for (int l = 0; l < m->L; l++) r->attn[l].bufs.training = r->ffn[l].bufs.training = training;
-}
-
 /* Everything a stage holds while it runs. */
 typedef struct stage_ctx {
     const m1c_stage_spec *st;
@@ -99,7 +94,7 @@ static int next_batch(stage_ctx *c, int split, m1c_err *e) {
 
 /* Mean negative log-likelihood over the masked tokens of `batches` validation batches. */
 static int evaluate(stage_ctx *c, m1c_model *m, int batches, double *val_loss, m1c_err *e) {
-    set_training(m, &c->run, 0);
+    m1c_run_set_training(&c->run, m, 0);
     double nll = 0, count = 0;
     int64_t N = (int64_t)c->st->batch * c->st->seq_len;
     int rc = M1C_OK;
@@ -107,7 +102,7 @@ static int evaluate(stage_ctx *c, m1c_model *m, int batches, double *val_loss, m
         if ((rc = next_batch(c, M1C_SPLIT_VALID, e)) || (rc = m1c_model_forward(m, &c->run, c->tokens, e))) break;
         for (int64_t j = 0; j < N; j++) nll -= (double)c->mask[j] * c->run.logp_host[j], count += c->mask[j];
     }
-    set_training(m, &c->run, 1);
+    (void)m1c_run_set_training(&c->run, m, 1); /* made for training: cannot fail */
     *val_loss = count > 0 ? nll / count : NAN;
     return rc;
 }

@@ -340,18 +340,25 @@ static double decode_vs_forward(m1c_model *m, const float *full, const int32_t *
     return worst;
 }
 
-Test(model, decoding_matches_forward, .timeout = 60) {
+/* hybrid_moe with another stack: lightning blocks of 4, sequences of T. */
+static cfg_opts hybrid_stack(int layers, const char *pattern, int T) {
     cfg_opts o = hybrid_moe;
-    o.layers = 3;
-    o.pattern = "\"lin\", \"soft\", \"lin\"";
-    o.block_size = 4; /* T = 11: blocks of 4, 4, 3 */
-    o.T = 11;
-    o.threads = 2;
+    o.layers = layers, o.pattern = pattern, o.block_size = 4, o.T = T, o.threads = 2;
+    return o;
+}
+
+/* open_model, then O(1) weights (scramble). */
+static m1c_model *open_scrambled(m1c_session *s, const cfg_opts *o, uint64_t seed, uint64_t scramble_seed) {
+    open_model(s, o, seed);
+    scramble(&s->model, scramble_seed);
+    return &s->model;
+}
+
+Test(model, decoding_matches_forward, .timeout = 60) {
+    const cfg_opts o = hybrid_stack(3, "\"lin\", \"soft\", \"lin\"", 11); /* T = 11: blocks of 4, 4, 3 */
     const int B = 2, T = 11;
     m1c_session s;
-    open_model(&s, &o, 3);
-    m1c_model *m = &s.model;
-    scramble(m, 5);
+    m1c_model *m = open_scrambled(&s, &o, 3, 5);
     m1c_run r;
     m1c_err e = {{0}};
     cr_assert_eq(m1c_run_init(&r, m, B, T, 0, &e), M1C_OK, "%s", e.msg);
@@ -372,6 +379,46 @@ Test(model, decoding_matches_forward, .timeout = 60) {
     }
     free(full), free(tok);
     m1c_run_free(&r, m);
+    m1c_session_close(&s);
+}
+
+/* A run made for inference leaves the activations a plugin declares backward_only unallocated (the
+ * lightning layers': their forward works in scratch when not training), and the forward gives the same
+ * logits as in a training run; the softmax and MoE activations stay. */
+Test(model, inference_run_skips_backward_only_activations, .timeout = 60) {
+    const cfg_opts o = hybrid_stack(2, "\"lin\", \"soft\"", 9);
+    const int B = 2, T = 9;
+    m1c_session s;
+    m1c_model *m = open_scrambled(&s, &o, 4, 6);
+    m1c_run tr, inf;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_run_init(&tr, m, B, T, 1, &e), M1C_OK, "%s", e.msg);
+    cr_assert_eq(m1c_run_init(&inf, m, B, T, 0, &e), M1C_OK, "%s", e.msg);
+    size_t lin_bytes = 0;
+    for (int i = 0; i < tr.attn[0].na; i++) {
+        const m1c_tensor *t = &tr.attn[0].bufs.acts[i], *u = &inf.attn[0].bufs.acts[i];
+        cr_assert_not_null(t->data, "a training run allocates every activation");
+        cr_assert_null(u->data, "lightning activation %d allocated in an inference run", i);
+        cr_assert_eq(m1c_tensor_numel(u), m1c_tensor_numel(t), "its shape is still declared");
+        lin_bytes += (size_t)m1c_tensor_numel(t) * m1c_dtype_size(t->dtype);
+    }
+    for (int i = 0; i < inf.attn[1].na; i++) cr_assert_not_null(inf.attn[1].bufs.acts[i].data, "softmax keeps its own");
+    for (int i = 0; i < inf.ffn[0].na; i++) cr_assert_not_null(inf.ffn[0].bufs.acts[i].data, "the MoE keeps its own");
+    cr_assert_gt(lin_bytes, 0);
+    cr_assert_leq(inf.acts.bytes + lin_bytes, tr.acts.bytes, "the inference run is not smaller by the lightning "
+                                                             "activations: %zu + %zu > %zu",
+                  (size_t)inf.acts.bytes, lin_bytes, (size_t)tr.acts.bytes);
+    cr_assert_eq(m1c_run_set_training(&inf, m, 1), M1C_ERR, "an inference run cannot switch to training");
+    int32_t *tok = rand_tokens(B, T, 10);
+    cr_assert_eq(m1c_run_set_training(&tr, m, 0), M1C_OK);
+    forward(m, &tr, tok);
+    forward(m, &inf, tok);
+    const int64_t n = (int64_t)B * T * VOCAB;
+    /* the same kernels on the same values, in scratch instead of kept buffers: the same bits */
+    cr_assert(memcmp(tr.logits, inf.logits, (size_t)n * sizeof(float)) == 0, "logits differ");
+    free(tok);
+    m1c_run_free(&tr, m);
+    m1c_run_free(&inf, m);
     m1c_session_close(&s);
 }
 

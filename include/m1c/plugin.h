@@ -81,7 +81,10 @@ typedef struct m1c_buf_spec {
     int32_t init;      /* parameters only: m1c_init */
     int32_t no_decay;  /* parameters only: 1 = exclude from weight decay (norm gains, biases) */
     float std;         /* parameters only: see m1c_init */
-    float reserved[3];
+    int32_t backward_only; /* activations only: 1 = read by backward alone, never by a forward with
+                            * training = 0; a run made for inference then leaves it unallocated (its
+                            * tensor's data NULL), which the forward must not touch. 0 (default): always. */
+    float reserved[2]; /* zero */
 } m1c_buf_spec;
 
 /* Opaque handles owned by the core. */
@@ -196,7 +199,8 @@ typedef struct m1c_layer_info {
 typedef struct m1c_layer_bufs {
     const m1c_tensor *params;
     m1c_tensor *grads; /* same order as params; NULL outside training */
-    m1c_tensor *acts;  /* kept from forward to backward, declared for (B, T) */
+    m1c_tensor *acts;  /* kept from forward to backward, declared for (B, T); in a run made for inference,
+                        * those declared backward_only have data NULL */
     m1c_tensor *scratch; /* valid during one call only, shared between layers */
     int32_t training;    /* 1: keep what backward needs, apply train-time noise */
     float aux_scale;     /* weight of the plugin's own loss terms (the MoE auxiliary loss) in the
@@ -376,7 +380,8 @@ static inline m1c_buf_spec m1c_make_spec(const char *name, int dtype, int ndim, 
     s.init = M1C_INIT_NORMAL;
     s.no_decay = 0;
     s.std = 0.02f;
-    s.reserved[0] = s.reserved[1] = s.reserved[2] = 0.0f;
+    s.backward_only = 0;
+    s.reserved[0] = s.reserved[1] = 0.0f;
     return s;
 }
 

@@ -306,6 +306,9 @@ static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max
         s[A_QKVH].dtype = s[A_XLP].dtype = s[A_Y].dtype = M1C_BF16;
     }
     if (L->bf16) s[A_QKV].dtype = s[A_GATE].dtype = s[A_O].dtype = M1C_BF16; /* rstd and states stay f32 */
+    /* Every one is for backward: a forward with training = 0 works in scratch (both devices), so runs made
+     * for inference (decoding, prefill) do not allocate them. */
+    for (int i = 0; i < N_ACTS; i++) s[i].backward_only = 1;
     return put_specs(L, s, N_ACTS, specs, max);
 }
 
