@@ -22,7 +22,7 @@
  * the expert outputs, GEMM operands and the d SwiGLU output in the compute dtype: topk.cu's header says
  * which are bf16 in BF16 and why) and hands it the pointers. The setting expert_gemm picks how CUDA
  * runs the BF16 expert GEMMs: "cublas" (default: one cuBLAS call per expert, which needs the expert
- * offsets on the host, one device -> host copy and wait per forward and per backward) or "grouped" (one
+ * offsets on the host: one device -> host copy and wait per forward, reused by its backward) or "grouped" (one
  * tensor-core kernel per product reading the offsets on the device: no host synchronisation, but slower
  * GEMMs than cuBLAS on large experts). F32 always uses the per-expert calls; the CPU ignores the
  * setting. */

@@ -34,8 +34,9 @@
  * writes the same dtypes as cuBLAS (its f32 accumulators rounded to nearest even).
  *
  * Expert GEMMs, chosen by the setting expert_gemm (topk.c):
- *   "cublas" (default; F32 always): one h->gemm_ex call per expert with rows. The expert offsets are
- *     copied to the host once per forward and once per backward: the host waits for the GPU there.
+ *   "cublas" (default; F32 always): one h->gemm_ex call per expert with rows. The expert offsets and
+ *     counts are copied to the host once per forward, where the host waits for the GPU; the backward of
+ *     the same run reuses that copy (another run's forward in between makes it copy again).
  *   "grouped" (BF16 only): one tensor-core kernel per product for all experts (grouped_gemm_kernel),
  *     reading the offsets on the device: forward and backward never wait for the host, but the kernel
  *     reaches about half of cuBLAS's throughput on large experts.
