@@ -1,7 +1,14 @@
 /* lightning on CUDA: the same layer as lightning.c (MODEL.md "Lightning attention") with every buffer on
- * the GPU, in the chunked form: per-block products as strided-batched cuBLAS GEMMs over every
- * (sequence, head, block) at once (bf16 tensor cores with f32 accumulation for compute dtype BF16, plain
- * FP32 for F32), a prefix scan over blocks for the f32 KV state, fused element-wise kernels between. */
+ * the GPU. Two paths (setting `kernel`):
+ *   fused (BF16 at head_dim 64 and 128, the default there): the attention is lightning_core.cuh's fused
+ *     kernels (forward O = core(Q, K, V); backward dQ, dK, dV as three more passes, written in bf16 for
+ *     SiLU's backward); training keeps SiLU(q, k, v) head-major, O, the bf16 input and the gated output
+ *     for backward, and the norm's weight gradient is summed in its backward kernel (fixed order);
+ *   blocked (F32, other head sizes, or asked for): the chunked form, per-block products as
+ *     strided-batched cuBLAS GEMMs over every (sequence, head, block) at once (bf16 tensor cores with f32
+ *     accumulation for BF16, plain FP32 for F32), a prefix scan over blocks for the f32 KV state, fused
+ *     element-wise kernels between.
+ * A forward with training = 0 works in scratch on either path: every activation is backward_only. */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
