@@ -1,6 +1,6 @@
 /* What the CUDA kernel benchmarks (bench_lightning.cu, bench_softmax.cu) share: a CUDA-call check that exits
- * with the program's name, normal random inputs from a counter hash, comma-separated length lists and
- * the comparison for medians. The includer defines BENCH_NAME first. */
+ * with the program's name, normal random inputs from a counter hash, comma-separated length lists, and
+ * the median time of a piece of GPU work. The includer defines BENCH_NAME first. */
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,4 +43,29 @@ static int parse_list(const char *s, int *out, int max) {
 static int cmp_float(const void *a, const void *b) {
     const float x = *(const float *)a, y = *(const float *)b;
     return (x > y) - (x < y);
+}
+
+/* Median over iters of the GPU time (ms, events on the default stream) of run(), after two warm-up runs. */
+template <typename F> static float bench_median_ms(int iters, F run) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    float *ms = (float *)malloc(sizeof(float) * (size_t)(iters > 0 ? iters : 1));
+    if (!ms) {
+        fprintf(stderr, "%s: out of memory\n", BENCH_NAME);
+        exit(1);
+    }
+    for (int it = -2; it < iters; it++) {
+        CK(cudaEventRecord(e0));
+        run();
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        if (it >= 0) CK(cudaEventElapsedTime(&ms[it], e0, e1));
+    }
+    qsort(ms, (size_t)iters, sizeof(float), cmp_float);
+    const float med = ms[iters / 2];
+    free(ms);
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    return med;
 }

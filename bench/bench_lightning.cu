@@ -43,12 +43,7 @@ static float time_core(const bufs *b, int BH, int nh, int T, int hd, int slots, 
     memset(&p, 0, sizeof p);
     p.out_f32 = 1, p.sbh = (int64_t)T * hd, p.BH = BH, p.nh = nh, p.T = T, p.hd = hd, p.slope = b->slope;
     p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = slots;
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    float *ms = (float *)malloc(sizeof(float) * (size_t)(iters + 2));
-    for (int it = -2; it < iters; it++) { /* two warm-up runs */
-        CK(cudaEventRecord(e0));
+    return bench_median_ms(iters, [&] {
         p.x = b->q, p.y = b->k, p.z = b->v, p.out = b->o, p.out_f32 = 0, p.reverse = 0;
         CK(lc_run(&p, 0));
         p.out_f32 = 1;
@@ -60,16 +55,7 @@ static float time_core(const bufs *b, int BH, int nh, int T, int hd, int slots, 
             p.x = b->k, p.y = b->q, p.z = b->dO, p.out = b->dv, p.reverse = 1;
             CK(lc_run(&p, 0));
         }
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        if (it >= 0) CK(cudaEventElapsedTime(&ms[it], e0, e1));
-    }
-    qsort(ms, (size_t)iters, sizeof(float), cmp_float);
-    const float med = ms[iters / 2];
-    free(ms);
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
-    return med;
+    });
 }
 
 /* The passes of one segmented forward, timed one by one (ms, median): state-only, scan, output. */

@@ -67,28 +67,10 @@ static void bwd(const bufs *b, const shape *p) {
 
 /* Median over iters of the time (ms) of the forward (with_bwd = 0) or forward + backward (with_bwd = 1). */
 static float time_attention(const bufs *b, const shape *p, int with_bwd, int iters) {
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    float *ms = (float *)malloc(sizeof(float) * (size_t)iters);
-    if (!ms) {
-        fprintf(stderr, "m1c_bench_softmax: out of memory\n");
-        exit(1);
-    }
-    for (int it = -2; it < iters; it++) { /* two warm-up runs */
-        CK(cudaEventRecord(e0));
+    return bench_median_ms(iters, [&] {
         fwd(b, p);
         if (with_bwd) bwd(b, p);
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        if (it >= 0) CK(cudaEventElapsedTime(&ms[it], e0, e1));
-    }
-    qsort(ms, (size_t)iters, sizeof(float), cmp_float);
-    const float med = ms[iters / 2];
-    free(ms);
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
-    return med;
+    });
 }
 
 /* The backward's kernels one by one (ms, median over iters; head_dim 128): D and bf16 dO, dk dv, dq. */
