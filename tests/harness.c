@@ -48,6 +48,20 @@ m1c_settings *th_settings(const char *body, m1c_config **cfg) {
     return m1c_config_root(*cfg);
 }
 
+int th_try_create(const char *plugin, int kind, const char *body, const m1c_layer_info *info, m1c_plugin **pp) {
+    m1c_plugin *p = th_plugin(plugin, kind);
+    const m1c_layer_ops *ops = kind == M1C_KIND_ATTENTION ? &M1C_ATTENTION(p)->ops : &M1C_MOE(p)->ops;
+    m1c_config *cfg = NULL;
+    m1c_settings *s = th_settings(body, &cfg);
+    void *self = NULL;
+    p->error[0] = '\0';
+    const int rc = ops->create(&p->host, s, info, &self);
+    if (rc == M1C_OK) ops->destroy(self);
+    m1c_config_free(cfg);
+    if (pp) *pp = p;
+    return rc;
+}
+
 /* Zeroed buffers for specs on dev (dtype: the spec's, or `force` when >= 0). */
 static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, int force) {
     m1c_tensor *t = calloc((size_t)(n ? n : 1), sizeof *t);

@@ -18,6 +18,10 @@ m1c_plugin *th_plugin(const char *name, int kind);
 /* Settings from libconfig text of one group's body, e.g. "heads = 2; head_dim = 8;". Free the
  * config with m1c_config_free(*cfg) when done. */
 m1c_settings *th_settings(const char *body, m1c_config **cfg);
+/* Create an instance of a layer plugin (kind M1C_KIND_ATTENTION or M1C_KIND_MOE) from settings text and
+ * info, and destroy it again: the create status, with the plugin (its error message in ->error) in *pp
+ * when pp is not NULL. */
+int th_try_create(const char *plugin, int kind, const char *body, const m1c_layer_info *info, m1c_plugin **pp);
 
 /* A layer plugin instance (attention or MoE) with every buffer it declares for (B, T):
  * params initialised from the plugin's specs with the given seed (M1C_INIT_NORMAL uses

@@ -535,17 +535,8 @@ Test(lightning, flops_per_token) {
 
 /* Create from settings text; the status, with the plugin's message left in p->error. */
 static int try_create(const char *body, m1c_plugin **pp) {
-    m1c_plugin *p = th_plugin("lightning", M1C_KIND_ATTENTION);
-    m1c_config *cfg = NULL;
-    m1c_settings *s = th_settings(body, &cfg);
-    m1c_layer_info info = {sizeof info, 0, 2, 16, M1C_DEVICE_CPU, 0, 1, {0}};
-    void *self = NULL;
-    p->error[0] = 0;
-    int rc = M1C_ATTENTION(p)->ops.create(&p->host, s, &info, &self);
-    if (rc == M1C_OK) M1C_ATTENTION(p)->ops.destroy(self);
-    m1c_config_free(cfg);
-    *pp = p;
-    return rc;
+    const m1c_layer_info info = {sizeof info, 0, 2, 16, M1C_DEVICE_CPU, 0, 1, {0}};
+    return th_try_create("lightning", M1C_KIND_ATTENTION, body, &info, pp);
 }
 
 Test(lightning, settings_validation) {

@@ -50,16 +50,8 @@ static double silu_d(double g) { return g / (1.0 + exp(-g)); }
 /* Try to create a plugin instance from settings text; returns the create status (the instance, if
  * any, is destroyed) and leaves the plugin's error message in p->error. */
 static int try_create(const char *plugin, const char *body, int hidden) {
-    m1c_plugin *p = th_plugin(plugin, M1C_KIND_MOE);
-    m1c_config *cfg = NULL;
-    m1c_settings *s = th_settings(body, &cfg);
-    m1c_layer_info info = {sizeof info, 0, 1, hidden, M1C_DEVICE_CPU, 0, 1, {0}};
-    void *self = NULL;
-    p->error[0] = 0;
-    int rc = M1C_MOE(p)->ops.create(&p->host, s, &info, &self);
-    if (rc == M1C_OK) M1C_MOE(p)->ops.destroy(self);
-    m1c_config_free(cfg);
-    return rc;
+    const m1c_layer_info info = {sizeof info, 0, 1, hidden, M1C_DEVICE_CPU, 0, 1, {0}};
+    return th_try_create(plugin, M1C_KIND_MOE, body, &info, NULL);
 }
 
 /* ---- naive double-precision reference of the topk forward -------------------------------------- */

@@ -103,16 +103,8 @@ static double tol_grad(int cdt) { return cdt == M1C_BF16 ? 5e-2 : 5e-5; }
 /* Create a topk instance from settings text on a device; returns the status (the instance, if any, is
  * destroyed) and leaves the plugin's error message in p->error. Needs no GPU: create touches none. */
 static int try_create(const char *body, int device) {
-    m1c_plugin *p = th_plugin("topk", M1C_KIND_MOE);
-    m1c_config *cfg = NULL;
-    m1c_settings *s = th_settings(body, &cfg);
-    m1c_layer_info info = {sizeof info, 0, 1, 16, device, device == M1C_DEVICE_CUDA ? M1C_BF16 : M1C_F32, 1, {0}};
-    void *self = NULL;
-    p->error[0] = 0;
-    int rc = M1C_MOE(p)->ops.create(&p->host, s, &info, &self);
-    if (rc == M1C_OK) M1C_MOE(p)->ops.destroy(self);
-    m1c_config_free(cfg);
-    return rc;
+    const m1c_layer_info info = {sizeof info, 0, 1, 16, device, device == M1C_DEVICE_CUDA ? M1C_BF16 : M1C_F32, 1, {0}};
+    return th_try_create("topk", M1C_KIND_MOE, body, &info, NULL);
 }
 
 /* expert_gemm takes "cublas" and "grouped" (the CPU reads and ignores it, so one config serves both

@@ -322,18 +322,8 @@ Test(softmax, declares_hf_parameters) {
 
 /* Create from a settings body; returns create's status, the message in p->error. */
 static int try_create(const char *body, int hidden, m1c_plugin **pp) {
-    m1c_plugin *p = th_plugin("softmax", M1C_KIND_ATTENTION);
-    const m1c_attention_vtable *vt = M1C_ATTENTION(p);
-    m1c_config *conf = NULL;
-    m1c_settings *s = th_settings(body, &conf);
-    m1c_layer_info info = {sizeof info, 0, 1, hidden, M1C_DEVICE_CPU, 0, 1, {0}};
-    void *self = NULL;
-    p->error[0] = '\0';
-    int rc = vt->ops.create(&p->host, s, &info, &self);
-    if (self) vt->ops.destroy(self);
-    m1c_config_free(conf);
-    *pp = p;
-    return rc;
+    const m1c_layer_info info = {sizeof info, 0, 1, hidden, M1C_DEVICE_CPU, 0, 1, {0}};
+    return th_try_create("softmax", M1C_KIND_ATTENTION, body, &info, pp);
 }
 
 static void expect_refusal(const char *body, const char *key) {
