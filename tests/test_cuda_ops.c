@@ -107,6 +107,13 @@ Test(cuda_ops, embed_forward_backward) {
         }
 }
 
+/* RMSNorm weights near 1 (1 + N(0, 0.2^2)), as a trained layer's. */
+static float *norm_weights(int C, uint64_t seed) {
+    float *w = th_randn(C, seed, 0.2f);
+    for (int c = 0; c < C; c++) w[c] += 1.0f;
+    return w;
+}
+
 /* ---- RMSNorm ---- */
 
 Test(cuda_ops, rmsnorm_forward_backward) {
@@ -119,8 +126,7 @@ Test(cuda_ops, rmsnorm_forward_backward) {
                 const int64_t N = Ns[a];
                 const int C = Cs[b];
                 const uint64_t s = 100 + (uint64_t)(a * NC + b) * 10;
-                float *in = th_randn(N * C, s, 1.0f), *w = th_randn(C, s + 1, 0.2f);
-                for (int c = 0; c < C; c++) w[c] += 1.0f;
+                float *in = th_randn(N * C, s, 1.0f), *w = norm_weights(C, s + 1);
                 float *out = th_zeros(N * C), *rstd = th_zeros(N);
                 float *d_in = up_at(in, N * C, shift), *d_w = up_at(w, C, shift), *d_out = up_at(out, N * C, shift);
                 float *d_rstd = up(rstd, N);
@@ -205,13 +211,6 @@ static const fused_case fused_cases[] = {{1, 33}, {37, 768}, {1003, 768}, {1003,
                                          {37, 1700}, {37, 1701}, {16411, 256}};
 #define NFC (int)(sizeof fused_cases / sizeof fused_cases[0])
 static const float FA = 1.7f, FB = 0.37f; /* DeepNorm-like, not powers of two: every product rounds */
-
-/* RMSNorm weights near 1 (1 + N(0, 0.2^2)), as a trained layer's. */
-static float *norm_weights(int C, uint64_t seed) {
-    float *w = th_randn(C, seed, 0.2f);
-    for (int c = 0; c < C; c++) w[c] += 1.0f;
-    return w;
-}
 
 static float *nans(int64_t n) {
     float *y = malloc((size_t)(n ? n : 1) * 4);
