@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "m1c/plugin.h"
+#include "../common/vec.cuh"
 
 /* Return M1C_ERR through h->error when a CUDA call fails (one line, naming the call). */
 #define MOE_CUDA_CHECK(h, call)                                                                             \
@@ -32,80 +33,8 @@ static __device__ __forceinline__ float moe_ld(const __nv_bfloat16 *p, int64_t i
 static __device__ __forceinline__ void moe_st(float *p, int64_t i, float v) { p[i] = v; }
 static __device__ __forceinline__ void moe_st(__nv_bfloat16 *p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
-/* Vector access: V consecutive elements at p as floats, in accesses of up to 16 bytes (f32: float4 when
- * V % 4 == 0; bf16: 16 bytes when V % 8 == 0, 8 when V % 4 == 0), element by element for other V. The
- * caller guarantees the alignment of the wide accesses. bf16 is the upper half of an f32, so a load is a
- * shift; stores round to nearest even exactly as moe_st does. */
-static __device__ __forceinline__ uint32_t moe_bf16x2(float lo, float hi) {
-    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
-}
-static __device__ __forceinline__ void moe_unbf16x2(float *v, uint32_t w) {
-    v[0] = __uint_as_float(w << 16);
-    v[1] = __uint_as_float(w & 0xffff0000u);
-}
-template <int V>
-static __device__ __forceinline__ void moe_ldv(float *v, const float *p) {
-    if constexpr (V % 4 == 0) {
-        #pragma unroll
-        for (int q = 0; q < V / 4; q++) {
-            const float4 t = reinterpret_cast<const float4 *>(p)[q];
-            v[4 * q] = t.x, v[4 * q + 1] = t.y, v[4 * q + 2] = t.z, v[4 * q + 3] = t.w;
-        }
-    } else {
-        #pragma unroll
-        for (int t = 0; t < V; t++) v[t] = p[t];
-    }
-}
-template <int V>
-static __device__ __forceinline__ void moe_ldv(float *v, const __nv_bfloat16 *p) {
-    if constexpr (V % 8 == 0) {
-        #pragma unroll
-        for (int q = 0; q < V / 8; q++) {
-            const uint4 t = reinterpret_cast<const uint4 *>(p)[q];
-            moe_unbf16x2(v + 8 * q, t.x), moe_unbf16x2(v + 8 * q + 2, t.y);
-            moe_unbf16x2(v + 8 * q + 4, t.z), moe_unbf16x2(v + 8 * q + 6, t.w);
-        }
-    } else if constexpr (V % 4 == 0) {
-        #pragma unroll
-        for (int q = 0; q < V / 4; q++) {
-            const uint2 t = reinterpret_cast<const uint2 *>(p)[q];
-            moe_unbf16x2(v + 4 * q, t.x), moe_unbf16x2(v + 4 * q + 2, t.y);
-        }
-    } else {
-        #pragma unroll
-        for (int t = 0; t < V; t++) v[t] = __bfloat162float(p[t]);
-    }
-}
-template <int V>
-static __device__ __forceinline__ void moe_stv(float *p, const float *v) {
-    if constexpr (V % 4 == 0) {
-        #pragma unroll
-        for (int q = 0; q < V / 4; q++)
-            reinterpret_cast<float4 *>(p)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
-    } else {
-        #pragma unroll
-        for (int t = 0; t < V; t++) p[t] = v[t];
-    }
-}
-template <int V>
-static __device__ __forceinline__ void moe_stv(__nv_bfloat16 *p, const float *v) {
-    if constexpr (V % 8 == 0) {
-        #pragma unroll
-        for (int q = 0; q < V / 8; q++)
-            reinterpret_cast<uint4 *>(p)[q] =
-                make_uint4(moe_bf16x2(v[8 * q], v[8 * q + 1]), moe_bf16x2(v[8 * q + 2], v[8 * q + 3]),
-                           moe_bf16x2(v[8 * q + 4], v[8 * q + 5]), moe_bf16x2(v[8 * q + 6], v[8 * q + 7]));
-    } else if constexpr (V % 4 == 0) {
-        #pragma unroll
-        for (int q = 0; q < V / 4; q++)
-            reinterpret_cast<uint2 *>(p)[q] = make_uint2(moe_bf16x2(v[4 * q], v[4 * q + 1]),
-                                                         moe_bf16x2(v[4 * q + 2], v[4 * q + 3]));
-    } else {
-        #pragma unroll
-        for (int t = 0; t < V; t++) p[t] = __float2bfloat16_rn(v[t]);
-    }
-}
+/* Vector access (vec_ld, vec_st): ../common/vec.cuh. */
+
 /* The elements of one 16-byte access of T; whether p allows such accesses (host and device). */
 template <typename T>
 struct moe_vec16 {
@@ -145,14 +74,14 @@ static __device__ __forceinline__ void moe_swiglu_fwd_rows(T *act, const T *gu, 
         const int64_t r = moe_row(i, nv);
         const int c = (int)(i - r * nv) * V;
         float g[V], u[V], o[V];
-        moe_ldv<V>(g, gu + r * 2 * F + c);
-        moe_ldv<V>(u, gu + r * 2 * F + F + c);
+        vec_ld<V>(g, gu + r * 2 * F + c);
+        vec_ld<V>(u, gu + r * 2 * F + F + c);
         #pragma unroll
         for (int t = 0; t < V; t++) {
             const float s = 1.0f / (1.0f + expf(-g[t]));
             o[t] = g[t] * s * u[t];
         }
-        moe_stv<V>(act + r * F + c, o);
+        vec_st<V>(act + r * F + c, o);
     }
 }
 /* Backward: dact (rows, F) in (f32, or bf16: topk's BF16 path; f32 arithmetic either way), dgu (rows,
@@ -165,17 +94,17 @@ static __device__ __forceinline__ void moe_swiglu_bwd_rows(T *dgu, const TD *dac
         const int64_t r = moe_row(i, nv);
         const int c = (int)(i - r * nv) * V;
         float g[V], u[V], da[V], dg[V], du[V];
-        moe_ldv<V>(g, gu + r * 2 * F + c);
-        moe_ldv<V>(u, gu + r * 2 * F + F + c);
-        moe_ldv<V>(da, dact + r * F + c);
+        vec_ld<V>(g, gu + r * 2 * F + c);
+        vec_ld<V>(u, gu + r * 2 * F + F + c);
+        vec_ld<V>(da, dact + r * F + c);
         #pragma unroll
         for (int t = 0; t < V; t++) {
             const float s = 1.0f / (1.0f + expf(-g[t]));
             du[t] = da[t] * g[t] * s;
             dg[t] = da[t] * u[t] * s * (1.0f + g[t] * (1.0f - s));
         }
-        moe_stv<V>(dgu + r * 2 * F + F + c, du);
-        moe_stv<V>(dgu + r * 2 * F + c, dg);
+        vec_st<V>(dgu + r * 2 * F + F + c, du);
+        vec_st<V>(dgu + r * 2 * F + c, dg);
     }
 }
 /* 16-byte steps where F and the pointers allow (a uniform branch: every thread takes the same one). */

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../../common/vec.cuh"
 #include "lightning_core.cuh"
 #include "m1c/plugin.h"
 
@@ -62,66 +63,9 @@ typedef __nv_bfloat16 bf16;
 __device__ static inline float ld(const float *p, int64_t i) { return p[i]; }
 __device__ static inline float ld(const bf16 *p, int64_t i) { return __bfloat162float(p[i]); }
 
-/* V consecutive values at p (V == 8: p 16-byte aligned for bf16, 32 for f32; every caller's offsets are
- * multiples of 8 elements of 64-byte aligned buffers when it picks V = 8). */
-template <int V>
-__device__ static inline void ldv(const float *p, float *o) {
-    if constexpr (V % 4 == 0) {
-#pragma unroll
-        for (int k = 0; k < V / 4; k++) {
-            const float4 f = reinterpret_cast<const float4 *>(p)[k];
-            o[4 * k] = f.x, o[4 * k + 1] = f.y, o[4 * k + 2] = f.z, o[4 * k + 3] = f.w;
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; k++) o[k] = p[k];
-    }
-}
-template <int V>
-__device__ static inline void ldv(const bf16 *p, float *o) {
-    if constexpr (V % 8 == 0) {
-#pragma unroll
-        for (int k = 0; k < V / 8; k++) {
-            const uint4 u = reinterpret_cast<const uint4 *>(p)[k];
-            const __nv_bfloat162 *h2 = reinterpret_cast<const __nv_bfloat162 *>(&u);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float2 f = __bfloat1622float2(h2[j]);
-                o[8 * k + 2 * j] = f.x, o[8 * k + 2 * j + 1] = f.y;
-            }
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; k++) o[k] = __bfloat162float(p[k]);
-    }
-}
-template <int V>
-__device__ static inline void stv(float *p, const float *v) {
-    if constexpr (V % 4 == 0) {
-#pragma unroll
-        for (int k = 0; k < V / 4; k++)
-            reinterpret_cast<float4 *>(p)[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; k++) p[k] = v[k];
-    }
-}
-template <int V>
-__device__ static inline void stv(bf16 *p, const float *v) {
-    if constexpr (V % 8 == 0) {
-#pragma unroll
-        for (int k = 0; k < V / 8; k++) {
-            uint4 u;
-            __nv_bfloat162 *h2 = reinterpret_cast<__nv_bfloat162 *>(&u);
-#pragma unroll
-            for (int j = 0; j < 4; j++) h2[j] = __floats2bfloat162_rn(v[8 * k + 2 * j], v[8 * k + 2 * j + 1]);
-            reinterpret_cast<uint4 *>(p)[k] = u;
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; k++) p[k] = __float2bfloat16(v[k]);
-    }
-}
+/* V consecutive values (vec_ld, vec_st: ../../common/vec.cuh); V == 8 needs p 16-byte aligned for bf16,
+ * 32 for f32: every caller's offsets are multiples of 8 elements of 64-byte aligned buffers when it picks
+ * V = 8. */
 
 /* v as stored in A (rounded to bf16 and back for bf16). */
 __device__ static inline float rnd(float v, const float *) { return v; }
@@ -165,8 +109,8 @@ __global__ static void k_to_bf16(bf16 *dst, const float *src, int64_t n) {
 __global__ static void k_to_bf16_v8(bf16 *dst, const float *src, int64_t n8) {
     GRID_STRIDE(i, n8) {
         float v[8];
-        ldv<8>(src + 8 * i, v);
-        stv<8>(dst + 8 * i, v);
+        vec_ld<8>(v, src + 8 * i);
+        vec_st<8>(dst + 8 * i, v);
     }
 }
 
@@ -200,32 +144,32 @@ __global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, cons
         float q[VW], k[VW], v[VW];
         if (t < T) {
             const int64_t base = ((bh / nh) * T + t) * D3 + (int64_t)h * 3 * hd + c;
-            ldv<VW>(pre + base, q), ldv<VW>(pre + base + hd, k), ldv<VW>(pre + base + 2 * hd, v);
+            vec_ld<VW>(q, pre + base), vec_ld<VW>(k, pre + base + hd), vec_ld<VW>(v, pre + base + 2 * hd);
 #pragma unroll
             for (int j = 0; j < VW; j++) q[j] *= sigm(q[j]), k[j] *= sigm(k[j]), v[j] *= sigm(v[j]);
         } else {
 #pragma unroll
             for (int j = 0; j < VW; j++) q[j] = k[j] = v[j] = 0.0f;
         }
-        stv<VW>(Q + i, q), stv<VW>(K + i, k), stv<VW>(Vv + i, v);
+        vec_st<VW>(Q + i, q), vec_st<VW>(K + i, k), vec_st<VW>(Vv + i, v);
         const rowpos rp = row_of(t, T, eb);
         const float *p = pw + (int64_t)h * (bs + 1);
         if (Qd) {
             const float f = p[rp.i + 1];
 #pragma unroll
             for (int j = 0; j < VW; j++) q[j] *= f;
-            stv<VW>(Qd + i, q);
+            vec_st<VW>(Qd + i, q);
         }
         const float fe = rp.i < rp.m ? p[rp.m - 1 - rp.i] : 0.0f; /* padding rows are zero already */
         if (Kd) {
 #pragma unroll
             for (int j = 0; j < VW; j++) k[j] *= fe;
-            stv<VW>(Kd + i, k);
+            vec_st<VW>(Kd + i, k);
         }
         if (Vd) {
 #pragma unroll
             for (int j = 0; j < VW; j++) v[j] *= fe;
-            stv<VW>(Vd + i, v);
+            vec_st<VW>(Vd + i, v);
         }
     }
 }
@@ -243,14 +187,14 @@ __global__ static void k_silu_backward(A *dpre, const A *pre, const DT *dQ, cons
         const int p = (int)((col % (3 * hd)) / hd), c = (int)(col % hd);
         const DT *src = p == 0 ? dQ : (p == 1 ? dK : dV);
         float d[VW], z[VW];
-        ldv<VW>(src + ((b * nh + h) * Tp + t) * hd + c, d);
-        ldv<VW>(pre + i, z);
+        vec_ld<VW>(d, src + ((b * nh + h) * Tp + t) * hd + c);
+        vec_ld<VW>(z, pre + i);
 #pragma unroll
         for (int j = 0; j < VW; j++) {
             const float s = sigm(z[j]);
             d[j] = d[j] * s * (1.0f + z[j] * (1.0f - s));
         }
-        stv<VW>(dpre + i, d);
+        vec_st<VW>(dpre + i, d);
     }
 }
 
@@ -268,19 +212,19 @@ __global__ static void k_decay_mask(A *S, A *P, int eb, int nb, int nh, const fl
 #pragma unroll
         for (int j = 0; j < VW; j++) f[j] = j0 + j <= i ? p[i - j0 - j] : 0.0f;
         if (j0 > i) {
-            stv<VW>(S + idx, f);
-            if (P) stv<VW>(P + idx, f);
+            vec_st<VW>(S + idx, f);
+            if (P) vec_st<VW>(P + idx, f);
             continue;
         }
-        ldv<VW>(S + idx, v);
+        vec_ld<VW>(v, S + idx);
 #pragma unroll
         for (int j = 0; j < VW; j++) v[j] *= f[j];
-        stv<VW>(S + idx, v);
+        vec_st<VW>(S + idx, v);
         if (P) {
-            ldv<VW>(P + idx, v);
+            vec_ld<VW>(v, P + idx);
 #pragma unroll
             for (int j = 0; j < VW; j++) v[j] *= f[j];
-            stv<VW>(P + idx, v);
+            vec_st<VW>(P + idx, v);
         }
     }
 }
@@ -338,21 +282,21 @@ __global__ static void k_norm_gate_heads(A *y, A *o, const OT *O, const A *g, co
         float ss = 0.0f;
         for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
             float v[VW];
-            ldv<VW>(O + ((b * nh + c / hd) * Tp + t) * hd + c % hd, v);
+            vec_ld<VW>(v, O + ((b * nh + c / hd) * Tp + t) * hd + c % hd);
 #pragma unroll
             for (int j = 0; j < VW; j++) v[j] = rnd(v[j], y), ss += v[j] * v[j];
-            if (o) stv<VW>(o + row * D + c, v);
+            if (o) vec_st<VW>(o + row * D + c, v);
         }
         ss = block_sum(ss, sh);
         const float rs = 1.0f / sqrtf(ss / (float)D + eps);
         if (rstd_out && threadIdx.x == 0) rstd_out[row] = rs;
         for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
             float v[VW], gv[VW], wv[VW];
-            ldv<VW>(O + ((b * nh + c / hd) * Tp + t) * hd + c % hd, v); /* again: just read, from L2 */
-            ldv<VW>(g + row * D + c, gv), ldv<VW>(w + c, wv);
+            vec_ld<VW>(v, O + ((b * nh + c / hd) * Tp + t) * hd + c % hd); /* again: just read, from L2 */
+            vec_ld<VW>(gv, g + row * D + c), vec_ld<VW>(wv, w + c);
 #pragma unroll
             for (int j = 0; j < VW; j++) v[j] = rnd(v[j], y) * rs * wv[j] * sigm(gv[j]);
-            stv<VW>(y + row * D + c, v);
+            vec_st<VW>(y + row * D + c, v);
         }
     }
 }
@@ -365,10 +309,10 @@ __global__ static void k_norm_gate(A *y, const A *o, const A *g, const float *w,
         const float rs = rstd[row];
         for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
             float v[VW], gv[VW], wv[VW];
-            ldv<VW>(o + row * D + c, v), ldv<VW>(g + row * D + c, gv), ldv<VW>(w + c, wv);
+            vec_ld<VW>(v, o + row * D + c), vec_ld<VW>(gv, g + row * D + c), vec_ld<VW>(wv, w + c);
 #pragma unroll
             for (int j = 0; j < VW; j++) v[j] = v[j] * rs * wv[j] * sigm(gv[j]);
-            stv<VW>(y + row * D + c, v);
+            vec_st<VW>(y + row * D + c, v);
         }
     }
 }
@@ -428,8 +372,8 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
             for (int j = 0; j < VW; j++) z[j] = 0.0f;
             for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
                 const int64_t at = ((b * nh + c / hd) * Tp + t) * hd + c % hd;
-                stv<VW>(dO + at, z);
-                if (dOd) stv<VW>(dOd + at, z);
+                vec_st<VW>(dO + at, z);
+                if (dOd) vec_st<VW>(dOd + at, z);
             }
             continue;
         }
@@ -438,7 +382,7 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
         float acc = 0.0f;
         for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
             float d[VW], ov[VW], gv[VW], wv[VW];
-            ldv<VW>(dy + base + c, d), ldv<VW>(o + base + c, ov), ldv<VW>(g + base + c, gv), ldv<VW>(w + c, wv);
+            vec_ld<VW>(d, dy + base + c), vec_ld<VW>(ov, o + base + c), vec_ld<VW>(gv, g + base + c), vec_ld<VW>(wv, w + c);
 #pragma unroll
             for (int j = 0; j < VW; j++) acc += d[j] * wv[j] * sigm(gv[j]) * ov[j];
         }
@@ -446,7 +390,7 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
         const rowpos rp = row_of(t, T, eb);
         for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
             float d[VW], ov[VW], gv[VW], wv[VW], dov[VW], dgv[VW];
-            ldv<VW>(dy + base + c, d), ldv<VW>(o + base + c, ov), ldv<VW>(g + base + c, gv), ldv<VW>(w + c, wv);
+            vec_ld<VW>(d, dy + base + c), vec_ld<VW>(ov, o + base + c), vec_ld<VW>(gv, g + base + c), vec_ld<VW>(wv, w + c);
             const int h = c / hd;
             const float f = pw[(int64_t)h * (bs + 1) + rp.i + 1];
 #pragma unroll
@@ -456,13 +400,13 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
                 dgv[j] = d[j] * nc * wv[j] * s * (1.0f - s);
             }
             const int64_t at = ((b * nh + h) * Tp + t) * hd + c % hd;
-            stv<VW>(dO + at, dov);
+            vec_st<VW>(dO + at, dov);
             if (dOd) {
 #pragma unroll
                 for (int j = 0; j < VW; j++) dov[j] *= f;
-                stv<VW>(dOd + at, dov);
+                vec_st<VW>(dOd + at, dov);
             }
-            stv<VW>(dg + base + c, dgv);
+            vec_st<VW>(dg + base + c, dgv);
         }
     }
 }
@@ -488,7 +432,7 @@ enum { NG_MAXW = 8, NG_CHUNKS = 512, NG_SHMEM = 48 * 1024 };
  * columns into its warp's row of the shared (warps, D) array, which no other lane touches; at the end the
  * block adds the warps' rows in order into part[x], and k_colsum_add adds the chunks in order. No float
  * atomics: the same inputs give the same bits. o and g stay packed bf16 in registers, the outputs are
- * packed as they are made (the roundings of stv) and the sums updated two at a time, so that 4 blocks fit
+ * packed as they are made (the roundings of vec_st) and the sums updated two at a time, so that 4 blocks fit
  * an SM without spilling. */
 template <bool DW>
 __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
@@ -500,7 +444,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
     float *acc = reinterpret_cast<float *>(ng_acc) + (int64_t)warp * D;
     if constexpr (DW) {
         const float z[8] = {};
-        for (int c = lane * 8; c < D; c += STEP) stv<8>(acc + c, z);
+        for (int c = lane * 8; c < D; c += STEP) vec_st<8>(acc + c, z);
     }
     const int64_t i0 = blockIdx.x * per, i1 = i0 + per < N ? i0 + per : N;
     for (int64_t row = i0 + warp; row < i1; row += warps) { /* uniform in the warp: the shuffle sees all lanes */
@@ -513,7 +457,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
             float d[8], wv[8];
             const uint4 ou = *reinterpret_cast<const uint4 *>(O + ot + (int64_t)(c / hd) * T * hd + c % hd);
             const uint4 gu = *reinterpret_cast<const uint4 *>(g + base + c);
-            ldv<8>(dy + base + c, d), ldv<8>(w + c, wv);
+            vec_ld<8>(d, dy + base + c), vec_ld<8>(wv, w + c);
             const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
             const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gu);
 #pragma unroll
@@ -530,7 +474,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
             const int64_t at = ot + (int64_t)(c / hd) * T * hd + c % hd;
             const uint4 ou = *reinterpret_cast<const uint4 *>(O + at);
             const uint4 gu = *reinterpret_cast<const uint4 *>(g + base + c);
-            ldv<8>(dy + base + c, d), ldv<8>(w + c, wv);
+            vec_ld<8>(d, dy + base + c), vec_ld<8>(wv, w + c);
             const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
             const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gu);
             uint4 dou, dgu;

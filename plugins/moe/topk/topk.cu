@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(LG_WARPS * 32)
             float xv[LG_TOK][V];
             #pragma unroll
             for (int t = 0; t < LG_TOK; t++) {
-                if (n0 + t < N) moe_ldv<V>(xv[t], x + (n0 + t) * H + c);
+                if (n0 + t < N) vec_ld<V>(xv[t], x + (n0 + t) * H + c);
                 else
                     #pragma unroll
                     for (int v = 0; v < V; v++) xv[t][v] = 0.0f;
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(LG_WARPS * 32)
             for (int e = 0; e < LG_EXP; e++) {
                 if (e0 + e >= E) break;
                 float w[V];
-                moe_ldv<V>(w, Wr + (int64_t)(e0 + e) * H + c);
+                vec_ld<V>(w, Wr + (int64_t)(e0 + e) * H + c);
                 #pragma unroll
                 for (int t = 0; t < LG_TOK; t++)
                     #pragma unroll
@@ -372,10 +372,10 @@ __global__ void router_dw_kernel(float *out, int accumulate, const float *dlog, 
             #pragma unroll 4 /* several rows' loads in flight */
             for (int t = 0; t < nt; t++) {
                 float xv[V];
-                moe_ldv<V>(xv, x + (t0 + t) * H + c);
+                vec_ld<V>(xv, x + (t0 + t) * H + c);
                 if (jit) {
                     float z[V];
-                    moe_ldv<V>(z, noise + (t0 + t) * H + c);
+                    vec_ld<V>(z, noise + (t0 + t) * H + c);
                     #pragma unroll
                     for (int v = 0; v < V; v++) xv[v] *= z[v];
                 }
@@ -390,11 +390,11 @@ __global__ void router_dw_kernel(float *out, int accumulate, const float *dlog, 
         float *o = out + ((int64_t)blockIdx.y * E + e0 + e) * H + c;
         if (accumulate) {
             float p[V];
-            moe_ldv<V>(p, o);
+            vec_ld<V>(p, o);
             #pragma unroll
             for (int v = 0; v < V; v++) acc[e][v] += p[v];
         }
-        moe_stv<V>(o, acc[e]);
+        vec_st<V>(o, acc[e]);
     }
 }
 
@@ -429,8 +429,8 @@ __global__ void gather_kernel(T *xs, const float *in, const int32_t *rowtok, con
         const int64_t r = moe_row(i, nv);
         const int c = (int)(i - r * nv) * V;
         float v[V];
-        moe_ldv<V>(v, in + (int64_t)rowtok[r] * H + c);
-        moe_stv<V>(xs + r * H + c, v);
+        vec_ld<V>(v, in + (int64_t)rowtok[r] * H + c);
+        vec_st<V>(xs + r * H + c, v);
     }
 }
 
@@ -449,11 +449,11 @@ __global__ void combine_kernel(float *out, const TY *Y, const float *w, const in
             if (r < 0) continue;
             const float wj = w[n * k + j];
             float y[V];
-            moe_ldv<V>(y, Y + (int64_t)r * H + c);
+            vec_ld<V>(y, Y + (int64_t)r * H + c);
             #pragma unroll
             for (int v = 0; v < V; v++) o[v] += wj * y[v];
         }
-        moe_stv<V>(out + n * H + c, o);
+        vec_st<V>(out + n * H + c, o);
     }
 }
 
@@ -485,15 +485,15 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
             float *dr = drow + (int64_t)r * H;
             for (int c = lane * V; c < H; c += 32 * V) {
                 float gv[V], yv[V], o[V];
-                moe_ldv<V>(gv, g + c);
-                moe_ldv<V>(yv, y + c);
+                vec_ld<V>(gv, g + c);
+                vec_ld<V>(yv, y + c);
                 #pragma unroll
                 for (int v = 0; v < V; v++) {
                     d += (double)gv[v] * yv[v];
                     o[v] = wj * gv[v];
                 }
-                if (dy_lp) moe_stv<V>(dy_lp + (int64_t)r * H + c, o);
-                else moe_stv<V>(dr + c, o);
+                if (dy_lp) vec_st<V>(dy_lp + (int64_t)r * H + c, o);
+                else vec_st<V>(dr + c, o);
             }
             d = warp_sum(d);
         }
@@ -539,7 +539,7 @@ __global__ void unpermute_router_kernel(float *din, const TD *dx, const int32_t 
             for (int v = 0; v < V; v++) acc[t][v] = 0.0f;
         for (int e = 0; e < E; e++) {
             float wr[V];
-            moe_ldv<V>(wr, Wr + (int64_t)e * H + c);
+            vec_ld<V>(wr, Wr + (int64_t)e * H + c);
             #pragma unroll
             for (int t = 0; t < UR_TOK; t++) {
                 const float d = t < nt ? ur_dl[t * E + e] : 0.0f;
@@ -552,25 +552,25 @@ __global__ void unpermute_router_kernel(float *din, const TD *dx, const int32_t 
             if (t >= nt) break;
             const int64_t n = n0 + t;
             float o[V];
-            moe_ldv<V>(o, din + n * H + c);
+            vec_ld<V>(o, din + n * H + c);
             for (int j = 0; j < k; j++) {
                 const int32_t r = pos[n * k + j];
                 if (r < 0) continue;
                 float d[V];
-                moe_ldv<V>(d, dx + (int64_t)r * H + c);
+                vec_ld<V>(d, dx + (int64_t)r * H + c);
                 #pragma unroll
                 for (int v = 0; v < V; v++) o[v] += d[v];
             }
             if (jit) {
                 float z[V];
-                moe_ldv<V>(z, noise + n * H + c);
+                vec_ld<V>(z, noise + n * H + c);
                 #pragma unroll
                 for (int v = 0; v < V; v++) o[v] += acc[t][v] * z[v];
             } else {
                 #pragma unroll
                 for (int v = 0; v < V; v++) o[v] += acc[t][v];
             }
-            moe_stv<V>(din + n * H + c, o);
+            vec_st<V>(din + n * H + c, o);
         }
     }
 }
