@@ -35,6 +35,7 @@ typedef struct bufs {
     __nv_bfloat16 *q, *k, *v, *dO;
     float *o, *dq, *dk, *dv, *ws, *slope;
     int64_t ws_floats;
+    int kernel; /* the output pass's (lc_problem.kernel) */
 } bufs;
 
 /* Median over iters of the time (ms) of the forward (bwd = 0) or forward + backward (bwd = 1). */
@@ -42,7 +43,7 @@ static float time_core(const bufs *b, int BH, int nh, int T, int hd, int slots, 
     lc_problem p;
     memset(&p, 0, sizeof p);
     p.out_f32 = 1, p.sbh = (int64_t)T * hd, p.BH = BH, p.nh = nh, p.T = T, p.hd = hd, p.slope = b->slope;
-    p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = slots;
+    p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = slots, p.kernel = b->kernel;
     return bench_median_ms(iters, [&] {
         p.x = b->q, p.y = b->k, p.z = b->v, p.out = b->o, p.out_f32 = 0, p.reverse = 0;
         CK(lc_run(&p, 0));
@@ -64,6 +65,7 @@ static void breakdown(const bufs *b, int BH, int nh, int T, int hd, int slots, i
     memset(&p, 0, sizeof p);
     p.x = b->q, p.y = b->k, p.z = b->v, p.out = b->o, p.out_f32 = 0, p.sbh = (int64_t)T * hd, p.BH = BH, p.nh = nh;
     p.T = T, p.hd = hd, p.slope = b->slope, p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = slots;
+    p.kernel = b->kernel != LC_AUTO ? b->kernel : lc_wgmma_ok() ? LC_WGMMA : LC_MMA; /* lc_launch takes no LC_AUTO */
     const lc_plan pl = lc_plan_for(BH, T, hd, p.slots);
     if (pl.nseg < 2 || hd != 128) return;
     cudaEvent_t ev[4];
@@ -100,7 +102,7 @@ static void row(const bufs *b, int B, int nh, int T, int hd, int slots, int bwd,
 }
 
 int main(int argc, char **argv) {
-    int nh = 16, hd = 128, iters = 10, slots_arg = 0;
+    int nh = 16, hd = 128, iters = 10, slots_arg = 0, kernel = LC_AUTO;
     int64_t tokens = 65536;
     int Ts[16] = {2048, 8192, 32768, 65536}, nT = 4, Fs[16] = {262144, 1048576}, nF = 2;
     for (int i = 1; i < argc; i++) {
@@ -110,12 +112,17 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--tokens") && more) tokens = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--iters") && more) iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--slots") && more) slots_arg = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--kernel") && more) {
+            const char *k = argv[++i];
+            kernel = !strcmp(k, "mma") ? LC_MMA : !strcmp(k, "wgmma") ? LC_WGMMA : !strcmp(k, "auto") ? LC_AUTO : -1;
+            if (kernel < 0) nT = -1;
+        }
         else if (!strcmp(argv[i], "--T") && more) nT = parse_list(argv[++i], Ts, 16);
         else if (!strcmp(argv[i], "--fwd-T") && more) nF = parse_list(argv[++i], Fs, 16);
         else nT = -1;
         if (nT < 0 || nF < 0) {
             fprintf(stderr, "usage: m1c_bench_lightning [--heads N] [--head-dim 64|128] [--tokens N] [--T a,b,..] "
-                            "[--fwd-T a,b,..] [--iters N] [--slots N]\n");
+                            "[--fwd-T a,b,..] [--iters N] [--slots N] [--kernel auto|mma|wgmma]\n");
             return 1;
         }
     }
@@ -156,7 +163,7 @@ int main(int argc, char **argv) {
     CK(cudaMalloc((void **)&b.dk, (size_t)tokens * nh * hd * 4));
     CK(cudaMalloc((void **)&b.dv, (size_t)tokens * nh * hd * 4));
     CK(cudaMalloc((void **)&b.ws, (size_t)ws * 4));
-    b.ws_floats = ws;
+    b.ws_floats = ws, b.kernel = kernel;
     CK(cudaMalloc((void **)&b.slope, (size_t)nh * 4));
     float *sl = (float *)malloc((size_t)nh * 4);
     for (int h = 0; h < nh; h++) sl[h] = (float)exp2(-8.0 * (h + 1) / nh); /* MiniMax's slopes, first layer */

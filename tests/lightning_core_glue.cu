@@ -13,6 +13,9 @@
 extern "C" {
 /* 1 where a CUDA device can be used. */
 int lct_available(void);
+/* The output-pass kernels this build runs on this device: 1 (mma.sync) or 2 (also wgmma, sm_90a builds on
+ * sm_90); lct_run's kernel picks one, 0 .. lct_kernels() - 1. */
+int lct_kernels(void);
 /* How lc_run cuts (BH, T, hd) with the given sms_override (see lct_run): returns the output segments per
  * sequence; into *kf (state-only segments per output segment), *nfine (state-only segments per sequence)
  * and *seg_rows (rows per output segment) unless NULL. */
@@ -22,11 +25,11 @@ int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *
  * exactly what the kernel read. slope host [nh]; init NULL or host [BH][hd][hd]; out host [BH][T][hd];
  * final_state NULL or host [BH][hd][hd]. sms_override: > 0 plans as if the device had that many
  * multiprocessors (a huge value forces many segments), 0 uses the device's (lc_slots, as the plugin), < 0
- * plans with no resident slots to fill (one segment).
+ * plans with no resident slots to fill (one segment). kernel: 0 mma.sync, 1 wgmma (see lct_kernels).
  * Returns 0; 2 when lc_run itself fails (err names the CUDA error); 1 for any other failure. */
 int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const float *z, const float *slope,
-            int reverse, const float *init, float *out, float *final_state, int sms_override, float *xr, float *yr,
-            float *zr, char *err, size_t errlen);
+            int reverse, const float *init, float *out, float *final_state, int sms_override, int kernel, float *xr,
+            float *yr, float *zr, char *err, size_t errlen);
 }
 
 /* Floats of NaN pattern kept on both sides of out, final_state and the workspace: a write outside the
@@ -52,6 +55,8 @@ int lct_available(void) {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
+
+int lct_kernels(void) { return lc_wgmma_ok() ? 2 : 1; }
 
 /* The plan lc_run_t makes (the same call); lc_segments is its nseg. */
 int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *seg_rows) {
@@ -97,8 +102,8 @@ static int lct_guard_ok(const float *dev, char *err, size_t errlen, const char *
     } while (0)
 
 int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const float *z, const float *slope,
-            int reverse, const float *init, float *out, float *final_state, int sms_override, float *xr, float *yr,
-            float *zr, char *err, size_t errlen) {
+            int reverse, const float *init, float *out, float *final_state, int sms_override, int kernel, float *xr,
+            float *yr, float *zr, char *err, size_t errlen) {
     /* every declaration before the first goto (C++ forbids jumping over initialisations) */
     int rc = 1;
     const int64_t n = (int64_t)BH * T * hd, n2 = (int64_t)BH * hd * hd, G = LCT_GUARD;
@@ -172,6 +177,7 @@ int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const
     p.ws = d_ws ? d_ws + G : NULL;
     p.ws_floats = ws_n;
     p.slots = slots;
+    p.kernel = kernel == 1 ? LC_WGMMA : LC_MMA;
     e = lc_run(&p, 0);
     if (e != cudaSuccess) {
         snprintf(err, errlen, "lc_run: %s: %s", cudaGetErrorName(e), cudaGetErrorString(e));

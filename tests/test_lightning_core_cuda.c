@@ -15,13 +15,15 @@
 #ifdef M1C_TEST_LCORE
 /* tests/lightning_core_glue.cu (the comments there say what each argument is) */
 int lct_available(void);
+int lct_kernels(void);
 int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *seg_rows);
 int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const float *z, const float *slope,
-            int reverse, const float *init, float *out, float *final_state, int sms_override, float *xr, float *yr,
-            float *zr, char *err, size_t errlen);
+            int reverse, const float *init, float *out, float *final_state, int sms_override, int kernel, float *xr,
+            float *yr, float *zr, char *err, size_t errlen);
 #else
 /* Built without CUDA: every test skips before reaching these; they keep the file compiling. */
 static int lct_available(void) { return 0; }
+static int lct_kernels(void) { return 0; }
 static int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *seg_rows) {
     if (kf) *kf = 0;
     if (nfine) *nfine = 0;
@@ -29,8 +31,8 @@ static int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine
     return 0;
 }
 static int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const float *z, const float *slope,
-                   int reverse, const float *init, float *out, float *final_state, int sms_override, float *xr,
-                   float *yr, float *zr, char *err, size_t errlen) {
+                   int reverse, const float *init, float *out, float *final_state, int sms_override, int kernel,
+                   float *xr, float *yr, float *zr, char *err, size_t errlen) {
     snprintf(err, errlen, "built without CUDA");
     return 1;
 }
@@ -53,13 +55,15 @@ enum { SMS_DEVICE = 0, ONE_SEGMENT = -1, MANY_SEGMENTS = 100000 };
  * intermediate bf16 operands, each at most u = 2^-8 = 3.9e-3 relative (8 significant bits): the masked,
  * decayed score once (x y^T inside a block), or y times its decay and then the block-start state (the
  * carried past), i.e. at most 2u = 7.8e-3 of A where every rounding goes the same way (f32 accumulation
- * adds ~1e-6). 1.5e-2 is twice that worst case; typical errors are ~1e-3 as roundings average out. An
+ * adds ~1e-6). (The wgmma kernel rounds the decay factor to bf16 before multiplying y by it in bf16: two
+ * roundings to nearest, each at most 2^-9, so still at most u for y times its decay.) 1.5e-2 is twice that worst case; typical errors are ~1e-3 as roundings average out. An
  * indexing error (a wrong row, column, block or segment start, a missed block) changes whole terms, O(1)
  * of A: with the long-memory slopes one 64-row block is >= 6% of a 1000-row sum. The same tolerance
  * bounds max |out - ref| / max |ref|, the error relative to the output's scale (~1e-3 in practice; A
  * exceeds |ref| where dot products cancel, so this one rests on roundings averaging out). */
 #define TOL_OUT 1.5e-2
-/* The final state is f32; its only rounding is y times its decay to bf16 (u per term): 8e-3 = 2u. */
+/* The final state is f32; its only rounding is y times its decay to bf16 (at most u per term, with the
+ * wgmma kernel's bf16 decay factor too): 8e-3 = 2u. */
 #define TOL_STATE 8e-3
 
 typedef struct lcase {
@@ -188,7 +192,7 @@ static void check_rounded(const float *a, const float *r, int64_t n, const char 
 }
 
 /* One case: random inputs, the reference on their bf16 roundings (from the first run), then lc_run once per
- * entry of modes (sms_override), each compared with the reference. */
+ * output-pass kernel (lct_kernels) and entry of modes (sms_override), each compared with the reference. */
 static void check(const lcase *c, const int *modes, int nmodes) {
     const int64_t n = (int64_t)c->BH * c->T * c->hd, n2 = (int64_t)c->BH * c->hd * c->hd;
     float *x = silu_randn(n, c->seed), *y = silu_randn(n, c->seed + 1), *z = silu_randn(n, c->seed + 2);
@@ -198,24 +202,26 @@ static void check(const lcase *c, const int *modes, int nmodes) {
     float *out = malloc((size_t)n * sizeof *out), *fin = c->fin ? malloc((size_t)n2 * sizeof *fin) : NULL;
     double *ref = malloc((size_t)n * sizeof *ref), *scale = malloc((size_t)n * sizeof *scale);
     double *mref = c->fin ? malloc((size_t)n2 * sizeof *mref) : NULL, *mscale = c->fin ? malloc((size_t)n2 * sizeof *mscale) : NULL;
-    for (int m = 0; m < nmodes; m++) {
-        char tag[240], err[512];
+    const int nk = lct_kernels();
+    for (int km = 0; km < nk * nmodes; km++) {
+        const int k = km / nmodes, m = km % nmodes, first = km == 0;
+        char tag[260], err[512];
         int kf = 0, nfine = 0, seg_rows = 0;
         const int nseg = lct_plan(c->BH, c->T, c->hd, modes[m], &kf, &nfine, &seg_rows);
         snprintf(tag, sizeof tag,
-                 "hd %d T %d BH %d nh %d slopes %g,%g %s%s%s sms_override %d (%d segments of %d rows, %d state "
+                 "%s: hd %d T %d BH %d nh %d slopes %g,%g %s%s%s sms_override %d (%d segments of %d rows, %d state "
                  "segments)",
-                 c->hd, c->T, c->BH, c->nh, c->slope[0], c->nh > 1 ? c->slope[1] : c->slope[0],
+                 k ? "wgmma" : "mma.sync", c->hd, c->T, c->BH, c->nh, c->slope[0], c->nh > 1 ? c->slope[1] : c->slope[0],
                  c->reverse ? "reversed" : "time order", c->init ? " +init" : "", c->fin ? " +final" : "", modes[m],
                  nseg, seg_rows, nseg > 1 ? nfine : 0);
         /* the cut the case means to exercise */
         if (modes[m] == ONE_SEGMENT) cr_assert_eq(nseg, 1, "%s: expected one segment", tag);
         if (modes[m] == MANY_SEGMENTS && c->T >= 8 * 64) cr_assert_gt(nseg, 1, "%s: expected several segments", tag);
 
-        const int rc = lct_run(c->BH, c->nh, c->T, c->hd, x, y, z, c->slope, c->reverse, init, out, fin, modes[m],
-                               m == 0 ? xr : NULL, m == 0 ? yr : NULL, m == 0 ? zr : NULL, err, sizeof err);
+        const int rc = lct_run(c->BH, c->nh, c->T, c->hd, x, y, z, c->slope, c->reverse, init, out, fin, modes[m], k,
+                               first ? xr : NULL, first ? yr : NULL, first ? zr : NULL, err, sizeof err);
         cr_assert_eq(rc, 0, "%s: lct_run: %s", tag, err);
-        if (m == 0) {
+        if (first) {
             check_rounded(x, xr, n, "x"), check_rounded(y, yr, n, "y"), check_rounded(z, zr, n, "z");
             reference(c, xr, yr, zr, init, ref, scale, mref, mscale);
         }
@@ -369,13 +375,13 @@ Test(lightning_core, reverse_refuses_state) {
     char err[512];
     for (int sms = 0; sms < 2; sms++) {
         const int mode = sms ? MANY_SEGMENTS : ONE_SEGMENT;
-        int rc = lct_run(BH, NH, T, HD, x, y, z, minimax2, 1, init, out, NULL, mode, NULL, NULL, NULL, err, sizeof err);
+        int rc = lct_run(BH, NH, T, HD, x, y, z, minimax2, 1, init, out, NULL, mode, 0, NULL, NULL, NULL, err, sizeof err);
         cr_assert_eq(rc, 2, "reversed with init: expected lc_run's refusal, got %d: %s", rc, err);
         th_assert_has(err, "cudaErrorInvalidValue");
-        rc = lct_run(BH, NH, T, HD, x, y, z, minimax2, 1, NULL, out, fin, mode, NULL, NULL, NULL, err, sizeof err);
+        rc = lct_run(BH, NH, T, HD, x, y, z, minimax2, 1, NULL, out, fin, mode, 0, NULL, NULL, NULL, err, sizeof err);
         cr_assert_eq(rc, 2, "reversed with final_state: expected lc_run's refusal, got %d: %s", rc, err);
         th_assert_has(err, "cudaErrorInvalidValue");
-        rc = lct_run(BH, NH, T, HD, x, y, z, minimax2, 0, init, out, fin, mode, NULL, NULL, NULL, err, sizeof err);
+        rc = lct_run(BH, NH, T, HD, x, y, z, minimax2, 0, init, out, fin, mode, 0, NULL, NULL, NULL, err, sizeof err);
         cr_assert_eq(rc, 0, "time order with init and final_state: %s", err);
     }
     free(x), free(y), free(z), free(init), free(out), free(fin);

@@ -646,7 +646,7 @@ template <typename A> static A *ax(const m1c_layer_bufs *b, int i) { return (A *
 static int core(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims *d, const bf16 *x, const bf16 *y,
                 const bf16 *z, void *out, int out_f32, int reverse, const float *init, float *final_state,
                 const char *what) {
-    lc_problem p;
+    lc_problem p = {};
     p.x = x, p.y = y, p.z = z, p.out = out, p.out_f32 = out_f32;
     p.sbh = (int64_t)d->Tp * c->hd;
     p.BH = d->B * c->nh, p.nh = c->nh, p.T = d->T, p.hd = c->hd;

@@ -1,5 +1,6 @@
-/* The fused lightning-attention core on tensor cores (mma.sync, sm_80 and later), shared by the plugin
- * (lightning.cu) and the stand-alone benchmark (bench/bench_lightning.cu).
+/* The fused lightning-attention core on tensor cores (mma.sync, sm_80 and later; on sm_90 the output pass
+ * on warpgroup MMA where the build targets sm_90a), shared by the plugin (lightning.cu), the stand-alone
+ * benchmark (bench/bench_lightning.cu) and the kernel test (tests/lightning_core_glue.cu).
  *
  * One operation gives the forward and all three backward products. For sequences x, y, z of T rows of
  * HD bf16 values (one (batch, head) each) and the head's decay slope s:
@@ -28,6 +29,7 @@
 #include <stdint.h>
 
 #include "../../common/mma.cuh"
+#include "../../common/wgmma.cuh"
 
 enum { LC_C = 64, LC_NS = 64, LC_THREADS = 128, LC_PAD = 8 };
 
@@ -44,7 +46,12 @@ typedef struct lc_problem {
     float *ws;                      /* device workspace of lc_workspace_floats() floats (NULL if that is 0) */
     int64_t ws_floats;              /* its size, checked */
     int slots;                      /* output-pass CTAs resident on the whole device (lc_slots(hd), once) */
+    int kernel;                     /* output pass: LC_AUTO (0), LC_MMA or LC_WGMMA (where lc_wgmma_ok) */
 } lc_problem;
+
+/* The output pass's kernels: mma.sync (sm_80 and later) or wgmma (sm_90a builds on sm_90 devices);
+ * LC_AUTO takes wgmma where it can. */
+enum { LC_AUTO = 0, LC_MMA = 1, LC_WGMMA = 2 };
 
 /* ---- the kernel ------------------------------------------------------------------------------------- */
 
@@ -303,6 +310,252 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
     }
 }
 
+/* ---- the output pass on wgmma (sm_90a) ---------------------------------------------------------------- */
+
+/* The same output pass as lc_kernel<HD, LC_OUT> (one CTA per (column slice, segment, sequence), 64-row
+ * blocks, the state carried in f32 registers), with one warpgroup per CTA and every product on warpgroup
+ * MMA (../../common/wgmma.cuh):
+ *
+ *   S = x y^T and O = x M (x, y and M, the bf16 copy of the state, from shared memory); then
+ *   O = exp(-s (i+1)) O + mask(S) z (the masked scores from registers) and
+ *   M' = exp(-s m) M + (y decayed)^T z (y^T by ldmatrix into registers, scaled by its decay).
+ *
+ * Shared memory holds every tile in the 128-byte swizzle: panels of 64 columns, each row of a panel 128
+ * bytes with its 16-byte chunk c at (c ^ row % 8) * 16, tiles 1024-byte aligned. x and y are K-major for
+ * S and x M (head_dim contiguous), z and M MN-major (their columns contiguous). The same pass without
+ * swizzling (core matrices of 8 contiguous 16-byte rows) ran 1.35x slower than the mma.sync kernel
+ * (docs/perf.md). */
+template <int HD> struct lcw_smem_layout {
+    __nv_bfloat16 x[2][LC_C * HD], y[2][LC_C * HD]; /* [64 rows][HD], HD / 64 panels */
+    __nv_bfloat16 z[2][LC_C * LC_NS];                /* [64 rows][NS] */
+    __nv_bfloat16 m[HD * LC_NS];                     /* [HD][NS] */
+    float pw[LC_C + 1];
+};
+/* bytes of dynamic shared memory: the layout and room to align it to 1024 bytes */
+template <int HD> static constexpr size_t lcw_smem_bytes() { return sizeof(lcw_smem_layout<HD>) + 1024; }
+
+/* The byte offset of element (r, c) of a swizzled tile of R rows. */
+__device__ static inline uint32_t lcw_off(int r, int c, int R) {
+    return (uint32_t)((c / 64) * R * 128 + r * 128 + ((c % 64 / 8) ^ (r % 8)) * 16 + (c % 8) * 2);
+}
+/* Descriptors of a swizzled tile at shared address a: K-major (k-step k at a + (k / 4) R 128 + (k % 4) 32)
+ * and MN-major (k-step k, 16 rows, at a + 2048 k). A descriptor plus (bytes >> 4) is the descriptor of
+ * the address that many bytes on (shared addresses stay below 2^18). */
+__device__ static inline uint64_t lcw_kdesc(uint32_t a) { return wg_desc(a, 16, 1024, WG_SWIZZLE_128B); }
+__device__ static inline uint64_t lcw_mndesc(uint32_t a) { return wg_desc(a, 1024, 1024, WG_SWIZZLE_128B); }
+
+template <int HD>
+__global__ void __launch_bounds__(128, 2) lcw_kernel(lc_problem p, lc_pass ps) {
+#if WG_DEVICE
+    extern __shared__ __align__(16) unsigned char lc_raw[];
+    lcw_smem_layout<HD> &sm =
+        *reinterpret_cast<lcw_smem_layout<HD> *>(lc_raw + ((1024 - (mma_smem(lc_raw) & 1023)) & 1023));
+    constexpr int NS = LC_NS, NSL = HD / NS, MH = HD / 64; /* MH 64-row tiles of the state */
+    const int slice = (int)(blockIdx.x % NSL), seg = (int)(blockIdx.x / NSL % ps.nseg), bh = (int)(blockIdx.x / NSL / ps.nseg);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const int T = p.T, seg_rows = ps.seg_rows;
+    const int r_begin = seg * seg_rows;
+    if (r_begin >= T) return;
+    const int r_end = min(T, r_begin + seg_rows);
+    const int nblk = (r_end - r_begin + LC_C - 1) / LC_C;
+    const float s = p.slope[bh % p.nh];
+    for (int k = threadIdx.x; k <= LC_C; k += 128) sm.pw[k] = expf(-s * (float)k);
+
+    const __nv_bfloat16 *X = p.x + (int64_t)bh * p.sbh, *Y = p.y + (int64_t)bh * p.sbh, *Z = p.z + (int64_t)bh * p.sbh;
+    const int zc = slice * NS;
+    auto row_of = [&](int r) { return p.reverse ? T - 1 - r : r; };
+
+    /* this thread's 16-byte chunks: rows lr + 16 i (i < 4), chunk lc of every 64-column panel */
+    const int lr = threadIdx.x / 8, lc = threadIdx.x % 8;
+    auto load = [&](int blk, int buf) {
+        const int r0 = r_begin + blk * LC_C;
+        unsigned char *xs = reinterpret_cast<unsigned char *>(sm.x[buf]), *ys = reinterpret_cast<unsigned char *>(sm.y[buf]);
+        unsigned char *zs = reinterpret_cast<unsigned char *>(sm.z[buf]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = lr + 16 * i;
+            const bool ok = r0 + r < r_end;
+            const int64_t at = (int64_t)row_of(ok ? r0 + r : r_begin) * HD + lc * 8;
+            const uint32_t off = lcw_off(r, lc * 8, LC_C);
+#pragma unroll
+            for (int pn = 0; pn < HD / 64; pn++) {
+                mma_cp16(xs + pn * LC_C * 128 + off, X + at + pn * 64, ok);
+                mma_cp16(ys + pn * LC_C * 128 + off, Y + at + pn * 64, ok);
+            }
+            mma_cp16(zs + off, Z + at + zc, ok);
+        }
+        mma_commit();
+    };
+
+    /* The state, HD x NS: tile h holds rows 64 h .. 64 h + 63, this thread's values at row 64 h + 16 warp +
+     * g + 8 (e / 2), column 8 t + 2 t4 + e % 2 for st[h][4 t + e]. */
+    float st[MH][32];
+    const int nseg = (T + seg_rows - 1) / seg_rows;
+    const bool have_m0 = ps.m0 != nullptr;
+    const int64_t hd2 = (int64_t)HD * HD;
+    const float *m0p = have_m0 ? ps.m0 + (ps.m0_n ? ((int64_t)bh * ps.m0_n + (int64_t)seg * ps.m0_k) * hd2 : bh * hd2) : nullptr;
+#pragma unroll
+    for (int h = 0; h < MH; h++)
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            const int row = 64 * h + 16 * warp + g + (i % 4 >= 2 ? 8 : 0), col = zc + i / 4 * 8 + 2 * t4 + (i & 1);
+            st[h][i] = have_m0 ? m0p[(int64_t)row * HD + col] : 0.0f;
+        }
+    const uint32_t m_s = mma_smem(sm.m);
+    /* The state's bf16 copy (the B operand of x M), by stmatrix: 8 x 8 matrix q = lane / 8 of the 16 x 16
+     * tile at columns 16 k is rows 8 (q % 2) .., columns 16 k + 8 (q / 2) .. of the warp's rows, this lane
+     * giving the address of its row lane % 8: chunk 2 k + q / 2 of that row, at ((2 k + q / 2) ^ lane % 8)
+     * 16 = m_chunk ^ 32 k. */
+    const uint32_t m_row = m_s + (uint32_t)(16 * warp + 8 * (lane / 8 % 2) + lane % 8) * 128;
+    const uint32_t m_chunk = (uint32_t)((lane / 16) ^ (lane % 8)) * 16;
+    auto put_state = [&]() {
+#pragma unroll
+        for (int h = 0; h < MH; h++)
+#pragma unroll
+            for (int k = 0; k < NS / 16; k++)
+                wg_stsm4(m_row + h * 64 * 128 + (m_chunk ^ (32 * k)), mma_pack(st[h][8 * k], st[h][8 * k + 1]),
+                         mma_pack(st[h][8 * k + 2], st[h][8 * k + 3]), mma_pack(st[h][8 * k + 4], st[h][8 * k + 5]),
+                         mma_pack(st[h][8 * k + 6], st[h][8 * k + 7]));
+        wg_fence_smem();
+    };
+    put_state(); /* (a zero state until there is one) */
+
+    /* the y^T fragment of state tile h, k-step kk: matrix q = lane / 8 is rows (j) 16 kk + 8 (q / 2) ..,
+     * columns (state rows) 64 h + 16 warp + 8 (q % 2) .. of y; this lane's row address, less 16 kk rows and
+     * panel h */
+    const uint32_t y_lane = (uint32_t)(8 * (lane / 16) + lane % 8) * 128 + (uint32_t)((2 * warp + lane / 8 % 2) ^ (lane % 8)) * 16;
+    load(0, 0);
+    for (int blk = 0; blk < nblk; blk++) {
+        const int buf = blk & 1;
+        const int r0 = r_begin + blk * LC_C, m = min(LC_C, r_end - r0);
+        mma_wait<0>();
+        wg_fence_smem();
+        __syncthreads(); /* block blk landed for all (and the state's copy is written); every read of the other
+                            buffer is done */
+        if (blk + 1 < nblk) load(blk + 1, buf ^ 1);
+        const uint32_t x_s = mma_smem(sm.x[buf]), y_s = mma_smem(sm.y[buf]), z_s = mma_smem(sm.z[buf]);
+        const uint64_t xd = lcw_kdesc(x_s), yd = lcw_kdesc(y_s), zd = lcw_mndesc(z_s), md = lcw_mndesc(m_s);
+
+        /* the state decays by exp(-s m) (before the products: registers that a product accumulates into are
+         * not written while any is in flight) */
+        {
+            const float d = sm.pw[m];
+#pragma unroll
+            for (int h = 0; h < MH; h++) {
+#pragma unroll
+                for (int i = 0; i < 32; i++) st[h][i] *= d;
+                wg_hold(st[h]);
+            }
+        }
+        /* S = x y^T and O = x M */
+        float sc[32], o[32];
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ks++) {
+            const uint32_t kof = ((ks / 4) * LC_C * 128 + (ks % 4) * 32) >> 4;
+            wg_64x64_ss<0, 0>(sc, xd + kof, yd + kof, ks > 0);
+        }
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ks++)
+            wg_64x64_ss<0, 1>(o, xd + (((ks / 4) * LC_C * 128 + (ks % 4) * 32) >> 4), md + ks * (2048 >> 4), ks > 0);
+        wg_commit();
+
+        /* while they run: the A operand of the state's update (written before the update's wg_fence, so that
+         * the products run without serialising). The state is updated after the last block too, where it
+         * may not be needed: skipping it there, under a condition, would serialise every product. */
+        uint32_t ya[MH][4][4];
+        {
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                const int j0 = kk * 16 + 2 * t4;
+                /* y_j exp(-s (m-1-j)), 0 past the block's end; factors rounded to bf16 */
+                const uint32_t d01 = mma_pack(j0 < m ? sm.pw[m - 1 - j0] : 0.0f, j0 + 1 < m ? sm.pw[m - 2 - j0] : 0.0f);
+                const uint32_t d89 = mma_pack(j0 + 8 < m ? sm.pw[m - 9 - j0] : 0.0f, j0 + 9 < m ? sm.pw[m - 10 - j0] : 0.0f);
+#pragma unroll
+                for (int h = 0; h < MH; h++) {
+                    uint32_t *a = ya[h][kk];
+                    mma_ldsm4t(a, y_s + h * LC_C * 128 + kk * 16 * 128 + y_lane);
+                    a[0] = wg_hmul2(a[0], d01), a[1] = wg_hmul2(a[1], d01);
+                    a[2] = wg_hmul2(a[2], d89), a[3] = wg_hmul2(a[3], d89);
+                }
+            }
+        }
+        wg_wait<0>();
+        wg_hold(sc);
+        wg_hold(o);
+        /* decay mask exp(-s (i - j)) for j <= i, else 0; the state's term scaled by exp(-s (i + 1)) */
+        const int i0 = 16 * warp + g;
+        {
+            const float f0 = sm.pw[i0 + 1], f1 = sm.pw[i0 + 9];
+#pragma unroll
+            for (int t = 0; t < 8; t++) o[4 * t] *= f0, o[4 * t + 1] *= f0, o[4 * t + 2] *= f1, o[4 * t + 3] *= f1;
+        }
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = i0 + (e >= 2 ? 8 : 0), j = 8 * t + 2 * t4 + (e & 1);
+                sc[4 * t + e] = j <= i ? sc[4 * t + e] * sm.pw[i - j] : 0.0f;
+            }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) mma_c2a(pa[kk], &sc[8 * kk], &sc[8 * kk + 4]);
+
+        /* O += mask(S) z;  M = exp(-s m) M + (y * exp(-s (m-1-j)))^T z */
+        wg_hold(o);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wg_hold(pa[kk]);
+#pragma unroll
+        for (int h = 0; h < MH; h++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) wg_hold(ya[h][kk]);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wg_64x64_rs<1>(o, pa[kk], zd + kk * (2048 >> 4), 1);
+#pragma unroll
+        for (int h = 0; h < MH; h++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) wg_64x64_rs<1>(st[h], ya[h][kk], zd + kk * (2048 >> 4), 1);
+        wg_commit();
+        wg_wait<0>();
+        wg_hold(o);
+#pragma unroll
+        for (int h = 0; h < MH; h++) wg_hold(st[h]);
+
+        /* store the rows */
+#pragma unroll
+        for (int h2 = 0; h2 < 2; h2++) {
+            const int i = i0 + h2 * 8;
+            if (i < m) {
+                const int64_t at = (int64_t)bh * p.sbh + (int64_t)row_of(r0 + i) * HD + zc + 2 * t4;
+#pragma unroll
+                for (int t = 0; t < 8; t++) {
+                    if (p.out_f32)
+                        *reinterpret_cast<float2 *>((float *)p.out + at + t * 8) = make_float2(o[4 * t + 2 * h2], o[4 * t + 2 * h2 + 1]);
+                    else
+                        *reinterpret_cast<uint32_t *>((__nv_bfloat16 *)p.out + at + t * 8) = mma_pack(o[4 * t + 2 * h2], o[4 * t + 2 * h2 + 1]);
+                }
+            }
+        }
+        if (blk + 1 == nblk) {
+            if (!p.final_state || seg + 1 != nseg) break;
+            float *dst = p.final_state + (int64_t)bh * HD * HD;
+#pragma unroll
+            for (int h = 0; h < MH; h++)
+#pragma unroll
+                for (int t = 0; t < NS / 8; t++) {
+                    const int row = 64 * h + 16 * warp + g, col = zc + 8 * t + 2 * t4;
+                    *reinterpret_cast<float2 *>(dst + (int64_t)row * HD + col) = make_float2(st[h][4 * t], st[h][4 * t + 1]);
+                    *reinterpret_cast<float2 *>(dst + (int64_t)(row + 8) * HD + col) = make_float2(st[h][4 * t + 2], st[h][4 * t + 3]);
+                }
+            break;
+        }
+        __syncthreads(); /* every product reading the state's copy is done */
+        put_state();
+    }
+#endif
+}
+
 /* In place over segments, one thread per (sequence, state element): seg[k] holds segment k's own state
  * (k < nseg - 1) and receives the state at its start: S_0 = init (or 0), S_{k+1} = exp(-s L_k) S_k +
  * own_k, with L_k = seg_rows for every segment but the last. */
@@ -341,12 +594,31 @@ template <int HD, int MODE> static cudaError_t lc_allow_smem() {
                                 (int)sizeof(lc_smem_layout<HD, MODE>));
 }
 
-/* Once per device and head size before lc_run (lc_slots does it): both passes' kernels may use their
+template <int HD> static cudaError_t lcw_allow_smem() {
+    return cudaFuncSetAttribute(lcw_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)lcw_smem_bytes<HD>());
+}
+
+/* 1 where this build has the wgmma output pass (an sm_90a target: M1C_SM90A) and the current device is
+ * the one it runs on (compute capability 9.0). */
+static inline int lc_wgmma_ok(void) {
+#ifdef M1C_SM90A
+    int dev = 0, major = 0, minor = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+           minor == 0;
+#else
+    return 0;
+#endif
+}
+
+/* Once per device and head size before lc_run (lc_slots does it): the passes' kernels may use their
  * dynamic shared memory (above 48 KB needs this opt-in), so that launches need no attribute call. */
 static inline cudaError_t lc_setup(int hd) {
     if (hd != 64 && hd != 128) return cudaErrorInvalidValue;
     cudaError_t e = hd == 128 ? lc_allow_smem<128, LC_OUT>() : lc_allow_smem<64, LC_OUT>();
     if (e == cudaSuccess) e = hd == 128 ? lc_allow_smem<128, LC_STATE>() : lc_allow_smem<64, LC_STATE>();
+    if (e == cudaSuccess && lc_wgmma_ok()) e = hd == 128 ? lcw_allow_smem<128>() : lcw_allow_smem<64>();
     return e;
 }
 
@@ -355,7 +627,10 @@ static inline cudaError_t lc_setup(int hd) {
 static inline int lc_occupancy(int hd) {
     int n = 0;
     cudaError_t e = lc_setup(hd);
-    if (e == cudaSuccess)
+    if (e == cudaSuccess && lc_wgmma_ok())
+        e = hd == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lcw_kernel<128>, 128, lcw_smem_bytes<128>())
+                      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lcw_kernel<64>, 128, lcw_smem_bytes<64>());
+    else if (e == cudaSuccess)
         e = hd == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<128, LC_OUT>, LC_THREADS,
                                                                       sizeof(lc_smem_layout<128, LC_OUT>))
                       : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<64, LC_OUT>, LC_THREADS,
@@ -366,8 +641,9 @@ static inline int lc_occupancy(int hd) {
 /* How a problem is cut. The output pass runs one CTA per (sequence, column slice, segment): a sequence is
  * cut into nseg segments only when the uncut problem leaves resident slots idle, and into as many as fill
  * one wave (every CTA of a wave then takes the same time; a partial extra wave would double it). The
- * starting states come from a state-only pass over finer segments (k per output segment, to give it
- * about four waves of CTAs of its own) and a scan over them. Deterministic in (BH, T, hd, slots). */
+ * starting states come from a state-only pass over finer segments (kf per output segment, as many as its
+ * waves of CTAs make fastest) and a scan over them. Deterministic in (BH, T, hd, slots). */
+enum { LC_FINE_COST = 8 }; /* in 64-row blocks of the state pass: see lc_plan_for */
 typedef struct lc_plan {
     int nseg, seg_rows;   /* output segments */
     int kf, fine_rows, nfine; /* state-only segments: kf per output segment */
@@ -384,9 +660,15 @@ static inline lc_plan lc_plan_for(int BH, int T, int hd, int slots) {
         return pl;
     }
     const int per = (int)((blocks + nseg - 1) / nseg); /* blocks per output segment */
-    int64_t kf = (4 * (int64_t)slots + base * nseg - 1) / (base * nseg);
-    if (kf > per / 4) kf = per / 4;
-    if (kf < 1) kf = 1;
+    /* The state pass runs one CTA (all columns) per fine segment before the last output segment, BH (nseg - 1)
+     * kf of them, in waves of about `slots`: kf minimises its estimated time, waves x (blocks per fine
+     * segment + LC_FINE_COST, the fixed cost of a segment: writing its state, its step of the scan). */
+    int64_t kf = 1, best = INT64_MAX;
+    const int64_t D = (int64_t)BH * (nseg - 1);
+    for (int64_t k = 1; k <= per / 4 && k <= 64; k++) {
+        const int64_t cost = ((D * k + slots - 1) / slots) * ((per + k - 1) / k + LC_FINE_COST);
+        if (cost < best) best = cost, kf = k;
+    }
     const int fine = (int)((per + kf - 1) / kf);
     pl.kf = (per + fine - 1) / fine;
     pl.fine_rows = fine * LC_C;
@@ -410,10 +692,13 @@ static inline int64_t lc_workspace_floats(int BH, int T, int hd, int slots) {
 
 /* One CTA per (slice, segment, sequence) of ps.nseg segments. */
 template <int HD, int MODE> static cudaError_t lc_launch(const lc_problem *p, cudaStream_t stream, const lc_pass &ps) {
-    const size_t smem = sizeof(lc_smem_layout<HD, MODE>); /* allowed by lc_setup */
     const int64_t ctas = (int64_t)p->BH * ps.nseg * (MODE == LC_OUT ? HD / LC_NS : 1);
     if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
-    lc_kernel<HD, MODE><<<(unsigned)ctas, LC_THREADS, smem, stream>>>(*p, ps);
+    /* shared memory allowed by lc_setup */
+    if (MODE == LC_OUT && p->kernel == LC_WGMMA)
+        lcw_kernel<HD><<<(unsigned)ctas, 128, lcw_smem_bytes<HD>(), stream>>>(*p, ps);
+    else
+        lc_kernel<HD, MODE><<<(unsigned)ctas, LC_THREADS, sizeof(lc_smem_layout<HD, MODE>), stream>>>(*p, ps);
     return cudaGetLastError();
 }
 
@@ -443,7 +728,12 @@ template <int HD> static cudaError_t lc_run_t(const lc_problem *p, cudaStream_t 
 /* out for problem p on stream: cudaSuccess, or the CUDA error of the failed launch. */
 static inline cudaError_t lc_run(const lc_problem *p, cudaStream_t stream) {
     if (p->reverse && (p->init || p->final_state)) return cudaErrorInvalidValue;
-    if (p->hd == 128) return lc_run_t<128>(p, stream);
-    if (p->hd == 64) return lc_run_t<64>(p, stream);
+    if (p->kernel != LC_AUTO && p->kernel != LC_MMA && p->kernel != LC_WGMMA) return cudaErrorInvalidValue;
+    lc_problem q = *p;
+    const int wg = lc_wgmma_ok();
+    if (q.kernel == LC_WGMMA && !wg) return cudaErrorNotSupported;
+    if (q.kernel == LC_AUTO) q.kernel = wg ? LC_WGMMA : LC_MMA;
+    if (q.hd == 128) return lc_run_t<128>(&q, stream);
+    if (q.hd == 64) return lc_run_t<64>(&q, stream);
     return cudaErrorInvalidValue;
 }

@@ -1,0 +1,122 @@
+/* Warpgroup tensor-core primitives for sm_90a (wgmma), shared by the plugins' CUDA kernels: shared-memory
+ * matrix descriptors, the fences and groups of the asynchronous products, and the m64n64k16 bf16 product
+ * with f32 accumulation, A from shared memory or from registers. Only an sm_90a build (the nvcc target
+ * compute_90a, which defines __CUDA_ARCH_FEAT_SM90_ALL) assembles them; elsewhere they compile to nothing,
+ * and the host must not launch a kernel that uses them (the build defines M1C_SM90A where it has them).
+ *
+ * A warpgroup is 4 consecutive warps starting at a multiple of 4; every instruction here is issued by all
+ * of its 128 threads. Register layouts (PTX ISA, "wgmma.mma_async.m64nNk16"): warp w of the group holds
+ * rows 16 w .. 16 w + 15 of A (from registers) and of the accumulator, each in the layout of mma.sync
+ * m16n8k16 (../common/mma.cuh): A as a0..a3; the accumulator of N columns as N / 8 tiles of 4 values,
+ * d[4 t + e] at row g + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2 (g = lane / 4 within the warp).
+ *
+ * Shared-memory operands use the layout without swizzling: core matrices of 8 rows of 16 bytes (8 bf16),
+ * each 128 contiguous bytes. K-major (A or B with K contiguous): LBO = bytes between the two core matrices
+ * of a 16-wide K step, SBO = bytes between 8-row groups of M or N. MN-major (B with N contiguous, the
+ * "transposed" operand): LBO = bytes between 8-row groups of K, SBO = bytes between 8-column groups of N. */
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WG_DEVICE 1
+#else
+#define WG_DEVICE 0
+#endif
+
+enum { WG_SWIZZLE_NONE = 0, WG_SWIZZLE_128B = 1 };
+
+/* Descriptor of a shared-memory operand at 32-bit shared address a (16-byte aligned; its 128-byte swizzle
+ * pattern anchored at 1024-byte boundaries). */
+__device__ static inline uint64_t wg_desc(uint32_t a, uint32_t lbo, uint32_t sbo, int swizzle) {
+    return (uint64_t)((a & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
+           (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | (uint64_t)swizzle << 62;
+}
+
+/* Before the first product of a sequence, and whenever registers it reads (A, the accumulator) were
+ * written by ordinary instructions since the last one. */
+__device__ static inline void wg_fence() {
+#if WG_DEVICE
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ static inline void wg_commit() {
+#if WG_DEVICE
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+/* Waits until at most N committed groups are pending. */
+template <int N> __device__ static inline void wg_wait() {
+#if WG_DEVICE
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+/* Orders this thread's ordinary (and cp.async) shared-memory writes before later reads by the tensor cores'
+ * asynchronous proxy: each writing thread, before the barrier that publishes the writes. */
+__device__ static inline void wg_fence_smem() {
+#if WG_DEVICE
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/* A register fence for the compiler, which does not know that the products are asynchronous: after
+ * wg_wait, so that reads of an accumulator stay below the wait; before wg_fence, on the accumulators and A
+ * fragments written since the last products, so that those writes stay above it (else the products are
+ * serialised, or the compiler inserts its own fence). */
+template <int N> __device__ static inline void wg_hold(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i]));
+}
+template <int N> __device__ static inline void wg_hold(uint32_t (&a)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(a[i]));
+}
+
+/* Four 8 x 8 bf16 matrices to shared memory (stmatrix, sm_90): lanes 8 q .. 8 q + 7 give the row
+ * addresses of matrix q, whose fragment r_q this lane holds as ldmatrix would load it (row lane / 4,
+ * columns 2 (lane % 4) ..). */
+__device__ static inline void wg_stsm4(uint32_t a, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+#if WG_DEVICE
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(r0), "r"(r1), "r"(r2),
+                 "r"(r3)
+                 : "memory");
+#endif
+}
+/* Two bf16 products, each rounded once: (v.lo f.lo, v.hi f.hi). */
+__device__ static inline uint32_t wg_hmul2(uint32_t v, uint32_t f) {
+    uint32_t r = 0;
+#if WG_DEVICE
+    asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(v), "r"(f));
+#endif
+    return r;
+}
+
+/* The 32 accumulator registers of an m64n64 product as asm operands %0 .. %31, and their list. */
+#define WG_D32_LIST                                                                                             \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                  \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_D32_OPERANDS(d)                                                                                      \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+    "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+    "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+    "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+/* d (64 x 64, f32) = (acc ? d : 0) + A B, A (64 x 16) and B (16 x 64) from shared memory (descriptors da,
+ * db); TA / TB: 0 K-major, 1 MN-major. */
+template <int TA, int TB> __device__ static inline void wg_64x64_ss(float (&d)[32], uint64_t da, uint64_t db, int acc) {
+#if WG_DEVICE
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32_LIST ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : WG_D32_OPERANDS(d)
+                 : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
+#endif
+}
+/* The same with A from registers (a[4], the layout above). */
+template <int TB> __device__ static inline void wg_64x64_rs(float (&d)[32], const uint32_t a[4], uint64_t db, int acc) {
+#if WG_DEVICE
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32_LIST ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                 : WG_D32_OPERANDS(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc), "n"(TB));
+#endif
+}
