@@ -65,7 +65,7 @@ static void breakdown(const bufs *b, int BH, int nh, int T, int hd, int slots, i
     memset(&p, 0, sizeof p);
     p.x = b->q, p.y = b->k, p.z = b->v, p.out = b->o, p.out_f32 = 0, p.sbh = (int64_t)T * hd, p.BH = BH, p.nh = nh;
     p.T = T, p.hd = hd, p.slope = b->slope, p.ws = b->ws, p.ws_floats = b->ws_floats, p.slots = slots;
-    p.kernel = b->kernel != LC_AUTO ? b->kernel : lc_wgmma_ok() ? LC_WGMMA : LC_MMA; /* lc_launch takes no LC_AUTO */
+    p.kernel = b->kernel != LC_AUTO ? b->kernel : wg_available() ? LC_WGMMA : LC_MMA; /* lc_launch takes no LC_AUTO */
     const lc_plan pl = lc_plan_for(BH, T, hd, p.slots);
     if (pl.nseg < 2 || hd != 128) return;
     cudaEvent_t ev[4];

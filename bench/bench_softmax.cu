@@ -6,7 +6,7 @@
  * f32 (the layer's datt, q's layout) and is D = rowsum(dO * att), then dk and dv, then dq (all f32, written).
  *
  *   m1c_bench_softmax [--heads 16] [--kv-heads 16] [--head-dim 128] [--tokens 65536] [--T 2048,4096,8192]
- *                     [--iters 10]
+ *                     [--iters 10] [--kernel auto|mma|wgmma]   (the backward's: wgmma where built and run on sm_90)
  */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -43,6 +43,7 @@ typedef struct bufs {
     float *lse, *dO, *D, *dq, *dk, *dv;
     __nv_bfloat16 *dO_lp;
     unsigned long long *bad; /* device counter of k_nonfinite */
+    int wg;                  /* the backward on warpgroup MMA (tc_attend_bwd's wg) */
 } bufs;
 
 typedef struct shape {
@@ -58,7 +59,7 @@ static void fwd(const bufs *b, const shape *p) {
 static void bwd(const bufs *b, const shape *p) {
     const char *what = "";
     const cudaError_t e = tc_attend_bwd(0, b->q, b->k, b->v, b->att, b->dO, b->dO_lp, b->lse, b->D, b->dq, b->dk,
-                                        b->dv, p->B, p->T, p->nh, p->kvh, p->hd, &what);
+                                        b->dv, p->B, p->T, p->nh, p->kvh, p->hd, b->wg, &what);
     if (e != cudaSuccess) {
         fprintf(stderr, "m1c_bench_softmax: %s: %s\n", what, cudaGetErrorString(e));
         exit(1);
@@ -83,17 +84,25 @@ static void breakdown(const bufs *b, const shape *p, int iters) {
     const float scale = 1.0f / sqrtf(128.0f), scale_log2 = 1.4426950408889634f * scale;
     const int64_t rows = (int64_t)p->B * p->T * p->nh;
     const dim3 gkv((p->T + FA_T - 1) / FA_T, p->kvh, p->B), gq((p->T + fa_tq<128>() - 1) / fa_tq<128>(), p->nh, p->B);
+    const dim3 wkv((p->T + FW_T - 1) / FW_T, p->kvh, p->B), wq((p->T + FW_T - 1) / FW_T, p->nh, p->B);
     fwd(b, p);
     for (int it = 0; it < n; it++) {
         CK(cudaEventRecord(ev[0]));
         fa_prep_kernel<128><<<(int)((rows * 32 + 255) / 256), 256>>>(b->dO_lp, b->D, b->dO, b->att, p->T, p->nh, rows);
         CK(cudaEventRecord(ev[1]));
-        fa_bwd_kv_kernel<128><<<gkv, FA_THREADS, sizeof(fa_dkv_smem<128>)>>>(b->q, b->k, b->v, b->dO_lp, b->lse, b->D,
-                                                                            b->dk, b->dv, p->T, p->nh, p->kvh, scale,
-                                                                            scale_log2);
+        if (b->wg)
+            fw_bwd_kv_kernel<128><<<wkv, 128, wg_smem_bytes<fw_dkv_smem<128>>()>>>(
+                b->q, b->k, b->v, b->dO_lp, b->lse, b->D, b->dk, b->dv, p->T, p->nh, p->kvh, scale, scale_log2);
+        else
+            fa_bwd_kv_kernel<128><<<gkv, FA_THREADS, sizeof(fa_dkv_smem<128>)>>>(
+                b->q, b->k, b->v, b->dO_lp, b->lse, b->D, b->dk, b->dv, p->T, p->nh, p->kvh, scale, scale_log2);
         CK(cudaEventRecord(ev[2]));
-        fa_bwd_q_kernel<128><<<gq, 32 * FA_FW, sizeof(fa_dq_smem<128>)>>>(b->q, b->k, b->v, b->dO_lp, b->lse, b->D,
-                                                                         b->dq, p->T, p->nh, p->kvh, scale, scale_log2);
+        if (b->wg)
+            fw_bwd_q_kernel<128><<<wq, 128, wg_smem_bytes<fw_dq_smem<128>>()>>>(b->q, b->k, b->v, b->dO_lp, b->lse, b->D,
+                                                                               b->dq, p->T, p->nh, p->kvh, scale, scale_log2);
+        else
+            fa_bwd_q_kernel<128><<<gq, 32 * FA_FW, sizeof(fa_dq_smem<128>)>>>(b->q, b->k, b->v, b->dO_lp, b->lse, b->D,
+                                                                             b->dq, p->T, p->nh, p->kvh, scale, scale_log2);
         CK(cudaEventRecord(ev[3]));
         CK(cudaGetLastError());
         CK(cudaEventSynchronize(ev[3]));
@@ -135,7 +144,7 @@ static void run_case(const bufs *b, const shape *p, int with_bwd, int iters) {
 }
 
 int main(int argc, char **argv) {
-    int nh = 16, kvh = 16, hd = 128, iters = 10;
+    int nh = 16, kvh = 16, hd = 128, iters = 10, kernel = -1; /* -1 auto, 0 mma, 1 wgmma */
     int64_t tokens = 65536;
     int Ts[16] = {2048, 4096, 8192}, nT = 3;
     for (int i = 1; i < argc; i++) {
@@ -146,10 +155,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--tokens") && more) tokens = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--iters") && more) iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--T") && more) nT = parse_list(argv[++i], Ts, 16);
-        else nT = -1;
+        else if (!strcmp(argv[i], "--kernel") && more) {
+            const char *k = argv[++i];
+            kernel = !strcmp(k, "auto") ? -1 : !strcmp(k, "mma") ? 0 : !strcmp(k, "wgmma") ? 1 : -2;
+            if (kernel == -2) nT = -1;
+        } else nT = -1;
         if (nT < 1) {
             fprintf(stderr, "usage: m1c_bench_softmax [--heads N] [--kv-heads N] [--head-dim 64|128] [--tokens N] "
-                            "[--T a,b,..] [--iters N]\n");
+                            "[--T a,b,..] [--iters N] [--kernel auto|mma|wgmma]\n");
             return 1;
         }
     }
@@ -173,6 +186,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "m1c_bench_softmax: no CUDA device\n");
         return 1;
     }
+    if (kernel == 1 && !wg_available()) {
+        fprintf(stderr, "m1c_bench_softmax: --kernel wgmma needs a build for sm_90a and a GPU of compute capability 9.0\n");
+        return 1;
+    }
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     const size_t need = tc_smem_max(hd);
@@ -191,6 +208,7 @@ int main(int argc, char **argv) {
 
     const int64_t nq = rows * nh * hd, nk = rows * kvh * hd, nl = rows * nh;
     bufs b;
+    b.wg = kernel < 0 ? wg_available() : kernel;
     CK(cudaMalloc((void **)&b.q, (size_t)nq * 2));
     CK(cudaMalloc((void **)&b.k, (size_t)nk * 2));
     CK(cudaMalloc((void **)&b.v, (size_t)nk * 2));
@@ -208,9 +226,9 @@ int main(int argc, char **argv) {
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
 
-    printf("softmax attention (tensor cores), %s (%d SMs), causal, q k v bf16, att bf16, dO dq dk dv f32, "
-           "%d query heads, %d KV heads x %d, %lld tokens per batch, median of %d\n",
-           prop.name, prop.multiProcessorCount, nh, kvh, hd, (long long)tokens, iters);
+    printf("softmax attention (tensor cores, backward on %s), %s (%d SMs), causal, q k v bf16, att bf16, dO dq dk dv "
+           "f32, %d query heads, %d KV heads x %d, %lld tokens per batch, median of %d\n",
+           b.wg ? "wgmma" : "mma.sync", prop.name, prop.multiProcessorCount, nh, kvh, hd, (long long)tokens, iters);
     printf("%-10s %8s %6s %12s %14s\n", "pass", "T", "batch", "ms", "M tokens/s");
     for (int pass = 1; pass >= 0; pass--) /* forward + backward, then forward alone */
         for (int i = 0; i < nT; i++) {

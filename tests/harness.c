@@ -377,8 +377,11 @@ m1c_tensor th_vec(void *data, int64_t n, int dtype, int device, const char *name
 
 th_text th_softmax_settings(const th_softmax_cfg *c) {
     th_text buf;
-    snprintf(buf.s, sizeof buf.s, "heads = %d; kv_heads = %d; head_dim = %d; rotary_dim = %d; rope_theta = %.1f;",
-             c->nh, c->kvh, c->hd, c->rd, c->theta);
+    const int n = snprintf(buf.s, sizeof buf.s,
+                           "heads = %d; kv_heads = %d; head_dim = %d; rotary_dim = %d; rope_theta = %.1f;", c->nh,
+                           c->kvh, c->hd, c->rd, c->theta);
+    if (c->kernel && n > 0 && (size_t)n < sizeof buf.s)
+        snprintf(buf.s + n, sizeof buf.s - (size_t)n, " kernel = \"%s\";", c->kernel);
     return buf;
 }
 

@@ -95,6 +95,7 @@ m1c_tensor th_vec(void *data, int64_t n, int dtype, int device, const char *name
 typedef struct th_softmax_cfg {
     int H, nh, kvh, hd, rd;
     double theta;
+    const char *kernel; /* the setting "kernel", or NULL for the default */
 } th_softmax_cfg;
 typedef struct th_text {
     char s[256];

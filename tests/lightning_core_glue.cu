@@ -56,7 +56,7 @@ int lct_available(void) {
     return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-int lct_kernels(void) { return lc_wgmma_ok() ? 2 : 1; }
+int lct_kernels(void) { return wg_available() ? 2 : 1; }
 
 /* The plan lc_run_t makes (the same call); lc_segments is its nseg. */
 int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *seg_rows) {

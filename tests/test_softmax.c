@@ -102,12 +102,12 @@ static void check_forward(const cfg *c, int B, int T, float param_std, uint64_t 
     th_layer_free(l);
 }
 
-static const cfg gqa_partial = {16, 4, 2, 8, 4, 10000.0}; /* rotary_dim < head_dim, like MiniMax */
-static const cfg mha_full = {12, 2, 2, 6, 6, 1e6};         /* HF: full rotary, theta 1e6 */
-static const cfg mqa_odd = {10, 3, 1, 10, 8, 500.0};       /* one KV head, odd head count */
+static const cfg gqa_partial = {16, 4, 2, 8, 4, 10000.0, NULL}; /* rotary_dim < head_dim, like MiniMax */
+static const cfg mha_full = {12, 2, 2, 6, 6, 1e6, NULL};         /* HF: full rotary, theta 1e6 */
+static const cfg mqa_odd = {10, 3, 1, 10, 8, 500.0, NULL};       /* one KV head, odd head count */
 /* MiniMax-M1's head: 128 dims of which 64 rotate, theta 1e7. A head this wide makes the plugin's key
  * tiles (sized to keep tile GEMMs small) narrower than its query tiles. */
-static const cfg wide_head = {8, 2, 1, 128, 64, 1e7};
+static const cfg wide_head = {8, 2, 1, 128, 64, 1e7, NULL};
 
 Test(softmax, forward_matches_reference_gqa_partial_rotary) {
     check_forward(&gqa_partial, 2, 1, 0.3f, 10);
@@ -341,12 +341,15 @@ Test(softmax, settings_refused) {
     expect_refusal("heads = 4; head_dim = 8; rotary_dimm = 4;", "rotary_dimm"); /* unknown key */
     expect_refusal("heads = 0;", "heads");
     expect_refusal("heads = 2; rope_theta = 0.5;", "rope_theta");
+    expect_refusal("heads = 2; kernel = \"fast\";", "kernel"); /* not one of the choices */
 }
 
 Test(softmax, settings_accepted_with_defaults) {
     m1c_plugin *p;
     cr_assert_eq(try_create("heads = 4; kv_heads = 2; head_dim = 8; rotary_dim = 4; rope_theta = 1e7;", 16, &p),
                  M1C_OK, "%s", p->error);
+    /* the CUDA path's kernel choice has no effect on the CPU: every choice is accepted there */
+    cr_assert_eq(try_create("heads = 4; head_dim = 8; kernel = \"wgmma\";", 16, &p), M1C_OK, "%s", p->error);
     /* defaults: kv_heads = heads, head_dim = hidden / heads, rotary_dim = head_dim */
     th_layer *l = th_layer_new("softmax", "heads = 4;", 0, 1, 32, 1, 2, 1, 0.0f);
     cr_assert_eq(l->pspec[0].shape[0], 32); /* q: 4 heads x 8 */

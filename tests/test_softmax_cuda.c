@@ -20,11 +20,11 @@
 /* The shape of one configuration (harness.h, shared with the CPU tests); th_softmax_settings spells it. */
 typedef th_softmax_cfg cfg;
 
-static const cfg gqa_partial = {64, 4, 2, 32, 16, 10000.0}; /* GQA 2:1, half the dims rotate */
-static const cfg mqa_full = {64, 8, 1, 64, 64, 1e6};        /* one KV head for 8, full rotary (HF) */
-static const cfg mha_partial = {48, 2, 2, 64, 32, 1e7};     /* MHA */
-static const cfg minimax_head = {64, 2, 1, 128, 64, 1e7};   /* M1's head: 128 dims, 64 rotate */
-static const cfg odd_head = {40, 3, 1, 40, 24, 500.0};      /* hd not a multiple of the warp: edge lanes */
+static const cfg gqa_partial = {64, 4, 2, 32, 16, 10000.0, NULL}; /* GQA 2:1, half the dims rotate */
+static const cfg mqa_full = {64, 8, 1, 64, 64, 1e6, NULL};        /* one KV head for 8, full rotary (HF) */
+static const cfg mha_partial = {48, 2, 2, 64, 32, 1e7, NULL};     /* MHA */
+static const cfg minimax_head = {64, 2, 1, 128, 64, 1e7, NULL};   /* M1's head: 128 dims, 64 rotate */
+static const cfg odd_head = {40, 3, 1, 40, 24, 500.0, NULL};      /* hd not a multiple of the warp: edge lanes */
 
 static const int Ts[] = {1, 5, 33, 130, 300}; /* 1, inside a tile, across tiles, tile remainders */
 
@@ -57,12 +57,13 @@ static double rel_to_scale(const float *got, const float *ref, int64_t n, double
 static void check(const char *what, const cfg *c, int B, int T, int dt, const float *got, const float *ref,
                   int64_t n, double floor, double tolerance) {
     double e = rel_to_scale(got, ref, n, floor);
-    cr_log_info("%s hd=%d nh=%d kvh=%d B=%d T=%d %s: max |diff| / scale %.3g", what, c->hd, c->nh, c->kvh, B, T,
-                dt == M1C_BF16 ? "bf16" : "f32", e);
+    const char *k = c->kernel ? c->kernel : "auto";
+    cr_log_info("%s hd=%d nh=%d kvh=%d B=%d T=%d %s kernel %s: max |diff| / scale %.3g", what, c->hd, c->nh, c->kvh,
+                B, T, dt == M1C_BF16 ? "bf16" : "f32", k, e);
     cr_assert_leq(e, tolerance,
-                  "%s (H=%d nh=%d kvh=%d hd=%d rd=%d B=%d T=%d, %s): GPU differs from CPU by %.3g of the scale "
-                  "(tolerance %.3g)",
-                  what, c->H, c->nh, c->kvh, c->hd, c->rd, B, T, dt == M1C_BF16 ? "bf16" : "f32", e, tolerance);
+                  "%s (H=%d nh=%d kvh=%d hd=%d rd=%d B=%d T=%d, %s, kernel %s): GPU differs from CPU by %.3g of the "
+                  "scale (tolerance %.3g)",
+                  what, c->H, c->nh, c->kvh, c->hd, c->rd, B, T, dt == M1C_BF16 ? "bf16" : "f32", k, e, tolerance);
 }
 
 static float *dev_to_host(const void *p, int64_t n) { return th_to_host(DEV, (const float *)p, n); }
@@ -144,19 +145,54 @@ Test(softmax_cuda, bf16_odd_head_dim) { th_need_gpu(), check_all_T(&odd_head, M1
 
 /* BF16 at head_dim 64 and 128 runs the tensor-core kernels (tiles of 64 queries and 64 keys): T
  * just under, at and over one tile, two tiles plus a remainder, and several tiles with a partial
- * last one, under MHA, GQA 2:1 and MQA. P and dS are rounded to bf16 before their GEMMs, one more
+ * last one, under MHA, GQA 2:1 and MQA, with each backward the build and GPU have (kernel = "mma",
+ * and "wgmma" on sm_90a builds on sm_90). P and dS are rounded to bf16 before their GEMMs, one more
  * rounding (2^-9 relative per term, summed over <= 300 keys with random signs for dS) than the
  * tolerances above already allow for: they stand. */
-static const cfg gqa_hd64 = {64, 4, 2, 64, 32, 10000.0};
+static const cfg gqa_hd64 = {64, 4, 2, 64, 32, 10000.0, NULL};
+
+/* 1 where the softmax plugin accepts kernel = "wgmma" on the GPU (its message otherwise in the log). */
+static int wgmma_runs(void) {
+    const m1c_layer_info info = {sizeof info, 0, 1, 64, M1C_DEVICE_CUDA, M1C_BF16, 1, {0}};
+    m1c_plugin *p = NULL;
+    const int ok = th_try_create("softmax", M1C_KIND_ATTENTION, "heads = 1; head_dim = 64; kernel = \"wgmma\";", &info,
+                                 &p) == M1C_OK;
+    if (!ok) cr_log_info("kernel = \"wgmma\" not run: %s", p->error);
+    return ok;
+}
+
+/* The tensor-core kernels refused where they cannot run, the message naming the key. */
+Test(softmax_cuda, kernel_setting_refused) {
+    th_need_gpu();
+    const m1c_layer_info f32 = {sizeof f32, 0, 1, 64, M1C_DEVICE_CUDA, M1C_F32, 1, {0}};
+    const m1c_layer_info bf16 = {sizeof bf16, 0, 1, 64, M1C_DEVICE_CUDA, M1C_BF16, 1, {0}};
+    m1c_plugin *p = NULL;
+    cr_assert_eq(th_try_create("softmax", M1C_KIND_ATTENTION, "heads = 1; head_dim = 64; kernel = \"mma\";", &f32, &p),
+                 M1C_ERR, "kernel = \"mma\" at f32 was accepted");
+    th_assert_has(p->error, "kernel");
+    cr_assert_eq(th_try_create("softmax", M1C_KIND_ATTENTION, "heads = 1; head_dim = 32; kernel = \"wgmma\";", &bf16,
+                               &p),
+                 M1C_ERR, "kernel = \"wgmma\" at head_dim 32 was accepted");
+    th_assert_has(p->error, "head_dim");
+    cr_assert_eq(th_try_create("softmax", M1C_KIND_ATTENTION, "heads = 1; head_dim = 64; kernel = \"cuda_cores\";",
+                               &bf16, &p),
+                 M1C_OK, "%s", p->error);
+}
+
 Test(softmax_cuda, bf16_tensor_core_tile_edges) {
     th_need_gpu();
     static const int edge_T[] = {63, 64, 65, 130, 300};
+    static const char *const kernels[] = {"mma", "wgmma"};
     const cfg *cs[] = {&gqa_hd64, &mha_partial, &mqa_full, &minimax_head};
-    for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++)
-        for (size_t i = 0; i < sizeof edge_T / sizeof edge_T[0]; i++) {
-            const int T = edge_T[i], B = T >= 130 ? 1 : 2;
-            check_vs_cpu(cs[c], B, T, M1C_BF16, 9700 + 100 * c + i);
-        }
+    const int nk = wgmma_runs() ? 2 : 1;
+    for (int k = 0; k < nk; k++)
+        for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++)
+            for (size_t i = 0; i < sizeof edge_T / sizeof edge_T[0]; i++) {
+                const int T = edge_T[i], B = T >= 130 ? 1 : 2;
+                cfg ck = *cs[c];
+                ck.kernel = kernels[k];
+                check_vs_cpu(&ck, B, T, M1C_BF16, 9700 + 100 * c + i);
+            }
 }
 
 /* Scores of std ~6 (weights std 0.3): a peaked softmax, so a missing max-subtraction or a wrong

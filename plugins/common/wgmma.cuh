@@ -16,13 +16,31 @@
  * "transposed" operand): LBO = bytes between 8-row groups of K, SBO = bytes between 8-column groups of N. */
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
+
+#include "mma.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WG_DEVICE 1
 #else
 #define WG_DEVICE 0
 #endif
+
+/* 1 where this translation unit has its sm_90a kernels (its target built for sm_90a defines M1C_SM90A) and
+ * the current device runs them (compute capability 9.0). */
+static inline int wg_available(void) {
+#ifdef M1C_SM90A
+    int dev = 0, major = 0, minor = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+           minor == 0;
+#else
+    return 0;
+#endif
+}
 
 enum { WG_SWIZZLE_NONE = 0, WG_SWIZZLE_128B = 1 };
 
@@ -32,6 +50,45 @@ __device__ static inline uint64_t wg_desc(uint32_t a, uint32_t lbo, uint32_t sbo
     return (uint64_t)((a & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
            (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | (uint64_t)swizzle << 62;
 }
+
+/* The 128-byte swizzle, the layout of the shared-memory tiles that the kernels here feed to the products: a
+ * tile of R rows (a multiple of 8) by a multiple of 64 bf16 columns is column panels of 64, each R rows of
+ * 128 bytes with row r's 16-byte chunk c at (c ^ r % 8) 16; tiles 1024-byte aligned. The byte offset of
+ * element (r, c): */
+__device__ static inline uint32_t wg_sw_off(int r, int c, int R) {
+    return (uint32_t)((c / 64) * R * 128 + r * 128 + ((c % 64 / 8) ^ (r % 8)) * 16 + (c % 8) * 2);
+}
+/* Descriptors of such a tile at shared address a: as a K-major operand (its rows are M or N; k-step k, 16
+ * columns, at a + wg_kstep(k, R) 16 bytes) and as an MN-major one (its rows are K; k-step k, 16 rows, at a
+ * + 2048 k; one 64-column panel per product). A descriptor plus n is that of the address 16 n bytes on
+ * (shared addresses stay below 2^18). */
+__device__ static inline uint64_t wg_kdesc(uint32_t a) { return wg_desc(a, 16, 1024, WG_SWIZZLE_128B); }
+__device__ static inline uint64_t wg_mndesc(uint32_t a) { return wg_desc(a, 1024, 1024, WG_SWIZZLE_128B); }
+__device__ static inline uint32_t wg_kstep(int k, int R) { return (uint32_t)((k / 4) * R * 128 + (k % 4) * 32) >> 4; }
+/* ROWS rows of W bf16 at src (row stride ld elements) into the swizzled tile at dst by cp.async, from the
+ * block's NT threads (a multiple of 64): thread t copies chunk t % 8 of rows t / 8 + NT / 8 i of every
+ * panel (consecutive threads fill a row's 128 bytes); rows >= n zero. */
+template <int ROWS, int W, int NT>
+__device__ static inline void wg_load_tile(void *dst, const __nv_bfloat16 *src, int64_t ld, int n) {
+    static_assert(NT % 64 == 0 && ROWS % (NT / 8) == 0, "a thread's rows share their swizzle (row % 8)");
+    constexpr int RS = NT / 8;
+    const int r0 = (int)threadIdx.x / 8, c = (int)threadIdx.x % 8;
+    unsigned char *d = static_cast<unsigned char *>(dst) + r0 * 128 + ((c ^ (r0 % 8)) * 16);
+    const __nv_bfloat16 *s = src + (int64_t)r0 * ld + c * 8;
+#pragma unroll
+    for (int pn = 0; pn < W / 64; pn++)
+#pragma unroll
+        for (int i = 0; i < ROWS / RS; i++) {
+            const bool ok = r0 + i * RS < n;
+            mma_cp16(d + (pn * ROWS + i * RS) * 128, ok ? s + (int64_t)i * RS * ld + pn * 64 : src, ok);
+        }
+}
+/* The kernels' dynamic shared memory, raw, as a layout S aligned to 1024 bytes (launch with
+ * wg_smem_bytes<S>()). */
+template <typename S> __device__ static inline S &wg_smem(unsigned char *raw) {
+    return *reinterpret_cast<S *>(raw + ((1024 - (mma_smem(raw) & 1023)) & 1023));
+}
+template <typename S> static constexpr size_t wg_smem_bytes() { return sizeof(S) + 1024; }
 
 /* Before the first product of a sequence, and whenever registers it reads (A, the accumulator) were
  * written by ordinary instructions since the last one. */

@@ -46,7 +46,7 @@ typedef struct lc_problem {
     float *ws;                      /* device workspace of lc_workspace_floats() floats (NULL if that is 0) */
     int64_t ws_floats;              /* its size, checked */
     int slots;                      /* output-pass CTAs resident on the whole device (lc_slots(hd), once) */
-    int kernel;                     /* output pass: LC_AUTO (0), LC_MMA or LC_WGMMA (where lc_wgmma_ok) */
+    int kernel;                     /* output pass: LC_AUTO (0), LC_MMA or LC_WGMMA (where wg_available) */
 } lc_problem;
 
 /* The output pass's kernels: mma.sync (sm_80 and later) or wgmma (sm_90a builds on sm_90 devices);
@@ -320,9 +320,8 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
  *   O = exp(-s (i+1)) O + mask(S) z (the masked scores from registers) and
  *   M' = exp(-s m) M + (y decayed)^T z (y^T by ldmatrix into registers, scaled by its decay).
  *
- * Shared memory holds every tile in the 128-byte swizzle: panels of 64 columns, each row of a panel 128
- * bytes with its 16-byte chunk c at (c ^ row % 8) * 16, tiles 1024-byte aligned. x and y are K-major for
- * S and x M (head_dim contiguous), z and M MN-major (their columns contiguous). The same pass without
+ * Shared memory holds every tile in the 128-byte swizzle (wg_sw_off): x and y are K-major for S and x M
+ * (head_dim contiguous), z and M MN-major (their columns contiguous). The same pass without
  * swizzling (core matrices of 8 contiguous 16-byte rows) ran 1.35x slower than the mma.sync kernel
  * (docs/perf.md). */
 template <int HD> struct lcw_smem_layout {
@@ -331,25 +330,11 @@ template <int HD> struct lcw_smem_layout {
     __nv_bfloat16 m[HD * LC_NS];                     /* [HD][NS] */
     float pw[LC_C + 1];
 };
-/* bytes of dynamic shared memory: the layout and room to align it to 1024 bytes */
-template <int HD> static constexpr size_t lcw_smem_bytes() { return sizeof(lcw_smem_layout<HD>) + 1024; }
-
-/* The byte offset of element (r, c) of a swizzled tile of R rows. */
-__device__ static inline uint32_t lcw_off(int r, int c, int R) {
-    return (uint32_t)((c / 64) * R * 128 + r * 128 + ((c % 64 / 8) ^ (r % 8)) * 16 + (c % 8) * 2);
-}
-/* Descriptors of a swizzled tile at shared address a: K-major (k-step k at a + (k / 4) R 128 + (k % 4) 32)
- * and MN-major (k-step k, 16 rows, at a + 2048 k). A descriptor plus (bytes >> 4) is the descriptor of
- * the address that many bytes on (shared addresses stay below 2^18). */
-__device__ static inline uint64_t lcw_kdesc(uint32_t a) { return wg_desc(a, 16, 1024, WG_SWIZZLE_128B); }
-__device__ static inline uint64_t lcw_mndesc(uint32_t a) { return wg_desc(a, 1024, 1024, WG_SWIZZLE_128B); }
-
 template <int HD>
 __global__ void __launch_bounds__(128, 2) lcw_kernel(lc_problem p, lc_pass ps) {
 #if WG_DEVICE
     extern __shared__ __align__(16) unsigned char lc_raw[];
-    lcw_smem_layout<HD> &sm =
-        *reinterpret_cast<lcw_smem_layout<HD> *>(lc_raw + ((1024 - (mma_smem(lc_raw) & 1023)) & 1023));
+    lcw_smem_layout<HD> &sm = wg_smem<lcw_smem_layout<HD>>(lc_raw);
     constexpr int NS = LC_NS, NSL = HD / NS, MH = HD / 64; /* MH 64-row tiles of the state */
     const int slice = (int)(blockIdx.x % NSL), seg = (int)(blockIdx.x / NSL % ps.nseg), bh = (int)(blockIdx.x / NSL / ps.nseg);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
@@ -376,7 +361,7 @@ __global__ void __launch_bounds__(128, 2) lcw_kernel(lc_problem p, lc_pass ps) {
             const int r = lr + 16 * i;
             const bool ok = r0 + r < r_end;
             const int64_t at = (int64_t)row_of(ok ? r0 + r : r_begin) * HD + lc * 8;
-            const uint32_t off = lcw_off(r, lc * 8, LC_C);
+            const uint32_t off = wg_sw_off(r, lc * 8, LC_C);
 #pragma unroll
             for (int pn = 0; pn < HD / 64; pn++) {
                 mma_cp16(xs + pn * LC_C * 128 + off, X + at + pn * 64, ok);
@@ -434,7 +419,7 @@ __global__ void __launch_bounds__(128, 2) lcw_kernel(lc_problem p, lc_pass ps) {
                             buffer is done */
         if (blk + 1 < nblk) load(blk + 1, buf ^ 1);
         const uint32_t x_s = mma_smem(sm.x[buf]), y_s = mma_smem(sm.y[buf]), z_s = mma_smem(sm.z[buf]);
-        const uint64_t xd = lcw_kdesc(x_s), yd = lcw_kdesc(y_s), zd = lcw_mndesc(z_s), md = lcw_mndesc(m_s);
+        const uint64_t xd = wg_kdesc(x_s), yd = wg_kdesc(y_s), zd = wg_mndesc(z_s), md = wg_mndesc(m_s);
 
         /* the state decays by exp(-s m) (before the products: registers that a product accumulates into are
          * not written while any is in flight) */
@@ -452,12 +437,11 @@ __global__ void __launch_bounds__(128, 2) lcw_kernel(lc_problem p, lc_pass ps) {
         wg_fence();
 #pragma unroll
         for (int ks = 0; ks < HD / 16; ks++) {
-            const uint32_t kof = ((ks / 4) * LC_C * 128 + (ks % 4) * 32) >> 4;
-            wg_64x64_ss<0, 0>(sc, xd + kof, yd + kof, ks > 0);
+            wg_64x64_ss<0, 0>(sc, xd + wg_kstep(ks, LC_C), yd + wg_kstep(ks, LC_C), ks > 0);
         }
 #pragma unroll
         for (int ks = 0; ks < HD / 16; ks++)
-            wg_64x64_ss<0, 1>(o, xd + (((ks / 4) * LC_C * 128 + (ks % 4) * 32) >> 4), md + ks * (2048 >> 4), ks > 0);
+            wg_64x64_ss<0, 1>(o, xd + wg_kstep(ks, LC_C), md + ks * (2048 >> 4), ks > 0);
         wg_commit();
 
         /* while they run: the A operand of the state's update (written before the update's wg_fence, so that
@@ -595,21 +579,7 @@ template <int HD, int MODE> static cudaError_t lc_allow_smem() {
 }
 
 template <int HD> static cudaError_t lcw_allow_smem() {
-    return cudaFuncSetAttribute(lcw_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)lcw_smem_bytes<HD>());
-}
-
-/* 1 where this build has the wgmma output pass (an sm_90a target: M1C_SM90A) and the current device is
- * the one it runs on (compute capability 9.0). */
-static inline int lc_wgmma_ok(void) {
-#ifdef M1C_SM90A
-    int dev = 0, major = 0, minor = 0;
-    return cudaGetDevice(&dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
-           minor == 0;
-#else
-    return 0;
-#endif
+    return cudaFuncSetAttribute(lcw_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<lcw_smem_layout<HD>>());
 }
 
 /* Once per device and head size before lc_run (lc_slots does it): the passes' kernels may use their
@@ -618,7 +588,7 @@ static inline cudaError_t lc_setup(int hd) {
     if (hd != 64 && hd != 128) return cudaErrorInvalidValue;
     cudaError_t e = hd == 128 ? lc_allow_smem<128, LC_OUT>() : lc_allow_smem<64, LC_OUT>();
     if (e == cudaSuccess) e = hd == 128 ? lc_allow_smem<128, LC_STATE>() : lc_allow_smem<64, LC_STATE>();
-    if (e == cudaSuccess && lc_wgmma_ok()) e = hd == 128 ? lcw_allow_smem<128>() : lcw_allow_smem<64>();
+    if (e == cudaSuccess && wg_available()) e = hd == 128 ? lcw_allow_smem<128>() : lcw_allow_smem<64>();
     return e;
 }
 
@@ -627,9 +597,9 @@ static inline cudaError_t lc_setup(int hd) {
 static inline int lc_occupancy(int hd) {
     int n = 0;
     cudaError_t e = lc_setup(hd);
-    if (e == cudaSuccess && lc_wgmma_ok())
-        e = hd == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lcw_kernel<128>, 128, lcw_smem_bytes<128>())
-                      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lcw_kernel<64>, 128, lcw_smem_bytes<64>());
+    if (e == cudaSuccess && wg_available())
+        e = hd == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lcw_kernel<128>, 128, wg_smem_bytes<lcw_smem_layout<128>>())
+                      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lcw_kernel<64>, 128, wg_smem_bytes<lcw_smem_layout<64>>());
     else if (e == cudaSuccess)
         e = hd == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lc_kernel<128, LC_OUT>, LC_THREADS,
                                                                       sizeof(lc_smem_layout<128, LC_OUT>))
@@ -696,7 +666,7 @@ template <int HD, int MODE> static cudaError_t lc_launch(const lc_problem *p, cu
     if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
     /* shared memory allowed by lc_setup */
     if (MODE == LC_OUT && p->kernel == LC_WGMMA)
-        lcw_kernel<HD><<<(unsigned)ctas, 128, lcw_smem_bytes<HD>(), stream>>>(*p, ps);
+        lcw_kernel<HD><<<(unsigned)ctas, 128, wg_smem_bytes<lcw_smem_layout<HD>>(), stream>>>(*p, ps);
     else
         lc_kernel<HD, MODE><<<(unsigned)ctas, LC_THREADS, sizeof(lc_smem_layout<HD, MODE>), stream>>>(*p, ps);
     return cudaGetLastError();
@@ -730,7 +700,7 @@ static inline cudaError_t lc_run(const lc_problem *p, cudaStream_t stream) {
     if (p->reverse && (p->init || p->final_state)) return cudaErrorInvalidValue;
     if (p->kernel != LC_AUTO && p->kernel != LC_MMA && p->kernel != LC_WGMMA) return cudaErrorInvalidValue;
     lc_problem q = *p;
-    const int wg = lc_wgmma_ok();
+    const int wg = wg_available();
     if (q.kernel == LC_WGMMA && !wg) return cudaErrorNotSupported;
     if (q.kernel == LC_AUTO) q.kernel = wg ? LC_WGMMA : LC_MMA;
     if (q.hd == 128) return lc_run_t<128>(&q, stream);

@@ -31,7 +31,11 @@ enum { ST_K, ST_V, N_STATE };
 
 #ifdef M1C_HAVE_CUDA
 /* The CUDA path (softmax.cu): an instance of its own, with its own acts and scratch layout. */
-int sm_cuda_create(const m1c_host *h, int H, int nh, int kvh, int hd, int rd, double theta, int dtype, void **out);
+/* kernel: SM_KERNEL_* (the setting "kernel") */
+enum { SM_KERNEL_AUTO, SM_KERNEL_WGMMA, SM_KERNEL_MMA, SM_KERNEL_CUDA_CORES };
+int sm_cuda_create(const m1c_host *h, int H, int nh, int kvh, int hd, int rd, double theta, int dtype, int kernel,
+                   void **out);
+int sm_cuda_wgmma_available(void);
 void sm_cuda_destroy(void *self);
 int sm_cuda_acts(void *self, int B, int T, m1c_buf_spec *specs, int max);
 int sm_cuda_scratch(void *self, int B, int T, m1c_buf_spec *specs, int max);
@@ -277,6 +281,29 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_i
     if (h->get_int(h, s, "head_dim", hd_def, 1, MAX_HEAD_DIM, &head_dim) != M1C_OK) return M1C_ERR;
     if (h->get_int(h, s, "rotary_dim", head_dim, 0, head_dim, &rotary_dim) != M1C_OK) return M1C_ERR;
     if (h->get_float(h, s, "rope_theta", 1e6, 1.0, 1e12, &theta) != M1C_OK) return M1C_ERR;
+    /* The CUDA path's attention kernels (no effect on the CPU): "auto" puts BF16 at head_dim 64 and 128 on
+     * tensor cores, its backward on warpgroup MMA where the build and the GPU have it (sm_90a, compute
+     * capability 9.0); "wgmma" and "mma" ask for one of those (mma.sync throughout for "mma"),
+     * "cuda_cores" for the CUDA-core kernels of every precision. */
+    static const char *const kernel_choices[] = {"auto", "wgmma", "mma", "cuda_cores", NULL};
+    const char *kernel;
+    if (h->get_string(h, s, "kernel", "auto", kernel_choices, &kernel) != M1C_OK) return M1C_ERR;
+    const int kern = !strcmp(kernel, "wgmma") ? SM_KERNEL_WGMMA
+                     : !strcmp(kernel, "mma") ? SM_KERNEL_MMA
+                     : !strcmp(kernel, "cuda_cores") ? SM_KERNEL_CUDA_CORES
+                                                     : SM_KERNEL_AUTO;
+    if ((kern == SM_KERNEL_WGMMA || kern == SM_KERNEL_MMA) && info->device == M1C_DEVICE_CUDA &&
+        (info->compute_dtype != M1C_BF16 || (head_dim != 64 && head_dim != 128)))
+        return h->settings_error(h, s, "kernel",
+                                 "\"%s\" runs on tensor cores, which need precision bf16 and head_dim 64 or 128 "
+                                 "(head_dim is %lld); use \"auto\" or \"cuda_cores\"",
+                                 kernel, (long long)head_dim);
+#ifdef M1C_HAVE_CUDA
+    if (kern == SM_KERNEL_WGMMA && info->device == M1C_DEVICE_CUDA && !sm_cuda_wgmma_available())
+        return h->settings_error(h, s, "kernel",
+                                 "\"wgmma\" needs a build for sm_90a and a GPU of compute capability 9.0 "
+                                 "(H100, H200); use \"auto\" or \"mma\"");
+#endif
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     if (heads % kv_heads != 0)
         return h->settings_error(h, s, "kv_heads", "%lld must divide heads = %lld", (long long)kv_heads,
@@ -301,7 +328,7 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_i
     a->cache_dt = info->device == M1C_DEVICE_CUDA && info->compute_dtype == M1C_BF16 ? M1C_BF16 : M1C_F32;
 #ifdef M1C_HAVE_CUDA
     if (info->device == M1C_DEVICE_CUDA &&
-        sm_cuda_create(h, a->H, a->nh, a->kvh, a->hd, a->rd, theta, info->compute_dtype, &a->cuda) != M1C_OK) {
+        sm_cuda_create(h, a->H, a->nh, a->kvh, a->hd, a->rd, theta, info->compute_dtype, kern, &a->cuda) != M1C_OK) {
         free(a);
         return M1C_ERR;
     }

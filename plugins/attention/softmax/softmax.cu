@@ -1,7 +1,8 @@
 /* Softmax attention plugin, CUDA path: the same layer as softmax.c (causal GQA, partial rotate_half
  * RoPE, KV cache) on one GPU, f32 or bf16 compute. Projections go through cuBLAS (h->gemm_ex);
  * attention is a flash-style kernel: on tensor cores (mma.sync in the FlashAttention-2 form,
- * softmax_fa.cuh) for BF16 at head_dim 64 and 128, on CUDA cores otherwise (f32: the exact reference). */
+ * softmax_fa.cuh; the backward on warpgroup MMA where built for sm_90a, softmax_wg.cuh) for BF16 at
+ * head_dim 64 and 128 (the setting "kernel"), on CUDA cores otherwise (f32: the exact reference). */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -34,6 +35,7 @@ typedef struct sm_cuda {
     const m1c_host *h;
     int H, nh, kvh, hd, rd, rep, dt; /* dt: compute dtype */
     int tc;                          /* BF16 attention on tensor cores (head_dim 64 or 128) */
+    int wg;                          /* tc, with the backward on warpgroup MMA (softmax_wg.cuh) */
     double theta;
 } sm_cuda;
 
@@ -341,8 +343,13 @@ static int raise_smem(const sm_cuda *a, K kernel, size_t bytes) {
     return M1C_OK;
 }
 
+/* The setting "kernel" (softmax.c). */
+enum { SM_KERNEL_AUTO, SM_KERNEL_WGMMA, SM_KERNEL_MMA, SM_KERNEL_CUDA_CORES };
+
+extern "C" int sm_cuda_wgmma_available(void) { return wg_available(); }
+
 extern "C" int sm_cuda_create(const m1c_host *h, int H, int nh, int kvh, int hd, int rd, double theta, int dtype,
-                              void **out) {
+                              int kernel, void **out) {
     *out = NULL;
     if (dtype != M1C_F32 && dtype != M1C_BF16)
         return h->error(h, "compute_dtype %d: the CUDA softmax supports f32 (0) and bf16 (1)", dtype);
@@ -362,13 +369,12 @@ extern "C" int sm_cuda_create(const m1c_host *h, int H, int nh, int kvh, int hd,
     if (!a) return h->error(h, "out of memory");
     a->h = h, a->H = H, a->nh = nh, a->kvh = kvh, a->hd = hd, a->rd = rd, a->rep = nh / kvh, a->dt = dtype;
     a->theta = theta;
-    /* Tensor cores for BF16 at head_dim 64 and 128; M1C_SOFTMAX_TC=0 in the environment keeps the
-     * CUDA-core kernels (a fallback, and the baseline of a comparison). */
-    const char *env = getenv("M1C_SOFTMAX_TC");
-    a->tc = dtype == M1C_BF16 && (hd == 64 || hd == 128) && !(env && strcmp(env, "0") == 0);
+    /* Tensor cores for BF16 at head_dim 64 and 128 unless kernel = "cuda_cores" (checked in softmax.c) */
+    a->tc = dtype == M1C_BF16 && (hd == 64 || hd == 128) && kernel != SM_KERNEL_CUDA_CORES;
+    a->wg = a->tc && (kernel == SM_KERNEL_WGMMA || (kernel == SM_KERNEL_AUTO && wg_available()));
     if (a->tc) {
         size_t bytes = 0;
-        if (tc_smem_max(hd) > (size_t)optin) a->tc = 0; /* cannot happen on sm_80+: keep the old path */
+        if (tc_smem_max(hd) > (size_t)optin) a->tc = a->wg = 0; /* cannot happen on sm_80+: keep the old path */
         else if ((e = tc_raise_smem(hd, &bytes)) != cudaSuccess) {
             h->error(h, "cudaFuncSetAttribute (%zu bytes of shared memory): %s", bytes, cudaGetErrorString(e));
             free(a);
@@ -503,7 +509,7 @@ static int attend_bwd_tc(const sm_cuda *a, cudaStream_t s, const bf16 *q, const 
     *done = 1;
     const char *what = "";
     const cudaError_t e =
-        tc_attend_bwd(s, q, k, v, att, dO, dO_lp, lse, D, dq, dk, dv, B, T, a->nh, a->kvh, a->hd, &what);
+        tc_attend_bwd(s, q, k, v, att, dO, dO_lp, lse, D, dq, dk, dv, B, T, a->nh, a->kvh, a->hd, a->wg, &what);
     return cuda_failed(a, e, what);
 }
 

@@ -18,14 +18,21 @@ enum { FA_T = 64, FA_QB = 32, FA_THREADS = 128, FA_PAD = 8 };
 
 template <int HD> using fa_tile = __nv_bfloat16[FA_T][HD + FA_PAD];
 
-/* ROWS rows of HD bf16 at src (row stride ld elements) into dst by cp.async; rows >= n zero. */
+/* ROWS rows of HD bf16 at src (row stride ld elements) into dst by cp.async, from the block's FA_THREADS
+ * threads (every kernel here has that many): thread t copies chunk t % C of rows t / C + RS i, its
+ * addresses stepped by constants (index arithmetic over blockDim.x cost about as many instructions per
+ * step as the products; a fully unrolled loop, registers the kernels lack); rows >= n zero. */
 template <int HD, int ROWS>
 __device__ static inline void fa_load(__nv_bfloat16 (*dst)[HD + FA_PAD], const __nv_bfloat16 *src, int64_t ld, int n) {
-    constexpr int C = HD / 8;
-    for (int i = threadIdx.x; i < ROWS * C; i += blockDim.x) {
-        const int r = i / C, c = (i % C) * 8;
+    constexpr int C = HD / 8, RS = FA_THREADS / C;
+    static_assert(FA_THREADS % C == 0 && (ROWS * C) % FA_THREADS == 0, "whole rows per pass of the threads");
+    const int r0 = (int)threadIdx.x / C, c = ((int)threadIdx.x % C) * 8;
+    const __nv_bfloat16 *s = src + (int64_t)r0 * ld + c;
+    const int64_t step = (int64_t)RS * ld;
+#pragma unroll 1
+    for (int r = r0; r < ROWS; r += RS, s += step) {
         const bool ok = r < n;
-        mma_cp16(&dst[r][c], src + (int64_t)(ok ? r : 0) * ld + c, ok);
+        mma_cp16(&dst[r][c], ok ? s : src, ok);
     }
 }
 

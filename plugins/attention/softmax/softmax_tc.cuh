@@ -49,6 +49,7 @@ __global__ static void rowdot_kernel(float *D, const float *dO, const TA *O, int
 /* ---- host launchers (attend_tc / attend_bwd_tc in softmax.cu, and bench/bench_softmax.cu) ---------- */
 
 #include "softmax_fa.cuh"
+#include "softmax_wg.cuh"
 
 #define ROWDOT_THREADS 256 /* rowdot_kernel's block: 8 rows, one warp each */
 
@@ -57,7 +58,12 @@ static inline size_t tc_smem_max(int hd) {
     const size_t f = hd == 64 ? sizeof(fa_fwd_smem<64>) : sizeof(fa_fwd_smem<128>);
     const size_t kv = hd == 64 ? sizeof(fa_dkv_smem<64>) : sizeof(fa_dkv_smem<128>);
     const size_t q = hd == 64 ? sizeof(fa_dq_smem<64>) : sizeof(fa_dq_smem<128>);
-    return f > kv ? (f > q ? f : q) : (kv > q ? kv : q);
+    const size_t wkv = hd == 64 ? wg_smem_bytes<fw_dkv_smem<64>>() : wg_smem_bytes<fw_dkv_smem<128>>();
+    const size_t wq = hd == 64 ? wg_smem_bytes<fw_dq_smem<64>>() : wg_smem_bytes<fw_dq_smem<128>>();
+    size_t m = f > kv ? f : kv;
+    m = m > q ? m : q;
+    if (wg_available()) m = m > wkv ? (m > wq ? m : wq) : (wkv > wq ? wkv : wq);
+    return m;
 }
 
 /* Allows the tensor-core kernels of head_dim hd (64 or 128) their dynamic shared memory (above the
@@ -76,8 +82,16 @@ static inline cudaError_t tc_raise_smem(int hd, size_t *bytes) {
                  : cudaFuncSetAttribute(fa_bwd_kv_kernel<128>, at, (int)*bytes);
     if (e != cudaSuccess) return e;
     *bytes = hd == 64 ? sizeof(fa_dq_smem<64>) : sizeof(fa_dq_smem<128>);
-    return hd == 64 ? cudaFuncSetAttribute(fa_bwd_q_kernel<64>, at, (int)*bytes)
-                    : cudaFuncSetAttribute(fa_bwd_q_kernel<128>, at, (int)*bytes);
+    e = hd == 64 ? cudaFuncSetAttribute(fa_bwd_q_kernel<64>, at, (int)*bytes)
+                 : cudaFuncSetAttribute(fa_bwd_q_kernel<128>, at, (int)*bytes);
+    if (e != cudaSuccess || !wg_available()) return e;
+    *bytes = hd == 64 ? wg_smem_bytes<fw_dkv_smem<64>>() : wg_smem_bytes<fw_dkv_smem<128>>();
+    e = hd == 64 ? cudaFuncSetAttribute(fw_bwd_kv_kernel<64>, at, (int)*bytes)
+                 : cudaFuncSetAttribute(fw_bwd_kv_kernel<128>, at, (int)*bytes);
+    if (e != cudaSuccess) return e;
+    *bytes = hd == 64 ? wg_smem_bytes<fw_dq_smem<64>>() : wg_smem_bytes<fw_dq_smem<128>>();
+    return hd == 64 ? cudaFuncSetAttribute(fw_bwd_q_kernel<64>, at, (int)*bytes)
+                    : cudaFuncSetAttribute(fw_bwd_q_kernel<128>, at, (int)*bytes);
 }
 
 /* D (B, nh, T) = rowsum(dO * O) over the B*T*nh rows of hd (see rowdot_kernel). B, T, nh >= 1. */
@@ -114,11 +128,11 @@ static inline cudaError_t tc_attend_fwd(cudaStream_t s, const bf16 *q, const bf1
  * to bf16 as the kernels read it), then dk, dv (B, T, kvh*hd) and dq (B, T, nh*hd) in f32, written (not
  * accumulated). q, att (B, T, nh*hd) and k, v (B, T, kvh*hd) bf16 and lse (B, nh, T) from the forward,
  * dO (B, T, nh*hd) f32, dO_lp (B, T, nh*hd) bf16 and D (B, nh, T) f32 scratch. Needs what tc_attend_fwd
- * needs (dO and dO_lp 16-byte aligned too) and nh a multiple of kvh. On failure *what names the launch
- * that failed. */
+ * needs (dO and dO_lp 16-byte aligned too) and nh a multiple of kvh. wg: dk dv and dq on warpgroup MMA
+ * (softmax_wg.cuh; only where wg_available). On failure *what names the launch that failed. */
 static inline cudaError_t tc_attend_bwd(cudaStream_t s, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *att,
                                         const float *dO, bf16 *dO_lp, const float *lse, float *D, float *dq, float *dk,
-                                        float *dv, int B, int T, int nh, int kvh, int hd, const char **what) {
+                                        float *dv, int B, int T, int nh, int kvh, int hd, int wg, const char **what) {
     *what = "attention backward (tensor cores)";
     if (B <= 0 || T <= 0) return cudaSuccess;
     if ((hd != 64 && hd != 128) || kvh <= 0 || nh % kvh) return cudaErrorInvalidValue;
@@ -134,6 +148,25 @@ static inline cudaError_t tc_attend_bwd(cudaStream_t s, const bf16 *q, const bf1
         fa_prep_kernel<128><<<pgrid, 256, 0, s>>>(dO_lp, D, dO, att, T, nh, rows);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
+    if (wg) {
+        const dim3 g((T + FW_T - 1) / FW_T, kvh, B), gw((T + FW_T - 1) / FW_T, nh, B);
+        *what = "attention backward dk dv (warpgroup MMA)";
+        if (hd == 64)
+            fw_bwd_kv_kernel<64><<<g, 128, wg_smem_bytes<fw_dkv_smem<64>>(), s>>>(q, k, v, dO_lp, lse, D, dk, dv, T, nh,
+                                                                                 kvh, scale, scale_log2);
+        else
+            fw_bwd_kv_kernel<128><<<g, 128, wg_smem_bytes<fw_dkv_smem<128>>(), s>>>(q, k, v, dO_lp, lse, D, dk, dv, T,
+                                                                                   nh, kvh, scale, scale_log2);
+        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+        *what = "attention backward dq (warpgroup MMA)";
+        if (hd == 64)
+            fw_bwd_q_kernel<64><<<gw, 128, wg_smem_bytes<fw_dq_smem<64>>(), s>>>(q, k, v, dO_lp, lse, D, dq, T, nh, kvh,
+                                                                                scale, scale_log2);
+        else
+            fw_bwd_q_kernel<128><<<gw, 128, wg_smem_bytes<fw_dq_smem<128>>(), s>>>(q, k, v, dO_lp, lse, D, dq, T, nh,
+                                                                                  kvh, scale, scale_log2);
+        return cudaGetLastError();
+    }
     *what = "attention backward dk dv (tensor cores)";
     if (hd == 64)
         fa_bwd_kv_kernel<64><<<gkv, FA_THREADS, sizeof(fa_dkv_smem<64>), s>>>(q, k, v, dO_lp, lse, D, dk, dv, T, nh, kvh,
