@@ -29,10 +29,11 @@ enum { A_Q, A_K, A_V, A_ATT, A_LSE, N_ACTS };
 enum { S_DQ, S_DK, S_DV, S_DATT, S_LSE, S_TILE, N_SCRATCH };
 enum { ST_K, ST_V, N_STATE };
 
+/* The setting "kernel": the CUDA path's attention kernels (sm_cuda_create's kernel). */
+enum { SM_KERNEL_AUTO, SM_KERNEL_WGMMA, SM_KERNEL_MMA, SM_KERNEL_CUDA_CORES };
+
 #ifdef M1C_HAVE_CUDA
 /* The CUDA path (softmax.cu): an instance of its own, with its own acts and scratch layout. */
-/* kernel: SM_KERNEL_* (the setting "kernel") */
-enum { SM_KERNEL_AUTO, SM_KERNEL_WGMMA, SM_KERNEL_MMA, SM_KERNEL_CUDA_CORES };
 int sm_cuda_create(const m1c_host *h, int H, int nh, int kvh, int hd, int rd, double theta, int dtype, int kernel,
                    void **out);
 int sm_cuda_wgmma_available(void);
