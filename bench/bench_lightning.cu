@@ -5,10 +5,12 @@
  * dQ, dK and dV (three core passes, see lightning_core.cuh), given dO.
  *
  *   m1c_bench_lightning [--heads 16] [--head-dim 128] [--tokens 65536] [--T 2048,8192,32768,65536]
- *                       [--fwd-T 262144,1048576] [--iters 10] [--slots N]
+ *                       [--fwd-T 262144,1048576] [--iters 10] [--slots N] [--kernel auto|mma|wgmma]
  *
  * --slots overrides the resident output-pass CTAs the planner assumes (lc_slots, from the device): a
  * small value (e.g. 1) forces one segment per sequence, to compare the segmented plan with the plain one.
+ * --kernel picks the output pass (lc_problem.kernel; auto: wgmma on sm_90 where built for sm_90a).
+ * M1C_BENCH_BREAKDOWN=1 adds the segmented forwards' passes one by one (state, scan, output).
  */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
