@@ -53,7 +53,7 @@ typedef struct shape {
 static void fwd(const bufs *b, const shape *p) {
     const int kd = p->kvh * p->hd;
     CK(tc_attend_fwd(0, b->q, b->k, b->v, (int64_t)p->T * kd, p->hd, kd, b->att, b->lse, p->B, p->T, p->nh,
-                     p->nh / p->kvh, p->hd, 0));
+                     p->nh / p->kvh, p->hd, 0, b->wg));
 }
 
 static void bwd(const bufs *b, const shape *p) {
@@ -226,7 +226,7 @@ int main(int argc, char **argv) {
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
 
-    printf("softmax attention (tensor cores, backward on %s), %s (%d SMs), causal, q k v bf16, att bf16, dO dq dk dv "
+    printf("softmax attention (tensor cores, %s), %s (%d SMs), causal, q k v bf16, att bf16, dO dq dk dv "
            "f32, %d query heads, %d KV heads x %d, %lld tokens per batch, median of %d\n",
            b.wg ? "wgmma" : "mma.sync", prop.name, prop.multiProcessorCount, nh, kvh, hd, (long long)tokens, iters);
     printf("%-10s %8s %6s %12s %14s\n", "pass", "T", "batch", "ms", "M tokens/s");

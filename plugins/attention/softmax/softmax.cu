@@ -1,7 +1,7 @@
 /* Softmax attention plugin, CUDA path: the same layer as softmax.c (causal GQA, partial rotate_half
  * RoPE, KV cache) on one GPU, f32 or bf16 compute. Projections go through cuBLAS (h->gemm_ex);
  * attention is a flash-style kernel: on tensor cores (mma.sync in the FlashAttention-2 form,
- * softmax_fa.cuh; the backward on warpgroup MMA where built for sm_90a, softmax_wg.cuh) for BF16 at
+ * softmax_fa.cuh; on warpgroup MMA where built for sm_90a, softmax_wg.cuh) for BF16 at
  * head_dim 64 and 128 (the setting "kernel"), on CUDA cores otherwise (f32: the exact reference). */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -35,7 +35,7 @@ typedef struct sm_cuda {
     const m1c_host *h;
     int H, nh, kvh, hd, rd, rep, dt; /* dt: compute dtype */
     int tc;                          /* BF16 attention on tensor cores (head_dim 64 or 128) */
-    int wg;                          /* tc, with the backward on warpgroup MMA (softmax_wg.cuh) */
+    int wg;                          /* tc on warpgroup MMA (softmax_wg.cuh) */
     double theta;
 } sm_cuda;
 
@@ -491,7 +491,7 @@ static int attend_tc(const sm_cuda *a, cudaStream_t s, const bf16 *q, const bf16
         return M1C_OK;
     *done = 1;
     const cudaError_t e = tc_attend_fwd(s, q, k, v, kb_stride, kg_stride, ks, att, lse, B, T, a->nh, a->rep, a->hd,
-                                        pos0);
+                                        pos0, a->wg);
     return cuda_failed(a, e, "attention forward (tensor cores)");
 }
 

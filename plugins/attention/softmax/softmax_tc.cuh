@@ -59,10 +59,15 @@ static inline size_t tc_smem_max(int hd) {
     const size_t kv = hd == 64 ? sizeof(fa_dkv_smem<64>) : sizeof(fa_dkv_smem<128>);
     const size_t q = hd == 64 ? sizeof(fa_dq_smem<64>) : sizeof(fa_dq_smem<128>);
     const size_t wkv = hd == 64 ? wg_smem_bytes<fw_dkv_smem<64>>() : wg_smem_bytes<fw_dkv_smem<128>>();
+    const size_t wf = hd == 64 ? wg_smem_bytes<fw_fwd_smem<64>>() : wg_smem_bytes<fw_fwd_smem<128>>();
     const size_t wq = hd == 64 ? wg_smem_bytes<fw_dq_smem<64>>() : wg_smem_bytes<fw_dq_smem<128>>();
     size_t m = f > kv ? f : kv;
     m = m > q ? m : q;
-    if (wg_available()) m = m > wkv ? (m > wq ? m : wq) : (wkv > wq ? wkv : wq);
+    if (wg_available()) {
+        m = m > wkv ? m : wkv;
+        m = m > wq ? m : wq;
+        m = m > wf ? m : wf;
+    }
     return m;
 }
 
@@ -85,6 +90,10 @@ static inline cudaError_t tc_raise_smem(int hd, size_t *bytes) {
     e = hd == 64 ? cudaFuncSetAttribute(fa_bwd_q_kernel<64>, at, (int)*bytes)
                  : cudaFuncSetAttribute(fa_bwd_q_kernel<128>, at, (int)*bytes);
     if (e != cudaSuccess || !wg_available()) return e;
+    *bytes = hd == 64 ? wg_smem_bytes<fw_fwd_smem<64>>() : wg_smem_bytes<fw_fwd_smem<128>>();
+    e = hd == 64 ? cudaFuncSetAttribute(fw_fwd_kernel<64>, at, (int)*bytes)
+                 : cudaFuncSetAttribute(fw_fwd_kernel<128>, at, (int)*bytes);
+    if (e != cudaSuccess) return e;
     *bytes = hd == 64 ? wg_smem_bytes<fw_dkv_smem<64>>() : wg_smem_bytes<fw_dkv_smem<128>>();
     e = hd == 64 ? cudaFuncSetAttribute(fw_bwd_kv_kernel<64>, at, (int)*bytes)
                  : cudaFuncSetAttribute(fw_bwd_kv_kernel<128>, at, (int)*bytes);
@@ -106,12 +115,24 @@ static cudaError_t rowdot_launch(cudaStream_t s, float *D, const float *dO, cons
  * q (B, T, nh*hd) at positions pos0 + i, attending causally to the keys and values of KV head g = h / rep
  * at kb + b*kb_stride + g*kg_stride, row stride ks: the layer's k, v (B, T, kvh*hd) are kb_stride =
  * T*kvh*hd, kg_stride = hd, ks = kvh*hd (a KV cache (B, kvh, max_len, hd): kvh*max_len*hd, max_len*hd,
- * hd). Needs hd 64 or 128, 16-byte aligned operands, strides that are multiples of 8, tc_raise_smem. */
+ * hd). Needs hd 64 or 128, 16-byte aligned operands, strides that are multiples of 8, tc_raise_smem.
+ * wg: on warpgroup MMA (softmax_wg.cuh; only where wg_available). */
 static inline cudaError_t tc_attend_fwd(cudaStream_t s, const bf16 *q, const bf16 *k, const bf16 *v,
                                         int64_t kb_stride, int64_t kg_stride, int ks, bf16 *att, float *lse, int B,
-                                        int T, int nh, int rep, int hd, int64_t pos0) {
+                                        int T, int nh, int rep, int hd, int64_t pos0, int wg) {
     if (B <= 0 || T <= 0) return cudaSuccess;
     if (hd != 64 && hd != 128) return cudaErrorInvalidValue;
+    if (wg) {
+        const dim3 grid((T + FW_T - 1) / FW_T, nh, B);
+        const float sl2 = 1.4426950408889634f / sqrtf((float)hd);
+        if (hd == 64)
+            fw_fwd_kernel<64><<<grid, 128, wg_smem_bytes<fw_fwd_smem<64>>(), s>>>(q, k, v, kb_stride, kg_stride, ks, att,
+                                                                                 lse, T, nh, rep, pos0, sl2);
+        else
+            fw_fwd_kernel<128><<<grid, 128, wg_smem_bytes<fw_fwd_smem<128>>(), s>>>(q, k, v, kb_stride, kg_stride, ks,
+                                                                                   att, lse, T, nh, rep, pos0, sl2);
+        return cudaGetLastError();
+    }
     const int tq = hd == 64 ? fa_tq<64>() : fa_tq<128>();
     const dim3 grid((T + tq - 1) / tq, nh, B);
     const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);

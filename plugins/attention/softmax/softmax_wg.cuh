@@ -58,6 +58,128 @@ template <int HD> __device__ static inline void fw_fb(float (&acc)[HD / 64][32],
     }
 }
 
+template <int HD> struct fw_fwd_smem {
+    __nv_bfloat16 q[FW_T * HD], k[2][FW_T * HD], v[2][FW_T * HD];
+};
+
+/* The forward, as softmax_fa.cuh's fa_fwd_kernel (same arguments and contract) with 64-query tiles: CTA
+ * (query tile, head, sequence), the last tiles first; per key tile S = Q K^T, the online softmax in
+ * registers (each row's four lanes combine their maxima and sums by shuffles), O += P V. */
+template <int HD>
+__global__ static void __launch_bounds__(128, 2)
+    fw_fwd_kernel(const __nv_bfloat16 *q, const __nv_bfloat16 *kb, const __nv_bfloat16 *vb, int64_t kb_stride,
+                  int64_t kg_stride, int ks, __nv_bfloat16 *att, float *lse, int T, int nh, int rep, int64_t pos0,
+                  float scale_log2) {
+#if WG_DEVICE
+    extern __shared__ __align__(16) unsigned char fa_raw[];
+    fw_fwd_smem<HD> &sm = wg_smem<fw_fwd_smem<HD>>(fa_raw);
+    constexpr int P = HD / 64;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * FW_T, hh = blockIdx.y, b = blockIdx.z;
+    const int nq = min((int)FW_T, T - i0), qs = nh * HD;
+    const __nv_bfloat16 *kh = kb + b * kb_stride + (hh / rep) * kg_stride, *vh = vb + b * kb_stride + (hh / rep) * kg_stride;
+    const int64_t kend = pos0 + i0 + nq; /* keys 0..kend-1 are seen by some row */
+    const int ntiles = (int)((kend + FW_T - 1) / FW_T);
+    const int64_t row = pos0 + i0 + warp * 16 + g; /* the thread's first row's position (second: + 8) */
+
+    wg_load_tile<FW_T, HD, 128>(sm.q, q + ((int64_t)b * T + i0) * qs + (int64_t)hh * HD, qs, nq);
+    wg_load_tile<FW_T, HD, 128>(sm.k[0], kh, ks, (int)min((int64_t)FW_T, kend));
+    wg_load_tile<FW_T, HD, 128>(sm.v[0], vh, ks, (int)min((int64_t)FW_T, kend));
+    mma_commit();
+    float o[P][32], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int pn = 0; pn < P; pn++)
+#pragma unroll
+        for (int i = 0; i < 32; i++) o[pn][i] = 0.0f;
+    const uint32_t q_s = mma_smem(sm.q);
+    for (int kt = 0; kt < ntiles; kt++) {
+        const int buf = kt & 1;
+        const int64_t k0 = (int64_t)kt * FW_T;
+        mma_wait<0>();
+        wg_fence_smem();
+        __syncthreads(); /* tile kt (and, first time, q) landed; the other buffers are free */
+        float s[32];
+        wg_fence();
+        fw_abt<HD>(s, q_s, mma_smem(sm.k[buf]));
+        wg_commit();
+        if (kt + 1 < ntiles) { /* into buffers whose products are done */
+            const int64_t k1 = k0 + FW_T;
+            wg_load_tile<FW_T, HD, 128>(sm.k[buf ^ 1], kh + k1 * ks, ks, (int)min((int64_t)FW_T, kend - k1));
+            wg_load_tile<FW_T, HD, 128>(sm.v[buf ^ 1], vh + k1 * ks, ks, (int)min((int64_t)FW_T, kend - k1));
+            mma_commit();
+        }
+        wg_wait<0>();
+        wg_hold(s);
+        /* scale to log2 units; mask keys after the row or past kend on the diagonal and last tiles */
+        float mx[2] = {m[0], m[1]};
+        const bool edge = k0 + FW_T - 1 > pos0 + i0 || k0 + FW_T > kend;
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int64_t col = k0 + 8 * t + 2 * t4 + (e & 1);
+                float v = s[4 * t + e] * scale_log2;
+                if (edge && (col > row + 8 * (e >> 1) || col >= kend)) v = -INFINITY;
+                s[4 * t + e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        float c[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            c[r] = fw_exp2(m[r] - mx[r]); /* m = -inf on the first tile: 0 (every row sees key 0 there) */
+            m[r] = mx[r];
+            l[r] *= c[r];
+        }
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            const float p = fw_exp2(s[i] - m[(i % 4) >> 1]); /* masked: -inf -> 0 */
+            s[i] = p;
+            l[(i % 4) >> 1] += p;
+        }
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            mma_c2a(pa[kk], &s[8 * kk], &s[8 * kk + 4]);
+            wg_hold(pa[kk]);
+        }
+#pragma unroll
+        for (int pn = 0; pn < P; pn++) {
+#pragma unroll
+            for (int i = 0; i < 32; i++) o[pn][i] *= c[(i % 4) >> 1];
+            wg_hold(o[pn]);
+        }
+        wg_fence();
+        fw_fb<HD>(o, pa, mma_smem(sm.v[buf])); /* O += P V */
+        wg_commit();
+        wg_wait<0>();
+#pragma unroll
+        for (int pn = 0; pn < P; pn++) wg_hold(o[pn]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = warp * 16 + g + 8 * r;
+        if (i >= nq) continue;
+        const float inv = 1.0f / l[r];
+        __nv_bfloat16 *dst = att + ((int64_t)b * T + i0 + i) * qs + (int64_t)hh * HD + 2 * t4;
+#pragma unroll
+        for (int pn = 0; pn < P; pn++)
+#pragma unroll
+            for (int t = 0; t < 8; t++) {
+                const int e = 4 * t + 2 * r;
+                *reinterpret_cast<uint32_t *>(dst + pn * 64 + 8 * t) = mma_pack(o[pn][e] * inv, o[pn][e + 1] * inv);
+            }
+        if (lse && t4 == 0) lse[((int64_t)b * nh + hh) * T + i0 + i] = (m[r] + log2f(l[r])) * 0.69314718055994531f;
+    }
+#endif
+}
+
 /* dk, dv (B, T, kvh*HD) f32, written: CTA (key tile, KV head, sequence), summing over the group's query
  * heads and the query tiles at or after the key tile. S^T = K Q^T and dP^T = V dO^T, P^T and dS^T = P^T
  * (dP^T - D) in registers, dV += P^T dO, dK += scale dS^T Q. */
