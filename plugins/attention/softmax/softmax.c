@@ -283,9 +283,9 @@ static int sm_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_i
     if (h->get_int(h, s, "rotary_dim", head_dim, 0, head_dim, &rotary_dim) != M1C_OK) return M1C_ERR;
     if (h->get_float(h, s, "rope_theta", 1e6, 1.0, 1e12, &theta) != M1C_OK) return M1C_ERR;
     /* The CUDA path's attention kernels (no effect on the CPU): "auto" puts BF16 at head_dim 64 and 128 on
-     * tensor cores, its backward on warpgroup MMA where the build and the GPU have it (sm_90a, compute
-     * capability 9.0); "wgmma" and "mma" ask for one of those (mma.sync throughout for "mma"),
-     * "cuda_cores" for the CUDA-core kernels of every precision. */
+     * tensor cores, on warpgroup MMA where the build and the GPU have it (sm_90a, compute capability 9.0),
+     * else on mma.sync; "wgmma" and "mma" ask for one of those, "cuda_cores" for the CUDA-core kernels of
+     * every precision. */
     static const char *const kernel_choices[] = {"auto", "wgmma", "mma", "cuda_cores", NULL};
     const char *kernel;
     if (h->get_string(h, s, "kernel", "auto", kernel_choices, &kernel) != M1C_OK) return M1C_ERR;

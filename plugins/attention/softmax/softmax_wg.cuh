@@ -1,14 +1,15 @@
-/* The backward of causal softmax attention on warpgroup MMA (wgmma, sm_90a; ../../common/wgmma.cuh): the
- * same two kernels as softmax_fa.cuh's, dK dV (one CTA per key tile) and dQ (one CTA per query tile), the
- * same arithmetic (P and dS rounded to bf16 as operands of the second products; f32 accumulation), with
+/* Causal softmax attention on warpgroup MMA (wgmma, sm_90a; ../../common/wgmma.cuh): the same three kernels
+ * as softmax_fa.cuh's, the forward (one CTA per query tile) and the backward's dK dV (one CTA per key
+ * tile) and dQ (one CTA per query tile), the same arithmetic (P and dS rounded to bf16 as operands of the
+ * second products; f32 accumulation), with
  * one warpgroup per CTA, 64-row tiles of every operand in shared memory in the 128-byte swizzle, and the
  * scores and their gradients in the products' accumulator registers. Warp w of the group owns rows 16 w
  * .. 16 w + 15 of its CTA's tile, thread values at rows g, g + 8 (g = lane / 4) and, for accumulator
  * element 4 t + e, column 8 t + 2 (lane % 4) + e % 2. Contracts as the launchers in softmax_tc.cuh.
  *
  * Every product is m64n64k16: S = A B^T over head_dim takes both tiles K-major (rows of 64 by head_dim),
- * the second products (dV += P^T dO, dK += dS^T Q, dQ += dS K) take the 64 x 16 bf16 fragments of P or
- * dS from registers and the other tile MN-major, one 64-column panel of head_dim at a time. */
+ * the second products (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K) take the 64 x 16 bf16 fragments
+ * of P or dS from registers and the other tile MN-major, one 64-column panel of head_dim at a time. */
 #pragma once
 
 #include <cuda_bf16.h>
