@@ -24,8 +24,9 @@ int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *
  * rounded values come back in xr, yr, zr (host [BH][T][hd], each may be NULL) so that a reference can use
  * exactly what the kernel read. slope host [nh]; init NULL or host [BH][hd][hd]; out host [BH][T][hd];
  * final_state NULL or host [BH][hd][hd]. sms_override: > 0 plans as if the device had that many
- * multiprocessors (a huge value forces many segments), 0 uses the device's (lc_slots, as the plugin), < 0
- * plans with no resident slots to fill (one segment). kernel: 0 mma.sync, 1 wgmma (see lct_kernels).
+ * multiprocessors, with segments as short as 4 blocks (a huge value forces many segments); 0 as the
+ * plugin does (lc_slots, LC_SEG_BLOCKS); < 0 with no resident slots to fill (one segment). kernel: 0
+ * mma.sync, 1 wgmma (see lct_kernels).
  * Returns 0; 2 when lc_run itself fails (err names the CUDA error); 1 for any other failure. */
 int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const float *z, const float *slope,
             int reverse, const float *init, float *out, float *final_state, int sms_override, int kernel, float *xr,
@@ -51,6 +52,11 @@ static int lct_slots(int sms_override, int hd) {
     return sms_override > 0 ? lc_occupancy(hd) * sms_override : lc_slots(hd);
 }
 
+/* The shortest segment lc_run may cut, in blocks: the plugin's default where it plans for the device, the
+ * planner's floor of 4 where sms_override forces cuts (so that sequences of a few hundred rows exercise the
+ * segmented path). */
+static int lct_seg_blocks(int sms_override) { return sms_override > 0 ? 4 : 0; }
+
 int lct_available(void) {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
@@ -58,14 +64,14 @@ int lct_available(void) {
 
 int lct_kernels(void) { return wg_available() ? 2 : 1; }
 
-/* The plan lc_run_t makes (the same call); lc_segments is its nseg. */
+/* The plan lc_run_t makes (the same call). */
 int lct_plan(int BH, int T, int hd, int sms_override, int *kf, int *nfine, int *seg_rows) {
     const int slots = lct_slots(sms_override, hd);
-    const lc_plan pl = lc_plan_for(BH, T, hd, slots);
+    const lc_plan pl = lc_plan_for(BH, T, hd, slots, lct_seg_blocks(sms_override));
     if (kf) *kf = pl.kf;
     if (nfine) *nfine = pl.nfine;
     if (seg_rows) *seg_rows = pl.seg_rows;
-    return lc_segments(BH, T, hd, slots);
+    return pl.nseg;
 }
 
 /* bf16 -> f32 is exact: the bf16 bits are the f32's upper half. */
@@ -123,7 +129,7 @@ int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const
         return 1;
     }
     slots = lct_slots(sms_override, hd);
-    ws_n = lc_workspace_floats(BH, T, hd, slots);
+    ws_n = lc_workspace_floats(BH, T, hd, slots, lct_seg_blocks(sms_override));
 
     CK(cudaMalloc(&d_f32, (size_t)n * sizeof(float)));
     for (int i = 0; i < 3; i++) {
@@ -178,6 +184,7 @@ int lct_run(int BH, int nh, int T, int hd, const float *x, const float *y, const
     p.ws_floats = ws_n;
     p.slots = slots;
     p.kernel = kernel == 1 ? LC_WGMMA : LC_MMA;
+    p.seg_blocks = lct_seg_blocks(sms_override);
     e = lc_run(&p, 0);
     if (e != cudaSuccess) {
         snprintf(err, errlen, "lc_run: %s: %s", cudaGetErrorName(e), cudaGetErrorString(e));

@@ -47,6 +47,7 @@ typedef struct lc_problem {
     int64_t ws_floats;              /* its size, checked */
     int slots;                      /* output-pass CTAs resident on the whole device (lc_slots(hd), once) */
     int kernel;                     /* output pass: LC_AUTO (0), LC_MMA or LC_WGMMA (where wg_available) */
+    int seg_blocks;                 /* shortest output segment in 64-row blocks (0: LC_SEG_BLOCKS; see lc_plan_for) */
 } lc_problem;
 
 /* The output pass's kernels: mma.sync (sm_80 and later) or wgmma (sm_90a builds on sm_90 devices);
@@ -610,21 +611,26 @@ static inline int lc_occupancy(int hd) {
 
 /* How a problem is cut. The output pass runs one CTA per (sequence, column slice, segment): a sequence is
  * cut into nseg segments only when the uncut problem leaves resident slots idle, and into as many as fill
- * one wave (every CTA of a wave then takes the same time; a partial extra wave would double it). The
+ * one wave (every CTA of a wave then takes the same time; a partial extra wave would double it), none
+ * shorter than seg_blocks (0: LC_SEG_BLOCKS; at least 4). The
  * starting states come from a state-only pass over finer segments (kf per output segment, as many as its
  * waves of CTAs make fastest) and a scan over them. Deterministic in (BH, T, hd, slots). */
-enum { LC_FINE_COST = 8 }; /* in 64-row blocks of the state pass: see lc_plan_for */
+/* LC_FINE_COST: a state-pass segment's fixed cost in 64-row blocks; LC_SEG_BLOCKS: the shortest output
+ * segment worth its state pass and scan (at 12 x 64, T 2048, B 8 on an H100 one segment of 32 blocks took
+ * 0.227 ms fwd+bwd, two of 16 with their state passes 0.286) */
+enum { LC_FINE_COST = 8, LC_SEG_BLOCKS = 32 };
 typedef struct lc_plan {
     int nseg, seg_rows;   /* output segments */
     int kf, fine_rows, nfine; /* state-only segments: kf per output segment */
 } lc_plan;
 
-static inline lc_plan lc_plan_for(int BH, int T, int hd, int slots) {
+static inline lc_plan lc_plan_for(int BH, int T, int hd, int slots, int seg_blocks = 0) {
     lc_plan pl;
     const int blocks = (T + LC_C - 1) / LC_C;
     const int64_t base = (int64_t)BH * (hd / LC_NS);
     int64_t nseg = base >= slots ? 1 : slots / base;
-    if (nseg > blocks / 4) nseg = blocks / 4;
+    const int minb = seg_blocks > 4 ? seg_blocks : seg_blocks > 0 ? 4 : LC_SEG_BLOCKS;
+    if (nseg > blocks / minb) nseg = blocks / minb;
     if (nseg < 2) {
         pl.nseg = 1, pl.seg_rows = blocks * LC_C, pl.kf = 1, pl.fine_rows = pl.seg_rows, pl.nfine = 1;
         return pl;
@@ -652,11 +658,13 @@ static inline lc_plan lc_plan_for(int BH, int T, int hd, int slots) {
  * not per call; also sets the kernels up for lc_run (lc_setup). */
 static inline int lc_slots(int hd) { return lc_occupancy(hd) * lc_sms(); }
 
-/* Output segments per sequence for (BH, T, hd) with `slots` resident CTAs. */
-static inline int lc_segments(int BH, int T, int hd, int slots) { return lc_plan_for(BH, T, hd, slots).nseg; }
+/* Output segments per sequence for (BH, T, hd) with `slots` resident CTAs (and lc_problem.seg_blocks). */
+static inline int lc_segments(int BH, int T, int hd, int slots, int seg_blocks = 0) {
+    return lc_plan_for(BH, T, hd, slots, seg_blocks).nseg;
+}
 
-static inline int64_t lc_workspace_floats(int BH, int T, int hd, int slots) {
-    const lc_plan pl = lc_plan_for(BH, T, hd, slots);
+static inline int64_t lc_workspace_floats(int BH, int T, int hd, int slots, int seg_blocks = 0) {
+    const lc_plan pl = lc_plan_for(BH, T, hd, slots, seg_blocks);
     return pl.nseg < 2 ? 0 : (int64_t)BH * pl.nfine * hd * hd;
 }
 
@@ -673,7 +681,7 @@ template <int HD, int MODE> static cudaError_t lc_launch(const lc_problem *p, cu
 }
 
 template <int HD> static cudaError_t lc_run_t(const lc_problem *p, cudaStream_t stream) {
-    const lc_plan pl = lc_plan_for(p->BH, p->T, HD, p->slots);
+    const lc_plan pl = lc_plan_for(p->BH, p->T, HD, p->slots, p->seg_blocks);
     lc_pass ps = {nullptr, 0, 0, nullptr, 0, pl.seg_rows, 1};
     if (pl.nseg < 2) {
         ps.m0 = p->reverse ? nullptr : p->init;
