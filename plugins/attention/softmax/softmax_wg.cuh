@@ -59,6 +59,15 @@ template <int HD> __device__ static inline void fw_fb(float (&acc)[HD / 64][32],
     }
 }
 
+/* Commits the products issued since the last commit, waits for them, and pins the accumulators acc[P]
+ * below the wait (wg_hold). */
+template <int P> __device__ static inline void fw_wait(float (&acc)[P][32]) {
+    wg_commit();
+    wg_wait<0>();
+#pragma unroll
+    for (int pn = 0; pn < P; pn++) wg_hold(acc[pn]);
+}
+
 template <int HD> struct fw_fwd_smem {
     __nv_bfloat16 q[FW_T * HD], k[2][FW_T * HD], v[2][FW_T * HD];
 };
@@ -153,10 +162,7 @@ __global__ static void __launch_bounds__(128, 2)
         }
         wg_fence();
         fw_fb<HD>(o, pa, mma_smem(sm.v[buf])); /* O += P V */
-        wg_commit();
-        wg_wait<0>();
-#pragma unroll
-        for (int pn = 0; pn < P; pn++) wg_hold(o[pn]);
+        fw_wait(o);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -266,10 +272,9 @@ __global__ static void __launch_bounds__(128, 2)
         wg_fence();
         fw_fb<HD>(dva, pa, o_s);
         fw_fb<HD>(dka, da, q_s);
-        wg_commit();
-        wg_wait<0>();
+        fw_wait(dka);
 #pragma unroll
-        for (int pn = 0; pn < P; pn++) wg_hold(dka[pn]), wg_hold(dva[pn]);
+        for (int pn = 0; pn < P; pn++) wg_hold(dva[pn]);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -365,10 +370,7 @@ __global__ static void __launch_bounds__(128, 2)
         }
         wg_fence();
         fw_fb<HD>(dqa, da, k_s);
-        wg_commit();
-        wg_wait<0>();
-#pragma unroll
-        for (int pn = 0; pn < P; pn++) wg_hold(dqa[pn]);
+        fw_wait(dqa);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
