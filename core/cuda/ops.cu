@@ -192,6 +192,21 @@ enum { ROWS = 8, U = 4 };
 
 static int rows_grid(int64_t N) { return grid_for(N, ROWS); }
 
+/* The chunk loop of the row kernels: chunks of W columns from first on, step apart (a warp's lanes or a
+ * block's threads interleaved), U of them loaded (load(u, c)) before any is used (use(u, c)). Every kernel
+ * takes a row's chunks in this order, so that their sums give the same bits. */
+template <int W, typename Load, typename Use>
+__device__ static inline void row_chunks(int first, int step, int C, Load load, Use use) {
+    for (int c0 = first; c0 < C; c0 += U * step) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c0 + u * step < C) load(u, c0 + u * step);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c0 + u * step < C) use(u, c0 + u * step);
+    }
+}
+
 /* The row's second pass, shared by the forward kernels: from the lane's partial sum of squares ss, the
  * row's r = 1 / rms (the butterfly leaves it on every lane; lane 0 stores it), then out = x r w. */
 template <int W>
@@ -201,19 +216,14 @@ __device__ static inline void rms_finish(float *out, float *rstd, const float *x
     ss = warp_sum(ss);
     const float r = rsqrtf(ss / (float)C + eps);
     if (lane == 0) *rstd = r;
-    for (int c0 = lane * W; c0 < C; c0 += U * step) {
-        float a[U][W], b[U][W];
+    float a[U][W], b[U][W];
+    row_chunks<W>(
+        lane * W, step, C, [&](int u, int c) { ld<W>(a[u], x, c), ld<W>(b[u], w, c); },
+        [&](int u, int c) {
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + u * step < C) ld<W>(a[u], x, c0 + u * step), ld<W>(b[u], w, c0 + u * step);
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + u * step < C) {
-#pragma unroll
-                for (int k = 0; k < W; k++) a[u][k] = a[u][k] * r * b[u][k];
-                st<W>(out, c0 + u * step, a[u]);
-            }
-    }
+            for (int k = 0; k < W; k++) a[u][k] = a[u][k] * r * b[u][k];
+            st<W>(out, c, a[u]);
+        });
 }
 
 template <int W>
@@ -223,17 +233,13 @@ __global__ static void rmsnorm_fwd(float *out, float *rstd, const float *in, con
     for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
         const float *x = in + i * C;
         float *y = out + i * C, ss = 0;
-        for (int c0 = lane * W; c0 < C; c0 += U * step) {
-            float a[U][W];
+        float a[U][W];
+        row_chunks<W>(
+            lane * W, step, C, [&](int u, int c) { ld<W>(a[u], x, c); },
+            [&](int u, int) {
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C) ld<W>(a[u], x, c0 + u * step);
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C)
-#pragma unroll
-                    for (int k = 0; k < W; k++) ss += a[u][k] * a[u][k];
-        }
+                for (int k = 0; k < W; k++) ss += a[u][k] * a[u][k];
+            });
         rms_finish<W>(y, rstd + i, x, w, ss, C, eps);
     }
 }
@@ -242,19 +248,13 @@ __global__ static void rmsnorm_fwd(float *out, float *rstd, const float *in, con
  * order and butterfly fixed, so every kernel gets the same bits), on every lane. */
 template <int W> __device__ static inline float rms_bwd_dot(const float *x, const float *g, const float *w, int C) {
     const int lane = threadIdx.x % 32, step = 32 * W;
-    float dot = 0;
-    for (int c0 = lane * W; c0 < C; c0 += U * step) {
-        float xa[U][W], ga[U][W], wa[U][W];
+    float dot = 0, xa[U][W], ga[U][W], wa[U][W];
+    row_chunks<W>(
+        lane * W, step, C, [&](int u, int c) { ld<W>(xa[u], x, c), ld<W>(ga[u], g, c), ld<W>(wa[u], w, c); },
+        [&](int u, int) {
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + u * step < C)
-                ld<W>(xa[u], x, c0 + u * step), ld<W>(ga[u], g, c0 + u * step), ld<W>(wa[u], w, c0 + u * step);
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c0 + u * step < C)
-#pragma unroll
-                for (int k = 0; k < W; k++) dot += ga[u][k] * wa[u][k] * xa[u][k];
-    }
+            for (int k = 0; k < W; k++) dot += ga[u][k] * wa[u][k] * xa[u][k];
+        });
     dot = warp_sum(dot);
     return dot;
 }
@@ -269,22 +269,15 @@ __global__ static void rmsnorm_bwd_in(float *din, const float *dout, const float
         float *dx = din + i * C;
         const float dot = rms_bwd_dot<W>(x, g, w, C);
         const float r = rstd[i], kk = r * r * r * dot / (float)C;
-        for (int c0 = lane * W; c0 < C; c0 += U * step) {
-            float xa[U][W], ga[U][W], wa[U][W], da[U][W];
+        float xa[U][W], ga[U][W], wa[U][W], da[U][W];
+        row_chunks<W>(
+            lane * W, step, C,
+            [&](int u, int c) { ld<W>(xa[u], x, c), ld<W>(ga[u], g, c), ld<W>(wa[u], w, c), ld<W>(da[u], dx, c); },
+            [&](int u, int c) {
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C) {
-                    const int c = c0 + u * step;
-                    ld<W>(xa[u], x, c), ld<W>(ga[u], g, c), ld<W>(wa[u], w, c), ld<W>(da[u], dx, c);
-                }
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C) {
-#pragma unroll
-                    for (int k = 0; k < W; k++) da[u][k] += r * ga[u][k] * wa[u][k] - kk * xa[u][k];
-                    st<W>(dx, c0 + u * step, da[u]);
-                }
-        }
+                for (int k = 0; k < W; k++) da[u][k] += r * ga[u][k] * wa[u][k] - kk * xa[u][k];
+                st<W>(dx, c, da[u]);
+            });
     }
 }
 
@@ -362,21 +355,16 @@ __global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, f
     for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
         float *x = y + i * C, *o = out + i * C, ss = 0;
         const float *hr = h + i * C;
-        for (int c0 = lane * W; c0 < C; c0 += U * step) {
-            float xa[U][W], ha[U][W];
+        float xa[U][W], ha[U][W];
+        row_chunks<W>(
+            lane * W, step, C, [&](int u, int c) { ld<W>(xa[u], x, c), ld<W>(ha[u], hr, c); },
+            [&](int u, int c) {
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C) ld<W>(xa[u], x, c0 + u * step), ld<W>(ha[u], hr, c0 + u * step);
+                for (int k = 0; k < W; k++) xa[u][k] = a * ha[u][k] + b * xa[u][k];
+                st<W>(x, c, xa[u]);
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C) {
-#pragma unroll
-                    for (int k = 0; k < W; k++) xa[u][k] = a * ha[u][k] + b * xa[u][k];
-                    st<W>(x, c0 + u * step, xa[u]);
-#pragma unroll
-                    for (int k = 0; k < W; k++) ss += xa[u][k] * xa[u][k];
-                }
-        }
+                for (int k = 0; k < W; k++) ss += xa[u][k] * xa[u][k];
+            });
         rms_finish<W>(o, rstd + i, x, w, ss, C, eps);
     }
 }
@@ -409,32 +397,25 @@ __global__ static void __launch_bounds__(32 * ROWS, 2) /* <= 128 registers, 2 bl
         float *yh = dh + i * C, *yt = tmp + i * C;
         const float dot = rms_bwd_dot<W>(x, g, w, C);
         const float r = rstd[i], kk = r * r * r * dot / (float)C;
-        for (int c0 = lane * W; c0 < C; c0 += U * step) {
-            float xa[U][W], ga[U][W], wa[U][W];
+        float xa[U][W], ga[U][W], wa[U][W];
+        row_chunks<W>(
+            lane * W, step, C, [&](int u, int c) { ld<W>(xa[u], x, c), ld<W>(ga[u], g, c), ld<W>(wa[u], w, c); },
+            [&](int u, int c) {
+                float da[W], ta[W];
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C)
-                    ld<W>(xa[u], x, c0 + u * step), ld<W>(ga[u], g, c0 + u * step), ld<W>(wa[u], w, c0 + u * step);
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (c0 + u * step < C) {
-                    const int c = c0 + u * step;
-                    float da[W], ta[W];
-#pragma unroll
-                    for (int k = 0; k < W; k++) {
-                        const float d = r * ga[u][k] * wa[u][k] - kk * xa[u][k];
-                        da[k] = a * d, ta[k] = b * d;
-                    }
-                    st<W>(yh, c, da), st<W>(yt, c, ta);
-                    if constexpr (DW) {
-                        float sa[W];
-                        ld<W>(sa, acc, c);
-#pragma unroll
-                        for (int k = 0; k < W; k++) sa[k] += ga[u][k] * xa[u][k] * r;
-                        st<W>(acc, c, sa);
-                    }
+                for (int k = 0; k < W; k++) {
+                    const float d = r * ga[u][k] * wa[u][k] - kk * xa[u][k];
+                    da[k] = a * d, ta[k] = b * d;
                 }
-        }
+                st<W>(yh, c, da), st<W>(yt, c, ta);
+                if constexpr (DW) {
+                    float sa[W];
+                    ld<W>(sa, acc, c);
+#pragma unroll
+                    for (int k = 0; k < W; k++) sa[k] += ga[u][k] * xa[u][k] * r;
+                    st<W>(acc, c, sa);
+                }
+            });
     }
     if constexpr (DW) {
         __syncthreads();
@@ -623,26 +604,20 @@ __global__ static void logsoftmax_rows(float *lse, float *logp, const float *log
     const int step = blockDim.x * W;
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
         const float *z = logits + i * (int64_t)V;
-        float m = -INFINITY, s = 0;
-        for (int v0 = threadIdx.x * W; v0 < V; v0 += U * step) {
-            float a[U][W];
+        float m = -INFINITY, s = 0, a[U][W];
+        row_chunks<W>(
+            threadIdx.x * W, step, V, [&](int u, int v) { ld<W>(a[u], z, v); },
+            [&](int u, int) {
+                float mx = a[u][0];
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (v0 + u * step < V) ld<W>(a[u], z, v0 + u * step);
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (v0 + u * step < V) {
-                    float mx = a[u][0];
-#pragma unroll
-                    for (int k = 1; k < W; k++) mx = fmaxf(mx, a[u][k]);
-                    if (mx > m) { /* from m = -Inf: s is 0 and stays 0 */
-                        s *= expf(m - mx);
-                        m = mx;
-                    }
-#pragma unroll
-                    for (int k = 0; k < W; k++) s += expf(a[u][k] - m); /* a NaN makes s NaN, as in two passes */
+                for (int k = 1; k < W; k++) mx = fmaxf(mx, a[u][k]);
+                if (mx > m) { /* from m = -Inf: s is 0 and stays 0 */
+                    s *= expf(m - mx);
+                    m = mx;
                 }
-        }
+#pragma unroll
+                for (int k = 0; k < W; k++) s += expf(a[u][k] - m); /* a NaN makes s NaN, as in two passes */
+            });
         const float M = block_reduce(m, sh, -INFINITY, red_fmax());
         s = s == 0.0f ? 0.0f : s * expf(m - M); /* a thread without elements (m = -Inf) adds 0 */
         s = block_reduce(s, sh, 0.0f, red_add());
@@ -665,15 +640,10 @@ __global__ static void logsoftmax_bwd(float *logits, __nv_bfloat16 *b16, float *
         const int64_t row = i * (int64_t)V;
         const int32_t t = targets[i];
         const float g = t >= 0 ? dlogp[i] : 0.0f, l = lse[i];
-        for (int v0 = threadIdx.x * W; v0 < V; v0 += U * step) {
-            float d[U][W];
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (v0 + u * step < V) ld<W>(d[u], logits + row, v0 + u * step);
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int v = v0 + u * step;
-                if (v >= V) continue;
+        float d[U][W];
+        row_chunks<W>(
+            threadIdx.x * W, step, V, [&](int u, int v) { ld<W>(d[u], logits + row, v); },
+            [&](int u, int v) {
 #pragma unroll
                 for (int k = 0; k < W; k++) d[u][k] = -g * expf(d[u][k] - l) + (v + k == t ? g : 0.0f);
                 if constexpr (P == 2) {
@@ -686,8 +656,7 @@ __global__ static void logsoftmax_bwd(float *logits, __nv_bfloat16 *b16, float *
                 } else {
                     st<W>(logits + row, v, d[u]);
                 }
-            }
-        }
+            });
     }
 }
 
