@@ -531,16 +531,18 @@ static int weights(const sm_cuda *a, const m1c_layer_bufs *b, const void *W[N_PA
     return M1C_OK;
 }
 
-/* q, k, v (f32, B*T rows) = x W^T for x the layer input in the compute dtype; q, k roped in place
- * (positions pos + t). */
+/* q, k, v (f32, B*T rows) = x W^T for x the layer input in the compute dtype; q, k roped (positions pos +
+ * t) into qo, ko: in place (f32), or straight into bf16 copies (the rotation in f32, then the one
+ * rounding that a separate conversion would make). */
+template <typename TO>
 static int project_qkv(const sm_cuda *a, const m1c_layer_bufs *b, cudaStream_t s, const void *x, const void *W[],
-                       float *q, float *k, float *v, int B, int T, int64_t pos) {
+                       float *q, float *k, float *v, TO *qo, TO *ko, int B, int T, int64_t pos) {
     const int H = a->H, qd = a->nh * a->hd, kd = a->kvh * a->hd, M = B * T;
     float *cs = (float *)b->scratch[CS_ROPE].data;
     if (gemm(a, s, 0, 1, M, qd, H, x, H, W[P_Q], H, 0.0f, q, M1C_F32, qd) ||
         gemm(a, s, 0, 1, M, kd, H, x, H, W[P_K], H, 0.0f, k, M1C_F32, kd) ||
         gemm(a, s, 0, 1, M, kd, H, x, H, W[P_V], H, 0.0f, v, M1C_F32, kd) || rope_table(a, s, cs, T, pos) ||
-        rope_apply(a, s, q, q, B, T, a->nh, cs, 0) || rope_apply(a, s, k, k, B, T, a->kvh, cs, 0))
+        rope_apply(a, s, qo, q, B, T, a->nh, cs, 0) || rope_apply(a, s, ko, k, B, T, a->kvh, cs, 0))
         return M1C_ERR;
     return M1C_OK;
 }
@@ -575,11 +577,11 @@ extern "C" int sm_cuda_forward(void *self, const m1c_layer_bufs *b, float *out, 
             q = (float *)b->scratch[CS_Q].data, k = (float *)b->scratch[CS_K].data, v = (float *)b->scratch[CS_V].data;
             att = b->scratch[CS_DATT].data;
         }
-        if (project_qkv(a, b, s, x, W, q, k, v, B, T, 0) ||
+        if (project_qkv(a, b, s, x, W, q, k, v, q, k, B, T, 0) ||
             attend(a, s, q, k, v, (int64_t)T * kd, a->hd, kd, (float *)att, lse, B, T, 0))
             return M1C_ERR;
     } else {
-        /* bf16: project to f32 scratch, rope there, keep bf16 copies */
+        /* bf16: project to f32 scratch, rope from there into the kept bf16 copies */
         float *qf = (float *)b->scratch[CS_Q].data, *kf = (float *)b->scratch[CS_K].data;
         float *vf = (float *)b->scratch[CS_V].data;
         bf16 *q, *k, *v;
@@ -591,8 +593,7 @@ extern "C" int sm_cuda_forward(void *self, const m1c_layer_bufs *b, float *out, 
             att = v + BT * kd;
         }
         int done = 0;
-        if (project_qkv(a, b, s, x, W, qf, kf, vf, B, T, 0) || to_bf16(a, s, q, qf, BT * qd) ||
-            to_bf16(a, s, k, kf, BT * kd) || to_bf16(a, s, v, vf, BT * kd) ||
+        if (project_qkv(a, b, s, x, W, qf, kf, vf, q, k, B, T, 0) || to_bf16(a, s, v, vf, BT * kd) ||
             attend_tc(a, s, q, k, v, (int64_t)T * kd, a->hd, kd, (bf16 *)att, lse, B, T, 0, &done) ||
             (!done && attend(a, s, q, k, v, (int64_t)T * kd, a->hd, kd, (bf16 *)att, lse, B, T, 0)))
             return M1C_ERR;
@@ -657,20 +658,20 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
         if (launched(a, "attention backward dq")) return M1C_ERR;
     }
 
-    /* back through RoPE: the transpose rotation */
-    if (rope_table(a, s, cs, T, 0) || rope_apply(a, s, dq, dq, B, T, nh, cs, 1) ||
-        rope_apply(a, s, dk, dk, B, T, kvh, cs, 1))
-        return M1C_ERR;
-
-    /* q = x Wq^T (and k, v): dW += d^T x, din += d W, with d and x in the compute dtype */
+    /* back through RoPE, the transpose rotation (at BF16 straight into the bf16 copies the products below
+     * read: the rotation in f32, then one rounding); q = x Wq^T (and k, v): dW += d^T x, din += d W, with d
+     * and x in the compute dtype */
     const void *x, *gq_ = dq, *gk_ = dk, *gv_ = dv;
-    if (input_lp(a, b, s, in, BT * H, &x)) return M1C_ERR; /* dout's bf16 copy is consumed: reuse */
+    if (rope_table(a, s, cs, T, 0) || input_lp(a, b, s, in, BT * H, &x)) /* dout's bf16 copy is consumed: reuse */
+        return M1C_ERR;
     if (dt == M1C_BF16) {
         bf16 *l = (bf16 *)b->scratch[CS_LP].data;
-        if (to_bf16(a, s, l, dq, BT * qd) || to_bf16(a, s, l + BT * qd, dk, BT * kd) ||
+        if (rope_apply(a, s, l, dq, B, T, nh, cs, 1) || rope_apply(a, s, l + BT * qd, dk, B, T, kvh, cs, 1) ||
             to_bf16(a, s, l + BT * (qd + kd), dv, BT * kd))
             return M1C_ERR;
         gq_ = l, gk_ = l + BT * qd, gv_ = l + BT * (qd + kd);
+    } else if (rope_apply(a, s, dq, dq, B, T, nh, cs, 1) || rope_apply(a, s, dk, dk, B, T, kvh, cs, 1)) {
+        return M1C_ERR;
     }
     if (b->grads && (gemm(a, s, 1, 0, qd, H, M, gq_, qd, x, H, 1.0f, b->grads[P_Q].data, M1C_F32, H) ||
                      gemm(a, s, 1, 0, kd, H, M, gk_, kd, x, H, 1.0f, b->grads[P_K].data, M1C_F32, H) ||
@@ -713,7 +714,7 @@ extern "C" int sm_cuda_step(void *self, const m1c_layer_bufs *b, m1c_tensor *sta
     float *q = (float *)b->scratch[CS_Q].data, *k = (float *)b->scratch[CS_K].data;
     float *v = (float *)b->scratch[CS_V].data;
     const int64_t gstride = max_len * hd, bstride = (int64_t)a->kvh * gstride;
-    if (weights(a, b, W) || input_lp(a, b, s, in, BT * H, &x) || project_qkv(a, b, s, x, W, q, k, v, B, T, pos))
+    if (weights(a, b, W) || input_lp(a, b, s, in, BT * H, &x) || project_qkv(a, b, s, x, W, q, k, v, q, k, B, T, pos))
         return M1C_ERR;
     const int agrid = grid_for(BT * kd);
     void *att;
