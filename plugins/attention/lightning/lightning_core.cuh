@@ -319,7 +319,8 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
  *
  *   S = x y^T and O = x M (x, y and M, the bf16 copy of the state, from shared memory); then
  *   O = exp(-s (i+1)) O + mask(S) z (the masked scores from registers) and
- *   M' = exp(-s m) M + (y decayed)^T z (y^T by ldmatrix into registers, scaled by its decay).
+ *   M' = exp(-s m) M + (y decayed)^T z (y^T by ldmatrix into registers, times its decay factors rounded
+ *   to bf16: one bf16x2 multiply per pair, where lc_kernel multiplies in f32; both round the product).
  *
  * Shared memory holds every tile in the 128-byte swizzle (wg_sw_off): x and y are K-major for S and x M
  * (head_dim contiguous), z and M MN-major (their columns contiguous). The same pass without
@@ -331,6 +332,7 @@ template <int HD> struct lcw_smem_layout {
     __nv_bfloat16 m[HD * LC_NS];                     /* [HD][NS] */
     float pw[LC_C + 1];
 };
+
 template <int HD>
 __global__ void __launch_bounds__(128, 2) lcw_kernel(lc_problem p, lc_pass ps) {
 #if WG_DEVICE
