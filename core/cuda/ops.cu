@@ -505,34 +505,40 @@ static cublasHandle_t head_handle(void) {
  * then n / 4 groups of 4, and the last n % 4 elements one at a time. */
 static int64_t vec_items(int64_t n, int vec) { return vec ? n / 4 : n; }
 
-__global__ static void f32_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n, int vec) {
+/* Their loop: with vec, groups of 4 from a grid stride (f4(i) takes elements i .. i + 3), then the last
+ * n % 4 one at a time (f1(i)); without, every element one at a time. */
+template <typename F4, typename F1> __device__ static inline void elementwise(int64_t n, int vec, F4 f4, F1 f1) {
     const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
     int64_t i0 = 0;
     if (vec) {
-        for (int64_t j = t0; j < n / 4; j += step) {
-            float a[4];
-            ld<4>(a, src, 4 * j);
-            st_bf16<4>(dst, 4 * j, a);
-        }
+        for (int64_t j = t0; j < n / 4; j += step) f4(4 * j);
         i0 = n / 4 * 4;
     }
-    for (int64_t i = i0 + t0; i < n; i += step) dst[i] = __float2bfloat16_rn(src[i]);
+    for (int64_t i = i0 + t0; i < n; i += step) f1(i);
+}
+
+__global__ static void f32_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n, int vec) {
+    elementwise(
+        n, vec,
+        [&](int64_t i) {
+            float a[4];
+            ld<4>(a, src, i);
+            st_bf16<4>(dst, i, a);
+        },
+        [&](int64_t i) { dst[i] = __float2bfloat16_rn(src[i]); });
 }
 
 __global__ static void split_tf32(float *hi, float *lo, const float *x, int64_t n, int vec) {
-    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
-    int64_t i0 = 0;
-    if (vec) {
-        for (int64_t j = t0; j < n / 4; j += step) {
+    elementwise(
+        n, vec,
+        [&](int64_t i) {
             float a[4], h[4], l[4];
-            ld<4>(a, x, 4 * j);
+            ld<4>(a, x, i);
 #pragma unroll
             for (int k = 0; k < 4; k++) tf32_split(a[k], h[k], l[k]);
-            st<4>(hi, 4 * j, h), st<4>(lo, 4 * j, l);
-        }
-        i0 = n / 4 * 4;
-    }
-    for (int64_t i = i0 + t0; i < n; i += step) tf32_split(x[i], hi[i], lo[i]);
+            st<4>(hi, i, h), st<4>(lo, i, l);
+        },
+        [&](int64_t i) { tf32_split(x[i], hi[i], lo[i]); });
 }
 
 static void to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n) {
@@ -716,55 +722,46 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
 /* ---- elementwise and reductions ---- */
 
 __global__ static void residual_k(float *y, const float *h, float a, float b, int64_t n, int vec) {
-    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
-    int64_t i0 = 0;
-    if (vec) {
-        for (int64_t j = t0; j < n / 4; j += step) {
+    elementwise(
+        n, vec,
+        [&](int64_t i) {
             float hv[4], yv[4];
-            ld<4>(hv, h, 4 * j), ld<4>(yv, y, 4 * j);
+            ld<4>(hv, h, i), ld<4>(yv, y, i);
 #pragma unroll
             for (int k = 0; k < 4; k++) yv[k] = a * hv[k] + b * yv[k];
-            st<4>(y, 4 * j, yv);
-        }
-        i0 = n / 4 * 4;
-    }
-    for (int64_t i = i0 + t0; i < n; i += step) y[i] = a * h[i] + b * y[i];
+            st<4>(y, i, yv);
+        },
+        [&](int64_t i) { y[i] = a * h[i] + b * y[i]; });
 }
 
 __global__ static void axpby_k(float *y, float *z, const float *x, float a, float b, int64_t n, int vec) {
-    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
-    int64_t i0 = 0;
-    if (vec) {
-        for (int64_t j = t0; j < n / 4; j += step) {
+    elementwise(
+        n, vec,
+        [&](int64_t i) {
             float xv[4], yv[4], zv[4];
-            ld<4>(xv, x, 4 * j);
+            ld<4>(xv, x, i);
 #pragma unroll
             for (int k = 0; k < 4; k++) yv[k] = a * xv[k], zv[k] = b * xv[k];
-            st<4>(y, 4 * j, yv), st<4>(z, 4 * j, zv);
-        }
-        i0 = n / 4 * 4;
-    }
-    for (int64_t i = i0 + t0; i < n; i += step) {
-        float v = x[i];
-        y[i] = a * v;
-        z[i] = b * v;
-    }
+            st<4>(y, i, yv), st<4>(z, i, zv);
+        },
+        [&](int64_t i) {
+            const float v = x[i];
+            y[i] = a * v;
+            z[i] = b * v;
+        });
 }
 
 __global__ static void scale_k(float *x, int64_t n, float s, int vec) {
-    const int64_t t0 = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
-    int64_t i0 = 0;
-    if (vec) {
-        for (int64_t j = t0; j < n / 4; j += step) {
+    elementwise(
+        n, vec,
+        [&](int64_t i) {
             float v[4];
-            ld<4>(v, x, 4 * j);
+            ld<4>(v, x, i);
 #pragma unroll
             for (int k = 0; k < 4; k++) v[k] *= s;
-            st<4>(x, 4 * j, v);
-        }
-        i0 = n / 4 * 4;
-    }
-    for (int64_t i = i0 + t0; i < n; i += step) x[i] *= s;
+            st<4>(x, i, v);
+        },
+        [&](int64_t i) { x[i] *= s; });
 }
 
 /* Per-block partial sums in double (deterministic: fixed grid, fixed order), summed on the host. */
