@@ -137,6 +137,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "m1c_bench_lightning: no CUDA device\n");
         return 1;
     }
+    if (kernel == LC_WGMMA && !wg_available()) {
+        fprintf(stderr, "m1c_bench_lightning: --kernel wgmma needs a build for sm_90a and a GPU of compute capability 9.0\n");
+        return 1;
+    }
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     /* buffers sized for the largest case */

@@ -34,6 +34,7 @@ typedef struct lightning {
     float *slope_dev; /* CUDA: the slopes s_h, for the fused kernels */
     int fused;     /* CUDA: the fused tensor-core kernels (lightning_core.cuh), else block GEMMs */
     int slots;     /* CUDA, fused: the kernels' resident blocks on the device (how long sequences are cut) */
+    int core_kernel; /* CUDA, fused: the output pass's kernel for this device (lightning_cuda_core_kernel) */
 } lightning;
 
 #ifdef M1C_HAVE_CUDA
@@ -47,8 +48,10 @@ typedef struct lightning_cuda_cfg {
     int fused;
     const float *slope;
     int slots;
+    int core_kernel;
 } lightning_cuda_cfg;
 int lightning_cuda_slots(int hd);
+int lightning_cuda_core_kernel(void);
 int lightning_cuda_upload(const m1c_host *h, const float *pw, size_t n, float **dev);
 void lightning_cuda_release(float *dev);
 int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T, m1c_buf_spec *specs, int max);
@@ -59,7 +62,8 @@ int lightning_cuda_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b
 
 static lightning_cuda_cfg cuda_cfg(const lightning *L) {
     lightning_cuda_cfg c = {L->h,      L->H,         L->nh,    L->hd,        L->D,    L->bs,
-                            L->eps,    L->bf16,      L->pw_dev, L->fused,    L->slope_dev, L->slots};
+                            L->eps,    L->bf16,      L->pw_dev, L->fused,    L->slope_dev, L->slots,
+                            L->core_kernel};
     return c;
 }
 #endif
@@ -253,6 +257,7 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
         L->bf16 = info->compute_dtype == M1C_BF16;
         L->fused = fusable && strcmp(kernel, "blocked") != 0;
         L->slots = L->fused ? lightning_cuda_slots(L->hd) : 0;
+        L->core_kernel = L->fused ? lightning_cuda_core_kernel() : 0;
         if (lightning_cuda_upload(h, L->pw, (size_t)nh * (size_t)(bs + 1), &L->pw_dev) != M1C_OK ||
             lightning_cuda_upload(h, slopes, (size_t)nh, &L->slope_dev) != M1C_OK) {
             lightning_destroy(L);

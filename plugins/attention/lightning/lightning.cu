@@ -28,6 +28,7 @@ typedef struct lightning_cuda_cfg {
     int fused;       /* the fused kernels of lightning_core.cuh (bf16, hd 64 or 128), else block GEMMs */
     const float *slope; /* device [nh]: s_h */
     int slots;          /* fused: the output pass's resident CTAs on the device (lc_slots) */
+    int core_kernel;    /* fused: the output pass's kernel on the device (lc_problem.kernel), chosen once */
 } lightning_cuda_cfg;
 
 /* Indices of lightning.c's declarations (params and acts are the same lists on both devices; the last
@@ -651,7 +652,7 @@ static int core(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, const dims
     p.sbh = (int64_t)d->Tp * c->hd;
     p.BH = d->B * c->nh, p.nh = c->nh, p.T = d->T, p.hd = c->hd;
     p.slope = c->slope, p.reverse = reverse, p.init = init, p.final_state = final_state;
-    p.slots = c->slots;
+    p.slots = c->slots, p.kernel = c->core_kernel;
     p.ws_floats = lc_workspace_floats(p.BH, p.T, p.hd, p.slots);
     p.ws = p.ws_floats > 0 ? fx(b, X_WS) : NULL;
     if (p.ws && m1c_tensor_numel(&b->scratch[X_WS]) < p.ws_floats)
@@ -1049,6 +1050,9 @@ extern "C" int lightning_cuda_upload(const m1c_host *h, const float *pw, size_t 
 }
 
 extern "C" int lightning_cuda_slots(int hd) { return lc_supported(hd) ? lc_slots(hd) : 0; }
+
+/* The output pass's kernel on the current device: once per layer, so that lc_run need not ask. */
+extern "C" int lightning_cuda_core_kernel(void) { return wg_available() ? LC_WGMMA : LC_MMA; }
 
 extern "C" void lightning_cuda_release(float *dev) {
     if (dev) cudaFree(dev);

@@ -46,7 +46,8 @@ typedef struct lc_problem {
     float *ws;                      /* device workspace of lc_workspace_floats() floats (NULL if that is 0) */
     int64_t ws_floats;              /* its size, checked */
     int slots;                      /* output-pass CTAs resident on the whole device (lc_slots(hd), once) */
-    int kernel;                     /* output pass: LC_AUTO (0), LC_MMA or LC_WGMMA (where wg_available) */
+    int kernel;                     /* output pass: LC_AUTO (0, asks the device each call), LC_MMA, or LC_WGMMA
+                                     * (only where wg_available: the caller checks, once) */
     int seg_blocks;                 /* shortest output segment in 64-row blocks (0: LC_SEG_BLOCKS; see lc_plan_for) */
 } lc_problem;
 
@@ -710,9 +711,10 @@ static inline cudaError_t lc_run(const lc_problem *p, cudaStream_t stream) {
     if (p->reverse && (p->init || p->final_state)) return cudaErrorInvalidValue;
     if (p->kernel != LC_AUTO && p->kernel != LC_MMA && p->kernel != LC_WGMMA) return cudaErrorInvalidValue;
     lc_problem q = *p;
-    const int wg = wg_available();
-    if (q.kernel == LC_WGMMA && !wg) return cudaErrorNotSupported;
-    if (q.kernel == LC_AUTO) q.kernel = wg ? LC_WGMMA : LC_MMA;
+#ifndef M1C_SM90A
+    if (q.kernel == LC_WGMMA) return cudaErrorNotSupported; /* not built */
+#endif
+    if (q.kernel == LC_AUTO) q.kernel = wg_available() ? LC_WGMMA : LC_MMA;
     if (q.hd == 128) return lc_run_t<128>(&q, stream);
     if (q.hd == 64) return lc_run_t<64>(&q, stream);
     return cudaErrorInvalidValue;
