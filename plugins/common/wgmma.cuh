@@ -10,10 +10,10 @@
  * m16n8k16 (../common/mma.cuh): A as a0..a3; the accumulator of N columns as N / 8 tiles of 4 values,
  * d[4 t + e] at row g + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2 (g = lane / 4 within the warp).
  *
- * Shared-memory operands use the layout without swizzling: core matrices of 8 rows of 16 bytes (8 bf16),
- * each 128 contiguous bytes. K-major (A or B with K contiguous): LBO = bytes between the two core matrices
- * of a 16-wide K step, SBO = bytes between 8-row groups of M or N. MN-major (B with N contiguous, the
- * "transposed" operand): LBO = bytes between 8-row groups of K, SBO = bytes between 8-column groups of N. */
+ * Shared-memory operands are tiles in the 128-byte swizzle (wg_sw_off below; unswizzled core-matrix
+ * tiles made the lightning pass 1.35-1.7x slower, docs/perf.md), read as K-major (A or B with K
+ * contiguous) or MN-major (B with N contiguous, the "transposed" operand): SBO = bytes between 8-row
+ * groups (1024); LBO is unused for K-major operands and for MN-major ones one 64-column panel wide. */
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,13 +42,11 @@ static inline int wg_available(void) {
 #endif
 }
 
-enum { WG_SWIZZLE_NONE = 0, WG_SWIZZLE_128B = 1 };
-
-/* Descriptor of a shared-memory operand at 32-bit shared address a (16-byte aligned; its 128-byte swizzle
- * pattern anchored at 1024-byte boundaries). */
-__device__ static inline uint64_t wg_desc(uint32_t a, uint32_t lbo, uint32_t sbo, int swizzle) {
+/* Descriptor of a 128-byte-swizzled shared-memory operand at 32-bit shared address a (16-byte aligned; the
+ * swizzle pattern anchored at 1024-byte boundaries); the layout field's 1 is that swizzle. */
+__device__ static inline uint64_t wg_desc(uint32_t a, uint32_t lbo, uint32_t sbo) {
     return (uint64_t)((a & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
-           (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | (uint64_t)swizzle << 62;
+           (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | (uint64_t)1 << 62;
 }
 
 /* The 128-byte swizzle, the layout of the shared-memory tiles that the kernels here feed to the products: a
@@ -62,8 +60,8 @@ __device__ static inline uint32_t wg_sw_off(int r, int c, int R) {
  * columns, at a + wg_kstep(k, R) 16 bytes) and as an MN-major one (its rows are K; k-step k, 16 rows, at a
  * + 2048 k; one 64-column panel per product). A descriptor plus n is that of the address 16 n bytes on
  * (shared addresses stay below 2^18). */
-__device__ static inline uint64_t wg_kdesc(uint32_t a) { return wg_desc(a, 16, 1024, WG_SWIZZLE_128B); }
-__device__ static inline uint64_t wg_mndesc(uint32_t a) { return wg_desc(a, 1024, 1024, WG_SWIZZLE_128B); }
+__device__ static inline uint64_t wg_kdesc(uint32_t a) { return wg_desc(a, 16, 1024); }
+__device__ static inline uint64_t wg_mndesc(uint32_t a) { return wg_desc(a, 1024, 1024); }
 __device__ static inline uint32_t wg_kstep(int k, int R) { return (uint32_t)((k / 4) * R * 128 + (k % 4) * 32) >> 4; }
 /* ROWS rows of W bf16 at src (row stride ld elements) into the swizzled tile at dst by cp.async, from the
  * block's NT threads (a multiple of 64): thread t copies chunk t % 8 of rows t / 8 + NT / 8 i of every

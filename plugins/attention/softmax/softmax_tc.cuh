@@ -122,20 +122,19 @@ static inline cudaError_t tc_attend_fwd(cudaStream_t s, const bf16 *q, const bf1
                                         int T, int nh, int rep, int hd, int64_t pos0, int wg) {
     if (B <= 0 || T <= 0) return cudaSuccess;
     if (hd != 64 && hd != 128) return cudaErrorInvalidValue;
+    const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
     if (wg) {
         const dim3 grid((T + FW_T - 1) / FW_T, nh, B);
-        const float sl2 = 1.4426950408889634f / sqrtf((float)hd);
         if (hd == 64)
             fw_fwd_kernel<64><<<grid, 128, wg_smem_bytes<fw_fwd_smem<64>>(), s>>>(q, k, v, kb_stride, kg_stride, ks, att,
-                                                                                 lse, T, nh, rep, pos0, sl2);
+                                                                                 lse, T, nh, rep, pos0, scale_log2);
         else
-            fw_fwd_kernel<128><<<grid, 128, wg_smem_bytes<fw_fwd_smem<128>>(), s>>>(q, k, v, kb_stride, kg_stride, ks,
-                                                                                   att, lse, T, nh, rep, pos0, sl2);
+            fw_fwd_kernel<128><<<grid, 128, wg_smem_bytes<fw_fwd_smem<128>>(), s>>>(
+                q, k, v, kb_stride, kg_stride, ks, att, lse, T, nh, rep, pos0, scale_log2);
         return cudaGetLastError();
     }
     const int tq = hd == 64 ? fa_tq<64>() : fa_tq<128>();
     const dim3 grid((T + tq - 1) / tq, nh, B);
-    const float scale_log2 = 1.4426950408889634f / sqrtf((float)hd);
     if (hd == 64)
         fa_fwd_kernel<64><<<grid, 32 * FA_FW, sizeof(fa_fwd_smem<64>), s>>>(q, k, v, kb_stride, kg_stride, ks, att, lse,
                                                                              T, nh, rep, pos0, scale_log2);
