@@ -27,7 +27,7 @@ __device__ static inline float bench_normal(int64_t i, uint64_t seed) {
 }
 
 /* "a,b,c" into out (at most max values, each in [1, 2^26]): the count, or -1 for a malformed list. */
-static int parse_list(const char *s, int *out, int max) {
+static inline int parse_list(const char *s, int *out, int max) {
     int n = 0;
     while (*s && n < max) {
         char *end;
@@ -40,7 +40,7 @@ static int parse_list(const char *s, int *out, int max) {
     return n;
 }
 
-static int cmp_float(const void *a, const void *b) {
+static inline int cmp_float(const void *a, const void *b) {
     const float x = *(const float *)a, y = *(const float *)b;
     return (x > y) - (x < y);
 }

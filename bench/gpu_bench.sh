@@ -50,7 +50,7 @@ run m1c_softmax "$build/m1c_bench_softmax" --T 2048,4096,8192
 run m1c_lightning "$build/m1c_bench_lightning"
 # 6. m1c's long-context prefill: 1,048,576 tokens of one sequence in chunks of 32,768.
 run m1c_prefill "$build/m1c_bench_prefill" --tokens 1048576 --chunk 32768 --segments 8
-# 7. the MoE's per-expert products through the core's gemm_ex (cached cuBLASLt) against plain cuBLAS calls.
+# 7. the MoE's per-expert products through the core's gemm_ex one at a time and through gemm_group (concurrent).
 run m1c_gemm "$build/m1c_bench_gemm"
 
 # Summary. m1c's table row for the reference shape ends "... ms/step tokens/s GFLOP/s MFU"; the HF script's
@@ -89,7 +89,7 @@ echo "=== m1c prefill, 1,048,576 tokens"
 grep -E "^prefill of|^total" "$logs/m1c_prefill.log" 2>/dev/null || echo "no results"
 echo
 echo "=== MoE expert products per layer (m1c_bench_gemm)"
-grep -E "^(product|gate_up|down|dWd|dact|dWgu|drows|all six|per step)" "$logs/m1c_gemm.log" 2>/dev/null || echo "no results"
+grep -E "^(product|gate_up|down|dWd|dact|dWgu|drows|all six|per step|topk.s calls|check)" "$logs/m1c_gemm.log" 2>/dev/null || echo "no results"
 echo
 if [ -n "$failed" ]; then
   echo "failed:$failed (logs in $logs)"

@@ -156,12 +156,17 @@ void m1c_gemm_batched(int device, int trans_a, int trans_b, int M, int N, int K,
     }
 }
 
+/* Whether the device multiplies these dtypes: f32 or bf16 anywhere on the GPU, f32 only on the CPU. */
+static int gemm_dtypes_ok(int device, int a_dtype, int b_dtype, int c_dtype) {
+    if (device == M1C_DEVICE_CPU) return a_dtype == M1C_F32 && b_dtype == M1C_F32 && c_dtype == M1C_F32;
+    return (a_dtype == M1C_F32 || a_dtype == M1C_BF16) && (b_dtype == M1C_F32 || b_dtype == M1C_BF16) &&
+           (c_dtype == M1C_F32 || c_dtype == M1C_BF16);
+}
+
 int m1c_gemm_ex(int device, void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
                 int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,
                 float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch) {
-    if ((a_dtype != M1C_F32 && a_dtype != M1C_BF16) || (b_dtype != M1C_F32 && b_dtype != M1C_BF16) ||
-        (c_dtype != M1C_F32 && c_dtype != M1C_BF16))
-        return M1C_ERR;
+    if (!gemm_dtypes_ok(device, a_dtype, b_dtype, c_dtype)) return M1C_ERR;
 #ifdef M1C_HAVE_CUDA
     if (device == M1C_DEVICE_CUDA) {
         if (M > 0 && N > 0 && batch > 0)
@@ -171,9 +176,31 @@ int m1c_gemm_ex(int device, void *stream, int trans_a, int trans_b, int M, int N
     }
 #endif
     (void)stream;
-    if (device != M1C_DEVICE_CPU || a_dtype != M1C_F32 || b_dtype != M1C_F32 || c_dtype != M1C_F32) return M1C_ERR;
+    if (device != M1C_DEVICE_CPU) return M1C_ERR;
     m1c_gemm_batched(device, trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
                      stride_c, batch);
+    return M1C_OK;
+}
+
+int m1c_gemm_group(int device, void *stream, const m1c_gemm_desc *g, int n, int *bad) {
+    for (int i = 0; i < n; i++)
+        if (!gemm_dtypes_ok(device, g[i].a_dtype, g[i].b_dtype, g[i].c_dtype)) {
+            *bad = i;
+            return M1C_ERR;
+        }
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) {
+        m1c_cuda_gemm_group(stream, g, n);
+        return M1C_OK;
+    }
+#endif
+    for (int i = 0; i < n; i++)
+        if (m1c_gemm_ex(device, stream, g[i].trans_a, g[i].trans_b, g[i].M, g[i].N, g[i].K, g[i].alpha, g[i].A,
+                        g[i].a_dtype, g[i].lda, g[i].stride_a, g[i].B, g[i].b_dtype, g[i].ldb, g[i].stride_b,
+                        g[i].beta, g[i].C, g[i].c_dtype, g[i].ldc, g[i].stride_c, g[i].batch)) {
+            *bad = i;
+            return M1C_ERR;
+        }
     return M1C_OK;
 }
 
@@ -305,6 +332,15 @@ static int h_gemm_ex(const m1c_host *h, int device, void *stream, int ta, int tb
     return M1C_OK;
 }
 
+static int h_gemm_group(const m1c_host *h, int device, void *stream, const m1c_gemm_desc *g, int n) {
+    int bad = 0;
+    if (m1c_gemm_group(device, stream, g, n, &bad))
+        return h_error(h, "gemm_group: product %d: dtypes %s x %s -> %s are not supported on the %s", bad,
+                       m1c_dtype_name(g[bad].a_dtype), m1c_dtype_name(g[bad].b_dtype), m1c_dtype_name(g[bad].c_dtype),
+                       device == M1C_DEVICE_CPU ? "CPU" : "GPU");
+    return M1C_OK;
+}
+
 static int h_cpu_threads(const m1c_host *h) {
     (void)h;
     return m1c_get_threads();
@@ -344,6 +380,7 @@ void m1c_host_fill(m1c_host *h, void *core) {
     h->gemm = h_gemm;
     h->gemm_batched = h_gemm_batched;
     h->gemm_ex = h_gemm_ex;
+    h->gemm_group = h_gemm_group;
     h->rng_seed = m1c_rng_seed;
     h->rng_u64 = m1c_rng_u64;
     h->rng_uniform = m1c_rng_uniform;

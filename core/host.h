@@ -32,6 +32,9 @@ double m1c_dev_peak_flops(int device, int compute_dtype, char *name, int n);
 int m1c_gemm_ex(int device, void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
                 int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,
                 float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch);
+/* Independent products (see m1c_host.gemm_group); M1C_ERR and *bad = the first product whose dtypes the
+ * device cannot combine, before any runs. */
+int m1c_gemm_group(int device, void *stream, const m1c_gemm_desc *g, int n, int *bad);
 void m1c_gemm(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
 void m1c_gemm_batched(int device, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,

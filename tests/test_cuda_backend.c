@@ -387,3 +387,80 @@ Test(cuda_backend, gemm_ex_empty_inner) {
     run_case(&P, &g);
     pool_free(&P);
 }
+
+/* gemm_group against the same products one gemm_ex at a time: bit for bit (the same cached algorithms;
+ * outputs are disjoint), so a workspace shared between two streams (a split-K product's partial sums
+ * overwritten by another's) or a product run before the caller's stream had written its operand shows.
+ * The shapes are the MoE's per-expert products at a smaller width, with uneven row counts (one expert
+ * empty); the weight gradients (TN, beta 1, small outputs with long K) are the ones cuBLASLt splits. */
+Test(cuda_backend, gemm_group_matches_gemm_ex) {
+    th_need_gpu();
+    enum { E = 8, H = 256, F2 = 512 };
+    static const int rows[E] = {700, 1300, 0, 257, 2049, 999, 31, 1500};
+    int off[E + 1] = {0};
+    for (int e = 0; e < E; e++) off[e + 1] = off[e] + rows[e];
+    const int R = off[E];
+    pool P = pool_new((int64_t)R * (F2 + H) + (int64_t)E * F2 * H + 1024, 5); /* f covers the outputs' start */
+    const char *x = P.d16;                                      /* (R, H) or (R, F2) rows, bf16 */
+    const char *w = (const char *)P.d16 + (size_t)R * F2 * 2; /* (E, F2, H) weights, bf16 */
+    /* Outputs: NT (R, F2) bf16, NN (R, H) f32, TN (E, F2, H) f32 from a nonzero start (beta 1). */
+    const size_t n_nt = (size_t)R * F2 * 2, n_nn = (size_t)R * H * 4, n_tn = (size_t)E * F2 * H * 4;
+    const size_t bytes = n_nt + n_nn + n_tn;
+    char *out[2], *host[2];
+    for (int v = 0; v < 2; v++) {
+        out[v] = m1c_dev_alloc(GPU, bytes);
+        host[v] = malloc(bytes);
+        cr_assert(out[v] && host[v]);
+        m1c_dev_copy(GPU, out[v], M1C_DEVICE_CPU, P.f, bytes); /* the same start for both */
+    }
+    for (int v = 0; v < 2; v++) { /* v 0: one group per kind of product; v 1: gemm_ex one by one */
+        m1c_gemm_desc g[3 * E];
+        int n = 0;
+        char *nt = out[v], *nn = out[v] + n_nt, *tn = out[v] + n_nt + n_nn;
+        for (int e = 0; e < E; e++) {
+            const int o = off[e], ne = rows[e];
+            g[n++] = (m1c_gemm_desc){0, 1, ne, F2, H, 1.0f, 0.0f, x + (size_t)o * H * 2, w + (size_t)e * F2 * H * 2,
+                                     nt + (size_t)o * F2 * 2, BF16, BF16, BF16, H, H, F2, 1, 0, 0, 0};
+            g[n++] = (m1c_gemm_desc){0, 0, ne, H, F2, 1.0f, 0.0f, x + (size_t)o * F2 * 2, w + (size_t)e * F2 * H * 2,
+                                     nn + (size_t)o * H * 4, BF16, BF16, F32, F2, H, H, 1, 0, 0, 0};
+            g[n++] = (m1c_gemm_desc){1, 0, F2, H, ne, 1.0f, 1.0f, x + (size_t)o * F2 * 2, x + (size_t)o * H * 2,
+                                     tn + (size_t)e * F2 * H * 4, BF16, BF16, F32, F2, H, H, 1, 0, 0, 0};
+        }
+        int bad = -1;
+        if (v == 0) {
+            for (int kind = 0; kind < 3; kind++) {
+                m1c_gemm_desc k[E];
+                for (int e = 0; e < E; e++) k[e] = g[3 * e + kind];
+                cr_assert_eq(m1c_gemm_group(GPU, NULL, k, E, &bad), M1C_OK);
+            }
+        } else {
+            for (int i = 0; i < n; i++)
+                cr_assert_eq(m1c_gemm_group(GPU, NULL, &g[i], 1, &bad), M1C_OK);
+        }
+        m1c_dev_copy(M1C_DEVICE_CPU, host[v], GPU, out[v], bytes);
+    }
+    char err[256];
+    cr_assert_not(m1c_dev_take_error(GPU, err, sizeof err), "%s", err);
+    const char *name[3] = {"NT bf16 outputs", "NN f32 outputs", "TN f32 weight gradients"};
+    const size_t at[4] = {0, n_nt, n_nt + n_nn, bytes};
+    for (int kind = 0; kind < 3; kind++)
+        cr_expect_eq(memcmp(host[0] + at[kind], host[1] + at[kind], at[kind + 1] - at[kind]), 0,
+                     "%s: gemm_group differs from gemm_ex one at a time", name[kind]);
+    /* The TN outputs started from P.f: beta 1 added to it, so they changed where an expert has rows. */
+    cr_expect_neq(memcmp(host[0] + n_nt + n_nn, (const char *)P.f + n_nt + n_nn, 64), 0, "the first weight gradient was not written");
+    for (int v = 0; v < 2; v++) m1c_dev_free(GPU, out[v]), free(host[v]);
+    pool_free(&P);
+}
+
+/* A product whose dtypes the device cannot combine refuses the whole group, naming its index. */
+Test(cuda_backend, gemm_group_refuses_dtypes) {
+    float a[4] = {1, 2, 3, 4}, b[4] = {1, 0, 0, 1}, c[4] = {0}, d[4] = {0};
+    m1c_gemm_desc g[2] = {{0, 0, 2, 2, 2, 1.0f, 0.0f, a, b, c, F32, F32, F32, 2, 2, 2, 1, 0, 0, 0},
+                          {0, 0, 2, 2, 2, 1.0f, 0.0f, a, b, d, BF16, F32, F32, 2, 2, 2, 1, 0, 0, 0}};
+    int bad = -1;
+    cr_assert_eq(m1c_gemm_group(M1C_DEVICE_CPU, NULL, g, 2, &bad), M1C_ERR);
+    cr_expect_eq(bad, 1);
+    cr_expect_eq(c[0], 0.0f, "nothing runs when a product is refused");
+    cr_assert_eq(m1c_gemm_group(M1C_DEVICE_CPU, NULL, g, 1, &bad), M1C_OK);
+    cr_expect(c[0] == 1 && c[1] == 2 && c[2] == 3 && c[3] == 4, "the CPU runs a group as gemm_ex calls");
+}

@@ -105,11 +105,13 @@ static const cudaDataType_t gemm_types[] = {CUDA_R_32F, CUDA_R_16BF};
 
 /* The previous implementation, kept for what cuBLASLt is not asked to do (K = 0: C = beta C) or has no
  * algorithm for. */
-static void gemm_ex_cublas(cudaStream_t stream, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                           const void *A, int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb,
-                           int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch) {
+static void gemm_ex_cublas(cudaStream_t stream, void *ws, size_t ws_bytes, int trans_a, int trans_b, int M, int N,
+                           int K, float alpha, const void *A, int a_dtype, int lda, int64_t stride_a, const void *B,
+                           int b_dtype, int ldb, int64_t stride_b, float beta, void *C, int c_dtype, int ldc,
+                           int64_t stride_c, int batch) {
     cublasHandle_t h = blas_handle();
-    cublasSetStream(h, stream);
+    cublasSetStream(h, stream); /* which also drops any workspace set before */
+    if (ws) cublasSetWorkspace(h, ws, ws_bytes);
     cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasStatus_t st = cublasGemmStridedBatchedEx(h, tb, ta, N, M, K, &alpha, B, gemm_types[b_dtype], ldb, stride_b,
                                                    A, gemm_types[a_dtype], lda, stride_a, &beta, C,
@@ -143,14 +145,26 @@ typedef struct lt_entry {
     int legacy; /* cuBLASLt found no algorithm: this kind of call goes to cublasGemmStridedBatchedEx */
 } lt_entry;
 
+/* gemm_group's streams: at most LT_SIDE products run at once, each stream with its own workspace (a
+ * split-K product of one would otherwise race with another's). */
+enum { LT_SIDE = 8 };
+
+typedef struct lt_side {
+    cudaStream_t st; /* non-blocking: ordered against the caller's stream by events only */
+    cudaEvent_t done;
+    void *ws;
+} lt_side;
+
 typedef struct lt_state {
     cublasLtHandle_t h;
-    /* One workspace for every call of the thread, whatever its stream. That is only safe because the
-     * calls are ordered on one stream: plugins pass NULL (the legacy default stream, which also waits for
-     * and blocks the other blocking streams). Concurrent calls on two non-blocking streams of one thread
-     * would race on it; they would need a workspace per stream. */
+    /* gemm_ex's workspace, for every call of the thread whatever its stream: safe because those calls
+     * are ordered on one stream (plugins pass their layer's stream, NULL or not). gemm_group's products
+     * run on the side streams with theirs. */
     void *ws;
-    int n, next; /* filled entries; the next one to replace */
+    lt_side side[LT_SIDE];
+    int n_side;       /* side streams made so far */
+    cudaEvent_t fork; /* recorded on the caller's stream before a group */
+    int n, next;      /* filled entries; the next one to replace */
     m1c_cuda_gemm_stats stats;
     lt_entry e[LT_SLOTS];
 } lt_state;
@@ -268,17 +282,20 @@ extern "C" void m1c_cuda_gemm_ex_stats(m1c_cuda_gemm_stats *out) {
     *out = s ? s->stats : none;
 }
 
-extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
-                                 int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb,
-                                 int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c,
-                                 int batch) {
-    cudaStream_t st = (cudaStream_t)stream;
-    lt_state *s = lt_get();
+/* One product on stream st with workspace ws (LT_WORKSPACE bytes). */
+static void lt_gemm(lt_state *s, cudaStream_t st, void *ws, const m1c_gemm_desc *g) {
+    const int trans_a = g->trans_a, trans_b = g->trans_b, M = g->M, N = g->N, K = g->K, batch = g->batch;
+    const int a_dtype = g->a_dtype, b_dtype = g->b_dtype, c_dtype = g->c_dtype, lda = g->lda, ldb = g->ldb,
+              ldc = g->ldc;
+    const int64_t stride_a = g->stride_a, stride_b = g->stride_b, stride_c = g->stride_c;
+    const float alpha = g->alpha, beta = g->beta;
+    const void *A = g->A, *B = g->B;
+    void *C = g->C;
     s->stats.calls++;
     if (K <= 0) { /* cuBLASLt takes no empty inner dimension; cuBLAS scales C by beta */
         s->stats.fallbacks++;
-        gemm_ex_cublas(st, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B, b_dtype, ldb, stride_b,
-                       beta, C, c_dtype, ldc, stride_c, batch);
+        gemm_ex_cublas(st, ws, LT_WORKSPACE, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B,
+                       b_dtype, ldb, stride_b, beta, C, c_dtype, ldc, stride_c, batch);
         return;
     }
     static const int elem[] = {4, 2};
@@ -322,8 +339,8 @@ extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, 
     }
     int lt = !e->legacy;
     if (lt) {
-        cublasStatus_t r = cublasLtMatmul(s->h, &p.op, &alpha, B, &p.a, A, &p.b, &beta, C, &p.c, C, &p.c, &e->algo,
-                                          s->ws, LT_WORKSPACE, st);
+        cublasStatus_t r = cublasLtMatmul(s->h, &p.op, &alpha, B, &p.a, A, &p.b, &beta, C, &p.c, C, &p.c, &e->algo, ws,
+                                          LT_WORKSPACE, st);
         if (!fresh && (r == CUBLAS_STATUS_NOT_SUPPORTED || r == CUBLAS_STATUS_INVALID_VALUE)) {
             /* The algorithm chosen for another problem of the bucket does not take this one: choose for
              * this one and keep that choice for the bucket (if cuBLASLt has none, cuBLAS takes this call
@@ -333,7 +350,7 @@ extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, 
             lt = lt_heuristic(s, &p, c_dtype, al_a, al_b, al_c, &algo);
             if (lt) {
                 e->algo = algo;
-                r = cublasLtMatmul(s->h, &p.op, &alpha, B, &p.a, A, &p.b, &beta, C, &p.c, C, &p.c, &e->algo, s->ws,
+                r = cublasLtMatmul(s->h, &p.op, &alpha, B, &p.a, A, &p.b, &beta, C, &p.c, C, &p.c, &e->algo, ws,
                                    LT_WORKSPACE, st);
             }
         }
@@ -343,6 +360,69 @@ extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, 
         }
     }
     s->stats.fallbacks++;
-    gemm_ex_cublas(st, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B, b_dtype, ldb, stride_b, beta, C,
-                   c_dtype, ldc, stride_c, batch);
+    gemm_ex_cublas(st, ws, LT_WORKSPACE, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B, b_dtype, ldb,
+                   stride_b, beta, C, c_dtype, ldc, stride_c, batch);
+}
+
+extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
+                                 int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb,
+                                 int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c,
+                                 int batch) {
+    const m1c_gemm_desc g = {trans_a, trans_b, M, N, K, alpha, beta, A, B, C, a_dtype, b_dtype, c_dtype,
+                             lda, ldb, ldc, batch, stride_a, stride_b, stride_c};
+    lt_state *s = lt_get();
+    lt_gemm(s, (cudaStream_t)stream, s->ws, &g);
+}
+
+/* Make side streams (with workspaces) up to n; how many there are (fewer if the GPU refused). */
+static int lt_sides(lt_state *s, int n) {
+    if (!s->fork && cudaEventCreateWithFlags(&s->fork, cudaEventDisableTiming) != cudaSuccess) {
+        s->fork = NULL;
+        return 0;
+    }
+    while (s->n_side < n) {
+        lt_side *d = &s->side[s->n_side];
+        if (cudaStreamCreateWithFlags(&d->st, cudaStreamNonBlocking) != cudaSuccess) break;
+        if (cudaEventCreateWithFlags(&d->done, cudaEventDisableTiming) != cudaSuccess) {
+            cudaStreamDestroy(d->st);
+            break;
+        }
+        if (cudaMalloc(&d->ws, LT_WORKSPACE) != cudaSuccess) {
+            cudaEventDestroy(d->done);
+            cudaStreamDestroy(d->st);
+            break;
+        }
+        s->n_side++;
+    }
+    cudaGetLastError(); /* a refusal above is not an error: the group runs on fewer streams */
+    return s->n_side < n ? s->n_side : n;
+}
+
+extern "C" void m1c_cuda_gemm_group(void *stream, const m1c_gemm_desc *g, int n) {
+    cudaStream_t st = (cudaStream_t)stream;
+    lt_state *s = lt_get();
+    int live = 0;
+    for (int i = 0; i < n; i++) live += g[i].M > 0 && g[i].N > 0 && g[i].batch > 0;
+    const int ns = live > 1 ? lt_sides(s, live < LT_SIDE ? live : LT_SIDE) : 0;
+    if (ns < 2) { /* one product, or no side streams to be had: in a row on the caller's stream */
+        for (int i = 0; i < n; i++)
+            if (g[i].M > 0 && g[i].N > 0 && g[i].batch > 0) lt_gemm(s, st, s->ws, &g[i]);
+        return;
+    }
+    check(cudaEventRecord(s->fork, st), "cudaEventRecord (gemm_group)");
+    double load[LT_SIDE] = {0};
+    for (int j = 0; j < ns; j++) check(cudaStreamWaitEvent(s->side[j].st, s->fork, 0), "cudaStreamWaitEvent");
+    /* Each product to the stream with the least work so far (FLOPs), in the caller's order. */
+    for (int i = 0; i < n; i++) {
+        if (g[i].M <= 0 || g[i].N <= 0 || g[i].batch <= 0) continue;
+        int j = 0;
+        for (int t = 1; t < ns; t++)
+            if (load[t] < load[j]) j = t;
+        load[j] += (double)g[i].M * g[i].N * (g[i].K > 0 ? g[i].K : 1) * g[i].batch;
+        lt_gemm(s, s->side[j].st, s->side[j].ws, &g[i]);
+    }
+    for (int j = 0; j < ns; j++) {
+        check(cudaEventRecord(s->side[j].done, s->side[j].st), "cudaEventRecord (gemm_group)");
+        check(cudaStreamWaitEvent(st, s->side[j].done, 0), "cudaStreamWaitEvent");
+    }
 }

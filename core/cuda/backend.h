@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "m1c/plugin.h" /* m1c_gemm_desc */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -35,6 +37,11 @@ void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, c
 void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
                       int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,
                       float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch);
+
+/* Independent products at once (m1c_host.gemm_group): each on one of up to 8 streams of the calling
+ * thread, with a workspace each, after the work queued on `stream` and before what is queued on it
+ * next. The same algorithms as m1c_cuda_gemm_ex, so the same results. */
+void m1c_cuda_gemm_group(void *stream, const m1c_gemm_desc *g, int n);
 
 /* The calling thread's m1c_cuda_gemm_ex counts since its first call: calls, cuBLASLt heuristic queries
  * (cache misses and retries), retries (a cached algorithm refused a problem of its bucket) and calls

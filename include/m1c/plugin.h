@@ -24,7 +24,7 @@ extern "C" {
 #endif
 
 #define M1C_ABI_MAJOR 1
-#define M1C_ABI_MINOR 0
+#define M1C_ABI_MINOR 1
 
 #if defined(__GNUC__)
 #define M1C_EXPORT __attribute__((visibility("default")))
@@ -96,6 +96,16 @@ typedef struct m1c_rng {
 } m1c_rng;
 
 /* ---- the host-API table -------------------------------------------------------------------- */
+
+/* One product of m1c_host.gemm_group: gemm_ex's arguments. */
+typedef struct m1c_gemm_desc {
+    int trans_a, trans_b, M, N, K;
+    float alpha, beta;
+    const void *A, *B;
+    void *C;
+    int a_dtype, b_dtype, c_dtype, lda, ldb, ldc, batch;
+    int64_t stride_a, stride_b, stride_c;
+} m1c_gemm_desc;
 
 typedef struct m1c_host m1c_host;
 struct m1c_host {
@@ -175,7 +185,15 @@ struct m1c_host {
     int (*settings_error)(const m1c_host *h, const m1c_settings *s, const char *key, const char *fmt, ...)
         M1C_PRINTF(4, 5);
 
-    void *reserved[32];
+    /* Since ABI 1.1. n independent gemm_ex products (none writes what another reads or writes), in
+     * any order or at once, with the same results as n gemm_ex calls in a row: on the GPU the core runs
+     * them concurrently on streams of its own, after everything queued on `stream` before the call and
+     * before everything queued on it after. For many products too small to fill the GPU alone (a MoE's
+     * per-expert products). Returns M1C_ERR (the plugin's error set, nothing run) for dtypes the device
+     * cannot combine. */
+    int (*gemm_group)(const m1c_host *h, int device, void *stream, const m1c_gemm_desc *g, int n);
+
+    void *reserved[31];
 };
 
 /* ---- layers: what attention and MoE plugins share ------------------------------------------ */

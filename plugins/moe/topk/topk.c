@@ -48,7 +48,9 @@ typedef struct topk {
     int normalize;
     int grouped;               /* expert_gemm = "grouped" */
     int device, cdt;           /* m1c_device; compute dtype (CUDA only: the CPU is f32 throughout) */
-    int32_t *h_off, *h_cnt;    /* CUDA: host copies of the offsets (E+1) and counts (2+2E) */
+    int32_t *h_off, *h_cnt;    /* CUDA: host copies of the offsets (E+1) and counts (2+2E), pinned */
+    void *copied;              /* CUDA: the event marking their copy (topk_cuda_host_tables) */
+    m1c_gemm_desc *queue;      /* CUDA: 2E expert products for one gemm_group call */
     const void *h_src;         /* CUDA: the device offsets they were copied from (topk_cuda_args.h_src) */
     float *h_st;               /* CUDA: host copy of the stats (ST_F+2E), for stats() */
 } topk;
@@ -76,6 +78,8 @@ static int n_threads(const topk *m, int64_t work) {
 }
 
 /* ---- creation and declarations ---------------------------------------------------------------- */
+
+static void topk_destroy(void *self);
 
 static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer_info *info, void **self) {
     int64_t E, k, F;
@@ -122,21 +126,20 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
     m->grouped = strcmp(gemm, "grouped") == 0;
     m->device = info->device;
     m->cdt = info->device == M1C_DEVICE_CUDA ? info->compute_dtype : M1C_F32;
-    if (m->device == M1C_DEVICE_CUDA) {
-        m->h_off = calloc((size_t)E + 1, sizeof(int32_t));
-        m->h_cnt = calloc(2 + 2 * (size_t)E, sizeof(int32_t));
-        m->h_st = calloc(ST_F + 2 * (size_t)E, sizeof(float));
-        if (!m->h_off || !m->h_cnt || !m->h_st) {
-            free(m->h_off), free(m->h_cnt), free(m->h_st), free(m);
-            return h->error(h, "topk: out of memory");
-        }
 #ifdef M1C_HAVE_CUDA
-        if (m->grouped && m->cdt == M1C_BF16 && topk_cuda_setup_grouped(h) != M1C_OK) {
-            free(m->h_off), free(m->h_cnt), free(m->h_st), free(m);
+    if (m->device == M1C_DEVICE_CUDA) {
+        m->h_st = calloc(ST_F + 2 * (size_t)E, sizeof(float));
+        m->queue = calloc(2 * (size_t)E, sizeof *m->queue);
+        int rc = m->h_st && m->queue ? M1C_OK : h->error(h, "topk: out of memory");
+        if (!rc) rc = topk_cuda_host_tables(h, (int)E, &m->h_off, &m->copied);
+        if (!rc) m->h_cnt = m->h_off + E + 1;
+        if (!rc && m->grouped && m->cdt == M1C_BF16) rc = topk_cuda_setup_grouped(h);
+        if (rc) {
+            topk_destroy(m);
             return M1C_ERR;
         }
-#endif
     }
+#endif
     *self = m;
     return M1C_OK;
 }
@@ -144,9 +147,11 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
 static void topk_destroy(void *self) {
     topk *m = self;
     if (!m) return;
-    free(m->h_off);
-    free(m->h_cnt);
+#ifdef M1C_HAVE_CUDA
+    if (m->h_off) topk_cuda_host_tables_free(m->h_off, m->copied);
+#endif
     free(m->h_st);
+    free(m->queue);
     free(m);
 }
 
@@ -244,7 +249,8 @@ static int cuda_args(topk *m, const m1c_layer_bufs *b, int N, int backward, topk
     a->dgu = b->scratch[S_DGU].data, a->drow = b->scratch[S_DY].data, a->dlog = b->scratch[S_DLOG].data;
     a->dw = b->scratch[S_DW].data, a->xr = b->scratch[S_XR].data, a->dact = b->scratch[S_DACT].data;
     a->dy_lp = m->cdt == M1C_BF16 ? b->scratch[S_DY_LP].data : NULL;
-    a->h_off = m->h_off, a->h_cnt = m->h_cnt, a->h_src = &m->h_src;
+    a->h_off = m->h_off, a->h_cnt = m->h_cnt, a->h_src = &m->h_src, a->copied = m->copied;
+    a->queue = m->queue;
     return M1C_OK;
 }
 #endif

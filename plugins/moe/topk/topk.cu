@@ -977,19 +977,24 @@ static void prof_end(moe_prof *p, const char *what, const topk_cuda_args *a) {
 /* The BF16 expert GEMMs in the grouped kernel (setting expert_gemm = "grouped"); F32 always per expert. */
 static bool use_grouped(const topk_cuda_args *a) { return a->grouped && a->cdt == M1C_BF16; }
 
-#define GEMM(...)                                                                                  \
-    do {                                                                                           \
-        if (h->gemm_ex(h, M1C_DEVICE_CUDA, a->stream, __VA_ARGS__) != M1C_OK) return M1C_ERR; \
-    } while (0)
+/* Per-expert products (expert_gemm = "cublas") queued for one gemm_group call: each alone fills the GPU
+ * poorly (~350 TFLOP/s for the narrower ones on an H200), together they run concurrently, and the
+ * backward queues two independent products per call (dWd with d act, dWgu with the d x rows) so that the
+ * weight gradients' few output tiles share the GPU with a wide product. */
+typedef struct expert_queue {
+    m1c_gemm_desc *g; /* a->queue: room for 2E */
+    int n;
+} expert_queue;
 
-/* One expert product in the grouped kernel (grouped) or as one gemm_ex per expert with rows (offsets on
- * the host in a->h_off), with the grouped kernel's arguments (see grouped_gemm_kernel): NT and NN run
- * over expert rows of A and C (B_e = B + e * sb), TN over expert rows of A and B (C_e = C + e * sc). */
+/* One expert product: in the grouped kernel now (grouped), or queued as one product per expert with
+ * rows (offsets on the host in a->h_off), with the grouped kernel's arguments (see grouped_gemm_kernel):
+ * NT and NN run over expert rows of A and C (B_e = B + e * sb), TN over expert rows of A and B (C_e = C +
+ * e * sc). */
 template <int MODE, typename TC, typename T>
-static int expert_gemm(const topk_cuda_args *a, bool grouped, TC *C, int64_t ldc, int64_t sc, const T *A, int64_t lda,
-                       const T *B, int64_t ldb, int64_t sb, int Mc, int Nc, int K, float beta) {
+static int expert_gemm(const topk_cuda_args *a, expert_queue *q, TC *C, int64_t ldc, int64_t sc, const T *A,
+                       int64_t lda, const T *B, int64_t ldb, int64_t sb, int Mc, int Nc, int K, float beta) {
     const m1c_host *h = a->h;
-    if (grouped) {
+    if (!q) {
         if constexpr (sizeof(T) == 2)
             return grouped_gemm<MODE, TC>(h, (cudaStream_t)a->stream, C, ldc, sc, A, lda, B, ldb, sb, a->off, a->E,
                                           (int64_t)a->N * a->k, Mc, Nc, K, beta);
@@ -1001,17 +1006,24 @@ static int expert_gemm(const topk_cuda_args *a, bool grouped, TC *C, int64_t ldc
         const int64_t o = off[e];
         const int ne = off[e + 1] - off[e];
         if (ne == 0) continue;
-        if (MODE == GG_NT)
-            GEMM(0, 1, ne, Nc, K, 1.0f, A + o * lda, cdt, (int)lda, 0, B + e * sb, cdt, (int)ldb, 0, beta, C + o * ldc,
-                 ct, (int)ldc, 0, 1);
-        else if (MODE == GG_NN)
-            GEMM(0, 0, ne, Nc, K, 1.0f, A + o * lda, cdt, (int)lda, 0, B + e * sb, cdt, (int)ldb, 0, beta, C + o * ldc,
-                 ct, (int)ldc, 0, 1);
-        else
-            GEMM(1, 0, Mc, Nc, ne, 1.0f, A + o * lda, cdt, (int)lda, 0, B + o * ldb, cdt, (int)ldb, 0, beta, C + e * sc,
-                 ct, (int)ldc, 0, 1);
+        q->g[q->n++] = (m1c_gemm_desc){.trans_a = MODE == GG_TN, .trans_b = MODE == GG_NT,
+                                       .M = MODE == GG_TN ? Mc : ne, .N = Nc, .K = MODE == GG_TN ? ne : K,
+                                       .alpha = 1.0f, .beta = beta, .A = A + o * lda,
+                                       .B = MODE == GG_TN ? B + o * ldb : B + e * sb,
+                                       .C = MODE == GG_TN ? (void *)(C + e * sc) : (void *)(C + o * ldc),
+                                       .a_dtype = cdt, .b_dtype = cdt, .c_dtype = ct, .lda = (int)lda,
+                                       .ldb = (int)ldb, .ldc = (int)ldc, .batch = 1, .stride_a = 0, .stride_b = 0,
+                                       .stride_c = 0};
     }
     return M1C_OK;
+}
+
+/* Runs the queued products (none in the grouped kernel's case). */
+static int run_queue(const topk_cuda_args *a, expert_queue *q) {
+    if (!q || !q->n) return M1C_OK;
+    const int n = q->n;
+    q->n = 0;
+    return a->h->gemm_group(a->h, M1C_DEVICE_CUDA, a->stream, q->g, n);
 }
 
 /* Threads for V-column steps over a row of H: whole warps, at most 256; blocks across the row. */
@@ -1180,17 +1192,17 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         a->pos, a->rowtok, a->idx, tab, a->off, Nk, k, E, a->cap);
     MOE_LAUNCH_CHECK(h, "rank_scatter_kernel");
     prof_mark(pf, "rank");
-    /* Per-expert calls: the offsets on the host, copied as soon as they exist (the host waits here; the
-     * aux loss and the gather are queued after, so the GPU has work while the GEMMs are launched). */
+    /* Per-expert calls need the offsets on the host: copied (into pinned memory) as soon as they exist,
+     * the counts too, so that this run's backward need not wait for them again. The host waits for
+     * the copy only after queueing the aux loss and the gather, so the GPU still has those to run while
+     * the host wakes and queues the expert products. */
     *a->h_src = NULL;
-    if (!grouped) { /* the counts too, so that this run's backward need not wait for them again */
+    if (!grouped) {
         MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t),
                                           cudaMemcpyDeviceToHost, s));
         MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t),
                                           cudaMemcpyDeviceToHost, s));
-        MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
-        *a->h_src = a->off;
-        prof_mark(pf, "offsets_to_host");
+        MOE_CUDA_CHECK(h, cudaEventRecord((cudaEvent_t)a->copied, s));
     }
     /* Aux loss: per-block partial sums in drow (backward scratch, N*k*H floats), 8-byte aligned, where
      * they fit (always but for a handful of tokens). */
@@ -1208,20 +1220,28 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     prof_mark(pf, "aux");
 
     /* Experts. The elementwise kernels read the kept row count on the device; their grids cover the
-     * most rows there can be (the host's count where it has one). */
+     * most rows there can be (the host's count once it has one). */
     T *xs = (T *)a->xs, *GU = (T *)a->gu, *act = (T *)a->act;
     const T *Wgu = (const T *)a->Wgu, *Wd = (const T *)a->Wd;
-    const int64_t rows = grouped ? Nk : a->h_off[E];
     const int32_t *R = a->off + E;
-    CALL(gather<T>(a, s, xs, in, rows));
+    CALL(gather<T>(a, s, xs, in, Nk));
     prof_mark(pf, "gather");
-    CALL(expert_gemm<GG_NT>(a, grouped, GU, 2 * F, 0, xs, H, Wgu, H, (int64_t)2 * F * H, 0, 2 * F, H, 0.0f));
+    if (!grouped) {
+        MOE_CUDA_CHECK(h, cudaEventSynchronize((cudaEvent_t)a->copied));
+        *a->h_src = a->off;
+        prof_mark(pf, "offsets_to_host");
+    }
+    const int64_t rows = grouped ? Nk : a->h_off[E];
+    expert_queue queue = {a->queue, 0}, *q = grouped ? NULL : &queue;
+    CALL(expert_gemm<GG_NT>(a, q, GU, 2 * F, 0, xs, H, Wgu, H, (int64_t)2 * F * H, 0, 2 * F, H, 0.0f));
+    CALL(run_queue(a, q));
     prof_mark(pf, "gemm_gate_up");
     moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
     MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
     prof_mark(pf, "swiglu");
     /* Y in T (bf16 in BF16: see the header). */
-    CALL(expert_gemm<GG_NT>(a, grouped, (T *)a->Y, H, 0, (const T *)act, F, Wd, F, (int64_t)H * F, 0, H, F, 0.0f));
+    CALL(expert_gemm<GG_NT>(a, q, (T *)a->Y, H, 0, (const T *)act, F, Wd, F, (int64_t)H * F, 0, H, F, 0.0f));
+    CALL(run_queue(a, q));
     prof_mark(pf, "gemm_down");
     CALL(combine<T>(a, s, out));
     prof_mark(pf, "combine");
@@ -1265,22 +1285,22 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
 
     CALL(router_bwd<T>(a, s, dy_lp, dout));
     prof_mark(pf, "router_bwd");
-    /* dWd_e += dY_e^T A_e; d act = dY Wd_e. */
-    CALL(expert_gemm<GG_TN>(a, grouped, a->dWd, F, (int64_t)H * F, dy, H, act, F, 0, H, F, 0, 1.0f));
-    prof_mark(pf, "gemm_dWd");
-    CALL(expert_gemm<GG_NN>(a, grouped, dact, F, 0, dy, H, Wd, F, (int64_t)H * F, 0, F, H, 0.0f));
-    prof_mark(pf, "gemm_dact");
+    /* dWd_e += dY_e^T A_e; d act = dY Wd_e (one group: both only read dY). */
+    expert_queue queue = {a->queue, 0}, *q = grouped ? NULL : &queue;
+    CALL(expert_gemm<GG_TN>(a, q, a->dWd, F, (int64_t)H * F, dy, H, act, F, 0, H, F, 0, 1.0f));
+    CALL(expert_gemm<GG_NN>(a, q, dact, F, 0, dy, H, Wd, F, (int64_t)H * F, 0, F, H, 0.0f));
+    CALL(run_queue(a, q));
+    prof_mark(pf, "gemm_dWd_dact");
     moe_swiglu_bwd_dev_kernel<T, T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(dgu, dact, GU, a->off + E,
                                                                                           F);
     MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_dev_kernel");
     prof_mark(pf, "swiglu_bwd");
-    /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e in T (into dx: its dY is no longer needed). */
-    CALL(expert_gemm<GG_TN>(a, grouped, a->dWgu, H, (int64_t)2 * F * H, (const T *)dgu, 2 * F, xs, H, 0, 2 * F, H, 0,
-                            1.0f));
-    prof_mark(pf, "gemm_dWgu");
-    CALL(expert_gemm<GG_NN>(a, grouped, dx, H, 0, (const T *)dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, 0, H, 2 * F,
-                            0.0f));
-    prof_mark(pf, "gemm_drows");
+    /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e in T (one group: both read dGU; the d x rows go into dx,
+     * whose dY the group before has read). */
+    CALL(expert_gemm<GG_TN>(a, q, a->dWgu, H, (int64_t)2 * F * H, (const T *)dgu, 2 * F, xs, H, 0, 2 * F, H, 0, 1.0f));
+    CALL(expert_gemm<GG_NN>(a, q, dx, H, 0, (const T *)dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, 0, H, 2 * F, 0.0f));
+    CALL(run_queue(a, q));
+    prof_mark(pf, "gemm_dWgu_drows");
     /* din += the token's d x rows + (dlogits Wr) (times the noise with jitter); then dWr, whose partial
      * sums take drow (in F32 the d x rows there are read by then). */
     CALL(unpermute_router<T>(a, s, din, dx));
@@ -1324,6 +1344,26 @@ extern "C" int topk_cuda_backward(const topk_cuda_args *a, float *din, const flo
                                       : backward_impl<float>(a, din, dout, in, &pf);
     prof_end(&pf, "bwd", a);
     return rc;
+}
+
+extern "C" int topk_cuda_host_tables(const m1c_host *h, int E, int32_t **tables, void **copied) {
+    *tables = NULL, *copied = NULL;
+    cudaEvent_t ev = NULL;
+    MOE_CUDA_CHECK(h, cudaHostAlloc((void **)tables, (size_t)(3 + 3 * E) * sizeof(int32_t), cudaHostAllocDefault));
+    memset(*tables, 0, (size_t)(3 + 3 * E) * sizeof(int32_t));
+    const cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e != cudaSuccess) {
+        cudaFreeHost(*tables);
+        *tables = NULL;
+        return h->error(h, "topk: cudaEventCreate: %s", cudaGetErrorString(e));
+    }
+    *copied = (void *)ev;
+    return M1C_OK;
+}
+
+extern "C" void topk_cuda_host_tables_free(int32_t *tables, void *copied) {
+    if (copied) cudaEventDestroy((cudaEvent_t)copied);
+    cudaFreeHost(tables);
 }
 
 extern "C" int topk_cuda_to_host(const m1c_host *h, void *stream, void *dst, const void *src, size_t bytes) {
