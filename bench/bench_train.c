@@ -4,8 +4,11 @@
  *
  *   m1c_bench_train [--steps N] [--threads N] [CONFIG ...]      CPU: the CPU reference shape and
  *                                                                configs/tiny.cfg (no CONFIG)
- *   m1c_bench_train --device cuda [--precision bf16|fp32] [--head fp32|tf32|bf16] [CONFIG ...]
- *                                                                GPU: the ~220M GPU reference shape
+ *   m1c_bench_train --device cuda [--precision bf16|fp32] [--head fp32|tf32|bf16] [--sequential-optimizer]
+ *                   [CONFIG ...]                                 GPU: the ~220M GPU reference shape; the
+ *                                                                optimizer overlaps the backward as in
+ *                                                                m1c train without clipping, unless
+ *                                                                --sequential-optimizer
  */
 #include <math.h>
 #include <stdio.h>
@@ -17,6 +20,7 @@
 #include "../core/rng.h"
 #include "../core/session.h"
 #include "../core/timer.h"
+#include "../core/train.h"
 
 /* The fixed shape: vocabulary 256, H 256, 8 layers (7 lightning : 1 softmax), lightning 8 x 32 with
  * block 64, softmax 8 query + 4 KV heads x 32, 4 experts top-2 with F 512, B 8, T 256. */
@@ -42,6 +46,7 @@ static const char gpu_reference_cfg[] =
 
 typedef struct bench_opts {
     int steps, device, precision, head, profile;
+    int sequential; /* the optimizer after the backward, not overlapped with it */
 } bench_opts;
 
 typedef struct result {
@@ -87,9 +92,10 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
     if (!rc && M1C_OPTIMIZER(optp)->create(&optp->host, m1c_config_root(empty), &opt))
         rc = m1c_plugin_fail(optp, e, "create");
     m1c_model *m = &s.model;
+    int n_state = 0;
     if (!rc) {
         const char *names[4];
-        int ns = M1C_OPTIMIZER(optp)->state(opt, names, 4);
+        int ns = n_state = M1C_OPTIMIZER(optp)->state(opt, names, 4);
         for (int i = 0; i < m->params.n; i++)
             for (int j = 0; j < ns; j++) m1c_arena_add(&state, names[j], M1C_F32, m->params.t[i].ndim, m->params.t[i].shape);
         rc = m1c_arena_alloc(&state, e);
@@ -107,11 +113,18 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
             m1c_arena_zero(&m->grads);
             rc = m1c_model_forward(m, &r, tok, e);
             for (int64_t i = 0; i < B * T; i++) r.dlogp_host[i] = -1.0f / (float)(B * T);
+            const m1c_optim_step os = {.step = it + 1, .lr = 1e-4f, .n = m->params.n, .device = m->device,
+                                       .params = m->params.t, .grads = m->grads.t, .state = state.t,
+                                       .no_decay = m->no_decay,
+                                       .params_lp = m->params_lp.base ? m->params_lp.t : NULL,
+                                       .stream = m1c_dev_stream(m->device)};
+            /* as m1c train without clipping: on a GPU the step overlaps the backward (train.h) */
+            const int overlap = m->device == M1C_DEVICE_CUDA && !bo->sequential;
+            m1c_overlap ovl = {m, optp, opt, n_state, os, NULL};
+            if (overlap) m1c_overlap_arm(&ovl, &r);
             if (!rc) rc = m1c_model_backward(m, &r, e);
-            m1c_optim_step os = {.step = it + 1, .lr = 1e-4f, .n = m->params.n, .device = m->device,
-                                 .params = m->params.t, .grads = m->grads.t, .state = state.t,
-                                 .no_decay = m->no_decay, .params_lp = m->params_lp.base ? m->params_lp.t : NULL};
-            if (!rc && M1C_OPTIMIZER(optp)->step(opt, &os)) rc = m1c_plugin_fail(optp, e, "step");
+            if (overlap) m1c_overlap_finish(&ovl, &r);
+            if (!rc && !overlap && M1C_OPTIMIZER(optp)->step(opt, &os)) rc = m1c_plugin_fail(optp, e, "step");
         }
         m1c_dev_sync(m->device);
         double dt = (m1c_now() - t0) / steps;
@@ -153,7 +166,7 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
 
 int main(int argc, char **argv) {
     int threads = 0, n = 0;
-    bench_opts bo = {10, M1C_DEVICE_CPU, 0, -1, 0};
+    bench_opts bo = {10, M1C_DEVICE_CPU, 0, -1, 0, 0};
     const char *configs[16];
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
@@ -167,10 +180,12 @@ int main(int argc, char **argv) {
                                           !strcmp(v, "tf32x3")))
             bo.head = !strcmp(v, "fp32") ? 0 : !strcmp(v, "tf32") ? 1 : !strcmp(v, "bf16") ? 2 : 3, i++;
         else if (!strcmp(a, "--profile")) bo.profile = 1;
+        else if (!strcmp(a, "--sequential-optimizer")) bo.sequential = 1;
         else if (a[0] != '-' && n < 16) configs[n++] = a;
         else {
             fprintf(stderr, "usage: m1c_bench_train [--steps N] [--threads N] [--device cpu|cuda] "
-                            "[--precision fp32|bf16] [--head fp32|tf32|bf16|tf32x3] [--profile] [CONFIG ...]\n");
+                            "[--precision fp32|bf16] [--head fp32|tf32|bf16|tf32x3] [--profile] "
+                            "[--sequential-optimizer] [CONFIG ...]\n");
             return 1;
         }
     }

@@ -3,10 +3,10 @@
 busy, where it waited (the gaps between GPU work, each with the work on either side and the host call
 it overlapped), and the kernels by total time.
 
-  python3 bench/trace_report.py trace.csv [--marker adamw] [--top 15]
+  python3 bench/trace_report.py trace.csv [--marker embed_fwd] [--top 15]
 
-The step is the span between the ends of the last two kernels whose name contains the marker (the
-optimizer's kernel ends each training step of m1c_bench_train)."""
+The step is the span between the ends of the last two kernels whose name contains the marker: once per
+step, such as embed_fwd (the default), the first kernel of m1c_bench_train's forward."""
 import argparse
 import csv
 import collections
@@ -24,7 +24,7 @@ def short(name):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv")
-    ap.add_argument("--marker", default="adamw")
+    ap.add_argument("--marker", default="embed_fwd")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     gpu, host = [], []

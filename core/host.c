@@ -94,6 +94,29 @@ void m1c_dev_sync(int device) {
     (void)device;
 }
 
+void *m1c_dev_stream(int device) {
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) return m1c_cuda_stream();
+#endif
+    (void)device;
+    return NULL;
+}
+
+void *m1c_dev_background_stream(int device) {
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) return m1c_cuda_background_stream();
+#endif
+    (void)device;
+    return NULL;
+}
+
+void m1c_dev_order(int device, void *waiter, void *waitee) {
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) m1c_cuda_order(waiter, waitee);
+#endif
+    (void)device, (void)waiter, (void)waitee;
+}
+
 void m1c_dev_memset0(int device, void *p, size_t bytes) {
     if (device == M1C_DEVICE_CPU) memset(p, 0, bytes);
 #ifdef M1C_HAVE_CUDA

@@ -14,6 +14,14 @@ int m1c_get_threads(void);
 /* Device services (also used by the core directly). */
 void *m1c_dev_alloc(int device, size_t bytes);
 void m1c_dev_free(int device, void *p);
+/* The stream the core's work on a device runs on (core/cuda/backend.h), handed to plugins in their
+ * buffers; NULL on the CPU. */
+void *m1c_dev_stream(int device);
+/* A low-priority stream for work beside the core's (backend.h); NULL on the CPU. */
+void *m1c_dev_background_stream(int device);
+/* Work queued on stream `waiter` after the call waits for what was queued on `waitee` before it (a no-op
+ * on the CPU, where everything runs in call order). */
+void m1c_dev_order(int device, void *waiter, void *waitee);
 void m1c_dev_memset0(int device, void *p, size_t bytes);
 /* Wait for all work queued on a device (timing). */
 void m1c_dev_sync(int device);

@@ -228,6 +228,7 @@ static void bind_slot(m1c_run *r, m1c_model *m, m1c_inst *s, m1c_inst_bufs *sb) 
     sb->bufs.acts = sb->acts;
     sb->bufs.scratch = sb->scratch;
     sb->bufs.training = r->training;
+    sb->bufs.stream = m1c_dev_stream(m->device);
     sb->bufs.aux_scale = 1.0f;
     sb->bufs.params_lp = m->params_lp.base ? &m->params_lp.t[s->p0] : NULL;
 }
@@ -270,6 +271,8 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
     int ilp = m1c_arena_add(&r->acts, "logp", M1C_F32, 1, n1), idl = m1c_arena_add(&r->acts, "dlogp", M1C_F32, 1, n1);
     int itmp = m1c_arena_add(&r->acts, "tmp", M1C_F32, 2, nh), idx = m1c_arena_add(&r->acts, "dx", M1C_F32, 2, nh);
     int idh = m1c_arena_add(&r->acts, "dh", M1C_F32, 2, nh);
+    const int with_q = r->for_training && m->device == M1C_DEVICE_CUDA && m->head_precision == 2;
+    int iq = with_q ? m1c_arena_add(&r->acts, "head_q", M1C_BF16, 2, nv) : -1;
     int iid = m1c_arena_add(&r->acts, "ids", M1C_I32, 1, n1), itg = m1c_arena_add(&r->acts, "targets", M1C_I32, 1, n1);
 
     r->attn = m1c_xcalloc((size_t)L, sizeof *r->attn);
@@ -296,6 +299,7 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
     }
     r->hf = act(r, ihf), r->rstdf = act(r, irf), r->logits = act(r, ilg), r->lse = act(r, ilse);
     r->logp = act(r, ilp), r->dlogp = act(r, idl), r->tmp = act(r, itmp), r->dx = act(r, idx), r->dh = act(r, idh);
+    r->head_q = iq >= 0 ? r->acts.t[iq].data : NULL;
     r->ids = r->acts.t[iid].data, r->targets = r->acts.t[itg].data;
     if (m->device == M1C_DEVICE_CPU) {
         r->ids_host = r->ids, r->targets_host = r->targets, r->logp_host = r->logp, r->dlogp_host = r->dlogp;
@@ -430,12 +434,20 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
     m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, m->H);
     prof_add(m, r, "core", 0);
     if (forward_layers(m, r, B, T, attn_forward, NULL, e)) return M1C_ERR;
-    m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->hf, P(m, m->head), r->targets, N,
-                     m->H, m->V);
+    r->head_q_valid = r->training && r->head_q;
+    m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->head_q_valid ? r->head_q : NULL,
+                     r->hf, P(m, m->head), r->targets, N, m->H, m->V);
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(M1C_DEVICE_CPU, r->logp_host, m->device, r->logp, (size_t)N * 4);
     prof_add(m, r, "head", 0);
     r->aux_loss = sum_aux(m, r);
     return dev_check(m, "forward", e);
+}
+
+static int grads_ready(m1c_run *r, int first, int end, m1c_err *e) {
+    if (!r->grads_ready || first >= end) return M1C_OK;
+    r->grads_err[0] = 0;
+    if (r->grads_ready(r->grads_ctx, first, end) == M1C_OK) return M1C_OK;
+    return m1c_fail(e, "%s", r->grads_err[0] ? r->grads_err : "the step of the finished gradients failed");
 }
 
 int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
@@ -446,9 +458,13 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     prof_start(m, r);
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);
     m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
-    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse, r->dlogp, r->hf,
-                      P(m, m->head), r->targets, N, H, m->V);
+    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse,
+                      r->head_q_valid ? r->head_q : NULL, r->dlogp, r->hf, P(m, m->head), r->targets, N, H, m->V);
     prof_add(m, r, "head", 1);
+    /* Parameter order (m1c_model_build): embedding, then per layer its input norm, attention, post norm
+     * and FFN, then the final norm and the head. A layer's input norm is finished by the next lower
+     * layer's first norm backward, so each range below ends with the next layer's input norm. */
+    if (!m->tied && grads_ready(r, m->head, m->head + 1, e)) return M1C_ERR;
     /* dh holds the gradient of the output of a norm: first the final one's, then each layer's input
      * norm's (nw, nx, nr: its weight, input and rstd). Every norm but the first (of the embedding) feeds
      * a residual, whose gradient split is fused with the norm's backward: no dx, memset or axpby pass. */
@@ -469,6 +485,9 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
         if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, tmp, r->h1[l], B, T))
             return m1c_plugin_fail(ly->attn.plugin, e, "backward");
         prof_add(m, r, ly->attn.plugin->desc->name, 1);
+        /* this layer but its input norm, and the norm above it (the final norm above the last layer) */
+        if (grads_ready(r, ly->norm_in + 1, (l + 1 < m->L ? m->layer[l + 1].norm_in : m->norm) + 1, e))
+            return M1C_ERR;
         nw = ly->norm_in, nx = r->x[l], nr = r->rstd1[l];
     }
     /* the first norm's input gradient goes to the embedding */
@@ -476,6 +495,7 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     m1c_rmsnorm_backward(m->device, dx, G(m, nw), dh, nx, P(m, nw), nr, N, H);
     m1c_embed_backward(m->device, G(m, m->embed), dx, r->ids, N, H);
     prof_add(m, r, "core", 1);
+    if (grads_ready(r, 0, m->L > 0 ? m->layer[0].norm_in + 1 : m->norm + 1, e)) return M1C_ERR;
     return dev_check(m, "backward", e);
 }
 

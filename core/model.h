@@ -77,12 +77,22 @@ typedef struct m1c_run {
     float **h1, **rstd1, **x1, **h2, **rstd2; /* [L] */
     float *hf, *rstdf;   /* final norm out (N, H), (N) */
     float *logits, *lse, *logp, *dlogp; /* (N, V), (N), (N), (N) */
+    void *head_q;        /* (N, V) bf16: the head's onehot - softmax for the backward (m1c_head_forward), in
+                          * training runs on a GPU at head precision 2; else NULL */
+    int head_q_valid;    /* the last forward wrote head_q (a training forward) */
     float *tmp, *dx, *dh; /* (N, H) work buffers */
     int32_t *ids, *targets; /* (N), on the model's device */
     int32_t *ids_host, *targets_host; /* staging on the host (== ids, targets on the CPU) */
     float *logp_host, *dlogp_host;    /* (N) host views of logp (filled by forward) and dlogp (read by
                                        * backward): what objectives see; == logp, dlogp on the CPU */
     double aux_loss;     /* sum over layers of the last forward */
+    /* Called by m1c_model_backward as soon as the gradients of params.t[first .. end) are complete
+     * (queued on the device; each parameter once per backward, the last layers first), or NULL: for an
+     * optimizer step overlapped with the rest of the backward (m1c_overlap, train.h). A failure (M1C_ERR)
+     * fails the backward with the message left in grads_err. */
+    int (*grads_ready)(void *ctx, int first, int end);
+    void *grads_ctx;
+    char grads_err[1024];
     /* Profiling (profile = 1): seconds per component ("core", "head", and each plugin's name) in forward
      * and backward, accumulated over calls; every component is synchronised, so it slows the run. */
     int profile, prof_n;

@@ -34,6 +34,39 @@ static uint64_t mix64(uint64_t a, uint64_t b) {
     return z ^ (z >> 31);
 }
 
+/* ---- the optimizer step overlapped with the backward (train.h) ---- */
+
+static int overlap_ready(void *ctx, int first, int end) {
+    m1c_overlap *o = ctx;
+    const int dev = o->m->device;
+    void *bg = m1c_dev_background_stream(dev);
+    m1c_dev_order(dev, bg, m1c_dev_stream(dev)); /* after the backward that finished these gradients */
+    m1c_optim_step os = o->os;
+    os.n = end - first;
+    os.params = o->os.params + first, os.grads = o->os.grads + first;
+    os.state = o->os.state + (size_t)first * (size_t)o->n_state, os.no_decay = o->os.no_decay + first;
+    os.params_lp = o->os.params_lp ? o->os.params_lp + first : NULL;
+    os.stream = bg, os.flags |= M1C_OPTIM_BACKGROUND;
+    if (M1C_OPTIMIZER(o->plugin)->step(o->opt, &os) == M1C_OK) return M1C_OK;
+    m1c_err e;
+    m1c_plugin_fail(o->plugin, &e, "step");
+    snprintf(o->run->grads_err, sizeof o->run->grads_err, "%s", e.msg);
+    return M1C_ERR;
+}
+
+void m1c_overlap_arm(m1c_overlap *o, m1c_run *r) {
+    o->run = r;
+    r->grads_ready = overlap_ready;
+    r->grads_ctx = o;
+}
+
+void m1c_overlap_finish(m1c_overlap *o, m1c_run *r) {
+    const int dev = o->m->device;
+    m1c_dev_order(dev, m1c_dev_stream(dev), m1c_dev_background_stream(dev));
+    r->grads_ready = NULL;
+    r->grads_ctx = NULL;
+}
+
 /* Everything a stage holds while it runs. */
 typedef struct stage_ctx {
     const m1c_stage_spec *st;
@@ -258,6 +291,10 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         if ((rc = next_batch(&c, M1C_SPLIT_TRAIN, e))) break;
         c.run.noise_seed = mix64(st->seed, (uint64_t)step);
         if ((rc = m1c_model_forward(m, &c.run, c.tokens, e))) break;
+        const m1c_optim_step os = {.step = step, .lr = lr, .n = m->params.n, .device = m->device,
+                                   .params = m->params.t, .grads = m->grads.t, .state = c.opt_state.t,
+                                   .no_decay = m->no_decay, .params_lp = m->params_lp.base ? m->params_lp.t : NULL,
+                                   .stream = m1c_dev_stream(m->device)};
         m1c_objective_batch ob = {st->batch, st->seq_len, 1, 0, c.run.logp_host, NULL, NULL, c.mask, NULL, {0}};
         const char *mnames[16];
         double mvals[16], obj_loss = 0;
@@ -266,24 +303,30 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
             rc = m1c_plugin_fail(c.obj_p, e, "loss");
             break;
         }
-        if ((rc = m1c_model_backward(m, &c.run, e))) break;
+        /* Without clipping on a GPU, the optimizer steps each layer during the backward (train.h). */
+        const int overlap = m->device == M1C_DEVICE_CUDA && !(st->schedule.clip > 0);
+        m1c_overlap ovl = {m, c.opt_p, c.opt, c.n_state, os, NULL};
+        if (overlap) m1c_overlap_arm(&ovl, &c.run);
+        rc = m1c_model_backward(m, &c.run, e);
+        if (overlap) m1c_overlap_finish(&ovl, &c.run);
+        if (rc) break;
         double gnorm = sqrt(m1c_sumsq(m->device, m->grads.base, (int64_t)(m->grads.bytes / sizeof(float))));
         loss = obj_loss + c.run.aux_loss;
         if ((rc = device_failed(m, st, step, e))) break; /* before reading a norm the GPU may not have made */
         if (!isfinite(loss) || !isfinite(gnorm)) {
-            const char *bad = m1c_model_first_nonfinite(m, 0), *badg = bad ? NULL : m1c_model_first_nonfinite(m, 1);
+            /* Overlapped, the parameters have taken the step already: look at the gradients first. */
+            const int k = overlap ? 1 : 0;
+            const char *bad = m1c_model_first_nonfinite(m, k), *bad2 = bad ? NULL : m1c_model_first_nonfinite(m, !k);
+            static const char *const what[2] = {"parameter with NaN/Inf", "gradient with NaN/Inf"};
             rc = m1c_fail(e, "stage '%s' step %lld: loss %g, gradient norm %g: not finite; first %s: %s (lower the "
                              "learning rate?)",
-                          st->name, (long long)step, loss, gnorm, bad ? "parameter with NaN/Inf" : "gradient with NaN/Inf",
-                          bad ? bad : badg ? badg : "none (the activations overflowed)");
+                          st->name, (long long)step, loss, gnorm, what[bad ? k : !k],
+                          bad ? bad : bad2 ? bad2 : "none (the activations overflowed)");
             break;
         }
         if (st->schedule.clip > 0 && gnorm > st->schedule.clip)
             m1c_scale(m->device, m->grads.base, (int64_t)(m->grads.bytes / sizeof(float)), (float)(st->schedule.clip / gnorm));
-        m1c_optim_step os = {.step = step, .lr = lr, .n = m->params.n, .device = m->device, .params = m->params.t,
-                             .grads = m->grads.t, .state = c.opt_state.t, .no_decay = m->no_decay,
-                             .params_lp = m->params_lp.base ? m->params_lp.t : NULL};
-        if (ov->step(c.opt, &os)) {
+        if (!overlap && ov->step(c.opt, &os)) {
             rc = m1c_plugin_fail(c.opt_p, e, "step");
             break;
         }

@@ -22,6 +22,24 @@ typedef struct m1c_train_result {
 
 int m1c_train(m1c_session *s, const m1c_train_opts *o, m1c_train_result *res, m1c_err *e);
 
+/* The optimizer's step overlapped with the backward (GPU): m1c_overlap_arm before m1c_model_backward
+ * makes the backward step each layer's parameters on the device's low-priority background stream as soon
+ * as their gradients are complete (m1c_run.grads_ready), while the backward goes on; m1c_overlap_finish
+ * after it orders the core's stream after those steps and disarms the run. The same arithmetic as one
+ * step after the backward, element for element (the results are identical); but the gradients must not
+ * need the whole backward first, as clipping by their global norm does. */
+typedef struct m1c_overlap {
+    m1c_model *m;
+    m1c_plugin *plugin; /* the optimizer */
+    void *opt;
+    int n_state;
+    m1c_optim_step os; /* the whole model's step: what each layer's step is cut from */
+    m1c_run *run;      /* armed on (its grads_err gets a failure) */
+} m1c_overlap;
+
+void m1c_overlap_arm(m1c_overlap *o, m1c_run *r);
+void m1c_overlap_finish(m1c_overlap *o, m1c_run *r);
+
 /* Learning rate at optimizer step `step` (1-based) of a stage. */
 double m1c_schedule_lr(const m1c_schedule_spec *sc, int64_t step, int64_t steps);
 

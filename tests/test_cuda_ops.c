@@ -422,21 +422,27 @@ static void check_head(const head_case *hc, int ci) {
     float *h = th_randn(NH, s, 1.0f), *W = th_randn(VH, s + 1, 1.0f / sqrtf((float)H));
     int32_t *targets = make_ids(N, V, s + 2, 5); /* every 5th unscored (-1) */
     float *logits = th_zeros(NV), *lse = th_zeros(N), *logp = th_zeros(N);
-    m1c_head_forward(CPU, 0, logits, lse, logp, h, W, targets, N, H, V);
+    m1c_head_forward(CPU, 0, logits, lse, logp, NULL, h, W, targets, N, H, V);
 
     float *dlogp = th_randn(N, s + 3, 1.0f);
     /* dh and dW accumulate: start from values of the gradients' own size (~0.01..1), so that a GEMM
      * that overwrote instead of adding would be far outside every tolerance. */
     float *dh0 = th_randn(NH, s + 4, 0.01f), *dW0 = th_randn(VH, s + 5, 0.01f);
     float *dh = copy_of(dh0, NH), *dW = copy_of(dW0, VH), *dlogits = copy_of(logits, NV);
-    m1c_head_backward(CPU, 0, dh, dW, dlogits, lse, dlogp, h, W, targets, N, H, V);
+    m1c_head_backward(CPU, 0, dh, dW, dlogits, lse, NULL, dlogp, h, W, targets, N, H, V);
 
     float *d_h = up(h, NH), *d_W = up(W, VH), *d_dlogp = up(dlogp, N);
     int32_t *d_t = up_bytes(targets, (size_t)N * 4);
-    for (int prec = 0; prec < 4; prec++) {
+    /* Precision 4 here is precision 2 with the training forward's q (core/ops.h): the backward from q, not
+     * from the logits, within bf16's tolerance. */
+    void *d_q = m1c_dev_alloc(GPU, (size_t)NV * 2);
+    cr_assert_not_null(d_q);
+    for (int run = 0; run < 5; run++) {
+        const int prec = run == 4 ? 2 : run;
+        void *q = run == 4 ? d_q : NULL;
         const double tol = head_tol[prec];
         float *d_logits = up_at(dlogits, NV, shift), *d_lse = up(dh0, N), *d_logp = up(dh0, N); /* garbage first */
-        m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, d_h, d_W, d_t, N, H, V);
+        m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, q, d_h, d_W, d_t, N, H, V);
         float *g_logits = down(d_logits, NV), *g_lse = down(d_lse, N), *g_logp = down(d_logp, N);
         /* lse and logp are differences and log-sum-exps of logits: their errors are those of the logits
          * (a log-prob near 0 can carry the error of logits of size ~10), so they are measured against
@@ -453,11 +459,12 @@ static void check_head(const head_case *hc, int ci) {
         for (int64_t i = 0; i < N; i++)
             if (targets[i] < 0) cr_expect_eq(g_logp[i], 0.0f, "unscored row %lld: logp %g", (long long)i, g_logp[i]);
 
-        /* Backward from the CPU's logits and lse on both sides, so that it is tested alone. */
+        /* Backward from the CPU's logits and lse on both sides, so that it is tested alone (with q: from the
+         * GPU forward's q, which holds everything the backward reads of the forward). */
         float *d_dh = up(dh0, NH), *d_dW = up(dW0, VH);
         m1c_dev_copy(GPU, d_logits, CPU, logits, (size_t)NV * 4);
         m1c_dev_copy(GPU, d_lse, CPU, lse, (size_t)N * 4);
-        m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, d_dlogp, d_h, d_W, d_t, N, H, V);
+        m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, q, d_dlogp, d_h, d_W, d_t, N, H, V);
         float *g_dh = down(d_dh, NH), *g_dW = down(d_dW, VH);
         double ed = -1, eh = rel_max(g_dh, dh, NH), ew = rel_max(g_dW, dW, VH);
         cr_expect_leq(eh, tol, "head backward N=%lld H=%d V=%d precision %d: dh error %g", (long long)N, H, V, prec,
@@ -472,7 +479,7 @@ static void check_head(const head_case *hc, int ci) {
                              (long long)i);
         /* Precisions 0 and 1 leave the f32 dlogits in place of the logits; 2 and 3 write them only into
          * the products' bf16 or TF32-split operands (core/ops.h), checked through dh and dW above. */
-        if (prec <= 1) {
+        if (run <= 1) {
             float *g_dlogits = down(d_logits, NV);
             /* dlogits is f32 elementwise (expf on both sides): fp32's tolerance. */
             ed = rel_max(g_dlogits, dlogits, NV);
@@ -484,15 +491,15 @@ static void check_head(const head_case *hc, int ci) {
                                  (long long)i);
             free(g_dlogits);
         }
-        cr_log_info("head N=%lld H=%d V=%d precision %d: logits %.2g lse %.2g logp %.2g dlogits %.2g dh %.2g dW %.2g",
-                    (long long)N, H, V, prec, el, es, ep, ed, eh, ew);
+        cr_log_info("head N=%lld H=%d V=%d precision %d%s: logits %.2g lse %.2g logp %.2g dlogits %.2g dh %.2g dW %.2g",
+                    (long long)N, H, V, prec, q ? " from q" : "", el, es, ep, ed, eh, ew);
 
         free(g_logits), free(g_lse), free(g_logp), free(g_dh), free(g_dW);
         gfree_at(d_logits, shift), gfree(d_lse), gfree(d_logp), gfree(d_dh), gfree(d_dW);
     }
     free(h), free(W), free(targets), free(logits), free(lse), free(logp), free(dlogp);
     free(dh0), free(dW0), free(dh), free(dW), free(dlogits);
-    gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t);
+    gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t), gfree(d_q);
 }
 
 Test(cuda_ops, head_forward_backward_all_precisions) {
@@ -514,13 +521,17 @@ Test(cuda_ops, head_repeats_bit_for_bit) {
     float *z = th_zeros((int64_t)V * H); /* V * H > N * H: zeros for dh and dW */
     float *d_logits = m1c_dev_alloc(GPU, (size_t)N * V * 4), *d_lse = up(z, N), *d_logp = up(z, N);
     cr_assert_not_null(d_logits);
-    for (int prec = 0; prec < 4; prec++) {
+    void *d_q = m1c_dev_alloc(GPU, (size_t)N * V * 2);
+    cr_assert_not_null(d_q);
+    for (int mode = 0; mode < 5; mode++) { /* precisions 0-3, then 2 with q */
+        const int prec = mode == 4 ? 2 : mode;
+        void *q = mode == 4 ? d_q : NULL;
         float *res[2][4];
         for (int run = 0; run < 2; run++) {
             float *d_dh = up(z, N * H), *d_dW = up(z, (int64_t)V * H);
-            m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, d_h, d_W, d_t, N, H, V);
+            m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, q, d_h, d_W, d_t, N, H, V);
             res[run][0] = down(d_lse, N), res[run][1] = down(d_logp, N);
-            m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, d_dlogp, d_h, d_W, d_t, N, H, V);
+            m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, q, d_dlogp, d_h, d_W, d_t, N, H, V);
             res[run][2] = down(d_dh, N * H), res[run][3] = down(d_dW, (int64_t)V * H);
             gfree(d_dh), gfree(d_dW);
         }
@@ -528,14 +539,16 @@ Test(cuda_ops, head_repeats_bit_for_bit) {
         const char *what[4] = {"lse", "logp", "dh", "dW"};
         const int64_t len[4] = {N, N, N * H, (int64_t)V * H};
         for (int k = 0; k < 4; k++) {
-            cr_expect_eq(memcmp(res[0][k], res[1][k], (size_t)len[k] * 4), 0, "precision %d: %s differs between runs",
-                         prec, what[k]);
-            cr_expect_gt(th_max_abs(res[0][k], len[k]), 0.0, "precision %d: %s is zero", prec, what[k]);
+            cr_expect_eq(memcmp(res[0][k], res[1][k], (size_t)len[k] * 4), 0,
+                         "precision %d%s: %s differs between runs", prec, q ? " from q" : "", what[k]);
+            cr_expect_gt(th_max_abs(res[0][k], len[k]), 0.0, "precision %d%s: %s is zero", prec, q ? " from q" : "",
+                         what[k]);
             free(res[0][k]), free(res[1][k]);
         }
     }
     free(h), free(W), free(dlogp), free(targets), free(z);
     gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t), gfree(d_logits), gfree(d_lse), gfree(d_logp);
+    gfree(d_q);
 }
 
 /* ---- elementwise operations and reductions ---- */

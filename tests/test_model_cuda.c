@@ -24,9 +24,9 @@ static void need_gpu(void) {
 
 /* A hybrid of every plugin kind: lightning with a block that does not divide T, softmax with GQA and
  * partial RoPE, top-2 of 4 experts; DeepNorm factors away from 1. */
-static char *config(const char *device, const char *precision, int T, int steps) {
+static char *config(const char *device, const char *precision, const char *head, int T, int steps) {
     return m1c_xasprintf(
-        "model = { hidden = 64; layers = 4; pattern = [\"lin\", \"lin\", \"soft\", \"lin\"];\n"
+        "model = { hidden = 64; layers = 4; head_precision = \"%s\"; pattern = [\"lin\", \"lin\", \"soft\", \"lin\"];\n"
         "  types = { lin = { alpha = 1.3; beta = 0.9; attention = { plugin = \"lightning\"; heads = 2; head_dim = 32;\n"
         "                    block_size = 32; }; };\n"
         "            soft = { alpha = 1.2; beta = 0.8; attention = { plugin = \"softmax\"; heads = 4; kv_heads = 2;\n"
@@ -36,7 +36,7 @@ static char *config(const char *device, const char *precision, int T, int steps)
         "  stages = ( { data = { plugin = \"synth-math\"; }; steps = %d; batch = 4; seq_len = %d;\n"
         "               schedule = { lr = 3e-3; warmup = 5; }; eval = { every = %d; batches = 4; };\n"
         "               metrics = { every = 10; }; } ); };\n",
-        device, precision, steps, T, steps);
+        head, device, precision, steps, T, steps);
 }
 
 typedef struct side {
@@ -44,8 +44,8 @@ typedef struct side {
     m1c_run r;
 } side;
 
-static void open_side(side *x, const char *device, const char *precision, int T) {
-    char *text = config(device, precision, T, 1);
+static void open_side(side *x, const char *device, const char *precision, const char *head, int T) {
+    char *text = config(device, precision, head, T, 1);
     m1c_err e = {{0}};
     cr_assert_eq(m1c_session_open_text(&x->s, text, "gpu-test.cfg", ".", NULL, 0, &e), M1C_OK, "%s", e.msg);
     cr_assert_eq(m1c_session_build_model(&x->s, 7, &e), M1C_OK, "%s", e.msg);
@@ -66,12 +66,12 @@ static double rel_to_max(const float *a, const float *b, int64_t n) {
     return d / m;
 }
 
-static void compare(const char *precision, double tol_logp, double tol_grad) {
+static void compare(const char *precision, const char *head, double tol_logp, double tol_grad) {
     need_gpu();
     const int T = 70, B = 4;
     side cpu, gpu;
-    open_side(&cpu, "cpu", "fp32", T);
-    open_side(&gpu, "cuda", precision, T);
+    open_side(&cpu, "cpu", "fp32", "fp32", T);
+    open_side(&gpu, "cuda", precision, head, T);
     int32_t tokens[4 * 71];
     m1c_rng g;
     m1c_rng_seed(&g, 3, 0);
@@ -112,7 +112,7 @@ Test(model_cuda, device_failure_fails_the_call) {
     need_gpu();
     const int T = 16, B = 4;
     side g;
-    open_side(&g, "cuda", "bf16", T);
+    open_side(&g, "cuda", "bf16", "fp32", T);
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)B * (T + 1));
     m1c_rng rng;
     m1c_rng_seed(&rng, 5, 0);
@@ -127,12 +127,16 @@ Test(model_cuda, device_failure_fails_the_call) {
     close_side(&g);
 }
 
-Test(model_cuda, fp32_matches_cpu) { compare("fp32", 1e-4, 1e-4); }
+Test(model_cuda, fp32_matches_cpu) { compare("fp32", "fp32", 1e-4, 1e-4); }
 
 /* bf16: GEMM operands and saved activations rounded to 8 mantissa bits (relative 2^-9 = 2e-3 each),
  * accumulated in f32, across 4 layers and the head's inputs: logp within 5e-2 (absolute, values ~5.5:
  * ~1%), gradients within 5e-2 of each tensor's largest entry. */
-Test(model_cuda, bf16_close_to_cpu) { compare("bf16", 5e-2, 5e-2); }
+Test(model_cuda, bf16_close_to_cpu) { compare("bf16", "fp32", 5e-2, 5e-2); }
+
+/* The same with the head in bf16 too (its operands rounded like the layers'; in a training run its
+ * backward starts from the forward's onehot - softmax in bf16, core/ops.h): the same tolerances. */
+Test(model_cuda, bf16_head_close_to_cpu) { compare("bf16", "bf16", 5e-2, 5e-2); }
 
 /* Training on the GPU learns: 60 steps of synth-math bring the validation loss well under the data's
  * unigram entropy (as the CPU test of the same sizes does), in mixed precision. */
@@ -140,7 +144,7 @@ Test(model_cuda, bf16_training_learns) {
     need_gpu();
     char dir[] = "/tmp/m1c_gpu_train_XXXXXX";
     cr_assert_not_null(mkdtemp(dir));
-    char *text = config("cuda", "bf16", 64, 60);
+    char *text = config("cuda", "bf16", "fp32", 64, 60);
     char *od = m1c_xasprintf("run.out_dir=\"%s\"", dir);
     const char *ov[] = {od};
     m1c_session s;
@@ -164,7 +168,7 @@ Test(model_cuda, decoding_matches_forward) {
     need_gpu();
     const int T = 70, B = 4, V = 259;
     side gpu;
-    open_side(&gpu, "cuda", "fp32", T);
+    open_side(&gpu, "cuda", "fp32", "fp32", T);
     m1c_model *m = &gpu.s.model;
     int32_t tokens[4 * 71];
     m1c_rng g;
@@ -196,4 +200,83 @@ Test(model_cuda, decoding_matches_forward) {
     m1c_decoder_free(&d, m);
     free(out), free(full);
     close_side(&gpu);
+}
+
+/* The optimizer overlapped with the backward (train.h: each layer stepped on the background stream once
+ * its gradients are complete) changes no bit: three steps each way from the same start leave the same
+ * parameters and bf16 copies. */
+Test(model_cuda, overlapped_optimizer_same_bits) {
+    need_gpu();
+    const int T = 70, B = 4;
+    int32_t tokens[4 * 71];
+    m1c_rng g;
+    m1c_rng_seed(&g, 9, 0);
+    for (int i = 0; i < B * (T + 1); i++) tokens[i] = (int32_t)(m1c_rng_u64(&g) % 259);
+    unsigned char *bits[2][2];
+    size_t bytes[2] = {0, 0};
+    for (int v = 0; v < 2; v++) { /* v 0: the step after the backward; v 1: overlapped */
+        side x;
+        open_side(&x, "cuda", "bf16", "bf16", T);
+        m1c_model *m = &x.s.model;
+        m1c_err e = {{0}};
+        m1c_plugin *optp = NULL;
+        m1c_config *empty = NULL;
+        void *opt = NULL;
+        cr_assert_eq(m1c_registry_load(&x.s.reg, "adamw", NULL, M1C_KIND_OPTIMIZER, &optp, &e), M1C_OK, "%s", e.msg);
+        cr_assert_eq(m1c_config_parse(&empty, "", "adamw", NULL, NULL, 0, &e), M1C_OK, "%s", e.msg);
+        cr_assert_eq(M1C_OPTIMIZER(optp)->create(&optp->host, m1c_config_root(empty), &opt), M1C_OK);
+        const char *names[4];
+        const int ns = M1C_OPTIMIZER(optp)->state(opt, names, 4);
+        m1c_arena state;
+        m1c_arena_init(&state, m->device);
+        for (int i = 0; i < m->params.n; i++)
+            for (int j = 0; j < ns; j++)
+                m1c_arena_add(&state, names[j], M1C_F32, m->params.t[i].ndim, m->params.t[i].shape);
+        cr_assert_eq(m1c_arena_alloc(&state, &e), M1C_OK, "%s", e.msg);
+        for (int step = 1; step <= 3; step++) {
+            m1c_arena_zero(&m->grads);
+            cr_assert_eq(m1c_model_forward(m, &x.r, tokens, &e), M1C_OK, "%s", e.msg);
+            for (int i = 0; i < B * T; i++) x.r.dlogp_host[i] = -1.0f / (float)(B * T);
+            const m1c_optim_step os = {.step = step, .lr = 3e-3f, .n = m->params.n, .device = m->device,
+                                       .params = m->params.t, .grads = m->grads.t, .state = state.t,
+                                       .no_decay = m->no_decay, .params_lp = m->params_lp.t,
+                                       .stream = m1c_dev_stream(m->device)};
+            m1c_overlap ovl = {m, optp, opt, ns, os, NULL};
+            if (v) m1c_overlap_arm(&ovl, &x.r);
+            cr_assert_eq(m1c_model_backward(m, &x.r, &e), M1C_OK, "%s", e.msg);
+            if (v) m1c_overlap_finish(&ovl, &x.r);
+            else cr_assert_eq(M1C_OPTIMIZER(optp)->step(opt, &os), M1C_OK);
+        }
+        bytes[0] = m->params.bytes, bytes[1] = m->params_lp.bytes;
+        bits[v][0] = (unsigned char *)th_to_host(M1C_DEVICE_CUDA, m->params.base, (int64_t)(bytes[0] / 4));
+        bits[v][1] = (unsigned char *)th_to_host(M1C_DEVICE_CUDA, m->params_lp.base, (int64_t)(bytes[1] / 4));
+        m1c_arena_free(&state);
+        M1C_OPTIMIZER(optp)->destroy(opt);
+        m1c_config_free(empty);
+        close_side(&x);
+    }
+    cr_expect_eq(memcmp(bits[0][0], bits[1][0], bytes[0]), 0, "the parameters differ");
+    cr_expect_eq(memcmp(bits[0][1], bits[1][1], bytes[1]), 0, "the bf16 copies differ");
+    for (int v = 0; v < 2; v++) free(bits[v][0]), free(bits[v][1]);
+}
+
+/* m1c train without clipping overlaps the optimizer with the backward: it still learns. */
+Test(model_cuda, bf16_training_learns_overlapped) {
+    need_gpu();
+    char dir[] = "/tmp/m1c_gpu_train_XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    char *text = config("cuda", "bf16", "bf16", 64, 60);
+    char *od = m1c_xasprintf("run.out_dir=\"%s\"", dir);
+    const char *ov[] = {od, "run.stages.0.schedule.clip=0"};
+    m1c_session s;
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_session_open_text(&s, text, "gpu-train.cfg", ".", ov, 2, &e), M1C_OK, "%s", e.msg);
+    m1c_train_opts o = {.quiet = 1};
+    m1c_train_result res;
+    cr_assert_eq(m1c_train(&s, &o, &res, &e), M1C_OK, "%s", e.msg);
+    m1c_session_close(&s);
+    cr_assert(isfinite(res.last_val_loss) && res.last_val_loss < res.unigram_entropy - 0.5,
+              "validation loss %g vs unigram entropy %g", res.last_val_loss, res.unigram_entropy);
+    m1c_remove_tree(dir);
+    free(od), free(text);
 }

@@ -42,13 +42,65 @@ static void check(cudaError_t e, const char *what) {
     if (e != cudaSuccess) m1c_cuda_fail(what, cudaGetErrorString(e));
 }
 
-/* One cuBLAS handle per host thread (cuBLAS handles are not meant to be shared across threads); NULL
- * (and a failure kept) if it cannot be made: cuBLAS then refuses every call. */
+/* The core's stream (backend.h), per host thread: blocking (work left on the legacy default stream still
+ * orders with it) and of the device's highest priority, so that work a caller puts on a low-priority
+ * stream beside it (the optimizer during the backward) takes only what it leaves free. */
+extern "C" void *m1c_cuda_stream(void) {
+    static thread_local cudaStream_t s;
+    static thread_local int made;
+    if (!made) {
+        made = 1;
+        int least = 0, greatest = 0;
+        if (cudaDeviceGetStreamPriorityRange(&least, &greatest) != cudaSuccess ||
+            cudaStreamCreateWithPriority(&s, cudaStreamDefault, greatest) != cudaSuccess) {
+            (void)cudaGetLastError();
+            s = NULL; /* no device: the legacy stream, where every call fails as before */
+        }
+    }
+    return (void *)s;
+}
+
+static cudaStream_t main_stream(void) { return (cudaStream_t)m1c_cuda_stream(); }
+
+extern "C" void *m1c_cuda_background_stream(void) {
+    static thread_local cudaStream_t s;
+    static thread_local int made;
+    if (!made) {
+        made = 1;
+        int least = 0, greatest = 0;
+        if (cudaDeviceGetStreamPriorityRange(&least, &greatest) != cudaSuccess ||
+            cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, least) != cudaSuccess) {
+            (void)cudaGetLastError();
+            s = NULL;
+        }
+    }
+    return (void *)s;
+}
+
+/* One event serves every call: cudaStreamWaitEvent takes the event's state when it is called, so the
+ * event can be recorded again at once. */
+extern "C" void m1c_cuda_order(void *waiter, void *waitee) {
+    static thread_local cudaEvent_t ev;
+    if (!ev && cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) != cudaSuccess) {
+        ev = NULL;
+        check(cudaDeviceSynchronize(), "cudaEventCreate (stream order)"); /* no event: order by waiting */
+        return;
+    }
+    check(cudaEventRecord(ev, (cudaStream_t)waitee), "cudaEventRecord (stream order)");
+    check(cudaStreamWaitEvent((cudaStream_t)waiter, ev, 0), "cudaStreamWaitEvent (stream order)");
+}
+
+/* One cuBLAS handle per host thread (cuBLAS handles are not meant to be shared across threads), on the
+ * core's stream; NULL (and a failure kept) if it cannot be made: cuBLAS then refuses every call. */
 static cublasHandle_t blas_handle(void) {
     static thread_local cublasHandle_t h;
-    if (!h && cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
-        h = NULL;
-        m1c_cuda_fail("cublasCreate", "failed (no device, or out of memory)");
+    if (!h) {
+        if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
+            h = NULL;
+            m1c_cuda_fail("cublasCreate", "failed (no device, or out of memory)");
+        } else {
+            cublasSetStream(h, main_stream());
+        }
     }
     return h;
 }
@@ -79,11 +131,15 @@ extern "C" void m1c_cuda_free(void *p) {
     if (p) check(cudaFree(p), "cudaFree");
 }
 
-extern "C" void m1c_cuda_memset0(void *p, size_t bytes) { check(cudaMemset(p, 0, bytes), "cudaMemset"); }
+extern "C" void m1c_cuda_memset0(void *p, size_t bytes) {
+    check(cudaMemsetAsync(p, 0, bytes, main_stream()), "cudaMemset");
+}
 
+/* Synchronous for the caller: queued on the core's stream, then waited for. */
 extern "C" void m1c_cuda_copy(void *dst, const void *src, size_t bytes, int kind) {
     static const cudaMemcpyKind kinds[] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice};
-    check(cudaMemcpy(dst, src, bytes, kinds[kind]), "cudaMemcpy");
+    check(cudaMemcpyAsync(dst, src, bytes, kinds[kind], main_stream()), "cudaMemcpy");
+    check(cudaStreamSynchronize(main_stream()), "cudaMemcpy");
 }
 
 extern "C" void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
@@ -117,7 +173,7 @@ static void gemm_ex_cublas(cudaStream_t stream, void *ws, size_t ws_bytes, int t
                                                    A, gemm_types[a_dtype], lda, stride_a, &beta, C,
                                                    gemm_types[c_dtype], ldc, stride_c, batch, CUBLAS_COMPUTE_32F,
                                                    CUBLAS_GEMM_DEFAULT);
-    cublasSetStream(h, NULL);
+    cublasSetStream(h, main_stream()); /* back to the handle's own stream, without the workspace */
     if (st != CUBLAS_STATUS_SUCCESS) m1c_cuda_fail("cublasGemmStridedBatchedEx", cublasGetStatusString(st));
 }
 

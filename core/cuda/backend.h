@@ -20,6 +20,17 @@ void m1c_cuda_fail(const char *what, const char *detail);
 /* 1 and the kept message in buf (then cleared) if a failure is pending, else 0. */
 int m1c_cuda_take_error(char *buf, size_t n);
 
+/* The core's stream: every kernel, copy and product of the core runs there, and the model hands it to
+ * the plugins (m1c_layer_bufs.stream), so one step's work is ordered on it. Per host thread, made on
+ * first use; NULL (the legacy default stream) where no device can make it. */
+void *m1c_cuda_stream(void);
+/* A stream of the device's lowest priority that does not wait for the legacy default stream (per host
+ * thread, made on first use; NULL where it cannot be made): for work that may fill what the core's stream
+ * leaves free (the optimizer beside the backward). */
+void *m1c_cuda_background_stream(void);
+/* Work queued on `waiter` after this call waits for the work queued on `waitee` before it. */
+void m1c_cuda_order(void *waiter, void *waitee);
+
 int m1c_cuda_device_count(void);
 /* The current device's name ("NVIDIA H100 80GB HBM3", ...); "" if none. */
 void m1c_cuda_device_name(char *buf, int n);

@@ -23,6 +23,15 @@ static void check(cudaError_t e, const char *what) {
 
 static void check_launch(const char *what) { check(cudaGetLastError(), what); }
 
+/* Every kernel, copy and product of the core goes to the core's stream (backend.h). */
+static cudaStream_t cs(void) { return (cudaStream_t)m1c_cuda_stream(); }
+
+/* A small result to the host, after the stream's work before it. */
+static cudaError_t to_host(void *dst, const void *src, size_t bytes) {
+    const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cs());
+    return e != cudaSuccess ? e : cudaStreamSynchronize(cs());
+}
+
 static int grid_for(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
     return (int)(g > 65535 * 8 ? 65535 * 8 : (g < 1 ? 1 : g));
@@ -36,7 +45,8 @@ static int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
  * A slot's user may overwrite it at its next call: the default stream orders those uses. */
 enum {
     SLOT_A16,       /* head: bf16 A operand (h in the forward, dlogits in the backward) */
-    SLOT_B16,       /* head: bf16 B operand (W, then h in the backward) */
+    SLOT_B16,       /* head: bf16 B operand (W, then h, or dlogp h, in the backward) */
+    SLOT_Z,         /* head backward from q: q W (f32), before its rows are scaled into dh */
     SLOT_AH,        /* head: TF32 high part and remainder of A */
     SLOT_AL,
     SLOT_BH,        /* head: TF32 high part and remainder of B */
@@ -150,7 +160,7 @@ __global__ static void embed_bwd(float *dwte, const float *dout, const int32_t *
 
 extern "C" void m1c_cuda_embed_forward(float *out, const int32_t *ids, const float *wte, int64_t N, int H) {
     if (N <= 0) return;
-    embed_fwd<<<grid_for(N, 1), 256>>>(out, ids, wte, N, H);
+    embed_fwd<<<grid_for(N, 1), 256, 0, cs()>>>(out, ids, wte, N, H);
     check_launch("embed_forward");
 }
 
@@ -166,19 +176,19 @@ extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const in
     if (!w) return;
     int32_t *key = w, *pos = w + n, *skey = w + 2 * (int64_t)n, *spos = w + 3 * (int64_t)n, *start = w + 4 * (int64_t)n;
     int32_t *len = w + 5 * (int64_t)n, *uniq = w + 6 * (int64_t)n, *nruns = w + 7 * (int64_t)n;
-    embed_keys<<<grid_for(N, 256), 256>>>(key, pos, ids, N);
+    embed_keys<<<grid_for(N, 256), 256, 0, cs()>>>(key, pos, ids, N);
     check_launch("embed_backward (keys)");
     size_t t1 = 0, t2 = 0, t3 = 0;
-    check(cub::DeviceRadixSort::SortPairs(NULL, t1, key, skey, pos, spos, n), "cub sort (size)");
-    check(cub::DeviceRunLengthEncode::Encode(NULL, t2, skey, uniq, len, nruns, n), "cub encode (size)");
-    check(cub::DeviceScan::ExclusiveSum(NULL, t3, len, start, n), "cub scan (size)");
+    check(cub::DeviceRadixSort::SortPairs(NULL, t1, key, skey, pos, spos, n, 0, 32, cs()), "cub sort (size)");
+    check(cub::DeviceRunLengthEncode::Encode(NULL, t2, skey, uniq, len, nruns, n, cs()), "cub encode (size)");
+    check(cub::DeviceScan::ExclusiveSum(NULL, t3, len, start, n, cs()), "cub scan (size)");
     const size_t tb = t1 > t2 ? (t1 > t3 ? t1 : t3) : (t2 > t3 ? t2 : t3);
     void *tmp = cached(SLOT_EMBED_TMP, (int64_t)tb, 1, "embedding backward");
     if (!tmp) return;
-    check(cub::DeviceRadixSort::SortPairs(tmp, t1, key, skey, pos, spos, n), "cub sort");
-    check(cub::DeviceRunLengthEncode::Encode(tmp, t2, skey, uniq, len, nruns, n), "cub encode");
-    check(cub::DeviceScan::ExclusiveSum(tmp, t3, len, start, n), "cub scan");
-    embed_bwd<<<grid_for(N, 1), 256>>>(dwte, dout, skey, spos, start, len, nruns, H);
+    check(cub::DeviceRadixSort::SortPairs(tmp, t1, key, skey, pos, spos, n, 0, 32, cs()), "cub sort");
+    check(cub::DeviceRunLengthEncode::Encode(tmp, t2, skey, uniq, len, nruns, n, cs()), "cub encode");
+    check(cub::DeviceScan::ExclusiveSum(tmp, t3, len, start, n, cs()), "cub scan");
+    embed_bwd<<<grid_for(N, 1), 256, 0, cs()>>>(dwte, dout, skey, spos, start, len, nruns, H);
     check_launch("embed_backward");
 }
 
@@ -315,9 +325,9 @@ static void rmsnorm_dw(float *dw, const float *dout, const float *in, const floa
     const int chunks = N < RMS_CHUNKS * 8 ? (int)((N + 7) / 8) : RMS_CHUNKS;
     float *part = (float *)cached(SLOT_RMS_PART, (int64_t)chunks * C, sizeof(float), "RMSNorm backward");
     if (!part) return;
-    rmsnorm_bwd_w<<<dim3((C + 31) / 32, chunks), dim3(32, 8)>>>(part, dout, in, rstd, N, C);
+    rmsnorm_bwd_w<<<dim3((C + 31) / 32, chunks), dim3(32, 8), 0, cs()>>>(part, dout, in, rstd, N, C);
     check_launch("rmsnorm_backward (weight)");
-    rmsnorm_bwd_w_sum<<<grid_for(C, 256), 256>>>(dw, part, chunks, C);
+    rmsnorm_bwd_w_sum<<<grid_for(C, 256), 256, 0, cs()>>>(dw, part, chunks, C);
     check_launch("rmsnorm_backward (weight sum)");
 }
 
@@ -325,9 +335,9 @@ extern "C" void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *i
                                          float eps) {
     if (N <= 0) return;
     if (C % 4 == 0 && aligned16(out) && aligned16(in) && aligned16(w))
-        rmsnorm_fwd<4><<<rows_grid(N), 32 * ROWS>>>(out, rstd, in, w, N, C, eps);
+        rmsnorm_fwd<4><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(out, rstd, in, w, N, C, eps);
     else
-        rmsnorm_fwd<1><<<rows_grid(N), 32 * ROWS>>>(out, rstd, in, w, N, C, eps);
+        rmsnorm_fwd<1><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(out, rstd, in, w, N, C, eps);
     check_launch("rmsnorm_forward");
 }
 
@@ -335,9 +345,9 @@ extern "C" void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *do
                                           const float *rstd, int64_t N, int C) {
     if (N <= 0) return;
     if (C % 4 == 0 && aligned16(din) && aligned16(dout) && aligned16(in) && aligned16(w))
-        rmsnorm_bwd_in<4><<<rows_grid(N), 32 * ROWS>>>(din, dout, in, w, rstd, N, C);
+        rmsnorm_bwd_in<4><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(din, dout, in, w, rstd, N, C);
     else
-        rmsnorm_bwd_in<1><<<rows_grid(N), 32 * ROWS>>>(din, dout, in, w, rstd, N, C);
+        rmsnorm_bwd_in<1><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(din, dout, in, w, rstd, N, C);
     check_launch("rmsnorm_backward (input)");
     rmsnorm_dw(dw, dout, in, rstd, N, C);
 }
@@ -450,9 +460,9 @@ extern "C" void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, flo
                                           const float *w, int64_t N, int C, float eps) {
     if (N <= 0) return;
     if (C % 4 == 0 && aligned16(y) && aligned16(h) && aligned16(out) && aligned16(w))
-        residual_rmsnorm_fwd<4><<<rows_grid(N), 32 * ROWS>>>(y, h, a, b, out, rstd, w, N, C, eps);
+        residual_rmsnorm_fwd<4><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(y, h, a, b, out, rstd, w, N, C, eps);
     else
-        residual_rmsnorm_fwd<1><<<rows_grid(N), 32 * ROWS>>>(y, h, a, b, out, rstd, w, N, C, eps);
+        residual_rmsnorm_fwd<1><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(y, h, a, b, out, rstd, w, N, C, eps);
     check_launch("residual_rmsnorm");
 }
 
@@ -461,9 +471,9 @@ static void launch_bwd_axpby(int vec, int chunks, size_t shmem, float *dh, float
                              const float *in, const float *w, const float *rstd, float a, float b, int64_t N, int C,
                              int64_t per) {
     if (vec)
-        rmsnorm_bwd_axpby<4, DW><<<chunks, 32 * ROWS, shmem>>>(dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
+        rmsnorm_bwd_axpby<4, DW><<<chunks, 32 * ROWS, shmem, cs()>>>(dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
     else
-        rmsnorm_bwd_axpby<1, DW><<<chunks, 32 * ROWS, shmem>>>(dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
+        rmsnorm_bwd_axpby<1, DW><<<chunks, 32 * ROWS, shmem, cs()>>>(dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
     check_launch("rmsnorm_backward_axpby");
 }
 
@@ -486,7 +496,7 @@ extern "C" void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw
     float *part = (float *)cached(SLOT_RMS_PART, (int64_t)chunks * C, sizeof(float), "RMSNorm backward");
     if (!part) return;
     launch_bwd_axpby<true>(vec, chunks, shmem, dh, tmp, part, dout, in, w, rstd, a, b, N, C, per);
-    colsum_add<<<(C + 31) / 32, dim3(32, 16)>>>(dw, part, chunks, C);
+    colsum_add<<<(C + 31) / 32, dim3(32, 16), 0, cs()>>>(dw, part, chunks, C);
     check_launch("rmsnorm_backward_axpby (weight sum)");
 }
 
@@ -498,6 +508,7 @@ static cublasHandle_t head_handle(void) {
         h = NULL;
         m1c_cuda_fail("cublasCreate (LM head)", "failed (no device, or out of memory)");
     }
+    if (h) cublasSetStream(h, cs());
     return h;
 }
 
@@ -543,7 +554,7 @@ __global__ static void split_tf32(float *hi, float *lo, const float *x, int64_t 
 
 static void to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n) {
     const int vec = aligned16(src) && ((uintptr_t)dst & 7u) == 0;
-    f32_to_bf16<<<grid_for(vec_items(n, vec), 256), 256>>>(dst, src, n, vec);
+    f32_to_bf16<<<grid_for(vec_items(n, vec), 256), 256, 0, cs()>>>(dst, src, n, vec);
     check_launch("bf16 conversion");
 }
 
@@ -565,7 +576,7 @@ static head_op head_operand(int precision, const float *x, int64_t n, int s16, i
         float *h = (float *)cached(sh, n, 4, "LM head"), *l = (float *)cached(sl, n, 4, "LM head");
         if (!h || !l) return {NULL, NULL};
         const int vec = aligned16(x); /* cudaMalloc'd hi and lo are aligned */
-        split_tf32<<<grid_for(vec_items(n, vec), 256), 256>>>(h, l, x, n, vec);
+        split_tf32<<<grid_for(vec_items(n, vec), 256), 256, 0, cs()>>>(h, l, x, n, vec);
         check_launch("head tf32 split");
         return {h, l};
     }
@@ -602,10 +613,13 @@ static void head_gemm(int precision, int ta, int tb, int M, int N, int K, head_o
 /* lse and logp of each row in one pass over the logits (one block per row): each thread keeps a
  * running max m and sum s of exp(z - m) over its elements (rescaling s when m grows), then the block
  * merges them: M = max m, lse = M + log(sum s exp(m - M)). W = 4 when V % 4 == 0 and the logits are
- * 16-byte aligned, else 1; U chunks of W are loaded before any is used, as in the RMSNorm kernels. */
-template <int W>
-__global__ static void logsoftmax_rows(float *lse, float *logp, const float *logits, const int32_t *targets,
-                                       int64_t N, int V) {
+ * 16-byte aligned, else 1; U chunks of W are loaded before any is used, as in the RMSNorm kernels.
+ * With Q (training at the bf16 precision), a second pass over the row, which its block has just read
+ * (launched with few enough blocks that their rows stay in L2), writes q = onehot - softmax in bf16: the
+ * backward's dlogits up to the factor dlogp of each row (0 for an unscored row). */
+template <int W, bool Q>
+__global__ static void logsoftmax_rows(float *lse, float *logp, __nv_bfloat16 *q, const float *logits,
+                                       const int32_t *targets, int64_t N, int V) {
     __shared__ float sh[32];
     const int step = blockDim.x * W;
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
@@ -627,12 +641,54 @@ __global__ static void logsoftmax_rows(float *lse, float *logp, const float *log
         const float M = block_reduce(m, sh, -INFINITY, red_fmax());
         s = s == 0.0f ? 0.0f : s * expf(m - M); /* a thread without elements (m = -Inf) adds 0 */
         s = block_reduce(s, sh, 0.0f, red_add());
+        const float l = M + logf(s); /* the same bits in every thread (block_reduce) */
         if (threadIdx.x == 0) {
-            const float l = M + logf(s);
             lse[i] = l;
             if (logp) logp[i] = targets[i] >= 0 ? z[targets[i]] - l : 0.0f;
         }
+        if constexpr (Q) {
+            const int32_t t = targets[i];
+            const float on = t >= 0 ? 1.0f : 0.0f; /* an unscored row: q = 0 */
+            __nv_bfloat16 *qr = q + i * (int64_t)V;
+            row_chunks<W>(
+                threadIdx.x * W, step, V, [&](int u, int v) { ld<W>(a[u], z, v); },
+                [&](int u, int v) {
+#pragma unroll
+                    for (int k = 0; k < W; k++) a[u][k] = on * ((v + k == t ? 1.0f : 0.0f) - expf(a[u][k] - l));
+                    st_bf16<W>(qr, v, a[u]);
+                });
+        }
     }
+}
+
+/* dh (N, H) += g Z with g = dlogp of the row (0 unscored: dh unchanged), Z the head's q W. */
+__global__ static void head_add_rows(float *dh, const float *Z, const float *dlogp, const int32_t *targets, int64_t N,
+                                     int H) {
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        if (targets[i] < 0) continue;
+        const float g = dlogp[i];
+        for (int c = threadIdx.x; c < H; c += blockDim.x) dh[i * H + c] += g * Z[i * H + c];
+    }
+}
+
+/* hs (N, H) = bf16(g h) with g as above: the second operand of dW += q^T (g h), rounded once from f32. */
+__global__ static void head_scale_rows(__nv_bfloat16 *hs, const float *h, const float *dlogp, const int32_t *targets,
+                                       int64_t N, int H) {
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float g = targets[i] >= 0 ? dlogp[i] : 0.0f;
+        for (int c = threadIdx.x; c < H; c += blockDim.x) hs[i * H + c] = __float2bfloat16_rn(g * h[i * H + c]);
+    }
+}
+
+/* Multiprocessors of the current device (for grids of one block per SM); 132 if it cannot be read. */
+static int sm_count(void) {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        n < 1) {
+        (void)cudaGetLastError();
+        return 132;
+    }
+    return n;
 }
 
 /* dlogits = dlogp * (onehot - softmax) from the logits, written where the head's precision P wants them:
@@ -670,32 +726,57 @@ template <int P>
 static void launch_logsoftmax_bwd(int vec, float *logits, __nv_bfloat16 *b16, float *hi, float *lo, const float *lse,
                                   const float *dlogp, const int32_t *targets, int64_t N, int V) {
     if (vec)
-        logsoftmax_bwd<4, P><<<grid_for(N, 1), 256>>>(logits, b16, hi, lo, lse, dlogp, targets, N, V);
+        logsoftmax_bwd<4, P><<<grid_for(N, 1), 256, 0, cs()>>>(logits, b16, hi, lo, lse, dlogp, targets, N, V);
     else
-        logsoftmax_bwd<1, P><<<grid_for(N, 1), 256>>>(logits, b16, hi, lo, lse, dlogp, targets, N, V);
+        logsoftmax_bwd<1, P><<<grid_for(N, 1), 256, 0, cs()>>>(logits, b16, hi, lo, lse, dlogp, targets, N, V);
     check_launch("head log-softmax backward");
 }
 
-extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, const float *h,
+extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, void *q, const float *h,
                                       const float *W, const int32_t *targets, int64_t N, int H, int V) {
     if (N <= 0) return;
     const head_op A = head_operand(precision, h, N * H, SLOT_A16, SLOT_AH, SLOT_AL);
     const head_op B = head_operand(precision, W, (int64_t)V * H, SLOT_B16, SLOT_BH, SLOT_BL);
     head_gemm(precision, 0, 1, (int)N, V, H, A, H, B, H, 0.0f, logits, V);
-    if (V % 4 == 0 && aligned16(logits))
-        logsoftmax_rows<4><<<grid_for(N, 1), 256>>>(lse, logp, logits, targets, N, V);
-    else
-        logsoftmax_rows<1><<<grid_for(N, 1), 256>>>(lse, logp, logits, targets, N, V);
+    const bool vec = V % 4 == 0 && aligned16(logits) && ((uintptr_t)q & 7u) == 0;
+    __nv_bfloat16 *qb = (__nv_bfloat16 *)q;
+    if (q && precision == 2) { /* one block of 1024 per SM: its ~132 rows in flight (17 MB at V 32000) stay in L2 */
+        const int g = (int)(N < sm_count() ? N : sm_count());
+        if (vec)
+            logsoftmax_rows<4, true><<<g, 1024, 0, cs()>>>(lse, logp, qb, logits, targets, N, V);
+        else
+            logsoftmax_rows<1, true><<<g, 1024, 0, cs()>>>(lse, logp, qb, logits, targets, N, V);
+    } else if (vec) {
+        logsoftmax_rows<4, false><<<grid_for(N, 1), 256, 0, cs()>>>(lse, logp, NULL, logits, targets, N, V);
+    } else {
+        logsoftmax_rows<1, false><<<grid_for(N, 1), 256, 0, cs()>>>(lse, logp, NULL, logits, targets, N, V);
+    }
     check_launch("head log-softmax");
 }
 
 /* The dlogits go once into the form both products use: f32 in place of the logits at precisions 0 and
  * 1; at 2 bf16 and at 3 the TF32 split, into the cached A-operand slots, and logits is not written. */
 extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse,
-                                       const float *dlogp, const float *h, const float *W, const int32_t *targets,
-                                       int64_t N, int H, int V) {
+                                       const void *q, const float *dlogp, const float *h, const float *W,
+                                       const int32_t *targets, int64_t N, int H, int V) {
     if (N <= 0) return;
     const int64_t NV = N * V;
+    if (q && precision == 2) {
+        /* dlogits = g q with g = dlogp per row: dh += g (q W), dW += q^T (g h); no pass over the logits. */
+        const head_op Q = {q, NULL};
+        float *Z = (float *)cached(SLOT_Z, N * H, 4, "LM head");
+        if (!Z) return;
+        const head_op Wop = head_operand(precision, W, (int64_t)V * H, SLOT_B16, SLOT_BH, SLOT_BL);
+        head_gemm(precision, 0, 0, (int)N, H, V, Q, V, Wop, H, 0.0f, Z, H);
+        head_add_rows<<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, targets, N, H);
+        check_launch("head dh rows");
+        __nv_bfloat16 *hs = (__nv_bfloat16 *)cached(SLOT_B16, N * H, 2, "LM head"); /* after W's product */
+        if (!hs) return;
+        head_scale_rows<<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, targets, N, H);
+        check_launch("head scaled rows");
+        head_gemm(precision, 1, 0, V, H, (int)N, Q, V, head_op{hs, NULL}, H, 1.0f, dW, H);
+        return;
+    }
     const int vec = V % 4 == 0 && aligned16(logits); /* the cached slots are cudaMalloc'd: aligned */
     head_op D = {logits, NULL};
     if (precision == 2) {
@@ -789,21 +870,21 @@ __global__ static void nonfinite_k(unsigned long long *count, const float *x, in
 extern "C" void m1c_cuda_residual(float *y, const float *h, float a, float b, int64_t n) {
     if (n <= 0) return;
     const int vec = aligned16(y) && aligned16(h);
-    residual_k<<<grid_for(vec_items(n, vec), 256), 256>>>(y, h, a, b, n, vec);
+    residual_k<<<grid_for(vec_items(n, vec), 256), 256, 0, cs()>>>(y, h, a, b, n, vec);
     check_launch("residual");
 }
 
 extern "C" void m1c_cuda_axpby(float *y, float *z, const float *x, float a, float b, int64_t n) {
     if (n <= 0) return;
     const int vec = aligned16(y) && aligned16(z) && aligned16(x);
-    axpby_k<<<grid_for(vec_items(n, vec), 256), 256>>>(y, z, x, a, b, n, vec);
+    axpby_k<<<grid_for(vec_items(n, vec), 256), 256, 0, cs()>>>(y, z, x, a, b, n, vec);
     check_launch("axpby");
 }
 
 extern "C" void m1c_cuda_scale(float *x, int64_t n, float s) {
     if (n <= 0) return;
     const int vec = aligned16(x);
-    scale_k<<<grid_for(vec_items(n, vec), 256), 256>>>(x, n, s, vec);
+    scale_k<<<grid_for(vec_items(n, vec), 256), 256, 0, cs()>>>(x, n, s, vec);
     check_launch("scale");
 }
 
@@ -813,9 +894,9 @@ extern "C" double m1c_cuda_sumsq(const float *x, int64_t n) {
     double host[BLOCKS];
     double *part = (double *)cached(SLOT_SUMSQ, BLOCKS, sizeof(double), "sum of squares");
     if (!part) return NAN;
-    sumsq_k<<<BLOCKS, 256>>>(part, x, n);
+    sumsq_k<<<BLOCKS, 256, 0, cs()>>>(part, x, n);
     check_launch("sumsq");
-    if (cudaMemcpy(host, part, sizeof host, cudaMemcpyDeviceToHost) != cudaSuccess) {
+    if (to_host(host, part, sizeof host) != cudaSuccess) {
         check(cudaGetLastError(), "sumsq copy");
         return NAN;
     }
@@ -829,10 +910,10 @@ extern "C" int64_t m1c_cuda_count_nonfinite(const float *x, int64_t n) {
     unsigned long long k = 0;
     unsigned long long *d = (unsigned long long *)cached(SLOT_NONFINITE, 1, sizeof k, "non-finite count");
     if (!d) return n; /* unknown: report everything non-finite rather than nothing */
-    check(cudaMemset(d, 0, sizeof k), "count_nonfinite memset");
-    nonfinite_k<<<grid_for(n, 256) < 1024 ? grid_for(n, 256) : 1024, 256>>>(d, x, n);
+    check(cudaMemsetAsync(d, 0, sizeof k, cs()), "count_nonfinite memset");
+    nonfinite_k<<<grid_for(n, 256) < 1024 ? grid_for(n, 256) : 1024, 256, 0, cs()>>>(d, x, n);
     check_launch("count_nonfinite");
-    if (cudaMemcpy(&k, d, sizeof k, cudaMemcpyDeviceToHost) != cudaSuccess) {
+    if (to_host(&k, d, sizeof k) != cudaSuccess) {
         check(cudaGetLastError(), "count_nonfinite copy");
         return n;
     }

@@ -155,6 +155,6 @@ extern "C" void m1c_cuda_sample(const float *logits, float *work, int B, int V, 
     if (B <= 0 || V <= 0) return;
     int L = 1;
     while ((1ll << L) < (long long)V) L++; /* mask - v fits in L bits; a probability's 31 bits above */
-    sample_rows_k<<<B, SAMPLE_THREADS>>>(logits, work, V, L, greedy, temperature, top_k, top_p, u, out, prob);
+    sample_rows_k<<<B, SAMPLE_THREADS, 0, (cudaStream_t)m1c_cuda_stream()>>>(logits, work, V, L, greedy, temperature, top_k, top_p, u, out, prob);
     check_launch("sample_rows");
 }

@@ -306,8 +306,15 @@ typedef struct m1c_optim_step {
     const int32_t *no_decay; /* [n] */
     m1c_tensor *params_lp;   /* [n] bf16 copies to refresh from the updated params, or NULL */
     void *stream;            /* CUDA: the cudaStream_t to launch on; NULL on the CPU */
-    void *reserved[2];
+    uint32_t flags;          /* since ABI 1.1: M1C_OPTIM_* */
+    uint32_t reserved0;
+    void *reserved[1];
 } m1c_optim_step;
+
+/* m1c_optim_step.flags: the step runs on a low-priority stream beside other GPU work (the rest of the
+ * backward, for the tensors whose gradients are complete): launch many short blocks that the GPU can
+ * fit in between, not a grid that holds every multiprocessor until the step ends. */
+#define M1C_OPTIM_BACKGROUND 1u
 
 typedef struct m1c_optimizer_vtable {
     uint32_t size;

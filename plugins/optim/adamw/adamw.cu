@@ -148,7 +148,9 @@ extern "C" int adamw_cuda_step(const m1c_optim_step *a, int n_state, float keep_
         snprintf(err, err_len, "adamw: querying the CUDA device for the grid size: %s", cudaGetErrorString(ce));
         return -1;
     }
-    const int grid_max = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
+    /* In the background one block per tile (about 60 KB of traffic, a few microseconds): the GPU places
+     * them wherever the work beside them leaves room, and none holds a multiprocessor for long. */
+    const int grid_max = a->flags & M1C_OPTIM_BACKGROUND ? 1 << 30 : (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
 
     adamw_table tab;
     tab.n = 0;
