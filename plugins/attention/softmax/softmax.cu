@@ -68,22 +68,26 @@ __global__ static void rope_table_kernel(float *cs, int T, int half, int rd, dou
 }
 
 /* rotate_half RoPE of rows (B*T rows of nheads heads of hd): dst = R(src) (inverse: R^T, backward),
- * dst may equal src (the thread of dim i < half reads and writes both i and i + half). */
-template <typename TO>
-__global__ static void rope_kernel(TO *dst, const float *src, int64_t rows, int T, int nheads, int hd, int half,
+ * dst may equal src. One thread per slot of a (row, head): slot s < half rotates the pair (s, s + half),
+ * a later slot copies dimension s + half (past the rotary part), so no thread idles; I is uint32_t where
+ * the slots fit, whose divisions are far cheaper than 64-bit ones. */
+template <typename TO, typename I>
+__global__ static void rope_kernel(TO *dst, const float *src, I row_heads, int T, int nheads, int hd, int half,
                                    const float *cs, int rd, int inverse) {
-    const int64_t n = rows * nheads * hd;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
-        const int d = (int)(e % hd);
-        if (d < half) {
-            const int t = (int)((e / hd / nheads) % T);
-            const float c = cs[(int64_t)t * rd + d], s0 = cs[(int64_t)t * rd + half + d];
+    const int W = hd - half; /* slots per (row, head) */
+    const I n = row_heads * (I)W;
+    for (I j = blockIdx.x * (I)blockDim.x + threadIdx.x; j < n; j += (I)gridDim.x * blockDim.x) {
+        const I rh = j / (I)W;
+        const int sl = (int)(j - rh * (I)W), t = (int)((rh / (I)nheads) % (I)T);
+        const int64_t e = (int64_t)rh * hd + sl;
+        if (sl < half) {
+            const float c = cs[(int64_t)t * rd + sl], s0 = cs[(int64_t)t * rd + half + sl];
             const float s = inverse ? -s0 : s0;
             const float u = src[e], w = src[e + half];
             st(dst + e, u * c - w * s);
             st(dst + e + half, w * c + u * s);
-        } else if (d >= 2 * half) {
-            st(dst + e, src[e]);
+        } else if (dst != (const void *)src) {
+            st(dst + e + half, src[e + half]);
         }
     }
 }
@@ -460,8 +464,14 @@ static int rope_apply(const sm_cuda *a, cudaStream_t s, TO *dst, const float *sr
                       const float *cs, int inverse) {
     const int64_t n = (int64_t)B * T * nheads * a->hd;
     if (n <= 0 || (a->rd == 0 && (const void *)dst == (const void *)src)) return M1C_OK; /* identity */
-    rope_kernel<TO><<<grid_for(n), NTHREADS, 0, s>>>(dst, src, (int64_t)B * T, T, nheads, a->hd, a->rd / 2, cs,
-                                                     a->rd > 0 ? a->rd : 1, inverse);
+    const int half = a->rd / 2, rd = a->rd > 0 ? a->rd : 1;
+    const int64_t rh = (int64_t)B * T * nheads, slots = rh * (a->hd - half);
+    if (slots < ((int64_t)1 << 31)) /* j + the grid stride stays below 2^32 */
+        rope_kernel<TO, uint32_t><<<grid_for(slots), NTHREADS, 0, s>>>(dst, src, (uint32_t)rh, T, nheads, a->hd, half,
+                                                                       cs, rd, inverse);
+    else
+        rope_kernel<TO, int64_t><<<grid_for(slots), NTHREADS, 0, s>>>(dst, src, rh, T, nheads, a->hd, half, cs, rd,
+                                                                      inverse);
     return launched(a, "rope");
 }
 

@@ -34,9 +34,11 @@
  * writes the same dtypes as cuBLAS (its f32 accumulators rounded to nearest even).
  *
  * Expert GEMMs, chosen by the setting expert_gemm (topk.c):
- *   "cublas" (default; F32 always): one h->gemm_ex call per expert with rows. The expert offsets and
- *     counts are copied to the host once per forward, where the host waits for the GPU; the backward of
- *     the same run reuses that copy (another run's forward in between makes it copy again).
+ *   "cublas" (default; F32 always): one cuBLASLt product per expert with rows, all of a step handed to
+ *     the core at once (h->gemm_group), which runs them concurrently. The expert offsets and counts are
+ *     copied to (pinned) host memory once per forward; the host waits for that copy after queueing the
+ *     aux loss and the gather, so the GPU still has work while it wakes. The backward of the same run
+ *     reuses the copy (another run's forward in between makes it copy again).
  *   "grouped" (BF16 only): one tensor-core kernel per product for all experts (grouped_gemm_kernel),
  *     reading the offsets on the device: forward and backward never wait for the host, but the kernel
  *     reaches about half of cuBLAS's throughput on large experts.
@@ -1097,7 +1099,10 @@ template <typename T>
 static int combine(const topk_cuda_args *a, cudaStream_t s, float *out) {
     const int64_t NH = (int64_t)a->N * a->H;
     const T *Y = (const T *)a->Y;
-    if (a->H % 4 == 0 && moe_al16(out) && moe_al16(Y))
+    /* bf16 Y: 8 columns per thread (16-byte loads of Y), twice the bytes in flight per index load */
+    if (sizeof(T) == 2 && a->H % 8 == 0 && moe_al16(out) && moe_al16(Y))
+        combine_kernel<T, 8><<<moe_blocks(NH / 8), MOE_THREADS, 0, s>>>(out, Y, a->w, a->pos, a->N, a->H, a->k);
+    else if (a->H % 4 == 0 && moe_al16(out) && moe_al16(Y))
         combine_kernel<T, 4><<<moe_blocks(NH / 4), MOE_THREADS, 0, s>>>(out, Y, a->w, a->pos, a->N, a->H, a->k);
     else
         combine_kernel<T, 1><<<moe_blocks(NH), MOE_THREADS, 0, s>>>(out, Y, a->w, a->pos, a->N, a->H, a->k);
