@@ -332,6 +332,8 @@ void m1c_run_free(m1c_run *r, m1c_model *m) {
 /* ---- forward / backward ------------------------------------------------------------------ */
 
 static float *P(m1c_model *m, int i) { return m->params.t[i].data; }
+/* Parameter i's bf16 copy (mixed precision), or NULL. */
+static const void *PLP(m1c_model *m, int i) { return m->params_lp.base ? m->params_lp.t[i].data : NULL; }
 static float *G(m1c_model *m, int i) { return m->grads.t[i].data; }
 
 /* The failure the device kept during this call (host.h), as its error; M1C_OK if none. Device work
@@ -436,7 +438,7 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
     if (forward_layers(m, r, B, T, attn_forward, NULL, e)) return M1C_ERR;
     r->head_q_valid = r->training && r->head_q;
     m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->head_q_valid ? r->head_q : NULL,
-                     r->hf, P(m, m->head), r->targets, N, m->H, m->V);
+                     r->hf, P(m, m->head), PLP(m, m->head), r->targets, N, m->H, m->V);
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(M1C_DEVICE_CPU, r->logp_host, m->device, r->logp, (size_t)N * 4);
     prof_add(m, r, "head", 0);
     r->aux_loss = sum_aux(m, r);
@@ -459,7 +461,8 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);
     m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
     m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse,
-                      r->head_q_valid ? r->head_q : NULL, r->dlogp, r->hf, P(m, m->head), r->targets, N, H, m->V);
+                      r->head_q_valid ? r->head_q : NULL, r->dlogp, r->hf, P(m, m->head), PLP(m, m->head), r->targets,
+                      N, H, m->V);
     prof_add(m, r, "head", 1);
     /* Parameter order (m1c_model_build): embedding, then per layer its input norm, attention, post norm
      * and FFN, then the final norm and the head. A layer's input norm is finished by the next lower

@@ -125,9 +125,9 @@ void m1c_rmsnorm_backward_axpby(int dev, float *dh, float *tmp, float *dw, const
 }
 
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, void *q, const float *h,
-                      const float *W, const int32_t *targets, int64_t N, int H, int V) {
-    ON_GPU(dev, m1c_cuda_head_forward(precision, logits, lse, logp, q, h, W, targets, N, H, V));
-    (void)precision, (void)q; /* the CPU computes the head in fp32 whatever the setting */
+                      const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V) {
+    ON_GPU(dev, m1c_cuda_head_forward(precision, logits, lse, logp, q, h, W, W_lp, targets, N, H, V));
+    (void)precision, (void)q, (void)W_lp; /* the CPU computes the head in fp32 whatever the setting */
     m1c_gemm(M1C_DEVICE_CPU, 0, 1, (int)N, V, H, 1.0f, h, H, W, H, 0.0f, logits, V);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
@@ -142,10 +142,10 @@ void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *
 }
 
 void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logits, const float *lse, const void *q,
-                       const float *dlogp, const float *h, const float *W, const int32_t *targets, int64_t N, int H,
-                       int V) {
-    ON_GPU(dev, m1c_cuda_head_backward(precision, dh, dW, logits, lse, q, dlogp, h, W, targets, N, H, V));
-    (void)precision, (void)q;
+                       const float *dlogp, const float *h, const float *W, const void *W_lp, const int32_t *targets,
+                       int64_t N, int H, int V) {
+    ON_GPU(dev, m1c_cuda_head_backward(precision, dh, dW, logits, lse, q, dlogp, h, W, W_lp, targets, N, H, V));
+    (void)precision, (void)q, (void)W_lp;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         float *z = logits + i * V, g = dlogp[i];

@@ -28,17 +28,18 @@ void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, con
  * computes in fp32. lse and logp are always fp32. */
 /* q: NULL, or (N, V) bf16 for a training forward at precision 2 on a GPU, which then also writes there
  * q = onehot - softmax (0 on unscored rows): the backward's dlogits up to each row's dlogp, so that the
- * backward needs no pass over the logits. Ignored elsewhere (the CPU, other precisions). */
+ * backward needs no pass over the logits. Ignored elsewhere (the CPU, other precisions). W_lp: NULL, or
+ * W's bf16 copy (the model's params_lp), which precision 2 on a GPU then uses instead of converting W. */
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, void *q, const float *h,
-                      const float *W, const int32_t *targets, int64_t N, int H, int V);
+                      const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V);
 /* From dlogp (N): dlogits = dlogp * (onehot - softmax), then dh += dlogits W, dW += dlogits^T h. The
  * dlogits are left in place of logits, except on a CUDA device at precisions 2 and 3, where they go
  * straight into the products' bf16 or TF32-split operands: there logits' contents are unspecified
  * afterwards. With the forward's q (precision 2, GPU) the logits are not read: dh += dlogp (q W) and
  * dW += q^T (dlogp h), dlogp h rounded to bf16 once. */
 void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logits, const float *lse, const void *q,
-                       const float *dlogp, const float *h, const float *W, const int32_t *targets, int64_t N, int H,
-                       int V);
+                       const float *dlogp, const float *h, const float *W, const void *W_lp, const int32_t *targets,
+                       int64_t N, int H, int V);
 
 /* y = a * h + b * y (the DeepNorm residual, in place over the sublayer output y). */
 void m1c_residual(int dev, float *y, const float *h, float a, float b, int64_t n);

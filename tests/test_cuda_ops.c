@@ -422,27 +422,28 @@ static void check_head(const head_case *hc, int ci) {
     float *h = th_randn(NH, s, 1.0f), *W = th_randn(VH, s + 1, 1.0f / sqrtf((float)H));
     int32_t *targets = make_ids(N, V, s + 2, 5); /* every 5th unscored (-1) */
     float *logits = th_zeros(NV), *lse = th_zeros(N), *logp = th_zeros(N);
-    m1c_head_forward(CPU, 0, logits, lse, logp, NULL, h, W, targets, N, H, V);
+    m1c_head_forward(CPU, 0, logits, lse, logp, NULL, h, W, NULL, targets, N, H, V);
 
     float *dlogp = th_randn(N, s + 3, 1.0f);
     /* dh and dW accumulate: start from values of the gradients' own size (~0.01..1), so that a GEMM
      * that overwrote instead of adding would be far outside every tolerance. */
     float *dh0 = th_randn(NH, s + 4, 0.01f), *dW0 = th_randn(VH, s + 5, 0.01f);
     float *dh = copy_of(dh0, NH), *dW = copy_of(dW0, VH), *dlogits = copy_of(logits, NV);
-    m1c_head_backward(CPU, 0, dh, dW, dlogits, lse, NULL, dlogp, h, W, targets, N, H, V);
+    m1c_head_backward(CPU, 0, dh, dW, dlogits, lse, NULL, dlogp, h, W, NULL, targets, N, H, V);
 
     float *d_h = up(h, NH), *d_W = up(W, VH), *d_dlogp = up(dlogp, N);
     int32_t *d_t = up_bytes(targets, (size_t)N * 4);
-    /* Precision 4 here is precision 2 with the training forward's q (core/ops.h): the backward from q, not
-     * from the logits, within bf16's tolerance. */
-    void *d_q = m1c_dev_alloc(GPU, (size_t)NV * 2);
-    cr_assert_not_null(d_q);
+    /* Run 4 is precision 2 as a mixed-precision model trains it (core/ops.h): W's bf16 copy given, and
+     * the backward from the training forward's q, not from the logits, within bf16's tolerance. */
+    void *d_q = m1c_dev_alloc(GPU, (size_t)NV * 2), *d_Wlp = m1c_dev_alloc(GPU, (size_t)VH * 2);
+    cr_assert(d_q && d_Wlp);
+    m1c_to_bf16(GPU, d_Wlp, d_W, VH); /* W's bf16 copy, as the model keeps it, for the run from q */
     for (int run = 0; run < 5; run++) {
         const int prec = run == 4 ? 2 : run;
-        void *q = run == 4 ? d_q : NULL;
+        void *q = run == 4 ? d_q : NULL, *Wlp = run == 4 ? d_Wlp : NULL;
         const double tol = head_tol[prec];
         float *d_logits = up_at(dlogits, NV, shift), *d_lse = up(dh0, N), *d_logp = up(dh0, N); /* garbage first */
-        m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, q, d_h, d_W, d_t, N, H, V);
+        m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, q, d_h, d_W, Wlp, d_t, N, H, V);
         float *g_logits = down(d_logits, NV), *g_lse = down(d_lse, N), *g_logp = down(d_logp, N);
         /* lse and logp are differences and log-sum-exps of logits: their errors are those of the logits
          * (a log-prob near 0 can carry the error of logits of size ~10), so they are measured against
@@ -464,7 +465,7 @@ static void check_head(const head_case *hc, int ci) {
         float *d_dh = up(dh0, NH), *d_dW = up(dW0, VH);
         m1c_dev_copy(GPU, d_logits, CPU, logits, (size_t)NV * 4);
         m1c_dev_copy(GPU, d_lse, CPU, lse, (size_t)N * 4);
-        m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, q, d_dlogp, d_h, d_W, d_t, N, H, V);
+        m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, q, d_dlogp, d_h, d_W, Wlp, d_t, N, H, V);
         float *g_dh = down(d_dh, NH), *g_dW = down(d_dW, VH);
         double ed = -1, eh = rel_max(g_dh, dh, NH), ew = rel_max(g_dW, dW, VH);
         cr_expect_leq(eh, tol, "head backward N=%lld H=%d V=%d precision %d: dh error %g", (long long)N, H, V, prec,
@@ -499,7 +500,7 @@ static void check_head(const head_case *hc, int ci) {
     }
     free(h), free(W), free(targets), free(logits), free(lse), free(logp), free(dlogp);
     free(dh0), free(dW0), free(dh), free(dW), free(dlogits);
-    gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t), gfree(d_q);
+    gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t), gfree(d_q), gfree(d_Wlp);
 }
 
 Test(cuda_ops, head_forward_backward_all_precisions) {
@@ -529,9 +530,9 @@ Test(cuda_ops, head_repeats_bit_for_bit) {
         float *res[2][4];
         for (int run = 0; run < 2; run++) {
             float *d_dh = up(z, N * H), *d_dW = up(z, (int64_t)V * H);
-            m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, q, d_h, d_W, d_t, N, H, V);
+            m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, q, d_h, d_W, NULL, d_t, N, H, V);
             res[run][0] = down(d_lse, N), res[run][1] = down(d_logp, N);
-            m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, q, d_dlogp, d_h, d_W, d_t, N, H, V);
+            m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, q, d_dlogp, d_h, d_W, NULL, d_t, N, H, V);
             res[run][2] = down(d_dh, N * H), res[run][3] = down(d_dW, (int64_t)V * H);
             gfree(d_dh), gfree(d_dW);
         }

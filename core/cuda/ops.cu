@@ -732,11 +732,18 @@ static void launch_logsoftmax_bwd(int vec, float *logits, __nv_bfloat16 *b16, fl
     check_launch("head log-softmax backward");
 }
 
+/* W as the head's B operand: its bf16 copy where the model keeps one (precision 2), else converted. */
+static head_op head_weight(int precision, const float *W, const void *W_lp, int64_t n) {
+    if (precision == 2 && W_lp) return {W_lp, NULL};
+    return head_operand(precision, W, n, SLOT_B16, SLOT_BH, SLOT_BL);
+}
+
 extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, void *q, const float *h,
-                                      const float *W, const int32_t *targets, int64_t N, int H, int V) {
+                                      const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H,
+                                      int V) {
     if (N <= 0) return;
     const head_op A = head_operand(precision, h, N * H, SLOT_A16, SLOT_AH, SLOT_AL);
-    const head_op B = head_operand(precision, W, (int64_t)V * H, SLOT_B16, SLOT_BH, SLOT_BL);
+    const head_op B = head_weight(precision, W, W_lp, (int64_t)V * H);
     head_gemm(precision, 0, 1, (int)N, V, H, A, H, B, H, 0.0f, logits, V);
     const bool vec = V % 4 == 0 && aligned16(logits) && ((uintptr_t)q & 7u) == 0;
     __nv_bfloat16 *qb = (__nv_bfloat16 *)q;
@@ -758,7 +765,7 @@ extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, 
  * 1; at 2 bf16 and at 3 the TF32 split, into the cached A-operand slots, and logits is not written. */
 extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse,
                                        const void *q, const float *dlogp, const float *h, const float *W,
-                                       const int32_t *targets, int64_t N, int H, int V) {
+                                       const void *W_lp, const int32_t *targets, int64_t N, int H, int V) {
     if (N <= 0) return;
     const int64_t NV = N * V;
     if (q && precision == 2) {
@@ -766,7 +773,7 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
         const head_op Q = {q, NULL};
         float *Z = (float *)cached(SLOT_Z, N * H, 4, "LM head");
         if (!Z) return;
-        const head_op Wop = head_operand(precision, W, (int64_t)V * H, SLOT_B16, SLOT_BH, SLOT_BL);
+        const head_op Wop = head_weight(precision, W, W_lp, (int64_t)V * H);
         head_gemm(precision, 0, 0, (int)N, H, V, Q, V, Wop, H, 0.0f, Z, H);
         head_add_rows<<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, targets, N, H);
         check_launch("head dh rows");
@@ -794,7 +801,7 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
     }
     /* dh += dlogits W, then dW += dlogits^T h; h's conversion reuses W's slots after the first product
      * (stream order). */
-    const head_op Wop = head_operand(precision, W, (int64_t)V * H, SLOT_B16, SLOT_BH, SLOT_BL);
+    const head_op Wop = head_weight(precision, W, W_lp, (int64_t)V * H);
     head_gemm(precision, 0, 0, (int)N, H, V, D, V, Wop, H, 1.0f, dh, H);
     const head_op Hop = head_operand(precision, h, N * H, SLOT_B16, SLOT_BH, SLOT_BL);
     head_gemm(precision, 1, 0, V, H, (int)N, D, V, Hop, H, 1.0f, dW, H);

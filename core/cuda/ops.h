@@ -19,10 +19,10 @@ void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, float
 void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw, const float *dout, const float *in,
                                      const float *w, const float *rstd, float a, float b, int64_t N, int C);
 void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, void *q, const float *h,
-                           const float *W, const int32_t *targets, int64_t N, int H, int V);
+                           const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V);
 void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse, const void *q,
-                            const float *dlogp, const float *h, const float *W, const int32_t *targets, int64_t N,
-                            int H, int V);
+                            const float *dlogp, const float *h, const float *W, const void *W_lp,
+                            const int32_t *targets, int64_t N, int H, int V);
 void m1c_cuda_residual(float *y, const float *h, float a, float b, int64_t n);
 void m1c_cuda_axpby(float *y, float *z, const float *x, float a, float b, int64_t n);
 double m1c_cuda_sumsq(const float *x, int64_t n);
