@@ -661,22 +661,37 @@ __global__ static void logsoftmax_rows(float *lse, float *logp, __nv_bfloat16 *q
     }
 }
 
-/* dh (N, H) += g Z with g = dlogp of the row (0 unscored: dh unchanged), Z the head's q W. */
+/* dh (N, H) += g Z with g = dlogp of the row (0 unscored: dh unchanged), Z the head's q W; W columns per
+ * access (4: 16-byte accesses, H % 4 == 0 and the rows aligned). */
+template <int W>
 __global__ static void head_add_rows(float *dh, const float *Z, const float *dlogp, const int32_t *targets, int64_t N,
                                      int H) {
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
         if (targets[i] < 0) continue;
         const float g = dlogp[i];
-        for (int c = threadIdx.x; c < H; c += blockDim.x) dh[i * H + c] += g * Z[i * H + c];
+        for (int c = threadIdx.x * W; c < H; c += blockDim.x * W) {
+            float d[W], z[W];
+            ld<W>(d, dh + i * H, c), ld<W>(z, Z + i * H, c);
+#pragma unroll
+            for (int k = 0; k < W; k++) d[k] += g * z[k];
+            st<W>(dh + i * H, c, d);
+        }
     }
 }
 
 /* hs (N, H) = bf16(g h) with g as above: the second operand of dW += q^T (g h), rounded once from f32. */
+template <int W>
 __global__ static void head_scale_rows(__nv_bfloat16 *hs, const float *h, const float *dlogp, const int32_t *targets,
                                        int64_t N, int H) {
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
         const float g = targets[i] >= 0 ? dlogp[i] : 0.0f;
-        for (int c = threadIdx.x; c < H; c += blockDim.x) hs[i * H + c] = __float2bfloat16_rn(g * h[i * H + c]);
+        for (int c = threadIdx.x * W; c < H; c += blockDim.x * W) {
+            float x[W];
+            ld<W>(x, h + i * H, c);
+#pragma unroll
+            for (int k = 0; k < W; k++) x[k] *= g;
+            st_bf16<W>(hs + i * H, c, x);
+        }
     }
 }
 
@@ -775,11 +790,18 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
         if (!Z) return;
         const head_op Wop = head_weight(precision, W, W_lp, (int64_t)V * H);
         head_gemm(precision, 0, 0, (int)N, H, V, Q, V, Wop, H, 0.0f, Z, H);
-        head_add_rows<<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, targets, N, H);
+        const bool v4 = H % 4 == 0 && aligned16(dh) && aligned16(h); /* Z and hs are cudaMalloc'd */
+        if (v4)
+            head_add_rows<4><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, targets, N, H);
+        else
+            head_add_rows<1><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, targets, N, H);
         check_launch("head dh rows");
         __nv_bfloat16 *hs = (__nv_bfloat16 *)cached(SLOT_B16, N * H, 2, "LM head"); /* after W's product */
         if (!hs) return;
-        head_scale_rows<<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, targets, N, H);
+        if (v4)
+            head_scale_rows<4><<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, targets, N, H);
+        else
+            head_scale_rows<1><<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, targets, N, H);
         check_launch("head scaled rows");
         head_gemm(precision, 1, 0, V, H, (int)N, Q, V, head_op{hs, NULL}, H, 1.0f, dW, H);
         return;

@@ -59,7 +59,8 @@ typedef struct topk_cuda_args {
     void *dy_lp;   /* (N*k, H) cdt (BF16 only; NULL for F32): d expert out, then d x rows */
     int32_t *h_off; /* host (E+1), pinned (topk_cuda_host_tables): offsets copied from the device */
     int32_t *h_cnt; /* host (2+2E), pinned */
-    void *copied;   /* cudaEvent_t: recorded after the forward's copy of the offsets and counts */
+    float *h_st;    /* host (ST_F+2E), pinned: the stats of the last forward */
+    void *copied;   /* cudaEvent_t: recorded after the forward's copies of the offsets, counts and stats */
     m1c_gemm_desc *queue; /* host (2E): the per-expert products of one gemm_group call */
     const void **h_src; /* the device offsets h_off and h_cnt were copied from (this layer's forward), or
                          * NULL: the backward of the same run reuses them instead of waiting for a copy */
@@ -68,14 +69,15 @@ typedef struct topk_cuda_args {
 /* Once per layer at creation, for expert_gemm = "grouped": lets the grouped GEMM kernels use their
  * dynamic shared memory (above 48 KB needs the opt-in), so that launches need no attribute call. */
 int topk_cuda_setup_grouped(const m1c_host *h);
-/* Once per layer at creation: pinned host memory for the offsets and counts ((E+1) + (2+2E) int32, so
- * that their copy runs while the GPU goes on) and the event that marks it. M1C_ERR with the error set. */
+/* Once per layer at creation: pinned host memory for the offsets, counts and stats ((E+1) + (2+2E)
+ * int32, then ST_F+2E floats; pinned, so that their copy runs while the GPU goes on) and the event that
+ * marks the copy. M1C_ERR with the error set. */
 int topk_cuda_host_tables(const m1c_host *h, int E, int32_t **tables, void **copied);
 void topk_cuda_host_tables_free(int32_t *tables, void *copied);
 int topk_cuda_forward(const topk_cuda_args *a, float *out, const float *in);
 int topk_cuda_backward(const topk_cuda_args *a, float *din, const float *dout, const float *in);
-/* Device -> host copy of `bytes` (for stats), synchronous on the stream. */
-int topk_cuda_to_host(const m1c_host *h, void *stream, void *dst, const void *src, size_t bytes);
+/* Waits for the last forward's copies to the host (stats). */
+int topk_cuda_wait(const m1c_host *h, void *copied);
 
 #ifdef __cplusplus
 }

@@ -52,7 +52,7 @@ typedef struct topk {
     void *copied;              /* CUDA: the event marking their copy (topk_cuda_host_tables) */
     m1c_gemm_desc *queue;      /* CUDA: 2E expert products for one gemm_group call */
     const void *h_src;         /* CUDA: the device offsets they were copied from (topk_cuda_args.h_src) */
-    float *h_st;               /* CUDA: host copy of the stats (ST_F+2E), for stats() */
+    float *h_st;               /* CUDA: host copy of the stats (ST_F+2E), pinned, for stats() */
 } topk;
 
 /* Parameters, in declaration order (HF 5.x names and layouts). */
@@ -128,11 +128,10 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
     m->cdt = info->device == M1C_DEVICE_CUDA ? info->compute_dtype : M1C_F32;
 #ifdef M1C_HAVE_CUDA
     if (m->device == M1C_DEVICE_CUDA) {
-        m->h_st = calloc(ST_F + 2 * (size_t)E, sizeof(float));
         m->queue = calloc(2 * (size_t)E, sizeof *m->queue);
-        int rc = m->h_st && m->queue ? M1C_OK : h->error(h, "topk: out of memory");
+        int rc = m->queue ? M1C_OK : h->error(h, "topk: out of memory");
         if (!rc) rc = topk_cuda_host_tables(h, (int)E, &m->h_off, &m->copied);
-        if (!rc) m->h_cnt = m->h_off + E + 1;
+        if (!rc) m->h_cnt = m->h_off + E + 1, m->h_st = (float *)(void *)(m->h_cnt + 2 + 2 * E);
         if (!rc && m->grouped && m->cdt == M1C_BF16) rc = topk_cuda_setup_grouped(h);
         if (rc) {
             topk_destroy(m);
@@ -150,7 +149,6 @@ static void topk_destroy(void *self) {
 #ifdef M1C_HAVE_CUDA
     if (m->h_off) topk_cuda_host_tables_free(m->h_off, m->copied);
 #endif
-    free(m->h_st);
     free(m->queue);
     free(m);
 }
@@ -249,7 +247,7 @@ static int cuda_args(topk *m, const m1c_layer_bufs *b, int N, int backward, topk
     a->dgu = b->scratch[S_DGU].data, a->drow = b->scratch[S_DY].data, a->dlog = b->scratch[S_DLOG].data;
     a->dw = b->scratch[S_DW].data, a->xr = b->scratch[S_XR].data, a->dact = b->scratch[S_DACT].data;
     a->dy_lp = m->cdt == M1C_BF16 ? b->scratch[S_DY_LP].data : NULL;
-    a->h_off = m->h_off, a->h_cnt = m->h_cnt, a->h_src = &m->h_src, a->copied = m->copied;
+    a->h_off = m->h_off, a->h_cnt = m->h_cnt, a->h_st = m->h_st, a->h_src = &m->h_src, a->copied = m->copied;
     a->queue = m->queue;
     return M1C_OK;
 }
@@ -540,10 +538,8 @@ static int topk_stats(void *self, const m1c_layer_bufs *b, m1c_moe_stats *out) {
     const int32_t *cnt = b->acts[A_COUNTS].data;
     float *st = b->acts[A_STATS].data;
 #ifdef M1C_HAVE_CUDA
-    if (m->device == M1C_DEVICE_CUDA) { /* copy to the host: expert_load points into m->h_st */
-        if (topk_cuda_to_host(m->h, b->stream, m->h_cnt, cnt, (2 + 2 * (size_t)m->E) * sizeof(int32_t)) != M1C_OK ||
-            topk_cuda_to_host(m->h, b->stream, m->h_st, st, (ST_F + 2 * (size_t)m->E) * sizeof(float)) != M1C_OK)
-            return M1C_ERR;
+    if (m->device == M1C_DEVICE_CUDA) { /* the forward's copies: expert_load points into m->h_st */
+        if (topk_cuda_wait(m->h, m->copied) != M1C_OK) return M1C_ERR;
         cnt = m->h_cnt;
         st = m->h_st;
     }

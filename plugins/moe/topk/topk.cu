@@ -1197,18 +1197,7 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         a->pos, a->rowtok, a->idx, tab, a->off, Nk, k, E, a->cap);
     MOE_LAUNCH_CHECK(h, "rank_scatter_kernel");
     prof_mark(pf, "rank");
-    /* Per-expert calls need the offsets on the host: copied (into pinned memory) as soon as they exist,
-     * the counts too, so that this run's backward need not wait for them again. The host waits for
-     * the copy only after queueing the aux loss and the gather, so the GPU still has those to run while
-     * the host wakes and queues the expert products. */
     *a->h_src = NULL;
-    if (!grouped) {
-        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t),
-                                          cudaMemcpyDeviceToHost, s));
-        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t),
-                                          cudaMemcpyDeviceToHost, s));
-        MOE_CUDA_CHECK(h, cudaEventRecord((cudaEvent_t)a->copied, s));
-    }
     /* Aux loss: per-block partial sums in drow (backward scratch, N*k*H floats), 8-byte aligned, where
      * they fit (always but for a handful of tokens). */
     const int nb = (N + AUX_ROWS - 1) / AUX_ROWS;
@@ -1223,6 +1212,16 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     aux_kernel<<<1, MOE_THREADS, 0, s>>>(a->st, a->cnt, part, nb, a->probs, N, E, k, a->aux_coef, jit);
     MOE_LAUNCH_CHECK(h, "aux_kernel");
     prof_mark(pf, "aux");
+    /* To pinned host memory, without waiting: the offsets (the per-expert products need them), the counts
+     * (this run's backward checks them) and the stats (stats() reads them, the aux loss of every forward).
+     * The host waits for the copies only after queueing the gather, so the GPU still has that to run
+     * while the host wakes and queues the expert products. */
+    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                      s));
+    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_st, a->st, (size_t)(ST_F + 2 * E) * sizeof(float), cudaMemcpyDeviceToHost,
+                                      s));
+    MOE_CUDA_CHECK(h, cudaEventRecord((cudaEvent_t)a->copied, s));
 
     /* Experts. The elementwise kernels read the kept row count on the device; their grids cover the
      * most rows there can be (the host's count once it has one). */
@@ -1354,8 +1353,9 @@ extern "C" int topk_cuda_backward(const topk_cuda_args *a, float *din, const flo
 extern "C" int topk_cuda_host_tables(const m1c_host *h, int E, int32_t **tables, void **copied) {
     *tables = NULL, *copied = NULL;
     cudaEvent_t ev = NULL;
-    MOE_CUDA_CHECK(h, cudaHostAlloc((void **)tables, (size_t)(3 + 3 * E) * sizeof(int32_t), cudaHostAllocDefault));
-    memset(*tables, 0, (size_t)(3 + 3 * E) * sizeof(int32_t));
+    const size_t bytes = (size_t)(3 + 3 * E) * sizeof(int32_t) + (size_t)(ST_F + 2 * E) * sizeof(float);
+    MOE_CUDA_CHECK(h, cudaHostAlloc((void **)tables, bytes, cudaHostAllocDefault));
+    memset(*tables, 0, bytes);
     const cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
     if (e != cudaSuccess) {
         cudaFreeHost(*tables);
@@ -1371,9 +1371,7 @@ extern "C" void topk_cuda_host_tables_free(int32_t *tables, void *copied) {
     cudaFreeHost(tables);
 }
 
-extern "C" int topk_cuda_to_host(const m1c_host *h, void *stream, void *dst, const void *src, size_t bytes) {
-    cudaStream_t s = (cudaStream_t)stream;
-    MOE_CUDA_CHECK(h, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s));
-    MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
+extern "C" int topk_cuda_wait(const m1c_host *h, void *copied) {
+    MOE_CUDA_CHECK(h, cudaEventSynchronize((cudaEvent_t)copied));
     return M1C_OK;
 }
