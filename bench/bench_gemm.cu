@@ -55,7 +55,7 @@ static const char *const prod_name[NPROD] = {"gate_up", "down", "dWd", "dact", "
 
 static m1c_gemm_desc desc(int ta, int tb, int M, int N, int K, const bf *A, int lda, const bf *B, int ldb, float beta,
                           void *C, int ct, int ldc) {
-    const m1c_gemm_desc d = {ta, tb, M, N, K, 1.0f, beta, A, B, C, BF16, BF16, ct, lda, ldb, ldc, 1, 0, 0, 0};
+    const m1c_gemm_desc d = {ta, tb, M, N, K, 1.0f, beta, A, B, C, BF16, BF16, ct, lda, ldb, ldc, 1, 0, 0, 0, {0, 0}};
     return d;
 }
 

@@ -113,13 +113,9 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
             m1c_arena_zero(&m->grads);
             rc = m1c_model_forward(m, &r, tok, e);
             for (int64_t i = 0; i < B * T; i++) r.dlogp_host[i] = -1.0f / (float)(B * T);
-            const m1c_optim_step os = {.step = it + 1, .lr = 1e-4f, .n = m->params.n, .device = m->device,
-                                       .params = m->params.t, .grads = m->grads.t, .state = state.t,
-                                       .no_decay = m->no_decay,
-                                       .params_lp = m->params_lp.base ? m->params_lp.t : NULL,
-                                       .stream = m1c_dev_stream(m->device)};
+            const m1c_optim_step os = m1c_optim_step_of(m, state.t, it + 1, 1e-4f);
             /* as m1c train without clipping: on a GPU the step overlaps the backward (train.h) */
-            const int overlap = m->device == M1C_DEVICE_CUDA && !bo->sequential;
+            const int overlap = !bo->sequential && m1c_overlap_possible(m, optp, 0.0);
             m1c_overlap ovl = {m, optp, opt, n_state, os, NULL};
             if (overlap) m1c_overlap_arm(&ovl, &r);
             if (!rc) rc = m1c_model_backward(m, &r, e);

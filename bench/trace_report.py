@@ -14,9 +14,28 @@ import re
 import sys
 
 
+def demangled(m):
+    """The function's name, namespaces joined by ::, of an Itanium-mangled symbol (CUPTI gives kernel
+    names mangled); template arguments and parameter types are left out."""
+    i, parts = 2, []
+    nested = m[i:i + 1] == "N"
+    i += nested
+    while i < len(m) and m[i].isdigit():
+        j = i
+        while j < len(m) and m[j].isdigit():
+            j += 1
+        k = int(m[i:j])
+        parts.append(m[j:j + k])
+        i = j + k
+        if not nested:
+            break
+    return "::".join(parts) or m
+
+
 def short(name):
     """A kernel's name without its arguments and template noise, at most 60 characters."""
-    n = re.sub(r"\(.*", "", name)
+    n = demangled(name) if name.startswith("_Z") else name
+    n = re.sub(r"\(.*", "", n)
     n = re.sub(r"^void ", "", n)
     return n[:60]
 

@@ -228,7 +228,6 @@ static void bind_slot(m1c_run *r, m1c_model *m, m1c_inst *s, m1c_inst_bufs *sb) 
     sb->bufs.acts = sb->acts;
     sb->bufs.scratch = sb->scratch;
     sb->bufs.training = r->training;
-    sb->bufs.stream = m1c_dev_stream(m->device);
     sb->bufs.aux_scale = 1.0f;
     sb->bufs.params_lp = m->params_lp.base ? &m->params_lp.t[s->p0] : NULL;
 }
@@ -332,6 +331,13 @@ void m1c_run_free(m1c_run *r, m1c_model *m) {
 /* ---- forward / backward ------------------------------------------------------------------ */
 
 static float *P(m1c_model *m, int i) { return m->params.t[i].data; }
+/* The plugins launch on the calling thread's core stream (one per host thread: the core's own work of
+ * this call goes there too). */
+static void bind_stream(m1c_model *m, m1c_run *r) {
+    void *s = m1c_dev_stream(m->device);
+    for (int l = 0; l < m->L; l++) r->attn[l].bufs.stream = r->ffn[l].bufs.stream = s;
+}
+
 /* Parameter i's bf16 copy (mixed precision), or NULL. */
 static const void *PLP(m1c_model *m, int i) { return m->params_lp.base ? m->params_lp.t[i].data : NULL; }
 static float *G(m1c_model *m, int i) { return m->grads.t[i].data; }
@@ -376,6 +382,7 @@ typedef int (*mix_fn)(m1c_model *m, m1c_run *r, int l, int B, int T, float *out,
  * Only the first norm, of the embedding, runs alone. */
 static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, void *ud, m1c_err *e) {
     int64_t N = (int64_t)B * T, H = m->H;
+    bind_stream(m, r);
     if (m->L > 0)
         m1c_rmsnorm_forward(m->device, r->h1[0], r->rstd1[0], r->x[0], P(m, m->layer[0].norm_in), N, (int)H, m->eps);
     else
@@ -456,6 +463,7 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     int B = r->B, T = r->T, H = m->H;
     int64_t N = (int64_t)B * T, NH = N * H;
     if (!m->grads.base) return m1c_fail(e, "backward without gradient buffers");
+    bind_stream(m, r);
     float *dx = r->dx, *dh = r->dh, *tmp = r->tmp;
     prof_start(m, r);
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);

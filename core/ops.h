@@ -1,8 +1,8 @@
 /* The core's own layers and vector operations, on the CPU (reference) or a CUDA device: token
  * embedding, RMSNorm, the LM head with log-softmax, residual arithmetic, reductions. llm.c
  * conventions: outputs first, gradients accumulate (+=), dimensions last. N = B*T rows. Every
- * pointer lives on `dev`; calls on a CUDA device are asynchronous on the default stream except those
- * that return a value. */
+ * pointer lives on `dev`; calls on a CUDA device are asynchronous on the core's stream
+ * (m1c_dev_stream) except those that return a value. */
 #ifndef M1C_OPS_H
 #define M1C_OPS_H
 

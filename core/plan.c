@@ -354,10 +354,11 @@ int m1c_plan_compute_opts(m1c_session *s, const m1c_plan_opts *opts, m1c_plan *p
     /* The core's own tensors (core/model.c m1c_run_init), at the activation width: per layer the input,
      * two norm outputs, the mid-layer stream and two 1/rms rows; per stage its output stream; per GPU the
      * work rows tmp, dx, dh and the token ids and targets (i32); on the last stage the final norm, its
-     * 1/rms, lse, log p, d log p and the logits (f32 with an FP32 head, split over tp by vocabulary). */
+     * 1/rms, lse, log p, d log p and the logits (f32 at every head precision, split over tp by
+     * vocabulary; the bf16 head adds its bf16 onehot - softmax for the backward). */
     if (!rc) {
         const double N = (double)B * T, ab = p->act_bytes;
-        const double logit_bytes = ms->head_precision == M1C_HEAD_FP32 ? 4.0 : ab;
+        const double logit_bytes = 4.0 + (ms->head_precision == M1C_HEAD_BF16 ? 2.0 : 0.0);
         const double core_layer = ab * (4.0 * N * H + 2.0 * N), core_stage = ab * N * H;
         const double last = ab * (N * H + 4.0 * N) + logit_bytes * N * (double)V / p->tp;
         const double work = ab * 3.0 * N * H + 4.0 * 2.0 * N;

@@ -60,6 +60,19 @@ void m1c_overlap_arm(m1c_overlap *o, m1c_run *r) {
     r->grads_ctx = o;
 }
 
+int m1c_overlap_possible(const m1c_model *m, const m1c_plugin *opt, double clip) {
+    return m->device == M1C_DEVICE_CUDA && !(clip > 0) && opt->desc->abi_major == M1C_ABI_MAJOR &&
+           opt->desc->abi_minor >= 1;
+}
+
+m1c_optim_step m1c_optim_step_of(m1c_model *m, m1c_tensor *state, int64_t step, float lr) {
+    const m1c_optim_step os = {.step = step, .lr = lr, .n = m->params.n, .device = m->device,
+                               .params = m->params.t, .grads = m->grads.t, .state = state,
+                               .no_decay = m->no_decay, .params_lp = m->params_lp.base ? m->params_lp.t : NULL,
+                               .stream = m1c_dev_stream(m->device)};
+    return os;
+}
+
 void m1c_overlap_finish(m1c_overlap *o, m1c_run *r) {
     const int dev = o->m->device;
     m1c_dev_order(dev, m1c_dev_stream(dev), m1c_dev_background_stream(dev));
@@ -291,10 +304,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         if ((rc = next_batch(&c, M1C_SPLIT_TRAIN, e))) break;
         c.run.noise_seed = mix64(st->seed, (uint64_t)step);
         if ((rc = m1c_model_forward(m, &c.run, c.tokens, e))) break;
-        const m1c_optim_step os = {.step = step, .lr = lr, .n = m->params.n, .device = m->device,
-                                   .params = m->params.t, .grads = m->grads.t, .state = c.opt_state.t,
-                                   .no_decay = m->no_decay, .params_lp = m->params_lp.base ? m->params_lp.t : NULL,
-                                   .stream = m1c_dev_stream(m->device)};
+        const m1c_optim_step os = m1c_optim_step_of(m, c.opt_state.t, step, lr);
         m1c_objective_batch ob = {st->batch, st->seq_len, 1, 0, c.run.logp_host, NULL, NULL, c.mask, NULL, {0}};
         const char *mnames[16];
         double mvals[16], obj_loss = 0;
@@ -304,7 +314,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
             break;
         }
         /* Without clipping on a GPU, the optimizer steps each layer during the backward (train.h). */
-        const int overlap = m->device == M1C_DEVICE_CUDA && !(st->schedule.clip > 0);
+        const int overlap = m1c_overlap_possible(m, c.opt_p, st->schedule.clip);
         m1c_overlap ovl = {m, c.opt_p, c.opt, c.n_state, os, NULL};
         if (overlap) m1c_overlap_arm(&ovl, &c.run);
         rc = m1c_model_backward(m, &c.run, e);
@@ -333,6 +343,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
         if ((rc = device_failed(m, st, step, e))) break;
         double dt = m1c_now() - t0;
         done_here++;
+        res->overlapped += overlap;
         tok_s = (double)N * (double)done_here / (m1c_now() - t_stage);
         if (st->metrics_every > 0 && (step % st->metrics_every == 0 || step == st->steps)) {
             double mfu = peak > 0 ? flops_tok * (double)N / dt / peak : NAN;

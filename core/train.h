@@ -17,6 +17,7 @@ typedef struct m1c_train_result {
     double last_loss, last_val_loss, unigram_entropy;
     int64_t steps;
     double tokens_per_s;
+    int64_t overlapped; /* steps whose optimizer step overlapped the backward (m1c_overlap) */
     char last_checkpoint[1024];
 } m1c_train_result;
 
@@ -39,6 +40,12 @@ typedef struct m1c_overlap {
 
 void m1c_overlap_arm(m1c_overlap *o, m1c_run *r);
 void m1c_overlap_finish(m1c_overlap *o, m1c_run *r);
+/* Whether a step may overlap the backward: on a GPU, without clipping (clip <= 0), with an optimizer
+ * built for ABI 1.1 or later (whose contract takes its tensors in slices: plugin.h). */
+int m1c_overlap_possible(const m1c_model *m, const m1c_plugin *opt, double clip);
+/* The whole model's step arguments: its tensors, the optimizer's state (n_state tensors per parameter,
+ * in parameter order), the step number and learning rate; on the device's core stream. */
+m1c_optim_step m1c_optim_step_of(m1c_model *m, m1c_tensor *state, int64_t step, float lr);
 
 /* Learning rate at optimizer step `step` (1-based) of a stage. */
 double m1c_schedule_lr(const m1c_schedule_spec *sc, int64_t step, int64_t steps);

@@ -390,7 +390,8 @@ Test(cuda_backend, gemm_ex_empty_inner) {
 
 /* gemm_group against the same products one gemm_ex at a time: bit for bit (the same cached algorithms;
  * outputs are disjoint), so a workspace shared between two streams (a split-K product's partial sums
- * overwritten by another's) or a product run before the caller's stream had written its operand shows.
+ * overwritten by another's) or a product run before the caller's stream had written its operand (the
+ * memset queued just before) shows.
  * The shapes are the MoE's per-expert products at a smaller width, with uneven row counts (one expert
  * empty); the weight gradients (TN, beta 1, small outputs with long K) are the ones cuBLASLt splits. */
 Test(cuda_backend, gemm_group_matches_gemm_ex) {
@@ -420,22 +421,25 @@ Test(cuda_backend, gemm_group_matches_gemm_ex) {
         for (int e = 0; e < E; e++) {
             const int o = off[e], ne = rows[e];
             g[n++] = (m1c_gemm_desc){0, 1, ne, F2, H, 1.0f, 0.0f, x + (size_t)o * H * 2, w + (size_t)e * F2 * H * 2,
-                                     nt + (size_t)o * F2 * 2, BF16, BF16, BF16, H, H, F2, 1, 0, 0, 0};
+                                     nt + (size_t)o * F2 * 2, BF16, BF16, BF16, H, H, F2, 1, 0, 0, 0, {0, 0}};
             g[n++] = (m1c_gemm_desc){0, 0, ne, H, F2, 1.0f, 0.0f, x + (size_t)o * F2 * 2, w + (size_t)e * F2 * H * 2,
-                                     nn + (size_t)o * H * 4, BF16, BF16, F32, F2, H, H, 1, 0, 0, 0};
+                                     nn + (size_t)o * H * 4, BF16, BF16, F32, F2, H, H, 1, 0, 0, 0, {0, 0}};
             g[n++] = (m1c_gemm_desc){1, 0, F2, H, ne, 1.0f, 1.0f, x + (size_t)o * F2 * 2, x + (size_t)o * H * 2,
-                                     tn + (size_t)e * F2 * H * 4, BF16, BF16, F32, F2, H, H, 1, 0, 0, 0};
+                                     tn + (size_t)e * F2 * H * 4, BF16, BF16, F32, F2, H, H, 1, 0, 0, 0, {0, 0}};
         }
         int bad = -1;
+        /* Zero experts 4 and 5's rows on the core's stream, queued just before the products: a group that
+         * did not wait for the caller's stream would read some of them before they are zero. */
+        m1c_dev_memset0(GPU, (void *)(x + (size_t)off[4] * F2 * 2), (size_t)(off[6] - off[4]) * F2 * 2);
+        void *st = m1c_dev_stream(GPU);
         if (v == 0) {
             for (int kind = 0; kind < 3; kind++) {
                 m1c_gemm_desc k[E];
                 for (int e = 0; e < E; e++) k[e] = g[3 * e + kind];
-                cr_assert_eq(m1c_gemm_group(GPU, NULL, k, E, &bad), M1C_OK);
+                cr_assert_eq(m1c_gemm_group(GPU, st, k, E, &bad), M1C_OK);
             }
         } else {
-            for (int i = 0; i < n; i++)
-                cr_assert_eq(m1c_gemm_group(GPU, NULL, &g[i], 1, &bad), M1C_OK);
+            for (int i = 0; i < n; i++) cr_assert_eq(m1c_gemm_group(GPU, st, &g[i], 1, &bad), M1C_OK);
         }
         m1c_dev_copy(M1C_DEVICE_CPU, host[v], GPU, out[v], bytes);
     }
@@ -455,8 +459,8 @@ Test(cuda_backend, gemm_group_matches_gemm_ex) {
 /* A product whose dtypes the device cannot combine refuses the whole group, naming its index. */
 Test(cuda_backend, gemm_group_refuses_dtypes) {
     float a[4] = {1, 2, 3, 4}, b[4] = {1, 0, 0, 1}, c[4] = {0}, d[4] = {0};
-    m1c_gemm_desc g[2] = {{0, 0, 2, 2, 2, 1.0f, 0.0f, a, b, c, F32, F32, F32, 2, 2, 2, 1, 0, 0, 0},
-                          {0, 0, 2, 2, 2, 1.0f, 0.0f, a, b, d, BF16, F32, F32, 2, 2, 2, 1, 0, 0, 0}};
+    m1c_gemm_desc g[2] = {{0, 0, 2, 2, 2, 1.0f, 0.0f, a, b, c, F32, F32, F32, 2, 2, 2, 1, 0, 0, 0, {0, 0}},
+                          {0, 0, 2, 2, 2, 1.0f, 0.0f, a, b, d, BF16, F32, F32, 2, 2, 2, 1, 0, 0, 0, {0, 0}}};
     int bad = -1;
     cr_assert_eq(m1c_gemm_group(M1C_DEVICE_CPU, NULL, g, 2, &bad), M1C_ERR);
     cr_expect_eq(bad, 1);

@@ -154,6 +154,7 @@ Test(model_cuda, bf16_training_learns) {
     m1c_train_result res;
     cr_assert_eq(m1c_train(&s, &o, &res, &e), M1C_OK, "%s", e.msg);
     m1c_session_close(&s);
+    cr_assert_eq(res.overlapped, 0, "clipping keeps the optimizer after the backward");
     cr_assert(isfinite(res.last_val_loss) && res.last_val_loss < res.unigram_entropy - 0.5,
               "validation loss %g vs unigram entropy %g", res.last_val_loss, res.unigram_entropy);
     m1c_remove_tree(dir);
@@ -237,10 +238,7 @@ Test(model_cuda, overlapped_optimizer_same_bits) {
             m1c_arena_zero(&m->grads);
             cr_assert_eq(m1c_model_forward(m, &x.r, tokens, &e), M1C_OK, "%s", e.msg);
             for (int i = 0; i < B * T; i++) x.r.dlogp_host[i] = -1.0f / (float)(B * T);
-            const m1c_optim_step os = {.step = step, .lr = 3e-3f, .n = m->params.n, .device = m->device,
-                                       .params = m->params.t, .grads = m->grads.t, .state = state.t,
-                                       .no_decay = m->no_decay, .params_lp = m->params_lp.t,
-                                       .stream = m1c_dev_stream(m->device)};
+            const m1c_optim_step os = m1c_optim_step_of(m, state.t, step, 3e-3f);
             m1c_overlap ovl = {m, optp, opt, ns, os, NULL};
             if (v) m1c_overlap_arm(&ovl, &x.r);
             cr_assert_eq(m1c_model_backward(m, &x.r, &e), M1C_OK, "%s", e.msg);
@@ -275,6 +273,8 @@ Test(model_cuda, bf16_training_learns_overlapped) {
     m1c_train_result res;
     cr_assert_eq(m1c_train(&s, &o, &res, &e), M1C_OK, "%s", e.msg);
     m1c_session_close(&s);
+    cr_assert_eq(res.overlapped, res.steps, "every step overlapped its optimizer (%lld of %lld)", (long long)res.overlapped,
+                 (long long)res.steps);
     cr_assert(isfinite(res.last_val_loss) && res.last_val_loss < res.unigram_entropy - 0.5,
               "validation loss %g vs unigram entropy %g", res.last_val_loss, res.unigram_entropy);
     m1c_remove_tree(dir);

@@ -42,21 +42,26 @@ static void check(cudaError_t e, const char *what) {
     if (e != cudaSuccess) m1c_cuda_fail(what, cudaGetErrorString(e));
 }
 
+/* A new stream of the device's highest priority (high) or its lowest; NULL (the legacy stream, where
+ * every call fails as before) where none can be made. */
+static cudaStream_t new_stream(unsigned flags, int high) {
+    int least = 0, greatest = 0;
+    cudaStream_t s = NULL;
+    if (cudaDeviceGetStreamPriorityRange(&least, &greatest) != cudaSuccess ||
+        cudaStreamCreateWithPriority(&s, flags, high ? greatest : least) != cudaSuccess) {
+        (void)cudaGetLastError();
+        s = NULL;
+    }
+    return s;
+}
+
 /* The core's stream (backend.h), per host thread: blocking (work left on the legacy default stream still
  * orders with it) and of the device's highest priority, so that work a caller puts on a low-priority
  * stream beside it (the optimizer during the backward) takes only what it leaves free. */
 extern "C" void *m1c_cuda_stream(void) {
     static thread_local cudaStream_t s;
     static thread_local int made;
-    if (!made) {
-        made = 1;
-        int least = 0, greatest = 0;
-        if (cudaDeviceGetStreamPriorityRange(&least, &greatest) != cudaSuccess ||
-            cudaStreamCreateWithPriority(&s, cudaStreamDefault, greatest) != cudaSuccess) {
-            (void)cudaGetLastError();
-            s = NULL; /* no device: the legacy stream, where every call fails as before */
-        }
-    }
+    if (!made) made = 1, s = new_stream(cudaStreamDefault, 1);
     return (void *)s;
 }
 
@@ -65,15 +70,7 @@ static cudaStream_t main_stream(void) { return (cudaStream_t)m1c_cuda_stream(); 
 extern "C" void *m1c_cuda_background_stream(void) {
     static thread_local cudaStream_t s;
     static thread_local int made;
-    if (!made) {
-        made = 1;
-        int least = 0, greatest = 0;
-        if (cudaDeviceGetStreamPriorityRange(&least, &greatest) != cudaSuccess ||
-            cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, least) != cudaSuccess) {
-            (void)cudaGetLastError();
-            s = NULL;
-        }
-    }
+    if (!made) made = 1, s = new_stream(cudaStreamNonBlocking, 0);
     return (void *)s;
 }
 
@@ -83,6 +80,7 @@ extern "C" void m1c_cuda_order(void *waiter, void *waitee) {
     static thread_local cudaEvent_t ev;
     if (!ev && cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) != cudaSuccess) {
         ev = NULL;
+        (void)cudaGetLastError(); /* not an error of the next launch's */
         check(cudaDeviceSynchronize(), "cudaEventCreate (stream order)"); /* no event: order by waiting */
         return;
     }
@@ -161,18 +159,15 @@ static const cudaDataType_t gemm_types[] = {CUDA_R_32F, CUDA_R_16BF};
 
 /* The previous implementation, kept for what cuBLASLt is not asked to do (K = 0: C = beta C) or has no
  * algorithm for. */
-static void gemm_ex_cublas(cudaStream_t stream, void *ws, size_t ws_bytes, int trans_a, int trans_b, int M, int N,
-                           int K, float alpha, const void *A, int a_dtype, int lda, int64_t stride_a, const void *B,
-                           int b_dtype, int ldb, int64_t stride_b, float beta, void *C, int c_dtype, int ldc,
-                           int64_t stride_c, int batch) {
+static void gemm_ex_cublas(cudaStream_t stream, void *ws, size_t ws_bytes, const m1c_gemm_desc *g) {
     cublasHandle_t h = blas_handle();
     cublasSetStream(h, stream); /* which also drops any workspace set before */
     if (ws) cublasSetWorkspace(h, ws, ws_bytes);
-    cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    cublasStatus_t st = cublasGemmStridedBatchedEx(h, tb, ta, N, M, K, &alpha, B, gemm_types[b_dtype], ldb, stride_b,
-                                                   A, gemm_types[a_dtype], lda, stride_a, &beta, C,
-                                                   gemm_types[c_dtype], ldc, stride_c, batch, CUBLAS_COMPUTE_32F,
-                                                   CUBLAS_GEMM_DEFAULT);
+    cublasOperation_t ta = g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasStatus_t st = cublasGemmStridedBatchedEx(
+        h, tb, ta, g->N, g->M, g->K, &g->alpha, g->B, gemm_types[g->b_dtype], g->ldb, g->stride_b, g->A,
+        gemm_types[g->a_dtype], g->lda, g->stride_a, &g->beta, g->C, gemm_types[g->c_dtype], g->ldc, g->stride_c,
+        g->batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     cublasSetStream(h, main_stream()); /* back to the handle's own stream, without the workspace */
     if (st != CUBLAS_STATUS_SUCCESS) m1c_cuda_fail("cublasGemmStridedBatchedEx", cublasGetStatusString(st));
 }
@@ -206,7 +201,8 @@ typedef struct lt_entry {
 enum { LT_SIDE = 8 };
 
 typedef struct lt_side {
-    cudaStream_t st; /* non-blocking: ordered against the caller's stream by events only */
+    cudaStream_t st; /* non-blocking, the highest priority (the core's stream's: the products are on its
+                      * path, not beside it): ordered against the caller's stream by events only */
     cudaEvent_t done;
     void *ws;
 } lt_side;
@@ -219,6 +215,7 @@ typedef struct lt_state {
     void *ws;
     lt_side side[LT_SIDE];
     int n_side;       /* side streams made so far */
+    int refused;      /* the GPU refused a side stream: groups make do with n_side, no retry */
     cudaEvent_t fork; /* recorded on the caller's stream before a group */
     int n, next;      /* filled entries; the next one to replace */
     m1c_cuda_gemm_stats stats;
@@ -350,8 +347,7 @@ static void lt_gemm(lt_state *s, cudaStream_t st, void *ws, const m1c_gemm_desc 
     s->stats.calls++;
     if (K <= 0) { /* cuBLASLt takes no empty inner dimension; cuBLAS scales C by beta */
         s->stats.fallbacks++;
-        gemm_ex_cublas(st, ws, LT_WORKSPACE, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B,
-                       b_dtype, ldb, stride_b, beta, C, c_dtype, ldc, stride_c, batch);
+        gemm_ex_cublas(st, ws, LT_WORKSPACE, g);
         return;
     }
     static const int elem[] = {4, 2};
@@ -416,8 +412,7 @@ static void lt_gemm(lt_state *s, cudaStream_t st, void *ws, const m1c_gemm_desc 
         }
     }
     s->stats.fallbacks++;
-    gemm_ex_cublas(st, ws, LT_WORKSPACE, trans_a, trans_b, M, N, K, alpha, A, a_dtype, lda, stride_a, B, b_dtype, ldb,
-                   stride_b, beta, C, c_dtype, ldc, stride_c, batch);
+    gemm_ex_cublas(st, ws, LT_WORKSPACE, g);
 }
 
 extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int K, float alpha, const void *A,
@@ -425,7 +420,7 @@ extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, 
                                  int64_t stride_b, float beta, void *C, int c_dtype, int ldc, int64_t stride_c,
                                  int batch) {
     const m1c_gemm_desc g = {trans_a, trans_b, M, N, K, alpha, beta, A, B, C, a_dtype, b_dtype, c_dtype,
-                             lda, ldb, ldc, batch, stride_a, stride_b, stride_c};
+                             lda, ldb, ldc, batch, stride_a, stride_b, stride_c, {0, 0}};
     lt_state *s = lt_get();
     lt_gemm(s, (cudaStream_t)stream, s->ws, &g);
 }
@@ -434,23 +429,23 @@ extern "C" void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, 
 static int lt_sides(lt_state *s, int n) {
     if (!s->fork && cudaEventCreateWithFlags(&s->fork, cudaEventDisableTiming) != cudaSuccess) {
         s->fork = NULL;
-        return 0;
+        s->refused = 1;
     }
-    while (s->n_side < n) {
+    while (s->fork && !s->refused && s->n_side < n) {
         lt_side *d = &s->side[s->n_side];
-        if (cudaStreamCreateWithFlags(&d->st, cudaStreamNonBlocking) != cudaSuccess) break;
-        if (cudaEventCreateWithFlags(&d->done, cudaEventDisableTiming) != cudaSuccess) {
-            cudaStreamDestroy(d->st);
-            break;
-        }
-        if (cudaMalloc(&d->ws, LT_WORKSPACE) != cudaSuccess) {
+        d->st = new_stream(cudaStreamNonBlocking, 1);
+        if (!d->st || cudaEventCreateWithFlags(&d->done, cudaEventDisableTiming) != cudaSuccess) {
+            if (d->st) cudaStreamDestroy(d->st);
+            s->refused = 1;
+        } else if (cudaMalloc(&d->ws, LT_WORKSPACE) != cudaSuccess) {
             cudaEventDestroy(d->done);
             cudaStreamDestroy(d->st);
-            break;
+            s->refused = 1;
+        } else {
+            s->n_side++;
         }
-        s->n_side++;
     }
-    cudaGetLastError(); /* a refusal above is not an error: the group runs on fewer streams */
+    (void)cudaGetLastError(); /* a refusal above is not an error: the groups run on fewer streams */
     return s->n_side < n ? s->n_side : n;
 }
 

@@ -42,7 +42,7 @@ static int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 /* Device scratch kept for the next call, per host thread and slot: the head, the RMSNorm backward and
  * the embedding backward run at every step with the same sizes, so nothing is allocated after the first
  * step. Growing frees the old buffer (cudaFree waits for the device, so no queued kernel still uses it).
- * A slot's user may overwrite it at its next call: the default stream orders those uses. */
+ * A slot's user may overwrite it at its next call: the core's stream orders those uses. */
 enum {
     SLOT_A16,       /* head: bf16 A operand (h in the forward, dlogits in the backward) */
     SLOT_B16,       /* head: bf16 B operand (W, then h, or dlogp h, in the backward) */
@@ -618,7 +618,7 @@ static void head_gemm(int precision, int ta, int tb, int M, int N, int K, head_o
  * (launched with few enough blocks that their rows stay in L2), writes q = onehot - softmax in bf16: the
  * backward's dlogits up to the factor dlogp of each row (0 for an unscored row). */
 template <int W, bool Q>
-__global__ static void logsoftmax_rows(float *lse, float *logp, __nv_bfloat16 *q, const float *logits,
+__global__ static void __launch_bounds__(1024) logsoftmax_rows(float *lse, float *logp, __nv_bfloat16 *q, const float *logits,
                                        const int32_t *targets, int64_t N, int V) {
     __shared__ float sh[32];
     const int step = blockDim.x * W;

@@ -1,5 +1,5 @@
 /* CUDA implementations of core/ops.h (core/cuda/ops.cu), same semantics, pointers on the device,
- * launched on the default stream. Plain C declarations. */
+ * launched on the core's stream (backend.h m1c_cuda_stream). Plain C declarations. */
 #ifndef M1C_CUDA_OPS_H
 #define M1C_CUDA_OPS_H
 
@@ -34,7 +34,7 @@ void m1c_cuda_to_bf16(uint16_t *dst, const float *src, int64_t n);
  * semantics (core/sample.h); greedy = argmax (the sampler's greedy flag or temperature <= 0), else u (B)
  * holds each row's uniform in [0, 1). work (B, V) receives the probabilities; out (B) the ids; prob (B,
  * may be NULL) each id's probability under the sampling distribution. All pointers on the device;
- * asynchronous on the default stream. */
+ * asynchronous on the core's stream. */
 void m1c_cuda_sample(const float *logits, float *work, int B, int V, int greedy, float temperature, int top_k,
                      float top_p, const float *u, int32_t *out, float *prob);
 

@@ -97,7 +97,8 @@ typedef struct m1c_rng {
 
 /* ---- the host-API table -------------------------------------------------------------------- */
 
-/* One product of m1c_host.gemm_group: gemm_ex's arguments. */
+/* One product of m1c_host.gemm_group: gemm_ex's arguments. Passed in arrays, so it cannot grow at its
+ * end: later members take the reserved room, which callers zero (designated initializers do). */
 typedef struct m1c_gemm_desc {
     int trans_a, trans_b, M, N, K;
     float alpha, beta;
@@ -105,6 +106,7 @@ typedef struct m1c_gemm_desc {
     void *C;
     int a_dtype, b_dtype, c_dtype, lda, ldb, ldc, batch;
     int64_t stride_a, stride_b, stride_c;
+    int64_t reserved[2];
 } m1c_gemm_desc;
 
 typedef struct m1c_host m1c_host;

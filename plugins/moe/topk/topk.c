@@ -21,10 +21,11 @@
  * Device CUDA (built with CUDA): the same math in topk.cu; this file declares its buffers (expert rows,
  * the expert outputs, GEMM operands and the d SwiGLU output in the compute dtype: topk.cu's header says
  * which are bf16 in BF16 and why) and hands it the pointers. The setting expert_gemm picks how CUDA
- * runs the BF16 expert GEMMs: "cublas" (default: one cuBLAS call per expert, which needs the expert
- * offsets on the host: one device -> host copy and wait per forward, reused by its backward) or "grouped" (one
- * tensor-core kernel per product reading the offsets on the device: no host synchronisation, but slower
- * GEMMs than cuBLAS on large experts). F32 always uses the per-expert calls; the CPU ignores the
+ * runs the BF16 expert GEMMs: "cublas" (default: one cuBLASLt product per expert, all of a step in one
+ * h->gemm_group call that runs them concurrently; it needs the expert offsets on the host: one
+ * asynchronous copy per forward, waited for after the gather is queued, reused by its backward) or
+ * "grouped" (one tensor-core kernel per product reading the offsets on the device: no host wait, but
+ * slower GEMMs than cuBLAS on large experts). F32 always uses the per-expert calls; the CPU ignores the
  * setting. */
 #include <math.h>
 #include <stdint.h>
@@ -538,7 +539,8 @@ static int topk_stats(void *self, const m1c_layer_bufs *b, m1c_moe_stats *out) {
     const int32_t *cnt = b->acts[A_COUNTS].data;
     float *st = b->acts[A_STATS].data;
 #ifdef M1C_HAVE_CUDA
-    if (m->device == M1C_DEVICE_CUDA) { /* the forward's copies: expert_load points into m->h_st */
+    if (m->device == M1C_DEVICE_CUDA) { /* the copies of this instance's last forward (the model asks right
+                                         * after each): expert_load points into m->h_st */
         if (topk_cuda_wait(m->h, m->copied) != M1C_OK) return M1C_ERR;
         cnt = m->h_cnt;
         st = m->h_st;

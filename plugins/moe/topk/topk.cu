@@ -1015,7 +1015,7 @@ static int expert_gemm(const topk_cuda_args *a, expert_queue *q, TC *C, int64_t 
                                        .C = MODE == GG_TN ? (void *)(C + e * sc) : (void *)(C + o * ldc),
                                        .a_dtype = cdt, .b_dtype = cdt, .c_dtype = ct, .lda = (int)lda,
                                        .ldb = (int)ldb, .ldc = (int)ldc, .batch = 1, .stride_a = 0, .stride_b = 0,
-                                       .stride_c = 0};
+                                       .stride_c = 0, .reserved = {0, 0}};
     }
     return M1C_OK;
 }
@@ -1093,8 +1093,8 @@ static int gather(const topk_cuda_args *a, cudaStream_t s, T *xs, const float *i
     return M1C_OK;
 }
 
-/* out = the weighted sum of each token's expert rows Y (in T). 4 columns per step: 16-byte f32 stores;
- * Y's loads are 16 bytes (f32) or 8 (bf16). */
+/* out = the weighted sum of each token's expert rows Y (in T). V columns per step (combine() picks 8 for
+ * bf16 Y, 4 for f32: 16-byte loads of Y, 16-byte f32 stores). */
 template <typename T>
 static int combine(const topk_cuda_args *a, cudaStream_t s, float *out) {
     const int64_t NH = (int64_t)a->N * a->H;
@@ -1158,6 +1158,17 @@ static int unpermute_router(const topk_cuda_args *a, cudaStream_t s, float *din,
         if ((x) != M1C_OK) return M1C_ERR;    \
     } while (0)
 
+/* The offsets and counts (and with stats the stats) to their pinned host copies, queued on s. */
+static int tables_to_host(const topk_cuda_args *a, cudaStream_t s, bool stats) {
+    const m1c_host *h = a->h;
+    const size_t E = (size_t)a->E;
+    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (2 + 2 * E) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+    if (stats)
+        MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_st, a->st, (ST_F + 2 * E) * sizeof(float), cudaMemcpyDeviceToHost, s));
+    return M1C_OK;
+}
+
 template <typename T>
 static int forward_impl(const topk_cuda_args *a, float *out, const float *in, moe_prof *pf) {
     const m1c_host *h = a->h;
@@ -1216,11 +1227,7 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
      * (this run's backward checks them) and the stats (stats() reads them, the aux loss of every forward).
      * The host waits for the copies only after queueing the gather, so the GPU still has that to run
      * while the host wakes and queues the expert products. */
-    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
-    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                      s));
-    MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_st, a->st, (size_t)(ST_F + 2 * E) * sizeof(float), cudaMemcpyDeviceToHost,
-                                      s));
+    CALL(tables_to_host(a, s, true));
     MOE_CUDA_CHECK(h, cudaEventRecord((cudaEvent_t)a->copied, s));
 
     /* Experts. The elementwise kernels read the kept row count on the device; their grids cover the
@@ -1261,10 +1268,7 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     int64_t rows = (int64_t)N * k;
     if (!grouped) { /* per-expert calls: the offsets on the host, and the checks they allow */
         if (*a->h_src != a->off) { /* not copied by this run's forward (or another run's since): copy now */
-            MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_cnt, a->cnt, (size_t)(2 + 2 * E) * sizeof(int32_t),
-                                              cudaMemcpyDeviceToHost, s));
-            MOE_CUDA_CHECK(h, cudaMemcpyAsync(a->h_off, a->off, (size_t)(E + 1) * sizeof(int32_t),
-                                              cudaMemcpyDeviceToHost, s));
+            CALL(tables_to_host(a, s, false));
             float jit_f = 0.0f;
             MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
             MOE_CUDA_CHECK(h, cudaStreamSynchronize(s));
