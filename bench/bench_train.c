@@ -110,12 +110,12 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
         double t0 = 0;
         for (int it = 0; it < steps + 2 && !rc; it++) {
             if (it == 2) t0 = m1c_now(); /* two warm-up steps */
-            m1c_arena_zero(&m->grads);
+            /* as m1c train without clipping: on a GPU the step overlaps the backward (train.h) */
+            const int overlap = !bo->sequential && m1c_overlap_possible(m, optp, 0.0);
+            m1c_zero_grads(m, overlap);
             rc = m1c_model_forward(m, &r, tok, e);
             for (int64_t i = 0; i < B * T; i++) r.dlogp_host[i] = -1.0f / (float)(B * T);
             const m1c_optim_step os = m1c_optim_step_of(m, state.t, it + 1, 1e-4f);
-            /* as m1c train without clipping: on a GPU the step overlaps the backward (train.h) */
-            const int overlap = !bo->sequential && m1c_overlap_possible(m, optp, 0.0);
             m1c_overlap ovl = {m, optp, opt, n_state, os, NULL};
             if (overlap) m1c_overlap_arm(&ovl, &r);
             if (!rc) rc = m1c_model_backward(m, &r, e);

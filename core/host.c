@@ -117,11 +117,14 @@ void m1c_dev_order(int device, void *waiter, void *waitee) {
     (void)device, (void)waiter, (void)waitee;
 }
 
-void m1c_dev_memset0(int device, void *p, size_t bytes) {
+void m1c_dev_memset0(int device, void *p, size_t bytes) { m1c_dev_memset0_on(device, m1c_dev_stream(device), p, bytes); }
+
+void m1c_dev_memset0_on(int device, void *stream, void *p, size_t bytes) {
     if (device == M1C_DEVICE_CPU) memset(p, 0, bytes);
 #ifdef M1C_HAVE_CUDA
-    else if (device == M1C_DEVICE_CUDA) m1c_cuda_memset0(p, bytes);
+    else if (device == M1C_DEVICE_CUDA) m1c_cuda_memset0_on(stream, p, bytes);
 #endif
+    (void)stream;
 }
 
 void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes) {

@@ -23,6 +23,8 @@ void *m1c_dev_background_stream(int device);
  * on the CPU, where everything runs in call order). */
 void m1c_dev_order(int device, void *waiter, void *waitee);
 void m1c_dev_memset0(int device, void *p, size_t bytes);
+/* The same queued on a given stream (CUDA; the CPU ignores it). */
+void m1c_dev_memset0_on(int device, void *stream, void *p, size_t bytes);
 /* Wait for all work queued on a device (timing). */
 void m1c_dev_sync(int device);
 /* Copies between any two devices (CPU <-> CUDA, CUDA <-> CUDA, CPU <-> CPU); synchronous. */

@@ -54,7 +54,20 @@ static int overlap_ready(void *ctx, int first, int end) {
     return M1C_ERR;
 }
 
+void m1c_zero_grads(m1c_model *m, int overlap) {
+    const int dev = m->device;
+    if (!overlap || !m->grads.base) {
+        m1c_arena_zero(&m->grads);
+        return;
+    }
+    void *bg = m1c_dev_background_stream(dev);
+    m1c_dev_order(dev, bg, m1c_dev_stream(dev)); /* after the last step's reads of the gradients */
+    m1c_dev_memset0_on(dev, bg, m->grads.base, m->grads.bytes);
+}
+
 void m1c_overlap_arm(m1c_overlap *o, m1c_run *r) {
+    const int dev = o->m->device;
+    m1c_dev_order(dev, m1c_dev_stream(dev), m1c_dev_background_stream(dev)); /* the zeroed gradients */
     o->run = r;
     r->grads_ready = overlap_ready;
     r->grads_ctx = o;
@@ -300,7 +313,9 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
     for (int64_t step = start + 1; step <= st->steps; step++) {
         double t0 = m1c_now();
         float lr = (float)m1c_schedule_lr(&st->schedule, step, st->steps);
-        m1c_arena_zero(&m->grads);
+        /* Without clipping on a GPU, the optimizer steps each layer during the backward (train.h). */
+        const int overlap = m1c_overlap_possible(m, c.opt_p, st->schedule.clip);
+        m1c_zero_grads(m, overlap);
         if ((rc = next_batch(&c, M1C_SPLIT_TRAIN, e))) break;
         c.run.noise_seed = mix64(st->seed, (uint64_t)step);
         if ((rc = m1c_model_forward(m, &c.run, c.tokens, e))) break;
@@ -313,8 +328,6 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
             rc = m1c_plugin_fail(c.obj_p, e, "loss");
             break;
         }
-        /* Without clipping on a GPU, the optimizer steps each layer during the backward (train.h). */
-        const int overlap = m1c_overlap_possible(m, c.opt_p, st->schedule.clip);
         m1c_overlap ovl = {m, c.opt_p, c.opt, c.n_state, os, NULL};
         if (overlap) m1c_overlap_arm(&ovl, &c.run);
         rc = m1c_model_backward(m, &c.run, e);

@@ -40,6 +40,10 @@ typedef struct m1c_overlap {
 
 void m1c_overlap_arm(m1c_overlap *o, m1c_run *r);
 void m1c_overlap_finish(m1c_overlap *o, m1c_run *r);
+/* Zeroes the gradients for the next backward: on the device's background stream where the step
+ * overlaps (the next forward, which does not touch them, runs beside it; m1c_overlap_arm orders the
+ * backward after it), else at once on the core's stream. */
+void m1c_zero_grads(m1c_model *m, int overlap);
 /* Whether a step may overlap the backward: on a GPU, without clipping (clip <= 0), with an optimizer
  * built for ABI 1.1 or later (whose contract takes its tensors in slices: plugin.h). */
 int m1c_overlap_possible(const m1c_model *m, const m1c_plugin *opt, double clip);

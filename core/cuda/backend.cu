@@ -129,8 +129,10 @@ extern "C" void m1c_cuda_free(void *p) {
     if (p) check(cudaFree(p), "cudaFree");
 }
 
-extern "C" void m1c_cuda_memset0(void *p, size_t bytes) {
-    check(cudaMemsetAsync(p, 0, bytes, main_stream()), "cudaMemset");
+extern "C" void m1c_cuda_memset0(void *p, size_t bytes) { m1c_cuda_memset0_on(main_stream(), p, bytes); }
+
+extern "C" void m1c_cuda_memset0_on(void *stream, void *p, size_t bytes) {
+    check(cudaMemsetAsync(p, 0, bytes, (cudaStream_t)stream), "cudaMemset");
 }
 
 /* Synchronous for the caller: queued on the core's stream, then waited for. */

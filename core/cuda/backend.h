@@ -37,7 +37,8 @@ void m1c_cuda_device_name(char *buf, int n);
 void *m1c_cuda_alloc(size_t bytes);
 void m1c_cuda_free(void *p);
 void m1c_cuda_sync(void);
-void m1c_cuda_memset0(void *p, size_t bytes);
+void m1c_cuda_memset0(void *p, size_t bytes); /* on the core's stream */
+void m1c_cuda_memset0_on(void *stream, void *p, size_t bytes);
 /* kind: 0 host->device, 1 device->host, 2 device->device */
 void m1c_cuda_copy(void *dst, const void *src, size_t bytes, int kind);
 void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
