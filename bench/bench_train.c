@@ -117,9 +117,7 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
             for (int64_t i = 0; i < B * T; i++) r.dlogp_host[i] = -1.0f / (float)(B * T);
             const m1c_optim_step os = m1c_optim_step_of(m, state.t, it + 1, 1e-4f);
             m1c_overlap ovl = {m, optp, opt, n_state, os, NULL};
-            if (overlap) m1c_overlap_arm(&ovl, &r);
-            if (!rc) rc = m1c_model_backward(m, &r, e);
-            if (overlap) m1c_overlap_finish(&ovl, &r);
+            if (!rc) rc = overlap ? m1c_backward_overlapped(&ovl, &r, e) : m1c_model_backward(m, &r, e);
             if (!rc && !overlap && M1C_OPTIMIZER(optp)->step(opt, &os)) rc = m1c_plugin_fail(optp, e, "step");
         }
         m1c_dev_sync(m->device);

@@ -65,12 +65,18 @@ void m1c_zero_grads(m1c_model *m, int overlap) {
     m1c_dev_memset0_on(dev, bg, m->grads.base, m->grads.bytes);
 }
 
-void m1c_overlap_arm(m1c_overlap *o, m1c_run *r) {
+int m1c_backward_overlapped(m1c_overlap *o, m1c_run *r, m1c_err *e) {
     const int dev = o->m->device;
-    m1c_dev_order(dev, m1c_dev_stream(dev), m1c_dev_background_stream(dev)); /* the zeroed gradients */
+    void *cs = m1c_dev_stream(dev), *bg = m1c_dev_background_stream(dev);
+    m1c_dev_order(dev, cs, bg); /* after the gradients' zeroing (m1c_zero_grads) */
     o->run = r;
     r->grads_ready = overlap_ready;
     r->grads_ctx = o;
+    const int rc = m1c_model_backward(o->m, r, e);
+    m1c_dev_order(dev, cs, bg); /* the next work on the core's stream sees the stepped parameters */
+    r->grads_ready = NULL;
+    r->grads_ctx = NULL;
+    return rc;
 }
 
 int m1c_overlap_possible(const m1c_model *m, const m1c_plugin *opt, double clip) {
@@ -86,12 +92,6 @@ m1c_optim_step m1c_optim_step_of(m1c_model *m, m1c_tensor *state, int64_t step, 
     return os;
 }
 
-void m1c_overlap_finish(m1c_overlap *o, m1c_run *r) {
-    const int dev = o->m->device;
-    m1c_dev_order(dev, m1c_dev_stream(dev), m1c_dev_background_stream(dev));
-    r->grads_ready = NULL;
-    r->grads_ctx = NULL;
-}
 
 /* Everything a stage holds while it runs. */
 typedef struct stage_ctx {
@@ -329,10 +329,7 @@ static int run_stage(m1c_session *s, int idx, const m1c_ckpt_info *resume, const
             break;
         }
         m1c_overlap ovl = {m, c.opt_p, c.opt, c.n_state, os, NULL};
-        if (overlap) m1c_overlap_arm(&ovl, &c.run);
-        rc = m1c_model_backward(m, &c.run, e);
-        if (overlap) m1c_overlap_finish(&ovl, &c.run);
-        if (rc) break;
+        if ((rc = overlap ? m1c_backward_overlapped(&ovl, &c.run, e) : m1c_model_backward(m, &c.run, e))) break;
         double gnorm = sqrt(m1c_sumsq(m->device, m->grads.base, (int64_t)(m->grads.bytes / sizeof(float))));
         loss = obj_loss + c.run.aux_loss;
         if ((rc = device_failed(m, st, step, e))) break; /* before reading a norm the GPU may not have made */

@@ -23,26 +23,25 @@ typedef struct m1c_train_result {
 
 int m1c_train(m1c_session *s, const m1c_train_opts *o, m1c_train_result *res, m1c_err *e);
 
-/* The optimizer's step overlapped with the backward (GPU): m1c_overlap_arm before m1c_model_backward
- * makes the backward step each layer's parameters on the device's low-priority background stream as soon
- * as their gradients are complete (m1c_run.grads_ready), while the backward goes on; m1c_overlap_finish
- * after it orders the core's stream after those steps and disarms the run. The same arithmetic as one
- * step after the backward, element for element (the results are identical); but the gradients must not
- * need the whole backward first, as clipping by their global norm does. */
+/* The optimizer's step overlapped with the backward (GPU): m1c_backward_overlapped runs
+ * m1c_model_backward while stepping each layer's parameters on the device's low-priority background
+ * stream as soon as their gradients are complete (m1c_run.grads_ready), then orders the core's stream
+ * after those steps. The same arithmetic as one step after the backward, element for element (the
+ * results are identical); but the gradients must not need the whole backward first, as clipping by
+ * their global norm does. */
 typedef struct m1c_overlap {
     m1c_model *m;
     m1c_plugin *plugin; /* the optimizer */
     void *opt;
     int n_state;
     m1c_optim_step os; /* the whole model's step: what each layer's step is cut from */
-    m1c_run *run;      /* armed on (its grads_err gets a failure) */
+    m1c_run *run;      /* set by m1c_backward_overlapped (its grads_err gets a failure) */
 } m1c_overlap;
 
-void m1c_overlap_arm(m1c_overlap *o, m1c_run *r);
-void m1c_overlap_finish(m1c_overlap *o, m1c_run *r);
+int m1c_backward_overlapped(m1c_overlap *o, m1c_run *r, m1c_err *e);
 /* Zeroes the gradients for the next backward: on the device's background stream where the step
- * overlaps (the next forward, which does not touch them, runs beside it; m1c_overlap_arm orders the
- * backward after it), else at once on the core's stream. */
+ * overlaps (the next forward, which does not touch them, runs beside it; m1c_backward_overlapped orders
+ * the backward after it), else at once on the core's stream. */
 void m1c_zero_grads(m1c_model *m, int overlap);
 /* Whether a step may overlap the backward: on a GPU, without clipping (clip <= 0), with an optimizer
  * built for ABI 1.1 or later (whose contract takes its tensors in slices: plugin.h). */

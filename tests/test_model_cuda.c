@@ -246,10 +246,9 @@ Test(model_cuda, overlapped_optimizer_same_bits) {
             for (int i = 0; i < B * T; i++) x.r.dlogp_host[i] = -1.0f / (float)(B * T);
             const m1c_optim_step os = m1c_optim_step_of(m, state.t, step, 3e-3f);
             m1c_overlap ovl = {m, optp, opt, ns, os, NULL};
-            if (v) m1c_overlap_arm(&ovl, &x.r);
-            cr_assert_eq(m1c_model_backward(m, &x.r, &e), M1C_OK, "%s", e.msg);
-            if (v) m1c_overlap_finish(&ovl, &x.r);
-            else cr_assert_eq(M1C_OPTIMIZER(optp)->step(opt, &os), M1C_OK);
+            cr_assert_eq(v ? m1c_backward_overlapped(&ovl, &x.r, &e) : m1c_model_backward(m, &x.r, &e), M1C_OK, "%s",
+                         e.msg);
+            if (!v) cr_assert_eq(M1C_OPTIMIZER(optp)->step(opt, &os), M1C_OK);
         }
         bytes[0] = m->params.bytes, bytes[1] = m->params_lp.bytes;
         bits[v][0] = (unsigned char *)th_to_host(M1C_DEVICE_CUDA, m->params.base, (int64_t)(bytes[0] / 4));
