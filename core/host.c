@@ -127,6 +127,51 @@ void m1c_dev_memset0_on(int device, void *stream, void *p, size_t bytes) {
     (void)stream;
 }
 
+void *m1c_dev_host_alloc(int device, size_t bytes, int *pinned) {
+    *pinned = 0;
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) {
+        void *p = m1c_cuda_host_alloc(bytes);
+        if (p) {
+            memset(p, 0, bytes);
+            *pinned = 1;
+            return p;
+        }
+    }
+#endif
+    (void)device;
+    return m1c_xcalloc(1, bytes ? bytes : 1);
+}
+
+void m1c_dev_host_free(void *p, int pinned) {
+#ifdef M1C_HAVE_CUDA
+    if (pinned) {
+        m1c_cuda_host_free(p);
+        return;
+    }
+#endif
+    (void)pinned;
+    free(p);
+}
+
+void m1c_dev_upload(int device, void *dst, const void *src, size_t bytes) {
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) {
+        m1c_cuda_upload(dst, src, bytes);
+        return;
+    }
+#endif
+    (void)device;
+    memmove(dst, src, bytes);
+}
+
+void m1c_dev_upload_wait(int device) {
+#ifdef M1C_HAVE_CUDA
+    if (device == M1C_DEVICE_CUDA) m1c_cuda_upload_wait();
+#endif
+    (void)device;
+}
+
 void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes) {
     if (dst_device == M1C_DEVICE_CPU && src_device == M1C_DEVICE_CPU) {
         memmove(dst, src, bytes);

@@ -303,18 +303,17 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
     if (m->device == M1C_DEVICE_CPU) {
         r->ids_host = r->ids, r->targets_host = r->targets, r->logp_host = r->logp, r->dlogp_host = r->dlogp;
     } else {
-        r->ids_host = m1c_xcalloc((size_t)N, sizeof *r->ids_host);
-        r->targets_host = m1c_xcalloc((size_t)N, sizeof *r->targets_host);
-        r->logp_host = m1c_xcalloc((size_t)N, sizeof *r->logp_host);
-        r->dlogp_host = m1c_xcalloc((size_t)N, sizeof *r->dlogp_host);
+        /* Page-locked where it can be: the uploads of ids, targets and dlogp then queue without a wait,
+         * so the host runs ahead of the device from one step into the next. */
+        char *p = r->host_block = m1c_dev_host_alloc(m->device, (size_t)N * 16, &r->host_pinned);
+        r->ids_host = (int32_t *)p, r->targets_host = (int32_t *)(p + N * 4);
+        r->logp_host = (float *)(p + N * 8), r->dlogp_host = (float *)(p + N * 12);
     }
     return M1C_OK;
 }
 
 void m1c_run_free(m1c_run *r, m1c_model *m) {
-    if (r->ids_host && r->ids_host != r->ids) {
-        free(r->ids_host), free(r->targets_host), free(r->logp_host), free(r->dlogp_host);
-    }
+    if (r->host_block) m1c_dev_host_free(r->host_block, r->host_pinned);
     for (int l = 0; r->attn && l < m->L; l++) {
         free(r->attn[l].acts), free(r->attn[l].scratch);
         free(r->ffn[l].acts), free(r->ffn[l].scratch);
@@ -437,12 +436,16 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
     int64_t N = (int64_t)B * T;
     prof_start(m, r);
     if (m->device != M1C_DEVICE_CPU) {
-        m1c_dev_copy(m->device, r->ids, M1C_DEVICE_CPU, r->ids_host, (size_t)N * sizeof *r->ids);
-        m1c_dev_copy(m->device, r->targets, M1C_DEVICE_CPU, r->targets_host, (size_t)N * sizeof *r->targets);
+        /* not waited for: the copy of logp below waits, after them on the stream */
+        m1c_dev_upload(m->device, r->ids, r->ids_host, (size_t)N * sizeof *r->ids);
+        m1c_dev_upload(m->device, r->targets, r->targets_host, (size_t)N * sizeof *r->targets);
     }
     m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, m->H);
     prof_add(m, r, "core", 0);
-    if (forward_layers(m, r, B, T, attn_forward, NULL, e)) return M1C_ERR;
+    if (forward_layers(m, r, B, T, attn_forward, NULL, e)) {
+        m1c_dev_upload_wait(m->device); /* the caller may rewrite the staging now */
+        return M1C_ERR;
+    }
     r->head_q_valid = r->training && r->head_q;
     m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->head_q_valid ? r->head_q : NULL,
                      r->hf, P(m, m->head), PLP(m, m->head), r->targets, N, m->H, m->V);
@@ -459,14 +462,15 @@ static int grads_ready(m1c_run *r, int first, int end, m1c_err *e) {
     return m1c_fail(e, "%s", r->grads_err[0] ? r->grads_err : "the step of the finished gradients failed");
 }
 
-int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
+static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
     int B = r->B, T = r->T, H = m->H;
     int64_t N = (int64_t)B * T, NH = N * H;
     if (!m->grads.base) return m1c_fail(e, "backward without gradient buffers");
     bind_stream(m, r);
     float *dx = r->dx, *dh = r->dh, *tmp = r->tmp;
     prof_start(m, r);
-    if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);
+    /* not waited for until the backward is queued: dlogp_host may change once backward returns */
+    if (m->device != M1C_DEVICE_CPU) m1c_dev_upload(m->device, r->dlogp, r->dlogp_host, (size_t)N * 4);
     m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
     m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse,
                       r->head_q_valid ? r->head_q : NULL, r->dlogp, r->hf, P(m, m->head), PLP(m, m->head), r->targets,
@@ -501,13 +505,19 @@ int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
             return M1C_ERR;
         nw = ly->norm_in, nx = r->x[l], nr = r->rstd1[l];
     }
-    /* the first norm's input gradient goes to the embedding */
-    m1c_dev_memset0(m->device, dx, (size_t)NH * 4);
-    m1c_rmsnorm_backward(m->device, dx, G(m, nw), dh, nx, P(m, nw), nr, N, H);
+    /* the first norm's input gradient goes to the embedding: dx = 1 d, tmp = 0 d (unread), in the fused
+     * pass that also sums the weight gradient */
+    m1c_rmsnorm_backward_axpby(m->device, dx, tmp, G(m, nw), dh, nx, P(m, nw), nr, 1.0f, 0.0f, N, H);
     m1c_embed_backward(m->device, G(m, m->embed), dx, r->ids, N, H);
     prof_add(m, r, "core", 1);
     if (grads_ready(r, 0, m->L > 0 ? m->layer[0].norm_in + 1 : m->norm + 1, e)) return M1C_ERR;
     return dev_check(m, "backward", e);
+}
+
+int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
+    const int rc = backward_queue(m, r, e);
+    m1c_dev_upload_wait(m->device); /* the caller may rewrite dlogp_host now */
+    return rc;
 }
 
 int m1c_model_moe_stats(m1c_model *m, m1c_run *r, int l, m1c_moe_stats *out) {

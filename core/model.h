@@ -85,6 +85,8 @@ typedef struct m1c_run {
     int32_t *ids_host, *targets_host; /* staging on the host (== ids, targets on the CPU) */
     float *logp_host, *dlogp_host;    /* (N) host views of logp (filled by forward) and dlogp (read by
                                        * backward): what objectives see; == logp, dlogp on the CPU */
+    void *host_block;                 /* the four staging arrays above in one allocation (CUDA) */
+    int host_pinned;                  /* host_block is page-locked: the uploads do not wait */
     double aux_loss;     /* sum over layers of the last forward */
     /* Called by m1c_model_backward as soon as the gradients of params.t[first .. end) are complete
      * (queued on the device; each parameter once per backward, the last layers first), or NULL: for an

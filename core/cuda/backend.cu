@@ -142,6 +142,42 @@ extern "C" void m1c_cuda_copy(void *dst, const void *src, size_t bytes, int kind
     check(cudaStreamSynchronize(main_stream()), "cudaMemcpy");
 }
 
+extern "C" void *m1c_cuda_host_alloc(size_t bytes) {
+    void *p = NULL;
+    if (cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocDefault) != cudaSuccess) {
+        (void)cudaGetLastError(); /* the caller falls back to pageable memory: not a failure */
+        return NULL;
+    }
+    return p;
+}
+
+extern "C" void m1c_cuda_host_free(void *p) {
+    if (p) check(cudaFreeHost(p), "cudaFreeHost");
+}
+
+/* The event after the calling thread's last upload; NULL until the first (or if none could be made:
+ * then every upload is waited for at once). */
+static cudaEvent_t *upload_event(void) {
+    static thread_local cudaEvent_t ev;
+    return &ev;
+}
+
+extern "C" void m1c_cuda_upload(void *dst, const void *src, size_t bytes) {
+    cudaEvent_t *ev = upload_event();
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, main_stream()), "cudaMemcpyAsync (upload)");
+    if (!*ev && cudaEventCreateWithFlags(ev, cudaEventDisableTiming) != cudaSuccess) {
+        *ev = NULL;
+        (void)cudaGetLastError(); /* not an error of the next launch's */
+    }
+    if (*ev) check(cudaEventRecord(*ev, main_stream()), "cudaEventRecord (upload)");
+    else check(cudaStreamSynchronize(main_stream()), "cudaMemcpy (upload)");
+}
+
+extern "C" void m1c_cuda_upload_wait(void) {
+    const cudaEvent_t ev = *upload_event();
+    if (ev) check(cudaEventSynchronize(ev), "cudaEventSynchronize (upload)");
+}
+
 extern "C" void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                               int64_t stride_a, const float *B, int ldb, int64_t stride_b, float beta, float *C,
                               int ldc, int64_t stride_c, int batch) {

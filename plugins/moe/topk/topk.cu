@@ -306,10 +306,13 @@ static __device__ __forceinline__ double warp_sum(double v) {
 
 /* logits[n, e] = sum_c x[n, c] Wr[e, c]. A warp takes LG_TOK tokens and LG_EXP experts at a time (one
  * Wr load serves LG_TOK tokens), its lanes V columns each; the 32 per-lane sums are reduced so that lane
- * l holds (token l / LG_EXP, expert l % LG_EXP). */
-enum { LG_TOK = 4, LG_EXP = 8, LG_WARPS = 4 };
+ * l holds (token l / LG_EXP, expert l % LG_EXP). Each warp has one round of x loads in flight at a time,
+ * so what keeps DRAM busy is the number of warps: LG_MIN_BLOCKS per multiprocessor caps the registers
+ * at 64, so that the whole grid of the training shape (16384 tokens: 1024 blocks) is resident at once
+ * (at 80 registers only 6 blocks fit: 792 on 132 multiprocessors, then a thin second wave of 232). */
+enum { LG_TOK = 4, LG_EXP = 8, LG_WARPS = 4, LG_MIN_BLOCKS = 8 };
 template <int V>
-__global__ void __launch_bounds__(LG_WARPS * 32)
+__global__ void __launch_bounds__(LG_WARPS * 32, LG_MIN_BLOCKS)
     router_logits_kernel(float *logits, const float *x, const float *Wr, int N, int H, int E) {
     static_assert(LG_TOK * LG_EXP == 32, "one reduced value per lane");
     const int lane = threadIdx.x % 32;
@@ -463,8 +466,14 @@ __global__ void combine_kernel(float *out, const TY *Y, const float *w, const in
  * kept row, w * dout, the operand of the d expert GEMMs: into dy_lp (T) where set (BF16: the GEMMs read
  * only the bf16 rows, so no f32 copy is written), else into drow (F32); d weights (dout . y with y
  * in T, the products summed in double), then d probs (renormalisation and aux loss) and d logits through
- * the softmax, into dlog (the token's row doubles as the d probs workspace). */
-enum { RB_WARPS = 4 };
+ * the softmax, into dlog (the token's row doubles as the d probs workspace where E or k exceed 32).
+ * The row pass takes RB_SLOTS slots at once, so that one load of a dout chunk serves them all, and
+ * RB_UNROLL chunks of V columns per lane per step, every load of a step issued before the first use:
+ * 2 x (16 + 2 x 8) = 64 bytes in flight per lane (V = 4, bf16 Y, k = 2). Each lane sums its columns in
+ * ascending order whatever RB_SLOTS and RB_UNROLL are, so they do not change the d weights' bits.
+ * Where E and k are at most 32 the token's probabilities, experts and aux terms are loaded into lanes
+ * before the row pass, which hides their latency, and the softmax backward runs in registers. */
+enum { RB_WARPS = 4, RB_SLOTS = 2, RB_UNROLL = 2 };
 template <typename T, int V>
 __global__ void __launch_bounds__(RB_WARPS * 32)
     router_bwd_kernel(float *dlog, float *dw, float *drow, T *dy_lp, const float *dout, const T *Y,
@@ -476,31 +485,81 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
     const float *p = probs + n * E, *g = dout + n * H, *wn = w + n * k;
     const int32_t *id = idx + n * k, *ps = pos + n * k;
     float *dp = dlog + n * E, *dwn = dw + n * k;
-    for (int e = lane; e < E; e += 32) dp[e] = (float)(aux_g * st[ST_F + e]);
+    const bool regs = E <= 32 && k <= 32; /* the same in every lane */
+    float p_l = 0.0f, dp_l = 0.0f, dw_l = 0.0f; /* regs: p[lane], dp[lane]; the d weight of slot lane */
+    int32_t id_l = 0;                           /* regs: id[lane] */
+    if (regs) {
+        if (lane < E) p_l = p[lane], dp_l = (float)(aux_g * st[ST_F + lane]);
+        if (lane < k) id_l = id[lane];
+    } else {
+        for (int e = lane; e < E; e += 32) dp[e] = (float)(aux_g * st[ST_F + e]);
+    }
     double sdw = 0.0; /* the same in every lane */
-    for (int j = 0; j < k; j++) {
-        double d = 0.0;
-        const int32_t r = ps[j];
-        if (r >= 0) {
-            const float wj = wn[j];
-            const T *y = Y + (int64_t)r * H;
-            float *dr = drow + (int64_t)r * H;
-            for (int c = lane * V; c < H; c += 32 * V) {
-                float gv[V], yv[V], o[V];
-                vec_ld<V>(gv, g + c);
-                vec_ld<V>(yv, y + c);
-                #pragma unroll
-                for (int v = 0; v < V; v++) {
-                    d += (double)gv[v] * yv[v];
-                    o[v] = wj * gv[v];
-                }
-                if (dy_lp) vec_st<V>(dy_lp + (int64_t)r * H + c, o);
-                else vec_st<V>(dr + c, o);
-            }
-            d = warp_sum(d);
+    for (int j0 = 0; j0 < k; j0 += RB_SLOTS) {
+        int32_t r[RB_SLOTS];
+        float wj[RB_SLOTS];
+        double d[RB_SLOTS];
+        #pragma unroll
+        for (int q = 0; q < RB_SLOTS; q++) {
+            r[q] = j0 + q < k ? ps[j0 + q] : -1;
+            wj[q] = j0 + q < k ? wn[j0 + q] : 0.0f;
+            d[q] = 0.0;
         }
-        if (lane == 0) dwn[j] = (float)d;
-        sdw += d * wn[j];
+        for (int c0 = lane * V; c0 < H; c0 += 32 * V * RB_UNROLL) {
+            float gv[RB_UNROLL][V], yv[RB_SLOTS][RB_UNROLL][V];
+            #pragma unroll
+            for (int u = 0; u < RB_UNROLL; u++) {
+                const int c = c0 + u * 32 * V;
+                if (c >= H) break;
+                vec_ld<V>(gv[u], g + c);
+                #pragma unroll
+                for (int q = 0; q < RB_SLOTS; q++)
+                    if (r[q] >= 0) vec_ld<V>(yv[q][u], Y + (int64_t)r[q] * H + c);
+            }
+            #pragma unroll
+            for (int q = 0; q < RB_SLOTS; q++) {
+                if (r[q] < 0) continue;
+                #pragma unroll
+                for (int u = 0; u < RB_UNROLL; u++) {
+                    const int c = c0 + u * 32 * V;
+                    if (c >= H) break;
+                    float o[V];
+                    #pragma unroll
+                    for (int v = 0; v < V; v++) {
+                        d[q] += (double)gv[u][v] * yv[q][u][v];
+                        o[v] = wj[q] * gv[u][v];
+                    }
+                    if (dy_lp) vec_st<V>(dy_lp + (int64_t)r[q] * H + c, o);
+                    else vec_st<V>(drow + (int64_t)r[q] * H + c, o);
+                }
+            }
+        }
+        #pragma unroll
+        for (int q = 0; q < RB_SLOTS; q++) {
+            const int j = j0 + q;
+            if (j >= k) break;
+            if (r[q] >= 0) d[q] = warp_sum(d[q]);
+            if (lane == 0) dwn[j] = (float)d[q];
+            if (lane == j) dw_l = (float)d[q];
+            sdw += d[q] * wj[q];
+        }
+    }
+    if (regs) {
+        /* The same operations as the loop below: ssel in slot order; each slot's term, formed in its
+         * own lane, added in slot order in its expert's lane. */
+        double ssel = 0.0;
+        for (int j = 0; j < k; j++) ssel += __shfl_sync(0xffffffffu, p_l, __shfl_sync(0xffffffffu, id_l, j));
+        const float t = normalize ? (float)(((double)dw_l - sdw) / ssel) : dw_l; /* used from lanes < k */
+        for (int j = 0; j < k; j++) {
+            const int e = __shfl_sync(0xffffffffu, id_l, j);
+            const float tj = __shfl_sync(0xffffffffu, t, j);
+            if (lane == e) dp_l += tj;
+        }
+        double s = 0.0;
+        if (lane < E) s += (double)p_l * dp_l;
+        s = warp_sum(s);
+        if (lane < E) dp[lane] = p_l * (float)(dp_l - s);
+        return;
     }
     __syncwarp(); /* dp's aux part and dwn are written */
     if (lane == 0) {
