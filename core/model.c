@@ -383,9 +383,9 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
     int64_t N = (int64_t)B * T, H = m->H;
     bind_stream(m, r);
     if (m->L > 0)
-        m1c_rmsnorm_forward(m->device, r->h1[0], r->rstd1[0], r->x[0], P(m, m->layer[0].norm_in), N, (int)H, m->eps);
+        m1c_rmsnorm_forward(m->device, r->h1[0], r->rstd1[0], r->x[0], P(m, m->layer[0].norm_in), N, (int)H, m->eps, NULL);
     else
-        m1c_rmsnorm_forward(m->device, r->hf, r->rstdf, r->x[0], P(m, m->norm), N, (int)H, m->eps);
+        m1c_rmsnorm_forward(m->device, r->hf, r->rstdf, r->x[0], P(m, m->norm), N, (int)H, m->eps, NULL);
     prof_add(m, r, "core", 0);
     for (int l = 0; l < m->L; l++) {
         m1c_layer *ly = &m->layer[l];
@@ -394,7 +394,7 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
         if (attn(m, r, l, B, T, r->x1[l], r->h1[l], ud)) return m1c_plugin_fail(ly->attn.plugin, e, "forward");
         prof_add(m, r, ly->attn.plugin->desc->name, 0);
         m1c_residual_rmsnorm(m->device, r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, r->h2[l], r->rstd2[l],
-                             P(m, ly->norm_post), N, (int)H, m->eps);
+                             P(m, ly->norm_post), N, (int)H, m->eps, NULL);
         prof_add(m, r, "core", 0);
         r->ffn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l + 1);
         if (ly->ffn.ops->forward(ly->ffn.self, &r->ffn[l].bufs, r->x[l + 1], r->h2[l], B, T))
@@ -402,7 +402,7 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
         prof_add(m, r, ly->ffn.plugin->desc->name, 0);
         m1c_residual_rmsnorm(m->device, r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn,
                              last ? r->hf : r->h1[l + 1], last ? r->rstdf : r->rstd1[l + 1],
-                             P(m, last ? m->norm : m->layer[l + 1].norm_in), N, (int)H, m->eps);
+                             P(m, last ? m->norm : m->layer[l + 1].norm_in), N, (int)H, m->eps, NULL);
         prof_add(m, r, "core", 0);
     }
     return M1C_OK;
@@ -489,13 +489,13 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
         m1c_layer *ly = &m->layer[l];
         /* x2 = a h2 + b ffn(h2): dh2 = a dx2 + ffn'(b dx2), dx2 from the norm above */
         m1c_rmsnorm_backward_axpby(m->device, dh, tmp, G(m, nw), dh, nx, P(m, nw), nr, ly->alpha_ffn, ly->beta_ffn, N,
-                                   H);
+                                   H, NULL);
         prof_add(m, r, "core", 1);
         if (ly->ffn.ops->backward(ly->ffn.self, &r->ffn[l].bufs, dh, tmp, r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "backward");
         prof_add(m, r, ly->ffn.plugin->desc->name, 1);
         m1c_rmsnorm_backward_axpby(m->device, dh, tmp, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post),
-                                   r->rstd2[l], ly->alpha_attn, ly->beta_attn, N, H);
+                                   r->rstd2[l], ly->alpha_attn, ly->beta_attn, N, H, NULL);
         prof_add(m, r, "core", 1);
         if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, tmp, r->h1[l], B, T))
             return m1c_plugin_fail(ly->attn.plugin, e, "backward");
@@ -507,7 +507,7 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
     }
     /* the first norm's input gradient goes to the embedding: dx = 1 d, tmp = 0 d (unread), in the fused
      * pass that also sums the weight gradient */
-    m1c_rmsnorm_backward_axpby(m->device, dx, tmp, G(m, nw), dh, nx, P(m, nw), nr, 1.0f, 0.0f, N, H);
+    m1c_rmsnorm_backward_axpby(m->device, dx, tmp, G(m, nw), dh, nx, P(m, nw), nr, 1.0f, 0.0f, N, H, NULL);
     m1c_embed_backward(m->device, G(m, m->embed), dx, r->ids, N, H);
     prof_add(m, r, "core", 1);
     if (grads_ready(r, 0, m->L > 0 ? m->layer[0].norm_in + 1 : m->norm + 1, e)) return M1C_ERR;

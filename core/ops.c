@@ -58,15 +58,16 @@ static void rmsnorm_row(float *y, float *rstd, const float *x, const float *w, i
 }
 
 void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
-                         float eps) {
-    ON_GPU(dev, m1c_cuda_rmsnorm_forward(out, rstd, in, w, N, C, eps));
+                         float eps, uint16_t *out_lp) {
+    ON_GPU(dev, m1c_cuda_rmsnorm_forward(out, rstd, in, w, N, C, eps, out_lp));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) rmsnorm_row(out + i * C, &rstd[i], in + i * C, w, C, eps);
+    if (out_lp) m1c_to_bf16(dev, out_lp, out, N * C);
 }
 
 void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
-                          const float *w, int64_t N, int C, float eps) {
-    ON_GPU(dev, m1c_cuda_residual_rmsnorm(y, h, a, b, out, rstd, w, N, C, eps));
+                          const float *w, int64_t N, int C, float eps, uint16_t *out_lp) {
+    ON_GPU(dev, m1c_cuda_residual_rmsnorm(y, h, a, b, out, rstd, w, N, C, eps, out_lp));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         float *x = y + i * C;
@@ -74,6 +75,7 @@ void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, f
         for (int c = 0; c < C; c++) x[c] = a * hr[c] + b * x[c]; /* m1c_residual's expression */
         rmsnorm_row(out + i * C, &rstd[i], x, w, C, eps);
     }
+    if (out_lp) m1c_to_bf16(dev, out_lp, out, N * C);
 }
 
 /* y = x r w, r = (mean(x^2) + eps)^-1/2: dx = r (g w) - x r^3 mean(g w x), dw = sum g x r. The row's
@@ -108,8 +110,9 @@ void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, con
 }
 
 void m1c_rmsnorm_backward_axpby(int dev, float *dh, float *tmp, float *dw, const float *dout, const float *in,
-                                const float *w, const float *rstd, float a, float b, int64_t N, int C) {
-    ON_GPU(dev, m1c_cuda_rmsnorm_backward_axpby(dh, tmp, dw, dout, in, w, rstd, a, b, N, C));
+                                const float *w, const float *rstd, float a, float b, int64_t N, int C,
+                                uint16_t *tmp_lp) {
+    ON_GPU(dev, m1c_cuda_rmsnorm_backward_axpby(dh, tmp, dw, dout, in, w, rstd, a, b, N, C, tmp_lp));
     rmsnorm_bwd_w(dw, dout, in, rstd, N, C); /* first: dout may be dh, overwritten below */
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
@@ -122,6 +125,7 @@ void m1c_rmsnorm_backward_axpby(int dev, float *dh, float *tmp, float *dw, const
             y[c] = a * d, z[c] = b * d;
         }
     }
+    if (tmp_lp) m1c_to_bf16(dev, tmp_lp, tmp, N * C);
 }
 
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, void *q, const float *h,

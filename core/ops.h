@@ -13,9 +13,10 @@ void m1c_embed_forward(int dev, float *out, const int32_t *ids, const float *wte
 /* dwte (V, H) += scatter of dout */
 void m1c_embed_backward(int dev, float *dwte, const float *dout, const int32_t *ids, int64_t N, int H);
 
-/* out (N, C) = in / rms(in) * w; rstd (N) saved for backward. */
+/* out (N, C) = in / rms(in) * w; rstd (N) saved for backward. out_lp: NULL, or (N, C) that receives out
+ * rounded to bf16 (nearest even, as m1c_to_bf16) in the same pass: the next layer's bf16 input. */
 void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, const float *w, int64_t N, int C,
-                         float eps);
+                         float eps, uint16_t *out_lp);
 /* din += ..., dw += ... */
 void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, const float *in, const float *w,
                           const float *rstd, int64_t N, int C);
@@ -51,9 +52,10 @@ void m1c_axpby(int dev, float *y, float *z, const float *x, float a, float b, in
  *
  * The residual then the RMSNorm that reads it: y = a * h + b * y in place (m1c_residual over N * C),
  * then out = y / rms(y) * w and rstd from the new y (m1c_rmsnorm_forward). The same values as those
- * two calls (bit for bit on the CPU). y, h, out, rstd and w must not overlap. */
+ * two calls (bit for bit on the CPU). y, h, out, rstd and w must not overlap. out_lp: as for
+ * m1c_rmsnorm_forward. */
 void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
-                          const float *w, int64_t N, int C, float eps);
+                          const float *w, int64_t N, int C, float eps, uint16_t *out_lp);
 /* The RMSNorm backward then the split of the gradient it gives: with dx the input gradient that
  * m1c_rmsnorm_backward adds into a zeroed array, dh = a * dx and tmp = b * dx (overwritten, as
  * m1c_axpby), dw += the weight gradient; dx is never stored. Aliasing: dout may be the very same array
@@ -61,9 +63,11 @@ void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, f
  * that row is written); no other overlap: dh and tmp are distinct, and neither overlaps in, w, rstd or
  * dw. On the CPU dh and tmp equal those of memset0 + m1c_rmsnorm_backward + m1c_axpby up to the sign
  * of zeros and dw bit for bit; on a GPU within f32 rounding (dw's sums over rows run in another
- * fixed order, deterministic: the same inputs give the same bits). */
+ * fixed order, deterministic: the same inputs give the same bits). tmp_lp: NULL, or (N, C) that
+ * receives tmp rounded to bf16 (the sublayer's bf16 output gradient). */
 void m1c_rmsnorm_backward_axpby(int dev, float *dh, float *tmp, float *dw, const float *dout, const float *in,
-                                const float *w, const float *rstd, float a, float b, int64_t N, int C);
+                                const float *w, const float *rstd, float a, float b, int64_t N, int C,
+                                uint16_t *tmp_lp);
 /* Sum of squares in double (gradient norms); synchronous. */
 double m1c_sumsq(int dev, const float *x, int64_t n);
 void m1c_scale(int dev, float *x, int64_t n, float s);

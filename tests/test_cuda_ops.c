@@ -130,8 +130,8 @@ Test(cuda_ops, rmsnorm_forward_backward) {
                 float *out = th_zeros(N * C), *rstd = th_zeros(N);
                 float *d_in = up_at(in, N * C, shift), *d_w = up_at(w, C, shift), *d_out = up_at(out, N * C, shift);
                 float *d_rstd = up(rstd, N);
-                m1c_rmsnorm_forward(CPU, out, rstd, in, w, N, C, eps);
-                m1c_rmsnorm_forward(GPU, d_out, d_rstd, d_in, d_w, N, C, eps);
+                m1c_rmsnorm_forward(CPU, out, rstd, in, w, N, C, eps, NULL);
+                m1c_rmsnorm_forward(GPU, d_out, d_rstd, d_in, d_w, N, C, eps, NULL);
                 float *g_out = down(d_out, N * C), *g_rstd = down(d_rstd, N);
                 /* Sums of C <= 1100 squares in another order (relative ~1e-6) and rsqrtf (<= 2 ulp,
                  * 2.4e-7): 1e-5 of the largest element. */
@@ -232,14 +232,14 @@ Test(cuda_ops, residual_rmsnorm_fused) {
             float *nan_n = nans(n), *nan_r = nans(N);
             /* the CPU's fused op (equal to its separate ops: test_ops_fused) */
             float *y = copy_of(y0, n), *out = nans(n), *rstd = nans(N);
-            m1c_residual_rmsnorm(CPU, y, h, FA, FB, out, rstd, w, N, C, eps);
+            m1c_residual_rmsnorm(CPU, y, h, FA, FB, out, rstd, w, N, C, eps, NULL);
             /* the GPU's fused op, and its separate ops on the same inputs */
             float *d_h = up_at(h, n, shift), *d_w = up_at(w, C, shift);
             float *d_y = up_at(y0, n, shift), *d_out = up_at(nan_n, n, shift), *d_rstd = up(nan_r, N);
             float *d_y2 = up_at(y0, n, shift), *d_out2 = up_at(nan_n, n, shift), *d_rstd2 = up(nan_r, N);
-            m1c_residual_rmsnorm(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, eps);
+            m1c_residual_rmsnorm(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, eps, NULL);
             m1c_residual(GPU, d_y2, d_h, FA, FB, n);
-            m1c_rmsnorm_forward(GPU, d_out2, d_rstd2, d_y2, d_w, N, C, eps);
+            m1c_rmsnorm_forward(GPU, d_out2, d_rstd2, d_y2, d_w, N, C, eps, NULL);
             float *gy = down(d_y, n), *gout = down(d_out, n), *grstd = down(d_rstd, N);
             float *gy2 = down(d_y2, n), *gout2 = down(d_out2, n), *grstd2 = down(d_rstd2, N);
             /* Against the CPU: y as in the residual test (the GPU may fuse one product into the addition,
@@ -295,10 +295,10 @@ Test(cuda_ops, rmsnorm_backward_axpby_fused) {
                 float *in = th_randn(n, s, 1.0f), *w = norm_weights(C, s + 1), *dout = th_randn(n, s + 2, 1.0f);
                 float *dw0 = th_randn(C, s + 3, 1.0f); /* dw accumulates */
                 float *rstd = th_zeros(N), *tmp0 = th_zeros(n), *nan_n = nans(n), *zero_n = th_zeros(n);
-                m1c_rmsnorm_forward(CPU, tmp0, rstd, in, w, N, C, 1e-5f);
+                m1c_rmsnorm_forward(CPU, tmp0, rstd, in, w, N, C, 1e-5f, NULL);
                 /* the CPU's fused op (equal to its separate ops: test_ops_fused) */
                 float *dh = alias ? copy_of(dout, n) : nans(n), *tmp = nans(n), *dw = copy_of(dw0, C);
-                m1c_rmsnorm_backward_axpby(CPU, dh, tmp, dw, alias ? dh : dout, in, w, rstd, FA, FB, N, C);
+                m1c_rmsnorm_backward_axpby(CPU, dh, tmp, dw, alias ? dh : dout, in, w, rstd, FA, FB, N, C, NULL);
                 /* the GPU's fused op (alias: dout is dh), and its separate ops: zeroed dx, backward, axpby */
                 float *d_in = up_at(in, n, shift), *d_w = up_at(w, C, shift), *d_dout = up_at(dout, n, shift);
                 float *d_rstd = up(rstd, N), *d_dw = up(dw0, C), *d_dw2 = up(dw0, C);
@@ -306,7 +306,7 @@ Test(cuda_ops, rmsnorm_backward_axpby_fused) {
                 float *d_dx = up_at(zero_n, n, shift), *d_dh2 = up_at(nan_n, n, shift);
                 float *d_tmp2 = up_at(nan_n, n, shift);
                 m1c_rmsnorm_backward_axpby(GPU, d_dh, d_tmp, d_dw, alias ? d_dh : d_dout, d_in, d_w, d_rstd, FA, FB, N,
-                                           C);
+                                           C, NULL);
                 m1c_rmsnorm_backward(GPU, d_dx, d_dw2, d_dout, d_in, d_w, d_rstd, N, C);
                 m1c_axpby(GPU, d_dh2, d_tmp2, d_dx, FA, FB, n);
                 float *gdh = down(d_dh, n), *gtmp = down(d_tmp, n), *gdw = down(d_dw, C);
@@ -368,8 +368,8 @@ Test(cuda_ops, fused_ops_repeat_bit_for_bit) {
         for (int run = 0; run < 2; run++) {
             float *d_y = up(y0, n), *d_out = up(z, n), *d_rstd = up(z, N), *d_dh = up(g, n), *d_tmp = up(z, n);
             float *d_dw = up(z, C);
-            m1c_residual_rmsnorm(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, 1e-5f);
-            m1c_rmsnorm_backward_axpby(GPU, d_dh, d_tmp, d_dw, d_dh, d_y, d_w, d_rstd, FA, FB, N, C);
+            m1c_residual_rmsnorm(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, 1e-5f, NULL);
+            m1c_rmsnorm_backward_axpby(GPU, d_dh, d_tmp, d_dw, d_dh, d_y, d_w, d_rstd, FA, FB, N, C, NULL);
             res[run][0] = down(d_y, n), res[run][1] = down(d_out, n), res[run][2] = down(d_rstd, N);
             res[run][3] = down(d_dh, n), res[run][4] = down(d_tmp, n), res[run][5] = down(d_dw, C);
             gfree(d_y), gfree(d_out), gfree(d_rstd), gfree(d_dh), gfree(d_tmp), gfree(d_dw);

@@ -52,10 +52,10 @@ Test(ops_fused, residual_rmsnorm_equals_residual_then_rmsnorm) {
 
             float *ys = copy_of(y0, NC_), *outs = nans(NC_), *rstds = nans(N);
             m1c_residual(CPU, ys, h, A, Bc, NC_);
-            m1c_rmsnorm_forward(CPU, outs, rstds, ys, w, N, C, eps);
+            m1c_rmsnorm_forward(CPU, outs, rstds, ys, w, N, C, eps, NULL);
 
             float *yf = copy_of(y0, NC_), *outf = nans(NC_), *rstdf = nans(N);
-            m1c_residual_rmsnorm(CPU, yf, h, A, Bc, outf, rstdf, w, N, C, eps);
+            m1c_residual_rmsnorm(CPU, yf, h, A, Bc, outf, rstdf, w, N, C, eps, NULL);
 
             /* exact: the same expressions, per element and per row sum, in the same order */
             cr_expect_eq(th_max_abs_diff(yf, ys, NC_), 0.0, "N=%lld C=%d: residual y differs", (long long)N, C);
@@ -75,7 +75,7 @@ static void check_backward(int64_t N, int C, int alias, uint64_t s) {
     float *in = th_randn(NC_, s, 1.0f), *w = norm_weight(C, s + 1), *dout = th_randn(NC_, s + 2, 1.0f);
     float *dw0 = th_randn(C, s + 3, 1.0f); /* dw accumulates */
     float *rstd = th_zeros(N), *scratch = th_zeros(NC_);
-    m1c_rmsnorm_forward(CPU, scratch, rstd, in, w, N, C, 1e-5f);
+    m1c_rmsnorm_forward(CPU, scratch, rstd, in, w, N, C, 1e-5f, NULL);
 
     /* today's sequence in the model: memset0(dx), rmsnorm_backward(dx += ...), axpby(dh, tmp <- dx) */
     float *dx = th_zeros(NC_), *dws = copy_of(dw0, C), *dhs = nans(NC_), *tmps = nans(NC_);
@@ -83,7 +83,7 @@ static void check_backward(int64_t N, int C, int alias, uint64_t s) {
     m1c_axpby(CPU, dhs, tmps, dx, A, Bc, NC_);
 
     float *dwf = copy_of(dw0, C), *tmpf = nans(NC_), *dhf = alias ? copy_of(dout, NC_) : nans(NC_);
-    m1c_rmsnorm_backward_axpby(CPU, dhf, tmpf, dwf, alias ? dhf : dout, in, w, rstd, A, Bc, N, C);
+    m1c_rmsnorm_backward_axpby(CPU, dhf, tmpf, dwf, alias ? dhf : dout, in, w, rstd, A, Bc, N, C, NULL);
 
     /* exact: the same expressions in the same order (dx = 0 + v there, v here: equal as numbers; only the
      * sign of a zero may differ, which == does not see); dw's sums are the same loop */
@@ -111,8 +111,8 @@ Test(ops_fused, rmsnorm_backward_axpby_leaves_dout) {
     float *in = th_randn(N * C, 1, 1.0f), *w = norm_weight(C, 2), *dout = th_randn(N * C, 3, 1.0f);
     float *keep = copy_of(dout, N * C), *rstd = th_zeros(N), *out = th_zeros(N * C), *dw = th_zeros(C);
     float *dh = th_zeros(N * C), *tmp = th_zeros(N * C);
-    m1c_rmsnorm_forward(CPU, out, rstd, in, w, N, C, 1e-5f);
-    m1c_rmsnorm_backward_axpby(CPU, dh, tmp, dw, dout, in, w, rstd, A, Bc, N, C);
+    m1c_rmsnorm_forward(CPU, out, rstd, in, w, N, C, 1e-5f, NULL);
+    m1c_rmsnorm_backward_axpby(CPU, dh, tmp, dw, dout, in, w, rstd, A, Bc, N, C, NULL);
     cr_expect_eq(memcmp(dout, keep, (size_t)N * C * 4), 0, "dout was written");
     free(in), free(w), free(dout), free(keep), free(rstd), free(out), free(dw), free(dh), free(tmp);
 }

@@ -87,6 +87,12 @@ static int grid_for(int64_t n) {
     return (int)(g > (1 << 20) ? (1 << 20) : (g < 1 ? 1 : g));
 }
 
+/* Sum over a warp (a butterfly: every lane gets the same bits). */
+__device__ static inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 /* Sum over a block of `v` (blockDim.x a multiple of 32); every thread gets the result. */
 __device__ static float block_sum(float v, float *shared) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -127,24 +133,61 @@ __device__ static inline rowpos row_of(int t, int T, int eb) {
     return r;
 }
 
+/* Division by a divisor fixed for a launch, as a multiply and a shift (Granlund and Montgomery): for
+ * 1 <= d < 2^31, s = 31 + ceil(log2 d) and m = ceil(2^s / d) < 2^32, n / d = (n m) >> s for every n < 2^31
+ * (n m / 2^s exceeds n / d by less than n / 2^s < 2^-ceil(log2 d) <= 1 / d, too little to reach the next
+ * integer). A few integer instructions where a 64-bit division is a subroutine of a hundred and a 32-bit
+ * one still costs three conversions and a reciprocal. */
+typedef struct fastdiv {
+    uint32_t m, s;
+} fastdiv;
+
+/* The constants for d (unused, zero, for d >= 2^31: the kernels divide in 64 bits then). */
+static fastdiv fastdiv_of(int64_t d) {
+    fastdiv f = {0, 0};
+    if (d < 1 || d > INT32_MAX) return f;
+    uint32_t l = 0;
+    while (((int64_t)1 << l) < d) l++;
+    f.s = 31 + l;
+    f.m = (uint32_t)((((uint64_t)1 << f.s) + (uint64_t)d - 1) / (uint64_t)d);
+    return f;
+}
+
+__device__ static inline uint32_t fastdiv_q(uint32_t n, fastdiv f) { return (uint32_t)(((uint64_t)n * f.m) >> f.s); }
+
+/* Where column c of a token's row lies in a head-major (B*nh, T, hd) array, from its head 0 element (fhd
+ * divides by hd). */
+__device__ static inline int64_t hm_off(int c, int hd, fastdiv fhd, int T) {
+    const int h = (int)fastdiv_q((uint32_t)c, fhd);
+    return (int64_t)h * T * hd + (c - h * hd);
+}
+
+/* x / d for x >= 0: through f where every index of the launch is below 2^31 (SMALL), else in 64 bits. */
+template <bool SMALL> __device__ static inline int64_t divq(int64_t x, int64_t d, fastdiv f) {
+    if constexpr (SMALL) return fastdiv_q((uint32_t)x, f);
+    else return x / d;
+}
+
 /* Q, K, V (B*nh, Tp, hd) = SiLU of the head's [q|k|v] columns of pre (N, 3D), rows t >= T zero; and, where
  * not NULL, the decayed copies used by the state products: Qd = Q * exp(-s (i+1)) (from the block's start
  * to the token), Kd, Vd = K, V * exp(-s (m-1-i)) (from the token to the block's end). Each copy is rounded
- * once from the f32 value. V columns per thread (hd % V == 0); n = elements / V. */
-template <typename A, int VW>
-__global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, const A *pre, int T, int Tp, int nh,
-                                    int hd, int eb, const float *pw, int bs, int64_t n) {
+ * once from the f32 value. V columns per thread (hd % V == 0); n = elements / V; fhd, fTp, fnh divide by
+ * hd, Tp and nh (fastdiv). */
+template <typename A, int VW, bool SMALL>
+__global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, const A *pre, int T, int Tp, int nh, int hd,
+                                    int eb, const float *pw, int bs, int64_t n, fastdiv fhd, fastdiv fTp, fastdiv fnh) {
     const int64_t D3 = 3 * (int64_t)nh * hd;
     GRID_STRIDE(iv, n) {
         const int64_t i = iv * VW;
-        const int c = (int)(i % hd);
-        const int64_t r = i / hd;
-        const int t = (int)(r % Tp);
-        const int64_t bh = r / Tp;
-        const int h = (int)(bh % nh);
+        const int64_t r = divq<SMALL>(i, hd, fhd);
+        const int c = (int)(i - r * hd);
+        const int64_t bh = divq<SMALL>(r, Tp, fTp);
+        const int t = (int)(r - bh * Tp);
+        const int64_t b = divq<SMALL>(bh, nh, fnh);
+        const int h = (int)(bh - b * nh);
         float q[VW], k[VW], v[VW];
         if (t < T) {
-            const int64_t base = ((bh / nh) * T + t) * D3 + (int64_t)h * 3 * hd + c;
+            const int64_t base = (b * T + t) * D3 + (int64_t)h * 3 * hd + c;
             vec_ld<VW>(q, pre + base), vec_ld<VW>(k, pre + base + hd), vec_ld<VW>(v, pre + base + 2 * hd);
 #pragma unroll
             for (int j = 0; j < VW; j++) q[j] *= sigm(q[j]), k[j] *= sigm(k[j]), v[j] *= sigm(v[j]);
@@ -153,6 +196,7 @@ __global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, cons
             for (int j = 0; j < VW; j++) q[j] = k[j] = v[j] = 0.0f;
         }
         vec_st<VW>(Q + i, q), vec_st<VW>(K + i, k), vec_st<VW>(Vv + i, v);
+        if (!Qd && !Kd && !Vd) continue; /* the fused path: no decayed copies, no block position */
         const rowpos rp = row_of(t, T, eb);
         const float *p = pw + (int64_t)h * (bs + 1);
         if (Qd) {
@@ -176,16 +220,18 @@ __global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, cons
 }
 
 /* d pre (N, 3D) = d{q,k,v} * SiLU'(pre), SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))); d{q,k,v}
- * head-major, f32 (block GEMMs) or bf16 (fused kernels). V columns per thread (hd % V == 0); n = N * 3D / V. */
-template <typename A, int VW, typename DT>
-__global__ static void k_silu_backward(A *dpre, const A *pre, const DT *dQ, const DT *dK, const DT *dV, int T,
-                                       int Tp, int nh, int hd, int64_t n) {
-    const int64_t D3 = 3 * (int64_t)nh * hd;
+ * head-major, f32 (block GEMMs) or bf16 (fused kernels). V columns per thread (hd % V == 0); n = N * 3D / V;
+ * fd3, fT, f3hd, fhd divide by 3D, T, 3 hd and hd (fastdiv). */
+template <typename A, int VW, typename DT, bool SMALL>
+__global__ static void k_silu_backward(A *dpre, const A *pre, const DT *dQ, const DT *dK, const DT *dV, int T, int Tp,
+                                       int nh, int hd, int64_t n, fastdiv fd3, fastdiv fT, fastdiv f3hd, fastdiv fhd) {
+    const int64_t D3 = 3 * (int64_t)nh * hd, hd3 = 3 * (int64_t)hd;
     GRID_STRIDE(iv, n) {
         const int64_t i = iv * VW;
-        const int64_t row = i / D3, col = i % D3;
-        const int64_t b = row / T, t = row % T, h = col / (3 * hd);
-        const int p = (int)((col % (3 * hd)) / hd), c = (int)(col % hd);
+        const int64_t row = divq<SMALL>(i, D3, fd3), col = i - row * D3;
+        const int64_t b = divq<SMALL>(row, T, fT), t = row - b * T;
+        const int64_t h = divq<SMALL>(col, hd3, f3hd), ch = col - h * hd3;
+        const int64_t p = divq<SMALL>(ch, hd, fhd), c = ch - p * hd;
         const DT *src = p == 0 ? dQ : (p == 1 ? dK : dV);
         float d[VW], z[VW];
         vec_ld<VW>(d, src + ((b * nh + h) * Tp + t) * hd + c);
@@ -272,7 +318,8 @@ __global__ static void k_scan_backward(float *G, bf16 *lp, int nb, int eb, int n
 /* Forward norm and gate straight from the head-major attention output O (B*nh, Tp, hd) (f32, or bf16 from
  * the fused kernels: rounding it there is the rounding to A done here), one block per
  * token: o = O rounded to A (stored when o is not NULL: the activation backward reads), rstd from the
- * rounded o (stored when rstd_out is not NULL), y = o * rstd * w * sigmoid(g). V columns per thread. */
+ * rounded o (stored when rstd_out is not NULL), y = o * rstd * w * sigmoid(g). V columns per thread. For
+ * head sizes not a multiple of 8 and rows too wide for k_norm_gate_heads_rows. */
 template <typename A, int VW, typename OT>
 __global__ static void k_norm_gate_heads(A *y, A *o, const OT *O, const A *g, const float *w, float *rstd_out,
                                          int N, int T, int Tp, int nh, int hd, float eps) {
@@ -298,6 +345,88 @@ __global__ static void k_norm_gate_heads(A *y, A *o, const OT *O, const A *g, co
 #pragma unroll
             for (int j = 0; j < VW; j++) v[j] = rnd(v[j], y) * rs * wv[j] * sigm(gv[j]);
             vec_st<VW>(y + row * D + c, v);
+        }
+    }
+}
+
+/* 8 values as A stores them: bf16 stay packed, in half the registers of floats, until used. */
+template <typename A> struct pack8 {
+    float v[8];
+};
+template <> struct pack8<bf16> {
+    uint4 u;
+};
+__device__ static inline void pack(pack8<float> &p, const float *v) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) p.v[j] = v[j];
+}
+__device__ static inline void pack(pack8<bf16> &p, const float *v) { /* exact for values rounded to bf16 */
+    p.u = make_uint4(vec_bf16x2(v[0], v[1]), vec_bf16x2(v[2], v[3]), vec_bf16x2(v[4], v[5]), vec_bf16x2(v[6], v[7]));
+}
+__device__ static inline void unpack(float *v, const pack8<float> &p) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) v[j] = p.v[j];
+}
+__device__ static inline void unpack(float *v, const pack8<bf16> &p) {
+    vec_unbf16x2(v, p.u.x), vec_unbf16x2(v + 2, p.u.y), vec_unbf16x2(v + 4, p.u.z), vec_unbf16x2(v + 6, p.u.w);
+}
+__device__ static inline void load(pack8<float> &p, const float *a) { vec_ld<8>(p.v, a); }
+__device__ static inline void load(pack8<bf16> &p, const bf16 *a) { p.u = *reinterpret_cast<const uint4 *>(a); }
+
+/* The same for rows of at most U * 256 columns and hd % 8 == 0 (16-byte aligned rows), one warp per row,
+ * NH_ROWS rows per block: each lane takes up to U chunks of 8 columns 256 apart, all loaded before any is
+ * used (the whole row in flight at once) and kept in registers as A (o rounded, g) until y; the sum of
+ * squares over the lane's chunks in order, then a butterfly over the lanes (fixed: the same bits every
+ * run). fhd divides by hd. U = 3 takes D = 768 in 64 registers (4 blocks an SM); U = 4 up to D = 1024. */
+enum { NH_ROWS = 8 };
+
+template <typename A, typename OT, int U>
+__global__ static void __launch_bounds__(32 * NH_ROWS, sizeof(A) == 2 && U == 3 ? 4 : 1)
+    k_norm_gate_heads_rows(A *y, A *o, const OT *O, const A *g, const float *w, float *rstd_out, int N, int T, int Tp,
+                           int nh, int hd, fastdiv fhd, float eps) {
+    constexpr int STEP = 32 * 8;
+    const int D = nh * hd, lane = threadIdx.x % 32;
+    const int64_t hs = (int64_t)Tp * hd; /* from one head's row of O to the next head's */
+    for (int64_t row = (int64_t)blockIdx.x * NH_ROWS + threadIdx.x / 32; row < N; row += (int64_t)gridDim.x * NH_ROWS) {
+        const int b = (int)((uint32_t)row / (uint32_t)T), t = (int)row - b * T; /* row < N <= INT32_MAX */
+        const OT *Or = O + ((int64_t)b * nh * Tp + t) * hd;
+        const int64_t base = row * D;
+        pack8<A> op[U], gp[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = lane * 8 + u * STEP;
+            if (c < D) {
+                float v[8];
+                const int h = (int)fastdiv_q((uint32_t)c, fhd);
+                vec_ld<8>(v, Or + h * hs + (c - h * hd)), load(gp[u], g + base + c);
+                pack(op[u], v); /* o: O rounded to A */
+            }
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = lane * 8 + u * STEP;
+            if (c < D) {
+                float v[8];
+                unpack(v, op[u]);
+#pragma unroll
+                for (int j = 0; j < 8; j++) ss += v[j] * v[j];
+                if (o) vec_st<8>(o + base + c, v);
+            }
+        }
+        ss = warp_sum(ss);
+        const float rs = 1.0f / sqrtf(ss / (float)D + eps);
+        if (rstd_out && lane == 0) rstd_out[row] = rs;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = lane * 8 + u * STEP;
+            if (c < D) {
+                float v[8], gv[8], wv[8];
+                unpack(v, op[u]), unpack(gv, gp[u]), vec_ld<8>(wv, w + c);
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[j] = v[j] * rs * wv[j] * sigm(gv[j]);
+                vec_st<8>(y + base + c, v);
+            }
         }
     }
 }
@@ -414,11 +543,6 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
 
 /* ---- the fused path's norm and gate backward, with the weight gradient in the same pass ------------ */
 
-__device__ static inline float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 /* One warp per token row, 8 columns per lane at a time; up to NG_MAXW warps per block; at most NG_CHUNKS
  * blocks (row chunks) of at least 4 rows per warp (with 4 blocks of 8 warps resident per SM, 512 chunks
  * are one wave on 128 or more SMs). Shared memory for the weight-gradient sums: warps * D floats within the
@@ -438,7 +562,8 @@ enum { NG_MAXW = 8, NG_CHUNKS = 512, NG_SHMEM = 48 * 1024 };
 template <bool DW>
 __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
     k_norm_gate_backward_rows(bf16 *dO, bf16 *dg, float *part, const float *dy, const bf16 *O, const bf16 *g,
-                              const float *w, const float *rstd, int N, int T, int nh, int hd, int64_t per) {
+                              const float *w, const float *rstd, int N, int T, int nh, int hd, fastdiv fhd,
+                              int64_t per) {
     extern __shared__ float4 ng_acc[]; /* DW: (warps, D); float4 for 16-byte alignment */
     const int D = nh * hd, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     constexpr int STEP = 32 * 8;
@@ -456,7 +581,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
 #pragma unroll 1
         for (int c = lane * 8; c < D; c += STEP) {
             float d[8], wv[8];
-            const uint4 ou = *reinterpret_cast<const uint4 *>(O + ot + (int64_t)(c / hd) * T * hd + c % hd);
+            const uint4 ou = *reinterpret_cast<const uint4 *>(O + ot + hm_off(c, hd, fhd, T));
             const uint4 gu = *reinterpret_cast<const uint4 *>(g + base + c);
             vec_ld<8>(d, dy + base + c), vec_ld<8>(wv, w + c);
             const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
@@ -472,7 +597,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
 #pragma unroll 1
         for (int c = lane * 8; c < D; c += STEP) { /* again: just read, from L1 */
             float d[8], wv[8];
-            const int64_t at = ot + (int64_t)(c / hd) * T * hd + c % hd;
+            const int64_t at = ot + hm_off(c, hd, fhd, T);
             const uint4 ou = *reinterpret_cast<const uint4 *>(O + at);
             const uint4 gu = *reinterpret_cast<const uint4 *>(g + base + c);
             vec_ld<8>(d, dy + base + c), vec_ld<8>(wv, w + c);
@@ -616,17 +741,68 @@ static int row_threads(int D, int vw) {
 
 static int row_grid(int64_t rows) { return (int)(rows > (1 << 20) ? (1 << 20) : (rows < 1 ? 1 : rows)); }
 
+/* The index arithmetic of k_gather_qkv and k_silu_backward: 32-bit multiply-shift divisions where every
+ * element index of the launch (n groups of VW) is below 2^31, as in every realistic shape. */
+static bool small_index(int64_t n, int vw) { return n * vw <= INT32_MAX; }
+
+template <typename A, int VW>
+static void gather_qkv_v(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *Q, A *K, A *V, A *Qd, A *Kd,
+                         A *Vd, const A *pre) {
+    const int64_t n = d->nhx / VW;
+    const fastdiv fhd = fastdiv_of(c->hd), fTp = fastdiv_of(d->Tp), fnh = fastdiv_of(c->nh);
+    if (small_index(n, VW))
+        k_gather_qkv<A, VW, true><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, d->T, d->Tp, c->nh, c->hd,
+                                                                  d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
+    else
+        k_gather_qkv<A, VW, false><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, d->T, d->Tp, c->nh, c->hd,
+                                                                   d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
+}
+
 template <typename A>
 static int gather_qkv(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *Q, A *K, A *V, A *Qd, A *Kd,
                       A *Vd, const A *pre) {
-    const int64_t n = d->nhx / d->vh;
-    if (d->vh == 8)
-        k_gather_qkv<A, 8><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, d->T, d->Tp, c->nh, c->hd, d->eb,
-                                                            c->pw, c->bs, n);
-    else
-        k_gather_qkv<A, 1><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, d->T, d->Tp, c->nh, c->hd, d->eb,
-                                                            c->pw, c->bs, n);
+    if (d->vh == 8) gather_qkv_v<A, 8>(c, s, d, Q, K, V, Qd, Kd, Vd, pre);
+    else gather_qkv_v<A, 1>(c, s, d, Q, K, V, Qd, Kd, Vd, pre);
     return launched(c, "gather_qkv");
+}
+
+/* d pre = d{q,k,v} SiLU'(pre) (k_silu_backward) from the head-major d{q,k,v} of (B*nh, Tp, hd), VW columns
+ * per thread. */
+template <typename A, int VW, typename DT>
+static int silu_backward(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *dpre, const A *pre,
+                         const DT *dQ, const DT *dK, const DT *dV) {
+    const int64_t n = (int64_t)d->N * 3 * c->D / VW;
+    const fastdiv fd3 = fastdiv_of(3 * (int64_t)c->D), fT = fastdiv_of(d->T), f3hd = fastdiv_of(3 * (int64_t)c->hd);
+    const fastdiv fhd = fastdiv_of(c->hd);
+    if (small_index(n, VW))
+        k_silu_backward<A, VW, DT, true><<<grid_for(n), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh,
+                                                                         c->hd, n, fd3, fT, f3hd, fhd);
+    else
+        k_silu_backward<A, VW, DT, false><<<grid_for(n), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh,
+                                                                          c->hd, n, fd3, fT, f3hd, fhd);
+    return launched(c, "silu_backward");
+}
+
+/* y = RMSNorm(O) w sigmoid(g) (o and rstd kept where not NULL) from the head-major O of (B*nh, Tp, hd):
+ * a warp per row where the row fits its registers and 8 columns at a time stay within a head, else a block
+ * per row (wide rows: enough threads for one row). */
+template <typename A, typename OT>
+static int norm_gate_heads(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *y, A *o, const OT *O,
+                           const A *g, const float *w, float *rstd) {
+    const int rg = row_grid(((int64_t)d->N + NH_ROWS - 1) / NH_ROWS);
+    if (d->vh == 8 && c->D <= 3 * 256)
+        k_norm_gate_heads_rows<A, OT, 3><<<rg, 32 * NH_ROWS, 0, s>>>(y, o, O, g, w, rstd, d->N, d->T, d->Tp, c->nh,
+                                                                     c->hd, fastdiv_of(c->hd), c->eps);
+    else if (d->vh == 8 && c->D <= 4 * 256)
+        k_norm_gate_heads_rows<A, OT, 4><<<rg, 32 * NH_ROWS, 0, s>>>(y, o, O, g, w, rstd, d->N, d->T, d->Tp, c->nh,
+                                                                     c->hd, fastdiv_of(c->hd), c->eps);
+    else if (d->vh == 8)
+        k_norm_gate_heads<A, 8, OT><<<row_grid(d->N), row_threads(c->D, 8), 0, s>>>(y, o, O, g, w, rstd, d->N, d->T,
+                                                                                    d->Tp, c->nh, c->hd, c->eps);
+    else
+        k_norm_gate_heads<A, 1, OT><<<row_grid(d->N), row_threads(c->D, 1), 0, s>>>(y, o, O, g, w, rstd, d->N, d->T,
+                                                                                    d->Tp, c->nh, c->hd, c->eps);
+    return launched(c, "norm_gate_heads");
 }
 
 template <typename A>
@@ -732,12 +908,8 @@ static int attention_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs 
     if (gemm(c, s, 0, 0, eb, hd, hd, 1.0f, Kd, adt, hd, sx, Gop, adt, hd, skv, 1.0f, dV, F32, hd, sx, Z) ||
         gemm(c, s, 0, 1, eb, hd, hd, 1.0f, Vd, adt, hd, sx, Gop, adt, hd, skv, 1.0f, dK, F32, hd, sx, Z))
         return M1C_ERR;
-    const int64_t n3 = (int64_t)d->N * 3 * c->D / d->vh;
-    if (d->vh == 8)
-        k_silu_backward<A, 8, float><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
-    else
-        k_silu_backward<A, 1, float><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh, hd, n3);
-    return launched(c, "silu_backward");
+    return d->vh == 8 ? silu_backward<A, 8, float>(c, s, d, dpre, pre, dQ, dK, dV)
+                      : silu_backward<A, 1, float>(c, s, d, dpre, pre, dQ, dK, dV);
 }
 
 /* Warps per block of k_norm_gate_backward_rows with the weight gradient (DW): its sums take warps * D
@@ -856,15 +1028,8 @@ static int run_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *ou
         return M1C_ERR;
     const void *O = NULL;
     if (attention_forward<A>(c, b, &d, pre, kvs, state, fresh, &O)) return M1C_ERR;
-    const float *wn = (const float *)b->params[P_NORM].data;
-    const int nt = row_threads(D, d.vh);
-    if (d.vh == 8)
-        k_norm_gate_heads<A, 8, float><<<row_grid(N), nt, 0, s>>>(y, o, (const float *)O, g, wn, rstd, N, T, d.Tp,
-                                                                  c->nh, c->hd, c->eps);
-    else
-        k_norm_gate_heads<A, 1, float><<<row_grid(N), nt, 0, s>>>(y, o, (const float *)O, g, wn, rstd, N, T, d.Tp,
-                                                                  c->nh, c->hd, c->eps);
-    if (launched(c, "norm_gate_heads")) return M1C_ERR;
+    if (norm_gate_heads<A, float>(c, s, &d, y, o, (const float *)O, g, (const float *)b->params[P_NORM].data, rstd))
+        return M1C_ERR;
     return gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, out, M1C_F32, H, 0, 1);
 }
 
@@ -959,9 +1124,8 @@ static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float
         core(c, b, &d, Q, K, V, O, 0, 0, state && !fresh ? state : NULL, state, "forward"))
         return M1C_ERR;
     /* O is bf16 already, so it is the activation o itself (the norm's rounding to A changes nothing) */
-    k_norm_gate_heads<bf16, 8, bf16><<<row_grid(N), row_threads(D, 8), 0, s>>>(
-        y, (bf16 *)NULL, O, g, (const float *)b->params[P_NORM].data, rstd, N, T, T, c->nh, c->hd, c->eps);
-    if (launched(c, "norm_gate_heads")) return M1C_ERR;
+    if (norm_gate_heads<bf16, bf16>(c, s, &d, y, (bf16 *)NULL, O, g, (const float *)b->params[P_NORM].data, rstd))
+        return M1C_ERR;
     return gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, out, M1C_F32, H, 0, 1);
 }
 
@@ -974,9 +1138,10 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
     const int64_t want = ((int64_t)N + 4 * warps - 1) / (4 * warps); /* at least 4 rows per warp */
     const int chunks = (int)(want < NG_CHUNKS ? want : (int64_t)NG_CHUNKS);
     const int64_t per = ((int64_t)N + chunks - 1) / chunks;
+    const fastdiv fhd = fastdiv_of(c->hd);
     if (W > 0) {
         k_norm_gate_backward_rows<true><<<chunks, 32 * W, (size_t)W * D * sizeof(float), s>>>(
-            dO, dg, part, dy, O, g, w, rstd, N, d->T, c->nh, c->hd, per);
+            dO, dg, part, dy, O, g, w, rstd, N, d->T, c->nh, c->hd, fhd, per);
         if (launched(c, "norm_gate_backward_rows")) return M1C_ERR;
         k_colsum_add<<<(D + 31) / 32, dim3(32, 16), 0, s>>>(dw, part, chunks, D);
         return launched(c, "colsum_add");
@@ -987,7 +1152,7 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
     k_norm_dw_sum<<<grid_for(D), THREADS, 0, s>>>(dw, part, NDW, D);
     if (launched(c, "norm_dw_sum")) return M1C_ERR;
     k_norm_gate_backward_rows<false><<<chunks, 32 * NG_MAXW, 0, s>>>(dO, dg, (float *)NULL, dy, O, g, w, rstd, N,
-                                                                      d->T, c->nh, c->hd, per);
+                                                                      d->T, c->nh, c->hd, fhd, per);
     return launched(c, "norm_gate_backward_rows");
 }
 
@@ -1024,9 +1189,8 @@ static int backward_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, 
         core(c, b, &d, dO, V, K, dQ, 0, 0, NULL, NULL, "dq") || core(c, b, &d, V, dO, Q, dK, 0, 1, NULL, NULL, "dk") ||
         core(c, b, &d, K, Q, dO, dV, 0, 1, NULL, NULL, "dv"))
         return M1C_ERR;
-    const int64_t n3 = (int64_t)N * 3 * D / 8; /* hd is 64 or 128: 8 columns per thread */
-    k_silu_backward<bf16, 8, bf16><<<grid_for(n3), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, T, T, c->nh, c->hd, n3);
-    if (launched(c, "silu_backward")) return M1C_ERR;
+    if (silu_backward<bf16, 8, bf16>(c, s, &d, dpre, pre, dQ, dK, dV)) /* hd is 64 or 128: 8 columns a thread */
+        return M1C_ERR;
     /* projections */
     return input_projections_backward(c, b, s, N, adt, dpre, dg, x, dWqkv, dWg, din);
 }
