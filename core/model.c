@@ -70,6 +70,8 @@ int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e) {
     m->compute_dtype = def->compute_dtype;
     if (m->compute_dtype != M1C_F32 && m->device == M1C_DEVICE_CPU)
         return m1c_fail(e, "mixed precision (bf16) needs a CUDA device: the CPU computes in fp32");
+    /* the norms write the layers' bf16 inputs in their own pass: no conversion pass in the layers */
+    m->lp_inputs = m->device == M1C_DEVICE_CUDA && m->compute_dtype == M1C_BF16;
     m1c_arena_init(&m->params_lp, def->device);
     m1c_arena_init(&m->params, def->device);
     m->layer = m1c_xcalloc((size_t)m->L, sizeof *m->layer);
@@ -79,7 +81,7 @@ int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e) {
     for (int l = 0; l < m->L; l++) {
         const m1c_layer_def *ld = &def->layer[l];
         m1c_layer *ly = &m->layer[l];
-        m1c_layer_info info = {sizeof info, l, m->L, m->H, m->device, m->compute_dtype, 0, {0}};
+        m1c_layer_info info = {sizeof info, l, m->L, m->H, m->device, m->compute_dtype, 0, m->lp_inputs, 0, {0}};
         ly->norm_in = add_norm(m, l, "input_layernorm");
         if (create_slot(&ly->attn, ld->attn, ld->attn_settings, &info, m, l, e)) goto fail;
         ly->norm_post = add_norm(m, l, "post_attention_layernorm");
@@ -273,6 +275,14 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
     const int with_q = r->for_training && m->device == M1C_DEVICE_CUDA && m->head_precision == 2;
     int iq = with_q ? m1c_arena_add(&r->acts, "head_q", M1C_BF16, 2, nv) : -1;
     int iid = m1c_arena_add(&r->acts, "ids", M1C_I32, 1, n1), itg = m1c_arena_add(&r->acts, "targets", M1C_I32, 1, n1);
+    const int with_lp = m->lp_inputs && r->for_training;
+    int ilp1[L], ilp2[L], idlp = with_lp ? m1c_arena_add(&r->acts, "dout_lp", M1C_BF16, 2, nh) : -1;
+    for (int l = 0; l < L && with_lp; l++) {
+        snprintf(name, sizeof name, "h1_lp.%d", l);
+        ilp1[l] = m1c_arena_add(&r->acts, name, M1C_BF16, 2, nh);
+        snprintf(name, sizeof name, "h2_lp.%d", l);
+        ilp2[l] = m1c_arena_add(&r->acts, name, M1C_BF16, 2, nh);
+    }
 
     r->attn = m1c_xcalloc((size_t)L, sizeof *r->attn);
     r->ffn = m1c_xcalloc((size_t)L, sizeof *r->ffn);
@@ -287,6 +297,16 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
     for (int l = 0; l < L; l++) {
         bind_slot(r, m, &m->layer[l].attn, &r->attn[l]);
         bind_slot(r, m, &m->layer[l].ffn, &r->ffn[l]);
+    }
+    if (with_lp) {
+        r->h1_lp = m1c_xcalloc((size_t)L * 2, sizeof *r->h1_lp);
+        r->h2_lp = r->h1_lp + L;
+        r->dout_lp = r->acts.t[idlp].data;
+        for (int l = 0; l < L; l++) {
+            r->h1_lp[l] = r->acts.t[ilp1[l]].data, r->h2_lp[l] = r->acts.t[ilp2[l]].data;
+            r->attn[l].bufs.in_lp = r->h1_lp[l], r->ffn[l].bufs.in_lp = r->h2_lp[l];
+            r->attn[l].bufs.dout_lp = r->dout_lp; /* the MoE's router needs dout in f32 */
+        }
     }
     r->x = m1c_xcalloc((size_t)L + 1, sizeof *r->x);
     r->h1 = m1c_xcalloc((size_t)L * 5, sizeof *r->h1);
@@ -322,6 +342,7 @@ void m1c_run_free(m1c_run *r, m1c_model *m) {
     free(r->ffn);
     free(r->x);
     free(r->h1);
+    free(r->h1_lp);
     m1c_dev_free(r->acts.device, r->scratch);
     m1c_arena_free(&r->acts);
     memset(r, 0, sizeof *r);
@@ -383,7 +404,8 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
     int64_t N = (int64_t)B * T, H = m->H;
     bind_stream(m, r);
     if (m->L > 0)
-        m1c_rmsnorm_forward(m->device, r->h1[0], r->rstd1[0], r->x[0], P(m, m->layer[0].norm_in), N, (int)H, m->eps, NULL);
+        m1c_rmsnorm_forward(m->device, r->h1[0], r->rstd1[0], r->x[0], P(m, m->layer[0].norm_in), N, (int)H, m->eps,
+                            r->h1_lp ? r->h1_lp[0] : NULL);
     else
         m1c_rmsnorm_forward(m->device, r->hf, r->rstdf, r->x[0], P(m, m->norm), N, (int)H, m->eps, NULL);
     prof_add(m, r, "core", 0);
@@ -394,7 +416,7 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
         if (attn(m, r, l, B, T, r->x1[l], r->h1[l], ud)) return m1c_plugin_fail(ly->attn.plugin, e, "forward");
         prof_add(m, r, ly->attn.plugin->desc->name, 0);
         m1c_residual_rmsnorm(m->device, r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, r->h2[l], r->rstd2[l],
-                             P(m, ly->norm_post), N, (int)H, m->eps, NULL);
+                             P(m, ly->norm_post), N, (int)H, m->eps, r->h2_lp ? r->h2_lp[l] : NULL);
         prof_add(m, r, "core", 0);
         r->ffn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l + 1);
         if (ly->ffn.ops->forward(ly->ffn.self, &r->ffn[l].bufs, r->x[l + 1], r->h2[l], B, T))
@@ -402,7 +424,8 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
         prof_add(m, r, ly->ffn.plugin->desc->name, 0);
         m1c_residual_rmsnorm(m->device, r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn,
                              last ? r->hf : r->h1[l + 1], last ? r->rstdf : r->rstd1[l + 1],
-                             P(m, last ? m->norm : m->layer[l + 1].norm_in), N, (int)H, m->eps, NULL);
+                             P(m, last ? m->norm : m->layer[l + 1].norm_in), N, (int)H, m->eps,
+                             r->h1_lp && !last ? r->h1_lp[l + 1] : NULL);
         prof_add(m, r, "core", 0);
     }
     return M1C_OK;
@@ -495,7 +518,7 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
             return m1c_plugin_fail(ly->ffn.plugin, e, "backward");
         prof_add(m, r, ly->ffn.plugin->desc->name, 1);
         m1c_rmsnorm_backward_axpby(m->device, dh, tmp, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post),
-                                   r->rstd2[l], ly->alpha_attn, ly->beta_attn, N, H, NULL);
+                                   r->rstd2[l], ly->alpha_attn, ly->beta_attn, N, H, r->dout_lp);
         prof_add(m, r, "core", 1);
         if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, tmp, r->h1[l], B, T))
             return m1c_plugin_fail(ly->attn.plugin, e, "backward");

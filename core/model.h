@@ -48,6 +48,7 @@ typedef struct m1c_model {
     int V, H, L;
     float eps;
     int tied, device, head_precision, compute_dtype;
+    int lp_inputs; /* the runs made for training hand the layers bf16 copies of in and dout (CUDA, BF16) */
     m1c_layer *layer;  /* [L] */
     int embed, norm, head; /* parameter indices (head == embed when tied) */
     m1c_arena params;  /* HF names: model.embed_tokens.weight, model.layers.N...., lm_head.weight */
@@ -86,6 +87,8 @@ typedef struct m1c_run {
     float *logp_host, *dlogp_host;    /* (N) host views of logp (filled by forward) and dlogp (read by
                                        * backward): what objectives see; == logp, dlogp on the CPU */
     void *host_block;                 /* the four staging arrays above in one allocation (CUDA) */
+    uint16_t **h1_lp, **h2_lp;        /* (L) bf16 copies of h1, h2 (model lp_inputs, runs made for training) */
+    uint16_t *dout_lp;                /* bf16 copy of the d output of the sublayer in backward */
     int host_pinned;                  /* host_block is page-locked: the uploads do not wait */
     double aux_loss;     /* sum over layers of the last forward */
     /* Called by m1c_model_backward as soon as the gradients of params.t[first .. end) are complete

@@ -93,7 +93,7 @@ typedef struct type_flops {
 
 static int layer_info_create(m1c_plugin *pl, const m1c_layer_ops *ops, m1c_settings *settings, int l, int L, int H,
                              void **self, m1c_err *e) {
-    m1c_layer_info info = {sizeof info, l, L, H, M1C_DEVICE_CPU, 0, 0, {0}};
+    m1c_layer_info info = {sizeof info, l, L, H, M1C_DEVICE_CPU, 0, 0, 0, 0, {0}};
     pl->error[0] = 0;
     if (ops->create(&pl->host, settings, &info, self)) return m1c_plugin_fail(pl, e, "create");
     return M1C_OK;

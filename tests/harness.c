@@ -151,8 +151,8 @@ static th_layer *layer_finish(th_layer *l, uint64_t seed) {
     return l;
 }
 
-th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
-                           int B, int T, uint64_t seed, float param_std, int device, int compute_dtype) {
+static th_layer *layer_new(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
+                           int B, int T, uint64_t seed, float param_std, int device, int compute_dtype, int lp_inputs) {
     if (device != M1C_DEVICE_CPU) {
         /* Same parameters as the CPU instance of this seed: draw them there, then copy. */
         th_layer *ref = th_layer_new_dev(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std,
@@ -163,7 +163,7 @@ th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_i
         l->ops = ref->ops;
         l->B = B, l->T = T, l->H = hidden;
         m1c_settings *s = th_settings(settings, &l->cfg);
-        m1c_layer_info info = {sizeof info, layer_index, n_layers, hidden, device, compute_dtype, seed, {0}};
+        m1c_layer_info info = {sizeof info, layer_index, n_layers, hidden, device, compute_dtype, seed, lp_inputs, 0, {0}};
         if (l->ops->create(&l->plugin->host, s, &info, &l->self) != M1C_OK)
             cr_assert_fail("creating '%s' on device %d: %s", plugin, device, l->plugin->error);
         l->np = ref->np;
@@ -185,7 +185,7 @@ th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_i
     l->B = B, l->T = T, l->H = hidden;
 
     m1c_settings *s = th_settings(settings, &l->cfg);
-    m1c_layer_info info = {sizeof info, layer_index, n_layers, hidden, M1C_DEVICE_CPU, 0, seed, {0}};
+    m1c_layer_info info = {sizeof info, layer_index, n_layers, hidden, M1C_DEVICE_CPU, 0, seed, 0, 0, {0}};
     if (l->ops->create(&l->plugin->host, s, &info, &l->self) != M1C_OK)
         cr_assert_fail("creating '%s': %s", plugin, l->plugin->error);
 
@@ -212,6 +212,17 @@ th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_i
         }
     }
     return layer_finish(l, seed);
+}
+
+th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
+                           int B, int T, uint64_t seed, float param_std, int device, int compute_dtype) {
+    return layer_new(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std, device, compute_dtype, 0);
+}
+
+th_layer *th_layer_new_lp(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
+                          int B, int T, uint64_t seed, float param_std) {
+    return layer_new(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std, M1C_DEVICE_CUDA,
+                     M1C_BF16, 1);
 }
 
 void th_layer_free(th_layer *l) {

@@ -535,7 +535,7 @@ Test(lightning, flops_per_token) {
 
 /* Create from settings text; the status, with the plugin's message left in p->error. */
 static int try_create(const char *body, m1c_plugin **pp) {
-    const m1c_layer_info info = {sizeof info, 0, 2, 16, M1C_DEVICE_CPU, 0, 1, {0}};
+    const m1c_layer_info info = {sizeof info, 0, 2, 16, M1C_DEVICE_CPU, 0, 1, 0, 0, {0}};
     return th_try_create("lightning", M1C_KIND_ATTENTION, body, &info, pp);
 }
 

@@ -357,7 +357,7 @@ Test(lightning_cuda, refuses_cuda_without_gpu) {
     m1c_plugin *p = th_plugin("lightning", M1C_KIND_ATTENTION);
     m1c_config *cfg = NULL;
     m1c_settings *s = th_settings("heads = 2; head_dim = 8;", &cfg);
-    m1c_layer_info info = {sizeof info, 0, 2, 16, GPU, M1C_F32, 1, {0}};
+    m1c_layer_info info = {sizeof info, 0, 2, 16, GPU, M1C_F32, 1, 0, 0, {0}};
     void *self = NULL;
     p->error[0] = 0;
     cr_expect_eq(M1C_ATTENTION(p)->ops.create(&p->host, s, &info, &self), M1C_ERR);

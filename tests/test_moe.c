@@ -50,7 +50,7 @@ static double silu_d(double g) { return g / (1.0 + exp(-g)); }
 /* Try to create a plugin instance from settings text; returns the create status (the instance, if
  * any, is destroyed) and leaves the plugin's error message in p->error. */
 static int try_create(const char *plugin, const char *body, int hidden) {
-    const m1c_layer_info info = {sizeof info, 0, 1, hidden, M1C_DEVICE_CPU, 0, 1, {0}};
+    const m1c_layer_info info = {sizeof info, 0, 1, hidden, M1C_DEVICE_CPU, 0, 1, 0, 0, {0}};
     return th_try_create(plugin, M1C_KIND_MOE, body, &info, NULL);
 }
 

@@ -103,7 +103,7 @@ static double tol_grad(int cdt) { return cdt == M1C_BF16 ? 5e-2 : 5e-5; }
 /* Create a topk instance from settings text on a device; returns the status (the instance, if any, is
  * destroyed) and leaves the plugin's error message in p->error. Needs no GPU: create touches none. */
 static int try_create(const char *body, int device) {
-    const m1c_layer_info info = {sizeof info, 0, 1, 16, device, device == M1C_DEVICE_CUDA ? M1C_BF16 : M1C_F32, 1, {0}};
+    const m1c_layer_info info = {sizeof info, 0, 1, 16, device, device == M1C_DEVICE_CUDA ? M1C_BF16 : M1C_F32, 1, 0, 0, {0}};
     return th_try_create("topk", M1C_KIND_MOE, body, &info, NULL);
 }
 

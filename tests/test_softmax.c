@@ -322,7 +322,7 @@ Test(softmax, declares_hf_parameters) {
 
 /* Create from a settings body; returns create's status, the message in p->error. */
 static int try_create(const char *body, int hidden, m1c_plugin **pp) {
-    const m1c_layer_info info = {sizeof info, 0, 1, hidden, M1C_DEVICE_CPU, 0, 1, {0}};
+    const m1c_layer_info info = {sizeof info, 0, 1, hidden, M1C_DEVICE_CPU, 0, 1, 0, 0, {0}};
     return th_try_create("softmax", M1C_KIND_ATTENTION, body, &info, pp);
 }
 

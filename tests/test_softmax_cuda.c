@@ -153,7 +153,7 @@ static const cfg gqa_hd64 = {64, 4, 2, 64, 32, 10000.0, NULL};
 
 /* 1 where the softmax plugin accepts kernel = "wgmma" on the GPU (its message otherwise in the log). */
 static int wgmma_runs(void) {
-    const m1c_layer_info info = {sizeof info, 0, 1, 64, M1C_DEVICE_CUDA, M1C_BF16, 1, {0}};
+    const m1c_layer_info info = {sizeof info, 0, 1, 64, M1C_DEVICE_CUDA, M1C_BF16, 1, 0, 0, {0}};
     m1c_plugin *p = NULL;
     const int ok = th_try_create("softmax", M1C_KIND_ATTENTION, "heads = 1; head_dim = 64; kernel = \"wgmma\";", &info,
                                  &p) == M1C_OK;
@@ -164,8 +164,8 @@ static int wgmma_runs(void) {
 /* The tensor-core kernels refused where they cannot run, the message naming the key. */
 Test(softmax_cuda, kernel_setting_refused) {
     th_need_gpu();
-    const m1c_layer_info f32 = {sizeof f32, 0, 1, 64, M1C_DEVICE_CUDA, M1C_F32, 1, {0}};
-    const m1c_layer_info bf16 = {sizeof bf16, 0, 1, 64, M1C_DEVICE_CUDA, M1C_BF16, 1, {0}};
+    const m1c_layer_info f32 = {sizeof f32, 0, 1, 64, M1C_DEVICE_CUDA, M1C_F32, 1, 0, 0, {0}};
+    const m1c_layer_info bf16 = {sizeof bf16, 0, 1, 64, M1C_DEVICE_CUDA, M1C_BF16, 1, 0, 0, {0}};
     m1c_plugin *p = NULL;
     cr_assert_eq(th_try_create("softmax", M1C_KIND_ATTENTION, "heads = 1; head_dim = 64; kernel = \"mma\";", &f32, &p),
                  M1C_ERR, "kernel = \"mma\" at f32 was accepted");
@@ -350,7 +350,7 @@ static void create_fails(const char *settings, int dt, const char *needle) {
     m1c_plugin *p = th_plugin("softmax", M1C_KIND_ATTENTION);
     m1c_config *cfgp = NULL;
     m1c_settings *s = th_settings(settings, &cfgp);
-    m1c_layer_info info = {sizeof info, 0, 1, 64, DEV, dt, 1, {0}};
+    m1c_layer_info info = {sizeof info, 0, 1, 64, DEV, dt, 1, 0, 0, {0}};
     void *self = NULL;
     cr_assert_eq(M1C_ATTENTION(p)->ops.create(&p->host, s, &info, &self), M1C_ERR, "'%s' must be refused", settings);
     cr_assert_null(self);

@@ -683,6 +683,117 @@ __global__ static void __launch_bounds__(1024) logsoftmax_rows(float *lse, float
     }
 }
 
+/* The training forward's logsoftmax_rows<4, true> where a row fits in the block's registers (V <= 32768,
+ * V % 4 == 0, logits 16-byte and q 8-byte aligned; sm_90), reading each row from DRAM once: thread t
+ * holds columns 4 (1024 k + t) .. + 3 (k < 8) of the row, while a bulk copy (TMA) brings the block's next
+ * row into shared memory. Its reads stay in flight while the block reduces the row and writes q, where
+ * logsoftmax_rows leaves the SM without DRAM reads then and reads each row twice (the second from L2).
+ * Two passes over the registers: M = the row's max, then s = sum exp(z - M) kept as e = exp(z - M), so
+ * q = onehot - e / s takes no second exp (expf's ex2 issues at 1/8 of the FMA rate); lse
+ * differs from logsoftmax_rows' in the last bits (no running rescale), q by an ulp of f32 before bf16. */
+enum { LSM_T = 1024, LSM_K = 8 }; /* threads, 16-byte chunks per thread: V up to 4 * 1024 * 8 */
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ static inline uint32_t lsm_smem(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* One thread: the V floats at src into dst (16 KB per copy), completing bar's current phase. */
+__device__ static inline void lsm_fetch(float4 *dst, const float *src, int V, uint64_t *bar) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(lsm_smem(bar)), "r"(V * 4) : "memory");
+    for (int c = 0; c < V; c += 4 * LSM_T) {
+        const int n = V - c < 4 * LSM_T ? V - c : 4 * LSM_T;
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                         lsm_smem(dst + c / 4)),
+                     "l"(src + c), "r"(n * 4), "r"(lsm_smem(bar))
+                     : "memory");
+    }
+}
+
+__device__ static inline void lsm_wait(uint64_t *bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(done)
+                     : "r"(lsm_smem(bar)), "r"(parity)
+                     : "memory");
+}
+#endif
+
+__global__ static void __launch_bounds__(LSM_T) logsoftmax_rows_q(float *lse, float *logp, __nv_bfloat16 *q,
+                                                                  const float *logits, const int32_t *targets,
+                                                                  int64_t N, int V) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    extern __shared__ float4 row[]; /* V floats: the row being read */
+    __shared__ float sh[32];
+    __shared__ uint64_t bar;
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n fence.mbarrier_init.release.cluster;" ::"r"(
+                         lsm_smem(&bar))
+                     : "memory");
+        if (blockIdx.x < N) lsm_fetch(row, logits + blockIdx.x * (int64_t)V, V, &bar);
+    }
+    __syncthreads();
+    uint32_t parity = 0;
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x, parity ^= 1) {
+        const int32_t t = targets[i]; /* before the wait: in flight with the row */
+        lsm_wait(&bar, parity);
+        float a[LSM_K][4], m = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < LSM_K; k++)
+            if (4 * (k * LSM_T + tid) < V) {
+                const float4 v = row[k * LSM_T + tid];
+                a[k][0] = v.x, a[k][1] = v.y, a[k][2] = v.z, a[k][3] = v.w;
+                m = fmaxf(m, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
+            }
+        const float zt = tid == 0 && t >= 0 && t < V ? reinterpret_cast<const float *>(row)[t] : 0.0f;
+        const float M = block_reduce(m, sh, -INFINITY, red_fmax());
+        /* every thread has read the row (block_reduce's barriers): the next one may overwrite it, once the
+         * reads are ordered before the bulk copy's writes (another proxy) */
+        if (tid == 0 && i + gridDim.x < N) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            lsm_fetch(row, logits + (i + gridDim.x) * (int64_t)V, V, &bar);
+        }
+        float s = 0;
+#pragma unroll
+        for (int k = 0; k < LSM_K; k++)
+            if (4 * (k * LSM_T + tid) < V) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) s += a[k][j] = expf(a[k][j] - M); /* a NaN makes s NaN */
+            }
+        s = block_reduce(s, sh, 0.0f, red_add());
+        const float l = M + logf(s), r = 1.0f / s; /* the same bits in every thread (block_reduce) */
+        if (tid == 0) {
+            lse[i] = l;
+            if (logp) logp[i] = t >= 0 ? zt - l : 0.0f;
+        }
+        const float on = t >= 0 ? 1.0f : 0.0f; /* an unscored row: q = 0 */
+        __nv_bfloat16 *qr = q + i * (int64_t)V;
+#pragma unroll
+        for (int k = 0; k < LSM_K; k++) {
+            const int c = 4 * (k * LSM_T + tid);
+            if (c < V) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) a[k][j] = on * ((c + j == t ? 1.0f : 0.0f) - a[k][j] * r);
+                st_bf16<4>(qr, c, a[k]);
+            }
+        }
+    }
+#endif
+}
+
+/* Whether logsoftmax_rows_q takes rows of V columns (V % 4 == 0) here: compiled for sm_90 (its bulk
+ * copies; otherwise its body is empty) and allowed V floats of shared memory. */
+static bool lsm_q_fits(int V) {
+    cudaFuncAttributes fa;
+    if (V < 4 || V > 4 * LSM_T * LSM_K) return false;
+    if (cudaFuncGetAttributes(&fa, logsoftmax_rows_q) != cudaSuccess || fa.ptxVersion < 90 ||
+        cudaFuncSetAttribute(logsoftmax_rows_q, cudaFuncAttributeMaxDynamicSharedMemorySize, V * 4) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return true;
+}
+
 /* dh (N, H) += g Z with g = dlogp of the row (0 unscored: dh unchanged), Z the head's q W; W columns per
  * access (4: 16-byte accesses, H % 4 == 0 and the rows aligned). */
 template <int W>
@@ -786,7 +897,9 @@ extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, 
     __nv_bfloat16 *qb = (__nv_bfloat16 *)q;
     if (q && precision == 2) { /* one block of 1024 per SM: its ~132 rows in flight (17 MB at V 32000) stay in L2 */
         const int g = (int)(N < sm_count() ? N : sm_count());
-        if (vec)
+        if (vec && lsm_q_fits(V))
+            logsoftmax_rows_q<<<g, LSM_T, (size_t)V * 4, cs()>>>(lse, logp, qb, logits, targets, N, V);
+        else if (vec)
             logsoftmax_rows<4, true><<<g, 1024, 0, cs()>>>(lse, logp, qb, logits, targets, N, V);
         else
             logsoftmax_rows<1, true><<<g, 1024, 0, cs()>>>(lse, logp, qb, logits, targets, N, V);

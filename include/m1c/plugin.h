@@ -24,7 +24,7 @@ extern "C" {
 #endif
 
 #define M1C_ABI_MAJOR 1
-#define M1C_ABI_MINOR 1
+#define M1C_ABI_MINOR 2
 
 #if defined(__GNUC__)
 #define M1C_EXPORT __attribute__((visibility("default")))
@@ -212,7 +212,11 @@ typedef struct m1c_layer_info {
                             * softmax statistics and the lightning state in f32). Layer inputs and
                             * outputs (the residual stream) are f32 either way. */
     uint64_t seed;       /* for anything the instance draws (jitter, ...) */
-    int64_t reserved[6];
+    int32_t lp_inputs;   /* since ABI 1.2: 1 when the core hands every forward and backward of a run made
+                          * for training in_lp, and every such backward of an attention layer dout_lp
+                          * (m1c_layer_bufs): the plugin need keep no bf16 copy of its input; else 0 */
+    int32_t reserved0;
+    int64_t reserved[5];
 } m1c_layer_info;
 
 /* The buffers the core hands a layer for one call, in the order the plugin declared them. */
@@ -230,7 +234,10 @@ typedef struct m1c_layer_bufs {
     const m1c_tensor *params_lp; /* compute_dtype BF16: bf16 copies of params (same order), refreshed
                                   * by the core after every optimizer step; NULL otherwise */
     void *stream;                /* CUDA: the cudaStream_t to launch on; NULL on the CPU */
-    void *reserved[2];
+    /* Since ABI 1.2 (see m1c_layer_info.lp_inputs): NULL, or in (B, T, H) rounded to bf16 (nearest even),
+     * which the core's norm wrote in the pass that made in; the same from a forward to its backward. */
+    const void *in_lp;
+    const void *dout_lp; /* backward of an attention layer: NULL, or dout rounded to bf16 likewise */
 } m1c_layer_bufs;
 
 /* Functions every layer plugin (attention or MoE) implements. The instance is created from its

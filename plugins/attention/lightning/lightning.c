@@ -35,6 +35,7 @@ typedef struct lightning {
     int fused;     /* CUDA: the fused tensor-core kernels (lightning_core.cuh), else block GEMMs */
     int slots;     /* CUDA, fused: the kernels' resident blocks on the device (how long sequences are cut) */
     int core_kernel; /* CUDA, fused: the output pass's kernel for this device (lightning_cuda_core_kernel) */
+    int lp_inputs;   /* CUDA, bf16: the core hands bf16 copies of in and dout (m1c_layer_info.lp_inputs) */
 } lightning;
 
 #ifdef M1C_HAVE_CUDA
@@ -49,6 +50,7 @@ typedef struct lightning_cuda_cfg {
     const float *slope;
     int slots;
     int core_kernel;
+    int lp_inputs;
 } lightning_cuda_cfg;
 int lightning_cuda_slots(int hd);
 int lightning_cuda_core_kernel(void);
@@ -63,7 +65,7 @@ int lightning_cuda_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b
 static lightning_cuda_cfg cuda_cfg(const lightning *L) {
     lightning_cuda_cfg c = {L->h,      L->H,         L->nh,    L->hd,        L->D,    L->bs,
                             L->eps,    L->bf16,      L->pw_dev, L->fused,    L->slope_dev, L->slots,
-                            L->core_kernel};
+                            L->core_kernel, L->lp_inputs};
     return c;
 }
 #endif
@@ -258,6 +260,7 @@ static int lightning_create(const m1c_host *h, const m1c_settings *s, const m1c_
         L->fused = fusable && strcmp(kernel, "blocked") != 0;
         L->slots = L->fused ? lightning_cuda_slots(L->hd) : 0;
         L->core_kernel = L->fused ? lightning_cuda_core_kernel() : 0;
+        L->lp_inputs = L->bf16 && info->lp_inputs;
         if (lightning_cuda_upload(h, L->pw, (size_t)nh * (size_t)(bs + 1), &L->pw_dev) != M1C_OK ||
             lightning_cuda_upload(h, slopes, (size_t)nh, &L->slope_dev) != M1C_OK) {
             lightning_destroy(L);
@@ -306,7 +309,7 @@ static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max
         s[A_KV] = spec("self_attn.kv_blocks", 4, 1, 1, 1, 1);
         s[A_O] = spec("self_attn.attn_out", 3, (int64_t)B * L->nh, T, hd, 0);   /* (B*nh, T, hd) */
         s[A_QKVH] = spec("self_attn.qkv_heads", 4, 3, (int64_t)B * L->nh, T, hd); /* (3, B*nh, T, hd) */
-        s[A_XLP] = spec("self_attn.in_bf16", 2, N, L->H, 0, 0);                  /* (B*T, H) */
+        if (!L->lp_inputs) s[A_XLP] = spec("self_attn.in_bf16", 2, N, L->H, 0, 0); /* (B*T, H); else the core's */
         s[A_Y] = spec("self_attn.out_proj_in", 2, N, L->D, 0, 0);                /* (B*T, nh*hd) */
         s[A_QKVH].dtype = s[A_XLP].dtype = s[A_Y].dtype = M1C_BF16;
     }

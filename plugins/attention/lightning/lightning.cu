@@ -29,6 +29,8 @@ typedef struct lightning_cuda_cfg {
     const float *slope; /* device [nh]: s_h */
     int slots;          /* fused: the output pass's resident CTAs on the device (lc_slots) */
     int core_kernel;    /* fused: the output pass's kernel on the device (lc_problem.kernel), chosen once */
+    int lp_inputs;      /* bf16: the core hands in_lp and dout_lp (m1c_layer_info.lp_inputs), so training keeps
+                         * no bf16 copy of in (A_XLP holds one element) */
 } lightning_cuda_cfg;
 
 /* Indices of lightning.c's declarations (params and acts are the same lists on both devices; the last
@@ -962,7 +964,7 @@ static int check_acts(const lightning_cuda_cfg *c, const m1c_tensor *a, const di
     if (!c->fused) return M1C_OK;
     /* the fused path's own (its attn_out is O head-major, (B*nh, T, hd): the N * D values checked above) */
     if (check_size(c, &a[A_QKVH], 3 * d->nhx, M1C_BF16, "qkv_heads") ||
-        check_size(c, &a[A_XLP], N * c->H, M1C_BF16, "in_bf16") ||
+        check_size(c, &a[A_XLP], c->lp_inputs ? 1 : N * c->H, M1C_BF16, "in_bf16") ||
         check_size(c, &a[A_Y], N * D, M1C_BF16, "out_proj_in"))
         return M1C_ERR;
     for (int i = A_QKVH; i <= A_Y; i++)
@@ -1011,7 +1013,7 @@ static int run_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *ou
     cudaStream_t s = (cudaStream_t)b->stream;
     if (check_scratch(c, b, &d, adt) || (train && check_acts(c, b->acts, &d, adt))) return M1C_ERR;
     const void *x = in;
-    if (c->bf16) {
+    if (c->bf16 && !(x = b->in_lp)) {
         if (to_bf16(c, s, (bf16 *)b->scratch[X_LP].data, in, (int64_t)N * H)) return M1C_ERR;
         x = b->scratch[X_LP].data;
     }
@@ -1060,7 +1062,7 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
         k_norm_gate<A, 1><<<row_grid(N), nt, 0, s>>>(y, o, g, wn, rstd, N, D);
     if (launched(c, "norm_gate")) return M1C_ERR;
     const void *dout_op = dout;
-    if (c->bf16) {
+    if (c->bf16 && !(dout_op = b->dout_lp)) {
         if (to_bf16(c, s, lp, dout, (int64_t)N * H)) return M1C_ERR;
         dout_op = lp;
     }
@@ -1087,7 +1089,7 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
 
     /* projections: dW += d pre^T x, din += d pre W */
     const void *x = in;
-    if (c->bf16) {
+    if (c->bf16 && !(x = b->in_lp)) {
         if (to_bf16(c, s, lp, in, (int64_t)N * H)) return M1C_ERR;
         x = lp;
     }
@@ -1109,7 +1111,14 @@ static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float
     cudaStream_t s = (cudaStream_t)b->stream;
     if (check_scratch(c, b, &d, adt) || (train && check_acts(c, b->acts, &d, adt))) return M1C_ERR;
     const m1c_tensor *a = b->acts;
-    bf16 *x = (bf16 *)(train ? a[A_XLP].data : b->scratch[X_LP].data);
+    /* x: the core's bf16 input where it keeps one for backward (lp_inputs) or none is needed, else rounded
+     * here (into the activation when training) */
+    const bf16 *x = (const bf16 *)(c->lp_inputs || !train ? b->in_lp : NULL);
+    if (!x && train && c->lp_inputs)
+        return c->h->error(c->h, "lightning: a training forward without the core's bf16 input (lp_inputs)");
+    bf16 *xc = (bf16 *)(train && !c->lp_inputs ? a[A_XLP].data : b->scratch[X_LP].data);
+    if (!x && to_bf16(c, s, xc, in, (int64_t)N * H)) return M1C_ERR;
+    if (!x) x = xc;
     bf16 *pre = (bf16 *)(train ? a[A_QKV].data : b->scratch[X_QKV].data);
     bf16 *g = (bf16 *)(train ? a[A_GATE].data : b->scratch[X_DO].data); /* the f32-sized d_attn_out buffer */
     bf16 *y = (bf16 *)(train ? a[A_Y].data : b->scratch[X_Y].data);
@@ -1117,8 +1126,7 @@ static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float
     bf16 *Q = train ? (bf16 *)a[A_QKVH].data : ax<bf16>(b, X_HA0);
     bf16 *K = train ? Q + d.nhx : ax<bf16>(b, X_HA1), *V = train ? Q + 2 * d.nhx : ax<bf16>(b, X_HA2);
     float *rstd = train ? (float *)a[A_RSTD].data : NULL;
-    if (to_bf16(c, s, x, in, (int64_t)N * H) ||
-        gemm(c, s, 0, 1, N, 3 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, 3 * D, 0, 1) ||
+    if (gemm(c, s, 0, 1, N, 3 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, 3 * D, 0, 1) ||
         gemm(c, s, 0, 1, N, D, H, 1.0f, x, adt, H, 0, weight(c, b, P_GATE), adt, H, 0, 0.0f, g, adt, D, 0, 1) ||
         gather_qkv<bf16>(c, s, &d, Q, K, V, (bf16 *)NULL, (bf16 *)NULL, (bf16 *)NULL, pre) ||
         core(c, b, &d, Q, K, V, O, 0, 0, state && !fresh ? state : NULL, state, "forward"))
@@ -1157,7 +1165,7 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
 }
 
 /* Backward with the fused kernels, from the forward's activations (in is not read: its bf16 copy was
- * kept): dWo += dout^T y, dy = dout Wo; the norm and gate backward (dO, d gate pre, dw); dQ = core(dO, V, K),
+ * kept, by the layer or with lp_inputs by the core): dWo += dout^T y, dy = dout Wo; the norm and gate backward (dO, d gate pre, dw); dQ = core(dO, V, K),
  * dK = core_rev(V, dO, Q), dV = core_rev(K, Q, dO) as bf16; d pre = d{q,k,v} SiLU'(pre); dW += d pre^T x,
  * din += d pre W. */
 static int backward_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *din, const float *dout, int B,
@@ -1169,7 +1177,8 @@ static int backward_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, 
     if (!b->acts || !b->grads) return c->h->error(c->h, "lightning: backward needs activations and gradients");
     if (check_scratch(c, b, &d, adt) || check_acts(c, b->acts, &d, adt)) return M1C_ERR;
     const m1c_tensor *a = b->acts;
-    const bf16 *x = (const bf16 *)a[A_XLP].data, *pre = (const bf16 *)a[A_QKV].data;
+    const bf16 *x = (const bf16 *)(c->lp_inputs ? b->in_lp : a[A_XLP].data), *pre = (const bf16 *)a[A_QKV].data;
+    if (!x) return c->h->error(c->h, "lightning: a backward without the core's bf16 input (lp_inputs)");
     const bf16 *g = (const bf16 *)a[A_GATE].data, *O = (const bf16 *)a[A_O].data, *y = (const bf16 *)a[A_Y].data;
     const bf16 *Q = (const bf16 *)a[A_QKVH].data, *K = Q + d.nhx, *V = Q + 2 * d.nhx;
     const float *rstd = (const float *)a[A_RSTD].data, *wn = (const float *)b->params[P_NORM].data;
@@ -1179,10 +1188,12 @@ static int backward_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, 
     bf16 *dQ = ax<bf16>(b, X_HA0), *dK = ax<bf16>(b, X_HA1), *dV = ax<bf16>(b, X_HA2);
     float *dy = fx(b, X_DO);
 
-    /* out_proj */
-    if (to_bf16(c, s, lp, dout, (int64_t)N * H) ||
-        gemm(c, s, 1, 0, H, D, N, 1.0f, lp, adt, H, 0, y, adt, D, 0, 1.0f, dWo, M1C_F32, D, 0, 1) ||
-        gemm(c, s, 0, 0, N, D, H, 1.0f, lp, adt, H, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, dy, M1C_F32, D, 0, 1))
+    /* out_proj, from the core's bf16 dout where given */
+    const bf16 *dl = (const bf16 *)b->dout_lp;
+    if (!dl && to_bf16(c, s, lp, dout, (int64_t)N * H)) return M1C_ERR;
+    if (!dl) dl = lp;
+    if (gemm(c, s, 1, 0, H, D, N, 1.0f, dl, adt, H, 0, y, adt, D, 0, 1.0f, dWo, M1C_F32, D, 0, 1) ||
+        gemm(c, s, 0, 0, N, D, H, 1.0f, dl, adt, H, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, dy, M1C_F32, D, 0, 1))
         return M1C_ERR;
     /* norm and gate, then attention (bf16 d{q,k,v}: SiLU's backward rounds its product to bf16 anyway) */
     if (norm_backward_fused(c, s, &d, dO, dg, fx(b, X_DWP), dwn, dy, O, g, wn, rstd) ||

@@ -565,11 +565,16 @@ static int project_qkv(const sm_cuda *a, const m1c_layer_bufs *b, cudaStream_t s
     return M1C_OK;
 }
 
-/* The layer input in the compute dtype: in itself, or its bf16 copy in scratch. */
-static int input_lp(const sm_cuda *a, const m1c_layer_bufs *b, cudaStream_t s, const float *in, int64_t n,
-                    const void **x) {
+/* The layer input (or dout) in the compute dtype: in itself, the core's bf16 copy given (m1c_layer_bufs
+ * in_lp, dout_lp), or a bf16 copy in scratch. */
+static int input_lp(const sm_cuda *a, const m1c_layer_bufs *b, cudaStream_t s, const float *in, const void *given,
+                    int64_t n, const void **x) {
     *x = in;
     if (a->dt != M1C_BF16) return M1C_OK;
+    if (given) {
+        *x = given;
+        return M1C_OK;
+    }
     bf16 *xl = (bf16 *)b->scratch[CS_XLP].data;
     *x = xl;
     return to_bf16(a, s, xl, in, n);
@@ -582,7 +587,7 @@ extern "C" int sm_cuda_forward(void *self, const m1c_layer_bufs *b, float *out, 
     const int qd = a->nh * a->hd, kd = a->kvh * a->hd, H = a->H;
     const int64_t BT = (int64_t)B * T;
     const void *W[N_PARAMS], *x;
-    if (weights(a, b, W) || input_lp(a, b, s, in, BT * H, &x)) return M1C_ERR;
+    if (weights(a, b, W) || input_lp(a, b, s, in, b->in_lp, BT * H, &x)) return M1C_ERR;
     float *lse = b->acts ? (float *)b->acts[A_LSE].data : (float *)b->scratch[CS_LSE].data;
     void *att;
     if (a->dt == M1C_F32) {
@@ -641,7 +646,8 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
 
     /* out = att Wo^T: datt = dout Wo, dWo += dout^T att */
     const void *dx;
-    if (input_lp(a, b, s, dout, BT * H, &dx) || gemm(a, s, 0, 0, M, qd, H, dx, H, W[P_O], qd, 0.0f, datt, M1C_F32, qd))
+    if (input_lp(a, b, s, dout, b->dout_lp, BT * H, &dx) ||
+        gemm(a, s, 0, 0, M, qd, H, dx, H, W[P_O], qd, 0.0f, datt, M1C_F32, qd))
         return M1C_ERR;
     if (b->grads && gemm(a, s, 1, 0, H, qd, M, dx, H, att, qd, 1.0f, b->grads[P_O].data, M1C_F32, qd)) return M1C_ERR;
 
@@ -680,7 +686,7 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
      * read: the rotation in f32, then one rounding); q = x Wq^T (and k, v): dW += d^T x, din += d W, with d
      * and x in the compute dtype */
     const void *x, *gq_ = dq, *gk_ = dk, *gv_ = dv;
-    if (rope_table(a, s, cs, T, 0) || input_lp(a, b, s, in, BT * H, &x)) /* dout's bf16 copy is consumed: reuse */
+    if (rope_table(a, s, cs, T, 0) || input_lp(a, b, s, in, b->in_lp, BT * H, &x)) /* dout's bf16 copy is consumed: reuse */
         return M1C_ERR;
     if (dt == M1C_BF16) {
         bf16 *l = (bf16 *)b->scratch[CS_LP].data;
@@ -732,7 +738,8 @@ extern "C" int sm_cuda_step(void *self, const m1c_layer_bufs *b, m1c_tensor *sta
     float *q = (float *)b->scratch[CS_Q].data, *k = (float *)b->scratch[CS_K].data;
     float *v = (float *)b->scratch[CS_V].data;
     const int64_t gstride = max_len * hd, bstride = (int64_t)a->kvh * gstride;
-    if (weights(a, b, W) || input_lp(a, b, s, in, BT * H, &x) || project_qkv(a, b, s, x, W, q, k, v, q, k, B, T, pos))
+    if (weights(a, b, W) || input_lp(a, b, s, in, b->in_lp, BT * H, &x) ||
+        project_qkv(a, b, s, x, W, q, k, v, q, k, B, T, pos))
         return M1C_ERR;
     const int agrid = grid_for(BT * kd);
     void *att;

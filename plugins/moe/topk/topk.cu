@@ -426,9 +426,9 @@ __global__ void __launch_bounds__(DS_X * DS_Y) router_dw_sum_kernel(float *dWr, 
  * pointers allow, V = 1 otherwise), so that every thread has work whatever the row length. The kept
  * row count R = off[E] is read on the device (the grouped path never has it on the host). */
 
-/* xs[r] = in[rowtok[r]] for the R kept rows, cast to T. */
-template <typename T, int V>
-__global__ void gather_kernel(T *xs, const float *in, const int32_t *rowtok, const int32_t *R, int H) {
+/* xs[r] = in[rowtok[r]] for the R kept rows, cast to T (in: f32, or the core's bf16 copy of it). */
+template <typename T, typename S, int V>
+__global__ void gather_kernel(T *xs, const S *in, const int32_t *rowtok, const int32_t *R, int H) {
     const int nv = H / V;
     MOE_GRID_LOOP(i, (int64_t)*R * nv) {
         const int64_t r = moe_row(i, nv);
@@ -1139,15 +1139,20 @@ static int router_dwr(const topk_cuda_args *a, cudaStream_t s, const float *in) 
     return M1C_OK;
 }
 
-/* xs = the kept rows of in, for at most `rows` rows (the kernel reads their number on the device). */
+/* xs = the kept rows of in, for at most `rows` rows (the kernel reads their number on the device); from
+ * the core's bf16 copy of in where given and T is bf16 (the same roundings, half the bytes read). */
 template <typename T>
 static int gather(const topk_cuda_args *a, cudaStream_t s, T *xs, const float *in, int64_t rows) {
     constexpr int V = moe_vec16<T>::V;
     const int32_t *R = a->off + a->E;
-    if (a->H % V == 0 && moe_al16(xs) && moe_al16(in))
-        gather_kernel<T, V><<<moe_blocks(rows * (a->H / V)), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, a->H);
+    const __nv_bfloat16 *lp = sizeof(T) == 2 ? (const __nv_bfloat16 *)a->in_lp : NULL;
+    if (lp && a->H % 8 == 0 && moe_al16(xs) && moe_al16(lp))
+        gather_kernel<T, __nv_bfloat16, 8>
+            <<<moe_blocks(rows * (a->H / 8)), MOE_THREADS, 0, s>>>(xs, lp, a->rowtok, R, a->H);
+    else if (a->H % V == 0 && moe_al16(xs) && moe_al16(in))
+        gather_kernel<T, float, V><<<moe_blocks(rows * (a->H / V)), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, a->H);
     else
-        gather_kernel<T, 1><<<moe_blocks(rows * a->H), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, a->H);
+        gather_kernel<T, float, 1><<<moe_blocks(rows * a->H), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, a->H);
     MOE_LAUNCH_CHECK(a->h, "gather_kernel");
     return M1C_OK;
 }
