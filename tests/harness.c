@@ -62,9 +62,12 @@ int th_try_create(const char *plugin, int kind, const char *body, const m1c_laye
     return rc;
 }
 
-/* Zeroed buffers for specs on dev (dtype: the spec's, or `force` when >= 0). */
+/* Zeroed buffers for specs on dev (dtype: the spec's, or `force` when >= 0). On a GPU they lie in one
+ * allocation in declaration order, each at a 256-byte boundary, as the core's arenas place a layer's
+ * tensors (plugins may merge products over adjacent parameters); free_tensors frees that block. */
 static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, int force) {
     m1c_tensor *t = calloc((size_t)(n ? n : 1), sizeof *t);
+    size_t at[n ? n : 1], total = 0;
     for (int i = 0; i < n; i++) {
         t[i].dtype = force >= 0 ? force : spec[i].dtype;
         t[i].device = dev;
@@ -72,9 +75,17 @@ static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, in
         memcpy(t[i].shape, spec[i].shape, sizeof t[i].shape);
         t[i].name = spec[i].name;
         size_t bytes = (size_t)(m1c_numel(&t[i]) ? m1c_numel(&t[i]) : 1) * m1c_dtype_size(t[i].dtype);
-        t[i].data = dev == M1C_DEVICE_CPU ? calloc(1, bytes) : m1c_dev_alloc(dev, bytes);
-        cr_assert_not_null(t[i].data);
-        if (dev != M1C_DEVICE_CPU) m1c_dev_memset0(dev, t[i].data, bytes);
+        if (dev == M1C_DEVICE_CPU) {
+            t[i].data = calloc(1, bytes);
+            cr_assert_not_null(t[i].data);
+        }
+        at[i] = total, total += (bytes + 255) / 256 * 256;
+    }
+    if (dev != M1C_DEVICE_CPU && n > 0) {
+        char *block = m1c_dev_alloc(dev, total);
+        cr_assert_not_null(block);
+        m1c_dev_memset0(dev, block, total);
+        for (int i = 0; i < n; i++) t[i].data = block + at[i];
     }
     return t;
 }
@@ -84,7 +95,7 @@ static m1c_tensor *alloc_tensors(const m1c_buf_spec *spec, int n) { return alloc
 static void free_tensors(m1c_tensor *t, int n) {
     for (int i = 0; t && i < n; i++) {
         if (t[i].device == M1C_DEVICE_CPU) free(t[i].data);
-        else m1c_dev_free(t[i].device, t[i].data);
+        else if (i == 0) m1c_dev_free(t[i].device, t[i].data); /* the block */
     }
     free(t);
 }

@@ -188,9 +188,10 @@ struct m1c_host {
         M1C_PRINTF(4, 5);
 
     /* Since ABI 1.1. n independent gemm_ex products (none writes what another reads or writes), in
-     * any order or at once, with the same results as n gemm_ex calls in a row: on the GPU the core runs
-     * them concurrently on streams of its own, after everything queued on `stream` before the call and
-     * before everything queued on it after. For many products too small to fill the GPU alone (a MoE's
+     * any order or at once, with the results of n gemm_ex calls in a row up to f32 summation order (the
+     * same bits for the same call every time): on the GPU the core runs them concurrently on streams of
+     * its own, after everything queued on `stream` before the call and before everything queued on it
+     * after. For many products too small to fill the GPU alone (a MoE's
      * per-expert products). Returns M1C_ERR (the plugin's error set, nothing run) for dtypes the device
      * cannot combine. */
     int (*gemm_group)(const m1c_host *h, int device, void *stream, const m1c_gemm_desc *g, int n);

@@ -307,6 +307,10 @@ static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max
          * backward's products, and the bf16 layer input and y for the weight-gradient GEMMs (each 2 bytes
          * an element: 3 N D + N H + N D more, no pass over pre, o, g or the input to redo them). */
         s[A_KV] = spec("self_attn.kv_blocks", 4, 1, 1, 1, 1);
+        /* qkv_pre holds both projections' outputs side by side, [qkv | gate] (B*T, 4*nh*hd), so that each
+         * projection is one GEMM forward and backward (lightning.cu, ld_pre); gate_pre is unused. */
+        s[A_QKV] = spec("self_attn.qkv_pre", 2, N, 4 * (int64_t)L->D, 0, 0);
+        s[A_GATE] = spec("self_attn.gate_pre", 1, 1, 0, 0, 0);
         s[A_O] = spec("self_attn.attn_out", 3, (int64_t)B * L->nh, T, hd, 0);   /* (B*nh, T, hd) */
         s[A_QKVH] = spec("self_attn.qkv_heads", 4, 3, (int64_t)B * L->nh, T, hd); /* (3, B*nh, T, hd) */
         if (!L->lp_inputs) s[A_XLP] = spec("self_attn.in_bf16", 2, N, L->H, 0, 0); /* (B*T, H); else the core's */

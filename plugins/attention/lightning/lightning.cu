@@ -2,8 +2,9 @@
  * the GPU. Two paths (setting `kernel`):
  *   fused (BF16 at head_dim 64 and 128, the default there): the attention is lightning_core.cuh's fused
  *     kernels (forward O = core(Q, K, V); backward dQ, dK, dV as three more passes, written in bf16 for
- *     SiLU's backward); training keeps SiLU(q, k, v) head-major, O, the bf16 input and the gated output
- *     for backward, and the norm's weight gradient is summed in its backward kernel (fixed order);
+ *     SiLU's backward); the qkv and gate projections are one GEMM each way ([pre | g] in rows of 4D:
+ *     ld_pre); training keeps SiLU(q, k, v) head-major, O, the bf16 input and the gated output for
+ *     backward, and the norm's weight gradient is summed in its backward kernel (fixed order);
  *   blocked (F32, other head sizes, or asked for): the chunked form, per-block products as
  *     strided-batched cuBLAS GEMMs over every (sequence, head, block) at once (bf16 tensor cores with f32
  *     accumulation for BF16, plain FP32 for F32), a prefix scan over blocks for the f32 KV state, fused
@@ -34,18 +35,20 @@ typedef struct lightning_cuda_cfg {
 } lightning_cuda_cfg;
 
 /* Indices of lightning.c's declarations (params and acts are the same lists on both devices; the last
- * three acts hold one element except with the fused kernels). */
+ * three acts hold one element except with the fused kernels, which keep the gate's pre-activation in
+ * qkv_pre and declare gate_pre as one element: ld_pre). */
 enum { P_QKV, P_GATE, P_NORM, P_OUT };
 enum { A_QKV, A_GATE, A_O, A_RSTD, A_KV, A_QKVH, A_XLP, A_Y };
-/* Scratch on CUDA (A: the compute dtype, f32 or bf16): pre-activations (inference) / d qkv pre (backward);
- * y / d gate pre (backward); dy of the norm in f32 (backward; the gate pre-activation as A when not
- * training); bf16 copies of the layer input or dout (BF16 only); seven head-major (B*nh, Tp, hd) arrays of
- * A (Tp: T rounded up to whole blocks, zero padded): forward Q K V, Q decayed from its block's start, K
- * decayed to its block's end; backward Q K V, K and V decayed to the block's end, dO and dO decayed from
- * the block's start; three head-major f32 arrays: O (forward), dQ dK dV (backward); per-block score
- * matrices S and P as A; per-block hd x hd f32 states: local KV (forward) or d KV (backward), the states
- * at block starts when not training; bf16 copies of the block-start states and of d KV (BF16 only);
- * per-chunk partial sums of the norm weight's gradient. */
+/* Scratch on CUDA (A: the compute dtype, f32 or bf16): qkv pre-activations (inference) / d qkv pre
+ * (backward), on the fused path with the gate's beside them (ld_pre); y / d gate pre (backward, blocked);
+ * dy of the norm in f32 (backward; the gate pre-activation as A when not training, blocked); bf16 copies
+ * of the layer input or dout (BF16 only); seven head-major (B*nh, Tp, hd) arrays of A (Tp: T rounded up
+ * to whole blocks, zero padded): forward Q K V, Q decayed from its block's start, K decayed to its block's
+ * end; backward Q K V, K and V decayed to the block's end, dO and dO decayed from the block's start; three
+ * head-major f32 arrays: O (forward), dQ dK dV (backward); per-block score matrices S and P as A; per-block
+ * hd x hd f32 states: local KV (forward) or d KV (backward), the states at block starts when not training;
+ * bf16 copies of the block-start states and of d KV (BF16 only); per-chunk partial sums of the norm
+ * weight's gradient. */
 enum {
     X_QKV, X_Y, X_DO, X_LP,
     X_HA0, X_HA1, X_HA2, X_HA3, X_HA4, X_HA5, X_HA6,
@@ -170,15 +173,16 @@ template <bool SMALL> __device__ static inline int64_t divq(int64_t x, int64_t d
     else return x / d;
 }
 
-/* Q, K, V (B*nh, Tp, hd) = SiLU of the head's [q|k|v] columns of pre (N, 3D), rows t >= T zero; and, where
+/* Q, K, V (B*nh, Tp, hd) = SiLU of the head's [q|k|v] columns of pre (N rows of ld: 3D, or 4D with the gate
+ * pre-activation beside them on the fused path), rows t >= T zero; and, where
  * not NULL, the decayed copies used by the state products: Qd = Q * exp(-s (i+1)) (from the block's start
  * to the token), Kd, Vd = K, V * exp(-s (m-1-i)) (from the token to the block's end). Each copy is rounded
  * once from the f32 value. V columns per thread (hd % V == 0); n = elements / V; fhd, fTp, fnh divide by
  * hd, Tp and nh (fastdiv). */
 template <typename A, int VW, bool SMALL>
-__global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, const A *pre, int T, int Tp, int nh, int hd,
-                                    int eb, const float *pw, int bs, int64_t n, fastdiv fhd, fastdiv fTp, fastdiv fnh) {
-    const int64_t D3 = 3 * (int64_t)nh * hd;
+__global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, const A *pre, int64_t ld, int T, int Tp,
+                                    int nh, int hd, int eb, const float *pw, int bs, int64_t n, fastdiv fhd,
+                                    fastdiv fTp, fastdiv fnh) {
     GRID_STRIDE(iv, n) {
         const int64_t i = iv * VW;
         const int64_t r = divq<SMALL>(i, hd, fhd);
@@ -189,7 +193,7 @@ __global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, cons
         const int h = (int)(bh - b * nh);
         float q[VW], k[VW], v[VW];
         if (t < T) {
-            const int64_t base = (b * T + t) * D3 + (int64_t)h * 3 * hd + c;
+            const int64_t base = (b * T + t) * ld + (int64_t)h * 3 * hd + c;
             vec_ld<VW>(q, pre + base), vec_ld<VW>(k, pre + base + hd), vec_ld<VW>(v, pre + base + 2 * hd);
 #pragma unroll
             for (int j = 0; j < VW; j++) q[j] *= sigm(q[j]), k[j] *= sigm(k[j]), v[j] *= sigm(v[j]);
@@ -221,12 +225,14 @@ __global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, cons
     }
 }
 
-/* d pre (N, 3D) = d{q,k,v} * SiLU'(pre), SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))); d{q,k,v}
- * head-major, f32 (block GEMMs) or bf16 (fused kernels). V columns per thread (hd % V == 0); n = N * 3D / V;
- * fd3, fT, f3hd, fhd divide by 3D, T, 3 hd and hd (fastdiv). */
+/* d pre = d{q,k,v} * SiLU'(pre), SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))): the first 3D columns of
+ * rows of ld (3D, or 4D beside the gate's on the fused path) of both; d{q,k,v} head-major, f32 (block
+ * GEMMs) or bf16 (fused kernels). V columns per thread (hd % V == 0); n = N * 3D / V; fd3, fT, f3hd, fhd
+ * divide by 3D, T, 3 hd and hd (fastdiv). */
 template <typename A, int VW, typename DT, bool SMALL>
-__global__ static void k_silu_backward(A *dpre, const A *pre, const DT *dQ, const DT *dK, const DT *dV, int T, int Tp,
-                                       int nh, int hd, int64_t n, fastdiv fd3, fastdiv fT, fastdiv f3hd, fastdiv fhd) {
+__global__ static void k_silu_backward(A *dpre, const A *pre, int64_t ld, const DT *dQ, const DT *dK, const DT *dV,
+                                       int T, int Tp, int nh, int hd, int64_t n, fastdiv fd3, fastdiv fT, fastdiv f3hd,
+                                       fastdiv fhd) {
     const int64_t D3 = 3 * (int64_t)nh * hd, hd3 = 3 * (int64_t)hd;
     GRID_STRIDE(iv, n) {
         const int64_t i = iv * VW;
@@ -235,15 +241,16 @@ __global__ static void k_silu_backward(A *dpre, const A *pre, const DT *dQ, cons
         const int64_t h = divq<SMALL>(col, hd3, f3hd), ch = col - h * hd3;
         const int64_t p = divq<SMALL>(ch, hd, fhd), c = ch - p * hd;
         const DT *src = p == 0 ? dQ : (p == 1 ? dK : dV);
+        const int64_t at = row * ld + col;
         float d[VW], z[VW];
         vec_ld<VW>(d, src + ((b * nh + h) * Tp + t) * hd + c);
-        vec_ld<VW>(z, pre + i);
+        vec_ld<VW>(z, pre + at);
 #pragma unroll
         for (int j = 0; j < VW; j++) {
             const float s = sigm(z[j]);
             d[j] = d[j] * s * (1.0f + z[j] * (1.0f - s));
         }
-        vec_st<VW>(dpre + i, d);
+        vec_st<VW>(dpre + at, d);
     }
 }
 
@@ -320,11 +327,12 @@ __global__ static void k_scan_backward(float *G, bf16 *lp, int nb, int eb, int n
 /* Forward norm and gate straight from the head-major attention output O (B*nh, Tp, hd) (f32, or bf16 from
  * the fused kernels: rounding it there is the rounding to A done here), one block per
  * token: o = O rounded to A (stored when o is not NULL: the activation backward reads), rstd from the
- * rounded o (stored when rstd_out is not NULL), y = o * rstd * w * sigmoid(g). V columns per thread. For
- * head sizes not a multiple of 8 and rows too wide for k_norm_gate_heads_rows. */
+ * rounded o (stored when rstd_out is not NULL), y = o * rstd * w * sigmoid(g), g in rows of ldg (D, or 4D
+ * on the fused path). V columns per thread. For head sizes not a multiple of 8 and rows too wide for
+ * k_norm_gate_heads_rows. */
 template <typename A, int VW, typename OT>
-__global__ static void k_norm_gate_heads(A *y, A *o, const OT *O, const A *g, const float *w, float *rstd_out,
-                                         int N, int T, int Tp, int nh, int hd, float eps) {
+__global__ static void k_norm_gate_heads(A *y, A *o, const OT *O, const A *g, int64_t ldg, const float *w,
+                                         float *rstd_out, int N, int T, int Tp, int nh, int hd, float eps) {
     __shared__ float sh[32];
     const int D = nh * hd;
     for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
@@ -343,7 +351,7 @@ __global__ static void k_norm_gate_heads(A *y, A *o, const OT *O, const A *g, co
         for (int c = threadIdx.x * VW; c < D; c += blockDim.x * VW) {
             float v[VW], gv[VW], wv[VW];
             vec_ld<VW>(v, O + ((b * nh + c / hd) * Tp + t) * hd + c % hd); /* again: just read, from L2 */
-            vec_ld<VW>(gv, g + row * D + c), vec_ld<VW>(wv, w + c);
+            vec_ld<VW>(gv, g + row * ldg + c), vec_ld<VW>(wv, w + c);
 #pragma unroll
             for (int j = 0; j < VW; j++) v[j] = rnd(v[j], y) * rs * wv[j] * sigm(gv[j]);
             vec_st<VW>(y + row * D + c, v);
@@ -384,8 +392,8 @@ enum { NH_ROWS = 8 };
 
 template <typename A, typename OT, int U>
 __global__ static void __launch_bounds__(32 * NH_ROWS, sizeof(A) == 2 && U == 3 ? 4 : 1)
-    k_norm_gate_heads_rows(A *y, A *o, const OT *O, const A *g, const float *w, float *rstd_out, int N, int T, int Tp,
-                           int nh, int hd, fastdiv fhd, float eps) {
+    k_norm_gate_heads_rows(A *y, A *o, const OT *O, const A *g, int64_t ldg, const float *w, float *rstd_out, int N,
+                           int T, int Tp, int nh, int hd, fastdiv fhd, float eps) {
     constexpr int STEP = 32 * 8;
     const int D = nh * hd, lane = threadIdx.x % 32;
     const int64_t hs = (int64_t)Tp * hd; /* from one head's row of O to the next head's */
@@ -393,6 +401,7 @@ __global__ static void __launch_bounds__(32 * NH_ROWS, sizeof(A) == 2 && U == 3 
         const int b = (int)((uint32_t)row / (uint32_t)T), t = (int)row - b * T; /* row < N <= INT32_MAX */
         const OT *Or = O + ((int64_t)b * nh * Tp + t) * hd;
         const int64_t base = row * D;
+        const A *gr = g + row * ldg;
         pack8<A> op[U], gp[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -400,7 +409,7 @@ __global__ static void __launch_bounds__(32 * NH_ROWS, sizeof(A) == 2 && U == 3 
             if (c < D) {
                 float v[8];
                 const int h = (int)fastdiv_q((uint32_t)c, fhd);
-                vec_ld<8>(v, Or + h * hs + (c - h * hd)), load(gp[u], g + base + c);
+                vec_ld<8>(v, Or + h * hs + (c - h * hd)), load(gp[u], gr + c);
                 pack(op[u], v); /* o: O rounded to A */
             }
         }
@@ -451,10 +460,10 @@ __global__ static void k_norm_gate(A *y, const A *o, const A *g, const float *w,
 
 /* Partial sums for dw[c] = sum over tokens of dy * o * rstd * sigmoid(g): block (x, k) sums 32 columns over
  * token chunk k (8 rows of threads, combined in a fixed order) into part[k][c]. o is (N, D), or head-major
- * (B*nh, T, hd) when HM (the fused path's attn_out). */
+ * (B*nh, T, hd) when HM (the fused path's attn_out); g in rows of ldg (D, or 4D on the fused path). */
 template <typename A, bool HM>
-__global__ static void k_norm_dw(float *part, const float *dy, const A *o, const A *g, const float *rstd, int N,
-                                 int D, int T, int nh, int hd) {
+__global__ static void k_norm_dw(float *part, const float *dy, const A *o, const A *g, int64_t ldg, const float *rstd,
+                                 int N, int D, int T, int nh, int hd) {
     __shared__ float sh[8][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     const int64_t per = ((int64_t)N + gridDim.y - 1) / gridDim.y, t0 = blockIdx.y * per;
@@ -464,7 +473,7 @@ __global__ static void k_norm_dw(float *part, const float *dy, const A *o, const
         for (int64_t t = t0 + threadIdx.y; t < t1; t += 8) {
             const int64_t i = t * D + c;
             const int64_t io = HM ? ((t / T * nh + c / hd) * T + t % T) * hd + c % hd : i;
-            acc += dy[i] * ld(o, io) * rstd[t] * sigm(ld(g, i));
+            acc += dy[i] * ld(o, io) * rstd[t] * sigm(ld(g, t * ldg + c));
         }
     sh[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
@@ -553,7 +562,8 @@ enum { NG_MAXW = 8, NG_CHUNKS = 512, NG_SHMEM = 48 * 1024 };
 
 /* Norm and gate backward for the fused path (bf16, hd % 8 == 0, head-major O of (B*nh, T, hd)), the same
  * formulas as k_norm_gate_backward: n = o rstd, sg = sigmoid(g), d o = rstd (dy w sg - n mean(dy w sg n))
- * into the head-major dO, d gate pre = dy n w sg (1 - sg) into dg (N, D). Block x takes the rows of chunk
+ * into the head-major dO, d gate pre = dy n w sg (1 - sg) into dg; g and dg in rows of ldg (4D: beside the
+ * qkv pre-activation and its gradient), dy in rows of D. Block x takes the rows of chunk
  * x, [x per, (x + 1) per), its warp k the rows i0 + k, i0 + k + warps, ...
  * DW: also dw = sum over rows of dy o rstd sg (k_norm_dw's terms) in a fixed order: each lane adds its own
  * columns into its warp's row of the shared (warps, D) array, which no other lane touches; at the end the
@@ -564,7 +574,7 @@ enum { NG_MAXW = 8, NG_CHUNKS = 512, NG_SHMEM = 48 * 1024 };
 template <bool DW>
 __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
     k_norm_gate_backward_rows(bf16 *dO, bf16 *dg, float *part, const float *dy, const bf16 *O, const bf16 *g,
-                              const float *w, const float *rstd, int N, int T, int nh, int hd, fastdiv fhd,
+                              int64_t ldg, const float *w, const float *rstd, int N, int T, int nh, int hd, fastdiv fhd,
                               int64_t per) {
     extern __shared__ float4 ng_acc[]; /* DW: (warps, D); float4 for 16-byte alignment */
     const int D = nh * hd, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -576,7 +586,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
     }
     const int64_t i0 = blockIdx.x * per, i1 = i0 + per < N ? i0 + per : N;
     for (int64_t row = i0 + warp; row < i1; row += warps) { /* uniform in the warp: the shuffle sees all lanes */
-        const int64_t base = row * D;
+        const int64_t base = row * D, gbase = row * ldg;
         const int64_t ot = ((row / T) * nh * T + row % T) * hd; /* head-major: head h's columns at ot + h T hd */
         const float rs = rstd[row];
         float dot = 0.0f;
@@ -584,7 +594,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
         for (int c = lane * 8; c < D; c += STEP) {
             float d[8], wv[8];
             const uint4 ou = *reinterpret_cast<const uint4 *>(O + ot + hm_off(c, hd, fhd, T));
-            const uint4 gu = *reinterpret_cast<const uint4 *>(g + base + c);
+            const uint4 gu = *reinterpret_cast<const uint4 *>(g + gbase + c);
             vec_ld<8>(d, dy + base + c), vec_ld<8>(wv, w + c);
             const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
             const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gu);
@@ -601,7 +611,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
             float d[8], wv[8];
             const int64_t at = ot + hm_off(c, hd, fhd, T);
             const uint4 ou = *reinterpret_cast<const uint4 *>(O + at);
-            const uint4 gu = *reinterpret_cast<const uint4 *>(g + base + c);
+            const uint4 gu = *reinterpret_cast<const uint4 *>(g + gbase + c);
             vec_ld<8>(d, dy + base + c), vec_ld<8>(wv, w + c);
             const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
             const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gu);
@@ -628,7 +638,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
                 }
             }
             *reinterpret_cast<uint4 *>(dO + at) = dou;
-            *reinterpret_cast<uint4 *>(dg + base + c) = dgu;
+            *reinterpret_cast<uint4 *>(dg + gbase + c) = dgu;
         }
     }
     if constexpr (DW) {
@@ -687,6 +697,14 @@ static int64_t ws_floats(const lightning_cuda_cfg *c, int B, int T) {
     const int64_t n = c->fused ? lc_workspace_floats(B * c->nh, T, c->hd, c->slots) : 0;
     return n > 0 ? n : 1;
 }
+
+/* Row strides of the input projections' outputs, pre = x Wqkv^T and g = x Wg^T, and of their gradients.
+ * The fused path keeps them side by side, [pre | g] in rows of 4D (the activation qkv_pre holds both,
+ * gate_pre one element; [d pre | d g] likewise in scratch), so that where Wg follows Wqkv in the core's
+ * arenas, [Wqkv; Wg] is one (4D, H) matrix and each projection one GEMM instead of two (input_projections,
+ * input_projections_backward). The blocked path keeps pre (N, 3D) and g (N, D) apart. */
+static int ld_pre(const lightning_cuda_cfg *c) { return (c->fused ? 4 : 3) * c->D; }
+static int ld_gate(const lightning_cuda_cfg *c) { return c->fused ? 4 * c->D : c->D; }
 
 static int launched(const lightning_cuda_cfg *c, const char *what) {
     cudaError_t e = cudaGetLastError();
@@ -749,61 +767,64 @@ static bool small_index(int64_t n, int vw) { return n * vw <= INT32_MAX; }
 
 template <typename A, int VW>
 static void gather_qkv_v(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *Q, A *K, A *V, A *Qd, A *Kd,
-                         A *Vd, const A *pre) {
+                         A *Vd, const A *pre, int64_t ld) {
     const int64_t n = d->nhx / VW;
     const fastdiv fhd = fastdiv_of(c->hd), fTp = fastdiv_of(d->Tp), fnh = fastdiv_of(c->nh);
     if (small_index(n, VW))
-        k_gather_qkv<A, VW, true><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, d->T, d->Tp, c->nh, c->hd,
-                                                                  d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
+        k_gather_qkv<A, VW, true><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, ld, d->T, d->Tp, c->nh,
+                                                                  c->hd, d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
     else
-        k_gather_qkv<A, VW, false><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, d->T, d->Tp, c->nh, c->hd,
-                                                                   d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
+        k_gather_qkv<A, VW, false><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, ld, d->T, d->Tp, c->nh,
+                                                                   c->hd, d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
 }
 
+/* pre in rows of ld_pre(c). */
 template <typename A>
 static int gather_qkv(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *Q, A *K, A *V, A *Qd, A *Kd,
                       A *Vd, const A *pre) {
-    if (d->vh == 8) gather_qkv_v<A, 8>(c, s, d, Q, K, V, Qd, Kd, Vd, pre);
-    else gather_qkv_v<A, 1>(c, s, d, Q, K, V, Qd, Kd, Vd, pre);
+    if (d->vh == 8) gather_qkv_v<A, 8>(c, s, d, Q, K, V, Qd, Kd, Vd, pre, ld_pre(c));
+    else gather_qkv_v<A, 1>(c, s, d, Q, K, V, Qd, Kd, Vd, pre, ld_pre(c));
     return launched(c, "gather_qkv");
 }
 
 /* d pre = d{q,k,v} SiLU'(pre) (k_silu_backward) from the head-major d{q,k,v} of (B*nh, Tp, hd), VW columns
- * per thread. */
+ * per thread; d pre and pre in rows of ld_pre(c). */
 template <typename A, int VW, typename DT>
 static int silu_backward(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *dpre, const A *pre,
                          const DT *dQ, const DT *dK, const DT *dV) {
     const int64_t n = (int64_t)d->N * 3 * c->D / VW;
     const fastdiv fd3 = fastdiv_of(3 * (int64_t)c->D), fT = fastdiv_of(d->T), f3hd = fastdiv_of(3 * (int64_t)c->hd);
     const fastdiv fhd = fastdiv_of(c->hd);
+    const int64_t ld = ld_pre(c);
     if (small_index(n, VW))
-        k_silu_backward<A, VW, DT, true><<<grid_for(n), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh,
-                                                                         c->hd, n, fd3, fT, f3hd, fhd);
+        k_silu_backward<A, VW, DT, true><<<grid_for(n), THREADS, 0, s>>>(dpre, pre, ld, dQ, dK, dV, d->T, d->Tp,
+                                                                         c->nh, c->hd, n, fd3, fT, f3hd, fhd);
     else
-        k_silu_backward<A, VW, DT, false><<<grid_for(n), THREADS, 0, s>>>(dpre, pre, dQ, dK, dV, d->T, d->Tp, c->nh,
-                                                                          c->hd, n, fd3, fT, f3hd, fhd);
+        k_silu_backward<A, VW, DT, false><<<grid_for(n), THREADS, 0, s>>>(dpre, pre, ld, dQ, dK, dV, d->T, d->Tp,
+                                                                          c->nh, c->hd, n, fd3, fT, f3hd, fhd);
     return launched(c, "silu_backward");
 }
 
-/* y = RMSNorm(O) w sigmoid(g) (o and rstd kept where not NULL) from the head-major O of (B*nh, Tp, hd):
- * a warp per row where the row fits its registers and 8 columns at a time stay within a head, else a block
- * per row (wide rows: enough threads for one row). */
+/* y = RMSNorm(O) w sigmoid(g) (o and rstd kept where not NULL) from the head-major O of (B*nh, Tp, hd), g in
+ * rows of ld_gate(c): a warp per row where the row fits its registers and 8 columns at a time stay within a
+ * head, else a block per row (wide rows: enough threads for one row). */
 template <typename A, typename OT>
 static int norm_gate_heads(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, A *y, A *o, const OT *O,
                            const A *g, const float *w, float *rstd) {
     const int rg = row_grid(((int64_t)d->N + NH_ROWS - 1) / NH_ROWS);
+    const int64_t lg = ld_gate(c);
     if (d->vh == 8 && c->D <= 3 * 256)
-        k_norm_gate_heads_rows<A, OT, 3><<<rg, 32 * NH_ROWS, 0, s>>>(y, o, O, g, w, rstd, d->N, d->T, d->Tp, c->nh,
+        k_norm_gate_heads_rows<A, OT, 3><<<rg, 32 * NH_ROWS, 0, s>>>(y, o, O, g, lg, w, rstd, d->N, d->T, d->Tp, c->nh,
                                                                      c->hd, fastdiv_of(c->hd), c->eps);
     else if (d->vh == 8 && c->D <= 4 * 256)
-        k_norm_gate_heads_rows<A, OT, 4><<<rg, 32 * NH_ROWS, 0, s>>>(y, o, O, g, w, rstd, d->N, d->T, d->Tp, c->nh,
+        k_norm_gate_heads_rows<A, OT, 4><<<rg, 32 * NH_ROWS, 0, s>>>(y, o, O, g, lg, w, rstd, d->N, d->T, d->Tp, c->nh,
                                                                      c->hd, fastdiv_of(c->hd), c->eps);
     else if (d->vh == 8)
-        k_norm_gate_heads<A, 8, OT><<<row_grid(d->N), row_threads(c->D, 8), 0, s>>>(y, o, O, g, w, rstd, d->N, d->T,
-                                                                                    d->Tp, c->nh, c->hd, c->eps);
+        k_norm_gate_heads<A, 8, OT><<<row_grid(d->N), row_threads(c->D, 8), 0, s>>>(y, o, O, g, lg, w, rstd, d->N,
+                                                                                    d->T, d->Tp, c->nh, c->hd, c->eps);
     else
-        k_norm_gate_heads<A, 1, OT><<<row_grid(d->N), row_threads(c->D, 1), 0, s>>>(y, o, O, g, w, rstd, d->N, d->T,
-                                                                                    d->Tp, c->nh, c->hd, c->eps);
+        k_norm_gate_heads<A, 1, OT><<<row_grid(d->N), row_threads(c->D, 1), 0, s>>>(y, o, O, g, lg, w, rstd, d->N,
+                                                                                    d->T, d->Tp, c->nh, c->hd, c->eps);
     return launched(c, "norm_gate_heads");
 }
 
@@ -935,7 +956,7 @@ static int check_scratch(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, c
                                            "kv_lp",    "dkv_lp",   "norm_dw",    "seg_states"};
     int64_t need[N_X];
     int dt[N_X];
-    need[X_QKV] = N * 3 * D, dt[X_QKV] = adt;
+    need[X_QKV] = N * ld_pre(c), dt[X_QKV] = adt;
     need[X_Y] = N * D, dt[X_Y] = adt;
     need[X_DO] = N * D, dt[X_DO] = M1C_F32;
     need[X_LP] = c->bf16 ? N * c->H : 1, dt[X_LP] = M1C_BF16;
@@ -955,7 +976,8 @@ static int check_scratch(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, c
 
 static int check_acts(const lightning_cuda_cfg *c, const m1c_tensor *a, const dims *d, int adt) {
     const int64_t N = d->N, D = c->D, kv = c->fused ? 1 : d->Z * c->hd * c->hd;
-    if (check_size(c, &a[A_QKV], N * 3 * D, adt, "qkv_pre") || check_size(c, &a[A_GATE], N * D, adt, "gate_pre") ||
+    if (check_size(c, &a[A_QKV], N * ld_pre(c), adt, "qkv_pre") ||
+        check_size(c, &a[A_GATE], c->fused ? 1 : N * D, adt, "gate_pre") ||
         check_size(c, &a[A_O], N * D, adt, "attn_out") || check_size(c, &a[A_RSTD], N, M1C_F32, "rstd") ||
         check_size(c, &a[A_KV], kv, M1C_F32, "kv_blocks"))
         return M1C_ERR;
@@ -984,20 +1006,52 @@ static const void *weight(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, 
     return c->bf16 ? b->params_lp[i].data : b->params[i].data;
 }
 
-/* The input projections' backward (pre = x Wqkv^T, gate pre = x Wg^T): dWqkv += dpre^T x, dWg += dgate^T
- * x, and din (if not NULL) += dpre Wqkv + dgate Wg; dpre, dgate and x in the compute dtype adt. */
+/* Whether [Wqkv; Wg] (the weight operands) and [dWqkv; dWg] are each one (4D, H) matrix: the core's arenas
+ * hold a layer's tensors in declaration order, each 256-byte aligned, so Wg follows Wqkv at once unless
+ * padding (bf16 with H odd) or separate allocations (the test harness) part them. */
+static int weights_joined(const lightning_cuda_cfg *c, const m1c_layer_bufs *b) {
+    const size_t es = c->bf16 ? sizeof(bf16) : sizeof(float);
+    return (const char *)weight(c, b, P_GATE) == (const char *)weight(c, b, P_QKV) + 3 * (size_t)c->D * c->H * es;
+}
+static int grads_joined(const lightning_cuda_cfg *c, const m1c_layer_bufs *b) {
+    return (const float *)b->grads[P_GATE].data == (const float *)b->grads[P_QKV].data + 3 * (size_t)c->D * c->H;
+}
+
+/* The input projections: pre = x Wqkv^T, g = x Wg^T, in rows of ld_pre and ld_gate; x, pre and g in the
+ * compute dtype adt. One GEMM (N = 4D) on the fused path (g = pre + 3D) where [Wqkv; Wg] is one matrix. */
+static int input_projections(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, cudaStream_t s, int N, int adt,
+                             const void *x, void *pre, void *g) {
+    const int H = c->H, D = c->D, lp = ld_pre(c), lg = ld_gate(c);
+    if (c->fused && weights_joined(c, b))
+        return gemm(c, s, 0, 1, N, 4 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, lp, 0,
+                    1);
+    if (gemm(c, s, 0, 1, N, 3 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, lp, 0, 1) ||
+        gemm(c, s, 0, 1, N, D, H, 1.0f, x, adt, H, 0, weight(c, b, P_GATE), adt, H, 0, 0.0f, g, adt, lg, 0, 1))
+        return M1C_ERR;
+    return M1C_OK;
+}
+
+/* Their backward: dWqkv += dpre^T x, dWg += dgate^T x, and din (if not NULL) += dpre Wqkv + dgate Wg; dpre
+ * and dgate in rows of ld_pre and ld_gate, dpre, dgate and x in the compute dtype adt. On the fused path
+ * (dgate = dpre + 3D) one GEMM each where the gradients (M = 4D) or the weights (K = 4D) are joined. */
 static int input_projections_backward(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, cudaStream_t s, int N,
                                       int adt, const void *dpre, const void *dgate, const void *x, float *dWqkv,
                                       float *dWg, float *din) {
-    const int H = c->H, D = c->D;
-    if (gemm(c, s, 1, 0, 3 * D, H, N, 1.0f, dpre, adt, 3 * D, 0, x, adt, H, 0, 1.0f, dWqkv, M1C_F32, H, 0, 1) ||
-        gemm(c, s, 1, 0, D, H, N, 1.0f, dgate, adt, D, 0, x, adt, H, 0, 1.0f, dWg, M1C_F32, H, 0, 1))
+    const int H = c->H, D = c->D, lp = ld_pre(c), lg = ld_gate(c);
+    if (c->fused && grads_joined(c, b)) {
+        if (gemm(c, s, 1, 0, 4 * D, H, N, 1.0f, dpre, adt, lp, 0, x, adt, H, 0, 1.0f, dWqkv, M1C_F32, H, 0, 1))
+            return M1C_ERR;
+    } else if (gemm(c, s, 1, 0, 3 * D, H, N, 1.0f, dpre, adt, lp, 0, x, adt, H, 0, 1.0f, dWqkv, M1C_F32, H, 0, 1) ||
+               gemm(c, s, 1, 0, D, H, N, 1.0f, dgate, adt, lg, 0, x, adt, H, 0, 1.0f, dWg, M1C_F32, H, 0, 1))
         return M1C_ERR;
-    if (din &&
-        (gemm(c, s, 0, 0, N, H, 3 * D, 1.0f, dpre, adt, 3 * D, 0, weight(c, b, P_QKV), adt, H, 0, 1.0f, din, M1C_F32, H,
-              0, 1) ||
-         gemm(c, s, 0, 0, N, H, D, 1.0f, dgate, adt, D, 0, weight(c, b, P_GATE), adt, H, 0, 1.0f, din, M1C_F32, H, 0,
-              1)))
+    if (!din) return M1C_OK;
+    if (c->fused && weights_joined(c, b))
+        return gemm(c, s, 0, 0, N, H, 4 * D, 1.0f, dpre, adt, lp, 0, weight(c, b, P_QKV), adt, H, 0, 1.0f, din, M1C_F32,
+                    H, 0, 1);
+    if (gemm(c, s, 0, 0, N, H, 3 * D, 1.0f, dpre, adt, lp, 0, weight(c, b, P_QKV), adt, H, 0, 1.0f, din, M1C_F32, H, 0,
+             1) ||
+        gemm(c, s, 0, 0, N, H, D, 1.0f, dgate, adt, lg, 0, weight(c, b, P_GATE), adt, H, 0, 1.0f, din, M1C_F32, H, 0,
+             1))
         return M1C_ERR;
     return M1C_OK;
 }
@@ -1025,9 +1079,7 @@ static int run_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *ou
     A *o = train ? (A *)b->acts[A_O].data : NULL;
     float *rstd = train ? (float *)b->acts[A_RSTD].data : NULL;
     float *kvs = train ? (float *)b->acts[A_KV].data : fx(b, X_KVS);
-    if (gemm(c, s, 0, 1, N, 3 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, 3 * D, 0, 1) ||
-        gemm(c, s, 0, 1, N, D, H, 1.0f, x, adt, H, 0, weight(c, b, P_GATE), adt, H, 0, 0.0f, g, adt, D, 0, 1))
-        return M1C_ERR;
+    if (input_projections(c, b, s, N, adt, x, pre, g)) return M1C_ERR;
     const void *O = NULL;
     if (attention_forward<A>(c, b, &d, pre, kvs, state, fresh, &O)) return M1C_ERR;
     if (norm_gate_heads<A, float>(c, s, &d, y, o, (const float *)O, g, (const float *)b->params[P_NORM].data, rstd))
@@ -1072,7 +1124,8 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
     /* norm and gate: dw from per-chunk partial sums, then d attention output (head-major, plain and decayed)
      * and d gate pre into y */
     float *part = fx(b, X_DWP);
-    k_norm_dw<A, false><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, o, g, rstd, N, D, T, c->nh, c->hd);
+    k_norm_dw<A, false><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, o, g, D, rstd, N, D, T, c->nh,
+                                                                         c->hd);
     if (launched(c, "norm_dw")) return M1C_ERR;
     k_norm_dw_sum<<<grid_for(D), THREADS, 0, s>>>(dwn, part, NDW, D);
     if (launched(c, "norm_dw_sum")) return M1C_ERR;
@@ -1099,9 +1152,10 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
 /* ---- the fused path: forward and backward ------------------------------------------------------------ */
 
 /* Forward (state == NULL: from an empty state, keeping activations when training) or step with the fused
- * kernels (bf16, hd 64 or 128): x = bf16(in); pre, g = x W^T; Q, K, V = SiLU(pre) head-major; O = core(Q,
- * K, V); y = RMSNorm(O) w sigmoid(g); out = y Wo^T. Training writes x, pre, g, Q K V, O, rstd and y straight
- * into the activations (backward redoes none of them); otherwise all but the state live in scratch. */
+ * kernels (bf16, hd 64 or 128): x = bf16(in); [pre | g] = x [Wqkv; Wg]^T; Q, K, V = SiLU(pre) head-major;
+ * O = core(Q, K, V); y = RMSNorm(O) w sigmoid(g); out = y Wo^T. Training writes x, [pre | g], Q K V, O,
+ * rstd and y straight into the activations (backward redoes none of them); otherwise all but the state live
+ * in scratch. */
 static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *out, const float *in, int B, int T,
                      float *state, int fresh) {
     const int H = c->H, D = c->D, adt = M1C_BF16;
@@ -1119,15 +1173,13 @@ static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float
     bf16 *xc = (bf16 *)(train && !c->lp_inputs ? a[A_XLP].data : b->scratch[X_LP].data);
     if (!x && to_bf16(c, s, xc, in, (int64_t)N * H)) return M1C_ERR;
     if (!x) x = xc;
-    bf16 *pre = (bf16 *)(train ? a[A_QKV].data : b->scratch[X_QKV].data);
-    bf16 *g = (bf16 *)(train ? a[A_GATE].data : b->scratch[X_DO].data); /* the f32-sized d_attn_out buffer */
+    bf16 *pre = (bf16 *)(train ? a[A_QKV].data : b->scratch[X_QKV].data), *g = pre + 3 * D; /* rows of 4D */
     bf16 *y = (bf16 *)(train ? a[A_Y].data : b->scratch[X_Y].data);
     bf16 *O = (bf16 *)(train ? a[A_O].data : b->scratch[X_HA5].data);
     bf16 *Q = train ? (bf16 *)a[A_QKVH].data : ax<bf16>(b, X_HA0);
     bf16 *K = train ? Q + d.nhx : ax<bf16>(b, X_HA1), *V = train ? Q + 2 * d.nhx : ax<bf16>(b, X_HA2);
     float *rstd = train ? (float *)a[A_RSTD].data : NULL;
-    if (gemm(c, s, 0, 1, N, 3 * D, H, 1.0f, x, adt, H, 0, weight(c, b, P_QKV), adt, H, 0, 0.0f, pre, adt, 3 * D, 0, 1) ||
-        gemm(c, s, 0, 1, N, D, H, 1.0f, x, adt, H, 0, weight(c, b, P_GATE), adt, H, 0, 0.0f, g, adt, D, 0, 1) ||
+    if (input_projections(c, b, s, N, adt, x, pre, g) ||
         gather_qkv<bf16>(c, s, &d, Q, K, V, (bf16 *)NULL, (bf16 *)NULL, (bf16 *)NULL, pre) ||
         core(c, b, &d, Q, K, V, O, 0, 0, state && !fresh ? state : NULL, state, "forward"))
         return M1C_ERR;
@@ -1137,8 +1189,9 @@ static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float
     return gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, out, M1C_F32, H, 0, 1);
 }
 
-/* The norm and gate backward from dy (N, D) f32: dO head-major and d gate pre dg, and dw += its sum over
- * tokens, in one pass where the sums fit in shared memory, else with k_norm_dw's separate pass. */
+/* The norm and gate backward from dy (N, D) f32: dO head-major and d gate pre dg (g and dg in rows of
+ * ld_gate), and dw += its sum over tokens, in one pass where the sums fit in shared memory, else with
+ * k_norm_dw's separate pass. */
 static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, const dims *d, bf16 *dO, bf16 *dg,
                                float *part, float *dw, const float *dy, const bf16 *O, const bf16 *g, const float *w,
                                const float *rstd) {
@@ -1147,27 +1200,28 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
     const int chunks = (int)(want < NG_CHUNKS ? want : (int64_t)NG_CHUNKS);
     const int64_t per = ((int64_t)N + chunks - 1) / chunks;
     const fastdiv fhd = fastdiv_of(c->hd);
+    const int64_t lg = ld_gate(c);
     if (W > 0) {
         k_norm_gate_backward_rows<true><<<chunks, 32 * W, (size_t)W * D * sizeof(float), s>>>(
-            dO, dg, part, dy, O, g, w, rstd, N, d->T, c->nh, c->hd, fhd, per);
+            dO, dg, part, dy, O, g, lg, w, rstd, N, d->T, c->nh, c->hd, fhd, per);
         if (launched(c, "norm_gate_backward_rows")) return M1C_ERR;
         k_colsum_add<<<(D + 31) / 32, dim3(32, 16), 0, s>>>(dw, part, chunks, D);
         return launched(c, "colsum_add");
     }
-    k_norm_dw<bf16, true><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, O, g, rstd, N, D, d->T, c->nh,
-                                                                           c->hd);
+    k_norm_dw<bf16, true><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, O, g, lg, rstd, N, D, d->T,
+                                                                           c->nh, c->hd);
     if (launched(c, "norm_dw")) return M1C_ERR;
     k_norm_dw_sum<<<grid_for(D), THREADS, 0, s>>>(dw, part, NDW, D);
     if (launched(c, "norm_dw_sum")) return M1C_ERR;
-    k_norm_gate_backward_rows<false><<<chunks, 32 * NG_MAXW, 0, s>>>(dO, dg, (float *)NULL, dy, O, g, w, rstd, N,
-                                                                      d->T, c->nh, c->hd, fhd, per);
+    k_norm_gate_backward_rows<false><<<chunks, 32 * NG_MAXW, 0, s>>>(dO, dg, (float *)NULL, dy, O, g, lg, w, rstd,
+                                                                      N, d->T, c->nh, c->hd, fhd, per);
     return launched(c, "norm_gate_backward_rows");
 }
 
 /* Backward with the fused kernels, from the forward's activations (in is not read: its bf16 copy was
  * kept, by the layer or with lp_inputs by the core): dWo += dout^T y, dy = dout Wo; the norm and gate backward (dO, d gate pre, dw); dQ = core(dO, V, K),
- * dK = core_rev(V, dO, Q), dV = core_rev(K, Q, dO) as bf16; d pre = d{q,k,v} SiLU'(pre); dW += d pre^T x,
- * din += d pre W. */
+ * dK = core_rev(V, dO, Q), dV = core_rev(K, Q, dO) as bf16; d pre = d{q,k,v} SiLU'(pre); with [d pre | d g]
+ * in rows of 4D, d[Wqkv; Wg] += [d pre | d g]^T x, din += [d pre | d g] [Wqkv; Wg]. */
 static int backward_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float *din, const float *dout, int B,
                           int T) {
     const int H = c->H, D = c->D, adt = M1C_BF16;
@@ -1179,12 +1233,12 @@ static int backward_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, 
     const m1c_tensor *a = b->acts;
     const bf16 *x = (const bf16 *)(c->lp_inputs ? b->in_lp : a[A_XLP].data), *pre = (const bf16 *)a[A_QKV].data;
     if (!x) return c->h->error(c->h, "lightning: a backward without the core's bf16 input (lp_inputs)");
-    const bf16 *g = (const bf16 *)a[A_GATE].data, *O = (const bf16 *)a[A_O].data, *y = (const bf16 *)a[A_Y].data;
+    const bf16 *g = pre + 3 * D, *O = (const bf16 *)a[A_O].data, *y = (const bf16 *)a[A_Y].data;
     const bf16 *Q = (const bf16 *)a[A_QKVH].data, *K = Q + d.nhx, *V = Q + 2 * d.nhx;
     const float *rstd = (const float *)a[A_RSTD].data, *wn = (const float *)b->params[P_NORM].data;
     float *dWqkv = (float *)b->grads[P_QKV].data, *dWg = (float *)b->grads[P_GATE].data;
     float *dwn = (float *)b->grads[P_NORM].data, *dWo = (float *)b->grads[P_OUT].data;
-    bf16 *dpre = ax<bf16>(b, X_QKV), *dg = ax<bf16>(b, X_Y), *lp = ax<bf16>(b, X_LP), *dO = ax<bf16>(b, X_HA5);
+    bf16 *dpre = ax<bf16>(b, X_QKV), *dg = dpre + 3 * D, *lp = ax<bf16>(b, X_LP), *dO = ax<bf16>(b, X_HA5);
     bf16 *dQ = ax<bf16>(b, X_HA0), *dK = ax<bf16>(b, X_HA1), *dV = ax<bf16>(b, X_HA2);
     float *dy = fx(b, X_DO);
 
@@ -1244,7 +1298,7 @@ extern "C" int lightning_cuda_scratch(const lightning_cuda_cfg *c, int B, int T,
     const int64_t lp = c->bf16 && !c->fused ? d.Z : 1, lpd = c->bf16 && !c->fused ? hd : 1; /* BF16, blocked only */
     const int64_t big = c->fused ? 1 : BH, ebf = c->fused ? 1 : d.eb, Zb = c->fused ? 1 : d.Z; /* unused when fused */
     m1c_buf_spec s[N_X] = {
-        xspec("self_attn.qkv", adt, 2, N, 3 * D, 0),                           /* (B*T, 3*nh*hd) */
+        xspec("self_attn.qkv", adt, 2, N, ld_pre(c), 0),                       /* (B*T, 3*nh*hd), fused 4*nh*hd */
         xspec("self_attn.y", adt, 2, N, D, 0),                                 /* (B*T, nh*hd) */
         xspec("self_attn.d_attn_out", M1C_F32, 2, N, D, 0),                    /* (B*T, nh*hd) */
         xspec("self_attn.x_lp", M1C_BF16, 2, c->bf16 ? N : 1, c->bf16 ? c->H : 1, 0), /* (B*T, H) */
