@@ -235,8 +235,10 @@ typedef struct lt_entry {
 } lt_entry;
 
 /* gemm_group's streams: at most LT_SIDE products run at once, each stream with its own workspace (a
- * split-K product of one would otherwise race with another's). */
-enum { LT_SIDE = 8 };
+ * split-K product of one would otherwise race with another's). With each product chosen for half the GPU,
+ * 4 streams were as fast as 8 or a little faster (H200: 25.7-25.9 against 25.8-26.0 ms a step); 2 and
+ * products chosen for the whole GPU were slower. */
+enum { LT_SIDE = 4 };
 
 typedef struct lt_side {
     cudaStream_t st; /* non-blocking, the highest priority (the core's stream's: the products are on its

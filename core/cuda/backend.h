@@ -58,7 +58,7 @@ void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int 
                       int a_dtype, int lda, int64_t stride_a, const void *B, int b_dtype, int ldb, int64_t stride_b,
                       float beta, void *C, int c_dtype, int ldc, int64_t stride_c, int batch);
 
-/* Independent products at once (m1c_host.gemm_group): each on one of up to 8 streams of the calling
+/* Independent products at once (m1c_host.gemm_group): each on one of up to 4 streams of the calling
  * thread, with a workspace each, after the work queued on `stream` and before what is queued on it
  * next. Each product's algorithm is chosen for half the GPU, so it may differ from m1c_cuda_gemm_ex's
  * for the same product: the results then differ in f32 rounding (summation order), deterministically. */
