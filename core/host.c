@@ -154,20 +154,20 @@ void m1c_dev_host_free(void *p, int pinned) {
     free(p);
 }
 
-void m1c_dev_upload(int device, void *dst, const void *src, size_t bytes) {
+void m1c_dev_copy_async(int dst_device, void *dst, int src_device, const void *src, size_t bytes) {
 #ifdef M1C_HAVE_CUDA
-    if (device == M1C_DEVICE_CUDA) {
-        m1c_cuda_upload(dst, src, bytes);
+    if (dst_device == M1C_DEVICE_CUDA || src_device == M1C_DEVICE_CUDA) {
+        m1c_cuda_copy_async(dst, src, bytes, dst_device == M1C_DEVICE_CPU);
         return;
     }
 #endif
-    (void)device;
+    (void)dst_device, (void)src_device;
     memmove(dst, src, bytes);
 }
 
-void m1c_dev_upload_wait(int device) {
+void m1c_dev_copy_wait(int device) {
 #ifdef M1C_HAVE_CUDA
-    if (device == M1C_DEVICE_CUDA) m1c_cuda_upload_wait();
+    if (device == M1C_DEVICE_CUDA) m1c_cuda_copy_wait();
 #endif
     (void)device;
 }

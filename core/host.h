@@ -30,13 +30,14 @@ void m1c_dev_sync(int device);
 /* Copies between any two devices (CPU <-> CUDA, CUDA <-> CUDA, CPU <-> CPU); synchronous. */
 void m1c_dev_copy(int dst_device, void *dst, int src_device, const void *src, size_t bytes);
 /* Host memory for staging a device's copies, zeroed: page-locked for CUDA where it can be had (so that
- * m1c_dev_upload does not wait), else from the heap; *pinned says which, for m1c_dev_host_free. */
+ * m1c_dev_copy_async does not wait), else from the heap; *pinned says which, for m1c_dev_host_free. */
 void *m1c_dev_host_alloc(int device, size_t bytes, int *pinned);
 void m1c_dev_host_free(void *p, int pinned);
-/* A host -> device copy that the host does not wait for (a plain copy on the CPU): src must stay as it
- * is until m1c_dev_upload_wait returns, or until anything else waits for the device. */
-void m1c_dev_upload(int device, void *dst, const void *src, size_t bytes);
-void m1c_dev_upload_wait(int device);
+/* A copy between the host and `device` that the host does not wait for (a plain copy on the CPU): a host
+ * source must stay as it is, and a host destination is not written yet, until m1c_dev_copy_wait
+ * returns. dst_device / src_device as m1c_dev_copy; one of them is the CPU. */
+void m1c_dev_copy_async(int dst_device, void *dst, int src_device, const void *src, size_t bytes);
+void m1c_dev_copy_wait(int device);
 /* A failure the device kept since the last call (CUDA runtime or cuBLAS errors, out of device memory:
  * device work does not stop the process, see core/cuda/backend.h): 1 and its message in buf, then
  * cleared; 0 if none (always 0 on the CPU). */

@@ -460,19 +460,26 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
     prof_start(m, r);
     if (m->device != M1C_DEVICE_CPU) {
         /* not waited for: the copy of logp below waits, after them on the stream */
-        m1c_dev_upload(m->device, r->ids, r->ids_host, (size_t)N * sizeof *r->ids);
-        m1c_dev_upload(m->device, r->targets, r->targets_host, (size_t)N * sizeof *r->targets);
+        m1c_dev_copy_async(m->device, r->ids, M1C_DEVICE_CPU, r->ids_host, (size_t)N * sizeof *r->ids);
+        m1c_dev_copy_async(m->device, r->targets, M1C_DEVICE_CPU, r->targets_host, (size_t)N * sizeof *r->targets);
     }
     m1c_embed_forward(m->device, r->x[0], r->ids, P(m, m->embed), N, m->H);
+    if (r->training) m1c_embed_prepare(m->device, r->ids, N); /* the backward's sort, beside the forward */
     prof_add(m, r, "core", 0);
     if (forward_layers(m, r, B, T, attn_forward, NULL, e)) {
-        m1c_dev_upload_wait(m->device); /* the caller may rewrite the staging now */
+        m1c_dev_copy_wait(m->device); /* the caller may rewrite the staging now */
         return M1C_ERR;
     }
     r->head_q_valid = r->training && r->head_q;
     m1c_head_forward(m->device, m->head_precision, r->logits, r->lse, r->logp, r->head_q_valid ? r->head_q : NULL,
                      r->hf, P(m, m->head), PLP(m, m->head), r->targets, N, m->H, m->V);
-    if (m->device != M1C_DEVICE_CPU) m1c_dev_copy(M1C_DEVICE_CPU, r->logp_host, m->device, r->logp, (size_t)N * 4);
+    if (m->device != M1C_DEVICE_CPU) {
+        /* the backward's first product runs while the host waits for logp and works out dlogp from it */
+        m1c_dev_copy_async(M1C_DEVICE_CPU, r->logp_host, m->device, r->logp, (size_t)N * 4);
+        if (r->head_q_valid)
+            m1c_head_prepare(m->device, m->head_precision, r->head_q, P(m, m->head), PLP(m, m->head), N, m->H, m->V);
+        m1c_dev_copy_wait(m->device);
+    }
     prof_add(m, r, "head", 0);
     r->aux_loss = sum_aux(m, r);
     return dev_check(m, "forward", e);
@@ -493,7 +500,7 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
     float *dx = r->dx, *dh = r->dh, *tmp = r->tmp;
     prof_start(m, r);
     /* not waited for until the backward is queued: dlogp_host may change once backward returns */
-    if (m->device != M1C_DEVICE_CPU) m1c_dev_upload(m->device, r->dlogp, r->dlogp_host, (size_t)N * 4);
+    if (m->device != M1C_DEVICE_CPU) m1c_dev_copy_async(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);
     m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
     m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse,
                       r->head_q_valid ? r->head_q : NULL, r->dlogp, r->hf, P(m, m->head), PLP(m, m->head), r->targets,
@@ -539,7 +546,7 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
 
 int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     const int rc = backward_queue(m, r, e);
-    m1c_dev_upload_wait(m->device); /* the caller may rewrite dlogp_host now */
+    m1c_dev_copy_wait(m->device); /* the caller may rewrite dlogp_host now */
     return rc;
 }
 

@@ -26,6 +26,11 @@
 #define ON_GPU_RET(dev, call) (void)(dev)
 #endif
 
+void m1c_embed_prepare(int dev, const int32_t *ids, int64_t N) {
+    ON_GPU(dev, m1c_cuda_embed_prepare(ids, N));
+    (void)ids, (void)N;
+}
+
 void m1c_embed_forward(int dev, float *out, const int32_t *ids, const float *wte, int64_t N, int H) {
     ON_GPU(dev, m1c_cuda_embed_forward(out, ids, wte, N, H));
 #pragma omp parallel for schedule(static)
@@ -143,6 +148,12 @@ void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *
         lse[i] = m + (float)log(s);
         if (logp) logp[i] = targets[i] >= 0 ? z[targets[i]] - lse[i] : 0.0f;
     }
+}
+
+void m1c_head_prepare(int dev, int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H,
+                      int V) {
+    ON_GPU(dev, m1c_cuda_head_prepare(precision, q, W, W_lp, N, H, V));
+    (void)precision, (void)q, (void)W, (void)W_lp, (void)N, (void)H, (void)V;
 }
 
 void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logits, const float *lse, const void *q,

@@ -12,6 +12,10 @@
 void m1c_embed_forward(int dev, float *out, const int32_t *ids, const float *wte, int64_t N, int H);
 /* dwte (V, H) += scatter of dout */
 void m1c_embed_backward(int dev, float *dwte, const float *dout, const int32_t *ids, int64_t N, int H);
+/* A training forward's hint: the next m1c_embed_backward will take these ids (unchanged). On a GPU their
+ * sort (its order of summation) is queued now on the background stream, off the backward's path; a no-op
+ * on the CPU. */
+void m1c_embed_prepare(int dev, const int32_t *ids, int64_t N);
 
 /* out (N, C) = in / rms(in) * w; rstd (N) saved for backward. out_lp: NULL, or (N, C) that receives out
  * rounded to bf16 (nearest even, as m1c_to_bf16) in the same pass: the next layer's bf16 input. */
@@ -38,6 +42,11 @@ void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *
  * straight into the products' bf16 or TF32-split operands: there logits' contents are unspecified
  * afterwards. With the forward's q (precision 2, GPU) the logits are not read: dh += dlogp (q W) and
  * dW += q^T (dlogp h), dlogp h rounded to bf16 once. */
+/* A training forward's hint, after m1c_head_forward wrote q: the next m1c_head_backward will take this q
+ * and W. On a GPU at precision 2 the backward's product q W, which needs no dlogp, is queued now, so the
+ * device runs it while the host waits for logp and works out dlogp; a no-op elsewhere. */
+void m1c_head_prepare(int dev, int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H,
+                      int V);
 void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logits, const float *lse, const void *q,
                        const float *dlogp, const float *h, const float *W, const void *W_lp, const int32_t *targets,
                        int64_t N, int H, int V);

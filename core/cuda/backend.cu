@@ -155,27 +155,28 @@ extern "C" void m1c_cuda_host_free(void *p) {
     if (p) check(cudaFreeHost(p), "cudaFreeHost");
 }
 
-/* The event after the calling thread's last upload; NULL until the first (or if none could be made:
- * then every upload is waited for at once). */
-static cudaEvent_t *upload_event(void) {
+/* The event after the calling thread's last asynchronous copy; NULL until the first (or if none could be
+ * made: then every copy is waited for at once). */
+static cudaEvent_t *copy_event(void) {
     static thread_local cudaEvent_t ev;
     return &ev;
 }
 
-extern "C" void m1c_cuda_upload(void *dst, const void *src, size_t bytes) {
-    cudaEvent_t *ev = upload_event();
-    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, main_stream()), "cudaMemcpyAsync (upload)");
+extern "C" void m1c_cuda_copy_async(void *dst, const void *src, size_t bytes, int kind) {
+    cudaEvent_t *ev = copy_event();
+    check(cudaMemcpyAsync(dst, src, bytes, kind ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, main_stream()),
+          "cudaMemcpyAsync");
     if (!*ev && cudaEventCreateWithFlags(ev, cudaEventDisableTiming) != cudaSuccess) {
         *ev = NULL;
         (void)cudaGetLastError(); /* not an error of the next launch's */
     }
-    if (*ev) check(cudaEventRecord(*ev, main_stream()), "cudaEventRecord (upload)");
-    else check(cudaStreamSynchronize(main_stream()), "cudaMemcpy (upload)");
+    if (*ev) check(cudaEventRecord(*ev, main_stream()), "cudaEventRecord (copy)");
+    else check(cudaStreamSynchronize(main_stream()), "cudaMemcpy");
 }
 
-extern "C" void m1c_cuda_upload_wait(void) {
-    const cudaEvent_t ev = *upload_event();
-    if (ev) check(cudaEventSynchronize(ev), "cudaEventSynchronize (upload)");
+extern "C" void m1c_cuda_copy_wait(void) {
+    const cudaEvent_t ev = *copy_event();
+    if (ev) check(cudaEventSynchronize(ev), "cudaEventSynchronize (copy)");
 }
 
 extern "C" void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,

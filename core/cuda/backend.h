@@ -44,11 +44,12 @@ void m1c_cuda_copy(void *dst, const void *src, size_t bytes, int kind);
 /* Page-locked host memory (staging that copies read without the host waiting); NULL if none is had. */
 void *m1c_cuda_host_alloc(size_t bytes);
 void m1c_cuda_host_free(void *p);
-/* A host->device copy queued on the core's stream and not waited for: src must stay as it is until
- * m1c_cuda_upload_wait returns (pageable src is staged by CUDA before the call returns). */
-void m1c_cuda_upload(void *dst, const void *src, size_t bytes);
-/* Wait until the calling thread's uploads so far have read their sources. */
-void m1c_cuda_upload_wait(void);
+/* A copy (kind as m1c_cuda_copy: 0 host->device, 1 device->host) queued on the core's stream and not
+ * waited for: a host src must stay as it is, and a host dst is not written yet, until m1c_cuda_copy_wait
+ * returns (pageable host memory makes the copy synchronous instead). */
+void m1c_cuda_copy_async(void *dst, const void *src, size_t bytes, int kind);
+/* Wait until the calling thread's asynchronous copies so far are done. */
+void m1c_cuda_copy_wait(void);
 void m1c_cuda_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
                    int64_t stride_a, const float *B, int ldb, int64_t stride_b, float beta, float *C, int ldc,
                    int64_t stride_c, int batch);

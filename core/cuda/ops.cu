@@ -164,6 +164,57 @@ extern "C" void m1c_cuda_embed_forward(float *out, const int32_t *ids, const flo
     check_launch("embed_forward");
 }
 
+/* The sort of the embedding backward, queued on stream st: the work array (SLOT_EMBED_IDX: keys,
+ * positions in and sorted, run starts, lengths, unique ids, run count), NULL on failure (kept). */
+static int32_t *embed_sort(cudaStream_t st, const int32_t *ids, int n) {
+    int32_t *w = (int32_t *)cached(SLOT_EMBED_IDX, 7 * (int64_t)n + 1, sizeof(int32_t), "embedding backward");
+    if (!w) return NULL;
+    int32_t *key = w, *pos = w + n, *skey = w + 2 * (int64_t)n, *spos = w + 3 * (int64_t)n, *start = w + 4 * (int64_t)n;
+    int32_t *len = w + 5 * (int64_t)n, *uniq = w + 6 * (int64_t)n, *nruns = w + 7 * (int64_t)n;
+    embed_keys<<<grid_for(n, 256), 256, 0, st>>>(key, pos, ids, n);
+    check_launch("embed_backward (keys)");
+    size_t t1 = 0, t2 = 0, t3 = 0;
+    check(cub::DeviceRadixSort::SortPairs(NULL, t1, key, skey, pos, spos, n, 0, 32, st), "cub sort (size)");
+    check(cub::DeviceRunLengthEncode::Encode(NULL, t2, skey, uniq, len, nruns, n, st), "cub encode (size)");
+    check(cub::DeviceScan::ExclusiveSum(NULL, t3, len, start, n, st), "cub scan (size)");
+    const size_t tb = t1 > t2 ? (t1 > t3 ? t1 : t3) : (t2 > t3 ? t2 : t3);
+    void *tmp = cached(SLOT_EMBED_TMP, (int64_t)tb, 1, "embedding backward");
+    if (!tmp) return NULL;
+    check(cub::DeviceRadixSort::SortPairs(tmp, t1, key, skey, pos, spos, n, 0, 32, st), "cub sort");
+    check(cub::DeviceRunLengthEncode::Encode(tmp, t2, skey, uniq, len, nruns, n, st), "cub encode");
+    check(cub::DeviceScan::ExclusiveSum(tmp, t3, len, start, n, st), "cub scan");
+    return w;
+}
+
+/* A sort queued ahead by m1c_cuda_embed_prepare, per host thread: for which ids, and its event. */
+typedef struct embed_ahead {
+    const int32_t *ids;
+    int64_t N;
+    cudaEvent_t done;
+    int valid;
+} embed_ahead;
+
+static embed_ahead *ahead(void) {
+    static thread_local embed_ahead a;
+    return &a;
+}
+
+extern "C" void m1c_cuda_embed_prepare(const int32_t *ids, int64_t N) {
+    embed_ahead *a = ahead();
+    a->valid = 0;
+    cudaStream_t bg = (cudaStream_t)m1c_cuda_background_stream();
+    if (N <= 0 || N > INT32_MAX || !bg) return; /* the backward sorts for itself */
+    if (!a->done && cudaEventCreateWithFlags(&a->done, cudaEventDisableTiming) != cudaSuccess) {
+        a->done = NULL;
+        (void)cudaGetLastError(); /* not an error: the backward sorts for itself */
+        return;
+    }
+    m1c_cuda_order(bg, cs()); /* after the ids were written */
+    if (!embed_sort(bg, ids, (int)N)) return;
+    check(cudaEventRecord(a->done, bg), "cudaEventRecord (embedding sort)");
+    a->ids = ids, a->N = N, a->valid = 1;
+}
+
 extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
     if (N <= 0) return;
     if (N > INT32_MAX) {
@@ -171,23 +222,18 @@ extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const in
         return;
     }
     const int n = (int)N;
-    /* work: keys, positions (in and sorted), run starts, lengths, unique ids, run count; then CUB's */
-    int32_t *w = (int32_t *)cached(SLOT_EMBED_IDX, 7 * (int64_t)n + 1, sizeof(int32_t), "embedding backward");
+    embed_ahead *a = ahead();
+    int32_t *w;
+    if (a->valid && a->ids == ids && a->N == N) { /* sorted beside the forward */
+        check(cudaStreamWaitEvent(cs(), a->done, 0), "cudaStreamWaitEvent (embedding sort)");
+        w = (int32_t *)cached(SLOT_EMBED_IDX, 7 * (int64_t)n + 1, sizeof(int32_t), "embedding backward");
+    } else {
+        w = embed_sort(cs(), ids, n);
+    }
+    a->valid = 0;
     if (!w) return;
-    int32_t *key = w, *pos = w + n, *skey = w + 2 * (int64_t)n, *spos = w + 3 * (int64_t)n, *start = w + 4 * (int64_t)n;
-    int32_t *len = w + 5 * (int64_t)n, *uniq = w + 6 * (int64_t)n, *nruns = w + 7 * (int64_t)n;
-    embed_keys<<<grid_for(N, 256), 256, 0, cs()>>>(key, pos, ids, N);
-    check_launch("embed_backward (keys)");
-    size_t t1 = 0, t2 = 0, t3 = 0;
-    check(cub::DeviceRadixSort::SortPairs(NULL, t1, key, skey, pos, spos, n, 0, 32, cs()), "cub sort (size)");
-    check(cub::DeviceRunLengthEncode::Encode(NULL, t2, skey, uniq, len, nruns, n, cs()), "cub encode (size)");
-    check(cub::DeviceScan::ExclusiveSum(NULL, t3, len, start, n, cs()), "cub scan (size)");
-    const size_t tb = t1 > t2 ? (t1 > t3 ? t1 : t3) : (t2 > t3 ? t2 : t3);
-    void *tmp = cached(SLOT_EMBED_TMP, (int64_t)tb, 1, "embedding backward");
-    if (!tmp) return;
-    check(cub::DeviceRadixSort::SortPairs(tmp, t1, key, skey, pos, spos, n, 0, 32, cs()), "cub sort");
-    check(cub::DeviceRunLengthEncode::Encode(tmp, t2, skey, uniq, len, nruns, n, cs()), "cub encode");
-    check(cub::DeviceScan::ExclusiveSum(tmp, t3, len, start, n, cs()), "cub scan");
+    const int32_t *skey = w + 2 * (int64_t)n, *spos = w + 3 * (int64_t)n, *start = w + 4 * (int64_t)n;
+    const int32_t *len = w + 5 * (int64_t)n, *nruns = w + 7 * (int64_t)n;
     embed_bwd<<<grid_for(N, 1), 256, 0, cs()>>>(dwte, dout, skey, spos, start, len, nruns, H);
     check_launch("embed_backward");
 }
@@ -911,6 +957,36 @@ extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, 
     check_launch("head log-softmax");
 }
 
+/* The backward's product Z = q W (SLOT_Z) queued ahead by m1c_cuda_head_prepare, per host thread: for
+ * which q and rows. */
+typedef struct head_ahead {
+    const void *q;
+    int64_t N;
+    int valid;
+} head_ahead;
+
+static head_ahead *head_z(void) {
+    static thread_local head_ahead a;
+    return &a;
+}
+
+/* Z = q W for a backward from q (precision 2): its one product that needs no dlogp. */
+static float *head_z_product(int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H, int V) {
+    float *Z = (float *)cached(SLOT_Z, N * H, 4, "LM head");
+    if (!Z) return NULL;
+    const head_op Wop = head_weight(precision, W, W_lp, (int64_t)V * H);
+    head_gemm(precision, 0, 0, (int)N, H, V, head_op{q, NULL}, V, Wop, H, 0.0f, Z, H);
+    return Z;
+}
+
+extern "C" void m1c_cuda_head_prepare(int precision, const void *q, const float *W, const void *W_lp, int64_t N,
+                                      int H, int V) {
+    head_ahead *a = head_z();
+    a->valid = 0;
+    if (N <= 0 || !q || precision != 2 || !head_z_product(precision, q, W, W_lp, N, H, V)) return;
+    a->q = q, a->N = N, a->valid = 1;
+}
+
 /* The dlogits go once into the form both products use: f32 in place of the logits at precisions 0 and
  * 1; at 2 bf16 and at 3 the TF32 split, into the cached A-operand slots, and logits is not written. */
 extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse,
@@ -919,12 +995,14 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
     if (N <= 0) return;
     const int64_t NV = N * V;
     if (q && precision == 2) {
-        /* dlogits = g q with g = dlogp per row: dh += g (q W), dW += q^T (g h); no pass over the logits. */
+        /* dlogits = g q with g = dlogp per row: dh += g (q W), dW += q^T (g h); no pass over the logits.
+         * q W may have been queued at the end of the forward (m1c_cuda_head_prepare). */
         const head_op Q = {q, NULL};
-        float *Z = (float *)cached(SLOT_Z, N * H, 4, "LM head");
+        head_ahead *a = head_z();
+        float *Z = a->valid && a->q == q && a->N == N ? (float *)cached(SLOT_Z, N * H, 4, "LM head")
+                                                      : head_z_product(precision, q, W, W_lp, N, H, V);
+        a->valid = 0;
         if (!Z) return;
-        const head_op Wop = head_weight(precision, W, W_lp, (int64_t)V * H);
-        head_gemm(precision, 0, 0, (int)N, H, V, Q, V, Wop, H, 0.0f, Z, H);
         const bool v4 = H % 4 == 0 && aligned16(dh) && aligned16(h); /* Z and hs are cudaMalloc'd */
         if (v4)
             head_add_rows<4><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, targets, N, H);

@@ -11,6 +11,7 @@ extern "C" {
 
 void m1c_cuda_embed_forward(float *out, const int32_t *ids, const float *wte, int64_t N, int H);
 void m1c_cuda_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H);
+void m1c_cuda_embed_prepare(const int32_t *ids, int64_t N);
 void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int64_t N, int C, float eps,
                               void *out_lp);
 void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
@@ -22,6 +23,8 @@ void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw, const flo
                                      void *tmp_lp);
 void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, void *q, const float *h,
                            const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V);
+void m1c_cuda_head_prepare(int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H,
+                           int V);
 void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse, const void *q,
                             const float *dlogp, const float *h, const float *W, const void *W_lp,
                             const int32_t *targets, int64_t N, int H, int V);
