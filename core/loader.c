@@ -17,6 +17,13 @@
 #define M1C_PLUGIN_INSTALL_DIR "/usr/local/lib/m1c/plugins"
 #endif
 
+/* ABI 1.2 filled reserved space of these two structs (lp_inputs, in_lp, dout_lp): their sizes, and so
+ * every member's offset, are those of ABI 1.0 (LP64). */
+_Static_assert(sizeof(void *) != 8 || sizeof(m1c_layer_info) == 80, "m1c_layer_info changed size");
+_Static_assert(sizeof(void *) != 8 || sizeof(m1c_layer_bufs) == 80, "m1c_layer_bufs changed size");
+_Static_assert(offsetof(m1c_layer_bufs, in_lp) == offsetof(m1c_layer_bufs, stream) + sizeof(void *),
+               "in_lp must take the first reserved pointer");
+
 /* Bytes up to and including `member`: the size a struct had in the ABI whose last member that was.
  * The minimum sizes below name the last member of ABI 1.0, so they stay right as structs grow. */
 #define END_OF(type, member) (offsetof(type, member) + sizeof(((type *)0)->member))

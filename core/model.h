@@ -88,7 +88,7 @@ typedef struct m1c_run {
                                        * backward): what objectives see; == logp, dlogp on the CPU */
     void *host_block;                 /* the four staging arrays above in one allocation (CUDA) */
     uint16_t **h1_lp, **h2_lp;        /* (L) bf16 copies of h1, h2 (model lp_inputs, runs made for training) */
-    uint16_t *dout_lp;                /* bf16 copy of the d output of the sublayer in backward */
+    uint16_t *dout_lp;                /* bf16 copy of an attention sublayer's d output in backward */
     int host_pinned;                  /* host_block is page-locked: the uploads do not wait */
     double aux_loss;     /* sum over layers of the last forward */
     /* Called by m1c_model_backward as soon as the gradients of params.t[first .. end) are complete

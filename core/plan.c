@@ -352,16 +352,18 @@ int m1c_plan_compute_opts(m1c_session *s, const m1c_plan_opts *opts, m1c_plan *p
     }
 
     /* The core's own tensors (core/model.c m1c_run_init), at the activation width: per layer the input,
-     * two norm outputs, the mid-layer stream and two 1/rms rows; per stage its output stream; per GPU the
-     * work rows tmp, dx, dh and the token ids and targets (i32); on the last stage the final norm, its
-     * 1/rms, lse, log p, d log p and the logits (f32 at every head precision, split over tp by
-     * vocabulary; the bf16 head adds its bf16 onehot - softmax for the backward). */
+     * two norm outputs, the mid-layer stream and two 1/rms rows (bf16 mixed: and the two norm outputs'
+     * bf16 copies the layers take as inputs); per stage its output stream; per GPU the work rows tmp, dx,
+     * dh (bf16 mixed: and dout's bf16 copy) and the token ids and targets (i32); on the last stage the
+     * final norm, its 1/rms, lse, log p, d log p and the logits (f32 at every head precision, split over
+     * tp by vocabulary; the bf16 head adds its bf16 onehot - softmax for the backward). */
     if (!rc) {
         const double N = (double)B * T, ab = p->act_bytes;
+        const double lp = p->precision == M1C_PREC_BF16_MIXED ? 2.0 : 0.0; /* bytes of a bf16 copy */
         const double logit_bytes = 4.0 + (ms->head_precision == M1C_HEAD_BF16 ? 2.0 : 0.0);
-        const double core_layer = ab * (4.0 * N * H + 2.0 * N), core_stage = ab * N * H;
+        const double core_layer = ab * (4.0 * N * H + 2.0 * N) + lp * 2.0 * N * H, core_stage = ab * N * H;
         const double last = ab * (N * H + 4.0 * N) + logit_bytes * N * (double)V / p->tp;
-        const double work = ab * 3.0 * N * H + 4.0 * 2.0 * N;
+        const double work = ab * 3.0 * N * H + lp * N * H + 4.0 * 2.0 * N;
         plan_memory(s, p, lc, last, core_layer, core_stage, work);
     }
     free(lc);

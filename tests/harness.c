@@ -64,8 +64,9 @@ int th_try_create(const char *plugin, int kind, const char *body, const m1c_laye
 
 /* Zeroed buffers for specs on dev (dtype: the spec's, or `force` when >= 0). On a GPU they lie in one
  * allocation in declaration order, each at a 256-byte boundary, as the core's arenas place a layer's
- * tensors (plugins may merge products over adjacent parameters); free_tensors frees that block. */
-static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, int force) {
+ * tensors (plugins may merge products over adjacent parameters), unless `apart`: then each has its own
+ * (the plugins' fallbacks); free_tensors frees the block, or each. */
+static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, int force, int apart) {
     m1c_tensor *t = calloc((size_t)(n ? n : 1), sizeof *t);
     size_t at[n ? n : 1], total = 0;
     for (int i = 0; i < n; i++) {
@@ -75,13 +76,15 @@ static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, in
         memcpy(t[i].shape, spec[i].shape, sizeof t[i].shape);
         t[i].name = spec[i].name;
         size_t bytes = (size_t)(m1c_numel(&t[i]) ? m1c_numel(&t[i]) : 1) * m1c_dtype_size(t[i].dtype);
-        if (dev == M1C_DEVICE_CPU) {
-            t[i].data = calloc(1, bytes);
+        if (dev == M1C_DEVICE_CPU || apart) {
+            t[i].data = dev == M1C_DEVICE_CPU ? calloc(1, bytes) : m1c_dev_alloc(dev, bytes);
             cr_assert_not_null(t[i].data);
+            if (dev != M1C_DEVICE_CPU) m1c_dev_memset0(dev, t[i].data, bytes);
+            t[i].reserved0 = 1; /* its own allocation */
         }
         at[i] = total, total += (bytes + 255) / 256 * 256;
     }
-    if (dev != M1C_DEVICE_CPU && n > 0) {
+    if (dev != M1C_DEVICE_CPU && !apart && n > 0) {
         char *block = m1c_dev_alloc(dev, total);
         cr_assert_not_null(block);
         m1c_dev_memset0(dev, block, total);
@@ -90,12 +93,14 @@ static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, in
     return t;
 }
 
-static m1c_tensor *alloc_tensors(const m1c_buf_spec *spec, int n) { return alloc_tensors_on(M1C_DEVICE_CPU, spec, n, -1); }
+static m1c_tensor *alloc_tensors(const m1c_buf_spec *spec, int n) {
+    return alloc_tensors_on(M1C_DEVICE_CPU, spec, n, -1, 0);
+}
 
 static void free_tensors(m1c_tensor *t, int n) {
     for (int i = 0; t && i < n; i++) {
         if (t[i].device == M1C_DEVICE_CPU) free(t[i].data);
-        else if (i == 0) m1c_dev_free(t[i].device, t[i].data); /* the block */
+        else if (i == 0 || t[i].reserved0) m1c_dev_free(t[i].device, t[i].data); /* the block, or its own */
     }
     free(t);
 }
@@ -149,8 +154,8 @@ void th_layer_copy_params(th_layer *dst, const th_layer *src) {
 static th_layer *layer_finish(th_layer *l, uint64_t seed) {
     l->aspec = declare(l->self, l->ops->acts, l->B, l->T, &l->na);
     l->sspec = declare(l->self, l->ops->scratch, l->B, l->T, &l->ns);
-    l->acts = alloc_tensors_on(l->device, l->aspec, l->na, -1);
-    l->scratch = alloc_tensors_on(l->device, l->sspec, l->ns, -1);
+    l->acts = alloc_tensors_on(l->device, l->aspec, l->na, -1, 0);
+    l->scratch = alloc_tensors_on(l->device, l->sspec, l->ns, -1, 0);
     l->bufs.params = l->params;
     l->bufs.grads = l->grads;
     l->bufs.acts = l->acts;
@@ -163,7 +168,8 @@ static th_layer *layer_finish(th_layer *l, uint64_t seed) {
 }
 
 static th_layer *layer_new(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
-                           int B, int T, uint64_t seed, float param_std, int device, int compute_dtype, int lp_inputs) {
+                           int B, int T, uint64_t seed, float param_std, int device, int compute_dtype, int lp_inputs,
+                           int apart) {
     if (device != M1C_DEVICE_CPU) {
         /* Same parameters as the CPU instance of this seed: draw them there, then copy. */
         th_layer *ref = th_layer_new_dev(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std,
@@ -180,9 +186,9 @@ static th_layer *layer_new(const char *plugin, const char *settings, int layer_i
         l->np = ref->np;
         l->pspec = calloc((size_t)(l->np ? l->np : 1), sizeof *l->pspec);
         memcpy(l->pspec, ref->pspec, (size_t)l->np * sizeof *l->pspec);
-        l->params = alloc_tensors_on(device, l->pspec, l->np, -1);
-        l->grads = alloc_tensors_on(device, l->pspec, l->np, -1);
-        if (compute_dtype == M1C_BF16) l->params_lp = alloc_tensors_on(device, l->pspec, l->np, M1C_BF16);
+        l->params = alloc_tensors_on(device, l->pspec, l->np, -1, apart);
+        l->grads = alloc_tensors_on(device, l->pspec, l->np, -1, apart);
+        if (compute_dtype == M1C_BF16) l->params_lp = alloc_tensors_on(device, l->pspec, l->np, M1C_BF16, apart);
         th_layer_copy_params(l, ref);
         th_layer_free(ref);
         return layer_finish(l, seed);
@@ -227,13 +233,20 @@ static th_layer *layer_new(const char *plugin, const char *settings, int layer_i
 
 th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
                            int B, int T, uint64_t seed, float param_std, int device, int compute_dtype) {
-    return layer_new(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std, device, compute_dtype, 0);
+    return layer_new(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std, device, compute_dtype, 0,
+                     0);
+}
+
+th_layer *th_layer_new_apart(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
+                             int B, int T, uint64_t seed, float param_std, int device, int compute_dtype) {
+    return layer_new(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std, device, compute_dtype, 0,
+                     1);
 }
 
 th_layer *th_layer_new_lp(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
                           int B, int T, uint64_t seed, float param_std) {
     return layer_new(plugin, settings, layer_index, n_layers, hidden, B, T, seed, param_std, M1C_DEVICE_CUDA,
-                     M1C_BF16, 1);
+                     M1C_BF16, 1, 0);
 }
 
 void th_layer_free(th_layer *l) {
@@ -273,7 +286,7 @@ th_state *th_state_new(th_layer *l, int batch, int64_t max_len) {
     cr_assert_geq(s->n, 0);
     s->spec = calloc((size_t)(s->n ? s->n : 1), sizeof *s->spec);
     cr_assert_eq(vt->state(l->self, batch, max_len, s->spec, s->n), s->n);
-    s->t = alloc_tensors_on(l->device, s->spec, s->n, -1);
+    s->t = alloc_tensors_on(l->device, s->spec, s->n, -1, 0);
     return s;
 }
 

@@ -47,6 +47,10 @@ th_layer *th_layer_new(const char *plugin, const char *settings, int layer_index
  * bufs.params_lp holds their bf16 copies. th_forward/th_backward take device pointers for it. */
 th_layer *th_layer_new_dev(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
                            int B, int T, uint64_t seed, float param_std, int device, int compute_dtype);
+/* The same with every parameter, gradient and bf16 copy in an allocation of its own, not side by side as
+ * the core's arenas (and th_layer_new_dev) place them: the plugins' paths for parameters apart. */
+th_layer *th_layer_new_apart(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,
+                             int B, int T, uint64_t seed, float param_std, int device, int compute_dtype);
 /* The same on CUDA in BF16, created with m1c_layer_info.lp_inputs = 1: the caller sets bufs.in_lp (and for
  * an attention backward bufs.dout_lp) before th_forward / th_backward, as the core does. */
 th_layer *th_layer_new_lp(const char *plugin, const char *settings, int layer_index, int n_layers, int hidden,

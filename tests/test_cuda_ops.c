@@ -33,6 +33,21 @@ static void *up_bytes(const void *x, size_t bytes) {
 
 static float *up(const float *x, int64_t n) { return th_to_dev(GPU, x, n); }
 static float *down(const float *d, int64_t n) { return th_to_host(GPU, d, n); }
+
+/* A norm's bf16 copy lp of its f32 output f (both on the GPU) must be f rounded as m1c_to_bf16 rounds it,
+ * bit for bit: the layers take it in place of their own rounding (m1c_layer_bufs.in_lp). */
+static void expect_lp(const uint16_t *lp, const float *f, int64_t n, const char *what) {
+    uint16_t *d_ref = m1c_dev_alloc(GPU, (size_t)n * 2), *got = malloc((size_t)n * 2), *ref = malloc((size_t)n * 2);
+    cr_assert(d_ref && got && ref);
+    m1c_to_bf16(GPU, d_ref, f, n);
+    m1c_dev_copy(CPU, got, GPU, lp, (size_t)n * 2);
+    m1c_dev_copy(CPU, ref, GPU, d_ref, (size_t)n * 2);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad += got[i] != ref[i];
+    cr_expect_eq(bad, 0, "%s: the bf16 copy differs from the rounded output in %lld of %lld values", what,
+                 (long long)bad, (long long)n);
+    m1c_dev_free(GPU, d_ref), free(got), free(ref);
+}
 static void gfree(void *d) { th_dev_free(GPU, d); }
 
 /* x on the GPU `shift` floats past the start of a fresh allocation: shift 1 leaves it 4 bytes past a
@@ -131,7 +146,10 @@ Test(cuda_ops, rmsnorm_forward_backward) {
                 float *d_in = up_at(in, N * C, shift), *d_w = up_at(w, C, shift), *d_out = up_at(out, N * C, shift);
                 float *d_rstd = up(rstd, N);
                 m1c_rmsnorm_forward(CPU, out, rstd, in, w, N, C, eps, NULL);
-                m1c_rmsnorm_forward(GPU, d_out, d_rstd, d_in, d_w, N, C, eps, NULL);
+                uint16_t *d_lp = m1c_dev_alloc(GPU, (size_t)(N * C) * 2);
+                m1c_rmsnorm_forward(GPU, d_out, d_rstd, d_in, d_w, N, C, eps, d_lp);
+                expect_lp(d_lp, d_out, N * C, "RMSNorm forward");
+                m1c_dev_free(GPU, d_lp);
                 float *g_out = down(d_out, N * C), *g_rstd = down(d_rstd, N);
                 /* Sums of C <= 1100 squares in another order (relative ~1e-6) and rsqrtf (<= 2 ulp,
                  * 2.4e-7): 1e-5 of the largest element. */
@@ -237,7 +255,10 @@ Test(cuda_ops, residual_rmsnorm_fused) {
             float *d_h = up_at(h, n, shift), *d_w = up_at(w, C, shift);
             float *d_y = up_at(y0, n, shift), *d_out = up_at(nan_n, n, shift), *d_rstd = up(nan_r, N);
             float *d_y2 = up_at(y0, n, shift), *d_out2 = up_at(nan_n, n, shift), *d_rstd2 = up(nan_r, N);
-            m1c_residual_rmsnorm(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, eps, NULL);
+            uint16_t *d_lp = m1c_dev_alloc(GPU, (size_t)n * 2);
+            m1c_residual_rmsnorm(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, eps, d_lp);
+            expect_lp(d_lp, d_out, n, "residual + RMSNorm");
+            m1c_dev_free(GPU, d_lp);
             m1c_residual(GPU, d_y2, d_h, FA, FB, n);
             m1c_rmsnorm_forward(GPU, d_out2, d_rstd2, d_y2, d_w, N, C, eps, NULL);
             float *gy = down(d_y, n), *gout = down(d_out, n), *grstd = down(d_rstd, N);
@@ -305,8 +326,11 @@ Test(cuda_ops, rmsnorm_backward_axpby_fused) {
                 float *d_dh = up_at(alias ? dout : nan_n, n, shift), *d_tmp = up_at(nan_n, n, shift);
                 float *d_dx = up_at(zero_n, n, shift), *d_dh2 = up_at(nan_n, n, shift);
                 float *d_tmp2 = up_at(nan_n, n, shift);
+                uint16_t *d_lp = m1c_dev_alloc(GPU, (size_t)n * 2);
                 m1c_rmsnorm_backward_axpby(GPU, d_dh, d_tmp, d_dw, alias ? d_dh : d_dout, d_in, d_w, d_rstd, FA, FB, N,
-                                           C, NULL);
+                                           C, d_lp);
+                expect_lp(d_lp, d_tmp, n, "RMSNorm backward + axpby");
+                m1c_dev_free(GPU, d_lp);
                 m1c_rmsnorm_backward(GPU, d_dx, d_dw2, d_dout, d_in, d_w, d_rstd, N, C);
                 m1c_axpby(GPU, d_dh2, d_tmp2, d_dx, FA, FB, n);
                 float *gdh = down(d_dh, n), *gtmp = down(d_tmp, n), *gdw = down(d_dw, C);

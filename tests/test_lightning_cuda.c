@@ -38,13 +38,16 @@ typedef struct tols {
 } tols;
 
 /* One configuration: the same layer (same seed: same parameters) on the CPU and the GPU, the same
- * inputs; forward, then backward into din and gradients that start non-zero on both (they accumulate). */
-static void compare(int nh, int hd, int bs, int B, int T, int cdt, tols tol, uint64_t seed) {
+ * inputs; forward, then backward into din and gradients that start non-zero on both (they accumulate).
+ * apart: the GPU layer's parameters each in an allocation of its own (the fused path's separate qkv and
+ * gate products), else side by side as in the core's arenas (one product for both). */
+static void compare_at(int nh, int hd, int bs, int B, int T, int cdt, tols tol, uint64_t seed, int apart) {
     char cfg[160];
     settings(cfg, sizeof cfg, nh, hd, bs);
     const int H = 48; /* differs from nh*hd: the attention width is its own */
     th_layer *cpu = th_layer_new("lightning", cfg, 2, 5, H, B, T, seed, 0.3f);
-    th_layer *gpu = th_layer_new_dev("lightning", cfg, 2, 5, H, B, T, seed, 0.3f, GPU, cdt);
+    th_layer *gpu = apart ? th_layer_new_apart("lightning", cfg, 2, 5, H, B, T, seed, 0.3f, GPU, cdt)
+                          : th_layer_new_dev("lightning", cfg, 2, 5, H, B, T, seed, 0.3f, GPU, cdt);
     const int64_t n = (int64_t)B * T * H;
     float *x = th_randn(n, seed + 1, 1.0f), *dout = th_randn(n, seed + 2, 1.0f), *din0 = th_randn(n, seed + 3, 1.0f);
     float *out = th_zeros(n), *din = malloc((size_t)n * 4);
@@ -79,6 +82,10 @@ static void compare(int nh, int hd, int bs, int B, int T, int cdt, tols tol, uin
     free(x), free(dout), free(din0), free(out), free(din), free(o2), free(d2);
     th_layer_free(cpu);
     th_layer_free(gpu);
+}
+
+static void compare(int nh, int hd, int bs, int B, int T, int cdt, tols tol, uint64_t seed) {
+    compare_at(nh, hd, bs, B, T, cdt, tol, seed, 0);
 }
 
 static void sweep(int cdt, tols tol) {
@@ -128,8 +135,19 @@ Test(lightning_cuda, fused_wide_heads) {
     /* the sweep's bf16 tolerances, for the same reasons (the norm's sums grow from D = 256 to 12800 terms,
      * but relative to their scale, with f32 accumulation) */
     const tols tol = {3e-2, 4e-2, 6e-2};
+    compare(16, 64, 64, 2, 70, M1C_BF16, tol, 302);  /* D = 1024: the forward norm's 4 chunks a lane */
     compare(25, 64, 64, 2, 70, M1C_BF16, tol, 300);  /* D = 1600: 7 warps */
     compare(100, 128, 64, 1, 70, M1C_BF16, tol, 301); /* D = 12800: the separate weight-gradient pass */
+}
+
+/* The fused path with its weights and gradients apart (a core whose arenas did not place them side by
+ * side): the separate qkv and gate products, on the same joined layout of pre and gate; the sweep's bf16
+ * tolerances. */
+Test(lightning_cuda, fused_weights_apart) {
+    th_need_gpu();
+    const tols tol = {3e-2, 4e-2, 6e-2};
+    compare_at(2, 64, 64, 2, 100, M1C_BF16, tol, 310, 1);
+    compare_at(3, 128, 64, 1, 77, M1C_BF16, tol, 311, 1);
 }
 
 /* ---- buffers between calls -------------------------------------------------------------------------- */

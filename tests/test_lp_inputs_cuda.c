@@ -2,7 +2,9 @@
  * gradient (bufs.in_lp, dout_lp) computes exactly what it computes when it rounds them itself. For each
  * layer plugin with a BF16 CUDA path (lightning fused and blocked, softmax, topk): one instance made with
  * lp_inputs, one without, the same parameters and inputs; forward then backward; every output, input
- * gradient and parameter gradient must be bit-identical, since both round with nearest-even. */
+ * gradient and parameter gradient must be bit-identical, since both round with nearest-even. Then the
+ * copies must be what the layer reads: other values in in_lp (and in dout_lp for an attention layer)
+ * must change its output (input gradient). */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 #include <stdlib.h>
@@ -20,14 +22,33 @@ static int64_t numel(const m1c_tensor *t) {
     return n;
 }
 
-static void expect_same(const float *dev_a, const float *dev_b, int64_t n, const char *what, const char *plugin) {
+/* Values of a and b (n floats on the GPU) that differ bitwise; and whether a has a nonzero value. */
+static int64_t differing(const float *dev_a, const float *dev_b, int64_t n, int64_t *first, int *nonzero) {
     float *a = th_to_host(GPU, dev_a, n), *b = th_to_host(GPU, dev_b, n);
-    int64_t bad = 0, first = -1;
-    for (int64_t i = 0; i < n; i++)
-        if (memcmp(&a[i], &b[i], 4) != 0 && bad++ == 0) first = i;
-    cr_expect_eq(bad, 0, "%s: %s differs in %lld of %lld values (first at %lld: %g vs %g)", plugin, what,
-                 (long long)bad, (long long)n, (long long)first, first >= 0 ? a[first] : 0.0, first >= 0 ? b[first] : 0.0);
+    int64_t bad = 0;
+    *first = -1, *nonzero = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (memcmp(&a[i], &b[i], 4) != 0 && bad++ == 0) *first = i;
+        *nonzero |= a[i] != 0.0f;
+    }
     free(a), free(b);
+    return bad;
+}
+
+static void expect_same(const float *dev_a, const float *dev_b, int64_t n, const char *what, const char *plugin) {
+    int64_t first;
+    int nonzero;
+    const int64_t bad = differing(dev_a, dev_b, n, &first, &nonzero);
+    cr_expect_eq(bad, 0, "%s: %s differs in %lld of %lld values (first at %lld)", plugin, what, (long long)bad,
+                 (long long)n, (long long)first);
+    cr_expect(nonzero, "%s: %s is all zero (nothing was computed)", plugin, what);
+}
+
+static void expect_changed(const float *dev_a, const float *dev_b, int64_t n, const char *what, const char *plugin) {
+    int64_t first;
+    int nonzero;
+    cr_expect_gt(differing(dev_a, dev_b, n, &first, &nonzero), 0, "%s: %s does not read the core's bf16 copy",
+                 plugin, what);
 }
 
 static void check(const char *plugin, const char *settings, int attention, int H, int B, int T, uint64_t seed) {
@@ -53,6 +74,22 @@ static void check(const char *plugin, const char *settings, int attention, int H
     expect_same(din1, din2, n, "input gradient", plugin);
     for (int i = 0; i < own->np; i++)
         expect_same(own->grads[i].data, lp->grads[i].data, numel(&own->grads[i]), own->pspec[i].name, plugin);
+
+    /* other copies: dout's values as the input, x's as the output gradient */
+    lp->bufs.in_lp = dout_lp;
+    th_forward(lp, out2, gx);
+    expect_changed(out1, out2, n, "forward output", plugin);
+    if (attention) {
+        lp->bufs.in_lp = x_lp, lp->bufs.dout_lp = x_lp;
+        th_forward(lp, out2, gx);
+        m1c_dev_memset0(GPU, din2, (size_t)n * 4);
+        m1c_dev_memset0(GPU, din1, (size_t)n * 4);
+        th_backward(own, din1, gdout, gx);
+        th_backward(lp, din2, gdout, gx);
+        expect_changed(din1, din2, n, "input gradient", plugin);
+    }
+    char err[256];
+    cr_expect_not(m1c_dev_take_error(GPU, err, sizeof err), "%s: %s", plugin, err);
 
     m1c_dev_free(GPU, x_lp), m1c_dev_free(GPU, dout_lp);
     th_dev_free(GPU, gx), th_dev_free(GPU, gdout), th_dev_free(GPU, out1), th_dev_free(GPU, out2);

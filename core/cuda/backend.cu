@@ -237,8 +237,7 @@ typedef struct lt_entry {
 
 /* gemm_group's streams: at most LT_SIDE products run at once, each stream with its own workspace (a
  * split-K product of one would otherwise race with another's). With each product chosen for half the GPU,
- * 4 streams were as fast as 8 or a little faster (H200: 25.7-25.9 against 25.8-26.0 ms a step); 2 and
- * products chosen for the whole GPU were slower. */
+ * 4 streams were as fast as 8 or a little faster, 2 slower (docs/perf.md, ninth version). */
 enum { LT_SIDE = 4 };
 
 typedef struct lt_side {
@@ -516,8 +515,8 @@ extern "C" void m1c_cuda_gemm_group(void *stream, const m1c_gemm_desc *g, int n)
     }
     check(cudaEventRecord(s->fork, st), "cudaEventRecord (gemm_group)");
     /* Each product is chosen for half the GPU (cuBLASLt's SM_COUNT_TARGET), the rest being busy with the
-     * products beside it: on an H200 the training step's groups take 0.4 ms less than with algorithms
-     * chosen for the whole GPU (26.8 -> 26.4 ms); a quarter or less of the GPU is slower. */
+     * products beside it: faster than algorithms chosen for the whole GPU, or for a quarter or less of it
+     * (docs/perf.md, ninth version). */
     const int target = s->sms >= 2 ? (s->sms / 2 < 255 ? s->sms / 2 : 255) : 0;
     double load[LT_SIDE] = {0};
     for (int j = 0; j < ns; j++) check(cudaStreamWaitEvent(s->side[j].st, s->fork, 0), "cudaStreamWaitEvent");

@@ -62,7 +62,8 @@ void m1c_cuda_gemm_ex(void *stream, int trans_a, int trans_b, int M, int N, int 
 /* Independent products at once (m1c_host.gemm_group): each on one of up to 4 streams of the calling
  * thread, with a workspace each, after the work queued on `stream` and before what is queued on it
  * next. Each product's algorithm is chosen for half the GPU, so it may differ from m1c_cuda_gemm_ex's
- * for the same product: the results then differ in f32 rounding (summation order), deterministically. */
+ * for the same product: the results then differ in f32 rounding (summation order); the same sequence of
+ * calls gives the same bits. */
 void m1c_cuda_gemm_group(void *stream, const m1c_gemm_desc *g, int n);
 
 /* The calling thread's m1c_cuda_gemm_ex counts since its first call: calls, cuBLASLt heuristic queries

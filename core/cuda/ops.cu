@@ -830,14 +830,16 @@ __global__ static void __launch_bounds__(LSM_T) logsoftmax_rows_q(float *lse, fl
 /* Whether logsoftmax_rows_q takes rows of V columns (V % 4 == 0) here: compiled for sm_90 (its bulk
  * copies; otherwise its body is empty) and allowed V floats of shared memory. */
 static bool lsm_q_fits(int V) {
+    static thread_local int known_v = -1; /* the answer for known_v, kept: two driver calls a step otherwise */
+    static thread_local bool fits;
+    if (V == known_v) return fits;
     cudaFuncAttributes fa;
-    if (V < 4 || V > 4 * LSM_T * LSM_K) return false;
-    if (cudaFuncGetAttributes(&fa, logsoftmax_rows_q) != cudaSuccess || fa.ptxVersion < 90 ||
-        cudaFuncSetAttribute(logsoftmax_rows_q, cudaFuncAttributeMaxDynamicSharedMemorySize, V * 4) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return false;
-    }
-    return true;
+    fits = V >= 4 && V <= 4 * LSM_T * LSM_K && cudaFuncGetAttributes(&fa, logsoftmax_rows_q) == cudaSuccess &&
+           fa.ptxVersion >= 90 &&
+           cudaFuncSetAttribute(logsoftmax_rows_q, cudaFuncAttributeMaxDynamicSharedMemorySize, V * 4) == cudaSuccess;
+    if (!fits) (void)cudaGetLastError();
+    known_v = V;
+    return fits;
 }
 
 /* dh (N, H) += g Z with g = dlogp of the row (0 unscored: dh unchanged), Z the head's q W; W columns per

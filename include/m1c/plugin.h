@@ -188,8 +188,8 @@ struct m1c_host {
         M1C_PRINTF(4, 5);
 
     /* Since ABI 1.1. n independent gemm_ex products (none writes what another reads or writes), in
-     * any order or at once, with the results of n gemm_ex calls in a row up to f32 summation order (the
-     * same bits for the same call every time): on the GPU the core runs them concurrently on streams of
+     * any order or at once, with the results of n gemm_ex calls in a row up to f32 summation order
+     * (deterministic: the same sequence of calls gives the same bits): on the GPU the core runs them concurrently on streams of
      * its own, after everything queued on `stream` before the call and before everything queued on it
      * after. For many products too small to fill the GPU alone (a MoE's
      * per-expert products). Returns M1C_ERR (the plugin's error set, nothing run) for dtypes the device

@@ -304,8 +304,9 @@ static int lightning_acts(void *self, int B, int T, m1c_buf_spec *specs, int max
     if (L->fused) {
         /* The fused CUDA kernels recompute the states in backward: no per-block states to keep. They keep
          * attn_out head-major as the core wrote it, SiLU(q, k, v) head-major (3, B*nh, T, hd) for the
-         * backward's products, and the bf16 layer input and y for the weight-gradient GEMMs (each 2 bytes
-         * an element: 3 N D + N H + N D more, no pass over pre, o, g or the input to redo them). */
+         * backward's products, and the bf16 layer input (unless the core keeps it: lp_inputs) and y for
+         * the weight-gradient GEMMs (each 2 bytes an element: 3 N D + N H + N D more, no pass over pre, o, g
+         * or the input to redo them). */
         s[A_KV] = spec("self_attn.kv_blocks", 4, 1, 1, 1, 1);
         /* qkv_pre holds both projections' outputs side by side, [qkv | gate] (B*T, 4*nh*hd), so that each
          * projection is one GEMM forward and backward (lightning.cu, ld_pre); gate_pre is unused. */

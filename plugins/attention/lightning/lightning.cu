@@ -3,8 +3,8 @@
  *   fused (BF16 at head_dim 64 and 128, the default there): the attention is lightning_core.cuh's fused
  *     kernels (forward O = core(Q, K, V); backward dQ, dK, dV as three more passes, written in bf16 for
  *     SiLU's backward); the qkv and gate projections are one GEMM each way ([pre | g] in rows of 4D:
- *     ld_pre); training keeps SiLU(q, k, v) head-major, O, the bf16 input and the gated output for
- *     backward, and the norm's weight gradient is summed in its backward kernel (fixed order);
+ *     ld_pre); training keeps SiLU(q, k, v) head-major, O, the bf16 input (unless the core keeps it:
+ *     lp_inputs) and the gated output for backward, and the norm's weight gradient is summed in its backward kernel (fixed order);
  *   blocked (F32, other head sizes, or asked for): the chunked form, per-block products as
  *     strided-batched cuBLAS GEMMs over every (sequence, head, block) at once (bf16 tensor cores with f32
  *     accumulation for BF16, plain FP32 for F32), a prefix scan over blocks for the f32 KV state, fused
@@ -370,7 +370,8 @@ __device__ static inline void pack(pack8<float> &p, const float *v) {
 #pragma unroll
     for (int j = 0; j < 8; j++) p.v[j] = v[j];
 }
-__device__ static inline void pack(pack8<bf16> &p, const float *v) { /* exact for values rounded to bf16 */
+/* rounds to nearest even (exact for values that are bf16 already) */
+__device__ static inline void pack(pack8<bf16> &p, const float *v) {
     p.u = make_uint4(vec_bf16x2(v[0], v[1]), vec_bf16x2(v[2], v[3]), vec_bf16x2(v[4], v[5]), vec_bf16x2(v[6], v[7]));
 }
 __device__ static inline void unpack(float *v, const pack8<float> &p) {
