@@ -186,21 +186,31 @@ static int32_t *embed_sort(cudaStream_t st, const int32_t *ids, int n) {
     return w;
 }
 
-/* A sort queued ahead by m1c_cuda_embed_prepare, per host thread: for which ids, and its event. */
-typedef struct embed_ahead {
-    const int32_t *ids;
+/* Work a training forward queued for its backward (the embedding's sort, the head's q W), per host
+ * thread: for which input (key, rows), whether still unclaimed, and the event after it where it ran on
+ * another stream. */
+typedef struct queued_ahead {
+    const void *key;
     int64_t N;
     cudaEvent_t done;
     int valid;
-} embed_ahead;
+} queued_ahead;
+enum { AHEAD_EMBED, AHEAD_HEAD, N_AHEAD };
 
-static embed_ahead *ahead(void) {
-    static thread_local embed_ahead a;
-    return &a;
+static queued_ahead *ahead(int which) {
+    static thread_local queued_ahead a[N_AHEAD];
+    return &a[which];
+}
+
+/* Whether the work queued ahead is for (key, N); either way it is claimed. */
+static bool ahead_claim(queued_ahead *a, const void *key, int64_t N) {
+    const bool ok = a->valid && a->key == key && a->N == N;
+    a->valid = 0;
+    return ok;
 }
 
 extern "C" void m1c_cuda_embed_prepare(const int32_t *ids, int64_t N) {
-    embed_ahead *a = ahead();
+    queued_ahead *a = ahead(AHEAD_EMBED);
     a->valid = 0;
     cudaStream_t bg = (cudaStream_t)m1c_cuda_background_stream();
     if (N <= 0 || N > INT32_MAX || !bg) return; /* the backward sorts for itself */
@@ -212,7 +222,7 @@ extern "C" void m1c_cuda_embed_prepare(const int32_t *ids, int64_t N) {
     m1c_cuda_order(bg, cs()); /* after the ids were written */
     if (!embed_sort(bg, ids, (int)N)) return;
     check(cudaEventRecord(a->done, bg), "cudaEventRecord (embedding sort)");
-    a->ids = ids, a->N = N, a->valid = 1;
+    a->key = ids, a->N = N, a->valid = 1;
 }
 
 extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const int32_t *ids, int64_t N, int H) {
@@ -222,15 +232,14 @@ extern "C" void m1c_cuda_embed_backward(float *dwte, const float *dout, const in
         return;
     }
     const int n = (int)N;
-    embed_ahead *a = ahead();
+    queued_ahead *a = ahead(AHEAD_EMBED);
     int32_t *w;
-    if (a->valid && a->ids == ids && a->N == N) { /* sorted beside the forward */
+    if (ahead_claim(a, ids, N)) { /* sorted beside the forward */
         check(cudaStreamWaitEvent(cs(), a->done, 0), "cudaStreamWaitEvent (embedding sort)");
         w = (int32_t *)cached(SLOT_EMBED_IDX, 7 * (int64_t)n + 1, sizeof(int32_t), "embedding backward");
     } else {
         w = embed_sort(cs(), ids, n);
     }
-    a->valid = 0;
     if (!w) return;
     const int32_t *skey = w + 2 * (int64_t)n, *spos = w + 3 * (int64_t)n, *start = w + 4 * (int64_t)n;
     const int32_t *len = w + 5 * (int64_t)n, *nruns = w + 7 * (int64_t)n;
@@ -959,19 +968,6 @@ extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, 
     check_launch("head log-softmax");
 }
 
-/* The backward's product Z = q W (SLOT_Z) queued ahead by m1c_cuda_head_prepare, per host thread: for
- * which q and rows. */
-typedef struct head_ahead {
-    const void *q;
-    int64_t N;
-    int valid;
-} head_ahead;
-
-static head_ahead *head_z(void) {
-    static thread_local head_ahead a;
-    return &a;
-}
-
 /* Z = q W for a backward from q (precision 2): its one product that needs no dlogp. */
 static float *head_z_product(int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H, int V) {
     float *Z = (float *)cached(SLOT_Z, N * H, 4, "LM head");
@@ -983,10 +979,10 @@ static float *head_z_product(int precision, const void *q, const float *W, const
 
 extern "C" void m1c_cuda_head_prepare(int precision, const void *q, const float *W, const void *W_lp, int64_t N,
                                       int H, int V) {
-    head_ahead *a = head_z();
+    queued_ahead *a = ahead(AHEAD_HEAD); /* the backward's q W, into SLOT_Z on the core's stream */
     a->valid = 0;
     if (N <= 0 || !q || precision != 2 || !head_z_product(precision, q, W, W_lp, N, H, V)) return;
-    a->q = q, a->N = N, a->valid = 1;
+    a->key = q, a->N = N, a->valid = 1;
 }
 
 /* The dlogits go once into the form both products use: f32 in place of the logits at precisions 0 and
@@ -1000,10 +996,8 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
         /* dlogits = g q with g = dlogp per row: dh += g (q W), dW += q^T (g h); no pass over the logits.
          * q W may have been queued at the end of the forward (m1c_cuda_head_prepare). */
         const head_op Q = {q, NULL};
-        head_ahead *a = head_z();
-        float *Z = a->valid && a->q == q && a->N == N ? (float *)cached(SLOT_Z, N * H, 4, "LM head")
-                                                      : head_z_product(precision, q, W, W_lp, N, H, V);
-        a->valid = 0;
+        float *Z = ahead_claim(ahead(AHEAD_HEAD), q, N) ? (float *)cached(SLOT_Z, N * H, 4, "LM head")
+                                                        : head_z_product(precision, q, W, W_lp, N, H, V);
         if (!Z) return;
         const bool v4 = H % 4 == 0 && aligned16(dh) && aligned16(h); /* Z and hs are cudaMalloc'd */
         if (v4)
