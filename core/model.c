@@ -459,7 +459,7 @@ int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *
     int64_t N = (int64_t)B * T;
     prof_start(m, r);
     if (m->device != M1C_DEVICE_CPU) {
-        /* not waited for: the copy of logp below waits, after them on the stream */
+        /* not waited for: m1c_dev_copy_wait after the copy of logp below waits for them too */
         m1c_dev_copy_async(m->device, r->ids, M1C_DEVICE_CPU, r->ids_host, (size_t)N * sizeof *r->ids);
         m1c_dev_copy_async(m->device, r->targets, M1C_DEVICE_CPU, r->targets_host, (size_t)N * sizeof *r->targets);
     }

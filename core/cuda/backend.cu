@@ -109,6 +109,16 @@ extern "C" int m1c_cuda_device_count(void) {
     return n;
 }
 
+extern "C" int m1c_cuda_sm_count(void) {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        n < 1) {
+        (void)cudaGetLastError(); /* unknown: not an error of the next launch's */
+        return 0;
+    }
+    return n;
+}
+
 extern "C" void m1c_cuda_device_name(char *buf, int n) {
     cudaDeviceProp p;
     int dev = 0;
@@ -279,11 +289,7 @@ static lt_state *lt_get(void) {
         abort();
     }
     lt_check(cublasLtCreate(&s->h), "cublasLtCreate");
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-        (void)cudaGetLastError();
-        s->sms = 0;
-    }
+    s->sms = m1c_cuda_sm_count();
     check(cudaMalloc(&s->ws, LT_WORKSPACE), "cudaMalloc (cuBLASLt workspace)");
     return *slot = s;
 }

@@ -32,6 +32,8 @@ void *m1c_cuda_background_stream(void);
 void m1c_cuda_order(void *waiter, void *waitee);
 
 int m1c_cuda_device_count(void);
+/* The current device's multiprocessors; 0 if they cannot be read. */
+int m1c_cuda_sm_count(void);
 /* The current device's name ("NVIDIA H100 80GB HBM3", ...); "" if none. */
 void m1c_cuda_device_name(char *buf, int n);
 void *m1c_cuda_alloc(size_t bytes);

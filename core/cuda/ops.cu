@@ -887,13 +887,8 @@ __global__ static void head_scale_rows(__nv_bfloat16 *hs, const float *h, const 
 
 /* Multiprocessors of the current device (for grids of one block per SM); 132 if it cannot be read. */
 static int sm_count(void) {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        n < 1) {
-        (void)cudaGetLastError();
-        return 132;
-    }
-    return n;
+    const int n = m1c_cuda_sm_count();
+    return n > 0 ? n : 132;
 }
 
 /* dlogits = dlogp * (onehot - softmax) from the logits, written where the head's precision P wants them:

@@ -71,36 +71,30 @@ static inline size_t tc_smem_max(int hd) {
     return m;
 }
 
+/* kernel's dynamic shared memory allowed up to n bytes, *bytes = n (the size refused, if it is). */
+template <typename K> static inline cudaError_t tc_allow(K kernel, size_t n, size_t *bytes) {
+    *bytes = n;
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)n);
+}
+
+template <int HD> static inline cudaError_t tc_raise_smem_hd(size_t *bytes) {
+    cudaError_t e;
+    if ((e = tc_allow(fa_fwd_kernel<HD>, sizeof(fa_fwd_smem<HD>), bytes)) != cudaSuccess ||
+        (e = tc_allow(fa_bwd_kv_kernel<HD>, sizeof(fa_dkv_smem<HD>), bytes)) != cudaSuccess ||
+        (e = tc_allow(fa_bwd_q_kernel<HD>, sizeof(fa_dq_smem<HD>), bytes)) != cudaSuccess || !wg_available())
+        return e;
+    if ((e = tc_allow(fw_fwd_kernel<HD>, wg_smem_bytes<fw_fwd_smem<HD>>(), bytes)) != cudaSuccess ||
+        (e = tc_allow(fw_bwd_kv_kernel<HD>, wg_smem_bytes<fw_dkv_smem<HD>>(), bytes)) != cudaSuccess)
+        return e;
+    return tc_allow(fw_bwd_q_kernel<HD>, wg_smem_bytes<fw_dq_smem<HD>>(), bytes);
+}
+
 /* Allows the tensor-core kernels of head_dim hd (64 or 128) their dynamic shared memory (above the
  * default 48 KB); once per device before they launch. On failure *bytes is the size refused. */
 static inline cudaError_t tc_raise_smem(int hd, size_t *bytes) {
-    const cudaFuncAttribute at = cudaFuncAttributeMaxDynamicSharedMemorySize;
     *bytes = 0;
     if (hd != 64 && hd != 128) return cudaErrorInvalidValue;
-    cudaError_t e;
-    *bytes = hd == 64 ? sizeof(fa_fwd_smem<64>) : sizeof(fa_fwd_smem<128>);
-    e = hd == 64 ? cudaFuncSetAttribute(fa_fwd_kernel<64>, at, (int)*bytes)
-                 : cudaFuncSetAttribute(fa_fwd_kernel<128>, at, (int)*bytes);
-    if (e != cudaSuccess) return e;
-    *bytes = hd == 64 ? sizeof(fa_dkv_smem<64>) : sizeof(fa_dkv_smem<128>);
-    e = hd == 64 ? cudaFuncSetAttribute(fa_bwd_kv_kernel<64>, at, (int)*bytes)
-                 : cudaFuncSetAttribute(fa_bwd_kv_kernel<128>, at, (int)*bytes);
-    if (e != cudaSuccess) return e;
-    *bytes = hd == 64 ? sizeof(fa_dq_smem<64>) : sizeof(fa_dq_smem<128>);
-    e = hd == 64 ? cudaFuncSetAttribute(fa_bwd_q_kernel<64>, at, (int)*bytes)
-                 : cudaFuncSetAttribute(fa_bwd_q_kernel<128>, at, (int)*bytes);
-    if (e != cudaSuccess || !wg_available()) return e;
-    *bytes = hd == 64 ? wg_smem_bytes<fw_fwd_smem<64>>() : wg_smem_bytes<fw_fwd_smem<128>>();
-    e = hd == 64 ? cudaFuncSetAttribute(fw_fwd_kernel<64>, at, (int)*bytes)
-                 : cudaFuncSetAttribute(fw_fwd_kernel<128>, at, (int)*bytes);
-    if (e != cudaSuccess) return e;
-    *bytes = hd == 64 ? wg_smem_bytes<fw_dkv_smem<64>>() : wg_smem_bytes<fw_dkv_smem<128>>();
-    e = hd == 64 ? cudaFuncSetAttribute(fw_bwd_kv_kernel<64>, at, (int)*bytes)
-                 : cudaFuncSetAttribute(fw_bwd_kv_kernel<128>, at, (int)*bytes);
-    if (e != cudaSuccess) return e;
-    *bytes = hd == 64 ? wg_smem_bytes<fw_dq_smem<64>>() : wg_smem_bytes<fw_dq_smem<128>>();
-    return hd == 64 ? cudaFuncSetAttribute(fw_bwd_q_kernel<64>, at, (int)*bytes)
-                    : cudaFuncSetAttribute(fw_bwd_q_kernel<128>, at, (int)*bytes);
+    return hd == 64 ? tc_raise_smem_hd<64>(bytes) : tc_raise_smem_hd<128>(bytes);
 }
 
 /* D (B, nh, T) = rowsum(dO * O) over the B*T*nh rows of hd (see rowdot_kernel). B, T, nh >= 1. */
