@@ -1,5 +1,5 @@
 /* The MoE-slot plugins (topk, dense) on CUDA against their CPU reference, for compute dtypes F32 and
- * BF16 and both BF16 expert-GEMM paths of topk (expert_gemm = "cublas" / "grouped"): routing
+ * BF16 and every BF16 expert-GEMM path of topk (expert_gemm = "auto" / "cublas" / "grouped"): routing
  * (identical), forward, every gradient, statistics; jitter on the GPU; repeatability. Skipped where the
  * build has no CUDA or the machine has no GPU (but the settings test, which needs neither). */
 #include <criterion/criterion.h>
@@ -107,10 +107,11 @@ static int try_create(const char *body, int device) {
     return th_try_create("topk", M1C_KIND_MOE, body, &info, NULL);
 }
 
-/* expert_gemm takes "cublas" and "grouped" (the CPU reads and ignores it, so one config serves both
- * devices); anything else is refused with a message naming the key. */
+/* expert_gemm takes "auto", "cublas" and "grouped" (the CPU reads and ignores it, so one config serves
+ * both devices); anything else is refused with a message naming the key. */
 Test(topk_settings, expert_gemm) {
     m1c_plugin *p = th_plugin("topk", M1C_KIND_MOE);
+    cr_expect_eq(try_create("expert_gemm = \"auto\";", M1C_DEVICE_CPU), M1C_OK, "auto refused: %s", p->error);
     cr_expect_eq(try_create("expert_gemm = \"cublas\";", M1C_DEVICE_CPU), M1C_OK, "cublas refused: %s", p->error);
     cr_expect_eq(try_create("expert_gemm = \"grouped\";", M1C_DEVICE_CPU), M1C_OK, "grouped refused: %s", p->error);
     cr_expect_eq(try_create("expert_gemm = \"fast\";", M1C_DEVICE_CPU), M1C_ERR);
@@ -142,8 +143,8 @@ typedef struct topk_case {
     int drops, skew;
 } topk_case;
 
-/* The expert GEMMs (setting expert_gemm): the default (cublas), or as named. F32 runs per expert
- * whatever the setting. */
+/* The expert GEMMs (setting expert_gemm): the default (auto), or as named. F32 runs per expert whatever
+ * the setting. */
 enum { GEMM_DEFAULT, GEMM_CUBLAS, GEMM_GROUPED };
 static th_text with_gemm(const char *settings, int gemm) {
     th_text t;
@@ -237,12 +238,14 @@ static void compare_topk(const topk_case *tc, int cdt, int gemm) {
     th_layer_free(g);
 }
 
-/* Each case on F32, on BF16 through the default per-expert cuBLAS calls and on BF16 through the grouped
- * GEMM (Criterion runs each test in its own process). */
+/* Each case on F32, and on BF16 through each expert_gemm: the default ("auto": the Hopper forward on an
+ * sm_90a device where the sizes allow, per-expert cuBLAS otherwise), "cublas" and "grouped" (Criterion runs
+ * each test in its own process). */
 #define TOPK_TESTS(name, ...)                                                                            \
     static const topk_case name##_case = {__VA_ARGS__};                                                  \
     Test(topk_cuda, name##_f32) { compare_topk(&name##_case, M1C_F32, GEMM_DEFAULT); }                  \
     Test(topk_cuda, name##_bf16) { compare_topk(&name##_case, M1C_BF16, GEMM_DEFAULT); }                \
+    Test(topk_cuda, name##_bf16_cublas) { compare_topk(&name##_case, M1C_BF16, GEMM_CUBLAS); }          \
     Test(topk_cuda, name##_bf16_grouped) { compare_topk(&name##_case, M1C_BF16, GEMM_GROUPED); }
 
 #define TOP2 "experts = 4; top_k = 2; ffn_dim = 24; aux_coef = 0.01;"
@@ -283,10 +286,18 @@ TOPK_TESTS(wide_h1100, "experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.01;", 
  * more), each of 167 tokens. */
 TOPK_TESTS(experts_300, "experts = 300; top_k = 2; ffn_dim = 8; aux_coef = 0.01;", 300, 2, 4, 250, 20, 21, 0, 0)
 
-/* The setting named explicitly, and F32 with "grouped" (which F32 ignores: per-expert calls). */
-Test(topk_cuda, uneven_empty_expert_bf16_cublas_named) {
-    compare_topk(&uneven_empty_expert_case, M1C_BF16, GEMM_CUBLAS);
-}
+/* Sizes that span several tiles of the Hopper forward products ("auto" on an sm_90a device, expert_wg.cuh;
+ * per-expert cuBLAS elsewhere): uneven loads and an empty expert (row tiles of 128 ending inside an
+ * expert, one expert with none), H 264 (down's columns in a full and a partial tile of 256, gate/up's K
+ * steps of 64 with a partial last one), F 384 (gate/up's 768 columns in three tiles). */
+TOPK_TESTS(wg_uneven_empty_expert, "experts = 4; top_k = 2; ffn_dim = 384; aux_coef = 0.01;", 4, 2, 4, 100, 264, 23,
+           0, 1)
+/* ... with drops (capacity ceil(0.5 * 64 / 8) = 4: the kept rows end well before the buffer's), 8 experts
+ * of a few rows each, H 72, F 128. */
+TOPK_TESTS(wg_capacity_drops, "experts = 8; top_k = 2; ffn_dim = 128; capacity_factor = 0.5; aux_coef = 0.01;", 8,
+           2, 4, 8, 72, 24, 1, 0)
+
+/* F32 with "grouped" (which F32 ignores: per-expert calls). */
 Test(topk_cuda, capacity_drops_f32_grouped_ignored) { compare_topk(&capacity_drops_case, M1C_F32, GEMM_GROUPED); }
 
 /* The ranking at a size no routing comparison with the CPU can reach (300000 assignments: near-ties are
@@ -397,6 +408,7 @@ static void backward_accumulates(int cdt, int gemm) {
     th_layer_free(g);
 }
 Test(topk_cuda, backward_accumulates_f32) { backward_accumulates(M1C_F32, GEMM_DEFAULT); }
+Test(topk_cuda, backward_accumulates_bf16) { backward_accumulates(M1C_BF16, GEMM_DEFAULT); }
 Test(topk_cuda, backward_accumulates_bf16_grouped) { backward_accumulates(M1C_BF16, GEMM_GROUPED); }
 
 /* The per-expert path copies the expert offsets and counts to the host in its forward and the backward

@@ -21,12 +21,16 @@
  * Device CUDA (built with CUDA): the same math in topk.cu; this file declares its buffers (expert rows,
  * the expert outputs, GEMM operands and the d SwiGLU output in the compute dtype: topk.cu's header says
  * which are bf16 in BF16 and why) and hands it the pointers. The setting expert_gemm picks how CUDA
- * runs the BF16 expert GEMMs: "cublas" (default: one cuBLASLt product per expert, all of a step in one
- * h->gemm_group call that runs them concurrently; it needs the expert offsets on the host: one
- * asynchronous copy per forward, waited for after the gather is queued, reused by its backward) or
- * "grouped" (one tensor-core kernel per product reading the offsets on the device: no host wait, but
- * slower GEMMs than cuBLAS on large experts). F32 always uses the per-expert calls; the CPU ignores the
- * setting. */
+ * runs the BF16 expert GEMMs:
+ *   "cublas": one cuBLASLt product per expert, all of a step in one h->gemm_group call that runs them
+ *     concurrently. It needs the expert offsets on the host: one asynchronous copy per forward, waited
+ *     for after the gather is queued, reused by its backward.
+ *   "auto" (default): on an sm_90a device the forward's two products in topk's Hopper kernel (one
+ *     launch per product for all experts, offsets read on the device: the forward never waits for the
+ *     host), the backward as "cublas" (its offsets copied during the forward); "cublas" elsewhere.
+ *   "grouped": one portable tensor-core kernel per product reading the offsets on the device, forward
+ *     and backward: no host wait, but slower GEMMs than cuBLAS on large experts.
+ * F32 always uses the per-expert calls; the CPU ignores the setting. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,7 +44,7 @@
 #include "../topk_cuda.cuh" /* the A_STATS / A_COUNTS layouts, and the CUDA entry points */
 
 /* expert_gemm: the CUDA path's BF16 expert GEMMs (see the file header). */
-static const char *const expert_gemm_choices[] = {"cublas", "grouped", NULL};
+static const char *const expert_gemm_choices[] = {"auto", "cublas", "grouped", NULL};
 
 typedef struct topk {
     const m1c_host *h;
@@ -48,6 +52,8 @@ typedef struct topk {
     double aux_coef, jitter, capacity_factor;
     int normalize;
     int grouped;               /* expert_gemm = "grouped" */
+    void *xw_enc;              /* CUDA, "auto" on sm_90a: the Hopper kernel's map encoder, else NULL */
+    int xw_grid;               /* CUDA, with xw_enc: its persistent grid */
     int device, cdt;           /* m1c_device; compute dtype (CUDA only: the CPU is f32 throughout) */
     int32_t *h_off, *h_cnt;    /* CUDA: host copies of the offsets (E+1) and counts (2+2E), pinned */
     void *copied;              /* CUDA: the event marking their copy (topk_cuda_host_tables) */
@@ -103,10 +109,9 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
     if (h->get_float(h, s, "jitter", 0.0, 0.0, 1.0, &jit) != M1C_OK) return M1C_ERR;
     if (h->get_float(h, s, "capacity_factor", 0.0, 0.0, 1e6, &cf) != M1C_OK) return M1C_ERR;
     if (h->get_bool(h, s, "normalize", 1, &norm) != M1C_OK) return M1C_ERR;
-    /* "cublas": per-expert cuBLAS calls (fast GEMMs, one host wait per call); "grouped": one grouped
-     * tensor-core kernel per product (BF16 only, no host wait, slower GEMMs). Read on every device so
-     * that one config serves the CPU and CUDA; F32 and the CPU ignore it. */
-    if (h->get_string(h, s, "expert_gemm", "cublas", expert_gemm_choices, &gemm) != M1C_OK) return M1C_ERR;
+    /* "auto", "cublas" or "grouped" (the file header says what each runs). Read on every device so that
+     * one config serves the CPU and CUDA; F32 and the CPU ignore it. */
+    if (h->get_string(h, s, "expert_gemm", "auto", expert_gemm_choices, &gemm) != M1C_OK) return M1C_ERR;
     if (h->settings_done(h, s) != M1C_OK) return M1C_ERR;
     if (k > E) return h->error(h, "top_k: %lld is larger than experts = %lld", (long long)k, (long long)E);
     if (info->device == M1C_DEVICE_CUDA && E > TOPK_CUDA_MAX_E)
@@ -134,6 +139,7 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
         if (!rc) rc = topk_cuda_host_tables(h, (int)E, &m->h_off, &m->copied);
         if (!rc) m->h_cnt = m->h_off + E + 1, m->h_st = (float *)(void *)(m->h_cnt + 2 + 2 * E);
         if (!rc && m->grouped && m->cdt == M1C_BF16) rc = topk_cuda_setup_grouped(h);
+        if (!rc && strcmp(gemm, "auto") == 0 && m->cdt == M1C_BF16) topk_cuda_setup_xw(&m->xw_enc, &m->xw_grid);
         if (rc) {
             topk_destroy(m);
             return M1C_ERR;
@@ -232,6 +238,7 @@ static int cuda_args(topk *m, const m1c_layer_bufs *b, int N, int backward, topk
     a->stream = b->stream;
     a->N = N, a->H = m->H, a->E = m->E, a->k = m->k, a->F = m->F, a->cdt = m->cdt;
     a->normalize = m->normalize, a->training = b->training, a->grouped = m->grouped;
+    a->xw_enc = m->xw_enc, a->xw_grid = m->xw_grid;
     a->cap = m->capacity_factor > 0 ? (int64_t)ceil(m->capacity_factor * N * m->k / m->E) : INT64_MAX;
     a->aux_coef = m->aux_coef, a->jitter = m->jitter, a->aux_scale = b->aux_scale, a->noise_seed = b->noise_seed;
     a->Wr = b->params[P_ROUTER].data; /* f32 always: the router stays FP32 */

@@ -57,6 +57,7 @@
 #include "../moe_cuda.cuh"
 #include "../topk_route.h"
 #include "../topk_cuda.cuh"
+#include "expert_wg.cuh"
 
 /* ---- CUDA kernels ------------------------------------------------------------------------------ */
 
@@ -1037,6 +1038,23 @@ static void prof_end(moe_prof *p, const char *what, const topk_cuda_args *a) {
 
 /* The BF16 expert GEMMs in the grouped kernel (setting expert_gemm = "grouped"); F32 always per expert. */
 static bool use_grouped(const topk_cuda_args *a) { return a->grouped && a->cdt == M1C_BF16; }
+/* The forward's expert products in the Hopper kernel (expert_wg.cuh): expert_gemm = "auto" with BF16 on
+ * an sm_90a device (a->xw_enc set) and sizes and buffers it takes. The backward then runs per expert in
+ * cuBLAS, with the offsets the forward copied to the host without waiting for them. */
+static bool use_xw(const topk_cuda_args *a) {
+    const void *ops[] = {a->xs, a->gu, a->act, a->Y, a->Wgu, a->Wd};
+    return a->cdt == M1C_BF16 && a->xw_enc && xw_fits(a->H, a->F, ops, 6);
+}
+/* C = A W_e^T in the Hopper kernel (see xw_gemm), its failure reported. */
+static int xw_product(const topk_cuda_args *a, void *C, int N, const void *A, int64_t lda, const void *W, int K) {
+    const m1c_host *h = a->h;
+    const xw_args p = {(__nv_bfloat16 *)C, a->off, N, a->E, N, 0};
+    if (xw_gemm((tma_encode_fn)a->xw_enc, a->xw_grid, (cudaStream_t)a->stream, p, (const __nv_bfloat16 *)A, lda,
+                (int64_t)a->N * a->k, (const __nv_bfloat16 *)W, K, (int64_t)N * K, K))
+        return h->error(h, "topk: cuTensorMapEncodeTiled refused an expert operand (%d x %d, K %d)", a->N * a->k, N, K);
+    MOE_LAUNCH_CHECK(h, "xw_kernel");
+    return M1C_OK;
+}
 
 /* Per-expert products (expert_gemm = "cublas") queued for one gemm_group call: each alone fills the GPU
  * poorly (~350 TFLOP/s for the narrower ones on an H200), together they run concurrently, and the
@@ -1240,7 +1258,7 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F;
     const int64_t Nk = (int64_t)N * k;
     const int jit = a->jitter > 0 && a->training;
-    const bool grouped = use_grouped(a);
+    const bool grouped = use_grouped(a), xw = use_xw(a);
     if (k > RK_CHUNK) return h->error(h, "topk: top_k %d above %d is not supported on CUDA", k, (int)RK_CHUNK);
     if (E > TOPK_CUDA_MAX_E)
         return h->error(h, "topk: experts %d above %d are not supported on CUDA", E, (int)TOPK_CUDA_MAX_E);
@@ -1301,10 +1319,24 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     const int32_t *R = a->off + E;
     CALL(gather<T>(a, s, xs, in, Nk));
     prof_mark(pf, "gather");
-    if (!grouped) {
+    if (xw) {
+        *a->h_src = a->off; /* the backward waits for the copy, long done by then */
+    } else if (!grouped) {
         MOE_CUDA_CHECK(h, cudaEventSynchronize((cudaEvent_t)a->copied));
         *a->h_src = a->off;
         prof_mark(pf, "offsets_to_host");
+    }
+    if (xw) { /* gate/up, the SwiGLU, down */
+        CALL(xw_product(a, GU, 2 * F, xs, H, Wgu, H));
+        prof_mark(pf, "gemm_gate_up");
+        moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(Nk, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
+        MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
+        prof_mark(pf, "swiglu");
+        CALL(xw_product(a, a->Y, H, act, F, Wd, F));
+        prof_mark(pf, "gemm_down");
+        CALL(combine<T>(a, s, out));
+        prof_mark(pf, "combine");
+        return M1C_OK;
     }
     const int64_t rows = grouped ? Nk : a->h_off[E];
     expert_queue queue = {a->queue, 0}, *q = grouped ? NULL : &queue;
@@ -1328,10 +1360,12 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     const m1c_host *h = a->h;
     cudaStream_t s = (cudaStream_t)a->stream;
     const int N = a->N, H = a->H, E = a->E, k = a->k, F = a->F;
-    const bool grouped = use_grouped(a);
+    const bool grouped = use_grouped(a), xw = use_xw(a);
     int64_t rows = (int64_t)N * k;
     if (!grouped) { /* per-expert calls: the offsets on the host, and the checks they allow */
-        if (*a->h_src != a->off) { /* not copied by this run's forward (or another run's since): copy now */
+        if (*a->h_src == a->off && xw) { /* queued by this run's forward, which did not wait for them */
+            MOE_CUDA_CHECK(h, cudaEventSynchronize((cudaEvent_t)a->copied));
+        } else if (*a->h_src != a->off) { /* not copied by this run's forward (or another run's since): copy now */
             CALL(tables_to_host(a, s, false));
             float jit_f = 0.0f;
             MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
@@ -1396,6 +1430,13 @@ extern "C" int topk_cuda_setup_grouped(const m1c_host *h) {
     if (e == cudaSuccess) e = gg_allow_smem<GG_TN, float>();
     if (e != cudaSuccess) return h->error(h, "topk: cudaFuncSetAttribute (grouped GEMM): %s", cudaGetErrorString(e));
     return M1C_OK;
+}
+
+extern "C" void topk_cuda_setup_xw(void **xw_enc, int *xw_grid) {
+    *xw_enc = NULL, *xw_grid = 0;
+    const tma_encode_fn enc = wg_available() ? tma_encoder() : NULL;
+    if (enc && xw_setup(xw_grid) == cudaSuccess) *xw_enc = reinterpret_cast<void *>(enc);
+    else (void)cudaGetLastError(); /* no Hopper kernel here: cuBLAS runs the forward too */
 }
 
 extern "C" int topk_cuda_forward(const topk_cuda_args *a, float *out, const float *in) {
