@@ -1,7 +1,8 @@
-/* The MoE forward's expert products in topk's Hopper kernel (plugins/moe/topk/expert_wg.cuh, expert_gemm =
- * "auto" on an sm_90a device), one table: per product the median time over the repetitions and its
- * TFLOP/s, beside cuBLAS running the same expert products one after another (cublasGemmEx, bf16 in and
- * out, f32 accumulation; m1c_bench_gemm has the core's concurrent per-expert path, topk's "cublas").
+/* The MoE's expert products in topk's Hopper kernels (plugins/moe/topk/expert_wg.cuh, expert_gemm = "auto"
+ * on an sm_90a device), one table: per launch the median time over the repetitions and its TFLOP/s,
+ * beside cuBLAS running the same expert products one after another (cublasGemmEx, bf16 operands, f32
+ * accumulation; m1c_bench_gemm has the core's concurrent per-expert path, topk's "cublas"). The forward's
+ * two products; the backward's two launches, each a row product and a weight gradient (f32, added into).
  *
  *   m1c_bench_experts [--rows 32768] [--experts 8] [--hidden 768] [--ffn 1024] [--reps 20] [--uneven]
  *
@@ -45,8 +46,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--uneven")) uneven = 1;
         else bad = 1;
     }
-    if (bad || E < 1 || E > 64 || R < E || H < 8 || H % 8 || F < 8 || F % 8 || reps < 1) {
-        fprintf(stderr, "usage: m1c_bench_experts [--rows N] [--experts 1..64] [--hidden N] [--ffn N] [--reps N] "
+    if (bad || E < 1 || E > XW_MAX_E || R < E || H < 8 || H % 8 || F < 8 || F % 8 || reps < 1) {
+        fprintf(stderr, "usage: m1c_bench_experts [--rows N] [--experts 1..32] [--hidden N] [--ffn N] [--reps N] "
                         "[--uneven]   (hidden and ffn multiples of 8)\n");
         return 1;
     }
@@ -68,37 +69,74 @@ int main(int argc, char **argv) {
     bf *xs = alloc_fill((int64_t)R * H, 1, 1.0f), *Wgu = alloc_fill(E * F2 * H, 2, 0.03f);
     bf *Wd = alloc_fill((int64_t)E * H * F, 3, 0.03f), *gu = alloc_fill(R * F2, 4, 0.0f);
     bf *act = alloc_fill((int64_t)R * F, 5, 1.0f), *Y = alloc_fill((int64_t)R * H, 6, 0.0f);
+    bf *dy = alloc_fill((int64_t)R * H, 7, 1.0f), *dact = alloc_fill((int64_t)R * F, 8, 0.0f);
+    bf *dgu = alloc_fill(R * F2, 9, 1.0f), *dx = alloc_fill((int64_t)R * H, 10, 0.0f);
+    float *dWd = NULL, *dWgu = NULL;
+    int *ctr = NULL;
+    CK(cudaMalloc((void **)&dWd, (size_t)E * H * F * sizeof(float)));
+    CK(cudaMalloc((void **)&dWgu, (size_t)E * F2 * H * sizeof(float)));
+    CK(cudaMalloc((void **)&ctr, 2 * sizeof(int)));
+    CK(cudaMemset(dWd, 0, (size_t)E * H * F * sizeof(float)));
+    CK(cudaMemset(dWgu, 0, (size_t)E * F2 * H * sizeof(float)));
+    CK(cudaMemset(ctr, 0, 2 * sizeof(int)));
     CK(cudaDeviceSynchronize());
     cublasHandle_t cb;
     if (cublasCreate(&cb) != CUBLAS_STATUS_SUCCESS) {
         fprintf(stderr, "m1c_bench_experts: cublasCreate failed\n");
         return 1;
     }
-    /* cuBLAS, column-major: row-major C (ne x N) = A (ne x K) W_e^T is C^T = W_e A^T. */
-    auto cublas_products = [&](const bf *A, int lda, const bf *W, int64_t sw, bf *C, int N, int K) {
+    /* cuBLAS, column-major. Row-major C (ne x N) = A (ne x K) op(W_e) is C^T = op(W_e)^T A^T (nt: W_e is N x
+     * K); G_e (M x Ng) += A_e^T B_e is G_e^T = B_e^T A_e. */
+    auto cublas_rows = [&](int nt, const bf *A, int K, const bf *W, bf *C, int N) {
         const float one = 1.0f, zero = 0.0f;
         for (int e = 0; e < E; e++) {
             const int ne = off[e + 1] - off[e];
-            if (!ne) continue;
-            cublasGemmEx(cb, CUBLAS_OP_T, CUBLAS_OP_N, N, ne, K, &one, W + e * sw, CUDA_R_16BF, K,
-                         A + (int64_t)off[e] * lda, CUDA_R_16BF, lda, &zero, C + (int64_t)off[e] * N, CUDA_R_16BF, N,
-                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+            if (ne)
+                cublasGemmEx(cb, nt ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, ne, K, &one, W + (int64_t)e * N * K,
+                             CUDA_R_16BF, nt ? K : N, A + (int64_t)off[e] * K, CUDA_R_16BF, K, &zero,
+                             C + (int64_t)off[e] * N, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        }
+    };
+    auto cublas_grads = [&](const bf *A, int M, const bf *B, int Ng, float *G) {
+        const float one = 1.0f;
+        for (int e = 0; e < E; e++) {
+            const int ne = off[e + 1] - off[e];
+            if (ne)
+                cublasGemmEx(cb, CUBLAS_OP_N, CUBLAS_OP_T, Ng, M, ne, &one, B + (int64_t)off[e] * Ng, CUDA_R_16BF, Ng,
+                             A + (int64_t)off[e] * M, CUDA_R_16BF, M, &one, G + (int64_t)e * M * Ng, CUDA_R_32F, Ng,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         }
     };
     int fail = 0;
-    auto xw = [&](bf *C, int N, const bf *A, int lda, const bf *W, int K) {
-        const xw_args p = {C, doff, N, E, N, 0};
-        fail |= xw_gemm(enc, grid, 0, p, A, lda, R, W, K, (int64_t)N * K, K);
+    auto fwd = [&](bf *C, int N, const bf *A, const bf *W, int K) {
+        const xw_rows r = {C, doff, N, E, N, 0};
+        fail |= xw_forward(enc, grid, 0, r, A, K, R, W, K);
     };
+    auto bwd = [&](bf *C, int N, const bf *A, int K, const bf *W, float *G, const bf *Ag, int M, const bf *Bg, int Ng) {
+        const xw_rows r = {C, doff, N, E, N, 0};
+        fail |= xw_backward(enc, grid, 0, ctr, off, r, A, K, R, W, G, Ag, M, Bg, Ng);
+    };
+    const double g_gu = 2.0 * R * F2 * H * 1e-9, g_down = 2.0 * R * H * F * 1e-9;
     struct row {
         const char *name;
         double gflop;
         float ms_wg, ms_cublas;
-    } rows[2] = {{"gate_up", 2.0 * R * F2 * H * 1e-9, 0, 0}, {"down", 2.0 * R * H * F * 1e-9, 0, 0}};
-    rows[0].ms_wg = bench_median_ms(reps, [&] { xw(gu, (int)F2, xs, H, Wgu, H); });
-    rows[0].ms_cublas = bench_median_ms(reps, [&] { cublas_products(xs, H, Wgu, F2 * H, gu, (int)F2, H); });
-    rows[1].ms_wg = bench_median_ms(reps, [&] { xw(Y, H, act, F, Wd, F); });
-    rows[1].ms_cublas = bench_median_ms(reps, [&] { cublas_products(act, F, Wd, (int64_t)H * F, Y, H, F); });
+    } rows[4] = {{"gate_up", g_gu, 0, 0}, {"down", g_down, 0, 0}, {"dact + dWd", 2 * g_down, 0, 0},
+                 {"drows + dWgu", 2 * g_gu, 0, 0}};
+    rows[0].ms_wg = bench_median_ms(reps, [&] { fwd(gu, (int)F2, xs, Wgu, H); });
+    rows[0].ms_cublas = bench_median_ms(reps, [&] { cublas_rows(1, xs, H, Wgu, gu, (int)F2); });
+    rows[1].ms_wg = bench_median_ms(reps, [&] { fwd(Y, H, act, Wd, F); });
+    rows[1].ms_cublas = bench_median_ms(reps, [&] { cublas_rows(1, act, F, Wd, Y, H); });
+    rows[2].ms_wg = bench_median_ms(reps, [&] { bwd(dact, F, dy, H, Wd, dWd, dy, H, act, F); });
+    rows[2].ms_cublas = bench_median_ms(reps, [&] {
+        cublas_rows(0, dy, H, Wd, dact, F);
+        cublas_grads(dy, H, act, F, dWd);
+    });
+    rows[3].ms_wg = bench_median_ms(reps, [&] { bwd(dx, H, dgu, (int)F2, Wgu, dWgu, dgu, (int)F2, xs, H); });
+    rows[3].ms_cublas = bench_median_ms(reps, [&] {
+        cublas_rows(0, dgu, (int)F2, Wgu, dx, H);
+        cublas_grads(dgu, (int)F2, xs, H, dWgu);
+    });
     if (fail) {
         fprintf(stderr, "m1c_bench_experts: cuTensorMapEncodeTiled refused an operand\n");
         return 1;
@@ -108,9 +146,9 @@ int main(int argc, char **argv) {
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("%s: %d rows over %d experts (%s), H %d, F %d, grid %d blocks, median of %d\n", prop.name, R, E,
            uneven ? "uneven" : "even", H, F, grid, reps);
-    printf("%-10s %10s %10s %12s %10s\n", "product", "ms", "TFLOP/s", "cuBLAS ms", "TFLOP/s");
-    for (int i = 0; i < 2; i++)
-        printf("%-10s %10.4f %10.1f %12.4f %10.1f\n", rows[i].name, rows[i].ms_wg, rows[i].gflop / rows[i].ms_wg,
+    printf("%-14s %10s %10s %12s %10s\n", "launch", "ms", "TFLOP/s", "cuBLAS ms", "TFLOP/s");
+    for (int i = 0; i < 4; i++)
+        printf("%-14s %10.4f %10.1f %12.4f %10.1f\n", rows[i].name, rows[i].ms_wg, rows[i].gflop / rows[i].ms_wg,
                rows[i].ms_cublas, rows[i].gflop / rows[i].ms_cublas);
     cublasDestroy(cb);
     return 0;

@@ -1,5 +1,5 @@
-/* C glue for tests/test_expert_wg_cuda.c: runs topk's Hopper expert product (plugins/moe/topk/expert_wg.cuh)
- * on host arrays of bf16 bits, so that a C test can compare it with a CPU reference. */
+/* C glue for tests/test_expert_wg_cuda.c: runs topk's Hopper expert products (plugins/moe/topk/expert_wg.cuh)
+ * on host arrays of bf16 bits, so that a C test can compare them with a CPU reference. */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -9,50 +9,107 @@
 #include "expert_wg.cuh"
 
 extern "C" {
-/* 1 where this build has the kernel (an sm_90a target) and the current device runs it (compute capability
- * 9.0); the test requires it there, so that it cannot skip on a Hopper GPU. */
+/* 1 where this build has the kernels (an sm_90a target) and the current device runs them (compute
+ * capability 9.0); the test requires them there, so that it cannot skip on a Hopper GPU. */
 int xwt_expected(void);
-/* 1 where the kernel can run now (xwt_expected and the driver's tensor-map encoder found). */
+/* 1 where the kernels can run now (xwt_expected and the driver's tensor-map encoder found). */
 int xwt_available(void);
-/* C (rows x ldc, bf16 bits, read and written back whole) = A W_e^T over the expert row ranges off[0..E]
- * (host), A (rows x K, bf16 bits, row stride K), W (E x N x K bf16 bits). 0 on success, else 1 with err set. */
-int xwt_run(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-            int ldc, char *err, size_t errlen);
+/* The forward: C (rows x ldc, bf16 bits, read and written back whole) = A W_e^T over the expert row ranges
+ * off[0..E] (host), A (rows x K), W (E x N x K), all bf16 bits. 0 on success, else 1 with err set. */
+int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
+                int ldc, char *err, size_t errlen);
+/* The backward's pair, `reps` times on the same buffers: C (rows x ldc, as above) = A W_e with A (rows x
+ * K), W (E x K x N); G (E x M x Ng f32, read and written back) += Ag_e^T Bg_e over each expert's rows, Ag
+ * (rows x M), Bg (rows x Ng). 0 on success, else 1 with err set. */
+int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
+                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, char *err,
+                 size_t errlen);
 }
 
 int xwt_expected(void) { return wg_available(); }
 
 int xwt_available(void) { return wg_available() && tma_encoder() != NULL; }
 
-int xwt_run(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-            int ldc, char *err, size_t errlen) {
-    const size_t na = (size_t)rows * K, nw = (size_t)E * N * K, nc = (size_t)rows * ldc;
-    __nv_bfloat16 *dA = NULL, *dW = NULL, *dC = NULL;
-    int32_t *doff = NULL;
+/* Device copies of the host arrays (NULL host: no copy), freed together. */
+typedef struct dev_bufs {
+    void *p[8];
+    int n;
+} dev_bufs;
+static cudaError_t up(dev_bufs *b, void **d, const void *h, size_t bytes) {
+    cudaError_t e = cudaMalloc(d, bytes);
+    if (e == cudaSuccess) b->p[b->n++] = *d;
+    if (e == cudaSuccess && h) e = cudaMemcpy(*d, h, bytes, cudaMemcpyHostToDevice);
+    return e;
+}
+static void free_all(dev_bufs *b) {
+    for (int i = 0; i < b->n; i++) cudaFree(b->p[i]);
+}
+
+int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
+                int ldc, char *err, size_t errlen) {
+    dev_bufs b = {{0}, 0};
+    void *dA, *dW, *dC, *doff;
     int grid = 0, rc = 1;
     const tma_encode_fn enc = tma_encoder();
     cudaError_t e = enc ? xw_setup(&grid) : cudaErrorNotSupported;
-    if (e == cudaSuccess) e = cudaMalloc((void **)&dA, na * 2);
-    if (e == cudaSuccess) e = cudaMalloc((void **)&dW, nw * 2);
-    if (e == cudaSuccess) e = cudaMalloc((void **)&dC, nc * 2);
-    if (e == cudaSuccess) e = cudaMalloc((void **)&doff, (size_t)(E + 1) * sizeof(int32_t));
-    if (e == cudaSuccess) e = cudaMemcpy(dA, A, na * 2, cudaMemcpyHostToDevice);
-    if (e == cudaSuccess) e = cudaMemcpy(dW, W, nw * 2, cudaMemcpyHostToDevice);
-    if (e == cudaSuccess) e = cudaMemcpy(dC, C, nc * 2, cudaMemcpyHostToDevice);
-    if (e == cudaSuccess) e = cudaMemcpy(doff, off, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyHostToDevice);
+    if (e == cudaSuccess) e = up(&b, &dA, A, (size_t)rows * K * 2);
+    if (e == cudaSuccess) e = up(&b, &dW, W, (size_t)E * N * K * 2);
+    if (e == cudaSuccess) e = up(&b, &dC, C, (size_t)rows * ldc * 2);
+    if (e == cudaSuccess) e = up(&b, &doff, off, (size_t)(E + 1) * sizeof(int32_t));
     if (e == cudaSuccess) {
-        const xw_args p = {dC, doff, ldc, E, N, 0};
-        if (xw_gemm(enc, grid, 0, p, dA, K, rows, dW, K, (int64_t)N * K, K)) {
+        const xw_rows r = {(__nv_bfloat16 *)dC, (const int32_t *)doff, ldc, E, N, 0};
+        if (xw_forward(enc, grid, 0, r, (const __nv_bfloat16 *)dA, K, rows, (const __nv_bfloat16 *)dW, K)) {
             snprintf(err, errlen, "cuTensorMapEncodeTiled refused an operand");
-            goto done;
+            free_all(&b);
+            return 1;
         }
         e = cudaGetLastError();
     }
     if (e == cudaSuccess) e = cudaDeviceSynchronize();
-    if (e == cudaSuccess) e = cudaMemcpy(C, dC, nc * 2, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess) e = cudaMemcpy(C, dC, (size_t)rows * ldc * 2, cudaMemcpyDeviceToHost);
     if (e != cudaSuccess) snprintf(err, errlen, "%s", cudaGetErrorString(e));
     else rc = 0;
-done:
-    cudaFree(dA), cudaFree(dW), cudaFree(dC), cudaFree(doff);
+    free_all(&b);
+    return rc;
+}
+
+int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
+                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, char *err,
+                 size_t errlen) {
+    dev_bufs b = {{0}, 0};
+    void *dA, *dW, *dC, *doff, *dAg, *dBg, *dG, *ctr;
+    int grid = 0, rc = 1;
+    const tma_encode_fn enc = tma_encoder();
+    const size_t gbytes = (size_t)E * M * Ng * sizeof(float);
+    cudaError_t e = enc ? xw_setup(&grid) : cudaErrorNotSupported;
+    if (e == cudaSuccess) e = up(&b, &dA, A, (size_t)rows * K * 2);
+    if (e == cudaSuccess) e = up(&b, &dW, W, (size_t)E * K * N * 2);
+    if (e == cudaSuccess) e = up(&b, &dC, C, (size_t)rows * ldc * 2);
+    if (e == cudaSuccess) e = up(&b, &doff, off, (size_t)(E + 1) * sizeof(int32_t));
+    if (e == cudaSuccess) e = up(&b, &dAg, Ag, (size_t)rows * M * 2);
+    if (e == cudaSuccess) e = up(&b, &dBg, Bg, (size_t)rows * Ng * 2);
+    if (e == cudaSuccess) e = up(&b, &dG, G, gbytes);
+    if (e == cudaSuccess) e = up(&b, &ctr, NULL, 2 * sizeof(int));
+    if (e == cudaSuccess) e = cudaMemset(ctr, 0, 2 * sizeof(int));
+    for (int i = 0; i < reps && e == cudaSuccess; i++) {
+        const xw_rows r = {(__nv_bfloat16 *)dC, (const int32_t *)doff, ldc, E, N, 0};
+        if (xw_backward(enc, grid, 0, (int *)ctr, off, r, (const __nv_bfloat16 *)dA, K, rows,
+                        (const __nv_bfloat16 *)dW, (float *)dG, (const __nv_bfloat16 *)dAg, M,
+                        (const __nv_bfloat16 *)dBg, Ng)) {
+            snprintf(err, errlen, "cuTensorMapEncodeTiled refused an operand (or too many experts)");
+            free_all(&b);
+            return 1;
+        }
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    if (e == cudaSuccess) e = cudaMemcpy(C, dC, (size_t)rows * ldc * 2, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess) e = cudaMemcpy(G, dG, gbytes, cudaMemcpyDeviceToHost);
+    int left[2] = {1, 1};
+    if (e == cudaSuccess) e = cudaMemcpy(left, ctr, sizeof left, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) snprintf(err, errlen, "%s", cudaGetErrorString(e));
+    else if (left[0] || left[1]) snprintf(err, errlen, "the tile counter was left at %d, %d", left[0], left[1]);
+    else rc = 0;
+    free_all(&b);
     return rc;
 }

@@ -1,9 +1,11 @@
-/* topk's Hopper expert product (plugins/moe/topk/expert_wg.cuh, run by expert_gemm = "auto" on sm_90a)
- * against a double-precision CPU product on the same bf16 inputs: uneven experts with row ranges that
- * start and end inside 128-row tiles, an empty expert, a single-row expert, columns that end inside a
- * 256-column tile and inside a 64-column store panel, K that ends inside a 64-wide step, and rows and
- * columns the product must not write. Skipped where the build has no CUDA or the machine no GPU; on a
- * compute capability 9.0 device of an sm_90a build the kernel must be there. */
+/* topk's Hopper expert products (plugins/moe/topk/expert_wg.cuh, run by expert_gemm = "auto" on sm_90a)
+ * against double-precision CPU products on the same bf16 inputs, the forward's (A W_e^T) and the
+ * backward's pair (A W_e, and the weight gradients G_e += A_e^T B_e over each expert's rows): uneven
+ * experts with row ranges that start and end inside 128-row tiles and 64-row K steps, an empty expert, a
+ * single-row expert, columns that end inside a 256-column tile and inside a 64-column panel, K that ends
+ * inside a 64-wide step, rows and columns the products must not write, and a second backward launch on
+ * the same tile counter. Skipped where the build has no CUDA or the machine no GPU; on a compute
+ * capability 9.0 device of an sm_90a build the kernels must be there. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdint.h>
@@ -14,18 +16,29 @@
 #include "harness.h"
 
 #ifdef M1C_TEST_XW
-/* tests/expert_wg_glue.cu */
+/* tests/expert_wg_glue.cu (the comments there say what each argument is) */
 int xwt_expected(void);
 int xwt_available(void);
-int xwt_run(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-            int ldc, char *err, size_t errlen);
+int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
+                int ldc, char *err, size_t errlen);
+int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
+                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, char *err,
+                 size_t errlen);
 #else
 /* Built without CUDA: every test skips before reaching these; they keep the file compiling. */
 static int xwt_expected(void) { return 0; }
 static int xwt_available(void) { return 0; }
-static int xwt_run(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
-                   uint16_t *C, int ldc, char *err, size_t errlen) {
+static int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
+                       uint16_t *C, int ldc, char *err, size_t errlen) {
     (void)E, (void)off, (void)rows, (void)N, (void)K, (void)A, (void)W, (void)C, (void)ldc;
+    snprintf(err, errlen, "built without CUDA");
+    return 1;
+}
+static int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
+                        uint16_t *C, int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps,
+                        char *err, size_t errlen) {
+    (void)E, (void)off, (void)rows, (void)N, (void)K, (void)A, (void)W, (void)C, (void)ldc, (void)M, (void)Ng;
+    (void)Ag, (void)Bg, (void)G, (void)reps;
     snprintf(err, errlen, "built without CUDA");
     return 1;
 }
@@ -54,75 +67,171 @@ static double from_bf16(uint16_t b) {
     return f;
 }
 
-/* A bit pattern the product never writes (a NaN): rows past the last expert and columns past N keep it. */
+/* A bit pattern the products never write (a NaN): rows past the last expert and columns past N keep it. */
 #define SENTINEL 0x7FC1u
 
-/* Each element of C against sum_k A[r, k] W_e[n, k] in double (S its sum of |terms|): the kernel multiplies
- * the same bf16 values exactly and adds in f32 (relative error ~K 2^-24 of S, under 1e-4 S here), then
- * rounds once to bf16 (2^-9 of |ref| at most). |C - ref| <= 2^-8 |ref| + 1e-4 S holds with a factor 2 to
- * spare; a wrong row, expert, column or K step changes whole terms, O(S). */
-static void check_case(int E, const int *cnt, int tail, int N, int K, int ldc, uint64_t seed) {
-    need_xw();
-    int32_t off[65];
-    off[0] = 0;
-    for (int e = 0; e < E; e++) off[e + 1] = off[e] + cnt[e];
-    const int rows = off[E] + tail; /* the buffer's rows past the kept ones: never written */
-    const int64_t na = (int64_t)rows * K, nw = (int64_t)E * N * K, nc = (int64_t)rows * ldc;
-    float *af = th_randn(na, seed, 1.0f), *wf = th_randn(nw, seed + 1, 0.1f);
-    uint16_t *A = malloc((size_t)na * 2), *W = malloc((size_t)nw * 2), *C = malloc((size_t)nc * 2);
-    cr_assert(A && W && C);
-    for (int64_t i = 0; i < na; i++) A[i] = to_bf16(af[i]);
-    for (int64_t i = 0; i < nw; i++) W[i] = to_bf16(wf[i]);
-    for (int64_t i = 0; i < nc; i++) C[i] = SENTINEL;
-    char err[256] = "";
-    cr_assert_eq(xwt_run(E, off, rows, N, K, A, W, C, ldc, err, sizeof err), 0, "expert product: %s", err);
+/* n random bf16 values (normal, times scale). */
+static uint16_t *rand_bf16(int64_t n, uint64_t seed, float scale) {
+    float *f = th_randn(n, seed, scale);
+    uint16_t *b = malloc((size_t)(n > 0 ? n : 1) * 2);
+    cr_assert(b);
+    for (int64_t i = 0; i < n; i++) b[i] = to_bf16(f[i]);
+    free(f);
+    return b;
+}
 
-    int64_t bad = 0;
-    double worst = 0;
+/* A row product's output C (rows x ldc) against ref(r, e, n, &S) = sum_k of the terms (S: their absolute
+ * sum), for the kept rows' N columns; everything else must still be SENTINEL. The kernels multiply the
+ * same bf16 values exactly and add in f32 (relative error ~K 2^-24 of S, under 1e-4 S here), then round
+ * once to bf16 (2^-9 of |ref| at most): |C - ref| <= 2^-8 |ref| + 1e-4 S holds with a factor 2 to spare;
+ * a wrong row, expert, column or K step changes whole terms, O(S). */
+typedef double (*row_ref)(const void *ctx, int r, int e, int n, double *S);
+static void expect_rows(const uint16_t *C, const int32_t *off, int E, int rows, int N, int ldc, row_ref ref,
+                        const void *ctx) {
+    int64_t bad = 0, touched = 0;
     for (int e = 0; e < E; e++)
         for (int r = off[e]; r < off[e + 1]; r++)
             for (int n = 0; n < N; n++) {
-                double ref = 0, s = 0;
-                for (int k = 0; k < K; k++) {
-                    const double t = from_bf16(A[(int64_t)r * K + k]) * from_bf16(W[((int64_t)e * N + n) * K + k]);
-                    ref += t, s += fabs(t);
-                }
+                double S;
+                const double want = ref(ctx, r, e, n, &S);
                 const uint16_t got = C[(int64_t)r * ldc + n];
-                const double d = fabs(from_bf16(got) - ref), tol = ldexp(fabs(ref), -8) + 1e-4 * s;
-                if (got == SENTINEL || !(d <= tol)) {
-                    if (bad++ < 5)
-                        cr_log_error("row %d (expert %d) column %d: %g, expected %g", r, e, n, from_bf16(got), ref);
-                } else if (s > 0 && d / s > worst) {
-                    worst = d / s;
-                }
+                const double d = fabs(from_bf16(got) - want);
+                if (got == SENTINEL || !(d <= ldexp(fabs(want), -8) + 1e-4 * S))
+                    if (bad++ < 5) cr_log_error("row %d (expert %d) column %d: %g, expected %g", r, e, n, from_bf16(got), want);
             }
-    cr_expect_eq(bad, 0, "%lld of the kept rows' elements wrong (worst passing error %g of the terms' scale)",
-                 (long long)bad, worst);
-    int64_t touched = 0;
     for (int r = 0; r < rows; r++)
         for (int n = r < off[E] ? N : 0; n < ldc; n++) touched += C[(int64_t)r * ldc + n] != SENTINEL;
+    cr_expect_eq(bad, 0, "%lld of the kept rows' elements wrong", (long long)bad);
     cr_expect_eq(touched, 0, "%lld elements written outside the kept rows' N columns", (long long)touched);
-    free(af), free(wf), free(A), free(W), free(C);
+}
+
+typedef struct fwd_ctx {
+    const uint16_t *A, *W;
+    int N, K;
+} fwd_ctx;
+/* sum_k A[r, k] W_e[n, k] */
+static double fwd_ref(const void *p, int r, int e, int n, double *S) {
+    const fwd_ctx *c = p;
+    double sum = 0, s = 0;
+    for (int k = 0; k < c->K; k++) {
+        const double t = from_bf16(c->A[(int64_t)r * c->K + k]) * from_bf16(c->W[((int64_t)e * c->N + n) * c->K + k]);
+        sum += t, s += fabs(t);
+    }
+    *S = s;
+    return sum;
+}
+typedef struct bwd_ctx {
+    const uint16_t *A, *W;
+    int N, K;
+} bwd_ctx;
+/* sum_k A[r, k] W_e[k, n] */
+static double bwd_ref(const void *p, int r, int e, int n, double *S) {
+    const bwd_ctx *c = p;
+    double sum = 0, s = 0;
+    for (int k = 0; k < c->K; k++) {
+        const double t = from_bf16(c->A[(int64_t)r * c->K + k]) * from_bf16(c->W[((int64_t)e * c->K + k) * c->N + n]);
+        sum += t, s += fabs(t);
+    }
+    *S = s;
+    return sum;
+}
+
+static void offsets(int E, const int *cnt, int32_t *off) {
+    off[0] = 0;
+    for (int e = 0; e < E; e++) off[e + 1] = off[e] + cnt[e];
+}
+
+/* The forward: C = A W_e^T, N columns of ldc, K, with `tail` rows past the kept ones. */
+static void check_forward(int E, const int *cnt, int tail, int N, int K, int ldc, uint64_t seed) {
+    need_xw();
+    int32_t off[65];
+    offsets(E, cnt, off);
+    const int rows = off[E] + tail;
+    uint16_t *A = rand_bf16((int64_t)rows * K, seed, 1.0f), *W = rand_bf16((int64_t)E * N * K, seed + 1, 0.1f);
+    uint16_t *C = malloc((size_t)rows * ldc * 2);
+    cr_assert(C);
+    for (int64_t i = 0; i < (int64_t)rows * ldc; i++) C[i] = SENTINEL;
+    char err[256] = "";
+    cr_assert_eq(xwt_forward(E, off, rows, N, K, A, W, C, ldc, err, sizeof err), 0, "forward: %s", err);
+    const fwd_ctx ctx = {A, W, N, K};
+    expect_rows(C, off, E, rows, N, ldc, fwd_ref, &ctx);
+    free(A), free(W), free(C);
+}
+
+/* The backward's pair, launched twice: C = A W_e (N columns of ldc, K) and G_e += Ag_e^T Bg_e (M x Ng, from
+ * random values, so twice the product is added). G's reference is in double over the same bf16 values;
+ * the kernel adds in f32 over an expert's rows (< 2e-4 S for the at most 420 rows here, S the absolute
+ * sum of the terms) and into G twice: |G - ref| <= 2e-4 S + 2^-22 (|G0| + |ref|). */
+static void check_backward(int E, const int *cnt, int tail, int N, int K, int ldc, int M, int Ng, uint64_t seed) {
+    need_xw();
+    int32_t off[65];
+    offsets(E, cnt, off);
+    const int rows = off[E] + tail;
+    uint16_t *A = rand_bf16((int64_t)rows * K, seed, 1.0f), *W = rand_bf16((int64_t)E * K * N, seed + 1, 0.1f);
+    uint16_t *Ag = rand_bf16((int64_t)rows * M, seed + 2, 1.0f), *Bg = rand_bf16((int64_t)rows * Ng, seed + 3, 1.0f);
+    const int64_t ng = (int64_t)E * M * Ng;
+    float *G0 = th_randn(ng, seed + 4, 1.0f), *G = malloc((size_t)ng * sizeof(float));
+    uint16_t *C = malloc((size_t)rows * ldc * 2);
+    cr_assert(C && G);
+    memcpy(G, G0, (size_t)ng * sizeof(float));
+    for (int64_t i = 0; i < (int64_t)rows * ldc; i++) C[i] = SENTINEL;
+    char err[256] = "";
+    cr_assert_eq(xwt_backward(E, off, rows, N, K, A, W, C, ldc, M, Ng, Ag, Bg, G, 2, err, sizeof err), 0,
+                 "backward: %s", err);
+    const bwd_ctx ctx = {A, W, N, K};
+    expect_rows(C, off, E, rows, N, ldc, bwd_ref, &ctx);
+    int64_t bad = 0;
+    for (int e = 0; e < E; e++)
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < Ng; n++) {
+                double sum = 0, s = 0;
+                for (int r = off[e]; r < off[e + 1]; r++) {
+                    const double t = from_bf16(Ag[(int64_t)r * M + m]) * from_bf16(Bg[(int64_t)r * Ng + n]);
+                    sum += t, s += fabs(t);
+                }
+                const int64_t i = ((int64_t)e * M + m) * Ng + n;
+                const double want = G0[i] + 2 * sum, d = fabs(G[i] - want);
+                if (!(d <= 2e-4 * 2 * s + ldexp(fabs(G0[i]) + fabs(want), -22)))
+                    if (bad++ < 5) cr_log_error("G[%d][%d][%d]: %.9g, expected %.9g", e, m, n, G[i], want);
+            }
+    cr_expect_eq(bad, 0, "%lld weight-gradient elements wrong", (long long)bad);
+    free(A), free(W), free(Ag), free(Bg), free(G0), free(G), free(C);
 }
 
 /* Uneven experts (tiles of 128 rows ending inside an expert, an expert that starts mid-tile), an empty one
  * and one of a single row; N 200 ends inside the first 256-column tile and inside a 64-column panel; K
  * 136 ends inside the third 64-wide step; 37 rows past the kept ones and 8 columns past N stay untouched. */
-Test(expert_wg_cuda, uneven_experts_partial_tiles) {
+Test(expert_wg_cuda, forward_uneven_experts_partial_tiles) {
     const int cnt[5] = {300, 0, 129, 1, 77};
-    check_case(5, cnt, 37, 200, 136, 208, 31);
+    check_forward(5, cnt, 37, 200, 136, 208, 31);
 }
 
 /* The MoE reference's proportions on fewer rows: N 768 (three full column tiles), K 1024 (16 steps),
  * experts of whole and partial row tiles, C exactly N wide. */
-Test(expert_wg_cuda, reference_widths) {
+Test(expert_wg_cuda, forward_reference_widths) {
     const int cnt[4] = {256, 200, 384, 65};
-    check_case(4, cnt, 0, 768, 1024, 768, 32);
+    check_forward(4, cnt, 0, 768, 1024, 768, 32);
 }
 
 /* Two column tiles, the second holding one panel of 64 and part of the next (N 328), K 64 (one step);
  * every expert shorter than a tile, so each warpgroup stores from its registers or has nothing to store. */
-Test(expert_wg_cuda, short_experts_two_column_tiles) {
+Test(expert_wg_cuda, forward_short_experts_two_column_tiles) {
     const int cnt[6] = {63, 64, 65, 1, 0, 127};
-    check_case(6, cnt, 5, 328, 64, 328, 33);
+    check_forward(6, cnt, 5, 328, 64, 328, 33);
+}
+
+/* The pair: row product N 200 (inside a tile and a panel) with K 136; weight products M 200 (two 128-row
+ * tiles, the second partial, a panel of it zero-filled) by Ng 264 (a full and a partial column tile) over
+ * experts of 300 rows (five K steps, the last partial), none, 129, 1 and 77. */
+Test(expert_wg_cuda, backward_uneven_experts_partial_tiles) {
+    const int cnt[5] = {300, 0, 129, 1, 77};
+    check_backward(5, cnt, 37, 200, 136, 208, 200, 264, 41);
+}
+
+/* The pair at the MoE reference's widths on fewer rows: d act (N 1024, K 768) beside dWd (768 x 1024),
+ * and the d x rows (N 768, K 2048) beside dWgu (2048 x 768) in the other call. */
+Test(expert_wg_cuda, backward_reference_widths) {
+    const int cnt[3] = {130, 64, 190};
+    check_backward(3, cnt, 0, 1024, 768, 1024, 768, 1024, 42);
+    check_backward(3, cnt, 3, 768, 2048, 768, 2048, 768, 43);
 }

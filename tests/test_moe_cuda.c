@@ -238,9 +238,9 @@ static void compare_topk(const topk_case *tc, int cdt, int gemm) {
     th_layer_free(g);
 }
 
-/* Each case on F32, and on BF16 through each expert_gemm: the default ("auto": the Hopper forward on an
- * sm_90a device where the sizes allow, per-expert cuBLAS otherwise), "cublas" and "grouped" (Criterion runs
- * each test in its own process). */
+/* Each case on F32, and on BF16 through each expert_gemm: the default ("auto": the Hopper kernels on an
+ * sm_90a device where the sizes allow, per-expert cuBLAS otherwise), "cublas" and "grouped" (Criterion
+ * runs each test in its own process). */
 #define TOPK_TESTS(name, ...)                                                                            \
     static const topk_case name##_case = {__VA_ARGS__};                                                  \
     Test(topk_cuda, name##_f32) { compare_topk(&name##_case, M1C_F32, GEMM_DEFAULT); }                  \
@@ -286,10 +286,11 @@ TOPK_TESTS(wide_h1100, "experts = 4; top_k = 2; ffn_dim = 8; aux_coef = 0.01;", 
  * more), each of 167 tokens. */
 TOPK_TESTS(experts_300, "experts = 300; top_k = 2; ffn_dim = 8; aux_coef = 0.01;", 300, 2, 4, 250, 20, 21, 0, 0)
 
-/* Sizes that span several tiles of the Hopper forward products ("auto" on an sm_90a device, expert_wg.cuh;
+/* Sizes that span several tiles of the Hopper products ("auto" on an sm_90a device, expert_wg.cuh;
  * per-expert cuBLAS elsewhere): uneven loads and an empty expert (row tiles of 128 ending inside an
- * expert, one expert with none), H 264 (down's columns in a full and a partial tile of 256, gate/up's K
- * steps of 64 with a partial last one), F 384 (gate/up's 768 columns in three tiles). */
+ * expert, one expert with none; weight gradients over 64-row steps ending inside an expert), H 264
+ * (down's and the d x rows' columns in a full and a partial tile of 256, K steps of 64 with a partial
+ * last one), F 384 (gate/up's 768 columns in three tiles, d act's 384 in two). */
 TOPK_TESTS(wg_uneven_empty_expert, "experts = 4; top_k = 2; ffn_dim = 384; aux_coef = 0.01;", 4, 2, 4, 100, 264, 23,
            0, 1)
 /* ... with drops (capacity ceil(0.5 * 64 / 8) = 4: the kept rows end well before the buffer's), 8 experts

@@ -37,20 +37,25 @@ static inline tma_encode_fn tma_encoder(void) {
     return (tma_encode_fn)fn;
 }
 
-/* A map of a bf16 tensor of `rank` dimensions (dims[0] contiguous; strides[i] bytes between consecutive
- * indices of dimension i + 1, multiples of 16), read in boxes of box[] elements (box[0] * 2 <= 128 bytes)
- * into the 128-byte swizzle of wgmma.cuh; reads outside the tensor fill zeros. 0 on success. */
-static inline int tma_map_bf16(tma_encode_fn enc, CUtensorMap *map, const void *base, int rank, const uint64_t *dims,
-                               const uint64_t *strides, const uint32_t *box) {
+/* A map of a tensor of `rank` dimensions of dtype (dims[0] contiguous; strides[i] bytes between
+ * consecutive indices of dimension i + 1, multiples of 16), moved in boxes of box[] elements (128 bytes
+ * wide at most) in the 128-byte swizzle of wgmma.cuh; reads outside the tensor fill zeros, writes there
+ * are dropped. 0 on success. */
+static inline int tma_map(tma_encode_fn enc, CUtensorMap *map, CUtensorMapDataType dtype, const void *base, int rank,
+                          const uint64_t *dims, const uint64_t *strides, const uint32_t *box) {
     cuuint64_t d[5], s[4];
     cuuint32_t b[5], e[5];
     for (int i = 0; i < rank; i++) d[i] = dims[i], b[i] = box[i], e[i] = 1;
     for (int i = 0; i + 1 < rank; i++) s[i] = strides[i];
-    return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (cuuint32_t)rank, (void *)base, d, s, b, e,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+    return enc(map, dtype, (cuuint32_t)rank, (void *)base, d, s, b, e, CU_TENSOR_MAP_INTERLEAVE_NONE,
+               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS
                ? 0
                : -1;
+}
+static inline int tma_map_bf16(tma_encode_fn enc, CUtensorMap *map, const void *base, int rank, const uint64_t *dims,
+                               const uint64_t *strides, const uint32_t *box) {
+    return tma_map(enc, map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, rank, dims, strides, box);
 }
 
 /* ---- device: barriers and copies ---- */
@@ -121,6 +126,15 @@ __device__ static inline void tma_store_2d(const CUtensorMap *map, uint32_t src,
                  : "memory");
 #endif
 }
+/* The same, adding the f32 box into the tensor (each element one f32 addition, done at L2). */
+__device__ static inline void tma_add_3d(const CUtensorMap *map, uint32_t src, int c0, int c1, int c2) {
+#if WG_DEVICE
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                     (uint64_t)map),
+                 "r"(src), "r"(c0), "r"(c1), "r"(c2)
+                 : "memory");
+#endif
+}
 __device__ static inline void tma_store_commit() {
 #if WG_DEVICE
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
@@ -142,18 +156,5 @@ __device__ static inline void tma_store_drain() {
 __device__ static inline void tma_bar_sync(int id, int threads) {
 #if WG_DEVICE
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-#endif
-}
-
-/* Moves registers between the warpgroups of a warp-specialised block (all 128 threads of a warpgroup
- * execute it): the copying warpgroup gives up what the computing ones take. */
-template <int R> __device__ static inline void wg_regs_release() {
-#if WG_DEVICE
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
-#endif
-}
-template <int R> __device__ static inline void wg_regs_claim() {
-#if WG_DEVICE
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
 #endif
 }

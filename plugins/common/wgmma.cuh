@@ -206,13 +206,14 @@ template <int TB> __device__ static inline void wg_64x64_rs(float (&d)[32], cons
     "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
     "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 
-/* d (64 x 256, f32) = (acc ? d : 0) + A B, A (64 x 16, K-major) and B (16 x 256) from shared memory
- * (descriptors da, db); TB: 0 K-major, 1 MN-major (N contiguous: 64-column panels LBO bytes apart). */
-template <int TB> __device__ static inline void wg_64x256_ss(float (&d)[128], uint64_t da, uint64_t db, int acc) {
+/* d (64 x 256, f32) = (acc ? d : 0) + A B, A (64 x 16) and B (16 x 256) from shared memory (descriptors
+ * da, db); TA / TB: 0 K-major, 1 MN-major (M or N contiguous: 64-element panels LBO bytes apart). */
+template <int TA, int TB>
+__device__ static inline void wg_64x256_ss(float (&d)[128], uint64_t da, uint64_t db, int acc) {
 #if WG_DEVICE
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WG_D128_LIST ", %128, %129, p, 1, 1, 0, %131;\n}\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WG_D128_LIST ", %128, %129, p, 1, 1, %131, %132;\n}\n"
                  : WG_D128_OPERANDS(d)
-                 : "l"(da), "l"(db), "r"(acc), "n"(TB));
+                 : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
 #endif
 }

@@ -30,9 +30,10 @@ typedef struct topk_cuda_args {
     void *stream; /* cudaStream_t */
     int N, H, E, k, F, cdt, normalize, training;
     int grouped;  /* expert_gemm = "grouped": BF16 expert GEMMs in the grouped kernel (F32 ignores it) */
-    void *xw_enc; /* expert_gemm = "auto" on an sm_90a device: the TMA map encoder of the forward's Hopper
-                   * kernel (expert_wg.cuh), else NULL */
-    int xw_grid;  /* with xw_enc: that kernel's persistent grid (blocks) */
+    void *xw_enc; /* expert_gemm = "auto" on an sm_90a device: the TMA map encoder of the Hopper kernels
+                   * (expert_wg.cuh), else NULL */
+    int xw_grid;  /* with xw_enc: the persistent grid of the Hopper kernels (blocks) */
+    int *xw_ctr;  /* with xw_enc: their tile counter (2 ints of device memory, zero between launches) */
     int64_t cap; /* per-expert capacity, INT64_MAX for none */
     double aux_coef, jitter, aux_scale;
     uint64_t noise_seed;
@@ -73,9 +74,11 @@ typedef struct topk_cuda_args {
 /* Once per layer at creation, for expert_gemm = "grouped": lets the grouped GEMM kernels use their
  * dynamic shared memory (above 48 KB needs the opt-in), so that launches need no attribute call. */
 int topk_cuda_setup_grouped(const m1c_host *h);
-/* Once per layer at creation, for expert_gemm = "auto": on an sm_90a device the map encoder and the grid
- * of the forward's Hopper kernel (expert_wg.cuh) into *xw_enc and *xw_grid, elsewhere NULL and 0. */
-void topk_cuda_setup_xw(void **xw_enc, int *xw_grid);
+/* Once per layer at creation, for expert_gemm = "auto": on an sm_90a device the map encoder, the grid and
+ * the tile counter (device memory: topk_cuda_free_xw) of the Hopper kernels (expert_wg.cuh) into *xw_enc,
+ * *xw_grid and *xw_ctr; elsewhere NULL, 0 and NULL. M1C_ERR with the error set. */
+int topk_cuda_setup_xw(const m1c_host *h, void **xw_enc, int *xw_grid, int **xw_ctr);
+void topk_cuda_free_xw(int *xw_ctr);
 /* Once per layer at creation: pinned host memory for the offsets, counts and stats ((E+1) + (2+2E)
  * int32, then ST_F+2E floats; pinned, so that their copy runs while the GPU goes on) and the event that
  * marks the copy. M1C_ERR with the error set. */

@@ -1,30 +1,40 @@
-/* topk's forward expert products on Hopper (sm_90a): one persistent kernel per product for all experts,
- * fed by the tensor memory accelerator and run on warpgroup MMA. Included by topk.cu (and
- * bench/bench_experts.cu).
+/* topk's expert products on Hopper (sm_90a), fed by the tensor memory accelerator and run on warpgroup
+ * MMA: one persistent launch per forward product for all experts, and one per pair of backward products.
+ * Included by topk.cu (and bench/bench_experts.cu, tests/expert_wg_glue.cu).
  *
- * The product (row-major; rows r of expert e are [off[e], off[e+1]), read on the device, so nothing waits
- * for the host; W_e is expert e's weight, N x K):
- *   C[r, n] = sum_k A[r, k] W_e[n, k]    x Wgu^T (gate/up: N = 2F, K = H), act Wd^T (down: N = H, K = F)
- * with f32 accumulation, C rounded to bf16 once: what cuBLAS's GemmEx computes per expert, up to the order
- * of the f32 sums.
+ * The products (row-major; the rows of expert e are [off[e], off[e+1]); W_e is expert e's weight):
+ *   forward, xw_forward:   C[r, n] = sum_k A[r, k] W_e[n, k]     x Wgu^T (gate/up), act Wd^T (down)
+ *   backward, xw_backward, two products in one launch:
+ *     rows:     C[r, n] = sum_k A[r, k] W_e[k, n]             dY Wd (d act), dGU Wgu (d x rows)
+ *     weights:  G_e[m, n] += sum_{r of e} A[r, m] B[r, n]     dY^T act (dWd), dGU^T x (dWgu), f32
+ * with f32 accumulation; row products rounded to bf16 once: what cuBLAS's GemmEx computes per expert, up
+ * to the order of the f32 sums. The forward reads the offsets on the device only, so nothing waits for
+ * the host; the backward's weight products need the row counts on the host (one tensor map per expert,
+ * whose rows end where the expert's do, so the copies fill zeros past them), which the forward's copy
+ * has brought by then.
  *
- * Geometry. An output tile is 128 rows x 256 columns; its K steps of 64 pass through a ring of XW_ST
- * stages in shared memory, each an A box (128 x 64) and two W boxes (128 x 64), in the 128-byte swizzle
- * that wgmma reads (../../common/wgmma.cuh). The block is three warpgroups: the first issues the copies
- * (one thread), the other two each multiply 64 of the tile's rows by all 256 columns (m64n256k16, 128 f32
- * accumulators a thread) and write their rows. Blocks are persistent, one per SM, taking tiles
- * blockIdx.x, + gridDim.x, ...; tile t is row tile t / nb (row tiles numbered expert after expert) and
- * column tile t % nb, so blocks running together share their A rows (and the weights, 3-13 MB, stay in
- * L2). Rows past an expert's end are read (the next expert's rows, or zeros past the buffer) and never
+ * Geometry. An output tile is 128 x 256; its K steps of 64 pass through a ring of XW_ST stages in shared
+ * memory, each 16 KiB of A and 32 KiB of B in the 128-byte swizzle that wgmma reads
+ * (../../common/wgmma.cuh): K-major boxes (A rows of 64 K; W_e rows for the forward) or MN-major panels
+ * of 64 columns (W_e of the backward's row products; A and B of its weight products, whose K runs down the
+ * rows). The block is three warpgroups: the first issues the copies (one thread), the other two each
+ * multiply 64 of the tile's rows by all 256 columns (m64n256k16, 128 f32 accumulators a thread) and write
+ * them. Blocks are persistent, one per SM. The forward takes tiles blockIdx.x, + gridDim.x, ...: tile t is
+ * row tile t / nb (row tiles numbered expert after expert) and column tile t % nb, so blocks running
+ * together share their A rows (the weights, 3-13 MB, stay in L2). The backward's tiles differ in length
+ * (a weight tile runs over an expert's ~4096 rows, a row tile over K = H or 2F), so its copier takes the
+ * next tile from a counter in global memory, the long weight tiles first, and tells the computing
+ * warpgroups which through shared memory; the last block to finish resets the counter. Rows past an
+ * expert's end are read by row products (the next expert's rows, or zeros past the buffer) and never
  * written: a product row depends on its A row alone.
  *
- * Epilogue. A warpgroup whose 64 rows all belong to the tile's expert rounds them into its staging panels
- * in shared memory (stmatrix, the 128-byte swizzle) and one of its threads hands them to bulk tensor
- * stores, which write them to global memory while the warpgroup goes on with its next tile: the tensor
- * cores idle only while the panels are written. (Stored from the registers instead, 4-byte pieces of 8
- * rows a warp instruction, the products ran at 460 TFLOP/s against 690-720 without any stores: the
- * stores took a third of the time, docs/perf.md.) A warpgroup whose rows cross the expert's end stores
- * from its registers, row by row. */
+ * Epilogue. A warpgroup whose 64 rows of a row product all belong to the tile's expert rounds them into
+ * its staging panels in shared memory (stmatrix, the 128-byte swizzle) and one of its threads hands them
+ * to bulk tensor stores, which write them to global memory while the warpgroup goes on with its next
+ * tile: the tensor cores idle only while the panels are written. (Stored from the registers instead, 4-byte
+ * pieces of 8 rows a warp instruction, the forward's products ran at 460 TFLOP/s against 690-720 without
+ * any stores: docs/perf.md.) A warpgroup whose rows cross the expert's end stores from its registers, row
+ * by row; so do the weight products, adding into G_e (one tile per element: a fixed order). */
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,27 +44,48 @@
 #include "../moe_cuda.cuh"
 
 enum { XW_BM = 128, XW_BN = 256, XW_BK = 64, XW_ST = 3, XW_THREADS = 384 };
-/* A staging panel: 64 rows x 64 bf16 columns (8 KiB), the box of the bulk stores. */
+/* A 64 x 64 bf16 panel (8 KiB): the box of the MN-major copies and of the bulk stores. */
 enum { XW_PANEL = 64 * 64 * 2 };
+/* The most experts xw_backward takes (one pair of tensor maps each in its parameters). */
+enum { XW_MAX_E = 32 };
 
 /* Dynamic shared memory (1024-byte aligned: the swizzle's period); 208 KiB. */
 struct xw_smem {
-    unsigned char a[XW_ST][XW_BM * XW_BK * 2]; /* 16 KiB a stage */
-    unsigned char b[XW_ST][XW_BN * XW_BK * 2]; /* 32 KiB a stage */
-    unsigned char c[2][4 * XW_PANEL];          /* each computing warpgroup's staging: 64 rows x 256 columns */
-    uint64_t full[XW_ST];                      /* the stage's copies have landed */
-    uint64_t empty[XW_ST];                     /* both computing warpgroups are done with the stage */
+    unsigned char a[XW_ST][2 * XW_PANEL]; /* 16 KiB a stage */
+    unsigned char b[XW_ST][4 * XW_PANEL]; /* 32 KiB a stage */
+    unsigned char c[2][4 * XW_PANEL];     /* each computing warpgroup's staging: 64 rows x 256 columns */
+    uint64_t full[XW_ST];                 /* the stage's copies have landed */
+    uint64_t empty[XW_ST];                /* both computing warpgroups are done with the stage */
+    int tile[XW_ST + 1];                  /* backward: the tiles the copier took, in order (-1: no more) */
 };
 
-/* The kernel's arguments besides the tensor maps. */
-typedef struct xw_args {
-    __nv_bfloat16 *C;   /* (rows, N), row stride ldc */
+/* A row product: C (rows, N; row stride ldc) from the rows of every expert. */
+typedef struct xw_rows {
+    __nv_bfloat16 *C;
     const int32_t *off; /* (E + 1) expert row offsets, on the device */
     int64_t ldc;
     int E, N, nk; /* experts, columns, K steps */
-} xw_args;
+} xw_rows;
 
-/* Tile t's expert e, first row m0, the expert's end m_end and its column tile c (of nb); false past the
+/* The forward's parameters: A (rows, K) in boxes of 64 x 128, W as (K, N, E) in boxes of 64 x 128, C (rows,
+ * N) in boxes of 64 x 64. */
+struct xw_fwd_params {
+    CUtensorMap a, w, c;
+    xw_rows r;
+};
+/* The backward's: the row product's A and C as the forward's, W as (N, K, E) in panels of 64 x 64; for the
+ * weight product G (E, M, N) f32, and per expert with rows (the j-th: expert ge[j], nk[j] K steps) its rows
+ * of A (M columns) and of B (N columns) in panels of 64 x 64. ctr: the tile counter (2 ints, zero). */
+struct xw_bwd_params {
+    CUtensorMap a, w, c, g; /* g: G as (N, M, E) f32 in boxes of 32 x 64 */
+    CUtensorMap ga[XW_MAX_E], gb[XW_MAX_E];
+    xw_rows r;
+    int *ctr;
+    int M, N, ge[XW_MAX_E], nk[XW_MAX_E];
+    int tiles_g, tiles; /* weight tiles (first), all tiles */
+};
+
+/* Row tile t's expert e, first row m0, the expert's end m_end and its column tile c (of nb); false past the
  * last. */
 static __device__ inline bool xw_tile(const int32_t *off, int E, int nb, int t, int &e, int &m0, int &m_end, int &c) {
     int mt = t / nb;
@@ -69,26 +100,103 @@ static __device__ inline bool xw_tile(const int32_t *off, int E, int nb, int t, 
     }
     return false;
 }
+/* The backward's tile t (< tiles): weight tile (j, m0, n0) of the j-th expert with rows, or row tile as
+ * xw_tile (j = -1). */
+struct xw_btile {
+    int j, e, m0, m_end, c;
+};
+static __device__ inline xw_btile xw_bwd_tile(const xw_bwd_params &P, int t) {
+    xw_btile b;
+    if (t < P.tiles_g) {
+        const int nm = (P.M + XW_BM - 1) / XW_BM, nn = (P.N + XW_BN - 1) / XW_BN, per = nm * nn;
+        b.j = t / per, t -= b.j * per;
+        b.e = P.ge[b.j], b.m0 = t / nn * XW_BM, b.m_end = P.M, b.c = t % nn;
+    } else {
+        b.j = -1;
+        xw_tile(P.r.off, P.r.E, (P.r.N + XW_BN - 1) / XW_BN, t - P.tiles_g, b.e, b.m0, b.m_end, b.c);
+    }
+    return b;
+}
 
 static __device__ inline uint32_t xw_pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
-/* The epilogue from the registers, for rows that cross the expert's end: one computing warpgroup's 64
- * rows from r0 (those below m_end), in the accumulator layout of wgmma.cuh (d[4 t + e]: row 16 warp +
- * lane / 4 + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2). */
-static __device__ inline void xw_store_rows(const xw_args &p, const float (&d)[128], int r0, int m_end, int c) {
+/* One computing warpgroup (w) over nk K steps of a tile from the ring (step `it` on): the products into d,
+ * each stage given back once read. TA / TB: A / B K-major (0) or MN-major panels (1). `waited`: the first
+ * step's stage is already known full. */
+template <int TA, int TB>
+static __device__ inline void xw_mainloop(xw_smem &sm, float (&d)[128], uint32_t &it, int nk, int w, bool waited) {
+    const bool lead = threadIdx.x % 128 == 0;
+    for (int kb = 0; kb < nk; kb++, it++) {
+        const int s = (int)(it % XW_ST);
+        if (kb > 0 || !waited) tma_wait(mma_smem(&sm.full[s]), (it / XW_ST) & 1);
+        /* this warpgroup's 64 rows of A: rows 64 w on (K-major) or panel w (MN-major), 8 KiB on either way */
+        const uint32_t a = mma_smem(sm.a[s]) + w * XW_PANEL, b = mma_smem(sm.b[s]);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < XW_BK / 16; kk++) {
+            const uint64_t da = TA ? wg_desc(a + kk * 16 * 128, XW_PANEL, 1024) : wg_kdesc(a + kk * 32);
+            const uint64_t db = TB ? wg_desc(b + kk * 16 * 128, XW_PANEL, 1024) : wg_kdesc(b + kk * 32);
+            wg_64x256_ss<TA, TB>(d, da, db, kb > 0 || kk > 0);
+        }
+        wg_commit();
+        wg_wait<1>(); /* the step before is done: its stage goes back to the copier */
+        if (kb > 0 && lead) tma_arrive(mma_smem(&sm.empty[(it - 1) % XW_ST]));
+    }
+    wg_wait<0>();
+    if (lead) tma_arrive(mma_smem(&sm.empty[(it - 1) % XW_ST]));
+    wg_hold(d);
+}
+
+/* The accumulators' rows r0 + i (i < 64, those below m_end) and columns c0 + j (below N), in the layout of
+ * wgmma.cuh (d[4 t + e]: row 16 warp + lane / 4 + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2), to f(row,
+ * col, v0, v1) pair by pair. */
+template <typename F>
+static __device__ inline void xw_pairs(const float (&d)[128], int r0, int m_end, int c0, int N, F f) {
     const int lt = threadIdx.x % 128, q = lt % 4;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int row = r0 + 16 * (lt / 32) + lt % 32 / 4 + 8 * h;
         if (row >= m_end) continue;
-        __nv_bfloat16 *out = p.C + (int64_t)row * p.ldc;
 #pragma unroll
         for (int t = 0; t < 32; t++) {
-            const int col = c * XW_BN + 8 * t + 2 * q;
-            if (col < p.N) *(uint32_t *)(out + col) = xw_pack(d[4 * t + 2 * h], d[4 * t + 2 * h + 1]);
+            const int col = c0 + 8 * t + 2 * q;
+            if (col < N) f(row, col, d[4 * t + 2 * h], d[4 * t + 2 * h + 1]);
+        }
+    }
+}
+
+/* A weight tile's epilogue for warpgroup w: G_e rows r0 .. r0 + 63, columns c 256 .. (those inside G) +=
+ * the accumulators, by bulk reductions (f32 additions done at L2, one per element) from the staging, in
+ * two halves of 128 columns: four panels of 64 rows x 32 floats in the 128-byte swizzle (16-byte chunk
+ * (col % 32) / 4 of row r at chunk ^ r % 8). The warpgroup goes on while L2 adds. */
+static __device__ inline void xw_add_tile(xw_smem &sm, const CUtensorMap *tg, const float (&d)[128], int e, int r0, int c,
+                                          int N, int w) {
+    const int lt = threadIdx.x % 128, q = lt % 4;
+    const uint32_t st = mma_smem(sm.c[w]);
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        if (c * XW_BN + 128 * half >= N) break;
+        if (lt == 0) tma_store_wait_read<0>();
+        tma_bar_sync(1 + w, 128);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = 16 * (lt / 32) + lt % 32 / 4 + 8 * h;
+#pragma unroll
+            for (int t = 0; t < 16; t++) {
+                const int lc = 8 * t + 2 * q, i = 4 * (16 * half + t) + 2 * h; /* column within the half */
+                const uint32_t a = st + (lc / 32) * XW_PANEL + r * 128 + (((lc % 32) / 4) ^ (r % 8)) * 16 + (q % 2) * 8;
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(a), "f"(d[i]), "f"(d[i + 1]) : "memory");
+            }
+        }
+        wg_fence_smem();
+        tma_bar_sync(1 + w, 128);
+        if (lt == 0) {
+            for (int p = 0; p < 4 && c * XW_BN + 128 * half + 32 * p < N; p++)
+                tma_add_3d(tg, st + p * XW_PANEL, c * XW_BN + 128 * half + 32 * p, r0, e);
+            tma_store_commit();
         }
     }
 }
@@ -108,93 +216,150 @@ static __device__ inline void xw_stage(uint32_t st, const float (&d)[128]) {
     }
 }
 
-/* The kernel: see the header. tA: A (rows, K) in boxes of 64 x 128; tW: W as (K, N, E) in boxes of 64 x
- * 128; tC: C (rows, N) in boxes of 64 x 64. */
-__global__ void __launch_bounds__(XW_THREADS, 1)
-    xw_kernel(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tW,
-              const __grid_constant__ CUtensorMap tC, const xw_args p) {
-#if WG_DEVICE
-    extern __shared__ unsigned char xw_raw[];
-    xw_smem &sm = wg_smem<xw_smem>(xw_raw);
-    const int wg = threadIdx.x / 128, nb = (p.N + XW_BN - 1) / XW_BN;
+/* A row product's epilogue for warpgroup w (rows m0 + 64 w ..) of column tile c: bulk stores from the
+ * staging where all 64 rows are the expert's, else from the registers. */
+static __device__ inline void xw_store_rows(xw_smem &sm, const CUtensorMap *tc, const xw_rows &r, const float (&d)[128],
+                                            int m0, int m_end, int c, int w) {
+    const int r0 = m0 + 64 * w, lt = threadIdx.x % 128;
+    if (r0 + 64 > m_end) {
+        xw_pairs(d, r0, m_end, c * XW_BN, r.N, [&](int row, int col, float v0, float v1) {
+            *(uint32_t *)(r.C + (int64_t)row * r.ldc + col) = xw_pack(v0, v1);
+        });
+        return;
+    }
+    const uint32_t st = mma_smem(sm.c[w]);
+    if (lt == 0) tma_store_wait_read<0>(); /* the staging is free once the last stores have read it */
+    tma_bar_sync(1 + w, 128);
+    xw_stage(st, d);
+    wg_fence_smem(); /* the panels, to the bulk stores (one thread issues them) */
+    tma_bar_sync(1 + w, 128);
+    if (lt == 0) {
+        for (int pn = 0; pn < 4 && c * XW_BN + 64 * pn < r.N; pn++)
+            tma_store_2d(tc, st + pn * XW_PANEL, c * XW_BN + 64 * pn, r0);
+        tma_store_commit();
+    }
+}
+
+/* Barriers, then the roles: returns 0 in the copying warpgroup's thread 0, 1 in the computing ones; the
+ * copying warpgroup's other threads leave. */
+static __device__ inline int xw_start(xw_smem &sm) {
     if (threadIdx.x == 0) {
         for (int s = 0; s < XW_ST; s++) tma_bar_init(mma_smem(&sm.full[s]), 1), tma_bar_init(mma_smem(&sm.empty[s]), 2);
         tma_bar_init_fence();
     }
     __syncthreads();
+    return threadIdx.x >= 128 ? 1 : threadIdx.x == 0 ? 0 : -1;
+}
 
+/* The forward: see the header. */
+__global__ void __launch_bounds__(XW_THREADS, 1) xw_fwd_kernel(const __grid_constant__ xw_fwd_params P) {
+#if WG_DEVICE
+    extern __shared__ unsigned char xw_raw[];
+    xw_smem &sm = wg_smem<xw_smem>(xw_raw);
+    const int role = xw_start(sm), nb = (P.r.N + XW_BN - 1) / XW_BN;
+    if (role < 0) return;
     int e, m0, m_end, c;
-    if (wg == 0) { /* the copies, from one thread */
-        wg_regs_release<40>();
-        if (threadIdx.x != 0) return;
-        uint32_t it = 0;
-        for (int t = blockIdx.x; xw_tile(p.off, p.E, nb, t, e, m0, m_end, c); t += gridDim.x)
-            for (int kb = 0; kb < p.nk; kb++, it++) {
+    uint32_t it = 0;
+    if (role == 0) { /* the copies */
+        for (int t = blockIdx.x; xw_tile(P.r.off, P.r.E, nb, t, e, m0, m_end, c); t += gridDim.x)
+            for (int kb = 0; kb < P.r.nk; kb++, it++) {
                 const int s = (int)(it % XW_ST);
                 const uint32_t full = mma_smem(&sm.full[s]), b = mma_smem(sm.b[s]);
                 tma_wait(mma_smem(&sm.empty[s]), ((it / XW_ST) & 1) ^ 1);
                 tma_expect(full, (XW_BM + XW_BN) * XW_BK * 2);
-                tma_load_2d(mma_smem(sm.a[s]), &tA, full, kb * XW_BK, m0);
-                tma_load_3d(b, &tW, full, kb * XW_BK, c * XW_BN, e);
-                tma_load_3d(b + XW_BN / 2 * XW_BK * 2, &tW, full, kb * XW_BK, c * XW_BN + XW_BN / 2, e);
+                tma_load_2d(mma_smem(sm.a[s]), &P.a, full, kb * XW_BK, m0);
+                tma_load_3d(b, &P.w, full, kb * XW_BK, c * XW_BN, e);
+                tma_load_3d(b + 2 * XW_PANEL, &P.w, full, kb * XW_BK, c * XW_BN + XW_BN / 2, e);
             }
         return;
     }
-
-    wg_regs_claim<232>();
-    const int w = wg - 1, lt = threadIdx.x % 128; /* rows 64 w .. 64 w + 63 of each tile */
-    const uint32_t st = mma_smem(sm.c[w]);
-    uint32_t it = 0;
+    const int w = threadIdx.x / 128 - 1; /* rows 64 w .. 64 w + 63 of each tile */
     float d[128] = {}; /* (written by the first product of each tile; initialised for the compiler) */
-    for (int t = blockIdx.x; xw_tile(p.off, p.E, nb, t, e, m0, m_end, c); t += gridDim.x) {
-        for (int kb = 0; kb < p.nk; kb++, it++) {
-            const int s = (int)(it % XW_ST);
-            tma_wait(mma_smem(&sm.full[s]), (it / XW_ST) & 1);
-            const uint32_t a = mma_smem(sm.a[s]) + w * 64 * 128, b = mma_smem(sm.b[s]);
-            wg_fence();
+    for (int t = blockIdx.x; xw_tile(P.r.off, P.r.E, nb, t, e, m0, m_end, c); t += gridDim.x) {
+        xw_mainloop<0, 0>(sm, d, it, P.r.nk, w, false);
+        xw_store_rows(sm, &P.c, P.r, d, m0, m_end, c, w);
+    }
+    if (threadIdx.x % 128 == 0) tma_store_drain(); /* the block's shared memory outlives its stores */
+#endif
+}
+
+/* The backward: see the header. */
+__global__ void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __grid_constant__ xw_bwd_params P) {
+#if WG_DEVICE
+    extern __shared__ unsigned char xw_raw[];
+    xw_smem &sm = wg_smem<xw_smem>(xw_raw);
+    const int role = xw_start(sm);
+    if (role < 0) return;
+    uint32_t it = 0;
+    if (role == 0) { /* the copies, tile by tile from the counter */
+        for (int seq = 0;; seq++) {
+            int t = atomicAdd(P.ctr, 1);
+            if (t >= P.tiles) t = -1;
+            const xw_btile b = t >= 0 ? xw_bwd_tile(P, t) : xw_btile{-1, 0, 0, 0, 0};
+            const int nk = t < 0 ? 0 : b.j >= 0 ? P.nk[b.j] : P.r.nk;
+            for (int kb = 0; kb == 0 || kb < nk; kb++, it += t >= 0) {
+                const int s = (int)(it % XW_ST);
+                const uint32_t full = mma_smem(&sm.full[s]), a = mma_smem(sm.a[s]), bs = mma_smem(sm.b[s]);
+                tma_wait(mma_smem(&sm.empty[s]), ((it / XW_ST) & 1) ^ 1);
+                if (kb == 0) sm.tile[seq % (XW_ST + 1)] = t; /* published by the arrival below */
+                if (t < 0) {
+                    tma_arrive(full); /* no copies: the computing warpgroups wake, read -1 and stop */
+                    break;
+                }
+                tma_expect(full, (XW_BM + XW_BN) * XW_BK * 2);
+                if (b.j >= 0) { /* A and B rows of expert e: panels of 64 columns */
 #pragma unroll
-            for (int kk = 0; kk < XW_BK / 16; kk++)
-                wg_64x256_ss<0>(d, wg_kdesc(a + kk * 32), wg_kdesc(b + kk * 32), kb > 0 || kk > 0);
-            wg_commit();
-            wg_wait<1>(); /* the step before is done: its stage goes back to the copier */
-            if (kb > 0 && lt == 0) tma_arrive(mma_smem(&sm.empty[(it - 1) % XW_ST]));
+                    for (int pn = 0; pn < 2; pn++)
+                        tma_load_2d(a + pn * XW_PANEL, &P.ga[b.j], full, b.m0 + 64 * pn, kb * XW_BK);
+#pragma unroll
+                    for (int pn = 0; pn < 4; pn++)
+                        tma_load_2d(bs + pn * XW_PANEL, &P.gb[b.j], full, b.c * XW_BN + 64 * pn, kb * XW_BK);
+                } else {
+                    tma_load_2d(a, &P.a, full, kb * XW_BK, b.m0);
+#pragma unroll
+                    for (int pn = 0; pn < 4; pn++)
+                        tma_load_3d(bs + pn * XW_PANEL, &P.w, full, b.c * XW_BN + 64 * pn, kb * XW_BK, b.e);
+                }
+            }
+            if (t < 0) break;
         }
-        wg_wait<0>();
-        if (lt == 0) tma_arrive(mma_smem(&sm.empty[(it - 1) % XW_ST]));
-        wg_hold(d);
-        const int r0 = m0 + 64 * w;
-        if (r0 + 64 > m_end) {
-            xw_store_rows(p, d, r0, m_end, c);
-            continue;
-        }
-        if (lt == 0) tma_store_wait_read<0>(); /* the staging is free once the last stores have read it */
-        tma_bar_sync(1 + w, 128);
-        xw_stage(st, d);
-        wg_fence_smem(); /* the panels, to the bulk stores (one thread issues them) */
-        tma_bar_sync(1 + w, 128);
-        if (lt == 0) {
-            for (int pn = 0; pn < 4 && c * XW_BN + 64 * pn < p.N; pn++)
-                tma_store_2d(&tC, st + pn * XW_PANEL, c * XW_BN + 64 * pn, r0);
-            tma_store_commit();
+        if (atomicAdd(P.ctr + 1, 1) == (int)gridDim.x - 1) P.ctr[0] = 0, P.ctr[1] = 0; /* the last block out */
+        return;
+    }
+    const int w = threadIdx.x / 128 - 1;
+    float d[128] = {};
+    for (int seq = 0;; seq++) {
+        tma_wait(mma_smem(&sm.full[it % XW_ST]), (it / XW_ST) & 1);
+        const int t = sm.tile[seq % (XW_ST + 1)];
+        if (t < 0) break;
+        const xw_btile b = xw_bwd_tile(P, t);
+        if (b.j >= 0) {
+            xw_mainloop<1, 1>(sm, d, it, P.nk[b.j], w, true);
+            xw_add_tile(sm, &P.g, d, b.e, b.m0 + 64 * w, b.c, P.N, w);
+        } else {
+            xw_mainloop<0, 1>(sm, d, it, P.r.nk, w, true);
+            xw_store_rows(sm, &P.c, P.r, d, b.m0, b.m_end, b.c, w);
         }
     }
-    if (lt == 0) tma_store_drain(); /* the block's shared memory outlives its stores */
+    if (threadIdx.x % 128 == 0) tma_store_drain();
 #endif
 }
 
 /* ---- host ---- */
 
-/* Once: the kernel's dynamic shared memory, and the persistent grid (one block per SM) into *grid. */
+/* Once: the kernels' dynamic shared memory, and the persistent grid (one block per SM) into *grid. */
 static inline cudaError_t xw_setup(int *grid) {
     int dev = 0;
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(grid, cudaDevAttrMultiProcessorCount, dev);
     if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(xw_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<xw_smem>());
+        e = cudaFuncSetAttribute(xw_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<xw_smem>());
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(xw_bwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<xw_smem>());
     return e;
 }
 
-/* Whether the kernel takes a layer of hidden H and ffn width F (row strides multiples of 16 bytes) with
+/* Whether the kernels take a layer of hidden H and ffn width F (row strides multiples of 16 bytes) with
  * operands at these addresses (16-byte aligned, as cudaMalloc'd buffers are). */
 static inline bool xw_fits(int H, int F, const void *const *ptrs, int n) {
     if (H % 8 != 0 || F % 8 != 0) return false;
@@ -210,21 +375,63 @@ static inline int xw_map2(tma_encode_fn enc, CUtensorMap *m, const void *base, i
     const uint32_t box[2] = {box_c, box_r};
     return tma_map_bf16(enc, m, base, 2, dims, strides, box);
 }
+/* The E experts' weights W (E, R, Cc) row-major as a 3-d map, in boxes of bc x br. */
+static inline int xw_map3(tma_encode_fn enc, CUtensorMap *m, const void *W, int E, int64_t R, int64_t Cc, uint32_t br,
+                          uint32_t bc) {
+    const uint64_t dims[3] = {(uint64_t)Cc, (uint64_t)R, (uint64_t)E}, strides[2] = {(uint64_t)Cc * 2,
+                                                                                       (uint64_t)(R * Cc) * 2};
+    const uint32_t box[3] = {bc, br, 1};
+    return tma_map_bf16(enc, m, W, 3, dims, strides, box);
+}
 
-/* C = A W_e^T over Nk rows of A (lda elements apart; K columns) and the E experts' W (N rows of ldw
- * elements, experts sw apart), into p.C; `grid` blocks (xw_setup). 0, or -1 where a map cannot be made. */
-static inline int xw_gemm(tma_encode_fn enc, int grid, cudaStream_t s, const xw_args &p, const __nv_bfloat16 *A,
-                          int64_t lda, int64_t Nk, const __nv_bfloat16 *W, int64_t ldw, int64_t sw, int K) {
-    CUtensorMap ta, tw, tc;
-    const uint64_t dw[3] = {(uint64_t)K, (uint64_t)p.N, (uint64_t)p.E}, sws[2] = {(uint64_t)ldw * 2, (uint64_t)sw * 2};
-    const uint32_t bw[3] = {XW_BK, XW_BN / 2, 1};
-    if (xw_map2(enc, &ta, A, Nk, K, lda, XW_BM, XW_BK) || tma_map_bf16(enc, &tw, W, 3, dw, sws, bw) ||
-        xw_map2(enc, &tc, p.C, Nk, p.N, p.ldc, 64, 64))
+/* The forward: C (Nk rows, ldc) = A (Nk rows of K, lda apart) W_e^T for W (E, N, K), rows by r.off
+ * (device); `grid` blocks (xw_setup). 0, or -1 where a map cannot be made. */
+static inline int xw_forward(tma_encode_fn enc, int grid, cudaStream_t s, const xw_rows &r, const __nv_bfloat16 *A,
+                             int64_t lda, int64_t Nk, const __nv_bfloat16 *W, int K) {
+    xw_fwd_params P;
+    if (xw_map2(enc, &P.a, A, Nk, K, lda, XW_BM, XW_BK) || xw_map3(enc, &P.w, W, r.E, r.N, K, XW_BN / 2, XW_BK) ||
+        xw_map2(enc, &P.c, r.C, Nk, r.N, r.ldc, 64, 64))
         return -1;
-    xw_args q = p;
-    q.nk = (K + XW_BK - 1) / XW_BK;
-    const int64_t tiles = (int64_t)((p.N + XW_BN - 1) / XW_BN) * ((Nk + XW_BM - 1) / XW_BM + p.E);
+    P.r = r;
+    P.r.nk = (K + XW_BK - 1) / XW_BK;
+    const int64_t tiles = (int64_t)((r.N + XW_BN - 1) / XW_BN) * ((Nk + XW_BM - 1) / XW_BM + r.E);
     const int g = (int)(tiles < grid ? tiles : grid);
-    if (g > 0) xw_kernel<<<g, XW_THREADS, wg_smem_bytes<xw_smem>(), s>>>(ta, tw, tc, q);
+    if (g > 0) xw_fwd_kernel<<<g, XW_THREADS, wg_smem_bytes<xw_smem>(), s>>>(P);
+    return 0;
+}
+
+/* The backward's pair: the row product C = A W_e (W (E, K, N), r.N = N) and the weight product G_e (M x Ng,
+ * f32) += Ag_e^T Bg_e over the rows of each expert (Ag: M columns, Bg: Ng), off the host's offsets h_off
+ * (the same as r.off's). ctr: 2 ints of device memory, zero, left zero. 0, or -1 where a map cannot be made
+ * (or E > XW_MAX_E). */
+static inline int xw_backward(tma_encode_fn enc, int grid, cudaStream_t s, int *ctr, const int32_t *h_off,
+                              const xw_rows &r, const __nv_bfloat16 *A, int K, int64_t Nk, const __nv_bfloat16 *W,
+                              float *G, const __nv_bfloat16 *Ag, int M, const __nv_bfloat16 *Bg, int Ng) {
+    if (r.E > XW_MAX_E) return -1;
+    xw_bwd_params P;
+    memset(&P, 0, sizeof P);
+    const uint64_t gd[3] = {(uint64_t)Ng, (uint64_t)M, (uint64_t)r.E}, gs[2] = {(uint64_t)Ng * 4, (uint64_t)M * Ng * 4};
+    const uint32_t gbox[3] = {32, 64, 1};
+    if (xw_map2(enc, &P.a, A, Nk, K, K, XW_BM, XW_BK) || xw_map3(enc, &P.w, W, r.E, K, r.N, 64, 64) ||
+        xw_map2(enc, &P.c, r.C, Nk, r.N, r.ldc, 64, 64) ||
+        tma_map(enc, &P.g, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, G, 3, gd, gs, gbox))
+        return -1;
+    int ng = 0, row_tiles = 0;
+    for (int e = 0; e < r.E; e++) {
+        const int n = h_off[e + 1] - h_off[e];
+        if (n <= 0) continue;
+        row_tiles += (n + XW_BM - 1) / XW_BM;
+        if (xw_map2(enc, &P.ga[ng], Ag + (int64_t)h_off[e] * M, n, M, M, 64, 64) ||
+            xw_map2(enc, &P.gb[ng], Bg + (int64_t)h_off[e] * Ng, n, Ng, Ng, 64, 64))
+            return -1;
+        P.ge[ng] = e, P.nk[ng] = (n + XW_BK - 1) / XW_BK, ng++;
+    }
+    P.r = r;
+    P.r.nk = (K + XW_BK - 1) / XW_BK;
+    P.ctr = ctr, P.M = M, P.N = Ng;
+    P.tiles_g = ng * ((M + XW_BM - 1) / XW_BM) * ((Ng + XW_BN - 1) / XW_BN);
+    P.tiles = P.tiles_g + row_tiles * ((r.N + XW_BN - 1) / XW_BN);
+    const int g = P.tiles < grid ? P.tiles : grid;
+    if (g > 0) xw_bwd_kernel<<<g, XW_THREADS, wg_smem_bytes<xw_smem>(), s>>>(P);
     return 0;
 }

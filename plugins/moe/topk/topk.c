@@ -25,9 +25,10 @@
  *   "cublas": one cuBLASLt product per expert, all of a step in one h->gemm_group call that runs them
  *     concurrently. It needs the expert offsets on the host: one asynchronous copy per forward, waited
  *     for after the gather is queued, reused by its backward.
- *   "auto" (default): on an sm_90a device the forward's two products in topk's Hopper kernel (one
- *     launch per product for all experts, offsets read on the device: the forward never waits for the
- *     host), the backward as "cublas" (its offsets copied during the forward); "cublas" elsewhere.
+ *   "auto" (default): on an sm_90a device topk's Hopper kernels: one launch per forward product for all
+ *     experts, reading the offsets on the device (the forward never waits for the host), and one per
+ *     pair of backward products (a row product with a weight gradient), which uses the offsets the
+ *     forward copied meanwhile; "cublas" elsewhere (and past 32 experts for the backward).
  *   "grouped": one portable tensor-core kernel per product reading the offsets on the device, forward
  *     and backward: no host wait, but slower GEMMs than cuBLAS on large experts.
  * F32 always uses the per-expert calls; the CPU ignores the setting. */
@@ -52,8 +53,9 @@ typedef struct topk {
     double aux_coef, jitter, capacity_factor;
     int normalize;
     int grouped;               /* expert_gemm = "grouped" */
-    void *xw_enc;              /* CUDA, "auto" on sm_90a: the Hopper kernel's map encoder, else NULL */
-    int xw_grid;               /* CUDA, with xw_enc: its persistent grid */
+    void *xw_enc;              /* CUDA, "auto" on sm_90a: the Hopper kernels' map encoder, else NULL */
+    int xw_grid;               /* CUDA, with xw_enc: their persistent grid */
+    int *xw_ctr;               /* CUDA, with xw_enc: their tile counter (device) */
     int device, cdt;           /* m1c_device; compute dtype (CUDA only: the CPU is f32 throughout) */
     int32_t *h_off, *h_cnt;    /* CUDA: host copies of the offsets (E+1) and counts (2+2E), pinned */
     void *copied;              /* CUDA: the event marking their copy (topk_cuda_host_tables) */
@@ -139,7 +141,8 @@ static int topk_create(const m1c_host *h, const m1c_settings *s, const m1c_layer
         if (!rc) rc = topk_cuda_host_tables(h, (int)E, &m->h_off, &m->copied);
         if (!rc) m->h_cnt = m->h_off + E + 1, m->h_st = (float *)(void *)(m->h_cnt + 2 + 2 * E);
         if (!rc && m->grouped && m->cdt == M1C_BF16) rc = topk_cuda_setup_grouped(h);
-        if (!rc && strcmp(gemm, "auto") == 0 && m->cdt == M1C_BF16) topk_cuda_setup_xw(&m->xw_enc, &m->xw_grid);
+        if (!rc && strcmp(gemm, "auto") == 0 && m->cdt == M1C_BF16)
+            rc = topk_cuda_setup_xw(h, &m->xw_enc, &m->xw_grid, &m->xw_ctr);
         if (rc) {
             topk_destroy(m);
             return M1C_ERR;
@@ -155,6 +158,7 @@ static void topk_destroy(void *self) {
     if (!m) return;
 #ifdef M1C_HAVE_CUDA
     if (m->h_off) topk_cuda_host_tables_free(m->h_off, m->copied);
+    if (m->xw_ctr) topk_cuda_free_xw(m->xw_ctr);
 #endif
     free(m->queue);
     free(m);
@@ -238,7 +242,7 @@ static int cuda_args(topk *m, const m1c_layer_bufs *b, int N, int backward, topk
     a->stream = b->stream;
     a->N = N, a->H = m->H, a->E = m->E, a->k = m->k, a->F = m->F, a->cdt = m->cdt;
     a->normalize = m->normalize, a->training = b->training, a->grouped = m->grouped;
-    a->xw_enc = m->xw_enc, a->xw_grid = m->xw_grid;
+    a->xw_enc = m->xw_enc, a->xw_grid = m->xw_grid, a->xw_ctr = m->xw_ctr;
     a->cap = m->capacity_factor > 0 ? (int64_t)ceil(m->capacity_factor * N * m->k / m->E) : INT64_MAX;
     a->aux_coef = m->aux_coef, a->jitter = m->jitter, a->aux_scale = b->aux_scale, a->noise_seed = b->noise_seed;
     a->Wr = b->params[P_ROUTER].data; /* f32 always: the router stays FP32 */

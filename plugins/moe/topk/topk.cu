@@ -34,7 +34,10 @@
  * writes the same dtypes as cuBLAS (its f32 accumulators rounded to nearest even).
  *
  * Expert GEMMs, chosen by the setting expert_gemm (topk.c):
- *   "cublas" (default; F32 always): one cuBLASLt product per expert with rows, all of a step handed to
+ *   "auto" (default): on an sm_90a device the Hopper kernels of expert_wg.cuh for BF16 (the forward's two
+ *     products reading the offsets on the device; the backward's two launches, each a row product with a
+ *     weight gradient, on the offsets the forward copied meanwhile); "cublas" elsewhere.
+ *   "cublas" (F32 always): one cuBLASLt product per expert with rows, all of a step handed to
  *     the core at once (h->gemm_group), which runs them concurrently. The expert offsets and counts are
  *     copied to (pinned) host memory once per forward; the host waits for that copy after queueing the
  *     aux loss and the gather, so the GPU still has work while it wakes. The backward of the same run
@@ -42,7 +45,7 @@
  *   "grouped" (BF16 only): one tensor-core kernel per product for all experts (grouped_gemm_kernel),
  *     reading the offsets on the device: forward and backward never wait for the host, but the kernel
  *     reaches about half of cuBLAS's throughput on large experts.
- * Both share every other kernel: the elementwise ones read the kept row count on the device.
+ * All share every other kernel: the elementwise ones read the kept row count on the device.
  *
  * Jitter: the noise is U(1-j, 1+j) from a counter-based hash of (noise_seed, element index), not the
  * CPU's xoshiro stream: the same noise_seed gives the same noise on the GPU every time, but not the
@@ -1038,21 +1041,35 @@ static void prof_end(moe_prof *p, const char *what, const topk_cuda_args *a) {
 
 /* The BF16 expert GEMMs in the grouped kernel (setting expert_gemm = "grouped"); F32 always per expert. */
 static bool use_grouped(const topk_cuda_args *a) { return a->grouped && a->cdt == M1C_BF16; }
-/* The forward's expert products in the Hopper kernel (expert_wg.cuh): expert_gemm = "auto" with BF16 on
- * an sm_90a device (a->xw_enc set) and sizes and buffers it takes. The backward then runs per expert in
- * cuBLAS, with the offsets the forward copied to the host without waiting for them. */
+/* The expert products in the Hopper kernels (expert_wg.cuh): expert_gemm = "auto" with BF16 on an sm_90a
+ * device (a->xw_enc set) and sizes and buffers they take. The forward never waits for the host; the
+ * backward uses the offsets the forward copied meanwhile (its weight products need the row counts on the
+ * host), and with more than XW_MAX_E experts runs per expert in cuBLAS instead. */
 static bool use_xw(const topk_cuda_args *a) {
-    const void *ops[] = {a->xs, a->gu, a->act, a->Y, a->Wgu, a->Wd};
-    return a->cdt == M1C_BF16 && a->xw_enc && xw_fits(a->H, a->F, ops, 6);
+    const void *ops[] = {a->xs, a->gu, a->act, a->Y, a->Wgu, a->Wd, a->dgu, a->dact, a->dy_lp, a->dWgu, a->dWd};
+    return a->cdt == M1C_BF16 && a->xw_enc && xw_fits(a->H, a->F, ops, 11);
 }
-/* C = A W_e^T in the Hopper kernel (see xw_gemm), its failure reported. */
+/* C = A W_e^T in the Hopper forward kernel (see xw_forward), its failure reported. */
 static int xw_product(const topk_cuda_args *a, void *C, int N, const void *A, int64_t lda, const void *W, int K) {
     const m1c_host *h = a->h;
-    const xw_args p = {(__nv_bfloat16 *)C, a->off, N, a->E, N, 0};
-    if (xw_gemm((tma_encode_fn)a->xw_enc, a->xw_grid, (cudaStream_t)a->stream, p, (const __nv_bfloat16 *)A, lda,
-                (int64_t)a->N * a->k, (const __nv_bfloat16 *)W, K, (int64_t)N * K, K))
+    const xw_rows r = {(__nv_bfloat16 *)C, a->off, N, a->E, N, 0};
+    if (xw_forward((tma_encode_fn)a->xw_enc, a->xw_grid, (cudaStream_t)a->stream, r, (const __nv_bfloat16 *)A, lda,
+                   (int64_t)a->N * a->k, (const __nv_bfloat16 *)W, K))
         return h->error(h, "topk: cuTensorMapEncodeTiled refused an expert operand (%d x %d, K %d)", a->N * a->k, N, K);
-    MOE_LAUNCH_CHECK(h, "xw_kernel");
+    MOE_LAUNCH_CHECK(h, "xw_fwd_kernel");
+    return M1C_OK;
+}
+/* The backward's pair in the Hopper kernel (see xw_backward): C = A W_e (N columns, K = A's) and the
+ * weight gradient G_e += Ag_e^T Bg_e (M x Ng), its failure reported. */
+static int xw_pair(const topk_cuda_args *a, void *C, int N, const void *A, int K, const void *W, float *G,
+                   const void *Ag, int M, const void *Bg, int Ng) {
+    const m1c_host *h = a->h;
+    const xw_rows r = {(__nv_bfloat16 *)C, a->off, N, a->E, N, 0};
+    if (xw_backward((tma_encode_fn)a->xw_enc, a->xw_grid, (cudaStream_t)a->stream, a->xw_ctr, a->h_off, r,
+                    (const __nv_bfloat16 *)A, K, (int64_t)a->N * a->k, (const __nv_bfloat16 *)W, G,
+                    (const __nv_bfloat16 *)Ag, M, (const __nv_bfloat16 *)Bg, Ng))
+        return h->error(h, "topk: cuTensorMapEncodeTiled refused an expert operand (%d x %d, K %d)", a->N * a->k, N, K);
+    MOE_LAUNCH_CHECK(h, "xw_bwd_kernel");
     return M1C_OK;
 }
 
@@ -1391,6 +1408,21 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
 
     CALL(router_bwd<T>(a, s, dy_lp, dout));
     prof_mark(pf, "router_bwd");
+    if (xw && E <= XW_MAX_E) { /* dWd and d act in one launch, SwiGLU', dWgu and the d x rows in one */
+        CALL(xw_pair(a, dact, F, dy, H, Wd, a->dWd, dy, H, act, F));
+        prof_mark(pf, "gemm_dWd_dact");
+        moe_swiglu_bwd_dev_kernel<T, T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(dgu, dact, GU,
+                                                                                              a->off + E, F);
+        MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_dev_kernel");
+        prof_mark(pf, "swiglu_bwd");
+        CALL(xw_pair(a, dx, H, dgu, 2 * F, Wgu, a->dWgu, dgu, 2 * F, xs, H));
+        prof_mark(pf, "gemm_dWgu_drows");
+        CALL(unpermute_router<T>(a, s, din, dx));
+        prof_mark(pf, "unpermute_router");
+        CALL(router_dwr(a, s, in));
+        prof_mark(pf, "router_dWr");
+        return M1C_OK;
+    }
     /* dWd_e += dY_e^T A_e; d act = dY Wd_e (one group: both only read dY). */
     expert_queue queue = {a->queue, 0}, *q = grouped ? NULL : &queue;
     CALL(expert_gemm<GG_TN>(a, q, a->dWd, F, (int64_t)H * F, dy, H, act, F, 0, H, F, 0, 1.0f));
@@ -1432,12 +1464,20 @@ extern "C" int topk_cuda_setup_grouped(const m1c_host *h) {
     return M1C_OK;
 }
 
-extern "C" void topk_cuda_setup_xw(void **xw_enc, int *xw_grid) {
-    *xw_enc = NULL, *xw_grid = 0;
+extern "C" int topk_cuda_setup_xw(const m1c_host *h, void **xw_enc, int *xw_grid, int **xw_ctr) {
+    *xw_enc = NULL, *xw_grid = 0, *xw_ctr = NULL;
     const tma_encode_fn enc = wg_available() ? tma_encoder() : NULL;
-    if (enc && xw_setup(xw_grid) == cudaSuccess) *xw_enc = reinterpret_cast<void *>(enc);
-    else (void)cudaGetLastError(); /* no Hopper kernel here: cuBLAS runs the forward too */
+    if (!enc || xw_setup(xw_grid) != cudaSuccess) {
+        (void)cudaGetLastError(); /* no Hopper kernels here: cuBLAS runs the products */
+        return M1C_OK;
+    }
+    MOE_CUDA_CHECK(h, cudaMalloc((void **)xw_ctr, 2 * sizeof(int)));
+    MOE_CUDA_CHECK(h, cudaMemset(*xw_ctr, 0, 2 * sizeof(int)));
+    *xw_enc = reinterpret_cast<void *>(enc);
+    return M1C_OK;
 }
+
+extern "C" void topk_cuda_free_xw(int *xw_ctr) { cudaFree(xw_ctr); }
 
 extern "C" int topk_cuda_forward(const topk_cuda_args *a, float *out, const float *in) {
     if (a->N <= 0) return M1C_OK;
