@@ -2,7 +2,8 @@
 # GPU comparison benchmarks in one command, so that m1c and its references run on the same machine and
 # in the same session: m1c's training step (three LM-head precisions) against transformers'
 # MiniMaxForCausalLM, m1c's softmax-attention kernels against torch's SDPA on the same shapes, the
-# lightning-attention core alone, m1c's 1M-token prefill, and the MoE's expert products.
+# lightning-attention core alone, m1c's 1M-token prefill, and the MoE's expert products (cuBLAS and topk's
+# Hopper kernels).
 # Builds nothing: run scripts/gpu-check.sh (or cmake) first.
 #
 #   bash bench/gpu_bench.sh [BUILD_DIR]          (default build-gpu; logs in ${OUT:-BUILD_DIR}/bench)
@@ -52,6 +53,8 @@ run m1c_lightning "$build/m1c_bench_lightning"
 run m1c_prefill "$build/m1c_bench_prefill" --tokens 1048576 --chunk 32768 --segments 8
 # 7. the MoE's per-expert products through the core's gemm_ex one at a time and through gemm_group (concurrent).
 run m1c_gemm "$build/m1c_bench_gemm"
+# 8. topk's Hopper expert products (expert_gemm = "auto" on sm_90a) beside cuBLAS.
+run m1c_experts "$build/m1c_bench_experts"
 
 # Summary. m1c's table row for the reference shape ends "... ms/step tokens/s GFLOP/s MFU"; the HF script's
 # last line is "hf  <tokens/s> tokens/s  <ms> ms/step  (...)".
@@ -90,6 +93,9 @@ grep -E "^prefill of|^total" "$logs/m1c_prefill.log" 2>/dev/null || echo "no res
 echo
 echo "=== MoE expert products per layer (m1c_bench_gemm)"
 grep -E "^(product|gate_up|down|dWd|dact|dWgu|drows|all six|per step|topk.s calls|check)" "$logs/m1c_gemm.log" 2>/dev/null || echo "no results"
+echo
+echo "=== topk's Hopper expert products (m1c_bench_experts)"
+grep -E "^(launch|gate_up|down|dact|drows) " "$logs/m1c_experts.log" 2>/dev/null || echo "no results"
 echo
 if [ -n "$failed" ]; then
   echo "failed:$failed (logs in $logs)"
