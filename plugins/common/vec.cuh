@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
 
 static __device__ __forceinline__ uint32_t vec_bf16x2(float lo, float hi) {
@@ -73,4 +74,26 @@ template <int V> static __device__ __forceinline__ void vec_st(__nv_bfloat16 *p,
 #pragma unroll
         for (int t = 0; t < V; t++) p[t] = __float2bfloat16_rn(v[t]);
     }
+}
+
+/* dst = bf16(src), V values a thread (n groups of V; with V = 8 both pointers 16-byte aligned). */
+template <int V> __global__ static void vec_to_bf16_kernel(__nv_bfloat16 *dst, const float *src, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float v[V];
+        vec_ld<V>(v, src + V * i);
+        vec_st<V>(dst + V * i, v);
+    }
+}
+/* dst[0 .. n) = bf16(src[0 .. n)) on stream s, rounding to nearest even: 8 values a thread where both
+ * pointers are 16-byte aligned, the rest one at a time (the same roundings either way). Only launches:
+ * the caller checks cudaGetLastError. */
+static inline void vec_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n, cudaStream_t s) {
+    const int threads = 256;
+    auto blocks = [](int64_t items) {
+        const int64_t b = (items + threads - 1) / threads;
+        return (unsigned)(b < 65536 ? b : 65536);
+    };
+    const int64_t n8 = ((uintptr_t)dst | (uintptr_t)src) % 16 == 0 ? n / 8 : 0;
+    if (n8 > 0) vec_to_bf16_kernel<8><<<blocks(n8), threads, 0, s>>>(dst, src, n8);
+    if (n > 8 * n8) vec_to_bf16_kernel<1><<<blocks(n - 8 * n8), threads, 0, s>>>(dst + 8 * n8, src + 8 * n8, n - 8 * n8);
 }

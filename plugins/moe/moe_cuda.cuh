@@ -57,12 +57,6 @@ static __device__ __forceinline__ int64_t moe_row(int64_t i, int nv) {
     return i <= (int64_t)UINT32_MAX ? (int64_t)((uint32_t)i / (uint32_t)nv) : i / nv;
 }
 
-/* dst = src (f32 -> T), n elements. */
-template <typename T>
-__global__ void moe_cast_kernel(T *dst, const float *src, int64_t n) {
-    MOE_GRID_LOOP(i, n) moe_st(dst, i, src[i]);
-}
-
 /* ---- SwiGLU ------------------------------------------------------------------------------------- */
 
 /* act = silu(g) * u row by row; gu: (rows, 2F) with the gate in columns [0, F), up in [F, 2F). V

@@ -112,20 +112,6 @@ __device__ static float block_sum(float v, float *shared) {
 
 /* ---- kernels ----------------------------------------------------------------------------------------- */
 
-__global__ static void k_to_bf16(bf16 *dst, const float *src, int64_t n) {
-    GRID_STRIDE(i, n) dst[i] = __float2bfloat16(src[i]);
-}
-
-/* The same, 8 values a thread (n8 groups; 16-byte aligned dst and src): the same roundings, fewer and
- * wider accesses. */
-__global__ static void k_to_bf16_v8(bf16 *dst, const float *src, int64_t n8) {
-    GRID_STRIDE(i, n8) {
-        float v[8];
-        vec_ld<8>(v, src + 8 * i);
-        vec_st<8>(dst + 8 * i, v);
-    }
-}
-
 /* Row position within the block structure: t in [0, Tp) -> row i of block blk holding m real rows. */
 struct rowpos {
     int i, m;
@@ -747,10 +733,8 @@ template <> int dtype_of<float>() { return M1C_F32; }
 template <> int dtype_of<bf16>() { return M1C_BF16; }
 
 static int to_bf16(const lightning_cuda_cfg *c, cudaStream_t s, bf16 *dst, const float *src, int64_t n) {
-    if (n % 8 == 0 && ((uintptr_t)dst & 15u) == 0 && ((uintptr_t)src & 15u) == 0)
-        k_to_bf16_v8<<<grid_for(n / 8), THREADS, 0, s>>>(dst, src, n / 8);
-    else
-        k_to_bf16<<<grid_for(n), THREADS, 0, s>>>(dst, src, n);
+    if (n <= 0) return M1C_OK;
+    vec_to_bf16(dst, src, n, s);
     return launched(c, "to_bf16");
 }
 

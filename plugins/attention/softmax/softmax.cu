@@ -51,16 +51,6 @@ static int grid_for(int64_t n) {
 
 /* ---- elementwise kernels ------------------------------------------------------------------- */
 
-/* dst = bf16(src), V values per thread (V = 8: 32-byte loads and a 16-byte store, both pointers 16-byte
- * aligned; n8 groups) or one (V = 1, n elements): the same roundings either way. */
-template <int V> __global__ static void to_bf16_kernel(bf16 *dst, const float *src, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        float v[V];
-        vec_ld<V>(v, src + V * i);
-        vec_st<V>(dst + V * i, v);
-    }
-}
-
 /* cos/sin of RoPE for T positions pos0 + t: cs[t*rd + i] = cos, cs[t*rd + half + i] = sin, angles in
  * double exactly as the CPU computes them (a float angle loses the phase at long context). */
 __global__ static void rope_table_kernel(float *cs, int T, int half, int rd, double theta, int64_t pos0) {
@@ -454,9 +444,7 @@ static int check_scratch(const sm_cuda *a, const m1c_layer_bufs *b, int B, int T
 
 static int to_bf16(const sm_cuda *a, cudaStream_t s, bf16 *dst, const float *src, int64_t n) {
     if (n <= 0) return M1C_OK;
-    const int64_t n8 = ((uintptr_t)dst | (uintptr_t)src) % 16 == 0 ? n / 8 : 0;
-    if (n8) to_bf16_kernel<8><<<grid_for(n8), NTHREADS, 0, s>>>(dst, src, n8);
-    if (n > 8 * n8) to_bf16_kernel<1><<<grid_for(n - 8 * n8), NTHREADS, 0, s>>>(dst + 8 * n8, src + 8 * n8, n - 8 * n8);
+    vec_to_bf16(dst, src, n, s);
     return launched(a, "to_bf16");
 }
 

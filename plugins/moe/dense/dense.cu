@@ -20,8 +20,8 @@ static int as_operand(const dense_cuda_args *a, const float *x, void *lp, const 
     }
     if (!lp) return h->error(h, "dense: BF16 needs the bf16 operand scratch buffers");
     const int64_t n = (int64_t)a->N * a->H;
-    moe_cast_kernel<T><<<moe_blocks(n), MOE_THREADS, 0, (cudaStream_t)a->stream>>>((T *)lp, x, n);
-    MOE_LAUNCH_CHECK(h, "moe_cast_kernel");
+    vec_to_bf16((__nv_bfloat16 *)lp, x, n, (cudaStream_t)a->stream);
+    MOE_LAUNCH_CHECK(h, "vec_to_bf16");
     *out = (const T *)lp;
     return M1C_OK;
 }
