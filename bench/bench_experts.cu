@@ -2,7 +2,9 @@
  * on an sm_90a device), one table: per launch the median time over the repetitions and its TFLOP/s,
  * beside cuBLAS running the same expert products one after another (cublasGemmEx, bf16 operands, f32
  * accumulation; m1c_bench_gemm has the core's concurrent per-expert path, topk's "cublas"). The forward's
- * two products; the backward's two launches, each a row product and a weight gradient (f32, added into).
+ * two products; the backward's two launches, each a row product and a weight gradient (f32, added into),
+ * whose times include the host's encoding of a tensor map per expert and operand before each launch, as
+ * in topk.
  *
  *   m1c_bench_experts [--rows 32768] [--experts 8] [--hidden 768] [--ffn 1024] [--reps 20] [--uneven]
  *
@@ -137,6 +139,7 @@ int main(int argc, char **argv) {
         cublas_rows(0, dgu, (int)F2, Wgu, dx, H);
         cublas_grads(dgu, (int)F2, xs, H, dWgu);
     });
+    CK(cudaGetLastError()); /* a launch that failed would have timed as fast as nothing */
     if (fail) {
         fprintf(stderr, "m1c_bench_experts: cuTensorMapEncodeTiled refused an operand\n");
         return 1;

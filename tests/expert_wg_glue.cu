@@ -15,14 +15,16 @@ int xwt_expected(void);
 /* 1 where the kernels can run now (xwt_expected and the driver's tensor-map encoder found). */
 int xwt_available(void);
 /* The forward: C (rows x ldc, bf16 bits, read and written back whole) = A W_e^T over the expert row ranges
- * off[0..E] (host), A (rows x K), W (E x N x K), all bf16 bits. 0 on success, else 1 with err set. */
+ * off[0..E] (host), A (rows x K), W (E x N x K), all bf16 bits, on `grid` blocks (0: one per SM, as topk
+ * runs it; fewer make each block take several tiles). 0 on success, else 1 with err set. */
 int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                int ldc, char *err, size_t errlen);
-/* The backward's pair, `reps` times on the same buffers: C (rows x ldc, as above) = A W_e with A (rows x
- * K), W (E x K x N); G (E x M x Ng f32, read and written back) += Ag_e^T Bg_e over each expert's rows, Ag
- * (rows x M), Bg (rows x Ng). 0 on success, else 1 with err set. */
+                int ldc, int grid, char *err, size_t errlen);
+/* The backward's pair, `reps` times on the same buffers and tile counter: C (rows x ldc, as above) = A W_e
+ * with A (rows x K), W (E x K x N); G (E x M x Ng f32, read and written back) += Ag_e^T Bg_e over each
+ * expert's rows, Ag (rows x M), Bg (rows x Ng); `grid` blocks as above. 0 on success (the counter left at
+ * zero), else 1 with err set. */
 int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, char *err,
+                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, int grid, char *err,
                  size_t errlen);
 }
 
@@ -46,12 +48,13 @@ static void free_all(dev_bufs *b) {
 }
 
 int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                int ldc, char *err, size_t errlen) {
+                int ldc, int blocks, char *err, size_t errlen) {
     dev_bufs b = {{0}, 0};
     void *dA, *dW, *dC, *doff;
     int grid = 0, rc = 1;
     const tma_encode_fn enc = tma_encoder();
     cudaError_t e = enc ? xw_setup(&grid) : cudaErrorNotSupported;
+    if (blocks > 0) grid = blocks;
     if (e == cudaSuccess) e = up(&b, &dA, A, (size_t)rows * K * 2);
     if (e == cudaSuccess) e = up(&b, &dW, W, (size_t)E * N * K * 2);
     if (e == cudaSuccess) e = up(&b, &dC, C, (size_t)rows * ldc * 2);
@@ -74,14 +77,15 @@ int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_
 }
 
 int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, char *err,
-                 size_t errlen) {
+                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, int blocks,
+                 char *err, size_t errlen) {
     dev_bufs b = {{0}, 0};
     void *dA, *dW, *dC, *doff, *dAg, *dBg, *dG, *ctr;
     int grid = 0, rc = 1;
     const tma_encode_fn enc = tma_encoder();
     const size_t gbytes = (size_t)E * M * Ng * sizeof(float);
     cudaError_t e = enc ? xw_setup(&grid) : cudaErrorNotSupported;
+    if (blocks > 0) grid = blocks;
     if (e == cudaSuccess) e = up(&b, &dA, A, (size_t)rows * K * 2);
     if (e == cudaSuccess) e = up(&b, &dW, W, (size_t)E * K * N * 2);
     if (e == cudaSuccess) e = up(&b, &dC, C, (size_t)rows * ldc * 2);

@@ -20,25 +20,25 @@
 int xwt_expected(void);
 int xwt_available(void);
 int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                int ldc, char *err, size_t errlen);
+                int ldc, int grid, char *err, size_t errlen);
 int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, char *err,
+                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, int grid, char *err,
                  size_t errlen);
 #else
 /* Built without CUDA: every test skips before reaching these; they keep the file compiling. */
 static int xwt_expected(void) { return 0; }
 static int xwt_available(void) { return 0; }
 static int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
-                       uint16_t *C, int ldc, char *err, size_t errlen) {
-    (void)E, (void)off, (void)rows, (void)N, (void)K, (void)A, (void)W, (void)C, (void)ldc;
+                       uint16_t *C, int ldc, int grid, char *err, size_t errlen) {
+    (void)E, (void)off, (void)rows, (void)N, (void)K, (void)A, (void)W, (void)C, (void)ldc, (void)grid;
     snprintf(err, errlen, "built without CUDA");
     return 1;
 }
 static int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
                         uint16_t *C, int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps,
-                        char *err, size_t errlen) {
+                        int grid, char *err, size_t errlen) {
     (void)E, (void)off, (void)rows, (void)N, (void)K, (void)A, (void)W, (void)C, (void)ldc, (void)M, (void)Ng;
-    (void)Ag, (void)Bg, (void)G, (void)reps;
+    (void)Ag, (void)Bg, (void)G, (void)reps, (void)grid;
     snprintf(err, errlen, "built without CUDA");
     return 1;
 }
@@ -136,6 +136,13 @@ static double bwd_ref(const void *p, int r, int e, int n, double *S) {
     return sum;
 }
 
+/* Each case runs on one block per SM (as topk does: most blocks take one tile or none at these sizes), on
+ * one block (every tile through the same ring, tile-id slots and staging, one after another) and on three
+ * (blocks taking several tiles side by side). */
+enum { N_GRIDS = 3 };
+static const int grids[N_GRIDS] = {0, 1, 3};
+static const char *const grid_name[N_GRIDS] = {"one block per SM", "one block", "three blocks"};
+
 static void offsets(int E, const int *cnt, int32_t *off) {
     off[0] = 0;
     for (int e = 0; e < E; e++) off[e + 1] = off[e] + cnt[e];
@@ -150,11 +157,14 @@ static void check_forward(int E, const int *cnt, int tail, int N, int K, int ldc
     uint16_t *A = rand_bf16((int64_t)rows * K, seed, 1.0f), *W = rand_bf16((int64_t)E * N * K, seed + 1, 0.1f);
     uint16_t *C = malloc((size_t)rows * ldc * 2);
     cr_assert(C);
-    for (int64_t i = 0; i < (int64_t)rows * ldc; i++) C[i] = SENTINEL;
-    char err[256] = "";
-    cr_assert_eq(xwt_forward(E, off, rows, N, K, A, W, C, ldc, err, sizeof err), 0, "forward: %s", err);
     const fwd_ctx ctx = {A, W, N, K};
-    expect_rows(C, off, E, rows, N, ldc, fwd_ref, &ctx);
+    for (int g = 0; g < N_GRIDS; g++) {
+        for (int64_t i = 0; i < (int64_t)rows * ldc; i++) C[i] = SENTINEL;
+        char err[256] = "";
+        cr_assert_eq(xwt_forward(E, off, rows, N, K, A, W, C, ldc, grids[g], err, sizeof err), 0, "forward: %s", err);
+        cr_log_info("forward on %s", grid_name[g]);
+        expect_rows(C, off, E, rows, N, ldc, fwd_ref, &ctx);
+    }
     free(A), free(W), free(C);
 }
 
@@ -171,31 +181,38 @@ static void check_backward(int E, const int *cnt, int tail, int N, int K, int ld
     uint16_t *Ag = rand_bf16((int64_t)rows * M, seed + 2, 1.0f), *Bg = rand_bf16((int64_t)rows * Ng, seed + 3, 1.0f);
     const int64_t ng = (int64_t)E * M * Ng;
     float *G0 = th_randn(ng, seed + 4, 1.0f), *G = malloc((size_t)ng * sizeof(float));
+    double *sum = malloc((size_t)ng * sizeof(double)), *abs_sum = malloc((size_t)ng * sizeof(double));
     uint16_t *C = malloc((size_t)rows * ldc * 2);
-    cr_assert(C && G);
-    memcpy(G, G0, (size_t)ng * sizeof(float));
-    for (int64_t i = 0; i < (int64_t)rows * ldc; i++) C[i] = SENTINEL;
-    char err[256] = "";
-    cr_assert_eq(xwt_backward(E, off, rows, N, K, A, W, C, ldc, M, Ng, Ag, Bg, G, 2, err, sizeof err), 0,
-                 "backward: %s", err);
-    const bwd_ctx ctx = {A, W, N, K};
-    expect_rows(C, off, E, rows, N, ldc, bwd_ref, &ctx);
-    int64_t bad = 0;
+    cr_assert(C && G && sum && abs_sum);
     for (int e = 0; e < E; e++)
         for (int m = 0; m < M; m++)
             for (int n = 0; n < Ng; n++) {
-                double sum = 0, s = 0;
+                double t_sum = 0, t_abs = 0;
                 for (int r = off[e]; r < off[e + 1]; r++) {
                     const double t = from_bf16(Ag[(int64_t)r * M + m]) * from_bf16(Bg[(int64_t)r * Ng + n]);
-                    sum += t, s += fabs(t);
+                    t_sum += t, t_abs += fabs(t);
                 }
                 const int64_t i = ((int64_t)e * M + m) * Ng + n;
-                const double want = G0[i] + 2 * sum, d = fabs(G[i] - want);
-                if (!(d <= 2e-4 * 2 * s + ldexp(fabs(G0[i]) + fabs(want), -22)))
-                    if (bad++ < 5) cr_log_error("G[%d][%d][%d]: %.9g, expected %.9g", e, m, n, G[i], want);
+                sum[i] = t_sum, abs_sum[i] = t_abs;
             }
-    cr_expect_eq(bad, 0, "%lld weight-gradient elements wrong", (long long)bad);
-    free(A), free(W), free(Ag), free(Bg), free(G0), free(G), free(C);
+    const bwd_ctx ctx = {A, W, N, K};
+    for (int g = 0; g < N_GRIDS; g++) {
+        memcpy(G, G0, (size_t)ng * sizeof(float));
+        for (int64_t i = 0; i < (int64_t)rows * ldc; i++) C[i] = SENTINEL;
+        char err[256] = "";
+        cr_assert_eq(xwt_backward(E, off, rows, N, K, A, W, C, ldc, M, Ng, Ag, Bg, G, 2, grids[g], err, sizeof err), 0,
+                     "backward on %s: %s", grid_name[g], err);
+        cr_log_info("backward on %s", grid_name[g]);
+        expect_rows(C, off, E, rows, N, ldc, bwd_ref, &ctx);
+        int64_t bad = 0;
+        for (int64_t i = 0; i < ng; i++) {
+            const double want = G0[i] + 2 * sum[i], d = fabs(G[i] - want);
+            if (!(d <= 2e-4 * 2 * abs_sum[i] + ldexp(fabs(G0[i]) + fabs(want), -22)))
+                if (bad++ < 5) cr_log_error("G[%lld]: %.9g, expected %.9g", (long long)i, G[i], want);
+        }
+        cr_expect_eq(bad, 0, "%lld weight-gradient elements wrong on %s", (long long)bad, grid_name[g]);
+    }
+    free(A), free(W), free(Ag), free(Bg), free(G0), free(G), free(C), free(sum), free(abs_sum);
 }
 
 /* Uneven experts (tiles of 128 rows ending inside an expert, an expert that starts mid-tile), an empty one
@@ -214,15 +231,17 @@ Test(expert_wg_cuda, forward_reference_widths) {
 }
 
 /* Two column tiles, the second holding one panel of 64 and part of the next (N 328), K 64 (one step);
- * every expert shorter than a tile, so each warpgroup stores from its registers or has nothing to store. */
+ * every expert shorter than a tile: warpgroups with 64 rows of one expert (the 64-, 65- and 127-row ones)
+ * store by bulk copies, the others from their registers or not at all. */
 Test(expert_wg_cuda, forward_short_experts_two_column_tiles) {
     const int cnt[6] = {63, 64, 65, 1, 0, 127};
     check_forward(6, cnt, 5, 328, 64, 328, 33);
 }
 
 /* The pair: row product N 200 (inside a tile and a panel) with K 136; weight products M 200 (two 128-row
- * tiles, the second partial, a panel of it zero-filled) by Ng 264 (a full and a partial column tile) over
- * experts of 300 rows (five K steps, the last partial), none, 129, 1 and 77. */
+ * tiles, the second partial: 8 of one panel's 64 columns real, the rest zero-filled, and one panel all
+ * zeros) by Ng 264 (a full and a partial column tile) over experts of 300 rows (five K steps, the last
+ * partial), none, 129, 1 and 77. */
 Test(expert_wg_cuda, backward_uneven_experts_partial_tiles) {
     const int cnt[5] = {300, 0, 129, 1, 77};
     check_backward(5, cnt, 37, 200, 136, 208, 200, 264, 41);

@@ -1,6 +1,7 @@
 /* Warpgroup tensor-core primitives for sm_90a (wgmma), shared by the plugins' CUDA kernels: shared-memory
- * matrix descriptors, the fences and groups of the asynchronous products, and the m64n64k16 bf16 product
- * with f32 accumulation, A from shared memory or from registers. Only an sm_90a build (the nvcc target
+ * matrix descriptors, the fences and groups of the asynchronous products, the m64n64k16 bf16 product with
+ * f32 accumulation (A from shared memory or from registers) and the m64n256k16 one (both operands from
+ * shared memory). Only an sm_90a build (the nvcc target
  * compute_90a, which defines __CUDA_ARCH_FEAT_SM90_ALL) assembles them; elsewhere they compile to nothing,
  * and the host must not launch a kernel that uses them (the build defines M1C_SM90A where it has them).
  *
@@ -11,9 +12,10 @@
  * d[4 t + e] at row g + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2 (g = lane / 4 within the warp).
  *
  * Shared-memory operands are tiles in the 128-byte swizzle (wg_sw_off below; unswizzled core-matrix
- * tiles made the lightning pass 1.35-1.7x slower, docs/perf.md), read as K-major (A or B with K
- * contiguous) or MN-major (B with N contiguous, the "transposed" operand): SBO = bytes between 8-row
- * groups (1024); LBO is unused for K-major operands and for MN-major ones one 64-column panel wide. */
+ * tiles made the lightning pass 1.35-1.7x slower, docs/perf.md), read as K-major (K contiguous) or MN-major
+ * (M or N contiguous, the "transposed" operand: B in the attention kernels, A and B in topk's weight
+ * gradients): SBO = bytes between 8-row groups (1024); LBO is unused for K-major operands, and for MN-major
+ * ones the bytes between 64-column panels (unused where the product is one panel wide). */
 #pragma once
 
 #include <cuda_bf16.h>

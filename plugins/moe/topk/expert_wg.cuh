@@ -34,11 +34,16 @@
  * tile: the tensor cores idle only while the panels are written. (Stored from the registers instead, 4-byte
  * pieces of 8 rows a warp instruction, the forward's products ran at 460 TFLOP/s against 690-720 without
  * any stores: docs/perf.md.) A warpgroup whose rows cross the expert's end stores from its registers, row
- * by row; so do the weight products, adding into G_e (one tile per element: a fixed order). */
+ * by row. The weight products stage their f32 sums the same way, in two halves, and bulk reductions add
+ * them into G_e at L2 (one tile per element: a fixed order, the same bits every run).
+ *
+ * Sizes: N, K and the weight products' M and N multiples of 8 (16-byte row strides for the maps and
+ * pairs of columns for the register stores); xw_forward and xw_backward refuse others. */
 #pragma once
 
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "../../common/tma.cuh"
 #include "../moe_cuda.cuh"
@@ -67,15 +72,16 @@ typedef struct xw_rows {
     int E, N, nk; /* experts, columns, K steps */
 } xw_rows;
 
-/* The forward's parameters: A (rows, K) in boxes of 64 x 128, W as (K, N, E) in boxes of 64 x 128, C (rows,
- * N) in boxes of 64 x 64. */
+/* The forward's parameters (tensor shapes outermost first, boxes innermost first): A (rows, K) in boxes of
+ * 64 x 128, W (E, N, K) in boxes of 64 x 128 x 1, C (rows, N) in boxes of 64 x 64. */
 struct xw_fwd_params {
     CUtensorMap a, w, c;
     xw_rows r;
 };
-/* The backward's: the row product's A and C as the forward's, W as (N, K, E) in panels of 64 x 64; for the
+/* The backward's: the row product's A and C as the forward's, W (E, K, N) in panels of 64 x 64 x 1; for the
  * weight product G (E, M, N) f32, and per expert with rows (the j-th: expert ge[j], nk[j] K steps) its rows
- * of A (M columns) and of B (N columns) in panels of 64 x 64. ctr: the tile counter (2 ints, zero). */
+ * of A (M columns) and of B (N columns) in panels of 64 x 64. ctr: the tile counter (2 ints, zero). About 9
+ * KiB of kernel parameters: CUDA 12.1's large parameters (up to 32764 bytes). */
 struct xw_bwd_params {
     CUtensorMap a, w, c, g; /* g: G as (N, M, E) f32 in boxes of 32 x 64 */
     CUtensorMap ga[XW_MAX_E], gb[XW_MAX_E];
@@ -84,6 +90,7 @@ struct xw_bwd_params {
     int M, N, ge[XW_MAX_E], nk[XW_MAX_E];
     int tiles_g, tiles; /* weight tiles (first), all tiles */
 };
+static_assert(sizeof(xw_bwd_params) <= 32764, "kernel parameters past CUDA's limit");
 
 /* Row tile t's expert e, first row m0, the expert's end m_end and its column tile c (of nb); false past the
  * last. */
@@ -101,21 +108,20 @@ static __device__ inline bool xw_tile(const int32_t *off, int E, int nb, int t, 
     return false;
 }
 /* The backward's tile t (< tiles): weight tile (j, m0, n0) of the j-th expert with rows, or row tile as
- * xw_tile (j = -1). */
+ * xw_tile (j = -1); false where the device's offsets have no such row tile (they would disagree with the
+ * host's that counted the tiles): the copier then stops there. */
 struct xw_btile {
     int j, e, m0, m_end, c;
 };
-static __device__ inline xw_btile xw_bwd_tile(const xw_bwd_params &P, int t) {
-    xw_btile b;
+static __device__ inline bool xw_bwd_tile(const xw_bwd_params &P, int t, xw_btile &b) {
+    b = xw_btile{-1, 0, 0, 0, 0};
     if (t < P.tiles_g) {
         const int nm = (P.M + XW_BM - 1) / XW_BM, nn = (P.N + XW_BN - 1) / XW_BN, per = nm * nn;
         b.j = t / per, t -= b.j * per;
         b.e = P.ge[b.j], b.m0 = t / nn * XW_BM, b.m_end = P.M, b.c = t % nn;
-    } else {
-        b.j = -1;
-        xw_tile(P.r.off, P.r.E, (P.r.N + XW_BN - 1) / XW_BN, t - P.tiles_g, b.e, b.m0, b.m_end, b.c);
+        return true;
     }
-    return b;
+    return xw_tile(P.r.off, P.r.E, (P.r.N + XW_BN - 1) / XW_BN, t - P.tiles_g, b.e, b.m0, b.m_end, b.c);
 }
 
 static __device__ inline uint32_t xw_pack(float lo, float hi) {
@@ -252,7 +258,7 @@ static __device__ inline int xw_start(xw_smem &sm) {
 }
 
 /* The forward: see the header. */
-__global__ void __launch_bounds__(XW_THREADS, 1) xw_fwd_kernel(const __grid_constant__ xw_fwd_params P) {
+__global__ static void __launch_bounds__(XW_THREADS, 1) xw_fwd_kernel(const __grid_constant__ xw_fwd_params P) {
 #if WG_DEVICE
     extern __shared__ unsigned char xw_raw[];
     xw_smem &sm = wg_smem<xw_smem>(xw_raw);
@@ -284,7 +290,7 @@ __global__ void __launch_bounds__(XW_THREADS, 1) xw_fwd_kernel(const __grid_cons
 }
 
 /* The backward: see the header. */
-__global__ void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __grid_constant__ xw_bwd_params P) {
+__global__ static void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __grid_constant__ xw_bwd_params P) {
 #if WG_DEVICE
     extern __shared__ unsigned char xw_raw[];
     xw_smem &sm = wg_smem<xw_smem>(xw_raw);
@@ -294,8 +300,8 @@ __global__ void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __grid_cons
     if (role == 0) { /* the copies, tile by tile from the counter */
         for (int seq = 0;; seq++) {
             int t = atomicAdd(P.ctr, 1);
-            if (t >= P.tiles) t = -1;
-            const xw_btile b = t >= 0 ? xw_bwd_tile(P, t) : xw_btile{-1, 0, 0, 0, 0};
+            xw_btile b;
+            if (t >= P.tiles || !xw_bwd_tile(P, t, b)) t = -1;
             const int nk = t < 0 ? 0 : b.j >= 0 ? P.nk[b.j] : P.r.nk;
             for (int kb = 0; kb == 0 || kb < nk; kb++, it += t >= 0) {
                 const int s = (int)(it % XW_ST);
@@ -323,7 +329,11 @@ __global__ void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __grid_cons
             }
             if (t < 0) break;
         }
-        if (atomicAdd(P.ctr + 1, 1) == (int)gridDim.x - 1) P.ctr[0] = 0, P.ctr[1] = 0; /* the last block out */
+        __threadfence(); /* this block's last take before its count below */
+        if (atomicAdd(P.ctr + 1, 1) == (int)gridDim.x - 1) { /* the last block out: every take is done */
+            atomicExch(P.ctr, 0);
+            atomicExch(P.ctr + 1, 0);
+        }
         return;
     }
     const int w = threadIdx.x / 128 - 1;
@@ -331,8 +341,8 @@ __global__ void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __grid_cons
     for (int seq = 0;; seq++) {
         tma_wait(mma_smem(&sm.full[it % XW_ST]), (it / XW_ST) & 1);
         const int t = sm.tile[seq % (XW_ST + 1)];
-        if (t < 0) break;
-        const xw_btile b = xw_bwd_tile(P, t);
+        xw_btile b;
+        if (t < 0 || !xw_bwd_tile(P, t, b)) break; /* (the copier decoded t too: it never hands out a bad one) */
         if (b.j >= 0) {
             xw_mainloop<1, 1>(sm, d, it, P.nk[b.j], w, true);
             xw_add_tile(sm, &P.g, d, b.e, b.m0 + 64 * w, b.c, P.N, w);
@@ -385,9 +395,10 @@ static inline int xw_map3(tma_encode_fn enc, CUtensorMap *m, const void *W, int 
 }
 
 /* The forward: C (Nk rows, ldc) = A (Nk rows of K, lda apart) W_e^T for W (E, N, K), rows by r.off
- * (device); `grid` blocks (xw_setup). 0, or -1 where a map cannot be made. */
+ * (device); `grid` blocks (xw_setup). 0, or -1 where a map cannot be made or N or K is not a multiple of 8. */
 static inline int xw_forward(tma_encode_fn enc, int grid, cudaStream_t s, const xw_rows &r, const __nv_bfloat16 *A,
                              int64_t lda, int64_t Nk, const __nv_bfloat16 *W, int K) {
+    if (r.N % 8 || K % 8) return -1;
     xw_fwd_params P;
     if (xw_map2(enc, &P.a, A, Nk, K, lda, XW_BM, XW_BK) || xw_map3(enc, &P.w, W, r.E, r.N, K, XW_BN / 2, XW_BK) ||
         xw_map2(enc, &P.c, r.C, Nk, r.N, r.ldc, 64, 64))
@@ -402,12 +413,12 @@ static inline int xw_forward(tma_encode_fn enc, int grid, cudaStream_t s, const 
 
 /* The backward's pair: the row product C = A W_e (W (E, K, N), r.N = N) and the weight product G_e (M x Ng,
  * f32) += Ag_e^T Bg_e over the rows of each expert (Ag: M columns, Bg: Ng), off the host's offsets h_off
- * (the same as r.off's). ctr: 2 ints of device memory, zero, left zero. 0, or -1 where a map cannot be made
- * (or E > XW_MAX_E). */
+ * (the same as r.off's). ctr: 2 ints of device memory, zero, left zero. 0, or -1 where a map cannot be made,
+ * E > XW_MAX_E or a size is not a multiple of 8. */
 static inline int xw_backward(tma_encode_fn enc, int grid, cudaStream_t s, int *ctr, const int32_t *h_off,
                               const xw_rows &r, const __nv_bfloat16 *A, int K, int64_t Nk, const __nv_bfloat16 *W,
                               float *G, const __nv_bfloat16 *Ag, int M, const __nv_bfloat16 *Bg, int Ng) {
-    if (r.E > XW_MAX_E) return -1;
+    if (r.E > XW_MAX_E || r.N % 8 || K % 8 || M % 8 || Ng % 8) return -1;
     xw_bwd_params P;
     memset(&P, 0, sizeof P);
     const uint64_t gd[3] = {(uint64_t)Ng, (uint64_t)M, (uint64_t)r.E}, gs[2] = {(uint64_t)Ng * 4, (uint64_t)M * Ng * 4};

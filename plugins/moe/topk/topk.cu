@@ -1380,9 +1380,9 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     const bool grouped = use_grouped(a), xw = use_xw(a);
     int64_t rows = (int64_t)N * k;
     if (!grouped) { /* per-expert calls: the offsets on the host, and the checks they allow */
-        if (*a->h_src == a->off && xw) { /* queued by this run's forward, which did not wait for them */
+        if (*a->h_src == a->off) { /* copied by this run's forward, which may not have waited ("auto") */
             MOE_CUDA_CHECK(h, cudaEventSynchronize((cudaEvent_t)a->copied));
-        } else if (*a->h_src != a->off) { /* not copied by this run's forward (or another run's since): copy now */
+        } else { /* not copied by this run's forward (or another run's since): copy now */
             CALL(tables_to_host(a, s, false));
             float jit_f = 0.0f;
             MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
