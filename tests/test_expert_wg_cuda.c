@@ -80,60 +80,55 @@ static uint16_t *rand_bf16(int64_t n, uint64_t seed, float scale) {
     return b;
 }
 
-/* A row product's output C (rows x ldc) against ref(r, e, n, &S) = sum_k of the terms (S: their absolute
- * sum), for the kept rows' N columns; everything else must still be SENTINEL. The kernels multiply the
- * same bf16 values exactly and add in f32 (relative error ~K 2^-24 of S, under 1e-4 S here), then round
- * once to bf16 (2^-9 of |ref| at most): |C - ref| <= 2^-8 |ref| + 1e-4 S holds with a factor 2 to spare;
- * a wrong row, expert, column or K step changes whole terms, O(S). */
-typedef double (*row_ref)(const void *ctx, int r, int e, int n, double *S);
-static void expect_rows(const uint16_t *C, const int32_t *off, int E, int rows, int N, int ldc, row_ref ref,
-                        const void *ctx) {
+/* A row product's terms A[r, k] W_e(n, k), W_e(n, k) at W[e se + n sn + k sk]: the forward's W_e is N x K
+ * (sn K, sk 1), the backward's K x N (sn 1, sk N). */
+typedef struct row_ctx {
+    const uint16_t *A, *W;
+    int K;
+    int64_t se, sn, sk;
+} row_ctx;
+static double row_sum(const row_ctx *c, int r, int e, int n, double *S) {
+    double sum = 0, s = 0;
+    for (int k = 0; k < c->K; k++) {
+        const double t = from_bf16(c->A[(int64_t)r * c->K + k]) * from_bf16(c->W[e * c->se + n * c->sn + k * c->sk]);
+        sum += t, s += fabs(t);
+    }
+    *S = s;
+    return sum;
+}
+
+/* row_sum for every kept row (off[E] of them) and column: want and its terms' absolute sum S, row-major,
+ * computed once for the runs on every grid. */
+static void row_refs(const row_ctx *c, const int32_t *off, int E, int N, double **want, double **S) {
+    const int64_t n = (int64_t)off[E] * N;
+    *want = malloc((size_t)(n > 0 ? n : 1) * sizeof(double)), *S = malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
+    cr_assert(*want && *S);
+    for (int e = 0; e < E; e++)
+        for (int r = off[e]; r < off[e + 1]; r++)
+            for (int j = 0; j < N; j++) (*want)[(int64_t)r * N + j] = row_sum(c, r, e, j, &(*S)[(int64_t)r * N + j]);
+}
+
+/* A row product's output C (rows x ldc) against row_refs' want and S, for the kept rows' N columns;
+ * everything else must still be SENTINEL. The kernels multiply the same bf16 values exactly and add in f32
+ * (relative error ~K 2^-24 of S, under 1e-4 S here), then round once to bf16 (2^-9 of |want| at most):
+ * |C - want| <= 2^-8 |want| + 1e-4 S holds with a factor 2 to spare; a wrong row, expert, column or K step
+ * changes whole terms, O(S). */
+static void expect_rows(const uint16_t *C, const int32_t *off, int E, int rows, int N, int ldc, const double *want,
+                        const double *S) {
     int64_t bad = 0, touched = 0;
     for (int e = 0; e < E; e++)
         for (int r = off[e]; r < off[e + 1]; r++)
             for (int n = 0; n < N; n++) {
-                double S;
-                const double want = ref(ctx, r, e, n, &S);
+                const double w = want[(int64_t)r * N + n], s = S[(int64_t)r * N + n];
                 const uint16_t got = C[(int64_t)r * ldc + n];
-                const double d = fabs(from_bf16(got) - want);
-                if (got == SENTINEL || !(d <= ldexp(fabs(want), -8) + 1e-4 * S))
-                    if (bad++ < 5) cr_log_error("row %d (expert %d) column %d: %g, expected %g", r, e, n, from_bf16(got), want);
+                const double d = fabs(from_bf16(got) - w);
+                if ((got == SENTINEL || !(d <= ldexp(fabs(w), -8) + 1e-4 * s)) && bad++ < 5)
+                    cr_log_error("row %d (expert %d) column %d: %g, expected %g", r, e, n, from_bf16(got), w);
             }
     for (int r = 0; r < rows; r++)
         for (int n = r < off[E] ? N : 0; n < ldc; n++) touched += C[(int64_t)r * ldc + n] != SENTINEL;
     cr_expect_eq(bad, 0, "%lld of the kept rows' elements wrong", (long long)bad);
     cr_expect_eq(touched, 0, "%lld elements written outside the kept rows' N columns", (long long)touched);
-}
-
-typedef struct fwd_ctx {
-    const uint16_t *A, *W;
-    int N, K;
-} fwd_ctx;
-/* sum_k A[r, k] W_e[n, k] */
-static double fwd_ref(const void *p, int r, int e, int n, double *S) {
-    const fwd_ctx *c = p;
-    double sum = 0, s = 0;
-    for (int k = 0; k < c->K; k++) {
-        const double t = from_bf16(c->A[(int64_t)r * c->K + k]) * from_bf16(c->W[((int64_t)e * c->N + n) * c->K + k]);
-        sum += t, s += fabs(t);
-    }
-    *S = s;
-    return sum;
-}
-typedef struct bwd_ctx {
-    const uint16_t *A, *W;
-    int N, K;
-} bwd_ctx;
-/* sum_k A[r, k] W_e[k, n] */
-static double bwd_ref(const void *p, int r, int e, int n, double *S) {
-    const bwd_ctx *c = p;
-    double sum = 0, s = 0;
-    for (int k = 0; k < c->K; k++) {
-        const double t = from_bf16(c->A[(int64_t)r * c->K + k]) * from_bf16(c->W[((int64_t)e * c->K + k) * c->N + n]);
-        sum += t, s += fabs(t);
-    }
-    *S = s;
-    return sum;
 }
 
 /* Each case runs on one block per SM (as topk does: most blocks take one tile or none at these sizes), on
@@ -157,15 +152,17 @@ static void check_forward(int E, const int *cnt, int tail, int N, int K, int ldc
     uint16_t *A = rand_bf16((int64_t)rows * K, seed, 1.0f), *W = rand_bf16((int64_t)E * N * K, seed + 1, 0.1f);
     uint16_t *C = malloc((size_t)rows * ldc * 2);
     cr_assert(C);
-    const fwd_ctx ctx = {A, W, N, K};
+    const row_ctx ctx = {A, W, K, (int64_t)N * K, K, 1};
+    double *want, *S;
+    row_refs(&ctx, off, E, N, &want, &S);
     for (int g = 0; g < N_GRIDS; g++) {
         for (int64_t i = 0; i < (int64_t)rows * ldc; i++) C[i] = SENTINEL;
         char err[256] = "";
         cr_assert_eq(xwt_forward(E, off, rows, N, K, A, W, C, ldc, grids[g], err, sizeof err), 0, "forward: %s", err);
         cr_log_info("forward on %s", grid_name[g]);
-        expect_rows(C, off, E, rows, N, ldc, fwd_ref, &ctx);
+        expect_rows(C, off, E, rows, N, ldc, want, S);
     }
-    free(A), free(W), free(C);
+    free(A), free(W), free(C), free(want), free(S);
 }
 
 /* The backward's pair, launched twice: C = A W_e (N columns of ldc, K) and G_e += Ag_e^T Bg_e (M x Ng, from
@@ -195,7 +192,9 @@ static void check_backward(int E, const int *cnt, int tail, int N, int K, int ld
                 const int64_t i = ((int64_t)e * M + m) * Ng + n;
                 sum[i] = t_sum, abs_sum[i] = t_abs;
             }
-    const bwd_ctx ctx = {A, W, N, K};
+    const row_ctx ctx = {A, W, K, (int64_t)K * N, 1, N};
+    double *want, *S;
+    row_refs(&ctx, off, E, N, &want, &S);
     for (int g = 0; g < N_GRIDS; g++) {
         memcpy(G, G0, (size_t)ng * sizeof(float));
         for (int64_t i = 0; i < (int64_t)rows * ldc; i++) C[i] = SENTINEL;
@@ -203,16 +202,16 @@ static void check_backward(int E, const int *cnt, int tail, int N, int K, int ld
         cr_assert_eq(xwt_backward(E, off, rows, N, K, A, W, C, ldc, M, Ng, Ag, Bg, G, 2, grids[g], err, sizeof err), 0,
                      "backward on %s: %s", grid_name[g], err);
         cr_log_info("backward on %s", grid_name[g]);
-        expect_rows(C, off, E, rows, N, ldc, bwd_ref, &ctx);
+        expect_rows(C, off, E, rows, N, ldc, want, S);
         int64_t bad = 0;
         for (int64_t i = 0; i < ng; i++) {
-            const double want = G0[i] + 2 * sum[i], d = fabs(G[i] - want);
-            if (!(d <= 2e-4 * 2 * abs_sum[i] + ldexp(fabs(G0[i]) + fabs(want), -22)))
-                if (bad++ < 5) cr_log_error("G[%lld]: %.9g, expected %.9g", (long long)i, G[i], want);
+            const double gw = G0[i] + 2 * sum[i], d = fabs(G[i] - gw);
+            if (!(d <= 2e-4 * 2 * abs_sum[i] + ldexp(fabs(G0[i]) + fabs(gw), -22)))
+                if (bad++ < 5) cr_log_error("G[%lld]: %.9g, expected %.9g", (long long)i, G[i], gw);
         }
         cr_expect_eq(bad, 0, "%lld weight-gradient elements wrong on %s", (long long)bad, grid_name[g]);
     }
-    free(A), free(W), free(Ag), free(Bg), free(G0), free(G), free(C), free(sum), free(abs_sum);
+    free(A), free(W), free(Ag), free(Bg), free(G0), free(G), free(C), free(sum), free(abs_sum), free(want), free(S);
 }
 
 /* Uneven experts (tiles of 128 rows ending inside an expert, an expert that starts mid-tile), an empty one

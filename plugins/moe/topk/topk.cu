@@ -1343,29 +1343,25 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         *a->h_src = a->off;
         prof_mark(pf, "offsets_to_host");
     }
-    if (xw) { /* gate/up, the SwiGLU, down */
-        CALL(xw_product(a, GU, 2 * F, xs, H, Wgu, H));
-        prof_mark(pf, "gemm_gate_up");
-        moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(Nk, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
-        MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
-        prof_mark(pf, "swiglu");
-        CALL(xw_product(a, a->Y, H, act, F, Wd, F));
-        prof_mark(pf, "gemm_down");
-        CALL(combine<T>(a, s, out));
-        prof_mark(pf, "combine");
-        return M1C_OK;
-    }
-    const int64_t rows = grouped ? Nk : a->h_off[E];
+    const int64_t rows = grouped || xw ? Nk : a->h_off[E];
     expert_queue queue = {a->queue, 0}, *q = grouped ? NULL : &queue;
-    CALL(expert_gemm<GG_NT>(a, q, GU, 2 * F, 0, xs, H, Wgu, H, (int64_t)2 * F * H, 0, 2 * F, H, 0.0f));
-    CALL(run_queue(a, q));
+    if (xw) {
+        CALL(xw_product(a, GU, 2 * F, xs, H, Wgu, H));
+    } else {
+        CALL(expert_gemm<GG_NT>(a, q, GU, 2 * F, 0, xs, H, Wgu, H, (int64_t)2 * F * H, 0, 2 * F, H, 0.0f));
+        CALL(run_queue(a, q));
+    }
     prof_mark(pf, "gemm_gate_up");
     moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
     MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
     prof_mark(pf, "swiglu");
     /* Y in T (bf16 in BF16: see the header). */
-    CALL(expert_gemm<GG_NT>(a, q, (T *)a->Y, H, 0, (const T *)act, F, Wd, F, (int64_t)H * F, 0, H, F, 0.0f));
-    CALL(run_queue(a, q));
+    if (xw) {
+        CALL(xw_product(a, a->Y, H, act, F, Wd, F));
+    } else {
+        CALL(expert_gemm<GG_NT>(a, q, (T *)a->Y, H, 0, (const T *)act, F, Wd, F, (int64_t)H * F, 0, H, F, 0.0f));
+        CALL(run_queue(a, q));
+    }
     prof_mark(pf, "gemm_down");
     CALL(combine<T>(a, s, out));
     prof_mark(pf, "combine");
@@ -1408,26 +1404,17 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
 
     CALL(router_bwd<T>(a, s, dy_lp, dout));
     prof_mark(pf, "router_bwd");
-    if (xw && E <= XW_MAX_E) { /* dWd and d act in one launch, SwiGLU', dWgu and the d x rows in one */
-        CALL(xw_pair(a, dact, F, dy, H, Wd, a->dWd, dy, H, act, F));
-        prof_mark(pf, "gemm_dWd_dact");
-        moe_swiglu_bwd_dev_kernel<T, T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(dgu, dact, GU,
-                                                                                              a->off + E, F);
-        MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_dev_kernel");
-        prof_mark(pf, "swiglu_bwd");
-        CALL(xw_pair(a, dx, H, dgu, 2 * F, Wgu, a->dWgu, dgu, 2 * F, xs, H));
-        prof_mark(pf, "gemm_dWgu_drows");
-        CALL(unpermute_router<T>(a, s, din, dx));
-        prof_mark(pf, "unpermute_router");
-        CALL(router_dwr(a, s, in));
-        prof_mark(pf, "router_dWr");
-        return M1C_OK;
-    }
+    /* The Hopper kernels run each pair below in one launch (up to XW_MAX_E experts). */
+    const bool pair = xw && E <= XW_MAX_E;
     /* dWd_e += dY_e^T A_e; d act = dY Wd_e (one group: both only read dY). */
     expert_queue queue = {a->queue, 0}, *q = grouped ? NULL : &queue;
-    CALL(expert_gemm<GG_TN>(a, q, a->dWd, F, (int64_t)H * F, dy, H, act, F, 0, H, F, 0, 1.0f));
-    CALL(expert_gemm<GG_NN>(a, q, dact, F, 0, dy, H, Wd, F, (int64_t)H * F, 0, F, H, 0.0f));
-    CALL(run_queue(a, q));
+    if (pair) {
+        CALL(xw_pair(a, dact, F, dy, H, Wd, a->dWd, dy, H, act, F));
+    } else {
+        CALL(expert_gemm<GG_TN>(a, q, a->dWd, F, (int64_t)H * F, dy, H, act, F, 0, H, F, 0, 1.0f));
+        CALL(expert_gemm<GG_NN>(a, q, dact, F, 0, dy, H, Wd, F, (int64_t)H * F, 0, F, H, 0.0f));
+        CALL(run_queue(a, q));
+    }
     prof_mark(pf, "gemm_dWd_dact");
     moe_swiglu_bwd_dev_kernel<T, T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(dgu, dact, GU, a->off + E,
                                                                                           F);
@@ -1435,9 +1422,14 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     prof_mark(pf, "swiglu_bwd");
     /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e in T (one group: both read dGU; the d x rows go into dx,
      * whose dY the group before has read). */
-    CALL(expert_gemm<GG_TN>(a, q, a->dWgu, H, (int64_t)2 * F * H, (const T *)dgu, 2 * F, xs, H, 0, 2 * F, H, 0, 1.0f));
-    CALL(expert_gemm<GG_NN>(a, q, dx, H, 0, (const T *)dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, 0, H, 2 * F, 0.0f));
-    CALL(run_queue(a, q));
+    if (pair) {
+        CALL(xw_pair(a, dx, H, dgu, 2 * F, Wgu, a->dWgu, dgu, 2 * F, xs, H));
+    } else {
+        CALL(expert_gemm<GG_TN>(a, q, a->dWgu, H, (int64_t)2 * F * H, (const T *)dgu, 2 * F, xs, H, 0, 2 * F, H, 0,
+                                1.0f));
+        CALL(expert_gemm<GG_NN>(a, q, dx, H, 0, (const T *)dgu, 2 * F, Wgu, H, (int64_t)2 * F * H, 0, H, 2 * F, 0.0f));
+        CALL(run_queue(a, q));
+    }
     prof_mark(pf, "gemm_dWgu_drows");
     /* din += the token's d x rows + (dlogits Wr) (times the noise with jitter); then dWr, whose partial
      * sums take drow (in F32 the d x rows there are read by then). */
