@@ -6,6 +6,9 @@ include(CMakePackageConfigHelpers)
 install(TARGETS m1c_cli RUNTIME DESTINATION "${CMAKE_INSTALL_BINDIR}")
 install(TARGETS m1c LIBRARY DESTINATION "${CMAKE_INSTALL_LIBDIR}")
 install(FILES "${PROJECT_SOURCE_DIR}/include/m1c/plugin.h" DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}/m1c")
+# Device helpers for plugins' CUDA kernels (warp and warpgroup MMA, TMA, the persistent GEMM tiles).
+install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/m1c/cuda" DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}/m1c"
+  FILES_MATCHING PATTERN "*.cuh")
 
 # pkg-config: written at install time so that its paths follow `cmake --install --prefix P` (the
 # prefix configured now may not be where the files end up).

@@ -33,8 +33,10 @@ void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, con
  * computes in fp32. lse and logp are always fp32. */
 /* q: NULL, or (N, V) bf16 for a training forward at precision 2 on a GPU, which then also writes there
  * q = onehot - softmax (0 on unscored rows): the backward's dlogits up to each row's dlogp, so that the
- * backward needs no pass over the logits. Ignored elsewhere (the CPU, other precisions). W_lp: NULL, or
- * W's bf16 copy (the model's params_lp), which precision 2 on a GPU then uses instead of converting W. */
+ * backward needs no pass over the logits. With q the logits are unspecified afterwards (on Hopper the
+ * forward never makes them: core/cuda/head_wg.cuh). Ignored elsewhere (the CPU, other precisions). W_lp:
+ * NULL, or W's bf16 copy (the model's params_lp), which precision 2 on a GPU then uses instead of
+ * converting W. */
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, void *q, const float *h,
                       const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V);
 /* From dlogp (N): dlogits = dlogp * (onehot - softmax), then dh += dlogits W, dW += dlogits^T h. The

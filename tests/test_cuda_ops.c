@@ -12,6 +12,9 @@
 #include "../core/ops.h"
 #include "../core/rng.h"
 #include "harness.h"
+#ifdef M1C_TEST_CUDA_OPS
+#include "../core/cuda/ops.h"
+#endif
 
 #define GPU M1C_DEVICE_CUDA
 #define CPU M1C_DEVICE_CPU
@@ -432,11 +435,32 @@ typedef struct head_case {
 
 /* Every N, H and V of the lists appears; the largest case is the model's shape at a small scale. V = 259
  * takes the log-softmax kernels' scalar path, V = 5000 (a multiple of 4) their 16-byte path, except in
- * the odd-numbered cases, whose logits start one float past alignment (check_head). */
+ * the odd-numbered cases, whose logits start one float past alignment (check_head). The last three have H
+ * and V multiples of 8, which the training forward from q takes through the Hopper kernels on sm_90a
+ * (head_hopper): rows, columns and K steps past their tiles (128 x 256, K 64), and the training shape's H
+ * and V. */
 static const head_case head_cases[] = {
     {1, 1, 259}, {37, 33, 5000}, {1003, 256, 259}, {1, 1100, 5000}, {37, 256, 259}, {1003, 1, 5000},
-    {1003, 1100, 5000},
+    {1003, 1100, 5000}, {1003, 256, 5000}, {300, 72, 1000}, {130, 768, 32000},
 };
+
+/* Whether m1c_head_forward from q at precision 2 runs the Hopper kernels here (core/cuda/head_wg.cuh) for
+ * H and V; in an sm_90a build on a compute capability 9.0 device it must, for multiples of 8. */
+static int head_hopper(int H, int V) {
+#ifdef M1C_TEST_CUDA_OPS
+    const int path = m1c_cuda_head_path(H, V);
+#ifdef M1C_SM90A
+    cr_assert_neq(path, -2, "an sm_90a build on a compute capability 9.0 device, but no tensor-map encoder");
+    if (path >= 0)
+        cr_assert_eq(path, H % 8 == 0 && V % 8 == 0, "H=%d V=%d: the Hopper head %s", H, V,
+                     path ? "taken for sizes it cannot take" : "not taken");
+#endif
+    return path == 1;
+#else
+    (void)H, (void)V;
+    return 0;
+#endif
+}
 
 static void check_head(const head_case *hc, int ci) {
     const int64_t N = hc->N, NV = hc->N * hc->V, NH = hc->N * hc->H, VH = (int64_t)hc->V * hc->H;
@@ -462,6 +486,7 @@ static void check_head(const head_case *hc, int ci) {
     void *d_q = m1c_dev_alloc(GPU, (size_t)NV * 2), *d_Wlp = m1c_dev_alloc(GPU, (size_t)VH * 2);
     cr_assert(d_q && d_Wlp);
     m1c_to_bf16(GPU, d_Wlp, d_W, VH); /* W's bf16 copy, as the model keeps it, for the run from q */
+    const int hopper = head_hopper(H, V);
     for (int run = 0; run < 5; run++) {
         const int prec = run == 4 ? 2 : run;
         void *q = run == 4 ? d_q : NULL, *Wlp = run == 4 ? d_Wlp : NULL;
@@ -473,10 +498,12 @@ static void check_head(const head_case *hc, int ci) {
          * (a log-prob near 0 can carry the error of logits of size ~10), so they are measured against
          * the size of the terms they are made of, max |logits| + max |lse|. */
         const double scale = th_max_abs(logits, NV) + th_max_abs(lse, N);
-        double el = rel_max(g_logits, logits, NV), es = th_max_abs_diff(g_lse, lse, N) / scale,
-               ep = th_max_abs_diff(g_logp, logp, N) / scale;
-        cr_expect_leq(el, tol, "head forward N=%lld H=%d V=%d precision %d: logits error %g", (long long)N, H, V,
-                      prec, el);
+        double el = -1, es = th_max_abs_diff(g_lse, lse, N) / scale, ep = th_max_abs_diff(g_logp, logp, N) / scale;
+        if (!q) { /* a forward with q leaves the logits unspecified (core/ops.h) */
+            el = rel_max(g_logits, logits, NV);
+            cr_expect_leq(el, tol, "head forward N=%lld H=%d V=%d precision %d: logits error %g", (long long)N, H,
+                          V, prec, el);
+        }
         cr_expect_leq(es, tol, "head forward N=%lld H=%d V=%d precision %d: lse error %g", (long long)N, H, V,
                       prec, es);
         cr_expect_leq(ep, tol, "head forward N=%lld H=%d V=%d precision %d: logp error %g", (long long)N, H, V,
@@ -517,7 +544,7 @@ static void check_head(const head_case *hc, int ci) {
             free(g_dlogits);
         }
         cr_log_info("head N=%lld H=%d V=%d precision %d%s: logits %.2g lse %.2g logp %.2g dlogits %.2g dh %.2g dW %.2g",
-                    (long long)N, H, V, prec, q ? " from q" : "", el, es, ep, ed, eh, ew);
+                    (long long)N, H, V, prec, !q ? "" : hopper ? " from q (Hopper)" : " from q", el, es, ep, ed, eh, ew);
 
         free(g_logits), free(g_lse), free(g_logp), free(g_dh), free(g_dW);
         gfree_at(d_logits, shift), gfree(d_lse), gfree(d_logp), gfree(d_dh), gfree(d_dW);
@@ -574,6 +601,88 @@ Test(cuda_ops, head_repeats_bit_for_bit) {
     free(h), free(W), free(dlogp), free(targets), free(z);
     gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t), gfree(d_logits), gfree(d_lse), gfree(d_logp);
     gfree(d_q);
+}
+
+/* x rounded to bf16 (to nearest even; x finite) and back to float. */
+static float bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* The training forward's q itself, entry by entry, against onehot - softmax in double from the same bf16
+ * operands: q carries the rounding of exp(z - tile max) to bf16 and of q to bf16 (2^-9 relative each),
+ * and z - lse its f32 rounding (~6e-8 (|z| + |lse|), which 1 - p = 1 - exp(z - lse) inherits absolutely),
+ * so |error| <= 1e-2 |q| + 1e-6 (|lse| + 1). Every third row's h is scaled by 10, so its largest
+ * probability is near 1 and its target (that column) has a small q = 1 - p: an entry computed from the
+ * rounded exponential would miss it by up to 2^-9 p, several times the tolerance. lse and logp to 1e-5 of
+ * |lse| + 1 (f32 sums of f32 products). */
+Test(cuda_ops, head_q_matches_bf16_reference) {
+    th_need_gpu();
+    const int64_t N = 300;
+    const int H = 72, V = 1000;
+    float *h = th_randn(N * H, 70, 1.0f), *W = th_randn((int64_t)V * H, 71, 1.0f / sqrtf((float)H));
+    int32_t *targets = make_ids(N, V, 72, 7);
+    for (int64_t i = 0; i < N; i += 3)
+        for (int k = 0; k < H; k++) h[i * H + k] *= 10.0f;
+    for (int64_t i = 0; i < N * H; i++) h[i] = bf16_round(h[i]);
+    for (int64_t i = 0; i < (int64_t)V * H; i++) W[i] = bf16_round(W[i]);
+    double *p = malloc((size_t)V * sizeof *p), *lse = malloc((size_t)N * sizeof *lse);
+    cr_assert(p && lse);
+    for (int64_t i = 0; i < N; i += 3) { /* the confident rows' targets: their most likely column */
+        int best = 0;
+        double bz = -INFINITY;
+        for (int v = 0; v < V; v++) {
+            double z = 0;
+            for (int k = 0; k < H; k++) z += (double)h[i * H + k] * W[(int64_t)v * H + k];
+            if (z > bz) bz = z, best = v;
+        }
+        targets[i] = best;
+    }
+    float *d_h = up(h, N * H), *d_W = up(W, (int64_t)V * H), *d_logits = m1c_dev_alloc(GPU, (size_t)N * V * 4);
+    float *d_lse = m1c_dev_alloc(GPU, (size_t)N * 4), *d_logp = m1c_dev_alloc(GPU, (size_t)N * 4);
+    int32_t *d_t = up_bytes(targets, (size_t)N * 4);
+    uint16_t *d_q = m1c_dev_alloc(GPU, (size_t)N * V * 2), *q = malloc((size_t)N * V * 2);
+    cr_assert(d_logits && d_lse && d_logp && d_q && q);
+    const int hopper = head_hopper(H, V);
+    m1c_head_forward(GPU, 2, d_logits, d_lse, d_logp, d_q, d_h, d_W, NULL, d_t, N, H, V);
+    m1c_dev_copy(CPU, q, GPU, d_q, (size_t)N * V * 2);
+    float *g_lse = down(d_lse, N), *g_logp = down(d_logp, N);
+    double worst = 0, worst_t = 0, worst_l = 0;
+    int64_t bad = 0;
+    for (int64_t i = 0; i < N; i++) {
+        double m = -INFINITY, sum = 0;
+        for (int v = 0; v < V; v++) {
+            double z = 0;
+            for (int k = 0; k < H; k++) z += (double)h[i * H + k] * W[(int64_t)v * H + k];
+            p[v] = z, m = fmax(m, z);
+        }
+        for (int v = 0; v < V; v++) sum += exp(p[v] - m);
+        lse[i] = m + log(sum);
+        const int t = targets[i];
+        const double lp = t >= 0 ? p[t] - lse[i] : 0;
+        worst_l = fmax(worst_l, fmax(fabs(g_lse[i] - lse[i]), fabs(g_logp[i] - lp)) / (fabs(lse[i]) + 1));
+        for (int v = 0; v < V; v++) {
+            const double ref = t < 0 ? 0 : (v == t) - exp(p[v] - lse[i]);
+            uint32_t u = (uint32_t)q[i * V + v] << 16;
+            float g;
+            memcpy(&g, &u, 4);
+            const double err = fabs(g - ref) / (1e-2 * fabs(ref) + 1e-6 * (fabs(lse[i]) + 1));
+            worst = fmax(worst, err);
+            if (v == t && i % 3 == 0) worst_t = fmax(worst_t, err);
+            if (err > 1 && !bad++)
+                cr_expect_leq(err, 1.0, "row %lld column %d (target %d): q %g, reference %g", (long long)i, v, t, g,
+                              ref);
+        }
+    }
+    cr_expect_eq(bad, 0, "%lld entries of q outside the tolerance", (long long)bad);
+    cr_expect_leq(worst_l, 1e-5, "lse or logp off by %g of |lse| + 1", worst_l);
+    cr_log_info("head q from %s: worst error %.3g of the tolerance (confident targets %.3g), lse/logp %.2g",
+                hopper ? "the Hopper kernels" : "cuBLAS and the log-softmax", worst, worst_t, worst_l);
+    free(h), free(W), free(targets), free(p), free(lse), free(q), free(g_lse), free(g_logp);
+    gfree(d_h), gfree(d_W), gfree(d_logits), gfree(d_lse), gfree(d_logp), gfree(d_t), gfree(d_q);
 }
 
 /* ---- elementwise operations and reductions ---- */

@@ -2,7 +2,8 @@
  * log-softmax, residual arithmetic and reductions. Memory-bound work is shaped for DRAM bandwidth:
  * one warp per row for RMSNorm, one block per row for the head's log-softmax, 16-byte accesses where
  * the widths and pointers allow (a scalar path otherwise); the head's products go through cuBLAS at the
- * precision the config asks for. */
+ * precision the config asks for, except a bf16 training forward on Hopper, whose product carries the
+ * log-softmax's first half in its epilogue (head_wg.cuh). */
 #include <cub/cub.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -15,6 +16,7 @@
 #include "backend.h"
 #include "ops.h"
 #include "reduce.cuh"
+#include "head_wg.cuh"
 
 /* Failures are kept for the model to report (backend.h), not fatal here. */
 static void check(cudaError_t e, const char *what) {
@@ -51,6 +53,7 @@ enum {
     SLOT_AL,
     SLOT_BH,        /* head: TF32 high part and remainder of B */
     SLOT_BL,
+    SLOT_HEAD_PART, /* head on Hopper: each row's max and sum of exponentials per column tile (float2) */
     SLOT_RMS_PART,  /* RMSNorm backward: the weight gradient's row-chunk partial sums */
     SLOT_EMBED_IDX, /* embedding backward: keys, positions, runs */
     SLOT_EMBED_TMP, /* embedding backward: CUB's temporary storage */
@@ -938,12 +941,52 @@ static head_op head_weight(int precision, const float *W, const void *W_lp, int6
     return head_operand(precision, W, n, SLOT_B16, SLOT_BH, SLOT_BL);
 }
 
+/* The Hopper head (head_wg.cuh) where it runs: an sm_90a build on a compute capability 9.0 device whose
+ * driver encodes tensor maps. Its state, per host thread, found once: avail (the build and device), enc
+ * (NULL where it cannot run), grid (hw_kernel's blocks, one per SM). */
+struct hw_state {
+    int known, avail, grid;
+    tma_encode_fn enc;
+};
+static const hw_state *hw_get(void) {
+    static thread_local hw_state st;
+    if (!st.known) {
+        st.known = 1, st.grid = sm_count(), st.avail = wg_available();
+        st.enc = st.avail ? tma_encoder() : NULL;
+        if (st.enc && hw_allow() != cudaSuccess) st.enc = NULL;
+        (void)cudaGetLastError();
+    }
+    return &st;
+}
+
+/* H and V whose maps and rows the kernels take; hw_finish's scales (one per column tile) in 32 KB. */
+static bool hw_sizes(int H, int V) { return H % 8 == 0 && V % 8 == 0 && hw_col_tiles(V) <= 8192; }
+
+extern "C" int m1c_cuda_head_path(int H, int V) {
+    const hw_state *st = hw_get();
+    return !st->avail ? -1 : !st->enc ? -2 : hw_sizes(H, V);
+}
+
+/* The training forward at precision 2 through head_wg.cuh: true if queued (the logits are not written). */
+static bool head_forward_wg(float *lse, float *logp, void *q, const void *h16, const void *W16, const int32_t *targets,
+                            int64_t N, int H, int V) {
+    const hw_state *st = hw_get();
+    if (!st->enc || !hw_sizes(H, V)) return false;
+    float2 *part = (float2 *)cached(SLOT_HEAD_PART, N * hw_col_tiles(V), sizeof(float2), "LM head");
+    if (!part) return true; /* the failure is kept (cached): nothing to run */
+    if (hw_forward(st->enc, st->grid, 8 * st->grid, cs(), lse, logp, q, h16, W16, targets, part, N, H, V))
+        return false;
+    check_launch("head forward (Hopper)");
+    return true;
+}
+
 extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, void *q, const float *h,
                                       const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H,
                                       int V) {
     if (N <= 0) return;
     const head_op A = head_operand(precision, h, N * H, SLOT_A16, SLOT_AH, SLOT_AL);
     const head_op B = head_weight(precision, W, W_lp, (int64_t)V * H);
+    if (q && precision == 2 && head_forward_wg(lse, logp, q, A.x, B.x, targets, N, H, V)) return;
     head_gemm(precision, 0, 1, (int)N, V, H, A, H, B, H, 0.0f, logits, V);
     const bool vec = V % 4 == 0 && aligned16(logits) && ((uintptr_t)q & 7u) == 0;
     __nv_bfloat16 *qb = (__nv_bfloat16 *)q;

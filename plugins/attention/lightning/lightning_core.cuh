@@ -28,8 +28,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "../../common/mma.cuh"
-#include "../../common/wgmma.cuh"
+#include <m1c/cuda/mma.cuh>
+#include <m1c/cuda/wgmma.cuh>
 
 enum { LC_C = 64, LC_NS = 64, LC_THREADS = 128, LC_PAD = 8 };
 
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
         __syncthreads(); /* block blk landed for all; the previous block's state operand is written and
                             every read of the other buffer is done */
         if (blk + 1 < nblk) load(blk + 1, buf ^ 1);
-        /* this lane's ldmatrix addresses (../../common/mma.cuh): x as A rows, y as B rows or (transposed)
+        /* this lane's ldmatrix addresses (m1c/cuda/mma.cuh): x as A rows, y as B rows or (transposed)
          * as A, z and the state as B with the transposing load */
         const uint32_t ys_cr = mma_smem(&sm.y[buf][0][0]) + mma_lane_cr(lane, XR);
         const uint32_t zs = mma_smem(&sm.z[buf][0][0]) + mma_lane_rc(lane, ZR);
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(LC_THREADS) lc_kernel(lc_problem p, lc_pass ps
 
 /* The same output pass as lc_kernel<HD, LC_OUT> (one CTA per (column slice, segment, sequence), 64-row
  * blocks, the state carried in f32 registers), with one warpgroup per CTA and every product on warpgroup
- * MMA (../../common/wgmma.cuh):
+ * MMA (m1c/cuda/wgmma.cuh):
  *
  *   S = x y^T and O = x M (x, y and M, the bf16 copy of the state, from shared memory); then
  *   O = exp(-s (i+1)) O + mask(S) z (the masked scores from registers) and

@@ -1,5 +1,5 @@
 /* Causal softmax attention on tensor cores in the FlashAttention-2 form, with mma.sync fragments held in
- * registers (../../common/mma.cuh): the forward (online softmax, O and the log-sum-exp), and the backward
+ * registers (m1c/cuda/mma.cuh): the forward (online softmax, O and the log-sum-exp), and the backward
  * as two kernels, dK dV (one CTA per key tile, looping over the query tiles that see it, for every query
  * head of its KV group) and dQ (one CTA per query tile, looping over its visible key tiles). Scores,
  * probabilities and their gradients never leave registers; P and dS are rounded to bf16 as the operands
@@ -12,7 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "../../common/mma.cuh"
+#include <m1c/cuda/mma.cuh>
 
 enum { FA_T = 64, FA_QB = 32, FA_THREADS = 128, FA_PAD = 8 };
 

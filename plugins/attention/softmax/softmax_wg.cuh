@@ -1,4 +1,4 @@
-/* Causal softmax attention on warpgroup MMA (wgmma, sm_90a; ../../common/wgmma.cuh): the same three kernels
+/* Causal softmax attention on warpgroup MMA (wgmma, sm_90a; m1c/cuda/wgmma.cuh): the same three kernels
  * as softmax_fa.cuh's, the forward (one CTA per query tile) and the backward's dK dV (one CTA per key
  * tile) and dQ (one CTA per query tile), the same arithmetic (P and dS rounded to bf16 as operands of the
  * second products; f32 accumulation), with
@@ -17,8 +17,8 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "../../common/mma.cuh"
-#include "../../common/wgmma.cuh"
+#include <m1c/cuda/mma.cuh>
+#include <m1c/cuda/wgmma.cuh>
 
 enum { FW_T = 64 }; /* rows of every tile: keys of dK dV's CTA and query step, queries of dQ's CTA and key step */
 

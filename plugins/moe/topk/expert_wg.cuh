@@ -13,13 +13,10 @@
  * whose rows end where the expert's do, so the copies fill zeros past them), which the forward's copy
  * has brought by then.
  *
- * Geometry. An output tile is 128 x 256; its K steps of 64 pass through a ring of XW_ST stages in shared
- * memory, each 16 KiB of A and 32 KiB of B in the 128-byte swizzle that wgmma reads
- * (../../common/wgmma.cuh): K-major boxes (A rows of 64 K; W_e rows for the forward) or MN-major panels
- * of 64 columns (W_e of the backward's row products; A and B of its weight products, whose K runs down the
- * rows). The block is three warpgroups: the first issues the copies (one thread), the other two each
- * multiply 64 of the tile's rows by all 256 columns (m64n256k16, 128 f32 accumulators a thread) and write
- * them. Blocks are persistent, one per SM. The forward takes tiles blockIdx.x, + gridDim.x, ...: tile t is
+ * Geometry: the tiles of m1c/cuda/wg_tile.cuh (128 x 256, K steps of 64 through a ring of WT_ST stages, a
+ * copying warpgroup and two computing ones): K-major boxes (A rows of 64 K; W_e rows for the forward) or
+ * MN-major panels of 64 columns (W_e of the backward's row products; A and B of its weight products, whose
+ * K runs down the rows). Blocks are persistent, one per SM. The forward takes tiles blockIdx.x, + gridDim.x, ...: tile t is
  * row tile t / nb (row tiles numbered expert after expert) and column tile t % nb, so blocks running
  * together share their A rows (the weights, 3-13 MB, stay in L2). The backward's tiles differ in length
  * (a weight tile runs over an expert's ~4096 rows, a row tile over K = H or 2F), so its copier takes the
@@ -45,24 +42,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../../common/tma.cuh"
+#include <m1c/cuda/wg_tile.cuh>
 #include "../moe_cuda.cuh"
 
-enum { XW_BM = 128, XW_BN = 256, XW_BK = 64, XW_ST = 3, XW_THREADS = 384 };
-/* A 64 x 64 bf16 panel (8 KiB): the box of the MN-major copies and of the bulk stores. */
-enum { XW_PANEL = 64 * 64 * 2 };
 /* The most experts xw_backward takes (one pair of tensor maps each in its parameters). */
 enum { XW_MAX_E = 32 };
-
-/* Dynamic shared memory (1024-byte aligned: the swizzle's period); 208 KiB. */
-struct xw_smem {
-    unsigned char a[XW_ST][2 * XW_PANEL]; /* 16 KiB a stage */
-    unsigned char b[XW_ST][4 * XW_PANEL]; /* 32 KiB a stage */
-    unsigned char c[2][4 * XW_PANEL];     /* each computing warpgroup's staging: 64 rows x 256 columns */
-    uint64_t full[XW_ST];                 /* the stage's copies have landed */
-    uint64_t empty[XW_ST];                /* both computing warpgroups are done with the stage */
-    int tile[XW_ST + 1];                  /* backward: the tiles the copier took, in order (-1: no more) */
-};
 
 /* A row product: C (rows, N; row stride ldc) from the rows of every expert. */
 typedef struct xw_rows {
@@ -98,9 +82,9 @@ static __device__ inline bool xw_tile(const int32_t *off, int E, int nb, int t, 
     int mt = t / nb;
     c = t - mt * nb;
     for (e = 0; e < E; e++) {
-        const int r0 = off[e], r1 = off[e + 1], n = (r1 - r0 + XW_BM - 1) / XW_BM;
+        const int r0 = off[e], r1 = off[e + 1], n = (r1 - r0 + WT_BM - 1) / WT_BM;
         if (mt < n) {
-            m0 = r0 + mt * XW_BM, m_end = r1;
+            m0 = r0 + mt * WT_BM, m_end = r1;
             return true;
         }
         mt -= n;
@@ -116,75 +100,25 @@ struct xw_btile {
 static __device__ inline bool xw_bwd_tile(const xw_bwd_params &P, int t, xw_btile &b) {
     b = xw_btile{-1, 0, 0, 0, 0};
     if (t < P.tiles_g) {
-        const int nm = (P.M + XW_BM - 1) / XW_BM, nn = (P.N + XW_BN - 1) / XW_BN, per = nm * nn;
+        const int nm = (P.M + WT_BM - 1) / WT_BM, nn = (P.N + WT_BN - 1) / WT_BN, per = nm * nn;
         b.j = t / per, t -= b.j * per;
-        b.e = P.ge[b.j], b.m0 = t / nn * XW_BM, b.m_end = P.M, b.c = t % nn;
+        b.e = P.ge[b.j], b.m0 = t / nn * WT_BM, b.m_end = P.M, b.c = t % nn;
         return true;
     }
-    return xw_tile(P.r.off, P.r.E, (P.r.N + XW_BN - 1) / XW_BN, t - P.tiles_g, b.e, b.m0, b.m_end, b.c);
-}
-
-static __device__ inline uint32_t xw_pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-
-/* One computing warpgroup (w) over nk K steps of a tile from the ring (step `it` on): the products into d,
- * each stage given back once read. TA / TB: A / B K-major (0) or MN-major panels (1). `waited`: the first
- * step's stage is already known full. */
-template <int TA, int TB>
-static __device__ inline void xw_mainloop(xw_smem &sm, float (&d)[128], uint32_t &it, int nk, int w, bool waited) {
-    const bool lead = threadIdx.x % 128 == 0;
-    for (int kb = 0; kb < nk; kb++, it++) {
-        const int s = (int)(it % XW_ST);
-        if (kb > 0 || !waited) tma_wait(mma_smem(&sm.full[s]), (it / XW_ST) & 1);
-        /* this warpgroup's 64 rows of A: rows 64 w on (K-major) or panel w (MN-major), 8 KiB on either way */
-        const uint32_t a = mma_smem(sm.a[s]) + w * XW_PANEL, b = mma_smem(sm.b[s]);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < XW_BK / 16; kk++) {
-            const uint64_t da = TA ? wg_desc(a + kk * 16 * 128, XW_PANEL, 1024) : wg_kdesc(a + kk * 32);
-            const uint64_t db = TB ? wg_desc(b + kk * 16 * 128, XW_PANEL, 1024) : wg_kdesc(b + kk * 32);
-            wg_64x256_ss<TA, TB>(d, da, db, kb > 0 || kk > 0);
-        }
-        wg_commit();
-        wg_wait<1>(); /* the step before is done: its stage goes back to the copier */
-        if (kb > 0 && lead) tma_arrive(mma_smem(&sm.empty[(it - 1) % XW_ST]));
-    }
-    wg_wait<0>();
-    if (lead) tma_arrive(mma_smem(&sm.empty[(it - 1) % XW_ST]));
-    wg_hold(d);
-}
-
-/* The accumulators' rows r0 + i (i < 64, those below m_end) and columns c0 + j (below N), in the layout of
- * wgmma.cuh (d[4 t + e]: row 16 warp + lane / 4 + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2), to f(row,
- * col, v0, v1) pair by pair. */
-template <typename F>
-static __device__ inline void xw_pairs(const float (&d)[128], int r0, int m_end, int c0, int N, F f) {
-    const int lt = threadIdx.x % 128, q = lt % 4;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int row = r0 + 16 * (lt / 32) + lt % 32 / 4 + 8 * h;
-        if (row >= m_end) continue;
-#pragma unroll
-        for (int t = 0; t < 32; t++) {
-            const int col = c0 + 8 * t + 2 * q;
-            if (col < N) f(row, col, d[4 * t + 2 * h], d[4 * t + 2 * h + 1]);
-        }
-    }
+    return xw_tile(P.r.off, P.r.E, (P.r.N + WT_BN - 1) / WT_BN, t - P.tiles_g, b.e, b.m0, b.m_end, b.c);
 }
 
 /* A weight tile's epilogue for warpgroup w: G_e rows r0 .. r0 + 63, columns c 256 .. (those inside G) +=
  * the accumulators, by bulk reductions (f32 additions done at L2, one per element) from the staging, in
  * two halves of 128 columns: four panels of 64 rows x 32 floats in the 128-byte swizzle (16-byte chunk
  * (col % 32) / 4 of row r at chunk ^ r % 8). The warpgroup goes on while L2 adds. */
-static __device__ inline void xw_add_tile(xw_smem &sm, const CUtensorMap *tg, const float (&d)[128], int e, int r0, int c,
+static __device__ inline void xw_add_tile(wt_smem &sm, const CUtensorMap *tg, const float (&d)[128], int e, int r0, int c,
                                           int N, int w) {
     const int lt = threadIdx.x % 128, q = lt % 4;
     const uint32_t st = mma_smem(sm.c[w]);
 #pragma unroll
     for (int half = 0; half < 2; half++) {
-        if (c * XW_BN + 128 * half >= N) break;
+        if (c * WT_BN + 128 * half >= N) break;
         if (lt == 0) tma_store_wait_read<0>();
         tma_bar_sync(1 + w, 128);
 #pragma unroll
@@ -193,96 +127,70 @@ static __device__ inline void xw_add_tile(xw_smem &sm, const CUtensorMap *tg, co
 #pragma unroll
             for (int t = 0; t < 16; t++) {
                 const int lc = 8 * t + 2 * q, i = 4 * (16 * half + t) + 2 * h; /* column within the half */
-                const uint32_t a = st + (lc / 32) * XW_PANEL + r * 128 + (((lc % 32) / 4) ^ (r % 8)) * 16 + (q % 2) * 8;
+                const uint32_t a = st + (lc / 32) * WT_PANEL + r * 128 + (((lc % 32) / 4) ^ (r % 8)) * 16 + (q % 2) * 8;
                 asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(a), "f"(d[i]), "f"(d[i + 1]) : "memory");
             }
         }
         wg_fence_smem();
         tma_bar_sync(1 + w, 128);
         if (lt == 0) {
-            for (int p = 0; p < 4 && c * XW_BN + 128 * half + 32 * p < N; p++)
-                tma_add_3d(tg, st + p * XW_PANEL, c * XW_BN + 128 * half + 32 * p, r0, e);
+            for (int p = 0; p < 4 && c * WT_BN + 128 * half + 32 * p < N; p++)
+                tma_add_3d(tg, st + p * WT_PANEL, c * WT_BN + 128 * half + 32 * p, r0, e);
             tma_store_commit();
         }
     }
 }
 
-/* The warpgroup's 64 x 256 accumulators, rounded, into its four staging panels (64 rows x 64 columns
- * each, the 128-byte swizzle): stmatrix x4 writes column groups t and t + 1 of a warp's 16 rows, lanes
- * 8 j .. 8 j + 7 addressing the rows of its matrix j (rows 0-7 / 8-15 of group t, then of group t + 1). */
-static __device__ inline void xw_stage(uint32_t st, const float (&d)[128]) {
-    const int lt = threadIdx.x % 128, lane = lt % 32, j = lane / 8;
-    const int r = 16 * (lt / 32) + (j % 2) * 8 + lane % 8;
-#pragma unroll
-    for (int t = 0; t < 32; t += 2) {
-        const int col = 8 * t + 8 * (j / 2);
-        wg_stsm4(st + (col / 64) * XW_PANEL + r * 128 + (((col % 64) / 8) ^ (r % 8)) * 16,
-                 xw_pack(d[4 * t], d[4 * t + 1]), xw_pack(d[4 * t + 2], d[4 * t + 3]),
-                 xw_pack(d[4 * t + 4], d[4 * t + 5]), xw_pack(d[4 * t + 6], d[4 * t + 7]));
-    }
-}
-
 /* A row product's epilogue for warpgroup w (rows m0 + 64 w ..) of column tile c: bulk stores from the
  * staging where all 64 rows are the expert's, else from the registers. */
-static __device__ inline void xw_store_rows(xw_smem &sm, const CUtensorMap *tc, const xw_rows &r, const float (&d)[128],
+static __device__ inline void xw_store_rows(wt_smem &sm, const CUtensorMap *tc, const xw_rows &r, const float (&d)[128],
                                             int m0, int m_end, int c, int w) {
     const int r0 = m0 + 64 * w, lt = threadIdx.x % 128;
     if (r0 + 64 > m_end) {
-        xw_pairs(d, r0, m_end, c * XW_BN, r.N, [&](int row, int col, float v0, float v1) {
-            *(uint32_t *)(r.C + (int64_t)row * r.ldc + col) = xw_pack(v0, v1);
+        wt_pairs(d, r0, m_end, c * WT_BN, r.N, [&](int row, int col, float v0, float v1) {
+            *(uint32_t *)(r.C + (int64_t)row * r.ldc + col) = wt_pack(v0, v1);
         });
         return;
     }
     const uint32_t st = mma_smem(sm.c[w]);
     if (lt == 0) tma_store_wait_read<0>(); /* the staging is free once the last stores have read it */
     tma_bar_sync(1 + w, 128);
-    xw_stage(st, d);
+    wt_stage(st, d);
     wg_fence_smem(); /* the panels, to the bulk stores (one thread issues them) */
     tma_bar_sync(1 + w, 128);
     if (lt == 0) {
-        for (int pn = 0; pn < 4 && c * XW_BN + 64 * pn < r.N; pn++)
-            tma_store_2d(tc, st + pn * XW_PANEL, c * XW_BN + 64 * pn, r0);
+        for (int pn = 0; pn < 4 && c * WT_BN + 64 * pn < r.N; pn++)
+            tma_store_2d(tc, st + pn * WT_PANEL, c * WT_BN + 64 * pn, r0);
         tma_store_commit();
     }
 }
 
-/* Barriers, then the roles: returns 0 in the copying warpgroup's thread 0, 1 in the computing ones; the
- * copying warpgroup's other threads leave. */
-static __device__ inline int xw_start(xw_smem &sm) {
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < XW_ST; s++) tma_bar_init(mma_smem(&sm.full[s]), 1), tma_bar_init(mma_smem(&sm.empty[s]), 2);
-        tma_bar_init_fence();
-    }
-    __syncthreads();
-    return threadIdx.x >= 128 ? 1 : threadIdx.x == 0 ? 0 : -1;
-}
-
 /* The forward: see the header. */
-__global__ static void __launch_bounds__(XW_THREADS, 1) xw_fwd_kernel(const __grid_constant__ xw_fwd_params P) {
+__global__ static void __launch_bounds__(WT_THREADS, 1) xw_fwd_kernel(const __grid_constant__ xw_fwd_params P) {
 #if WG_DEVICE
-    extern __shared__ unsigned char xw_raw[];
-    xw_smem &sm = wg_smem<xw_smem>(xw_raw);
-    const int role = xw_start(sm), nb = (P.r.N + XW_BN - 1) / XW_BN;
+    extern __shared__ unsigned char wt_raw[];
+    wt_smem &sm = wg_smem<wt_smem>(wt_raw);
+    const int role = wt_start(sm), nb = (P.r.N + WT_BN - 1) / WT_BN;
     if (role < 0) return;
     int e, m0, m_end, c;
     uint32_t it = 0;
     if (role == 0) { /* the copies */
         for (int t = blockIdx.x; xw_tile(P.r.off, P.r.E, nb, t, e, m0, m_end, c); t += gridDim.x)
             for (int kb = 0; kb < P.r.nk; kb++, it++) {
-                const int s = (int)(it % XW_ST);
+                const int s = (int)(it % WT_ST);
                 const uint32_t full = mma_smem(&sm.full[s]), b = mma_smem(sm.b[s]);
-                tma_wait(mma_smem(&sm.empty[s]), ((it / XW_ST) & 1) ^ 1);
-                tma_expect(full, (XW_BM + XW_BN) * XW_BK * 2);
-                tma_load_2d(mma_smem(sm.a[s]), &P.a, full, kb * XW_BK, m0);
-                tma_load_3d(b, &P.w, full, kb * XW_BK, c * XW_BN, e);
-                tma_load_3d(b + 2 * XW_PANEL, &P.w, full, kb * XW_BK, c * XW_BN + XW_BN / 2, e);
+                tma_wait(mma_smem(&sm.empty[s]), ((it / WT_ST) & 1) ^ 1);
+                tma_expect(full, (WT_BM + WT_BN) * WT_BK * 2);
+                tma_load_2d(mma_smem(sm.a[s]), &P.a, full, kb * WT_BK, m0);
+                tma_load_3d(b, &P.w, full, kb * WT_BK, c * WT_BN, e);
+                tma_load_3d(b + 2 * WT_PANEL, &P.w, full, kb * WT_BK, c * WT_BN + WT_BN / 2, e);
             }
         return;
     }
     const int w = threadIdx.x / 128 - 1; /* rows 64 w .. 64 w + 63 of each tile */
     float d[128] = {}; /* (written by the first product of each tile; initialised for the compiler) */
     for (int t = blockIdx.x; xw_tile(P.r.off, P.r.E, nb, t, e, m0, m_end, c); t += gridDim.x) {
-        xw_mainloop<0, 0>(sm, d, it, P.r.nk, w, false);
+        wt_mainloop<0, 0>(sm, d, it, P.r.nk, w, false);
         xw_store_rows(sm, &P.c, P.r, d, m0, m_end, c, w);
     }
     if (threadIdx.x % 128 == 0) tma_store_drain(); /* the block's shared memory outlives its stores */
@@ -290,11 +198,11 @@ __global__ static void __launch_bounds__(XW_THREADS, 1) xw_fwd_kernel(const __gr
 }
 
 /* The backward: see the header. */
-__global__ static void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __grid_constant__ xw_bwd_params P) {
+__global__ static void __launch_bounds__(WT_THREADS, 1) xw_bwd_kernel(const __grid_constant__ xw_bwd_params P) {
 #if WG_DEVICE
-    extern __shared__ unsigned char xw_raw[];
-    xw_smem &sm = wg_smem<xw_smem>(xw_raw);
-    const int role = xw_start(sm);
+    extern __shared__ unsigned char wt_raw[];
+    wt_smem &sm = wg_smem<wt_smem>(wt_raw);
+    const int role = wt_start(sm);
     if (role < 0) return;
     uint32_t it = 0;
     if (role == 0) { /* the copies, tile by tile from the counter */
@@ -304,27 +212,27 @@ __global__ static void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __gr
             if (t >= P.tiles || !xw_bwd_tile(P, t, b)) t = -1;
             const int nk = t < 0 ? 0 : b.j >= 0 ? P.nk[b.j] : P.r.nk;
             for (int kb = 0; kb == 0 || kb < nk; kb++, it += t >= 0) {
-                const int s = (int)(it % XW_ST);
+                const int s = (int)(it % WT_ST);
                 const uint32_t full = mma_smem(&sm.full[s]), a = mma_smem(sm.a[s]), bs = mma_smem(sm.b[s]);
-                tma_wait(mma_smem(&sm.empty[s]), ((it / XW_ST) & 1) ^ 1);
-                if (kb == 0) sm.tile[seq % (XW_ST + 1)] = t; /* published by the arrival below */
+                tma_wait(mma_smem(&sm.empty[s]), ((it / WT_ST) & 1) ^ 1);
+                if (kb == 0) sm.tile[seq % (WT_ST + 1)] = t; /* published by the arrival below */
                 if (t < 0) {
                     tma_arrive(full); /* no copies: the computing warpgroups wake, read -1 and stop */
                     break;
                 }
-                tma_expect(full, (XW_BM + XW_BN) * XW_BK * 2);
+                tma_expect(full, (WT_BM + WT_BN) * WT_BK * 2);
                 if (b.j >= 0) { /* A and B rows of expert e: panels of 64 columns */
 #pragma unroll
                     for (int pn = 0; pn < 2; pn++)
-                        tma_load_2d(a + pn * XW_PANEL, &P.ga[b.j], full, b.m0 + 64 * pn, kb * XW_BK);
+                        tma_load_2d(a + pn * WT_PANEL, &P.ga[b.j], full, b.m0 + 64 * pn, kb * WT_BK);
 #pragma unroll
                     for (int pn = 0; pn < 4; pn++)
-                        tma_load_2d(bs + pn * XW_PANEL, &P.gb[b.j], full, b.c * XW_BN + 64 * pn, kb * XW_BK);
+                        tma_load_2d(bs + pn * WT_PANEL, &P.gb[b.j], full, b.c * WT_BN + 64 * pn, kb * WT_BK);
                 } else {
-                    tma_load_2d(a, &P.a, full, kb * XW_BK, b.m0);
+                    tma_load_2d(a, &P.a, full, kb * WT_BK, b.m0);
 #pragma unroll
                     for (int pn = 0; pn < 4; pn++)
-                        tma_load_3d(bs + pn * XW_PANEL, &P.w, full, b.c * XW_BN + 64 * pn, kb * XW_BK, b.e);
+                        tma_load_3d(bs + pn * WT_PANEL, &P.w, full, b.c * WT_BN + 64 * pn, kb * WT_BK, b.e);
                 }
             }
             if (t < 0) break;
@@ -339,15 +247,15 @@ __global__ static void __launch_bounds__(XW_THREADS, 1) xw_bwd_kernel(const __gr
     const int w = threadIdx.x / 128 - 1;
     float d[128] = {};
     for (int seq = 0;; seq++) {
-        tma_wait(mma_smem(&sm.full[it % XW_ST]), (it / XW_ST) & 1);
-        const int t = sm.tile[seq % (XW_ST + 1)];
+        tma_wait(mma_smem(&sm.full[it % WT_ST]), (it / WT_ST) & 1);
+        const int t = sm.tile[seq % (WT_ST + 1)];
         xw_btile b;
         if (t < 0 || !xw_bwd_tile(P, t, b)) break; /* (the copier decoded t too: it never hands out a bad one) */
         if (b.j >= 0) {
-            xw_mainloop<1, 1>(sm, d, it, P.nk[b.j], w, true);
+            wt_mainloop<1, 1>(sm, d, it, P.nk[b.j], w, true);
             xw_add_tile(sm, &P.g, d, b.e, b.m0 + 64 * w, b.c, P.N, w);
         } else {
-            xw_mainloop<0, 1>(sm, d, it, P.r.nk, w, true);
+            wt_mainloop<0, 1>(sm, d, it, P.r.nk, w, true);
             xw_store_rows(sm, &P.c, P.r, d, b.m0, b.m_end, b.c, w);
         }
     }
@@ -363,9 +271,9 @@ static inline cudaError_t xw_setup(int *grid) {
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(grid, cudaDevAttrMultiProcessorCount, dev);
     if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(xw_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<xw_smem>());
+        e = cudaFuncSetAttribute(xw_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<wt_smem>());
     if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(xw_bwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<xw_smem>());
+        e = cudaFuncSetAttribute(xw_bwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wg_smem_bytes<wt_smem>());
     return e;
 }
 
@@ -378,13 +286,6 @@ static inline bool xw_fits(int H, int F, const void *const *ptrs, int n) {
     return true;
 }
 
-/* A map of a row-major bf16 matrix (rows x cols, ld elements apart) in boxes of box_c x box_r. */
-static inline int xw_map2(tma_encode_fn enc, CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int64_t ld,
-                          uint32_t box_r, uint32_t box_c) {
-    const uint64_t dims[2] = {(uint64_t)cols, (uint64_t)rows}, strides[1] = {(uint64_t)ld * 2};
-    const uint32_t box[2] = {box_c, box_r};
-    return tma_map_bf16(enc, m, base, 2, dims, strides, box);
-}
 /* The E experts' weights W (E, R, Cc) row-major as a 3-d map, in boxes of bc x br. */
 static inline int xw_map3(tma_encode_fn enc, CUtensorMap *m, const void *W, int E, int64_t R, int64_t Cc, uint32_t br,
                           uint32_t bc) {
@@ -400,14 +301,14 @@ static inline int xw_forward(tma_encode_fn enc, int grid, cudaStream_t s, const 
                              int64_t lda, int64_t Nk, const __nv_bfloat16 *W, int K) {
     if (r.N % 8 || K % 8) return -1;
     xw_fwd_params P;
-    if (xw_map2(enc, &P.a, A, Nk, K, lda, XW_BM, XW_BK) || xw_map3(enc, &P.w, W, r.E, r.N, K, XW_BN / 2, XW_BK) ||
-        xw_map2(enc, &P.c, r.C, Nk, r.N, r.ldc, 64, 64))
+    if (wt_map2(enc, &P.a, A, Nk, K, lda, WT_BM, WT_BK) || xw_map3(enc, &P.w, W, r.E, r.N, K, WT_BN / 2, WT_BK) ||
+        wt_map2(enc, &P.c, r.C, Nk, r.N, r.ldc, 64, 64))
         return -1;
     P.r = r;
-    P.r.nk = (K + XW_BK - 1) / XW_BK;
-    const int64_t tiles = (int64_t)((r.N + XW_BN - 1) / XW_BN) * ((Nk + XW_BM - 1) / XW_BM + r.E);
+    P.r.nk = (K + WT_BK - 1) / WT_BK;
+    const int64_t tiles = (int64_t)((r.N + WT_BN - 1) / WT_BN) * ((Nk + WT_BM - 1) / WT_BM + r.E);
     const int g = (int)(tiles < grid ? tiles : grid);
-    if (g > 0) xw_fwd_kernel<<<g, XW_THREADS, wg_smem_bytes<xw_smem>(), s>>>(P);
+    if (g > 0) xw_fwd_kernel<<<g, WT_THREADS, wg_smem_bytes<wt_smem>(), s>>>(P);
     return 0;
 }
 
@@ -423,26 +324,26 @@ static inline int xw_backward(tma_encode_fn enc, int grid, cudaStream_t s, int *
     memset(&P, 0, sizeof P);
     const uint64_t gd[3] = {(uint64_t)Ng, (uint64_t)M, (uint64_t)r.E}, gs[2] = {(uint64_t)Ng * 4, (uint64_t)M * Ng * 4};
     const uint32_t gbox[3] = {32, 64, 1};
-    if (xw_map2(enc, &P.a, A, Nk, K, K, XW_BM, XW_BK) || xw_map3(enc, &P.w, W, r.E, K, r.N, 64, 64) ||
-        xw_map2(enc, &P.c, r.C, Nk, r.N, r.ldc, 64, 64) ||
+    if (wt_map2(enc, &P.a, A, Nk, K, K, WT_BM, WT_BK) || xw_map3(enc, &P.w, W, r.E, K, r.N, 64, 64) ||
+        wt_map2(enc, &P.c, r.C, Nk, r.N, r.ldc, 64, 64) ||
         tma_map(enc, &P.g, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, G, 3, gd, gs, gbox))
         return -1;
     int ng = 0, row_tiles = 0;
     for (int e = 0; e < r.E; e++) {
         const int n = h_off[e + 1] - h_off[e];
         if (n <= 0) continue;
-        row_tiles += (n + XW_BM - 1) / XW_BM;
-        if (xw_map2(enc, &P.ga[ng], Ag + (int64_t)h_off[e] * M, n, M, M, 64, 64) ||
-            xw_map2(enc, &P.gb[ng], Bg + (int64_t)h_off[e] * Ng, n, Ng, Ng, 64, 64))
+        row_tiles += (n + WT_BM - 1) / WT_BM;
+        if (wt_map2(enc, &P.ga[ng], Ag + (int64_t)h_off[e] * M, n, M, M, 64, 64) ||
+            wt_map2(enc, &P.gb[ng], Bg + (int64_t)h_off[e] * Ng, n, Ng, Ng, 64, 64))
             return -1;
-        P.ge[ng] = e, P.nk[ng] = (n + XW_BK - 1) / XW_BK, ng++;
+        P.ge[ng] = e, P.nk[ng] = (n + WT_BK - 1) / WT_BK, ng++;
     }
     P.r = r;
-    P.r.nk = (K + XW_BK - 1) / XW_BK;
+    P.r.nk = (K + WT_BK - 1) / WT_BK;
     P.ctr = ctr, P.M = M, P.N = Ng;
-    P.tiles_g = ng * ((M + XW_BM - 1) / XW_BM) * ((Ng + XW_BN - 1) / XW_BN);
-    P.tiles = P.tiles_g + row_tiles * ((r.N + XW_BN - 1) / XW_BN);
+    P.tiles_g = ng * ((M + WT_BM - 1) / WT_BM) * ((Ng + WT_BN - 1) / WT_BN);
+    P.tiles = P.tiles_g + row_tiles * ((r.N + WT_BN - 1) / WT_BN);
     const int g = P.tiles < grid ? P.tiles : grid;
-    if (g > 0) xw_bwd_kernel<<<g, XW_THREADS, wg_smem_bytes<xw_smem>(), s>>>(P);
+    if (g > 0) xw_bwd_kernel<<<g, WT_THREADS, wg_smem_bytes<wt_smem>(), s>>>(P);
     return 0;
 }

@@ -56,7 +56,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../common/mma.cuh"
+#include <m1c/cuda/mma.cuh>
 #include "../moe_cuda.cuh"
 #include "../topk_route.h"
 #include "../topk_cuda.cuh"
@@ -857,11 +857,11 @@ __global__ void __launch_bounds__(GG_THREADS, 2)
     }
     if (n0 >= Nc) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp / 4, wn = warp % 4;
-    /* this lane's ldmatrix row offsets (bytes) in the A and B tiles (../../common/mma.cuh) */
+    /* this lane's ldmatrix row offsets (bytes) in the A and B tiles (m1c/cuda/mma.cuh) */
     const uint32_t a_lane = MODE == GG_TN ? mma_lane_cr(lane, G::LDA * 2) : mma_lane_rc(lane, G::LDA * 2);
     const uint32_t b_lane = MODE == GG_NT ? mma_lane_cr(lane, G::LDB * 2) : mma_lane_rc(lane, G::LDB * 2);
 
-    /* The warp's 64 x 32 of C as 4 x 4 mma.sync tiles of 16 x 8 (../../common/mma.cuh for the layouts). */
+    /* The warp's 64 x 32 of C as 4 x 4 mma.sync tiles of 16 x 8 (m1c/cuda/mma.cuh for the layouts). */
     float acc[4][4][4];
     #pragma unroll
     for (int i = 0; i < 4; i++)

@@ -1,6 +1,6 @@
-/* Warpgroup tensor-core primitives for sm_90a (wgmma), shared by the plugins' CUDA kernels: shared-memory
- * matrix descriptors, the fences and groups of the asynchronous products, the m64n64k16 bf16 product with
- * f32 accumulation (A from shared memory or from registers) and the m64n256k16 one (both operands from
+/* Warpgroup tensor-core primitives for sm_90a (wgmma), shared by the core's and the plugins' CUDA kernels:
+ * shared-memory matrix descriptors, the fences and groups of the asynchronous products, the m64n64k16 bf16
+ * product with f32 accumulation (A from shared memory or from registers) and the m64n256k16 one (both operands from
  * shared memory). Only an sm_90a build (the nvcc target
  * compute_90a, which defines __CUDA_ARCH_FEAT_SM90_ALL) assembles them; elsewhere they compile to nothing,
  * and the host must not launch a kernel that uses them (the build defines M1C_SM90A where it has them).
@@ -8,7 +8,7 @@
  * A warpgroup is 4 consecutive warps starting at a multiple of 4; every instruction here is issued by all
  * of its 128 threads. Register layouts (PTX ISA, "wgmma.mma_async.m64nNk16"): warp w of the group holds
  * rows 16 w .. 16 w + 15 of A (from registers) and of the accumulator, each in the layout of mma.sync
- * m16n8k16 (../common/mma.cuh): A as a0..a3; the accumulator of N columns as N / 8 tiles of 4 values,
+ * m16n8k16 (mma.cuh): A as a0..a3; the accumulator of N columns as N / 8 tiles of 4 values,
  * d[4 t + e] at row g + 8 (e / 2), column 8 t + 2 (lane % 4) + e % 2 (g = lane / 4 within the warp).
  *
  * Shared-memory operands are tiles in the 128-byte swizzle (wg_sw_off below; unswizzled core-matrix

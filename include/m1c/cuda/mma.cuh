@@ -1,6 +1,6 @@
 /* Warp-level tensor-core primitives for sm_80 and later (mma.sync m16n8k16 bf16 with f32 accumulation,
- * ldmatrix, cp.async), shared by the plugins' CUDA kernels. Fragment layouts (PTX ISA, "mma.m16n8k16"),
- * with g = lane / 4 and t = lane % 4:
+ * ldmatrix, cp.async), shared by the core's and the plugins' CUDA kernels (installed as m1c/cuda/ for plugins
+ * built out of tree). Fragment layouts (PTX ISA, "mma.m16n8k16"), with g = lane / 4 and t = lane % 4:
  *   A 16x16 (row): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
  *   B 16x8 (col):  b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
  *   C 16x8:        c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1)

@@ -1,6 +1,6 @@
-/* Hopper's tensor memory accelerator (TMA) and the shared-memory barriers that track it, for the plugins'
- * sm_90a kernels: tensor maps encoded on the host (the driver's cuTensorMapEncodeTiled, reached through
- * the runtime, so nothing links against libcuda), bulk tensor copies global -> shared that complete on an
+/* Hopper's tensor memory accelerator (TMA) and the shared-memory barriers that track it, for the core's and
+ * the plugins' sm_90a kernels: tensor maps encoded on the host (the driver's cuTensorMapEncodeTiled, reached
+ * through the runtime, so nothing links against libcuda), bulk tensor copies global -> shared that complete on an
  * mbarrier, the barrier's arrive / expect / wait, and bulk tensor stores shared -> global. Like
  * wgmma.cuh, the device side assembles only in an sm_90a build (WG_DEVICE) and is empty elsewhere.
  *
