@@ -19,6 +19,10 @@ int xwt_available(void);
  * runs it; fewer make each block take several tiles). 0 on success, else 1 with err set. */
 int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
                 int ldc, int grid, char *err, size_t errlen);
+/* The same with the SwiGLU (N = 2F, F a multiple of 128): act (rows x F, bf16 bits, read and written back
+ * whole) = silu(gate) up of C's rounded columns. */
+int xwt_forward_glu(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
+                    uint16_t *C, int ldc, uint16_t *act, int grid, char *err, size_t errlen);
 /* The backward's pair, `reps` times on the same buffers and tile counter: C (rows x ldc, as above) = A W_e
  * with A (rows x K), W (E x K x N); G (E x M x Ng f32, read and written back) += Ag_e^T Bg_e over each
  * expert's rows, Ag (rows x M), Bg (rows x Ng); `grid` blocks as above. 0 on success (the counter left at
@@ -49,8 +53,13 @@ static void free_all(dev_bufs *b) {
 
 int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
                 int ldc, int blocks, char *err, size_t errlen) {
+    return xwt_forward_glu(E, off, rows, N, K, A, W, C, ldc, NULL, blocks, err, errlen);
+}
+
+int xwt_forward_glu(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
+                    uint16_t *C, int ldc, uint16_t *act, int blocks, char *err, size_t errlen) {
     dev_bufs b = {{0}, 0};
-    void *dA, *dW, *dC, *doff;
+    void *dA, *dW, *dC, *doff, *dact = NULL;
     int grid = 0, rc = 1;
     const tma_encode_fn enc = tma_encoder();
     cudaError_t e = enc ? xw_setup(&grid) : cudaErrorNotSupported;
@@ -59,9 +68,11 @@ int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_
     if (e == cudaSuccess) e = up(&b, &dW, W, (size_t)E * N * K * 2);
     if (e == cudaSuccess) e = up(&b, &dC, C, (size_t)rows * ldc * 2);
     if (e == cudaSuccess) e = up(&b, &doff, off, (size_t)(E + 1) * sizeof(int32_t));
+    if (e == cudaSuccess && act) e = up(&b, &dact, act, (size_t)rows * (N / 2) * 2);
     if (e == cudaSuccess) {
         const xw_rows r = {(__nv_bfloat16 *)dC, (const int32_t *)doff, ldc, E, N, 0};
-        if (xw_forward(enc, grid, 0, r, (const __nv_bfloat16 *)dA, K, rows, (const __nv_bfloat16 *)dW, K)) {
+        if (xw_forward(enc, grid, 0, r, (const __nv_bfloat16 *)dA, K, rows, (const __nv_bfloat16 *)dW, K,
+                       (__nv_bfloat16 *)dact, N / 2)) {
             snprintf(err, errlen, "cuTensorMapEncodeTiled refused an operand");
             free_all(&b);
             return 1;
@@ -70,6 +81,7 @@ int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_
     }
     if (e == cudaSuccess) e = cudaDeviceSynchronize();
     if (e == cudaSuccess) e = cudaMemcpy(C, dC, (size_t)rows * ldc * 2, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess && act) e = cudaMemcpy(act, dact, (size_t)rows * (N / 2) * 2, cudaMemcpyDeviceToHost);
     if (e != cudaSuccess) snprintf(err, errlen, "%s", cudaGetErrorString(e));
     else rc = 0;
     free_all(&b);

@@ -3,8 +3,8 @@
  * backward's pair (A W_e, and the weight gradients G_e += A_e^T B_e over each expert's rows): uneven
  * experts with row ranges that start and end inside 128-row tiles and 64-row K steps, an empty expert, a
  * single-row expert, columns that end inside a 256-column tile and inside a 64-column panel, K that ends
- * inside a 64-wide step, rows and columns the products must not write, and a second backward launch on
- * the same tile counter. Skipped where the build has no CUDA or the machine no GPU; on a compute
+ * inside a 64-wide step, rows and columns the products must not write, a second backward launch on the
+ * same tile counter, and the forward's gate/up product with the SwiGLU in its epilogue. Skipped where the build has no CUDA or the machine no GPU; on a compute
  * capability 9.0 device of an sm_90a build the kernels must be there. */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -21,6 +21,8 @@ int xwt_expected(void);
 int xwt_available(void);
 int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
                 int ldc, int grid, char *err, size_t errlen);
+int xwt_forward_glu(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
+                    uint16_t *C, int ldc, uint16_t *act, int grid, char *err, size_t errlen);
 int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
                  int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, int grid, char *err,
                  size_t errlen);
@@ -33,6 +35,11 @@ static int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const 
     (void)E, (void)off, (void)rows, (void)N, (void)K, (void)A, (void)W, (void)C, (void)ldc, (void)grid;
     snprintf(err, errlen, "built without CUDA");
     return 1;
+}
+static int xwt_forward_glu(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
+                           uint16_t *C, int ldc, uint16_t *act, int grid, char *err, size_t errlen) {
+    (void)act;
+    return xwt_forward(E, off, rows, N, K, A, W, C, ldc, grid, err, errlen);
 }
 static int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
                         uint16_t *C, int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps,
@@ -235,6 +242,62 @@ Test(expert_wg_cuda, forward_reference_widths) {
 Test(expert_wg_cuda, forward_short_experts_two_column_tiles) {
     const int cnt[6] = {63, 64, 65, 1, 0, 127};
     check_forward(6, cnt, 5, 328, 64, 328, 33);
+}
+
+/* The forward with its SwiGLU (gate/up, N = 2F): C as check_forward checks it (its columns in GU's layout,
+ * gate then up, whatever tiles made them), and act (rows x F) against silu(g) u in double from C's own
+ * rounded g and u: the kernel computes it in f32 (MUFU's exp and division, ~1e-6 relative) and rounds once
+ * to bf16 (2^-9), so |act - ref| <= 2^-8 |ref| + 1e-30; rows past the kept ones stay SENTINEL. */
+static void check_forward_glu(int E, const int *cnt, int tail, int F, int K, uint64_t seed) {
+    need_xw();
+    int32_t off[65];
+    offsets(E, cnt, off);
+    const int rows = off[E] + tail, N = 2 * F;
+    uint16_t *A = rand_bf16((int64_t)rows * K, seed, 1.0f), *W = rand_bf16((int64_t)E * N * K, seed + 1, 0.1f);
+    uint16_t *C = malloc((size_t)rows * N * 2), *act = malloc((size_t)rows * F * 2);
+    cr_assert(C && act);
+    const row_ctx ctx = {A, W, K, (int64_t)N * K, K, 1};
+    double *want, *S;
+    row_refs(&ctx, off, E, N, &want, &S);
+    for (int g = 0; g < N_GRIDS; g++) {
+        for (int64_t i = 0; i < (int64_t)rows * N; i++) C[i] = SENTINEL;
+        for (int64_t i = 0; i < (int64_t)rows * F; i++) act[i] = SENTINEL;
+        char err[256] = "";
+        cr_assert_eq(xwt_forward_glu(E, off, rows, N, K, A, W, C, N, act, grids[g], err, sizeof err), 0, "forward: %s",
+                     err);
+        cr_log_info("forward with SwiGLU on %s", grid_name[g]);
+        expect_rows(C, off, E, rows, N, N, want, S);
+        int64_t bad = 0, touched = 0;
+        for (int r = 0; r < rows; r++)
+            for (int f = 0; f < F; f++) {
+                const uint16_t got = act[(int64_t)r * F + f];
+                if (r >= off[E]) {
+                    touched += got != SENTINEL;
+                    continue;
+                }
+                const double gv = from_bf16(C[(int64_t)r * N + f]), uv = from_bf16(C[(int64_t)r * N + F + f]);
+                const double ref = gv / (1.0 + exp(-gv)) * uv, d = fabs(from_bf16(got) - ref);
+                if ((got == SENTINEL || !(d <= ldexp(fabs(ref), -8) + 1e-30)) && bad++ < 5)
+                    cr_log_error("act row %d column %d: %g, expected %g", r, f, from_bf16(got), ref);
+            }
+        cr_expect_eq(bad, 0, "%lld of act's kept elements wrong", (long long)bad);
+        cr_expect_eq(touched, 0, "%lld elements of act written past the kept rows", (long long)touched);
+    }
+    free(A), free(W), free(C), free(act), free(want), free(S);
+}
+
+/* F 384 (three gate/up column tiles, gate columns 128 c .. beside up columns 384 + 128 c ..), K 200 (the
+ * last step partial); experts that end inside 64-row halves (register stores of GU and act) and on them
+ * (bulk stores), an empty one, 29 rows past the kept ones. */
+Test(expert_wg_cuda, forward_swiglu_uneven_experts) {
+    const int cnt[6] = {300, 0, 129, 1, 64, 190};
+    check_forward_glu(6, cnt, 29, 384, 200, 34);
+}
+
+/* The MoE reference's widths: F 1024, K 768. */
+Test(expert_wg_cuda, forward_swiglu_reference_widths) {
+    const int cnt[3] = {256, 200, 383};
+    check_forward_glu(3, cnt, 0, 1024, 768, 35);
 }
 
 /* The pair: row product N 200 (inside a tile and a panel) with K 136; weight products M 200 (two 128-row

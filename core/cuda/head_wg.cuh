@@ -8,10 +8,12 @@
  *     in the epilogue, per row and column tile c, the tile's max m_c and sum s_c of exp(z - m_c); the
  *     exponentials e = exp(z - m_c), in (0, 1], go to q as bf16 (stmatrix staging and bulk tensor stores,
  *     as the expert products do).
- *   hw_finish: per row lse = M + log sum_c s_c exp(m_c - M) (M = max_c m_c); the target's logit zt, a dot
- *     product of the same bf16 rows of h and W summed in f32; logp = zt - lse; and q in place: q = onehot -
- *     e exp(m_c - lse), the target's entry 1 - exp(zt - lse) from zt. (Picking zt out of the accumulators
- *     in the epilogue, 64 compares a row, made the kernel spill its registers.)
+ *   hw_stats: per row lse = M + log sum_c s_c exp(m_c - M) (M = max_c m_c); the target's logit zt, a dot
+ *     product of the same bf16 rows of h and W summed in f32; logp = zt - lse. (Picking zt out of the
+ *     accumulators in the epilogue, 64 compares a row, made the kernel spill its registers.)
+ *   hw_scale: q in place, q = onehot - e exp(m_c - lse), the target's entry 1 - exp(zt - lse) from zt; a
+ *     pass with nothing but its stream of loads and stores (one pass that also made the statistics, with
+ *     the block's reductions between its rows, ran 0.566 ms against ~0.5 at this pass's 2 GB).
  * Memory: 1 GB of e written and 1 GB read and rewritten, against 2.1 GB written, 2.1 GB read and 1 GB
  * written before. Precision: e is rounded to bf16 (relative 2^-9) before the scale, so q's entries carry
  * two bf16 roundings instead of one, except the target's (its 1 - p would lose everything to e's rounding
@@ -30,7 +32,7 @@
 #include <m1c/cuda/wg_tile.cuh>
 
 enum { HW_GM = 8 }; /* row tiles a group of the schedule */
-enum { HW_FU = 8 }; /* hw_finish: 16-byte chunks a thread has in flight */
+enum { HW_FU = 8 }; /* hw_scale: 16-byte chunks a thread has in flight */
 
 struct hw_params {
     CUtensorMap a, w, e;  /* h (N, H) and W (V, H) in boxes of 64 x 128; e = q (N, V) in boxes of 64 x 64 */
@@ -137,40 +139,51 @@ __global__ static void __launch_bounds__(WT_THREADS, 1) hw_kernel(const __grid_c
 #endif
 }
 
-/* Row i's lse, logp and q in place (see the header); one block of 256 threads a row, V % 8 == 0 (rows of
- * 16-byte chunks), H even, q 16-byte aligned. Shared: nb floats, each column tile's exp(m_c - lse). */
-__global__ static void __launch_bounds__(256) hw_finish(float *lse, float *logp, __nv_bfloat16 *q, const float2 *part,
-                                                        const __nv_bfloat16 *h16, const __nv_bfloat16 *W16,
-                                                        const int32_t *targets, int64_t N, int H, int V, int nb) {
-    extern __shared__ float hw_scale[];
-    __shared__ float red[32];
-    const int n8 = V / 8;
-    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        const float2 *p = part + i * nb;
+/* Row i's statistics, one warp a row: lse, logp, the target's q (pt, N floats) and each column tile's scale
+ * -exp(m_c - lse) (0 on unscored rows) in place of m_c in part. H even. */
+__global__ static void __launch_bounds__(256) hw_stats(float *lse, float *logp, float *pt, float2 *part,
+                                                       const __nv_bfloat16 *h16, const __nv_bfloat16 *W16,
+                                                       const int32_t *targets, int64_t N, int H, int V, int nb) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t i = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < N;
+         i += (int64_t)gridDim.x * (blockDim.x / 32)) {
+        float2 *p = part + i * nb;
         const int32_t t = targets[i];
         float m = -INFINITY, z = 0.0f;
-        for (int c = threadIdx.x; c < nb; c += blockDim.x) m = fmaxf(m, p[c].x);
+        for (int c = lane; c < nb; c += 32) m = fmaxf(m, p[c].x);
         if (t >= 0 && t < V) { /* an unscored row (t < 0) or a target past V: zt = 0, as logsoftmax_rows */
             const __nv_bfloat162 *hr = reinterpret_cast<const __nv_bfloat162 *>(h16 + i * H),
                                  *wr = reinterpret_cast<const __nv_bfloat162 *>(W16 + (int64_t)t * H);
-            for (int k = threadIdx.x; k < H / 2; k += blockDim.x) {
+            for (int k = lane; k < H / 2; k += 32) {
                 const float2 a = __bfloat1622float2(hr[k]), b = __bfloat1622float2(wr[k]);
                 z = fmaf(a.x, b.x, fmaf(a.y, b.y, z));
             }
         }
-        const float M = block_reduce(m, red, -INFINITY, red_fmax());
-        z = block_reduce(z, red, 0.0f, red_add());
+        for (int o = 16; o > 0; o >>= 1) { /* xor butterflies: every lane gets the same bits */
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            z += __shfl_xor_sync(0xffffffffu, z, o);
+        }
         float s = 0.0f;
-        for (int c = threadIdx.x; c < nb; c += blockDim.x) s += p[c].y * expf(p[c].x - M);
-        s = block_reduce(s, red, 0.0f, red_add());
-        const float l = M + logf(s), on = t >= 0 ? 1.0f : 0.0f;
-        for (int c = threadIdx.x; c < nb; c += blockDim.x) hw_scale[c] = expf(p[c].x - l);
-        if (threadIdx.x == 0) {
-            lse[i] = l;
+        for (int c = lane; c < nb; c += 32) s += p[c].y * expf(p[c].x - m);
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        const float l = m + logf(s), on = t >= 0 ? 1.0f : 0.0f;
+        for (int c = lane; c < nb; c += 32) p[c].x = -on * expf(p[c].x - l);
+        if (lane == 0) {
+            lse[i] = l, pt[i] = on * (1.0f - expf(z - l)); /* the target's q; an unscored row's q is 0 */
             if (logp) logp[i] = t >= 0 ? z - l : 0.0f;
         }
-        const float pt = on * (1.0f - expf(z - l)); /* the target's q; an unscored row's q is 0 */
-        __syncthreads();                             /* the scales */
+    }
+}
+
+/* q in place from e: each entry times its row's and column tile's scale, the target's entry pt (hw_stats);
+ * rows by blocks, HW_FU 16-byte chunks a thread in flight. V % 8 == 0, q 16-byte aligned. */
+__global__ static void __launch_bounds__(256) hw_scale(__nv_bfloat16 *q, const float2 *part, const float *pt,
+                                                       const int32_t *targets, int64_t N, int V, int nb) {
+    const int n8 = V / 8;
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float2 *sc = part + i * nb;
+        const int32_t t = targets[i];
+        const float p = pt[i];
         uint4 *row = reinterpret_cast<uint4 *>(q + i * (int64_t)V);
         for (int j0 = threadIdx.x; j0 < n8; j0 += HW_FU * blockDim.x) {
             uint4 v[HW_FU]; /* HW_FU chunks in flight before any is written */
@@ -181,19 +194,18 @@ __global__ static void __launch_bounds__(256) hw_finish(float *lse, float *logp,
             for (int u = 0; u < HW_FU; u++) {
                 const int j = j0 + u * blockDim.x;
                 if (j >= n8) break;
-                const float f = -on * hw_scale[j / (WT_BN / 8)];
+                const float f = sc[j / (WT_BN / 8)].x;
                 uint32_t *w = reinterpret_cast<uint32_t *>(&v[u]);
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     float2 x = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 *>(&w[k]));
-                    x.x = 8 * j + 2 * k == t ? pt : x.x * f;
-                    x.y = 8 * j + 2 * k + 1 == t ? pt : x.y * f;
+                    x.x = 8 * j + 2 * k == t ? p : x.x * f;
+                    x.y = 8 * j + 2 * k + 1 == t ? p : x.y * f;
                     w[k] = wt_pack(x.x, x.y);
                 }
                 row[j] = v[u];
             }
         }
-        __syncthreads(); /* the scales are read before the next row rewrites them */
     }
 }
 
@@ -207,12 +219,15 @@ static inline int hw_map(tma_encode_fn enc, CUtensorMap *m, const void *base, in
 /* Column tiles of a row (part's row length). */
 static inline int hw_col_tiles(int V) { return (V + WT_BN - 1) / WT_BN; }
 
-/* Queues both launches on s: h16 (N, H) and W16 (V, H) bf16, q (N, V) bf16 written, lse, logp (may be NULL)
- * written, part (N * hw_col_tiles(V) float2) scratch; grid: blocks of hw_kernel (one per SM), fin: of
- * hw_finish. 0, or -1 where the sizes or pointers do not fit or a map cannot be made (nothing queued).
+/* Scratch floats hw_forward needs for N rows of V columns. */
+static inline int64_t hw_scratch_floats(int64_t N, int V) { return N * (2 * (int64_t)hw_col_tiles(V) + 1); }
+
+/* Queues the three launches on s: h16 (N, H) and W16 (V, H) bf16, q (N, V) bf16 written, lse, logp (may be
+ * NULL) written, scratch (hw_scratch_floats, 8-byte aligned); grid: blocks of hw_kernel (one per SM), fin:
+ * of the passes. 0, or -1 where the sizes or pointers do not fit or a map cannot be made (nothing queued).
  * hw_kernel's shared memory must have been allowed (hw_allow). */
 static inline int hw_forward(tma_encode_fn enc, int grid, int fin, cudaStream_t s, float *lse, float *logp, void *q,
-                             const void *h16, const void *W16, const int32_t *targets, float2 *part, int64_t N, int H,
+                             const void *h16, const void *W16, const int32_t *targets, float *scratch, int64_t N, int H,
                              int V) {
     if (N <= 0 || N >= (1ll << 31) - WT_BM || H % 8 || V % 8 || !q || !h16 || !W16 ||
         ((uintptr_t)q | (uintptr_t)h16 | (uintptr_t)W16) & 15)
@@ -221,14 +236,17 @@ static inline int hw_forward(tma_encode_fn enc, int grid, int fin, cudaStream_t 
     if (hw_map(enc, &P.a, h16, N, H, WT_BM, WT_BK) || hw_map(enc, &P.w, W16, V, H, WT_BN / 2, WT_BK) ||
         hw_map(enc, &P.e, q, N, V, 64, 64))
         return -1;
+    float2 *part = reinterpret_cast<float2 *>(scratch);
+    float *pt = scratch + 2 * N * hw_col_tiles(V);
     P.part = part;
     P.N = (int)N, P.V = V, P.nk = (H + WT_BK - 1) / WT_BK;
     P.nm = (int)((N + WT_BM - 1) / WT_BM), P.nb = hw_col_tiles(V);
     const int64_t tiles = (int64_t)P.nm * P.nb;
     hw_kernel<<<(int)(tiles < grid ? tiles : grid), WT_THREADS, wg_smem_bytes<wt_smem>(), s>>>(P);
-    hw_finish<<<(int)(N < fin ? N : fin), 256, (size_t)P.nb * sizeof(float), s>>>(
-        lse, logp, (__nv_bfloat16 *)q, part, (const __nv_bfloat16 *)h16, (const __nv_bfloat16 *)W16, targets, N, H, V,
-        P.nb);
+    const int rows = (int)(N < fin ? N : fin);
+    hw_stats<<<(rows + 7) / 8, 256, 0, s>>>(lse, logp, pt, part, (const __nv_bfloat16 *)h16,
+                                            (const __nv_bfloat16 *)W16, targets, N, H, V, P.nb);
+    hw_scale<<<rows, 256, 0, s>>>((__nv_bfloat16 *)q, part, pt, targets, N, V, P.nb);
     return 0;
 }
 

@@ -53,7 +53,7 @@ enum {
     SLOT_AL,
     SLOT_BH,        /* head: TF32 high part and remainder of B */
     SLOT_BL,
-    SLOT_HEAD_PART, /* head on Hopper: each row's max and sum of exponentials per column tile (float2) */
+    SLOT_HEAD_PART, /* head on Hopper: per row and column tile the max and sum of exponentials, then scales */
     SLOT_RMS_PART,  /* RMSNorm backward: the weight gradient's row-chunk partial sums */
     SLOT_EMBED_IDX, /* embedding backward: keys, positions, runs */
     SLOT_EMBED_TMP, /* embedding backward: CUB's temporary storage */
@@ -959,8 +959,8 @@ static const hw_state *hw_get(void) {
     return &st;
 }
 
-/* H and V whose maps and rows the kernels take; hw_finish's scales (one per column tile) in 32 KB. */
-static bool hw_sizes(int H, int V) { return H % 8 == 0 && V % 8 == 0 && hw_col_tiles(V) <= 8192; }
+/* H and V whose maps and rows the kernels take. */
+static bool hw_sizes(int H, int V) { return H % 8 == 0 && V % 8 == 0; }
 
 extern "C" int m1c_cuda_head_path(int H, int V) {
     const hw_state *st = hw_get();
@@ -972,9 +972,9 @@ static bool head_forward_wg(float *lse, float *logp, void *q, const void *h16, c
                             int64_t N, int H, int V) {
     const hw_state *st = hw_get();
     if (!st->enc || !hw_sizes(H, V)) return false;
-    float2 *part = (float2 *)cached(SLOT_HEAD_PART, N * hw_col_tiles(V), sizeof(float2), "LM head");
-    if (!part) return true; /* the failure is kept (cached): nothing to run */
-    if (hw_forward(st->enc, st->grid, 8 * st->grid, cs(), lse, logp, q, h16, W16, targets, part, N, H, V))
+    float *scratch = (float *)cached(SLOT_HEAD_PART, hw_scratch_floats(N, V), sizeof(float), "LM head");
+    if (!scratch) return true; /* the failure is kept (cached): nothing to run */
+    if (hw_forward(st->enc, st->grid, 8 * st->grid, cs(), lse, logp, q, h16, W16, targets, scratch, N, H, V))
         return false;
     check_launch("head forward (Hopper)");
     return true;

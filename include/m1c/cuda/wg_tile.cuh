@@ -82,14 +82,15 @@ static __device__ inline void wt_pairs(const float (&d)[128], int r0, int m_end,
     }
 }
 
-/* The warpgroup's 64 x 256 accumulators, rounded, into its four staging panels (64 rows x 64 columns
- * each, the 128-byte swizzle): stmatrix x4 writes column groups t and t + 1 of a warp's 16 rows, lanes
- * 8 j .. 8 j + 7 addressing the rows of its matrix j (rows 0-7 / 8-15 of group t, then of group t + 1). */
-static __device__ inline void wt_stage(uint32_t st, const float (&d)[128]) {
+/* The warpgroup's 64 x 256 accumulators (or their first NT column groups of 8), rounded, into its staging
+ * panels (64 rows x 64 columns each, the 128-byte swizzle): stmatrix x4 writes column groups t and t + 1
+ * of a warp's 16 rows, lanes 8 j .. 8 j + 7 addressing the rows of its matrix j (rows 0-7 / 8-15 of group
+ * t, then of group t + 1). */
+template <int NT = 32> static __device__ inline void wt_stage(uint32_t st, const float (&d)[128]) {
     const int lt = threadIdx.x % 128, lane = lt % 32, j = lane / 8;
     const int r = 16 * (lt / 32) + (j % 2) * 8 + lane % 8;
 #pragma unroll
-    for (int t = 0; t < 32; t += 2) {
+    for (int t = 0; t < NT; t += 2) {
         const int col = 8 * t + 8 * (j / 2);
         wg_stsm4(st + (col / 64) * WT_PANEL + r * 128 + (((col % 64) / 8) ^ (r % 8)) * 16,
                  wt_pack(d[4 * t], d[4 * t + 1]), wt_pack(d[4 * t + 2], d[4 * t + 3]),

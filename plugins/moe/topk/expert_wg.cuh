@@ -57,10 +57,16 @@ typedef struct xw_rows {
 } xw_rows;
 
 /* The forward's parameters (tensor shapes outermost first, boxes innermost first): A (rows, K) in boxes of
- * 64 x 128, W (E, N, K) in boxes of 64 x 128 x 1, C (rows, N) in boxes of 64 x 64. */
+ * 64 x 128, W (E, N, K) in boxes of 64 x 128 x 1, C (rows, N) in boxes of 64 x 64. With glu = F (> 0, a
+ * multiple of 128) the product is gate/up (N = 2F, gate columns [0, F), up [F, 2F)), column tile c holds
+ * gate columns 128 c .. and the up columns F + 128 c .. beside them, and the epilogue also writes the
+ * SwiGLU act = silu(g) u (rows, F; row stride ld_act) through the map act, in boxes of 64 x 64. */
 struct xw_fwd_params {
-    CUtensorMap a, w, c;
+    CUtensorMap a, w, c, act;
     xw_rows r;
+    __nv_bfloat16 *act_p;
+    int64_t ld_act;
+    int glu;
 };
 /* The backward's: the row product's A and C as the forward's, W (E, K, N) in panels of 64 x 64 x 1; for the
  * weight product G (E, M, N) f32, and per expert with rows (the j-th: expert ge[j], nk[j] K steps) its rows
@@ -165,12 +171,69 @@ static __device__ inline void xw_store_rows(wt_smem &sm, const CUtensorMap *tc, 
     }
 }
 
+/* The SwiGLU forward's epilogue for warpgroup w (rows m0 + 64 w ..) of column tile c: the gate and up
+ * accumulators (column groups t < 16 and t + 16 of the layout of wgmma.cuh) are rounded to bf16 and stored
+ * as GU's columns 128 c .. and F + 128 c ..; act = silu(g) u from those rounded values (MUFU's exp and
+ * division: moe_swiglu_fwd_rows's IEEE ones cost the tensor cores more than its pass) goes in place of the
+ * gate's accumulators, and from there to act.
+ * The staging carries GU, then act once the bulk stores have read GU; a warpgroup whose rows cross the
+ * expert's end stores both from its registers. */
+static __device__ inline void xw_store_glu(wt_smem &sm, const xw_fwd_params &P, float (&d)[128], int m0, int m_end,
+                                           int c, int w) {
+    const int r0 = m0 + 64 * w, lt = threadIdx.x % 128, F = P.glu;
+    const bool staged = r0 + 64 <= m_end;
+    const uint32_t st = mma_smem(sm.c[w]);
+    if (staged) {
+        if (lt == 0) tma_store_wait_read<0>();
+        tma_bar_sync(1 + w, 128);
+        wt_stage(st, d);
+        wg_fence_smem();
+        tma_bar_sync(1 + w, 128);
+        if (lt == 0) { /* the gate's panels in a group of their own, read first: act goes there */
+#pragma unroll
+            for (int pn = 0; pn < 4; pn++) {
+                tma_store_2d(&P.c, st + pn * WT_PANEL, (pn < 2 ? 0 : F) + 128 * c + 64 * (pn % 2), r0);
+                if (pn == 1 || pn == 3) tma_store_commit();
+            }
+        }
+    } else {
+        wt_pairs(d, r0, m_end, 0, WT_BN, [&](int row, int col, float v0, float v1) {
+            const int gc = (col < 128 ? 0 : F - 128) + 128 * c + col;
+            *(uint32_t *)(P.r.C + (int64_t)row * P.r.ldc + gc) = wt_pack(v0, v1);
+        });
+    }
+#pragma unroll
+    for (int t = 0; t < 16; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float g = __bfloat162float(__float2bfloat16_rn(d[4 * t + e]));
+            const float u = __bfloat162float(__float2bfloat16_rn(d[4 * (t + 16) + e]));
+            d[4 * t + e] = __fdividef(g, 1.0f + __expf(-g)) * u; /* the approximate exp and division */
+        }
+    if (staged) {
+        if (lt == 0) tma_store_wait_read<1>(); /* the gate's stores have read their panels */
+        tma_bar_sync(1 + w, 128);
+        wt_stage<16>(st, d);
+        wg_fence_smem();
+        tma_bar_sync(1 + w, 128);
+        if (lt == 0) {
+            tma_store_2d(&P.act, st, 128 * c, r0);
+            tma_store_2d(&P.act, st + WT_PANEL, 128 * c + 64, r0);
+            tma_store_commit();
+        }
+    } else {
+        wt_pairs(d, r0, m_end, 0, 128, [&](int row, int col, float v0, float v1) {
+            *(uint32_t *)(P.act_p + (int64_t)row * P.ld_act + 128 * c + col) = wt_pack(v0, v1);
+        });
+    }
+}
+
 /* The forward: see the header. */
 __global__ static void __launch_bounds__(WT_THREADS, 1) xw_fwd_kernel(const __grid_constant__ xw_fwd_params P) {
 #if WG_DEVICE
     extern __shared__ unsigned char wt_raw[];
     wt_smem &sm = wg_smem<wt_smem>(wt_raw);
-    const int role = wt_start(sm), nb = (P.r.N + WT_BN - 1) / WT_BN;
+    const int role = wt_start(sm), nb = P.glu ? P.glu / 128 : (P.r.N + WT_BN - 1) / WT_BN;
     if (role < 0) return;
     int e, m0, m_end, c;
     uint32_t it = 0;
@@ -182,8 +245,10 @@ __global__ static void __launch_bounds__(WT_THREADS, 1) xw_fwd_kernel(const __gr
                 tma_wait(mma_smem(&sm.empty[s]), ((it / WT_ST) & 1) ^ 1);
                 tma_expect(full, (WT_BM + WT_BN) * WT_BK * 2);
                 tma_load_2d(mma_smem(sm.a[s]), &P.a, full, kb * WT_BK, m0);
-                tma_load_3d(b, &P.w, full, kb * WT_BK, c * WT_BN, e);
-                tma_load_3d(b + 2 * WT_PANEL, &P.w, full, kb * WT_BK, c * WT_BN + WT_BN / 2, e);
+                /* W_e's rows for the tile's columns: 256 c .. + 255, or gate 128 c .. and up F + 128 c .. */
+                const int n0 = P.glu ? 128 * c : c * WT_BN, n1 = P.glu ? P.glu + 128 * c : c * WT_BN + WT_BN / 2;
+                tma_load_3d(b, &P.w, full, kb * WT_BK, n0, e);
+                tma_load_3d(b + 2 * WT_PANEL, &P.w, full, kb * WT_BK, n1, e);
             }
         return;
     }
@@ -191,7 +256,10 @@ __global__ static void __launch_bounds__(WT_THREADS, 1) xw_fwd_kernel(const __gr
     float d[128] = {}; /* (written by the first product of each tile; initialised for the compiler) */
     for (int t = blockIdx.x; xw_tile(P.r.off, P.r.E, nb, t, e, m0, m_end, c); t += gridDim.x) {
         wt_mainloop<0, 0>(sm, d, it, P.r.nk, w, false);
-        xw_store_rows(sm, &P.c, P.r, d, m0, m_end, c, w);
+        if (P.glu)
+            xw_store_glu(sm, P, d, m0, m_end, c, w);
+        else
+            xw_store_rows(sm, &P.c, P.r, d, m0, m_end, c, w);
     }
     if (threadIdx.x % 128 == 0) tma_store_drain(); /* the block's shared memory outlives its stores */
 #endif
@@ -296,14 +364,22 @@ static inline int xw_map3(tma_encode_fn enc, CUtensorMap *m, const void *W, int 
 }
 
 /* The forward: C (Nk rows, ldc) = A (Nk rows of K, lda apart) W_e^T for W (E, N, K), rows by r.off
- * (device); `grid` blocks (xw_setup). 0, or -1 where a map cannot be made or N or K is not a multiple of 8. */
+ * (device); `grid` blocks (xw_setup). With act (gate/up, N = 2F, F a multiple of 128) also act (Nk rows of
+ * F, ld_act apart) = silu(gate) up, as xw_store_glu. 0, or -1 where a map cannot be made or N, K or ld_act
+ * is not a multiple of 8 (of 256 for N with act). */
 static inline int xw_forward(tma_encode_fn enc, int grid, cudaStream_t s, const xw_rows &r, const __nv_bfloat16 *A,
-                             int64_t lda, int64_t Nk, const __nv_bfloat16 *W, int K) {
+                             int64_t lda, int64_t Nk, const __nv_bfloat16 *W, int K, __nv_bfloat16 *act = NULL,
+                             int64_t ld_act = 0) {
     if (r.N % 8 || K % 8) return -1;
     xw_fwd_params P;
+    memset(&P, 0, sizeof P);
     if (wt_map2(enc, &P.a, A, Nk, K, lda, WT_BM, WT_BK) || xw_map3(enc, &P.w, W, r.E, r.N, K, WT_BN / 2, WT_BK) ||
         wt_map2(enc, &P.c, r.C, Nk, r.N, r.ldc, 64, 64))
         return -1;
+    if (act) { /* the SwiGLU too (see xw_fwd_params) */
+        P.glu = r.N / 2, P.act_p = act, P.ld_act = ld_act;
+        if (r.N % 256 || ld_act % 8 || wt_map2(enc, &P.act, act, Nk, P.glu, ld_act, 64, 64)) return -1;
+    }
     P.r = r;
     P.r.nk = (K + WT_BK - 1) / WT_BK;
     const int64_t tiles = (int64_t)((r.N + WT_BN - 1) / WT_BN) * ((Nk + WT_BM - 1) / WT_BM + r.E);

@@ -1049,12 +1049,14 @@ static bool use_xw(const topk_cuda_args *a) {
     const void *ops[] = {a->xs, a->gu, a->act, a->Y, a->Wgu, a->Wd, a->dgu, a->dact, a->dy_lp, a->dWgu, a->dWd};
     return a->cdt == M1C_BF16 && a->xw_enc && xw_fits(a->H, a->F, ops, 11);
 }
-/* C = A W_e^T in the Hopper forward kernel (see xw_forward), its failure reported. */
-static int xw_product(const topk_cuda_args *a, void *C, int N, const void *A, int64_t lda, const void *W, int K) {
+/* C = A W_e^T in the Hopper forward kernel (see xw_forward), with act: and its SwiGLU (C gate/up); its
+ * failure reported. */
+static int xw_product(const topk_cuda_args *a, void *C, int N, const void *A, int64_t lda, const void *W, int K,
+                      void *act = NULL) {
     const m1c_host *h = a->h;
     const xw_rows r = {(__nv_bfloat16 *)C, a->off, N, a->E, N, 0};
     if (xw_forward((tma_encode_fn)a->xw_enc, a->xw_grid, (cudaStream_t)a->stream, r, (const __nv_bfloat16 *)A, lda,
-                   (int64_t)a->N * a->k, (const __nv_bfloat16 *)W, K))
+                   (int64_t)a->N * a->k, (const __nv_bfloat16 *)W, K, (__nv_bfloat16 *)act, N / 2))
         return h->error(h, "topk: cuTensorMapEncodeTiled refused an expert operand (%d x %d, K %d)", a->N * a->k, N, K);
     MOE_LAUNCH_CHECK(h, "xw_fwd_kernel");
     return M1C_OK;
@@ -1345,15 +1347,19 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     }
     const int64_t rows = grouped || xw ? Nk : a->h_off[E];
     expert_queue queue = {a->queue, 0}, *q = grouped ? NULL : &queue;
+    /* The Hopper kernel makes act in the product's epilogue where F is a multiple of 128 (xw_forward). */
+    const bool glu = xw && F % 128 == 0;
     if (xw) {
-        CALL(xw_product(a, GU, 2 * F, xs, H, Wgu, H));
+        CALL(xw_product(a, GU, 2 * F, xs, H, Wgu, H, glu ? act : NULL));
     } else {
         CALL(expert_gemm<GG_NT>(a, q, GU, 2 * F, 0, xs, H, Wgu, H, (int64_t)2 * F * H, 0, 2 * F, H, 0.0f));
         CALL(run_queue(a, q));
     }
     prof_mark(pf, "gemm_gate_up");
-    moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
-    MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
+    if (!glu) {
+        moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
+        MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
+    }
     prof_mark(pf, "swiglu");
     /* Y in T (bf16 in BF16: see the header). */
     if (xw) {
