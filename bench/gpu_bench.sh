@@ -95,7 +95,7 @@ echo "=== MoE expert products per layer (m1c_bench_gemm)"
 grep -E "^(product|gate_up|down|dWd|dact|dWgu|drows|all six|per step|topk.s calls|check)" "$logs/m1c_gemm.log" 2>/dev/null || echo "no results"
 echo
 echo "=== topk's Hopper expert products (m1c_bench_experts)"
-grep -E "^(launch|gate_up|down|dact|drows) " "$logs/m1c_experts.log" 2>/dev/null || echo "no results"
+grep -E "^(launch|gate_up|down|dact|drows) |^gate_up\+swiglu " "$logs/m1c_experts.log" 2>/dev/null || echo "no results"
 echo
 if [ -n "$failed" ]; then
   echo "failed:$failed (logs in $logs)"
