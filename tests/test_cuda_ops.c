@@ -444,8 +444,10 @@ static const head_case head_cases[] = {
     {1003, 1100, 5000}, {1003, 256, 5000}, {300, 72, 1000}, {130, 768, 32000},
 };
 
-/* Whether m1c_head_forward from q at precision 2 runs the Hopper kernels here (core/cuda/head_wg.cuh) for
- * H and V; in an sm_90a build on a compute capability 9.0 device it must, for multiples of 8. */
+/* Whether m1c_head_forward from q at precision 2 takes the Hopper kernels here (core/cuda/head_wg.cuh) for
+ * H and V (with operands as aligned as these tests' cudaMalloc'd ones); in an sm_90a build on a compute
+ * capability 9.0 device it must, for multiples of 8. The callers check that it did: those kernels leave
+ * the logits untouched, where the cuBLAS path writes them. */
 static int head_hopper(int H, int V) {
 #ifdef M1C_TEST_CUDA_OPS
     const int path = m1c_cuda_head_path(H, V);
@@ -503,6 +505,10 @@ static void check_head(const head_case *hc, int ci) {
             el = rel_max(g_logits, logits, NV);
             cr_expect_leq(el, tol, "head forward N=%lld H=%d V=%d precision %d: logits error %g", (long long)N, H,
                           V, prec, el);
+        } else if (hopper) { /* the Hopper kernels never write them: a fallback to cuBLAS would */
+            cr_expect_eq(memcmp(g_logits, dlogits, (size_t)NV * 4), 0,
+                         "head forward N=%lld H=%d V=%d from q: the logits were written (not the Hopper kernels)",
+                         (long long)N, H, V);
         }
         cr_expect_leq(es, tol, "head forward N=%lld H=%d V=%d precision %d: lse error %g", (long long)N, H, V,
                       prec, es);
@@ -647,7 +653,13 @@ Test(cuda_ops, head_q_matches_bf16_reference) {
     uint16_t *d_q = m1c_dev_alloc(GPU, (size_t)N * V * 2), *q = malloc((size_t)N * V * 2);
     cr_assert(d_logits && d_lse && d_logp && d_q && q);
     const int hopper = head_hopper(H, V);
+    m1c_dev_memset0(GPU, d_logits, (size_t)N * V * 4);
     m1c_head_forward(GPU, 2, d_logits, d_lse, d_logp, d_q, d_h, d_W, NULL, d_t, N, H, V);
+    if (hopper) { /* the Hopper kernels never write the logits: a fallback to cuBLAS would */
+        float *g_logits = down(d_logits, (int64_t)N * V);
+        cr_expect_eq(th_max_abs(g_logits, (int64_t)N * V), 0.0, "the logits were written (not the Hopper kernels)");
+        free(g_logits);
+    }
     m1c_dev_copy(CPU, q, GPU, d_q, (size_t)N * V * 2);
     float *g_lse = down(d_lse, N), *g_logp = down(d_logp, N);
     double worst = 0, worst_t = 0, worst_l = 0;

@@ -24,8 +24,8 @@
  * running at once span ~8 row tiles and ~16 column tiles (2 MB of h and 6 MB of W, both from L2), where a
  * plain row-major order would pull all of W (49 MB at V 32000) through L2 for every row tile.
  *
- * Sizes: H and V multiples of 8 (16-byte row strides for the maps), N below 2^31; hw_forward refuses
- * others. */
+ * Sizes: H and V multiples of 8 (16-byte row strides for the maps), N below 2^31 - 128 (int row indices);
+ * hw_forward refuses others. */
 #pragma once
 
 #include <math.h>
@@ -151,7 +151,7 @@ __global__ static void __launch_bounds__(256) hw_stats(float *lse, float *logp, 
         const int32_t t = targets[i];
         float m = -INFINITY, z = 0.0f;
         for (int c = lane; c < nb; c += 32) m = fmaxf(m, p[c].x);
-        if (t >= 0 && t < V) { /* an unscored row (t < 0) or a target past V: zt = 0, as logsoftmax_rows */
+        if (t >= 0 && t < V) { /* an unscored row (t < 0) or a target past V: zt = 0, as logsoftmax_rows_q */
             const __nv_bfloat162 *hr = reinterpret_cast<const __nv_bfloat162 *>(h16 + i * H),
                                  *wr = reinterpret_cast<const __nv_bfloat162 *>(W16 + (int64_t)t * H);
             for (int k = lane; k < H / 2; k += 32) {

@@ -24,9 +24,10 @@ void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw, const flo
 void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp, void *q, const float *h,
                            const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V);
 /* Which forward m1c_cuda_head_forward runs from q at precision 2 (a training forward) for hidden H and
- * vocabulary V: 1 the Hopper kernels of head_wg.cuh (the logits are not written), 0 cuBLAS and the
- * log-softmax pass (H or V not a multiple of 8), -1 none of this build's code runs them on this device (no
- * sm_90a code, or compute capability other than 9.0), -2 the driver cannot encode tensor maps. */
+ * vocabulary V: 1 the Hopper kernels of head_wg.cuh (the logits are not written), given q, h's bf16 copy and
+ * W's 16-byte aligned (cudaMalloc'd buffers are) and N < 2^31 - 128, else cuBLAS; 0 cuBLAS and the
+ * log-softmax pass (H or V not a multiple of 8); -1 none of this build's code runs them on this device (no
+ * sm_90a code, or compute capability other than 9.0); -2 the driver cannot encode tensor maps. */
 int m1c_cuda_head_path(int H, int V);
 void m1c_cuda_head_prepare(int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H,
                            int V);

@@ -1,6 +1,6 @@
 /* Persistent GEMM tiles on Hopper (sm_90a) for the core's and the plugins' kernels: the shared-memory ring
  * that the tensor memory accelerator fills (tma.cuh) and two warpgroups multiply from (wgmma.cuh), and the
- * epilogue pieces around it. Used by the core's LM head (core/cuda/head_wg.cu) and topk's expert products
+ * epilogue pieces around it. Used by the core's LM head (core/cuda/head_wg.cuh) and topk's expert products
  * (plugins/moe/topk/expert_wg.cuh); installed with the other headers of m1c/cuda for plugins built out of
  * tree.
  *
