@@ -19,6 +19,8 @@
 static int add_param(m1c_model *m, const char *name, int ndim, const int64_t *shape, int init, int no_decay,
                      float std) {
     int k = m1c_arena_add(&m->params, name, M1C_F32, ndim, shape);
+    m->grad_written = m1c_xrealloc(m->grad_written, (size_t)(k + 1) * sizeof *m->grad_written);
+    m->grad_written[k] = 0;
     m->no_decay = m1c_xrealloc(m->no_decay, (size_t)(k + 1) * sizeof *m->no_decay);
     m->init = m1c_xrealloc(m->init, (size_t)(k + 1) * sizeof *m->init);
     m->init_std = m1c_xrealloc(m->init_std, (size_t)(k + 1) * sizeof *m->init_std);
@@ -47,7 +49,8 @@ static int create_slot(m1c_inst *s, m1c_plugin *p, const m1c_settings *set, cons
             return M1C_ERR;
         }
         char *name = m1c_xasprintf("model.layers.%d.%s", l, spec[i].name);
-        add_param(m, name, spec[i].ndim, spec[i].shape, spec[i].init, spec[i].no_decay, spec[i].std);
+        const int k = add_param(m, name, spec[i].ndim, spec[i].shape, spec[i].init, spec[i].no_decay, spec[i].std);
+        m->grad_written[k] = p->desc->abi_minor >= 3 && spec[i].grad_written == 1;
         free(name);
     }
     free(spec);
@@ -165,6 +168,7 @@ void m1c_model_free(m1c_model *m) {
     m1c_arena_free(&m->grads);
     m1c_arena_free(&m->params_lp);
     free(m->no_decay);
+    free(m->grad_written);
     free(m->init);
     free(m->init_std);
     memset(m, 0, sizeof *m);
@@ -185,7 +189,7 @@ static m1c_buf_spec *declare(m1c_inst *s, declare_fn fn, int B, int T, int *n, m
     return spec;
 }
 
-/* Declare a slot's activations in the run arena (indices kept in sb->acts[i].reserved0 until the
+/* Declare a slot's activations in the run arena (index + 1 kept in sb->acts[i].data until the
  * arena exists) and lay its scratch out from offset 0 of the shared scratch buffer. */
 static int plan_slot(m1c_run *r, m1c_inst *s, m1c_inst_bufs *sb, int l, size_t *scratch_max, m1c_err *e) {
     m1c_buf_spec *a = declare(s, s->ops->acts, r->B, r->T, &sb->na, e);
@@ -196,11 +200,10 @@ static int plan_slot(m1c_run *r, m1c_inst *s, m1c_inst_bufs *sb, int l, size_t *
         if (!r->training && a[i].backward_only) { /* an inference run never calls backward: no memory */
             t->dtype = a[i].dtype, t->device = r->acts.device, t->ndim = a[i].ndim, t->data = NULL;
             memcpy(t->shape, a[i].shape, sizeof t->shape);
-            t->reserved0 = -1;
             continue;
         }
         char *name = m1c_xasprintf("layers.%d.%s.%s", l, s->plugin->desc->name, a[i].name);
-        t->reserved0 = m1c_arena_add(&r->acts, name, a[i].dtype, a[i].ndim, a[i].shape);
+        t->data = (void *)(intptr_t)(m1c_arena_add(&r->acts, name, a[i].dtype, a[i].ndim, a[i].shape) + 1);
         free(name);
     }
     free(a);
@@ -223,7 +226,7 @@ static int plan_slot(m1c_run *r, m1c_inst *s, m1c_inst_bufs *sb, int l, size_t *
 
 static void bind_slot(m1c_run *r, m1c_model *m, m1c_inst *s, m1c_inst_bufs *sb) {
     for (int i = 0; i < sb->na; i++)
-        if (sb->acts[i].reserved0 >= 0) sb->acts[i] = r->acts.t[sb->acts[i].reserved0];
+        if (sb->acts[i].data) sb->acts[i] = r->acts.t[(intptr_t)sb->acts[i].data - 1];
     for (int i = 0; i < sb->ns; i++) sb->scratch[i].data = (char *)r->scratch + (size_t)sb->scratch[i].data;
     sb->bufs.params = &m->params.t[s->p0];
     sb->bufs.grads = m->grads.base ? &m->grads.t[s->p0] : NULL;
@@ -547,7 +550,26 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
 int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e) {
     const int rc = backward_queue(m, r, e);
     m1c_dev_copy_wait(m->device); /* the caller may rewrite dlogp_host now */
+    for (int i = 0; i < m->grads.n; i++) m->grads.t[i].flags &= ~M1C_TENSOR_UNSET; /* written (or failed) */
     return rc;
+}
+
+void m1c_model_zero_grads(m1c_model *m, void *stream) {
+    m1c_arena *g = &m->grads;
+    if (!g->base) return;
+    /* one memset per run of tensors that need zeros, padding between them included */
+    for (int i = 0; i < g->n;) {
+        if (m->grad_written[i]) {
+            g->t[i].flags |= M1C_TENSOR_UNSET;
+            i++;
+            continue;
+        }
+        int j = i;
+        while (j < g->n && !m->grad_written[j]) j++;
+        const size_t end = j < g->n ? g->offset[j] : g->bytes;
+        m1c_dev_memset0_on(m->device, stream, (char *)g->base + g->offset[i], end - g->offset[i]);
+        i = j;
+    }
 }
 
 int m1c_model_moe_stats(m1c_model *m, m1c_run *r, int l, m1c_moe_stats *out) {

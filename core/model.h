@@ -55,6 +55,8 @@ typedef struct m1c_model {
     m1c_arena grads;   /* same layout; allocated by m1c_model_alloc_grads */
     m1c_arena params_lp; /* compute_dtype BF16: bf16 copies of params, same layout; else empty */
     int32_t *no_decay; /* [params.n] */
+    int32_t *grad_written; /* [params.n] the plugin writes the gradient whole when handed it unset
+                            * (m1c_buf_spec.grad_written): m1c_model_zero_grads skips it */
     int32_t *init;     /* [params.n] m1c_init of each parameter */
     float *init_std;   /* [params.n] */
 } m1c_model;
@@ -124,6 +126,10 @@ void m1c_run_free(m1c_run *r, m1c_model *m);
 int m1c_model_forward(m1c_model *m, m1c_run *r, const int32_t *tokens, m1c_err *e);
 /* Back-propagate run->dlogp_host (N) into m->grads (accumulating). */
 int m1c_model_backward(m1c_model *m, m1c_run *r, m1c_err *e);
+/* Gradients for the next backward, queued on `stream` (the device's core or background stream): zero
+ * where the plugin needs zeros, else marked M1C_TENSOR_UNSET (m1c_buf_spec.grad_written) for the plugin to
+ * write whole; the next m1c_model_backward clears the marks. m1c_arena_zero(&m->grads) zeroes them all. */
+void m1c_model_zero_grads(m1c_model *m, void *stream);
 /* Per-layer MoE statistics of the last forward (NULL-safe for dense FFNs). */
 int m1c_model_moe_stats(m1c_model *m, m1c_run *r, int layer, m1c_moe_stats *out);
 /* Refresh the bf16 parameter copies from the f32 parameters (after loading or initialising). */

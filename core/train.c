@@ -57,12 +57,12 @@ static int overlap_ready(void *ctx, int first, int end) {
 void m1c_zero_grads(m1c_model *m, int overlap) {
     const int dev = m->device;
     if (!overlap || !m->grads.base) {
-        m1c_arena_zero(&m->grads);
+        m1c_model_zero_grads(m, m1c_dev_stream(dev));
         return;
     }
     void *bg = m1c_dev_background_stream(dev);
     m1c_dev_order(dev, bg, m1c_dev_stream(dev)); /* after the last step's reads of the gradients */
-    m1c_dev_memset0_on(dev, bg, m->grads.base, m->grads.bytes);
+    m1c_model_zero_grads(m, bg);
 }
 
 int m1c_backward_overlapped(m1c_overlap *o, m1c_run *r, m1c_err *e) {

@@ -39,9 +39,10 @@ typedef struct m1c_overlap {
 } m1c_overlap;
 
 int m1c_backward_overlapped(m1c_overlap *o, m1c_run *r, m1c_err *e);
-/* Zeroes the gradients for the next backward: on the device's background stream where the step
- * overlaps (the next forward, which does not touch them, runs beside it; m1c_backward_overlapped orders
- * the backward after it), else at once on the core's stream. */
+/* Zeroes the gradients for the next backward (m1c_model_zero_grads: those the plugins write whole are only
+ * marked): on the device's background stream where the step overlaps (the next forward, which does not
+ * touch them, runs beside it; m1c_backward_overlapped orders the backward after it), else at once on the
+ * core's stream. */
 void m1c_zero_grads(m1c_model *m, int overlap);
 /* Whether a step may overlap the backward: on a GPU, without clipping (clip <= 0), with an optimizer
  * built for ABI 1.1 or later (whose contract takes its tensors in slices: plugin.h). */

@@ -25,11 +25,11 @@ int xwt_forward_glu(int E, const int32_t *off, int rows, int N, int K, const uin
                     uint16_t *C, int ldc, uint16_t *act, int grid, char *err, size_t errlen);
 /* The backward's pair, `reps` times on the same buffers and tile counter: C (rows x ldc, as above) = A W_e
  * with A (rows x K), W (E x K x N); G (E x M x Ng f32, read and written back) += Ag_e^T Bg_e over each
- * expert's rows, Ag (rows x M), Bg (rows x Ng); `grid` blocks as above. 0 on success (the counter left at
- * zero), else 1 with err set. */
+ * expert's rows (unset: G = that, G handed over as M1C_TENSOR_UNSET), Ag (rows x M), Bg (rows x Ng); `grid`
+ * blocks as above. 0 on success (the counter left at zero), else 1 with err set. */
 int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, int grid, char *err,
-                 size_t errlen);
+                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, int grid, int unset,
+                 char *err, size_t errlen);
 }
 
 int xwt_expected(void) { return wg_available(); }
@@ -90,7 +90,7 @@ int xwt_forward_glu(int E, const int32_t *off, int rows, int N, int K, const uin
 
 int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
                  int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, int blocks,
-                 char *err, size_t errlen) {
+                 int unset, char *err, size_t errlen) {
     dev_bufs b = {{0}, 0};
     void *dA, *dW, *dC, *doff, *dAg, *dBg, *dG, *ctr;
     int grid = 0, rc = 1;
@@ -111,7 +111,7 @@ int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16
         const xw_rows r = {(__nv_bfloat16 *)dC, (const int32_t *)doff, ldc, E, N, 0};
         if (xw_backward(enc, grid, 0, (int *)ctr, off, r, (const __nv_bfloat16 *)dA, K, rows,
                         (const __nv_bfloat16 *)dW, (float *)dG, (const __nv_bfloat16 *)dAg, M,
-                        (const __nv_bfloat16 *)dBg, Ng)) {
+                        (const __nv_bfloat16 *)dBg, Ng, unset != 0)) {
             snprintf(err, errlen, "cuTensorMapEncodeTiled refused an operand (or too many experts)");
             free_all(&b);
             return 1;

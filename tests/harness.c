@@ -67,7 +67,7 @@ int th_try_create(const char *plugin, int kind, const char *body, const m1c_laye
  * tensors (plugins may merge products over adjacent parameters), unless `apart`: then each has its own
  * (the plugins' fallbacks); free_tensors frees the block, or each. */
 static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, int force, int apart) {
-    m1c_tensor *t = calloc((size_t)(n ? n : 1), sizeof *t);
+    m1c_tensor *t = calloc((size_t)n + 1, sizeof *t); /* t[n].data: the shared block on a GPU, if any */
     size_t at[n ? n : 1], total = 0;
     for (int i = 0; i < n; i++) {
         t[i].dtype = force >= 0 ? force : spec[i].dtype;
@@ -80,7 +80,6 @@ static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, in
             t[i].data = dev == M1C_DEVICE_CPU ? calloc(1, bytes) : m1c_dev_alloc(dev, bytes);
             cr_assert_not_null(t[i].data);
             if (dev != M1C_DEVICE_CPU) m1c_dev_memset0(dev, t[i].data, bytes);
-            t[i].reserved0 = 1; /* its own allocation */
         }
         at[i] = total, total += (bytes + 255) / 256 * 256;
     }
@@ -89,6 +88,7 @@ static m1c_tensor *alloc_tensors_on(int dev, const m1c_buf_spec *spec, int n, in
         cr_assert_not_null(block);
         m1c_dev_memset0(dev, block, total);
         for (int i = 0; i < n; i++) t[i].data = block + at[i];
+        t[n].data = block;
     }
     return t;
 }
@@ -98,9 +98,13 @@ static m1c_tensor *alloc_tensors(const m1c_buf_spec *spec, int n) {
 }
 
 static void free_tensors(m1c_tensor *t, int n) {
+    if (t && n > 0 && t[n].data) { /* one block on a GPU */
+        m1c_dev_free(t[0].device, t[n].data);
+        n = 0;
+    }
     for (int i = 0; t && i < n; i++) {
         if (t[i].device == M1C_DEVICE_CPU) free(t[i].data);
-        else if (i == 0 || t[i].reserved0) m1c_dev_free(t[i].device, t[i].data); /* the block, or its own */
+        else m1c_dev_free(t[i].device, t[i].data); /* its own allocation */
     }
     free(t);
 }

@@ -591,6 +591,62 @@ Test(model, deepnorm_beta_linear) {
 
 /* ---- determinism -------------------------------------------------------------------------------- */
 
+/* m1c_model_zero_grads hands topk's expert gradients over unset (m1c_buf_spec.grad_written, ABI 1.3) and
+ * zeroes the rest: the backward then gives the same bits as from gradients all zeroed, though the unset
+ * ones held NaN before; and the next backward, without the marks, adds (the same bits as a second backward
+ * after m1c_arena_zero's). */
+Test(model, unset_gradients_are_written_whole) {
+    const int B = 2, T = 7, N = B * T;
+    m1c_session s;
+    open_model(&s, &hybrid_moe, 5);
+    m1c_model *m = &s.model;
+    scramble(m, 8);
+    m1c_err e = {{0}};
+    cr_assert_eq(m1c_model_alloc_grads(m, &e), M1C_OK, "%s", e.msg);
+    m1c_run r;
+    cr_assert_eq(m1c_run_init(&r, m, B, T, 1, &e), M1C_OK, "%s", e.msg);
+    int32_t *tok = rand_tokens(B, T, 4);
+    float w[14];
+    for (int i = 0; i < N; i++) w[i] = 1.0f - 0.1f * (float)i;
+    int written = 0;
+    for (int i = 0; i < m->params.n; i++) written += m->grad_written[i];
+    cr_assert_eq(written, 2 * m->L, "topk's two expert tensors in each of the %d layers are grad_written", m->L);
+    const size_t bytes = m->grads.bytes;
+    void *want = malloc(bytes), *twice = malloc(bytes);
+    cr_assert(want && twice);
+    loss(m, &r, tok, w);
+    m1c_arena_zero(&m->grads);
+    for (int i = 0; i < N; i++) r.dlogp[i] = -w[i];
+    cr_assert_eq(m1c_model_backward(m, &r, &e), M1C_OK, "%s", e.msg);
+    memcpy(want, m->grads.base, bytes);
+    cr_assert_eq(m1c_model_backward(m, &r, &e), M1C_OK, "%s", e.msg); /* adds: twice the gradient */
+    memcpy(twice, m->grads.base, bytes);
+
+    loss(m, &r, tok, w); /* a fresh forward: the CPU head's backward leaves its dlogits in the logits */
+    for (int i = 0; i < N; i++) r.dlogp[i] = -w[i];
+    memset(m->grads.base, 0xFF, bytes); /* NaN everywhere: the unset ones must be written whole */
+    m1c_model_zero_grads(m, NULL);
+    for (int i = 0; i < m->params.n; i++)
+        cr_expect_eq((m->grads.t[i].flags & M1C_TENSOR_UNSET) != 0, m->grad_written[i] != 0, "%s: mark",
+                     m->grads.t[i].name);
+    cr_assert_eq(m1c_model_backward(m, &r, &e), M1C_OK, "%s", e.msg);
+    for (int i = 0; i < m->params.n; i++) { /* tensor by tensor: the padding between them is nobody's */
+        const m1c_tensor *t = &m->grads.t[i];
+        cr_expect(memcmp((char *)want + m->grads.offset[i], t->data, (size_t)m1c_numel(t) * 4) == 0,
+                  "%s differs from its value after m1c_arena_zero", t->name);
+        cr_expect_eq(t->flags, 0u, "%s: mark left", t->name);
+    }
+    cr_assert_eq(m1c_model_backward(m, &r, &e), M1C_OK, "%s", e.msg);
+    for (int i = 0; i < m->params.n; i++) {
+        const m1c_tensor *t = &m->grads.t[i];
+        cr_expect(memcmp((char *)twice + m->grads.offset[i], t->data, (size_t)m1c_numel(t) * 4) == 0,
+                  "%s: the second backward did not add as after m1c_arena_zero", t->name);
+    }
+    free(want), free(twice), free(tok);
+    m1c_run_free(&r, m);
+    m1c_session_close(&s);
+}
+
 Test(model, deterministic_forward_and_init) {
     const int B = 2, T = 7;
     cfg_opts o = hybrid_moe;

@@ -10,7 +10,8 @@
  * least as new. Any change of layout or enum order bumps M1C_ABI_MAJOR.
  *
  * Conventions (llm.c style): forward(out, in..., B, T); backward(din..., dout, ...) where gradients
- * (parameter gradients and input gradients alike) ACCUMULATE with +=; dimensions last. All pointers
+ * (parameter gradients and input gradients alike) ACCUMULATE with += (but for a parameter gradient the
+ * core hands over unset: M1C_TENSOR_UNSET, since ABI 1.3); dimensions last. All pointers
  * handed to a vtable function live on the device named in the instance's m1c_layer_info.
  */
 #ifndef M1C_PLUGIN_H
@@ -24,7 +25,7 @@ extern "C" {
 #endif
 
 #define M1C_ABI_MAJOR 1
-#define M1C_ABI_MINOR 2
+#define M1C_ABI_MINOR 3
 
 #if defined(__GNUC__)
 #define M1C_EXPORT __attribute__((visibility("default")))
@@ -58,10 +59,16 @@ typedef struct m1c_tensor {
     int32_t dtype;  /* m1c_dtype */
     int32_t device; /* m1c_device */
     int32_t ndim;
-    int32_t reserved0;
+    uint32_t flags; /* since ABI 1.3: M1C_TENSOR_* (0 before) */
     int64_t shape[M1C_MAX_DIMS];
     const char *name; /* full name, e.g. "model.layers.3.self_attn.qkv_proj.weight" */
 } m1c_tensor;
+
+/* m1c_tensor.flags of a parameter gradient handed to a backward (m1c_layer_bufs.grads): the gradient holds
+ * no values yet this step, because the plugin declared it m1c_buf_spec.grad_written and the core skipped
+ * zeroing it: the backward writes every element (as if it had been zero and the backward added to it).
+ * Without the flag the backward adds (+=), as always. */
+#define M1C_TENSOR_UNSET 1u
 
 /* How the core initialises a parameter the plugin declares. */
 typedef enum m1c_init {
@@ -84,7 +91,11 @@ typedef struct m1c_buf_spec {
     int32_t backward_only; /* activations only: 1 = read by backward alone, never by a forward with
                             * training = 0; a run made for inference then leaves it unallocated (its
                             * tensor's data NULL), which the forward must not touch. 0 (default): always. */
-    float reserved[2]; /* zero */
+    int32_t grad_written; /* parameters only, since ABI 1.3: 1 = the backward honours M1C_TENSOR_UNSET on
+                           * this parameter's gradient, so the core need not zero it before a step (one
+                           * pass over it fewer: a plugin whose products write each element once can store
+                           * instead of adding). 0 (default): the core zeroes it. */
+    float reserved[1]; /* zero */
 } m1c_buf_spec;
 
 /* Opaque handles owned by the core. */
@@ -416,7 +427,8 @@ static inline m1c_buf_spec m1c_make_spec(const char *name, int dtype, int ndim, 
     s.no_decay = 0;
     s.std = 0.02f;
     s.backward_only = 0;
-    s.reserved[0] = s.reserved[1] = 0.0f;
+    s.grad_written = 0;
+    s.reserved[0] = 0.0f;
     return s;
 }
 

@@ -40,6 +40,7 @@ typedef struct topk_cuda_args {
     const float *Wr;        /* (E, H) router, f32 always */
     const void *Wgu, *Wd;   /* (E, 2F, H), (E, H, F) in cdt */
     float *dWr, *dWgu, *dWd; /* f32 gradients (backward) */
+    int dWgu_unset, dWd_unset; /* backward: that gradient holds no values yet (M1C_TENSOR_UNSET): write it */
     /* acts */
     float *probs;  /* (N, E) */
     int32_t *idx;  /* (N, k) */

@@ -126,6 +126,13 @@ __device__ static inline void tma_store_2d(const CUtensorMap *map, uint32_t src,
                  : "memory");
 #endif
 }
+__device__ static inline void tma_store_3d(const CUtensorMap *map, uint32_t src, int c0, int c1, int c2) {
+#if WG_DEVICE
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"((uint64_t)map),
+                 "r"(src), "r"(c0), "r"(c1), "r"(c2)
+                 : "memory");
+#endif
+}
 /* The same, adding the f32 box into the tensor (each element one f32 addition, done at L2). */
 __device__ static inline void tma_add_3d(const CUtensorMap *map, uint32_t src, int c0, int c1, int c2) {
 #if WG_DEVICE

@@ -32,7 +32,8 @@
  * pieces of 8 rows a warp instruction, the forward's products ran at 460 TFLOP/s against 690-720 without
  * any stores: docs/perf.md.) A warpgroup whose rows cross the expert's end stores from its registers, row
  * by row. The weight products stage their f32 sums the same way, in two halves, and bulk reductions add
- * them into G_e at L2 (one tile per element: a fixed order, the same bits every run).
+ * them into G_e at L2 (one tile per element: a fixed order, the same bits every run), or bulk stores write
+ * them where the core handed G over unset (M1C_TENSOR_UNSET: no zeroing pass before, no reads of G).
  *
  * Sizes: N, K and the weight products' M and N multiples of 8 (16-byte row strides for the maps and
  * pairs of columns for the register stores); xw_forward and xw_backward refuse others. */
@@ -79,6 +80,7 @@ struct xw_bwd_params {
     int *ctr;
     int M, N, ge[XW_MAX_E], nk[XW_MAX_E];
     int tiles_g, tiles; /* weight tiles (first), all tiles */
+    int g_store;        /* 1: G holds no values yet (M1C_TENSOR_UNSET): its tiles are stored, not added */
 };
 static_assert(sizeof(xw_bwd_params) <= 32764, "kernel parameters past CUDA's limit");
 
@@ -119,7 +121,7 @@ static __device__ inline bool xw_bwd_tile(const xw_bwd_params &P, int t, xw_btil
  * two halves of 128 columns: four panels of 64 rows x 32 floats in the 128-byte swizzle (16-byte chunk
  * (col % 32) / 4 of row r at chunk ^ r % 8). The warpgroup goes on while L2 adds. */
 static __device__ inline void xw_add_tile(wt_smem &sm, const CUtensorMap *tg, const float (&d)[128], int e, int r0, int c,
-                                          int N, int w) {
+                                          int N, int w, bool store) {
     const int lt = threadIdx.x % 128, q = lt % 4;
     const uint32_t st = mma_smem(sm.c[w]);
 #pragma unroll
@@ -141,7 +143,10 @@ static __device__ inline void xw_add_tile(wt_smem &sm, const CUtensorMap *tg, co
         tma_bar_sync(1 + w, 128);
         if (lt == 0) {
             for (int p = 0; p < 4 && c * WT_BN + 128 * half + 32 * p < N; p++)
-                tma_add_3d(tg, st + p * WT_PANEL, c * WT_BN + 128 * half + 32 * p, r0, e);
+                if (store)
+                    tma_store_3d(tg, st + p * WT_PANEL, c * WT_BN + 128 * half + 32 * p, r0, e);
+                else
+                    tma_add_3d(tg, st + p * WT_PANEL, c * WT_BN + 128 * half + 32 * p, r0, e);
             tma_store_commit();
         }
     }
@@ -321,7 +326,7 @@ __global__ static void __launch_bounds__(WT_THREADS, 1) xw_bwd_kernel(const __gr
         if (t < 0 || !xw_bwd_tile(P, t, b)) break; /* (the copier decoded t too: it never hands out a bad one) */
         if (b.j >= 0) {
             wt_mainloop<1, 1>(sm, d, it, P.nk[b.j], w, true);
-            xw_add_tile(sm, &P.g, d, b.e, b.m0 + 64 * w, b.c, P.N, w);
+            xw_add_tile(sm, &P.g, d, b.e, b.m0 + 64 * w, b.c, P.N, w, P.g_store);
         } else {
             wt_mainloop<0, 1>(sm, d, it, P.r.nk, w, true);
             xw_store_rows(sm, &P.c, P.r, d, b.m0, b.m_end, b.c, w);
@@ -390,11 +395,13 @@ static inline int xw_forward(tma_encode_fn enc, int grid, cudaStream_t s, const 
 
 /* The backward's pair: the row product C = A W_e (W (E, K, N), r.N = N) and the weight product G_e (M x Ng,
  * f32) += Ag_e^T Bg_e over the rows of each expert (Ag: M columns, Bg: Ng), off the host's offsets h_off
- * (the same as r.off's). ctr: 2 ints of device memory, zero, left zero. 0, or -1 where a map cannot be made,
- * E > XW_MAX_E or a size is not a multiple of 8. */
+ * (the same as r.off's); with g_unset, G_e = that product instead (every element written: the tiles
+ * stored, an expert without rows zeroed). ctr: 2 ints of device memory, zero, left zero. 0, or -1 where a
+ * map cannot be made, E > XW_MAX_E or a size is not a multiple of 8. */
 static inline int xw_backward(tma_encode_fn enc, int grid, cudaStream_t s, int *ctr, const int32_t *h_off,
                               const xw_rows &r, const __nv_bfloat16 *A, int K, int64_t Nk, const __nv_bfloat16 *W,
-                              float *G, const __nv_bfloat16 *Ag, int M, const __nv_bfloat16 *Bg, int Ng) {
+                              float *G, const __nv_bfloat16 *Ag, int M, const __nv_bfloat16 *Bg, int Ng,
+                              bool g_unset = false) {
     if (r.E > XW_MAX_E || r.N % 8 || K % 8 || M % 8 || Ng % 8) return -1;
     xw_bwd_params P;
     memset(&P, 0, sizeof P);
@@ -407,6 +414,8 @@ static inline int xw_backward(tma_encode_fn enc, int grid, cudaStream_t s, int *
     int ng = 0, row_tiles = 0;
     for (int e = 0; e < r.E; e++) {
         const int n = h_off[e + 1] - h_off[e];
+        if (n <= 0 && g_unset && cudaMemsetAsync(G + (int64_t)e * M * Ng, 0, (size_t)M * Ng * sizeof(float), s))
+            return -1;
         if (n <= 0) continue;
         row_tiles += (n + WT_BM - 1) / WT_BM;
         if (wt_map2(enc, &P.ga[ng], Ag + (int64_t)h_off[e] * M, n, M, M, 64, 64) ||
@@ -416,7 +425,7 @@ static inline int xw_backward(tma_encode_fn enc, int grid, cudaStream_t s, int *
     }
     P.r = r;
     P.r.nk = (K + WT_BK - 1) / WT_BK;
-    P.ctr = ctr, P.M = M, P.N = Ng;
+    P.ctr = ctr, P.M = M, P.N = Ng, P.g_store = g_unset;
     P.tiles_g = ng * ((M + WT_BM - 1) / WT_BM) * ((Ng + WT_BN - 1) / WT_BN);
     P.tiles = P.tiles_g + row_tiles * ((r.N + WT_BN - 1) / WT_BN);
     const int g = P.tiles < grid ? P.tiles : grid;

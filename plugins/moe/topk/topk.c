@@ -179,6 +179,9 @@ static int topk_params(void *self, m1c_buf_spec *specs, int max) {
         spec("mlp.experts.gate_up_proj", M1C_F32, 3, m->E, 2 * (int64_t)m->F, m->H), /* (E, 2F, H) */
         spec("mlp.experts.down_proj", M1C_F32, 3, m->E, m->H, m->F),            /* (E, H, F) */
     };
+    /* The experts' gradients honour M1C_TENSOR_UNSET: the Hopper kernels store their tiles, every other
+     * path zeroes the gradient first (topk_backward, topk.cu's backward). */
+    s[P_GATE_UP].grad_written = s[P_DOWN].grad_written = 1;
     return put_specs(m, s, N_PARAMS, specs, max);
 }
 
@@ -250,6 +253,8 @@ static int cuda_args(topk *m, const m1c_layer_bufs *b, int N, int backward, topk
     a->Wd = P[P_DOWN].data;
     if (backward) {
         a->dWr = b->grads[P_ROUTER].data, a->dWgu = b->grads[P_GATE_UP].data, a->dWd = b->grads[P_DOWN].data;
+        a->dWgu_unset = (b->grads[P_GATE_UP].flags & M1C_TENSOR_UNSET) != 0;
+        a->dWd_unset = (b->grads[P_DOWN].flags & M1C_TENSOR_UNSET) != 0;
     }
     a->probs = b->acts[A_PROBS].data, a->idx = b->acts[A_IDX].data, a->w = b->acts[A_W].data;
     a->pos = b->acts[A_POS].data, a->rowtok = b->acts[A_ROWTOK].data, a->off = b->acts[A_OFF].data;
@@ -425,6 +430,8 @@ static int topk_backward(void *self, const m1c_layer_bufs *b, float *din, const 
     const float *Wgu = b->params[P_GATE_UP].data; /* (E, 2F, H) */
     const float *Wd = b->params[P_DOWN].data;     /* (E, H, F) */
     float *dWr = b->grads[P_ROUTER].data, *dWgu = b->grads[P_GATE_UP].data, *dWd = b->grads[P_DOWN].data;
+    if (b->grads[P_GATE_UP].flags & M1C_TENSOR_UNSET) memset(dWgu, 0, (size_t)E * 2 * F * H * sizeof *dWgu);
+    if (b->grads[P_DOWN].flags & M1C_TENSOR_UNSET) memset(dWd, 0, (size_t)E * H * F * sizeof *dWd);
     const float *probs = b->acts[A_PROBS].data;   /* (N, E) */
     const float *w = b->acts[A_W].data;           /* (N, k) */
     const int32_t *idx = b->acts[A_IDX].data;     /* (N, k) */

@@ -1064,12 +1064,12 @@ static int xw_product(const topk_cuda_args *a, void *C, int N, const void *A, in
 /* The backward's pair in the Hopper kernel (see xw_backward): C = A W_e (N columns, K = A's) and the
  * weight gradient G_e += Ag_e^T Bg_e (M x Ng), its failure reported. */
 static int xw_pair(const topk_cuda_args *a, void *C, int N, const void *A, int K, const void *W, float *G,
-                   const void *Ag, int M, const void *Bg, int Ng) {
+                   const void *Ag, int M, const void *Bg, int Ng, bool g_unset) {
     const m1c_host *h = a->h;
     const xw_rows r = {(__nv_bfloat16 *)C, a->off, N, a->E, N, 0};
     if (xw_backward((tma_encode_fn)a->xw_enc, a->xw_grid, (cudaStream_t)a->stream, a->xw_ctr, a->h_off, r,
                     (const __nv_bfloat16 *)A, K, (int64_t)a->N * a->k, (const __nv_bfloat16 *)W, G,
-                    (const __nv_bfloat16 *)Ag, M, (const __nv_bfloat16 *)Bg, Ng))
+                    (const __nv_bfloat16 *)Ag, M, (const __nv_bfloat16 *)Bg, Ng, g_unset))
         return h->error(h, "topk: cuTensorMapEncodeTiled refused an expert operand (%d x %d, K %d)", a->N * a->k, N, K);
     MOE_LAUNCH_CHECK(h, "xw_bwd_kernel");
     return M1C_OK;
@@ -1410,12 +1410,16 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
 
     CALL(router_bwd<T>(a, s, dy_lp, dout));
     prof_mark(pf, "router_bwd");
-    /* The Hopper kernels run each pair below in one launch (up to XW_MAX_E experts). */
+    /* The Hopper kernels run each pair below in one launch (up to XW_MAX_E experts); they write a gradient
+     * handed over unset, the other paths add to it once it is zeroed. */
     const bool pair = xw && E <= XW_MAX_E;
+    if (!pair && a->dWd_unset) MOE_CUDA_CHECK(h, cudaMemsetAsync(a->dWd, 0, (size_t)E * H * F * sizeof(float), s));
+    if (!pair && a->dWgu_unset)
+        MOE_CUDA_CHECK(h, cudaMemsetAsync(a->dWgu, 0, (size_t)E * 2 * F * H * sizeof(float), s));
     /* dWd_e += dY_e^T A_e; d act = dY Wd_e (one group: both only read dY). */
     expert_queue queue = {a->queue, 0}, *q = grouped ? NULL : &queue;
     if (pair) {
-        CALL(xw_pair(a, dact, F, dy, H, Wd, a->dWd, dy, H, act, F));
+        CALL(xw_pair(a, dact, F, dy, H, Wd, a->dWd, dy, H, act, F, a->dWd_unset));
     } else {
         CALL(expert_gemm<GG_TN>(a, q, a->dWd, F, (int64_t)H * F, dy, H, act, F, 0, H, F, 0, 1.0f));
         CALL(expert_gemm<GG_NN>(a, q, dact, F, 0, dy, H, Wd, F, (int64_t)H * F, 0, F, H, 0.0f));
@@ -1429,7 +1433,7 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e in T (one group: both read dGU; the d x rows go into dx,
      * whose dY the group before has read). */
     if (pair) {
-        CALL(xw_pair(a, dx, H, dgu, 2 * F, Wgu, a->dWgu, dgu, 2 * F, xs, H));
+        CALL(xw_pair(a, dx, H, dgu, 2 * F, Wgu, a->dWgu, dgu, 2 * F, xs, H, a->dWgu_unset));
     } else {
         CALL(expert_gemm<GG_TN>(a, q, a->dWgu, H, (int64_t)2 * F * H, (const T *)dgu, 2 * F, xs, H, 0, 2 * F, H, 0,
                                 1.0f));
