@@ -16,16 +16,7 @@
 #include "harness.h"
 
 #ifdef M1C_TEST_XW
-/* tests/expert_wg_glue.cu (the comments there say what each argument is) */
-int xwt_expected(void);
-int xwt_available(void);
-int xwt_forward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                int ldc, int grid, char *err, size_t errlen);
-int xwt_forward_glu(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W,
-                    uint16_t *C, int ldc, uint16_t *act, int grid, char *err, size_t errlen);
-int xwt_backward(int E, const int32_t *off, int rows, int N, int K, const uint16_t *A, const uint16_t *W, uint16_t *C,
-                 int ldc, int M, int Ng, const uint16_t *Ag, const uint16_t *Bg, float *G, int reps, int grid, int unset,
-                 char *err, size_t errlen);
+#include "expert_wg_glue.h"
 #else
 /* Built without CUDA: every test skips before reaching these; they keep the file compiling. */
 static int xwt_expected(void) { return 0; }

@@ -57,7 +57,7 @@ static __device__ inline float hw_exp2(float x) {
 
 /* Warpgroup w's epilogue of tile (m0, c): the accumulators' rows (layout of wgmma.cuh: row 16 warp +
  * lane / 4 + 8 h, columns 8 t + 2 (lane % 4) + {0, 1}, four threads a row) become exp(z - m_c), their max
- * and sum go to part; then the staging and bulk stores of wg_tile.cuh. In a last, partial column tile the
+ * and sum go to part; then wt_store_tile (wg_tile.cuh). In a last, partial column tile the
  * columns past V are set to -inf first (exp: 0), so the loops below compare nothing. */
 static __device__ inline void hw_epilogue(wt_smem &sm, const hw_params &P, float (&d)[128], int m0, int c, int w) {
     const float L2E = 1.4426950408889634f;
@@ -95,17 +95,7 @@ static __device__ inline void hw_epilogue(wt_smem &sm, const hw_params &P, float
         s += __shfl_xor_sync(0xffffffffu, s, 2);
         if (row < P.N && q == 0) P.part[(int64_t)row * P.nb + c] = make_float2(m, s);
     }
-    const uint32_t st = mma_smem(sm.c[w]);
-    if (lt == 0) tma_store_wait_read<0>(); /* the staging is free once the last stores have read it */
-    tma_bar_sync(1 + w, 128);
-    wt_stage(st, d);
-    wg_fence_smem();
-    tma_bar_sync(1 + w, 128);
-    if (lt == 0) { /* rows past N and columns past V are dropped by the stores */
-        for (int pn = 0; pn < 4 && c * WT_BN + 64 * pn < P.V; pn++)
-            tma_store_2d(&P.e, st + pn * WT_PANEL, c * WT_BN + 64 * pn, m0 + 64 * w);
-        tma_store_commit();
-    }
+    wt_store_tile(sm, w, &P.e, d, c * WT_BN, P.V, m0 + 64 * w); /* rows past N: dropped by the stores */
 }
 
 __global__ static void __launch_bounds__(WT_THREADS, 1) hw_kernel(const __grid_constant__ hw_params P) {

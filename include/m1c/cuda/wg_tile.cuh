@@ -98,6 +98,33 @@ template <int NT = 32> static __device__ inline void wt_stage(uint32_t st, const
     }
 }
 
+/* Computing warpgroup w's staging (sm.c[w]) for bulk stores: once its bulk stores but the last KEEP
+ * groups have read the panels, the accumulators' first NT column groups rounded into them and ordered
+ * before the stores that one thread issues next (wg_fence_smem, then the warpgroup's named barrier 1 + w).
+ * Returns the staging's shared address. */
+template <int NT = 32, int KEEP = 0>
+static __device__ inline uint32_t wt_stage_for_store(wt_smem &sm, int w, const float (&d)[128]) {
+    const uint32_t st = mma_smem(sm.c[w]);
+    if (threadIdx.x % 128 == 0) tma_store_wait_read<KEEP>();
+    tma_bar_sync(1 + w, 128);
+    wt_stage<NT>(st, d);
+    wg_fence_smem();
+    tma_bar_sync(1 + w, 128);
+    return st;
+}
+
+/* Warpgroup w's 64 x 256 accumulators, rounded, to rows r0 .. r0 + 63 and columns c0 .. of the 2-d bf16
+ * tensor map `map` (64 x 64 boxes) by bulk stores: the panels whose columns start below N (the map drops
+ * whatever lies outside the tensor); one group, committed. The warpgroup goes on while they write. */
+static __device__ inline void wt_store_tile(wt_smem &sm, int w, const CUtensorMap *map, const float (&d)[128], int c0,
+                                            int N, int r0) {
+    const uint32_t st = wt_stage_for_store(sm, w, d);
+    if (threadIdx.x % 128 == 0) {
+        for (int pn = 0; pn < 4 && c0 + 64 * pn < N; pn++) tma_store_2d(map, st + pn * WT_PANEL, c0 + 64 * pn, r0);
+        tma_store_commit();
+    }
+}
+
 /* Barriers, then the roles: returns 0 in the copying warpgroup's thread 0, 1 in the computing ones; the
  * copying warpgroup's other threads leave. */
 static __device__ inline int wt_start(wt_smem &sm) {

@@ -156,24 +156,14 @@ static __device__ inline void xw_add_tile(wt_smem &sm, const CUtensorMap *tg, co
  * staging where all 64 rows are the expert's, else from the registers. */
 static __device__ inline void xw_store_rows(wt_smem &sm, const CUtensorMap *tc, const xw_rows &r, const float (&d)[128],
                                             int m0, int m_end, int c, int w) {
-    const int r0 = m0 + 64 * w, lt = threadIdx.x % 128;
+    const int r0 = m0 + 64 * w;
     if (r0 + 64 > m_end) {
         wt_pairs(d, r0, m_end, c * WT_BN, r.N, [&](int row, int col, float v0, float v1) {
             *(uint32_t *)(r.C + (int64_t)row * r.ldc + col) = wt_pack(v0, v1);
         });
         return;
     }
-    const uint32_t st = mma_smem(sm.c[w]);
-    if (lt == 0) tma_store_wait_read<0>(); /* the staging is free once the last stores have read it */
-    tma_bar_sync(1 + w, 128);
-    wt_stage(st, d);
-    wg_fence_smem(); /* the panels, to the bulk stores (one thread issues them) */
-    tma_bar_sync(1 + w, 128);
-    if (lt == 0) {
-        for (int pn = 0; pn < 4 && c * WT_BN + 64 * pn < r.N; pn++)
-            tma_store_2d(tc, st + pn * WT_PANEL, c * WT_BN + 64 * pn, r0);
-        tma_store_commit();
-    }
+    wt_store_tile(sm, w, tc, d, c * WT_BN, r.N, r0);
 }
 
 /* The SwiGLU forward's epilogue for warpgroup w (rows m0 + 64 w ..) of column tile c: the gate and up
@@ -187,13 +177,8 @@ static __device__ inline void xw_store_glu(wt_smem &sm, const xw_fwd_params &P, 
                                            int c, int w) {
     const int r0 = m0 + 64 * w, lt = threadIdx.x % 128, F = P.glu;
     const bool staged = r0 + 64 <= m_end;
-    const uint32_t st = mma_smem(sm.c[w]);
     if (staged) {
-        if (lt == 0) tma_store_wait_read<0>();
-        tma_bar_sync(1 + w, 128);
-        wt_stage(st, d);
-        wg_fence_smem();
-        tma_bar_sync(1 + w, 128);
+        const uint32_t st = wt_stage_for_store(sm, w, d);
         if (lt == 0) { /* the gate's panels in a group of their own, read first: act goes there */
 #pragma unroll
             for (int pn = 0; pn < 4; pn++) {
@@ -216,11 +201,7 @@ static __device__ inline void xw_store_glu(wt_smem &sm, const xw_fwd_params &P, 
             d[4 * t + e] = __fdividef(g, 1.0f + __expf(-g)) * u; /* the approximate exp and division */
         }
     if (staged) {
-        if (lt == 0) tma_store_wait_read<1>(); /* the gate's stores have read their panels */
-        tma_bar_sync(1 + w, 128);
-        wt_stage<16>(st, d);
-        wg_fence_smem();
-        tma_bar_sync(1 + w, 128);
+        const uint32_t st = wt_stage_for_store<16, 1>(sm, w, d); /* once the gate's stores have read theirs */
         if (lt == 0) {
             tma_store_2d(&P.act, st, 128 * c, r0);
             tma_store_2d(&P.act, st + WT_PANEL, 128 * c + 64, r0);
