@@ -372,6 +372,44 @@ Test(topk_cuda, ranking_matches_serial_walk_large) {
     th_layer_free(g);
 }
 
+/* The router's probabilities over many blocks of the logits kernel (40002 tokens of H 256: 2501 blocks of 16
+ * tokens, the last one partial) against the softmax of double logits from the same f32 input and router
+ * weights. 2e-6: the GPU's f32 logits (|x| ~ 1, |Wr| ~ 0.3, 256 terms: sums ~5 carrying ~256 roundings of
+ * ~3e-7 relative, so ~1e-6 absolute at worst) move each probability by at most that much; a token that
+ * got another token's logits is off by ~0.1. */
+Test(topk_cuda, router_probs_match_double_reference_long) {
+    need_gpu();
+    const int B = 2, T = 20001, H = 256, E = 8, N = B * T;
+    const int64_t NH = (int64_t)N * H;
+    th_layer *g = th_layer_new_dev("topk", "experts = 8; top_k = 2; ffn_dim = 8; aux_coef = 0.01;", 0, 1, H, B, T, 81,
+                                   0.3f, M1C_DEVICE_CUDA, M1C_BF16);
+    float *x = th_randn(NH, 82, 1.0f), *z = th_zeros(NH);
+    float *wr = th_to_host(M1C_DEVICE_CUDA, g->params[0].data, (int64_t)E * H);
+    float *xd = th_to_dev(M1C_DEVICE_CUDA, x, NH), *od = th_to_dev(M1C_DEVICE_CUDA, z, NH);
+    th_forward(g, od, xd);
+    float *probs = act_host(g, "moe.probs");
+    double worst = 0;
+    int64_t worst_n = 0;
+    for (int64_t n = 0; n < N; n++) {
+        double lg[8], mx = -INFINITY, sum = 0;
+        for (int e = 0; e < E; e++) {
+            double acc = 0;
+            for (int c = 0; c < H; c++) acc += (double)x[n * H + c] * wr[(int64_t)e * H + c];
+            lg[e] = acc, mx = fmax(mx, acc);
+        }
+        for (int e = 0; e < E; e++) sum += exp(lg[e] - mx);
+        for (int e = 0; e < E; e++) {
+            const double d = fabs(probs[n * E + e] - exp(lg[e] - mx) / sum);
+            if (!(d <= worst)) worst = d, worst_n = n;
+        }
+    }
+    cr_expect(worst <= 2e-6, "router probabilities: largest difference %g (token %lld of %d)", worst,
+              (long long)worst_n, N);
+    free(x), free(z), free(wr), free(probs);
+    th_dev_free(M1C_DEVICE_CUDA, xd), th_dev_free(M1C_DEVICE_CUDA, od);
+    th_layer_free(g);
+}
+
 /* Gradients accumulate (+=): a second backward doubles din and every parameter gradient. 200 tokens
  * with jitter: dWr goes through 4 chunks of partial sums (64 tokens each) and their ordered sum, din
  * through the un-permute with the router's term times the noise. */
