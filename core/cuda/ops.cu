@@ -13,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include <m1c/cuda/pdl.cuh>
+
 #include "backend.h"
 #include "ops.h"
 #include "reduce.cuh"
@@ -299,6 +301,7 @@ __device__ static inline void rms_finish(float *out, __nv_bfloat16 *out_lp, floa
 template <int W>
 __global__ static void rmsnorm_fwd(float *out, __nv_bfloat16 *out_lp, float *rstd, const float *in, const float *w,
                                    int64_t N, int C, float eps) {
+    pdl_start();
     const int lane = threadIdx.x % 32, step = 32 * W;
     for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
         const float *x = in + i * C;
@@ -396,10 +399,11 @@ extern "C" void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *i
     if (N <= 0) return;
     __nv_bfloat16 *lp = (__nv_bfloat16 *)out_lp;
     if (C % 4 == 0 && aligned16(out) && aligned16(in) && aligned16(w) && ((uintptr_t)lp & 7u) == 0)
-        rmsnorm_fwd<4><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(out, lp, rstd, in, w, N, C, eps);
+        check(pdl_launch(rmsnorm_fwd<4>, rows_grid(N), 32 * ROWS, 0, cs(), out, lp, rstd, in, w, N, C, eps),
+              "rmsnorm_forward");
     else
-        rmsnorm_fwd<1><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(out, lp, rstd, in, w, N, C, eps);
-    check_launch("rmsnorm_forward");
+        check(pdl_launch(rmsnorm_fwd<1>, rows_grid(N), 32 * ROWS, 0, cs(), out, lp, rstd, in, w, N, C, eps),
+              "rmsnorm_forward");
 }
 
 extern "C" void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
@@ -423,6 +427,7 @@ template <int W>
 __global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, float b, float *out,
                                             __nv_bfloat16 *out_lp, float *rstd, const float *w, int64_t N, int C,
                                             float eps) {
+    pdl_start();
     const int lane = threadIdx.x % 32, step = 32 * W;
     for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
         float *x = y + i * C, *o = out + i * C, ss = 0;
@@ -453,9 +458,10 @@ __global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, f
 enum { FUSED_ROWS = 32, FUSED_CHUNKS = 512 }; /* rows per chunk (4 per warp), most chunks */
 
 template <int W, bool DW>
-__global__ static void __launch_bounds__(32 * ROWS, 2) /* <= 128 registers, 2 blocks per SM (no spills) */
+__global__ static void __launch_bounds__(32 * ROWS, 2) /* <= 128 registers, 2 blocks per SM (W = 4 spills a little) */
     rmsnorm_bwd_axpby(float *dh, float *tmp, __nv_bfloat16 *tmp_lp, float *part, const float *dout, const float *in,
                       const float *w, const float *rstd, float a, float b, int64_t N, int C, int64_t per) {
+    pdl_start();
     extern __shared__ float4 acc_base[]; /* DW: (ROWS, C); float4 for 16-byte alignment */
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, step = 32 * W;
     float *acc = reinterpret_cast<float *>(acc_base) + (int64_t)warp * C;
@@ -512,6 +518,7 @@ template <int NC>
 __global__ static void __launch_bounds__(32 * ROWS, 2)
     rmsnorm_bwd_axpby_regs(float *dh, float *tmp, __nv_bfloat16 *tmp_lp, float *part, const float *dout,
                            const float *in, const float *w, const float *rstd, float a, float b, int64_t N, int64_t per) {
+    pdl_start();
     constexpr int C = 128 * NC;
     __shared__ float4 sh_base[ROWS * C / 4]; /* the warps' weight-gradient sums, (ROWS, C) */
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -568,6 +575,7 @@ __global__ static void __launch_bounds__(32 * ROWS, 2)
  * round of loads long. */
 enum { CS_Y = 32, CS_BATCH = 16 };
 __global__ static void colsum_add(float *dw, const float *part, int chunks, int C) {
+    pdl_start();
     __shared__ float sh[CS_Y][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     float s = 0;
@@ -596,23 +604,22 @@ extern "C" void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, flo
     if (N <= 0) return;
     __nv_bfloat16 *lp = (__nv_bfloat16 *)out_lp;
     if (C % 4 == 0 && aligned16(y) && aligned16(h) && aligned16(out) && aligned16(w) && ((uintptr_t)lp & 7u) == 0)
-        residual_rmsnorm_fwd<4><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(y, h, a, b, out, lp, rstd, w, N, C, eps);
+        check(pdl_launch(residual_rmsnorm_fwd<4>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd, w, N, C,
+                         eps),
+              "residual_rmsnorm");
     else
-        residual_rmsnorm_fwd<1><<<rows_grid(N), 32 * ROWS, 0, cs()>>>(y, h, a, b, out, lp, rstd, w, N, C, eps);
-    check_launch("residual_rmsnorm");
+        check(pdl_launch(residual_rmsnorm_fwd<1>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd, w, N, C,
+                         eps),
+              "residual_rmsnorm");
 }
 
 template <bool DW>
 static void launch_bwd_axpby(int vec, int chunks, size_t shmem, float *dh, float *tmp, __nv_bfloat16 *tmp_lp,
                              float *part, const float *dout, const float *in, const float *w, const float *rstd,
                              float a, float b, int64_t N, int C, int64_t per) {
-    if (vec)
-        rmsnorm_bwd_axpby<4, DW>
-            <<<chunks, 32 * ROWS, shmem, cs()>>>(dh, tmp, tmp_lp, part, dout, in, w, rstd, a, b, N, C, per);
-    else
-        rmsnorm_bwd_axpby<1, DW>
-            <<<chunks, 32 * ROWS, shmem, cs()>>>(dh, tmp, tmp_lp, part, dout, in, w, rstd, a, b, N, C, per);
-    check_launch("rmsnorm_backward_axpby");
+    check(pdl_launch(vec ? rmsnorm_bwd_axpby<4, DW> : rmsnorm_bwd_axpby<1, DW>, chunks, 32 * ROWS, shmem, cs(), dh, tmp,
+                     tmp_lp, part, dout, in, w, rstd, a, b, N, C, per),
+          "rmsnorm_backward_axpby");
 }
 
 /* rmsnorm_bwd_axpby_regs for NC = nc (1 <= nc <= NC). */
@@ -621,7 +628,9 @@ static void launch_bwd_regs(int nc, int chunks, float *dh, float *tmp, __nv_bflo
                             const float *dout, const float *in, const float *w, const float *rstd, float a, float b,
                             int64_t N, int64_t per) {
     if (nc == NC)
-        rmsnorm_bwd_axpby_regs<NC><<<chunks, 32 * ROWS, 0, cs()>>>(dh, tmp, tmp_lp, part, dout, in, w, rstd, a, b, N, per);
+        check(pdl_launch(rmsnorm_bwd_axpby_regs<NC>, chunks, 32 * ROWS, 0, cs(), dh, tmp, tmp_lp, part, dout, in, w,
+                         rstd, a, b, N, per),
+              "rmsnorm_backward_axpby");
     else if constexpr (NC > 1)
         launch_bwd_regs<NC - 1>(nc, chunks, dh, tmp, tmp_lp, part, dout, in, w, rstd, a, b, N, per);
 }
@@ -649,12 +658,11 @@ extern "C" void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw
     if (!part) return;
     if (vec && C % 128 == 0 && C <= 7 * 128) {
         launch_bwd_regs<7>(C / 128, chunks, dh, tmp, lp, part, dout, in, w, rstd, a, b, N, per);
-        check_launch("rmsnorm_backward_axpby");
     } else {
         launch_bwd_axpby<true>(vec, chunks, shmem, dh, tmp, lp, part, dout, in, w, rstd, a, b, N, C, per);
     }
-    colsum_add<<<(C + 31) / 32, dim3(32, CS_Y), 0, cs()>>>(dw, part, chunks, C);
-    check_launch("rmsnorm_backward_axpby (weight sum)");
+    check(pdl_launch(colsum_add, (C + 31) / 32, dim3(32, CS_Y), 0, cs(), dw, part, chunks, C),
+          "rmsnorm_backward_axpby (weight sum)");
 }
 
 /* ---- the LM head ---- */

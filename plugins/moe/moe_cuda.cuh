@@ -8,8 +8,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "m1c/plugin.h"
 #include "../common/vec.cuh"
+#include "m1c/plugin.h"
+#include <m1c/cuda/pdl.cuh>
 
 /* Return M1C_ERR through h->error when a CUDA call fails (one line, naming the call). */
 #define MOE_CUDA_CHECK(h, call)                                                                             \
@@ -127,6 +128,7 @@ __global__ void moe_swiglu_fwd_kernel(T *act, const T *gu, int64_t rows, int F) 
 }
 template <typename T>
 __global__ void moe_swiglu_fwd_dev_kernel(T *act, const T *gu, const int32_t *rows, int F) {
+    pdl_start();
     moe_swiglu_fwd_any<T>(act, gu, (int64_t)*rows, F);
 }
 /* The backward kernels take dact as f32 or bf16 (TD, deduced from the argument). */
@@ -136,6 +138,7 @@ __global__ void moe_swiglu_bwd_kernel(T *dgu, const TD *dact, const T *gu, int64
 }
 template <typename T, typename TD>
 __global__ void moe_swiglu_bwd_dev_kernel(T *dgu, const TD *dact, const T *gu, const int32_t *rows, int F) {
+    pdl_start();
     moe_swiglu_bwd_any<T, TD>(dgu, dact, gu, (int64_t)*rows, F);
 }
 /* Blocks for the SwiGLU kernels over `rows` rows of F: one thread per 16-byte step where F allows. */

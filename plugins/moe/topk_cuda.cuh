@@ -66,7 +66,7 @@ typedef struct topk_cuda_args {
     int32_t *h_off; /* host (E+1), pinned (topk_cuda_host_tables): offsets copied from the device */
     int32_t *h_cnt; /* host (2+2E), pinned */
     float *h_st;    /* host (ST_F+2E), pinned: the stats of the last forward */
-    void *copied;   /* cudaEvent_t: recorded after the forward's copies of the offsets, counts and stats */
+    void *copied;   /* the forward's copies of the offsets, counts and stats: their stream and events (topk.cu) */
     m1c_gemm_desc *queue; /* host (2E): the per-expert products of one gemm_group call */
     const void **h_src; /* the device offsets h_off and h_cnt were copied from (this layer's forward), or
                          * NULL: the backward of the same run reuses them instead of waiting for a copy */
@@ -81,8 +81,8 @@ int topk_cuda_setup_grouped(const m1c_host *h);
 int topk_cuda_setup_xw(const m1c_host *h, void **xw_enc, int *xw_grid, int **xw_ctr);
 void topk_cuda_free_xw(int *xw_ctr);
 /* Once per layer at creation: pinned host memory for the offsets, counts and stats ((E+1) + (2+2E)
- * int32, then ST_F+2E floats; pinned, so that their copy runs while the GPU goes on) and the event that
- * marks the copy. M1C_ERR with the error set. */
+ * int32, then ST_F+2E floats; pinned, so that their copy runs while the GPU goes on) and the stream and
+ * events of the copy. M1C_ERR with the error set. */
 int topk_cuda_host_tables(const m1c_host *h, int E, int32_t **tables, void **copied);
 void topk_cuda_host_tables_free(int32_t *tables, void *copied);
 int topk_cuda_forward(const topk_cuda_args *a, float *out, const float *in);

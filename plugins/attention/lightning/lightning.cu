@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <m1c/cuda/pdl.cuh>
+
 #include "../../common/vec.cuh"
 #include "lightning_core.cuh"
 #include "m1c/plugin.h"
@@ -169,6 +171,7 @@ template <typename A, int VW, bool SMALL>
 __global__ static void k_gather_qkv(A *Q, A *K, A *Vv, A *Qd, A *Kd, A *Vd, const A *pre, int64_t ld, int T, int Tp,
                                     int nh, int hd, int eb, const float *pw, int bs, int64_t n, fastdiv fhd,
                                     fastdiv fTp, fastdiv fnh) {
+    pdl_start();
     GRID_STRIDE(iv, n) {
         const int64_t i = iv * VW;
         const int64_t r = divq<SMALL>(i, hd, fhd);
@@ -219,6 +222,7 @@ template <typename A, int VW, typename DT, bool SMALL>
 __global__ static void k_silu_backward(A *dpre, const A *pre, int64_t ld, const DT *dQ, const DT *dK, const DT *dV,
                                        int T, int Tp, int nh, int hd, int64_t n, fastdiv fd3, fastdiv fT, fastdiv f3hd,
                                        fastdiv fhd) {
+    pdl_start();
     const int64_t D3 = 3 * (int64_t)nh * hd, hd3 = 3 * (int64_t)hd;
     GRID_STRIDE(iv, n) {
         const int64_t i = iv * VW;
@@ -319,6 +323,7 @@ __global__ static void k_scan_backward(float *G, bf16 *lp, int nb, int eb, int n
 template <typename A, int VW, typename OT>
 __global__ static void k_norm_gate_heads(A *y, A *o, const OT *O, const A *g, int64_t ldg, const float *w,
                                          float *rstd_out, int N, int T, int Tp, int nh, int hd, float eps) {
+    pdl_start();
     __shared__ float sh[32];
     const int D = nh * hd;
     for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
@@ -381,6 +386,7 @@ template <typename A, typename OT, int U>
 __global__ static void __launch_bounds__(32 * NH_ROWS, sizeof(A) == 2 && U == 3 ? 4 : 1)
     k_norm_gate_heads_rows(A *y, A *o, const OT *O, const A *g, int64_t ldg, const float *w, float *rstd_out, int N,
                            int T, int Tp, int nh, int hd, fastdiv fhd, float eps) {
+    pdl_start();
     constexpr int STEP = 32 * 8;
     const int D = nh * hd, lane = threadIdx.x % 32;
     const int64_t hs = (int64_t)Tp * hd; /* from one head's row of O to the next head's */
@@ -563,6 +569,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
     k_norm_gate_backward_rows(bf16 *dO, bf16 *dg, float *part, const float *dy, const bf16 *O, const bf16 *g,
                               int64_t ldg, const float *w, const float *rstd, int N, int T, int nh, int hd, fastdiv fhd,
                               int64_t per) {
+    pdl_start();
     extern __shared__ float4 ng_acc[]; /* DW: (warps, D); float4 for 16-byte alignment */
     const int D = nh * hd, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     constexpr int STEP = 32 * 8;
@@ -642,6 +649,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
 /* dw[c] += the sum of part[k][c] over the chunks k, in a fixed order: thread (x, y) of a 32 x 16 block adds
  * chunks y, y + 16, ... of column c, then thread y = 0 adds the 16 sums in order. */
 __global__ static void k_colsum_add(float *dw, const float *part, int chunks, int D) {
+    pdl_start();
     __shared__ float sh[16][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     float sum = 0.0f;
@@ -756,11 +764,11 @@ static void gather_qkv_v(const lightning_cuda_cfg *c, cudaStream_t s, const dims
     const int64_t n = d->nhx / VW;
     const fastdiv fhd = fastdiv_of(c->hd), fTp = fastdiv_of(d->Tp), fnh = fastdiv_of(c->nh);
     if (small_index(n, VW))
-        k_gather_qkv<A, VW, true><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, ld, d->T, d->Tp, c->nh,
-                                                                  c->hd, d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
+        (void)pdl_launch(k_gather_qkv<A, VW, true>, grid_for(n), THREADS, 0, s, Q, K, V, Qd, Kd, Vd, pre, ld, d->T,
+                         d->Tp, c->nh, c->hd, d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
     else
-        k_gather_qkv<A, VW, false><<<grid_for(n), THREADS, 0, s>>>(Q, K, V, Qd, Kd, Vd, pre, ld, d->T, d->Tp, c->nh,
-                                                                   c->hd, d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
+        (void)pdl_launch(k_gather_qkv<A, VW, false>, grid_for(n), THREADS, 0, s, Q, K, V, Qd, Kd, Vd, pre, ld, d->T,
+                         d->Tp, c->nh, c->hd, d->eb, c->pw, c->bs, n, fhd, fTp, fnh);
 }
 
 /* pre in rows of ld_pre(c). */
@@ -782,11 +790,11 @@ static int silu_backward(const lightning_cuda_cfg *c, cudaStream_t s, const dims
     const fastdiv fhd = fastdiv_of(c->hd);
     const int64_t ld = ld_pre(c);
     if (small_index(n, VW))
-        k_silu_backward<A, VW, DT, true><<<grid_for(n), THREADS, 0, s>>>(dpre, pre, ld, dQ, dK, dV, d->T, d->Tp,
-                                                                         c->nh, c->hd, n, fd3, fT, f3hd, fhd);
+        (void)pdl_launch(k_silu_backward<A, VW, DT, true>, grid_for(n), THREADS, 0, s, dpre, pre, ld, dQ, dK, dV, d->T,
+                         d->Tp, c->nh, c->hd, n, fd3, fT, f3hd, fhd);
     else
-        k_silu_backward<A, VW, DT, false><<<grid_for(n), THREADS, 0, s>>>(dpre, pre, ld, dQ, dK, dV, d->T, d->Tp,
-                                                                          c->nh, c->hd, n, fd3, fT, f3hd, fhd);
+        (void)pdl_launch(k_silu_backward<A, VW, DT, false>, grid_for(n), THREADS, 0, s, dpre, pre, ld, dQ, dK, dV, d->T,
+                         d->Tp, c->nh, c->hd, n, fd3, fT, f3hd, fhd);
     return launched(c, "silu_backward");
 }
 
@@ -799,17 +807,17 @@ static int norm_gate_heads(const lightning_cuda_cfg *c, cudaStream_t s, const di
     const int rg = row_grid(((int64_t)d->N + NH_ROWS - 1) / NH_ROWS);
     const int64_t lg = ld_gate(c);
     if (d->vh == 8 && c->D <= 3 * 256)
-        k_norm_gate_heads_rows<A, OT, 3><<<rg, 32 * NH_ROWS, 0, s>>>(y, o, O, g, lg, w, rstd, d->N, d->T, d->Tp, c->nh,
-                                                                     c->hd, fastdiv_of(c->hd), c->eps);
+        (void)pdl_launch(k_norm_gate_heads_rows<A, OT, 3>, rg, 32 * NH_ROWS, 0, s, y, o, O, g, lg, w, rstd, d->N, d->T,
+                         d->Tp, c->nh, c->hd, fastdiv_of(c->hd), c->eps);
     else if (d->vh == 8 && c->D <= 4 * 256)
-        k_norm_gate_heads_rows<A, OT, 4><<<rg, 32 * NH_ROWS, 0, s>>>(y, o, O, g, lg, w, rstd, d->N, d->T, d->Tp, c->nh,
-                                                                     c->hd, fastdiv_of(c->hd), c->eps);
+        (void)pdl_launch(k_norm_gate_heads_rows<A, OT, 4>, rg, 32 * NH_ROWS, 0, s, y, o, O, g, lg, w, rstd, d->N, d->T,
+                         d->Tp, c->nh, c->hd, fastdiv_of(c->hd), c->eps);
     else if (d->vh == 8)
-        k_norm_gate_heads<A, 8, OT><<<row_grid(d->N), row_threads(c->D, 8), 0, s>>>(y, o, O, g, lg, w, rstd, d->N,
-                                                                                    d->T, d->Tp, c->nh, c->hd, c->eps);
+        (void)pdl_launch(k_norm_gate_heads<A, 8, OT>, row_grid(d->N), row_threads(c->D, 8), 0, s, y, o, O, g, lg, w,
+                         rstd, d->N, d->T, d->Tp, c->nh, c->hd, c->eps);
     else
-        k_norm_gate_heads<A, 1, OT><<<row_grid(d->N), row_threads(c->D, 1), 0, s>>>(y, o, O, g, lg, w, rstd, d->N,
-                                                                                    d->T, d->Tp, c->nh, c->hd, c->eps);
+        (void)pdl_launch(k_norm_gate_heads<A, 1, OT>, row_grid(d->N), row_threads(c->D, 1), 0, s, y, o, O, g, lg, w,
+                         rstd, d->N, d->T, d->Tp, c->nh, c->hd, c->eps);
     return launched(c, "norm_gate_heads");
 }
 
@@ -1187,10 +1195,10 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
     const fastdiv fhd = fastdiv_of(c->hd);
     const int64_t lg = ld_gate(c);
     if (W > 0) {
-        k_norm_gate_backward_rows<true><<<chunks, 32 * W, (size_t)W * D * sizeof(float), s>>>(
-            dO, dg, part, dy, O, g, lg, w, rstd, N, d->T, c->nh, c->hd, fhd, per);
+        (void)pdl_launch(k_norm_gate_backward_rows<true>, chunks, 32 * W, (size_t)W * D * sizeof(float), s, dO, dg,
+                         part, dy, O, g, lg, w, rstd, N, d->T, c->nh, c->hd, fhd, per);
         if (launched(c, "norm_gate_backward_rows")) return M1C_ERR;
-        k_colsum_add<<<(D + 31) / 32, dim3(32, 16), 0, s>>>(dw, part, chunks, D);
+        (void)pdl_launch(k_colsum_add, (D + 31) / 32, dim3(32, 16), 0, s, dw, part, chunks, D);
         return launched(c, "colsum_add");
     }
     k_norm_dw<bf16, true><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, O, g, lg, rstd, N, D, d->T,
@@ -1198,8 +1206,8 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
     if (launched(c, "norm_dw")) return M1C_ERR;
     k_norm_dw_sum<<<grid_for(D), THREADS, 0, s>>>(dw, part, NDW, D);
     if (launched(c, "norm_dw_sum")) return M1C_ERR;
-    k_norm_gate_backward_rows<false><<<chunks, 32 * NG_MAXW, 0, s>>>(dO, dg, (float *)NULL, dy, O, g, lg, w, rstd,
-                                                                      N, d->T, c->nh, c->hd, fhd, per);
+    (void)pdl_launch(k_norm_gate_backward_rows<false>, chunks, 32 * NG_MAXW, 0, s, dO, dg, (float *)NULL, dy, O, g, lg,
+                     w, rstd, N, d->T, c->nh, c->hd, fhd, per);
     return launched(c, "norm_gate_backward_rows");
 }
 

@@ -58,7 +58,7 @@ typedef struct topk {
     int *xw_ctr;               /* CUDA, with xw_enc: their tile counter (device) */
     int device, cdt;           /* m1c_device; compute dtype (CUDA only: the CPU is f32 throughout) */
     int32_t *h_off, *h_cnt;    /* CUDA: host copies of the offsets (E+1) and counts (2+2E), pinned */
-    void *copied;              /* CUDA: the event marking their copy (topk_cuda_host_tables) */
+    void *copied;              /* CUDA: the stream and events of their copy (topk_cuda_host_tables) */
     m1c_gemm_desc *queue;      /* CUDA: 2E expert products for one gemm_group call */
     const void *h_src;         /* CUDA: the device offsets they were copied from (topk_cuda_args.h_src) */
     float *h_st;               /* CUDA: host copy of the stats (ST_F+2E), pinned, for stats() */

@@ -56,11 +56,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <m1c/cuda/mma.cuh>
 #include "../moe_cuda.cuh"
-#include "../topk_route.h"
 #include "../topk_cuda.cuh"
+#include "../topk_route.h"
 #include "expert_wg.cuh"
+#include <m1c/cuda/mma.cuh>
+#include <m1c/cuda/pdl.cuh>
 
 /* ---- CUDA kernels ------------------------------------------------------------------------------ */
 
@@ -85,6 +86,7 @@ __global__ void jitter_kernel(float *noise, float *xr, const float *in, int64_t 
 /* Per token (one thread): softmax of the logits in probs (in place), top-k, combine weights, by the
  * CPU reference's own code (../topk_route.h). */
 __global__ void router_kernel(float *probs, int32_t *idx, float *w, int N, int E, int k, int normalize) {
+    pdl_start();
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     topk_route_token(probs + (int64_t)n * E, idx + (int64_t)n * k, w + (int64_t)n * k, E, k, normalize);
@@ -103,6 +105,7 @@ __global__ void router_kernel(float *probs, int32_t *idx, float *w, int N, int E
 enum { RK_THREADS = 256, RK_CHUNK = 1024, RK_WARPS = RK_THREADS / 32 };
 
 __global__ void __launch_bounds__(RK_THREADS) rank_count_kernel(int32_t *tab, const int32_t *idx, int64_t Nk, int E) {
+    pdl_start();
     extern __shared__ int rk_hist[]; /* [E] */
     for (int e = threadIdx.x; e < E; e += RK_THREADS) rk_hist[e] = 0;
     __syncthreads();
@@ -138,6 +141,7 @@ static __device__ int block_excl_scan(int v, int *warp_sh, int *total) {
 /* One block: tab[c][e] becomes the number of e's assignments in chunks before c; counts and offsets. */
 __global__ void __launch_bounds__(RK_THREADS) rank_scan_kernel(int32_t *tab, int32_t *off, int32_t *cnt, int64_t nch,
                                                                 int E, int64_t Nk, int64_t cap) {
+    pdl_start();
     __shared__ int warp_sh[RK_WARPS];
     __shared__ int total;
     int32_t *routed = cnt + C_ROUTED, *kept = cnt + C_ROUTED + E;
@@ -173,6 +177,7 @@ __global__ void __launch_bounds__(RK_THREADS) rank_scan_kernel(int32_t *tab, int
 __global__ void __launch_bounds__(RK_THREADS) rank_scatter_kernel(int32_t *pos, int32_t *rowtok, const int32_t *idx,
                                                                    const int32_t *tab, const int32_t *off, int64_t Nk,
                                                                    int k, int E, int64_t cap) {
+    pdl_start();
     extern __shared__ int rk_sh[];
     int *base = rk_sh;      /* [E]: rank of the next assignment to e */
     int *wcnt = rk_sh + E;  /* [RK_WARPS][E]: this round's assignments to e per warp */
@@ -233,6 +238,7 @@ static __device__ double block_sum(double v, double *sh) {
 enum { AUX_ROWS = 256 };
 
 __global__ void __launch_bounds__(AUX_ROWS) aux_part_kernel(double *part, const float *probs, int N, int E) {
+    pdl_start();
     extern __shared__ double aux_sh[]; /* [AUX_ROWS / 32][E] */
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t n = (int64_t)blockIdx.x * AUX_ROWS + threadIdx.x;
@@ -252,6 +258,7 @@ __global__ void __launch_bounds__(AUX_ROWS) aux_part_kernel(double *part, const 
 
 __global__ void aux_kernel(float *st, const int32_t *cnt, const double *part, int nb, const float *probs, int N, int E,
                            int k, double coef, int jit) {
+    pdl_start();
     __shared__ double sh[MOE_THREADS];
     double aux = 0.0;
     for (int e = 0; e < E; e++) {
@@ -318,6 +325,7 @@ enum { LG_TOK = 4, LG_EXP = 8, LG_WARPS = 4, LG_MIN_BLOCKS = 8 };
 template <int V>
 __global__ void __launch_bounds__(LG_WARPS * 32, LG_MIN_BLOCKS)
     router_logits_kernel(float *logits, const float *x, const float *Wr, int N, int H, int E) {
+    pdl_start();
     static_assert(LG_TOK * LG_EXP == 32, "one reduced value per lane");
     const int lane = threadIdx.x % 32;
     const int64_t n0 = ((int64_t)blockIdx.x * LG_WARPS + threadIdx.x / 32) * LG_TOK;
@@ -360,6 +368,7 @@ enum { DW_ROWS = 32, DW_EXP = 8, DW_CHUNK = 64 };
 template <int V>
 __global__ void router_dw_kernel(float *out, int accumulate, const float *dlog, const float *x, const float *noise,
                                  const float *st, int N, int H, int E, int rows_per_chunk) {
+    pdl_start();
     __shared__ __align__(16) float dl[DW_ROWS][DW_EXP];
     const int jit = noise && st[ST_JIT] != 0.0f;
     const int c = (blockIdx.x * blockDim.x + threadIdx.x) * V, e0 = blockIdx.z * DW_EXP;
@@ -411,6 +420,7 @@ __global__ void router_dw_kernel(float *out, int accumulate, const float *dlog, 
  * thread row y sums chunks y, y + DS_Y, ..., then row 0 adds the DS_Y sums in order of y. */
 enum { DS_X = 32, DS_Y = 8 };
 __global__ void __launch_bounds__(DS_X * DS_Y) router_dw_sum_kernel(float *dWr, const float *part, int nch, int64_t n) {
+    pdl_start();
     __shared__ float sh[DS_Y][DS_X];
     const int64_t i = (int64_t)blockIdx.x * DS_X + threadIdx.x;
     float s = 0.0f;
@@ -433,6 +443,7 @@ __global__ void __launch_bounds__(DS_X * DS_Y) router_dw_sum_kernel(float *dWr, 
 /* xs[r] = in[rowtok[r]] for the R kept rows, cast to T (in: f32, or the core's bf16 copy of it). */
 template <typename T, typename S, int V>
 __global__ void gather_kernel(T *xs, const S *in, const int32_t *rowtok, const int32_t *R, int H) {
+    pdl_start();
     const int nv = H / V;
     MOE_GRID_LOOP(i, (int64_t)*R * nv) {
         const int64_t r = moe_row(i, nv);
@@ -446,6 +457,7 @@ __global__ void gather_kernel(T *xs, const S *in, const int32_t *rowtok, const i
 /* out[n] = sum over kept slots j (in order) of w[n,j] * Y[pos[n,j]] (Y f32 or bf16, f32 sums). */
 template <typename TY, int V>
 __global__ void combine_kernel(float *out, const TY *Y, const float *w, const int32_t *pos, int N, int H, int k) {
+    pdl_start();
     const int nv = H / V;
     MOE_GRID_LOOP(i, (int64_t)N * nv) {
         const int64_t n = moe_row(i, nv);
@@ -483,6 +495,7 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
     router_bwd_kernel(float *dlog, float *dw, float *drow, T *dy_lp, const float *dout, const T *Y,
                       const float *probs, const int32_t *idx, const float *w, const int32_t *pos, const float *st,
                       double aux_g, int N, int H, int E, int k, int normalize) {
+    pdl_start();
     const int lane = threadIdx.x % 32;
     const int64_t n = (int64_t)blockIdx.x * RB_WARPS + threadIdx.x / 32;
     if (n >= N) return; /* the whole warp */
@@ -588,6 +601,7 @@ template <typename TD, int V>
 __global__ void unpermute_router_kernel(float *din, const TD *dx, const int32_t *pos, const float *dlog,
                                         const float *Wr, const float *noise, const float *st, int N, int H, int E,
                                         int k) {
+    pdl_start();
     extern __shared__ float ur_dl[]; /* [UR_TOK][E] */
     const int jit = noise && st[ST_JIT] != 0.0f;
     const int c = (blockIdx.y * blockDim.x + threadIdx.x) * V;
@@ -1135,9 +1149,9 @@ static int router_logits(const topk_cuda_args *a, cudaStream_t s, float *logits,
     const m1c_host *h = a->h;
     const unsigned blocks = (unsigned)((a->N + LG_TOK * LG_WARPS - 1) / (LG_TOK * LG_WARPS));
     if (a->H % 4 == 0 && moe_al16(x) && moe_al16(a->Wr))
-        router_logits_kernel<4><<<blocks, LG_WARPS * 32, 0, s>>>(logits, x, a->Wr, a->N, a->H, a->E);
+        (void)pdl_launch(router_logits_kernel<4>, blocks, LG_WARPS * 32, 0, s, logits, x, a->Wr, a->N, a->H, a->E);
     else
-        router_logits_kernel<1><<<blocks, LG_WARPS * 32, 0, s>>>(logits, x, a->Wr, a->N, a->H, a->E);
+        (void)pdl_launch(router_logits_kernel<1>, blocks, LG_WARPS * 32, 0, s, logits, x, a->Wr, a->N, a->H, a->E);
     MOE_LAUNCH_CHECK(h, "router_logits_kernel");
     return M1C_OK;
 }
@@ -1163,14 +1177,16 @@ static int router_dwr(const topk_cuda_args *a, cudaStream_t s, const float *in) 
     const unsigned threads = row_threads(H, V), nv = (unsigned)((H + V - 1) / V);
     const dim3 grid((nv + threads - 1) / threads, (unsigned)nch, (unsigned)((E + DW_EXP - 1) / DW_EXP));
     if (vec)
-        router_dw_kernel<4><<<grid, threads, 0, s>>>(out, nch == 1, a->dlog, in, a->noise, a->st, N, H, E, rpc);
+        (void)pdl_launch(router_dw_kernel<4>, grid, threads, 0, s, out, nch == 1, a->dlog, in, a->noise, a->st, N, H, E,
+                         rpc);
     else
-        router_dw_kernel<1><<<grid, threads, 0, s>>>(out, nch == 1, a->dlog, in, a->noise, a->st, N, H, E, rpc);
+        (void)pdl_launch(router_dw_kernel<1>, grid, threads, 0, s, out, nch == 1, a->dlog, in, a->noise, a->st, N, H, E,
+                         rpc);
     MOE_LAUNCH_CHECK(h, "router_dw_kernel");
     if (nch > 1) {
         const int64_t n = (int64_t)E * H;
-        router_dw_sum_kernel<<<(unsigned)((n + DS_X - 1) / DS_X), dim3(DS_X, DS_Y), 0, s>>>(a->dWr, a->drow, (int)nch,
-                                                                                             n);
+        (void)pdl_launch(router_dw_sum_kernel, (unsigned)((n + DS_X - 1) / DS_X), dim3(DS_X, DS_Y), 0, s, a->dWr,
+                         a->drow, (int)nch, n);
         MOE_LAUNCH_CHECK(h, "router_dw_sum_kernel");
     }
     return M1C_OK;
@@ -1184,12 +1200,14 @@ static int gather(const topk_cuda_args *a, cudaStream_t s, T *xs, const float *i
     const int32_t *R = a->off + a->E;
     const __nv_bfloat16 *lp = sizeof(T) == 2 ? (const __nv_bfloat16 *)a->in_lp : NULL;
     if (lp && a->H % 8 == 0 && moe_al16(xs) && moe_al16(lp))
-        gather_kernel<T, __nv_bfloat16, 8>
-            <<<moe_blocks(rows * (a->H / 8)), MOE_THREADS, 0, s>>>(xs, lp, a->rowtok, R, a->H);
+        (void)pdl_launch(gather_kernel<T, __nv_bfloat16, 8>, moe_blocks(rows * (a->H / 8)), MOE_THREADS, 0, s, xs, lp,
+                         a->rowtok, R, a->H);
     else if (a->H % V == 0 && moe_al16(xs) && moe_al16(in))
-        gather_kernel<T, float, V><<<moe_blocks(rows * (a->H / V)), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, a->H);
+        (void)pdl_launch(gather_kernel<T, float, V>, moe_blocks(rows * (a->H / V)), MOE_THREADS, 0, s, xs, in,
+                         a->rowtok, R, a->H);
     else
-        gather_kernel<T, float, 1><<<moe_blocks(rows * a->H), MOE_THREADS, 0, s>>>(xs, in, a->rowtok, R, a->H);
+        (void)pdl_launch(gather_kernel<T, float, 1>, moe_blocks(rows * a->H), MOE_THREADS, 0, s, xs, in, a->rowtok, R,
+                         a->H);
     MOE_LAUNCH_CHECK(a->h, "gather_kernel");
     return M1C_OK;
 }
@@ -1202,11 +1220,14 @@ static int combine(const topk_cuda_args *a, cudaStream_t s, float *out) {
     const T *Y = (const T *)a->Y;
     /* bf16 Y: 8 columns per thread (16-byte loads of Y), twice the bytes in flight per index load */
     if (sizeof(T) == 2 && a->H % 8 == 0 && moe_al16(out) && moe_al16(Y))
-        combine_kernel<T, 8><<<moe_blocks(NH / 8), MOE_THREADS, 0, s>>>(out, Y, a->w, a->pos, a->N, a->H, a->k);
+        (void)pdl_launch(combine_kernel<T, 8>, moe_blocks(NH / 8), MOE_THREADS, 0, s, out, Y, a->w, a->pos, a->N, a->H,
+                         a->k);
     else if (a->H % 4 == 0 && moe_al16(out) && moe_al16(Y))
-        combine_kernel<T, 4><<<moe_blocks(NH / 4), MOE_THREADS, 0, s>>>(out, Y, a->w, a->pos, a->N, a->H, a->k);
+        (void)pdl_launch(combine_kernel<T, 4>, moe_blocks(NH / 4), MOE_THREADS, 0, s, out, Y, a->w, a->pos, a->N, a->H,
+                         a->k);
     else
-        combine_kernel<T, 1><<<moe_blocks(NH), MOE_THREADS, 0, s>>>(out, Y, a->w, a->pos, a->N, a->H, a->k);
+        (void)pdl_launch(combine_kernel<T, 1>, moe_blocks(NH), MOE_THREADS, 0, s, out, Y, a->w, a->pos, a->N, a->H,
+                         a->k);
     MOE_LAUNCH_CHECK(a->h, "combine_kernel");
     return M1C_OK;
 }
@@ -1219,13 +1240,11 @@ static int router_bwd(const topk_cuda_args *a, cudaStream_t s, T *dy_lp, const f
     const bool vec = a->H % 4 == 0 && moe_al16(dout) && moe_al16(Y) && moe_al16(a->drow) &&
                      (!dy_lp || ((uintptr_t)dy_lp & 7u) == 0); /* 4 bf16: 8-byte accesses */
     if (vec)
-        router_bwd_kernel<T, 4><<<blocks, RB_WARPS * 32, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, Y, a->probs,
-                                                                 a->idx, a->w, a->pos, a->st, aux_g, a->N, a->H, a->E,
-                                                                 a->k, a->normalize);
+        (void)pdl_launch(router_bwd_kernel<T, 4>, blocks, RB_WARPS * 32, 0, s, a->dlog, a->dw, a->drow, dy_lp, dout, Y,
+                         a->probs, a->idx, a->w, a->pos, a->st, aux_g, a->N, a->H, a->E, a->k, a->normalize);
     else
-        router_bwd_kernel<T, 1><<<blocks, RB_WARPS * 32, 0, s>>>(a->dlog, a->dw, a->drow, dy_lp, dout, Y, a->probs,
-                                                                 a->idx, a->w, a->pos, a->st, aux_g, a->N, a->H, a->E,
-                                                                 a->k, a->normalize);
+        (void)pdl_launch(router_bwd_kernel<T, 1>, blocks, RB_WARPS * 32, 0, s, a->dlog, a->dw, a->drow, dy_lp, dout, Y,
+                         a->probs, a->idx, a->w, a->pos, a->st, aux_g, a->N, a->H, a->E, a->k, a->normalize);
     MOE_LAUNCH_CHECK(a->h, "router_bwd_kernel");
     return M1C_OK;
 }
@@ -1243,11 +1262,11 @@ static int unpermute_router(const topk_cuda_args *a, cudaStream_t s, float *din,
     const dim3 grid((unsigned)(tiles < 32768 ? tiles : 32768), (nv + threads - 1) / threads);
     const size_t smem = (size_t)UR_TOK * a->E * sizeof(float);
     if (vec)
-        unpermute_router_kernel<T, 4><<<grid, threads, smem, s>>>(din, dx, a->pos, a->dlog, a->Wr, a->noise, a->st,
-                                                               a->N, H, a->E, a->k);
+        (void)pdl_launch(unpermute_router_kernel<T, 4>, grid, threads, smem, s, din, dx, a->pos, a->dlog, a->Wr,
+                         a->noise, a->st, a->N, H, a->E, a->k);
     else
-        unpermute_router_kernel<T, 1><<<grid, threads, smem, s>>>(din, dx, a->pos, a->dlog, a->Wr, a->noise, a->st,
-                                                               a->N, H, a->E, a->k);
+        (void)pdl_launch(unpermute_router_kernel<T, 1>, grid, threads, smem, s, din, dx, a->pos, a->dlog, a->Wr,
+                         a->noise, a->st, a->N, H, a->E, a->k);
     MOE_LAUNCH_CHECK(a->h, "unpermute_router_kernel");
     return M1C_OK;
 }
@@ -1258,6 +1277,15 @@ static int unpermute_router(const topk_cuda_args *a, cudaStream_t s, float *din,
     do {                                      \
         if ((x) != M1C_OK) return M1C_ERR;    \
     } while (0)
+
+/* The forward's copy of its tables to the host runs on a stream of the layer's own (side), after the
+ * event ready that the forward records once the tables are made; done marks its end. On the forward's
+ * stream a copy sits between two kernels with a few microseconds of idle GPU on either side (two per
+ * layer and step); beside it, the next kernel follows the last directly. */
+typedef struct topk_copy {
+    cudaEvent_t ready, done;
+    cudaStream_t side;
+} topk_copy;
 
 /* The offsets and counts (and with stats the stats) to their pinned host copies, queued on s. */
 static int tables_to_host(const topk_cuda_args *a, cudaStream_t s, bool stats) {
@@ -1278,10 +1306,13 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     const int64_t Nk = (int64_t)N * k;
     const int jit = a->jitter > 0 && a->training;
     const bool grouped = use_grouped(a), xw = use_xw(a);
+    topk_copy *cp = (topk_copy *)a->copied;
     if (k > RK_CHUNK) return h->error(h, "topk: top_k %d above %d is not supported on CUDA", k, (int)RK_CHUNK);
     if (E > TOPK_CUDA_MAX_E)
         return h->error(h, "topk: experts %d above %d are not supported on CUDA", E, (int)TOPK_CUDA_MAX_E);
 
+    /* the tables below are rewritten: after the last forward's copy of them (long done) */
+    MOE_CUDA_CHECK(h, cudaStreamWaitEvent(s, cp->done, 0));
     const float *xr = in;
     if (jit) {
         jitter_kernel<<<moe_blocks((int64_t)N * H), MOE_THREADS, 0, s>>>(a->noise, a->xr, in, (int64_t)N * H,
@@ -1293,7 +1324,7 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     /* Router logits in f32 (both compute dtypes), then softmax / top-k. */
     CALL(router_logits(a, s, a->probs, xr));
     prof_mark(pf, "router_logits");
-    router_kernel<<<(N + 127) / 128, 128, 0, s>>>(a->probs, a->idx, a->w, N, E, k, a->normalize);
+    (void)pdl_launch(router_kernel, (N + 127) / 128, 128, 0, s, a->probs, a->idx, a->w, N, E, k, a->normalize);
     MOE_LAUNCH_CHECK(h, "router_kernel");
     prof_mark(pf, "router");
 
@@ -1301,12 +1332,12 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
      * during forward): nch * E <= N * E int32 since RK_CHUNK >= k. */
     const int64_t nch = (Nk + RK_CHUNK - 1) / RK_CHUNK;
     int32_t *tab = (int32_t *)(void *)a->dlog;
-    rank_count_kernel<<<(unsigned)nch, RK_THREADS, (size_t)E * sizeof(int), s>>>(tab, a->idx, Nk, E);
+    (void)pdl_launch(rank_count_kernel, (unsigned)nch, RK_THREADS, (size_t)E * sizeof(int), s, tab, a->idx, Nk, E);
     MOE_LAUNCH_CHECK(h, "rank_count_kernel");
-    rank_scan_kernel<<<1, RK_THREADS, 0, s>>>(tab, a->off, a->cnt, nch, E, Nk, a->cap);
+    (void)pdl_launch(rank_scan_kernel, 1, RK_THREADS, 0, s, tab, a->off, a->cnt, nch, E, Nk, a->cap);
     MOE_LAUNCH_CHECK(h, "rank_scan_kernel");
-    rank_scatter_kernel<<<(unsigned)nch, RK_THREADS, (size_t)(1 + RK_WARPS) * E * sizeof(int), s>>>(
-        a->pos, a->rowtok, a->idx, tab, a->off, Nk, k, E, a->cap);
+    (void)pdl_launch(rank_scatter_kernel, (unsigned)nch, RK_THREADS, (size_t)(1 + RK_WARPS) * E * sizeof(int), s,
+                     a->pos, a->rowtok, a->idx, tab, a->off, Nk, k, E, a->cap);
     MOE_LAUNCH_CHECK(h, "rank_scatter_kernel");
     prof_mark(pf, "rank");
     *a->h_src = NULL;
@@ -1315,21 +1346,23 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     const int nb = (N + AUX_ROWS - 1) / AUX_ROWS;
     double *part = (double *)(((uintptr_t)a->drow + 7) & ~(uintptr_t)7);
     if ((size_t)nb * E * sizeof(double) + 8 <= (size_t)Nk * H * sizeof(float)) {
-        aux_part_kernel<<<(unsigned)nb, AUX_ROWS, (size_t)(AUX_ROWS / 32) * E * sizeof(double), s>>>(part, a->probs, N,
-                                                                                                    E);
+        (void)pdl_launch(aux_part_kernel, (unsigned)nb, AUX_ROWS, (size_t)(AUX_ROWS / 32) * E * sizeof(double), s, part,
+                         a->probs, N, E);
         MOE_LAUNCH_CHECK(h, "aux_part_kernel");
     } else {
         part = NULL;
     }
-    aux_kernel<<<1, MOE_THREADS, 0, s>>>(a->st, a->cnt, part, nb, a->probs, N, E, k, a->aux_coef, jit);
+    (void)pdl_launch(aux_kernel, 1, MOE_THREADS, 0, s, a->st, a->cnt, part, nb, a->probs, N, E, k, a->aux_coef, jit);
     MOE_LAUNCH_CHECK(h, "aux_kernel");
     prof_mark(pf, "aux");
-    /* To pinned host memory, without waiting: the offsets (the per-expert products need them), the counts
-     * (this run's backward checks them) and the stats (stats() reads them, the aux loss of every forward).
-     * The host waits for the copies only after queueing the gather, so the GPU still has that to run
-     * while the host wakes and queues the expert products. */
-    CALL(tables_to_host(a, s, true));
-    MOE_CUDA_CHECK(h, cudaEventRecord((cudaEvent_t)a->copied, s));
+    /* To pinned host memory on the layer's copy stream (topk_copy), without waiting: the offsets (the
+     * per-expert products need them), the counts (this run's backward checks them) and the stats (stats()
+     * reads them, the aux loss of every forward). The host waits for the copies only after queueing the
+     * gather, so the GPU still has that to run while the host wakes and queues the expert products. */
+    MOE_CUDA_CHECK(h, cudaEventRecord(cp->ready, s));
+    MOE_CUDA_CHECK(h, cudaStreamWaitEvent(cp->side, cp->ready, 0));
+    CALL(tables_to_host(a, cp->side, true));
+    MOE_CUDA_CHECK(h, cudaEventRecord(cp->done, cp->side));
 
     /* Experts. The elementwise kernels read the kept row count on the device; their grids cover the
      * most rows there can be (the host's count once it has one). */
@@ -1341,7 +1374,7 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     if (xw) {
         *a->h_src = a->off; /* the backward waits for the copy, long done by then */
     } else if (!grouped) {
-        MOE_CUDA_CHECK(h, cudaEventSynchronize((cudaEvent_t)a->copied));
+        MOE_CUDA_CHECK(h, cudaEventSynchronize(cp->done));
         *a->h_src = a->off;
         prof_mark(pf, "offsets_to_host");
     }
@@ -1357,7 +1390,7 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     }
     prof_mark(pf, "gemm_gate_up");
     if (!glu) {
-        moe_swiglu_fwd_dev_kernel<T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(act, GU, R, F);
+        (void)pdl_launch(moe_swiglu_fwd_dev_kernel<T>, moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s, act, GU, R, F);
         MOE_LAUNCH_CHECK(h, "moe_swiglu_fwd_dev_kernel");
     }
     prof_mark(pf, "swiglu");
@@ -1383,8 +1416,9 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
     int64_t rows = (int64_t)N * k;
     if (!grouped) { /* per-expert calls: the offsets on the host, and the checks they allow */
         if (*a->h_src == a->off) { /* copied by this run's forward, which may not have waited ("auto") */
-            MOE_CUDA_CHECK(h, cudaEventSynchronize((cudaEvent_t)a->copied));
+            MOE_CUDA_CHECK(h, cudaEventSynchronize(((topk_copy *)a->copied)->done));
         } else { /* not copied by this run's forward (or another run's since): copy now */
+            MOE_CUDA_CHECK(h, cudaStreamWaitEvent(s, ((topk_copy *)a->copied)->done, 0)); /* that run's copy */
             CALL(tables_to_host(a, s, false));
             float jit_f = 0.0f;
             MOE_CUDA_CHECK(h, cudaMemcpyAsync(&jit_f, a->st + ST_JIT, sizeof(float), cudaMemcpyDeviceToHost, s));
@@ -1426,8 +1460,8 @@ static int backward_impl(const topk_cuda_args *a, float *din, const float *dout,
         CALL(run_queue(a, q));
     }
     prof_mark(pf, "gemm_dWd_dact");
-    moe_swiglu_bwd_dev_kernel<T, T><<<moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s>>>(dgu, dact, GU, a->off + E,
-                                                                                          F);
+    (void)pdl_launch(moe_swiglu_bwd_dev_kernel<T, T>, moe_swiglu_blocks<T>(rows, F), MOE_THREADS, 0, s, dgu, dact, GU,
+                     a->off + E, F);
     MOE_LAUNCH_CHECK(h, "moe_swiglu_bwd_dev_kernel");
     prof_mark(pf, "swiglu_bwd");
     /* dWgu_e += dGU_e^T X_e; d x rows = dGU Wgu_e in T (one group: both read dGU; the d x rows go into dx,
@@ -1501,28 +1535,41 @@ extern "C" int topk_cuda_backward(const topk_cuda_args *a, float *din, const flo
     return rc;
 }
 
-extern "C" int topk_cuda_host_tables(const m1c_host *h, int E, int32_t **tables, void **copied) {
-    *tables = NULL, *copied = NULL;
-    cudaEvent_t ev = NULL;
-    const size_t bytes = (size_t)(3 + 3 * E) * sizeof(int32_t) + (size_t)(ST_F + 2 * E) * sizeof(float);
-    MOE_CUDA_CHECK(h, cudaHostAlloc((void **)tables, bytes, cudaHostAllocDefault));
-    memset(*tables, 0, bytes);
-    const cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-    if (e != cudaSuccess) {
-        cudaFreeHost(*tables);
-        *tables = NULL;
-        return h->error(h, "topk: cudaEventCreate: %s", cudaGetErrorString(e));
-    }
-    *copied = (void *)ev;
-    return M1C_OK;
-}
-
 extern "C" void topk_cuda_host_tables_free(int32_t *tables, void *copied) {
-    if (copied) cudaEventDestroy((cudaEvent_t)copied);
+    topk_copy *c = (topk_copy *)copied;
+    if (c) {
+        if (c->ready)
+            cudaEventDestroy(c->ready);
+        if (c->done)
+            cudaEventDestroy(c->done);
+        if (c->side)
+            cudaStreamDestroy(c->side);
+        free(c);
+    }
     cudaFreeHost(tables);
 }
 
+extern "C" int topk_cuda_host_tables(const m1c_host *h, int E, int32_t **tables, void **copied) {
+    *tables = NULL, *copied = NULL;
+    const size_t bytes = (size_t)(3 + 3 * E) * sizeof(int32_t) + (size_t)(ST_F + 2 * E) * sizeof(float);
+    MOE_CUDA_CHECK(h, cudaHostAlloc((void **)tables, bytes, cudaHostAllocDefault));
+    memset(*tables, 0, bytes);
+    topk_copy *c = (topk_copy *)calloc(1, sizeof *c);
+    cudaError_t e = c ? cudaEventCreateWithFlags(&c->ready, cudaEventDisableTiming) : cudaErrorMemoryAllocation;
+    if (e == cudaSuccess)
+        e = cudaEventCreateWithFlags(&c->done, cudaEventDisableTiming);
+    if (e == cudaSuccess)
+        e = cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+        topk_cuda_host_tables_free(*tables, c);
+        *tables = NULL;
+        return h->error(h, "topk: the copy's events and stream: %s", cudaGetErrorString(e));
+    }
+    *copied = c;
+    return M1C_OK;
+}
+
 extern "C" int topk_cuda_wait(const m1c_host *h, void *copied) {
-    MOE_CUDA_CHECK(h, cudaEventSynchronize((cudaEvent_t)copied));
+    MOE_CUDA_CHECK(h, cudaEventSynchronize(((topk_copy *)copied)->done));
     return M1C_OK;
 }
