@@ -95,6 +95,9 @@ int m1c_model_build(m1c_model *m, const m1c_model_def *def, m1c_err *e) {
     m->norm = add_param(m, "model.norm.weight", 1, &H, M1C_INIT_ONES, 1, 0);
     m->head = m->tied ? m->embed
                       : add_param(m, "lm_head.weight", 2, (int64_t[]){V, H}, M1C_INIT_NORMAL, 0, def->init_std);
+    /* the untied head's gradient is one product, which writes it whole when handed over unset (tied, the
+     * embedding's backward adds to it) */
+    if (!m->tied) m->grad_written[m->head] = 1;
     if (m1c_arena_alloc(&m->params, e)) goto fail;
     if (m->compute_dtype == M1C_BF16) {
         for (int i = 0; i < m->params.n; i++)
@@ -505,7 +508,8 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
     /* not waited for until the backward is queued: dlogp_host may change once backward returns */
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy_async(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);
     m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
-    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), r->logits, r->lse,
+    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head),
+                      (m->grads.t[m->head].flags & M1C_TENSOR_UNSET) != 0, r->logits, r->lse,
                       r->head_q_valid ? r->head_q : NULL, r->dlogp, r->hf, P(m, m->head), PLP(m, m->head), r->targets,
                       N, H, m->V);
     prof_add(m, r, "head", 1);

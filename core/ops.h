@@ -39,7 +39,8 @@ void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, con
  * converting W. */
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, void *q, const float *h,
                       const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V);
-/* From dlogp (N): dlogits = dlogp * (onehot - softmax), then dh += dlogits W, dW += dlogits^T h. The
+/* From dlogp (N): dlogits = dlogp * (onehot - softmax), then dh += dlogits W, dW += dlogits^T h (dw_unset:
+ * dW = dlogits^T h, its old contents unread: a gradient handed over M1C_TENSOR_UNSET). The
  * dlogits are left in place of logits, except on a CUDA device at precisions 2 and 3, where they go
  * straight into the products' bf16 or TF32-split operands: there logits' contents are unspecified
  * afterwards. With the forward's q (precision 2, GPU) the logits are not read: dh += dlogp (q W) and
@@ -49,9 +50,9 @@ void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *
  * device runs it while the host waits for logp and works out dlogp; a no-op elsewhere. */
 void m1c_head_prepare(int dev, int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H,
                       int V);
-void m1c_head_backward(int dev, int precision, float *dh, float *dW, float *logits, const float *lse, const void *q,
-                       const float *dlogp, const float *h, const float *W, const void *W_lp, const int32_t *targets,
-                       int64_t N, int H, int V);
+void m1c_head_backward(int dev, int precision, float *dh, float *dW, int dw_unset, float *logits, const float *lse,
+                       const void *q, const float *dlogp, const float *h, const float *W, const void *W_lp,
+                       const int32_t *targets, int64_t N, int H, int V);
 
 /* y = a * h + b * y (the DeepNorm residual, in place over the sublayer output y). */
 void m1c_residual(int dev, float *y, const float *h, float a, float b, int64_t n);

@@ -479,7 +479,15 @@ static void check_head(const head_case *hc, int ci) {
      * that overwrote instead of adding would be far outside every tolerance. */
     float *dh0 = th_randn(NH, s + 4, 0.01f), *dW0 = th_randn(VH, s + 5, 0.01f);
     float *dh = copy_of(dh0, NH), *dW = copy_of(dW0, VH), *dlogits = copy_of(logits, NV);
-    m1c_head_backward(CPU, 0, dh, dW, dlogits, lse, NULL, dlogp, h, W, NULL, targets, N, H, V);
+    m1c_head_backward(CPU, 0, dh, dW, 0, dlogits, lse, NULL, dlogp, h, W, NULL, targets, N, H, V);
+    /* dW handed over unset (M1C_TENSOR_UNSET, dw_unset): written whole, its NaNs never read */
+    float *dWu = nans(VH), *dhu = copy_of(dh0, NH), *dlu = copy_of(logits, NV);
+    m1c_head_backward(CPU, 0, dhu, dWu, 1, dlu, lse, NULL, dlogp, h, W, NULL, targets, N, H, V);
+    /* against the accumulated dW less its start: the same product, added to 0 instead of to dW0 (~0.01),
+     * whose roundings (~1e-9) the difference carries */
+    int64_t bad = 0;
+    for (int64_t i = 0; i < VH; i++) bad += !(fabsf(dWu[i] - (dW[i] - dW0[i])) <= 1e-6f + 1e-5f * fabsf(dWu[i]));
+    cr_assert_eq(bad, 0, "CPU head backward, dW unset: %lld elements differ from the accumulated ones", (long long)bad);
 
     float *d_h = up(h, NH), *d_W = up(W, VH), *d_dlogp = up(dlogp, N);
     int32_t *d_t = up_bytes(targets, (size_t)N * 4);
@@ -519,12 +527,19 @@ static void check_head(const head_case *hc, int ci) {
 
         /* Backward from the CPU's logits and lse on both sides, so that it is tested alone (with q: from the
          * GPU forward's q, which holds everything the backward reads of the forward). */
+        /* runs 1 and 4 (a cuBLAS product, and the one from q) take dW unset: NaNs, written whole */
+        const int unset = run == 1 || run == 4;
         float *d_dh = up(dh0, NH), *d_dW = up(dW0, VH);
+        if (unset) {
+            float *n = nans(VH);
+            m1c_dev_copy(GPU, d_dW, CPU, n, (size_t)VH * 4);
+            free(n);
+        }
         m1c_dev_copy(GPU, d_logits, CPU, logits, (size_t)NV * 4);
         m1c_dev_copy(GPU, d_lse, CPU, lse, (size_t)N * 4);
-        m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, q, d_dlogp, d_h, d_W, Wlp, d_t, N, H, V);
+        m1c_head_backward(GPU, prec, d_dh, d_dW, unset, d_logits, d_lse, q, d_dlogp, d_h, d_W, Wlp, d_t, N, H, V);
         float *g_dh = down(d_dh, NH), *g_dW = down(d_dW, VH);
-        double ed = -1, eh = rel_max(g_dh, dh, NH), ew = rel_max(g_dW, dW, VH);
+        double ed = -1, eh = rel_max(g_dh, dh, NH), ew = rel_max(g_dW, unset ? dWu : dW, VH);
         cr_expect_leq(eh, tol, "head backward N=%lld H=%d V=%d precision %d: dh error %g", (long long)N, H, V, prec,
                       eh);
         cr_expect_leq(ew, tol, "head backward N=%lld H=%d V=%d precision %d: dW error %g", (long long)N, H, V, prec,
@@ -556,7 +571,7 @@ static void check_head(const head_case *hc, int ci) {
         gfree_at(d_logits, shift), gfree(d_lse), gfree(d_logp), gfree(d_dh), gfree(d_dW);
     }
     free(h), free(W), free(targets), free(logits), free(lse), free(logp), free(dlogp);
-    free(dh0), free(dW0), free(dh), free(dW), free(dlogits);
+    free(dh0), free(dW0), free(dh), free(dW), free(dlogits), free(dWu), free(dhu), free(dlu);
     gfree(d_h), gfree(d_W), gfree(d_dlogp), gfree(d_t), gfree(d_q), gfree(d_Wlp);
 }
 
@@ -589,7 +604,7 @@ Test(cuda_ops, head_repeats_bit_for_bit) {
             float *d_dh = up(z, N * H), *d_dW = up(z, (int64_t)V * H);
             m1c_head_forward(GPU, prec, d_logits, d_lse, d_logp, q, d_h, d_W, NULL, d_t, N, H, V);
             res[run][0] = down(d_lse, N), res[run][1] = down(d_logp, N);
-            m1c_head_backward(GPU, prec, d_dh, d_dW, d_logits, d_lse, q, d_dlogp, d_h, d_W, NULL, d_t, N, H, V);
+            m1c_head_backward(GPU, prec, d_dh, d_dW, 0, d_logits, d_lse, q, d_dlogp, d_h, d_W, NULL, d_t, N, H, V);
             res[run][2] = down(d_dh, N * H), res[run][3] = down(d_dW, (int64_t)V * H);
             gfree(d_dh), gfree(d_dW);
         }

@@ -1110,10 +1110,15 @@ extern "C" void m1c_cuda_head_prepare(int precision, const void *q, const float 
 
 /* The dlogits go once into the form both products use: f32 in place of the logits at precisions 0 and
  * 1; at 2 bf16 and at 3 the TF32 split, into the cached A-operand slots, and logits is not written. */
-extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, float *logits, const float *lse,
-                                       const void *q, const float *dlogp, const float *h, const float *W,
-                                       const void *W_lp, const int32_t *targets, int64_t N, int H, int V) {
-    if (N <= 0) return;
+extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, int dw_unset, float *logits,
+                                       const float *lse, const void *q, const float *dlogp, const float *h,
+                                       const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H,
+                                       int V) {
+    const float dw_beta = dw_unset ? 0.0f : 1.0f;
+    if (N <= 0) {
+        if (dw_unset) check(cudaMemsetAsync(dW, 0, (size_t)V * H * sizeof(float), cs()), "LM head (no rows)");
+        return;
+    }
     const int64_t NV = N * V;
     if (q && precision == 2) {
         /* dlogits = g q with g = dlogp per row: dh += g (q W), dW += q^T (g h); no pass over the logits.
@@ -1135,7 +1140,7 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
         else
             head_scale_rows<1><<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, targets, N, H);
         check_launch("head scaled rows");
-        head_gemm(precision, 1, 0, V, H, (int)N, Q, V, head_op{hs, NULL}, H, 1.0f, dW, H);
+        head_gemm(precision, 1, 0, V, H, (int)N, Q, V, head_op{hs, NULL}, H, dw_beta, dW, H);
         return;
     }
     const int vec = V % 4 == 0 && aligned16(logits); /* the cached slots are cudaMalloc'd: aligned */
@@ -1158,7 +1163,7 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, floa
     const head_op Wop = head_weight(precision, W, W_lp, (int64_t)V * H);
     head_gemm(precision, 0, 0, (int)N, H, V, D, V, Wop, H, 1.0f, dh, H);
     const head_op Hop = head_operand(precision, h, N * H, SLOT_B16, SLOT_BH, SLOT_BL);
-    head_gemm(precision, 1, 0, V, H, (int)N, D, V, Hop, H, 1.0f, dW, H);
+    head_gemm(precision, 1, 0, V, H, (int)N, D, V, Hop, H, dw_beta, dW, H);
 }
 
 /* ---- elementwise and reductions ---- */

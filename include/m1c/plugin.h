@@ -439,6 +439,20 @@ static inline int64_t m1c_tensor_numel(const m1c_tensor *t) {
     return n;
 }
 
+/* The beta of the one product that makes a parameter gradient (dW = beta dW + ...): 0 where the core
+ * handed it over unset (M1C_TENSOR_UNSET, for a parameter declared grad_written), else 1. */
+static inline float m1c_grad_beta(const m1c_tensor *g) { return (g->flags & M1C_TENSOR_UNSET) ? 0.0f : 1.0f; }
+
+/* For a backward in host memory that adds to its gradients: zero those of grads[0..n) handed over unset
+ * (grads NULL: none). */
+static inline void m1c_grads_zero_unset_cpu(m1c_tensor *grads, int n) {
+    for (int i = 0; grads && i < n; i++)
+        if (grads[i].flags & M1C_TENSOR_UNSET) {
+            float *g = (float *)grads[i].data;
+            for (int64_t j = 0, e = m1c_tensor_numel(&grads[i]); j < e; j++) g[j] = 0.0f;
+        }
+}
+
 /* The declaration protocol of params/acts/scratch/state: copy n specs into out[0..max), or count them
  * when out is NULL; too little room is an error naming `who`. */
 static inline int m1c_put_specs(const m1c_host *h, const char *who, const m1c_buf_spec *specs, int n,

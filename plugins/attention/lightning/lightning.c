@@ -283,6 +283,8 @@ static int lightning_params(void *self, m1c_buf_spec *specs, int max) {
     s[P_NORM].init = M1C_INIT_ONES;
     s[P_NORM].no_decay = 1;
     s[P_NORM].std = 0.0f;
+    /* each of these gradients is one product: beta 0 when handed over unset (m1c_grad_beta) */
+    s[P_QKV].grad_written = s[P_GATE].grad_written = s[P_OUT].grad_written = 1;
     return put_specs(L, s, N_PARAMS, specs, max);
 }
 
@@ -697,6 +699,7 @@ static int lightning_backward(void *self, const m1c_layer_bufs *b, float *din, c
         return lightning_cuda_backward(&c, b, din, dout, in, B, T);
     }
 #endif
+    m1c_grads_zero_unset_cpu(b->grads, N_PARAMS);
     const int H = L->H, D = L->D, nh = L->nh, hd = L->hd, N = B * T, nb = n_blocks(L, T);
     int64_t per;
     int nt;

@@ -1031,11 +1031,12 @@ static int input_projections_backward(const lightning_cuda_cfg *c, const m1c_lay
                                       int adt, const void *dpre, const void *dgate, const void *x, float *dWqkv,
                                       float *dWg, float *din) {
     const int H = c->H, D = c->D, lp = ld_pre(c), lg = ld_gate(c);
-    if (c->fused && grads_joined(c, b)) {
-        if (gemm(c, s, 1, 0, 4 * D, H, N, 1.0f, dpre, adt, lp, 0, x, adt, H, 0, 1.0f, dWqkv, M1C_F32, H, 0, 1))
+    const float bq = m1c_grad_beta(&b->grads[P_QKV]), bg = m1c_grad_beta(&b->grads[P_GATE]);
+    if (c->fused && grads_joined(c, b) && bq == bg) {
+        if (gemm(c, s, 1, 0, 4 * D, H, N, 1.0f, dpre, adt, lp, 0, x, adt, H, 0, bq, dWqkv, M1C_F32, H, 0, 1))
             return M1C_ERR;
-    } else if (gemm(c, s, 1, 0, 3 * D, H, N, 1.0f, dpre, adt, lp, 0, x, adt, H, 0, 1.0f, dWqkv, M1C_F32, H, 0, 1) ||
-               gemm(c, s, 1, 0, D, H, N, 1.0f, dgate, adt, lg, 0, x, adt, H, 0, 1.0f, dWg, M1C_F32, H, 0, 1))
+    } else if (gemm(c, s, 1, 0, 3 * D, H, N, 1.0f, dpre, adt, lp, 0, x, adt, H, 0, bq, dWqkv, M1C_F32, H, 0, 1) ||
+               gemm(c, s, 1, 0, D, H, N, 1.0f, dgate, adt, lg, 0, x, adt, H, 0, bg, dWg, M1C_F32, H, 0, 1))
         return M1C_ERR;
     if (!din) return M1C_OK;
     if (c->fused && weights_joined(c, b))
@@ -1111,7 +1112,8 @@ static int backward_t(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, floa
         if (to_bf16(c, s, lp, dout, (int64_t)N * H)) return M1C_ERR;
         dout_op = lp;
     }
-    if (gemm(c, s, 1, 0, H, D, N, 1.0f, dout_op, adt, H, 0, y, adt, D, 0, 1.0f, dWo, M1C_F32, D, 0, 1) ||
+    if (gemm(c, s, 1, 0, H, D, N, 1.0f, dout_op, adt, H, 0, y, adt, D, 0, m1c_grad_beta(&b->grads[P_OUT]), dWo,
+             M1C_F32, D, 0, 1) ||
         gemm(c, s, 0, 0, N, D, H, 1.0f, dout_op, adt, H, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, dy, M1C_F32, D, 0, 1))
         return M1C_ERR;
     /* norm and gate: dw from per-chunk partial sums, then d attention output (head-major, plain and decayed)
@@ -1239,7 +1241,8 @@ static int backward_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, 
     const bf16 *dl = (const bf16 *)b->dout_lp;
     if (!dl && to_bf16(c, s, lp, dout, (int64_t)N * H)) return M1C_ERR;
     if (!dl) dl = lp;
-    if (gemm(c, s, 1, 0, H, D, N, 1.0f, dl, adt, H, 0, y, adt, D, 0, 1.0f, dWo, M1C_F32, D, 0, 1) ||
+    if (gemm(c, s, 1, 0, H, D, N, 1.0f, dl, adt, H, 0, y, adt, D, 0, m1c_grad_beta(&b->grads[P_OUT]), dWo, M1C_F32,
+             D, 0, 1) ||
         gemm(c, s, 0, 0, N, D, H, 1.0f, dl, adt, H, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, dy, M1C_F32, D, 0, 1))
         return M1C_ERR;
     /* norm and gate, then attention (bf16 d{q,k,v}: SiLU's backward rounds its product to bf16 anyway) */

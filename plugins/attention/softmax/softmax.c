@@ -350,12 +350,14 @@ static int sm_params(void *self, m1c_buf_spec *specs, int max) {
     softmax *a = self;
     const int64_t H = a->H, qd = (int64_t)a->nh * a->hd, kd = (int64_t)a->kvh * a->hd;
     /* HF Linear layout [out, in]: y = x W^T; initialised N(0, 0.02^2) */
-    const m1c_buf_spec s[N_PARAMS] = {
+    m1c_buf_spec s[N_PARAMS] = {
         spec("self_attn.q_proj.weight", 2, qd, H, 0, 0), /* P_Q */
         spec("self_attn.k_proj.weight", 2, kd, H, 0, 0), /* P_K */
         spec("self_attn.v_proj.weight", 2, kd, H, 0, 0), /* P_V */
         spec("self_attn.o_proj.weight", 2, H, qd, 0, 0), /* P_O */
     };
+    /* each gradient is one product on the GPU: beta 0 when handed over unset (m1c_grad_beta) */
+    for (int i = 0; i < N_PARAMS; i++) s[i].grad_written = 1;
     return m1c_put_specs(a->h, "softmax params", s, N_PARAMS, specs, max);
 }
 
@@ -472,6 +474,7 @@ static int sm_backward(void *self, const m1c_layer_bufs *b, float *din, const fl
 #ifdef M1C_HAVE_CUDA
     if (a->cuda) return sm_cuda_backward(a->cuda, b, din, dout, in, B, T);
 #endif
+    m1c_grads_zero_unset_cpu(b->grads, N_PARAMS);
     if (!b->acts) return h->error(h, "backward needs the activations of forward (acts is NULL)");
     if (check_scratch(a, b, B, T) != M1C_OK) return M1C_ERR;
     const int H = a->H, hd = a->hd, nh = a->nh, qd = nh * hd, kd = a->kvh * hd, M = B * T;

@@ -618,8 +618,14 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
     const m1c_host *h = a->h;
     if (!b->acts) return h->error(h, "backward needs the activations of forward (acts is NULL)");
     if (check_scratch(a, b, B, T) != M1C_OK) return M1C_ERR;
-    if (B <= 0 || T <= 0) return M1C_OK;
     cudaStream_t s = (cudaStream_t)b->stream;
+    if (B <= 0 || T <= 0) { /* nothing to add; a gradient handed over unset still needs its zeros */
+        for (int i = 0; b->grads && i < N_PARAMS; i++)
+            if ((b->grads[i].flags & M1C_TENSOR_UNSET) &&
+                cudaMemsetAsync(b->grads[i].data, 0, (size_t)m1c_tensor_numel(&b->grads[i]) * sizeof(float), s))
+                return h->error(h, "softmax: zeroing an unset gradient failed");
+        return M1C_OK;
+    }
     const int H = a->H, hd = a->hd, nh = a->nh, kvh = a->kvh, qd = nh * hd, kd = kvh * hd;
     const int M = B * T, dt = a->dt;
     const int64_t BT = (int64_t)B * T;
@@ -637,7 +643,9 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
     if (input_lp(a, b, s, dout, b->dout_lp, BT * H, &dx) ||
         gemm(a, s, 0, 0, M, qd, H, dx, H, W[P_O], qd, 0.0f, datt, M1C_F32, qd))
         return M1C_ERR;
-    if (b->grads && gemm(a, s, 1, 0, H, qd, M, dx, H, att, qd, 1.0f, b->grads[P_O].data, M1C_F32, qd)) return M1C_ERR;
+    if (b->grads && gemm(a, s, 1, 0, H, qd, M, dx, H, att, qd, m1c_grad_beta(&b->grads[P_O]), b->grads[P_O].data,
+                         M1C_F32, qd))
+        return M1C_ERR;
 
     /* attention: D = rowsum(datt * att), then dk, dv per key tile and dq per query tile */
     const dim3 gkv((T + BK - 1) / BK, kvh, B), gq((T + BQ - 1) / BQ, nh, B);
@@ -685,9 +693,12 @@ extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din,
     } else if (rope_apply(a, s, dq, dq, B, T, nh, cs, 1) || rope_apply(a, s, dk, dk, B, T, kvh, cs, 1)) {
         return M1C_ERR;
     }
-    if (b->grads && (gemm(a, s, 1, 0, qd, H, M, gq_, qd, x, H, 1.0f, b->grads[P_Q].data, M1C_F32, H) ||
-                     gemm(a, s, 1, 0, kd, H, M, gk_, kd, x, H, 1.0f, b->grads[P_K].data, M1C_F32, H) ||
-                     gemm(a, s, 1, 0, kd, H, M, gv_, kd, x, H, 1.0f, b->grads[P_V].data, M1C_F32, H)))
+    if (b->grads && (gemm(a, s, 1, 0, qd, H, M, gq_, qd, x, H, m1c_grad_beta(&b->grads[P_Q]), b->grads[P_Q].data,
+                          M1C_F32, H) ||
+                     gemm(a, s, 1, 0, kd, H, M, gk_, kd, x, H, m1c_grad_beta(&b->grads[P_K]), b->grads[P_K].data,
+                          M1C_F32, H) ||
+                     gemm(a, s, 1, 0, kd, H, M, gv_, kd, x, H, m1c_grad_beta(&b->grads[P_V]), b->grads[P_V].data,
+                          M1C_F32, H)))
         return M1C_ERR;
     if (gemm(a, s, 0, 0, M, H, qd, gq_, qd, W[P_Q], H, 1.0f, din, M1C_F32, H) ||
         gemm(a, s, 0, 0, M, H, kd, gk_, kd, W[P_K], H, 1.0f, din, M1C_F32, H) ||
