@@ -37,20 +37,15 @@ static bf *alloc_fill(int64_t n, uint64_t seed, float scale) {
 }
 
 int main(int argc, char **argv) {
-    int R = 32768, E = 8, H = 768, F = 1024, reps = 20, uneven = 0, bad = 0;
-    for (int i = 1; i < argc; i++) {
-        const int more = i + 1 < argc;
-        if (!strcmp(argv[i], "--rows") && more) R = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--experts") && more) E = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--hidden") && more) H = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--ffn") && more) F = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--reps") && more) reps = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--uneven")) uneven = 1;
-        else bad = 1;
-    }
-    if (bad || E < 1 || E > XW_MAX_E || R < E || H < 8 || H % 8 || F < 8 || F % 8 || reps < 1) {
-        fprintf(stderr, "usage: m1c_bench_experts [--rows N] [--experts 1..32] [--hidden N] [--ffn N] [--reps N] "
-                        "[--uneven]   (hidden and ffn multiples of 8)\n");
+    int R = 32768, E = 8, H = 768, F = 1024, reps = 20, uneven = 0;
+    const char *usage = "usage: m1c_bench_experts [--rows N] [--experts 1..32] [--hidden N] [--ffn N] [--reps N] "
+                        "[--uneven]   (rows >= experts; hidden and ffn multiples of 8)";
+    const bench_flag flags[] = {bf_int("--rows", &R, 1, 1 << 24),      bf_int("--experts", &E, 1, XW_MAX_E),
+                                bf_int("--hidden", &H, 8, 1 << 16),    bf_int("--ffn", &F, 8, 1 << 16),
+                                bf_int("--reps", &reps, 1, 100000), bf_switch("--uneven", &uneven)};
+    if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0], usage)) return 1;
+    if (R < E || H % 8 || F % 8) {
+        fprintf(stderr, "m1c_bench_experts: need rows >= experts and hidden, ffn multiples of 8\n%s\n", usage);
         return 1;
     }
     tma_encode_fn enc = wg_available() ? tma_encoder() : NULL;

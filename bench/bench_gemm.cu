@@ -176,29 +176,19 @@ static void outputs(const bufs *b, int64_t R, int64_t E, int64_t H, int64_t F, u
 }
 
 int main(int argc, char **argv) {
-    int R = 32768, E = 8, H = 768, F = 1024, layers = 8, steps = 10, bad = 0;
-    const char *path = "all";
-    for (int i = 1; i < argc; i++) {
-        const int more = i + 1 < argc;
-        if (!strcmp(argv[i], "--rows") && more) R = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--experts") && more) E = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--hidden") && more) H = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--ffn") && more) F = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--layers") && more) layers = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--steps") && more) steps = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--path") && more) path = argv[++i];
-        else bad = 1;
-    }
-    const int all = !strcmp(path, "all");
-    const int do_path[3] = {all || !strcmp(path, "one"), all || !strcmp(path, "group"), all || !strcmp(path, "topk")};
-    if (bad || (!do_path[0] && !do_path[1] && !do_path[2])) {
-        fprintf(stderr, "usage: m1c_bench_gemm [--rows N] [--experts N] [--hidden N] [--ffn N] [--layers N] "
-                        "[--steps N] [--path all|one|group|topk]\n");
+    int R = 32768, E = 8, H = 768, F = 1024, layers = 8, steps = 10, path = 0;
+    static const char *const paths[] = {"all", "one", "group", "topk", NULL};
+    const bench_flag flags[] = {bf_int("--rows", &R, 1, 1 << 24),        bf_int("--experts", &E, 1, 64),
+                                bf_int("--hidden", &H, 1, 1 << 16),      bf_int("--ffn", &F, 1, 1 << 16),
+                                bf_int("--layers", &layers, 1, 1000),    bf_int("--steps", &steps, 1, 100000),
+                                bf_choice("--path", &path, paths)};
+    if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0],
+                    "usage: m1c_bench_gemm [--rows N] [--experts 1..64] [--hidden N] [--ffn N] [--layers N] "
+                    "[--steps N] [--path all|one|group|topk]   (rows >= 3 x experts)"))
         return 1;
-    }
-    if (E < 1 || E > 64 || R < 3 * E || H < 1 || F < 1 || layers < 1 || steps < 1) {
-        fprintf(stderr, "m1c_bench_gemm: need 1 <= experts <= 64, rows >= 3 * experts, hidden, ffn, layers and "
-                        "steps >= 1\n");
+    const int do_path[3] = {path == 0 || path == 1, path == 0 || path == 2, path == 0 || path == 3};
+    if (R < 3 * E) {
+        fprintf(stderr, "m1c_bench_gemm: need rows >= 3 x experts\n");
         return 1;
     }
     int ndev = 0;

@@ -104,32 +104,21 @@ static void row(const bufs *b, int B, int nh, int T, int hd, int slots, int bwd,
 }
 
 int main(int argc, char **argv) {
-    int nh = 16, hd = 128, iters = 10, slots_arg = 0, kernel = LC_AUTO;
+    int nh = 16, hd = 128, iters = 10, slots_arg = 0, choice = 0;
     int64_t tokens = 65536;
     int Ts[16] = {2048, 8192, 32768, 65536}, nT = 4, Fs[16] = {262144, 1048576}, nF = 2;
-    for (int i = 1; i < argc; i++) {
-        const int more = i + 1 < argc;
-        if (!strcmp(argv[i], "--heads") && more) nh = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--head-dim") && more) hd = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--tokens") && more) tokens = atoll(argv[++i]);
-        else if (!strcmp(argv[i], "--iters") && more) iters = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--slots") && more) slots_arg = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--kernel") && more) {
-            const char *k = argv[++i];
-            kernel = !strcmp(k, "mma") ? LC_MMA : !strcmp(k, "wgmma") ? LC_WGMMA : !strcmp(k, "auto") ? LC_AUTO : -1;
-            if (kernel < 0) nT = -1;
-        }
-        else if (!strcmp(argv[i], "--T") && more) nT = parse_list(argv[++i], Ts, 16);
-        else if (!strcmp(argv[i], "--fwd-T") && more) nF = parse_list(argv[++i], Fs, 16);
-        else nT = -1;
-        if (nT < 0 || nF < 0) {
-            fprintf(stderr, "usage: m1c_bench_lightning [--heads N] [--head-dim 64|128] [--tokens N] [--T a,b,..] "
-                            "[--fwd-T a,b,..] [--iters N] [--slots N] [--kernel auto|mma|wgmma]\n");
-            return 1;
-        }
-    }
-    if (nh < 1 || !lc_supported(hd) || tokens < 1 || iters < 1) {
-        fprintf(stderr, "m1c_bench_lightning: need heads >= 1, head-dim 64 or 128, tokens >= 1, iters >= 1\n");
+    static const char *const kernels[] = {"auto", "mma", "wgmma", NULL};
+    const bench_flag flags[] = {bf_int("--heads", &nh, 1, 65535),         bf_int("--head-dim", &hd, 1, 1024),
+                                bf_i64("--tokens", &tokens, 1, 1LL << 40), bf_int("--iters", &iters, 1, 100000),
+                                bf_int("--slots", &slots_arg, 0, 1 << 20), bf_choice("--kernel", &choice, kernels),
+                                bf_list("--T", Ts, &nT, 16),               bf_list("--fwd-T", Fs, &nF, 16)};
+    if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0],
+                    "usage: m1c_bench_lightning [--heads N] [--head-dim 64|128] [--tokens N] [--T a,b,..] "
+                    "[--fwd-T a,b,..] [--iters N] [--slots N] [--kernel auto|mma|wgmma]"))
+        return 1;
+    const int kernel = choice == 1 ? LC_MMA : choice == 2 ? LC_WGMMA : LC_AUTO;
+    if (!lc_supported(hd)) {
+        fprintf(stderr, "m1c_bench_lightning: head-dim %d: 64 or 128\n", hd);
         return 1;
     }
     int ndev = 0;

@@ -144,31 +144,21 @@ static void run_case(const bufs *b, const shape *p, int with_bwd, int iters) {
 }
 
 int main(int argc, char **argv) {
-    int nh = 16, kvh = 16, hd = 128, iters = 10, kernel = -1; /* -1 auto, 0 mma, 1 wgmma */
+    int nh = 16, kvh = 16, hd = 128, iters = 10, choice = 0;
     int64_t tokens = 65536;
     int Ts[16] = {2048, 4096, 8192}, nT = 3;
-    for (int i = 1; i < argc; i++) {
-        const int more = i + 1 < argc;
-        if (!strcmp(argv[i], "--heads") && more) nh = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--kv-heads") && more) kvh = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--head-dim") && more) hd = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--tokens") && more) tokens = atoll(argv[++i]);
-        else if (!strcmp(argv[i], "--iters") && more) iters = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--T") && more) nT = parse_list(argv[++i], Ts, 16);
-        else if (!strcmp(argv[i], "--kernel") && more) {
-            const char *k = argv[++i];
-            kernel = !strcmp(k, "auto") ? -1 : !strcmp(k, "mma") ? 0 : !strcmp(k, "wgmma") ? 1 : -2;
-            if (kernel == -2) nT = -1;
-        } else nT = -1;
-        if (nT < 1) {
-            fprintf(stderr, "usage: m1c_bench_softmax [--heads N] [--kv-heads N] [--head-dim 64|128] [--tokens N] "
-                            "[--T a,b,..] [--iters N] [--kernel auto|mma|wgmma]\n");
-            return 1;
-        }
-    }
-    if (nh < 1 || nh > 65535 || kvh < 1 || nh % kvh || (hd != 64 && hd != 128) || tokens < 1 || iters < 1) {
-        fprintf(stderr, "m1c_bench_softmax: need 1 <= heads <= 65535, kv-heads dividing heads, head-dim 64 or 128, "
-                        "tokens >= 1, iters >= 1\n");
+    static const char *const kernels[] = {"auto", "mma", "wgmma", NULL};
+    const bench_flag flags[] = {bf_int("--heads", &nh, 1, 65535),         bf_int("--kv-heads", &kvh, 1, 65535),
+                                bf_int("--head-dim", &hd, 1, 1024),        bf_i64("--tokens", &tokens, 1, 1LL << 40),
+                                bf_int("--iters", &iters, 1, 100000),      bf_list("--T", Ts, &nT, 16),
+                                bf_choice("--kernel", &choice, kernels)};
+    if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0],
+                    "usage: m1c_bench_softmax [--heads N] [--kv-heads N] [--head-dim 64|128] [--tokens N] "
+                    "[--T a,b,..] [--iters N] [--kernel auto|mma|wgmma]"))
+        return 1;
+    const int kernel = choice - 1; /* -1 auto, 0 mma, 1 wgmma */
+    if (nh % kvh || (hd != 64 && hd != 128)) {
+        fprintf(stderr, "m1c_bench_softmax: need kv-heads dividing heads and head-dim 64 or 128\n");
         return 1;
     }
     int64_t rows = 1; /* B * T of the largest case: the buffers' rows */
