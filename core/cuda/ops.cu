@@ -14,6 +14,7 @@
 #include <stdlib.h>
 
 #include <m1c/cuda/pdl.cuh>
+#include <m1c/cuda/sums.cuh>
 
 #include "backend.h"
 #include "ops.h"
@@ -124,12 +125,6 @@ __device__ static inline void tf32_split(float x, float &hi, float &lo) {
     if (!isfinite(h)) h = x; /* NaN, Inf, or rounding up past FLT_MAX: no remainder */
     hi = h;
     lo = isfinite(h) ? x - h : 0.0f;
-}
-
-/* Sum over the warp; the xor butterfly leaves the same bits on every lane. */
-__device__ static inline float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 /* ---- embedding ---- */
@@ -284,7 +279,7 @@ template <int W>
 __device__ static inline void rms_finish(float *out, __nv_bfloat16 *out_lp, float *rstd, const float *x, const float *w,
                                          float ss, int C, float eps) {
     const int lane = threadIdx.x % 32, step = 32 * W;
-    ss = warp_sum(ss);
+    ss = m1c_warp_sum(ss);
     const float r = rsqrtf(ss / (float)C + eps);
     if (lane == 0) *rstd = r;
     float a[U][W], b[U][W];
@@ -328,7 +323,7 @@ template <int W> __device__ static inline float rms_bwd_dot(const float *x, cons
 #pragma unroll
             for (int k = 0; k < W; k++) dot += ga[u][k] * wa[u][k] * xa[u][k];
         });
-    dot = warp_sum(dot);
+    dot = m1c_warp_sum(dot);
     return dot;
 }
 
@@ -453,8 +448,8 @@ __global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, f
  * The weight gradient (DW) in the same pass, in a fixed order: block y takes the rows of chunk y,
  * [y per, (y + 1) per), its warp k rows i0 + k, i0 + k + ROWS, ...; each lane adds g x r of its own
  * columns into its warp's row of the shared (ROWS, C) array acc, which no other lane touches; at the end
- * the block adds each column's ROWS sums in order into part[y], and colsum_add adds the chunks in order.
- * No float atomics: the same inputs give the same bits. */
+ * the block adds each column's ROWS sums in order into part[y], and m1c_colsum_add (m1c/cuda/sums.cuh)
+ * adds the chunks in order. No float atomics: the same inputs give the same bits. */
 enum { FUSED_ROWS = 32, FUSED_CHUNKS = 512 }; /* rows per chunk (4 per warp), most chunks */
 
 template <int W, bool DW>
@@ -540,7 +535,7 @@ __global__ static void __launch_bounds__(32 * ROWS, 2)
         for (int j = 0; j < NC; j++)
 #pragma unroll
             for (int k = 0; k < 4; k++) dot += ga[j][k] * wa[j][k] * xa[j][k];
-        dot = warp_sum(dot);
+        dot = m1c_warp_sum(dot);
         const float kk = r * r * r * dot / (float)C;
 #pragma unroll
         for (int j = 0; j < NC; j++) {
@@ -565,37 +560,6 @@ __global__ static void __launch_bounds__(32 * ROWS, 2)
 #pragma unroll
         for (int k = 0; k < ROWS; k++) t += sh[k * C + c];
         part[(int64_t)blockIdx.x * C + c] = t;
-    }
-}
-
-/* dw[c] += the sum of part[k][c] over the chunks k, in a fixed order: thread (x, y) of a 32 x CS_Y block
- * adds chunks y, y + CS_Y, ... of column c, then thread y = 0 adds the CS_Y sums in order. The grid is small
- * (C / 32 blocks), so each thread loads CS_BATCH chunks before adding any: the 512 chunks of the training
- * shape in one round of loads: the kernel runs beside the optimizer's traffic, whose queueing makes each
- * round of loads long. */
-enum { CS_Y = 32, CS_BATCH = 16 };
-__global__ static void colsum_add(float *dw, const float *part, int chunks, int C) {
-    pdl_start();
-    __shared__ float sh[CS_Y][33];
-    const int c = blockIdx.x * 32 + threadIdx.x;
-    float s = 0;
-    if (c < C) {
-        int k = threadIdx.y;
-        for (; k + (CS_BATCH - 1) * CS_Y < chunks; k += CS_BATCH * CS_Y) {
-            float v[CS_BATCH];
-#pragma unroll
-            for (int u = 0; u < CS_BATCH; u++) v[u] = part[(int64_t)(k + CS_Y * u) * C + c];
-#pragma unroll
-            for (int u = 0; u < CS_BATCH; u++) s += v[u];
-        }
-        for (; k < chunks; k += CS_Y) s += part[(int64_t)k * C + c];
-    }
-    sh[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        float t = 0;
-        for (int k = 0; k < CS_Y; k++) t += sh[k][threadIdx.x];
-        dw[c] += t;
     }
 }
 
@@ -661,8 +625,7 @@ extern "C" void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw
     } else {
         launch_bwd_axpby<true>(vec, chunks, shmem, dh, tmp, lp, part, dout, in, w, rstd, a, b, N, C, per);
     }
-    check(pdl_launch(colsum_add, (C + 31) / 32, dim3(32, CS_Y), 0, cs(), dw, part, chunks, C),
-          "rmsnorm_backward_axpby (weight sum)");
+    check(m1c_colsum_add_launch(dw, part, chunks, C, cs()), "rmsnorm_backward_axpby (weight sum)");
 }
 
 /* ---- the LM head ---- */

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include <m1c/cuda/pdl.cuh>
+#include <m1c/cuda/sums.cuh>
 
 #include "../../common/vec.cuh"
 #include "lightning_core.cuh"
@@ -92,12 +93,6 @@ static const int THREADS = 256;
 static int grid_for(int64_t n) {
     int64_t g = (n + THREADS - 1) / THREADS;
     return (int)(g > (1 << 20) ? (1 << 20) : (g < 1 ? 1 : g));
-}
-
-/* Sum over a warp (a butterfly: every lane gets the same bits). */
-__device__ static inline float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 /* Sum over a block of `v` (blockDim.x a multiple of 32); every thread gets the result. */
@@ -418,7 +413,7 @@ __global__ static void __launch_bounds__(32 * NH_ROWS, sizeof(A) == 2 && U == 3 
                 if (o) vec_st<8>(o + base + c, v);
             }
         }
-        ss = warp_sum(ss);
+        ss = m1c_warp_sum(ss);
         const float rs = 1.0f / sqrtf(ss / (float)D + eps);
         if (rstd_out && lane == 0) rstd_out[row] = rs;
 #pragma unroll
@@ -560,10 +555,10 @@ enum { NG_MAXW = 8, NG_CHUNKS = 512, NG_SHMEM = 48 * 1024 };
  * x, [x per, (x + 1) per), its warp k the rows i0 + k, i0 + k + warps, ...
  * DW: also dw = sum over rows of dy o rstd sg (k_norm_dw's terms) in a fixed order: each lane adds its own
  * columns into its warp's row of the shared (warps, D) array, which no other lane touches; at the end the
- * block adds the warps' rows in order into part[x], and k_colsum_add adds the chunks in order. No float
- * atomics: the same inputs give the same bits. o and g stay packed bf16 in registers, the outputs are
- * packed as they are made (the roundings of vec_st) and the sums updated two at a time, so that 4 blocks fit
- * an SM without spilling. */
+ * block adds the warps' rows in order into part[x], and m1c_colsum_add (m1c/cuda/sums.cuh) adds the chunks
+ * in order. No float atomics: the same inputs give the same bits. o and g stay packed bf16 in registers,
+ * the outputs are packed as they are made (the roundings of vec_st) and the sums updated two at a time, so
+ * that 4 blocks fit an SM without spilling. */
 template <bool DW>
 __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
     k_norm_gate_backward_rows(bf16 *dO, bf16 *dg, float *part, const float *dy, const bf16 *O, const bf16 *g,
@@ -599,7 +594,7 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
                 dot += d[2 * k + 1] * wv[2 * k + 1] * sigm(gf.y) * of.y;
             }
         }
-        const float mean = warp_sum(dot) * rs / (float)D;
+        const float mean = m1c_warp_sum(dot) * rs / (float)D;
 #pragma unroll 1
         for (int c = lane * 8; c < D; c += STEP) { /* again: just read, from L1 */
             float d[8], wv[8];
@@ -643,24 +638,6 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
             for (int k = 0; k < warps; k++) sum += sh[(int64_t)k * D + c];
             part[(int64_t)blockIdx.x * D + c] = sum;
         }
-    }
-}
-
-/* dw[c] += the sum of part[k][c] over the chunks k, in a fixed order: thread (x, y) of a 32 x 16 block adds
- * chunks y, y + 16, ... of column c, then thread y = 0 adds the 16 sums in order. */
-__global__ static void k_colsum_add(float *dw, const float *part, int chunks, int D) {
-    pdl_start();
-    __shared__ float sh[16][33];
-    const int c = blockIdx.x * 32 + threadIdx.x;
-    float sum = 0.0f;
-    if (c < D)
-        for (int k = threadIdx.y; k < chunks; k += 16) sum += part[(int64_t)k * D + c];
-    sh[threadIdx.y][threadIdx.x] = sum;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < D) {
-        float t = 0.0f;
-        for (int k = 0; k < 16; k++) t += sh[k][threadIdx.x];
-        dw[c] += t;
     }
 }
 
@@ -1200,7 +1177,7 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
         (void)pdl_launch(k_norm_gate_backward_rows<true>, chunks, 32 * W, (size_t)W * D * sizeof(float), s, dO, dg,
                          part, dy, O, g, lg, w, rstd, N, d->T, c->nh, c->hd, fhd, per);
         if (launched(c, "norm_gate_backward_rows")) return M1C_ERR;
-        (void)pdl_launch(k_colsum_add, (D + 31) / 32, dim3(32, 16), 0, s, dw, part, chunks, D);
+        (void)m1c_colsum_add_launch(dw, part, chunks, D, s);
         return launched(c, "colsum_add");
     }
     k_norm_dw<bf16, true><<<dim3((D + 31) / 32, NDW), dim3(32, 8), 0, s>>>(part, dy, O, g, lg, rstd, N, D, d->T,
