@@ -43,7 +43,7 @@ int main(int argc, char **argv) {
     const bench_flag flags[] = {bf_int("--rows", &R, 1, 1 << 24),      bf_int("--experts", &E, 1, XW_MAX_E),
                                 bf_int("--hidden", &H, 8, 1 << 16),    bf_int("--ffn", &F, 8, 1 << 16),
                                 bf_int("--reps", &reps, 1, 100000), bf_switch("--uneven", &uneven)};
-    if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0], usage)) return 1;
+    if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0], usage, NULL, NULL, 0)) return 1;
     if (R < E || H % 8 || F % 8) {
         fprintf(stderr, "m1c_bench_experts: need rows >= experts and hidden, ffn multiples of 8\n%s\n", usage);
         return 1;

@@ -184,7 +184,7 @@ int main(int argc, char **argv) {
                                 bf_choice("--path", &path, paths)};
     if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0],
                     "usage: m1c_bench_gemm [--rows N] [--experts 1..64] [--hidden N] [--ffn N] [--layers N] "
-                    "[--steps N] [--path all|one|group|topk]   (rows >= 3 x experts)"))
+                    "[--steps N] [--path all|one|group|topk]   (rows >= 3 x experts)", NULL, NULL, 0))
         return 1;
     const int do_path[3] = {path == 0 || path == 1, path == 0 || path == 2, path == 0 || path == 3};
     if (R < 3 * E) {

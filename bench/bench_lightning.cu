@@ -114,7 +114,7 @@ int main(int argc, char **argv) {
                                 bf_list("--T", Ts, &nT, 16),               bf_list("--fwd-T", Fs, &nF, 16)};
     if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0],
                     "usage: m1c_bench_lightning [--heads N] [--head-dim 64|128] [--tokens N] [--T a,b,..] "
-                    "[--fwd-T a,b,..] [--iters N] [--slots N] [--kernel auto|mma|wgmma]"))
+                    "[--fwd-T a,b,..] [--iters N] [--slots N] [--kernel auto|mma|wgmma]", NULL, NULL, 0))
         return 1;
     const int kernel = choice == 1 ? LC_MMA : choice == 2 ? LC_WGMMA : LC_AUTO;
     if (!lc_supported(hd)) {

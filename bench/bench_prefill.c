@@ -14,6 +14,9 @@
 #include "../core/session.h"
 #include "../core/timer.h"
 
+#define BENCH_NAME "m1c_bench_prefill"
+#include "bench_flags.h"
+
 /* H 512, 8 layers 7:1, lightning 8 x 64 (block 256), softmax 8 query + 2 KV heads x 64, 4 experts
  * top-2 with F 1024, byte vocabulary. */
 static const char model_cfg[] =
@@ -25,19 +28,17 @@ static const char model_cfg[] =
     "run = { stages = (); };\n";
 
 int main(int argc, char **argv) {
-    int device = M1C_DEVICE_CUDA, precision = 1;
+    int cpu = 0, precision = 1;
     int64_t tokens = 1 << 20, chunk = 16384;
     int segments = 16;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--device") && i + 1 < argc) device = strcmp(argv[++i], "cpu") ? M1C_DEVICE_CUDA : M1C_DEVICE_CPU;
-        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc) tokens = atoll(argv[++i]);
-        else if (!strcmp(argv[i], "--chunk") && i + 1 < argc) chunk = atoll(argv[++i]);
-        else if (!strcmp(argv[i], "--segments") && i + 1 < argc) segments = atoi(argv[++i]);
-        else {
-            fprintf(stderr, "usage: m1c_bench_prefill [--device cuda|cpu] [--tokens N] [--chunk N] [--segments N]\n");
-            return 1;
-        }
-    }
+    static const char *const devices[] = {"cuda", "cpu", NULL};
+    const bench_flag flags[] = {bf_choice("--device", &cpu, devices), bf_i64("--tokens", &tokens, 1, 1LL << 32),
+                                bf_i64("--chunk", &chunk, 1, 1 << 30), bf_int("--segments", &segments, 1, 4096)};
+    if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0],
+                    "usage: m1c_bench_prefill [--device cuda|cpu] [--tokens N] [--chunk N] [--segments N]", NULL,
+                    NULL, 0))
+        return 1;
+    const int device = cpu ? M1C_DEVICE_CPU : M1C_DEVICE_CUDA;
     if (device == M1C_DEVICE_CPU) precision = 0;
     if (!m1c_dev_available(device)) {
         fprintf(stderr, "m1c_bench_prefill: device not available in this build or on this machine\n");

@@ -154,7 +154,7 @@ int main(int argc, char **argv) {
                                 bf_choice("--kernel", &choice, kernels)};
     if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0],
                     "usage: m1c_bench_softmax [--heads N] [--kv-heads N] [--head-dim 64|128] [--tokens N] "
-                    "[--T a,b,..] [--iters N] [--kernel auto|mma|wgmma]"))
+                    "[--T a,b,..] [--iters N] [--kernel auto|mma|wgmma]", NULL, NULL, 0))
         return 1;
     const int kernel = choice - 1; /* -1 auto, 0 mma, 1 wgmma */
     if (nh % kvh || (hd != 64 && hd != 128)) {

@@ -22,6 +22,9 @@
 #include "../core/timer.h"
 #include "../core/train.h"
 
+#define BENCH_NAME "m1c_bench_train"
+#include "bench_flags.h"
+
 /* The fixed shape: vocabulary 256, H 256, 8 layers (7 lightning : 1 softmax), lightning 8 x 32 with
  * block 64, softmax 8 query + 4 KV heads x 32, 4 experts top-2 with F 512, B 8, T 256. */
 static const char reference_cfg[] =
@@ -159,31 +162,25 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, n = 0;
+    int threads = 0, n = 0, cuda = 0, head = -1;
     bench_opts bo = {10, M1C_DEVICE_CPU, 0, -1, 0, 0};
     const char *configs[16];
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
-        if (!strcmp(a, "--steps") && *v) bo.steps = atoi(argv[++i]);
-        else if (!strcmp(a, "--threads") && *v) threads = atoi(argv[++i]);
-        else if (!strcmp(a, "--device") && (!strcmp(v, "cpu") || !strcmp(v, "cuda")))
-            bo.device = strcmp(argv[++i], "cuda") ? M1C_DEVICE_CPU : M1C_DEVICE_CUDA;
-        else if (!strcmp(a, "--precision") && (!strcmp(v, "fp32") || !strcmp(v, "bf16")))
-            bo.precision = !strcmp(argv[++i], "bf16");
-        else if (!strcmp(a, "--head") && (!strcmp(v, "fp32") || !strcmp(v, "tf32") || !strcmp(v, "bf16") ||
-                                          !strcmp(v, "tf32x3")))
-            bo.head = !strcmp(v, "fp32") ? 0 : !strcmp(v, "tf32") ? 1 : !strcmp(v, "bf16") ? 2 : 3, i++;
-        else if (!strcmp(a, "--profile")) bo.profile = 1;
-        else if (!strcmp(a, "--sequential-optimizer")) bo.sequential = 1;
-        else if (a[0] != '-' && n < 16) configs[n++] = a;
-        else {
-            fprintf(stderr, "usage: m1c_bench_train [--steps N] [--threads N] [--device cpu|cuda] "
-                            "[--precision fp32|bf16] [--head fp32|tf32|bf16|tf32x3] [--profile] "
-                            "[--sequential-optimizer] [CONFIG ...]\n");
-            return 1;
-        }
-    }
-    if (bo.steps < 1) bo.steps = 1;
+    static const char *const devices[] = {"cpu", "cuda", NULL}, *const precisions[] = {"fp32", "bf16", NULL};
+    static const char *const heads[] = {"fp32", "tf32", "bf16", "tf32x3", NULL}; /* the order of m1c_head_precision */
+    const bench_flag flags[] = {bf_int("--steps", &bo.steps, 1, 1000000),
+                                bf_int("--threads", &threads, 0, 4096),
+                                bf_choice("--device", &cuda, devices),
+                                bf_choice("--precision", &bo.precision, precisions),
+                                bf_choice("--head", &head, heads),
+                                bf_switch("--profile", &bo.profile),
+                                bf_switch("--sequential-optimizer", &bo.sequential)};
+    if (bench_flags(argc, argv, flags, sizeof flags / sizeof flags[0],
+                    "usage: m1c_bench_train [--steps N] [--threads N] [--device cpu|cuda] [--precision fp32|bf16] "
+                    "[--head fp32|tf32|bf16|tf32x3] [--profile] [--sequential-optimizer] [CONFIG ...] (16 at most)",
+                    configs, &n, 16))
+        return 1;
+    bo.device = cuda ? M1C_DEVICE_CUDA : M1C_DEVICE_CPU;
+    if (head >= 0) bo.head = head;
     int steps = bo.steps;
     if (bo.device == M1C_DEVICE_CUDA && !m1c_dev_available(M1C_DEVICE_CUDA)) {
         fprintf(stderr, "m1c_bench_train: no CUDA device in this build or on this machine\n");
