@@ -279,7 +279,8 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
     int itmp = m1c_arena_add(&r->acts, "tmp", M1C_F32, 2, nh), idx = m1c_arena_add(&r->acts, "dx", M1C_F32, 2, nh);
     int idh = m1c_arena_add(&r->acts, "dh", M1C_F32, 2, nh);
     const int with_q = r->for_training && m->device == M1C_DEVICE_CUDA && m->head_precision == 2;
-    int iq = with_q ? m1c_arena_add(&r->acts, "head_q", M1C_BF16, 2, nv) : -1;
+    int64_t nq[] = {m1c_head_q_bytes(N, (int)V) / 2}; /* q, then its row scales (core/ops.h) */
+    int iq = with_q ? m1c_arena_add(&r->acts, "head_q", M1C_BF16, 1, nq) : -1;
     int iid = m1c_arena_add(&r->acts, "ids", M1C_I32, 1, n1), itg = m1c_arena_add(&r->acts, "targets", M1C_I32, 1, n1);
     const int with_lp = m->lp_inputs && r->for_training;
     int ilp1[L], ilp2[L], idlp = with_lp ? m1c_arena_add(&r->acts, "dout_lp", M1C_BF16, 2, nh) : -1;

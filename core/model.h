@@ -80,7 +80,7 @@ typedef struct m1c_run {
     float **h1, **rstd1, **x1, **h2, **rstd2; /* [L] */
     float *hf, *rstdf;   /* final norm out (N, H), (N) */
     float *logits, *lse, *logp, *dlogp; /* (N, V), (N), (N), (N) */
-    void *head_q;        /* (N, V) bf16: the head's onehot - softmax for the backward (m1c_head_forward), in
+    void *head_q;        /* the head's q and row scales for the backward (m1c_head_forward; core/ops.h), in
                           * training runs on a GPU at head precision 2; else NULL */
     int head_q_valid;    /* the last forward wrote head_q (a training forward) */
     float *tmp, *dx, *dh; /* (N, H) work buffers */

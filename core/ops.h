@@ -31,20 +31,24 @@ void m1c_rmsnorm_backward(int dev, float *din, float *dw, const float *dout, con
  * operand split into a TF32 high part and a TF32 remainder, three tensor-core products summed in f32,
  * ~1e-6 relative like fp32 at tensor-core speed): the GEMM's arithmetic on a GPU; the CPU always
  * computes in fp32. lse and logp are always fp32. */
-/* q: NULL, or (N, V) bf16 for a training forward at precision 2 on a GPU, which then also writes there
- * q = onehot - softmax (0 on unscored rows): the backward's dlogits up to each row's dlogp, so that the
- * backward needs no pass over the logits. With q the logits are unspecified afterwards (on Hopper the
- * forward never makes them: core/cuda/head_wg.cuh). Ignored elsewhere (the CPU, other precisions). W_lp:
- * NULL, or W's bf16 copy (the model's params_lp), which precision 2 on a GPU then uses instead of
- * converting W. */
+/* q: NULL, or a buffer of m1c_head_q_bytes(N, V) for a training forward at precision 2 on a GPU, which
+ * then also writes there q (N, V) bf16 and from byte m1c_head_q_scale_at(N, V) on each row's scale qs (N
+ * floats), with q qs = onehot - softmax (0 on unscored rows): the backward's dlogits up to each row's dlogp,
+ * so that the backward needs no pass over the logits. (On Hopper q holds exponentials shifted per row and
+ * qs brings them to the softmax: core/cuda/head_wg.cuh; elsewhere qs is 1.) With q the logits are
+ * unspecified afterwards (on Hopper the forward never makes them). Ignored elsewhere (the CPU, other
+ * precisions). W_lp: NULL, or W's bf16 copy (the model's params_lp), which precision 2 on a GPU then uses
+ * instead of converting W. */
+static inline int64_t m1c_head_q_scale_at(int64_t N, int V) { return (N * V * 2 + 15) / 16 * 16; }
+static inline int64_t m1c_head_q_bytes(int64_t N, int V) { return m1c_head_q_scale_at(N, V) + N * 4; }
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, void *q, const float *h,
                       const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V);
 /* From dlogp (N): dlogits = dlogp * (onehot - softmax), then dh += dlogits W, dW += dlogits^T h (dw_unset:
  * dW = dlogits^T h, its old contents unread: a gradient handed over M1C_TENSOR_UNSET). The
  * dlogits are left in place of logits, except on a CUDA device at precisions 2 and 3, where they go
  * straight into the products' bf16 or TF32-split operands: there logits' contents are unspecified
- * afterwards. With the forward's q (precision 2, GPU) the logits are not read: dh += dlogp (q W) and
- * dW += q^T (dlogp h), dlogp h rounded to bf16 once. */
+ * afterwards. With the forward's q (precision 2, GPU) the logits are not read: dh += dlogp qs (q W) and
+ * dW += q^T (dlogp qs h), dlogp qs h rounded to bf16 once. */
 /* A training forward's hint, after m1c_head_forward wrote q: the next m1c_head_backward will take this q
  * and W. On a GPU at precision 2 the backward's product q W, which needs no dlogp, is queued now, so the
  * device runs it while the host waits for logp and works out dlogp; a no-op elsewhere. */

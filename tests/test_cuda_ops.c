@@ -428,9 +428,31 @@ Test(cuda_ops, fused_ops_repeat_bit_for_bit) {
  *   2.4e-5 at V = 5000, H = 1100 on an H200 (fp32: under 1e-5): 1e-4. */
 static const double head_tol[4] = {1e-5, 3e-3, 1e-2, 1e-4};
 
+/* x rounded to bf16 (to nearest even; x finite) and back to float. */
+static float bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* Rows of z (N, V) whose largest logit past the first 256 columns lies more than 40 (HW_T in
+ * core/cuda/head_wg.cuh) above the first 256's: those the Hopper forward brings to one shift afterwards. */
+static int64_t rows_past_first_tile(const float *z, int64_t N, int V) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < N; i++) {
+        float m0 = -INFINITY, m1 = -INFINITY;
+        for (int v = 0; v < V; v++) *(v < 256 ? &m0 : &m1) = fmaxf(v < 256 ? m0 : m1, z[i * V + v]);
+        n += m1 > m0 + 40.0f;
+    }
+    return n;
+}
+
 typedef struct head_case {
     int64_t N;
     int H, V;
+    int spike; /* W's row V - 3 times 30, h and W rounded to bf16 (below) */
 } head_case;
 
 /* Every N, H and V of the lists appears; the largest case is the model's shape at a small scale. V = 259
@@ -438,10 +460,16 @@ typedef struct head_case {
  * the odd-numbered cases, whose logits start one float past alignment (check_head). The last three have H
  * and V multiples of 8, which the training forward from q takes through the Hopper kernels on sm_90a
  * (head_hopper): rows, columns and K steps past their tiles (128 x 256, K 64), and the training shape's H
- * and V. */
+ * and V. The last case (spike) has one column's logits ~30 times the others' (W's row V - 3 scaled), so
+ * that in ~8% of the rows that column lies more than HW_T = 40 above the max of the first 256: rows whose
+ * tiles do not all share the first tile's shift in the Hopper forward (core/cuda/head_wg.cuh). Its h and W
+ * are rounded to bf16 first, so that every precision's products start from the CPU's values exactly (bf16
+ * values are exact in TF32): a bf16 rounding of logits of ~100 would otherwise miss the reference's
+ * probabilities by several percent. */
 static const head_case head_cases[] = {
-    {1, 1, 259}, {37, 33, 5000}, {1003, 256, 259}, {1, 1100, 5000}, {37, 256, 259}, {1003, 1, 5000},
-    {1003, 1100, 5000}, {1003, 256, 5000}, {300, 72, 1000}, {130, 768, 32000},
+    {1, 1, 259, 0},       {37, 33, 5000, 0},     {1003, 256, 259, 0}, {1, 1100, 5000, 0},
+    {37, 256, 259, 0},    {1003, 1, 5000, 0},    {1003, 1100, 5000, 0}, {1003, 256, 5000, 0},
+    {300, 72, 1000, 0},   {130, 768, 32000, 0},  {1003, 256, 5000, 1},
 };
 
 /* Whether m1c_head_forward from q at precision 2 takes the Hopper kernels here (core/cuda/head_wg.cuh) for
@@ -470,9 +498,19 @@ static void check_head(const head_case *hc, int ci) {
     const uint64_t s = 1000 + (uint64_t)ci * 10;
     /* Logits of order 1, as in a trained model: W ~ N(0, 1/H). */
     float *h = th_randn(NH, s, 1.0f), *W = th_randn(VH, s + 1, 1.0f / sqrtf((float)H));
+    if (hc->spike) {
+        for (int k = 0; k < H; k++) W[(int64_t)(V - 3) * H + k] *= 30.0f;
+        for (int64_t i = 0; i < NH; i++) h[i] = bf16_round(h[i]);
+        for (int64_t i = 0; i < VH; i++) W[i] = bf16_round(W[i]);
+    }
     int32_t *targets = make_ids(N, V, s + 2, 5); /* every 5th unscored (-1) */
     float *logits = th_zeros(NV), *lse = th_zeros(N), *logp = th_zeros(N);
     m1c_head_forward(CPU, 0, logits, lse, logp, NULL, h, W, NULL, targets, N, H, V);
+    if (hc->spike) { /* the case covers both kinds of rows */
+        const int64_t past = rows_past_first_tile(logits, N, V);
+        cr_assert(past > 0 && past < N, "spike case: %lld of %lld rows past the first tile's shift", (long long)past,
+                  (long long)N);
+    }
 
     float *dlogp = th_randn(N, s + 3, 1.0f);
     /* dh and dW accumulate: start from values of the gradients' own size (~0.01..1), so that a GEMM
@@ -493,7 +531,7 @@ static void check_head(const head_case *hc, int ci) {
     int32_t *d_t = up_bytes(targets, (size_t)N * 4);
     /* Run 4 is precision 2 as a mixed-precision model trains it (core/ops.h): W's bf16 copy given, and
      * the backward from the training forward's q, not from the logits, within bf16's tolerance. */
-    void *d_q = m1c_dev_alloc(GPU, (size_t)NV * 2), *d_Wlp = m1c_dev_alloc(GPU, (size_t)VH * 2);
+    void *d_q = m1c_dev_alloc(GPU, (size_t)m1c_head_q_bytes(N, V)), *d_Wlp = m1c_dev_alloc(GPU, (size_t)VH * 2);
     cr_assert(d_q && d_Wlp);
     m1c_to_bf16(GPU, d_Wlp, d_W, VH); /* W's bf16 copy, as the model keeps it, for the run from q */
     const int hopper = head_hopper(H, V);
@@ -594,7 +632,7 @@ Test(cuda_ops, head_repeats_bit_for_bit) {
     float *z = th_zeros((int64_t)V * H); /* V * H > N * H: zeros for dh and dW */
     float *d_logits = m1c_dev_alloc(GPU, (size_t)N * V * 4), *d_lse = up(z, N), *d_logp = up(z, N);
     cr_assert_not_null(d_logits);
-    void *d_q = m1c_dev_alloc(GPU, (size_t)N * V * 2);
+    void *d_q = m1c_dev_alloc(GPU, (size_t)m1c_head_q_bytes(N, V));
     cr_assert_not_null(d_q);
     for (int mode = 0; mode < 5; mode++) { /* precisions 0-3, then 2 with q */
         const int prec = mode == 4 ? 2 : mode;
@@ -624,22 +662,16 @@ Test(cuda_ops, head_repeats_bit_for_bit) {
     gfree(d_q);
 }
 
-/* x rounded to bf16 (to nearest even; x finite) and back to float. */
-static float bf16_round(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    memcpy(&x, &u, 4);
-    return x;
-}
-
-/* The training forward's q itself, entry by entry, against onehot - softmax in double from the same bf16
- * operands: q carries the rounding of exp(z - tile max) to bf16 and of q to bf16 (2^-9 relative each),
- * and z - lse its f32 rounding (~6e-8 (|z| + |lse|), which 1 - p = 1 - exp(z - lse) inherits absolutely),
- * so |error| <= 1e-2 |q| + 1e-6 (|lse| + 1). Every third row's h is scaled by 10, so its largest
- * probability is near 1 and its target (that column) has a small q = 1 - p: an entry computed from the
- * rounded exponential would miss it by up to 2^-9 p, several times the tolerance. lse and logp to 1e-5 of
- * |lse| + 1 (f32 sums of f32 products). */
+/* The training forward's q itself, entry by entry: q times its row's scale qs (core/ops.h) against
+ * onehot - softmax in double from the same bf16 operands. On Hopper q carries the rounding of exp(z - c)
+ * to bf16 (2^-9 relative) and z - lse its f32 rounding (~6e-8 (|z| + |lse|), which 1 - p = 1 - exp(z - lse)
+ * inherits absolutely); through cuBLAS q is onehot - softmax rounded once to bf16. So |error| <= 1e-2 |q| +
+ * 1e-6 (|lse| + 1). Every third row's h is scaled by 10, so its largest probability is near 1 and its
+ * target (that column) has a small q = 1 - p: an entry computed from the rounded exponential would miss it
+ * by up to 2^-9 p, several times the tolerance. W's row 700 (the third column tile) is scaled by 60: in
+ * about a third of the rows its logit lies more than HW_T = 40 above the first tile's largest, so those
+ * rows are brought to one shift after the product (core/cuda/head_wg.cuh). lse and logp to 1e-5 of |lse| + 1 (f32
+ * sums of f32 products). */
 Test(cuda_ops, head_q_matches_bf16_reference) {
     th_need_gpu();
     const int64_t N = 300;
@@ -648,6 +680,7 @@ Test(cuda_ops, head_q_matches_bf16_reference) {
     int32_t *targets = make_ids(N, V, 72, 7);
     for (int64_t i = 0; i < N; i += 3)
         for (int k = 0; k < H; k++) h[i * H + k] *= 10.0f;
+    for (int k = 0; k < H; k++) W[700 * H + k] *= 60.0f;
     for (int64_t i = 0; i < N * H; i++) h[i] = bf16_round(h[i]);
     for (int64_t i = 0; i < (int64_t)V * H; i++) W[i] = bf16_round(W[i]);
     double *p = malloc((size_t)V * sizeof *p), *lse = malloc((size_t)N * sizeof *lse);
@@ -665,8 +698,9 @@ Test(cuda_ops, head_q_matches_bf16_reference) {
     float *d_h = up(h, N * H), *d_W = up(W, (int64_t)V * H), *d_logits = m1c_dev_alloc(GPU, (size_t)N * V * 4);
     float *d_lse = m1c_dev_alloc(GPU, (size_t)N * 4), *d_logp = m1c_dev_alloc(GPU, (size_t)N * 4);
     int32_t *d_t = up_bytes(targets, (size_t)N * 4);
-    uint16_t *d_q = m1c_dev_alloc(GPU, (size_t)N * V * 2), *q = malloc((size_t)N * V * 2);
-    cr_assert(d_logits && d_lse && d_logp && d_q && q);
+    uint16_t *d_q = m1c_dev_alloc(GPU, (size_t)m1c_head_q_bytes(N, V)), *q = malloc((size_t)N * V * 2);
+    float *qs = malloc((size_t)N * sizeof *qs);
+    cr_assert(d_logits && d_lse && d_logp && d_q && q && qs);
     const int hopper = head_hopper(H, V);
     m1c_dev_memset0(GPU, d_logits, (size_t)N * V * 4);
     m1c_head_forward(GPU, 2, d_logits, d_lse, d_logp, d_q, d_h, d_W, NULL, d_t, N, H, V);
@@ -676,16 +710,19 @@ Test(cuda_ops, head_q_matches_bf16_reference) {
         free(g_logits);
     }
     m1c_dev_copy(CPU, q, GPU, d_q, (size_t)N * V * 2);
+    m1c_dev_copy(CPU, qs, GPU, (char *)d_q + m1c_head_q_scale_at(N, V), (size_t)N * sizeof *qs);
     float *g_lse = down(d_lse, N), *g_logp = down(d_logp, N);
     double worst = 0, worst_t = 0, worst_l = 0;
-    int64_t bad = 0;
+    int64_t bad = 0, past = 0;
     for (int64_t i = 0; i < N; i++) {
-        double m = -INFINITY, sum = 0;
+        double m = -INFINITY, m0 = -INFINITY, sum = 0;
         for (int v = 0; v < V; v++) {
             double z = 0;
             for (int k = 0; k < H; k++) z += (double)h[i * H + k] * W[(int64_t)v * H + k];
             p[v] = z, m = fmax(m, z);
+            if (v == 255) m0 = m;
         }
+        past += m > m0 + 40; /* a row brought to one shift afterwards (rows_past_first_tile) */
         for (int v = 0; v < V; v++) sum += exp(p[v] - m);
         lse[i] = m + log(sum);
         const int t = targets[i];
@@ -694,9 +731,9 @@ Test(cuda_ops, head_q_matches_bf16_reference) {
         for (int v = 0; v < V; v++) {
             const double ref = t < 0 ? 0 : (v == t) - exp(p[v] - lse[i]);
             uint32_t u = (uint32_t)q[i * V + v] << 16;
-            float g;
-            memcpy(&g, &u, 4);
-            const double err = fabs(g - ref) / (1e-2 * fabs(ref) + 1e-6 * (fabs(lse[i]) + 1));
+            float e;
+            memcpy(&e, &u, 4);
+            const double g = (double)e * qs[i], err = fabs(g - ref) / (1e-2 * fabs(ref) + 1e-6 * (fabs(lse[i]) + 1));
             worst = fmax(worst, err);
             if (v == t && i % 3 == 0) worst_t = fmax(worst_t, err);
             if (err > 1 && !bad++)
@@ -705,10 +742,12 @@ Test(cuda_ops, head_q_matches_bf16_reference) {
         }
     }
     cr_expect_eq(bad, 0, "%lld entries of q outside the tolerance", (long long)bad);
+    cr_expect(past > 0 && past < N, "%lld of %lld rows past the first tile's shift: the test covers one kind",
+              (long long)past, (long long)N);
     cr_expect_leq(worst_l, 1e-5, "lse or logp off by %g of |lse| + 1", worst_l);
     cr_log_info("head q from %s: worst error %.3g of the tolerance (confident targets %.3g), lse/logp %.2g",
                 hopper ? "the Hopper kernels" : "cuBLAS and the log-softmax", worst, worst_t, worst_l);
-    free(h), free(W), free(targets), free(p), free(lse), free(q), free(g_lse), free(g_logp);
+    free(h), free(W), free(targets), free(p), free(lse), free(q), free(qs), free(g_lse), free(g_logp);
     gfree(d_h), gfree(d_W), gfree(d_logits), gfree(d_lse), gfree(d_logp), gfree(d_t), gfree(d_q);
 }
 

@@ -2,23 +2,31 @@
  * ops.cu, which chooses it (m1c_cuda_head_forward with q at precision 2) and falls back to cuBLAS and
  * logsoftmax_rows_q elsewhere.
  *
- * Two launches instead of a GEMM writing the f32 logits z (N x V, 2.1 GB at the training shape) and a pass
- * reading them back:
- *   hw_kernel: z = h W^T tile by tile (m1c/cuda/wg_tile.cuh: 128 x 256 tiles, TMA ring, m64n256k16), and
- *     in the epilogue, per row and column tile c, the tile's max m_c and sum s_c of exp(z - m_c); the
- *     exponentials e = exp(z - m_c), in (0, 1], go to q as bf16 (stmatrix staging and bulk tensor stores,
- *     as the expert products do).
- *   hw_stats: per row lse = M + log sum_c s_c exp(m_c - M) (M = max_c m_c); the target's logit zt, a dot
- *     product of the same bf16 rows of h and W summed in f32; logp = zt - lse. (Picking zt out of the
- *     accumulators in the epilogue, 64 compares a row, made the kernel spill its registers.)
- *   hw_scale: q in place, q = onehot - e exp(m_c - lse), the target's entry 1 - exp(zt - lse) from zt; a
- *     pass with nothing but its stream of loads and stores (one pass that also made the statistics, with
- *     the block's reductions between its rows, ran 0.566 ms against ~0.5 at this pass's 2 GB).
- * Memory: 1 GB of e written and 1 GB read and rewritten, against 2.1 GB written, 2.1 GB read and 1 GB
- * written before. Precision: e is rounded to bf16 (relative 2^-9) before the scale, so q's entries carry
- * two bf16 roundings instead of one, except the target's (its 1 - p would lose everything to e's rounding
- * where p is near 1: computed from zt in f32 instead); lse and logp come from f32 products and f32 sums,
- * as before.
+ * What it leaves (core/ops.h): q (N, V) bf16 and each row's scale qs, q qs = onehot - softmax. Row i's q
+ * holds e = exp(z - c_i), with c_i a shift of the row's own (below), except the target's entry; its scale is
+ * qs_i = -exp(c_i - lse_i), so that q qs = -p where p is the softmax. The backward takes qs into the
+ * row factors it already applies (dlogp), and the forward has no pass that rescales q.
+ *
+ * Three launches instead of a GEMM writing the f32 logits z (N x V, 2.1 GB at the training shape) and a
+ * pass reading them back:
+ *   hw_kernel over column tile 0: z = h W^T for the first 256 columns (m1c/cuda/wg_tile.cuh: 128 x 256 tiles,
+ *     TMA ring, m64n256k16); each row's max there is its shift c_i (kept in `shift`); e = exp(z - c_i) goes
+ *     to q as bf16 (stmatrix staging and bulk tensor stores, as the expert products do), and the tile's
+ *     (c_i, sum of e) to part.
+ *   hw_kernel over the other column tiles: the same with c_i read back, where the tile's max m_c stays
+ *     within HW_T of c_i (e <= exp(HW_T)); a tile whose max lies further up is written with its own shift
+ *     m_c (e <= 1), recorded in part as (m_c, sum of e).
+ *   hw_stats, a warp per row: lse = M + log sum_c s_c exp(m_c - M) (M = max_c m_c); the target's logit zt,
+ *     a dot product of the same bf16 rows of h and W summed in f32; logp = zt - lse; qs_i; and q's target
+ *     entry (1 - exp(zt - lse)) / qs_i, from zt in f32 (1 - p from the rounded e would lose everything where
+ *     p is near 1). A row with a tile of its own shift (M > c_i: its largest logit more than HW_T above
+ *     those of column tile 0) is first brought to c_i = M in place, each tile times exp(m_c - M): rare, and
+ *     no slower than the pass it replaces.
+ * Memory: 1 GB of e written, against 2.1 GB written, 2.1 GB read and 1 GB written by cuBLAS and the pass,
+ * or the 1 GB read and rewritten by the rescaling pass the kernel needed when each tile had its own shift.
+ * Precision: q's entries are e rounded once to bf16 (relative 2^-9); lse and logp come from f32 products and
+ * f32 sums. Range: e <= exp(HW_T), so qs_i >= exp(-HW_T - log V), ~1e-22 at V = 32000, which keeps dlogp qs
+ * and its products with h and Z far above f32's and bf16's smallest normal numbers.
  *
  * The schedule: tiles in groups of HW_GM row tiles, row tiles fastest within a group, so the ~132 tiles
  * running at once span ~8 row tiles and ~16 column tiles (2 MB of h and 6 MB of W, both from L2), where a
@@ -32,20 +40,24 @@
 #include <m1c/cuda/wg_tile.cuh>
 
 enum { HW_GM = 8 }; /* row tiles a group of the schedule */
-enum { HW_FU = 8 }; /* hw_scale: 16-byte chunks a thread has in flight */
+/* How far (in nats) a tile's largest logit may lie above its row's shift c_i before the tile takes its own */
+#define HW_T 40.0f
 
 struct hw_params {
     CUtensorMap a, w, e;  /* h (N, H) and W (V, H) in boxes of 64 x 128; e = q (N, V) in boxes of 64 x 64 */
-    float2 *part;         /* (N, nb): row i's (m_c, s_c) for column tile c */
+    float2 *part;         /* (N, nb): row i's (m_c, s_c) for column tile c: its shift and sum of e */
+    float *shift;         /* (N): c_i, written by the launch over column tile 0, read by the other */
     int N, V, nk, nm, nb; /* rows, columns, K steps, row and column tiles */
+    int c0, c1;           /* this launch's column tiles: c0 .. c1 - 1 */
 };
 
 /* Tile t's first row m0 and column tile c (the grouped order above); false past the last. */
 static __device__ inline bool hw_tile(const hw_params &P, int t, int &m0, int &c) {
-    if (t >= P.nm * P.nb) return false;
-    const int per = HW_GM * P.nb, g = t / per, r = t - g * per;
+    const int nc = P.c1 - P.c0;
+    if (t >= P.nm * nc) return false;
+    const int per = HW_GM * nc, g = t / per, r = t - g * per;
     const int gm = P.nm - g * HW_GM < HW_GM ? P.nm - g * HW_GM : HW_GM;
-    m0 = (g * HW_GM + r % gm) * WT_BM, c = r / gm;
+    m0 = (g * HW_GM + r % gm) * WT_BM, c = P.c0 + r / gm;
     return true;
 }
 
@@ -56,12 +68,19 @@ static __device__ inline float hw_exp2(float x) {
 }
 
 /* Warpgroup w's epilogue of tile (m0, c): the accumulators' rows (layout of wgmma.cuh: row 16 warp +
- * lane / 4 + 8 h, columns 8 t + 2 (lane % 4) + {0, 1}, four threads a row) become exp(z - m_c), their max
- * and sum go to part; then wt_store_tile (wg_tile.cuh). In a last, partial column tile the
- * columns past V are set to -inf first (exp: 0), so the loops below compare nothing. */
+ * lane / 4 + 8 h, columns 8 t + 2 (lane % 4) + {0, 1}, four threads a row) become exp(z - shift), the
+ * shift and the sum go to part; then wt_store_tile (wg_tile.cuh). The shift: in column tile 0 the tile's
+ * max, which becomes the row's c_i; elsewhere c_i, or the tile's max m where m > c_i + HW_T. In a last,
+ * partial column tile the columns past V are set to -inf first (exp: 0), so the loops below compare
+ * nothing. */
 static __device__ inline void hw_epilogue(wt_smem &sm, const hw_params &P, float (&d)[128], int m0, int c, int w) {
     const float L2E = 1.4426950408889634f;
     const int lt = threadIdx.x % 128, q = lt % 4, lim = P.V - c * WT_BN - 2 * q; /* columns 8 t + e < lim exist */
+    const int r0 = m0 + 64 * w + 16 * (lt / 32) + lt % 32 / 4;
+    float ci[2] = {0.0f, 0.0f}; /* the rows' shifts, loaded before the reductions that wait on nothing else */
+    if (c > 0)
+#pragma unroll
+        for (int h = 0; h < 2; h++) ci[h] = r0 + 8 * h < P.N ? P.shift[r0 + 8 * h] : 0.0f;
     if (lim < WT_BN - 6) /* some of this thread's columns 8 t + {0, 1} (t < 32) are past V */
 #pragma unroll
         for (int t = 0; t < 32; t++)
@@ -70,7 +89,7 @@ static __device__ inline void hw_epilogue(wt_smem &sm, const hw_params &P, float
                 if (8 * t + e % 2 >= lim) d[4 * t + e] = -INFINITY;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        const int row = m0 + 64 * w + 16 * (lt / 32) + lt % 32 / 4 + 8 * h;
+        const int row = r0 + 8 * h;
         float m = -INFINITY;
 #pragma unroll
         for (int t = 0; t < 32; t++)
@@ -81,7 +100,7 @@ static __device__ inline void hw_epilogue(wt_smem &sm, const hw_params &P, float
             }
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-        const float ml = m * L2E;
+        const float sh = c == 0 || m > ci[h] + HW_T ? m : ci[h], ml = sh * L2E;
         float s = 0.0f;
 #pragma unroll
         for (int t = 0; t < 32; t++)
@@ -93,7 +112,10 @@ static __device__ inline void hw_epilogue(wt_smem &sm, const hw_params &P, float
             }
         s += __shfl_xor_sync(0xffffffffu, s, 1);
         s += __shfl_xor_sync(0xffffffffu, s, 2);
-        if (row < P.N && q == 0) P.part[(int64_t)row * P.nb + c] = make_float2(m, s);
+        if (row < P.N && q == 0) {
+            P.part[(int64_t)row * P.nb + c] = make_float2(sh, s);
+            if (c == 0) P.shift[row] = sh;
+        }
     }
     wt_store_tile(sm, w, &P.e, d, c * WT_BN, P.V, m0 + 64 * w); /* rows past N: dropped by the stores */
 }
@@ -129,18 +151,19 @@ __global__ static void __launch_bounds__(WT_THREADS, 1) hw_kernel(const __grid_c
 #endif
 }
 
-/* Row i's statistics, one warp a row: lse, logp, the target's q (pt, N floats) and each column tile's scale
- * -exp(m_c - lse) (0 on unscored rows) in place of m_c in part. H even. */
-__global__ static void __launch_bounds__(256) hw_stats(float *lse, float *logp, float *pt, float2 *part,
+/* Row i's statistics, one warp a row: lse, logp, qs and q's target entry; a row with tiles of their own
+ * shift first brought to its largest (see the top). H even, V % 8 == 0, q 16-byte aligned. */
+__global__ static void __launch_bounds__(256) hw_stats(float *lse, float *logp, float *qs, __nv_bfloat16 *q,
+                                                       const float2 *part, const float *shift,
                                                        const __nv_bfloat16 *h16, const __nv_bfloat16 *W16,
                                                        const int32_t *targets, int64_t N, int H, int V, int nb) {
     const int lane = threadIdx.x % 32;
     for (int64_t i = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < N;
          i += (int64_t)gridDim.x * (blockDim.x / 32)) {
-        float2 *p = part + i * nb;
+        const float2 *p = part + i * nb;
         const int32_t t = targets[i];
-        float m = -INFINITY, z = 0.0f;
-        for (int c = lane; c < nb; c += 32) m = fmaxf(m, p[c].x);
+        float m = -INFINITY, z = 0.0f, c = shift[i];
+        for (int k = lane; k < nb; k += 32) m = fmaxf(m, p[k].x);
         if (t >= 0 && t < V) { /* an unscored row (t < 0) or a target past V: zt = 0, as logsoftmax_rows_q */
             const __nv_bfloat162 *hr = reinterpret_cast<const __nv_bfloat162 *>(h16 + i * H),
                                  *wr = reinterpret_cast<const __nv_bfloat162 *>(W16 + (int64_t)t * H);
@@ -154,47 +177,30 @@ __global__ static void __launch_bounds__(256) hw_stats(float *lse, float *logp, 
             z += __shfl_xor_sync(0xffffffffu, z, o);
         }
         float s = 0.0f;
-        for (int c = lane; c < nb; c += 32) s += p[c].y * expf(p[c].x - m);
+        for (int k = lane; k < nb; k += 32) s += p[k].y * expf(p[k].x - m);
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        const float l = m + logf(s), on = t >= 0 ? 1.0f : 0.0f;
-        for (int c = lane; c < nb; c += 32) p[c].x = -on * expf(p[c].x - l);
-        if (lane == 0) {
-            lse[i] = l, pt[i] = on * (1.0f - expf(z - l)); /* the target's q; an unscored row's q is 0 */
-            if (logp) logp[i] = t >= 0 ? z - l : 0.0f;
-        }
-    }
-}
-
-/* q in place from e: each entry times its row's and column tile's scale, the target's entry pt (hw_stats);
- * rows by blocks, HW_FU 16-byte chunks a thread in flight. V % 8 == 0, q 16-byte aligned. */
-__global__ static void __launch_bounds__(256) hw_scale(__nv_bfloat16 *q, const float2 *part, const float *pt,
-                                                       const int32_t *targets, int64_t N, int V, int nb) {
-    const int n8 = V / 8;
-    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        const float2 *sc = part + i * nb;
-        const int32_t t = targets[i];
-        const float p = pt[i];
+        const float l = m + logf(s);
         uint4 *row = reinterpret_cast<uint4 *>(q + i * (int64_t)V);
-        for (int j0 = threadIdx.x; j0 < n8; j0 += HW_FU * blockDim.x) {
-            uint4 v[HW_FU]; /* HW_FU chunks in flight before any is written */
-#pragma unroll
-            for (int u = 0; u < HW_FU; u++)
-                if (j0 + u * (int)blockDim.x < n8) v[u] = row[j0 + u * blockDim.x];
-#pragma unroll
-            for (int u = 0; u < HW_FU; u++) {
-                const int j = j0 + u * blockDim.x;
-                if (j >= n8) break;
-                const float f = sc[j / (WT_BN / 8)].x;
-                uint32_t *w = reinterpret_cast<uint32_t *>(&v[u]);
+        if (m > c) { /* tiles of their own shift: every tile to shift m (factor 1 leaves the bits) */
+            for (int j = lane; j < V / 8; j += 32) {
+                const float f = expf(p[j / (WT_BN / 8)].x - m);
+                uint4 v = row[j];
+                uint32_t *u = reinterpret_cast<uint32_t *>(&v);
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
-                    float2 x = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 *>(&w[k]));
-                    x.x = 8 * j + 2 * k == t ? p : x.x * f;
-                    x.y = 8 * j + 2 * k + 1 == t ? p : x.y * f;
-                    w[k] = wt_pack(x.x, x.y);
+                    const float2 x = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 *>(&u[k]));
+                    u[k] = wt_pack(x.x * f, x.y * f);
                 }
-                row[j] = v[u];
+                row[j] = v;
             }
+            c = m;
+            __syncwarp(); /* the target's entry below is written after the rescaled one */
+        }
+        if (lane == 0) {
+            const float on = t >= 0 ? 1.0f : 0.0f; /* an unscored row: qs = 0 */
+            lse[i] = l, qs[i] = -on * expf(c - l);
+            if (logp) logp[i] = t >= 0 ? z - l : 0.0f;
+            if (t >= 0 && t < V) q[i * V + t] = __float2bfloat16_rn(-(1.0f - expf(z - l)) * expf(l - c));
         }
     }
 }
@@ -209,34 +215,36 @@ static inline int hw_map(tma_encode_fn enc, CUtensorMap *m, const void *base, in
 /* Column tiles of a row (part's row length). */
 static inline int hw_col_tiles(int V) { return (V + WT_BN - 1) / WT_BN; }
 
-/* Scratch floats hw_forward needs for N rows of V columns. */
+/* Scratch floats hw_forward needs for N rows of V columns: part, then shift. */
 static inline int64_t hw_scratch_floats(int64_t N, int V) { return N * (2 * (int64_t)hw_col_tiles(V) + 1); }
 
-/* Queues the three launches on s: h16 (N, H) and W16 (V, H) bf16, q (N, V) bf16 written, lse, logp (may be
- * NULL) written, scratch (hw_scratch_floats, 8-byte aligned); grid: blocks of hw_kernel (one per SM), fin:
- * of the passes. 0, or -1 where the sizes or pointers do not fit or a map cannot be made (nothing queued).
- * hw_kernel's shared memory must have been allowed (hw_allow). */
+/* Queues the three launches on s: h16 (N, H) and W16 (V, H) bf16, q (N, V) bf16 and qs (N) written, lse,
+ * logp (may be NULL) written, scratch (hw_scratch_floats, 8-byte aligned); grid: blocks of hw_kernel (one
+ * per SM), fin: of hw_stats. 0, or -1 where the sizes or pointers do not fit or a map cannot be made
+ * (nothing queued). hw_kernel's shared memory must have been allowed (hw_allow). */
 static inline int hw_forward(tma_encode_fn enc, int grid, int fin, cudaStream_t s, float *lse, float *logp, void *q,
-                             const void *h16, const void *W16, const int32_t *targets, float *scratch, int64_t N, int H,
-                             int V) {
-    if (N <= 0 || N >= (1ll << 31) - WT_BM || H % 8 || V % 8 || !q || !h16 || !W16 ||
+                             float *qs, const void *h16, const void *W16, const int32_t *targets, float *scratch,
+                             int64_t N, int H, int V) {
+    if (N <= 0 || N >= (1ll << 31) - WT_BM || H % 8 || V % 8 || !q || !qs || !h16 || !W16 ||
         ((uintptr_t)q | (uintptr_t)h16 | (uintptr_t)W16) & 15)
         return -1;
     hw_params P;
     if (hw_map(enc, &P.a, h16, N, H, WT_BM, WT_BK) || hw_map(enc, &P.w, W16, V, H, WT_BN / 2, WT_BK) ||
         hw_map(enc, &P.e, q, N, V, 64, 64))
         return -1;
-    float2 *part = reinterpret_cast<float2 *>(scratch);
-    float *pt = scratch + 2 * N * hw_col_tiles(V);
-    P.part = part;
+    P.part = reinterpret_cast<float2 *>(scratch);
+    P.shift = scratch + 2 * N * hw_col_tiles(V);
     P.N = (int)N, P.V = V, P.nk = (H + WT_BK - 1) / WT_BK;
     P.nm = (int)((N + WT_BM - 1) / WT_BM), P.nb = hw_col_tiles(V);
-    const int64_t tiles = (int64_t)P.nm * P.nb;
-    hw_kernel<<<(int)(tiles < grid ? tiles : grid), WT_THREADS, wg_smem_bytes<wt_smem>(), s>>>(P);
+    for (int pass = 0; pass < 2 && pass < P.nb; pass++) { /* column tile 0 (the shifts), then the others */
+        P.c0 = pass, P.c1 = pass ? P.nb : 1;
+        const int64_t tiles = (int64_t)P.nm * (P.c1 - P.c0);
+        hw_kernel<<<(int)(tiles < grid ? tiles : grid), WT_THREADS, wg_smem_bytes<wt_smem>(), s>>>(P);
+    }
     const int rows = (int)(N < fin ? N : fin);
-    hw_stats<<<(rows + 7) / 8, 256, 0, s>>>(lse, logp, pt, part, (const __nv_bfloat16 *)h16,
-                                            (const __nv_bfloat16 *)W16, targets, N, H, V, P.nb);
-    hw_scale<<<rows, 256, 0, s>>>((__nv_bfloat16 *)q, part, pt, targets, N, V, P.nb);
+    hw_stats<<<(rows + 7) / 8, 256, 0, s>>>(lse, logp, qs, (__nv_bfloat16 *)q, P.part, P.shift,
+                                            (const __nv_bfloat16 *)h16, (const __nv_bfloat16 *)W16, targets, N, H, V,
+                                            P.nb);
     return 0;
 }
 

@@ -18,6 +18,9 @@
 
 #include "backend.h"
 #include "ops.h"
+extern "C" {
+#include "../ops.h" /* the layout of the head's q (m1c_head_q_scale_at) */
+}
 #include "reduce.cuh"
 #include "head_wg.cuh"
 
@@ -746,8 +749,9 @@ static void head_gemm(int precision, int ta, int tb, int M, int N, int K, head_o
  * (launched with few enough blocks that their rows stay in L2), writes q = onehot - softmax in bf16: the
  * backward's dlogits up to the factor dlogp of each row (0 for an unscored row). */
 template <int W, bool Q>
-__global__ static void __launch_bounds__(1024) logsoftmax_rows(float *lse, float *logp, __nv_bfloat16 *q, const float *logits,
-                                       const int32_t *targets, int64_t N, int V) {
+__global__ static void __launch_bounds__(1024) logsoftmax_rows(float *lse, float *logp, __nv_bfloat16 *q, float *qs,
+                                                               const float *logits, const int32_t *targets, int64_t N,
+                                                               int V) {
     __shared__ float sh[32];
     const int step = blockDim.x * W;
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
@@ -773,6 +777,7 @@ __global__ static void __launch_bounds__(1024) logsoftmax_rows(float *lse, float
         if (threadIdx.x == 0) {
             lse[i] = l;
             if (logp) logp[i] = targets[i] >= 0 ? z[targets[i]] - l : 0.0f;
+            if constexpr (Q) qs[i] = 1.0f; /* q is onehot - softmax itself */
         }
         if constexpr (Q) {
             const int32_t t = targets[i];
@@ -825,8 +830,8 @@ __device__ static inline void lsm_wait(uint64_t *bar, uint32_t parity) {
 #endif
 
 __global__ static void __launch_bounds__(LSM_T) logsoftmax_rows_q(float *lse, float *logp, __nv_bfloat16 *q,
-                                                                  const float *logits, const int32_t *targets,
-                                                                  int64_t N, int V) {
+                                                                  float *qs, const float *logits,
+                                                                  const int32_t *targets, int64_t N, int V) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ float4 row[]; /* V floats: the row being read */
     __shared__ float sh[32];
@@ -869,7 +874,7 @@ __global__ static void __launch_bounds__(LSM_T) logsoftmax_rows_q(float *lse, fl
         s = block_reduce(s, sh, 0.0f, red_add());
         const float l = M + logf(s), r = 1.0f / s; /* the same bits in every thread (block_reduce) */
         if (tid == 0) {
-            lse[i] = l;
+            lse[i] = l, qs[i] = 1.0f; /* q is onehot - softmax itself */
             if (logp) logp[i] = t >= 0 ? zt - l : 0.0f;
         }
         const float on = t >= 0 ? 1.0f : 0.0f; /* an unscored row: q = 0 */
@@ -902,14 +907,14 @@ static bool lsm_q_fits(int V) {
     return fits;
 }
 
-/* dh (N, H) += g Z with g = dlogp of the row (0 unscored: dh unchanged), Z the head's q W; W columns per
- * access (4: 16-byte accesses, H % 4 == 0 and the rows aligned). */
+/* dh (N, H) += g Z with g = dlogp qs of the row (unscored: dh unchanged), Z the head's q W; W columns
+ * per access (4: 16-byte accesses, H % 4 == 0 and the rows aligned). */
 template <int W>
-__global__ static void head_add_rows(float *dh, const float *Z, const float *dlogp, const int32_t *targets, int64_t N,
-                                     int H) {
+__global__ static void head_add_rows(float *dh, const float *Z, const float *dlogp, const float *qs,
+                                     const int32_t *targets, int64_t N, int H) {
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
         if (targets[i] < 0) continue;
-        const float g = dlogp[i];
+        const float g = dlogp[i] * qs[i];
         for (int c = threadIdx.x * W; c < H; c += blockDim.x * W) {
             float d[W], z[W];
             ld<W>(d, dh + i * H, c), ld<W>(z, Z + i * H, c);
@@ -920,12 +925,13 @@ __global__ static void head_add_rows(float *dh, const float *Z, const float *dlo
     }
 }
 
-/* hs (N, H) = bf16(g h) with g as above: the second operand of dW += q^T (g h), rounded once from f32. */
+/* hs (N, H) = bf16(g h) with g as above (0 unscored): the second operand of dW += q^T (g h), rounded once
+ * from f32. */
 template <int W>
-__global__ static void head_scale_rows(__nv_bfloat16 *hs, const float *h, const float *dlogp, const int32_t *targets,
-                                       int64_t N, int H) {
+__global__ static void head_scale_rows(__nv_bfloat16 *hs, const float *h, const float *dlogp, const float *qs,
+                                       const int32_t *targets, int64_t N, int H) {
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        const float g = targets[i] >= 0 ? dlogp[i] : 0.0f;
+        const float g = targets[i] >= 0 ? dlogp[i] * qs[i] : 0.0f;
         for (int c = threadIdx.x * W; c < H; c += blockDim.x * W) {
             float x[W];
             ld<W>(x, h + i * H, c);
@@ -1015,14 +1021,19 @@ extern "C" int m1c_cuda_head_path(int H, int V) {
     return !st->avail ? -1 : !st->enc ? -2 : hw_sizes(H, V);
 }
 
+/* The row scales that follow q (core/ops.h: m1c_head_q_scale_at). */
+static float *head_qs(const void *q, int64_t N, int V) {
+    return (float *)((char *)q + m1c_head_q_scale_at(N, V));
+}
+
 /* The training forward at precision 2 through head_wg.cuh: true if queued (the logits are not written). */
-static bool head_forward_wg(float *lse, float *logp, void *q, const void *h16, const void *W16, const int32_t *targets,
-                            int64_t N, int H, int V) {
+static bool head_forward_wg(float *lse, float *logp, void *q, float *qs, const void *h16, const void *W16,
+                            const int32_t *targets, int64_t N, int H, int V) {
     const hw_state *st = hw_get();
     if (!st->enc || !hw_sizes(H, V)) return false;
     float *scratch = (float *)cached(SLOT_HEAD_PART, hw_scratch_floats(N, V), sizeof(float), "LM head");
     if (!scratch) return true; /* the failure is kept (cached): nothing to run */
-    if (hw_forward(st->enc, st->grid, 8 * st->grid, cs(), lse, logp, q, h16, W16, targets, scratch, N, H, V))
+    if (hw_forward(st->enc, st->grid, 8 * st->grid, cs(), lse, logp, q, qs, h16, W16, targets, scratch, N, H, V))
         return false;
     check_launch("head forward (Hopper)");
     return true;
@@ -1034,22 +1045,23 @@ extern "C" void m1c_cuda_head_forward(int precision, float *logits, float *lse, 
     if (N <= 0) return;
     const head_op A = head_operand(precision, h, N * H, SLOT_A16, SLOT_AH, SLOT_AL);
     const head_op B = head_weight(precision, W, W_lp, (int64_t)V * H);
-    if (q && precision == 2 && head_forward_wg(lse, logp, q, A.x, B.x, targets, N, H, V)) return;
+    float *qs = q ? head_qs(q, N, V) : NULL;
+    if (q && precision == 2 && head_forward_wg(lse, logp, q, qs, A.x, B.x, targets, N, H, V)) return;
     head_gemm(precision, 0, 1, (int)N, V, H, A, H, B, H, 0.0f, logits, V);
     const bool vec = V % 4 == 0 && aligned16(logits) && ((uintptr_t)q & 7u) == 0;
     __nv_bfloat16 *qb = (__nv_bfloat16 *)q;
     if (q && precision == 2) { /* one block of 1024 per SM: its ~132 rows in flight (17 MB at V 32000) stay in L2 */
         const int g = (int)(N < sm_count() ? N : sm_count());
         if (vec && lsm_q_fits(V))
-            logsoftmax_rows_q<<<g, LSM_T, (size_t)V * 4, cs()>>>(lse, logp, qb, logits, targets, N, V);
+            logsoftmax_rows_q<<<g, LSM_T, (size_t)V * 4, cs()>>>(lse, logp, qb, qs, logits, targets, N, V);
         else if (vec)
-            logsoftmax_rows<4, true><<<g, 1024, 0, cs()>>>(lse, logp, qb, logits, targets, N, V);
+            logsoftmax_rows<4, true><<<g, 1024, 0, cs()>>>(lse, logp, qb, qs, logits, targets, N, V);
         else
-            logsoftmax_rows<1, true><<<g, 1024, 0, cs()>>>(lse, logp, qb, logits, targets, N, V);
+            logsoftmax_rows<1, true><<<g, 1024, 0, cs()>>>(lse, logp, qb, qs, logits, targets, N, V);
     } else if (vec) {
-        logsoftmax_rows<4, false><<<grid_for(N, 1), 256, 0, cs()>>>(lse, logp, NULL, logits, targets, N, V);
+        logsoftmax_rows<4, false><<<grid_for(N, 1), 256, 0, cs()>>>(lse, logp, NULL, NULL, logits, targets, N, V);
     } else {
-        logsoftmax_rows<1, false><<<grid_for(N, 1), 256, 0, cs()>>>(lse, logp, NULL, logits, targets, N, V);
+        logsoftmax_rows<1, false><<<grid_for(N, 1), 256, 0, cs()>>>(lse, logp, NULL, NULL, logits, targets, N, V);
     }
     check_launch("head log-softmax");
 }
@@ -1084,24 +1096,25 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, int 
     }
     const int64_t NV = N * V;
     if (q && precision == 2) {
-        /* dlogits = g q with g = dlogp per row: dh += g (q W), dW += q^T (g h); no pass over the logits.
+        /* dlogits = g q with g = dlogp qs per row: dh += g (q W), dW += q^T (g h); no pass over the logits.
          * q W may have been queued at the end of the forward (m1c_cuda_head_prepare). */
         const head_op Q = {q, NULL};
+        const float *qs = head_qs(q, N, V);
         float *Z = ahead_claim(ahead(AHEAD_HEAD), q, N) ? (float *)cached(SLOT_Z, N * H, 4, "LM head")
                                                         : head_z_product(precision, q, W, W_lp, N, H, V);
         if (!Z) return;
         const bool v4 = H % 4 == 0 && aligned16(dh) && aligned16(h); /* Z and hs are cudaMalloc'd */
         if (v4)
-            head_add_rows<4><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, targets, N, H);
+            head_add_rows<4><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, qs, targets, N, H);
         else
-            head_add_rows<1><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, targets, N, H);
+            head_add_rows<1><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, qs, targets, N, H);
         check_launch("head dh rows");
         __nv_bfloat16 *hs = (__nv_bfloat16 *)cached(SLOT_B16, N * H, 2, "LM head"); /* after W's product */
         if (!hs) return;
         if (v4)
-            head_scale_rows<4><<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, targets, N, H);
+            head_scale_rows<4><<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, qs, targets, N, H);
         else
-            head_scale_rows<1><<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, targets, N, H);
+            head_scale_rows<1><<<grid_for(N, 1), 256, 0, cs()>>>(hs, h, dlogp, qs, targets, N, H);
         check_launch("head scaled rows");
         head_gemm(precision, 1, 0, V, H, (int)N, Q, V, head_op{hs, NULL}, H, dw_beta, dW, H);
         return;
