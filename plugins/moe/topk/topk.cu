@@ -2,10 +2,10 @@
  *
  * Forward: (jitter) -> router logits in f32 from the f32 input (BF16 too: routing equals the CPU's; a
  * kernel of its own, router_logits_kernel: only E columns) -> softmax + top-k + renormalisation, one
- * thread per token -> capacity and a stable counting sort by expert (chunked ranks in token order, so
- * the same assignments are dropped as on the CPU; offsets; a scatter places the rows) -> aux loss
- * (partial sums in double, one block for the total) -> gather rows (cast to the compute dtype) -> gate/up
- * GEMMs -> SwiGLU -> down GEMMs into rows Y of the compute dtype -> combine: each token gathers its k
+ * lane per token at the end of the same kernel -> capacity and a stable counting sort by expert (chunked
+ * ranks in token order, so the same assignments are dropped as on the CPU; offsets; a scatter places the
+ * rows) -> aux loss (partial sums in double, one block for the total) -> gather rows (cast to the compute
+ * dtype) -> gate/up GEMMs -> SwiGLU -> down GEMMs into rows Y of the compute dtype -> combine: each token gathers its k
  * expert rows (no atomics, fixed order).
  * Backward mirrors topk.c: router backward, one warp per token (d weights, renormalisation, aux loss,
  * softmax) with the weighted d rows -> dWd, d act GEMMs -> SwiGLU backward -> dWgu, d x rows GEMMs ->
@@ -83,13 +83,21 @@ __global__ void jitter_kernel(float *noise, float *xr, const float *in, int64_t 
     }
 }
 
-/* Per token (one thread): softmax of the logits in probs (in place), top-k, combine weights, by the
- * CPU reference's own code (../topk_route.h). */
-__global__ void router_kernel(float *probs, int32_t *idx, float *w, int N, int E, int k, int normalize) {
-    pdl_start();
-    const int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= N) return;
-    topk_route_token(probs + (int64_t)n * E, idx + (int64_t)n * k, w + (int64_t)n * k, E, k, normalize);
+/* One token's routing (softmax of its logits in p, in place; top-k; combine weights) by the CPU
+ * reference's own code (../topk_route.h), on copies in registers or local memory where E <= 8 (the global
+ * row read and written once instead of at every step of the loops). */
+static __device__ inline void route_token(float *p, int32_t *id, float *w, int E, int k, int normalize) {
+    if (E > 8) {
+        topk_route_token(p, id, w, E, k, normalize);
+        return;
+    }
+    float pl[8];
+    int32_t il[8];
+    float wl[8];
+    for (int e = 0; e < E; e++) pl[e] = p[e];
+    topk_route_token(pl, il, wl, E, k, normalize);
+    for (int e = 0; e < E; e++) p[e] = pl[e];
+    for (int j = 0; j < k; j++) id[j] = il[j], w[j] = wl[j];
 }
 
 /* Capacity and the stable counting sort, in three passes over chunks of RK_CHUNK assignments (token
@@ -315,16 +323,20 @@ static __device__ __forceinline__ double warp_sum(double v) {
     return v;
 }
 
-/* logits[n, e] = sum_c x[n, c] Wr[e, c]. A warp takes LG_TOK tokens and LG_EXP experts at a time (one
- * Wr load serves LG_TOK tokens), its lanes V columns each; the 32 per-lane sums are reduced so that lane
- * l holds (token l / LG_EXP, expert l % LG_EXP). Each warp has one round of x loads in flight at a time,
- * so what keeps DRAM busy is the number of warps: LG_MIN_BLOCKS per multiprocessor caps the registers
- * at 64, so that the whole grid of the training shape (16384 tokens: 1024 blocks) is resident at once
- * (at 80 registers only 6 blocks fit: 792 on 132 multiprocessors, then a thin second wave of 232). */
+/* logits[n, e] = sum_c x[n, c] Wr[e, c], then (idx not NULL) each token routed (route_token) by a lane of
+ * the warp that made its logits: the softmax in place of the logits, idx and w (N, k); a separate kernel
+ * for the routing cost ~20 us a layer on an H100, most of it the launch and its wait. A warp takes LG_TOK
+ * tokens and LG_EXP experts at a time (one Wr load serves LG_TOK tokens), its lanes V columns each; the 32
+ * per-lane sums are reduced so that lane l holds (token l / LG_EXP, expert l % LG_EXP). Each warp has one
+ * round of x loads in flight at a time, so what keeps DRAM busy is the number of warps: LG_MIN_BLOCKS per
+ * multiprocessor caps the registers at 64, so that the whole grid of the training shape (16384 tokens: 1024
+ * blocks) is resident at once (at 80 registers only 6 blocks fit: 792 on 132 multiprocessors, then a thin
+ * second wave of 232). */
 enum { LG_TOK = 4, LG_EXP = 8, LG_WARPS = 4, LG_MIN_BLOCKS = 8 };
 template <int V>
 __global__ void __launch_bounds__(LG_WARPS * 32, LG_MIN_BLOCKS)
-    router_logits_kernel(float *logits, const float *x, const float *Wr, int N, int H, int E) {
+    router_logits_kernel(float *logits, const float *x, const float *Wr, int N, int H, int E, int32_t *idx, float *w,
+                         int k, int normalize) {
     pdl_start();
     static_assert(LG_TOK * LG_EXP == 32, "one reduced value per lane");
     const int lane = threadIdx.x % 32;
@@ -358,6 +370,10 @@ __global__ void __launch_bounds__(LG_WARPS * 32, LG_MIN_BLOCKS)
         const int t = lane / LG_EXP, e = e0 + lane % LG_EXP;
         if (n0 + t < N && e < E) logits[(n0 + t) * E + e] = sum;
     }
+    if (!idx) return;
+    __syncwarp(); /* the other lanes' logits written before lane t reads its token's row */
+    const int64_t n = n0 + lane;
+    if (lane < LG_TOK && n < N) route_token(logits + n * E, idx + n * k, w + n * k, E, k, normalize);
 }
 
 /* dWr partial sums: out[ch, e, c] = sum over chunk ch's tokens n (in order) of dlog[n, e] * xr[n, c],
@@ -1144,14 +1160,16 @@ static unsigned row_threads(int H, int V) {
     return (unsigned)(t < 256 ? t : 256);
 }
 
-/* logits (N, E) = x (N, H) Wr^T. */
+/* logits (N, E) = x (N, H) Wr^T, then the routing: a->probs, a->idx and a->w (router_logits_kernel). */
 static int router_logits(const topk_cuda_args *a, cudaStream_t s, float *logits, const float *x) {
     const m1c_host *h = a->h;
     const unsigned blocks = (unsigned)((a->N + LG_TOK * LG_WARPS - 1) / (LG_TOK * LG_WARPS));
     if (a->H % 4 == 0 && moe_al16(x) && moe_al16(a->Wr))
-        (void)pdl_launch(router_logits_kernel<4>, blocks, LG_WARPS * 32, 0, s, logits, x, a->Wr, a->N, a->H, a->E);
+        (void)pdl_launch(router_logits_kernel<4>, blocks, LG_WARPS * 32, 0, s, logits, x, a->Wr, a->N, a->H, a->E,
+                         a->idx, a->w, a->k, a->normalize);
     else
-        (void)pdl_launch(router_logits_kernel<1>, blocks, LG_WARPS * 32, 0, s, logits, x, a->Wr, a->N, a->H, a->E);
+        (void)pdl_launch(router_logits_kernel<1>, blocks, LG_WARPS * 32, 0, s, logits, x, a->Wr, a->N, a->H, a->E,
+                         a->idx, a->w, a->k, a->normalize);
     MOE_LAUNCH_CHECK(h, "router_logits_kernel");
     return M1C_OK;
 }
@@ -1321,11 +1339,8 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         xr = a->xr;
         prof_mark(pf, "jitter");
     }
-    /* Router logits in f32 (both compute dtypes), then softmax / top-k. */
+    /* Router logits in f32 (both compute dtypes), then softmax / top-k in the same kernel. */
     CALL(router_logits(a, s, a->probs, xr));
-    prof_mark(pf, "router_logits");
-    (void)pdl_launch(router_kernel, (N + 127) / 128, 128, 0, s, a->probs, a->idx, a->w, N, E, k, a->normalize);
-    MOE_LAUNCH_CHECK(h, "router_kernel");
     prof_mark(pf, "router");
 
     /* Capacity and the counting sort. The per-chunk count table lives in dlog (backward scratch, free
