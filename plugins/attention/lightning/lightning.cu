@@ -80,9 +80,12 @@ __device__ static inline float ld(const bf16 *p, int64_t i) { return __bfloat162
 __device__ static inline float rnd(float v, const float *) { return v; }
 __device__ static inline float rnd(float v, const bf16 *) { return __bfloat162float(__float2bfloat16(v)); }
 
-/* sigmoid through e = exp(-|x|) <= 1: no overflow, full relative accuracy for x < 0 (as on the CPU). */
+/* sigmoid through e = exp(-|x|) <= 1: no overflow, full relative accuracy for x < 0 (as on the CPU). The
+ * fast exponential and division (ex2.approx, a reciprocal: ~2e-7 relative each below |x| ~ 10, ~1e-6 at 30,
+ * before any bf16 rounding of 2^-9) instead of expf and IEEE division, ~20 instructions fewer: the SiLU
+ * and norm-gate passes call it once or twice an element, and the norm-gate backward was bound by issue. */
 __device__ static inline float sigm(float x) {
-    const float e = expf(-fabsf(x)), s = 1.0f / (1.0f + e);
+    const float e = __expf(-fabsf(x)), s = __fdividef(1.0f, 1.0f + e);
     return x >= 0.0f ? s : e * s;
 }
 
@@ -548,6 +551,63 @@ __global__ static void k_norm_gate_backward(A *dO, A *dOd, A *dg, const float *d
  * 48 KiB any block may use without opting in. */
 enum { NG_MAXW = 8, NG_CHUNKS = 512, NG_SHMEM = 48 * 1024 };
 
+/* The second pass over a row of the norm and gate backward (k_norm_gate_backward_rows and _regs): from
+ * the row's dy (D floats), O (head-major: the token's head 0 element), g, rstd rs and mean, its dO (at the
+ * same head-major place) and dg, and with DW the products that sum into the weight gradient added into acc
+ * (the warp's D floats of shared memory). */
+template <bool DW>
+__device__ static inline void norm_gate_bwd_row(bf16 *dO, bf16 *dg, float *acc, const float *dy, const bf16 *O,
+                                                const bf16 *g, const float *w, float rs, float mean, int D, int T,
+                                                int hd, fastdiv fhd, int lane) {
+    constexpr int STEP = 32 * 8;
+#pragma unroll 1
+    for (int c = lane * 8; c < D; c += STEP) { /* again: just read, from L1 */
+        float d[8], wv[8];
+        const int64_t at = hm_off(c, hd, fhd, T);
+        const uint4 ou = *reinterpret_cast<const uint4 *>(O + at);
+        const uint4 gu = *reinterpret_cast<const uint4 *>(g + c);
+        vec_ld<8>(d, dy + c), vec_ld<8>(wv, w + c);
+        const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
+        const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gu);
+        uint4 dou, dgu;
+        __nv_bfloat162 *do2 = reinterpret_cast<__nv_bfloat162 *>(&dou), *dg2 = reinterpret_cast<__nv_bfloat162 *>(&dgu);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float2 of = __bfloat1622float2(o2[k]), gf = __bfloat1622float2(g2[k]);
+            float ra[2], rb[2], sa[2];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int j = 2 * k + e;
+                const float ov = e ? of.y : of.x, nc = ov * rs, sg = sigm(e ? gf.y : gf.x);
+                ra[e] = rs * (d[j] * wv[j] * sg - nc * mean);
+                rb[e] = d[j] * nc * wv[j] * sg * (1.0f - sg);
+                sa[e] = d[j] * ov * rs * sg;
+            }
+            do2[k] = __floats2bfloat162_rn(ra[0], ra[1]);
+            dg2[k] = __floats2bfloat162_rn(rb[0], rb[1]);
+            if constexpr (DW) {
+                float2 *a2 = reinterpret_cast<float2 *>(acc + c) + k;
+                const float2 old = *a2;
+                *a2 = make_float2(old.x + sa[0], old.y + sa[1]);
+            }
+        }
+        *reinterpret_cast<uint4 *>(dO + at) = dou;
+        *reinterpret_cast<uint4 *>(dg + c) = dgu;
+    }
+}
+
+/* Block sums of the warps' weight-gradient sums (D floats each in shared memory) into part's row. */
+__device__ static inline void ng_part_sums(float *part, const float4 *sm, int D) {
+    __syncthreads();
+    const float *sh = reinterpret_cast<const float *>(sm);
+    const int warps = blockDim.x / 32;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        float sum = 0.0f;
+        for (int k = 0; k < warps; k++) sum += sh[(int64_t)k * D + c];
+        part[(int64_t)blockIdx.x * D + c] = sum;
+    }
+}
+
 /* Norm and gate backward for the fused path (bf16, hd % 8 == 0, head-major O of (B*nh, T, hd)), the same
  * formulas as k_norm_gate_backward: n = o rstd, sg = sigmoid(g), d o = rstd (dy w sg - n mean(dy w sg n))
  * into the head-major dO, d gate pre = dy n w sg (1 - sg) into dg; g and dg in rows of ldg (4D: beside the
@@ -595,50 +655,64 @@ __global__ static void __launch_bounds__(32 * NG_MAXW, 4)
             }
         }
         const float mean = m1c_warp_sum(dot) * rs / (float)D;
-#pragma unroll 1
-        for (int c = lane * 8; c < D; c += STEP) { /* again: just read, from L1 */
-            float d[8], wv[8];
-            const int64_t at = ot + hm_off(c, hd, fhd, T);
-            const uint4 ou = *reinterpret_cast<const uint4 *>(O + at);
-            const uint4 gu = *reinterpret_cast<const uint4 *>(g + gbase + c);
-            vec_ld<8>(d, dy + base + c), vec_ld<8>(wv, w + c);
-            const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ou);
-            const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gu);
-            uint4 dou, dgu;
-            __nv_bfloat162 *do2 = reinterpret_cast<__nv_bfloat162 *>(&dou), *dg2 = reinterpret_cast<__nv_bfloat162 *>(&dgu);
+        norm_gate_bwd_row<DW>(dO + ot, dg + gbase, acc, dy + base, O + ot, g + gbase, w, rs, mean, D, T, hd, fhd, lane);
+    }
+    if constexpr (DW) ng_part_sums(part, ng_acc, D);
+}
+
+/* k_norm_gate_backward_rows<true> where D = 256 NC (NC <= 4): the first pass issues a lane's NC chunks of
+ * dy, O and g at once (the loop above has one chunk's loads in flight a warp, a latency-bound pass); the
+ * second reads them again, from L1 or L2, as above. The same operations in the same order: the same bits.
+ * (Keeping the chunks in registers for the second pass spilled: the compiler keeps the sigmoids too.) */
+template <int NC>
+__global__ static void __launch_bounds__(32 * NG_MAXW, NC == 1 ? 4 : NC == 2 ? 3 : 2)
+    k_norm_gate_backward_regs(bf16 *dO, bf16 *dg, float *part, const float *dy, const bf16 *O, const bf16 *g,
+                              int64_t ldg, const float *w, const float *rstd, int N, int T, int nh, int hd, fastdiv fhd,
+                              int64_t per) {
+    pdl_start();
+    extern __shared__ float4 ng_acc[]; /* (warps, D); float4 for 16-byte alignment */
+    constexpr int D = 256 * NC, STEP = 32 * 8;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    float *acc = reinterpret_cast<float *>(ng_acc) + (int64_t)warp * D;
+    {
+        const float z[8] = {};
+#pragma unroll
+        for (int j = 0; j < NC; j++) vec_st<8>(acc + lane * 8 + STEP * j, z);
+    }
+    const int64_t i0 = blockIdx.x * per, i1 = i0 + per < N ? i0 + per : N;
+    for (int64_t row = i0 + warp; row < i1; row += warps) { /* uniform in the warp: the shuffle sees all lanes */
+        const int64_t base = row * D, gbase = row * ldg;
+        const int64_t ot = ((row / T) * nh * T + row % T) * hd; /* head-major: head h's columns at ot + h T hd */
+        uint4 ou[NC], gu[NC];
+        float d[NC][8];
+#pragma unroll
+        for (int j = 0; j < NC; j++) {
+            const int c = lane * 8 + STEP * j;
+            ou[j] = *reinterpret_cast<const uint4 *>(O + ot + hm_off(c, hd, fhd, T));
+            gu[j] = *reinterpret_cast<const uint4 *>(g + gbase + c);
+            vec_ld<8>(d[j], dy + base + c);
+        }
+        const float rs = rstd[row];
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NC; j++) {
+            float wv[8];
+            vec_ld<8>(wv, w + lane * 8 + STEP * j);
+            const uint4 oj = ou[j], gj = gu[j];
+            const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&oj);
+            const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(&gj);
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 const float2 of = __bfloat1622float2(o2[k]), gf = __bfloat1622float2(g2[k]);
-                float ra[2], rb[2], sa[2];
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = 2 * k + e;
-                    const float ov = e ? of.y : of.x, nc = ov * rs, sg = sigm(e ? gf.y : gf.x);
-                    ra[e] = rs * (d[j] * wv[j] * sg - nc * mean);
-                    rb[e] = d[j] * nc * wv[j] * sg * (1.0f - sg);
-                    sa[e] = d[j] * ov * rs * sg;
-                }
-                do2[k] = __floats2bfloat162_rn(ra[0], ra[1]);
-                dg2[k] = __floats2bfloat162_rn(rb[0], rb[1]);
-                if constexpr (DW) {
-                    float2 *a2 = reinterpret_cast<float2 *>(acc + c) + k;
-                    const float2 old = *a2;
-                    *a2 = make_float2(old.x + sa[0], old.y + sa[1]);
-                }
+                dot += d[j][2 * k] * wv[2 * k] * sigm(gf.x) * of.x;
+                dot += d[j][2 * k + 1] * wv[2 * k + 1] * sigm(gf.y) * of.y;
             }
-            *reinterpret_cast<uint4 *>(dO + at) = dou;
-            *reinterpret_cast<uint4 *>(dg + gbase + c) = dgu;
         }
+        const float mean = m1c_warp_sum(dot) * rs / (float)D;
+        norm_gate_bwd_row<true>(dO + ot, dg + gbase, acc, dy + base, O + ot, g + gbase, w, rs, mean, D, T, hd, fhd,
+                                lane);
     }
-    if constexpr (DW) {
-        __syncthreads();
-        const float *sh = reinterpret_cast<const float *>(ng_acc);
-        for (int c = threadIdx.x; c < D; c += blockDim.x) {
-            float sum = 0.0f;
-            for (int k = 0; k < warps; k++) sum += sh[(int64_t)k * D + c];
-            part[(int64_t)blockIdx.x * D + c] = sum;
-        }
-    }
+    ng_part_sums(part, ng_acc, D);
 }
 
 /* ---- host side ---------------------------------------------------------------------------------------- */
@@ -1174,8 +1248,28 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
     const fastdiv fhd = fastdiv_of(c->hd);
     const int64_t lg = ld_gate(c);
     if (W > 0) {
-        (void)pdl_launch(k_norm_gate_backward_rows<true>, chunks, 32 * W, (size_t)W * D * sizeof(float), s, dO, dg,
-                         part, dy, O, g, lg, w, rstd, N, d->T, c->nh, c->hd, fhd, per);
+        const size_t sm = (size_t)W * D * sizeof(float);
+        switch (D % 256 ? 0 : D / 256) { /* the row in registers where D = 256 NC, NC <= 4 */
+        case 1:
+            (void)pdl_launch(k_norm_gate_backward_regs<1>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd, N,
+                             d->T, c->nh, c->hd, fhd, per);
+            break;
+        case 2:
+            (void)pdl_launch(k_norm_gate_backward_regs<2>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd, N,
+                             d->T, c->nh, c->hd, fhd, per);
+            break;
+        case 3:
+            (void)pdl_launch(k_norm_gate_backward_regs<3>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd, N,
+                             d->T, c->nh, c->hd, fhd, per);
+            break;
+        case 4:
+            (void)pdl_launch(k_norm_gate_backward_regs<4>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd, N,
+                             d->T, c->nh, c->hd, fhd, per);
+            break;
+        default:
+            (void)pdl_launch(k_norm_gate_backward_rows<true>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd,
+                             N, d->T, c->nh, c->hd, fhd, per);
+        }
         if (launched(c, "norm_gate_backward_rows")) return M1C_ERR;
         (void)m1c_colsum_add_launch(dw, part, chunks, D, s);
         return launched(c, "colsum_add");
