@@ -1033,7 +1033,7 @@ static bool head_forward_wg(float *lse, float *logp, void *q, float *qs, const v
     if (!st->enc || !hw_sizes(H, V)) return false;
     float *scratch = (float *)cached(SLOT_HEAD_PART, hw_scratch_floats(N, V), sizeof(float), "LM head");
     if (!scratch) return true; /* the failure is kept (cached): nothing to run */
-    if (hw_forward(st->enc, st->grid, 8 * st->grid, cs(), lse, logp, q, qs, h16, W16, targets, scratch, N, H, V))
+    if (hw_forward(st->enc, st->grid, cs(), lse, logp, q, qs, h16, W16, targets, scratch, N, H, V))
         return false;
     check_launch("head forward (Hopper)");
     return true;

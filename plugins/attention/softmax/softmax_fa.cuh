@@ -36,32 +36,41 @@ __device__ static inline void fa_load(__nv_bfloat16 (*dst)[HD + FA_PAD], const _
     }
 }
 
-/* Before the backward kernels, one warp per (b, t, h) row: dO rounded to bf16 (the operand the kernels
- * read, by cp.async like the rest) and D = rowsum(dO * O) from that rounded dO: dP = dO V^T uses the
- * rounded dO, and D must too, or dS = P (dP - D) keeps a rounding residue where the true value is 0 (a
- * single key: P = 1, O = V, dS = 0 exactly). */
+/* Before the backward kernels, FA_PL lanes per (b, t, h) row (HD / 4 up to 32; 16 at HD 64, so a warp takes
+ * two rows where it took one with half its lanes idle): dO rounded to bf16 (the operand the kernels read, by
+ * cp.async like the rest) and D = rowsum(dO * O) from that rounded dO: dP = dO V^T uses the rounded dO, and
+ * D must too, or dS = P (dP - D) keeps a rounding residue where the true value is 0 (a single key: P = 1,
+ * O = V, dS = 0 exactly). The sum's order is the one-row-a-warp order's (its idle lanes added zeros): the
+ * same bits. Grid-stride over groups of rows. */
+template <int HD> constexpr int fa_pl() { return HD / 4 < 32 ? HD / 4 : 32; }
+
 template <int HD>
 __global__ static void fa_prep_kernel(__nv_bfloat16 *dO_lp, float *D, const float *dO, const __nv_bfloat16 *O, int T,
                                       int nh, int64_t rows) {
-    const int lane = threadIdx.x % 32;
-    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; r < rows;
-         r += (int64_t)gridDim.x * blockDim.x / 32) {
+    constexpr int PL = fa_pl<HD>(), RPW = 32 / PL; /* lanes a row, rows a warp */
+    static_assert(HD % 4 == 0 && 32 % PL == 0, "whole rows of 4-value chunks per lane group");
+    const int lane = threadIdx.x % 32, sl = lane % PL;
+    const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
+    for (int64_t r0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32 * RPW; r0 < rows; r0 += warps * RPW) {
+        const int64_t r = r0 + lane / PL;
         float sum = 0.0f;
+        if (r < rows) {
 #pragma unroll
-        for (int c = 4 * lane; c < HD; c += 128) { /* 4 values per lane: 16-byte loads of dO */
-            const float4 d = *reinterpret_cast<const float4 *>(dO + r * HD + c);
-            const uint2 u = make_uint2(mma_pack(d.x, d.y), mma_pack(d.z, d.w));
-            *reinterpret_cast<uint2 *>(dO_lp + r * HD + c) = u;
-            const uint2 ov = *reinterpret_cast<const uint2 *>(O + r * HD + c);
-            const float2 d0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-            const float2 d1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-            const float2 o0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ov.x));
-            const float2 o1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ov.y));
-            sum += d0.x * o0.x + d0.y * o0.y + d1.x * o1.x + d1.y * o1.y;
+            for (int c = 4 * sl; c < HD; c += 4 * PL) { /* 4 values per lane: 16-byte loads of dO */
+                const float4 d = *reinterpret_cast<const float4 *>(dO + r * HD + c);
+                const uint2 u = make_uint2(mma_pack(d.x, d.y), mma_pack(d.z, d.w));
+                *reinterpret_cast<uint2 *>(dO_lp + r * HD + c) = u;
+                const uint2 ov = *reinterpret_cast<const uint2 *>(O + r * HD + c);
+                const float2 d0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+                const float2 d1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+                const float2 o0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ov.x));
+                const float2 o1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ov.y));
+                sum += d0.x * o0.x + d0.y * o0.y + d1.x * o1.x + d1.y * o1.y;
+            }
         }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (lane == 0) {
+        for (int off = PL / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (sl == 0 && r < rows) {
             const int64_t bt = r / nh, hh = r % nh; /* rows are (b, t, h) */
             D[((bt / T) * nh + hh) * T + bt % T] = sum;
         }

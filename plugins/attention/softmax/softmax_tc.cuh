@@ -154,7 +154,9 @@ static inline cudaError_t tc_attend_bwd(cudaStream_t s, const bf16 *q, const bf1
     const dim3 gkv((T + FA_T - 1) / FA_T, kvh, B), gq((T + tq - 1) / tq, nh, B);
     const float scale = 1.0f / sqrtf((float)hd), scale_log2 = 1.4426950408889634f * scale;
     *what = "attention backward D and bf16 dO";
-    const int64_t rows = (int64_t)B * T * nh, pg = (rows * 32 + 255) / 256;
+    /* fa_prep_kernel: blocks of 8 warps, each warp ~4 groups of rows (32 / fa_pl rows a group) */
+    const int64_t rows = (int64_t)B * T * nh, rpw = 32 / (hd == 64 ? fa_pl<64>() : fa_pl<128>());
+    const int64_t pg = (rows + 32 * rpw - 1) / (32 * rpw);
     const int pgrid = (int)(pg > 65535 * 8 ? 65535 * 8 : pg);
     if (hd == 64)
         fa_prep_kernel<64><<<pgrid, 256, 0, s>>>(dO_lp, D, dO, att, T, nh, rows);
