@@ -1248,28 +1248,18 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
     const fastdiv fhd = fastdiv_of(c->hd);
     const int64_t lg = ld_gate(c);
     if (W > 0) {
-        const size_t sm = (size_t)W * D * sizeof(float);
-        switch (D % 256 ? 0 : D / 256) { /* the row in registers where D = 256 NC, NC <= 4 */
-        case 1:
-            (void)pdl_launch(k_norm_gate_backward_regs<1>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd, N,
-                             d->T, c->nh, c->hd, fhd, per);
-            break;
-        case 2:
-            (void)pdl_launch(k_norm_gate_backward_regs<2>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd, N,
-                             d->T, c->nh, c->hd, fhd, per);
-            break;
-        case 3:
-            (void)pdl_launch(k_norm_gate_backward_regs<3>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd, N,
-                             d->T, c->nh, c->hd, fhd, per);
-            break;
-        case 4:
-            (void)pdl_launch(k_norm_gate_backward_regs<4>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd, N,
-                             d->T, c->nh, c->hd, fhd, per);
-            break;
-        default:
-            (void)pdl_launch(k_norm_gate_backward_rows<true>, chunks, 32 * W, sm, s, dO, dg, part, dy, O, g, lg, w, rstd,
-                             N, d->T, c->nh, c->hd, fhd, per);
+        /* the row's chunks issued at once where D = 256 NC, NC <= 4 */
+        void (*k)(bf16 *, bf16 *, float *, const float *, const bf16 *, const bf16 *, int64_t, const float *,
+                  const float *, int, int, int, int, fastdiv, int64_t) = k_norm_gate_backward_rows<true>;
+        switch (D % 256 ? 0 : D / 256) {
+        case 1: k = k_norm_gate_backward_regs<1>; break;
+        case 2: k = k_norm_gate_backward_regs<2>; break;
+        case 3: k = k_norm_gate_backward_regs<3>; break;
+        case 4: k = k_norm_gate_backward_regs<4>; break;
+        default: break;
         }
+        (void)pdl_launch(k, chunks, 32 * W, (size_t)W * D * sizeof(float), s, dO, dg, part, dy, O, g, lg, w, rstd, N,
+                         d->T, c->nh, c->hd, fhd, per);
         if (launched(c, "norm_gate_backward_rows")) return M1C_ERR;
         (void)m1c_colsum_add_launch(dw, part, chunks, D, s);
         return launched(c, "colsum_add");
