@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """One step of a GPU timeline written by bench/gpu_trace.c: how long it took, how much of it the GPU was
 busy, where it waited (the gaps between GPU work, each with the work on either side and the host call
-it overlapped), and the kernels by total time.
+it overlapped), and the kernels by their time: their whole duration, and their own, from the end of the
+work before them on their stream. A kernel launched with programmatic dependent launch
+(include/m1c/cuda/pdl.cuh) starts while the one ahead of it finishes and waits for it: its duration
+counts that wait, its own time does not.
 
   python3 bench/trace_report.py trace.csv [--marker embed_fwd] [--top 15]
 
@@ -49,7 +52,7 @@ def main():
     gpu, host = [], []
     with open(args.csv, newline="") as f:
         for r in csv.DictReader(f):
-            item = (int(r["start_ns"]), int(r["end_ns"]), r["name"], r["kind"])
+            item = (int(r["start_ns"]), int(r["end_ns"]), r["name"], r["kind"], r.get("stream", ""))
             (host if r["kind"] == "runtime" else gpu).append(item)
     gpu.sort()
     marks = [g[1] for g in gpu if g[3] == "kernel" and args.marker in g[2]]
@@ -61,7 +64,7 @@ def main():
     # Busy time: the union of the GPU intervals (work on several streams may overlap).
     busy, cur_s, cur_e, last = 0, None, None, None
     gaps = []  # (length, from, to, the work that ended last before, the work after)
-    for s, e, name, kind in step:
+    for s, e, name, kind, _ in step:
         if cur_e is None:
             if s > t0:
                 gaps.append((s - t0, t0, s, "(step start)", name))
@@ -90,7 +93,7 @@ def main():
 
     def host_during(a, b):
         calls = collections.Counter()
-        for s, e, name, _ in host:
+        for s, e, name, _, _ in host:
             if s < b and e > a:
                 calls[name] += 1
         return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in calls.most_common(3)) or "-"
@@ -105,15 +108,20 @@ def main():
     print("\nidle time by the work that ended it (ms, gaps):")
     for n, (c, t) in sorted(by_next.items(), key=lambda x: -x[1][1])[: args.top]:
         print(f"{t:8.3f} {c:5d}  {n}")
-    tot = collections.defaultdict(lambda: [0, 0.0])
-    for s, e, name, _ in step:
-        tot[short(name)][0] += 1
-        tot[short(name)][1] += (e - s) * 1e-6
-    print("\nGPU work by total time (ms, count):")
-    for n, (c, t) in sorted(tot.items(), key=lambda x: -x[1][1])[: 2 * args.top]:
-        print(f"{t:8.3f} {c:5d}  {n}")
+    tot = collections.defaultdict(lambda: [0, 0.0, 0.0])  # count, duration, own time
+    stream_end = {}
+    for s, e, name, _, stream in step:
+        own = e - max(s, stream_end.get(stream, s))
+        stream_end[stream] = max(e, stream_end.get(stream, e))
+        t = tot[short(name)]
+        t[0] += 1
+        t[1] += (e - s) * 1e-6
+        t[2] += max(own, 0) * 1e-6
+    print("\nGPU work by own time (ms: own, whole duration; count):")
+    for n, (c, t, o) in sorted(tot.items(), key=lambda x: -x[1][2])[: 2 * args.top]:
+        print(f"{o:8.3f} {t:8.3f} {c:5d}  {n}")
     sync = collections.defaultdict(lambda: [0, 0.0])
-    for s, e, name, _ in host:
+    for s, e, name, _, _ in host:
         if s >= t0 and e <= t1 and "ynchronize" in name:
             sync[name][0] += 1
             sync[name][1] += (e - s) * 1e-6
