@@ -9,7 +9,8 @@
  *                                                                optimizer overlaps the backward as in
  *                                                                m1c train without clipping, unless
  *                                                                --sequential-optimizer
- */
+ * The table gives the mean of the timed steps (after two warm-up steps); a line per shape below it their
+ * spread: the periods between the ends of consecutive forwards (min, median, max). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,7 +58,14 @@ typedef struct result {
     int B, T;
     int64_t params;
     double tok_s, ms, gflops, mfu;
+    int np;                    /* step periods measured (timed steps - 1) */
+    double pmin, pmed, pmax;   /* ms between the ends of consecutive forwards (the host waits for each) */
 } result;
+
+static int cmp_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
 
 static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result *out, m1c_err *e) {
     int steps = bo->steps;
@@ -88,6 +96,8 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
     m1c_arena_init(&state, bo->device);
     int32_t *tok = NULL;
     float *mask = NULL;
+    /* when each forward ended (the host waits for its log-probabilities): one step apart */
+    double *fwd_end = NULL, *period = NULL;
     rc = m1c_session_build_model(&s, 1, e);
     if (!rc) rc = m1c_model_alloc_grads(&s.model, e);
     if (!rc) rc = m1c_registry_load(&s.reg, "adamw", NULL, M1C_KIND_OPTIMIZER, &optp, e);
@@ -107,6 +117,10 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
     if (!rc) {
         tok = malloc((size_t)(B * (T + 1)) * sizeof *tok);
         mask = malloc((size_t)(B * T) * sizeof *mask);
+        fwd_end = calloc((size_t)steps + 2, sizeof *fwd_end), period = calloc((size_t)steps, sizeof *period);
+        if (!tok || !mask || !fwd_end || !period) rc = m1c_fail(e, "out of memory");
+    }
+    if (!rc) {
         m1c_rng g;
         m1c_rng_seed(&g, 42, 0);
         for (int64_t i = 0; i < B * (T + 1); i++) tok[i] = (int32_t)(m1c_rng_u64(&g) % (uint64_t)m->V);
@@ -117,6 +131,7 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
             const int overlap = !bo->sequential && m1c_overlap_possible(m, optp, 0.0);
             m1c_zero_grads(m, overlap);
             rc = m1c_model_forward(m, &r, tok, e);
+            fwd_end[it] = m1c_now();
             for (int64_t i = 0; i < B * T; i++) r.dlogp_host[i] = -1.0f / (float)(B * T);
             const m1c_optim_step os = m1c_optim_step_of(m, state.t, it + 1, 1e-4f);
             m1c_overlap ovl = {m, optp, opt, n_state, os, NULL};
@@ -125,6 +140,10 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
         }
         m1c_dev_sync(m->device);
         double dt = (m1c_now() - t0) / steps;
+        /* the periods between the timed steps' forwards: their spread and median beside the mean */
+        int np = 0;
+        for (int it = 3; it < steps + 2 && !rc; it++) period[np++] = (fwd_end[it] - fwd_end[it - 1]) * 1e3;
+        if (np > 0) qsort(period, (size_t)np, sizeof *period, cmp_double);
         if (!rc && bo->profile) {
             /* One more step with every component synchronised and timed. */
             r.profile = 1;
@@ -147,11 +166,23 @@ static int bench(const char *name, m1c_config *cfg, const bench_opts *bo, result
         m1c_plan_free(&p);
         char dev[128];
         double peak = m1c_dev_peak_flops(m->device, m->compute_dtype, dev, sizeof dev);
-        *out = (result){name, (int)B, (int)T, m1c_model_param_count(m), (double)(B * T) / dt, dt * 1e3,
-                        flops * (double)(B * T) / dt * 1e-9, peak > 0 ? flops * (double)(B * T) / dt / peak : 0};
+        *out = (result){name,
+                        (int)B,
+                        (int)T,
+                        m1c_model_param_count(m),
+                        (double)(B * T) / dt,
+                        dt * 1e3,
+                        flops * (double)(B * T) / dt * 1e-9,
+                        peak > 0 ? flops * (double)(B * T) / dt / peak : 0,
+                        np,
+                        np > 0 ? period[0] : 0,
+                        np > 0 ? (period[(np - 1) / 2] + period[np / 2]) / 2 : 0,
+                        np > 0 ? period[np - 1] : 0};
     }
     free(tok);
     free(mask);
+    free(fwd_end);
+    free(period);
     if (r.attn) m1c_run_free(&r, m);
     m1c_arena_free(&state);
     if (opt) M1C_OPTIMIZER(optp)->destroy(opt);
@@ -215,5 +246,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nr; i++)
         printf("%-44s %6d %6d %10lld %10.1f %10.0f %9.1f %5.1f%%\n", res[i].name, res[i].B, res[i].T,
                (long long)res[i].params, res[i].ms, res[i].tok_s, res[i].gflops, 100 * res[i].mfu);
+    for (int i = 0; i < nr; i++)
+        if (res[i].np > 0)
+            printf("step periods of %s (%d, one forward's end to the next's): min %.2f, median %.2f, max %.2f ms\n",
+                   res[i].name, res[i].np, res[i].pmin, res[i].pmed, res[i].pmax);
     return 0;
 }
