@@ -443,7 +443,10 @@ static int64_t rows_past_first_tile(const float *z, int64_t N, int V) {
     int64_t n = 0;
     for (int64_t i = 0; i < N; i++) {
         float m0 = -INFINITY, m1 = -INFINITY;
-        for (int v = 0; v < V; v++) *(v < 256 ? &m0 : &m1) = fmaxf(v < 256 ? m0 : m1, z[i * V + v]);
+        for (int v = 0; v < V; v++) {
+            if (v < 256) m0 = fmaxf(m0, z[i * V + v]);
+            else m1 = fmaxf(m1, z[i * V + v]);
+        }
         n += m1 > m0 + 40.0f;
     }
     return n;

@@ -1249,8 +1249,7 @@ static int norm_backward_fused(const lightning_cuda_cfg *c, cudaStream_t s, cons
     const int64_t lg = ld_gate(c);
     if (W > 0) {
         /* the row's chunks issued at once where D = 256 NC, NC <= 4 */
-        void (*k)(bf16 *, bf16 *, float *, const float *, const bf16 *, const bf16 *, int64_t, const float *,
-                  const float *, int, int, int, int, fastdiv, int64_t) = k_norm_gate_backward_rows<true>;
+        decltype(&k_norm_gate_backward_rows<true>) k = k_norm_gate_backward_rows<true>;
         switch (D % 256 ? 0 : D / 256) {
         case 1: k = k_norm_gate_backward_regs<1>; break;
         case 2: k = k_norm_gate_backward_regs<2>; break;

@@ -36,12 +36,12 @@ __device__ static inline void fa_load(__nv_bfloat16 (*dst)[HD + FA_PAD], const _
     }
 }
 
-/* Before the backward kernels, FA_PL lanes per (b, t, h) row (HD / 4 up to 32; 16 at HD 64, so a warp takes
- * two rows where it took one with half its lanes idle): dO rounded to bf16 (the operand the kernels read, by
- * cp.async like the rest) and D = rowsum(dO * O) from that rounded dO: dP = dO V^T uses the rounded dO, and
- * D must too, or dS = P (dP - D) keeps a rounding residue where the true value is 0 (a single key: P = 1,
- * O = V, dS = 0 exactly). The sum's order is the one-row-a-warp order's (its idle lanes added zeros): the
- * same bits. Grid-stride over groups of rows. */
+/* Before the backward kernels, fa_pl<HD>() lanes per (b, t, h) row (HD / 4 up to 32; 16 at HD 64, so a
+ * warp takes two rows where it took one with half its lanes idle): dO rounded to bf16 (the operand the
+ * kernels read, by cp.async like the rest) and D = rowsum(dO * O) from that rounded dO: dP = dO V^T uses the
+ * rounded dO, and D must too, or dS = P (dP - D) keeps a rounding residue where the true value is 0 (a
+ * single key: P = 1, O = V, dS = 0 exactly). The sum's order is the one-row-a-warp order's (its idle lanes
+ * added zeros): the same bits. Grid-stride over groups of rows. */
 template <int HD> constexpr int fa_pl() { return HD / 4 < 32 ? HD / 4 : 32; }
 
 template <int HD>
