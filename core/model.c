@@ -41,13 +41,21 @@ static int create_slot(m1c_inst *s, m1c_plugin *p, const m1c_settings *set, cons
     }
     s->p0 = m->params.n;
     s->np = n;
+    s->proj = -1;
     for (int i = 0; i < n; i++) {
-        if (spec[i].dtype != M1C_F32) {
-            m1c_fail(e, "plugin '%s': parameter '%s': parameters must be f32 (master weights)", p->desc->name,
-                     spec[i].name);
+        const char *bad = NULL;
+        if (spec[i].dtype != M1C_F32) bad = "parameters must be f32 (master weights)";
+        const int proj = p->desc->abi_minor >= 4 && spec[i].in_proj == 1;
+        if (proj && s->proj >= 0) bad = "in_proj is declared by a second parameter (one at most)";
+        if (proj && (spec[i].ndim != 2 || spec[i].shape[1] != m->H || spec[i].shape[0] < 1 ||
+                     spec[i].shape[0] > M1C_IN_PROJ_MAX))
+            bad = "in_proj needs a (P, hidden) matrix with 1 <= P <= 32 (M1C_IN_PROJ_MAX)";
+        if (bad) {
+            m1c_fail(e, "plugin '%s': parameter '%s': %s", p->desc->name, spec[i].name, bad);
             free(spec);
             return M1C_ERR;
         }
+        if (proj) s->proj = m->params.n;
         char *name = m1c_xasprintf("model.layers.%d.%s", l, spec[i].name);
         const int k = add_param(m, name, spec[i].ndim, spec[i].shape, spec[i].init, spec[i].no_decay, spec[i].std);
         m->grad_written[k] = p->desc->abi_minor >= 3 && spec[i].grad_written == 1;
@@ -291,6 +299,18 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
         ilp2[l] = m1c_arena_add(&r->acts, name, M1C_BF16, 2, nh);
     }
 
+    /* A layer's in_proj (ABI 1.4), on the GPU: the residual norm that writes its input gives the product
+     * too. Not for the first layer's attention, whose input the embedding's norm writes, nor on the CPU. */
+    int iproj[2 * L];
+    for (int j = 0; j < 2 * L; j++) {
+        const m1c_inst *s = j % 2 ? &m->layer[j / 2].ffn : &m->layer[j / 2].attn;
+        iproj[j] = -1;
+        if (s->proj < 0 || m->device != M1C_DEVICE_CUDA || j == 0) continue;
+        int64_t np[] = {N, m->params.t[s->proj].shape[0]};
+        snprintf(name, sizeof name, "layers.%d.%s.in_proj", j / 2, s->plugin->desc->name);
+        iproj[j] = m1c_arena_add(&r->acts, name, M1C_F32, 2, np);
+    }
+
     r->attn = m1c_xcalloc((size_t)L, sizeof *r->attn);
     r->ffn = m1c_xcalloc((size_t)L, sizeof *r->ffn);
     size_t scratch = 0;
@@ -304,6 +324,12 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
     for (int l = 0; l < L; l++) {
         bind_slot(r, m, &m->layer[l].attn, &r->attn[l]);
         bind_slot(r, m, &m->layer[l].ffn, &r->ffn[l]);
+        m1c_inst_bufs *sb[2] = {&r->attn[l], &r->ffn[l]};
+        for (int j = 0; j < 2; j++) {
+            const int i = iproj[2 * l + j];
+            sb[j]->proj = i >= 0 ? r->acts.t[i].data : NULL;
+            sb[j]->bufs.in_proj = sb[j]->proj;
+        }
     }
     if (with_lp) {
         r->h1_lp = m1c_xcalloc((size_t)L * 2, sizeof *r->h1_lp);
@@ -403,6 +429,15 @@ static void prof_add(m1c_model *m, m1c_run *r, const char *name, int backward) {
 
 typedef int (*mix_fn)(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud);
 
+/* The residual and norm that write the input of instance s (its buffers sb): with s's in_proj product
+ * where the run has a buffer for it. */
+static void residual_norm_into(m1c_model *m, const m1c_inst *s, const m1c_inst_bufs *sb, float *y, const float *h,
+                               float a, float b, float *out, float *rstd, int norm, int64_t N, uint16_t *out_lp) {
+    const int np = sb && sb->proj ? (int)m->params.t[s->proj].shape[0] : 0;
+    m1c_residual_rmsnorm_proj(m->device, y, h, a, b, out, rstd, P(m, norm), N, (int)m->H, m->eps, out_lp,
+                              np ? P(m, s->proj) : NULL, np, np ? sb->proj : NULL);
+}
+
 /* The layer loop shared by training forward and incremental decoding: `attn` runs the mixer. Each
  * residual is fused with the norm that reads its result (the layer's post-attention norm; the next
  * layer's input norm, or after the last layer the final norm): the same values as the two ops in turn.
@@ -422,17 +457,17 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
         r->attn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l);
         if (attn(m, r, l, B, T, r->x1[l], r->h1[l], ud)) return m1c_plugin_fail(ly->attn.plugin, e, "forward");
         prof_add(m, r, ly->attn.plugin->desc->name, 0);
-        m1c_residual_rmsnorm(m->device, r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, r->h2[l], r->rstd2[l],
-                             P(m, ly->norm_post), N, (int)H, m->eps, r->h2_lp ? r->h2_lp[l] : NULL);
+        residual_norm_into(m, &ly->ffn, &r->ffn[l], r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, r->h2[l],
+                           r->rstd2[l], ly->norm_post, N, r->h2_lp ? r->h2_lp[l] : NULL);
         prof_add(m, r, "core", 0);
         r->ffn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l + 1);
         if (ly->ffn.ops->forward(ly->ffn.self, &r->ffn[l].bufs, r->x[l + 1], r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "forward");
         prof_add(m, r, ly->ffn.plugin->desc->name, 0);
-        m1c_residual_rmsnorm(m->device, r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn,
-                             last ? r->hf : r->h1[l + 1], last ? r->rstdf : r->rstd1[l + 1],
-                             P(m, last ? m->norm : m->layer[l + 1].norm_in), N, (int)H, m->eps,
-                             r->h1_lp && !last ? r->h1_lp[l + 1] : NULL);
+        residual_norm_into(m, last ? NULL : &m->layer[l + 1].attn, last ? NULL : &r->attn[l + 1], r->x[l + 1],
+                           r->h2[l], ly->alpha_ffn, ly->beta_ffn, last ? r->hf : r->h1[l + 1],
+                           last ? r->rstdf : r->rstd1[l + 1], last ? m->norm : m->layer[l + 1].norm_in, N,
+                           r->h1_lp && !last ? r->h1_lp[l + 1] : NULL);
         prof_add(m, r, "core", 0);
     }
     return M1C_OK;

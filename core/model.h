@@ -36,6 +36,7 @@ typedef struct m1c_inst {
     const m1c_layer_ops *ops;
     void *self;
     int p0, np; /* params.t[p0 .. p0+np) */
+    int proj;   /* the parameter (index into params) the instance declared in_proj (ABI 1.4), or -1 */
 } m1c_inst;
 
 typedef struct m1c_layer {
@@ -66,6 +67,8 @@ typedef struct m1c_inst_bufs {
     m1c_layer_bufs bufs;
     m1c_tensor *acts, *scratch; /* owned arrays of views */
     int na, ns;
+    float *proj; /* (N, P): the input's product with the instance's in_proj parameter, which the norm that
+                  * writes the input makes (== bufs.in_proj); NULL where no such norm does */
 } m1c_inst_bufs;
 
 /* Everything a forward/backward of shape (B, T) needs. */

@@ -70,17 +70,28 @@ void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, cons
     if (out_lp) m1c_to_bf16(dev, out_lp, out, N * C);
 }
 
-void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
-                          const float *w, int64_t N, int C, float eps, uint16_t *out_lp) {
-    ON_GPU(dev, m1c_cuda_residual_rmsnorm(y, h, a, b, out, rstd, w, N, C, eps, out_lp));
+void m1c_residual_rmsnorm_proj(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
+                               const float *w, int64_t N, int C, float eps, uint16_t *out_lp, const float *pw, int P,
+                               float *proj) {
+    ON_GPU(dev, m1c_cuda_residual_rmsnorm(y, h, a, b, out, rstd, w, N, C, eps, out_lp, pw, P, proj));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
-        float *x = y + i * C;
+        float *x = y + i * C, *o = out + i * C;
         const float *hr = h + i * C;
         for (int c = 0; c < C; c++) x[c] = a * hr[c] + b * x[c]; /* m1c_residual's expression */
-        rmsnorm_row(out + i * C, &rstd[i], x, w, C, eps);
+        rmsnorm_row(o, &rstd[i], x, w, C, eps);
+        for (int p = 0; p < P; p++) {
+            float s = 0;
+            for (int c = 0; c < C; c++) s += o[c] * pw[(int64_t)p * C + c];
+            proj[i * P + p] = s;
+        }
     }
     if (out_lp) m1c_to_bf16(dev, out_lp, out, N * C);
+}
+
+void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
+                          const float *w, int64_t N, int C, float eps, uint16_t *out_lp) {
+    m1c_residual_rmsnorm_proj(dev, y, h, a, b, out, rstd, w, N, C, eps, out_lp, NULL, 0, NULL);
 }
 
 /* y = x r w, r = (mean(x^2) + eps)^-1/2: dx = r (g w) - x r^3 mean(g w x), dw = sum g x r. The row's

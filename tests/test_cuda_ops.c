@@ -291,6 +291,77 @@ Test(cuda_ops, residual_rmsnorm_fused) {
     cr_log_info("fused residual + RMSNorm %s the separate GPU ops bit for bit", exact ? "equals" : "does NOT equal");
 }
 
+/* The largest error of proj (N, P) against out pw^T summed in double, each element's error over the sum
+ * of its terms' magnitudes (the scale an f32 sum's rounding grows with). */
+static double proj_err(const float *proj, const float *out, const float *pw, int64_t N, int C, int P) {
+    double e = 0;
+    for (int64_t i = 0; i < N; i++)
+        for (int p = 0; p < P; p++) {
+            double ref = 0, mag = 0;
+            for (int c = 0; c < C; c++) {
+                const double t = (double)out[i * C + c] * pw[(int64_t)p * C + c];
+                ref += t, mag += fabs(t);
+            }
+            const double d = fabs(proj[i * P + p] - ref) / (mag > 0 ? mag : 1);
+            if (!(d <= e)) e = d; /* NaN sticks */
+        }
+    return e;
+}
+
+/* The residual norm with a projection (a layer's in_proj, ABI 1.4): y, out, rstd and out_lp bit for bit
+ * those of the plain op (the products only read registers), and proj = out pw^T for P rows, each of the
+ * kernel's accumulator sizes (P <= 8: 8; up to 32), on both paths (16-byte and, one float past alignment,
+ * scalar), C not a multiple of the 128 columns a warp takes per step. Tolerances, relative to the sum of
+ * the terms' magnitudes: the GPU sums ~C/32 terms a lane and then 5 butterfly levels in f32, (C/32 + 5)
+ * 2^-24 <= 4e-6 at C = 1701: 1e-5; the CPU sums C terms in a row, (C - 1) 2^-24 ~ 1e-4 at worst: 2e-4. */
+Test(cuda_ops, residual_rmsnorm_projection) {
+    th_need_gpu();
+    const float eps = 1e-5f;
+    static const struct {
+        int64_t N;
+        int C, P;
+    } cases[] = {{37, 768, 8}, {1003, 768, 1}, {37, 1701, 5}, {1003, 256, 9}, {64, 768, 32}, {3, 33, 32}};
+    for (int shift = 0; shift < 2; shift++)
+        for (int ci = 0; ci < (int)(sizeof cases / sizeof cases[0]); ci++) {
+            const int64_t N = cases[ci].N, n = N * cases[ci].C;
+            const int C = cases[ci].C, P = cases[ci].P;
+            const uint64_t s = 2500 + (uint64_t)ci * 10;
+            float *y0 = th_randn(n, s, 1.0f), *h = th_randn(n, s + 1, 1.0f), *w = norm_weights(C, s + 2);
+            float *pw = th_randn((int64_t)P * C, s + 3, 0.05f), *nan_n = nans(n), *nan_r = nans(N);
+            float *nan_p = nans(N * P);
+            float *d_h = up_at(h, n, shift), *d_w = up_at(w, C, shift), *d_pw = up_at(pw, (int64_t)P * C, shift);
+            float *d_y = up_at(y0, n, shift), *d_out = up_at(nan_n, n, shift), *d_rstd = up(nan_r, N);
+            float *d_y2 = up_at(y0, n, shift), *d_out2 = up_at(nan_n, n, shift), *d_rstd2 = up(nan_r, N);
+            float *d_proj = up(nan_p, N * P);
+            uint16_t *d_lp = m1c_dev_alloc(GPU, (size_t)n * 2), *d_lp2 = m1c_dev_alloc(GPU, (size_t)n * 2);
+            m1c_residual_rmsnorm_proj(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, eps, d_lp, d_pw, P, d_proj);
+            m1c_residual_rmsnorm(GPU, d_y2, d_h, FA, FB, d_out2, d_rstd2, d_w, N, C, eps, d_lp2);
+            float *gy = down(d_y, n), *gout = down(d_out, n), *grstd = down(d_rstd, N), *gproj = down(d_proj, N * P);
+            float *gy2 = down(d_y2, n), *gout2 = down(d_out2, n), *grstd2 = down(d_rstd2, N);
+            uint16_t *lp = malloc((size_t)n * 2), *lp2 = malloc((size_t)n * 2);
+            m1c_dev_copy(CPU, lp, GPU, d_lp, (size_t)n * 2);
+            m1c_dev_copy(CPU, lp2, GPU, d_lp2, (size_t)n * 2);
+            cr_expect(!memcmp(gy, gy2, (size_t)n * 4) && !memcmp(gout, gout2, (size_t)n * 4) &&
+                          !memcmp(grstd, grstd2, (size_t)N * 4) && !memcmp(lp, lp2, (size_t)n * 2),
+                      "N=%lld C=%d P=%d shift %d: the projection changed y, out, rstd or out_lp", (long long)N, C, P,
+                      shift);
+            const double eg = proj_err(gproj, gout, pw, N, C, P);
+            cr_expect_leq(eg, 1e-5, "N=%lld C=%d P=%d shift %d: GPU proj vs double %g", (long long)N, C, P, shift, eg);
+            /* the CPU's op, its own out as the reference's input */
+            float *y = copy_of(y0, n), *out = nans(n), *rstd = nans(N), *proj = nans(N * P);
+            m1c_residual_rmsnorm_proj(CPU, y, h, FA, FB, out, rstd, w, N, C, eps, NULL, pw, P, proj);
+            const double ec = proj_err(proj, out, pw, N, C, P);
+            cr_expect_leq(ec, 2e-4, "N=%lld C=%d P=%d: CPU proj vs double %g", (long long)N, C, P, ec);
+
+            free(y0), free(h), free(w), free(pw), free(nan_n), free(nan_r), free(nan_p), free(lp), free(lp2);
+            free(gy), free(gout), free(grstd), free(gproj), free(gy2), free(gout2), free(grstd2);
+            free(y), free(out), free(rstd), free(proj);
+            gfree_at(d_h, shift), gfree_at(d_w, shift), gfree_at(d_pw, shift), gfree_at(d_y, shift);
+            gfree_at(d_out, shift), gfree(d_rstd), gfree_at(d_y2, shift), gfree_at(d_out2, shift), gfree(d_rstd2);
+            gfree(d_proj), m1c_dev_free(GPU, d_lp), m1c_dev_free(GPU, d_lp2);
+        }
+}
+
 /* max |dw - ref| / max |ref| with ref = dw0 + sum over rows of g x r in double: the GPU's and the CPU's
  * f32 sums over rows are each measured against it. */
 static double dw_err(const float *dw, const float *dw0, const float *dout, const float *in, const float *rstd,

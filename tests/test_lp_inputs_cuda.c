@@ -1,12 +1,18 @@
-/* m1c_layer_info.lp_inputs (ABI 1.2): a layer handed the core's bf16 copies of its input and output
+/* What the core's norms hand a layer beside its input.
+ *
+ * m1c_layer_info.lp_inputs (ABI 1.2): a layer handed the core's bf16 copies of its input and output
  * gradient (bufs.in_lp, dout_lp) computes exactly what it computes when it rounds them itself. For each
  * layer plugin with a BF16 CUDA path (lightning fused and blocked, softmax, topk): one instance made with
  * lp_inputs, one without, the same parameters and inputs; forward then backward; every output, input
  * gradient and parameter gradient must be bit-identical, since both round with nearest-even. Then the
  * copies must be what the layer reads: other values in in_lp (and in dout_lp for an attention layer)
- * must change its output (input gradient). */
+ * must change its output (input gradient).
+ *
+ * m1c_layer_bufs.in_proj (ABI 1.4): topk declares its router's weight in_proj and, handed the logits,
+ * routes from them instead of making them (check_in_proj). */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -108,3 +114,77 @@ Test(lp_inputs, lightning_blocked) {
 }
 Test(lp_inputs, softmax) { check("softmax", "heads = 4; kv_heads = 2; head_dim = 64;", 1, 128, 2, 77, 13); }
 Test(lp_inputs, topk) { check("topk", "experts = 4; top_k = 2; ffn_dim = 24; aux_coef = 0.01;", 0, 64, 2, 45, 14); }
+
+/* max |a - b| / max |b| over n floats on the GPU. */
+static double rel_diff(const float *dev_a, const float *dev_b, int64_t n) {
+    float *a = th_to_host(GPU, dev_a, n), *b = th_to_host(GPU, dev_b, n);
+    double d = 0, m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double e = fabs((double)a[i] - b[i]);
+        if (!(e <= d)) d = e; /* NaN sticks */
+        if (fabs((double)b[i]) > m) m = fabs((double)b[i]);
+    }
+    free(a), free(b);
+    return m > 0 ? d / m : d;
+}
+
+/* topk handed in_proj = in Wr^T, summed here in double (its own product's values up to the f32 sums'
+ * order): output, input gradient and every parameter gradient match those of the same instance making
+ * its logits itself, within tol; handed other logits (negated), its output changes: it routes from them.
+ * tol: F32 1e-5 (the softmax and combine weights move by a few ulps; the routing is the same); BF16 1e-2
+ * (such a move can flip the bf16 rounding of a weighted d row, 2^-8 of that element, which the expert
+ * products carry into din and the gradients). */
+static void check_in_proj(int dtype, double tol, uint64_t seed) {
+    th_need_gpu();
+    const int H = 64, B = 2, T = 45, E = 4;
+    th_layer *l = th_layer_new_dev("topk", "experts = 4; top_k = 2; ffn_dim = 24; aux_coef = 0.01;", 0, 1, H, B, T,
+                                   seed, 0.3f, GPU, dtype);
+    cr_assert(l->pspec[0].in_proj == 1 && l->params[0].shape[0] == E, "topk does not declare its router in_proj");
+    const int64_t N = (int64_t)B * T, n = N * H;
+    float *x = th_randn(n, seed + 1, 1.0f), *dout = th_randn(n, seed + 2, 1.0f), *z = th_zeros(n);
+    float *wr = th_to_host(GPU, l->params[0].data, (int64_t)E * H), *lg = malloc((size_t)N * E * 4);
+    float *neg = malloc((size_t)N * E * 4);
+    for (int64_t i = 0; i < N; i++)
+        for (int e = 0; e < E; e++) {
+            double t = 0;
+            for (int c = 0; c < H; c++) t += (double)x[i * H + c] * wr[(int64_t)e * H + c];
+            lg[i * E + e] = (float)t, neg[i * E + e] = (float)-t;
+        }
+    float *gx = th_to_dev(GPU, x, n), *gdout = th_to_dev(GPU, dout, n), *glg = th_to_dev(GPU, lg, N * E);
+    float *gneg = th_to_dev(GPU, neg, N * E);
+    float *out1 = th_to_dev(GPU, z, n), *out2 = th_to_dev(GPU, z, n), *din1 = th_to_dev(GPU, z, n);
+    float *din2 = th_to_dev(GPU, z, n);
+    float **g1 = calloc((size_t)l->np, sizeof *g1);
+
+    th_forward(l, out1, gx);
+    th_backward(l, din1, gdout, gx);
+    for (int i = 0; i < l->np; i++) g1[i] = th_to_host(GPU, l->grads[i].data, numel(&l->grads[i]));
+    th_layer_zero_grads(l);
+    l->bufs.in_proj = glg;
+    th_forward(l, out2, gx);
+    th_backward(l, din2, gdout, gx);
+    const double eo = rel_diff(out2, out1, n), ed = rel_diff(din2, din1, n);
+    cr_expect_leq(eo, tol, "dtype %d: output with in_proj vs without: %g", dtype, eo);
+    cr_expect_leq(ed, tol, "dtype %d: input gradient with in_proj vs without: %g", dtype, ed);
+    for (int i = 0; i < l->np; i++) {
+        const int64_t m = numel(&l->grads[i]);
+        float *ref = th_to_dev(GPU, g1[i], m);
+        const double eg = rel_diff(l->grads[i].data, ref, m);
+        cr_expect_leq(eg, tol, "dtype %d: %s with in_proj vs without: %g", dtype, l->pspec[i].name, eg);
+        th_dev_free(GPU, ref);
+        free(g1[i]);
+    }
+    l->bufs.in_proj = gneg;
+    th_forward(l, out2, gx);
+    cr_expect_gt(rel_diff(out2, out1, n), 0.1, "dtype %d: the output does not follow in_proj", dtype);
+    char err[256];
+    cr_expect_not(m1c_dev_take_error(GPU, err, sizeof err), "%s", err);
+
+    th_dev_free(GPU, gx), th_dev_free(GPU, gdout), th_dev_free(GPU, glg), th_dev_free(GPU, gneg);
+    th_dev_free(GPU, out1), th_dev_free(GPU, out2), th_dev_free(GPU, din1), th_dev_free(GPU, din2);
+    free(x), free(dout), free(z), free(wr), free(lg), free(neg), free(g1);
+    th_layer_free(l);
+}
+
+Test(in_proj, topk_f32) { check_in_proj(M1C_F32, 1e-5, 21); }
+Test(in_proj, topk_bf16) { check_in_proj(M1C_BF16, 1e-2, 22); }

@@ -275,6 +275,12 @@ __device__ static inline void row_chunks(int first, int step, int C, Load load, 
     }
 }
 
+/* The second pass's expression, out = x r w, shared by every forward kernel (the same bits). */
+template <int W> __device__ static inline void rms_scale(float (&a)[W], float r, const float (&b)[W]) {
+#pragma unroll
+    for (int k = 0; k < W; k++) a[k] = a[k] * r * b[k];
+}
+
 /* The row's second pass, shared by the forward kernels: from the lane's partial sum of squares ss, the
  * row's r = 1 / rms (the butterfly leaves it on every lane; lane 0 stores it), then out = x r w, and its
  * bf16 rounding into out_lp unless that is NULL. */
@@ -289,8 +295,7 @@ __device__ static inline void rms_finish(float *out, __nv_bfloat16 *out_lp, floa
     row_chunks<W>(
         lane * W, step, C, [&](int u, int c) { ld<W>(a[u], x, c), ld<W>(b[u], w, c); },
         [&](int u, int c) {
-#pragma unroll
-            for (int k = 0; k < W; k++) a[u][k] = a[u][k] * r * b[u][k];
+            rms_scale<W>(a[u], r, b[u]);
             st<W>(out, c, a[u]);
             if (out_lp) st_bf16<W>(out_lp, c, a[u]);
         });
@@ -421,26 +426,71 @@ extern "C" void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *do
  * pass reads h and the old y, stores the new y and sums its squares with rmsnorm_fwd's lanes, chunks,
  * order and butterfly, so the results are the two kernels'; the second pass finds the row in L1/L2. One
  * pass over h and y from DRAM instead of residual_k's and then rmsnorm_fwd's. */
+/* The residual's pass over a row, shared by the fused kernels: x = a h + b x in place (m1c_residual's
+ * expression), each lane's chunks in row_chunks' order; returns the lane's sum of squares of the new x. */
+template <int W> __device__ static inline float residual_row(float *x, const float *hr, float a, float b, int C) {
+    const int lane = threadIdx.x % 32, step = 32 * W;
+    float ss = 0, xa[U][W], ha[U][W];
+    row_chunks<W>(
+        lane * W, step, C, [&](int u, int c) { ld<W>(xa[u], x, c), ld<W>(ha[u], hr, c); },
+        [&](int u, int c) {
+#pragma unroll
+            for (int k = 0; k < W; k++) xa[u][k] = a * ha[u][k] + b * xa[u][k];
+            st<W>(x, c, xa[u]);
+#pragma unroll
+            for (int k = 0; k < W; k++) ss += xa[u][k] * xa[u][k];
+        });
+    return ss;
+}
+
 template <int W>
 __global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, float b, float *out,
                                             __nv_bfloat16 *out_lp, float *rstd, const float *w, int64_t N, int C,
                                             float eps) {
     pdl_start();
+    for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
+        const float ss = residual_row<W>(y + i * C, h + i * C, a, b, C);
+        rms_finish<W>(out + i * C, out_lp ? out_lp + i * C : NULL, rstd + i, y + i * C, w, ss, C, eps);
+    }
+}
+
+/* residual_rmsnorm_fwd with each row's P <= NP products with pw's rows (P, C) (a layer's in_proj) into
+ * proj, with its lanes, chunks and expressions (so y, out, rstd and out_lp have its bits): out's values
+ * times pw's, per lane in chunk order, then the warp's transposing sum (m1c_warp_xpose_sum). The loads of
+ * pw (P a chunk of a row: 24 KB a row at P 8, C 768, from L1) make it ~20 us slower than the plain kernel's
+ * ~77 (H100, N 16384, ncu), against ~44 us for reading the row again in a kernel of the layer's. Two rows a
+ * warp, which halves those loads, took 105 us (118 registers: a quarter of the warps resident); fewer
+ * registers spilled (110-220 us). */
+template <int W, int NP>
+__global__ static void residual_rmsnorm_proj_fwd(float *y, const float *h, float a, float b, float *out,
+                                                 __nv_bfloat16 *out_lp, float *rstd, const float *w, int64_t N, int C,
+                                                 float eps, const float *pw, int P, float *proj) {
+    pdl_start();
     const int lane = threadIdx.x % 32, step = 32 * W;
     for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
-        float *x = y + i * C, *o = out + i * C, ss = 0;
-        const float *hr = h + i * C;
-        float xa[U][W], ha[U][W];
+        float *x = y + i * C, *o = out + i * C;
+        const float ss = m1c_warp_sum(residual_row<W>(x, h + i * C, a, b, C));
+        const float r = rsqrtf(ss / (float)C + eps);
+        if (lane == 0) rstd[i] = r;
+        float xa[U][W], wa[U][W], pa[NP] = {};
         row_chunks<W>(
-            lane * W, step, C, [&](int u, int c) { ld<W>(xa[u], x, c), ld<W>(ha[u], hr, c); },
+            lane * W, step, C, [&](int u, int c) { ld<W>(xa[u], x, c), ld<W>(wa[u], w, c); },
             [&](int u, int c) {
+                rms_scale<W>(xa[u], r, wa[u]);
+                st<W>(o, c, xa[u]);
+                if (out_lp) st_bf16<W>(out_lp + i * C, c, xa[u]);
 #pragma unroll
-                for (int k = 0; k < W; k++) xa[u][k] = a * ha[u][k] + b * xa[u][k];
-                st<W>(x, c, xa[u]);
+                for (int p = 0; p < NP; p++) {
+                    if (p >= P) break;
+                    float q[W];
+                    ld<W>(q, pw + (int64_t)p * C, c);
 #pragma unroll
-                for (int k = 0; k < W; k++) ss += xa[u][k] * xa[u][k];
+                    for (int k = 0; k < W; k++) pa[p] += xa[u][k] * q[k];
+                }
             });
-        rms_finish<W>(o, out_lp ? out_lp + i * C : NULL, rstd + i, x, w, ss, C, eps);
+        const float t = m1c_warp_xpose_sum<NP>(pa); /* lane l: product l NP / 32 */
+        const int g = 32 / NP, p = lane / g;
+        if (lane % g == 0 && p < P) proj[i * P + p] = t;
     }
 }
 
@@ -566,18 +616,38 @@ __global__ static void __launch_bounds__(32 * ROWS, 2)
     }
 }
 
-extern "C" void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, float *out, float *rstd,
-                                          const float *w, int64_t N, int C, float eps, void *out_lp) {
-    if (N <= 0) return;
-    __nv_bfloat16 *lp = (__nv_bfloat16 *)out_lp;
-    if (C % 4 == 0 && aligned16(y) && aligned16(h) && aligned16(out) && aligned16(w) && ((uintptr_t)lp & 7u) == 0)
-        check(pdl_launch(residual_rmsnorm_fwd<4>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd, w, N, C,
+/* residual_rmsnorm_fwd, or with P products a row residual_rmsnorm_proj_fwd (8 or 32 accumulators a lane). */
+template <int W> static void launch_residual_rmsnorm(float *y, const float *h, float a, float b, float *out,
+                                                     __nv_bfloat16 *lp, float *rstd, const float *w, int64_t N, int C,
+                                                     float eps, const float *pw, int P, float *proj) {
+    if (P <= 0)
+        check(pdl_launch(residual_rmsnorm_fwd<W>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd, w, N, C,
                          eps),
               "residual_rmsnorm");
+    else if (P <= 8)
+        check(pdl_launch(residual_rmsnorm_proj_fwd<W, 8>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd,
+                         w, N, C, eps, pw, P, proj),
+              "residual_rmsnorm (projection)");
     else
-        check(pdl_launch(residual_rmsnorm_fwd<1>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd, w, N, C,
-                         eps),
-              "residual_rmsnorm");
+        check(pdl_launch(residual_rmsnorm_proj_fwd<W, 32>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd,
+                         w, N, C, eps, pw, P, proj),
+              "residual_rmsnorm (projection)");
+}
+
+extern "C" void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, float *out, float *rstd,
+                                          const float *w, int64_t N, int C, float eps, void *out_lp, const float *pw,
+                                          int P, float *proj) {
+    if (N <= 0) return;
+    if (P > 32) {
+        m1c_cuda_fail("residual_rmsnorm", "more than 32 products a row");
+        return;
+    }
+    __nv_bfloat16 *lp = (__nv_bfloat16 *)out_lp;
+    if (C % 4 == 0 && aligned16(y) && aligned16(h) && aligned16(out) && aligned16(w) && ((uintptr_t)lp & 7u) == 0 &&
+        (P <= 0 || aligned16(pw)))
+        launch_residual_rmsnorm<4>(y, h, a, b, out, lp, rstd, w, N, C, eps, pw, P, proj);
+    else
+        launch_residual_rmsnorm<1>(y, h, a, b, out, lp, rstd, w, N, C, eps, pw, P, proj);
 }
 
 template <bool DW>

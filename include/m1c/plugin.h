@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 #define M1C_ABI_MAJOR 1
-#define M1C_ABI_MINOR 3
+#define M1C_ABI_MINOR 4
 
 #if defined(__GNUC__)
 #define M1C_EXPORT __attribute__((visibility("default")))
@@ -95,8 +95,15 @@ typedef struct m1c_buf_spec {
                            * this parameter's gradient, so the core need not zero it before a step (one
                            * pass over it fewer: a plugin whose products write each element once can store
                            * instead of adding). 0 (default): the core zeroes it. */
-    float reserved[1]; /* zero */
+    int32_t in_proj; /* parameters only, since ABI 1.4: 1 = this parameter is a (P, H) f32 matrix W, P <=
+                      * M1C_IN_PROJ_MAX, and the forward would like in W^T (B, T, P) from the core, which
+                      * can compute it in the pass of its norm that writes `in` (the row is in registers
+                      * there: no read of `in` for it), handed over as m1c_layer_bufs.in_proj. At most one
+                      * parameter of an instance. 0 (default): none. */
 } m1c_buf_spec;
+
+/* The most rows P of a parameter declared m1c_buf_spec.in_proj. */
+#define M1C_IN_PROJ_MAX 32
 
 /* Opaque handles owned by the core. */
 typedef struct m1c_settings m1c_settings; /* a plugin's settings group in the config */
@@ -250,6 +257,12 @@ typedef struct m1c_layer_bufs {
      * which the core's norm wrote in the pass that made in; the same from a forward to its backward. */
     const void *in_lp;
     const void *dout_lp; /* backward of an attention layer: NULL, or dout rounded to bf16 likewise */
+    /* Since ABI 1.4: NULL, or in W^T (B, T, P) f32 for the parameter W the instance declared in_proj
+     * (m1c_buf_spec), written by the core's norm in the pass that wrote in (f32 products and sums, in an
+     * order of the core's), unchanged until the matching backward. The core hands it where a norm of its
+     * own writes the layer's input (not to the first layer's attention, nor on the CPU, nor in every
+     * call): a forward given NULL computes the product itself. */
+    const float *in_proj;
 } m1c_layer_bufs;
 
 /* Functions every layer plugin (attention or MoE) implements. The instance is created from its
@@ -428,7 +441,7 @@ static inline m1c_buf_spec m1c_make_spec(const char *name, int dtype, int ndim, 
     s.std = 0.02f;
     s.backward_only = 0;
     s.grad_written = 0;
-    s.reserved[0] = 0.0f;
+    s.in_proj = 0;
     return s;
 }
 

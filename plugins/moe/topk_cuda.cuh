@@ -54,6 +54,7 @@ typedef struct topk_cuda_args {
     void *Y;       /* (N*k, H) expert outputs, unweighted, in cdt */
     float *noise;  /* (N, H) or NULL without jitter */
     const void *in_lp; /* (N, H) bf16: the core's copy of the input (m1c_layer_bufs.in_lp), or NULL */
+    const float *in_proj; /* forward: (N, E) in Wr^T from the core's norm (m1c_layer_bufs.in_proj), or NULL */
     /* scratch */
     void *dgu;     /* (N*k, 2F) cdt */
     float *drow;   /* (N*k, H) f32 scratch: the forward's aux partial sums (doubles); in backward, F32's d

@@ -12,6 +12,29 @@ __device__ static inline float m1c_warp_sum(float v) {
     return v;
 }
 
+/* The transposing sum over the warp of NP values a lane (NP a power of two, at most 32): lane l ends with
+ * the sum over all lanes of v[l NP / 32] (v is consumed). log2 NP exchange rounds halve the values a lane
+ * holds (round r pairs lanes 16 >> r apart, each keeping one half and adding its partner's copy of it),
+ * then a butterfly over the lower lane bits: 31 shuffles for 32 values instead of 32 x 5. A fixed order:
+ * the same bits on every run, and on the 32 / NP lanes that share a value. */
+template <int NP> __device__ static inline float m1c_warp_xpose_sum(float (&v)[NP]) {
+    static_assert(NP >= 1 && NP <= 32 && (NP & (NP - 1)) == 0, "NP: a power of two up to 32");
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int h = NP / 2, b = 16; h >= 1; h /= 2, b /= 2) {
+        const bool up = (lane & b) != 0;
+#pragma unroll
+        for (int i = 0; i < h; i++) {
+            const float send = up ? v[i] : v[i + h], keep = up ? v[i + h] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, b);
+        }
+    }
+    float s = v[0];
+#pragma unroll
+    for (int b = 16 / NP; b >= 1; b /= 2) s += __shfl_xor_sync(0xffffffffu, s, b);
+    return s;
+}
+
 /* dw[c] += the sum over the chunks k of part[k][c] (chunks rows of C), in a fixed order: thread (x, y) of a
  * 32 x M1C_CS_Y block adds chunks y, y + M1C_CS_Y, ... of column c, then thread y = 0 adds the M1C_CS_Y sums
  * in order. The grid is small (C / 32 blocks), so each thread loads M1C_CS_BATCH chunks before adding any:

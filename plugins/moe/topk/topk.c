@@ -182,6 +182,9 @@ static int topk_params(void *self, m1c_buf_spec *specs, int max) {
     /* The experts' gradients honour M1C_TENSOR_UNSET: the Hopper kernels store their tiles, every other
      * path zeroes the gradient first (topk_backward, topk.cu's backward). */
     s[P_GATE_UP].grad_written = s[P_DOWN].grad_written = 1;
+    /* The router's logits from the core's norm where it makes them (ABI 1.4: the CUDA path uses them;
+     * with jitter the router reads a noisy copy of the input instead). */
+    s[P_ROUTER].in_proj = m->jitter == 0;
     return put_specs(m, s, N_PARAMS, specs, max);
 }
 
@@ -262,6 +265,7 @@ static int cuda_args(topk *m, const m1c_layer_bufs *b, int N, int backward, topk
     a->xs = b->acts[A_XS].data, a->gu = b->acts[A_GU].data, a->act = b->acts[A_ACT].data, a->Y = b->acts[A_Y].data;
     a->noise = m->jitter > 0 ? b->acts[A_NOISE].data : NULL;
     a->in_lp = b->in_lp;
+    a->in_proj = b->in_proj;
     a->dgu = b->scratch[S_DGU].data, a->drow = b->scratch[S_DY].data, a->dlog = b->scratch[S_DLOG].data;
     a->dw = b->scratch[S_DW].data, a->xr = b->scratch[S_XR].data, a->dact = b->scratch[S_DACT].data;
     a->dy_lp = m->cdt == M1C_BF16 ? b->scratch[S_DY_LP].data : NULL;

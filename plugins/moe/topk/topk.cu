@@ -62,6 +62,7 @@
 #include "expert_wg.cuh"
 #include <m1c/cuda/mma.cuh>
 #include <m1c/cuda/pdl.cuh>
+#include <m1c/cuda/sums.cuh>
 
 /* ---- CUDA kernels ------------------------------------------------------------------------------ */
 
@@ -83,18 +84,21 @@ __global__ void jitter_kernel(float *noise, float *xr, const float *in, int64_t 
     }
 }
 
-/* One token's routing (softmax of its logits in p, in place; top-k; combine weights) by the CPU
- * reference's own code (../topk_route.h), on copies in registers or local memory where E <= 8 (the global
- * row read and written once instead of at every step of the loops). */
-static __device__ inline void route_token(float *p, int32_t *id, float *w, int E, int k, int normalize) {
+/* One token's routing (the softmax of its logits z into p, which may be z; top-k; combine weights) by the
+ * CPU reference's own code (../topk_route.h), on copies in registers or local memory where E <= 8 (the
+ * global row read and written once instead of at every step of the loops). */
+static __device__ inline void route_token(const float *z, float *p, int32_t *id, float *w, int E, int k,
+                                          int normalize) {
     if (E > 8) {
+        if (z != p)
+            for (int e = 0; e < E; e++) p[e] = z[e];
         topk_route_token(p, id, w, E, k, normalize);
         return;
     }
     float pl[8];
     int32_t il[8];
     float wl[8];
-    for (int e = 0; e < E; e++) pl[e] = p[e];
+    for (int e = 0; e < E; e++) pl[e] = z[e];
     topk_route_token(pl, il, wl, E, k, normalize);
     for (int e = 0; e < E; e++) p[e] = pl[e];
     for (int j = 0; j < k; j++) id[j] = il[j], w[j] = wl[j];
@@ -124,45 +128,30 @@ __global__ void __launch_bounds__(RK_THREADS) rank_count_kernel(int32_t *tab, co
     for (int e = threadIdx.x; e < E; e += RK_THREADS) tab[(int64_t)blockIdx.x * E + e] = rk_hist[e];
 }
 
-/* Exclusive scan of v over the block (RK_THREADS threads); *total (shared) gets the sum. */
-static __device__ int block_excl_scan(int v, int *warp_sh, int *total) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    int x = v;
-    #pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, d);
-        if (lane >= d) x += y;
-    }
-    __syncthreads(); /* warp_sh / total may still be read from a previous call */
-    if (lane == 31) warp_sh[warp] = x;
-    __syncthreads();
-    int before = 0, sum = 0;
-    for (int w = 0; w < RK_WARPS; w++) {
-        before += w < warp ? warp_sh[w] : 0;
-        sum += warp_sh[w];
-    }
-    if (threadIdx.x == 0) *total = sum;
-    __syncthreads();
-    return before + x - v;
-}
-
-/* One block: tab[c][e] becomes the number of e's assignments in chunks before c; counts and offsets. */
+/* One block, a warp per expert (experts warp, warp + RK_WARPS, ...): tab[c][e] becomes the number of e's
+ * assignments in chunks before c (a warp scan of 32 chunks at a time, with a carry; no block barriers in
+ * the loop: the block-wide scan of every expert in turn took 7 us at the training shape on an H100);
+ * then the counts and offsets. */
 __global__ void __launch_bounds__(RK_THREADS) rank_scan_kernel(int32_t *tab, int32_t *off, int32_t *cnt, int64_t nch,
                                                                 int E, int64_t Nk, int64_t cap) {
     pdl_start();
-    __shared__ int warp_sh[RK_WARPS];
-    __shared__ int total;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     int32_t *routed = cnt + C_ROUTED, *kept = cnt + C_ROUTED + E;
-    for (int e = 0; e < E; e++) {
+    for (int e = warp; e < E; e += RK_WARPS) {
         int carry = 0;
-        for (int64_t c0 = 0; c0 < nch; c0 += RK_THREADS) {
-            const int64_t c = c0 + threadIdx.x;
+        for (int64_t c0 = 0; c0 < nch; c0 += 32) {
+            const int64_t c = c0 + lane;
             const int v = c < nch ? tab[c * E + e] : 0;
-            const int ex = block_excl_scan(v, warp_sh, &total);
-            if (c < nch) tab[c * E + e] = carry + ex;
-            carry += total;
+            int x = v; /* inclusive scan over the warp */
+            #pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const int y = __shfl_up_sync(0xffffffffu, x, d);
+                if (lane >= d) x += y;
+            }
+            if (c < nch) tab[c * E + e] = carry + x - v;
+            carry += __shfl_sync(0xffffffffu, x, 31);
         }
-        if (threadIdx.x == 0) {
+        if (lane == 0) {
             routed[e] = carry;
             kept[e] = (int32_t)(carry < cap ? carry : cap);
         }
@@ -225,22 +214,18 @@ __global__ void __launch_bounds__(RK_THREADS) rank_scatter_kernel(int32_t *pos, 
     }
 }
 
-/* Sum of v over the block (blockDim a power of two <= MOE_THREADS), returned to every thread. */
-static __device__ double block_sum(double v, double *sh) {
-    __syncthreads(); /* sh may still be read from a previous call */
-    sh[threadIdx.x] = v;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    return sh[0];
+/* Sum over the warp, the same value in every lane (a butterfly: each lane adds the same pairs). */
+static __device__ __forceinline__ double warp_sum(double v) {
+    #pragma unroll
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+    return v;
 }
 
 /* Aux loss in two passes (deterministic: fixed summation order, no atomics).
  * aux_part_kernel: block b sums probs[n, e] (double) over its tokens [b * AUX_ROWS, (b + 1) * AUX_ROWS)
  *   into part[b][e]: per thread one token, warp shuffles, then the warps in order.
- * aux_kernel (one block): P_e = sum over blocks / N, f_e from the routed counts, aux = coef E sum f_e P_e.
+ * aux_kernel (one block, a warp per expert): P_e = sum over blocks / N, f_e from the routed counts,
+ *   aux = coef E sum f_e P_e.
  *   Without partial sums (part NULL) it sums probs itself: for calls of so few tokens that the scratch
  *   holding the partial sums is too small. */
 enum { AUX_ROWS = 256 };
@@ -267,23 +252,26 @@ __global__ void __launch_bounds__(AUX_ROWS) aux_part_kernel(double *part, const 
 __global__ void aux_kernel(float *st, const int32_t *cnt, const double *part, int nb, const float *probs, int N, int E,
                            int k, double coef, int jit) {
     pdl_start();
-    __shared__ double sh[MOE_THREADS];
-    double aux = 0.0;
-    for (int e = 0; e < E; e++) {
+    __shared__ double fp[TOPK_CUDA_MAX_E]; /* f_e P_e, summed in expert order at the end */
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    for (int e = warp; e < E; e += nw) { /* a warp per expert (a block-wide sum per expert took 11 us) */
         double s = 0.0;
         if (part)
-            for (int b = threadIdx.x; b < nb; b += blockDim.x) s += part[(int64_t)b * E + e];
+            for (int b = lane; b < nb; b += 32) s += part[(int64_t)b * E + e];
         else /* no room for the partial sums (a handful of tokens): sum the probabilities here */
-            for (int n = threadIdx.x; n < N; n += blockDim.x) s += probs[(int64_t)n * E + e];
-        const double P = block_sum(s, sh) / N;
+            for (int n = lane; n < N; n += 32) s += probs[(int64_t)n * E + e];
+        const double P = warp_sum(s) / N;
         const double f = (double)cnt[C_ROUTED + e] / ((double)N * k);
-        if (threadIdx.x == 0) {
+        if (lane == 0) {
             st[ST_F + e] = (float)f;
             st[ST_F + E + e] = (float)P;
+            fp[e] = f * P;
         }
-        aux += f * P;
     }
+    __syncthreads();
     if (threadIdx.x == 0) {
+        double aux = 0.0;
+        for (int e = 0; e < E; e++) aux += fp[e];
         aux *= coef * E;
         st[ST_AUX] = (float)aux;
         st[ST_AUX_LO] = (float)(aux - (double)st[ST_AUX]);
@@ -295,33 +283,6 @@ __global__ void aux_kernel(float *st, const int32_t *cnt, const double *part, in
 /* ---- router products (f32, E columns) ------------------------------------------------------------
  * cuBLAS runs these thin products (N x H times H x E, E x N times N x H) as slow SIMT kernels; these do
  * them at about the speed of reading x once. Fixed summation orders, no atomics. */
-
-/* Lane l ends with the warp's sum of v[l] (v: 32 values per lane), in 31 shuffles: each step halves
- * the values a lane keeps and adds its partner's copies of them. */
-template <int D>
-static __device__ __forceinline__ void xpose_step(float (&v)[32], int lane) {
-    const bool up = (lane & D) != 0;
-    #pragma unroll
-    for (int i = 0; i < D; i++) {
-        const float send = up ? v[i] : v[i + D], keep = up ? v[i + D] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, D);
-    }
-}
-static __device__ __forceinline__ float warp_xpose_sum32(float (&v)[32], int lane) {
-    xpose_step<16>(v, lane);
-    xpose_step<8>(v, lane);
-    xpose_step<4>(v, lane);
-    xpose_step<2>(v, lane);
-    xpose_step<1>(v, lane);
-    return v[0];
-}
-
-/* Sum over the warp, the same value in every lane (a butterfly: each lane adds the same pairs). */
-static __device__ __forceinline__ double warp_sum(double v) {
-    #pragma unroll
-    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
-    return v;
-}
 
 /* logits[n, e] = sum_c x[n, c] Wr[e, c], then (idx not NULL) each token routed (route_token) by a lane of
  * the warp that made its logits: the softmax in place of the logits, idx and w (N, k); a separate kernel
@@ -366,14 +327,22 @@ __global__ void __launch_bounds__(LG_WARPS * 32, LG_MIN_BLOCKS)
                     for (int v = 0; v < V; v++) acc[t * LG_EXP + e] += xv[t][v] * w[v];
             }
         }
-        const float sum = warp_xpose_sum32(acc, lane);
+        const float sum = m1c_warp_xpose_sum<32>(acc); /* lane l: acc[l] summed (m1c/cuda/sums.cuh) */
         const int t = lane / LG_EXP, e = e0 + lane % LG_EXP;
         if (n0 + t < N && e < E) logits[(n0 + t) * E + e] = sum;
     }
     if (!idx) return;
     __syncwarp(); /* the other lanes' logits written before lane t reads its token's row */
     const int64_t n = n0 + lane;
-    if (lane < LG_TOK && n < N) route_token(logits + n * E, idx + n * k, w + n * k, E, k, normalize);
+    if (lane < LG_TOK && n < N) route_token(logits + n * E, logits + n * E, idx + n * k, w + n * k, E, k, normalize);
+}
+
+/* The routing alone, a thread per token, from logits z the core made (m1c_layer_bufs.in_proj): probs, idx
+ * and w as router_logits_kernel leaves them. */
+__global__ void route_kernel(float *probs, const float *z, int N, int E, int32_t *idx, float *w, int k, int normalize) {
+    pdl_start();
+    const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (n < N) route_token(z + n * E, probs + n * E, idx + n * k, w + n * k, E, k, normalize);
 }
 
 /* dWr partial sums: out[ch, e, c] = sum over chunk ch's tokens n (in order) of dlog[n, e] * xr[n, c],
@@ -403,7 +372,7 @@ __global__ void router_dw_kernel(float *out, int accumulate, const float *dlog, 
         }
         __syncthreads();
         if (c < H)
-            #pragma unroll 4 /* several rows' loads in flight */
+            #pragma unroll 8 /* eight rows' loads in flight (two blocks an SM: ~48 KB of x in flight) */
             for (int t = 0; t < nt; t++) {
                 float xv[V];
                 vec_ld<V>(xv, x + (t0 + t) * H + c);
@@ -429,25 +398,6 @@ __global__ void router_dw_kernel(float *out, int accumulate, const float *dlog, 
             for (int v = 0; v < V; v++) acc[e][v] += p[v];
         }
         vec_st<V>(o, acc[e]);
-    }
-}
-
-/* dWr[i] += the sum over nch chunks of part[ch, i] (n = E*H elements per chunk), in a fixed order:
- * thread row y sums chunks y, y + DS_Y, ..., then row 0 adds the DS_Y sums in order of y. */
-enum { DS_X = 32, DS_Y = 8 };
-__global__ void __launch_bounds__(DS_X * DS_Y) router_dw_sum_kernel(float *dWr, const float *part, int nch, int64_t n) {
-    pdl_start();
-    __shared__ float sh[DS_Y][DS_X];
-    const int64_t i = (int64_t)blockIdx.x * DS_X + threadIdx.x;
-    float s = 0.0f;
-    if (i < n)
-        for (int ch = threadIdx.y; ch < nch; ch += DS_Y) s += part[(int64_t)ch * n + i];
-    sh[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && i < n) {
-        float t = 0.0f;
-        for (int y = 0; y < DS_Y; y++) t += sh[y][threadIdx.x];
-        dWr[i] += t;
     }
 }
 
@@ -1160,9 +1110,18 @@ static unsigned row_threads(int H, int V) {
     return (unsigned)(t < 256 ? t : 256);
 }
 
-/* logits (N, E) = x (N, H) Wr^T, then the routing: a->probs, a->idx and a->w (router_logits_kernel). */
-static int router_logits(const topk_cuda_args *a, cudaStream_t s, float *logits, const float *x) {
+/* logits (N, E) = x (N, H) Wr^T, then the routing: a->probs, a->idx and a->w (router_logits_kernel); or,
+ * given those logits z (the core's in_proj, for an unjittered input), the routing alone. */
+static int router_logits(const topk_cuda_args *a, cudaStream_t s, float *logits, const float *x, const float *z) {
     const m1c_host *h = a->h;
+    if (z) {
+        /* blocks of 64 threads: 256 blocks at the training shape, on every multiprocessor (a token's routing
+         * is a few hundred dependent instructions; 256-thread blocks left half of them idle) */
+        (void)pdl_launch(route_kernel, (unsigned)((a->N + 63) / 64), 64, 0, s, logits, z, a->N, a->E, a->idx, a->w,
+                         a->k, a->normalize);
+        MOE_LAUNCH_CHECK(h, "route_kernel");
+        return M1C_OK;
+    }
     const unsigned blocks = (unsigned)((a->N + LG_TOK * LG_WARPS - 1) / (LG_TOK * LG_WARPS));
     if (a->H % 4 == 0 && moe_al16(x) && moe_al16(a->Wr))
         (void)pdl_launch(router_logits_kernel<4>, blocks, LG_WARPS * 32, 0, s, logits, x, a->Wr, a->N, a->H, a->E,
@@ -1177,7 +1136,7 @@ static int router_logits(const topk_cuda_args *a, cudaStream_t s, float *logits,
 /* dWr (E, H) += dlog^T xr, xr the router input (in, times the noise when the forward was jittered).
  * Chunks of DW_CHUNK tokens give their partial sums in drow (F32: free once the un-permute has read the
  * d x rows there; BF16 keeps those in dy_lp; N*k*H floats hold N*k/E chunks, so the chunks grow where
- * E > DW_CHUNK * k), which router_dw_sum_kernel adds in order; a single chunk adds to dWr directly. */
+ * E > DW_CHUNK * k), which m1c_colsum_add adds in order; a single chunk adds to dWr directly. */
 static int router_dwr(const topk_cuda_args *a, cudaStream_t s, const float *in) {
     const m1c_host *h = a->h;
     const int N = a->N, H = a->H, E = a->E;
@@ -1202,10 +1161,8 @@ static int router_dwr(const topk_cuda_args *a, cudaStream_t s, const float *in) 
                          rpc);
     MOE_LAUNCH_CHECK(h, "router_dw_kernel");
     if (nch > 1) {
-        const int64_t n = (int64_t)E * H;
-        (void)pdl_launch(router_dw_sum_kernel, (unsigned)((n + DS_X - 1) / DS_X), dim3(DS_X, DS_Y), 0, s, a->dWr,
-                         a->drow, (int)nch, n);
-        MOE_LAUNCH_CHECK(h, "router_dw_sum_kernel");
+        (void)m1c_colsum_add_launch(a->dWr, a->drow, (int)nch, E * H, s); /* m1c/cuda/sums.cuh */
+        MOE_LAUNCH_CHECK(h, "m1c_colsum_add (dWr)");
     }
     return M1C_OK;
 }
@@ -1339,8 +1296,9 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         xr = a->xr;
         prof_mark(pf, "jitter");
     }
-    /* Router logits in f32 (both compute dtypes), then softmax / top-k in the same kernel. */
-    CALL(router_logits(a, s, a->probs, xr));
+    /* Router logits in f32 (both compute dtypes), then softmax / top-k in the same kernel; the logits
+     * come from the core's norm where it made them (in_proj, ABI 1.4: no pass over in for them). */
+    CALL(router_logits(a, s, a->probs, xr, jit ? NULL : a->in_proj));
     prof_mark(pf, "router");
 
     /* Capacity and the counting sort. The per-chunk count table lives in dlog (backward scratch, free
