@@ -18,11 +18,11 @@
 #endif
 
 /* ABI 1.2 filled reserved space of these two structs (lp_inputs, in_lp, dout_lp): their sizes, and so
- * every member's offset, were those of ABI 1.0 (LP64). ABI 1.4 appended in_proj to m1c_layer_bufs, which
- * only the core makes: a plugin of an older minor never reads past dout_lp. m1c_buf_spec's in_proj (ABI
- * 1.4) took its reserved word, which older plugins left zero. */
+ * every member's offset, were those of ABI 1.0 (LP64). ABI 1.4 appended in_proj and out_rows to
+ * m1c_layer_bufs, which only the core makes: a plugin of an older minor never reads past dout_lp.
+ * m1c_buf_spec's in_proj (ABI 1.4) took its reserved word, which older plugins left zero. */
 _Static_assert(sizeof(void *) != 8 || sizeof(m1c_layer_info) == 80, "m1c_layer_info changed size");
-_Static_assert(sizeof(void *) != 8 || sizeof(m1c_layer_bufs) == 88, "m1c_layer_bufs changed size");
+_Static_assert(sizeof(void *) != 8 || sizeof(m1c_layer_bufs) == 96, "m1c_layer_bufs changed size");
 _Static_assert(sizeof(void *) != 8 || sizeof(m1c_buf_spec) == 72, "m1c_buf_spec changed size");
 _Static_assert(offsetof(m1c_layer_bufs, in_lp) == offsetof(m1c_layer_bufs, stream) + sizeof(void *),
                "in_lp must take the first reserved pointer");

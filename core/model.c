@@ -329,6 +329,8 @@ int m1c_run_init(m1c_run *r, m1c_model *m, int B, int T, int training, m1c_err *
             const int i = iproj[2 * l + j];
             sb[j]->proj = i >= 0 ? r->acts.t[i].data : NULL;
             sb[j]->bufs.in_proj = sb[j]->proj;
+            /* every output of a layer goes to a residual norm of the core's, which takes it as rows (ABI 1.4) */
+            sb[j]->bufs.out_rows = m->device == M1C_DEVICE_CUDA ? &sb[j]->rows : NULL;
         }
     }
     if (with_lp) {
@@ -429,13 +431,15 @@ static void prof_add(m1c_model *m, m1c_run *r, const char *name, int backward) {
 
 typedef int (*mix_fn)(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud);
 
-/* The residual and norm that write the input of instance s (its buffers sb): with s's in_proj product
- * where the run has a buffer for it. */
-static void residual_norm_into(m1c_model *m, const m1c_inst *s, const m1c_inst_bufs *sb, float *y, const float *h,
-                               float a, float b, float *out, float *rstd, int norm, int64_t N, uint16_t *out_lp) {
+/* The residual and norm after the forward of a layer (its buffers from: y is its output, or the rows it
+ * handed over) that write the input of instance s (its buffers sb; NULL after the last layer): with s's
+ * in_proj product where the run has a buffer for it. */
+static void residual_norm_into(m1c_model *m, const m1c_inst_bufs *from, const m1c_inst *s, const m1c_inst_bufs *sb,
+                               float *y, const float *h, float a, float b, float *out, float *rstd, int norm,
+                               int64_t N, uint16_t *out_lp) {
     const int np = sb && sb->proj ? (int)m->params.t[s->proj].shape[0] : 0;
-    m1c_residual_rmsnorm_proj(m->device, y, h, a, b, out, rstd, P(m, norm), N, (int)m->H, m->eps, out_lp,
-                              np ? P(m, s->proj) : NULL, np, np ? sb->proj : NULL);
+    m1c_residual_rmsnorm_ex(m->device, y, h, a, b, from->rows.rows ? &from->rows : NULL, out, rstd, P(m, norm), N,
+                            (int)m->H, m->eps, out_lp, np ? P(m, s->proj) : NULL, np, np ? sb->proj : NULL);
 }
 
 /* The layer loop shared by training forward and incremental decoding: `attn` runs the mixer. Each
@@ -455,17 +459,18 @@ static int forward_layers(m1c_model *m, m1c_run *r, int B, int T, mix_fn attn, v
         m1c_layer *ly = &m->layer[l];
         const int last = l == m->L - 1;
         r->attn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l);
+        r->attn[l].rows.rows = r->ffn[l].rows.rows = NULL; /* filled by a forward that hands its rows over */
         if (attn(m, r, l, B, T, r->x1[l], r->h1[l], ud)) return m1c_plugin_fail(ly->attn.plugin, e, "forward");
         prof_add(m, r, ly->attn.plugin->desc->name, 0);
-        residual_norm_into(m, &ly->ffn, &r->ffn[l], r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn, r->h2[l],
-                           r->rstd2[l], ly->norm_post, N, r->h2_lp ? r->h2_lp[l] : NULL);
+        residual_norm_into(m, &r->attn[l], &ly->ffn, &r->ffn[l], r->x1[l], r->h1[l], ly->alpha_attn, ly->beta_attn,
+                           r->h2[l], r->rstd2[l], ly->norm_post, N, r->h2_lp ? r->h2_lp[l] : NULL);
         prof_add(m, r, "core", 0);
         r->ffn[l].bufs.noise_seed = mix(r->noise_seed, 2 * (uint64_t)l + 1);
         if (ly->ffn.ops->forward(ly->ffn.self, &r->ffn[l].bufs, r->x[l + 1], r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "forward");
         prof_add(m, r, ly->ffn.plugin->desc->name, 0);
-        residual_norm_into(m, last ? NULL : &m->layer[l + 1].attn, last ? NULL : &r->attn[l + 1], r->x[l + 1],
-                           r->h2[l], ly->alpha_ffn, ly->beta_ffn, last ? r->hf : r->h1[l + 1],
+        residual_norm_into(m, &r->ffn[l], last ? NULL : &m->layer[l + 1].attn, last ? NULL : &r->attn[l + 1],
+                           r->x[l + 1], r->h2[l], ly->alpha_ffn, ly->beta_ffn, last ? r->hf : r->h1[l + 1],
                            last ? r->rstdf : r->rstd1[l + 1], last ? m->norm : m->layer[l + 1].norm_in, N,
                            r->h1_lp && !last ? r->h1_lp[l + 1] : NULL);
         prof_add(m, r, "core", 0);

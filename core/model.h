@@ -69,6 +69,7 @@ typedef struct m1c_inst_bufs {
     int na, ns;
     float *proj; /* (N, P): the input's product with the instance's in_proj parameter, which the norm that
                   * writes the input makes (== bufs.in_proj); NULL where no such norm does */
+    m1c_out_rows rows; /* where the forward may hand its output over as rows (bufs.out_rows, on the GPU) */
 } m1c_inst_bufs;
 
 /* Everything a forward/backward of shape (B, T) needs. */

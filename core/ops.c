@@ -70,14 +70,41 @@ void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, cons
     if (out_lp) m1c_to_bf16(dev, out_lp, out, N * C);
 }
 
-void m1c_residual_rmsnorm_proj(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
-                               const float *w, int64_t N, int C, float eps, uint16_t *out_lp, const float *pw, int P,
-                               float *proj) {
-    ON_GPU(dev, m1c_cuda_residual_rmsnorm(y, h, a, b, out, rstd, w, N, C, eps, out_lp, pw, P, proj));
+static float bf16_value(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Row i of a layer's output handed over as weighted rows (m1c_out_rows), into x: fused multiply-adds from
+ * 0, as the GPU's m1c_rows_sum. */
+static void out_rows_row(float *x, const m1c_out_rows *yr, int64_t i, int C) {
+    for (int c = 0; c < C; c++) x[c] = 0;
+    for (int j = 0; j < yr->k; j++) {
+        const int32_t r = yr->idx[i * yr->k + j];
+        if (r < 0) continue;
+        const float wj = yr->weight[i * yr->k + j];
+        if (yr->dtype == M1C_BF16) {
+            const uint16_t *row = (const uint16_t *)yr->rows + (int64_t)r * C;
+            for (int c = 0; c < C; c++) x[c] = fmaf(wj, bf16_value(row[c]), x[c]);
+        } else {
+            const float *row = (const float *)yr->rows + (int64_t)r * C;
+            for (int c = 0; c < C; c++) x[c] = fmaf(wj, row[c], x[c]);
+        }
+    }
+}
+
+void m1c_residual_rmsnorm_ex(int dev, float *y, const float *h, float a, float b, const m1c_out_rows *yr,
+                             float *out, float *rstd, const float *w, int64_t N, int C, float eps, uint16_t *out_lp,
+                             const float *pw, int P, float *proj) {
+    if (yr && !yr->rows) yr = NULL;
+    ON_GPU(dev, m1c_cuda_residual_rmsnorm(y, h, a, b, yr, out, rstd, w, N, C, eps, out_lp, pw, P, proj));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         float *x = y + i * C, *o = out + i * C;
         const float *hr = h + i * C;
+        if (yr) out_rows_row(x, yr, i, C);
         for (int c = 0; c < C; c++) x[c] = a * hr[c] + b * x[c]; /* m1c_residual's expression */
         rmsnorm_row(o, &rstd[i], x, w, C, eps);
         for (int p = 0; p < P; p++) {
@@ -91,7 +118,7 @@ void m1c_residual_rmsnorm_proj(int dev, float *y, const float *h, float a, float
 
 void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
                           const float *w, int64_t N, int C, float eps, uint16_t *out_lp) {
-    m1c_residual_rmsnorm_proj(dev, y, h, a, b, out, rstd, w, N, C, eps, out_lp, NULL, 0, NULL);
+    m1c_residual_rmsnorm_ex(dev, y, h, a, b, NULL, out, rstd, w, N, C, eps, out_lp, NULL, 0, NULL);
 }
 
 /* y = x r w, r = (mean(x^2) + eps)^-1/2: dx = r (g w) - x r^3 mean(g w x), dw = sum g x r. The row's

@@ -72,12 +72,16 @@ void m1c_axpby(int dev, float *y, float *z, const float *x, float a, float b, in
  * m1c_rmsnorm_forward. */
 void m1c_residual_rmsnorm(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
                           const float *w, int64_t N, int C, float eps, uint16_t *out_lp);
-/* The same, and with P > 0 also proj (N, P) = out pw^T for a (P, C) f32 matrix pw, P <= 32 (a layer's
- * in_proj, plugin.h ABI 1.4), from out's f32 values as they are stored, sums in f32 (on the GPU in an order
- * of the kernel's, from registers: out is not read back). P = 0: pw and proj unused. */
-void m1c_residual_rmsnorm_proj(int dev, float *y, const float *h, float a, float b, float *out, float *rstd,
-                               const float *w, int64_t N, int C, float eps, uint16_t *out_lp, const float *pw, int P,
-                               float *proj);
+/* The same with the two hand-overs of plugin.h's ABI 1.4:
+ *   yr: NULL, or with yr->rows set y's old values are not read but the weighted rows' sum that yr
+ *     describes (m1c_out_rows: a layer's output, summed as the layer would have); y is written as ever;
+ *   P > 0: also proj (N, P) = out pw^T for a (P, C) f32 matrix pw, P <= 32 (a layer's in_proj), from out's
+ *     f32 values as they are stored, sums in f32 (on the GPU in an order of the kernel's, from registers:
+ *     out is not read back). P = 0: pw and proj unused. */
+struct m1c_out_rows;
+void m1c_residual_rmsnorm_ex(int dev, float *y, const float *h, float a, float b, const struct m1c_out_rows *yr,
+                             float *out, float *rstd, const float *w, int64_t N, int C, float eps, uint16_t *out_lp,
+                             const float *pw, int P, float *proj);
 /* The RMSNorm backward then the split of the gradient it gives: with dx the input gradient that
  * m1c_rmsnorm_backward adds into a zeroed array, dh = a * dx and tmp = b * dx (overwritten, as
  * m1c_axpby), dw += the weight gradient; dx is never stored. Aliasing: dout may be the very same array

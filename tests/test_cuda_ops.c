@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "../core/host.h"
+#include "m1c/plugin.h"
 #include "../core/ops.h"
 #include "../core/rng.h"
 #include "harness.h"
@@ -334,7 +335,7 @@ Test(cuda_ops, residual_rmsnorm_projection) {
             float *d_y2 = up_at(y0, n, shift), *d_out2 = up_at(nan_n, n, shift), *d_rstd2 = up(nan_r, N);
             float *d_proj = up(nan_p, N * P);
             uint16_t *d_lp = m1c_dev_alloc(GPU, (size_t)n * 2), *d_lp2 = m1c_dev_alloc(GPU, (size_t)n * 2);
-            m1c_residual_rmsnorm_proj(GPU, d_y, d_h, FA, FB, d_out, d_rstd, d_w, N, C, eps, d_lp, d_pw, P, d_proj);
+            m1c_residual_rmsnorm_ex(GPU, d_y, d_h, FA, FB, NULL, d_out, d_rstd, d_w, N, C, eps, d_lp, d_pw, P, d_proj);
             m1c_residual_rmsnorm(GPU, d_y2, d_h, FA, FB, d_out2, d_rstd2, d_w, N, C, eps, d_lp2);
             float *gy = down(d_y, n), *gout = down(d_out, n), *grstd = down(d_rstd, N), *gproj = down(d_proj, N * P);
             float *gy2 = down(d_y2, n), *gout2 = down(d_out2, n), *grstd2 = down(d_rstd2, N);
@@ -349,7 +350,7 @@ Test(cuda_ops, residual_rmsnorm_projection) {
             cr_expect_leq(eg, 1e-5, "N=%lld C=%d P=%d shift %d: GPU proj vs double %g", (long long)N, C, P, shift, eg);
             /* the CPU's op, its own out as the reference's input */
             float *y = copy_of(y0, n), *out = nans(n), *rstd = nans(N), *proj = nans(N * P);
-            m1c_residual_rmsnorm_proj(CPU, y, h, FA, FB, out, rstd, w, N, C, eps, NULL, pw, P, proj);
+            m1c_residual_rmsnorm_ex(CPU, y, h, FA, FB, NULL, out, rstd, w, N, C, eps, NULL, pw, P, proj);
             const double ec = proj_err(proj, out, pw, N, C, P);
             cr_expect_leq(ec, 2e-4, "N=%lld C=%d P=%d: CPU proj vs double %g", (long long)N, C, P, ec);
 
@@ -360,6 +361,83 @@ Test(cuda_ops, residual_rmsnorm_projection) {
             gfree_at(d_out, shift), gfree(d_rstd), gfree_at(d_y2, shift), gfree_at(d_out2, shift), gfree(d_rstd2);
             gfree(d_proj), m1c_dev_free(GPU, d_lp), m1c_dev_free(GPU, d_lp2);
         }
+}
+
+/* The residual norm taking a layer's output as weighted rows (m1c_out_rows, ABI 1.4): the same y, out,
+ * rstd and out_lp as the plain op given y = the rows' sum, made here by the same fused multiply-adds in the
+ * same order (C's fmaf rounds once, as the GPU's), so expected bit for bit; allowed: 1e-6, nvcc
+ * contracting a h + b y differently in the two kernels (as in residual_rmsnorm_fused). bf16 and f32 rows,
+ * dropped slots (idx -1), the 16-byte and scalar paths (C = 33), with a projection too. The CPU's op with
+ * rows against its plain op: bit for bit (the same loop). */
+Test(cuda_ops, residual_rmsnorm_rows) {
+    th_need_gpu();
+    const float eps = 1e-5f;
+    static const struct {
+        int64_t N;
+        int C, k, bf16, P;
+    } cases[] = {{37, 768, 2, 1, 0}, {1003, 768, 2, 0, 0}, {37, 33, 3, 1, 0}, {64, 256, 2, 1, 8}};
+    int exact = 1;
+    for (int ci = 0; ci < (int)(sizeof cases / sizeof cases[0]); ci++) {
+        const int64_t N = cases[ci].N, n = N * cases[ci].C, R = N * cases[ci].k, Nk = N * cases[ci].k;
+        const int C = cases[ci].C, k = cases[ci].k, P = cases[ci].P, bf = cases[ci].bf16;
+        const uint64_t s = 2700 + (uint64_t)ci * 10;
+        float *rows = th_randn(R * C, s, 1.0f), *wt = th_randn(Nk, s + 1, 0.5f), *h = th_randn(n, s + 2, 1.0f);
+        float *w = norm_weights(C, s + 3), *pw = th_randn((int64_t)(P ? P : 1) * C, s + 4, 0.05f);
+        uint16_t *rows16 = malloc((size_t)(R * C) * 2);
+        int32_t *idx = malloc((size_t)Nk * 4);
+        for (int64_t i = 0; i < Nk; i++) idx[i] = i % 7 == 3 ? -1 : (int32_t)((i * 7919) % R); /* some dropped */
+        for (int64_t i = 0; i < R * C; i++) { /* bf16 rows: the values rounded, as the GPU reads them */
+            uint32_t u;
+            memcpy(&u, &rows[i], 4);
+            u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+            rows16[i] = (uint16_t)(u >> 16);
+            if (bf) memcpy(&rows[i], &u, 4);
+        }
+        float *ysum = calloc((size_t)n, 4); /* the rows' sum: fused multiply-adds from 0, slots in order */
+        for (int64_t i = 0; i < N; i++)
+            for (int j = 0; j < k; j++) {
+                const int32_t r = idx[i * k + j];
+                if (r < 0) continue;
+                for (int c = 0; c < C; c++)
+                    ysum[i * C + c] = fmaf(wt[i * k + j], rows[(int64_t)r * C + c], ysum[i * C + c]);
+            }
+        void *d_rows = bf ? (void *)m1c_dev_alloc(GPU, (size_t)(R * C) * 2) : (void *)up(rows, R * C);
+        if (bf) m1c_dev_copy(GPU, d_rows, CPU, rows16, (size_t)(R * C) * 2);
+        int32_t *d_idx = m1c_dev_alloc(GPU, (size_t)Nk * 4);
+        m1c_dev_copy(GPU, d_idx, CPU, idx, (size_t)Nk * 4);
+        float *d_wt = up(wt, Nk), *d_h = up(h, n), *d_w = up(w, C), *d_pw = up(pw, (int64_t)(P ? P : 1) * C);
+        float *nan_n = nans(n), *nan_r = nans(N), *nan_p = nans(N * (P ? P : 1));
+        float *d_y = up(nan_n, n), *d_out = up(nan_n, n), *d_rstd = up(nan_r, N), *d_proj = up(nan_p, N * (P ? P : 1));
+        float *d_y2 = up(ysum, n), *d_out2 = up(nan_n, n), *d_rstd2 = up(nan_r, N), *d_proj2 = up(nan_p, N * (P ? P : 1));
+        uint16_t *d_lp = m1c_dev_alloc(GPU, (size_t)n * 2), *d_lp2 = m1c_dev_alloc(GPU, (size_t)n * 2);
+        const m1c_out_rows yr = {d_rows, d_idx, d_wt, bf ? M1C_BF16 : M1C_F32, k, {0, 0}};
+        m1c_residual_rmsnorm_ex(GPU, d_y, d_h, FA, FB, &yr, d_out, d_rstd, d_w, N, C, eps, d_lp, d_pw, P, d_proj);
+        m1c_residual_rmsnorm_ex(GPU, d_y2, d_h, FA, FB, NULL, d_out2, d_rstd2, d_w, N, C, eps, d_lp2, d_pw, P, d_proj2);
+        float *g[4] = {down(d_y, n), down(d_out, n), down(d_rstd, N), down(d_proj, N * (P ? P : 1))};
+        float *g2[4] = {down(d_y2, n), down(d_out2, n), down(d_rstd2, N), down(d_proj2, N * (P ? P : 1))};
+        const int64_t len[4] = {n, n, N, P ? N * P : 0};
+        static const char *const what[4] = {"y", "out", "rstd", "proj"};
+        for (int t = 0; t < 4; t++) {
+            const double e = len[t] ? rel_max(g[t], g2[t], len[t]) : 0;
+            cr_expect_leq(e, 1e-6, "N=%lld C=%d k=%d bf16 %d P=%d: %s with rows vs plain %g", (long long)N, C, k, bf, P,
+                          what[t], e);
+            exact &= len[t] == 0 || !memcmp(g[t], g2[t], (size_t)len[t] * 4);
+        }
+        /* the CPU's op with rows (host pointers) against its plain op on the same sum */
+        const m1c_out_rows hr = {bf ? (void *)rows16 : (void *)rows, idx, wt, bf ? M1C_BF16 : M1C_F32, k, {0, 0}};
+        float *y = nans(n), *out = nans(n), *rstd = nans(N), *y2 = copy_of(ysum, n), *out2 = nans(n), *rstd2 = nans(N);
+        m1c_residual_rmsnorm_ex(CPU, y, h, FA, FB, &hr, out, rstd, w, N, C, eps, NULL, NULL, 0, NULL);
+        m1c_residual_rmsnorm(CPU, y2, h, FA, FB, out2, rstd2, w, N, C, eps, NULL);
+        cr_expect(!memcmp(y, y2, (size_t)n * 4) && !memcmp(out, out2, (size_t)n * 4) && !memcmp(rstd, rstd2, (size_t)N * 4),
+                  "N=%lld C=%d: the CPU's op with rows differs from its plain op", (long long)N, C);
+
+        for (int t = 0; t < 4; t++) free(g[t]), free(g2[t]);
+        free(rows), free(wt), free(h), free(w), free(pw), free(rows16), free(idx), free(ysum), free(nan_n), free(nan_r);
+        free(nan_p), free(y), free(out), free(rstd), free(y2), free(out2), free(rstd2);
+        gfree(d_rows), gfree(d_idx), gfree(d_wt), gfree(d_h), gfree(d_w), gfree(d_pw), gfree(d_y), gfree(d_out);
+        gfree(d_rstd), gfree(d_proj), gfree(d_y2), gfree(d_out2), gfree(d_rstd2), gfree(d_proj2), gfree(d_lp), gfree(d_lp2);
+    }
+    cr_log_info("residual norm with rows %s the plain op on their sum bit for bit", exact ? "equals" : "does NOT equal");
 }
 
 /* max |dw - ref| / max |ref| with ref = dw0 + sum over rows of g x r in double: the GPU's and the CPU's

@@ -9,7 +9,8 @@
  * must change its output (input gradient).
  *
  * m1c_layer_bufs.in_proj (ABI 1.4): topk declares its router's weight in_proj and, handed the logits,
- * routes from them instead of making them (check_in_proj). */
+ * routes from them instead of making them (check_in_proj). m1c_layer_bufs.out_rows (ABI 1.4): topk hands
+ * its output over as rows, which the core's norm sums where it reads them (check_out_rows). */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 #include <math.h>
@@ -188,3 +189,43 @@ static void check_in_proj(int dtype, double tol, uint64_t seed) {
 
 Test(in_proj, topk_f32) { check_in_proj(M1C_F32, 1e-5, 21); }
 Test(in_proj, topk_bf16) { check_in_proj(M1C_BF16, 1e-2, 22); }
+
+/* topk handing its output over as rows (bufs.out_rows): the core's residual norm on them gives what it gives
+ * on the output topk writes otherwise. Its combine and the norm's sum are the same m1c_rows_sum, so the sums
+ * are equal bit for bit; allowed: 1e-6, nvcc contracting the residual a h + b y differently in the two
+ * kernels (cuda_ops.residual_rmsnorm_rows). */
+static void check_out_rows(int dtype, uint64_t seed) {
+    th_need_gpu();
+    const int H = 64, B = 2, T = 45;
+    const float eps = 1e-5f, A = 1.7f, Bc = 0.37f;
+    th_layer *l = th_layer_new_dev("topk", "experts = 4; top_k = 2; ffn_dim = 24; aux_coef = 0.01;", 0, 1, H, B, T,
+                                   seed, 0.3f, GPU, dtype);
+    const int64_t N = (int64_t)B * T, n = N * H;
+    float *x = th_randn(n, seed + 1, 1.0f), *z = th_zeros(n), *ones = malloc((size_t)H * 4);
+    for (int c = 0; c < H; c++) ones[c] = 1.0f + 0.01f * (float)c;
+    float *gx = th_to_dev(GPU, x, n), *gw = th_to_dev(GPU, ones, H), *out1 = th_to_dev(GPU, z, n);
+    float *y2 = th_to_dev(GPU, z, n), *o1 = th_to_dev(GPU, z, n), *o2 = th_to_dev(GPU, z, n);
+    float *r1 = th_to_dev(GPU, z, N), *r2 = th_to_dev(GPU, z, N);
+
+    th_forward(l, out1, gx);
+    m1c_out_rows rows = {0};
+    l->bufs.out_rows = &rows;
+    th_forward(l, y2, gx);
+    cr_assert(rows.rows && rows.idx && rows.weight && rows.k == 2, "dtype %d: topk did not hand its rows over", dtype);
+    m1c_residual_rmsnorm_ex(GPU, out1, gx, A, Bc, NULL, o1, r1, gw, N, H, eps, NULL, NULL, 0, NULL);
+    m1c_residual_rmsnorm_ex(GPU, y2, gx, A, Bc, &rows, o2, r2, gw, N, H, eps, NULL, NULL, 0, NULL);
+    const double ey = rel_diff(y2, out1, n), eo = rel_diff(o2, o1, n), er = rel_diff(r2, r1, N);
+    cr_expect_leq(ey, 1e-6, "dtype %d: residual with rows vs written output %g", dtype, ey);
+    cr_expect_leq(eo, 1e-6, "dtype %d: norm with rows vs written output %g", dtype, eo);
+    cr_expect_leq(er, 1e-6, "dtype %d: rstd with rows vs written output %g", dtype, er);
+    char err[256];
+    cr_expect_not(m1c_dev_take_error(GPU, err, sizeof err), "%s", err);
+
+    th_dev_free(GPU, gx), th_dev_free(GPU, gw), th_dev_free(GPU, out1), th_dev_free(GPU, y2);
+    th_dev_free(GPU, o1), th_dev_free(GPU, o2), th_dev_free(GPU, r1), th_dev_free(GPU, r2);
+    free(x), free(z), free(ones);
+    th_layer_free(l);
+}
+
+Test(out_rows, topk_f32) { check_out_rows(M1C_F32, 31); }
+Test(out_rows, topk_bf16) { check_out_rows(M1C_BF16, 32); }

@@ -14,7 +14,10 @@
 #include <stdlib.h>
 
 #include <m1c/cuda/pdl.cuh>
+#include <m1c/cuda/rows.cuh>
 #include <m1c/cuda/sums.cuh>
+#include <m1c/plugin.h> /* m1c_out_rows */
+#include <type_traits>
 
 #include "backend.h"
 #include "ops.h"
@@ -426,13 +429,33 @@ extern "C" void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *do
  * pass reads h and the old y, stores the new y and sums its squares with rmsnorm_fwd's lanes, chunks,
  * order and butterfly, so the results are the two kernels'; the second pass finds the row in L1/L2. One
  * pass over h and y from DRAM instead of residual_k's and then rmsnorm_fwd's. */
-/* The residual's pass over a row, shared by the fused kernels: x = a h + b x in place (m1c_residual's
- * expression), each lane's chunks in row_chunks' order; returns the lane's sum of squares of the new x. */
-template <int W> __device__ static inline float residual_row(float *x, const float *hr, float a, float b, int C) {
+/* Where the residual's y term comes from: y's old values (TY void), or a layer's output handed over as
+ * weighted rows of TY (float or bf16; plugin.h: m1c_out_rows), summed by m1c_rows_sum (m1c/cuda/rows.cuh)
+ * as the layer would have. */
+template <typename TY> struct y_rows {
+    const TY *rows;
+    const int32_t *idx;
+    const float *weight;
+    int k;
+};
+
+/* The residual's pass over row i, shared by the fused kernels: x = a h + b x in place (m1c_residual's
+ * expression; x's old value from yr where it gives rows), each lane's chunks in row_chunks' order;
+ * returns the lane's sum of squares of the new x. */
+template <int W, typename TY>
+__device__ static inline float residual_row(float *x, const float *hr, float a, float b, int C, const y_rows<TY> &yr,
+                                            int64_t i) {
     const int lane = threadIdx.x % 32, step = 32 * W;
     float ss = 0, xa[U][W], ha[U][W];
     row_chunks<W>(
-        lane * W, step, C, [&](int u, int c) { ld<W>(xa[u], x, c), ld<W>(ha[u], hr, c); },
+        lane * W, step, C,
+        [&](int u, int c) {
+            ld<W>(ha[u], hr, c);
+            if constexpr (std::is_void<TY>::value)
+                ld<W>(xa[u], x, c);
+            else
+                m1c_rows_sum<W>(xa[u], yr.rows, yr.idx + i * yr.k, yr.weight + i * yr.k, yr.k, C, c);
+        },
         [&](int u, int c) {
 #pragma unroll
             for (int k = 0; k < W; k++) xa[u][k] = a * ha[u][k] + b * xa[u][k];
@@ -443,13 +466,13 @@ template <int W> __device__ static inline float residual_row(float *x, const flo
     return ss;
 }
 
-template <int W>
-__global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, float b, float *out,
+template <int W, typename TY>
+__global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, float b, const y_rows<TY> yr, float *out,
                                             __nv_bfloat16 *out_lp, float *rstd, const float *w, int64_t N, int C,
                                             float eps) {
     pdl_start();
     for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
-        const float ss = residual_row<W>(y + i * C, h + i * C, a, b, C);
+        const float ss = residual_row<W>(y + i * C, h + i * C, a, b, C, yr, i);
         rms_finish<W>(out + i * C, out_lp ? out_lp + i * C : NULL, rstd + i, y + i * C, w, ss, C, eps);
     }
 }
@@ -461,15 +484,15 @@ __global__ static void residual_rmsnorm_fwd(float *y, const float *h, float a, f
  * ~77 (H100, N 16384, ncu), against ~44 us for reading the row again in a kernel of the layer's. Two rows a
  * warp, which halves those loads, took 105 us (118 registers: a quarter of the warps resident); fewer
  * registers spilled (110-220 us). */
-template <int W, int NP>
-__global__ static void residual_rmsnorm_proj_fwd(float *y, const float *h, float a, float b, float *out,
-                                                 __nv_bfloat16 *out_lp, float *rstd, const float *w, int64_t N, int C,
-                                                 float eps, const float *pw, int P, float *proj) {
+template <int W, int NP, typename TY>
+__global__ static void residual_rmsnorm_proj_fwd(float *y, const float *h, float a, float b, const y_rows<TY> yr,
+                                                 float *out, __nv_bfloat16 *out_lp, float *rstd, const float *w,
+                                                 int64_t N, int C, float eps, const float *pw, int P, float *proj) {
     pdl_start();
     const int lane = threadIdx.x % 32, step = 32 * W;
     for (int64_t i = (int64_t)blockIdx.x * ROWS + threadIdx.x / 32; i < N; i += (int64_t)gridDim.x * ROWS) {
         float *x = y + i * C, *o = out + i * C;
-        const float ss = m1c_warp_sum(residual_row<W>(x, h + i * C, a, b, C));
+        const float ss = m1c_warp_sum(residual_row<W>(x, h + i * C, a, b, C, yr, i));
         const float r = rsqrtf(ss / (float)C + eps);
         if (lane == 0) rstd[i] = r;
         float xa[U][W], wa[U][W], pa[NP] = {};
@@ -617,37 +640,55 @@ __global__ static void __launch_bounds__(32 * ROWS, 2)
 }
 
 /* residual_rmsnorm_fwd, or with P products a row residual_rmsnorm_proj_fwd (8 or 32 accumulators a lane). */
-template <int W> static void launch_residual_rmsnorm(float *y, const float *h, float a, float b, float *out,
-                                                     __nv_bfloat16 *lp, float *rstd, const float *w, int64_t N, int C,
-                                                     float eps, const float *pw, int P, float *proj) {
+template <int W, typename TY>
+static void launch_residual_rmsnorm(float *y, const float *h, float a, float b, const y_rows<TY> &yr, float *out,
+                                    __nv_bfloat16 *lp, float *rstd, const float *w, int64_t N, int C, float eps,
+                                    const float *pw, int P, float *proj) {
     if (P <= 0)
-        check(pdl_launch(residual_rmsnorm_fwd<W>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd, w, N, C,
-                         eps),
+        check(pdl_launch(residual_rmsnorm_fwd<W, TY>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, yr, out, lp, rstd,
+                         w, N, C, eps),
               "residual_rmsnorm");
-    else if (P <= 8)
-        check(pdl_launch(residual_rmsnorm_proj_fwd<W, 8>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd,
-                         w, N, C, eps, pw, P, proj),
-              "residual_rmsnorm (projection)");
     else
-        check(pdl_launch(residual_rmsnorm_proj_fwd<W, 32>, rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, out, lp, rstd,
-                         w, N, C, eps, pw, P, proj),
+        check(pdl_launch(P <= 8 ? residual_rmsnorm_proj_fwd<W, 8, TY> : residual_rmsnorm_proj_fwd<W, 32, TY>,
+                         rows_grid(N), 32 * ROWS, 0, cs(), y, h, a, b, yr, out, lp, rstd, w, N, C, eps, pw, P, proj),
               "residual_rmsnorm (projection)");
 }
 
-extern "C" void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, float *out, float *rstd,
-                                          const float *w, int64_t N, int C, float eps, void *out_lp, const float *pw,
-                                          int P, float *proj) {
+template <int W>
+static void launch_residual_rmsnorm_w(float *y, const float *h, float a, float b, const m1c_out_rows *yr, float *out,
+                                      __nv_bfloat16 *lp, float *rstd, const float *w, int64_t N, int C, float eps,
+                                      const float *pw, int P, float *proj) {
+    if (!yr)
+        launch_residual_rmsnorm<W>(y, h, a, b, y_rows<void>{}, out, lp, rstd, w, N, C, eps, pw, P, proj);
+    else if (yr->dtype == M1C_BF16)
+        launch_residual_rmsnorm<W>(y, h, a, b,
+                                   y_rows<__nv_bfloat16>{(const __nv_bfloat16 *)yr->rows, yr->idx, yr->weight, yr->k},
+                                   out, lp, rstd, w, N, C, eps, pw, P, proj);
+    else
+        launch_residual_rmsnorm<W>(y, h, a, b, y_rows<float>{(const float *)yr->rows, yr->idx, yr->weight, yr->k}, out,
+                                   lp, rstd, w, N, C, eps, pw, P, proj);
+}
+
+extern "C" void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, const m1c_out_rows *yr,
+                                          float *out, float *rstd, const float *w, int64_t N, int C, float eps,
+                                          void *out_lp, const float *pw, int P, float *proj) {
     if (N <= 0) return;
     if (P > 32) {
         m1c_cuda_fail("residual_rmsnorm", "more than 32 products a row");
         return;
     }
+    if (yr && yr->dtype != M1C_F32 && yr->dtype != M1C_BF16) {
+        m1c_cuda_fail("residual_rmsnorm", "a layer's output rows neither f32 nor bf16");
+        return;
+    }
     __nv_bfloat16 *lp = (__nv_bfloat16 *)out_lp;
+    /* 16-byte f32 accesses; the rows' 4-element loads: 16 bytes (f32) or 8 (bf16) */
+    const size_t ra = yr ? (yr->dtype == M1C_BF16 ? 8 : 16) : 16;
     if (C % 4 == 0 && aligned16(y) && aligned16(h) && aligned16(out) && aligned16(w) && ((uintptr_t)lp & 7u) == 0 &&
-        (P <= 0 || aligned16(pw)))
-        launch_residual_rmsnorm<4>(y, h, a, b, out, lp, rstd, w, N, C, eps, pw, P, proj);
+        (P <= 0 || aligned16(pw)) && (!yr || (uintptr_t)yr->rows % ra == 0))
+        launch_residual_rmsnorm_w<4>(y, h, a, b, yr, out, lp, rstd, w, N, C, eps, pw, P, proj);
     else
-        launch_residual_rmsnorm<1>(y, h, a, b, out, lp, rstd, w, N, C, eps, pw, P, proj);
+        launch_residual_rmsnorm_w<1>(y, h, a, b, yr, out, lp, rstd, w, N, C, eps, pw, P, proj);
 }
 
 template <bool DW>

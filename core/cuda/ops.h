@@ -16,8 +16,10 @@ void m1c_cuda_rmsnorm_forward(float *out, float *rstd, const float *in, const fl
                               void *out_lp);
 void m1c_cuda_rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
                                const float *rstd, int64_t N, int C);
-void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, float *out, float *rstd, const float *w,
-                               int64_t N, int C, float eps, void *out_lp, const float *pw, int P, float *proj);
+struct m1c_out_rows;
+void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, float b, const struct m1c_out_rows *yr, float *out,
+                               float *rstd, const float *w, int64_t N, int C, float eps, void *out_lp, const float *pw,
+                               int P, float *proj);
 void m1c_cuda_rmsnorm_backward_axpby(float *dh, float *tmp, float *dw, const float *dout, const float *in,
                                      const float *w, const float *rstd, float a, float b, int64_t N, int C,
                                      void *tmp_lp);

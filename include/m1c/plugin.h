@@ -238,6 +238,20 @@ typedef struct m1c_layer_info {
     int64_t reserved[5];
 } m1c_layer_info;
 
+/* Since ABI 1.4 (m1c_layer_bufs.out_rows): a forward's output given as a weighted sum of rows, which the
+ * core's norm reads in its own pass instead of a written out:
+ *   out[n, :] = sum over j = 0 .. k-1, in order, of weight[n k + j] * rows[idx[n k + j], :]
+ * (rows of H elements, row stride H; idx < 0: no term), each term added in f32 by a fused multiply-add,
+ * fmaf(weight, element, sum), the sum starting at 0: a MoE's combine of its experts' rows. */
+typedef struct m1c_out_rows {
+    const void *rows;     /* (R, H) of dtype; NULL: the forward wrote out */
+    const int32_t *idx;   /* (B T, k) */
+    const float *weight;  /* (B T, k) */
+    int32_t dtype;        /* M1C_F32 or M1C_BF16 */
+    int32_t k;
+    int64_t reserved[2];
+} m1c_out_rows;
+
 /* The buffers the core hands a layer for one call, in the order the plugin declared them. */
 typedef struct m1c_layer_bufs {
     const m1c_tensor *params;
@@ -263,6 +277,11 @@ typedef struct m1c_layer_bufs {
      * own writes the layer's input (not to the first layer's attention, nor on the CPU, nor in every
      * call): a forward given NULL computes the product itself. */
     const float *in_proj;
+    /* Since ABI 1.4: NULL, or (on the GPU, where a norm of the core's reads the layer's output) a struct
+     * the core cleared before this forward. The forward may fill it instead of writing out (m1c_out_rows:
+     * out then holds nothing the core reads); rows, idx and weight must stay as they are until the work
+     * the core queues next on the stream has run. A forward that writes out leaves it cleared. */
+    m1c_out_rows *out_rows;
 } m1c_layer_bufs;
 
 /* Functions every layer plugin (attention or MoE) implements. The instance is created from its

@@ -8,7 +8,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "../common/vec.cuh"
+#include <m1c/cuda/vec.cuh>
 #include "m1c/plugin.h"
 #include <m1c/cuda/pdl.cuh>
 
@@ -34,7 +34,7 @@ static __device__ __forceinline__ float moe_ld(const __nv_bfloat16 *p, int64_t i
 static __device__ __forceinline__ void moe_st(float *p, int64_t i, float v) { p[i] = v; }
 static __device__ __forceinline__ void moe_st(__nv_bfloat16 *p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
-/* Vector access (vec_ld, vec_st): ../common/vec.cuh. */
+/* Vector access (vec_ld, vec_st): m1c/cuda/vec.cuh. */
 
 /* The elements of one 16-byte access of T; whether p allows such accesses (host and device). */
 template <typename T>

@@ -55,6 +55,7 @@ typedef struct topk_cuda_args {
     float *noise;  /* (N, H) or NULL without jitter */
     const void *in_lp; /* (N, H) bf16: the core's copy of the input (m1c_layer_bufs.in_lp), or NULL */
     const float *in_proj; /* forward: (N, E) in Wr^T from the core's norm (m1c_layer_bufs.in_proj), or NULL */
+    m1c_out_rows *out_rows; /* forward: where to hand the output as rows (m1c_layer_bufs.out_rows), or NULL */
     /* scratch */
     void *dgu;     /* (N*k, 2F) cdt */
     float *drow;   /* (N*k, H) f32 scratch: the forward's aux partial sums (doubles); in backward, F32's d

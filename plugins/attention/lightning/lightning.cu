@@ -18,7 +18,7 @@
 #include <m1c/cuda/pdl.cuh>
 #include <m1c/cuda/sums.cuh>
 
-#include "../../common/vec.cuh"
+#include <m1c/cuda/vec.cuh>
 #include "lightning_core.cuh"
 #include "m1c/plugin.h"
 
@@ -72,7 +72,7 @@ typedef __nv_bfloat16 bf16;
 __device__ static inline float ld(const float *p, int64_t i) { return p[i]; }
 __device__ static inline float ld(const bf16 *p, int64_t i) { return __bfloat162float(p[i]); }
 
-/* V consecutive values (vec_ld, vec_st: ../../common/vec.cuh); V == 8 needs p 16-byte aligned for bf16,
+/* V consecutive values (vec_ld, vec_st: m1c/cuda/vec.cuh); V == 8 needs p 16-byte aligned for bf16,
  * 32 for f32: every caller's offsets are multiples of 8 elements of 64-byte aligned buffers when it picks
  * V = 8. */
 

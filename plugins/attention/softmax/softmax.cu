@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../common/vec.cuh"
+#include <m1c/cuda/vec.cuh>
 #include "m1c/plugin.h"
 #include "softmax_tc.cuh" /* bf16, ld/st/warp helpers, rowdot_kernel, the tensor-core kernels */
 

@@ -266,6 +266,7 @@ static int cuda_args(topk *m, const m1c_layer_bufs *b, int N, int backward, topk
     a->noise = m->jitter > 0 ? b->acts[A_NOISE].data : NULL;
     a->in_lp = b->in_lp;
     a->in_proj = b->in_proj;
+    a->out_rows = backward ? NULL : b->out_rows;
     a->dgu = b->scratch[S_DGU].data, a->drow = b->scratch[S_DY].data, a->dlog = b->scratch[S_DLOG].data;
     a->dw = b->scratch[S_DW].data, a->xr = b->scratch[S_XR].data, a->dact = b->scratch[S_DACT].data;
     a->dy_lp = m->cdt == M1C_BF16 ? b->scratch[S_DY_LP].data : NULL;

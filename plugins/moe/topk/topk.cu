@@ -62,6 +62,7 @@
 #include "expert_wg.cuh"
 #include <m1c/cuda/mma.cuh>
 #include <m1c/cuda/pdl.cuh>
+#include <m1c/cuda/rows.cuh>
 #include <m1c/cuda/sums.cuh>
 
 /* ---- CUDA kernels ------------------------------------------------------------------------------ */
@@ -420,7 +421,8 @@ __global__ void gather_kernel(T *xs, const S *in, const int32_t *rowtok, const i
     }
 }
 
-/* out[n] = sum over kept slots j (in order) of w[n,j] * Y[pos[n,j]] (Y f32 or bf16, f32 sums). */
+/* out[n] = sum over kept slots j (in order) of w[n,j] * Y[pos[n,j]] (Y f32 or bf16, f32 sums): the sum of
+ * m1c_out_rows (m1c/cuda/rows.cuh), which the core's norm computes instead where topk hands it the rows. */
 template <typename TY, int V>
 __global__ void combine_kernel(float *out, const TY *Y, const float *w, const int32_t *pos, int N, int H, int k) {
     pdl_start();
@@ -429,17 +431,7 @@ __global__ void combine_kernel(float *out, const TY *Y, const float *w, const in
         const int64_t n = moe_row(i, nv);
         const int c = (int)(i - n * nv) * V;
         float o[V];
-        #pragma unroll
-        for (int v = 0; v < V; v++) o[v] = 0.0f;
-        for (int j = 0; j < k; j++) {
-            const int32_t r = pos[n * k + j];
-            if (r < 0) continue;
-            const float wj = w[n * k + j];
-            float y[V];
-            vec_ld<V>(y, Y + (int64_t)r * H + c);
-            #pragma unroll
-            for (int v = 0; v < V; v++) o[v] += wj * y[v];
-        }
+        m1c_rows_sum<V>(o, Y, pos + n * k, w + n * k, k, H, c);
         vec_st<V>(out + n * H + c, o);
     }
 }
@@ -1375,6 +1367,11 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         CALL(run_queue(a, q));
     }
     prof_mark(pf, "gemm_down");
+    if (a->out_rows) { /* the core's norm sums the rows where it reads them (ABI 1.4): no pass over out */
+        m1c_out_rows *o = a->out_rows;
+        o->rows = a->Y, o->idx = a->pos, o->weight = a->w, o->dtype = a->cdt, o->k = k;
+        return M1C_OK;
+    }
     CALL(combine<T>(a, s, out));
     prof_mark(pf, "combine");
     return M1C_OK;

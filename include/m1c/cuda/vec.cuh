@@ -1,7 +1,8 @@
-/* Vector access for the plugins' element-wise kernels: V consecutive values at p as floats, in accesses
- * of up to 16 bytes (f32: float4 when V % 4 == 0; bf16: 16 bytes when V % 8 == 0, 8 when V % 4 == 0),
- * one element at a time for other V. The caller guarantees the alignment of the wide accesses. A bf16 is
- * the upper half of an f32, so loads are exact; stores round to nearest even, as __float2bfloat16_rn. */
+/* Vector access for the core's and the plugins' element-wise kernels: V consecutive values at p as
+ * floats, in accesses of up to 16 bytes (f32: float4 when V % 4 == 0; bf16: 16 bytes when V % 8 == 0, 8
+ * when V % 4 == 0), one element at a time for other V. The caller guarantees the alignment of the wide
+ * accesses. A bf16 is the upper half of an f32, so loads are exact; stores round to nearest even, as
+ * __float2bfloat16_rn. Installed with the other headers of m1c/cuda. */
 #pragma once
 
 #include <cuda_bf16.h>
