@@ -261,6 +261,42 @@ __global__ void __launch_bounds__(AUX_ROWS) aux_part_kernel(double *part, const 
     }
 }
 
+/* The routing from logits the core made (in_proj) with rank_count_kernel's and aux_part_kernel's passes
+ * over its results in the same launch: a block takes the RK_CHUNK / k tokens of one chunk of assignments,
+ * a thread per token (route_token), then writes the chunk's counts per expert (tab[b][e], as
+ * rank_count_kernel) and, with part, its tokens' sums of the probabilities per expert in double (part[b][e]:
+ * warp butterflies, then the warps in order, as aux_part_kernel over its own blocks). Three launches in a
+ * row of ~5 us each, most of it their latency, become one. */
+__global__ void route_count_kernel(float *probs, const float *z, int N, int E, int32_t *idx, float *w, int k,
+                                   int normalize, int32_t *tab, double *part) {
+    pdl_start();
+    extern __shared__ double rc_sh[]; /* [warps][E] partial sums, then [E] counts */
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    int *hist = reinterpret_cast<int *>(rc_sh + nw * E);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+    const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (n < N) route_token(z + n * E, probs + n * E, idx + n * k, w + n * k, E, k, normalize);
+    __syncthreads(); /* hist zeroed */
+    if (n < N)
+        for (int j = 0; j < k; j++) atomicAdd(&hist[idx[n * k + j]], 1); /* counts: the order does not matter */
+    if (part)
+        for (int e = 0; e < E; e++) {
+            double v = n < N ? (double)probs[n * E + e] : 0.0;
+            #pragma unroll
+            for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
+            if (lane == 0) rc_sh[warp * E + e] = v;
+        }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        tab[(int64_t)blockIdx.x * E + e] = hist[e];
+        if (part) {
+            double t = 0.0;
+            for (int i = 0; i < nw; i++) t += rc_sh[i * E + e];
+            part[(int64_t)blockIdx.x * E + e] = t;
+        }
+    }
+}
+
 __global__ void aux_kernel(float *st, const int32_t *cnt, const double *part, int nb, const float *probs, int N, int E,
                            int k, double coef, int jit) {
     pdl_start();
@@ -1299,17 +1335,31 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
         xr = a->xr;
         prof_mark(pf, "jitter");
     }
-    /* Router logits in f32 (both compute dtypes), then softmax / top-k in the same kernel; the logits
-     * come from the core's norm where it made them (in_proj, ABI 1.4: no pass over in for them). */
-    CALL(router_logits(a, s, a->probs, xr, jit ? NULL : a->in_proj));
-    prof_mark(pf, "router");
-
-    /* Capacity and the counting sort. The per-chunk count table lives in dlog (backward scratch, free
-     * during forward): nch * E <= N * E int32 since RK_CHUNK >= k. */
+    /* Capacity and the counting sort: the per-chunk count table lives in dlog (backward scratch, free
+     * during forward): nch * E <= N * E int32 since RK_CHUNK >= k. The aux loss: per-block partial sums
+     * in drow (backward scratch, N*k*H floats), 8-byte aligned, where they fit (always but for a handful
+     * of tokens). */
     const int64_t nch = (Nk + RK_CHUNK - 1) / RK_CHUNK;
     int32_t *tab = (int32_t *)(void *)a->dlog;
-    (void)pdl_launch(rank_count_kernel, (unsigned)nch, RK_THREADS, (size_t)E * sizeof(int), s, tab, a->idx, Nk, E);
-    MOE_LAUNCH_CHECK(h, "rank_count_kernel");
+    const float *z = jit ? NULL : a->in_proj; /* the router's logits from the core's norm (ABI 1.4) */
+    const bool fused = z && RK_CHUNK % k == 0;
+    const int nb = fused ? (int)nch : (N + AUX_ROWS - 1) / AUX_ROWS;
+    double *part = (double *)(((uintptr_t)a->drow + 7) & ~(uintptr_t)7);
+    if ((size_t)nb * E * sizeof(double) + 8 > (size_t)Nk * H * sizeof(float)) part = NULL;
+    if (fused) { /* routing, counts and the aux partial sums in one launch */
+        const int threads = RK_CHUNK / k, nw = (threads + 31) / 32;
+        (void)pdl_launch(route_count_kernel, (unsigned)nch, threads, (size_t)nw * E * sizeof(double) + E * sizeof(int),
+                         s, a->probs, z, N, E, a->idx, a->w, k, a->normalize, tab, part);
+        MOE_LAUNCH_CHECK(h, "route_count_kernel");
+        prof_mark(pf, "router");
+    } else {
+        /* Router logits in f32 (both compute dtypes), then softmax / top-k in the same kernel (or from z) */
+        CALL(router_logits(a, s, a->probs, xr, z));
+        prof_mark(pf, "router");
+        (void)pdl_launch(rank_count_kernel, (unsigned)nch, RK_THREADS, (size_t)E * sizeof(int), s, tab, a->idx, Nk,
+                         E);
+        MOE_LAUNCH_CHECK(h, "rank_count_kernel");
+    }
     (void)pdl_launch(rank_scan_kernel, 1, RK_THREADS, 0, s, tab, a->off, a->cnt, nch, E, Nk, a->cap);
     MOE_LAUNCH_CHECK(h, "rank_scan_kernel");
     (void)pdl_launch(rank_scatter_kernel, (unsigned)nch, RK_THREADS, (size_t)(1 + RK_WARPS) * E * sizeof(int), s,
@@ -1317,16 +1367,10 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
     MOE_LAUNCH_CHECK(h, "rank_scatter_kernel");
     prof_mark(pf, "rank");
     *a->h_src = NULL;
-    /* Aux loss: per-block partial sums in drow (backward scratch, N*k*H floats), 8-byte aligned, where
-     * they fit (always but for a handful of tokens). */
-    const int nb = (N + AUX_ROWS - 1) / AUX_ROWS;
-    double *part = (double *)(((uintptr_t)a->drow + 7) & ~(uintptr_t)7);
-    if ((size_t)nb * E * sizeof(double) + 8 <= (size_t)Nk * H * sizeof(float)) {
+    if (part && !fused) {
         (void)pdl_launch(aux_part_kernel, (unsigned)nb, AUX_ROWS, (size_t)(AUX_ROWS / 32) * E * sizeof(double), s, part,
                          a->probs, N, E);
         MOE_LAUNCH_CHECK(h, "aux_part_kernel");
-    } else {
-        part = NULL;
     }
     (void)pdl_launch(aux_kernel, 1, MOE_THREADS, 0, s, a->st, a->cnt, part, nb, a->probs, N, E, k, a->aux_coef, jit);
     MOE_LAUNCH_CHECK(h, "aux_kernel");
