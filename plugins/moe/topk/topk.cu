@@ -116,6 +116,57 @@ static __device__ inline void route_token(const float *z, float *p, int32_t *id,
     }
 }
 
+/* Sum over the warp, the same value in every lane (a butterfly: each lane adds the same pairs). */
+static __device__ __forceinline__ double warp_sum(double v) {
+    #pragma unroll
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+    return v;
+}
+
+/* The aux loss's inputs (aux_kernel's, or rank_scan_kernel's where it computes the loss too); st NULL: none. */
+struct aux_args {
+    float *st;
+    const double *part;
+    const float *probs;
+    int nb, N, k, jit;
+    double coef;
+};
+
+/* aux_kernel's work, for a block of whole warps; cnt's routed counts written before it runs. */
+static __device__ void aux_body(const aux_args &x, const int32_t *cnt, int E) {
+    __shared__ double fp[TOPK_CUDA_MAX_E]; /* f_e P_e, summed in expert order at the end */
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    for (int e = warp; e < E; e += nw) { /* a warp per expert (a block-wide sum per expert took 11 us) */
+        double s = 0.0;
+        if (x.part)
+            for (int b = lane; b < x.nb; b += 32) s += x.part[(int64_t)b * E + e];
+        else /* no room for the partial sums (a handful of tokens): sum the probabilities here */
+            for (int n = lane; n < x.N; n += 32) s += x.probs[(int64_t)n * E + e];
+        const double P = warp_sum(s) / x.N;
+        const double f = (double)cnt[C_ROUTED + e] / ((double)x.N * x.k);
+        if (lane == 0) {
+            x.st[ST_F + e] = (float)f;
+            x.st[ST_F + E + e] = (float)P;
+            fp[e] = f * P;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double aux = 0.0;
+        for (int e = 0; e < E; e++) aux += fp[e];
+        aux *= x.coef * E;
+        x.st[ST_AUX] = (float)aux;
+        x.st[ST_AUX_LO] = (float)(aux - (double)x.st[ST_AUX]);
+        x.st[ST_N] = (float)x.N;
+        x.st[ST_JIT] = (float)x.jit;
+    }
+}
+
+__global__ void aux_kernel(const aux_args x, const int32_t *cnt, int E) {
+    pdl_start();
+    aux_body(x, cnt, E);
+}
+
 /* Capacity and the stable counting sort, in three passes over chunks of RK_CHUNK assignments (token
  * order = assignment order a = n * k + j):
  *   rank_count_kernel: per chunk, how many of its assignments go to each expert -> tab[chunk][e];
@@ -145,7 +196,7 @@ __global__ void __launch_bounds__(RK_THREADS) rank_count_kernel(int32_t *tab, co
  * the loop: the block-wide scan of every expert in turn took 7 us at the training shape on an H100);
  * then the counts and offsets. */
 __global__ void __launch_bounds__(RK_THREADS) rank_scan_kernel(int32_t *tab, int32_t *off, int32_t *cnt, int64_t nch,
-                                                                int E, int64_t Nk, int64_t cap) {
+                                                                int E, int64_t Nk, int64_t cap, const aux_args x) {
     pdl_start();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     int32_t *routed = cnt + C_ROUTED, *kept = cnt + C_ROUTED + E;
@@ -179,6 +230,8 @@ __global__ void __launch_bounds__(RK_THREADS) rank_scan_kernel(int32_t *tab, int
         cnt[C_DROPPED] = (int32_t)dropped;
         cnt[C_ASSIGN] = (int32_t)Nk;
     }
+    if (x.st) /* the aux loss too, where its partial sums are made (route_count_kernel): one launch fewer */
+        aux_body(x, cnt, E);
 }
 
 /* Per chunk: each assignment's rank in token order among its expert's; kept ones get their global row
@@ -226,18 +279,13 @@ __global__ void __launch_bounds__(RK_THREADS) rank_scatter_kernel(int32_t *pos, 
     }
 }
 
-/* Sum over the warp, the same value in every lane (a butterfly: each lane adds the same pairs). */
-static __device__ __forceinline__ double warp_sum(double v) {
-    #pragma unroll
-    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
-    return v;
-}
-
 /* Aux loss in two passes (deterministic: fixed summation order, no atomics).
  * aux_part_kernel: block b sums probs[n, e] (double) over its tokens [b * AUX_ROWS, (b + 1) * AUX_ROWS)
- *   into part[b][e]: per thread one token, warp shuffles, then the warps in order.
- * aux_kernel (one block, a warp per expert): P_e = sum over blocks / N, f_e from the routed counts,
- *   aux = coef E sum f_e P_e.
+ *   into part[b][e]: per thread one token, warp shuffles, then the warps in order (route_count_kernel
+ *   does the same over its blocks where it routes).
+ * aux_kernel (above: aux_body, one block, a warp per expert): P_e = sum over blocks / N, f_e from the
+ *   routed counts, aux = coef E sum f_e P_e; rank_scan_kernel runs it at its end where route_count_kernel
+ *   made the partial sums.
  *   Without partial sums (part NULL) it sums probs itself: for calls of so few tokens that the scratch
  *   holding the partial sums is too small. */
 enum { AUX_ROWS = 256 };
@@ -294,37 +342,6 @@ __global__ void route_count_kernel(float *probs, const float *z, int N, int E, i
             for (int i = 0; i < nw; i++) t += rc_sh[i * E + e];
             part[(int64_t)blockIdx.x * E + e] = t;
         }
-    }
-}
-
-__global__ void aux_kernel(float *st, const int32_t *cnt, const double *part, int nb, const float *probs, int N, int E,
-                           int k, double coef, int jit) {
-    pdl_start();
-    __shared__ double fp[TOPK_CUDA_MAX_E]; /* f_e P_e, summed in expert order at the end */
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    for (int e = warp; e < E; e += nw) { /* a warp per expert (a block-wide sum per expert took 11 us) */
-        double s = 0.0;
-        if (part)
-            for (int b = lane; b < nb; b += 32) s += part[(int64_t)b * E + e];
-        else /* no room for the partial sums (a handful of tokens): sum the probabilities here */
-            for (int n = lane; n < N; n += 32) s += probs[(int64_t)n * E + e];
-        const double P = warp_sum(s) / N;
-        const double f = (double)cnt[C_ROUTED + e] / ((double)N * k);
-        if (lane == 0) {
-            st[ST_F + e] = (float)f;
-            st[ST_F + E + e] = (float)P;
-            fp[e] = f * P;
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double aux = 0.0;
-        for (int e = 0; e < E; e++) aux += fp[e];
-        aux *= coef * E;
-        st[ST_AUX] = (float)aux;
-        st[ST_AUX_LO] = (float)(aux - (double)st[ST_AUX]);
-        st[ST_N] = (float)N;
-        st[ST_JIT] = (float)jit;
     }
 }
 
@@ -1360,20 +1377,24 @@ static int forward_impl(const topk_cuda_args *a, float *out, const float *in, mo
                          E);
         MOE_LAUNCH_CHECK(h, "rank_count_kernel");
     }
-    (void)pdl_launch(rank_scan_kernel, 1, RK_THREADS, 0, s, tab, a->off, a->cnt, nch, E, Nk, a->cap);
+    const aux_args ax = {a->st, part, a->probs, nb, N, k, jit, a->aux_coef};
+    (void)pdl_launch(rank_scan_kernel, 1, RK_THREADS, 0, s, tab, a->off, a->cnt, nch, E, Nk, a->cap,
+                     fused ? ax : aux_args{});
     MOE_LAUNCH_CHECK(h, "rank_scan_kernel");
     (void)pdl_launch(rank_scatter_kernel, (unsigned)nch, RK_THREADS, (size_t)(1 + RK_WARPS) * E * sizeof(int), s,
                      a->pos, a->rowtok, a->idx, tab, a->off, Nk, k, E, a->cap);
     MOE_LAUNCH_CHECK(h, "rank_scatter_kernel");
     prof_mark(pf, "rank");
     *a->h_src = NULL;
-    if (part && !fused) {
-        (void)pdl_launch(aux_part_kernel, (unsigned)nb, AUX_ROWS, (size_t)(AUX_ROWS / 32) * E * sizeof(double), s, part,
-                         a->probs, N, E);
-        MOE_LAUNCH_CHECK(h, "aux_part_kernel");
+    if (!fused) {
+        if (part) {
+            (void)pdl_launch(aux_part_kernel, (unsigned)nb, AUX_ROWS, (size_t)(AUX_ROWS / 32) * E * sizeof(double), s,
+                             part, a->probs, N, E);
+            MOE_LAUNCH_CHECK(h, "aux_part_kernel");
+        }
+        (void)pdl_launch(aux_kernel, 1, MOE_THREADS, 0, s, ax, a->cnt, E);
+        MOE_LAUNCH_CHECK(h, "aux_kernel");
     }
-    (void)pdl_launch(aux_kernel, 1, MOE_THREADS, 0, s, a->st, a->cnt, part, nb, a->probs, N, E, k, a->aux_coef, jit);
-    MOE_LAUNCH_CHECK(h, "aux_kernel");
     prof_mark(pf, "aux");
     /* To pinned host memory on the layer's copy stream (topk_copy), without waiting: the offsets (the
      * per-expert products need them), the counts (this run's backward checks them) and the stats (stats()
