@@ -743,3 +743,29 @@ Test(model, token_out_of_vocabulary) {
     m1c_run_free(&r, m);
     m1c_session_close(&s);
 }
+
+/* A plugin's in_proj (ABI 1.4) declared on a parameter of the wrong shape, on two parameters, or with more
+ * rows than M1C_IN_PROJ_MAX: the build refuses it in one line naming the plugin, the parameter and the
+ * rule (tests/plugins/bad_in_proj.c). */
+Test(model, bad_in_proj_refused) {
+    static const char *const want[] = {"in_proj needs a (P, hidden) matrix", "in_proj is declared by a second",
+                                       "in_proj needs a (P, hidden) matrix"};
+    static const char *const param[] = {"mlp.gate.weight", "mlp.other.weight", "mlp.gate.weight"};
+    for (int bad = 1; bad <= 3; bad++) {
+        char ffn[256];
+        snprintf(ffn, sizeof ffn, "plugin = \"%s/bad_in_proj.so\"; bad = %d;", M1C_TEST_BAD_PLUGIN_DIR, bad);
+        cfg_opts o = hybrid_moe;
+        o.ffn = ffn;
+        setenv("M1C_PLUGIN_PATH", M1C_TEST_PLUGIN_DIR, 1);
+        char *text = cfg_text(&o);
+        m1c_session s;
+        m1c_err e = {{0}};
+        cr_assert_eq(m1c_session_open_text(&s, text, "test_model.cfg", M1C_SOURCE_DIR "/tests/data/model", NULL, 0, &e),
+                     M1C_OK, "open: %s", e.msg);
+        free(text);
+        cr_expect_eq(m1c_session_build_model(&s, 1, &e), M1C_ERR, "bad = %d: built", bad);
+        cr_expect(strstr(e.msg, "bad_in_proj") && strstr(e.msg, param[bad - 1]) && strstr(e.msg, want[bad - 1]),
+                  "bad = %d: %s", bad, e.msg);
+        m1c_session_close(&s);
+    }
+}
