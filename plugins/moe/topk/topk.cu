@@ -1,12 +1,15 @@
 /* topk on CUDA: the same math as topk.c (read its header comment), for compute dtypes F32 and BF16.
  *
  * Forward: (jitter) -> router logits in f32 from the f32 input (BF16 too: routing equals the CPU's; a
- * kernel of its own, router_logits_kernel: only E columns) -> softmax + top-k + renormalisation, one
- * lane per token at the end of the same kernel -> capacity and a stable counting sort by expert (chunked
- * ranks in token order, so the same assignments are dropped as on the CPU; offsets; a scatter places the
- * rows) -> aux loss (partial sums in double, one block for the total) -> gather rows (cast to the compute
- * dtype) -> gate/up GEMMs -> SwiGLU -> down GEMMs into rows Y of the compute dtype -> combine: each token gathers its k
- * expert rows (no atomics, fixed order).
+ * kernel of its own, router_logits_kernel: only E columns; or, in the model, made by the core's norm in
+ * the pass that writes the input: plugin ABI 1.4's in_proj) -> softmax + top-k + renormalisation, a lane
+ * per token (at the end of the logits kernel, or route_count_kernel) -> capacity and a stable counting
+ * sort by expert (chunked ranks in token order, so the same assignments are dropped as on the CPU;
+ * offsets; a scatter places the rows) -> aux loss (partial sums in double, one block for the total) ->
+ * gather rows (cast to the compute dtype) -> gate/up GEMMs -> SwiGLU -> down GEMMs into rows Y of the
+ * compute dtype -> combine: each token gathers its k expert rows (no atomics, fixed order), or, in the
+ * model, the rows handed over to the core's norm, which sums them where it reads the output (ABI 1.4's
+ * out_rows, the same m1c_rows_sum).
  * Backward mirrors topk.c: router backward, one warp per token (d weights, renormalisation, aux loss,
  * softmax) with the weighted d rows -> dWd, d act GEMMs -> SwiGLU backward -> dWgu, d x rows GEMMs ->
  * un-permute per token, fused with the router's input gradient (dlogits Wr) -> dWr from per-chunk
