@@ -7,6 +7,7 @@
 
 #include "host.h"
 #include "m1c/plugin.h"
+#include "safetensors.h" /* m1c_bf16_to_f32 */
 #ifdef M1C_HAVE_CUDA
 #include "cuda/ops.h"
 /* Run `call` and return when the pointers live on the GPU. */
@@ -70,13 +71,6 @@ void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, cons
     if (out_lp) m1c_to_bf16(dev, out_lp, out, N * C);
 }
 
-static float bf16_value(uint16_t v) {
-    const uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 /* Row i of a layer's output handed over as weighted rows (m1c_out_rows), into x: fused multiply-adds from
  * 0, as the GPU's m1c_rows_sum. */
 static void out_rows_row(float *x, const m1c_out_rows *yr, int64_t i, int C) {
@@ -87,7 +81,7 @@ static void out_rows_row(float *x, const m1c_out_rows *yr, int64_t i, int C) {
         const float wj = yr->weight[i * yr->k + j];
         if (yr->dtype == M1C_BF16) {
             const uint16_t *row = (const uint16_t *)yr->rows + (int64_t)r * C;
-            for (int c = 0; c < C; c++) x[c] = fmaf(wj, bf16_value(row[c]), x[c]);
+            for (int c = 0; c < C; c++) x[c] = fmaf(wj, m1c_bf16_to_f32(row[c]), x[c]);
         } else {
             const float *row = (const float *)yr->rows + (int64_t)r * C;
             for (int c = 0; c < C; c++) x[c] = fmaf(wj, row[c], x[c]);

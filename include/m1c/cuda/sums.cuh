@@ -6,8 +6,8 @@
 
 #include "pdl.cuh"
 
-/* Sum over the warp; the xor butterfly leaves the same bits on every lane. */
-__device__ static inline float m1c_warp_sum(float v) {
+/* Sum over the warp (float or double); the xor butterfly leaves the same bits on every lane. */
+template <typename T> __device__ static inline T m1c_warp_sum(T v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }

@@ -119,13 +119,6 @@ static __device__ inline void route_token(const float *z, float *p, int32_t *id,
     }
 }
 
-/* Sum over the warp, the same value in every lane (a butterfly: each lane adds the same pairs). */
-static __device__ __forceinline__ double warp_sum(double v) {
-    #pragma unroll
-    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
-    return v;
-}
-
 /* The aux loss's inputs (aux_kernel's, or rank_scan_kernel's where it computes the loss too); st NULL: none. */
 struct aux_args {
     float *st;
@@ -145,7 +138,7 @@ static __device__ void aux_body(const aux_args &x, const int32_t *cnt, int E) {
             for (int b = lane; b < x.nb; b += 32) s += x.part[(int64_t)b * E + e];
         else /* no room for the partial sums (a handful of tokens): sum the probabilities here */
             for (int n = lane; n < x.N; n += 32) s += x.probs[(int64_t)n * E + e];
-        const double P = warp_sum(s) / x.N;
+        const double P = m1c_warp_sum(s) / x.N;
         const double f = (double)cnt[C_ROUTED + e] / ((double)x.N * x.k);
         if (lane == 0) {
             x.st[ST_F + e] = (float)f;
@@ -293,23 +286,29 @@ __global__ void __launch_bounds__(RK_THREADS) rank_scatter_kernel(int32_t *pos, 
  *   holding the partial sums is too small. */
 enum { AUX_ROWS = 256 };
 
-__global__ void __launch_bounds__(AUX_ROWS) aux_part_kernel(double *part, const float *probs, int N, int E) {
-    pdl_start();
-    extern __shared__ double aux_sh[]; /* [AUX_ROWS / 32][E] */
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int64_t n = (int64_t)blockIdx.x * AUX_ROWS + threadIdx.x;
+/* part[blockIdx.x][e] = the sum over the block's tokens (token n for this thread, none past N) of probs[n,
+ * e], in double: each warp's butterfly into sh[warp][e], a barrier, then the warps in order. sh: blockDim.x
+ * / 32 x E doubles of shared memory. For aux_part_kernel and route_count_kernel. */
+static __device__ void aux_block_sums(double *part, double *sh, const float *probs, int64_t n, int N, int E) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     for (int e = 0; e < E; e++) {
         double v = n < N ? (double)probs[n * E + e] : 0.0;
         #pragma unroll
         for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
-        if (lane == 0) aux_sh[warp * E + e] = v;
+        if (lane == 0) sh[warp * E + e] = v;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < E; e += AUX_ROWS) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
         double s = 0.0;
-        for (int w = 0; w < AUX_ROWS / 32; w++) s += aux_sh[w * E + e];
+        for (int w = 0; w < nw; w++) s += sh[w * E + e];
         part[(int64_t)blockIdx.x * E + e] = s;
     }
+}
+
+__global__ void __launch_bounds__(AUX_ROWS) aux_part_kernel(double *part, const float *probs, int N, int E) {
+    pdl_start();
+    extern __shared__ double aux_sh[]; /* [AUX_ROWS / 32][E] */
+    aux_block_sums(part, aux_sh, probs, (int64_t)blockIdx.x * AUX_ROWS + threadIdx.x, N, E);
 }
 
 /* The routing from logits the core made (in_proj) with rank_count_kernel's and aux_part_kernel's passes
@@ -322,8 +321,7 @@ __global__ void route_count_kernel(float *probs, const float *z, int N, int E, i
                                    int normalize, int32_t *tab, double *part) {
     pdl_start();
     extern __shared__ double rc_sh[]; /* [warps][E] partial sums, then [E] counts */
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    int *hist = reinterpret_cast<int *>(rc_sh + nw * E);
+    int *hist = reinterpret_cast<int *>(rc_sh + blockDim.x / 32 * E);
     for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
     const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (n < N) route_token(z + n * E, probs + n * E, idx + n * k, w + n * k, E, k, normalize);
@@ -331,21 +329,10 @@ __global__ void route_count_kernel(float *probs, const float *z, int N, int E, i
     if (n < N)
         for (int j = 0; j < k; j++) atomicAdd(&hist[idx[n * k + j]], 1); /* counts: the order does not matter */
     if (part)
-        for (int e = 0; e < E; e++) {
-            double v = n < N ? (double)probs[n * E + e] : 0.0;
-            #pragma unroll
-            for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
-            if (lane == 0) rc_sh[warp * E + e] = v;
-        }
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        tab[(int64_t)blockIdx.x * E + e] = hist[e];
-        if (part) {
-            double t = 0.0;
-            for (int i = 0; i < nw; i++) t += rc_sh[i * E + e];
-            part[(int64_t)blockIdx.x * E + e] = t;
-        }
-    }
+        aux_block_sums(part, rc_sh, probs, n, N, E); /* its barrier also ends the counting */
+    else
+        __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) tab[(int64_t)blockIdx.x * E + e] = hist[e];
 }
 
 /* ---- router products (f32, E columns) ------------------------------------------------------------
@@ -580,7 +567,7 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
         for (int q = 0; q < RB_SLOTS; q++) {
             const int j = j0 + q;
             if (j >= k) break;
-            if (r[q] >= 0) d[q] = warp_sum(d[q]);
+            if (r[q] >= 0) d[q] = m1c_warp_sum(d[q]);
             if (lane == 0) dwn[j] = (float)d[q];
             if (lane == j) dw_l = (float)d[q];
             sdw += d[q] * wj[q];
@@ -599,7 +586,7 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
         }
         double s = 0.0;
         if (lane < E) s += (double)p_l * dp_l;
-        s = warp_sum(s);
+        s = m1c_warp_sum(s);
         if (lane < E) dp[lane] = p_l * (float)(dp_l - s);
         return;
     }
@@ -612,7 +599,7 @@ __global__ void __launch_bounds__(RB_WARPS * 32)
     __syncwarp();
     double s = 0.0;
     for (int e = lane; e < E; e += 32) s += (double)p[e] * dp[e];
-    s = warp_sum(s);
+    s = m1c_warp_sum(s);
     for (int e = lane; e < E; e += 32) dp[e] = p[e] * (float)(dp[e] - s);
 }
 
