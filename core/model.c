@@ -429,6 +429,11 @@ static void prof_add(m1c_model *m, m1c_run *r, const char *name, int backward) {
     r->prof_t = t;
 }
 
+/* Whether an attention plugin's backward reads dout_lp alone where given (ABI 1.5). */
+static int attn_dout_lp_only(const m1c_plugin *p) {
+    return p->desc->abi_minor >= 5 && (M1C_ATTENTION(p)->flags & M1C_ATTENTION_DOUT_LP_ONLY) != 0;
+}
+
 typedef int (*mix_fn)(m1c_model *m, m1c_run *r, int l, int B, int T, float *out, const float *in, void *ud);
 
 /* The residual and norm after the forward of a layer (its buffers from: y is its output, or the rows it
@@ -572,10 +577,12 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
         if (ly->ffn.ops->backward(ly->ffn.self, &r->ffn[l].bufs, dh, tmp, r->h2[l], B, T))
             return m1c_plugin_fail(ly->ffn.plugin, e, "backward");
         prof_add(m, r, ly->ffn.plugin->desc->name, 1);
-        m1c_rmsnorm_backward_axpby(m->device, dh, tmp, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post),
+        /* an attention layer that reads dout_lp alone (M1C_ATTENTION_DOUT_LP_ONLY) gets no f32 dout */
+        float *ad = r->dout_lp && attn_dout_lp_only(ly->attn.plugin) ? NULL : tmp;
+        m1c_rmsnorm_backward_axpby(m->device, dh, ad, G(m, ly->norm_post), dh, r->x1[l], P(m, ly->norm_post),
                                    r->rstd2[l], ly->alpha_attn, ly->beta_attn, N, H, r->dout_lp);
         prof_add(m, r, "core", 1);
-        if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, tmp, r->h1[l], B, T))
+        if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, ad, r->h1[l], B, T))
             return m1c_plugin_fail(ly->attn.plugin, e, "backward");
         prof_add(m, r, ly->attn.plugin->desc->name, 1);
         /* this layer but its input norm, and the norm above it (the final norm above the last layer) */
@@ -583,9 +590,9 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
             return M1C_ERR;
         nw = ly->norm_in, nx = r->x[l], nr = r->rstd1[l];
     }
-    /* the first norm's input gradient goes to the embedding: dx = 1 d, tmp = 0 d (unread), in the fused
+    /* the first norm's input gradient goes to the embedding: dx = d (and no second output), in the fused
      * pass that also sums the weight gradient */
-    m1c_rmsnorm_backward_axpby(m->device, dx, tmp, G(m, nw), dh, nx, P(m, nw), nr, 1.0f, 0.0f, N, H, NULL);
+    m1c_rmsnorm_backward_axpby(m->device, dx, NULL, G(m, nw), dh, nx, P(m, nw), nr, 1.0f, 0.0f, N, H, NULL);
     m1c_embed_backward(m->device, G(m, m->embed), dx, r->ids, N, H);
     prof_add(m, r, "core", 1);
     if (grads_ready(r, 0, m->L > 0 ? m->layer[0].norm_in + 1 : m->norm + 1, e)) return M1C_ERR;

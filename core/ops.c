@@ -7,7 +7,7 @@
 
 #include "host.h"
 #include "m1c/plugin.h"
-#include "safetensors.h" /* m1c_bf16_to_f32 */
+#include "safetensors.h" /* m1c_bf16_to_f32, m1c_f32_to_bf16 */
 #ifdef M1C_HAVE_CUDA
 #include "cuda/ops.h"
 /* Run `call` and return when the pointers live on the GPU. */
@@ -72,13 +72,13 @@ void m1c_rmsnorm_forward(int dev, float *out, float *rstd, const float *in, cons
 }
 
 /* Row i of a layer's output handed over as weighted rows (m1c_out_rows), into x: fused multiply-adds from
- * 0, as the GPU's m1c_rows_sum. */
+ * 0, as the GPU's m1c_rows_sum (idx and weight NULL: row i's own k rows, weights 1). */
 static void out_rows_row(float *x, const m1c_out_rows *yr, int64_t i, int C) {
     for (int c = 0; c < C; c++) x[c] = 0;
     for (int j = 0; j < yr->k; j++) {
-        const int32_t r = yr->idx[i * yr->k + j];
+        const int32_t r = yr->idx ? yr->idx[i * yr->k + j] : (int32_t)(i * yr->k + j);
         if (r < 0) continue;
-        const float wj = yr->weight[i * yr->k + j];
+        const float wj = yr->weight ? yr->weight[i * yr->k + j] : 1.0f;
         if (yr->dtype == M1C_BF16) {
             const uint16_t *row = (const uint16_t *)yr->rows + (int64_t)r * C;
             for (int c = 0; c < C; c++) x[c] = fmaf(wj, m1c_bf16_to_f32(row[c]), x[c]);
@@ -154,15 +154,16 @@ void m1c_rmsnorm_backward_axpby(int dev, float *dh, float *tmp, float *dw, const
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         const float *x = in + i * C, *g = dout + i * C;
-        float *y = dh + i * C, *z = tmp + i * C;
+        float *y = dh + i * C;
         float r = rstd[i], k = rmsnorm_bwd_k(g, x, w, r, C);
         /* element c of g is read before element c of y (maybe the same) is written */
         for (int c = 0; c < C; c++) {
             float d = r * g[c] * w[c] - k * x[c];
-            y[c] = a * d, z[c] = b * d;
+            y[c] = a * d;
+            if (tmp) tmp[i * C + c] = b * d;
+            if (tmp_lp) tmp_lp[i * C + c] = m1c_f32_to_bf16(b * d);
         }
     }
-    if (tmp_lp) m1c_to_bf16(dev, tmp_lp, tmp, N * C);
 }
 
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, void *q, const float *h,
@@ -244,9 +245,6 @@ void m1c_to_bf16(int dev, uint16_t *dst, const float *src, int64_t n) {
     ON_GPU(dev, m1c_cuda_to_bf16(dst, src, n));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &src[i], 4);
-        /* round to nearest even; NaN stays NaN (quiet) */
-        dst[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+        dst[i] = m1c_f32_to_bf16(src[i]);
     }
 }

@@ -90,7 +90,8 @@ void m1c_residual_rmsnorm_ex(int dev, float *y, const float *h, float a, float b
  * dw. On the CPU dh and tmp equal those of memset0 + m1c_rmsnorm_backward + m1c_axpby up to the sign
  * of zeros and dw bit for bit; on a GPU within f32 rounding (dw's sums over rows run in another
  * fixed order, deterministic: the same inputs give the same bits). tmp_lp: NULL, or (N, C) that
- * receives tmp rounded to bf16 (the sublayer's bf16 output gradient). */
+ * receives tmp rounded to bf16 (the sublayer's bf16 output gradient). tmp NULL: tmp is not written
+ * (tmp_lp still is). */
 void m1c_rmsnorm_backward_axpby(int dev, float *dh, float *tmp, float *dw, const float *dout, const float *in,
                                 const float *w, const float *rstd, float a, float b, int64_t N, int C,
                                 uint16_t *tmp_lp);

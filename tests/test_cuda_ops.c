@@ -367,25 +367,30 @@ Test(cuda_ops, residual_rmsnorm_projection) {
  * rstd and out_lp as the plain op given y = the rows' sum, made here by the same fused multiply-adds in the
  * same order (C's fmaf rounds once, as the GPU's), so expected bit for bit; allowed: 1e-6, nvcc
  * contracting a h + b y differently in the two kernels (as in residual_rmsnorm_fused). bf16 and f32 rows,
- * dropped slots (idx -1), the 16-byte and scalar paths (C = 33), with a projection too. The CPU's op with
- * rows against its plain op: bit for bit (the same loop). */
+ * dropped slots (idx -1), the 16-byte and scalar paths (C = 33), with a projection too; and the identity
+ * of ABI 1.5 (idx and weight NULL, k = 1: the rows are the output, a projection's bf16 product), whose sum
+ * is fmaf(1, row, 0). The CPU's op with rows against its plain op: bit for bit (the same loop). */
 Test(cuda_ops, residual_rmsnorm_rows) {
     th_need_gpu();
     const float eps = 1e-5f;
     static const struct {
         int64_t N;
-        int C, k, bf16, P;
-    } cases[] = {{37, 768, 2, 1, 0}, {1003, 768, 2, 0, 0}, {37, 33, 3, 1, 0}, {64, 256, 2, 1, 8}};
+        int C, k, bf16, P, id;
+    } cases[] = {{37, 768, 2, 1, 0, 0},   {1003, 768, 2, 0, 0, 0}, {37, 33, 3, 1, 0, 0}, {64, 256, 2, 1, 8, 0},
+                 {1003, 768, 1, 1, 0, 1}, {37, 33, 1, 1, 0, 1},    {64, 256, 1, 0, 8, 1}};
     int exact = 1;
     for (int ci = 0; ci < (int)(sizeof cases / sizeof cases[0]); ci++) {
         const int64_t N = cases[ci].N, n = N * cases[ci].C, R = N * cases[ci].k, Nk = N * cases[ci].k;
-        const int C = cases[ci].C, k = cases[ci].k, P = cases[ci].P, bf = cases[ci].bf16;
+        const int C = cases[ci].C, k = cases[ci].k, P = cases[ci].P, bf = cases[ci].bf16, id = cases[ci].id;
         const uint64_t s = 2700 + (uint64_t)ci * 10;
         float *rows = th_randn(R * C, s, 1.0f), *wt = th_randn(Nk, s + 1, 0.5f), *h = th_randn(n, s + 2, 1.0f);
         float *w = norm_weights(C, s + 3), *pw = th_randn((int64_t)(P ? P : 1) * C, s + 4, 0.05f);
         uint16_t *rows16 = malloc((size_t)(R * C) * 2);
         int32_t *idx = malloc((size_t)Nk * 4);
-        for (int64_t i = 0; i < Nk; i++) idx[i] = i % 7 == 3 ? -1 : (int32_t)((i * 7919) % R); /* some dropped */
+        for (int64_t i = 0; i < Nk; i++) /* some dropped; the identity's: row i itself, weight 1 */
+            idx[i] = id ? (int32_t)i : i % 7 == 3 ? -1 : (int32_t)((i * 7919) % R);
+        if (id)
+            for (int64_t i = 0; i < Nk; i++) wt[i] = 1.0f;
         for (int64_t i = 0; i < R * C; i++) { /* bf16 rows: the values rounded, as the GPU reads them */
             uint32_t u;
             memcpy(&u, &rows[i], 4);
@@ -410,7 +415,7 @@ Test(cuda_ops, residual_rmsnorm_rows) {
         float *d_y = up(nan_n, n), *d_out = up(nan_n, n), *d_rstd = up(nan_r, N), *d_proj = up(nan_p, N * (P ? P : 1));
         float *d_y2 = up(ysum, n), *d_out2 = up(nan_n, n), *d_rstd2 = up(nan_r, N), *d_proj2 = up(nan_p, N * (P ? P : 1));
         uint16_t *d_lp = m1c_dev_alloc(GPU, (size_t)n * 2), *d_lp2 = m1c_dev_alloc(GPU, (size_t)n * 2);
-        const m1c_out_rows yr = {d_rows, d_idx, d_wt, bf ? M1C_BF16 : M1C_F32, k, {0, 0}};
+        const m1c_out_rows yr = {d_rows, id ? NULL : d_idx, id ? NULL : d_wt, bf ? M1C_BF16 : M1C_F32, k, {0, 0}};
         m1c_residual_rmsnorm_ex(GPU, d_y, d_h, FA, FB, &yr, d_out, d_rstd, d_w, N, C, eps, d_lp, d_pw, P, d_proj);
         m1c_residual_rmsnorm_ex(GPU, d_y2, d_h, FA, FB, NULL, d_out2, d_rstd2, d_w, N, C, eps, d_lp2, d_pw, P, d_proj2);
         float *g[4] = {down(d_y, n), down(d_out, n), down(d_rstd, N), down(d_proj, N * (P ? P : 1))};
@@ -419,12 +424,13 @@ Test(cuda_ops, residual_rmsnorm_rows) {
         static const char *const what[4] = {"y", "out", "rstd", "proj"};
         for (int t = 0; t < 4; t++) {
             const double e = len[t] ? rel_max(g[t], g2[t], len[t]) : 0;
-            cr_expect_leq(e, 1e-6, "N=%lld C=%d k=%d bf16 %d P=%d: %s with rows vs plain %g", (long long)N, C, k, bf, P,
-                          what[t], e);
+            cr_expect_leq(e, 1e-6, "N=%lld C=%d k=%d bf16 %d P=%d identity %d: %s with rows vs plain %g", (long long)N,
+                          C, k, bf, P, id, what[t], e);
             exact &= len[t] == 0 || !memcmp(g[t], g2[t], (size_t)len[t] * 4);
         }
         /* the CPU's op with rows (host pointers) against its plain op on the same sum */
-        const m1c_out_rows hr = {bf ? (void *)rows16 : (void *)rows, idx, wt, bf ? M1C_BF16 : M1C_F32, k, {0, 0}};
+        const m1c_out_rows hr = {bf ? (void *)rows16 : (void *)rows, id ? NULL : idx, id ? NULL : wt,
+                                 bf ? M1C_BF16 : M1C_F32, k, {0, 0}};
         float *y = nans(n), *out = nans(n), *rstd = nans(N), *y2 = copy_of(ysum, n), *out2 = nans(n), *rstd2 = nans(N);
         m1c_residual_rmsnorm_ex(CPU, y, h, FA, FB, &hr, out, rstd, w, N, C, eps, NULL, NULL, 0, NULL);
         m1c_residual_rmsnorm(CPU, y2, h, FA, FB, out2, rstd2, w, N, C, eps, NULL);
@@ -482,7 +488,22 @@ Test(cuda_ops, rmsnorm_backward_axpby_fused) {
                 m1c_rmsnorm_backward_axpby(GPU, d_dh, d_tmp, d_dw, alias ? d_dh : d_dout, d_in, d_w, d_rstd, FA, FB, N,
                                            C, d_lp);
                 expect_lp(d_lp, d_tmp, n, "RMSNorm backward + axpby");
-                m1c_dev_free(GPU, d_lp);
+                /* without tmp (an attention layer that reads only its bf16 copy, ABI 1.5): the same dh, dw and
+                 * bf16 copy, bit for bit (the same kernel, its stores of tmp skipped) */
+                float *d_dh3 = up_at(alias ? dout : nan_n, n, shift), *d_dw3 = up(dw0, C);
+                uint16_t *d_lp3 = m1c_dev_alloc(GPU, (size_t)n * 2);
+                m1c_rmsnorm_backward_axpby(GPU, d_dh3, NULL, d_dw3, alias ? d_dh3 : d_dout, d_in, d_w, d_rstd, FA, FB,
+                                           N, C, d_lp3);
+                uint16_t *lp = malloc((size_t)n * 2), *lp3 = malloc((size_t)n * 2);
+                m1c_dev_copy(CPU, lp, GPU, d_lp, (size_t)n * 2);
+                m1c_dev_copy(CPU, lp3, GPU, d_lp3, (size_t)n * 2);
+                float *gdh3 = down(d_dh3, n), *gdw3 = down(d_dw3, C), *gdh1 = down(d_dh, n), *gdw1 = down(d_dw, C);
+                cr_expect(!memcmp(gdh3, gdh1, (size_t)n * 4) && !memcmp(gdw3, gdw1, (size_t)C * 4) &&
+                              !memcmp(lp3, lp, (size_t)n * 2),
+                          "N=%lld C=%d shift %d alias %d: without tmp, dh, dw or the bf16 copy differ", (long long)N,
+                          C, shift, alias);
+                free(lp), free(lp3), free(gdh3), free(gdw3), free(gdh1), free(gdw1);
+                gfree_at(d_dh3, shift), gfree(d_dw3), m1c_dev_free(GPU, d_lp3), m1c_dev_free(GPU, d_lp);
                 m1c_rmsnorm_backward(GPU, d_dx, d_dw2, d_dout, d_in, d_w, d_rstd, N, C);
                 m1c_axpby(GPU, d_dh2, d_tmp2, d_dx, FA, FB, n);
                 float *gdh = down(d_dh, n), *gtmp = down(d_tmp, n), *gdw = down(d_dw, C);

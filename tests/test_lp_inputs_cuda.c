@@ -10,7 +10,8 @@
  *
  * m1c_layer_bufs.in_proj (ABI 1.4): topk declares its router's weight in_proj and, handed the logits,
  * routes from them instead of making them (check_in_proj). m1c_layer_bufs.out_rows (ABI 1.4): topk hands
- * its output over as rows, which the core's norm sums where it reads them (check_out_rows). */
+ * its output over as rows, which the core's norm sums where it reads them (check_out_rows); lightning and
+ * softmax their output projection's bf16 product (ABI 1.5, check_out_rows_identity). */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 #include <math.h>
@@ -229,3 +230,54 @@ static void check_out_rows(int dtype, uint64_t seed) {
 
 Test(out_rows, topk_f32) { check_out_rows(M1C_F32, 31); }
 Test(out_rows, topk_bf16) { check_out_rows(M1C_BF16, 32); }
+
+/* An attention layer handing its output projection's product over as bf16 rows (the identity of ABI 1.5:
+ * idx and weight NULL, k = 1) at BF16, and writing out at F32. The rows against the f32 output it writes
+ * otherwise: one rounding to bf16 (2^-9 of the element) beside cuBLAS's sums for a bf16 and an f32 output,
+ * which may run in other orders (~1e-6 relative): 2^-8 of each element plus 1e-5 of the largest. The
+ * core's norm on rows: cuda_ops.residual_rmsnorm_rows. */
+static void check_out_rows_identity(const char *plugin, const char *settings, int H, int B, int T, uint64_t seed) {
+    th_need_gpu();
+    const int64_t N = (int64_t)B * T, n = N * H;
+    float *x = th_randn(n, seed + 1, 1.0f), *z = th_zeros(n);
+    for (int dtype = M1C_F32; dtype <= M1C_BF16; dtype++) {
+        th_layer *l = th_layer_new_dev(plugin, settings, 0, 1, H, B, T, seed, 0.3f, GPU, dtype);
+        float *gx = th_to_dev(GPU, x, n), *out1 = th_to_dev(GPU, z, n), *out2 = th_to_dev(GPU, z, n);
+        th_forward(l, out1, gx);
+        m1c_out_rows rows = {0};
+        l->bufs.out_rows = &rows;
+        th_forward(l, out2, gx);
+        if (dtype == M1C_F32) {
+            cr_expect(!rows.rows, "%s: rows handed over at F32", plugin);
+            expect_same(out2, out1, n, "F32 output with out_rows offered", plugin);
+        } else {
+            cr_assert(rows.rows && !rows.idx && !rows.weight && rows.k == 1 && rows.dtype == M1C_BF16,
+                      "%s: no identity rows in bf16 handed over", plugin);
+            uint16_t *r = malloc((size_t)n * 2);
+            m1c_dev_copy(M1C_DEVICE_CPU, r, GPU, rows.rows, (size_t)n * 2);
+            float *o = th_to_host(GPU, out1, n);
+            double m = 0, bad = 0;
+            for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(o[i]));
+            for (int64_t i = 0; i < n; i++) {
+                const uint32_t u = (uint32_t)r[i] << 16;
+                float v;
+                memcpy(&v, &u, 4);
+                const double e = fabs((double)v - o[i]), lim = ldexp(fabs(o[i]), -8) + 1e-5 * m;
+                if (!(e <= lim)) bad++;
+            }
+            cr_expect(m > 0 && bad == 0, "%s: %g of %lld rows' values off the f32 output by more than bf16 rounding",
+                      plugin, bad, (long long)n);
+            free(r), free(o);
+        }
+        char err[256];
+        cr_expect_not(m1c_dev_take_error(GPU, err, sizeof err), "%s: %s", plugin, err);
+        th_dev_free(GPU, gx), th_dev_free(GPU, out1), th_dev_free(GPU, out2);
+        th_layer_free(l);
+    }
+    free(x), free(z);
+}
+
+Test(out_rows, lightning) {
+    check_out_rows_identity("lightning", "heads = 2; head_dim = 64; block_size = 64; decay = \"m1c\";", 96, 2, 100, 41);
+}
+Test(out_rows, softmax) { check_out_rows_identity("softmax", "heads = 4; kv_heads = 2; head_dim = 64;", 128, 2, 77, 42); }

@@ -90,6 +90,19 @@ static void check_backward(int64_t N, int C, int alias, uint64_t s) {
     cr_expect_eq(th_max_abs_diff(dhf, dhs, NC_), 0.0, "N=%lld C=%d alias %d: dh differs", (long long)N, C, alias);
     cr_expect_eq(th_max_abs_diff(tmpf, tmps, NC_), 0.0, "N=%lld C=%d alias %d: tmp differs", (long long)N, C, alias);
     cr_expect_eq(th_max_abs_diff(dwf, dws, C), 0.0, "N=%lld C=%d alias %d: dw differs", (long long)N, C, alias);
+    /* without tmp but with its bf16 copy (what an attention layer that reads only dout_lp gets, ABI 1.5): the
+     * same dh and dw, and the copy is tmp rounded to bf16, exactly */
+    float *dh3 = alias ? copy_of(dout, NC_) : nans(NC_), *dw3 = copy_of(dw0, C);
+    uint16_t *lp3 = malloc((size_t)NC_ * 2), *lpr = malloc((size_t)NC_ * 2);
+    m1c_rmsnorm_backward_axpby(CPU, dh3, NULL, dw3, alias ? dh3 : dout, in, w, rstd, A, Bc, N, C, lp3);
+    m1c_to_bf16(CPU, lpr, tmpf, NC_);
+    cr_expect_eq(memcmp(dh3, dhf, (size_t)NC_ * 4), 0, "N=%lld C=%d alias %d: dh without tmp differs", (long long)N, C,
+                 alias);
+    cr_expect_eq(memcmp(dw3, dwf, (size_t)C * 4), 0, "N=%lld C=%d alias %d: dw without tmp differs", (long long)N, C,
+                 alias);
+    cr_expect_eq(memcmp(lp3, lpr, (size_t)NC_ * 2), 0, "N=%lld C=%d alias %d: the bf16 copy is not tmp rounded",
+                 (long long)N, C, alias);
+    free(dh3), free(dw3), free(lp3), free(lpr);
     /* the gradients are not trivially zero (C = 1 gives dx ~ 0 by construction: x / rms(x) is +-1) */
     if (C > 1) cr_expect_gt(th_max_abs(dhf, NC_), 0.01, "N=%lld C=%d alias %d: dh ~ 0", (long long)N, C, alias);
     cr_expect_gt(th_max_abs_diff(dwf, dw0, C), 1e-3, "N=%lld C=%d alias %d: dw unchanged", (long long)N, C, alias);

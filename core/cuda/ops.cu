@@ -439,6 +439,14 @@ template <typename TY> struct y_rows {
     int k;
 };
 
+/* A layer's output handed over as its own rows (m1c_out_rows' identity): the sum m1c_rows_sum makes of one
+ * term of weight 1, fmaf(1, y, 0) (y, with -0 as +0). */
+template <int W, typename TY> __device__ static inline void rows_identity(float (&o)[W], const TY *row) {
+    vec_ld<W>(o, row);
+#pragma unroll
+    for (int v = 0; v < W; v++) o[v] = __fmaf_rn(1.0f, o[v], 0.0f);
+}
+
 /* The residual's pass over row i, shared by the fused kernels: x = a h + b x in place (m1c_residual's
  * expression; x's old value from yr where it gives rows), each lane's chunks in row_chunks' order;
  * returns the lane's sum of squares of the new x. */
@@ -453,6 +461,8 @@ __device__ static inline float residual_row(float *x, const float *hr, float a, 
             ld<W>(ha[u], hr, c);
             if constexpr (std::is_void<TY>::value)
                 ld<W>(xa[u], x, c);
+            else if (!yr.idx) /* the identity (k = 1): row i, as m1c_rows_sum's fmaf(1, y, 0) */
+                rows_identity<W>(xa[u], yr.rows + i * C + c);
             else
                 m1c_rows_sum<W>(xa[u], yr.rows, yr.idx + i * yr.k, yr.weight + i * yr.k, yr.k, C, c);
         },
@@ -518,7 +528,7 @@ __global__ static void residual_rmsnorm_proj_fwd(float *y, const float *h, float
 }
 
 /* rmsnorm_bwd_in's two passes (the same dot product, lanes, order and butterfly) with dx kept in
- * registers: the second pass writes dh = a dx and tmp = b dx. Each lane reads its elements of a row
+ * registers: the second pass writes dh = a dx and tmp = b dx (where tmp is not NULL). Each lane reads its elements of a row
  * before it writes them, and no other lane touches them, so dout may be dh.
  *
  * The weight gradient (DW) in the same pass, in a fixed order: block y takes the rows of chunk y,
@@ -543,7 +553,7 @@ __global__ static void __launch_bounds__(32 * ROWS, 2) /* <= 128 registers, 2 bl
     const int64_t i0 = blockIdx.x * per, i1 = i0 + per < N ? i0 + per : N;
     for (int64_t i = i0 + warp; i < i1; i += ROWS) {
         const float *x = in + i * C, *g = dout + i * C;
-        float *yh = dh + i * C, *yt = tmp + i * C;
+        float *yh = dh + i * C;
         const float dot = rms_bwd_dot<W>(x, g, w, C);
         const float r = rstd[i], kk = r * r * r * dot / (float)C;
         float xa[U][W], ga[U][W], wa[U][W];
@@ -556,7 +566,8 @@ __global__ static void __launch_bounds__(32 * ROWS, 2) /* <= 128 registers, 2 bl
                     const float d = r * ga[u][k] * wa[u][k] - kk * xa[u][k];
                     da[k] = a * d, ta[k] = b * d;
                 }
-                st<W>(yh, c, da), st<W>(yt, c, ta);
+                st<W>(yh, c, da);
+                if (tmp) st<W>(tmp + i * C, c, ta);
                 if (tmp_lp) st_bf16<W>(tmp_lp + i * C, c, ta);
                 if constexpr (DW) {
                     float sa[W];
@@ -623,7 +634,8 @@ __global__ static void __launch_bounds__(32 * ROWS, 2)
                 da[k] = a * d, ta[k] = b * d;
                 acc[j][k] += ga[j][k] * xa[j][k] * r;
             }
-            st<4>(dh + i * C, c, da), st<4>(tmp + i * C, c, ta);
+            st<4>(dh + i * C, c, da);
+            if (tmp) st<4>(tmp + i * C, c, ta);
             if (tmp_lp) st_bf16<4>(tmp_lp + i * C, c, ta);
         }
     }
@@ -679,6 +691,11 @@ extern "C" void m1c_cuda_residual_rmsnorm(float *y, const float *h, float a, flo
     }
     if (yr && yr->dtype != M1C_F32 && yr->dtype != M1C_BF16) {
         m1c_cuda_fail("residual_rmsnorm", "a layer's output rows neither f32 nor bf16");
+        return;
+    }
+    if (yr && (yr->k < 1 || !yr->idx != !yr->weight || (!yr->idx && yr->k != 1))) {
+        m1c_cuda_fail("residual_rmsnorm", "a layer's output rows with k < 1, or idx and weight not both given, "
+                                          "or the identity (both NULL) with k other than 1");
         return;
     }
     __nv_bfloat16 *lp = (__nv_bfloat16 *)out_lp;

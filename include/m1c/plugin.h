@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 #define M1C_ABI_MAJOR 1
-#define M1C_ABI_MINOR 4
+#define M1C_ABI_MINOR 5
 
 #if defined(__GNUC__)
 #define M1C_EXPORT __attribute__((visibility("default")))
@@ -242,11 +242,13 @@ typedef struct m1c_layer_info {
  * core's norm reads in its own pass instead of a written out:
  *   out[n, :] = sum over j = 0 .. k-1, in order, of weight[n k + j] * rows[idx[n k + j], :]
  * (rows of H elements, row stride H; idx < 0: no term), each term added in f32 by a fused multiply-add,
- * fmaf(weight, element, sum), the sum starting at 0: a MoE's combine of its experts' rows. */
+ * fmaf(weight, element, sum), the sum starting at 0: a MoE's combine of its experts' rows.
+ * Since ABI 1.5, idx and weight both NULL with k = 1: the rows are the output itself, out[n, :] =
+ * rows[n, :] (a projection that writes its product as bf16 rows, read by the norm in half the bytes). */
 typedef struct m1c_out_rows {
     const void *rows;     /* (R, H) of dtype; NULL: the forward wrote out */
-    const int32_t *idx;   /* (B T, k) */
-    const float *weight;  /* (B T, k) */
+    const int32_t *idx;   /* (B T, k); NULL: see above */
+    const float *weight;  /* (B T, k); NULL with idx */
     int32_t dtype;        /* M1C_F32 or M1C_BF16 */
     int32_t k;
     int64_t reserved[2];
@@ -298,16 +300,22 @@ typedef struct m1c_layer_ops {
     /* out: (B, T, H), written. B*T may be smaller than the shape acts/scratch were declared for
      * (the last, shorter chunk of a prefill): index the buffers with the B and T of the call. */
     int (*forward)(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T);
-    /* din (B, T, H) and parameter gradients accumulate (+=). */
+    /* din (B, T, H) and parameter gradients accumulate (+=). dout is NULL only for an attention plugin
+     * that set M1C_ATTENTION_DOUT_LP_ONLY, when dout_lp is given. */
     int (*backward)(void *self, const m1c_layer_bufs *b, float *din, const float *dout, const float *in,
                     int B, int T);
 } m1c_layer_ops;
 
 /* ---- attention (token mixers) --------------------------------------------------------------- */
 
+/* m1c_attention_vtable.flags: in an instance given m1c_layer_info.lp_inputs = 1, a backward handed
+ * m1c_layer_bufs.dout_lp reads it and never dout. The core then writes no f32 dout for the layer (4 bytes
+ * an element fewer in the norm's backward pass) and passes dout NULL. */
+#define M1C_ATTENTION_DOUT_LP_ONLY 1u
+
 typedef struct m1c_attention_vtable {
     uint32_t size;
-    uint32_t reserved0;
+    uint32_t flags; /* since ABI 1.5: M1C_ATTENTION_* (0 before) */
     m1c_layer_ops ops;
     /* Incremental inference: declare state buffers for `batch` sequences of at most max_len tokens
      * (a KV cache grows with max_len; a lightning state does not). */

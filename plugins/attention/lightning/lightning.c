@@ -777,6 +777,7 @@ static double lightning_flops(void *self, int64_t ctx) {
 
 static const m1c_attention_vtable lightning_vtable = {
     .size = sizeof(m1c_attention_vtable),
+    .flags = M1C_ATTENTION_DOUT_LP_ONLY, /* lp_inputs: BF16 on CUDA, whose backward takes dout_lp alone */
     .ops = {lightning_create, lightning_destroy, lightning_params, lightning_acts, lightning_scratch,
             lightning_forward, lightning_backward},
     .state = lightning_state,

@@ -1232,7 +1232,16 @@ static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float
     /* O is bf16 already, so it is the activation o itself (the norm's rounding to A changes nothing) */
     if (norm_gate_heads<bf16, bf16>(c, s, &d, y, (bf16 *)NULL, O, g, (const float *)b->params[P_NORM].data, rstd))
         return M1C_ERR;
-    return gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, out, M1C_F32, H, 0, 1);
+    if (!b->out_rows)
+        return gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, out, M1C_F32, H, 0, 1);
+    /* the core reads the output as rows (m1c_layer_bufs.out_rows, the identity of ABI 1.5): bf16 rows in x_lp
+     * (read by the projections above), half the bytes of out for the GEMM to write and the core's norm to read */
+    bf16 *rows = ax<bf16>(b, X_LP);
+    if (gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, rows, M1C_BF16, H, 0, 1))
+        return M1C_ERR;
+    m1c_out_rows *or_ = b->out_rows;
+    or_->rows = rows, or_->idx = NULL, or_->weight = NULL, or_->dtype = M1C_BF16, or_->k = 1;
+    return M1C_OK;
 }
 
 /* The norm and gate backward from dy (N, D) f32: dO head-major and d gate pre dg (g and dg in rows of

@@ -588,7 +588,7 @@ static double sm_flops(void *self, int64_t ctx) {
 
 static const m1c_attention_vtable vtable = {
     sizeof(m1c_attention_vtable),
-    0,
+    M1C_ATTENTION_DOUT_LP_ONLY, /* lp_inputs: BF16 on CUDA, whose backward takes dout_lp alone */
     {sm_create, sm_destroy, sm_params, sm_acts, sm_scratch, sm_forward, sm_backward},
     sm_state,
     sm_step,

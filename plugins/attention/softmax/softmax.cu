@@ -568,6 +568,20 @@ static int input_lp(const sm_cuda *a, const m1c_layer_bufs *b, cudaStream_t s, c
     return to_bf16(a, s, xl, in, n);
 }
 
+/* out = att Wo^T. At BF16 where the core offers to read the output as rows (m1c_layer_bufs.out_rows, the
+ * identity of ABI 1.5), the product goes to the bf16 staging of the input instead (read by the projections
+ * before), in half the bytes of out for the GEMM to write and for the core's norm to read. */
+static int out_projection(const sm_cuda *a, const m1c_layer_bufs *b, cudaStream_t s, int64_t BT, const void *att,
+                          const void *Wo, float *out) {
+    const int qd = a->nh * a->hd, H = a->H;
+    if (a->dt != M1C_BF16 || !b->out_rows) return gemm(a, s, 0, 1, (int)BT, H, qd, att, qd, Wo, qd, 0.0f, out, M1C_F32, H);
+    bf16 *rows = (bf16 *)b->scratch[CS_XLP].data;
+    if (gemm(a, s, 0, 1, (int)BT, H, qd, att, qd, Wo, qd, 0.0f, rows, M1C_BF16, H)) return M1C_ERR;
+    m1c_out_rows *o = b->out_rows;
+    o->rows = rows, o->idx = NULL, o->weight = NULL, o->dtype = M1C_BF16, o->k = 1;
+    return M1C_OK;
+}
+
 extern "C" int sm_cuda_forward(void *self, const m1c_layer_bufs *b, float *out, const float *in, int B, int T) {
     sm_cuda *a = (sm_cuda *)self;
     if (check_scratch(a, b, B, T) != M1C_OK) return M1C_ERR;
@@ -609,7 +623,7 @@ extern "C" int sm_cuda_forward(void *self, const m1c_layer_bufs *b, float *out, 
             (!done && attend(a, s, q, k, v, (int64_t)T * kd, a->hd, kd, (bf16 *)att, lse, B, T, 0)))
             return M1C_ERR;
     }
-    return gemm(a, s, 0, 1, (int)BT, H, qd, att, qd, W[P_O], qd, 0.0f, out, M1C_F32, H);
+    return out_projection(a, b, s, BT, att, W[P_O], out);
 }
 
 extern "C" int sm_cuda_backward(void *self, const m1c_layer_bufs *b, float *din, const float *dout, const float *in,
@@ -765,5 +779,5 @@ extern "C" int sm_cuda_step(void *self, const m1c_layer_bufs *b, m1c_tensor *sta
                              al, (float *)NULL, B, T, pos)))
             return M1C_ERR;
     }
-    return gemm(a, s, 0, 1, (int)BT, H, qd, att, qd, W[P_O], qd, 0.0f, out, M1C_F32, H);
+    return out_projection(a, b, s, BT, att, W[P_O], out);
 }
