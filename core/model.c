@@ -546,16 +546,16 @@ static int grads_ready(m1c_run *r, int first, int end, m1c_err *e) {
 
 static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
     int B = r->B, T = r->T, H = m->H;
-    int64_t N = (int64_t)B * T, NH = N * H;
+    int64_t N = (int64_t)B * T;
     if (!m->grads.base) return m1c_fail(e, "backward without gradient buffers");
     bind_stream(m, r);
     float *dx = r->dx, *dh = r->dh, *tmp = r->tmp;
     prof_start(m, r);
     /* not waited for until the backward is queued: dlogp_host may change once backward returns */
     if (m->device != M1C_DEVICE_CPU) m1c_dev_copy_async(m->device, r->dlogp, M1C_DEVICE_CPU, r->dlogp_host, (size_t)N * 4);
-    m1c_dev_memset0(m->device, dh, (size_t)NH * 4);
-    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head),
-                      (m->grads.t[m->head].flags & M1C_TENSOR_UNSET) != 0, r->logits, r->lse,
+    /* dh: written by the head's backward (no zeroing pass), then added to */
+    const int unset = M1C_HEAD_DH_UNSET | ((m->grads.t[m->head].flags & M1C_TENSOR_UNSET) ? M1C_HEAD_DW_UNSET : 0);
+    m1c_head_backward(m->device, m->head_precision, dh, G(m, m->head), unset, r->logits, r->lse,
                       r->head_q_valid ? r->head_q : NULL, r->dlogp, r->hf, P(m, m->head), PLP(m, m->head), r->targets,
                       N, H, m->V);
     prof_add(m, r, "head", 1);
@@ -585,7 +585,9 @@ static int backward_queue(m1c_model *m, m1c_run *r, m1c_err *e) {
         if (ly->attn.ops->backward(ly->attn.self, &r->attn[l].bufs, dh, ad, r->h1[l], B, T))
             return m1c_plugin_fail(ly->attn.plugin, e, "backward");
         prof_add(m, r, ly->attn.plugin->desc->name, 1);
-        /* this layer but its input norm, and the norm above it (the final norm above the last layer) */
+        /* this layer but its input norm, and the norm above it (the final norm above the last layer). Not the
+         * FFN's part apart, as soon as its backward is done: stepped beside the attention's backward, it
+         * slowed it (lightning's first kernel waited 0.18 ms for SMs held by AdamW's blocks, H100 trace) */
         if (grads_ready(r, ly->norm_in + 1, (l + 1 < m->L ? m->layer[l + 1].norm_in : m->norm) + 1, e))
             return M1C_ERR;
         nw = ly->norm_in, nx = r->x[l], nr = r->rstd1[l];

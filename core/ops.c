@@ -189,11 +189,10 @@ void m1c_head_prepare(int dev, int precision, const void *q, const float *W, con
     (void)precision, (void)q, (void)W, (void)W_lp, (void)N, (void)H, (void)V;
 }
 
-void m1c_head_backward(int dev, int precision, float *dh, float *dW, int dw_unset, float *logits, const float *lse,
+void m1c_head_backward(int dev, int precision, float *dh, float *dW, int unset, float *logits, const float *lse,
                        const void *q, const float *dlogp, const float *h, const float *W, const void *W_lp,
                        const int32_t *targets, int64_t N, int H, int V) {
-    ON_GPU(dev, m1c_cuda_head_backward(precision, dh, dW, dw_unset, logits, lse, q, dlogp, h, W, W_lp, targets, N, H,
-                                       V));
+    ON_GPU(dev, m1c_cuda_head_backward(precision, dh, dW, unset, logits, lse, q, dlogp, h, W, W_lp, targets, N, H, V));
     (void)precision, (void)q, (void)W_lp;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
@@ -202,8 +201,9 @@ void m1c_head_backward(int dev, int precision, float *dh, float *dW, int dw_unse
         for (int v = 0; v < V; v++) z[v] = -g * expf(z[v] - lse[i]);
         if (targets[i] >= 0) z[targets[i]] += g;
     }
+    if (unset & M1C_HEAD_DH_UNSET) memset(dh, 0, (size_t)N * H * sizeof *dh);
     m1c_gemm(M1C_DEVICE_CPU, 0, 0, (int)N, H, V, 1.0f, logits, V, W, H, 1.0f, dh, H);
-    if (dw_unset) memset(dW, 0, (size_t)V * H * sizeof *dW);
+    if (unset & M1C_HEAD_DW_UNSET) memset(dW, 0, (size_t)V * H * sizeof *dW);
     m1c_gemm(M1C_DEVICE_CPU, 1, 0, V, H, (int)N, 1.0f, logits, V, h, H, 1.0f, dW, H);
 }
 

@@ -43,8 +43,9 @@ static inline int64_t m1c_head_q_scale_at(int64_t N, int V) { return (N * V * 2 
 static inline int64_t m1c_head_q_bytes(int64_t N, int V) { return m1c_head_q_scale_at(N, V) + N * 4; }
 void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *logp, void *q, const float *h,
                       const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H, int V);
-/* From dlogp (N): dlogits = dlogp * (onehot - softmax), then dh += dlogits W, dW += dlogits^T h (dw_unset:
- * dW = dlogits^T h, its old contents unread: a gradient handed over M1C_TENSOR_UNSET). The
+/* From dlogp (N): dlogits = dlogp * (onehot - softmax), then dh += dlogits W, dW += dlogits^T h; `unset`
+ * (M1C_HEAD_*_UNSET) turns either into = with the old contents unread (dW: a gradient handed over
+ * M1C_TENSOR_UNSET; dh: the backward's first gradient, with no zeroing pass before). The
  * dlogits are left in place of logits, except on a CUDA device at precisions 2 and 3, where they go
  * straight into the products' bf16 or TF32-split operands: there logits' contents are unspecified
  * afterwards. With the forward's q (precision 2, GPU) the logits are not read: dh += dlogp qs (q W) and
@@ -54,7 +55,9 @@ void m1c_head_forward(int dev, int precision, float *logits, float *lse, float *
  * device runs it while the host waits for logp and works out dlogp; a no-op elsewhere. */
 void m1c_head_prepare(int dev, int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H,
                       int V);
-void m1c_head_backward(int dev, int precision, float *dh, float *dW, int dw_unset, float *logits, const float *lse,
+#define M1C_HEAD_DW_UNSET 1
+#define M1C_HEAD_DH_UNSET 2
+void m1c_head_backward(int dev, int precision, float *dh, float *dW, int unset, float *logits, const float *lse,
                        const void *q, const float *dlogp, const float *h, const float *W, const void *W_lp,
                        const int32_t *targets, int64_t N, int H, int V);
 

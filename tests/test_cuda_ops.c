@@ -691,14 +691,19 @@ static void check_head(const head_case *hc, int ci) {
     float *dh0 = th_randn(NH, s + 4, 0.01f), *dW0 = th_randn(VH, s + 5, 0.01f);
     float *dh = copy_of(dh0, NH), *dW = copy_of(dW0, VH), *dlogits = copy_of(logits, NV);
     m1c_head_backward(CPU, 0, dh, dW, 0, dlogits, lse, NULL, dlogp, h, W, NULL, targets, N, H, V);
-    /* dW handed over unset (M1C_TENSOR_UNSET, dw_unset): written whole, its NaNs never read */
-    float *dWu = nans(VH), *dhu = copy_of(dh0, NH), *dlu = copy_of(logits, NV);
-    m1c_head_backward(CPU, 0, dhu, dWu, 1, dlu, lse, NULL, dlogp, h, W, NULL, targets, N, H, V);
-    /* against the accumulated dW less its start: the same product, added to 0 instead of to dW0 (~0.01),
-     * whose roundings (~1e-9) the difference carries */
-    int64_t bad = 0;
+    /* dW and dh handed over unset (M1C_HEAD_DW_UNSET: a gradient M1C_TENSOR_UNSET; M1C_HEAD_DH_UNSET: the
+     * model's first gradient): written whole, their NaNs never read */
+    const int both = M1C_HEAD_DW_UNSET | M1C_HEAD_DH_UNSET;
+    float *dWu = nans(VH), *dhu = nans(NH), *dlu = copy_of(logits, NV);
+    m1c_head_backward(CPU, 0, dhu, dWu, both, dlu, lse, NULL, dlogp, h, W, NULL, targets, N, H, V);
+    /* against the accumulated ones less their start: the same products, added to 0 instead of to dW0 and
+     * dh0 (~0.01), whose roundings (~1e-9) the differences carry */
+    int64_t bad = 0, badh = 0;
     for (int64_t i = 0; i < VH; i++) bad += !(fabsf(dWu[i] - (dW[i] - dW0[i])) <= 1e-6f + 1e-5f * fabsf(dWu[i]));
+    for (int64_t i = 0; i < NH; i++) badh += !(fabsf(dhu[i] - (dh[i] - dh0[i])) <= 1e-6f + 1e-5f * fabsf(dhu[i]));
     cr_assert_eq(bad, 0, "CPU head backward, dW unset: %lld elements differ from the accumulated ones", (long long)bad);
+    cr_assert_eq(badh, 0, "CPU head backward, dh unset: %lld elements differ from the accumulated ones",
+                 (long long)badh);
 
     float *d_h = up(h, NH), *d_W = up(W, VH), *d_dlogp = up(dlogp, N);
     int32_t *d_t = up_bytes(targets, (size_t)N * 4);
@@ -738,29 +743,31 @@ static void check_head(const head_case *hc, int ci) {
 
         /* Backward from the CPU's logits and lse on both sides, so that it is tested alone (with q: from the
          * GPU forward's q, which holds everything the backward reads of the forward). */
-        /* runs 1 and 4 (a cuBLAS product, and the one from q) take dW unset: NaNs, written whole */
-        const int unset = run == 1 || run == 4;
+        /* runs 1 and 4 (a cuBLAS product, and the one from q) take dW and dh unset: NaNs, written whole */
+        const int unset = run == 1 || run == 4 ? both : 0;
         float *d_dh = up(dh0, NH), *d_dW = up(dW0, VH);
         if (unset) {
-            float *n = nans(VH);
+            float *n = nans(VH), *nh = nans(NH);
             m1c_dev_copy(GPU, d_dW, CPU, n, (size_t)VH * 4);
-            free(n);
+            m1c_dev_copy(GPU, d_dh, CPU, nh, (size_t)NH * 4);
+            free(n), free(nh);
         }
         m1c_dev_copy(GPU, d_logits, CPU, logits, (size_t)NV * 4);
         m1c_dev_copy(GPU, d_lse, CPU, lse, (size_t)N * 4);
         m1c_head_backward(GPU, prec, d_dh, d_dW, unset, d_logits, d_lse, q, d_dlogp, d_h, d_W, Wlp, d_t, N, H, V);
         float *g_dh = down(d_dh, NH), *g_dW = down(d_dW, VH);
-        double ed = -1, eh = rel_max(g_dh, dh, NH), ew = rel_max(g_dW, unset ? dWu : dW, VH);
+        double ed = -1, eh = rel_max(g_dh, unset ? dhu : dh, NH), ew = rel_max(g_dW, unset ? dWu : dW, VH);
         cr_expect_leq(eh, tol, "head backward N=%lld H=%d V=%d precision %d: dh error %g", (long long)N, H, V, prec,
                       eh);
         cr_expect_leq(ew, tol, "head backward N=%lld H=%d V=%d precision %d: dW error %g", (long long)N, H, V, prec,
                       ew);
         /* Unscored rows have no gradient: their rows of dh keep their starting values exactly (the
-         * products add only zeros to them), at every precision. */
+         * products add only zeros to them), at every precision; handed over unset, they are zero (as the
+         * CPU's, which zeroes dh first). */
         for (int64_t i = 0; i < N; i++)
             if (targets[i] < 0)
-                cr_expect_eq(th_max_abs_diff(g_dh + i * H, dh0 + i * H, H), 0.0, "unscored row %lld changed dh",
-                             (long long)i);
+                cr_expect_eq(th_max_abs_diff(g_dh + i * H, (unset ? dhu : dh0) + i * H, H), 0.0,
+                             "unscored row %lld changed dh (unset %d)", (long long)i, unset);
         /* Precisions 0 and 1 leave the f32 dlogits in place of the logits; 2 and 3 write them only into
          * the products' bf16 or TF32-split operands (core/ops.h), checked through dh and dW above. */
         if (run <= 1) {

@@ -1035,17 +1035,21 @@ static bool lsm_q_fits(int V) {
     return fits;
 }
 
-/* dh (N, H) += g Z with g = dlogp qs of the row (unscored: dh unchanged), Z the head's q W; W columns
- * per access (4: 16-byte accesses, H % 4 == 0 and the rows aligned). */
-template <int W>
+/* dh (N, H) += g Z with g = dlogp qs of the row (unscored: dh unchanged), Z the head's q W; SET: dh = g Z
+ * (unscored: 0), dh unread. W columns per access (4: 16-byte accesses, H % 4 == 0 and the rows aligned). */
+template <int W, bool SET>
 __global__ static void head_add_rows(float *dh, const float *Z, const float *dlogp, const float *qs,
                                      const int32_t *targets, int64_t N, int H) {
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        if (targets[i] < 0) continue;
-        const float g = dlogp[i] * qs[i];
+        if (!SET && targets[i] < 0) continue;
+        const float g = targets[i] >= 0 ? dlogp[i] * qs[i] : 0.0f;
         for (int c = threadIdx.x * W; c < H; c += blockDim.x * W) {
             float d[W], z[W];
-            ld<W>(d, dh + i * H, c), ld<W>(z, Z + i * H, c);
+            if (SET)
+                for (int k = 0; k < W; k++) d[k] = 0.0f;
+            else
+                ld<W>(d, dh + i * H, c);
+            ld<W>(z, Z + i * H, c);
 #pragma unroll
             for (int k = 0; k < W; k++) d[k] += g * z[k];
             st<W>(dh + i * H, c, d);
@@ -1213,13 +1217,14 @@ extern "C" void m1c_cuda_head_prepare(int precision, const void *q, const float 
 
 /* The dlogits go once into the form both products use: f32 in place of the logits at precisions 0 and
  * 1; at 2 bf16 and at 3 the TF32 split, into the cached A-operand slots, and logits is not written. */
-extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, int dw_unset, float *logits,
+extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, int unset, float *logits,
                                        const float *lse, const void *q, const float *dlogp, const float *h,
                                        const float *W, const void *W_lp, const int32_t *targets, int64_t N, int H,
                                        int V) {
-    const float dw_beta = dw_unset ? 0.0f : 1.0f;
+    const bool dh_set = unset & M1C_HEAD_DH_UNSET;
+    const float dw_beta = unset & M1C_HEAD_DW_UNSET ? 0.0f : 1.0f, dh_beta = dh_set ? 0.0f : 1.0f;
     if (N <= 0) {
-        if (dw_unset) check(cudaMemsetAsync(dW, 0, (size_t)V * H * sizeof(float), cs()), "LM head (no rows)");
+        if (dw_beta == 0.0f) check(cudaMemsetAsync(dW, 0, (size_t)V * H * sizeof(float), cs()), "LM head (no rows)");
         return;
     }
     const int64_t NV = N * V;
@@ -1232,10 +1237,9 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, int 
                                                         : head_z_product(precision, q, W, W_lp, N, H, V);
         if (!Z) return;
         const bool v4 = H % 4 == 0 && aligned16(dh) && aligned16(h); /* Z and hs are cudaMalloc'd */
-        if (v4)
-            head_add_rows<4><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, qs, targets, N, H);
-        else
-            head_add_rows<1><<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, qs, targets, N, H);
+        const auto add = v4 ? (dh_set ? head_add_rows<4, true> : head_add_rows<4, false>)
+                            : (dh_set ? head_add_rows<1, true> : head_add_rows<1, false>);
+        add<<<grid_for(N, 1), 256, 0, cs()>>>(dh, Z, dlogp, qs, targets, N, H);
         check_launch("head dh rows");
         __nv_bfloat16 *hs = (__nv_bfloat16 *)cached(SLOT_B16, N * H, 2, "LM head"); /* after W's product */
         if (!hs) return;
@@ -1265,7 +1269,7 @@ extern "C" void m1c_cuda_head_backward(int precision, float *dh, float *dW, int 
     /* dh += dlogits W, then dW += dlogits^T h; h's conversion reuses W's slots after the first product
      * (stream order). */
     const head_op Wop = head_weight(precision, W, W_lp, (int64_t)V * H);
-    head_gemm(precision, 0, 0, (int)N, H, V, D, V, Wop, H, 1.0f, dh, H);
+    head_gemm(precision, 0, 0, (int)N, H, V, D, V, Wop, H, dh_beta, dh, H);
     const head_op Hop = head_operand(precision, h, N * H, SLOT_B16, SLOT_BH, SLOT_BL);
     head_gemm(precision, 1, 0, V, H, (int)N, D, V, Hop, H, dw_beta, dW, H);
 }

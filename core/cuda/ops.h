@@ -33,7 +33,7 @@ void m1c_cuda_head_forward(int precision, float *logits, float *lse, float *logp
 int m1c_cuda_head_path(int H, int V);
 void m1c_cuda_head_prepare(int precision, const void *q, const float *W, const void *W_lp, int64_t N, int H,
                            int V);
-void m1c_cuda_head_backward(int precision, float *dh, float *dW, int dw_unset, float *logits, const float *lse,
+void m1c_cuda_head_backward(int precision, float *dh, float *dW, int unset, float *logits, const float *lse,
                             const void *q, const float *dlogp, const float *h, const float *W, const void *W_lp,
                             const int32_t *targets, int64_t N, int H, int V);
 void m1c_cuda_residual(float *y, const float *h, float a, float b, int64_t n);
