@@ -483,6 +483,12 @@ static inline int64_t m1c_tensor_numel(const m1c_tensor *t) {
  * handed it over unset (M1C_TENSOR_UNSET, for a parameter declared grad_written), else 1. */
 static inline float m1c_grad_beta(const m1c_tensor *g) { return (g->flags & M1C_TENSOR_UNSET) ? 0.0f : 1.0f; }
 
+/* A forward handing its output over as its own rows (m1c_out_rows' identity, ABI 1.5): rows (B T, H) of
+ * dtype are out itself. */
+static inline void m1c_out_rows_own(m1c_out_rows *o, const void *rows, int32_t dtype) {
+    o->rows = rows, o->idx = NULL, o->weight = NULL, o->dtype = dtype, o->k = 1;
+}
+
 /* For a backward in host memory that adds to its gradients: zero those of grads[0..n) handed over unset
  * (grads NULL: none). */
 static inline void m1c_grads_zero_unset_cpu(m1c_tensor *grads, int n) {

@@ -1239,8 +1239,7 @@ static int run_fused(const lightning_cuda_cfg *c, const m1c_layer_bufs *b, float
     bf16 *rows = ax<bf16>(b, X_LP);
     if (gemm(c, s, 0, 1, N, H, D, 1.0f, y, adt, D, 0, weight(c, b, P_OUT), adt, D, 0, 0.0f, rows, M1C_BF16, H, 0, 1))
         return M1C_ERR;
-    m1c_out_rows *or_ = b->out_rows;
-    or_->rows = rows, or_->idx = NULL, or_->weight = NULL, or_->dtype = M1C_BF16, or_->k = 1;
+    m1c_out_rows_own(b->out_rows, rows, M1C_BF16);
     return M1C_OK;
 }
 

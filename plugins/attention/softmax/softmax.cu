@@ -577,8 +577,7 @@ static int out_projection(const sm_cuda *a, const m1c_layer_bufs *b, cudaStream_
     if (a->dt != M1C_BF16 || !b->out_rows) return gemm(a, s, 0, 1, (int)BT, H, qd, att, qd, Wo, qd, 0.0f, out, M1C_F32, H);
     bf16 *rows = (bf16 *)b->scratch[CS_XLP].data;
     if (gemm(a, s, 0, 1, (int)BT, H, qd, att, qd, Wo, qd, 0.0f, rows, M1C_BF16, H)) return M1C_ERR;
-    m1c_out_rows *o = b->out_rows;
-    o->rows = rows, o->idx = NULL, o->weight = NULL, o->dtype = M1C_BF16, o->k = 1;
+    m1c_out_rows_own(b->out_rows, rows, M1C_BF16);
     return M1C_OK;
 }
 
